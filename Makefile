@@ -1,0 +1,53 @@
+# v6lb: `make demo` and `make test` do all the set-up on a fresh Debian 12 machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_STAMP := .venv/.apt-installed
+# Debian packages the tests use: tshark reads the pcaps we write; iproute2/nftables/iptables for the lab.
+APT_PACKAGES := tshark iproute2 nftables iptables
+
+.PHONY: demo test lint typecheck pytest bench clean deps apt
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+# Install the Debian packages the tests need, when we can (root) and they are missing.
+$(APT_STAMP): $(STAMP)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing || \
+	     (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing)) >/dev/null; \
+	  else echo "not root: skipping apt-get install of$$missing (tests needing them will say so)"; fi; \
+	fi
+	touch $(APT_STAMP)
+
+apt: $(APT_STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/v6lb demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy src
+
+pytest: $(STAMP) $(APT_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,11 @@
+"""v6lb: an IPv6 load balancer and network lab.
+
+Modes: proxy-l4, proxy-l7, npt, nat, dsr-l2, dsr-ip6ip6, dsr-srv6 (and anycast,
+a property of how VIPs are announced). See ARCHITECTURE in the docs.
+"""
+
+__version__ = "0.1.0"
+
+MODES = ("proxy-l4", "proxy-l7", "npt", "nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6", "anycast")
+
+__all__ = ["MODES", "__version__"]

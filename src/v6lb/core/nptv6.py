@@ -1,0 +1,297 @@
+"""RFC 6296 NPTv6: stateless, checksum-neutral IPv6-to-IPv6 prefix translation.
+
+Outbound (inside -> outside) rewrites the source address; inbound rewrites the
+destination. Only addresses change: ports and transport checksums stay as they
+are and stay valid, because the adjusted 16-bit word cancels the prefix change
+in the one's-complement sum (§3.1).
+
+Where the adjusted word sits:
+- prefixes of /48 or shorter: the subnet word, bits 48..63 (§3.4, MUST);
+- longer than /48, up to /64: the first of the interface-identifier words
+  (bits 64..79, 80..95, 96..111, 112..127) that is not 0xFFFF (§3.5, SHOULD).
+
+Drop rules, each answered with the ICMPv6 error the RFC names:
+- subnet 0xFFFF under a /48 or shorter has no mapping (§3.2, §4.2):
+  Destination Unreachable. v6lb sends code 5 (source failed egress policy)
+  outbound and code 3 (address unreachable) inbound. Linux's ip6t_NPT
+  translates subnet 0xFFFF anyway, so 0x0000 and 0xFFFF collide there.
+- every IID word is 0xFFFF, so no word can be adjusted (§3.7, with reported
+  erratum 8757 "all-ones"): Parameter Problem code 0 pointing at the address.
+
+An ICMPv6 error's quoted packet is translated too (the destination of the
+quote outbound, its source inbound), so traceroute and Packet Too Big work
+through the translator. The quote's addresses sit at even offsets inside the
+ICMPv6 body, so this is checksum-neutral as well.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Final
+
+from v6lb.core.icmperr import IcmpErrorSource
+from v6lb.core.verdict import DROP, FORWARD, PORT_INSIDE, PORT_OUTSIDE, REPLY, Counters, Verdict
+from v6lb.wire.constants import (
+    DU_ADDR_UNREACH,
+    DU_SRC_POLICY,
+    ICMP6_DST_UNREACH,
+    ICMP6_PARAM_PROB,
+    ICMP6_TIME_EXCEEDED,
+    IPV6_HDR_LEN,
+    NH_ICMPV6,
+    OFF_DST,
+    OFF_HLIM,
+    OFF_SRC,
+    PP_HEADER_FIELD,
+    TE_HOP_LIMIT,
+)
+from v6lb.wire.ipv6 import PacketInfo, parse
+from v6lb.wire.reasons import Reason
+
+_M: Final = 0xFFFF
+OK: Final = int(Reason.OK)
+NO_MAPPING: Final = int(Reason.NPT_NO_MAPPING)
+NO_WORD: Final = int(Reason.NPT_NO_ADJUSTABLE_WORD)
+
+
+class NptPrefixError(ValueError):
+    """An NPT prefix pair that RFC 6296 cannot translate (the caller's fault)."""
+
+
+def parse_prefix(text: str | ipaddress.IPv6Network) -> ipaddress.IPv6Network:
+    """Parse an NPT prefix; reject non-IPv6, host bits set and lengths over /64."""
+    if isinstance(text, ipaddress.IPv6Network):
+        net = text
+    else:
+        try:
+            net = ipaddress.ip_network(text, strict=True)  # type: ignore[assignment]
+        except ValueError as exc:
+            msg = str(exc)
+            if "host bits set" in msg:
+                raise NptPrefixError(
+                    f"{text}: host bits set; use {ipaddress.ip_network(text, strict=False)}"
+                ) from None
+            raise NptPrefixError(f"{text}: not an IPv6 prefix ({msg})") from None
+        if not isinstance(net, ipaddress.IPv6Network):
+            raise NptPrefixError(f"{text}: not an IPv6 prefix (NPTv6 translates IPv6 only)")
+    if net.prefixlen > 64:
+        raise NptPrefixError(
+            f"{net}: /{net.prefixlen} is longer than /64; NPTv6 (RFC 6296) supports up to /64"
+        )
+    return net
+
+
+class NptMapping:
+    """One inside/outside prefix pair and its precomputed adjustment (RFC 6296 §3.1)."""
+
+    __slots__ = (
+        "inside",
+        "outside",
+        "length",
+        "adjustment",
+        "_fb",
+        "_mask",
+        "_in_bytes",
+        "_out_bytes",
+        "_in_part",
+        "_out_part",
+        "_subnet_word",
+    )
+
+    def __init__(
+        self, inside: str | ipaddress.IPv6Network, outside: str | ipaddress.IPv6Network
+    ) -> None:
+        self.inside = parse_prefix(inside)
+        self.outside = parse_prefix(outside)
+        # §3.1: the shorter prefix is zero-extended to the longer length.
+        self.length = max(self.inside.prefixlen, self.outside.prefixlen)
+        ip = self.inside.network_address.packed
+        op = self.outside.network_address.packed
+        # §3.1: zero-extended to /64, the adjustment is sum(internal) - sum(external).
+        sum_in = int.from_bytes(ip[:8], "big") % _M
+        sum_out = int.from_bytes(op[:8], "big") % _M
+        self.adjustment = (sum_in - sum_out) % _M
+        fb, rem = divmod(self.length, 8)
+        self._fb = fb
+        self._mask = (0xFF00 >> rem) & 0xFF if rem else 0
+        self._in_bytes = ip[:fb]
+        self._out_bytes = op[:fb]
+        self._in_part = ip[fb] & self._mask if rem else 0
+        self._out_part = op[fb] & self._mask if rem else 0
+        self._subnet_word = self.length <= 48
+
+    def __repr__(self) -> str:
+        return f"NptMapping(inside={self.inside}, outside={self.outside}, adjustment=0x{self.adjustment:04x})"
+
+    # --- address-level operations (in place on a buffer) --------------------
+
+    def matches_inside(self, buf: bytes | bytearray | memoryview, off: int) -> bool:
+        fb = self._fb
+        if buf[off : off + fb] != self._in_bytes:
+            return False
+        return not self._mask or (buf[off + fb] & self._mask) == self._in_part
+
+    def matches_outside(self, buf: bytes | bytearray | memoryview, off: int) -> bool:
+        fb = self._fb
+        if buf[off : off + fb] != self._out_bytes:
+            return False
+        return not self._mask or (buf[off + fb] & self._mask) == self._out_part
+
+    def _rewrite(self, buf: bytearray, off: int, prefix: bytes, part: int, adj: int) -> int:
+        """Overwrite the prefix and add ``adj`` to the chosen word; return a Reason code."""
+        if self._subnet_word:
+            w = (buf[off + 6] << 8) | buf[off + 7]
+            if w == _M:
+                return NO_MAPPING
+            word = off + 6
+        else:
+            word = off + 8
+            last = off + 16
+            while word < last and buf[word] == 0xFF and buf[word + 1] == 0xFF:
+                word += 2
+            if word == last:
+                return NO_WORD
+            w = (buf[word] << 8) | buf[word + 1]
+        fb = self._fb
+        buf[off : off + fb] = prefix
+        if self._mask:
+            buf[off + fb] = (buf[off + fb] & ~self._mask & 0xFF) | part
+        # One's-complement add; a result of 0xFFFF is written as 0x0000 (§3.2, §3.3).
+        # The word is re-read because a /49-/64 prefix may overlap the subnet word.
+        w = (w + adj) % _M
+        buf[word] = w >> 8
+        buf[word + 1] = w & 0xFF
+        return OK
+
+    def map_out(self, buf: bytearray, off: int) -> int:
+        """Translate the inside address at ``buf[off:off+16]`` to the outside prefix."""
+        return self._rewrite(buf, off, self._out_bytes, self._out_part, self.adjustment)
+
+    def map_in(self, buf: bytearray, off: int) -> int:
+        """Translate the outside address at ``buf[off:off+16]`` back to the inside prefix."""
+        return self._rewrite(buf, off, self._in_bytes, self._in_part, _M - self.adjustment)
+
+    # --- convenience for addresses as values ---------------------------------
+
+    def translate(
+        self, addr: str | ipaddress.IPv6Address, reverse: bool = False
+    ) -> ipaddress.IPv6Address | Reason:
+        """Map one address (outbound, or inbound with ``reverse``); a Reason if it must be dropped."""
+        a = bytearray(ipaddress.IPv6Address(addr).packed)
+        if reverse:
+            if not self.matches_outside(a, 0):
+                return Reason.NO_MATCH
+            rc = self.map_in(a, 0)
+        else:
+            if not self.matches_inside(a, 0):
+                return Reason.NO_MATCH
+            rc = self.map_out(a, 0)
+        if rc:
+            return Reason(rc)
+        return ipaddress.IPv6Address(bytes(a))
+
+
+def _error_for(reason: int, outbound: bool, addr_off: int) -> tuple[int, int, int]:
+    """(type, code, param) of the ICMPv6 error that answers an NPT drop."""
+    if reason == NO_MAPPING:
+        return ICMP6_DST_UNREACH, DU_SRC_POLICY if outbound else DU_ADDR_UNREACH, 0
+    return ICMP6_PARAM_PROB, PP_HEADER_FIELD, addr_off
+
+
+class NptForwarder:
+    """The ``npt`` mode as a forwarder: (packet, ingress port, now) -> verdict.
+
+    Packets from :data:`PORT_INSIDE` whose source is in an inside prefix leave
+    by :data:`PORT_OUTSIDE` with the source translated; packets from outside
+    whose destination is in an outside prefix come in with the destination
+    translated. Anything else is dropped as ``no-match``: not an open relay.
+    The hop limit is decremented (a routed mode); at 1 or 0 the packet is
+    answered with Time Exceeded. Every fragment is translated alike.
+    """
+
+    def __init__(
+        self,
+        mappings: Sequence[NptMapping],
+        icmp_source: bytes,
+        *,
+        icmp_rate: float = 100.0,
+        icmp_burst: float = 20.0,
+        decrement_hop_limit: bool = True,
+    ) -> None:
+        if not mappings:
+            raise ValueError("an NPT forwarder needs at least one prefix pair")
+        self.mappings = list(mappings)
+        self.icmp = IcmpErrorSource(icmp_source, icmp_rate, icmp_burst)
+        self.counters = Counters()
+        self.decrement_hop_limit = decrement_hop_limit
+        self._info = PacketInfo()
+        self._qinfo = PacketInfo()
+        self._single = self.mappings[0] if len(self.mappings) == 1 else None
+
+    def _find(self, buf: bytes | bytearray, off: int, inside: bool) -> NptMapping | None:
+        for m in self.mappings:
+            if m.matches_inside(buf, off) if inside else m.matches_outside(buf, off):
+                return m
+        return None
+
+    def process(self, buf: bytearray, port: int, now: float) -> Verdict:
+        counters = self.counters
+        info = self._info
+        rc = parse(buf, info)
+        if rc:
+            counters.drops[rc] += 1
+            return (DROP, rc, None)
+        outbound = port == PORT_INSIDE
+        addr_off = OFF_SRC if outbound else OFF_DST
+        m = self._single
+        if m is None or not (
+            m.matches_inside(buf, addr_off) if outbound else m.matches_outside(buf, addr_off)
+        ):
+            m = self._find(buf, addr_off, outbound)
+            if m is None:
+                counters.drops[Reason.NO_MATCH] += 1
+                return (DROP, Reason.NO_MATCH, None)
+        hl = buf[OFF_HLIM]
+        if self.decrement_hop_limit and hl <= 1:
+            return self._error(
+                buf, Reason.HOP_LIMIT_EXCEEDED, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, port, now
+            )
+        is_error = info.proto == NH_ICMPV6 and not info.later_fragment and buf[info.l4_off] < 128
+        if is_error:
+            # Translate the quoted packet first; if it can't be, drop the error
+            # silently (never answer an error with an error).
+            q = info.l4_off + 8
+            if len(buf) - q >= IPV6_HDR_LEN:
+                qoff = q + (OFF_DST if outbound else OFF_SRC)
+                if outbound and m.matches_inside(buf, qoff):
+                    qrc = m.map_out(buf, qoff)
+                elif not outbound and m.matches_outside(buf, qoff):
+                    qrc = m.map_in(buf, qoff)
+                else:
+                    qrc = OK
+                if qrc:
+                    counters.drops[Reason.ICMP_ERROR_QUOTE_BAD] += 1
+                    return (DROP, Reason.ICMP_ERROR_QUOTE_BAD, None)
+        rc = m.map_out(buf, addr_off) if outbound else m.map_in(buf, addr_off)
+        if rc:
+            if is_error:
+                counters.drops[rc] += 1
+                return (DROP, rc, None)
+            # The buffer is untouched when a mapping fails, so the quote is the original.
+            t, c, p = _error_for(rc, outbound, addr_off)
+            return self._error(buf, Reason(rc), t, c, p, port, now)
+        if self.decrement_hop_limit:
+            buf[OFF_HLIM] = hl - 1
+        counters.forwarded += 1
+        return (FORWARD, PORT_OUTSIDE if outbound else PORT_INSIDE, buf)
+
+    def _error(
+        self, buf: bytearray, reason: Reason, t: int, c: int, p: int, port: int, now: float
+    ) -> Verdict:
+        self.counters.drops[reason] += 1
+        reply = self.icmp.make(buf, t, c, p, now)
+        if reply is None:
+            return (DROP, reason, None)
+        self.counters.replies += 1
+        return (REPLY, port, reply)

@@ -1,0 +1,1 @@
+"""v6lb.engines."""
