@@ -135,11 +135,38 @@ def _cmd_npt_packet(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- check -------------------------------------------------------------------
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "check",
+        help="validate a config file and show what it would set up",
+        description="Validate every section of FILE (vips, npt, lb, topology, bgp) and print "
+        "a summary. Exit 0 if valid; exit 2 with FILE: FIELD: PROBLEM; fix: FIX otherwise. "
+        "Changes nothing.",
+    )
+    p.add_argument("file", metavar="FILE", help="the v6lb YAML config file")
+    p.set_defaults(func=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from v6lb.model.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(f"{args.file}: valid\n{config.summary()}")
+    return 0
+
+
 # --- registry ----------------------------------------------------------------
 
 _ADDERS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_demo,
     _add_npt,
+    _add_check,
 ]
 
 

@@ -52,14 +52,13 @@ class IcmpErrorSource:
         ):
             return False
         info = self._info
-        if parse(invoking, info, 0, strict_length=False) == 0 and info.proto == NH_ICMPV6:
-            if (
-                not info.later_fragment
-                and info.l4_off < len(invoking)
-                and invoking[info.l4_off] < 128
-            ):
-                return False
-        return True
+        return not (
+            parse(invoking, info, 0, strict_length=False) == 0
+            and info.proto == NH_ICMPV6
+            and not info.later_fragment
+            and info.l4_off < len(invoking)
+            and invoking[info.l4_off] < 128
+        )
 
     def _take(self, now: float) -> bool:
         last = self._last

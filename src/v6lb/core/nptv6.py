@@ -126,17 +126,24 @@ class NptMapping:
 
     # --- address-level operations (in place on a buffer) --------------------
 
-    def matches_inside(self, buf: bytes | bytearray | memoryview, off: int) -> bool:
-        fb = self._fb
-        if buf[off : off + fb] != self._in_bytes:
-            return False
-        return not self._mask or (buf[off + fb] & self._mask) == self._in_part
+    @property
+    def in_bytes(self) -> bytes:
+        """The whole bytes of the (zero-extended) inside prefix."""
+        return self._in_bytes
 
-    def matches_outside(self, buf: bytes | bytearray | memoryview, off: int) -> bool:
-        fb = self._fb
-        if buf[off : off + fb] != self._out_bytes:
+    @property
+    def out_bytes(self) -> bytes:
+        return self._out_bytes
+
+    def matches_inside(self, buf: bytes | bytearray, off: int) -> bool:
+        if len(buf) < off + 16 or not buf.startswith(self._in_bytes, off):
             return False
-        return not self._mask or (buf[off + fb] & self._mask) == self._out_part
+        return not self._mask or (buf[off + self._fb] & self._mask) == self._in_part
+
+    def matches_outside(self, buf: bytes | bytearray, off: int) -> bool:
+        if len(buf) < off + 16 or not buf.startswith(self._out_bytes, off):
+            return False
+        return not self._mask or (buf[off + self._fb] & self._mask) == self._out_part
 
     def _rewrite(self, buf: bytearray, off: int, prefix: bytes, part: int, adj: int) -> int:
         """Overwrite the prefix and add ``adj`` to the chosen word; return a Reason code."""
@@ -158,7 +165,6 @@ class NptMapping:
         if self._mask:
             buf[off + fb] = (buf[off + fb] & ~self._mask & 0xFF) | part
         # One's-complement add; a result of 0xFFFF is written as 0x0000 (§3.2, §3.3).
-        # The word is re-read because a /49-/64 prefix may overlap the subnet word.
         w = (w + adj) % _M
         buf[word] = w >> 8
         buf[word + 1] = w & 0xFF
@@ -228,6 +234,17 @@ class NptForwarder:
         self._info = PacketInfo()
         self._qinfo = PacketInfo()
         self._single = self.mappings[0] if len(self.mappings) == 1 else None
+        m = self._single
+        self._fast: tuple[bytes, bytes, int, int, int, bool] | None = None
+        if m is not None and m.length % 8 == 0:
+            self._fast = (
+                m.in_bytes,
+                m.out_bytes,
+                m.length // 8,
+                m.adjustment,
+                _M - m.adjustment,
+                m.length <= 48,
+            )
 
     def _find(self, buf: bytes | bytearray, off: int, inside: bool) -> NptMapping | None:
         for m in self.mappings:
@@ -236,6 +253,59 @@ class NptForwarder:
         return None
 
     def process(self, buf: bytearray, port: int, now: float) -> Verdict:
+        # Fast path: one mapping of a byte-aligned prefix, and a
+        # TCP or UDP packet with no extension headers. It checks inline what the
+        # slow path checks, without allocating; anything else takes the slow path.
+        fast = self._fast
+        n = len(buf)
+        if (
+            fast is not None
+            and n >= 60
+            and buf[0] >> 4 == 6
+            and ((buf[4] << 8) | buf[5]) + 40 == n
+            and (buf[6] == 6 or buf[6] == 17)
+        ):
+            hl = buf[7]
+            dec = self.decrement_hop_limit
+            if hl > 1 or not dec:
+                in_bytes, out_bytes, fb, adj, radj, subnet = fast
+                if port == PORT_INSIDE:
+                    if buf.startswith(in_bytes, 8):
+                        # §3.4: the subnet word; §3.5: the first IID word not 0xFFFF.
+                        i = 14
+                        if not subnet:
+                            i = 16
+                            while i < 24 and buf[i] == 0xFF and buf[i + 1] == 0xFF:
+                                i += 2
+                        w = (buf[i] << 8) | buf[i + 1] if i < 24 else 0xFFFF
+                        if w != 0xFFFF:
+                            buf[8 : 8 + fb] = out_bytes
+                            w = (w + adj) % 0xFFFF
+                            buf[i] = w >> 8
+                            buf[i + 1] = w & 0xFF
+                            if dec:
+                                buf[7] = hl - 1
+                            self.counters.forwarded += 1
+                            return (FORWARD, PORT_OUTSIDE, buf)
+                elif buf.startswith(out_bytes, 24):
+                    i = 30
+                    if not subnet:
+                        i = 32
+                        while i < 40 and buf[i] == 0xFF and buf[i + 1] == 0xFF:
+                            i += 2
+                    w = (buf[i] << 8) | buf[i + 1] if i < 40 else 0xFFFF
+                    if w != 0xFFFF:
+                        buf[24 : 24 + fb] = in_bytes
+                        w = (w + radj) % 0xFFFF
+                        buf[i] = w >> 8
+                        buf[i + 1] = w & 0xFF
+                        if dec:
+                            buf[7] = hl - 1
+                        self.counters.forwarded += 1
+                        return (FORWARD, PORT_INSIDE, buf)
+        return self._process(buf, port, now)
+
+    def _process(self, buf: bytearray, port: int, now: float) -> Verdict:
         counters = self.counters
         info = self._info
         rc = parse(buf, info)

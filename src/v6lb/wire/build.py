@@ -104,6 +104,18 @@ def routing(rtype: int, segments_left: int, data: bytes = b"\x00" * 4) -> ExtHea
     return (NH_ROUTING, bytes([0, (2 + len(body)) // 8 - 1]) + body)
 
 
+def final_destination(dst: bytes, ext: Sequence[ExtHeader]) -> bytes:
+    """RFC 8200 §8.1: with a Routing header, the pseudo-header uses the final destination."""
+    for kind, body in ext:
+        if kind != NH_ROUTING or len(body) < 8 or body[3] == 0:
+            continue
+        if body[2] == RT_SRH and len(body) >= 24:
+            return bytes(body[8:24])  # Segment List[0] is the last segment
+        if body[2] == 0 and len(body) >= 24:
+            return bytes(body[-16:])
+    return dst
+
+
 def ipv6(
     src: Addr,
     dst: Addr,
@@ -189,7 +201,7 @@ def tcp(
     s, d = a16(src), a16(dst)
     seg = tcp_segment(
         s,
-        d,
+        final_destination(d, ext),
         sport,
         dport,
         seq=seq,
@@ -214,7 +226,7 @@ def udp(
     ext: Sequence[ExtHeader] = (),
 ) -> bytearray:
     s, d = a16(src), a16(dst)
-    seg = udp_datagram(s, d, sport, dport, payload)
+    seg = udp_datagram(s, final_destination(d, ext), sport, dport, payload)
     return ipv6(s, d, NH_UDP, seg, hop_limit=hop_limit, flow_label=flow_label, ext=ext)
 
 
@@ -230,7 +242,7 @@ def icmpv6(
     ext: Sequence[ExtHeader] = (),
 ) -> bytearray:
     s, d = a16(src), a16(dst)
-    msg = icmpv6_message(s, d, type_, code, body)
+    msg = icmpv6_message(s, final_destination(d, ext), type_, code, body)
     return ipv6(s, d, NH_ICMPV6, msg, hop_limit=hop_limit, flow_label=flow_label, ext=ext)
 
 

@@ -13,7 +13,7 @@ from enum import IntEnum
 
 class Reason(IntEnum):
     OK = 0
-    # --- codec (v6lb.wire) ---
+    # --- codec (the wire package) ---
     TRUNCATED = 1  # shorter than the 40-byte IPv6 header
     BAD_VERSION = 2  # version field is not 6
     LENGTH_MISMATCH = 3  # payload length disagrees with the buffer
@@ -23,7 +23,7 @@ class Reason(IntEnum):
     INCOMPLETE_CHAIN = 7  # first fragment lacks the whole header chain (RFC 7112 §5)
     L4_TRUNCATED = 8  # TCP/UDP/ICMPv6 header cut short
     BAD_L4_LENGTH = 9  # TCP data offset or UDP length inconsistent
-    # --- shared forwarding policy (v6lb.core) ---
+    # --- shared forwarding policy (the core package) ---
     NO_MATCH = 20  # matches no VIP and no NPT prefix: v6lb is not an open relay
     HOP_LIMIT_EXCEEDED = 21
     NPT_NO_MAPPING = 22  # RFC 6296 §3.2/§4.2: subnet 0xFFFF under a /48 or shorter

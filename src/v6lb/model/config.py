@@ -1,0 +1,995 @@
+"""The one config file: ``vips:``, ``npt:``, ``lb:``, ``topology:`` and ``bgp:``.
+
+``parse_config(data)`` turns YAML-decoded data into a frozen :class:`Config`, or
+raises the first :class:`ConfigError` it finds; ``load_config(path)`` reads the
+file first. Parsing is a pure function of its input: it changes nothing, so a
+file that fails validation changes nothing anywhere. docs/config.md is the
+reference of every key, its default and its range.
+
+``topology:`` and ``bgp:`` are only checked to be mappings for now and kept raw
+(:attr:`Config.topology`, :attr:`Config.bgp`); their own parsers come later and
+plug into :func:`parse_config` the same way ``lb:`` does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
+from pathlib import Path
+from typing import Final
+
+import yaml
+
+from v6lb.model.schema import (
+    ConfigError,
+    Fields,
+    Where,
+    as_choice,
+    as_int,
+    as_ipv4_address,
+    as_ipv6_address,
+    as_ipv6_prefix,
+    as_list,
+    as_str,
+    require_unicast,
+)
+
+__all__ = [
+    "Backend",
+    "Config",
+    "ConfigError",
+    "DsrL2Options",
+    "HealthCheck",
+    "HealthType",
+    "LbSettings",
+    "ModeOptions",
+    "NatOptions",
+    "NptPair",
+    "Protocol",
+    "ProxyL4Options",
+    "ProxyL7Options",
+    "ProxyProtocol",
+    "Scheduler",
+    "Timeouts",
+    "TunnelOptions",
+    "Vip",
+    "VipMode",
+    "load_config",
+    "parse_config",
+]
+
+
+class VipMode(StrEnum):
+    """How a VIP forwards. ``npt`` and ``anycast`` are not VIP modes (see the module doc)."""
+
+    PROXY_L4 = "proxy-l4"
+    PROXY_L7 = "proxy-l7"
+    NAT = "nat"
+    DSR_L2 = "dsr-l2"
+    DSR_IP6IP6 = "dsr-ip6ip6"
+    DSR_SRV6 = "dsr-srv6"
+
+    @property
+    def is_proxy(self) -> bool:
+        return self in (VipMode.PROXY_L4, VipMode.PROXY_L7)
+
+    @property
+    def is_dsr(self) -> bool:
+        return self in (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+
+
+class Protocol(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class Scheduler(StrEnum):
+    MAGLEV = "maglev"
+    ROUND_ROBIN = "round-robin"
+    LEAST_CONNECTIONS = "least-connections"
+
+
+class HealthType(StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+    NONE = "none"
+
+
+class ProxyProtocol(StrEnum):
+    NONE = "none"
+    V2 = "v2"
+
+
+# --- the model -----------------------------------------------------------------
+
+WEIGHT_MAX: Final = 1000
+MAGLEV_TABLE_SIZE: Final = 65537
+MAGLEV_TABLE_MAX: Final = 16_777_213  # the largest prime below 2**24
+MIN_IPV6_MTU: Final = 1280  # RFC 8200 §5
+DEFAULT_INSTANCE: Final = "lb0"
+_DEFAULT_MTU: Final = 1500
+
+
+def _default_socket(instance: str) -> str:
+    return f"/run/v6lb/{instance}.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A real server behind a VIP.
+
+    ``port`` None means "the port the client connected to" (always so for dsr-*,
+    which rewrites nothing). ``sid`` is set for dsr-srv6 only (default: the
+    address); ``mac`` only for dsr-l2 (None: resolved by neighbour discovery).
+    """
+
+    address: IPv6Address
+    port: int | None = None
+    weight: int = 1
+    drain: bool = False
+    mac: str | None = None
+    sid: IPv6Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Probe settings; ``port`` None means the backend's port, else the VIP's first port."""
+
+    type: HealthType = HealthType.TCP
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    path: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Proxy timeouts in seconds; ``total`` None means no limit on a connection's life."""
+
+    connect: float
+    idle: float
+    total: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NatOptions:
+    """``snat`` None: only the destination is rewritten, so backends must route back via the LB."""
+
+    snat: IPv6Network | None = None
+    snat_ports: tuple[int, int] = (1024, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class DsrL2Options:
+    """dsr-l2 has no options: the backends' MACs are per backend."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelOptions:
+    """dsr-ip6ip6 and dsr-srv6: the outer source address and the path MTU to the backends."""
+
+    tunnel_source: IPv6Address
+    mtu: int = _DEFAULT_MTU
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyL4Options:
+    proxy_protocol: ProxyProtocol = ProxyProtocol.NONE
+    trusted_proxy_sources: tuple[IPv6Network, ...] = ()
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
+    dual_stack: IPv4Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyL7Options:
+    forwarded_headers: bool = True
+    trusted_sources: tuple[IPv6Network, ...] = ()
+    max_request_bytes: int = 10 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=60.0))
+    dual_stack: IPv4Address | None = None
+
+
+ModeOptions = NatOptions | DsrL2Options | TunnelOptions | ProxyL4Options | ProxyL7Options
+
+
+@dataclass(frozen=True, slots=True)
+class Vip:
+    """A load-balanced service. ``table_size`` is set when the scheduler is maglev."""
+
+    name: str
+    address: IPv6Address
+    ports: tuple[int, ...]
+    protocol: Protocol
+    mode: VipMode
+    scheduler: Scheduler
+    backends: tuple[Backend, ...]
+    health: HealthCheck
+    options: ModeOptions
+    table_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NptPair:
+    """An NPTv6 mapping (RFC 6296): ``inside`` is translated to ``outside`` and back."""
+
+    inside: IPv6Network
+    outside: IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class LbSettings:
+    """The LB's own identity; the defaults apply when ``lb:`` is absent."""
+
+    instance: str = DEFAULT_INSTANCE
+    addresses: tuple[IPv6Address, ...] = ()
+    interfaces: tuple[str, ...] = ()
+    control_socket: str = _default_socket(DEFAULT_INSTANCE)
+    flow_hash_seed: int = 0
+    conntrack_max: int = 262_144
+    flow_cache_size: int = 65_536
+    icmp_error_rate: int = 100
+    icmp_error_burst: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A validated config file. ``topology`` and ``bgp`` are raw until their parsers exist."""
+
+    source: str
+    vips: tuple[Vip, ...] = ()
+    npt: tuple[NptPair, ...] = ()
+    lb: LbSettings = field(default_factory=LbSettings)
+    topology: Mapping[str, object] | None = None
+    bgp: Mapping[str, object] | None = None
+
+    def vip(self, name: str) -> Vip:
+        for vip in self.vips:
+            if vip.name == name:
+                return vip
+        raise KeyError(name)
+
+    def summary(self) -> str:
+        """What this file would set up, one line per thing, for ``v6lb check``."""
+        from v6lb.model.config_summary import summarize
+
+        return summarize(self)
+
+
+# --- reading the file ------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[object, object]:
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first given on line {first + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError` on any problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            file, "", f"the file is not UTF-8 text ({exc.reason})", "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            file,
+            "",
+            f"cannot read the file: {exc.strerror or exc}",
+            "check the file name and that it is readable",
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        if problem.startswith("duplicate key"):
+            raise ConfigError(file, where, problem, "keep one of the two") from None
+        raise ConfigError(
+            file,
+            where,
+            f"YAML syntax error: {problem}",
+            "correct the YAML there (indentation, a missing ':' or an unclosed quote or bracket)",
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            file, "", f"YAML error: {exc}", "save the file as plain UTF-8 YAML"
+        ) from None
+    return parse_config(data, file)
+
+
+# --- the top level ---------------------------------------------------------------
+
+_SECTIONS: Final = ("vips", "npt", "lb", "topology", "bgp")
+
+
+def parse_config(data: object, file: str = "<config>") -> Config:
+    """Validate YAML-decoded ``data``; raise the first :class:`ConfigError` found."""
+    top = Where(file)
+    if data is None:
+        raise top.error("the file is empty", f"add at least one section: {', '.join(_SECTIONS)}")
+    fields = Fields(data, top, "the file")
+    fields.reject_unknown(_SECTIONS, kind="section")
+    for name in fields:
+        fields.get(name)  # an empty section is an error, whichever it is
+
+    lb = _parse_lb(fields.get("lb"), fields.at("lb")) if fields.has("lb") else LbSettings()
+    vips: tuple[Vip, ...] = ()
+    if fields.has("vips"):
+        where = fields.at("vips")
+        items = as_list(fields.get("vips"), where, example="`- name: web`")
+        vips = tuple(_parse_vip(item, where.index(i), lb) for i, item in enumerate(items))
+        _check_vips_together(vips, where)
+    npt: tuple[NptPair, ...] = ()
+    if fields.has("npt"):
+        where = fields.at("npt")
+        items = as_list(fields.get("npt"), where, example="`- {inside: fd00:1::/48, outside: ...}`")
+        npt = tuple(_parse_npt_pair(item, where.index(i)) for i, item in enumerate(items))
+        _check_npt_together(npt, where)
+    _check_vips_outside_npt(vips, npt, top)
+    return Config(
+        source=file,
+        vips=vips,
+        npt=npt,
+        lb=lb,
+        topology=_raw_section(fields, "topology"),
+        bgp=_raw_section(fields, "bgp"),
+    )
+
+
+def _raw_section(fields: Fields, name: str) -> Mapping[str, object] | None:
+    # Placeholder until the topology and bgp parsers exist: a mapping, kept as given.
+    if not fields.has(name):
+        return None
+    return Fields(fields.get(name), fields.at(name), f"`{name}:`").as_dict()
+
+
+# --- lb: -------------------------------------------------------------------------
+
+_LB_KEYS: Final = (
+    "instance",
+    "addresses",
+    "interfaces",
+    "control_socket",
+    "flow_hash_seed",
+    "conntrack_max",
+    "flow_cache_size",
+    "icmp_error_rate",
+    "icmp_error_burst",
+)
+# The instance name goes into tags such as the interface prefix `v6lb-NAME`, which
+# must fit in 15 bytes (IFNAMSIZ - 1).
+_INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
+_IFNAME_RE: Final = re.compile(r"[^\s/:%]{1,15}")
+_SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
+
+
+_LB_DEFAULTS: Final = LbSettings()
+
+
+def _parse_lb(value: object, where: Where) -> LbSettings:
+    d = _LB_DEFAULTS
+    f = Fields(value, where, "`lb:`")
+    f.reject_unknown(_LB_KEYS)
+    instance = f.string("instance", d.instance, example="instance: lb1")
+    if not _INSTANCE_RE.fullmatch(instance):
+        raise f.at("instance").error(
+            f"{instance!r} is not a valid instance name",
+            "use 1 to 10 characters of a-z, 0-9 and '-', starting with a letter or digit"
+            " (it becomes part of interface and nft table names)",
+        )
+    addresses: list[IPv6Address] = []
+    if f.has("addresses"):
+        w = f.at("addresses")
+        for i, item in enumerate(as_list(f.get("addresses"), w, example="[2001:db8::2]")):
+            addr = require_unicast(
+                as_ipv6_address(item, w.index(i)), w.index(i), what="an LB address"
+            )
+            if addr in addresses:
+                raise w.index(i).error(f"{addr} is listed twice", "list each address once")
+            addresses.append(addr)
+    interfaces: list[str] = []
+    if f.has("interfaces"):
+        w = f.at("interfaces")
+        for i, item in enumerate(as_list(f.get("interfaces"), w, example="[eth0]")):
+            name = as_str(item, w.index(i), example="an interface name such as eth0")
+            if not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
+                raise w.index(i).error(
+                    f"{name!r} is not a valid Linux interface name",
+                    "use 1 to 15 characters without spaces, '/', ':' or '%'",
+                )
+            if name in interfaces:
+                raise w.index(i).error(f"{name} is listed twice", "list each interface once")
+            interfaces.append(name)
+    socket_path = f.string(
+        "control_socket", _default_socket(instance), example="control_socket: /run/v6lb/lb0.sock"
+    )
+    if not socket_path.startswith("/") or len(socket_path.encode()) > _SUN_PATH_MAX:
+        raise f.at("control_socket").error(
+            f"{socket_path!r} is not usable as a Unix socket path",
+            f"use an absolute path of at most {_SUN_PATH_MAX} bytes, such as /run/v6lb/{instance}.sock",
+        )
+    return LbSettings(
+        instance=instance,
+        addresses=tuple(addresses),
+        interfaces=tuple(interfaces),
+        control_socket=socket_path,
+        flow_hash_seed=f.integer(
+            "flow_hash_seed", d.flow_hash_seed, lo=0, hi=0xFFFF_FFFF, noun="jhash seed (32 bits)"
+        ),
+        conntrack_max=f.integer(
+            "conntrack_max", d.conntrack_max, lo=1, hi=1 << 26, noun="number of tracked flows"
+        ),
+        flow_cache_size=f.integer(
+            "flow_cache_size",
+            d.flow_cache_size,
+            lo=1,
+            hi=1 << 26,
+            noun="number of cached DSR flows",
+        ),
+        icmp_error_rate=f.integer(
+            "icmp_error_rate",
+            d.icmp_error_rate,
+            lo=0,
+            hi=1_000_000,
+            noun="number of ICMPv6 errors per second",
+        ),
+        icmp_error_burst=f.integer(
+            "icmp_error_burst",
+            d.icmp_error_burst,
+            lo=1,
+            hi=1_000_000,
+            noun="burst of ICMPv6 errors",
+        ),
+    )
+
+
+# --- vips: -----------------------------------------------------------------------
+
+_VIP_KEYS: Final = (
+    "name",
+    "address",
+    "ports",
+    "protocol",
+    "mode",
+    "scheduler",
+    "table_size",
+    "backends",
+    "health",
+)
+_TUNNEL_KEYS: Final = ("tunnel_source", "mtu")
+_MODE_KEYS: Final[dict[VipMode, tuple[str, ...]]] = {
+    VipMode.PROXY_L4: ("proxy_protocol", "trusted_proxy_sources", "timeouts", "dual_stack"),
+    VipMode.PROXY_L7: (
+        "forwarded_headers",
+        "trusted_sources",
+        "max_request_bytes",
+        "max_header_bytes",
+        "timeouts",
+        "dual_stack",
+    ),
+    VipMode.NAT: ("snat", "snat_ports"),
+    VipMode.DSR_L2: (),
+    VipMode.DSR_IP6IP6: _TUNNEL_KEYS,
+    VipMode.DSR_SRV6: _TUNNEL_KEYS,
+}
+_NOT_VIP_MODES: Final = {
+    "npt": (
+        "npt is not a VIP mode: NPTv6 translates whole prefixes and has no ports or backends",
+        "remove this VIP and put the prefix pair in the `npt:` section (inside:, outside:)",
+    ),
+    "anycast": (
+        "anycast is not a VIP mode: it is how VIPs are announced (in `bgp:`)",
+        "pick a forwarding mode such as dsr-srv6 or dsr-ip6ip6 and announce the VIP in `bgp:`",
+    ),
+}
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _modes_taking(key: str) -> list[str]:
+    return [mode.value for mode, keys in _MODE_KEYS.items() if key in keys]
+
+
+def _parse_vip(value: object, where: Where, lb: LbSettings) -> Vip:
+    f = Fields(value, where, "a VIP")
+    mode = _parse_mode(f)
+    allowed = _VIP_KEYS + _MODE_KEYS[mode]
+    for key in f:
+        modes = _modes_taking(key)
+        if key not in allowed and modes:
+            raise f.at(key).error(
+                f"option `{key}` does not fit mode {mode}",
+                f"remove it: it applies to mode{'s' if len(modes) > 1 else ''}"
+                f" {' and '.join(modes)} only",
+            )
+    f.reject_unknown(allowed)
+
+    name = as_str(f.required("name", "web"), f.at("name"), example="name: web")
+    if not _NAME_RE.fullmatch(name):
+        raise f.at("name").error(
+            f"{name!r} is not a valid VIP name",
+            "use 1 to 63 characters of letters, digits, '.', '_' and '-'",
+        )
+    address = require_unicast(
+        as_ipv6_address(f.required("address", "2001:db8::80"), f.at("address")),
+        f.at("address"),
+        what="a VIP address",
+    )
+    ports = _parse_ports(f)
+    protocol = Protocol(f.choice("protocol", [p.value for p in Protocol], Protocol.TCP.value))
+    if mode is VipMode.PROXY_L7 and protocol is not Protocol.TCP:
+        raise f.at("protocol").error(
+            "proxy-l7 speaks HTTP over TCP only",
+            "use protocol: tcp, or mode proxy-l4 to proxy UDP",
+        )
+    scheduler, table_size = _parse_scheduler(f, mode)
+    backends = _parse_backends(f, mode, ports)
+    if table_size is not None and table_size < len(backends):
+        raise f.at("table_size").error(
+            f"a Maglev table of {table_size} entries cannot hold {len(backends)} backends",
+            "use a prime table_size at least 100 times the number of backends",
+        )
+    return Vip(
+        name=name,
+        address=address,
+        ports=ports,
+        protocol=protocol,
+        mode=mode,
+        scheduler=scheduler,
+        backends=backends,
+        health=_parse_health(f, protocol),
+        options=_parse_options(f, mode, lb),
+        table_size=table_size,
+    )
+
+
+def _parse_mode(f: Fields) -> VipMode:
+    value = f.required("mode", "nat")
+    if isinstance(value, str) and value in _NOT_VIP_MODES:
+        message, fix = _NOT_VIP_MODES[value]
+        raise f.at("mode").error(message, fix)
+    return VipMode(as_choice(value, f.at("mode"), [m.value for m in VipMode]))
+
+
+def _parse_ports(f: Fields) -> tuple[int, ...]:
+    where = f.at("ports")
+    items = as_list(f.required("ports", "[443]"), where, example="[80, 443]")
+    if not items:
+        raise where.error("the port list is empty", "list at least one port, for example [443]")
+    ports: list[int] = []
+    for i, item in enumerate(items):
+        port = as_int(item, where.index(i), lo=1, hi=65535, noun="port")
+        if port in ports:
+            raise where.index(i).error(f"port {port} is listed twice", "list each port once")
+        ports.append(port)
+    return tuple(ports)
+
+
+def _parse_scheduler(f: Fields, mode: VipMode) -> tuple[Scheduler, int | None]:
+    default = Scheduler.ROUND_ROBIN if mode.is_proxy else Scheduler.MAGLEV
+    scheduler = Scheduler(f.choice("scheduler", [s.value for s in Scheduler], default.value))
+    if not mode.is_proxy and scheduler is not Scheduler.MAGLEV:
+        raise f.at("scheduler").error(
+            f"mode {mode} cannot honour scheduler {scheduler}",
+            "use scheduler: maglev (or leave it out): LB instances that share a VIP must"
+            " pick the same backend for a flow without sharing state, and only the"
+            " Maglev hash of the flow does that",
+        )
+    if scheduler is not Scheduler.MAGLEV:
+        if f.has("table_size"):
+            raise f.at("table_size").error(
+                f"table_size applies to scheduler maglev only, not {scheduler}",
+                "remove table_size or use scheduler: maglev",
+            )
+        return scheduler, None
+    size = f.integer(
+        "table_size", MAGLEV_TABLE_SIZE, lo=3, hi=MAGLEV_TABLE_MAX, noun="prime table size"
+    )
+    if not _is_prime(size):
+        raise f.at("table_size").error(
+            f"{size} is not prime (Maglev needs a prime table size)",
+            f"use a prime such as {_next_prime(size)} (or the default {MAGLEV_TABLE_SIZE})",
+        )
+    return scheduler, size
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    i = 3
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 2
+    return True
+
+
+def _next_prime(n: int) -> int:
+    while not _is_prime(n):
+        n += 1
+    return n
+
+
+# --- backends ----------------------------------------------------------------------
+
+_BACKEND_KEYS: Final = ("address", "port", "weight", "drain", "mac", "sid")
+_MAC_RE: Final = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def _parse_backends(f: Fields, mode: VipMode, ports: tuple[int, ...]) -> tuple[Backend, ...]:
+    where = f.at("backends")
+    items = as_list(
+        f.required("backends", "[{address: 2001:db8::1}]"), where, example="`- address: ...`"
+    )
+    if not items:
+        raise where.error(
+            "the backend list is empty", "list at least one backend: `- address: 2001:db8::1`"
+        )
+    backends: list[Backend] = []
+    seen: dict[tuple[IPv6Address, int | None], int] = {}
+    for i, item in enumerate(items):
+        backend = _parse_backend(item, where.index(i), mode, ports)
+        j = seen.setdefault((backend.address, backend.port), i)
+        if j != i:
+            raise where.index(i).error(
+                f"the same backend as backends[{j}]", "list each backend once"
+            )
+        backends.append(backend)
+    if all(b.weight == 0 for b in backends):
+        raise where.error(
+            "every backend has weight 0, so no backend can take a flow",
+            "give at least one backend a weight from 1 to 1000"
+            " (to stop new flows to a backend, use drain: true)",
+        )
+    return tuple(backends)
+
+
+def _parse_backend(value: object, where: Where, mode: VipMode, ports: tuple[int, ...]) -> Backend:
+    f = Fields(value, where, "a backend")
+    for key, fits in (("mac", VipMode.DSR_L2), ("sid", VipMode.DSR_SRV6)):
+        if f.has(key) and mode is not fits:
+            raise f.at(key).error(
+                f"option `{key}` does not fit mode {mode}",
+                f"remove it: only {fits} backends take it",
+            )
+    f.reject_unknown(_BACKEND_KEYS)
+    address = require_unicast(
+        as_ipv6_address(f.required("address", "2001:db8::1"), f.at("address")),
+        f.at("address"),
+        what="a backend address" + ("" if mode.is_proxy else f" in mode {mode}"),
+        allow_loopback=mode.is_proxy,  # a local proxy may hand over to [::1]
+    )
+    port: int | None = None
+    if f.has("port"):
+        port = as_int(f.get("port"), f.at("port"), lo=1, hi=65535, noun="port")
+        if mode.is_dsr and (len(ports) != 1 or port != ports[0]):
+            raise f.at("port").error(
+                f"a {mode} backend port must equal the VIP port: DSR rewrites nothing",
+                "remove `port` (the backend receives the port the client used)",
+            )
+    mac: str | None = None
+    if f.has("mac"):
+        mac = as_str(f.get("mac"), f.at("mac"), example="mac: '02:00:00:00:00:01'").lower()
+        if not _MAC_RE.fullmatch(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+            raise f.at("mac").error(
+                f"{mac!r} is not a unicast MAC address",
+                "write six hex bytes in quotes, for example '02:00:00:00:00:01'",
+            )
+    sid: IPv6Address | None = None
+    if mode is VipMode.DSR_SRV6:
+        sid = address
+        if f.has("sid"):
+            sid = require_unicast(
+                as_ipv6_address(f.get("sid"), f.at("sid")), f.at("sid"), what="an SRv6 SID"
+            )
+    return Backend(
+        address=address,
+        port=port,
+        weight=f.integer("weight", 1, lo=0, hi=WEIGHT_MAX, noun="weight"),
+        drain=f.boolean("drain", False),
+        mac=mac,
+        sid=sid,
+    )
+
+
+# --- health ------------------------------------------------------------------------
+
+_HEALTH_KEYS: Final = ("type", "interval", "timeout", "rise", "fall", "path", "port")
+_PATH_RE: Final = re.compile(r"/[\x21-\x7e]*")
+_HEALTH_DEFAULTS: Final = HealthCheck()
+
+
+def _parse_health(vip: Fields, protocol: Protocol) -> HealthCheck:
+    # No generic UDP probe exists, so UDP VIPs are not probed unless asked to.
+    default_type = HealthType.TCP if protocol is Protocol.TCP else HealthType.NONE
+    if not vip.has("health"):
+        return HealthCheck(type=default_type)
+    f = Fields(vip.get("health"), vip.at("health"), "`health:`")
+    f.reject_unknown(_HEALTH_KEYS)
+    kind = HealthType(f.choice("type", [t.value for t in HealthType], default_type.value))
+    if kind is HealthType.NONE:
+        extra = [k for k in f if k != "type"]
+        if extra:
+            raise f.at(extra[0]).error(
+                f"`{extra[0]}` does nothing with health type none",
+                "remove it, or choose type: tcp or type: http",
+            )
+        return HealthCheck(type=kind)
+    if kind is not HealthType.HTTP and f.has("path"):
+        raise f.at("path").error(
+            f"`path` applies to health type http only, not {kind}",
+            "remove path, or use type: http",
+        )
+    d = _HEALTH_DEFAULTS
+    interval = f.seconds("interval", d.interval, hi=3600.0)
+    timeout = f.seconds("timeout", min(d.timeout, interval / 2), hi=3600.0)
+    if timeout >= interval:
+        raise f.at("timeout").error(
+            f"a timeout of {timeout:g} s is not shorter than the interval of {interval:g} s",
+            f"use a timeout below the interval, for example {interval / 2:g}",
+        )
+    path: str | None = None
+    if kind is HealthType.HTTP:
+        path = f.string("path", "/", example="path: /healthz")
+        if not _PATH_RE.fullmatch(path):
+            raise f.at("path").error(
+                f"{path!r} is not an HTTP request path",
+                "start it with '/' and use no spaces, for example /healthz",
+            )
+    port: int | None = None
+    if f.has("port"):
+        port = as_int(f.get("port"), f.at("port"), lo=1, hi=65535, noun="port")
+    return HealthCheck(
+        type=kind,
+        interval=interval,
+        timeout=timeout,
+        rise=f.integer("rise", d.rise, lo=1, hi=100, noun="count of successes"),
+        fall=f.integer("fall", d.fall, lo=1, hi=100, noun="count of failures"),
+        path=path,
+        port=port,
+    )
+
+
+# --- mode options ------------------------------------------------------------------
+
+
+def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
+    if mode is VipMode.NAT:
+        return _parse_nat(f)
+    if mode is VipMode.DSR_L2:
+        return DsrL2Options()
+    if mode in (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6):
+        return _parse_tunnel(f, mode, lb)
+    if mode is VipMode.PROXY_L4:
+        return ProxyL4Options(
+            proxy_protocol=ProxyProtocol(
+                f.choice("proxy_protocol", [p.value for p in ProxyProtocol], "none")
+            ),
+            trusted_proxy_sources=_parse_prefixes(f, "trusted_proxy_sources"),
+            timeouts=_parse_timeouts(f, ProxyL4Options().timeouts),
+            dual_stack=_parse_dual_stack(f),
+        )
+    defaults = ProxyL7Options()
+    return ProxyL7Options(
+        forwarded_headers=f.boolean("forwarded_headers", True),
+        trusted_sources=_parse_prefixes(f, "trusted_sources"),
+        max_request_bytes=f.integer(
+            "max_request_bytes", defaults.max_request_bytes, lo=0, hi=1 << 40, noun="byte count"
+        ),
+        max_header_bytes=f.integer(
+            "max_header_bytes", defaults.max_header_bytes, lo=1024, hi=1 << 20, noun="byte count"
+        ),
+        timeouts=_parse_timeouts(f, defaults.timeouts),
+        dual_stack=_parse_dual_stack(f),
+    )
+
+
+def _parse_nat(f: Fields) -> NatOptions:
+    snat: IPv6Network | None = None
+    if f.has("snat"):
+        where = f.at("snat")
+        value = f.get("snat")
+        if isinstance(value, str) and "/" in value:
+            snat = as_ipv6_prefix(value, where)
+            if snat.prefixlen < 64:
+                raise where.error(
+                    f"a SNAT pool of /{snat.prefixlen} is larger than needed",
+                    "use a pool of /64 or longer, or one LB address",
+                )
+            require_unicast(snat.network_address, where, what="a SNAT pool")
+        else:
+            addr = require_unicast(as_ipv6_address(value, where), where, what="a SNAT address")
+            snat = IPv6Network(addr)
+    ports = NatOptions().snat_ports
+    if f.has("snat_ports"):
+        where = f.at("snat_ports")
+        if snat is None:
+            raise where.error("snat_ports without snat does nothing", "add `snat:` or remove it")
+        value = f.get("snat_ports")
+        match = re.fullmatch(r"(\d+)-(\d+)", value.strip()) if isinstance(value, str) else None
+        fix = "write a range such as 1024-65535"
+        if match is None:
+            raise where.error("is not a port range LOW-HIGH", fix)
+        low, high = int(match[1]), int(match[2])
+        if not 1 <= low <= high <= 65535:
+            raise where.error(f"{low}-{high} is not a range within 1-65535", fix)
+        ports = (low, high)
+    return NatOptions(snat=snat, snat_ports=ports)
+
+
+def _parse_tunnel(f: Fields, mode: VipMode, lb: LbSettings) -> TunnelOptions:
+    if f.has("tunnel_source"):
+        where = f.at("tunnel_source")
+        source = require_unicast(
+            as_ipv6_address(f.get("tunnel_source"), where), where, what="a tunnel source"
+        )
+    elif lb.addresses:
+        source = lb.addresses[0]
+    else:
+        raise f.at("tunnel_source").error(
+            f"mode {mode} needs an outer source address and lb.addresses is empty",
+            "set tunnel_source: on this VIP, or list the LB's addresses in lb.addresses",
+        )
+    mtu = f.integer("mtu", _DEFAULT_MTU, lo=MIN_IPV6_MTU, hi=65535, noun="MTU")
+    return TunnelOptions(tunnel_source=source, mtu=mtu)
+
+
+def _parse_prefixes(f: Fields, name: str) -> tuple[IPv6Network, ...]:
+    if not f.has(name):
+        return ()
+    where = f.at(name)
+    items = as_list(f.get(name), where, example="[2001:db8:100::/56]")
+    return tuple(as_ipv6_prefix(item, where.index(i)) for i, item in enumerate(items))
+
+
+def _parse_timeouts(f: Fields, defaults: Timeouts) -> Timeouts:
+    if not f.has("timeouts"):
+        return defaults
+    t = Fields(f.get("timeouts"), f.at("timeouts"), "`timeouts:`")
+    t.reject_unknown(("connect", "idle", "total"))
+    week = 7 * 86400.0
+    total: float | None = None
+    if t.has("total"):
+        total = t.seconds("total", 0.0, hi=week)
+    return Timeouts(
+        connect=t.seconds("connect", defaults.connect, hi=3600.0),
+        idle=t.seconds("idle", defaults.idle, hi=week),
+        total=total,
+    )
+
+
+def _parse_dual_stack(f: Fields) -> IPv4Address | None:
+    if not f.has("dual_stack"):
+        return None
+    return as_ipv4_address(f.get("dual_stack"), f.at("dual_stack"))
+
+
+# --- npt: --------------------------------------------------------------------------
+
+
+def _parse_npt_pair(value: object, where: Where) -> NptPair:
+    f = Fields(value, where, "an NPT pair")
+    f.reject_unknown(("inside", "outside"))
+    prefixes: list[IPv6Network] = []
+    for key, example in (("inside", "fd00:1:2::/48"), ("outside", "2001:db8:1::/48")):
+        # RFC 6296 §3.4/§3.5: the adjustment lands in bits 48..127, so /64 is the longest
+        # prefix that leaves an interface identifier to adjust (ip6t_NPT agrees).
+        net = as_ipv6_prefix(f.required(key, example), f.at(key), max_len=64)
+        if net.network_address.is_multicast or net.overlaps(IPv6Network("ff00::/8")):
+            raise f.at(key).error(f"{net} covers multicast addresses", "use a unicast prefix")
+        prefixes.append(net)
+    return NptPair(inside=prefixes[0], outside=prefixes[1])
+
+
+def _check_npt_together(pairs: tuple[NptPair, ...], where: Where) -> None:
+    seen: list[tuple[str, str, IPv6Network]] = []
+    for j, pair in enumerate(pairs):
+        for side, net in (("inside", pair.inside), ("outside", pair.outside)):
+            for other_path, other_side, other in seen:
+                if not net.overlaps(other):
+                    continue
+                if side == other_side:
+                    fix = f"use {side} prefixes that do not overlap, so each address maps one way"
+                else:
+                    fix = "keep inside and outside prefixes apart, or packets get translated twice"
+                raise where.index(j).key(side).error(f"{net} overlaps {other_path} {other}", fix)
+            seen.append((f"npt[{j}].{side}", side, net))
+
+
+# --- checks across VIPs and sections ----------------------------------------------
+
+
+def _check_vips_together(vips: tuple[Vip, ...], where: Where) -> None:
+    names: dict[str, int] = {}
+    addresses: dict[IPv6Address, int] = {}
+    listeners: dict[tuple[IPv6Address, int, Protocol], int] = {}
+    for i, vip in enumerate(vips):
+        if vip.name in names:
+            raise (
+                where.index(i)
+                .key("name")
+                .error(
+                    f"VIP name {vip.name!r} is already used by vips[{names[vip.name]}]",
+                    "give each VIP its own name",
+                )
+            )
+        names[vip.name] = i
+        addresses.setdefault(vip.address, i)
+        for p, port in enumerate(vip.ports):
+            key = (vip.address, port, vip.protocol)
+            if key in listeners:
+                raise (
+                    where.index(i)
+                    .key("ports")
+                    .index(p)
+                    .error(
+                        f"[{vip.address}]:{port}/{vip.protocol} is already served by"
+                        f" vips[{listeners[key]}] ({vips[listeners[key]].name})",
+                        "use another port or address, or merge the backends into one VIP",
+                    )
+                )
+            listeners[key] = i
+    for j, vip in enumerate(vips):
+        for k, backend in enumerate(vip.backends):
+            if backend.address in addresses:
+                i = addresses[backend.address]
+                raise (
+                    where.index(j)
+                    .key("backends")
+                    .index(k)
+                    .key("address")
+                    .error(
+                        f"{backend.address} is the address of VIP vips[{i}] ({vips[i].name})",
+                        "a backend must be a real server's own address, not a VIP",
+                    )
+                )
+
+
+def _check_vips_outside_npt(vips: tuple[Vip, ...], pairs: tuple[NptPair, ...], top: Where) -> None:
+    for i, vip in enumerate(vips):
+        for j, pair in enumerate(pairs):
+            for side, net in (("inside", pair.inside), ("outside", pair.outside)):
+                if vip.address in net:
+                    raise (
+                        top.key("vips")
+                        .index(i)
+                        .key("address")
+                        .error(
+                            f"{vip.address} lies inside npt[{j}].{side} {net}, so NPT would"
+                            " rewrite it before the VIP sees the packet",
+                            "move the VIP out of the NPT prefixes, or the NPT prefix off the VIP",
+                        )
+                    )
