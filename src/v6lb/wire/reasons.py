@@ -38,6 +38,9 @@ class Reason(IntEnum):
     TOO_BIG = 31  # would exceed the path MTU; a Packet Too Big was sent
     UNSUPPORTED = 32
     RATE_LIMITED = 33  # an ICMPv6 error we would send was suppressed (RFC 4443 §2.4 f)
+    BAD_FRAGMENT = 60  # reassembly refused: overlap (RFC 5722), misaligned or past 65535 bytes
+    FRAGMENT_UNMATCHED = 50  # nat: a later fragment whose first fragment was not seen
+    NAT_TUPLE_CLASH = 51  # nat: the translated tuple is already another flow's
 
     @property
     def label(self) -> str:

@@ -1,0 +1,650 @@
+"""Direct server return: ``dsr-l2``, ``dsr-ip6ip6`` and ``dsr-srv6`` as one sans-IO forwarder.
+
+The LB sees only the client-to-VIP direction. It picks a backend per flow and
+hands the packet over without rewriting it; the backend holds the VIP on its
+loopback and answers the client directly. docs/dsr.md is the written policy;
+in short:
+
+- ``dsr-ip6ip6``: RFC 2473 IPv6-in-IPv6 (next header 41, 40 bytes), outer
+  destination = the backend's address. Linux seg6 ``encap.red`` with one SID.
+- ``dsr-srv6``: outer header + RFC 8754 SRH with one segment (the backend's
+  SID, segments left 0), outer destination = the SID; 64 bytes. Linux seg6 ``encap``.
+- ``dsr-l2``: ``(FORWARD_L2, PORT_INSIDE, mac)``, packet untouched, hop limit
+  untouched (L2 DSR does not route).
+- Outer header (RFC 6438): version, traffic class and flow label copied from
+  the inner packet; an inner label of 0 is replaced by 20 bits of the flow
+  hash so ECMP between LB and backends can spread. Outer hop limit 64. Outer
+  source = the VIP's ``tunnel_source``.
+- Routed modes decrement the inner hop limit; at 1 or 0 the client gets
+  Time Exceeded instead.
+- Flows: first packet -> jhash + Maglev pick -> bounded LRU (Katran-style).
+  Cached flows keep their backend while it is up (draining included); a
+  backend that is down loses its flows, which are picked again.
+- Flow key: TCP/UDP use the 4-tuple; every fragment (first or later) and
+  every packet without a TCP/UDP header (RFC 7045: unknown headers are
+  forwarded) uses the 3-tuple (src, dst, next header).
+- MTU (RFC 2473 §7.1): an inner packet longer than ``mtu - overhead`` is, if
+  it is at most 1280 bytes, encapsulated and the OUTER packet fragmented;
+  otherwise answered with Packet Too Big carrying ``max(mtu - overhead, 1280)``.
+- An ICMPv6 error for the VIP (Packet Too Big from a router on the client
+  path, quoting VIP -> client) goes to the backend that owns the quoted flow.
+
+Hot path (:meth:`DsrForwarder.process`): a cached TCP/UDP flow without
+extension headers costs one ``struct`` read for the key, one LRU lookup and
+one concatenation of a per-backend outer-header template with the packet;
+the payload length, flow label and inner hop limit are patched in the copy.
+The input buffer is never modified.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from v6lb.core.backends import BackendPool, BackendSpec
+from v6lb.core.flowhash import flow_hash, flow_hash3
+from v6lb.core.icmperr import IcmpErrorSource
+from v6lb.core.maglev import DEFAULT_TABLE_SIZE
+from v6lb.core.verdict import (
+    DROP,
+    FORWARD,
+    FORWARD_L2,
+    FORWARD_MANY,
+    PORT_INSIDE,
+    REPLY,
+    Counters,
+    Verdict,
+)
+from v6lb.wire.constants import (
+    ICMP6_PACKET_TOO_BIG,
+    ICMP6_TIME_EXCEEDED,
+    IPV6_HDR_LEN,
+    MIN_MTU,
+    NH_FRAGMENT,
+    NH_ICMPV6,
+    NH_IPV6,
+    NH_ROUTING,
+    NH_TCP,
+    NH_UDP,
+    OFF_HLIM,
+    RT_SRH,
+    TE_HOP_LIMIT,
+)
+from v6lb.wire.ipv6 import PacketInfo, parse
+from v6lb.wire.reasons import Reason
+
+if TYPE_CHECKING:
+    from v6lb.model.config import Config
+
+__all__ = [
+    "DsrForwarder",
+    "DsrService",
+    "MODE_IP6IP6",
+    "MODE_L2",
+    "MODE_SRV6",
+    "OUTER_HOP_LIMIT",
+    "OVERHEAD",
+    "outer_header",
+]
+
+MODE_L2: Final = "dsr-l2"
+MODE_IP6IP6: Final = "dsr-ip6ip6"
+MODE_SRV6: Final = "dsr-srv6"
+
+OVERHEAD: Final = {MODE_L2: 0, MODE_IP6IP6: IPV6_HDR_LEN, MODE_SRV6: IPV6_HDR_LEN + 24}
+"""Bytes each mode adds in front of the client's packet."""
+
+OUTER_HOP_LIMIT: Final = 64
+"""Hop limit of the outer header: set like a host would (RFC 2473 §6.3), not copied."""
+
+DEFAULT_MTU: Final = 1500
+
+# Word 0 (version, traffic class, flow label), payload length, next header, hop
+# limit and src . dst . sport . dport of a packet without extension headers, in
+# one call: (next header, those 36 bytes) is the LRU key of a TCP/UDP flow.
+_HDR_UNPACK: Final = struct.Struct("!IHBB36s").unpack_from
+_WORD0_PACK: Final = struct.Struct("!IH").pack_into
+_WORD0_UNPACK: Final = struct.Struct("!I").unpack_from
+_FRAG: Final = struct.Struct("!BBHI")
+_FRAG_ID_MUL: Final = 0x9E3779B1  # odd, so the ids are a bijection of a counter
+
+_NO_MATCH: Final = int(Reason.NO_MATCH)
+_NO_BACKEND: Final = int(Reason.NO_BACKEND)
+_HOP_LIMIT: Final = int(Reason.HOP_LIMIT_EXCEEDED)
+_TOO_BIG: Final = int(Reason.TOO_BIG)
+_QUOTE_BAD: Final = int(Reason.ICMP_ERROR_QUOTE_BAD)
+_UNMATCHED: Final = int(Reason.ICMP_ERROR_UNMATCHED)
+
+# An LRU entry: (pool, pool generation when checked, backend index, outer
+# template or None for dsr-l2, largest inner packet that fits, flow label for
+# unlabelled packets, link-layer target for dsr-l2, template length - 40,
+# offset of the inner hop limit in the output).
+Entry = tuple[BackendPool, int, int, bytearray | None, int, int, bytes | None, int, int]
+FlowKey = tuple[int, bytes]
+
+
+def outer_header(mode: str, source: bytes, target: bytes) -> bytearray:
+    """The outer header(s) of ``mode`` to ``target``, payload length and flow label 0.
+
+    ``dsr-ip6ip6``: IPv6, next header 41, destination ``target`` (RFC 2473).
+    ``dsr-srv6``: IPv6, next header 43, destination ``target``, then an
+    RFC 8754 SRH with Segment List [target], Segments Left 0, Last Entry 0,
+    next header 41: what Linux seg6 ``mode encap`` with one SID sends.
+    """
+    if len(source) != 16 or len(target) != 16:
+        raise ValueError("outer addresses are 16 bytes")
+    if mode == MODE_IP6IP6:
+        nh = NH_IPV6
+        srh = b""
+    elif mode == MODE_SRV6:
+        nh = NH_ROUTING
+        srh = struct.pack("!BBBBBBH", NH_IPV6, 2, RT_SRH, 0, 0, 0, 0) + target
+    else:
+        raise ValueError(f"mode {mode!r} has no outer header")
+    return bytearray(struct.pack("!IHBB", 6 << 28, 0, nh, OUTER_HOP_LIMIT) + source + target + srh)
+
+
+def _flow_label(h: int) -> int:
+    # RFC 6437 §3: a label should be uniformly distributed; 0 means "no label".
+    return (h & 0xFFFFF) or 1
+
+
+class DsrService:
+    """One DSR VIP as the forwarder sees it: address, ports, protocol, mode and backends.
+
+    ``targets`` are the outer destinations per backend (the SID for
+    ``dsr-srv6``; default the backend addresses). ``macs`` are the link-layer
+    addresses per backend for ``dsr-l2`` (6 bytes, or None: then the verdict
+    carries the backend's 16-byte IPv6 address, for the adapter to resolve by
+    neighbour discovery).
+    """
+
+    __slots__ = (
+        "name",
+        "address",
+        "ports",
+        "proto",
+        "mode",
+        "pool",
+        "tunnel_source",
+        "mtu",
+        "targets",
+        "macs",
+        "overhead",
+        "limit",
+        "nh_offset",
+        "_templates",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        address: bytes,
+        ports: Sequence[int],
+        proto: int,
+        mode: str,
+        pool: BackendPool,
+        *,
+        tunnel_source: bytes | None = None,
+        mtu: int = DEFAULT_MTU,
+        targets: Sequence[bytes] | None = None,
+        macs: Sequence[bytes | None] | None = None,
+    ) -> None:
+        if mode not in OVERHEAD:
+            raise ValueError(f"{name}: mode {mode!r} is not a DSR mode")
+        if len(address) != 16:
+            raise ValueError(f"{name}: a VIP address is 16 bytes")
+        if proto not in (NH_TCP, NH_UDP):
+            raise ValueError(f"{name}: protocol {proto} is neither TCP (6) nor UDP (17)")
+        if not ports:
+            raise ValueError(f"{name}: a VIP has at least one port")
+        self.name = name
+        self.address = bytes(address)
+        self.ports = frozenset(ports)
+        self.proto = proto
+        self.mode = mode
+        self.pool = pool
+        self.mtu = mtu
+        self.overhead = OVERHEAD[mode]
+        self.limit = mtu - self.overhead
+        self.tunnel_source = tunnel_source
+        n = len(pool)
+        self.targets = list(targets) if targets is not None else list(pool.addresses)
+        self.macs: list[bytes | None] = list(macs) if macs is not None else [None] * n
+        if len(self.targets) != n or len(self.macs) != n:
+            raise ValueError(f"{name}: one target and one MAC (or None) per backend")
+        for mac in self.macs:
+            if mac is not None and len(mac) != 6:
+                raise ValueError(f"{name}: a MAC address is 6 bytes")
+        self._templates: list[bytearray | None] = [None] * n
+        self.nh_offset = 0
+        if mode != MODE_L2:
+            if tunnel_source is None or len(tunnel_source) != 16:
+                raise ValueError(f"{name}: mode {mode} needs a 16-byte tunnel source")
+            if mtu < MIN_MTU:
+                raise ValueError(f"{name}: the path MTU to the backends is at least {MIN_MTU}")
+            self._templates = [outer_header(mode, tunnel_source, t) for t in self.targets]
+            # Where the last unfragmentable header names its successor (41 -> 44).
+            self.nh_offset = 6 if mode == MODE_IP6IP6 else IPV6_HDR_LEN
+
+    def __repr__(self) -> str:
+        return (
+            f"DsrService({self.name!r}, [{ipaddress.IPv6Address(self.address)}]:"
+            f"{sorted(self.ports)}, {self.mode}, {len(self.pool)} backends)"
+        )
+
+    def entry(self, index: int, h: int) -> Entry:
+        """The LRU entry for a flow of hash ``h`` steered to backend ``index``."""
+        tmpl = self._templates[index]
+        if tmpl is None:
+            mac = self.macs[index]
+            l2 = mac if mac is not None else self.pool.addresses[index]
+            return (self.pool, self.pool.generation, index, None, 0, 0, l2, 0, 0)
+        n = len(tmpl)
+        return (
+            self.pool,
+            self.pool.generation,
+            index,
+            tmpl,
+            self.limit,
+            _flow_label(h),
+            None,
+            n - IPV6_HDR_LEN,
+            n + OFF_HLIM,
+        )
+
+
+def _encap(buf: bytearray, e: Entry) -> bytearray:
+    """Template + packet, with the outer word 0, payload length and inner hop limit patched.
+
+    Word 0 is the inner one (version 6, traffic class, flow label: RFC 6438
+    §4 copies the label), with the flow's derived label if the inner is 0.
+    """
+    tmpl = e[3]
+    assert tmpl is not None
+    out = tmpl + buf
+    w0 = _WORD0_UNPACK(buf)[0]
+    if not w0 & 0xFFFFF:
+        w0 |= e[5]
+    _WORD0_PACK(out, 0, w0, len(buf) + e[7])
+    out[e[8]] = buf[OFF_HLIM] - 1
+    return out
+
+
+def _match(services: list[DsrService], proto: int, dport: int) -> DsrService | None:
+    for s in services:
+        if s.proto == proto and dport in s.ports:
+            return s
+    return None
+
+
+def _default(services: list[DsrService], proto: int) -> DsrService | None:
+    """The VIP that takes port-less packets (fragments, other protocols) of this address."""
+    if proto in (NH_TCP, NH_UDP):
+        for s in services:
+            if s.proto == proto:
+                return s
+        return None
+    return services[0]
+
+
+class DsrForwarder:
+    """The DSR modes as a forwarder: (packet, ingress port, now) -> verdict.
+
+    Packets for a VIP are steered to a backend whatever port they arrive on
+    (an LB is often one-armed); its errors go back out of the ingress port.
+    Packets for anything else are dropped as ``no-match``: not an open relay.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[DsrService],
+        icmp_source: bytes,
+        *,
+        flow_cache_size: int = 65_536,
+        icmp_rate: float = 100.0,
+        icmp_burst: float = 20.0,
+        frag_id_salt: int = 0,
+    ) -> None:
+        if not services:
+            raise ValueError("a DSR forwarder needs at least one VIP")
+        if flow_cache_size < 1:
+            raise ValueError("the flow cache holds at least one flow")
+        self.services = list(services)
+        self._by_addr: dict[bytes, list[DsrService]] = {}
+        names: set[str] = set()
+        for s in self.services:
+            if s.name in names:
+                raise ValueError(f"two DSR VIPs are named {s.name!r}")
+            names.add(s.name)
+            self._by_addr.setdefault(s.address, []).append(s)
+        self.icmp = IcmpErrorSource(icmp_source, icmp_rate, icmp_burst)
+        self.counters = Counters()
+        self.flow_cache_size = flow_cache_size
+        self._lru: OrderedDict[FlowKey, Entry] = OrderedDict()
+        self._info = PacketInfo()
+        self._qinfo = PacketInfo()
+        self._frag_seq = 0
+        self._frag_salt = frag_id_salt & 0xFFFFFFFF
+
+    # --- configuration ---------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Config, *, macs: dict[str, bytes] | None = None) -> DsrForwarder:
+        """A forwarder for every ``dsr-*`` VIP of ``config``.
+
+        ``macs`` maps backend addresses (text) to 6-byte MACs learned by the
+        engine, for ``dsr-l2`` backends that give none in the file.
+        """
+        from v6lb.model.config import DsrL2Options, TunnelOptions, VipMode
+
+        lb = config.lb
+        services: list[DsrService] = []
+        for vip in config.vips:
+            if not vip.mode.is_dsr:
+                continue
+            default_port = vip.ports[0]
+            specs = [
+                BackendSpec(
+                    b.address.packed,
+                    b.port if b.port is not None else default_port,
+                    b.weight,
+                    b.drain,
+                )
+                for b in vip.backends
+            ]
+            pool = BackendPool(
+                specs, table_size=vip.table_size or DEFAULT_TABLE_SIZE, seed=lb.flow_hash_seed
+            )
+            proto = NH_TCP if vip.protocol == "tcp" else NH_UDP
+            opts = vip.options
+            if vip.mode is VipMode.DSR_L2:
+                assert isinstance(opts, DsrL2Options)
+                learned = macs or {}
+                mac_list: list[bytes | None] = []
+                for b in vip.backends:
+                    if b.mac is not None:
+                        mac_list.append(bytes.fromhex(b.mac.replace(":", "")))
+                    else:
+                        mac_list.append(learned.get(str(b.address)))
+                services.append(
+                    DsrService(
+                        vip.name, vip.address.packed, vip.ports, proto, MODE_L2, pool, macs=mac_list
+                    )
+                )
+            else:
+                assert isinstance(opts, TunnelOptions)
+                targets = [(b.sid or b.address).packed for b in vip.backends]
+                services.append(
+                    DsrService(
+                        vip.name,
+                        vip.address.packed,
+                        vip.ports,
+                        proto,
+                        str(vip.mode),
+                        pool,
+                        tunnel_source=opts.tunnel_source.packed,
+                        mtu=opts.mtu,
+                        targets=targets,
+                    )
+                )
+        if not services:
+            raise ValueError(f"{config.source}: no VIP uses a dsr-* mode")
+        if lb.addresses:
+            icmp_source = lb.addresses[0].packed
+        else:
+            src = next((s.tunnel_source for s in services if s.tunnel_source), None)
+            icmp_source = src if src is not None else services[0].address
+        return cls(
+            services,
+            icmp_source,
+            flow_cache_size=lb.flow_cache_size,
+            icmp_rate=float(lb.icmp_error_rate),
+            icmp_burst=float(lb.icmp_error_burst),
+            frag_id_salt=lb.flow_hash_seed,
+        )
+
+    def service(self, name: str) -> DsrService:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def pool(self, name: str) -> BackendPool:
+        """The backend pool of VIP ``name``: call ``set_up``/``set_drain``/``set_weight`` on it."""
+        return self.service(name).pool
+
+    @property
+    def flows(self) -> int:
+        """Number of flows in the LRU."""
+        return len(self._lru)
+
+    def clear_flows(self) -> None:
+        """Forget every cached flow: their next packets are hashed on the current tables."""
+        self._lru.clear()
+
+    def backend_for(
+        self, src: bytes, dst: bytes, sport: int, dport: int, proto: int = NH_TCP
+    ) -> tuple[str, int] | None:
+        """(VIP name, backend index) a TCP/UDP packet of this flow would go to now.
+
+        Like Katran's simulator: nothing is sent and the LRU is not changed.
+        None if the flow matches no VIP or no backend is eligible.
+        """
+        svc = _match(self._by_addr.get(bytes(dst), []), proto, dport)
+        if svc is None:
+            return None
+        key = (proto, bytes(src) + bytes(dst) + struct.pack("!HH", sport, dport))
+        e = self._lru.get(key)
+        pool = svc.pool
+        if e is not None and (e[1] == pool.generation or pool.keeps_existing(e[2])):
+            return svc.name, e[2]
+        idx = pool.pick(flow_hash(src, dst, sport, dport, pool.seed))
+        return None if idx < 0 else (svc.name, idx)
+
+    # --- the data path -----------------------------------------------------------
+
+    def process(self, buf: bytearray, port: int, now: float) -> Verdict:
+        # Fast path: a cached TCP/UDP flow, no extension headers, fits the MTU.
+        # It checks inline what the general path would; anything else goes there.
+        n = len(buf)
+        if n >= 48:
+            w0, plen, nh, hl, k = _HDR_UNPACK(buf)
+            if w0 >> 28 == 6 and plen + 40 == n and ((nh == 6 and n >= 60) or nh == 17):
+                key = (nh, k)
+                lru = self._lru
+                e = lru.get(key)
+                if e is not None:
+                    pool, gen, _, tmpl, limit, label, l2, ext, hoff = e
+                    if pool.generation == gen:
+                        if tmpl is None:
+                            lru.move_to_end(key)
+                            self.counters.forwarded += 1
+                            return (FORWARD_L2, PORT_INSIDE, l2)
+                        if hl > 1 and n <= limit:
+                            lru.move_to_end(key)
+                            out = tmpl + buf
+                            if not w0 & 0xFFFFF:
+                                w0 |= label
+                            _WORD0_PACK(out, 0, w0, n + ext)
+                            out[hoff] = hl - 1
+                            self.counters.forwarded += 1
+                            return (FORWARD, PORT_INSIDE, out)
+        return self._process(buf, port, now)
+
+    def _drop(self, reason: int) -> Verdict:
+        self.counters.drops[reason] += 1
+        return (DROP, reason, None)
+
+    def _process(self, buf: bytearray, port: int, now: float) -> Verdict:
+        info = self._info
+        rc = parse(buf, info)
+        if rc:
+            return self._drop(rc)
+        dst = bytes(buf[24:40])
+        services = self._by_addr.get(dst)
+        if services is None:
+            return self._drop(_NO_MATCH)
+        src = bytes(buf[8:24])
+        proto = info.proto
+        l4 = info.l4_off
+        if info.frag_off >= 0:
+            # Every fragment, first or later, on the 3-tuple: only the first
+            # carries ports, and all of them must reach the same backend.
+            svc = _default(services, proto)
+            if svc is None or (
+                not info.later_fragment
+                and (proto in (NH_TCP, NH_UDP))
+                and _match(services, proto, (buf[l4 + 2] << 8) | buf[l4 + 3]) is None
+            ):
+                return self._drop(_NO_MATCH)
+            return self._steer(buf, port, now, svc, (proto, src + dst), src, dst, proto, -1, -1)
+        if proto in (NH_TCP, NH_UDP):
+            sport = (buf[l4] << 8) | buf[l4 + 1]
+            dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
+            svc = _match(services, proto, dport)
+            if svc is None:
+                return self._drop(_NO_MATCH)
+            key = (proto, src + dst + bytes(buf[l4 : l4 + 4]))
+            return self._steer(buf, port, now, svc, key, src, dst, proto, sport, dport)
+        if proto == NH_ICMPV6 and buf[l4] < 128:
+            return self._icmp_error(buf, port, now, services, dst)
+        # RFC 7045: whatever else (ICMPv6 informational, ESP, an unknown upper
+        # layer) is forwarded, on the 3-tuple.
+        svc = services[0]
+        return self._steer(buf, port, now, svc, (proto, src + dst), src, dst, proto, -1, -1)
+
+    def _icmp_error(
+        self, buf: bytearray, port: int, now: float, services: list[DsrService], vip: bytes
+    ) -> Verdict:
+        """An ICMPv6 error for the VIP goes to the backend that owns the quoted flow.
+
+        The quote is a packet the backend sent as the VIP (src = VIP, dst =
+        client); reversed, it names the client's flow. The LRU is consulted
+        but not filled, so forged errors cannot evict real flows.
+        """
+        q = self._info.l4_off + 8
+        qi = self._qinfo
+        if len(buf) - q < IPV6_HDR_LEN or parse(buf, qi, q, strict_length=False):
+            return self._drop(_QUOTE_BAD)
+        qsrc = bytes(buf[q + 8 : q + 24])
+        if qsrc != vip:
+            return self._drop(_UNMATCHED)
+        client = bytes(buf[q + 24 : q + 40])
+        qp = qi.proto
+        ql4 = qi.l4_off
+        if qp in (NH_TCP, NH_UDP) and not qi.later_fragment and ql4 + 4 <= len(buf):
+            vport = (buf[ql4] << 8) | buf[ql4 + 1]
+            cport = (buf[ql4 + 2] << 8) | buf[ql4 + 3]
+            svc = _match(services, qp, vport)
+            if svc is None:
+                return self._drop(_UNMATCHED)
+            key = (qp, client + vip + bytes(buf[ql4 + 2 : ql4 + 4]) + bytes(buf[ql4 : ql4 + 2]))
+            return self._steer(buf, port, now, svc, key, client, vip, qp, cport, vport, False)
+        svc = _default(services, qp)
+        if svc is None:
+            return self._drop(_UNMATCHED)
+        key = (qp, client + vip)
+        return self._steer(buf, port, now, svc, key, client, vip, qp, -1, -1, False)
+
+    def _steer(
+        self,
+        buf: bytearray,
+        port: int,
+        now: float,
+        svc: DsrService,
+        key: FlowKey,
+        src: bytes,
+        dst: bytes,
+        proto: int,
+        sport: int,
+        dport: int,
+        cache: bool = True,
+    ) -> Verdict:
+        """Find or pick the flow's backend, then hand the packet over."""
+        routed = svc.mode != MODE_L2
+        if routed and buf[OFF_HLIM] <= 1:
+            return self._error(buf, _HOP_LIMIT, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, port, now)
+        lru = self._lru
+        pool = svc.pool
+        e = lru.get(key)
+        if e is not None:
+            if e[1] != pool.generation:
+                if pool.keeps_existing(e[2]):
+                    # Up (draining or not): the flow stays where it is.
+                    e = (pool, pool.generation, e[2], e[3], e[4], e[5], e[6], e[7], e[8])
+                    lru[key] = e
+                else:
+                    # Down: the flow is lost and picked again.
+                    del lru[key]
+                    e = None
+            if e is not None:
+                lru.move_to_end(key)
+        if e is None:
+            if sport >= 0:
+                h = flow_hash(src, dst, sport, dport, pool.seed)
+            else:
+                h = flow_hash3(src, dst, proto, pool.seed)
+            idx = pool.pick(h)
+            if idx < 0:
+                return self._drop(_NO_BACKEND)
+            e = svc.entry(idx, h)
+            if cache:
+                lru[key] = e
+                self.counters.bump("dsr.flows_new")
+                if len(lru) > self.flow_cache_size:
+                    lru.popitem(last=False)
+                    self.counters.bump("dsr.flows_evicted")
+        if not routed:
+            self.counters.forwarded += 1
+            return (FORWARD_L2, PORT_INSIDE, e[6])
+        n = len(buf)
+        if n <= e[4]:
+            self.counters.forwarded += 1
+            return (FORWARD, PORT_INSIDE, _encap(buf, e))
+        if n <= MIN_MTU:
+            # RFC 2473 §7.1 (a): fits the IPv6 minimum MTU, so the tunnel
+            # fragments the outer packet instead of asking for less than 1280.
+            self.counters.forwarded += 1
+            self.counters.bump("dsr.outer_fragmented")
+            return (FORWARD_MANY, PORT_INSIDE, self._fragment(buf, e, svc))
+        # RFC 2473 §7.1 (b): Packet Too Big with the tunnel MTU, never below 1280.
+        mtu = max(e[4], MIN_MTU)
+        return self._error(buf, _TOO_BIG, ICMP6_PACKET_TOO_BIG, 0, mtu, port, now)
+
+    def _fragment(self, buf: bytearray, e: Entry, svc: DsrService) -> list[bytearray]:
+        """RFC 8200 §4.5: the outer header (and SRH) repeated, a Fragment header, a slice."""
+        whole = _encap(buf, e)
+        hlen = len(whole) - len(buf)
+        unfrag = whole[:hlen]
+        unfrag[svc.nh_offset] = NH_FRAGMENT
+        data = memoryview(whole)[hlen:]
+        step = (svc.mtu - hlen - 8) & ~7
+        self._frag_seq += 1
+        ident = (self._frag_seq * _FRAG_ID_MUL + self._frag_salt) & 0xFFFFFFFF
+        frags: list[bytearray] = []
+        total = len(data)
+        for off in range(0, total, step):
+            piece = data[off : off + step]
+            more = off + step < total
+            f = bytearray(unfrag)
+            plen = hlen - IPV6_HDR_LEN + 8 + len(piece)
+            f[4] = plen >> 8
+            f[5] = plen & 0xFF
+            f += _FRAG.pack(NH_IPV6, 0, off | more, ident)
+            f += piece
+            frags.append(f)
+        return frags
+
+    def _error(
+        self, buf: bytearray, reason: int, t: int, c: int, p: int, port: int, now: float
+    ) -> Verdict:
+        self.counters.drops[reason] += 1
+        reply = self.icmp.make(buf, t, c, p, now)
+        if reply is None:
+            return (DROP, reason, None)
+        self.counters.replies += 1
+        return (REPLY, port, reply)
