@@ -30,7 +30,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
-from v6lb.core.verdict import DROP, FORWARD, FORWARD_MANY, Counters, Verdict
+from v6lb.core.verdict import DROP, FORWARD, FORWARD_MANY, PORT_LOCAL, Counters, Verdict
 from v6lb.wire.constants import (
     IPV6_HDR_LEN,
     NH_AH,
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PORT_LOCAL", "REASSEMBLY_TIMEOUT", "DsrDecap"]
 
-PORT_LOCAL: Final = 2
-"""The backend's own stack: where decapsulated packets are delivered."""
 
 REASSEMBLY_TIMEOUT: Final = 60.0  # RFC 8200 §4.5
 _MAX_DATAGRAM: Final = 65535

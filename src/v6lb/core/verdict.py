@@ -11,7 +11,9 @@ object beyond the tuple itself:
 - ``(DROP, reason, None)``: the input is dropped; ``reason`` is a :class:`Reason`.
 
 Ports are small integers; :data:`PORT_OUTSIDE` faces clients, :data:`PORT_INSIDE`
-faces the private side (backends, the inside of an NPT translator).
+faces the private side (backends, the inside of an NPT translator),
+:data:`PORT_LOCAL` is the node's own stack. ``(FORWARD_MANY, port, [])`` means
+"held" (a fragment kept for reassembly; nothing to send yet).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ ACTION_NAMES: Final = {
 
 PORT_OUTSIDE: Final = 0
 PORT_INSIDE: Final = 1
+PORT_LOCAL: Final = 2  # the node's own stack (a DSR backend delivering a decapsulated packet)
 
 Verdict = tuple[int, int, object]
 

@@ -1,0 +1,260 @@
+"""The explain builder: hop records in, a hop-by-hop table and plain answers out.
+
+Used by the simulator's ``v6lb explain``/``v6lb demo`` and, later, by the lab to
+explain real captures. It only compares what was observed: for each packet it
+lines up consecutive hops (same ``packet_id``) and reports which addresses,
+ports, encapsulation and hop limit changed at which node. The mode's facts
+(which backend, what the application saw, what the LB keeps per flow) come
+from the engine that ran the flow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from v6lb.model.hops import Hop, PacketView
+
+MODE_TITLES = {
+    "proxy-l4": "L4 proxy (TCP, PROXY protocol v2)",
+    "proxy-l7": "L7 proxy (HTTP, X-Forwarded-For / Forwarded)",
+    "npt": "NPTv6 prefix translation (RFC 6296)",
+    "nat": "Stateful NAT66 (DNAT with conntrack)",
+    "dsr-l2": "Direct server return, L2 (MAC rewrite)",
+    "dsr-ip6ip6": "Direct server return, IPv6-in-IPv6 (RFC 2473)",
+    "dsr-srv6": "Direct server return, SRv6 (RFC 8754 SRH)",
+    "anycast": "Anycast: two sites announce the VIP, ECMP inside a site",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the hop table."""
+
+    seq: int
+    time: float
+    leg: str
+    link: str
+    sender: str
+    receiver: str
+    src: str
+    dst: str
+    proto: str
+    detail: str
+    change: str  # what changed at ``sender`` compared with the previous hop of this packet, and why
+    dropped: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    nat66_at_lb: bool
+    nat_kind: str  # none | stateful destination NAT | stateful destination+source NAT | stateless prefix translation | new connection (proxy)
+    changed_at_lb: list[str]  # e.g. "destination 2001:db8::80 -> fd00:10::11"
+    backend_saw_source: str
+    reply_via_lb: bool
+    lb_state: str
+    client_address_reaches_app: str
+
+
+@dataclass(slots=True)
+class Explanation:
+    mode: str
+    title: str
+    rows: list[Row]
+    answers: Answers
+    facts: dict[str, object] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "title": self.title,
+            "answers": asdict(self.answers),
+            "hops": [asdict(r) for r in self.rows],
+            "facts": {k: v for k, v in self.facts.items() if _jsonable(v)},
+            "nodes": self.nodes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _jsonable(v: object) -> bool:
+    try:
+        json.dumps(v, default=str)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _diff(prev: PacketView, cur: PacketView) -> list[str]:
+    """What differs between the same packet before and after a node."""
+    out: list[str] = []
+    if cur.encapsulated and not prev.encapsulated:
+        kind = "SRv6 (outer IPv6 + SRH)" if cur.proto == "srv6" else "IPv6-in-IPv6"
+        out.append(f"encapsulated in {kind}: outer {cur.src.addr} -> {cur.dst.addr}")
+        inner = cur.inner
+        if inner is not None:
+            out.extend(f"inner {d}" for d in _diff(prev, inner))
+        return out
+    if prev.encapsulated and not cur.encapsulated and prev.inner is not None:
+        out.append("decapsulated")
+        out.extend(_diff(prev.inner, cur))
+        return out
+    if prev.src.addr != cur.src.addr:
+        out.append(f"source {prev.src.addr} -> {cur.src.addr}")
+    if prev.src.port != cur.src.port and prev.proto in ("tcp", "udp"):
+        out.append(f"source port {prev.src.port} -> {cur.src.port}")
+    if prev.dst.addr != cur.dst.addr:
+        out.append(f"destination {prev.dst.addr} -> {cur.dst.addr}")
+    if prev.dst.port != cur.dst.port and prev.proto in ("tcp", "udp"):
+        out.append(f"destination port {prev.dst.port} -> {cur.dst.port}")
+    if prev.hop_limit != cur.hop_limit:
+        out.append(f"hop limit {prev.hop_limit} -> {cur.hop_limit}")
+    return out
+
+
+def build_rows(hops: Sequence[Hop]) -> list[Row]:
+    last: dict[int, PacketView] = {}
+    rows: list[Row] = []
+    for h in hops:
+        p = h.pkt
+        prev = last.get(h.packet_id) if h.packet_id else None
+        if prev is None:
+            change = h.note or "sent"
+        else:
+            d = _diff(prev, p)
+            change = "; ".join(d) if d else "unchanged"
+            if h.note:
+                change = f"{change} ({h.note})"
+        if h.packet_id:
+            last[h.packet_id] = p
+        inner = p.innermost if p.encapsulated and p.proto != "icmpv6" else p
+        detail = p.detail if not p.encapsulated else f"{p.proto}: {inner.summary()}"
+        rows.append(
+            Row(
+                seq=h.seq,
+                time=round(h.time, 6),
+                leg=h.leg,
+                link=h.link,
+                sender=h.sender,
+                receiver=h.receiver,
+                src=str(p.src),
+                dst=str(p.dst),
+                proto=p.proto,
+                detail=detail,
+                change=change,
+                dropped=h.dropped,
+            )
+        )
+    return rows
+
+
+def _lb_changes(hops: Sequence[Hop], lb_nodes: set[str]) -> list[str]:
+    """Address changes made by LB nodes on the first packet that crossed one."""
+    before: dict[int, PacketView] = {}
+    for h in hops:
+        if h.receiver in lb_nodes and h.packet_id:
+            before[h.packet_id] = h.pkt
+        elif h.sender in lb_nodes and h.packet_id in before:
+            prev = before.pop(h.packet_id)
+            return [d for d in _diff(prev, h.pkt) if not d.startswith("hop limit")]
+    return []
+
+
+def explain(
+    mode: str,
+    hops: Sequence[Hop],
+    facts: Mapping[str, object],
+    nodes: Mapping[str, str],
+) -> Explanation:
+    """Build the explanation of one mode's run."""
+    lb_nodes = {n for n, role in nodes.items() if role == "lb"}
+    changes = _lb_changes(hops, lb_nodes)
+    addr_changes = [
+        c
+        for c in changes
+        if c.startswith(("source", "destination", "inner source", "inner destination"))
+    ]
+    proxy = mode.startswith("proxy")
+    if proxy:
+        nat66 = False
+        kind = "new connection (proxy)"
+    elif mode == "npt":
+        nat66 = bool(addr_changes)
+        kind = "stateless prefix translation" if nat66 else "none"
+    elif mode == "nat" or (
+        mode == "anycast" and any(c.startswith("destination") for c in addr_changes)
+    ):
+        nat66 = bool(addr_changes)
+        snat = any(c.startswith("source") for c in addr_changes)
+        kind = (
+            ("stateful destination+source NAT" if snat else "stateful destination NAT")
+            if nat66
+            else "none"
+        )
+    else:
+        nat66 = bool([c for c in addr_changes if not c.startswith("inner")]) and not any(
+            c.startswith("encapsulated") for c in changes
+        )
+        kind = "none"
+        if any(c.startswith("inner") for c in addr_changes):
+            nat66, kind = True, "unexpected inner rewrite"
+    backend_saw = str(facts.get("backend_saw_source", "?"))
+    app_saw = str(facts.get("app_saw_client", backend_saw))
+    client = str(facts.get("client", "?"))
+    how = str(facts.get("client_address_via", ""))
+    if not how:
+        if proxy:
+            how = f"the LB sends it in a header; the application read {app_saw}"
+        elif backend_saw == client:
+            how = f"it is the packet's source address: the application sees {client} directly"
+        else:
+            how = f"the application sees {backend_saw}, not the client ({client})"
+    answers = Answers(
+        nat66_at_lb=nat66,
+        nat_kind=kind,
+        changed_at_lb=addr_changes if not proxy else [],
+        backend_saw_source=backend_saw,
+        reply_via_lb=bool(facts.get("reply_via_lb", False)),
+        lb_state=str(facts.get("lb_state", "?")),
+        client_address_reaches_app=how,
+    )
+    return Explanation(
+        mode=mode,
+        title=MODE_TITLES.get(mode, mode),
+        rows=build_rows(hops),
+        answers=answers,
+        facts=dict(facts),
+        nodes=dict(nodes),
+    )
+
+
+QUESTIONS = (
+    ("nat66_at_lb", "Did NAT66 happen at the LB?"),
+    ("backend_saw_source", "What source address did the backend see?"),
+    ("reply_via_lb", "Does the reply go back through the LB?"),
+    ("lb_state", "What state does the LB hold per flow?"),
+    ("client_address_reaches_app", "How does the client's address reach the application?"),
+)
+
+
+def answer_lines(a: Answers) -> list[tuple[str, str]]:
+    """The five questions with plain-language answers."""
+    if a.nat66_at_lb:
+        nat = f"yes: {a.nat_kind}; " + ", ".join(a.changed_at_lb)
+    elif a.nat_kind.startswith("new connection"):
+        nat = "no: the LB terminates the client's connection and opens a new one to the backend"
+    else:
+        nat = "no: the LB forwards the client's packet without rewriting its addresses"
+    return [
+        (QUESTIONS[0][1], nat),
+        (QUESTIONS[1][1], a.backend_saw_source),
+        (
+            QUESTIONS[2][1],
+            "yes" if a.reply_via_lb else "no: the backend replies straight to the client",
+        ),
+        (QUESTIONS[3][1], a.lb_state),
+        (QUESTIONS[4][1], a.client_address_reaches_app),
+    ]
