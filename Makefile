@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_STAMP := .venv/.apt-installed
-# Debian packages the tests use: tshark reads the pcaps we write; iproute2/nftables/iptables for the lab.
-APT_PACKAGES := tshark iproute2 nftables iptables
+# Debian packages the tests use: tshark reads the pcaps we write; chromium renders the
+# HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check.
+APT_PACKAGES := tshark iproute2 nftables iptables chromium
 
 .PHONY: demo test lint typecheck pytest bench clean deps apt
 

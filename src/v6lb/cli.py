@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from v6lb.core.nptv6 import NptMapping
+    from v6lb.model.explain import Explanation
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -248,6 +251,80 @@ def _cmd_maglev(args: argparse.Namespace) -> int:
     out.append(moved(f"add 1 to {n}", Maglev([*names, added], size=size)))
     sys.stdout.write("\n".join(out) + "\n")
     return 0
+
+
+# --- explanation output (rich tables) -----------------------------------------
+
+
+def print_explanation(console: Console, exp: Explanation, *, max_rows: int = 60) -> None:
+    """One mode: the hop-by-hop table, then the five answers."""
+    from rich.table import Table
+
+    from v6lb.model.explain import answer_lines
+
+    console.rule(f"[bold]{exp.mode}[/bold]: {exp.title}")
+    t = Table(show_lines=False, header_style="bold", expand=False, pad_edge=False)
+    t.add_column("#", justify="right", style="dim")
+    t.add_column("leg", style="cyan")
+    t.add_column("link")
+    t.add_column("hop")
+    t.add_column("source")
+    t.add_column("destination")
+    t.add_column("packet")
+    t.add_column("what changed here, and why")
+    rows = exp.rows
+    shown = rows if len(rows) <= max_rows else rows[:max_rows]
+    for r in shown:
+        change = f"[red]DROPPED: {r.dropped}[/red]" if r.dropped else r.change
+        t.add_row(
+            str(r.seq),
+            r.leg,
+            r.link,
+            f"{r.sender} → {r.receiver}",
+            r.src,
+            r.dst,
+            f"{r.proto} {r.detail}".strip(),
+            change,
+        )
+    console.print(t)
+    if len(rows) > len(shown):
+        console.print(f"[dim]... {len(rows) - len(shown)} more hops (use --json for all)[/dim]")
+    a = Table(show_header=False, box=None, pad_edge=False)
+    a.add_column(style="bold")
+    a.add_column()
+    for q, ans in answer_lines(exp.answers):
+        a.add_row(q, ans)
+    console.print(a)
+    console.print()
+
+
+def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
+    """The modes side by side."""
+    from rich.table import Table
+
+    t = Table(title="The modes side by side", header_style="bold", show_lines=True)
+    for col in (
+        "mode",
+        "NAT66 at the LB?",
+        "backend saw",
+        "reply via LB?",
+        "LB state per flow",
+        "client address reaches the app",
+    ):
+        t.add_column(col)
+    for e in exps:
+        a = e.answers
+        t.add_row(
+            e.mode,
+            a.nat_kind
+            if a.nat66_at_lb
+            else ("no (new connection)" if a.nat_kind.startswith("new") else "no"),
+            a.backend_saw_source,
+            "yes" if a.reply_via_lb else "no",
+            a.lb_state,
+            a.client_address_reaches_app,
+        )
+    console.print(t)
 
 
 # --- registry ----------------------------------------------------------------
