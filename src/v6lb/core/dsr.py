@@ -54,7 +54,6 @@ from v6lb.core.verdict import (
     FORWARD_L2,
     FORWARD_MANY,
     PORT_INSIDE,
-    REPLY,
     Counters,
     Verdict,
 )
@@ -642,9 +641,4 @@ class DsrForwarder:
     def _error(
         self, buf: bytearray, reason: int, t: int, c: int, p: int, port: int, now: float
     ) -> Verdict:
-        self.counters.drops[reason] += 1
-        reply = self.icmp.make(buf, t, c, p, now)
-        if reply is None:
-            return (DROP, reason, None)
-        self.counters.replies += 1
-        return (REPLY, port, reply)
+        return self.icmp.answer(self.counters, buf, reason, t, c, p, port, now)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from v6lb.core.verdict import DROP, REPLY, Counters, Verdict
 from v6lb.wire.build import icmpv6_error
 from v6lb.wire.constants import (
     ICMP6_PACKET_TOO_BIG,
@@ -87,3 +88,26 @@ class IcmpErrorSource:
         self.sent += 1
         dst = bytes(invoking[OFF_SRC : OFF_SRC + 16])
         return icmpv6_error(self.source, dst, type_, code, invoking, param, hop_limit=64)
+
+    def answer(
+        self,
+        counters: Counters,
+        buf: bytes | bytearray,
+        reason: int,
+        type_: int,
+        code: int,
+        param: int,
+        port: int,
+        now: float,
+    ) -> Verdict:
+        """Count ``buf`` as dropped for ``reason`` and answer it with an error if allowed.
+
+        Returns ``(REPLY, port, error)`` or, when RFC 4443 §2.4 or the rate limit
+        forbids an error, ``(DROP, reason, None)``.
+        """
+        counters.drops[reason] += 1
+        reply = self.make(buf, type_, code, param, now)
+        if reply is None:
+            return (DROP, reason, None)
+        counters.replies += 1
+        return (REPLY, port, reply)

@@ -43,7 +43,6 @@ from v6lb.core.flowhash import flow_hash2
 from v6lb.core.icmperr import IcmpErrorSource
 from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.core.verdict import DROP, FORWARD, PORT_INSIDE, PORT_OUTSIDE, Counters, Verdict
-from v6lb.core.verdict import REPLY as V_REPLY
 from v6lb.wire.build import a16
 from v6lb.wire.checksum import update, update16
 from v6lb.wire.constants import (
@@ -428,12 +427,9 @@ class NatForwarder:
         return (DROP, reason, None)
 
     def _time_exceeded(self, buf: bytearray, port: int, now: float) -> Verdict:
-        self._counters.drops[_R_HOP] += 1
-        reply = self.icmp.make(buf, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, now)
-        if reply is None:
-            return (DROP, _R_HOP, None)
-        self._counters.replies += 1
-        return (V_REPLY, port, reply)
+        return self.icmp.answer(
+            self._counters, buf, _R_HOP, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, port, now
+        )
 
     def _forward(self, buf: bytearray, out: int) -> Verdict:
         buf[7] -= self._dec

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from v6lb.core.icmperr import IcmpErrorSource
-from v6lb.core.verdict import DROP, FORWARD, PORT_INSIDE, PORT_OUTSIDE, REPLY, Counters, Verdict
+from v6lb.core.verdict import DROP, FORWARD, PORT_INSIDE, PORT_OUTSIDE, Counters, Verdict
 from v6lb.wire.constants import (
     DU_ADDR_UNREACH,
     DU_SRC_POLICY,
@@ -357,11 +357,6 @@ class NptForwarder:
         return (FORWARD, PORT_OUTSIDE if outbound else PORT_INSIDE, buf)
 
     def _error(
-        self, buf: bytearray, reason: Reason, t: int, c: int, p: int, port: int, now: float
+        self, buf: bytearray, reason: int, t: int, c: int, p: int, port: int, now: float
     ) -> Verdict:
-        self.counters.drops[reason] += 1
-        reply = self.icmp.make(buf, t, c, p, now)
-        if reply is None:
-            return (DROP, reason, None)
-        self.counters.replies += 1
-        return (REPLY, port, reply)
+        return self.icmp.answer(self.counters, buf, reason, t, c, p, port, now)
