@@ -10,13 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from v6lb import MODES
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from v6lb.core.nptv6 import NptMapping
+    from v6lb.engines.sim.scenario import ScenarioResult
+    from v6lb.model.config import Config
     from v6lb.model.explain import Explanation
+    from v6lb.model.topology import Topology
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -28,15 +34,182 @@ class UsageError(Exception):
 # --- demo ------------------------------------------------------------------
 
 
+def _default_scenario() -> Path:
+    """The embedded default: the IPv6 Kubernetes-style scenario shipped with v6lb."""
+    return Path(__file__).resolve().parent / "data" / "eks-ipv6.yaml"
+
+
+FAILURES = {
+    "backend-dies": "nat",
+    "lb-instance-dies": "anycast",
+    "packet-too-big": "dsr-ip6ip6",
+}
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="walk through an example, hop by hop")
+    p = sub.add_parser(
+        "demo",
+        help="run the scenario under every mode: tables, pcaps and an HTML report",
+        description="Simulate the IPv6 cluster scenario (client, router, LB with a public VIP, "
+        "private nodes and pods) under every mode, print each hop and the answers, compare "
+        "the modes, run the failure walk-throughs, and write pcaps and report.html.",
+    )
+    p.add_argument(
+        "--topology", metavar="FILE", help="scenario file (default: the built-in eks-ipv6)"
+    )
+    p.add_argument(
+        "--out", metavar="DIR", default="demo-out", help="output folder (default: demo-out)"
+    )
+    p.add_argument(
+        "--npt-only", action="store_true", help="print only the NPTv6 arithmetic walk-through"
+    )
     p.set_defaults(func=_cmd_demo)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from v6lb.model.walkthrough import npt_walkthrough
+def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="hop-by-hop explanation of one mode (or all) in the simulator",
+        description="Run the scenario in the simulator and print, hop by hop, the link, the "
+        "source and destination [address]:port and what changed, then answer: did NAT66 happen "
+        "at the LB, what source did the backend see, does the reply cross the LB, what state "
+        "does the LB keep, how does the client's address reach the application.",
+    )
+    p.add_argument("--mode", help="one of: " + ", ".join(MODES) + " (default: all)")
+    p.add_argument(
+        "--topology", metavar="FILE", help="scenario file (default: the built-in eks-ipv6)"
+    )
+    p.add_argument("--failure", choices=sorted(FAILURES), help="run a failure walk-through instead")
+    p.add_argument("--json", action="store_true", help="print the same facts as JSON")
+    p.add_argument(
+        "--all-hops",
+        action="store_true",
+        help="show every packet (default: the first packet of each leg in each direction)",
+    )
+    p.set_defaults(func=_cmd_explain)
 
-    sys.stdout.write(npt_walkthrough())
+
+def _load_scenario(path: str | None) -> tuple[Config, Topology]:
+    from v6lb.model.config import ConfigError
+    from v6lb.model.topology import load_topology
+
+    file = Path(path) if path else _default_scenario()
+    if not file.is_file():
+        raise UsageError(f"{file}: no such file")
+    try:
+        return load_topology(file)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _run(
+    config: Config, topo: Topology, mode: str, failure: str | None = None
+) -> tuple[Explanation, ScenarioResult]:
+    from v6lb.engines.sim.scenario import run_scenario
+    from v6lb.model.explain import explain
+
+    res = run_scenario(config, topo, mode, failure=failure)
+    return explain(res.mode, res.hops, res.facts, res.nodes), res
+
+
+def _modes(config: Config, wanted: str | None) -> list[str]:
+    from v6lb.engines.sim.scenario import modes_available
+
+    avail = modes_available(config)
+    if wanted is None:
+        return avail
+    if wanted not in MODES:
+        raise UsageError(f"unknown mode {wanted!r}; choose one of: {', '.join(MODES)}")
+    if wanted not in avail:
+        raise UsageError(
+            f"mode {wanted!r} is not configured in this file (it has: {', '.join(avail)}); "
+            f"add a VIP with mode {wanted} (or an npt: section, or a bgp: section for anycast)"
+        )
+    return [wanted]
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    config, topo = _load_scenario(args.topology)
+    if args.failure:
+        exps = [_run(config, topo, FAILURES[args.failure], args.failure)[0]]
+    else:
+        exps = [_run(config, topo, m)[0] for m in _modes(config, args.mode)]
+    if args.json:
+        out = [e.to_dict() for e in exps]
+        sys.stdout.write(json.dumps(out[0] if len(out) == 1 else out, indent=2, default=str) + "\n")
+        return 0
+    console = Console(width=max(160, Console().width), emoji=False, highlight=False)
+    for e in exps:
+        print_explanation(console, e, max_rows=10_000, compact=not args.all_hops)
+    if len(exps) > 1:
+        print_comparison(console, exps)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from v6lb.model.walkthrough import npt_walkthrough
+    from v6lb.render.report import render_report
+
+    if args.npt_only:
+        sys.stdout.write(npt_walkthrough())
+        return 0
+    config, topo = _load_scenario(args.topology)
+    out = Path(args.out)
+    console = Console(width=max(160, Console().width), emoji=False, highlight=False)
+    console.print(f"[bold]v6lb demo[/bold]: {args.topology or 'built-in scenario eks-ipv6'}\n")
+    exps: list[Explanation] = []
+    fails: list[Explanation] = []
+    pcap_files: list[Path] = []
+
+    def save(tag: str, res: ScenarioResult) -> None:
+        folder = out / "pcaps" / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for link, data in sorted(res.pcaps.items()):
+            if len(data) <= 24:  # a file header and no packet: the link carried nothing here
+                continue
+            f = folder / f"{link}.pcap"
+            f.write_bytes(data)
+            pcap_files.append(f)
+
+    for mode in _modes(config, None):
+        e, res = _run(config, topo, mode)
+        exps.append(e)
+        save(mode, res)
+        print_explanation(console, e, max_rows=40)
+    print_comparison(console, exps)
+    console.print()
+    console.rule("[bold]Failure walk-throughs[/bold]")
+    for failure, mode in FAILURES.items():
+        if mode not in _modes(config, None):
+            continue
+        e, res = _run(config, topo, mode, failure)
+        e.title = f"{failure}: {e.title}"
+        fails.append(e)
+        save(f"failure-{failure}", res)
+        summary = res.facts.get("summary")
+        print_explanation(console, e, max_rows=30)
+        if isinstance(summary, str):
+            console.print(f"[bold]What the client experienced:[/bold] {summary}\n")
+    if npt_pairs := config.npt:
+        console.rule("[bold]NPTv6 arithmetic[/bold]")
+        p = npt_pairs[0]
+        console.print(npt_walkthrough(str(p.inside), str(p.outside)), markup=False, highlight=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.html").write_text(render_report(exps, failures=fails), encoding="utf-8")
+    (out / "explain.json").write_text(
+        json.dumps([e.to_dict() for e in exps + fails], indent=2, default=str), encoding="utf-8"
+    )
+    console.print(
+        f"wrote {out / 'report.html'}, {out / 'explain.json'} and {len(pcap_files)} pcaps under {out / 'pcaps'}"
+    )
     return 0
 
 
@@ -155,12 +328,27 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from v6lb.model.config import ConfigError, load_config
+    from v6lb.model.topology import parse_topology
 
     try:
         config = load_config(args.file)
+        topo = parse_topology(config) if config.topology is not None else None
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     sys.stdout.write(f"{args.file}: valid\n{config.summary()}")
+    if topo is not None:
+        roles: dict[str, int] = {}
+        for n in topo.nodes:
+            roles[n.role] = roles.get(n.role, 0) + 1
+        sys.stdout.write(
+            f"topology: {len(topo.nodes)} nodes ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(roles.items()))
+            + f"), {len(topo.links)} links: "
+            + ", ".join(f"{lk.name} {lk.subnet} mtu {lk.mtu}" for lk in topo.links)
+            + "\n"
+        )
+    if config.bgp is not None and topo is not None:
+        sys.stdout.write(f"bgp: {len(topo.announcements)} announcements\n")
     return 0
 
 
@@ -256,11 +444,18 @@ def _cmd_maglev(args: argparse.Namespace) -> int:
 # --- explanation output (rich tables) -----------------------------------------
 
 
-def print_explanation(console: Console, exp: Explanation, *, max_rows: int = 60) -> None:
-    """One mode: the hop-by-hop table, then the five answers."""
-    from rich.table import Table
+def print_explanation(
+    console: Console, exp: Explanation, *, max_rows: int = 60, compact: bool = True
+) -> None:
+    """One mode: the hop-by-hop table, then the five answers.
 
-    from v6lb.model.explain import answer_lines
+    ``compact`` shows the first packet of each leg in each direction (and every
+    drop); the other packets of a leg take the same path with the same changes.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from v6lb.model.explain import answer_lines, key_rows
 
     console.rule(f"[bold]{exp.mode}[/bold]: {exp.title}")
     t = Table(show_lines=False, header_style="bold", expand=False, pad_edge=False)
@@ -272,28 +467,33 @@ def print_explanation(console: Console, exp: Explanation, *, max_rows: int = 60)
     t.add_column("destination")
     t.add_column("packet")
     t.add_column("what changed here, and why")
-    rows = exp.rows
+    rows = key_rows(exp.rows) if compact else exp.rows
     shown = rows if len(rows) <= max_rows else rows[:max_rows]
     for r in shown:
-        change = f"[red]DROPPED: {r.dropped}[/red]" if r.dropped else r.change
+        # Text() cells: addresses in brackets must not be read as rich markup or emoji codes.
+        change = Text(f"DROPPED: {r.dropped}", style="red") if r.dropped else Text(r.change)
         t.add_row(
             str(r.seq),
-            r.leg,
-            r.link,
-            f"{r.sender} → {r.receiver}",
-            r.src,
-            r.dst,
-            f"{r.proto} {r.detail}".strip(),
+            Text(r.leg),
+            Text(r.link),
+            Text(f"{r.sender} → {r.receiver}"),
+            Text(r.src),
+            Text(r.dst),
+            Text(f"{r.proto} {r.detail}".strip()),
             change,
         )
     console.print(t)
-    if len(rows) > len(shown):
-        console.print(f"[dim]... {len(rows) - len(shown)} more hops (use --json for all)[/dim]")
+    hidden = len(exp.rows) - len(shown)
+    if hidden:
+        console.print(
+            f"[dim]{hidden} more hops of the same legs are not shown "
+            "(v6lb explain --all-hops, --json, or the HTML report have them all)[/dim]"
+        )
     a = Table(show_header=False, box=None, pad_edge=False)
     a.add_column(style="bold")
     a.add_column()
     for q, ans in answer_lines(exp.answers):
-        a.add_row(q, ans)
+        a.add_row(Text(q), Text(ans))
     console.print(a)
     console.print()
 
@@ -301,6 +501,7 @@ def print_explanation(console: Console, exp: Explanation, *, max_rows: int = 60)
 def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
     """The modes side by side."""
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title="The modes side by side", header_style="bold", show_lines=True)
     for col in (
@@ -314,16 +515,19 @@ def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
         t.add_column(col)
     for e in exps:
         a = e.answers
-        t.add_row(
+        nat = a.nat_kind if a.nat66_at_lb else "no"
+        if a.nat_kind.startswith("new"):
+            nat = "no (new connection)"
+        cells = (
             e.mode,
-            a.nat_kind
-            if a.nat66_at_lb
-            else ("no (new connection)" if a.nat_kind.startswith("new") else "no"),
+            nat,
             a.backend_saw_source,
             "yes" if a.reply_via_lb else "no",
             a.lb_state,
             a.client_address_reaches_app,
         )
+        # Text() cells: "[addr]:port" must not be read as rich markup.
+        t.add_row(*(Text(c) for c in cells))
     console.print(t)
 
 
@@ -331,6 +535,7 @@ def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
 
 _ADDERS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_demo,
+    _add_explain,
     _add_npt,
     _add_check,
     _add_maglev,

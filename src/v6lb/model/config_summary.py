@@ -32,9 +32,7 @@ def summarize(config: Config) -> str:
         lines.extend(_vip_lines(vip))
     for pair in config.npt:
         lines.append(f"npt {pair.inside} <-> {pair.outside}")
-    for name, section in (("topology", config.topology), ("bgp", config.bgp)):
-        if section is not None:
-            lines.append(f"{name}: {len(section)} keys, kept as given (not validated yet)")
+    # topology: and bgp: are validated and summarised by v6lb.model.topology.
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,8 @@ class Row:
     detail: str
     change: str  # what changed at ``sender`` compared with the previous hop of this packet, and why
     dropped: str | None = None
+    packet_id: int = 0
+    client_bound: bool = False  # the packet travels towards the client (a reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +117,7 @@ def _diff(prev: PacketView, cur: PacketView) -> list[str]:
     return out
 
 
-def build_rows(hops: Sequence[Hop]) -> list[Row]:
+def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
     last: dict[int, PacketView] = {}
     rows: list[Row] = []
     for h in hops:
@@ -131,7 +133,7 @@ def build_rows(hops: Sequence[Hop]) -> list[Row]:
         if h.packet_id:
             last[h.packet_id] = p
         inner = p.innermost if p.encapsulated and p.proto != "icmpv6" else p
-        detail = p.detail if not p.encapsulated else f"{p.proto}: {inner.summary()}"
+        detail = p.detail if not p.encapsulated else f"inner {inner.summary()}"
         rows.append(
             Row(
                 seq=h.seq,
@@ -146,6 +148,8 @@ def build_rows(hops: Sequence[Hop]) -> list[Row]:
                 detail=detail,
                 change=change,
                 dropped=h.dropped,
+                packet_id=h.packet_id,
+                client_bound=inner.dst.addr == client if client else False,
             )
         )
     return rows
@@ -224,7 +228,7 @@ def explain(
     return Explanation(
         mode=mode,
         title=MODE_TITLES.get(mode, mode),
-        rows=build_rows(hops),
+        rows=build_rows(hops, client),
         answers=answers,
         facts=dict(facts),
         nodes=dict(nodes),
@@ -258,3 +262,18 @@ def answer_lines(a: Answers) -> list[tuple[str, str]]:
         (QUESTIONS[3][1], a.lb_state),
         (QUESTIONS[4][1], a.client_address_reaches_app),
     ]
+
+
+def key_rows(rows: Sequence[Row]) -> list[Row]:
+    """The hops of the first packet of each leg in each direction, plus every drop.
+
+    A compact view for terminals: the SYN, the SYN-ACK, the first request and
+    the first response show every translation the flow gets; later packets of
+    the same leg cross the same nodes the same way (the full list is in --json
+    and in the report).
+    """
+    first: dict[tuple[str, bool], int] = {}
+    for r in rows:
+        first.setdefault((r.leg, r.client_bound), r.packet_id)
+    keep = set(first.values())
+    return [r for r in rows if r.packet_id in keep or r.dropped or not r.packet_id]

@@ -1,0 +1,49 @@
+"""Backends: the application on every node that holds a backend address, and DSR's loopback VIP.
+
+For ``dsr-*`` VIPs the backend holds the VIP on its loopback, so the client's
+packet (delivered unchanged by dsr-l2, or decapsulated) is addressed to it,
+and the reply leaves sourced from the VIP, straight to the client. Tunnelled
+modes decapsulate with the real :class:`~v6lb.core.dsr_decap.DsrDecap`, which
+accepts only outer packets from the LB instances.
+"""
+
+from __future__ import annotations
+
+from v6lb.core.dsr_decap import DsrDecap
+from v6lb.engines.sim.apps import HttpServer
+from v6lb.engines.sim.node import SimNode
+from v6lb.model.config import Config, TunnelOptions
+
+__all__ = ["NPT_PORT", "setup_backend"]
+
+NPT_PORT = 80  # the port the npt walk-through connects to on a backend's mapped address
+
+
+def setup_backend(node: SimNode, config: Config, lb_sources: list[bytes]) -> HttpServer | None:
+    """Give ``node`` its backend role for every VIP that lists one of its addresses."""
+    mine = node.local
+    ports: set[int] = set()
+    tunnel_vips: set[bytes] = set()
+    sids: set[bytes] = set()
+    for vip in config.vips:
+        for b in vip.backends:
+            if b.address.packed not in mine:
+                continue
+            if b.port is not None:
+                ports.add(b.port)
+            else:
+                ports.update(vip.ports)
+            if vip.mode.is_dsr:
+                node.add_loopback(vip.address.packed)  # the VIP on lo (ip addr add VIP/128 dev lo)
+            if isinstance(vip.options, TunnelOptions):
+                tunnel_vips.add(vip.address.packed)
+                sids.add((b.sid or b.address).packed)
+                lb_sources.append(vip.options.tunnel_source.packed)
+    if not ports:
+        return None
+    if tunnel_vips:
+        for sid in sids:
+            node.add_loopback(sid)
+        node.decap = DsrDecap(lb_sources, sorted(sids), tunnel_vips)
+    ports.add(NPT_PORT)
+    return HttpServer(node, sorted(ports))

@@ -1,0 +1,175 @@
+"""Failures and drops: what the client experiences, and that no packet vanishes silently."""
+
+from __future__ import annotations
+
+import copy
+from ipaddress import IPv6Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from v6lb.engines.sim import run_scenario
+from v6lb.engines.sim.scenario import Sim
+from v6lb.model.config import Config, parse_config
+from v6lb.model.topology import Topology, load_topology, parse_topology
+from v6lb.wire import build
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "eks-ipv6.yaml"
+CLIENT = "2001:db8:ffff::100"
+
+
+@pytest.fixture(scope="module")
+def eks() -> tuple[Config, Topology]:
+    return load_topology(EXAMPLE)
+
+
+@pytest.mark.parametrize("mode", ["nat", "dsr-ip6ip6"])
+def test_backend_dies_moves_only_its_flows(eks: tuple[Config, Topology], mode: str) -> None:
+    r = run_scenario(*eks, mode, failure="backend-dies")
+    f = r.facts
+    dead = f["dead_backend"]
+    assert f["dead_node"] == {"fd00:10:0:1::a": "pod-1a", "fd00:10:0:2::a": "pod-2a"}[str(dead)]
+    flows = f["flows"]
+    assert isinstance(flows, list)
+    assert {fl["backend_before"] for fl in flows} == {
+        "fd00:10:0:1::a",
+        "fd00:10:0:2::a",
+        "fd00:10:0:3::a",
+    }
+    for fl in flows:
+        assert fl["completed"], fl
+        if fl["on_dead_backend"]:
+            # The client's retry lands on another backend, on a new connection.
+            assert fl["backend_after"] != dead and not fl["same_connection"]
+        else:
+            # Established NAT flows to the other backends carry on, untouched.
+            assert fl["backend_after"] == fl["backend_before"] and fl["same_connection"]
+    assert f["established_flows_survived"] is True and f["dead_backend_flows_moved"] is True
+    assert f["maglev_moved_only_dead_backend_flows"] is True
+    assert f["maglev_moved"] == f["maglev_dead_backend_flows"]
+    assert 0 < f["maglev_moved"] < f["maglev_sample_flows"]
+    drops = {(h.receiver, h.dropped) for h in r.hops if h.dropped}
+    if mode == "nat":
+        # The NAT forgets the dead backend's flows and says why it drops their packets.
+        assert ("lb-a1", "no-backend") in drops and ("pod-1a", "node-down") in drops
+        assert "closed: timeout" in " ".join(map(str, f["client_events"]))
+    else:
+        # DSR re-picks the flow; the new backend knows no such connection and resets it.
+        assert any(d == "no-socket" for _, d in drops)
+        assert "closed: reset" in " ".join(map(str, f["client_events"]))
+
+
+def test_lb_instance_dies_flow_continues_on_the_other(eks: tuple[Config, Topology]) -> None:
+    r = run_scenario(*eks, "anycast", failure="lb-instance-dies")
+    f = r.facts
+    assert {f["lb_before"], f["lb_after"]} == {"lb-a1", "lb-a2"}
+    assert f["backend_before"] == f["backend_after"] and f["same_backend"] is True
+    assert f["same_connection"] is True and f["completed"] is True
+    assert f["dropped_at_dead_instance"] == 1 and f["retransmits"] == 1
+    (lost,) = [h for h in r.hops if h.dropped == "node-down"]
+    assert lost.receiver == f["lb_before"] and lost.pkt.src.addr == CLIENT
+
+
+@pytest.mark.parametrize("mode", ["dsr-ip6ip6", "dsr-srv6", "anycast"])
+def test_packet_too_big_client_retries_smaller(eks: tuple[Config, Topology], mode: str) -> None:
+    r = run_scenario(*eks, mode, failure="packet-too-big")
+    f = r.facts
+    overhead = 40 if mode != "dsr-srv6" else 64
+    assert f["ptb_mtu"] == 1500 - overhead
+    assert f["ptb_to"] == CLIENT and f["client_path_mtu"] == 1500 - overhead
+    assert f["first_packet_size"] == 1500
+    assert f["retry_packet_size"] == 1500 - overhead
+    assert f["completed"] is True and str(f["response"]).startswith("HTTP/1.1 200")
+    too_big = [h for h in r.hops if h.dropped == "too-big"]
+    assert too_big and all(
+        h.receiver in ("lb-a1", "lb-a2") and len(h.data) == 1500 for h in too_big
+    )
+
+
+def _sim(data: dict[str, Any] | None = None) -> Sim:
+    raw = data if data is not None else yaml.safe_load(EXAMPLE.read_text())
+    config = parse_config(raw, "t.yaml")
+    return Sim(config, parse_topology(config))
+
+
+def test_hop_limit_exceeded_is_a_drop_with_time_exceeded() -> None:
+    sim = _sim()
+    client = sim.node("client")
+    client.originate(
+        build.udp(CLIENT, "2001:db8:a:100::82", 5000, 80, b"x", hop_limit=2), "request"
+    )
+    sim.run_until(lambda: False, limit=1.0)
+    (drop,) = [h for h in sim.net.hops if h.dropped]
+    assert (drop.receiver, drop.dropped, drop.link) == ("igw", "hop-limit-exceeded", "transit-a")
+    back = [h.pkt for h in sim.net.hops if h.receiver == "client"]
+    assert back and back[0].detail == "time exceeded" and back[0].src.addr == "2001:db8:fffe:a::2"
+
+
+def test_no_route_is_a_drop_with_destination_unreachable() -> None:
+    sim = _sim()
+    sim.node("client").originate(build.udp(CLIENT, "2001:db8:dead::1", 5000, 53, b"?"), "request")
+    sim.run_until(lambda: False, limit=1.0)
+    (drop,) = [h for h in sim.net.hops if h.dropped]
+    assert (drop.receiver, drop.dropped) == ("isp", "no-route")
+    back = [h.pkt for h in sim.net.hops if h.receiver == "client"]
+    assert back and back[0].detail == "destination unreachable"
+
+
+def test_lb_drops_what_no_forwarder_claims() -> None:
+    sim = _sim()
+    # Routed to lb-a1 (the VIP prefix) but no VIP: v6lb is not an open relay.
+    sim.node("client").originate(build.udp(CLIENT, "2001:db8:a:100::99", 5000, 53, b"?"), "request")
+    sim.run_until(lambda: False, limit=1.0)
+    assert [(h.receiver, h.dropped) for h in sim.net.hops if h.dropped] == [("lb-a1", "no-match")]
+
+
+def test_udp_through_npt_and_port_unreachable() -> None:
+    sim = _sim()
+    got: list[tuple[str, int, bytes]] = []
+    pod = sim.node("pod-2a")
+    pod.stack.udp_bind(53, lambda s, sp, d, dp, p: got.append((str(IPv6Address(s)), sp, p)))
+    lb = sim.lbs()[0]
+    assert lb.npt is not None
+    mapped = lb.npt.mappings[0].translate("fd00:10:0:2::a")
+    assert isinstance(mapped, IPv6Address)
+    client = sim.node("client")
+    client.stack.udp_send(mapped.packed, 53, b"query", sport=5353)
+    client.stack.udp_send(mapped.packed, 54, b"nobody", sport=5353)
+    sim.run_until(lambda: False, limit=1.0)
+    assert got == [(CLIENT, 5353, b"query")]
+    assert [(h.receiver, h.dropped) for h in sim.net.hops if h.dropped] == [
+        ("pod-2a", "no-listener")
+    ]
+    unreach = [h for h in sim.net.hops if h.receiver == "client"]
+    # The error leaves the pod from its inside address and NPT maps it (and its quote) out.
+    assert unreach and unreach[0].pkt.src.addr == str(mapped)
+    assert unreach[0].pkt.detail == "destination unreachable code 4"
+
+
+def test_router_packet_too_big_and_tcp_path_mtu() -> None:
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    for lk in raw["topology"]["links"]:
+        if lk["name"] == "transit-a":
+            lk["mtu"] = 1280
+    sim = _sim(copy.deepcopy(raw))
+    from v6lb.engines.sim.apps import HttpClient
+
+    http = HttpClient(
+        sim.node("client"), IPv6Address("2001:db8:a:100::82").packed, 80, [b"y" * 4000]
+    )
+    http.start()
+    sim.run_until(lambda: http.done)
+    assert http.responses and "served by" in http.responses[0]
+    drops = [h for h in sim.net.hops if h.dropped]
+    assert drops and all((h.receiver, h.dropped) == ("isp", "too-big") for h in drops)
+    ptb = [
+        h.pkt for h in sim.net.hops if h.receiver == "client" and "packet too big" in h.pkt.detail
+    ]
+    assert (
+        ptb and ptb[0].detail == "packet too big mtu 1280" and ptb[0].src.addr == "2001:db8:ffff::1"
+    )
+    assert http.conns[0].stack.pmtu[IPv6Address("2001:db8:a:100::82").packed] == 1280
+    sizes = {h.pkt.length for h in sim.net.hops if h.link == "transit-a"}
+    assert max(sizes) == 1280
