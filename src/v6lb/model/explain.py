@@ -270,10 +270,15 @@ def key_rows(rows: Sequence[Row]) -> list[Row]:
     A compact view for terminals: the SYN, the SYN-ACK, the first request and
     the first response show every translation the flow gets; later packets of
     the same leg cross the same nodes the same way (the full list is in --json
-    and in the report).
+    and in the report). A direction is the (source, destination) address pair of
+    the packet's first hop, so a proxy's second connection has its own.
     """
-    first: dict[tuple[str, bool], int] = {}
+    origin: dict[int, tuple[str, str]] = {}
+    first: dict[tuple[str, str, str], int] = {}
     for r in rows:
-        first.setdefault((r.leg, r.client_bound), r.packet_id)
+        if not r.packet_id:
+            continue
+        o = origin.setdefault(r.packet_id, (r.src.rsplit(":", 1)[0], r.dst.rsplit(":", 1)[0]))
+        first.setdefault((r.leg, *o), r.packet_id)
     keep = set(first.values())
     return [r for r in rows if r.packet_id in keep or r.dropped or not r.packet_id]
