@@ -1,0 +1,365 @@
+"""Load rendered text into the kernel, one subsystem at a time, each atomically.
+
+* nftables: ``nft -f -`` is one transaction; a failing file changes nothing.
+* ip6tables: ``ip6tables-save -c``, :func:`v6lb.render.ip6tables.splice`, then one
+  ``ip6tables-restore -c`` of whole tables; on failure the saved text is restored.
+* routes: the instance's tagged routes, rules and ``lo`` addresses are removed,
+  the batch is run with ``ip -6 -batch -`` (it stops at the first error); on
+  failure they are removed again and the previous batch, if given, reloaded.
+
+:func:`apply` chains the three and rolls the earlier ones back when a later one
+fails. :func:`remove` deletes exactly what carries the instance's tag. Every
+function takes ``netns``: run the tools inside that named network namespace
+(``ip netns exec``), for the lab and the tests.
+
+Errors are :class:`KernelError` subclasses whose text says what failed and
+the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv6Address
+from typing import Final
+
+from v6lb.core.backends import BackendPool
+from v6lb.model.config import Config
+from v6lb.render.ip6tables import empty_tables, render_npt, splice, tagged_rules, tagged_tables
+from v6lb.render.nftables import L2Ports, render_nft, render_remove, table_name
+from v6lb.render.routes import ROUTE_PROTO, TAG_SPAN, instance_tag, render_lb_routes
+
+APT_PACKAGES: Final = {
+    "nft": "nftables",
+    "ip": "iproute2",
+    "ip6tables": "iptables",
+    "ip6tables-save": "iptables",
+    "ip6tables-restore": "iptables",
+}
+_TIMEOUT: Final = 60.0
+
+
+class KernelError(RuntimeError):
+    """A kernel change failed; ``fix`` is what to do about it."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(f"{message}\n  fix: {fix}")
+        self.message = message
+        self.fix = fix
+
+
+class NotRootError(KernelError):
+    pass
+
+
+class MissingToolError(KernelError):
+    pass
+
+
+class MissingFeatureError(KernelError):
+    pass
+
+
+class ApplyError(KernelError):
+    pass
+
+
+# --- preconditions -----------------------------------------------------------------
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRootError(
+            "changing the kernel's nftables, ip6tables and routes needs root",
+            "run it as root, for example: sudo v6lb run FILE",
+        )
+
+
+def require_tools(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            package = APT_PACKAGES.get(tool, tool)
+            raise MissingToolError(
+                f"the program `{tool}` is not installed (or not on PATH)",
+                f"apt-get install {package}",
+            )
+
+
+def _run(
+    argv: Sequence[str], *, netns: str | None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    require_tools(argv[0])
+    full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+    return subprocess.run(
+        full, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False
+    )
+
+
+def _last_lines(text: str, n: int = 6) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def _classify(tool: str, stderr: str) -> KernelError:
+    """Turn a tool's complaint into an error that names the fix."""
+    err = _last_lines(stderr)
+    if "Operation not permitted" in stderr or "Permission denied" in stderr:
+        return NotRootError(f"{tool} was refused: {err}", "run it as root")
+    feature_hints = (
+        ("Operation not supported", "the kernel lacks a feature the rules need"),
+        ("not supported, missing kernel module", "the kernel lacks an ip6tables extension"),
+        ("do you need to insmod", "the kernel lacks an ip6tables table"),
+        ("Unknown device type", "the kernel lacks a device type"),
+        (
+            "Could not process rule: No such file or directory",
+            "the kernel lacks an nft feature (or the ruleset names an object it lacks)",
+        ),
+    )
+    for needle, what in feature_hints:
+        if needle in stderr:
+            return MissingFeatureError(
+                f"{what} ({tool}: {err})",
+                "load the module (modprobe nft_chain_nat nft_hash nft_fwd_netdev ip6t_NPT"
+                " ip6table_raw ip6table_mangle), or use a kernel built with nf_tables NAT,"
+                " nft jhash/fwd, ip6t_NPT and CONFIG_IPV6_SEG6_LWTUNNEL",
+            )
+    return ApplyError(
+        f"{tool} rejected the change, nothing of it was kept: {err}",
+        "check the file with `v6lb check`; if it passes, report this as a v6lb bug",
+    )
+
+
+# --- nftables ----------------------------------------------------------------------
+
+
+def apply_nft(text: str, *, netns: str | None = None) -> None:
+    """Load an ``nft -f`` file as one transaction (all or nothing)."""
+    r = _run(["nft", "-f", "-"], netns=netns, stdin=text)
+    if r.returncode != 0:
+        raise _classify("nft", r.stderr)
+
+
+def nft_tables(instance: str, *, netns: str | None = None) -> list[str]:
+    """``family name`` of each nft table the instance owns right now."""
+    r = _run(["nft", "-j", "list", "tables"], netns=netns)
+    if r.returncode != 0:
+        raise _classify("nft", r.stderr)
+    name = table_name(instance)
+    out = []
+    for item in json.loads(r.stdout or '{"nftables": []}')["nftables"]:
+        t = item.get("table")
+        if t and t["name"] == name:
+            out.append(f"{t['family']} {t['name']}")
+    return out
+
+
+def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[int, int]]:
+    """Named counters of the instance's tables: name -> (packets, bytes)."""
+    r = _run(["nft", "-j", "list", "counters"], netns=netns)
+    if r.returncode != 0:
+        raise _classify("nft", r.stderr)
+    name = table_name(instance)
+    out: dict[str, tuple[int, int]] = {}
+    for item in json.loads(r.stdout or '{"nftables": []}')["nftables"]:
+        c = item.get("counter")
+        if c and c["table"] == name:
+            out[c["name"]] = (int(c["packets"]), int(c["bytes"]))
+    return out
+
+
+# --- ip6tables ---------------------------------------------------------------------
+
+
+def _ip6tables_save(netns: str | None) -> str:
+    r = _run(["ip6tables-save", "-c"], netns=netns)
+    if r.returncode != 0:
+        raise _classify("ip6tables-save", r.stderr)
+    return r.stdout
+
+
+def apply_ip6tables(rules: str, instance: str, *, netns: str | None = None) -> None:
+    """Replace the instance's ip6tables rules by ``rules`` (``render_npt`` text, or "")."""
+    saved = _ip6tables_save(netns)
+    if not rules.strip() and not tagged_rules(saved, instance):
+        return  # nothing of ours before or after: leave the tables alone
+    new = splice(saved, instance, rules)
+    r = _run(["ip6tables-restore", "-c"], netns=netns, stdin=new)
+    if r.returncode == 0:
+        return
+    error = _classify("ip6tables-restore", r.stderr)
+    if saved.strip():
+        back = _run(["ip6tables-restore", "-c"], netns=netns, stdin=saved)
+        if back.returncode != 0:
+            raise ApplyError(
+                f"{error.message}; restoring the saved rules failed too: {_last_lines(back.stderr)}",
+                "inspect `ip6tables-save`; remove v6lb's rules with `v6lb run` stopped",
+            ) from error
+    raise error
+
+
+# --- routes ------------------------------------------------------------------------
+
+
+def _in_block(table: object, instance: str) -> bool:
+    base = instance_tag(instance)
+    return isinstance(table, str) and table.isdigit() and base <= int(table) < base + TAG_SPAN
+
+
+def _json(r: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    # Duplicate keys happen (a seg6local route's "table" twice); json keeps the last,
+    # which is the route's own table.
+    data = json.loads(r.stdout or "[]")
+    return data if isinstance(data, list) else []
+
+
+def _route_cleanup(instance: str, netns: str | None) -> list[str]:
+    """Batch lines that delete the instance's rules, tables and lo addresses."""
+    lines: list[str] = []
+    rules = _json(_run(["ip", "-6", "-j", "rule", "show"], netns=netns))
+    for rule in rules:
+        if str(rule.get("protocol")) in ("118", hex(ROUTE_PROTO)) and _in_block(
+            rule.get("table"), instance
+        ):
+            lines.append(f"rule del pref {rule['priority']} table {rule['table']}")
+    routes = _json(
+        _run(["ip", "-6", "-j", "route", "show", "table", "all", "proto", "0x76"], netns=netns)
+    )
+    for table in dict.fromkeys(str(route.get("table")) for route in routes):
+        if _in_block(table, instance):
+            lines.append(f"route flush table {table}")
+    links = _json(_run(["ip", "-6", "-j", "address", "show", "dev", "lo"], netns=netns))
+    tag = instance_tag(instance)
+    for link in links:
+        infos = link.get("addr_info")
+        for info in infos if isinstance(infos, list) else []:
+            if info.get("metric") == tag:
+                lines.append(f"address del {info['local']}/{info['prefixlen']} dev lo")
+    return lines
+
+
+def _batch(text: str, netns: str | None) -> subprocess.CompletedProcess[str]:
+    return _run(["ip", "-6", "-batch", "-"], netns=netns, stdin=text)
+
+
+def remove_routes(instance: str, *, netns: str | None = None) -> list[str]:
+    lines = _route_cleanup(instance, netns)
+    if lines:
+        r = _batch("\n".join(lines) + "\n", netns)
+        if r.returncode != 0:
+            raise _classify("ip", r.stderr)
+    return lines
+
+
+def apply_routes(
+    batch: str, instance: str, *, netns: str | None = None, previous: str | None = None
+) -> None:
+    """Replace the instance's routes, rules and lo addresses by ``batch``.
+
+    On failure the instance's state is removed again and ``previous`` (the
+    batch that was loaded before) is loaded back.
+    """
+    remove_routes(instance, netns=netns)
+    if not batch.strip():
+        return
+    r = _batch(batch, netns)
+    if r.returncode == 0:
+        return
+    error = _classify("ip", r.stderr)
+    remove_routes(instance, netns=netns)
+    if previous:
+        back = _batch(previous, netns)
+        if back.returncode != 0:
+            raise ApplyError(
+                f"{error.message}; reloading the previous routes failed too: {_last_lines(back.stderr)}",
+                f"remove v6lb's routes (proto {ROUTE_PROTO:#x}) and start again",
+            ) from error
+    raise error
+
+
+# --- everything --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """What one instance puts in the kernel, as text: nft file, ip6tables-restore text, ip batch."""
+
+    nft: str = ""
+    ip6tables: str = ""
+    routes: str = ""
+
+
+def render_lb(
+    config: Config,
+    *,
+    pools: Mapping[str, BackendPool] | None = None,
+    l2: L2Ports | None = None,
+    backend_macs: Mapping[IPv6Address, str] | None = None,
+    dev: str | None = None,
+) -> Rendered:
+    """Render the LB's kernel state for ``config`` (pure; nothing is applied)."""
+    return Rendered(
+        nft=render_nft(config, pools=pools, l2=l2, backend_macs=backend_macs),
+        ip6tables=render_npt(config.npt, config.lb.instance),
+        routes=render_lb_routes(config, dev=dev),
+    )
+
+
+def apply(
+    new: Rendered, instance: str, *, previous: Rendered | None = None, netns: str | None = None
+) -> None:
+    """Apply nft, then ip6tables, then routes; if one fails, put the earlier ones back.
+
+    ``previous`` is what was applied before; None means nothing was, so a
+    failure removes everything of the instance.
+    """
+    require_root()
+    apply_nft(new.nft or render_remove(instance), netns=netns)
+    try:
+        apply_ip6tables(new.ip6tables, instance, netns=netns)
+        try:
+            apply_routes(
+                new.routes, instance, netns=netns, previous=previous.routes if previous else None
+            )
+        except KernelError:
+            if previous is not None:
+                apply_ip6tables(previous.ip6tables, instance, netns=netns)
+            raise
+    except KernelError:
+        if previous is None:
+            remove(instance, netns=netns)
+        else:
+            apply_nft(previous.nft or render_remove(instance), netns=netns)
+        raise
+
+
+def _remove_ip6tables(instance: str, netns: str | None) -> list[str]:
+    if shutil.which("ip6tables-save") is None:
+        return []
+    saved = _ip6tables_save(netns)
+    tagged = tagged_rules(saved, instance)
+    if not tagged:
+        return []
+    apply_ip6tables("", instance, netns=netns)
+    removed = [f"ip6tables {line}" for line in tagged]
+    # ip6tables-nft leaves the emptied tables behind as nft tables: delete the ones
+    # that held our rules and now do nothing at all (legacy tables cannot be deleted).
+    if "nf_tables" in _run(["ip6tables", "-V"], netns=netns).stdout:
+        ours = set(tagged_tables(saved, instance))
+        for table in empty_tables(_ip6tables_save(netns)):
+            if table in ours:
+                apply_nft(f"delete table ip6 {table}\n", netns=netns)
+                removed.append(f"nft table ip6 {table} (emptied)")
+    return removed
+
+
+def remove(instance: str, *, netns: str | None = None) -> list[str]:
+    """Delete everything tagged with ``instance``; return what was removed, for the log."""
+    require_root()
+    removed = [f"nft table {t}" for t in nft_tables(instance, netns=netns)]
+    apply_nft(render_remove(instance), netns=netns)
+    removed += _remove_ip6tables(instance, netns)
+    removed += remove_routes(instance, netns=netns)
+    return removed

@@ -1,0 +1,566 @@
+"""nftables rulesets for the kernel data plane: ``nat``, ``dsr-l2`` and the tunnel-DSR marks.
+
+Pure: a config (plus, for ``dsr-l2``, the host facts it needs) in, ``nft -f`` text out.
+
+One file is one transaction. It starts with, for each family::
+
+    table ip6 v6lb_lb1
+    delete table ip6 v6lb_lb1
+
+(create-if-missing, then delete), then defines the tables again, so loading it
+replaces whatever the instance had before, or changes nothing if any line fails.
+Everything v6lb owns carries its tag: the table name ``v6lb_<instance>``, the
+table comment and every rule's comment ``v6lb:<instance> ...``.
+
+``table ip6 v6lb_<instance>``
+  * ``mangle_pre`` (filter, prerouting, priority mangle): for every address
+    served by a ``nat``/``dsr-*`` VIP, TCP/UDP to a (protocol, port) that no VIP
+    at that address serves is counted (named counter ``<vip>_unserved``) and
+    dropped; ICMPv6 passes. Then the tunnel-DSR marks (below).
+  * ``nat_pre`` (nat, prerouting, dstnat): per ``nat`` VIP::
+
+        ip6 daddr VIP tcp dport { 80, 443 } counter name "v0_web"
+            meta mark set jhash ip6 saddr . ip6 daddr . tcp sport . tcp dport mod 65537 seed 0x5eed
+            dnat ip6 to meta mark map @v0_web
+
+    ``v0_web`` is a ``type mark : ipv6_addr`` map with one element per Maglev
+    slot, filled from :attr:`BackendPool.table`. nft's ``jhash ... mod N`` is
+    ``reciprocal_scale(jhash, N)``, the index :meth:`BackendPool.pick_flow`
+    uses, so the kernel and the Python core pick the same backend for every flow.
+    When a backend's port differs from the VIP port the map is
+    ``type mark : ipv6_addr . inet_service`` and the statement
+    ``dnat ip6 addr . port to meta mark map @...``; if some backends give a port
+    and others do not, each VIP port gets its own map.
+  * ``nat_post`` (nat, postrouting, srcnat): optional SNAT of the VIP's flows,
+    ``snat ip6 to [ADDR]:LOW-HIGH`` (a pool: ``[FIRST]-[LAST]:LOW-HIGH persistent``).
+
+``dsr-ip6ip6``/``dsr-srv6`` (same table, ``mangle_pre``)::
+
+    ... meta mark set jhash ... mod 65537 seed S meta mark set meta mark map @v5_x
+
+  with a ``type mark : mark`` map from slot to the backend's mark, which is
+  also its routing table (:mod:`v6lb.render.routes`).
+
+``table netdev v6lb_<instance>`` (``dsr-l2``): one ingress chain on the device
+where clients' packets arrive::
+
+    ... meta mark set jhash ... ether saddr set LB_MAC ether daddr set meta mark map @v3_x fwd to "eth1"
+
+Limits, measured on Linux 6.18 / nft 1.0.6 and kept here:
+  * ``dnat ip6 to jhash ... map @m`` is refused (datatype mismatch), hence the mark.
+  * A chain may not be named after a keyword (``mark``, ``snat``...).
+  * A statement that ends in an IPv6 address directly followed by ``}`` is a syntax
+    error; this renderer puts every closing brace on its own line.
+  * The first packet of a ``nat`` flow leaves with its slot as ``meta mark``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv6Address
+from typing import Final
+
+from v6lb.core.backends import BackendPool, BackendSpec
+from v6lb.core.maglev import DEFAULT_TABLE_SIZE
+from v6lb.model.config import Config, NatOptions, Vip, VipMode
+from v6lb.render.routes import (
+    BackendHost,
+    RenderError,
+    backend_vips,
+    decap_address,
+    host_addresses,
+    lb_sources,
+    tunnel_targets,
+)
+
+__all__ = [
+    "KERNEL_MODES",
+    "L2Ports",
+    "NatMap",
+    "RenderError",
+    "maglev_pool",
+    "map_names",
+    "nat_maps",
+    "render_backend_nft",
+    "render_map_update",
+    "render_nft",
+    "render_remove",
+    "table_name",
+    "unserved_counters",
+    "vip_counter",
+    "vip_object_name",
+]
+
+KERNEL_MODES: Final = (VipMode.NAT, VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_FAMILIES: Final = ("ip6", "netdev")
+_TUNNEL_MODES: Final = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_NAME_SAFE: Final = re.compile(r"[^A-Za-z0-9_]")
+
+
+def table_name(instance: str) -> str:
+    """The tagged table name of an instance (the same in the ``ip6`` and ``netdev`` families)."""
+    return f"v6lb_{instance}"
+
+
+def _tag(config: Config) -> str:
+    return f"v6lb:{config.lb.instance}"
+
+
+def vip_object_name(config: Config, vip: Vip) -> str:
+    """``v<index>_<name>``: unique per VIP, never an nft keyword."""
+    i = config.vips.index(vip)
+    return f"v{i}_{_NAME_SAFE.sub('_', vip.name)}"
+
+
+def vip_counter(config: Config, vip: Vip) -> str:
+    """The named counter of a VIP's balancing rule (nat: new flows; dsr-*: packets)."""
+    return vip_object_name(config, vip)
+
+
+# --- the Maglev tables -----------------------------------------------------------
+
+
+def maglev_pool(vip: Vip, seed: int) -> BackendPool:
+    """The VIP's pool, built exactly as the Python data plane builds it.
+
+    ``nat`` keys a backend without a port as port 0 ("the client's port"), as
+    :meth:`v6lb.core.nat66.NatForwarder.from_config` does; ``dsr-*`` as the VIP's
+    first port, as :meth:`v6lb.core.dsr.DsrForwarder.from_config` does. The port
+    is part of a backend's Maglev identity, so this decides the table.
+    """
+    if vip.mode is VipMode.NAT:
+        specs = [
+            BackendSpec(b.address.packed, b.port or 0, b.weight, b.drain) for b in vip.backends
+        ]
+    else:
+        default = vip.ports[0]
+        specs = [
+            BackendSpec(
+                b.address.packed, b.port if b.port is not None else default, b.weight, b.drain
+            )
+            for b in vip.backends
+        ]
+    return BackendPool(specs, table_size=vip.table_size or DEFAULT_TABLE_SIZE, seed=seed)
+
+
+def _pools(config: Config, pools: Mapping[str, BackendPool] | None) -> dict[str, BackendPool]:
+    out: dict[str, BackendPool] = {}
+    for vip in config.vips:
+        if vip.mode not in KERNEL_MODES:
+            continue
+        given = pools.get(vip.name) if pools is not None else None
+        pool = given if given is not None else maglev_pool(vip, config.lb.flow_hash_seed)
+        if len(pool) != len(vip.backends) or pool.seed != config.lb.flow_hash_seed:
+            raise RenderError(
+                f"the pool given for VIP {vip.name} does not match the config"
+                " (backend count or flow_hash_seed)"
+            )
+        out[vip.name] = pool
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class NatMap:
+    """One DNAT map of a ``nat`` VIP: its name, the VIP ports it serves, its value per backend."""
+
+    name: str
+    ports: tuple[int, ...]
+    values: tuple[str, ...]  # per backend: "ADDR" or "ADDR . PORT"
+    with_port: bool
+
+
+def nat_maps(config: Config, vip: Vip) -> list[NatMap]:
+    """The DNAT maps of a ``nat`` VIP (one, or one per VIP port when ports are mixed)."""
+    base = vip_object_name(config, vip)
+    explicit = [b.port is not None for b in vip.backends]
+    if not any(explicit):
+        return [NatMap(base, vip.ports, tuple(str(b.address) for b in vip.backends), False)]
+    if all(explicit) or len(vip.ports) == 1:
+        port0 = vip.ports[0]
+        values = tuple(f"{b.address} . {b.port or port0}" for b in vip.backends)
+        return [NatMap(base, vip.ports, values, True)]
+    return [
+        NatMap(
+            f"{base}_p{port}",
+            (port,),
+            tuple(f"{b.address} . {b.port or port}" for b in vip.backends),
+            True,
+        )
+        for port in vip.ports
+    ]
+
+
+def map_names(config: Config, vip: Vip) -> list[str]:
+    """The names of the maps that carry a VIP's Maglev table."""
+    if vip.mode is VipMode.NAT:
+        return [m.name for m in nat_maps(config, vip)]
+    return [vip_object_name(config, vip)]
+
+
+def _elements(table: Sequence[int], values: Sequence[str], indent: str) -> list[str]:
+    # One element per line, each ending with a comma: no address is ever followed
+    # by "}" on its line (the nft 1.0.6 quirk).
+    return [f"{indent}{slot} : {values[b]}," for slot, b in enumerate(table)]
+
+
+def _map_block(
+    name: str, value_type: str, comment: str, table: Sequence[int], values: Sequence[str]
+) -> list[str]:
+    lines = [
+        f"\tmap {name} {{",
+        f"\t\ttype mark : {value_type}",
+        f'\t\tcomment "{comment}"',
+    ]
+    if table and table[0] >= 0:
+        lines.append("\t\telements = {")
+        lines.extend(_elements(table, values, "\t\t\t"))
+        lines.append("\t\t}")
+    lines.append("\t}")
+    return lines
+
+
+def _counter_block(name: str, comment: str) -> list[str]:
+    return [f"\tcounter {name} {{", f'\t\tcomment "{comment}"', "\t}"]
+
+
+# --- rule pieces -------------------------------------------------------------------
+
+
+def _ports(ports: Sequence[int]) -> str:
+    return str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
+
+
+def _match(vip: Vip, ports: Sequence[int]) -> str:
+    proto = str(vip.protocol)
+    return f"ip6 daddr {vip.address} {proto} dport {_ports(ports)}"
+
+
+def _jhash(vip: Vip, pool: BackendPool) -> str:
+    p = str(vip.protocol)
+    return (
+        f"meta mark set jhash ip6 saddr . ip6 daddr . {p} sport . {p} dport"
+        f" mod {pool.size} seed {pool.seed:#x}"
+    )
+
+
+def _no_backend(config: Config, vip: Vip, ports: Sequence[int]) -> str:
+    return (
+        f'{_match(vip, ports)} counter name "{vip_counter(config, vip)}" drop'
+        f' comment "{_tag(config)} {vip.name}: no eligible backend"'
+    )
+
+
+def unserved_counters(config: Config) -> dict[IPv6Address, str]:
+    """Per address served by a kernel-mode VIP: the counter of its dropped unserved traffic."""
+    out: dict[IPv6Address, str] = {}
+    for vip in config.vips:
+        if vip.mode in KERNEL_MODES and vip.address not in out:
+            out[vip.address] = f"{vip_object_name(config, vip)}_unserved"
+    return out
+
+
+def _guard_rules(config: Config) -> list[str]:
+    rules = []
+    for address, counter in unserved_counters(config).items():
+        served = sorted(
+            {(str(v.protocol), p) for v in config.vips if v.address == address for p in v.ports}
+        )
+        allowed = ", ".join(f"{proto} . {port}" for proto, port in served)
+        rules.append(
+            f"ip6 daddr {address} meta l4proto . th dport != {{ {allowed} }}"
+            f' meta l4proto != ipv6-icmp counter name "{counter}" drop'
+            f' comment "{_tag(config)}: {address} serves {allowed} only"'
+        )
+    return rules
+
+
+# --- the ruleset -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class L2Ports:
+    """Host facts for ``dsr-l2``: where clients' frames arrive, where they leave, and its MAC."""
+
+    ingress: str
+    egress: str
+    egress_mac: str
+
+
+def _reset(instance: str) -> list[str]:
+    # "table" creates the table if it is missing, so "delete table" cannot fail.
+    name = table_name(instance)
+    lines: list[str] = []
+    for family in _FAMILIES:
+        lines += [f"table {family} {name}", f"delete table {family} {name}"]
+    return lines
+
+
+def render_remove(instance: str) -> str:
+    """A transaction that deletes the instance's tables (and only them), whether present or not."""
+    return "\n".join([f"# v6lb:{instance}: remove", *_reset(instance)]) + "\n"
+
+
+def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
+    tag = _tag(config)
+    objects: list[str] = []
+    for address, counter in unserved_counters(config).items():
+        objects += _counter_block(
+            counter, f"{tag}: dropped, to {address} on a port it does not serve"
+        )
+    mangle = _guard_rules(config)
+    nat_pre: list[str] = []
+    nat_post: list[str] = []
+    marks: dict[str, dict[int, int]] = {}
+    for t in tunnel_targets(config):
+        marks.setdefault(t.vip.name, {})[t.backend_index] = t.mark
+    for vip in config.vips:
+        if vip.mode is VipMode.DSR_L2 or vip.mode not in KERNEL_MODES:
+            continue
+        pool = pools[vip.name]
+        name = vip_object_name(config, vip)
+        counter = vip_counter(config, vip)
+        objects += _counter_block(counter, f"{tag} {vip.name}: {_counter_meaning(vip)}")
+        if vip.mode is VipMode.NAT:
+            for m in nat_maps(config, vip):
+                kind = "ipv6_addr . inet_service" if m.with_port else "ipv6_addr"
+                objects += _map_block(
+                    m.name, kind, f"{tag} {vip.name}: Maglev slot -> backend", pool.table, m.values
+                )
+                if not pool.any_eligible:
+                    nat_pre.append(_no_backend(config, vip, m.ports))
+                    continue
+                target = "ip6 addr . port to" if m.with_port else "ip6 to"
+                nat_pre.append(
+                    f'{_match(vip, m.ports)} counter name "{counter}" {_jhash(vip, pool)}'
+                    f' dnat {target} meta mark map @{m.name} comment "{tag} {vip.name}"'
+                )
+            nat_post += _snat_rules(config, vip)
+        else:
+            by_backend = marks[vip.name]
+            values = [f"{by_backend[j]:#010x}" for j in range(len(vip.backends))]
+            objects += _map_block(
+                name, "mark", f"{tag} {vip.name}: Maglev slot -> backend's mark", pool.table, values
+            )
+            if not pool.any_eligible:
+                mangle.append(_no_backend(config, vip, vip.ports))
+                continue
+            mangle.append(
+                f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
+                f' meta mark set meta mark map @{name} comment "{tag} {vip.name}"'
+            )
+    if not (objects or mangle):
+        return []
+    lines = [f"table ip6 {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
+    lines += objects
+    for chain, hook, rules in (
+        ("mangle_pre", "filter hook prerouting priority mangle", mangle),
+        ("nat_pre", "nat hook prerouting priority dstnat", nat_pre),
+        ("nat_post", "nat hook postrouting priority srcnat", nat_post),
+    ):
+        if rules:
+            lines += _chain(chain, hook, rules)
+    lines.append("}")
+    return lines
+
+
+def _counter_meaning(vip: Vip) -> str:
+    return "new flows" if vip.mode is VipMode.NAT else "packets sent to a backend"
+
+
+def _chain(name: str, hook: str, rules: Sequence[str]) -> list[str]:
+    return [
+        f"\tchain {name} {{",
+        f"\t\ttype {hook}; policy accept;",
+        *(f"\t\t{rule}" for rule in rules),
+        "\t}",
+    ]
+
+
+def _snat_rules(config: Config, vip: Vip) -> list[str]:
+    opts = vip.options
+    if not isinstance(opts, NatOptions) or opts.snat is None:
+        return []
+    net = opts.snat
+    lo, hi = opts.snat_ports
+    if net.num_addresses == 1:
+        to = f"[{net.network_address}]:{lo}-{hi}"
+    else:
+        # The pool's all-zero interface ID (Subnet-Router anycast) is skipped, as in the core.
+        skip = 1 if net.prefixlen < 127 else 0
+        first = net.network_address + skip
+        to = f"[{first}]-[{net.broadcast_address}]:{lo}-{hi} persistent"
+    return [
+        f"ct status dnat meta l4proto {vip.protocol} ct original ip6 daddr {vip.address}"
+        f" ct original proto-dst {_ports(vip.ports)} snat ip6 to {to}"
+        f' comment "{_tag(config)} {vip.name}"'
+    ]
+
+
+def _netdev_table(
+    config: Config,
+    pools: Mapping[str, BackendPool],
+    l2: L2Ports | None,
+    backend_macs: Mapping[IPv6Address, str],
+) -> list[str]:
+    vips = [v for v in config.vips if v.mode is VipMode.DSR_L2]
+    if not vips:
+        return []
+    if l2 is None:
+        raise RenderError(
+            "dsr-l2 needs the LB's ingress and egress devices and the egress MAC"
+            " (give L2Ports(ingress, egress, egress_mac))"
+        )
+    tag = _tag(config)
+    objects: list[str] = []
+    rules: list[str] = []
+    for vip in vips:
+        pool = pools[vip.name]
+        name = vip_object_name(config, vip)
+        macs = []
+        for b in vip.backends:
+            mac = b.mac or backend_macs.get(b.address)
+            if mac is None:
+                raise RenderError(
+                    f"dsr-l2 VIP {vip.name}: no MAC for backend {b.address}; give `mac:` in the"
+                    " file or resolve it by neighbour discovery first"
+                )
+            macs.append(mac.lower())
+        objects += _counter_block(name, f"{tag} {vip.name}: {_counter_meaning(vip)}")
+        objects += _map_block(
+            name, "ether_addr", f"{tag} {vip.name}: Maglev slot -> backend MAC", pool.table, macs
+        )
+        if not pool.any_eligible:
+            rules.append(_no_backend(config, vip, vip.ports))
+            continue
+        rules.append(
+            f'{_match(vip, vip.ports)} counter name "{name}" {_jhash(vip, pool)}'
+            f" ether saddr set {l2.egress_mac.lower()} ether daddr set meta mark map @{name}"
+            f' fwd to "{l2.egress}" comment "{tag} {vip.name}"'
+        )
+    lines = [f"table netdev {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
+    lines += objects
+    if rules:
+        lines += [
+            "\tchain ingress_l2 {",
+            f'\t\ttype filter hook ingress device "{l2.ingress}" priority filter; policy accept;',
+            *(f"\t\t{rule}" for rule in rules),
+            "\t}",
+        ]
+    lines.append("}")
+    return lines
+
+
+def render_nft(
+    config: Config,
+    *,
+    pools: Mapping[str, BackendPool] | None = None,
+    l2: L2Ports | None = None,
+    backend_macs: Mapping[IPv6Address, str] | None = None,
+) -> str:
+    """The instance's whole nftables state as one ``nft -f`` transaction.
+
+    ``pools`` (by VIP name) carry the current health; a VIP without one gets a
+    fresh pool (:func:`maglev_pool`, everything up). Without any ``nat``/``dsr-*``
+    VIP the text only removes the instance's tables.
+    """
+    p = _pools(config, pools)
+    lines = [f"# {_tag(config)}: nftables ruleset from {config.source}; load with: nft -f FILE"]
+    lines += _reset(config.lb.instance)
+    lines += _ip6_table(config, p)
+    lines += _netdev_table(config, p, l2, backend_macs or {})
+    return "\n".join(lines) + "\n"
+
+
+def render_map_update(
+    config: Config,
+    vip_name: str,
+    pool: BackendPool,
+    *,
+    backend_macs: Mapping[IPv6Address, str] | None = None,
+) -> str:
+    """One transaction that refills a VIP's map(s) from ``pool`` (after a health change).
+
+    Conntrack keeps ``nat`` flows on their backend; DSR flows follow the new
+    table, which Maglev keeps the same for every slot whose backend stayed.
+    """
+    vip = config.vip(vip_name)
+    if vip.mode not in KERNEL_MODES:
+        raise RenderError(f"VIP {vip_name} is mode {vip.mode}, which has no nftables map")
+    family = "netdev" if vip.mode is VipMode.DSR_L2 else "ip6"
+    table = f"{family} {table_name(config.lb.instance)}"
+    if vip.mode is VipMode.NAT:
+        maps = [(m.name, m.values) for m in nat_maps(config, vip)]
+    elif vip.mode is VipMode.DSR_L2:
+        macs = backend_macs or {}
+        values = tuple((b.mac or macs[b.address]).lower() for b in vip.backends)
+        maps = [(vip_object_name(config, vip), values)]
+    else:
+        by_backend = {t.backend_index: t.mark for t in tunnel_targets(config) if t.vip == vip}
+        values = tuple(f"{by_backend[j]:#010x}" for j in range(len(vip.backends)))
+        maps = [(vip_object_name(config, vip), values)]
+    lines = [f"# {_tag(config)}: refill the Maglev map(s) of {vip.name}"]
+    for name, vals in maps:
+        lines.append(f"flush map {table} {name}")
+        if pool.any_eligible:
+            lines.append(f"add element {table} {name} {{")
+            lines += _elements(pool.table, vals, "\t")
+            lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# --- a DSR backend -----------------------------------------------------------------
+
+
+def render_backend_nft(config: Config, backend: BackendHost) -> str:
+    """The backend's source filter: its decapsulation addresses accept the LB's packets only.
+
+    Anything else sent to an ``End.DT6`` address is counted (``decap_refused``)
+    and dropped before the kernel decapsulates it. Empty tables for a
+    ``dsr-l2``-only backend (nothing is tunnelled to it).
+    """
+    tag = _tag(config)
+    name = table_name(config.lb.instance)
+    decaps = list(
+        dict.fromkeys(
+            decap_address(vip, j)
+            for vip, j in backend_vips(config, backend)
+            if vip.mode in _TUNNEL_MODES
+        )
+    )
+    names = ", ".join(map(str, host_addresses(backend)))
+    lines = [f"# {tag}: DSR backend {names} from {config.source}; load with: nft -f FILE"]
+    lines += _reset(config.lb.instance)
+    if not decaps:
+        return "\n".join(lines) + "\n"
+    sources = lb_sources(config)
+    if not sources:
+        raise RenderError("no LB address to accept tunnelled packets from: set lb.addresses")
+    lines += [
+        f"table ip6 {name} {{",
+        f'\tcomment "{tag}"',
+        *_counter_block("decap_refused", f"{tag}: tunnelled packets not from the LB"),
+        "\tset lb_sources {",
+        "\t\ttype ipv6_addr",
+        "\t\telements = {",
+        *(f"\t\t\t{a}," for a in sources),
+        "\t\t}",
+        "\t}",
+        "\tset decap {",
+        "\t\ttype ipv6_addr",
+        "\t\telements = {",
+        *(f"\t\t\t{a}," for a in decaps),
+        "\t\t}",
+        "\t}",
+        *_chain(
+            "raw_pre",
+            "filter hook prerouting priority raw",
+            [
+                'ip6 daddr @decap ip6 saddr != @lb_sources counter name "decap_refused" drop'
+                f' comment "{tag}: End.DT6 accepts the LB only"'
+            ],
+        ),
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
