@@ -116,7 +116,7 @@ def test_dsr_tunnels_keep_the_inner_packet_and_bypass_the_lb_on_reply(
         assert tunnelled[0].segments == (backend,)
     replies = [h for h in r.hops if h.pkt.src.addr == vip and h.pkt.dst.addr == CLIENT]
     assert replies and not any(h.sender in LBS or h.receiver in LBS for h in replies)
-    assert [h.link for h in replies if h.leg == "reply"] == [
+    assert [h.link for h in replies if h.leg == "response"] == [
         "pods-" + backend[10],
         "private",
         "transit-a",
@@ -208,3 +208,106 @@ def test_bad_arguments(eks: tuple[Config, Topology]) -> None:
         run_scenario(*eks, "nat", failure="packet-too-big")
     with pytest.raises(ValueError, match="2 LB instances"):
         run_scenario(*eks, "nat", failure="lb-instance-dies")
+
+
+# --- what the hop records say: legs and notes --------------------------------------------
+
+
+def _first(r: ScenarioResult, leg: str, sender: str) -> Hop:
+    return next(h for h in r.hops if h.leg == leg and h.sender == sender and h.dropped is None)
+
+
+def test_tcp_legs_name_what_each_segment_is_for(results: dict[str, ScenarioResult]) -> None:
+    for r in results.values():
+        for h in r.hops:
+            p = h.pkt.innermost
+            if p.proto != "tcp" or h.leg in ("reset", "error"):
+                continue
+            flags = p.detail.split("]")[0]
+            data = "bytes" in p.detail
+            if "S" in flags:
+                assert h.leg == "handshake", h
+            elif "F" in flags:
+                assert h.leg == "close", h
+            elif data:
+                assert h.leg in ("request", "response"), h
+            elif h.leg != "handshake":  # the ACK that completes the handshake
+                assert h.leg == "ack", h
+    nat = results["nat"]
+    assert _first(nat, "request", "client").pkt.src.addr == CLIENT
+    response = _first(nat, "response", "lb-a1").pkt
+    assert response.dst.addr == CLIENT and "bytes" in response.detail
+
+
+def test_the_compact_view_shows_the_response_crossing_the_lb(
+    results: dict[str, ScenarioResult],
+) -> None:
+    from v6lb.model.explain import explain, key_rows
+
+    r = results["nat"]
+    rows = key_rows(explain("nat", r.hops, r.facts, r.nodes).rows)
+    shown = {(row.leg, row.sender, row.detail.split(" ")[0]) for row in rows}
+    assert ("handshake", "client", "[S]") in shown and ("handshake", "lb-a1", "[SA]") in shown
+    assert ("request", "lb-a1", "[AP]") in shown and ("response", "lb-a1", "[AP]") in shown
+    assert ("close", "client", "[AF]") in shown and ("close", "lb-a1", "[AF]") in shown
+    lb_response = next(row for row in rows if row.leg == "response" and row.sender == "lb-a1")
+    assert "bytes" in lb_response.detail and "source restored to the VIP" in lb_response.change
+
+
+def test_nat_notes_say_why(results: dict[str, ScenarioResult]) -> None:
+    r = results["nat"]
+    backend = str(r.facts["backend"])
+    pod = str(r.facts["backend_node"])
+    assert _first(r, "handshake", "client").note == "client opens TCP to the VIP"
+    syn = _first(r, "handshake", "lb-a1")
+    assert syn.note == f"conntrack: new flow, Maglev picked {pod} ({backend})"
+    assert _first(r, "request", "lb-a1").note == "conntrack hit (established)"
+    assert _first(r, "response", "lb-a1").note == (
+        "conntrack reply tuple (established): source restored to the VIP"
+    )
+    assert _first(r, "request", "isp").note == "static route 2001:db8:a::/48 via igw"
+
+
+def test_dsr_npt_and_anycast_notes(results: dict[str, ScenarioResult]) -> None:
+    srv6 = results["dsr-srv6"]
+    pod = srv6.facts["backend_node"]
+    assert _first(srv6, "handshake", "lb-a1").note == (
+        f"flow cache miss: jhash+Maglev picked {pod}; encapsulated to its SID"
+    )
+    assert _first(srv6, "request", "lb-a1").note == f"flow cache hit: {pod}"
+    assert "straight to the client (VIP on lo)" in _first(srv6, "response", str(pod)).note
+    npt = results["npt"]
+    assert _first(npt, "handshake", "lb-a1").note == (
+        "RFC 6296: prefix 2001:db8:10::/48 -> fd00:10::/48, checksum-neutral"
+    )
+    assert _first(npt, "response", "lb-a1").note == (
+        "RFC 6296: prefix fd00:10::/48 -> 2001:db8:10::/48, checksum-neutral"
+    )
+    anycast = results["anycast"]
+    assert "ECMP picked lb-a" in _first(anycast, "handshake", "igw").note
+
+
+def test_proxy_notes_describe_the_backend_connection(results: dict[str, ScenarioResult]) -> None:
+    for mode in ("proxy-l4", "proxy-l7"):
+        r = results[mode]
+        port = on(r, "internet")[0].pkt.src.port
+        to_backend = [h for h in on(r, "private") if h.sender == "lb-a1"]
+        syn = next(h for h in to_backend if h.leg == "handshake")
+        assert (
+            syn.note
+            == f"LB opens its own connection to {r.facts['backend_node']} (scheduler maglev)"
+        )
+        request = next(h for h in to_backend if h.leg == "request")
+        if mode == "proxy-l4":
+            assert (
+                request.note
+                == f"request prefixed with a PROXY v2 header carrying [{CLIENT}]:{port}"
+            )
+        else:
+            assert request.note == (
+                f"HTTP request with X-Forwarded-For: {CLIENT} and"
+                f' Forwarded: for="[{CLIENT}]:{port}"'
+            )
+        response = _first(r, "response", "lb-a1")
+        assert response.pkt.dst.addr == CLIENT
+        assert response.note == "response relayed from the backend connection"

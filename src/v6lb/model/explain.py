@@ -280,5 +280,5 @@ def key_rows(rows: Sequence[Row]) -> list[Row]:
             continue
         o = origin.setdefault(r.packet_id, (r.src.rsplit(":", 1)[0], r.dst.rsplit(":", 1)[0]))
         first.setdefault((r.leg, *o), r.packet_id)
-    keep = set(first.values())
+    keep = {pid for (leg, _, _), pid in first.items() if leg != "ack"}  # bare ACKs add nothing
     return [r for r in rows if r.packet_id in keep or r.dropped or not r.packet_id]

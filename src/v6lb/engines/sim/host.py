@@ -10,6 +10,13 @@ reordering buffer: the simulator's links do not reorder.
 Every segment and datagram is verified (checksum) on arrival; a bad one is
 dropped with the reason ``bad-checksum``, so a translator that breaks a
 checksum shows up in the hop list.
+
+Each segment is sent on a *leg* that says what it is for (``handshake``,
+``request`` for data from the side that connected, ``response`` for data from
+the side that accepted, ``ack`` for pure acknowledgements, ``close`` for FINs,
+``reset``), with a note in the sender's words (:func:`describe_segment`, or
+the connection's own ``describe`` hook, which a proxy uses to say what it
+relays).
 """
 
 from __future__ import annotations
@@ -82,6 +89,54 @@ def _noop(*_: object) -> None:
     return None
 
 
+Describe = Callable[["TcpConn", int, bytes], str]  # (conn, flags, payload) -> note, "" for default
+
+_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ")
+_CLOSED_BY_PEER = ("close-wait", "last-ack", "closing", "time-wait")
+
+
+def first_line(data: bytes) -> str:
+    """The first line of an HTTP message in ``data`` (request or status line), or ""."""
+    if not (data.startswith(_METHODS) or data.startswith(b"HTTP/")):
+        return ""
+    return data.split(b"\r\n", 1)[0].decode("latin-1")
+
+
+def describe_segment(conn: TcpConn, flags: int, data: bytes) -> str:
+    """What a host says about a segment it sends: why it sends it, not what is in the header."""
+    node = conn.stack.node
+    who = node.name
+    peer = node.net.label(conn.remote)
+    # DSR: the address we answer from is on our loopback, not on a link.
+    on_lo = conn.local in node.local and all(conn.local not in a for a in node.ifaces.values())
+    lo = node.net.label(conn.local).removeprefix("the ")
+    direct = f" straight to {peer} ({lo} on lo)" if on_lo else ""
+    if flags & RST:
+        return f"{who} resets the connection"
+    if flags & SYN:
+        if not flags & TCP_ACK:
+            return f"{who} opens TCP to {peer}"
+        if direct:
+            return f"{who} accepts, replying{direct}"
+        return f"{who} accepts the connection from {peer}"
+    if data:
+        line = first_line(data)
+        if conn.active:
+            what = f"the HTTP request: {line.rsplit(' ', 1)[0]}" if line else "more request data"
+            return f"{who} sends {what}"
+        what = f"answers: {line.split(' ', 1)[-1]}" if line else "sends more response data"
+        return f"{who} {what}" + (f",{direct}" if direct else "")
+    if flags & FIN:
+        if conn.state == TcpState.LAST_ACK:
+            return f"{who} closes its side too (FIN)"
+        return f"{who} is done and closes its side (FIN)"
+    if conn.state in _CLOSED_BY_PEER:
+        return f"{who} acknowledges the FIN"
+    if conn.active and conn.snd_una == conn.snd_nxt == (conn.iss + 1) & _M32:
+        return f"{who} completes the handshake"
+    return f"{who} acknowledges the " + ("response" if conn.active else "request")
+
+
 @dataclass(eq=False)
 class TcpConn:
     """One TCP connection. Apps set the ``on_*`` callbacks and call :meth:`send`/:meth:`close`."""
@@ -108,9 +163,11 @@ class TcpConn:
     on_data: Callable[[TcpConn, bytes], None] = _noop
     on_peer_close: Callable[[TcpConn], None] = _noop
     on_closed: Callable[[TcpConn, str], None] = _noop
+    describe: Describe | None = None  # the note for a segment we send ("" or None: the default)
     _timer: int = 0
     _last_ack_sent: int = -1
     _fin_queued: bool = False
+    _why_resent: str = ""
 
     @property
     def remote_text(self) -> str:
@@ -118,7 +175,8 @@ class TcpConn:
 
     @property
     def leg(self) -> str:
-        return "request" if self.active else "reply"
+        """The leg of the data we send: a client's requests, or a server's responses."""
+        return "request" if self.active else "response"
 
     def mss(self) -> int:
         return min(self.peer_mss, self.stack.path_mtu(self.remote, self.local) - 60)
@@ -161,16 +219,27 @@ class TcpConn:
 
     # --- sending -----------------------------------------------------------------
 
-    def _leg_for(self, flags: int) -> str:
+    def _leg_for(self, flags: int, data: bytes = b"") -> str:
         if flags & SYN or self.state in (TcpState.SYN_SENT, TcpState.SYN_RCVD):
             return "handshake"
         if flags & RST:
             return "reset"
-        if flags & FIN or self.state not in (TcpState.ESTABLISHED,):
+        if flags & FIN:
             return "close"
-        return self.leg
+        if data:
+            return self.leg
+        return "ack"
+
+    def _note(self, flags: int, data: bytes) -> str:
+        note = (self.describe(self, flags, data) if self.describe is not None else "") or (
+            describe_segment(self, flags, data)
+        )
+        if self._why_resent:
+            note += f"; {self._why_resent}"
+        return note
 
     def _raw(self, seq: int, flags: int, data: bytes, leg: str, options: bytes = b"") -> None:
+        note = self._note(flags, data)
         ack = self.rcv_nxt if flags & TCP_ACK else 0
         pkt = build.tcp(
             self.local,
@@ -185,14 +254,14 @@ class TcpConn:
         )
         if flags & TCP_ACK:
             self._last_ack_sent = self.rcv_nxt
-        self.stack.node.originate(pkt, leg)
+        self.stack.node.originate(pkt, leg, note=note)
 
     def _emit(self, seg: _Seg) -> None:
         opts = b""
         if seg.flags & SYN:
             # RFC 9293 §3.7.1: the MSS option, from our side's link MTU.
             opts = struct.pack("!BBH", 2, 4, self.stack.link_mtu(self.remote) - 60)
-        self._raw(seg.seq, seg.flags, seg.data, self._leg_for(seg.flags), opts)
+        self._raw(seg.seq, seg.flags, seg.data, self._leg_for(seg.flags, seg.data), opts)
 
     def _arm(self) -> None:
         if not self.inflight:
@@ -209,9 +278,9 @@ class TcpConn:
             self._finish("timeout")
             return
         self.rto *= 2
-        self._resend()
+        self._resend(f"retransmitted: no ACK within {self.rto / 2:g} s")
 
-    def _resend(self) -> None:
+    def _resend(self, why: str) -> None:
         """Send every unacknowledged segment again, re-cut to the current MSS."""
         segs = self.inflight
         if segs and not segs[0].flags & SYN:
@@ -225,9 +294,11 @@ class TcpConn:
             if fin:
                 new.append(_Seg((seq + len(data)) & _M32, FIN | TCP_ACK, b""))
             self.inflight = segs = new
+        self._why_resent = why
         for seg in segs:
             self.retransmits += 1
             self._emit(seg)
+        self._why_resent = ""
         self._arm()
 
     def packet_too_big(self, mtu: int) -> None:
@@ -236,7 +307,7 @@ class TcpConn:
         self.stack.set_path_mtu(self.remote, mtu)
         if self.mss() < old and self.inflight:
             self.errors.append(f"packet too big: mtu {mtu}")
-            self._resend()
+            self._resend(f"resent in {self.mss()}-byte segments after Packet Too Big (MTU {mtu})")
 
     # --- receiving -----------------------------------------------------------------
 
@@ -270,7 +341,7 @@ class TcpConn:
                 return
         if seq != self.rcv_nxt:
             if data or flags & FIN:
-                self._raw(self.snd_nxt, TCP_ACK, b"", self._leg_for(TCP_ACK))  # duplicate ACK
+                self._raw(self.snd_nxt, TCP_ACK, b"", "ack")  # duplicate ACK
             return
         if data:
             self.rcv_nxt = (self.rcv_nxt + len(data)) & _M32
@@ -280,18 +351,18 @@ class TcpConn:
             self.rcv_nxt = (self.rcv_nxt + 1) & _M32
             if self.state == TcpState.ESTABLISHED:
                 self.state = TcpState.CLOSE_WAIT
-                self._raw(self.snd_nxt, TCP_ACK, b"", "close")
+                self._raw(self.snd_nxt, TCP_ACK, b"", "ack")
                 self.on_peer_close(self)
             elif self.state == TcpState.FIN_WAIT_1:
                 self.state = TcpState.CLOSING
-                self._raw(self.snd_nxt, TCP_ACK, b"", "close")
+                self._raw(self.snd_nxt, TCP_ACK, b"", "ack")
             elif self.state == TcpState.FIN_WAIT_2:
-                self._raw(self.snd_nxt, TCP_ACK, b"", "close")
                 self.state = TcpState.TIME_WAIT
+                self._raw(self.snd_nxt, TCP_ACK, b"", "ack")
                 self._finish("closed")
             return
         if data and self._last_ack_sent != self.rcv_nxt:
-            self._raw(self.snd_nxt, TCP_ACK, b"", self._leg_for(TCP_ACK))
+            self._raw(self.snd_nxt, TCP_ACK, b"", "ack")
 
     def _acked(self, ack: int) -> None:
         if not _after(ack, self.snd_una):
@@ -352,6 +423,7 @@ class HostStack:
     def __init__(self, node: SimNode) -> None:
         self.node = node
         self.listeners: dict[tuple[bytes | None, int], Callable[[TcpConn], None]] = {}
+        self.describers: dict[tuple[bytes | None, int], Describe] = {}
         self.conns: dict[ConnKey, TcpConn] = {}
         self.closed: list[TcpConn] = []
         self.udp: dict[int, UdpHandler] = {}
@@ -389,16 +461,29 @@ class HostStack:
         return self._isn
 
     def listen(
-        self, port: int, on_accept: Callable[[TcpConn], None], addr: bytes | None = None
+        self,
+        port: int,
+        on_accept: Callable[[TcpConn], None],
+        addr: bytes | None = None,
+        describe: Describe | None = None,
     ) -> None:
+        """Accept connections to ``port``; ``describe`` notes their segments from the SYN-ACK on."""
         self.listeners[(addr, port)] = on_accept
+        if describe is not None:
+            self.describers[(addr, port)] = describe
 
     def connect(
-        self, dst: bytes, dport: int, *, src: bytes | None = None, sport: int | None = None
+        self,
+        dst: bytes,
+        dport: int,
+        *,
+        src: bytes | None = None,
+        sport: int | None = None,
+        describe: Describe | None = None,
     ) -> TcpConn:
         local = src if src is not None else self.node.source_for(dst)
         lport = sport if sport is not None else self.ephemeral_port()
-        conn = TcpConn(self, local, lport, dst, dport, True)
+        conn = TcpConn(self, local, lport, dst, dport, True, describe=describe)
         conn.iss = conn.snd_una = self._new_isn()
         conn.state = TcpState.SYN_SENT
         self.conns[(local, lport, dst, dport)] = conn
@@ -429,7 +514,8 @@ class HostStack:
     ) -> int:
         local = src if src is not None else self.node.source_for(dst)
         pkt = build.udp(local, dst, sport or self.ephemeral_port(), dport, payload)
-        return self.node.originate(pkt, "request")
+        note = f"{self.node.name} sends a UDP datagram to {self.node.net.label(dst)}"
+        return self.node.originate(pkt, "request", note=note)
 
     # --- receiving -------------------------------------------------------------------
 
@@ -492,6 +578,7 @@ class HostStack:
         listening = (dst, dport) in self.listeners or (None, dport) in self.listeners
         if flags & SYN and not flags & TCP_ACK and listening:
             conn = TcpConn(self, dst, dport, src, sport, False)
+            conn.describe = self.describers.get((dst, dport)) or self.describers.get((None, dport))
             conn.iss = conn.snd_una = self._new_isn()
             conn.rcv_nxt = (seq + 1) & _M32
             conn.peer_mss = _mss_option(options, DEFAULT_PEER_MSS)
@@ -510,7 +597,7 @@ class HostStack:
             rst_seq = ack if flags & TCP_ACK else 0
             rst_ack = (seq + len(payload) + (1 if flags & (SYN | FIN) else 0)) & _M32
             pkt = build.tcp(dst, src, dport, sport, seq=rst_seq, ack=rst_ack, flags=RST | TCP_ACK)
-            self.node.originate(pkt, "reset")
+            self.node.originate(pkt, "reset", note=f"{self.node.name}: no socket for it, reset")
 
     def _icmp(
         self,
@@ -527,7 +614,7 @@ class HostStack:
         t, code = data[l4], data[l4 + 1]
         if t == ICMP6_ECHO_REQUEST:
             reply = build.icmpv6(dst, src, 129, 0, bytes(data[l4 + 4 : end]))
-            self.node.originate(reply, "reply")
+            self.node.originate(reply, "reply", note=f"{self.node.name} answers the echo request")
             return
         if t not in (ICMP6_PACKET_TOO_BIG, ICMP6_DST_UNREACH, ICMP6_TIME_EXCEEDED):
             return

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from v6lb.core import forwarded, proxyproto
 from v6lb.core.backends import BackendPool, BackendSpec
-from v6lb.core.conntrack import State
+from v6lb.core.conntrack import ORIG, Conn, State
+from v6lb.core.conntrack import REPLY as CT_REPLY
 from v6lb.core.dsr import DsrForwarder
 from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.core.nat66 import NatForwarder
@@ -39,9 +40,9 @@ from v6lb.core.verdict import (
     REPLY,
 )
 from v6lb.engines.sim.apps import parse_head
-from v6lb.engines.sim.host import TcpConn
+from v6lb.engines.sim.host import FIN, SYN, TcpConn, TcpState
 from v6lb.engines.sim.network import Network
-from v6lb.engines.sim.node import SimNode
+from v6lb.engines.sim.node import SimNode, icmp_error_note
 from v6lb.model.config import (
     Config,
     ProxyL4Options,
@@ -50,13 +51,16 @@ from v6lb.model.config import (
     Vip,
     VipMode,
 )
-from v6lb.model.hops import view
 from v6lb.model.topology import NPT, Node
 from v6lb.wire.constants import (
     ICMP6_DST_UNREACH,
     ICMP6_PACKET_TOO_BIG,
     ICMP6_PARAM_PROB,
     ICMP6_TIME_EXCEEDED,
+    NH_ICMPV6,
+    NH_TCP,
+    NH_UDP,
+    TCP_ACK,
 )
 from v6lb.wire.reasons import Reason
 
@@ -70,11 +74,9 @@ _REPLY_REASON = {
 }
 
 
-_WHY = {
-    "nat": "conntrack entry (stateful); ",
-    "npt": "prefix mapping, no state (RFC 6296); ",
-    "dsr-ip6ip6": "backend picked by Maglev, cached in the flow LRU; ",
-    "dsr-srv6": "backend picked by Maglev, cached in the flow LRU; ",
+_ENCAP_TO = {
+    "dsr-srv6": "encapsulated to its SID",
+    "dsr-ip6ip6": "encapsulated to its address (IPv6-in-IPv6)",
 }
 _NOT_NAT = (Reason.NO_MATCH, Reason.ICMP_ERROR_UNMATCHED)
 
@@ -115,7 +117,7 @@ class _Proxy:
         self.pool = BackendPool(specs, table_size=vip.table_size or DEFAULT_TABLE_SIZE, seed=seed)
         self.flows: list[ProxyFlow] = []
         for port in vip.ports:
-            lb.stack.listen(port, self._accept, addr=vip.address.packed)
+            lb.stack.listen(port, self._accept, addr=vip.address.packed, describe=_client_side)
 
     def _accept(self, client: TcpConn) -> None:
         i = self.pool.pick_flow(client.remote, client.local, client.rport, client.lport)
@@ -135,9 +137,28 @@ class _Proxy:
             _a(src),
         )
         self.flows.append(flow)
-        backend = self.lb.stack.connect(baddr, bport, src=src)
-        flow.lb_port = backend.lport
         l7 = self.vip.mode is VipMode.PROXY_L7
+        who = self.lb.net.label(baddr)
+        peer = f"[{flow.client}]:{flow.client_port}"
+
+        def describe(b: TcpConn, flags: int, data: bytes) -> str:
+            """What the LB's segments on the backend connection are for."""
+            if flags & SYN:
+                return f"LB opens its own connection to {who} (scheduler maglev)"
+            if data.startswith(proxyproto.SIGNATURE):
+                return f"request prefixed with a PROXY v2 header carrying {peer}"
+            if data and l7:
+                return _forwarded_note(data) or "request bytes relayed from the client connection"
+            if data:
+                return "request bytes relayed from the client connection"
+            if flags & FIN:
+                if b.state == TcpState.LAST_ACK:
+                    return "backend closed: LB closes its backend connection too"
+                return "client closed: LB closes its backend connection"
+            return ""
+
+        backend = self.lb.stack.connect(baddr, bport, src=src, describe=describe)
+        flow.lb_port = backend.lport
         opts = self.vip.options
         if isinstance(opts, ProxyL4Options) and opts.proxy_protocol is ProxyProtocol.V2:
             flow._queue.append(
@@ -162,8 +183,8 @@ class _Proxy:
                 flow._queue.append(data)
 
         def connected(b: TcpConn) -> None:
-            for chunk in flow._queue:
-                b.send(chunk)
+            if flow._queue:
+                b.send(b"".join(flow._queue))  # one write: the PROXY header with the request
             flow._queue.clear()
 
         def down(b: TcpConn, data: bytes) -> None:
@@ -219,6 +240,34 @@ class _Proxy:
             keep.append(("Forwarded", forwarded.append(fwd, element)))
             text = start + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in keep) + "\r\n"
             out += text.encode("latin-1") + body
+
+
+def _client_side(conn: TcpConn, flags: int, data: bytes) -> str:
+    """What the LB's segments on a client connection of a proxy VIP are for."""
+    if flags & SYN and flags & TCP_ACK:
+        return "LB answers on the VIP itself: the proxy terminates the client's TCP"
+    if data:
+        return "response relayed from the backend connection"
+    if flags & FIN:
+        if conn.state == TcpState.LAST_ACK:
+            return "client closed: LB closes the client connection too"
+        return "backend closed: LB closes the client connection"
+    return ""
+
+
+def _forwarded_note(data: bytes) -> str:
+    """The forwarding headers an L7 proxy added to the request in ``data``, or ""."""
+    head = parse_head(data)
+    if head is None:
+        return ""
+    headers = head[1]
+    xff = next((v for k, v in headers if k.lower() == "x-forwarded-for"), None)
+    fwd = next((v for k, v in headers if k.lower() == "forwarded"), None)
+    if xff is None or fwd is None:
+        return ""
+    last = fwd.split(",")[-1]
+    for_part = next((p.strip() for p in last.split(";") if p.strip().startswith("for=")), last)
+    return f"HTTP request with X-Forwarded-For: {xff} and Forwarded: {for_part}"
 
 
 class LbNode(SimNode):
@@ -308,7 +357,9 @@ class LbNode(SimNode):
             self.deliver(data, link, sender, pid, leg)
             return
         port = self._port(data, link)
-        before = view(data)
+        orig = bytes(data)  # the forwarders rewrite in place
+        ct = self._ct_probe(orig, port)
+        dsr_new = self.dsr.counters.extra.get("dsr.flows_new", 0) if self.dsr is not None else 0
         if dst in self.dsr_vips and self.dsr is not None:
             name = self.modes[dst]
             verdict = self.dsr.process(data, port, self.now)
@@ -329,31 +380,60 @@ class LbNode(SimNode):
             self.net.drop(self.name, link, sender, data, pid, leg, Reason.NO_MATCH.label)
             return
         action, arg, out = verdict
+        fresh = False  # dsr: the packet's flow was not in the flow cache
+        if name.startswith("dsr"):
+            assert self.dsr is not None
+            fresh = self.dsr.counters.extra.get("dsr.flows_new", 0) > dsr_new
         if action == FORWARD:
             assert isinstance(out, bytearray)
-            note = f"{self.name} {name}: {_WHY.get(name, '')}{_change(before, out)}"
+            if name == "nat":
+                note = self._nat_note(orig, ct)
+            elif name == "npt":
+                note = self._npt_note(orig, port)
+            else:
+                note = self._dsr_note(orig, name, fresh, bytes(out[24:40]))
             self.handled.append((self.now, name, note))
             self.route_out(out, pid, leg, ingress=link, sender=sender, note=note)
         elif action == FORWARD_MANY:
             assert isinstance(out, list)
             for i, frag in enumerate(out):
-                note = f"{self.name} {name}: outer fragment {i + 1} of {len(out)}"
+                note = (
+                    f"outer fragment {i + 1} of {len(out)}: with its encapsulation the packet"
+                    " exceeds the tunnel MTU, but it fits 1280 bytes (RFC 2473 §7.1)"
+                )
                 self.route_out(frag, pid, leg, ingress=link, sender=sender, note=note)
         elif action == FORWARD_L2:
             assert isinstance(out, bytes | bytearray)
-            self._to_mac(data, bytes(out), pid, leg, name, link, sender)
+            self._to_mac(data, bytes(out), pid, leg, name, link, sender, fresh)
         elif action == REPLY:
             assert isinstance(out, bytearray | bytes)
             t = out[40] if len(out) > 40 else 0
+            code = out[41] if len(out) > 41 else 0
+            param = int.from_bytes(out[44:48], "big") if len(out) >= 48 else 0
             reason = _REPLY_REASON.get(t, "icmp-error-sent")
             self.net.drop(self.name, link, sender, data, pid, leg, reason, f"{self.name} {name}")
-            self.originate(out, "error", note=f"{self.name} {name}: ICMPv6 error to the source")
+            if t == ICMP6_PACKET_TOO_BIG and name.startswith("dsr"):
+                why = (
+                    f"the {len(orig)}-byte packet does not fit the tunnel once encapsulated:"
+                    f" Packet Too Big (MTU {param}) to the source (RFC 2473 §7.1)"
+                )
+            else:
+                why = icmp_error_note(t, code, param)
+            self.originate(out, "error", note=f"{name}: {why}")
         else:
             label = Reason(arg).label if isinstance(arg, int) else str(arg)
             self.net.drop(self.name, link, sender, data, pid, leg, label, f"{self.name} {name}")
 
     def _to_mac(
-        self, data: bytearray, l2: bytes, pid: int, leg: str, name: str, link: str, sender: str
+        self,
+        data: bytearray,
+        l2: bytes,
+        pid: int,
+        leg: str,
+        name: str,
+        link: str,
+        sender: str,
+        fresh: bool,
     ) -> None:
         for lk in self.inside or set(self.ifaces):
             for end in self.net.topology.link(lk).endpoints:
@@ -362,11 +442,67 @@ class LbNode(SimNode):
                     continue
                 if node.macs.get(lk) == l2 or l2 in node.ifaces.get(lk, []):
                     mac = ":".join(f"{b:02x}" for b in node.macs[lk])
-                    note = f"{self.name} {name}: frame to {node.name} ({mac}), packet unchanged"
+                    if fresh:
+                        note = f"flow cache miss: jhash+Maglev picked {node.name}; "
+                    else:
+                        note = f"flow cache hit: {node.name}; "
+                    note += f"frame to its MAC {mac}, packet unchanged"
                     self.handled.append((self.now, name, note))
                     self.send_on_link(lk, node.name, data, pid, leg, note)
                     return
         self.net.drop(self.name, link, sender, data, pid, leg, "address-unreachable")
+
+    # --- notes: why the forwarder did what it did ----------------------------------------
+
+    def _ct_probe(self, data: bytes, port: int) -> tuple[int, int, bytes, Conn | None] | None:
+        """(direction, proto, key, entry before) of a TCP/UDP packet for the NAT, else None."""
+        if self.nat is None or len(data) < 44 or data[6] not in (NH_TCP, NH_UDP):
+            return None
+        direction = CT_REPLY if port == PORT_INSIDE else ORIG
+        key = data[8:40] + data[40:44]
+        return direction, data[6], key, self.nat.conntrack.tables[direction][data[6]].get(key)
+
+    def _nat_note(self, data: bytes, ct: tuple[int, int, bytes, Conn | None] | None) -> str:
+        if ct is None or self.nat is None:
+            if len(data) > 40 and data[6] == NH_ICMPV6 and data[40] < 128:
+                return "ICMPv6 error about a tracked flow: the quoted packet is translated too"
+            return "conntrack"
+        direction, proto, key, before = ct
+        conn = self.nat.conntrack.tables[direction][proto].get(key)
+        if conn is None:
+            return "conntrack: the flow's last packet (entry removed)"
+        state = State(conn.state).label
+        label = self.net.label
+        if direction == ORIG:
+            if conn is before:
+                return f"conntrack hit ({state})"
+            b = conn.rw_orig[16:32]
+            note = f"conntrack: new flow, Maglev picked {label(b)} ({_a(b)})"
+            if conn.rw_orig[:16] != conn.key_orig[:16]:
+                note += f"; source NAT to {_a(conn.rw_orig[:16])}"
+            return note
+        restored = f"source restored to {label(conn.rw_reply[:16])}"
+        if conn.rw_reply[16:32] != conn.key_reply[16:32]:
+            restored += f", destination to {label(conn.rw_reply[16:32])}"
+        return f"conntrack reply tuple ({state}): {restored}"
+
+    def _npt_note(self, data: bytes, port: int) -> str:
+        src = ipaddress.IPv6Address(data[8:24])
+        dst = ipaddress.IPv6Address(data[24:40])
+        for m in self.npt.mappings if self.npt is not None else []:
+            if port == PORT_OUTSIDE and dst in m.outside:
+                return f"RFC 6296: prefix {m.outside} -> {m.inside}, checksum-neutral"
+            if port == PORT_INSIDE and src in m.inside:
+                return f"RFC 6296: prefix {m.inside} -> {m.outside}, checksum-neutral"
+        return "RFC 6296 prefix translation, checksum-neutral"
+
+    def _dsr_note(self, data: bytes, mode: str, fresh: bool, target: bytes) -> str:
+        who = self.net.label(target)
+        if len(data) > 40 and data[6] == NH_ICMPV6 and data[40] < 128:
+            return f"ICMPv6 error about a flow of {who}: passed on to that backend"
+        if fresh:
+            return f"flow cache miss: jhash+Maglev picked {who}; {_ENCAP_TO.get(mode, 'sent on')}"
+        return f"flow cache hit: {who}"
 
     # --- state, for the explanation ----------------------------------------------------
 
@@ -401,22 +537,3 @@ class LbNode(SimNode):
                 " backend connection (two TCP connections per flow, full socket state)"
             )
         return "none"
-
-
-def _change(before: object, after: bytearray) -> str:
-    """What a forwarder changed, in words (outer addresses, ports, encapsulation)."""
-    from v6lb.model.hops import PacketView
-
-    assert isinstance(before, PacketView)
-    a = view(after)
-    if a.inner is not None and before.inner is None:
-        kind = "SRv6 (SRH)" if a.proto == "srv6" else "IPv6-in-IPv6"
-        return f"encapsulated in {kind} {a.src} -> {a.dst}; inner packet unchanged"
-    parts = []
-    if before.src != a.src:
-        parts.append(f"source {before.src} -> {a.src}")
-    if before.dst != a.dst:
-        parts.append(f"destination {before.dst} -> {a.dst}")
-    if before.hop_limit != a.hop_limit:
-        parts.append(f"hop limit {before.hop_limit} -> {a.hop_limit}")
-    return "; ".join(parts) or "forwarded unchanged"

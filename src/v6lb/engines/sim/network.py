@@ -10,6 +10,7 @@ silently.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING
 
 from v6lb.engines.sim.clock import Clock
@@ -35,11 +36,16 @@ class Network:
             lk.name: PcapWriter(LINKTYPE_RAW) for lk in topology.links
         }
         self.down: set[str] = set()
+        self.labels: dict[bytes, str] = {}  # address -> what notes call it ("pod-1a", "the VIP")
         self._seq = 0
         self._pid = 0
 
     def add(self, node: SimNode) -> None:
         self.nodes[node.name] = node
+
+    def label(self, addr: bytes | bytearray) -> str:
+        """A name for an address in notes: its node or role if known, else the address."""
+        return self.labels.get(bytes(addr)) or str(ipaddress.IPv6Address(bytes(addr)))
 
     def new_packet_id(self) -> int:
         self._pid += 1

@@ -19,10 +19,13 @@ from v6lb.model.topology import FibEntry, Node, lookup, neighbour
 from v6lb.wire.constants import (
     DU_ADDR_UNREACH,
     DU_NO_ROUTE,
+    DU_PORT_UNREACH,
     ICMP6_DST_UNREACH,
     ICMP6_PACKET_TOO_BIG,
+    ICMP6_TIME_EXCEEDED,
     NH_TCP,
     NH_UDP,
+    TE_HOP_LIMIT,
 )
 from v6lb.wire.ipv6 import PacketInfo, parse
 from v6lb.wire.reasons import Reason
@@ -61,6 +64,33 @@ def ecmp_index(data: bytes | bytearray, n: int) -> int:
     else:
         h = flow_hash3(src, dst, info.proto, ECMP_SEED)
     return reciprocal_scale(h, n)
+
+
+def _route_note(entry: FibEntry, target: str | None, i: int, n: int) -> str:
+    """The route a router used, in a few words (the hop's receiver is the next hop)."""
+    route = f"{entry.origin} route {entry.prefix}"
+    if entry.origin == "connected":
+        route = f"on-link, connected {entry.prefix}"
+    if entry.source is not None:
+        route += f" from {entry.source} (source-specific)"
+    if n > 1:
+        return f"{route}: ECMP picked {target} by flow hash ({i + 1} of {n})"
+    return route if entry.origin == "connected" else f"{route} via {target}"
+
+
+_ERRORS = {
+    (ICMP6_DST_UNREACH, DU_NO_ROUTE): "no route: Destination Unreachable to the source",
+    (ICMP6_DST_UNREACH, DU_ADDR_UNREACH): "nobody holds the address: Destination Unreachable",
+    (ICMP6_DST_UNREACH, DU_PORT_UNREACH): "no listener on the port: Port Unreachable to the source",
+    (ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT): "hop limit ran out: Time Exceeded to the source",
+}
+
+
+def icmp_error_note(type_: int, code: int, param: int) -> str:
+    """Why an ICMPv6 error is sent, in words."""
+    if type_ == ICMP6_PACKET_TOO_BIG:
+        return f"packet larger than the next link's MTU: Packet Too Big (MTU {param}) to the source"
+    return _ERRORS.get((type_, code), f"ICMPv6 error type {type_} code {code} to the source")
 
 
 class SimNode:
@@ -172,19 +202,15 @@ class SimNode:
         n = len(entry.nexthops)
         i = ecmp_index(data, n)
         nh = entry.nexthops[i]
+        target = neighbour(self.net.topology, nh, dst)
         if not note and ingress is not None:
-            note = f"{self.name}: {entry.origin} route {entry.prefix}"
-            if entry.source is not None:
-                note += f" from {entry.source}"
-            if n > 1:
-                note += f", ECMP path {i + 1} of {n} (jhash of the flow)"
+            note = _route_note(entry, target, i, n)
         mtu = self.net.topology.link(nh.link).mtu
         if len(data) > mtu:
             # RFC 8200 §5 / RFC 4443 §3.2: routers do not fragment; tell the source.
             self.net.drop(self.name, at_link, prev, data, pid, leg, Reason.TOO_BIG.label, note)
             self.icmp_error(data, ICMP6_PACKET_TOO_BIG, 0, mtu, ingress or nh.link)
             return
-        target = neighbour(self.net.topology, nh, dst)
         if target is None:
             # Neighbour discovery finds nobody with the address (RFC 4443 §3.1 code 3).
             self.net.drop(self.name, at_link, prev, data, pid, leg, "address-unreachable", note)
@@ -209,4 +235,4 @@ class SimNode:
             gen = self._icmp[source] = IcmpErrorSource(source, rate=1000.0, burst=100.0)
         err = gen.make(invoking, type_, code, param, self.now)
         if err is not None:
-            self.originate(err, "error", note=f"{self.name}: ICMPv6 error")
+            self.originate(err, "error", note=icmp_error_note(type_, code, param))

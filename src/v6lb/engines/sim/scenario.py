@@ -135,7 +135,24 @@ class Sim:
             server = setup_backend(node, config, list(lb_sources))
             if server is not None:
                 self.servers[node.name] = server
+        self._label_addresses()
         self.recompute()
+
+    def _label_addresses(self) -> None:
+        """Names for addresses in the hop notes: the node that holds one, "the VIP"."""
+        labels = self.net.labels
+        nodes = self.net.nodes.values()
+        for node in nodes:
+            name = "the client" if node.spec.role == "client" else node.name
+            for addrs in node.ifaces.values():
+                for a in addrs:
+                    labels.setdefault(a, name)
+        for vip in self.config.vips:
+            labels[vip.address.packed] = "the VIP"
+        for node in nodes:  # loopbacks (SIDs) held by one node only
+            for a in sorted(node.local):
+                if a not in labels and sum(a in n.local for n in nodes) == 1:
+                    labels[a] = node.name
 
     def recompute(self) -> None:
         fibs = compute_fib(self.topology, self.net.down)
@@ -370,6 +387,9 @@ def _npt(sim: Sim, client: SimNode) -> dict[str, object]:
                         records.append((str(out), str(addr)))
     if not records:
         raise ValueError("no backend address lies inside an npt inside prefix")
+    for public, private in records:
+        owner = sim.topology.owner(private)
+        sim.net.labels[ipaddress.IPv6Address(public).packed] = f"{owner}'s NPT-mapped address"
     # Balancing is DNS's: the name has one AAAA per backend and the client picks one.
     chosen, inside = records[sim.seed % len(records)]
     dst = ipaddress.IPv6Address(chosen).packed
