@@ -531,6 +531,181 @@ def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
     console.print(t)
 
 
+# --- run, status, backend ------------------------------------------------------
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the load balancer on this host (root): nat, npt, dsr-* in the kernel",
+        description="Check FILE and the host, install the instance's nftables, ip6tables and "
+        "routes atomically, then probe the backends and keep the Maglev maps in line with their "
+        "health. SIGHUP reloads FILE (a bad file changes nothing); SIGTERM/SIGINT remove what "
+        "was installed and exit 0. proxy-* VIPs are skipped with a warning: they are run by the "
+        "proxy engine (--proxy builtin|haproxy). Exit 2 when a check fails; nothing is installed.",
+    )
+    p.add_argument("file", metavar="FILE", help="the v6lb YAML config file")
+    p.add_argument(
+        "--dataplane",
+        choices=["kernel", "python"],
+        default="kernel",
+        help="L3/L4 data plane (default kernel; python is not built yet)",
+    )
+    p.add_argument("--instance", metavar="NAME", help="override lb.instance (the ownership tag)")
+    p.add_argument("--netns", metavar="NS", help="run inside this named network namespace")
+    p.add_argument(
+        "--control-socket", metavar="PATH", help="override lb.control_socket (AF_UNIX path)"
+    )
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from v6lb.engines.control import ControlError
+    from v6lb.engines.kernel import ApplyError, KernelError, MissingFeatureError
+    from v6lb.engines.kernel.run import Runner, prepare
+
+    try:
+        prepared = prepare(
+            args.file,
+            dataplane=args.dataplane,
+            instance=args.instance,
+            netns=args.netns,
+            control_socket=args.control_socket,
+        )
+        runner = Runner(
+            prepared,
+            args.file,
+            netns=args.netns,
+            overrides={"instance": args.instance, "control_socket": args.control_socket},
+        )
+        runner.install()
+    except (ApplyError, MissingFeatureError) as exc:
+        sys.stderr.write(f"v6lb: error: {exc}\n")
+        return 1
+    except KernelError as exc:
+        raise UsageError(str(exc)) from None
+    except ControlError as exc:
+        raise UsageError(str(exc)) from None
+    return runner.serve()
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "status",
+        help="ask a running `v6lb run` for its VIPs, backends, health and kernel objects",
+        description="Connect to a running instance's control socket (--control-socket, or "
+        "lb.control_socket of FILE, or /run/v6lb/lb0.sock) and print its VIPs, backends and "
+        "their health, the kernel objects it installed and their packet counters.",
+    )
+    p.add_argument("file", metavar="FILE", nargs="?", help="config file naming the socket")
+    p.add_argument("--control-socket", metavar="PATH", help="the instance's control socket")
+    p.add_argument("--json", action="store_true", help="print the instance's JSON answer")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from v6lb.engines.control import ControlError, query
+    from v6lb.model.config import ConfigError, load_config
+
+    path = args.control_socket
+    if path is None and args.file is not None:
+        try:
+            path = load_config(args.file).lb.control_socket
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    path = path or "/run/v6lb/lb0.sock"
+    try:
+        st = query(path)
+    except ControlError as exc:
+        sys.stderr.write(f"v6lb: error: {exc}\n")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(st, indent=2) + "\n")
+        return 0
+    out = [
+        f"instance {st.get('instance')} (pid {st.get('pid')}, {st.get('dataplane')} data plane,"
+        f" netns {st.get('netns') or '-'}) file {st.get('file')}",
+        f"up {st.get('uptime_s')} s, reloads {st.get('reloads')},"
+        f" map updates {st.get('map_updates')}, last error: {st.get('last_error') or 'none'}",
+    ]
+    for vip in st.get("vips", []):
+        c = vip["counter"]
+        out.append(
+            f"VIP {vip['name']} {vip['mode']} [{vip['address']}]:{','.join(map(str, vip['ports']))}"
+            f"/{vip['protocol']}  counter {c['name']}: {c['packets']} packets {c['bytes']} bytes"
+        )
+        for b in vip["backends"]:
+            port = f":{b['port']}" if b["port"] else ""
+            out.append(
+                f"  [{b['address']}]{port} weight {b['weight']}{' drain' if b['drain'] else ''}"
+                f"  {b['health'].upper()}  {b['slots']} slots  probe {b['probe']}"
+            )
+    for pair in st.get("npt", []):
+        out.append(f"NPT {pair['inside']} <-> {pair['outside']}")
+    for line in st.get("skipped", []):
+        out.append(f"skipped: {line}")
+    k = st.get("kernel", {})
+    out.append("kernel objects:")
+    for key in ("nft_tables", "nft_chains", "nft_maps", "ip6tables_rules", "routes", "rules"):
+        for item in k.get(key, []):
+            out.append(f"  {key.removesuffix('s').replace('_', ' ')}: {item}")
+    for name, c in k.get("nft_counters", {}).items():
+        out.append(f"  nft counter {name}: {c['packets']} packets {c['bytes']} bytes")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def _add_backend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "backend",
+        help="set up (or --remove) a DSR backend host: VIP on lo, decap SID, advmss (root)",
+        description="For the backend with --address in FILE: put each dsr-* VIP it serves on "
+        "lo, add an End.DT6 decapsulation route that accepts only the LB's addresses (nft), and "
+        "copy the default route(s) with the advmss the tunnel MTU requires. --remove deletes "
+        "everything tagged with the file's instance.",
+    )
+    p.add_argument("file", metavar="FILE", help="the v6lb YAML config file")
+    p.add_argument("--address", required=True, metavar="ADDR", help="this backend's address")
+    p.add_argument("--dev", metavar="IF", help="interface the tunnelled packets arrive on")
+    p.add_argument("--netns", metavar="NS", help="set up inside this named network namespace")
+    p.add_argument("--remove", action="store_true", help="remove what a previous setup installed")
+    p.set_defaults(func=_cmd_backend)
+
+
+def _cmd_backend(args: argparse.Namespace) -> int:
+    from ipaddress import AddressValueError, IPv6Address
+
+    from v6lb.engines.kernel import ApplyError, KernelError, MissingFeatureError
+    from v6lb.engines.kernel.backend import remove_backend, setup_backend
+    from v6lb.engines.kernel.host import enter_netns
+    from v6lb.model.config import ConfigError, load_config
+
+    try:
+        address = IPv6Address(args.address)
+    except AddressValueError as exc:
+        raise UsageError(f"--address {args.address!r} is not an IPv6 address: {exc}") from None
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        if args.netns:
+            enter_netns(args.netns)
+        done = (
+            remove_backend(config) if args.remove else setup_backend(config, address, dev=args.dev)
+        )
+    except (ApplyError, MissingFeatureError) as exc:
+        sys.stderr.write(f"v6lb: error: {exc}\n")
+        return 1
+    except KernelError as exc:
+        raise UsageError(str(exc)) from None
+    verb = "removed" if args.remove else "installed"
+    sys.stdout.write("".join(f"{verb}: {line}\n" for line in done) or f"{verb}: nothing\n")
+    return 0
+
+
 # --- registry ----------------------------------------------------------------
 
 _ADDERS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
@@ -539,6 +714,9 @@ _ADDERS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], No
     _add_npt,
     _add_check,
     _add_maglev,
+    _add_run,
+    _add_status,
+    _add_backend,
 ]
 
 

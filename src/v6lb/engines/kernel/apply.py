@@ -89,7 +89,7 @@ def require_tools(*tools: str) -> None:
             )
 
 
-def _run(
+def run_tool(
     argv: Sequence[str], *, netns: str | None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     require_tools(argv[0])
@@ -137,14 +137,14 @@ def _classify(tool: str, stderr: str) -> KernelError:
 
 def apply_nft(text: str, *, netns: str | None = None) -> None:
     """Load an ``nft -f`` file as one transaction (all or nothing)."""
-    r = _run(["nft", "-f", "-"], netns=netns, stdin=text)
+    r = run_tool(["nft", "-f", "-"], netns=netns, stdin=text)
     if r.returncode != 0:
         raise _classify("nft", r.stderr)
 
 
 def nft_tables(instance: str, *, netns: str | None = None) -> list[str]:
     """``family name`` of each nft table the instance owns right now."""
-    r = _run(["nft", "-j", "list", "tables"], netns=netns)
+    r = run_tool(["nft", "-j", "list", "tables"], netns=netns)
     if r.returncode != 0:
         raise _classify("nft", r.stderr)
     name = table_name(instance)
@@ -158,7 +158,7 @@ def nft_tables(instance: str, *, netns: str | None = None) -> list[str]:
 
 def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[int, int]]:
     """Named counters of the instance's tables: name -> (packets, bytes)."""
-    r = _run(["nft", "-j", "list", "counters"], netns=netns)
+    r = run_tool(["nft", "-j", "list", "counters"], netns=netns)
     if r.returncode != 0:
         raise _classify("nft", r.stderr)
     name = table_name(instance)
@@ -174,7 +174,7 @@ def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[
 
 
 def _ip6tables_save(netns: str | None) -> str:
-    r = _run(["ip6tables-save", "-c"], netns=netns)
+    r = run_tool(["ip6tables-save", "-c"], netns=netns)
     if r.returncode != 0:
         raise _classify("ip6tables-save", r.stderr)
     return r.stdout
@@ -186,12 +186,12 @@ def apply_ip6tables(rules: str, instance: str, *, netns: str | None = None) -> N
     if not rules.strip() and not tagged_rules(saved, instance):
         return  # nothing of ours before or after: leave the tables alone
     new = splice(saved, instance, rules)
-    r = _run(["ip6tables-restore", "-c"], netns=netns, stdin=new)
+    r = run_tool(["ip6tables-restore", "-c"], netns=netns, stdin=new)
     if r.returncode == 0:
         return
     error = _classify("ip6tables-restore", r.stderr)
     if saved.strip():
-        back = _run(["ip6tables-restore", "-c"], netns=netns, stdin=saved)
+        back = run_tool(["ip6tables-restore", "-c"], netns=netns, stdin=saved)
         if back.returncode != 0:
             raise ApplyError(
                 f"{error.message}; restoring the saved rules failed too: {_last_lines(back.stderr)}",
@@ -203,12 +203,12 @@ def apply_ip6tables(rules: str, instance: str, *, netns: str | None = None) -> N
 # --- routes ------------------------------------------------------------------------
 
 
-def _in_block(table: object, instance: str) -> bool:
+def in_instance_block(table: object, instance: str) -> bool:
     base = instance_tag(instance)
     return isinstance(table, str) and table.isdigit() and base <= int(table) < base + TAG_SPAN
 
 
-def _json(r: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+def nft_json(r: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
     # Duplicate keys happen (a seg6local route's "table" twice); json keeps the last,
     # which is the route's own table.
     data = json.loads(r.stdout or "[]")
@@ -218,19 +218,19 @@ def _json(r: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
 def _route_cleanup(instance: str, netns: str | None) -> list[str]:
     """Batch lines that delete the instance's rules, tables and lo addresses."""
     lines: list[str] = []
-    rules = _json(_run(["ip", "-6", "-j", "rule", "show"], netns=netns))
+    rules = nft_json(run_tool(["ip", "-6", "-j", "rule", "show"], netns=netns))
     for rule in rules:
-        if str(rule.get("protocol")) in ("118", hex(ROUTE_PROTO)) and _in_block(
+        if str(rule.get("protocol")) in ("118", hex(ROUTE_PROTO)) and in_instance_block(
             rule.get("table"), instance
         ):
             lines.append(f"rule del pref {rule['priority']} table {rule['table']}")
-    routes = _json(
-        _run(["ip", "-6", "-j", "route", "show", "table", "all", "proto", "0x76"], netns=netns)
+    routes = nft_json(
+        run_tool(["ip", "-6", "-j", "route", "show", "table", "all", "proto", "0x76"], netns=netns)
     )
     for table in dict.fromkeys(str(route.get("table")) for route in routes):
-        if _in_block(table, instance):
+        if in_instance_block(table, instance):
             lines.append(f"route flush table {table}")
-    links = _json(_run(["ip", "-6", "-j", "address", "show", "dev", "lo"], netns=netns))
+    links = nft_json(run_tool(["ip", "-6", "-j", "address", "show", "dev", "lo"], netns=netns))
     tag = instance_tag(instance)
     for link in links:
         infos = link.get("addr_info")
@@ -241,7 +241,7 @@ def _route_cleanup(instance: str, netns: str | None) -> list[str]:
 
 
 def _batch(text: str, netns: str | None) -> subprocess.CompletedProcess[str]:
-    return _run(["ip", "-6", "-batch", "-"], netns=netns, stdin=text)
+    return run_tool(["ip", "-6", "-batch", "-"], netns=netns, stdin=text)
 
 
 def remove_routes(instance: str, *, netns: str | None = None) -> list[str]:
@@ -346,7 +346,7 @@ def _remove_ip6tables(instance: str, netns: str | None) -> list[str]:
     removed = [f"ip6tables {line}" for line in tagged]
     # ip6tables-nft leaves the emptied tables behind as nft tables: delete the ones
     # that held our rules and now do nothing at all (legacy tables cannot be deleted).
-    if "nf_tables" in _run(["ip6tables", "-V"], netns=netns).stdout:
+    if "nf_tables" in run_tool(["ip6tables", "-V"], netns=netns).stdout:
         ours = set(tagged_tables(saved, instance))
         for table in empty_tables(_ip6tables_save(netns)):
             if table in ours:

@@ -1,0 +1,151 @@
+"""The control socket of a running instance: AF_UNIX, one JSON request and one JSON answer.
+
+Protocol: the client connects, sends one line ``{"cmd": "status"}``, and reads
+one JSON document (terminated by a newline) before the server closes. An
+unknown command answers ``{"error": "..."}``. The socket file is created with
+mode 0600 (the instance runs as root, and its answer lists kernel state).
+
+The server side is sans-loop: :class:`ControlServer` registers its listening
+socket in the caller's selector (``data`` is the server itself) and answers a
+request when the caller passes it the ready key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ControlError", "ControlServer", "query"]
+
+_MAX_REQUEST = 4096
+_CLIENT_TIMEOUT = 2.0
+
+Handler = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+
+class ControlError(RuntimeError):
+    """No instance answers on the socket, or its answer is not JSON."""
+
+
+def query(path: str, cmd: str = "status", *, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask the instance at ``path``; its JSON answer as a dict."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except FileNotFoundError:
+            raise ControlError(
+                f"no control socket at {path}: is `v6lb run` running with this file?"
+            ) from None
+        except ConnectionRefusedError:
+            raise ControlError(
+                f"nothing answers on {path} (a stale socket: the instance has stopped)"
+            ) from None
+        except PermissionError:
+            raise ControlError(f"no permission to open {path}: run it as root") from None
+        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except TimeoutError:
+        raise ControlError(f"the instance at {path} did not answer within {timeout:g} s") from None
+    finally:
+        s.close()
+    try:
+        answer = json.loads(b"".join(chunks) or b"null")
+    except ValueError as exc:
+        raise ControlError(f"the answer on {path} is not JSON: {exc}") from None
+    if not isinstance(answer, dict):
+        raise ControlError(f"the answer on {path} is not a JSON object")
+    return answer
+
+
+def _alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class ControlServer:
+    """The listening side; ``handlers`` maps a command name to a function of the request."""
+
+    def __init__(self, path: str, handlers: Mapping[str, Handler]) -> None:
+        self.path = path
+        self.handlers = dict(handlers)
+        if os.path.exists(path):
+            if _alive(path):
+                raise ControlError(
+                    f"another instance already answers on {path}: stop it first, or give this"
+                    " one its own lb.control_socket (or --control-socket)"
+                )
+            os.unlink(path)  # stale, left by a crash
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        selector.register(self.sock, selectors.EVENT_READ, self)
+
+    def handle(self) -> None:
+        """Accept one client and answer it (a slow or silent client is cut off after 2 s)."""
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        conn.settimeout(_CLIENT_TIMEOUT)
+        try:
+            data = b""
+            while b"\n" not in data and len(data) < _MAX_REQUEST:
+                chunk = conn.recv(_MAX_REQUEST)
+                if not chunk:
+                    break
+                data += chunk
+            answer: Mapping[str, Any]
+            try:
+                request = json.loads(data.split(b"\n", 1)[0] or b"{}")
+                cmd = request.get("cmd", "status") if isinstance(request, dict) else None
+                handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
+                if handler is None:
+                    answer = {"error": f"unknown command {cmd!r}; known: {sorted(self.handlers)}"}
+                else:
+                    answer = handler(request)
+            except ValueError as exc:
+                answer = {"error": f"the request is not JSON: {exc}"}
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self, selector: selectors.BaseSelector | None = None) -> None:
+        if selector is not None:
+            try:
+                selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

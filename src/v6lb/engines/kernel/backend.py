@@ -1,0 +1,89 @@
+"""`v6lb backend`: set up (or remove) a DSR backend host from the same file the LB runs.
+
+Installs, tagged with the LB's instance:
+
+* nft ``table ip6 v6lb_<instance>``: the decapsulation addresses accept the
+  LB's addresses only (:func:`v6lb.render.nftables.render_backend_nft`);
+* routes/rules (``proto 0x76``) and ``lo`` addresses (metric = instance tag):
+  each VIP the host serves on ``lo`` as a /128, an ``End.DT6`` route per
+  decapsulation address on ``--dev``, and the host's default route(s) copied
+  with the ``advmss`` the MTU trap needs, used for packets from the VIPs
+  (:func:`v6lb.render.routes.render_backend_routes`).
+
+The nft table goes first, then the routes; if the routes fail the table is
+removed again, so a failed setup leaves nothing.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv6Address
+
+from v6lb.engines.kernel.apply import (
+    KernelError,
+    apply_nft,
+    apply_routes,
+    remove,
+    require_root,
+    require_tools,
+)
+from v6lb.engines.kernel.host import HostError, default_return_routes, host_links
+from v6lb.model.config import Config, VipMode
+from v6lb.render.nftables import RenderError, render_backend_nft, render_remove
+from v6lb.render.routes import backend_vips, render_backend_routes
+
+__all__ = ["remove_backend", "setup_backend"]
+
+_TUNNEL = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+
+
+def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = None) -> list[str]:
+    """Install the backend side for ``address`` in the current namespace; what was done."""
+    require_root()
+    require_tools("nft", "ip")
+    served = backend_vips(config, address)
+    if not served:
+        raise HostError(
+            f"{address} is not a backend of any dsr-* VIP in {config.source}",
+            "give the address a backend has in the file (--address), or add it to a dsr-* VIP",
+        )
+    links = host_links()
+    tunnel = any(vip.mode in _TUNNEL for vip, _ in served)
+    if dev is None and tunnel:
+        routes = default_return_routes()
+        dev = routes[0].dev if routes else links.addresses.get(address)
+        if dev is None:
+            raise HostError(
+                "cannot tell which interface the tunnelled packets arrive on",
+                "give it with --dev IF",
+            )
+    if dev is not None and dev not in links.macs:
+        raise HostError(
+            f"this host has no interface {dev!r}", "give an existing interface with --dev"
+        )
+    returns = default_return_routes() if tunnel else []
+    try:
+        nft = render_backend_nft(config, address)
+        batch = render_backend_routes(config, address, decap_dev=dev or "lo", return_routes=returns)
+    except RenderError as exc:
+        raise HostError(f"{config.source}: {exc}", "fix the file") from None
+    instance = config.lb.instance
+    apply_nft(nft)
+    try:
+        apply_routes(batch, instance)
+    except KernelError:
+        apply_nft(render_remove(instance))
+        raise
+    done = [f"VIP {vip.address}/128 on lo ({vip.name}, {vip.mode})" for vip, _ in served]
+    if tunnel:
+        done.append(f"End.DT6 decapsulation on {dev}, accepting the LB's addresses only")
+        if returns:
+            done.append("advmss on " + ", ".join(r.text() for r in returns))
+        else:
+            done.append("no default route found: no advmss return route (large POSTs may hang)")
+    return done
+
+
+def remove_backend(config: Config) -> list[str]:
+    """Remove everything tagged with the file's instance in the current namespace."""
+    require_root()
+    return remove(config.lb.instance)
