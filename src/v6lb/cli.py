@@ -327,12 +327,14 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from v6lb.model.bgp import parse_bgp
     from v6lb.model.config import ConfigError, load_config
     from v6lb.model.topology import parse_topology
 
     try:
         config = load_config(args.file)
         topo = parse_topology(config) if config.topology is not None else None
+        bgp = parse_bgp(config)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     sys.stdout.write(f"{args.file}: valid\n{config.summary()}")
@@ -349,6 +351,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
     if config.bgp is not None and topo is not None:
         sys.stdout.write(f"bgp: {len(topo.announcements)} announcements\n")
+    if bgp is not None:
+        sys.stdout.write(
+            f"bgp: AS {bgp.asn}, {len(bgp.neighbours)} neighbours, hold {bgp.hold} s, "
+            f"keepalive {bgp.keepalive} s, BFD "
+            + (
+                f"{bgp.bfd.interval * 1000:g} ms x {bgp.bfd.multiplier}"
+                if bgp.bfd.enabled
+                else "off"
+            )
+            + "\n"
+        )
     return 0
 
 
@@ -706,6 +719,124 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="build the file's topology in network namespaces and run v6lb in it (root)",
+        description="`up` builds one namespace per topology node (v6lb-NAME-NODE), one bridge "
+        "per link, addresses, routes and forwarding; runs `v6lb run` on the LB nodes, `v6lb "
+        "backend` on DSR backends and an HTTP server on every backend. `down` removes all of "
+        "it (idempotent). `status` shows nodes, processes and each LB's status. `exec NODE -- "
+        "CMD` runs CMD in a node's namespace. See docs/lab.md.",
+    )
+    lsub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    up = lsub.add_parser("up", help="build the lab from FILE's topology: section")
+    up.add_argument("file", metavar="FILE", help="the v6lb YAML config file (with topology:)")
+    up.add_argument(
+        "--dataplane", choices=["kernel", "python"], default="kernel", help="default kernel"
+    )
+    up.add_argument("--name", help="lab name, [a-z0-9]{1,12} (default: from FILE's name)")
+    up.set_defaults(func=_cmd_lab)
+    down = lsub.add_parser("down", help="remove a lab: processes, namespaces, links (idempotent)")
+    down.add_argument("file", metavar="FILE", nargs="?", help="the file the lab was built from")
+    down.add_argument("--name", help="lab name (default: from FILE's name)")
+    down.set_defaults(func=_cmd_lab)
+    st = lsub.add_parser("status", help="nodes, processes, and each LB's `v6lb status`")
+    st.add_argument("file", metavar="FILE", nargs="?", help="the file the lab was built from")
+    st.add_argument("--name", help="lab name (default: FILE's, or the only lab up)")
+    st.add_argument("--json", action="store_true", help="print the lab's state as JSON")
+    st.set_defaults(func=_cmd_lab)
+    ex = lsub.add_parser("exec", help="run a command in a node's namespace: exec NODE -- CMD")
+    ex.add_argument("--name", help="lab name (default: the only lab up)")
+    ex.add_argument("node", metavar="NODE")
+    ex.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=_cmd_lab)
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    import json
+
+    from v6lb.lab.netns import lab_down, lab_exec, lab_status, lab_up, list_labs, resolve_name
+    from v6lb.lab.plan import LabError
+
+    try:
+        if args.lab_command == "up":
+            if args.dataplane != "kernel":
+                raise UsageError(
+                    f"--dataplane {args.dataplane} is not built yet: the lab runs the kernel"
+                    " data plane; use --dataplane kernel"
+                )
+            name = resolve_name(args.name, args.file)
+            state = lab_up(args.file, name)
+            lbs = ", ".join(state.get("lbs", {})) or "none"
+            sys.stdout.write(
+                f"lab {name} is up: {len(state['nodes'])} nodes, LB nodes: {lbs}\n"
+                f"  v6lb lab exec --name {name} NODE -- CMD;  v6lb lab down --name {name}\n"
+            )
+            return 0
+        if args.lab_command == "down":
+            if args.file is None and args.name is None:
+                raise UsageError("say which lab: v6lb lab down FILE, or --name NAME")
+            name = resolve_name(args.name, args.file)
+            done = lab_down(name)
+            sys.stdout.write(f"lab {name}: " + ("removed" if done else "nothing to remove") + "\n")
+            return 0
+        if args.lab_command == "status":
+            if args.file is None and args.name is None and len(list_labs()) != 1:
+                labs = list_labs()
+                sys.stdout.write(("labs: " + ", ".join(labs) if labs else "no lab is up") + "\n")
+                return 0
+            st = lab_status(resolve_name(args.name, args.file))
+            if args.json:
+                sys.stdout.write(json.dumps(st, indent=2) + "\n")
+                return 0
+            sys.stdout.write(_lab_status_text(st))
+            return 0
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        return lab_exec(resolve_name(args.name, None), args.node, cmd)
+    except LabError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _lab_status_text(st: dict[str, object]) -> str:
+    out = [f"lab {st.get('name')} ({st.get('phase')}) from {st.get('file')}"]
+    nodes = st.get("nodes")
+    if isinstance(nodes, dict):
+        for node, info in nodes.items():
+            ok = "ok" if info.get("netns_present") else "MISSING"
+            addrs = ", ".join(info.get("addresses", []))
+            out.append(
+                f"  node {node} ({info.get('role')}) netns {info.get('netns')} {ok}  {addrs}"
+            )
+    procs = st.get("processes")
+    if isinstance(procs, list):
+        for p in procs:
+            alive = "alive" if p.get("alive") else "DEAD"
+            out.append(
+                f"  process {p['kind']} on {p['node']} pid {p['pid']} {alive}  log {p['log']}"
+            )
+    lbs = st.get("lbs")
+    if isinstance(lbs, dict):
+        for node, lb in lbs.items():
+            s = lb.get("status", {})
+            if "error" in s:
+                out.append(f"  LB {node}: status unavailable: {s['error']}")
+                continue
+            out.append(f"  LB {node}: instance {s.get('instance')}, up {s.get('uptime_s')} s")
+            for v in s.get("vips", []):
+                health = ", ".join(f"{a} {h}" for a, h in v["backends"].items())
+                out.append(
+                    f"    VIP {v['name']} {v['mode']} {v['address']}: {v['packets']} packets;"
+                    f" {health}"
+                )
+            for pair in s.get("npt", []):
+                out.append(f"    NPT {pair['inside']} <-> {pair['outside']}")
+    leftovers = st.get("leftover_netns")
+    if isinstance(leftovers, list):
+        out += [f"  leftover namespace {ns}" for ns in leftovers]
+    return "\n".join(out) + "\n"
+
+
 # --- registry ----------------------------------------------------------------
 
 _ADDERS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
@@ -717,6 +848,7 @@ _ADDERS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], No
     _add_run,
     _add_status,
     _add_backend,
+    _add_lab,
 ]
 
 

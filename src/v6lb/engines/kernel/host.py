@@ -80,15 +80,16 @@ def _ip_json(*argv: str) -> list[dict[str, object]]:
 def host_links() -> Links:
     macs: dict[str, str] = {}
     addresses: dict[IPv6Address, str] = {}
+    # `ip -j address show` carries no link-layer address: MACs come from `ip -j link show`.
+    for link in _ip_json("link", "show"):
+        macs[str(link.get("ifname"))] = str(link.get("address") or "")
     for link in _ip_json("-6", "address", "show"):
         name = str(link.get("ifname"))
-        macs[name] = str(link.get("address") or "")
+        macs.setdefault(name, "")
         infos = link.get("addr_info")
         for info in infos if isinstance(infos, list) else []:
             if info.get("family") == "inet6":
                 addresses[IPv6Address(str(info["local"]))] = name
-    for link in _ip_json("link", "show"):  # interfaces without any IPv6 address
-        macs.setdefault(str(link.get("ifname")), str(link.get("address") or ""))
     return Links(macs, addresses)
 
 

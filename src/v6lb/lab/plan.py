@@ -1,0 +1,354 @@
+"""What a lab is made of, computed from the file alone (pure: nothing is touched here).
+
+:func:`plan_lab` turns a config and its ``topology:`` into the namespaces,
+interfaces, addresses, routes and processes :mod:`v6lb.lab.netns` creates:
+
+* one namespace per node, ``v6lb-<name>-<node>``, and one switch namespace
+  ``v6lb-<name>--sw`` holding one bridge per link (``v6lb-b<i>``); every node
+  interface is a veth whose peer is a port of its link's bridge. So every link,
+  whatever its number of endpoints, looks the same, and can be captured on its
+  bridge. Lab names are ``[a-z0-9]{1,12}`` (no ``-``), so two labs never share
+  a namespace name.
+* interfaces in a node are ``v6lb-<link>`` (``v6lb-l<i>`` when the link name is
+  longer than 10 characters), with a MAC derived from the link and node indexes;
+* routes: each node's :func:`~v6lb.model.topology.compute_fib` (static, default
+  and anycast entries; connected ones come with the addresses), tagged
+  ``proto 0x77``;
+* per LB node, a derived file for ``v6lb run``: ``lb:`` rewritten for the node
+  (its addresses and interfaces, an instance name, the lab's control socket),
+  only the VIPs it ``serves`` that the kernel data plane runs, the ``npt:`` pairs
+  if it serves ``npt``, the lab MACs for ``dsr-l2`` backends;
+* one derived file for ``v6lb backend`` whose ``lb.addresses`` are every LB
+  node's addresses (the decapsulation filter accepts them);
+* an HTTP server on every node that holds a backend address, on the ports its
+  VIPs send to.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv6Address
+from pathlib import Path
+from typing import Any, Final
+
+from v6lb.model.config import Config, VipMode
+from v6lb.model.topology import NodeType, Topology, compute_fib
+
+__all__ = [
+    "LAB_ROOT",
+    "ROUTE_PROTO",
+    "Iface",
+    "LabError",
+    "LabPlan",
+    "default_name",
+    "check_name",
+    "lab_namespace",
+    "plan_lab",
+    "switch_namespace",
+]
+
+LAB_ROOT: Final = Path("/run/v6lb/lab")
+ROUTE_PROTO: Final = 0x77  # routes the lab adds (v6lb run uses 0x76)
+_NAME_RE: Final = re.compile(r"[a-z0-9]{1,12}")
+_INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
+_KERNEL: Final = (VipMode.NAT, VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_DSR: Final = (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_TUNNEL: Final = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+
+
+class LabError(Exception):
+    """The lab cannot be built or found; ``fix`` says what to do."""
+
+    def __init__(self, message: str, fix: str = "") -> None:
+        super().__init__(message + (f"\n  fix: {fix}" if fix else ""))
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise LabError(
+            f"lab name {name!r} is not valid",
+            "use 1 to 12 characters of a-z and 0-9 (no '-': it separates the node name)",
+        )
+    return name
+
+
+def default_name(path: str | Path) -> str:
+    """The lab name for a file when ``--name`` is not given: its stem, alphanumerics only."""
+    stem = re.sub(r"[^a-z0-9]", "", Path(path).stem.lower())[:12]
+    return stem or "lab"
+
+
+def lab_namespace(name: str, node: str) -> str:
+    return f"v6lb-{name}-{node}"
+
+
+def switch_namespace(name: str) -> str:
+    return f"v6lb-{name}--sw"
+
+
+@dataclass(frozen=True, slots=True)
+class Iface:
+    node: str
+    link: str
+    name: str  # in the node's namespace
+    port: str  # the veth peer, a port of the link's bridge in the switch namespace
+    mac: str
+    addresses: tuple[IPv6Address, ...]
+    prefixlen: int
+    mtu: int
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    node: str
+    address: IPv6Address
+    ports: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class LabPlan:
+    name: str
+    file: Path
+    labdir: Path
+    config: Config
+    topo: Topology
+    namespaces: dict[str, str]  # node -> namespace
+    switch_ns: str
+    bridges: dict[str, tuple[str, int]]  # link -> (bridge name, mtu)
+    ifaces: list[Iface]
+    loopbacks: dict[str, tuple[IPv6Address, ...]]
+    forwarding: set[str]
+    routes: dict[str, list[str]]  # node -> `ip -6 route` arguments
+    lb_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> derived file
+    lb_instances: dict[str, str] = field(default_factory=dict)
+    backend_config: dict[str, Any] | None = None  # lb.instance is set per DSR backend
+    dsr_backends: list[tuple[str, IPv6Address, str]] = field(default_factory=list)
+    servers: list[Server] = field(default_factory=list)
+
+    def iface(self, node: str, link: str) -> Iface:
+        return next(i for i in self.ifaces if i.node == node and i.link == link)
+
+    def socket(self, node: str) -> Path:
+        return self.labdir / f"{node}.sock"
+
+
+def _ifname(link: str, index: int) -> str:
+    return f"v6lb-{link}" if len(link) <= 10 else f"v6lb-l{index}"
+
+
+def plan_lab(
+    config: Config, topo: Topology, raw: dict[str, Any], name: str, *, root: Path = LAB_ROOT
+) -> LabPlan:
+    """The whole lab for ``config`` (``raw`` is the file's YAML, for the derived files)."""
+    check_name(name)
+    nodes = [n.name for n in topo.nodes]
+    if len(nodes) > 250 or len(topo.links) > 250:
+        raise LabError("the lab supports at most 250 nodes and 250 links", "split the topology")
+    labdir = root / name
+    namespaces = {n: lab_namespace(name, n) for n in nodes}
+    decap = {
+        b.sid if vip.mode is VipMode.DSR_SRV6 and b.sid is not None else b.address
+        for vip in config.vips
+        if vip.mode in _TUNNEL
+        for b in vip.backends
+    }
+    names = [_ifname(lk.name, i) for i, lk in enumerate(topo.links)]
+    if len(set(names)) != len(names):
+        names = [f"v6lb-l{i}" for i in range(len(topo.links))]
+    bridges: dict[str, tuple[str, int]] = {}
+    ifaces: list[Iface] = []
+    for li, lk in enumerate(topo.links):
+        bridges[lk.name] = (f"v6lb-b{li}", lk.mtu)
+        for att in lk.endpoints:
+            ni = nodes.index(att.node)
+            ifaces.append(
+                Iface(
+                    node=att.node,
+                    link=lk.name,
+                    name=names[li],
+                    port=f"v6lb-{li}-{ni}",
+                    mac=f"02:76:6c:{li:02x}:{ni:02x}:01",
+                    addresses=att.addresses,
+                    prefixlen=lk.subnet.prefixlen,
+                    mtu=lk.mtu,
+                )
+            )
+    plan = LabPlan(
+        name=name,
+        file=Path(config.source).resolve(),
+        labdir=labdir,
+        config=config,
+        topo=topo,
+        namespaces=namespaces,
+        switch_ns=switch_namespace(name),
+        bridges=bridges,
+        ifaces=ifaces,
+        loopbacks={
+            n.name: tuple(a for a in n.loopback if a not in decap) for n in topo.nodes if n.loopback
+        },
+        forwarding={n.name for n in topo.nodes if n.type in (NodeType.ROUTER, NodeType.LB)},
+        routes=_routes(topo, {lk.name: names[i] for i, lk in enumerate(topo.links)}),
+    )
+    _plan_lbs(plan, raw)
+    _plan_backends(plan, raw)
+    return plan
+
+
+def _routes(topo: Topology, ifname: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for node, fib in compute_fib(topo).items():
+        lines: list[str] = []
+        for e in fib:
+            if e.origin == "connected":
+                continue
+            dst = "default" if e.prefix.prefixlen == 0 else str(e.prefix)
+            words = [dst]
+            if e.source is not None:
+                words += ["from", str(e.source)]
+            if len(e.nexthops) == 1:
+                nh = e.nexthops[0]
+                words += (["via", str(nh.via)] if nh.via is not None else []) + [
+                    "dev",
+                    ifname[nh.link],
+                ]
+            else:
+                for nh in e.nexthops:
+                    words += ["nexthop"] + (["via", str(nh.via)] if nh.via is not None else [])
+                    words += ["dev", ifname[nh.link]]
+            words += ["proto", f"{ROUTE_PROTO:#x}"]
+            lines.append(" ".join(words))
+        out[node] = lines
+    return out
+
+
+def _lb_instance(node: str, index: int) -> str:
+    return node if _INSTANCE_RE.fullmatch(node) else f"lb{index}"
+
+
+def _plan_lbs(plan: LabPlan, raw: dict[str, Any]) -> None:
+    topo, config = plan.topo, plan.config
+    macs = {a: i.mac for i in plan.ifaces for a in i.addresses}
+    for index, lb in enumerate(topo.lbs()):
+        addrs = topo.addresses(lb.name)
+        links = [a.link for a in topo.attachments(lb.name)]
+        inside = [lk for lk in links if lk in lb.inside] or links[-1:]
+        outside = [lk for lk in links if lk not in inside] or links[:1]
+        vips = [
+            v
+            for v in config.vips
+            if v.name in lb.serves and v.mode in _KERNEL and not v.mode.is_proxy
+        ]
+        egress = inside[0]
+        l2 = [v for v in vips if v.mode is VipMode.DSR_L2]
+        if l2:
+            be = l2[0].backends[0].address
+            egress = next(
+                (lk for lk in inside if be in topo.link(lk).subnet),
+                egress,
+            )
+        order = [outside[0], egress] if outside[0] != egress else [egress]
+        order += [lk for lk in links if lk not in order]
+        interfaces = [plan.iface(lb.name, lk).name for lk in order]
+        inside_addr = next(
+            (a for a in topo.attachments(lb.name) if a.link == egress), topo.attachments(lb.name)[0]
+        ).addresses[0]
+        instance = _lb_instance(lb.name, index)
+        derived = _derive(raw, vips, macs, set(addrs), inside_addr)
+        derived["lb"] = {
+            **{k: v for k, v in (raw.get("lb") or {}).items() if k not in ("interfaces",)},
+            "instance": instance,
+            "addresses": [str(a) for a in addrs],
+            "interfaces": interfaces,
+            "control_socket": str(plan.socket(lb.name)),
+        }
+        if "npt" in lb.serves and raw.get("npt"):
+            derived["npt"] = copy.deepcopy(raw["npt"])
+        if not derived.get("vips") and not derived.get("npt"):
+            continue  # nothing for the kernel data plane on this LB (proxy VIPs only)
+        plan.lb_configs[lb.name] = derived
+        plan.lb_instances[lb.name] = instance
+
+
+def _derive(
+    raw: dict[str, Any],
+    vips: list[Any],
+    macs: dict[IPv6Address, str],
+    own: set[IPv6Address],
+    inside_addr: IPv6Address,
+) -> dict[str, Any]:
+    names = {v.name for v in vips}
+    out: dict[str, Any] = {}
+    items = []
+    for item in raw.get("vips") or []:
+        if item.get("name") not in names:
+            continue
+        item = copy.deepcopy(item)
+        mode = item.get("mode")
+        if mode == VipMode.DSR_L2.value:
+            for b in item.get("backends") or []:
+                if "mac" not in b and IPv6Address(b["address"]) in macs:
+                    b["mac"] = macs[IPv6Address(b["address"])]
+        if mode in (m.value for m in _TUNNEL):
+            src = item.get("tunnel_source")
+            if src is None or IPv6Address(src) not in own:
+                item["tunnel_source"] = str(inside_addr)
+        items.append(item)
+    out["vips"] = items
+    return out
+
+
+def _plan_backends(plan: LabPlan, raw: dict[str, Any]) -> None:
+    topo, config = plan.topo, plan.config
+    served = {v for c in plan.lb_configs.values() for v in (i["name"] for i in c["vips"])}
+    ports: dict[tuple[str, IPv6Address], set[int]] = {}
+    dsr: dict[tuple[str, IPv6Address], None] = {}
+    for vip in config.vips:
+        if vip.name not in served:
+            continue
+        for b in vip.backends:
+            owner = topo.owner(b.address)
+            if owner is None:
+                continue
+            key = (owner, b.address)
+            ports.setdefault(key, set()).update([b.port] if b.port else vip.ports)
+            if vip.mode in _DSR:
+                dsr[key] = None
+    if any("npt" in c and c["npt"] for c in plan.lb_configs.values()):
+        for pair in config.npt:  # an HTTP server on port 80 of every host inside an npt pair
+            for n in topo.nodes:
+                if n.type not in (NodeType.HOST, NodeType.BACKEND):
+                    continue
+                for addr in topo.addresses(n.name):
+                    if addr in pair.inside:
+                        ports.setdefault((n.name, addr), set()).add(80)
+    seen: set[str] = set()
+    for (node, address), p in ports.items():
+        if node in seen:  # one server per node answers on [::] for all its ports
+            srv = next(s for s in plan.servers if s.node == node)
+            plan.servers[plan.servers.index(srv)] = Server(
+                node, srv.address, tuple(sorted(set(srv.ports) | p))
+            )
+            continue
+        seen.add(node)
+        plan.servers.append(Server(node, address, tuple(sorted(p))))
+    plan.dsr_backends = [(node, addr, f"labbe{k}") for k, (node, addr) in enumerate(dsr)]
+    if plan.dsr_backends:
+        lb_addrs = [str(a) for lb in plan.lb_configs for a in plan.topo.addresses(lb)]
+        vips = [
+            item
+            for c in plan.lb_configs.values()
+            for item in c["vips"]
+            if item["mode"] in (m.value for m in _DSR)
+        ]
+        unique = list({item["name"]: item for item in vips}.values())
+        plan.backend_config = {
+            "lb": {
+                **{k: v for k, v in (raw.get("lb") or {}).items() if k == "flow_hash_seed"},
+                "instance": "labbe",  # replaced per backend: one instance each
+                "addresses": lb_addrs,
+                "control_socket": str(plan.labdir / "backend.sock"),
+            },
+            "vips": unique,
+        }
