@@ -417,11 +417,13 @@ def test_run_names_the_missing_tool(
     assert "`nft` is not installed" in err and "apt-get install nftables" in err
 
 
-def test_run_refuses_the_python_dataplane(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_run_python_dataplane_checks_before_installing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The python data plane makes the same checks first: not root -> exit 2, nothing done."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     code, err = run_cli(["run", str(good_file(tmp_path)), "--dataplane", "python"], capsys)
-    assert code == 2 and "--dataplane python is not built yet" in err
+    assert code == 2 and "root" in err
 
 
 def test_run_refuses_a_bad_file_and_a_proxy_only_file(

@@ -562,7 +562,13 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--dataplane",
         choices=["kernel", "python"],
         default="kernel",
-        help="L3/L4 data plane (default kernel; python is not built yet)",
+        help="L3/L4 data plane: kernel (nftables/ip6tables/seg6, the default) or python "
+        "(the v6lb core on TUN devices: npt, nat, dsr-ip6ip6, dsr-srv6)",
+    )
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="python data plane: log one line per packet decision (rate-limited)",
     )
     p.add_argument("--instance", metavar="NAME", help="override lb.instance (the ownership tag)")
     p.add_argument("--netns", metavar="NS", help="run inside this named network namespace")
@@ -577,6 +583,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from v6lb.engines.kernel import ApplyError, KernelError, MissingFeatureError
     from v6lb.engines.kernel.run import Runner, prepare
 
+    if args.trace:
+        import os
+
+        os.environ["V6LB_TRACE"] = "1"  # read by the python data plane
     try:
         prepared = prepare(
             args.file,

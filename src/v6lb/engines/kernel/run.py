@@ -160,10 +160,18 @@ def prepare(
     control_socket: str | None = None,
 ) -> Prepared:
     """Every check `run` makes before it installs anything; raises :class:`KernelError`."""
+    if dataplane == "python":
+        # The Python TUN data plane checks, installs and serves on its own; it
+        # raises RunError before installing anything, and exits with its code.
+        from v6lb.engines.python.run import run_python
+
+        raise SystemExit(
+            run_python(path, instance=instance, netns=netns, control_socket=control_socket)
+        )
     if dataplane != "kernel":
         raise RunError(
-            f"--dataplane {dataplane} is not built yet: only the kernel data plane can run",
-            "use --dataplane kernel (the default)",
+            f"--dataplane {dataplane} is not known",
+            "use --dataplane kernel (the default) or python",
         )
     require_root()
     require_tools(*RUN_TOOLS)

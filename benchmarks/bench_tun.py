@@ -1,0 +1,218 @@
+"""Small-UDP packets per second through an LB namespace: ``--dataplane python`` vs ``kernel``.
+
+Method (root; needs iperf3, installed from Debian: ``apt-get install iperf3``):
+- Three namespaces ``v6lb-p-<pid>-<n>``: outside (client), LB, inside (backend),
+  joined by veth pairs; IPv6 forwarding on in the LB.
+- ``nat``: a ``nat`` VIP ``[2001:db8:f::80]:5201`` for udp (the data) and one
+  for tcp (iperf3's control connection), one backend running ``iperf3 -s``;
+  the client runs ``iperf3 -u -l 64 -b 0`` to the VIP.
+- ``npt``: ``fd00:b::/48 <-> 2001:db8:e::/48``; the inside host runs
+  ``iperf3 -u -l 64 -b 0`` (bound to its inside address) to an ``iperf3 -s`` on
+  the outside host.
+- Each run starts ``v6lb run FILE --dataplane D --netns LB``, sends for
+  SECONDS, stops the LB (SIGTERM) and reads the receiver's count from the
+  client's ``--json`` (``packets - lost_packets``): received packets per
+  second, 64-byte UDP payloads (112-byte IPv6 packets).
+- Runs are interleaved: for each of RUNS rounds, every (mode, data plane) once.
+  We report the median and min-max of the received pps and the ratio of the
+  medians (python / kernel).
+Run: ``sudo .venv/bin/python benchmarks/bench_tun.py [--runs 5] [--seconds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+V6LB = str(Path(sys.executable).parent / "v6lb")
+VIP = "2001:db8:f::80"
+BACKEND = "2001:db8:b::10"
+INSIDE, OUTSIDE = "fd00:b::/48", "2001:db8:e::/48"
+INSIDE_HOST = "fd00:b::10"
+OUTSIDE_HOST = "2001:db8:a::2"
+_counter = itertools.count()
+
+
+def sh(*argv: str, stdin: str | None = None) -> str:
+    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr}")
+    return r.stdout
+
+
+def nsx(ns: str, *argv: str, stdin: str | None = None) -> str:
+    return sh("ip", "netns", "exec", ns, *argv, stdin=stdin)
+
+
+@contextmanager
+def namespaces(*roles: str) -> Iterator[dict[str, str]]:
+    names = {role: f"v6lb-p-{os.getpid()}-{next(_counter)}" for role in roles}
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            nsx(ns, "ip", "link", "set", "lo", "up")
+        yield names
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def config(mode: str, sock: str) -> dict[str, Any]:
+    lb: dict[str, Any] = {
+        "instance": f"b{os.getpid() % 100000}",
+        "flow_hash_seed": 0x5EED,
+        "interfaces": ["l0", "l1"],
+        "addresses": ["2001:db8:a::1"],
+        "control_socket": sock,
+    }
+    if mode == "npt":
+        return {"lb": lb, "npt": [{"inside": INSIDE, "outside": OUTSIDE}]}
+    vip = {
+        "address": VIP,
+        "ports": [5201],
+        "mode": "nat",
+        "health": {"type": "none"},
+        "backends": [{"address": BACKEND}],
+    }
+    return {
+        "lb": lb,
+        "vips": [
+            {"name": "data", "protocol": "udp", **vip},
+            {"name": "ctl", "protocol": "tcp", **vip},
+        ],
+    }
+
+
+def setup(ns: dict[str, str]) -> None:
+    c, lb, b = ns["client"], ns["lb"], ns["backend"]
+    for a, a_if, z, z_if in ((c, "c0", lb, "l0"), (lb, "l1", b, "b0")):
+        sh("ip", "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", z_if, "netns", z)
+        nsx(a, "ip", "link", "set", a_if, "up")
+        nsx(z, "ip", "link", "set", z_if, "up")
+    nsx(lb, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    lines = {
+        c: [f"address add {OUTSIDE_HOST}/64 dev c0 nodad", "route add default via 2001:db8:a::1"],
+        lb: [
+            "address add 2001:db8:a::1/64 dev l0 nodad",
+            "address add 2001:db8:b::1/64 dev l1 nodad",
+            "address add fd00:b::1/64 dev l1 nodad",
+        ],
+        b: [
+            f"address add {BACKEND}/64 dev b0 nodad",
+            f"address add {INSIDE_HOST}/64 dev b0 nodad",
+            "route add default via 2001:db8:b::1",
+        ],
+    }
+    for n, ls in lines.items():
+        nsx(n, "ip", "-6", "-batch", "-", stdin="\n".join(ls) + "\n")
+
+
+def one_run(ns: dict[str, str], mode: str, dataplane: str, seconds: float, tmp: Path) -> float:
+    sock = str(tmp / f"{mode}-{dataplane}.sock")
+    path = tmp / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(config(mode, sock)))
+    server_ns, client_ns = (
+        (ns["backend"], ns["client"]) if mode == "nat" else (ns["client"], ns["backend"])
+    )
+    server_addr = BACKEND if mode == "nat" else OUTSIDE_HOST
+    target, bind = (VIP, []) if mode == "nat" else (OUTSIDE_HOST, ["-B", INSIDE_HOST])
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_addr],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run = subprocess.Popen(
+        [V6LB, "run", str(path), "--dataplane", dataplane, "--netns", ns["lb"]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            if run.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"v6lb run did not start: {run.stderr.read() if run.stderr else ''}"
+                )
+            time.sleep(0.05)
+        time.sleep(0.3)
+        if run.poll() is not None:
+            raise RuntimeError(f"v6lb run stopped: {run.stderr.read() if run.stderr else ''}")
+        out = nsx(
+            client_ns,
+            "iperf3", "-c", target, *bind, "-u", "-l", "64", "-b", "0",
+            "-t", str(seconds), "--json",
+        )  # fmt: skip
+        doc = json.loads(out)
+        if "sum" not in doc.get("end", {}):
+            raise RuntimeError(f"iperf3 gave no result: {doc.get('error', out[-500:])}")
+        end = doc["end"]["sum"]
+        received = int(end["packets"]) - int(end["lost_packets"])
+        return received / float(end["seconds"])
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=30)
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=10)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--modes", default="nat,npt")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw figures here")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or shutil.which("iperf3") is None:
+        print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
+        return 2
+    modes = args.modes.split(",")
+    results: dict[str, dict[str, list[float]]] = {m: {"python": [], "kernel": []} for m in modes}
+    with tempfile.TemporaryDirectory() as tmp, namespaces("client", "lb", "backend") as ns:
+        setup(ns)
+        for i in range(args.runs):
+            for mode in modes:
+                order = ("python", "kernel") if i % 2 == 0 else ("kernel", "python")
+                for dp in order:
+                    pps = one_run(ns, mode, dp, args.seconds, Path(tmp))
+                    results[mode][dp].append(pps)
+                    print(f"run {i + 1} {mode:3} {dp:6} {pps / 1000:8.1f} kpps", flush=True)
+    print(
+        f"\n{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs,"
+    )
+    print(f"{args.runs} interleaved runs of {args.seconds:g} s, iperf3 UDP 64-byte payloads\n")
+    print("| mode | python kpps median (min-max) | kernel kpps median (min-max) | python/kernel |")
+    print("|---|---|---|---|")
+    for mode in modes:
+        p, k = results[mode]["python"], results[mode]["kernel"]
+        mp, mk = statistics.median(p), statistics.median(k)
+        print(
+            f"| {mode} | {mp / 1000:.1f} ({min(p) / 1000:.1f}-{max(p) / 1000:.1f})"
+            f" | {mk / 1000:.1f} ({min(k) / 1000:.1f}-{max(k) / 1000:.1f}) | {mp / mk:.2f}x |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
