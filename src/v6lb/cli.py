@@ -570,6 +570,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="python data plane: log one line per packet decision (rate-limited)",
     )
+    p.add_argument(
+        "--proxy",
+        choices=["builtin", "haproxy"],
+        default=None,
+        help="proxy engine for proxy-l4/proxy-l7 VIPs: builtin (asyncio, the default) or haproxy",
+    )
     p.add_argument("--instance", metavar="NAME", help="override lb.instance (the ownership tag)")
     p.add_argument("--netns", metavar="NS", help="run inside this named network namespace")
     p.add_argument(
@@ -579,6 +585,71 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from v6lb.model.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        raise UsageError(f"{exc}; `v6lb check {args.file}` shows every problem") from None
+    has_proxy = any(v.mode.is_proxy for v in config.vips)
+    has_l3 = bool(config.npt) or any(not v.mode.is_proxy for v in config.vips)
+    if args.proxy is not None and not has_proxy:
+        raise UsageError(
+            f"--proxy {args.proxy} needs a proxy-l4 or proxy-l7 VIP, and {args.file} has none; "
+            "--proxy chooses the proxy engine, --dataplane the L3/L4 data plane"
+        )
+    if not has_proxy:
+        return _run_l3(args)
+    return _run_with_proxies(args, config, has_l3)
+
+
+def _run_with_proxies(args: argparse.Namespace, config: Config, has_l3: bool) -> int:
+    """Serve the proxy VIPs (builtin or haproxy), alongside the L3/L4 data plane if any."""
+    import signal
+    import threading
+
+    from v6lb.engines.kernel import KernelError
+    from v6lb.engines.kernel.host import enter_netns
+    from v6lb.engines.proxy import serve
+
+    stop = threading.Event()
+    engine = args.proxy or "builtin"
+    failure: list[BaseException] = []
+    if args.netns:
+        # setns(2) is per thread: enter before the proxy thread starts, so both the
+        # proxy and the L3/L4 data plane live in the namespace.
+        try:
+            enter_netns(args.netns)
+        except KernelError as exc:
+            raise UsageError(str(exc)) from None
+
+    def proxies() -> None:
+        try:
+            serve(config, proxy=engine, stop_event=stop)
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+            stop.set()
+
+    if not has_l3:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        proxies()
+        if failure:
+            raise UsageError(f"proxy engine {engine}: {failure[0]}")
+        return 0
+    thread = threading.Thread(target=proxies, name="v6lb-proxy", daemon=True)
+    thread.start()
+    try:
+        code = _run_l3(args)
+    finally:
+        stop.set()
+        thread.join(10)
+    if failure:
+        raise UsageError(f"proxy engine {engine}: {failure[0]}")
+    return code
+
+
+def _run_l3(args: argparse.Namespace) -> int:
     from v6lb.engines.control import ControlError
     from v6lb.engines.kernel import ApplyError, KernelError, MissingFeatureError
     from v6lb.engines.kernel.run import Runner, prepare

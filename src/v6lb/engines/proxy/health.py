@@ -1,0 +1,180 @@
+"""Active health checks for the proxy VIPs, driving the core's :class:`HealthSet`.
+
+TCP probes reuse :class:`v6lb.engines.probe.TcpProber` (non-blocking connects)
+by registering its sockets with the event loop; HTTP probes send
+``GET <path> HTTP/1.1`` and pass on a 2xx or 3xx status. Each state change
+is applied to the VIP's :class:`BackendPool` at once (``set_up``), which
+rebuilds the Maglev table and the eligibility every scheduler uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Callable, Mapping
+from ipaddress import IPv6Address
+from typing import Any
+
+from v6lb.core.health import HealthMonitor, HealthSet
+from v6lb.engines.probe import TcpProber
+from v6lb.model.config import HealthCheck, HealthType
+
+from .runtime import VipRuntime
+
+__all__ = ["HealthChecker", "health_set_for", "http_probe"]
+
+
+def health_set_for(check: HealthCheck, backends: int, now: float) -> HealthSet[int]:
+    hs: HealthSet[int] = HealthSet()
+    for i in range(backends):
+        mon = None
+        if check.type is not HealthType.NONE:
+            mon = HealthMonitor(
+                interval=check.interval,
+                timeout=check.timeout,
+                rise=check.rise,
+                fall=check.fall,
+                now=now,
+            )
+        hs.add(i, mon)
+    return hs
+
+
+class _LoopSelector(selectors.BaseSelector):
+    """Just enough of a selector for :class:`TcpProber`: writability via the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ready: Callable[[Any], None]) -> None:
+        self._loop = loop
+        self._ready = ready
+        self._keys: dict[int, selectors.SelectorKey] = {}
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        fd = fileobj.fileno()
+        key = selectors.SelectorKey(fileobj, fd, events, data)
+        self._keys[fd] = key
+        self._loop.add_writer(fd, self._ready, key)
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        fd = fileobj.fileno()
+        self._loop.remove_writer(fd)
+        return self._keys.pop(fd)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        raise NotImplementedError("the event loop selects")
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return {k.fileobj: k for k in self._keys.values()}
+
+
+async def http_probe(host: str, port: int, path: str, timeout: float) -> bool:
+    """``GET path``: True for a 2xx or 3xx status line within ``timeout``."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: [{host}]:{port}\r\nUser-Agent: v6lb-health\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        parts = line.split()
+        return len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1][:1] in b"23"
+    except (OSError, TimeoutError, ValueError):
+        return False
+    finally:
+        writer.close()
+
+
+class HealthChecker:
+    """One task probing every probed backend of every VIP."""
+
+    def __init__(self, runtimes: list[VipRuntime]) -> None:
+        self.runtimes = runtimes
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._prober = TcpProber(_LoopSelector(self._loop, self._tcp_ready))
+        self._tcp_owner: dict[tuple[int, int], VipRuntime] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _apply(self, rt: VipRuntime, index: int) -> None:
+        rt.pool.set_up(index, rt.health.keeps_existing_flows(index))
+        if not rt.pool.is_up(index):
+            for up in list(rt.idle[index]):  # pooled connections to a dead backend
+                if up.t is not None:
+                    up.t.close()
+            rt.idle[index].clear()
+        self._wake.set()
+
+    def _result(self, rt: VipRuntime, index: int, ok: bool, probe: int) -> None:
+        if rt.health.probe_result(index, ok, self._loop.time(), probe):
+            self._apply(rt, index)
+        self._wake.set()
+
+    def _tcp_ready(self, key: selectors.SelectorKey) -> None:
+        k, probe, ok = self._prober.handle(key)
+        assert isinstance(k, tuple)
+        rt = self._tcp_owner.pop(k, None)
+        if rt is not None:
+            self._result(rt, k[1], ok, probe)
+
+    def _start(self, rt: VipRuntime, index: int, now: float) -> None:
+        probe = rt.health.start_probe(index, now)
+        check = rt.vip.health
+        host = rt.hosts[index]
+        port = check.port or rt.ports[index] or rt.vip.ports[0]
+        if check.type is HealthType.HTTP:
+            coro = http_probe(host, port, check.path or "/", check.timeout)
+            task = self._loop.create_task(coro)
+            self._tasks.add(task)
+
+            def done(t: asyncio.Task[bool]) -> None:
+                self._tasks.discard(t)
+                if not t.cancelled():
+                    self._result(rt, index, bool(t.result()), probe)
+
+            task.add_done_callback(done)
+            return
+        key = (id(rt), index)
+        self._tcp_owner[key] = rt
+        ok = self._prober.start(key, probe, IPv6Address(host), port)
+        if ok is not None:
+            self._tcp_owner.pop(key, None)
+            self._result(rt, index, ok, probe)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                now = self._loop.time()
+                wake: float | None = None
+                for rt in self.runtimes:
+                    hs = rt.health
+                    if hs.handle_timer(now):
+                        for i in range(len(rt.pool)):
+                            self._apply(rt, i)
+                    for i in range(len(rt.pool)):
+                        mon = hs.monitor(i)
+                        if mon is not None and not mon.probe_in_flight:
+                            self._prober_cancel(rt, i)
+                    for i in hs.due(now):
+                        self._start(rt, i, now)
+                    t = hs.next_timer()
+                    if t is not None:
+                        wake = t if wake is None else min(wake, t)
+                self._wake.clear()
+                delay = 3600.0 if wake is None else max(0.0, wake - self._loop.time())
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay + 0.001)
+                except TimeoutError:
+                    pass
+        finally:
+            self._prober.close()
+            for task in list(self._tasks):
+                task.cancel()
+
+    def _prober_cancel(self, rt: VipRuntime, index: int) -> None:
+        key = (id(rt), index)
+        if key in self._tcp_owner:
+            self._tcp_owner.pop(key)
+            self._prober.cancel(key)

@@ -1,0 +1,236 @@
+"""Pure policy of the builtin proxy: backend scheduling and HTTP header rewriting.
+
+Nothing here does I/O; the asyncio protocols in this package call these functions.
+
+Scheduling (:class:`Picker`), one per VIP, over a :class:`~v6lb.core.backends.BackendPool`
+whose eligibility (up, not draining, weight > 0) is kept by the health loop:
+
+- ``maglev``: the core's table and jhash, keyed on the *client address only*
+  (``pick_flow(client, vip, 0, 0)``), so one client sticks to one backend across
+  its connections and every LB instance with the same backends agrees.
+- ``round-robin``: smooth weighted round robin (nginx's): with weights 5,1,1 the
+  order is a a b a c a a, never five a in a row.
+- ``least-connections``: the eligible backend with the fewest active
+  connections per unit of weight; ties go to the lowest index.
+
+IPv4 clients (dual-stack listener) hash as their IPv4-mapped form, for the hash
+only: they are never *shown* as mapped addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Final
+
+from v6lb.core import forwarded
+from v6lb.core.backends import BackendPool
+from v6lb.model.config import Scheduler
+
+__all__ = [
+    "FORWARDING_HEADERS",
+    "HOP_BY_HOP",
+    "Picker",
+    "build_request_head",
+    "client_forwarding",
+    "error_response",
+    "hash_key",
+    "is_trusted",
+    "unmap",
+]
+
+Addr = IPv4Address | IPv6Address
+
+
+def unmap(addr: Addr) -> Addr:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is; others unchanged."""
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def hash_key(addr: Addr) -> bytes:
+    """The 16 bytes the Maglev hash takes for a client (IPv4 as ::ffff:a.b.c.d)."""
+    if isinstance(addr, IPv4Address):
+        return b"\x00" * 10 + b"\xff\xff" + addr.packed
+    return addr.packed
+
+
+def is_trusted(addr: Addr, prefixes: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Is ``addr`` inside one of ``prefixes``?"""
+    return any(net.version == addr.version and addr in net for net in prefixes)
+
+
+class Picker:
+    """Chooses a backend index for a new connection; -1 when none is eligible."""
+
+    __slots__ = ("kind", "pool", "active", "_current", "_vip", "_gen", "_weights")
+
+    def __init__(self, kind: Scheduler, pool: BackendPool, vip: IPv6Address) -> None:
+        self.kind = kind
+        self.pool = pool
+        self.active = [0] * len(pool)  # open connections (l4) or requests in flight (l7)
+        self._current = [0] * len(pool)  # smooth weighted round robin state
+        self._vip = vip.packed
+        self._gen = -1
+        self._weights: list[int] = []
+
+    def pick(self, client: Addr) -> int:
+        if self.kind is Scheduler.MAGLEV:
+            return self.pool.pick_flow(hash_key(client), self._vip, 0, 0)
+        if self._gen != self.pool.generation:  # health, drain or weight changed
+            self._weights = self.pool.eligible_weights()
+            self._gen = self.pool.generation
+        weights = self._weights
+        if self.kind is Scheduler.ROUND_ROBIN:
+            return self._round_robin(weights)
+        return self._least_connections(weights)
+
+    def _round_robin(self, weights: list[int]) -> int:
+        total = 0
+        best = -1
+        cur = self._current
+        for i, w in enumerate(weights):
+            if w <= 0:
+                cur[i] = 0
+                continue
+            cur[i] += w
+            total += w
+            if best < 0 or cur[i] > cur[best]:
+                best = i
+        if best >= 0:
+            cur[best] -= total
+        return best
+
+    def _least_connections(self, weights: list[int]) -> int:
+        best = -1
+        active = self.active
+        for i, w in enumerate(weights):
+            if w <= 0:
+                continue
+            # compare active[i]/w < active[best]/w_best without division
+            if best < 0 or active[i] * weights[best] < active[best] * w:
+                best = i
+        return best
+
+    def acquire(self, index: int) -> None:
+        self.active[index] += 1
+
+    def release(self, index: int) -> None:
+        self.active[index] -= 1
+
+
+# --- HTTP -------------------------------------------------------------------------------
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",  # re-sent from the buffered body's real length
+    }
+)
+FORWARDING_HEADERS: Final = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-real-ip",
+    }
+)
+
+_REASONS: Final = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def error_response(status: int, detail: str = "") -> bytes:
+    """A complete HTTP/1.1 response the proxy answers by itself; it always closes."""
+    reason = _REASONS.get(status, "Error")
+    body = f"{status} {reason}{': ' + detail if detail else ''}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+def client_forwarding(client: Addr, client_port: int, proto: str = "http") -> tuple[str, str]:
+    """Our ``X-Forwarded-For`` entry and ``Forwarded`` element for a client (once per connection)."""
+    client = unmap(client)
+    return str(client), forwarded.forwarded_element(client, for_port=client_port, proto=proto)
+
+
+def build_request_head(
+    method: bytes,
+    url: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    body_len: int,
+    *,
+    client: Addr,
+    client_port: int,
+    proto: str = "http",
+    trusted: bool = False,
+    add_forwarding: bool = True,
+    ours: tuple[str, str] | None = None,
+) -> bytes:
+    """The request head sent to a backend over a pooled HTTP/1.1 keep-alive connection.
+
+    Hop-by-hop headers are dropped (the body is sent with its real
+    ``Content-Length``, never chunked). With ``add_forwarding``, the forwarding
+    headers of an untrusted client are dropped and ours appended:
+    ``X-Forwarded-For: 2001:db8::1``, ``X-Forwarded-Proto: http`` and
+    ``Forwarded: for="[2001:db8::1]:4711";proto=http``. A trusted client's
+    ``X-Forwarded-For`` and ``Forwarded`` are kept and extended.
+    """
+    out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    xff: str | None = None
+    fwd: str | None = None
+    xfp: str | None = None
+    for name, value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP:
+            continue
+        if add_forwarding and low in FORWARDING_HEADERS:
+            if not trusted:
+                continue
+            if low == b"x-forwarded-for":
+                xff = (
+                    value.decode("latin-1") if xff is None else f"{xff}, {value.decode('latin-1')}"
+                )
+                continue
+            if low == b"forwarded":
+                fwd = (
+                    value.decode("latin-1") if fwd is None else f"{fwd}, {value.decode('latin-1')}"
+                )
+                continue
+            if low == b"x-forwarded-proto":
+                xfp = value.decode("latin-1")
+                continue
+        out += (name, b": ", value, b"\r\n")
+    if add_forwarding:
+        xff_ours, element = ours or client_forwarding(client, client_port, proto)
+        out.append(b"X-Forwarded-For: ")
+        out.append((xff_ours if xff is None else forwarded.append(xff, xff_ours)).encode())
+        out.append(b"\r\nX-Forwarded-Proto: ")
+        out.append((xfp or proto).encode())
+        out.append(b"\r\nForwarded: ")
+        out.append(forwarded.append(fwd, element).encode())
+        out.append(b"\r\n")
+    if body_len or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
+        out.append(b"Content-Length: %d\r\n" % body_len)
+    out.append(b"\r\n")
+    return b"".join(out)

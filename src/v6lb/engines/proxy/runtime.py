@@ -1,0 +1,143 @@
+"""Per-VIP runtime state shared by the listeners: pool, picker, counters, pooled connections."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from v6lb.core.backends import BackendPool, BackendSpec
+from v6lb.core.health import HealthSet
+from v6lb.model.config import ProxyL4Options, ProxyL7Options, Vip, VipMode
+
+from .policy import Picker
+
+__all__ = ["Stats", "VipRuntime"]
+
+
+class Stats:
+    """Counters of a VIP or of one backend: plain attributes on the hot path."""
+
+    __slots__ = ("connections", "active", "requests", "bytes_in", "bytes_out", "errors")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.active = 0
+        self.requests = 0
+        self.bytes_in = 0  # from clients (towards backends)
+        self.bytes_out = 0  # towards clients
+        self.errors: Counter[str] = Counter()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections,
+            "active": self.active,
+            "requests": self.requests,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "errors": dict(self.errors),
+        }
+
+
+@dataclass(eq=False)
+class VipRuntime:
+    """Everything the protocols of one VIP need, built once by :class:`ProxyServer`."""
+
+    vip: Vip
+    pool: BackendPool
+    picker: Picker
+    health: HealthSet[int]
+    max_connections: int
+    header_timeout: float
+    write_high: int
+    stats: Stats = field(default_factory=Stats)
+    backend_stats: list[Stats] = field(default_factory=list)
+    idle: list[list[Any]] = field(default_factory=list)  # pooled L7 upstreams per backend
+    hosts: list[str] = field(default_factory=list)  # backend address text per index
+    ports: list[int | None] = field(default_factory=list)  # None: the listener's port
+    live: set[Any] = field(default_factory=set)  # open client protocols
+
+    @classmethod
+    def build(
+        cls,
+        vip: Vip,
+        health: HealthSet[int],
+        *,
+        seed: int,
+        max_connections: int,
+        header_timeout: float,
+        write_high: int,
+    ) -> VipRuntime:
+        specs = [
+            BackendSpec.of(b.address, b.port or vip.ports[0], b.weight, b.drain)
+            for b in vip.backends
+        ]
+        pool = BackendPool(specs, table_size=vip.table_size or 65537, seed=seed)
+        n = len(specs)
+        return cls(
+            vip=vip,
+            pool=pool,
+            picker=Picker(vip.scheduler, pool, vip.address),
+            health=health,
+            max_connections=max_connections,
+            header_timeout=header_timeout,
+            write_high=write_high,
+            backend_stats=[Stats() for _ in range(n)],
+            idle=[[] for _ in range(n)],
+            hosts=[str(b.address) for b in vip.backends],
+            ports=[b.port for b in vip.backends],
+        )
+
+    @property
+    def l4(self) -> ProxyL4Options:
+        assert isinstance(self.vip.options, ProxyL4Options)
+        return self.vip.options
+
+    @property
+    def l7(self) -> ProxyL7Options:
+        assert isinstance(self.vip.options, ProxyL7Options)
+        return self.vip.options
+
+    @property
+    def is_l7(self) -> bool:
+        return self.vip.mode is VipMode.PROXY_L7
+
+    def error(self, reason: str, backend: int = -1) -> None:
+        self.stats.errors[reason] += 1
+        if backend >= 0:
+            self.backend_stats[backend].errors[reason] += 1
+
+    def backend_port(self, index: int, listen_port: int) -> int:
+        return self.ports[index] or listen_port
+
+    def buffered(self) -> int:
+        """Bytes the proxy holds for this VIP's connections (write buffers and early data)."""
+        total = 0
+        for c in self.live:
+            total += c.buffered()
+        return total
+
+    def snapshot(self) -> dict[str, Any]:
+        out = self.stats.as_dict()
+        out["mode"] = str(self.vip.mode)
+        out["scheduler"] = str(self.vip.scheduler)
+        backends = {}
+        for i, st in enumerate(self.backend_stats):
+            d = st.as_dict()
+            d["active"] = self.picker.active[i]
+            d["state"] = "up" if self.pool.is_up(i) else "down"
+            d["drain"] = self.pool.is_draining(i)
+            d["pooled"] = len(self.idle[i])
+            backends[f"[{self.hosts[i]}]:{self.ports[i] or self.vip.ports[0]}"] = d
+        out["backends"] = backends
+        return out
+
+
+def client_of(peer: tuple[Any, ...]) -> tuple[IPv4Address | IPv6Address, int]:
+    """The client address (IPv4-mapped shown as IPv4) and port from a peername."""
+    from .policy import unmap
+
+    host = str(peer[0]).split("%", 1)[0]
+    addr: IPv4Address | IPv6Address = IPv6Address(host) if ":" in host else IPv4Address(host)
+    return unmap(addr), int(peer[1])

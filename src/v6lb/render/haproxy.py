@@ -1,0 +1,230 @@
+"""haproxy.cfg for the ``proxy-l4``/``proxy-l7`` VIPs of a config (``--proxy haproxy``).
+
+Pure: a :class:`~v6lb.model.config.Config` (or VIPs) in, text out; golden tests
+pin the output. Targets HAProxy 2.6 (Debian 12):
+
+- ``proxy-l4`` → ``mode tcp``; PROXY v2 to the backends with ``send-proxy-v2``
+  (and ``check-send-proxy`` so health checks speak it too); inbound PROXY v2
+  only from ``trusted_proxy_sources`` (``tcp-request connection expect-proxy
+  layer4``).
+- ``proxy-l7`` → ``mode http``. HAProxy 2.6 has no ``option forwarded``, so
+  ``Forwarded`` is written with ``http-request set-header``, the IPv6 node
+  bracketed and the value quoted (RFC 7239 §6): ``for="[2001:db8::1]:4711"``.
+  ``X-Forwarded-For`` comes from ``option forwardfor``. Incoming forwarding
+  headers from clients outside ``trusted_sources`` are deleted first.
+- Schedulers: round-robin → ``balance roundrobin``, least-connections →
+  ``balance leastconn``, maglev → ``balance source`` with ``hash-type
+  consistent`` (client affinity, but not the core's Maglev table).
+- Weights: HAProxy takes 0–256, so weights above 256 are scaled down in
+  proportion (a non-zero weight stays at least 1). Drain is ``weight 0``:
+  HAProxy then sends no new connections and keeps the open ones.
+- A lower global ``maxconn`` than HAProxy's default, which otherwise warns that
+  it cannot raise the file-descriptor limit.
+- ``timeouts.total`` has no HAProxy equivalent; it is written as a comment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from ipaddress import IPv6Address
+
+from v6lb.model.config import (
+    Config,
+    HealthType,
+    ProxyL4Options,
+    ProxyL7Options,
+    ProxyProtocol,
+    Scheduler,
+    Vip,
+    VipMode,
+)
+
+__all__ = ["FORWARDING_HEADERS", "render_haproxy", "scaled_weights"]
+
+HAPROXY_WEIGHT_MAX = 256
+FORWARDING_HEADERS = (
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Forwarded-Port",
+    "X-Real-IP",
+)
+_BALANCE = {
+    Scheduler.ROUND_ROBIN: ["balance roundrobin"],
+    Scheduler.LEAST_CONNECTIONS: ["balance leastconn"],
+    Scheduler.MAGLEV: ["balance source", "hash-type consistent"],
+}
+
+
+def _s(seconds: float) -> str:
+    """A HAProxy time: whole seconds as ``Ns``, else milliseconds."""
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def scaled_weights(weights: list[int]) -> list[int]:
+    """Config weights (0–1000) as HAProxy weights (0–256), proportions kept."""
+    top = max(weights, default=0)
+    if top <= HAPROXY_WEIGHT_MAX:
+        return list(weights)
+    return [0 if w == 0 else max(1, round(w * HAPROXY_WEIGHT_MAX / top)) for w in weights]
+
+
+def _addr(address: IPv6Address, port: int | None) -> str:
+    return f"[{address}]:{port}" if port is not None else f"[{address}]"  # port: as dialled
+
+
+def render_haproxy(
+    config: Config | Iterable[Vip],
+    *,
+    maxconn: int = 4096,
+    nbthread: int = 1,
+    header_timeout: float = 10.0,
+    stats_socket: str | None = None,
+) -> str:
+    """The whole haproxy.cfg for the proxy VIPs; other modes are left out."""
+    if isinstance(config, Config):
+        vips = [v for v in config.vips if v.mode.is_proxy]
+        source = config.source
+    else:
+        vips = [v for v in config if v.mode.is_proxy]
+        source = "<vips>"
+    out = [
+        f"# haproxy.cfg rendered by v6lb from {source}; do not edit",
+        "global",
+        f"    maxconn {maxconn}",
+        f"    nbthread {nbthread}",
+    ]
+    heads = [v.options.max_header_bytes for v in vips if isinstance(v.options, ProxyL7Options)]
+    if heads:
+        # The request head must fit HAProxy's buffer; a larger head gets 431/400.
+        out.append(f"    tune.bufsize {max(16384, max(heads) + 1024)}")
+    if stats_socket:
+        out.append(f"    stats socket {stats_socket} mode 600 level admin")
+    out += [
+        "",
+        "defaults",
+        "    log global",
+        "    option dontlognull",
+        f"    maxconn {maxconn}",
+        "    timeout connect 5s",
+        "    timeout client 60s",
+        "    timeout server 60s",
+        "",
+    ]
+    for vip in vips:
+        out += _frontends(vip, header_timeout)
+        out += _backend(vip)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _frontends(vip: Vip, header_timeout: float) -> list[str]:
+    opts = vip.options
+    assert isinstance(opts, ProxyL4Options | ProxyL7Options)
+    l7 = vip.mode is VipMode.PROXY_L7
+    t = opts.timeouts
+    out: list[str] = []
+    for port in vip.ports:
+        out.append(f"frontend v6lb_{vip.name}_{port}")
+        out.append(f"    bind [{vip.address}]:{port} v6only")
+        if opts.dual_stack is not None:
+            out.append(f"    bind {opts.dual_stack}:{port}")
+        out.append(f"    mode {'http' if l7 else 'tcp'}")
+        out.append(f"    timeout client {_s(t.idle)}")
+        if t.total is not None:
+            out.append(
+                f"    # timeouts.total {_s(t.total)}: HAProxy has no per-connection lifetime"
+            )
+        if isinstance(opts, ProxyL4Options):
+            if opts.trusted_proxy_sources:
+                nets = " ".join(str(n) for n in opts.trusted_proxy_sources)
+                out.append(f"    acl v6lb_trusted src {nets}")
+                out.append("    tcp-request connection expect-proxy layer4 if v6lb_trusted")
+        else:
+            out.append(f"    timeout http-request {_s(min(header_timeout, t.idle))}")
+            out.append(f"    timeout http-keep-alive {_s(t.idle)}")
+            out.append("    option http-keep-alive")
+            out += _forwarding(opts)
+        out.append(f"    default_backend v6lb_{vip.name}")
+        out.append("")
+    return out
+
+
+def _forwarding(opts: ProxyL7Options) -> list[str]:
+    out: list[str] = []
+    if not opts.forwarded_headers:
+        return out
+    trusted = bool(opts.trusted_sources)
+    if trusted:
+        nets = " ".join(str(n) for n in opts.trusted_sources)
+        out.append(f"    acl v6lb_trusted src {nets}")
+    cond = " unless v6lb_trusted" if trusted else ""
+    for name in FORWARDING_HEADERS:
+        out.append(f"    http-request del-header {name}{cond}")
+    # RFC 7239 §6: an IPv6 node is bracketed, and a node with ':' must be quoted.
+    nodes = [("", '\\"[%[src]]:%[src_port]\\"')]
+    if opts.dual_stack is not None:
+        out.append("    acl v6lb_ipv4 src 0.0.0.0/0")
+        nodes = [(" !v6lb_ipv4", nodes[0][1]), (" v6lb_ipv4", '\\"%[src]:%[src_port]\\"')]
+    for family, node in nodes:
+        element = f"for={node};proto=http"
+        if trusted:
+            found = "{ req.fhdr(forwarded) -m found }"
+            out.append(
+                f'    http-request set-header Forwarded "%[req.fhdr(forwarded)], {element}"'
+                f" if {found}{family}"
+            )
+            out.append(f'    http-request set-header Forwarded "{element}" if !{found}{family}')
+        else:
+            out.append(
+                f'    http-request set-header Forwarded "{element}"'
+                + (f" if{family}" if family else "")
+            )
+    out.append(
+        "    http-request set-header X-Forwarded-Proto http"
+        " unless { req.hdr(x-forwarded-proto) -m found }"
+    )
+    out.append("    option forwardfor")
+    return out
+
+
+def _backend(vip: Vip) -> list[str]:
+    opts = vip.options
+    assert isinstance(opts, ProxyL4Options | ProxyL7Options)
+    l7 = vip.mode is VipMode.PROXY_L7
+    t = opts.timeouts
+    out = [f"backend v6lb_{vip.name}", f"    mode {'http' if l7 else 'tcp'}"]
+    out += [f"    {line}" for line in _BALANCE[vip.scheduler]]
+    out.append(f"    timeout connect {_s(t.connect)}")
+    out.append(f"    timeout server {_s(t.idle)}")
+    hc = vip.health
+    check = ""
+    if hc.type is not HealthType.NONE:
+        out.append(f"    timeout check {_s(hc.timeout)}")
+        if hc.type is HealthType.HTTP:
+            out.append("    option httpchk")
+            out.append(
+                f"    http-check send meth GET uri {hc.path or '/'} ver HTTP/1.1 hdr Host v6lb"
+            )
+            out.append("    http-check expect status 200-399")
+        check = f" check inter {_s(hc.interval)} rise {hc.rise} fall {hc.fall}"
+        if hc.port is not None:
+            check += f" port {hc.port}"
+    pp = isinstance(opts, ProxyL4Options) and opts.proxy_protocol is ProxyProtocol.V2
+    weights = scaled_weights([b.weight for b in vip.backends])
+    for i, (b, w) in enumerate(zip(vip.backends, weights, strict=True)):
+        line = f"    server b{i} {_addr(b.address, b.port)}"
+        line += f" weight {0 if b.drain else w}"
+        if pp:
+            line += " send-proxy-v2"
+            if check and hc.type is HealthType.TCP:
+                line += " check-send-proxy"
+        line += check
+        if check and hc.port is None and b.port is None:
+            line += f" port {vip.ports[0]}"  # a port-less server needs a check port
+        if b.drain:
+            line += "  # drain: no new connections, open ones finish"
+        out.append(line)
+    out.append("")
+    return out

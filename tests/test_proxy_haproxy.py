@@ -1,0 +1,101 @@
+"""Golden tests of render/haproxy.py (no haproxy needed); ``haproxy -c`` when it is installed.
+
+``V6LB_UPDATE_GOLDEN=1 pytest tests/test_proxy_haproxy.py`` rewrites tests/golden/haproxy_*.cfg.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from v6lb.model.config import parse_config
+from v6lb.render.haproxy import render_haproxy, scaled_weights
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("V6LB_UPDATE_GOLDEN") == "1"
+
+L4 = {
+    "vips": [
+        {
+            "name": "tcp",
+            "address": "2001:db8:0:10::443",
+            "ports": [443, 8443],
+            "mode": "proxy-l4",
+            "scheduler": "least-connections",
+            "proxy_protocol": "v2",
+            "trusted_proxy_sources": ["2001:db8:ff::/48"],
+            "timeouts": {"connect": 3, "idle": 120, "total": 3600},
+            "health": {"type": "tcp", "interval": 2, "timeout": 0.5, "rise": 2, "fall": 3},
+            "backends": [
+                {"address": "2001:db8:0:20::1", "port": 8443, "weight": 1000},
+                {"address": "2001:db8:0:20::2", "port": 8443, "weight": 10},
+                {"address": "2001:db8:0:20::3", "drain": True},
+            ],
+        }
+    ]
+}
+L7 = {
+    "vips": [
+        {
+            "name": "web",
+            "address": "2001:db8:0:10::80",
+            "ports": [80],
+            "mode": "proxy-l7",
+            "scheduler": "round-robin",
+            "trusted_sources": ["2001:db8:100::/56"],
+            "dual_stack": "192.0.2.80",
+            "max_header_bytes": 32768,
+            "timeouts": {"connect": 2, "idle": 30.5},
+            "health": {"type": "http", "path": "/healthz", "interval": 5, "port": 8081},
+            "backends": [
+                {"address": "2001:db8:0:20::1", "port": 8080},
+                {"address": "2001:db8:0:20::2", "port": 8080, "weight": 3},
+            ],
+        },
+        {
+            "name": "api",
+            "address": "2001:db8:0:10::81",
+            "ports": [8080],
+            "mode": "proxy-l7",
+            "scheduler": "maglev",
+            "health": {"type": "none"},
+            "backends": [{"address": "2001:db8:0:21::1"}],
+        },
+    ]
+}
+CASES = {"haproxy_l4.cfg": L4, "haproxy_l7.cfg": L7}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(name: str) -> None:
+    text = render_haproxy(parse_config(CASES[name], file=f"{name}.yaml"))
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_forwarded_quotes_ipv6_in_brackets() -> None:
+    text = render_haproxy(parse_config(L7, file="x.yaml"))
+    assert 'for=\\"[%[src]]:%[src_port]\\";proto=http' in text
+    assert "option forwarded" not in text  # HAProxy 2.6 lacks it
+    assert "http-request del-header Forwarded unless v6lb_trusted" in text
+
+
+def test_weights_scale_into_haproxy_range() -> None:
+    assert scaled_weights([1000, 10, 0]) == [256, 3, 0]
+    assert scaled_weights([1000, 1]) == [256, 1]
+    assert scaled_weights([5, 1]) == [5, 1]
+
+
+@pytest.mark.tool
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_haproxy_accepts_the_config(name: str) -> None:
+    from v6lb.engines.proxy.haproxy_run import check_config
+
+    ok, out = check_config(render_haproxy(parse_config(CASES[name], file=f"{name}.yaml")))
+    assert ok, out
