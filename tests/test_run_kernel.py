@@ -449,8 +449,10 @@ def test_run_refuses_a_bad_file_and_a_proxy_only_file(
             ]
         },
     )
+    # A proxy-only file runs the proxy engine, after the same host check: the VIP
+    # must be an address of this host.
     code, err = run_cli(["run", str(proxy)], capsys)
-    assert code == 2 and "--proxy builtin|haproxy" in err
+    assert code == 2 and "is not assigned to any interface of this host" in err
 
 
 def test_run_refuses_a_missing_interface_in_process(

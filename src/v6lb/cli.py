@@ -622,6 +622,16 @@ def _run_with_proxies(args: argparse.Namespace, config: Config, has_l3: bool) ->
             enter_netns(args.netns)
         except KernelError as exc:
             raise UsageError(str(exc)) from None
+    from v6lb.engines.kernel.host import host_links
+
+    here = host_links().addresses
+    for vip in config.vips:
+        if vip.mode.is_proxy and vip.address not in here:
+            raise UsageError(
+                f"{args.file}: vips.{vip.name}.address: {vip.address} is not assigned to any "
+                "interface of this host, so the proxy cannot receive its traffic; fix: add it "
+                f"(ip -6 address add {vip.address}/128 dev lo) or fix the address"
+            )
 
     def proxies() -> None:
         try:
@@ -832,6 +842,32 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex.add_argument("node", metavar="NODE")
     ex.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER)
     ex.set_defaults(func=_cmd_lab)
+    tr = lsub.add_parser(
+        "trace",
+        help="capture every link while the client sends real requests to a mode's VIP",
+        description="Runs tcpdump on every bridge port of the lab (one pcap per link), sends a "
+        "GET and a POST larger than the path MTU with curl from the client to the VIP of "
+        "--mode, then prints the hop table and answers of `v6lb explain` built from the "
+        "captures. See docs/lab.md.",
+    )
+    tr.add_argument("--name", help="lab name (default: the only lab up)")
+    tr.add_argument("--mode", required=True, help="nat, dsr-l2, dsr-ip6ip6 or dsr-srv6")
+    tr.add_argument("--out", metavar="DIR", help="where the pcaps go (default: the lab dir)")
+    tr.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    tr.add_argument("--all-hops", action="store_true", help="show every captured packet")
+    tr.set_defaults(func=_cmd_lab)
+    df = lsub.add_parser(
+        "diff",
+        help="compare a lab trace with the simulator, link by link; exit 1 on a difference",
+        description="Replays the captured client ports in the simulator and compares, per "
+        "link, the (source, destination, ports) of every packet it predicts with those "
+        "captured. Uses the trace in --from (default: the lab dir's trace of --mode, taken "
+        "now if there is none). Exit 1 when they differ or a pcap is missing or empty.",
+    )
+    df.add_argument("--name", help="lab name (default: the only lab up)")
+    df.add_argument("--mode", required=True, help="nat, dsr-l2, dsr-ip6ip6 or dsr-srv6")
+    df.add_argument("--from", dest="trace_dir", metavar="DIR", help="a `lab trace --out` dir")
+    df.set_defaults(func=_cmd_lab)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -873,10 +909,86 @@ def _cmd_lab(args: argparse.Namespace) -> int:
                 return 0
             sys.stdout.write(_lab_status_text(st))
             return 0
+        if args.lab_command == "trace":
+            return _lab_trace(args)
+        if args.lab_command == "diff":
+            return _lab_diff(args)
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         return lab_exec(resolve_name(args.name, None), args.node, cmd)
     except LabError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _lab_trace(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from v6lb.lab.netns import resolve_name
+    from v6lb.lab.trace import explain_trace, run_trace
+
+    name = resolve_name(args.name, None)
+    trace = run_trace(name, args.mode, Path(args.out) if args.out else None)
+    exp = explain_trace(trace)
+    if args.json:
+        sys.stdout.write(exp.to_json() + "\n")
+        return 0
+    console = Console(width=max(160, Console().width), emoji=False, highlight=False)
+    print_explanation(console, exp, max_rows=10_000, compact=not args.all_hops)
+    for link, fname in trace.meta["links"].items():
+        n = trace.packets.get(link, -1)
+        sys.stdout.write(f"pcap {trace.dir / fname}: {n} packets (link {link})\n")
+    return 0
+
+
+def _lab_diff(args: argparse.Namespace) -> int:
+    from v6lb.engines.sim.scenario import run_scenario
+    from v6lb.lab.netns import resolve_name
+    from v6lb.lab.trace import TRACE_FILE, default_location, load_trace, run_trace, trace_hops
+    from v6lb.model.diff import Snat, Tuple4, compare, link_tuples
+
+    name = resolve_name(args.name, None)
+    where, prefix = (
+        (Path(args.trace_dir), "") if args.trace_dir else default_location(name, args.mode)
+    )
+    if not (where / f"{prefix}{TRACE_FILE}").exists() and not args.trace_dir:
+        sys.stdout.write(f"no trace of {args.mode} yet: tracing into {where}/{prefix}*\n")
+        run_trace(name, args.mode, where, prefix=prefix)
+    trace = load_trace(where, prefix)
+    meta = trace.meta
+    if meta["mode"] != args.mode:
+        raise UsageError(f"{where} is a trace of {meta['mode']}, not {args.mode}")
+    config, topo = _load_scenario(meta["file"])
+    snat = Snat(*meta["snat"]) if meta.get("snat") else None
+    client = meta["client"]
+    lab_ports = {p: f"C{k}" for k, p in enumerate(meta["client_ports"], 1)}
+    captured = link_tuples(trace_hops(trace), client=client, client_ports=lab_ports, snat=snat)
+    predicted: dict[str, set[Tuple4]] = {}
+    inverse = pow(7919, -1, 20000)  # the simulator's client port is 40000 + seed*7919 % 20000
+    same = True
+    for port, label in lab_ports.items():
+        seed = ((port - 40000) * inverse) % 20000 or 20000
+        res = run_scenario(config, topo, args.mode, seed=seed)
+        first = next(h for h in res.hops if h.pkt.innermost.src.addr == client)
+        sim_port = first.pkt.innermost.src.port or 0
+        same = same and sim_port == port
+        for link, tuples in link_tuples(
+            res.hops, client=client, client_ports={sim_port: label}, snat=snat
+        ).items():
+            predicted.setdefault(link, set()).update(tuples)
+    diffs = compare(predicted, captured, pcap_sizes=trace.packets)
+    labels = ", ".join(f"{lbl} = {p}" for p, lbl in lab_ports.items())
+    how = f"the same client ports, {labels}" if same else f"client ports normalised: {labels}"
+    sys.stdout.write(
+        f"lab {name} {args.mode}: {sum(len(t) for t in captured.values())} captured tuples on"
+        f" {len(captured)} links vs {sum(len(t) for t in predicted.values())} predicted on"
+        f" {len(predicted)} links ({how}; trace {where})\n"
+    )
+    for link in sorted(set(predicted) | set(captured)):
+        for t in sorted(predicted.get(link, set()) & captured.get(link, set())):
+            sys.stdout.write(f"  same  {link}: {t}\n")
+    for d in diffs:
+        sys.stdout.write(f"  DIFF  {d}\n")
+    sys.stdout.write(("no differences" if not diffs else f"{len(diffs)} difference(s)") + "\n")
+    return 1 if diffs else 0
 
 
 def _lab_status_text(st: dict[str, object]) -> str:

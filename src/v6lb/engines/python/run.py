@@ -3,9 +3,13 @@
 :func:`run_python` makes the same checks as the kernel data plane before it
 installs anything, then :class:`PythonRunner` creates the TUN devices, the
 routing tables and the ``ip -6 rule``s of :func:`~v6lb.engines.python.steer.plan`
-and runs one epoll loop: the TUN devices (drained in batches, one ``readv``
-per packet into a preallocated ``bytearray``), the control socket (``status``),
-and the signals (SIGTERM/SIGINT: remove everything tagged and exit 0).
+and runs one selector loop: the TUN devices (drained in batches, one ``readv``
+per packet into a preallocated ``bytearray``), the TCP health probes
+(:class:`~v6lb.engines.probe.TcpProber` driving the core's
+:class:`~v6lb.core.health.HealthSet`, which takes dead backends out of the
+forwarders' own :class:`~v6lb.core.backends.BackendPool`), the control socket
+(``status``), and the signals (SIGHUP: reload the file, keeping the running
+config if the new one fails; SIGTERM/SIGINT: remove everything tagged and exit 0).
 
 Tracing (``V6LB_TRACE=1``, or ``trace=True``) logs one line per packet
 decision, at most :data:`TRACE_RATE` lines per second; without it the loop
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import select
+import selectors
 import signal
 import socket
 import sys
@@ -26,7 +30,9 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any, Final
 
+from v6lb.core.backends import BackendPool
 from v6lb.core.dsr import DsrForwarder
+from v6lb.core.health import HealthState
 from v6lb.core.nat66 import NatForwarder
 from v6lb.core.nptv6 import NptForwarder, NptMapping
 from v6lb.core.verdict import (
@@ -39,6 +45,7 @@ from v6lb.core.verdict import (
 )
 from v6lb.engines.control import ControlServer
 from v6lb.engines.kernel.apply import (
+    KernelError,
     in_instance_block,
     nft_json,
     remove,
@@ -47,7 +54,8 @@ from v6lb.engines.kernel.apply import (
     run_tool,
 )
 from v6lb.engines.kernel.host import check_lb_host, enter_netns
-from v6lb.engines.kernel.run import RunError, load_for_run
+from v6lb.engines.kernel.run import RunError, _health_state, _State, load_for_run
+from v6lb.engines.probe import ProbeTag, TcpProber
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import open_tun
 from v6lb.model.config import Config, VipMode
@@ -90,14 +98,13 @@ def build_forwarders(config: Config) -> dict[str, Any]:
 class _Port:
     """The loop's view of one TUN device (plain attributes: read in the hot loop)."""
 
-    __slots__ = ("side", "fd", "process", "outs", "restore", "pkt", "vecs", "rx", "errors")
+    __slots__ = ("side", "fd", "process", "outs", "pkt", "vecs", "rx", "errors")
 
     def __init__(self, side: Side, fd: int, process: Callable[..., Any], spare: bytearray) -> None:
         self.side = side
         self.fd = fd
         self.process = process
         self.outs: tuple[int, int] = (fd, fd)
-        self.restore = side.kind != "dsr"
         self.pkt = bytearray(1500)
         self.vecs = [self.pkt, spare]
         self.rx = 0
@@ -115,12 +122,17 @@ class PythonRunner:
         skipped: tuple[str, ...] = (),
         netns: str | None = None,
         trace: bool = False,
+        overrides: Mapping[str, str | None] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.path = path
         self.netns = netns
         self.skipped = skipped
+        self.overrides = dict(overrides or {})
+        self.reloads = 0
+        self.health_changes = 0
+        self.last_error: str | None = None
         self.trace = trace
         self.instance = config.lb.instance
         self._log_out = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -128,6 +140,9 @@ class PythonRunner:
         self.started = time.time()
         self.forwarders = build_forwarders(config)
         self.steering: Steering = plan(config)
+        self.state: _State = _health_state(config, _pools(self.forwarders), time.monotonic(), set())
+        self.sel = selectors.DefaultSelector()
+        self.prober = TcpProber(self.sel)
         self.ports: list[_Port] = []
         self.control: ControlServer | None = None
         self._spare = bytearray(_SPARE)
@@ -188,6 +203,7 @@ class PythonRunner:
         )
 
     def teardown(self) -> list[str]:
+        self.prober.close()
         for port in self.ports:
             try:
                 os.close(port.fd)  # the TUN device goes with its fd
@@ -212,36 +228,42 @@ class PythonRunner:
         self._signals.append(signum)
 
     def serve(self) -> int:
-        """Run until SIGTERM/SIGINT; remove what was installed; the exit code."""
+        """Run until SIGTERM/SIGINT (SIGHUP reloads); remove what was installed; the exit code."""
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        ep = select.epoll()
+        old = {
+            s: signal.signal(s, self._on_signal)
+            for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+        }
+        sel = self.sel
         try:
-            by_fd = {p.fd: p for p in self.ports}
-            for fd in by_fd:
-                ep.register(fd, select.EPOLLIN)
+            for port in self.ports:
+                sel.register(port.fd, selectors.EVENT_READ, port)
             assert self.control is not None
-            ctl = self.control.sock.fileno()
-            wake = self._wake_r.fileno()
-            ep.register(ctl, select.EPOLLIN)
-            ep.register(wake, select.EPOLLIN)
+            self.control.register(sel)
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             drain = self._drain_traced if self.trace else self._drain
             next_expire = time.monotonic() + 1.0
             while not self._stop:
-                for fd, _ in ep.poll(1.0):
-                    port = by_fd.get(fd)
-                    if port is not None:
-                        drain(port, time.monotonic())
-                    elif fd == ctl:
-                        self.control.handle()
-                    elif fd == wake:
+                timeout = self._probe_tick()
+                changed: set[str] = set()
+                for sk, _ in sel.select(timeout):
+                    data = sk.data
+                    if type(data) is _Port:
+                        drain(data, time.monotonic())
+                    elif isinstance(data, ProbeTag):
+                        changed |= self._probe_done(sk)
+                    elif isinstance(data, ControlServer):
+                        data.handle()
+                    elif data == "wake":
                         try:
                             while self._wake_r.recv(512):
                                 pass
                         except BlockingIOError:
                             pass
+                if changed:
+                    self._sync(changed)
                 now = time.monotonic()
                 if now >= next_expire:
                     next_expire = now + 1.0
@@ -250,18 +272,138 @@ class PythonRunner:
                         nat.expire(now, 4096)
                 while self._signals:
                     signum = self._signals.pop(0)
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                        continue
                     self.log(
                         f"{signal.Signals(signum).name}: removing what this instance installed"
                     )
                     self._stop = True
         finally:
-            ep.close()
+            self.sel.close()
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
                 signal.signal(s, h)
             self.teardown()
             self.log("stopped")
         return 0
+
+    # --- health ------------------------------------------------------------------
+
+    def _probe_tick(self) -> float:
+        """Start the probes that are due, handle the monitors' timers; the select timeout."""
+        st = self.state
+        now = time.monotonic()
+        changed: set[str] = set()
+        for name, hs in st.health.items():
+            if hs.handle_timer(now):
+                changed.add(name)
+            for i in hs.due(now):
+                target = st.targets[(name, i)]
+                pid = hs.start_probe(i, now)
+                result = self.prober.start((name, i), pid, target.address, target.port)
+                if result is not None and hs.probe_result(i, result, now, pid):
+                    changed.add(name)
+        for key in self.prober.running():  # probes the monitors already timed out
+            assert isinstance(key, tuple)
+            owner = st.health.get(key[0])
+            monitor = owner.monitor(key[1]) if owner is not None and key[1] in owner else None
+            if monitor is None or not monitor.probe_in_flight:
+                self.prober.cancel(key)
+        if changed:
+            self._sync(changed)
+        timers = [t for hs in st.health.values() if (t := hs.next_timer()) is not None]
+        return max(0.0, min([now + 1.0, *timers]) - time.monotonic())
+
+    def _probe_done(self, sk: selectors.SelectorKey) -> set[str]:
+        key, pid, ok = self.prober.handle(sk)
+        assert isinstance(key, tuple)
+        owner = self.state.health.get(key[0])
+        if (
+            owner is not None
+            and key[1] in owner
+            and owner.probe_result(key[1], ok, time.monotonic(), pid)
+        ):
+            return {key[0]}
+        return set()
+
+    def _sync(self, vips: set[str]) -> None:
+        """Bring the forwarders' pools in line with health (their Maglev tables are rebuilt)."""
+        st = self.state
+        for name in sorted(vips):
+            hs, pool = st.health[name], st.pools[name]
+            moved = [i for i in range(len(pool)) if pool.set_up(i, hs.state(i) is HealthState.UP)]
+            if not moved:
+                continue
+            self.health_changes += 1
+            vip = st.config.vip(name)
+            states = ", ".join(f"{vip.backends[i].address} {hs.state(i)}" for i in moved)
+            self.log(f"{name}: {states}; table rebuilt ({len(pool)} backends)")
+
+    # --- reload ------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """SIGHUP: load, check and apply the file again; on any failure keep what runs.
+
+        The set of devices (nat, npt, dsr) must stay the same. A forwarder
+        whose part of the file did not change is kept with its state (conntrack,
+        flow cache, health); a changed one starts afresh. Backends that are
+        down stay down until their probes see them rise.
+        """
+        old = self.state
+        try:
+            config, skipped = load_for_run(
+                self.path,
+                instance=self.overrides.get("instance"),
+                control_socket=self.overrides.get("control_socket"),
+            )
+            _refuse_l2(config, self.path)
+            if config.lb.instance != self.instance:
+                raise RunError(
+                    f"the instance name changed ({self.instance} -> {config.lb.instance})",
+                    "stop this instance and start the new one",
+                )
+            check_lb_host(config)
+            steering = plan(config)
+            if [(s.kind, s.port) for s in steering.sides] != [
+                (s.kind, s.port) for s in self.steering.sides
+            ]:
+                raise RunError(
+                    "the new file adds or removes a kind of forwarder (nat, npt, dsr)",
+                    "restart `v6lb run` for that change",
+                )
+            forwarders = build_forwarders(config)
+            for kind in forwarders:
+                if _part(self.config, kind) == _part(config, kind):
+                    forwarders[kind] = self.forwarders[kind]  # unchanged: keep its state
+            down = {
+                (name, str(vip.backends[i].address), vip.backends[i].port)
+                for name, hs in old.health.items()
+                for vip in [old.config.vip(name)]
+                for i in range(len(vip.backends))
+                if hs.state(i) is HealthState.DOWN
+            }
+            new = _health_state(config, _pools(forwarders), time.monotonic(), down)
+            lines = _steering_diff(self.steering, steering)
+            if lines:
+                r = run_tool(["ip", "-6", "-batch", "-"], netns=None, stdin=lines)
+                if r.returncode != 0:
+                    raise RunError(f"updating the steering rules failed: {r.stderr.strip()}", "")
+        except (KernelError, OSError, ValueError) as exc:
+            text = exc.message if isinstance(exc, KernelError) else str(exc)
+            self.last_error = f"reload failed, still running the previous config: {text}"
+            self.log(self.last_error)
+            return False
+        self.prober.close()
+        kept = sorted(k for k in forwarders if forwarders[k] is self.forwarders.get(k))
+        self.config, self.skipped, self.steering = config, skipped, steering
+        self.forwarders, self.state = forwarders, new
+        for port in self.ports:
+            port.process = forwarders[port.side.kind].process
+        self.reloads += 1
+        self.last_error = None
+        self.log(f"reloaded {self.path}; kept the state of: {', '.join(kept) or 'none'}")
+        return True
 
     def _drain(self, port: _Port, now: float) -> None:
         """The hot loop: up to BATCH packets from one device, each read once, rewritten in place."""
@@ -271,7 +413,6 @@ class PythonRunner:
         spare = self._spare
         process = port.process
         outs = port.outs
-        restore = port.restore
         readv = os.readv
         write = os.write
         in_port = port.side.port
@@ -289,11 +430,11 @@ class PythonRunner:
                 else:
                     pkt += spare
                     del pkt[n:]
+            if n >= 40 and pkt[7] < 255:
+                pkt[7] += 1  # give back the kernel's decrement on the way into the TUN
             action, arg, data = process(pkt, in_port, now)
             try:
                 if action == FORWARD:
-                    if restore and data[7] < 255:
-                        data[7] += 1  # give back the kernel's decrement into the TUN
                     write(outs[arg], data)
                 elif action == DROP:
                     pass
@@ -323,15 +464,13 @@ class PythonRunner:
             elif n > len(pkt):
                 pkt += self._spare
                 del pkt[n:]
+            if n >= 40 and pkt[7] < 255:
+                pkt[7] += 1
             head = _describe(pkt)
             action, arg, data = port.process(pkt, port.side.port, now)
             self._trace_line(port, head, action, arg, data)
             try:
-                if action == FORWARD:
-                    if port.restore and data[7] < 255:
-                        data[7] += 1
-                    os.write(outs[arg], data)
-                elif action == REPLY:
+                if action in (FORWARD, REPLY):
                     os.write(outs[arg], data)
                 elif action == FORWARD_MANY:
                     for frag in data:
@@ -388,12 +527,14 @@ class PythonRunner:
             for p in self.ports
         ]
         vips = []
+        st = self.state
         for vip in config.vips:
             if vip.mode not in _MODES:
                 continue
             kind = "nat" if vip.mode is VipMode.NAT else "dsr"
             fwd = self.forwarders[kind]
-            pool = next(s.pool for s in fwd.services if s.name == vip.name)
+            pool = st.pools[vip.name]
+            hs = st.health[vip.name]
             snap = fwd.counters.snapshot()
             vips.append(
                 {
@@ -416,13 +557,15 @@ class PythonRunner:
                             "port": b.port,
                             "weight": b.weight,
                             "drain": b.drain,
-                            "health": "up" if pool.is_up(i) else "down",
-                            "probe": "none",
-                            "successes": None,
-                            "failures": None,
+                            "health": str(hs.state(i)),
+                            "probe": f"tcp [{t.address}]:{t.port}" if t else "none",
+                            "successes": m.successes if m else None,
+                            "failures": m.failures if m else None,
                             "slots": pool.table.count(i),
                         }
                         for i, b in enumerate(vip.backends)
+                        for t in [st.targets.get((vip.name, i))]
+                        for m in [hs.monitor(i)]
                     ],
                 }
             )
@@ -438,9 +581,9 @@ class PythonRunner:
             "dataplane": "python",
             "control_socket": config.lb.control_socket,
             "uptime_s": round(time.time() - self.started, 3),
-            "reloads": 0,
-            "map_updates": 0,
-            "last_error": None,
+            "reloads": self.reloads,
+            "map_updates": self.health_changes,
+            "last_error": self.last_error,
             "skipped": list(self.skipped),
             "vips": vips,
             "npt": [{"inside": str(p.inside), "outside": str(p.outside)} for p in config.npt],
@@ -449,6 +592,43 @@ class PythonRunner:
             "kernel": kernel,
             "events": list(self.events),
         }
+
+
+def _refuse_l2(config: Config, path: str) -> None:
+    if any(v.mode is VipMode.DSR_L2 for v in config.vips):
+        raise RunError(
+            f"{path}: --dataplane python does not serve dsr-l2 VIPs yet (it needs TAP/AF_PACKET)",
+            "use --dataplane kernel for dsr-l2, or move the VIP to dsr-ip6ip6/dsr-srv6",
+        )
+
+
+def _pools(forwarders: Mapping[str, Any]) -> dict[str, BackendPool]:
+    """The forwarders' own pools by VIP name: health changes go straight into them."""
+    return {
+        svc.name: svc.pool
+        for kind in ("nat", "dsr")
+        if kind in forwarders
+        for svc in forwarders[kind].services
+    }
+
+
+def _part(config: Config, kind: str) -> Any:
+    """What a forwarder of ``kind`` is built from: unchanged means its state can be kept."""
+    if kind == "npt":
+        return (config.lb, config.npt)
+    modes = (VipMode.NAT,) if kind == "nat" else (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+    return (config.lb, [v for v in config.vips if v.mode in modes])
+
+
+def _steering_diff(old: Steering, new: Steering) -> str:
+    """``ip -6 -batch`` text: the new routes and rules, then the old ones that went away."""
+    old_lines = [x for s in old.sides for x in (*s.routes, *s.rules)]
+    new_lines = [x for s in new.sides for x in (*s.routes, *s.rules)]
+    add = [x for x in new_lines if x not in old_lines]
+    add.sort(key=lambda x: not x.startswith("route"))
+    gone = [x.replace(" add ", " del ", 1) for x in old_lines if x not in new_lines]
+    gone.sort(key=lambda x: x.startswith("route"))
+    return "".join(f"{x}\n" for x in add + gone)
 
 
 def _describe(buf: bytearray) -> str:
@@ -511,11 +691,7 @@ def run_python(
     require_root()
     require_tools(*_TOOLS)
     config, skipped = load_for_run(path, instance=instance, control_socket=control_socket)
-    if any(v.mode is VipMode.DSR_L2 for v in config.vips):
-        raise RunError(
-            f"{path}: --dataplane python does not serve dsr-l2 VIPs yet (it needs TAP/AF_PACKET)",
-            "use --dataplane kernel for dsr-l2, or move the VIP to dsr-ip6ip6/dsr-srv6",
-        )
+    _refuse_l2(config, path)
     if netns is not None:
         enter_netns(netns)
     check_lb_host(config)
@@ -533,6 +709,13 @@ def run_python(
         raise RunError("/dev/net/tun is missing", "modprobe tun")
     if trace is None:
         trace = os.environ.get("V6LB_TRACE", "") not in ("", "0")
-    runner = PythonRunner(config, path, skipped=skipped, netns=netns, trace=trace)
+    runner = PythonRunner(
+        config,
+        path,
+        skipped=skipped,
+        netns=netns,
+        trace=trace,
+        overrides={"instance": instance, "control_socket": control_socket},
+    )
     runner.install()
     return runner.serve()

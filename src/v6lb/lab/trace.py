@@ -1,0 +1,314 @@
+"""`v6lb lab trace`: capture every link of a running lab while the client makes real requests.
+
+One ``tcpdump -Q in`` runs on every bridge port in the switch namespace (the
+frames each node sends on the link), ``--immediate-mode -U``, IPv6 only. The
+client then runs ``curl`` through the lab (a GET, and a POST larger than the path
+MTU) to the VIP of the mode, from ports it picks in 40000-59999. The captures are
+stopped and merged into one pcap per link, ``<out>/<link>.pcap`` (Ethernet,
+nanosecond timestamps), and ``<out>/trace.json`` records what was done: the VIP,
+the client's address and ports, the answers of the HTTP servers, the lab's MACs
+and each link's addresses. :func:`trace_hops` turns a trace directory back into
+:class:`~v6lb.model.hops.Hop` records (:mod:`v6lb.model.capture`), and
+:func:`explain_trace` into the same explanation ``v6lb explain`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from v6lb.lab.plan import LAB_ROOT, LabError, LabPlan
+from v6lb.model.capture import hops_from_pcaps
+from v6lb.model.config import NatOptions
+from v6lb.model.explain import Explanation, explain
+from v6lb.model.hops import Hop
+from v6lb.model.topology import NodeType
+from v6lb.wire.pcap import LINKTYPE_ETHERNET, PcapError, Record, read, write
+
+__all__ = [
+    "MODES",
+    "TRACE_FILE",
+    "Trace",
+    "default_location",
+    "explain_trace",
+    "load_trace",
+    "run_trace",
+    "trace_hops",
+]
+
+MODES: Final = ("nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6")
+TRACE_FILE: Final = "trace.json"
+POST_BYTES: Final = 100_000
+_LB_STATE: Final = {
+    "nat": "a conntrack entry per flow (nf_conntrack in the LB's kernel: the DNAT and its reverse)",
+    "dsr": "nothing per flow: nft hashes the 5-tuple into the VIP's Maglev map on every packet",
+}
+
+
+@dataclass(slots=True)
+class Trace:
+    """A trace directory: its metadata and, per link, the pcap bytes (absent: missing file)."""
+
+    dir: Path
+    meta: dict[str, Any]
+    pcaps: dict[str, bytes]
+    packets: dict[str, int]  # link -> IPv6 frames in its pcap; -1: missing or unreadable
+
+
+def default_location(name: str, mode: str, root: Path = LAB_ROOT) -> tuple[Path, str]:
+    """Where a trace goes without ``--out``: flat files ``trace-<mode>.*`` in the lab dir.
+
+    Flat, so that ``lab down`` (which removes the lab dir's files) removes them too.
+    """
+    return root / name, f"trace-{mode}."
+
+
+def _state(name: str, root: Path) -> dict[str, Any]:
+    path = root / name / "state.json"
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise LabError(
+            f"no lab named {name!r} is up (no {path})", "start it with `v6lb lab up FILE`"
+        ) from None
+    if state.get("phase") != "up":
+        raise LabError(f"lab {name!r} is {state.get('phase')}, not up", "run `v6lb lab up` again")
+    return state
+
+
+def _plan(name: str, root: Path) -> LabPlan:
+    from v6lb.lab.netns import load_plan
+
+    state = _state(name, root)
+    return load_plan(str(state["file"]), name, root=root)
+
+
+def _client(plan: LabPlan) -> str:
+    for n in plan.topo.nodes:
+        if n.role == "client":
+            return n.name
+    raise LabError("the topology has no node with role client", "give one node `role: client`")
+
+
+def _lanes(plan: LabPlan) -> dict[str, str]:
+    out = {}
+    for n in plan.topo.nodes:
+        if n.type is NodeType.LB:
+            out[n.name] = "lb"
+        elif n.role == "client":
+            out[n.name] = "client"
+        elif n.type is NodeType.ROUTER:
+            out[n.name] = "router"
+        else:
+            out[n.name] = "pod"
+    return out
+
+
+def _start_capture(sw: str, port: str, path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    err = path.with_suffix(".err")
+    argv = ["ip", "netns", "exec", sw, "tcpdump", "-i", port, "-Q", "in", "--immediate-mode"]
+    argv += ["-U", "-Z", "root", "-w", str(path), "ip6"]
+    with err.open("wb") as fh:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=fh)
+    return proc, err
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _curl(ns: str, url: str, body: bytes | None) -> tuple[int, dict[str, Any] | None, str]:
+    """One request from a port in 40000-59999 (so the simulator can use the same port)."""
+    for _ in range(8):
+        port = random.randint(40000, 59999)
+        argv = ["ip", "netns", "exec", ns, "curl", "-6", "-s", "-S", "-m", "10"]
+        argv += ["--local-port", str(port)]
+        if body is not None:
+            argv += ["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]
+        r = subprocess.run(argv + [url], input=body, capture_output=True, timeout=30, check=False)
+        if r.returncode == 45:  # the port is taken: pick another
+            continue
+        if r.returncode != 0:
+            raise LabError(
+                f"curl {url} from port {port} failed (exit {r.returncode}): "
+                + r.stderr.decode(errors="replace").strip()
+            )
+        try:
+            answer = json.loads(r.stdout)
+        except ValueError:
+            answer = None
+        return port, answer, r.stdout.decode(errors="replace")[:200]
+    raise LabError(f"curl {url}: no free local port after 8 tries")
+
+
+def run_trace(
+    name: str, mode: str, out: Path | None = None, *, prefix: str = "", root: Path = LAB_ROOT
+) -> Trace:
+    """Capture every link while the client sends a GET and a large POST to ``mode``'s VIP."""
+    if mode not in MODES:
+        raise LabError(
+            f"lab trace runs the kernel modes ({', '.join(MODES)}), not {mode!r}",
+            "pick one of those with --mode",
+        )
+    plan = _plan(name, root)
+    vip = next((v for v in plan.config.vips if str(v.mode) == mode), None)
+    if vip is None:
+        raise LabError(f"the lab's file has no VIP in mode {mode}", "add one, or pick another mode")
+    client = _client(plan)
+    caddr = str(plan.topo.addresses(client)[0])
+    if out is None:
+        out, prefix = default_location(name, mode, root)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{prefix}*.pcap"):
+        old.unlink()
+    raw = Path(tempfile.mkdtemp(prefix="v6lb-trace-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    started: list[tuple[str, Path, Path]] = []  # link, pcap, stderr
+    try:
+        for i in plan.ifaces:
+            proc, err = _start_capture(plan.switch_ns, i.port, raw / f"{i.port}.pcap")
+            procs.append(proc)
+            started.append((i.link, raw / f"{i.port}.pcap", err))
+        deadline = time.monotonic() + 10
+        for (_, _, err), proc in zip(started, procs, strict=True):
+            while b"listening on" not in err.read_bytes():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(f"tcpdump did not start: {err.read_text().strip()}")
+                time.sleep(0.05)
+        url = f"http://[{vip.address}]:{vip.ports[0]}/"
+        ns = plan.namespaces[client]
+        requests = []
+        for method, body in (("GET", None), ("POST", bytes(range(256)) * (POST_BYTES // 256))):
+            port, answer, text = _curl(ns, url, body)
+            requests.append(
+                {"method": method, "client_port": port, "bytes": len(body or b""), "answer": answer}
+            )
+            if answer is None:
+                raise LabError(f"{method} {url}: the answer is not JSON: {text!r}")
+        time.sleep(0.3)  # the last ACKs and FINs
+    finally:
+        _stop(procs)
+    links: dict[str, str] = {}
+    try:
+        for lk in plan.topo.links:
+            records: list[Record] = []
+            for link, path, _ in started:
+                if link == lk.name and path.exists():
+                    records += list(read(path.read_bytes()))
+            records.sort(key=lambda r: r.ts_ns)
+            fname = f"{prefix}{lk.name}.pcap"
+            (out / fname).write_bytes(write(records, LINKTYPE_ETHERNET))
+            links[lk.name] = fname
+    finally:
+        shutil.rmtree(raw, ignore_errors=True)
+    snat = None
+    if isinstance(vip.options, NatOptions) and vip.options.snat is not None:
+        snat = [str(vip.options.snat), *vip.options.snat_ports]
+    meta = {
+        "lab": name,
+        "file": str(plan.file),
+        "mode": mode,
+        "vip": str(vip.address),
+        "vip_name": vip.name,
+        "vip_port": vip.ports[0],
+        "client_node": client,
+        "client": caddr,
+        "client_ports": [r["client_port"] for r in requests],
+        "requests": requests,
+        "links": links,
+        "macs": {i.mac: i.node for i in plan.ifaces},
+        "endpoints": {
+            lk.name: {str(a): att.node for att in lk.endpoints for a in att.addresses}
+            for lk in plan.topo.links
+        },
+        "nodes": _lanes(plan),
+        "snat": snat,
+        "time": time.time(),
+    }
+    (out / f"{prefix}{TRACE_FILE}").write_text(json.dumps(meta, indent=2) + "\n")
+    return load_trace(out, prefix)
+
+
+def load_trace(directory: Path, prefix: str = "") -> Trace:
+    """A trace written by :func:`run_trace`; missing or unreadable pcaps count -1."""
+    try:
+        meta: dict[str, Any] = json.loads((directory / f"{prefix}{TRACE_FILE}").read_text())
+    except (OSError, ValueError):
+        raise LabError(
+            f"{directory} has no readable {TRACE_FILE}", "run `v6lb lab trace --out DIR` first"
+        ) from None
+    pcaps: dict[str, bytes] = {}
+    packets: dict[str, int] = {}
+    for link, fname in meta.get("links", {}).items():
+        path = directory / fname
+        try:
+            data = path.read_bytes()
+            packets[link] = sum(1 for _ in read(data))
+            pcaps[link] = data
+        except (OSError, PcapError):
+            packets[link] = -1
+    return Trace(directory, meta, pcaps, packets)
+
+
+def trace_hops(trace: Trace) -> list[Hop]:
+    """The hops of the traced connections, matched across links."""
+    m = trace.meta
+    return hops_from_pcaps(
+        trace.pcaps,
+        macs=m["macs"],
+        endpoints=m["endpoints"],
+        client=m["client"],
+        client_ports=m["client_ports"],
+    )
+
+
+def explain_trace(trace: Trace, hops: list[Hop] | None = None) -> Explanation:
+    """The explanation ``v6lb explain`` prints, from the captured hops and the servers' answers."""
+    m = trace.meta
+    hops = trace_hops(trace) if hops is None else hops
+    client = m["client"]
+    answer = next((r["answer"] for r in m["requests"] if r.get("answer")), None) or {}
+    peer = answer.get("peer") or [None]
+    local = answer.get("local") or [None]
+    nodes: dict[str, str] = m["nodes"]
+    lbs = {n for n, lane in nodes.items() if lane == "lb"}
+    reply_via_lb = any(
+        (h.sender in lbs or h.receiver in lbs)
+        and h.pkt.proto != "icmpv6"
+        and h.pkt.innermost.dst.addr == client
+        for h in hops
+    )
+    mode = m["mode"]
+    facts: dict[str, object] = {
+        "vip": m["vip"],
+        "vip_name": m["vip_name"],
+        "vip_mode": mode,
+        "client": client,
+        "client_ports": m["client_ports"],
+        "backend": answer.get("server"),
+        "backend_node": answer.get("node"),
+        "backend_saw_source": peer[0],
+        "backend_saw_destination": local[0],
+        "reply_via_lb": reply_via_lb,
+        "lb_state": _LB_STATE["nat" if mode == "nat" else "dsr"],
+        "responses": [r["answer"] for r in m["requests"]],
+        "source": "lab capture",
+    }
+    return explain(mode, hops, facts, nodes)
