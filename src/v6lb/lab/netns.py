@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -345,9 +346,7 @@ def lab_down(name: str, *, root: Path = LAB_ROOT, log: Any = sys.stderr) -> list
         done.append(f"deleted namespace {ns}")
     labdir = root / name
     if labdir.exists():
-        for f in labdir.iterdir():
-            f.unlink(missing_ok=True)
-        labdir.rmdir()
+        shutil.rmtree(labdir, ignore_errors=True)  # traces may add subfolders
         done.append(f"removed {labdir}")
     for line in done:
         log.write(f"lab {name}: {line}\n")
