@@ -36,6 +36,7 @@ from typing import Any, Final
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthMonitor, HealthSet, HealthState
 from v6lb.engines.control import ControlServer
+from v6lb.engines.kernel.announce import Announcer
 from v6lb.engines.kernel.apply import (
     KernelError,
     Rendered,
@@ -273,6 +274,8 @@ class Runner:
         self._signals: list[int] = []
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
+        # bgp: the BIRD speaker that announces the healthy VIPs (docs/anycast.md)
+        self.announcer = Announcer.create(prepared.config, self.instance, self.log)
 
     def log(self, message: str) -> None:
         now = time.time()
@@ -294,6 +297,13 @@ class Runner:
             self.control.close()
             self.control = None
             raise
+        if self.announcer is not None:
+            try:
+                self.announcer.start(self.state.pools)
+            except BaseException:
+                self.announcer = None
+                self.teardown()
+                raise
         self.control.register(self.sel)
         for line in self.skipped:
             self.log(f"skipped VIP {line}")
@@ -303,6 +313,8 @@ class Runner:
         )
 
     def teardown(self) -> list[str]:
+        if self.announcer is not None:
+            self.announcer.stop()  # withdraw first: routers stop sending before the maps go
         self.prober.close()
         if self.control is not None:
             self.control.close(self.sel)
@@ -410,6 +422,8 @@ class Runner:
                 continue
             self.map_updates += 1
             self.log(f"{name}: {states}; map refilled ({len(pool)} backends, one transaction)")
+        if self.announcer is not None:
+            self.announcer.sync(st.pools)
 
     # --- reload ------------------------------------------------------------------
 
@@ -452,6 +466,8 @@ class Runner:
         if config.lb.control_socket != old.config.lb.control_socket:
             self.log("lb.control_socket changed: it takes effect at the next start")
         self.log(f"reloaded {self.path}: {len(new.pools)} VIP(s)")
+        if self.announcer is not None:
+            self.announcer.reconfigure(config, new.pools)
         return True
 
     # --- status ------------------------------------------------------------------
@@ -514,6 +530,7 @@ class Runner:
             "vips": vips,
             "npt": [{"inside": str(p.inside), "outside": str(p.outside)} for p in config.npt],
             "kernel": kernel,
+            "bgp": self.announcer.status() if self.announcer is not None else None,
             "events": list(self.events),
         }
 

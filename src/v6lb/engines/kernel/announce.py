@@ -1,0 +1,219 @@
+"""BGP announcements for `v6lb run`: one BIRD speaker per instance, driven by health.
+
+When the file has a ``bgp:`` section with an ``asn`` (:func:`v6lb.model.bgp.parse_bgp`),
+:class:`Announcer` renders the speaker config (:func:`v6lb.render.bird.render_speaker`)
+with one /128 per kernel VIP address and starts BIRD (:func:`v6lb.engines.bird.start_bird`)
+as a child of `v6lb run`, in the same network namespace. Then:
+
+* :meth:`Announcer.sync` announces each VIP address that has at least one eligible
+  backend (``birdc enable``) and withdraws it when none is left (``birdc disable``);
+  the run loop calls it after every health change, so rise/fall damps flapping;
+* :meth:`Announcer.reconfigure` (SIGHUP) rewrites the config and runs ``birdc configure``;
+* :meth:`Announcer.stop` (SIGTERM/SIGINT) withdraws every prefix, then ``birdc down``.
+
+BIRD's files live in ``<control socket>.bird/`` (config, control socket, pid file, log),
+removed again at a clean stop. A bird left running by a crashed `v6lb run` of the same
+instance (found by its pid file) is killed before the new one starts. A failing ``birdc``
+is logged and retried at the next sync; the data plane keeps forwarding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Callable, Mapping
+from ipaddress import IPv6Network
+from pathlib import Path
+from typing import Any
+
+from v6lb.core.backends import BackendPool
+from v6lb.engines.bird import Bird, BirdError, require_bird, start_bird
+from v6lb.engines.kernel.apply import KernelError
+from v6lb.model.bgp import BgpSettings, parse_bgp
+from v6lb.model.config import Config, ConfigError
+from v6lb.render.bird import SpeakerRoute, render_speaker
+from v6lb.render.nftables import KERNEL_MODES
+
+__all__ = ["AnnounceError", "Announcer", "vip_prefixes"]
+
+
+class AnnounceError(KernelError):
+    """The speaker cannot be set up: bird missing, config refused, bird not starting."""
+
+
+def vip_prefixes(config: Config) -> dict[IPv6Network, list[str]]:
+    """Each kernel VIP address as a /128, with the names of the VIPs that use it."""
+    out: dict[IPv6Network, list[str]] = {}
+    for vip in config.vips:
+        if vip.mode in KERNEL_MODES:
+            out.setdefault(IPv6Network(f"{vip.address}/128"), []).append(vip.name)
+    return out
+
+
+class Announcer:
+    """The BIRD speaker of one `v6lb run` instance."""
+
+    def __init__(
+        self,
+        config: Config,
+        settings: BgpSettings,
+        instance: str,
+        workdir: Path,
+        log: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.instance = instance
+        self.workdir = workdir
+        self.log = log
+        self.prefixes = vip_prefixes(config)
+        self.announced: dict[IPv6Network, bool] = dict.fromkeys(self.prefixes, False)
+        self.bird: Bird | None = None
+        self.last_error: str | None = None
+        self.changes = 0
+
+    @classmethod
+    def create(cls, config: Config, instance: str, log: Callable[[str], None]) -> Announcer | None:
+        """An announcer for ``config``'s ``bgp:`` speaker, or None if it has none."""
+        try:
+            settings = parse_bgp(config)
+        except ConfigError as exc:
+            raise AnnounceError(str(exc), "fix the bgp: section") from None
+        if settings is None:
+            return None
+        if not settings.neighbours:
+            raise AnnounceError(
+                f"{config.source}: bgp: has an asn but no neighbours to announce the VIPs to",
+                "add bgp.neighbours: [{address: ROUTER, asn: ASN, interface: IF}]",
+            )
+        try:
+            require_bird()
+        except BirdError as exc:
+            raise AnnounceError(str(exc), "apt-get install bird2") from None
+        workdir = Path(f"{config.lb.control_socket}.bird")
+        return cls(config, settings, instance, workdir, log)
+
+    def _render(self, up: Mapping[IPv6Network, bool]) -> str:
+        routes = [SpeakerRoute(p, up=up.get(p, False)) for p in self.prefixes]
+        return render_speaker(self.instance, self.settings, routes)
+
+    def _kill_stale(self) -> None:
+        pidfile = self.workdir / f"{self.instance}.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            return
+        if comm == "bird":
+            self.log(f"bgp: killing bird {pid} left behind by an earlier run")
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def start(self, pools: Mapping[str, BackendPool]) -> None:
+        """Start bird; the VIPs with an eligible backend are announced from the start."""
+        up = self._wanted(pools)
+        self._kill_stale()
+        try:
+            self.bird = start_bird(self.instance, self._render(up), self.workdir)
+        except BirdError as exc:
+            raise AnnounceError(str(exc), "check the bgp: section and bird's log") from None
+        self.announced = dict(up)
+        peers = ", ".join(f"{n.name} {n.address} AS {n.asn}" for n in self.settings.neighbours)
+        self.log(
+            f"bgp: bird {self.bird.pid} started (AS {self.settings.asn}, peers {peers}); "
+            f"announced: {self._listed(True)}; withdrawn: {self._listed(False)}"
+        )
+
+    def _listed(self, state: bool) -> str:
+        return ", ".join(str(p) for p, a in self.announced.items() if a is state) or "none"
+
+    def _wanted(self, pools: Mapping[str, BackendPool]) -> dict[IPv6Network, bool]:
+        return {
+            p: any(n in pools and pools[n].any_eligible for n in names)
+            for p, names in self.prefixes.items()
+        }
+
+    def sync(self, pools: Mapping[str, BackendPool]) -> None:
+        """Announce or withdraw each VIP address to match its backends' health."""
+        bird = self.bird
+        if bird is None:
+            return
+        for prefix, want in self._wanted(pools).items():
+            if self.announced.get(prefix) is want:
+                continue
+            try:
+                (bird.announce if want else bird.withdraw)(prefix)
+            except BirdError as exc:
+                self.last_error = f"bgp: {'announce' if want else 'withdraw'} {prefix}: {exc}"
+                self.log(self.last_error)
+                continue
+            self.announced[prefix] = want
+            self.changes += 1
+            why = "a backend is up" if want else "no backend is up"
+            self.log(f"bgp: {'announced' if want else 'withdrew'} {prefix} ({why})")
+
+    def reconfigure(self, config: Config, pools: Mapping[str, BackendPool]) -> None:
+        """SIGHUP: the VIPs or bgp: settings may have changed; ``birdc configure``."""
+        try:
+            settings = parse_bgp(config)
+        except ConfigError as exc:
+            self.last_error = f"bgp: reload kept the old speaker: {exc}"
+            self.log(self.last_error)
+            return
+        if settings is None or self.bird is None:
+            self.log("bgp: the bgp: section is gone; it takes effect at the next start")
+            return
+        self.settings, self.prefixes = settings, vip_prefixes(config)
+        up = self._wanted(pools)
+        try:
+            self.bird.config.write_text(self._render(up))
+            out = self.bird.birdc("configure")
+        except (OSError, BirdError) as exc:
+            self.last_error = f"bgp: birdc configure failed: {exc}"
+            self.log(self.last_error)
+            return
+        self.announced = dict(up)
+        self.log(f"bgp: reconfigured ({out.strip().splitlines()[-1] if out.strip() else 'ok'})")
+
+    def stop(self) -> None:
+        """Withdraw every prefix, then ``birdc down``; remove bird's files. Idempotent."""
+        bird, self.bird = self.bird, None
+        if bird is None:
+            return
+        for prefix, up in self.announced.items():
+            if up and bird.alive():
+                try:
+                    bird.withdraw(prefix)
+                    self.log(f"bgp: withdrew {prefix} (shutting down)")
+                except BirdError as exc:
+                    self.log(f"bgp: withdraw {prefix} at shutdown failed: {exc}")
+            self.announced[prefix] = False
+        bird.stop()
+        self.log(f"bgp: bird {bird.pid} stopped")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        bird = self.bird
+        sessions: dict[str, dict[str, str]] = {}
+        if bird is not None and bird.alive():
+            try:
+                for p in bird.protocols().values():
+                    if p.proto in ("BGP", "BFD"):
+                        sessions[p.name] = {"proto": p.proto, "state": p.state, "info": p.info}
+            except BirdError as exc:
+                sessions["error"] = {"proto": "", "state": "", "info": str(exc)}
+        return {
+            "asn": self.settings.asn,
+            "bird_pid": bird.pid if bird is not None else None,
+            "bird_alive": bird is not None and bird.alive(),
+            "neighbours": [
+                {"name": n.name, "address": str(n.address), "asn": n.asn}
+                for n in self.settings.neighbours
+            ],
+            "sessions": sessions,
+            "announced": [str(p) for p, a in self.announced.items() if a],
+            "withdrawn": [str(p) for p, a in self.announced.items() if not a],
+            "changes": self.changes,
+            "last_error": self.last_error,
+        }
