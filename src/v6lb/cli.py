@@ -757,6 +757,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
             out.append(f"  {key.removesuffix('s').replace('_', ' ')}: {item}")
     for name, c in k.get("nft_counters", {}).items():
         out.append(f"  nft counter {name}: {c['packets']} packets {c['bytes']} bytes")
+    bgp = st.get("bgp")
+    if bgp:
+        alive = "running" if bgp.get("bird_alive") else "NOT running"
+        out.append(f"bgp: AS {bgp.get('asn')}, bird {alive} (pid {bgp.get('bird_pid')})")
+        out.append("  announced: " + (", ".join(bgp.get("announced", [])) or "none"))
+        out.append("  withdrawn: " + (", ".join(bgp.get("withdrawn", [])) or "none"))
+        for name, sess in bgp.get("sessions", {}).items():
+            out.append(f"  {sess.get('proto')} {name}: {sess.get('state')} {sess.get('info')}")
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 

@@ -133,7 +133,12 @@ def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
         if h.packet_id:
             last[h.packet_id] = p
         inner = p.innermost if p.encapsulated and p.proto != "icmpv6" else p
-        detail = p.detail if not p.encapsulated else f"inner {inner.summary()}"
+        if p.proto == "icmpv6" and p.inner is not None:
+            detail = f"{p.detail}, quoting [{p.inner.summary()}]"  # an error's quoted packet
+        elif p.encapsulated:
+            detail = f"inner {inner.summary()}"
+        else:
+            detail = p.detail
         rows.append(
             Row(
                 seq=h.seq,
