@@ -1,0 +1,297 @@
+"""Kernel data plane vs plain IPv6 routing vs the smallest hand-written rules.
+
+Method (root; needs iperf3, ``apt-get install iperf3``, plus nft and ip6tables):
+- Three namespaces ``v6lb-km-<pid>-<n>``: client, LB, backend, joined by veth
+  pairs, IPv6 forwarding on in the LB; addresses and routes as in
+  ``bench_tun.py`` (whose ``setup`` and ``config`` this script imports).
+- For each mode, three cases on the same namespaces:
+
+  a. ``plain``: no rules at all; the traffic is routed through the LB
+     namespace to the real address (nat: the backend address instead of the
+     VIP; npt: the inside host talks to the outside host untranslated).
+  b. ``hand``: the smallest hand-written rule set that does the job.
+     nat: one nft table, one prerouting rule
+     ``ip6 daddr VIP meta l4proto { tcp, udp } th dport 5201 dnat ip6 to BACKEND``.
+     npt: ip6tables ``raw`` NOTRACK for both prefixes and ``mangle`` DNPT/SNPT.
+  c. ``v6lb``: ``v6lb run FILE --dataplane kernel --netns LB`` with its full
+     ruleset (nat: the unserved-port guard, the jhash, the 65537-slot Maglev
+     map and the counters; npt: the same four ip6tables rules, with comments).
+
+- Per case: small UDP (``iperf3 -u -l 64 -b 0``; receiver-side packets per
+  second, ``packets - lost_packets`` over the seconds) then TCP (iperf3
+  defaults, one stream; receiver-side Gbit/s), SECONDS each.
+- Rounds are interleaved: each of RUNS rounds runs every (mode, case) once,
+  the case order rotating by one each round, so a slow moment of the shared
+  machine hits the cases evenly. We report medians, min-max and the ratios of
+  the medians v6lb/hand and hand/plain, and the median (min-max) of the
+  per-round ratio v6lb/hand.
+
+Run: ``sudo .venv/bin/python benchmarks/bench_kernel_modes.py [--runs 5] [--seconds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_tun import (  # noqa: E402
+    BACKEND,
+    INSIDE,
+    INSIDE_HOST,
+    OUTSIDE,
+    OUTSIDE_HOST,
+    V6LB,
+    VIP,
+    config,
+    nsx,
+    setup,
+    sh,
+)
+
+CASES = ("plain", "hand", "v6lb")
+HAND_TABLE = "bench_hand"
+_counter = itertools.count()
+
+
+@contextmanager
+def namespaces(*roles: str) -> Iterator[dict[str, str]]:
+    names = {role: f"v6lb-km-{os.getpid()}-{next(_counter)}" for role in roles}
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            nsx(ns, "ip", "link", "set", "lo", "up")
+        yield names
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def hand_nat() -> str:
+    # One rule; the closing braces on their own lines (nft parses "ADDR }" badly).
+    return (
+        f"table ip6 {HAND_TABLE} {{\n"
+        "  chain pre {\n"
+        "    type nat hook prerouting priority dstnat;\n"
+        f"    ip6 daddr {VIP} meta l4proto {{ tcp, udp }} th dport 5201 dnat ip6 to {BACKEND}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def hand_npt() -> str:
+    return (
+        "*raw\n"
+        f"-A PREROUTING -s {INSIDE} -j NOTRACK\n"
+        f"-A PREROUTING -d {OUTSIDE} -j NOTRACK\n"
+        "COMMIT\n"
+        "*mangle\n"
+        f"-A PREROUTING -d {OUTSIDE} -j DNPT --src-pfx {OUTSIDE} --dst-pfx {INSIDE}\n"
+        f"-A POSTROUTING -s {INSIDE} -j SNPT --src-pfx {INSIDE} --dst-pfx {OUTSIDE}\n"
+        "COMMIT\n"
+    )
+
+
+def snpt_packets(lb: str) -> int:
+    """Packets counted by the SNPT rule(s) in the LB (proves the traffic was translated)."""
+    out = nsx(lb, "ip6tables", "-t", "mangle", "-nvxL", "POSTROUTING")
+    return sum(int(line.split()[0]) for line in out.splitlines() if "SNPT" in line)
+
+
+def flush_hand(lb: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", lb, "nft", "delete", "table", "ip6", HAND_TABLE],
+        capture_output=True,
+        timeout=30,
+    )
+    for table in ("raw", "mangle"):
+        subprocess.run(
+            ["ip", "netns", "exec", lb, "ip6tables", "-t", table, "-F"],
+            capture_output=True,
+            timeout=30,
+        )
+
+
+def wait_v6lb(run: subprocess.Popen[str], lb: str, mode: str, instance: str) -> None:
+    """Until the ruleset is in the kernel (the socket opens before the apply)."""
+    deadline = time.monotonic() + 30
+    while True:
+        if run.poll() is not None:
+            raise RuntimeError(f"v6lb run stopped: {run.stderr.read() if run.stderr else ''}")
+        if mode == "nat":
+            ready = f"v6lb_{instance}" in nsx(lb, "nft", "list", "tables")
+        else:
+            ready = f"v6lb:{instance}" in nsx(lb, "ip6tables-save", "-t", "mangle")
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("v6lb run did not apply its ruleset in 30 s")
+        time.sleep(0.1)
+
+
+def iperf(ns: dict[str, str], mode: str, case: str, udp: bool, seconds: float) -> float:
+    """Receiver-side packets/s (udp) or bit/s (tcp) of one iperf3 run."""
+    if mode == "nat":
+        client_ns, bind = ns["client"], []
+        target = BACKEND if case == "plain" else VIP
+    else:
+        client_ns, bind, target = ns["backend"], ["-B", INSIDE_HOST], OUTSIDE_HOST
+    extra = ["-u", "-l", "64", "-b", "0"] if udp else []
+    argv = ["iperf3", "-c", target, *bind, *extra, "-t", str(seconds), "--json"]
+    last = ""
+    for _ in range(3):  # a wedged or busy server: wait and try again
+        r = subprocess.run(
+            ["ip", "netns", "exec", client_ns, *argv], capture_output=True, text=True, timeout=120
+        )
+        doc = json.loads(r.stdout or "{}")
+        end = doc.get("end", {})
+        if udp and "sum" in end:
+            s = end["sum"]
+            return (int(s["packets"]) - int(s["lost_packets"])) / float(s["seconds"])
+        if not udp and "sum_received" in end:
+            return float(end["sum_received"]["bits_per_second"])
+        last = doc.get("error", r.stderr[-300:])
+        time.sleep(1.0)
+    raise RuntimeError(f"iperf3 {mode}/{case}: {last}")
+
+
+def one_case(
+    ns: dict[str, str], mode: str, case: str, seconds: float, tmp: Path
+) -> tuple[float, float]:
+    lb = ns["lb"]
+    run: subprocess.Popen[str] | None = None
+    try:
+        if case == "hand":
+            if mode == "nat":
+                nsx(lb, "nft", "-f", "-", stdin=hand_nat())
+            else:
+                nsx(lb, "ip6tables-restore", "--noflush", stdin=hand_npt())
+        elif case == "v6lb":
+            cfg = config(mode, str(tmp / f"{mode}.sock"))
+            path = tmp / f"{mode}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            run = subprocess.Popen(
+                [V6LB, "run", str(path), "--dataplane", "kernel", "--netns", lb],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            wait_v6lb(run, lb, mode, cfg["lb"]["instance"])
+        before = snpt_packets(lb) if mode == "npt" and case != "plain" else 0
+        pps = iperf(ns, mode, case, True, seconds)
+        bps = iperf(ns, mode, case, False, seconds)
+        if mode == "npt" and case != "plain" and snpt_packets(lb) <= before:
+            raise RuntimeError(f"npt/{case}: the SNPT rule counted nothing")
+        return pps, bps
+    finally:
+        if run is not None:
+            run.send_signal(signal.SIGTERM)
+            run.wait(timeout=60)
+        flush_hand(lb)
+
+
+def stat(xs: list[float], scale: float, fmt: str) -> str:
+    return (
+        f"{statistics.median(xs) / scale:{fmt}} ({min(xs) / scale:{fmt}}–{max(xs) / scale:{fmt}})"
+    )
+
+
+def paired(num: list[float], den: list[float]) -> str:
+    """Median (min-max) of the per-round ratios: both runs of a round shared the moment."""
+    rs = [n / d for n, d in zip(num, den, strict=True)]
+    return f"{statistics.median(rs):.2f} ({min(rs):.2f}–{max(rs):.2f})"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--modes", default="nat,npt")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw figures here")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or shutil.which("iperf3") is None:
+        print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
+        return 2
+    modes = args.modes.split(",")
+    res: dict[str, dict[str, dict[str, list[float]]]] = {
+        m: {c: {"pps": [], "bps": []} for c in CASES} for m in modes
+    }
+    servers: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp, namespaces("client", "lb", "backend") as ns:
+        try:
+            setup(ns)
+            for n in (ns["client"], ns["backend"]):
+                servers.append(
+                    subprocess.Popen(
+                        ["ip", "netns", "exec", n, "iperf3", "-s"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            time.sleep(0.5)
+            for i in range(args.runs):
+                for mode in modes:
+                    k = i % len(CASES)
+                    for case in CASES[k:] + CASES[:k]:
+                        pps, bps = one_case(ns, mode, case, args.seconds, Path(tmp))
+                        res[mode][case]["pps"].append(pps)
+                        res[mode][case]["bps"].append(bps)
+                        print(
+                            f"round {i + 1} {mode:3} {case:5} {pps / 1000:7.1f} kpps"
+                            f" {bps / 1e9:6.2f} Gbit/s",
+                            flush=True,
+                        )
+        finally:
+            for s in servers:
+                s.kill()
+                s.wait(timeout=10)
+    print(
+        f"\n{platform.python_implementation()} {platform.python_version()},"
+        f" {os.cpu_count()} CPUs, Linux {platform.release()}"
+    )
+    print(
+        f"{args.runs} interleaved rounds, {args.seconds:g} s per run;"
+        " UDP 64-byte payloads, TCP one stream\n"
+    )
+    print(
+        "| mode | metric | (a) plain routing | (b) hand-written | (c) v6lb kernel"
+        " | c/b | b/a | c/a | c/b per round |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for key, label, scale, fmt in (
+            ("pps", "UDP kpps", 1e3, ".1f"),
+            ("bps", "TCP Gbit/s", 1e9, ".2f"),
+        ):
+            a, b, c = (res[mode][case][key] for case in CASES)
+            ma, mb, mc = (statistics.median(x) for x in (a, b, c))
+            print(
+                f"| {mode} | {label} | {stat(a, scale, fmt)} | {stat(b, scale, fmt)}"
+                f" | {stat(c, scale, fmt)} | {mc / mb:.2f} | {mb / ma:.2f} | {mc / ma:.2f}"
+                f" | {paired(c, b)} |"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
