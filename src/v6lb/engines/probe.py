@@ -22,9 +22,12 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv6Address
+from typing import Protocol
+
+from v6lb.core.health import HealthSet
 
 __all__ = ["ProbeTag", "TcpProber"]
 
@@ -92,3 +95,47 @@ class TcpProber:
     def close(self) -> None:
         for key in list(self._socks):
             self.cancel(key)
+
+
+class _ProbeTarget(Protocol):
+    address: IPv6Address
+    port: int
+
+
+def drive_health(
+    health: Mapping[str, HealthSet[int]],
+    targets: Mapping[tuple[str, int], _ProbeTarget],
+    prober: TcpProber,
+    now: float,
+) -> set[str]:
+    """One round of active health checking for every VIP; the VIPs whose health changed.
+
+    Starts the probes that are due, feeds results that finished at once, runs
+    the monitors' timers (a probe without a result by its timeout is a
+    failure), and cancels sockets whose probe the monitor already gave up on.
+    Both data planes' `run` loops call this, then refill their tables for the
+    VIPs returned.
+    """
+    changed: set[str] = set()
+    for name, hs in health.items():
+        if hs.handle_timer(now):
+            changed.add(name)
+        for i in hs.due(now):
+            target = targets[(name, i)]
+            pid = hs.start_probe(i, now)
+            result = prober.start((name, i), pid, target.address, target.port)
+            if result is not None and hs.probe_result(i, result, now, pid):
+                changed.add(name)
+    for key in prober.running():  # probes the monitors already timed out
+        assert isinstance(key, tuple)
+        owner = health.get(key[0])
+        monitor = owner.monitor(key[1]) if owner is not None and key[1] in owner else None
+        if monitor is None or not monitor.probe_in_flight:
+            prober.cancel(key)
+    return changed
+
+
+def health_deadline(health: Mapping[str, HealthSet[int]], now: float) -> float:
+    """When the next health timer fires (at the latest one second from ``now``)."""
+    timers = [t for hs in health.values() if (t := hs.next_timer()) is not None]
+    return min([now + 1.0, *timers])

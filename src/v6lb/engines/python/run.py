@@ -55,7 +55,7 @@ from v6lb.engines.kernel.apply import (
 )
 from v6lb.engines.kernel.host import check_lb_host, enter_netns
 from v6lb.engines.kernel.run import RunError, _health_state, _State, load_for_run
-from v6lb.engines.probe import ProbeTag, TcpProber
+from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import open_tun
 from v6lb.model.config import Config, VipMode
@@ -294,26 +294,10 @@ class PythonRunner:
         """Start the probes that are due, handle the monitors' timers; the select timeout."""
         st = self.state
         now = time.monotonic()
-        changed: set[str] = set()
-        for name, hs in st.health.items():
-            if hs.handle_timer(now):
-                changed.add(name)
-            for i in hs.due(now):
-                target = st.targets[(name, i)]
-                pid = hs.start_probe(i, now)
-                result = self.prober.start((name, i), pid, target.address, target.port)
-                if result is not None and hs.probe_result(i, result, now, pid):
-                    changed.add(name)
-        for key in self.prober.running():  # probes the monitors already timed out
-            assert isinstance(key, tuple)
-            owner = st.health.get(key[0])
-            monitor = owner.monitor(key[1]) if owner is not None and key[1] in owner else None
-            if monitor is None or not monitor.probe_in_flight:
-                self.prober.cancel(key)
+        changed = drive_health(st.health, st.targets, self.prober, now)
         if changed:
             self._sync(changed)
-        timers = [t for hs in st.health.values() if (t := hs.next_timer()) is not None]
-        return max(0.0, min([now + 1.0, *timers]) - time.monotonic())
+        return max(0.0, health_deadline(st.health, now) - time.monotonic())
 
     def _probe_done(self, sk: selectors.SelectorKey) -> set[str]:
         key, pid, ok = self.prober.handle(sk)
