@@ -241,7 +241,8 @@ def test_python_dataplane_dsr_tunnels_probes_and_reload(tmp_path: Path) -> None:
                 # client -> VIP only: SYN, ACK(+data ack), FIN, final ACK; never the replies
                 # replies through the LB would add at least 3 packets a connection (SYN-ACK,
                 # greeting, FIN); rx may include a stray packet of the TUN's own (dropped)
-                assert 3 * 20 <= fwd <= 5 * 20 and fwd <= rx <= fwd + 3, (name, fwd, rx)
+                # (client retransmissions under load can add a few, never 60).
+                assert 3 * 20 <= fwd < 6 * 20 and fwd <= rx <= fwd + 3, (name, fwd, rx)
                 assert after["flow_cache"] - before["flow_cache"] == 20
                 print(f"python {name}: 20 of 20 on the predicted backend {seen}; LB saw {fwd}")
 
