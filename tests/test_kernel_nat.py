@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
-import itertools
 import json
 import os
 import random
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from ipaddress import IPv6Address
 from typing import Any
 
 import pytest
 
+import netns_helpers
+from netns_helpers import batch, link, nsx
 from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.kernel import (
     ApplyError,
@@ -72,45 +73,12 @@ from v6lb.render.routes import (
     render_lb_routes,
 )
 
-_counter = itertools.count()
 # the package's `apply` function hides its `apply` module as an attribute
 kernel_apply = importlib.import_module("v6lb.engines.kernel.apply")
 
 
-def sh(*argv: str, stdin: str | None = None) -> str:
-    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"{' '.join(argv)}: {r.stderr}"
-    return r.stdout
-
-
-def nsx(ns: str, *argv: str, stdin: str | None = None) -> str:
-    return sh("ip", "netns", "exec", ns, *argv, stdin=stdin)
-
-
-@contextmanager
-def namespaces(*roles: str) -> Iterator[dict[str, str]]:
-    """Fresh namespaces, one per role, deleted afterwards whatever happens."""
-    names = {role: f"v6lb-t-{os.getpid()}-{next(_counter)}" for role in roles}
-    made: list[str] = []
-    try:
-        for ns in names.values():
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            nsx(ns, "ip", "link", "set", "lo", "up")
-        yield names
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
-def link(a: str, a_if: str, b: str, b_if: str) -> None:
-    sh("ip", "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b)
-    nsx(a, "ip", "link", "set", a_if, "up")
-    nsx(b, "ip", "link", "set", b_if, "up")
-
-
-def batch(ns: str, *lines: str) -> None:
-    nsx(ns, "ip", "-6", "-batch", "-", stdin="\n".join(lines) + "\n")
+def namespaces(*roles: str) -> AbstractContextManager[dict[str, str]]:
+    return netns_helpers.namespaces(*roles, tag="t")
 
 
 def sysctl(ns: str, *settings: str) -> None:

@@ -20,7 +20,6 @@ Addresses: 2001:db8::/32 and fd00::/8 only.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -28,8 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -37,12 +35,13 @@ from typing import Any
 import pytest
 import yaml
 
+import netns_helpers
+from netns_helpers import batch, link, nsx, sh
 from v6lb import cli
 from v6lb.engines.control import ControlError, query
 from v6lb.model.config import load_config
 from v6lb.render.nftables import maglev_pool
 
-_counter = itertools.count()
 V6LB = str(Path(sys.executable).parent / "v6lb")
 
 VIP = "2001:db8:f::80"
@@ -50,39 +49,8 @@ BACKENDS = ["2001:db8:b::10", "2001:db8:b::11", "2001:db8:b::12"]
 CLIENTS = IPv6Network("2001:db8:c::/64")
 
 
-def sh(*argv: str, stdin: str | None = None) -> str:
-    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"{' '.join(argv)}: {r.stderr}"
-    return r.stdout
-
-
-def nsx(ns: str, *argv: str, stdin: str | None = None) -> str:
-    return sh("ip", "netns", "exec", ns, *argv, stdin=stdin)
-
-
-@contextmanager
-def namespaces(*roles: str) -> Iterator[dict[str, str]]:
-    names = {role: f"v6lb-r-{os.getpid()}-{next(_counter)}" for role in roles}
-    made: list[str] = []
-    try:
-        for ns in names.values():
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            nsx(ns, "ip", "link", "set", "lo", "up")
-        yield names
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
-def link(a: str, a_if: str, b: str, b_if: str) -> None:
-    sh("ip", "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b)
-    nsx(a, "ip", "link", "set", a_if, "up")
-    nsx(b, "ip", "link", "set", b_if, "up")
-
-
-def batch(ns: str, *lines: str) -> None:
-    nsx(ns, "ip", "-6", "-batch", "-", stdin="\n".join(lines) + "\n")
+def namespaces(*roles: str) -> AbstractContextManager[dict[str, str]]:
+    return netns_helpers.namespaces(*roles, tag="r")
 
 
 # A backend: greets with "ADDR PORT PEER PEERPORT", then answers every line with ADDR.

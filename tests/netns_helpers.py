@@ -1,0 +1,52 @@
+"""Shell and network-namespace helpers shared by the root tests.
+
+Every namespace gets a unique name (``v6lb-<tag>-<pid>-<n>``) and is deleted
+afterwards, whatever happens in the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_counter = itertools.count()
+
+
+def sh(*argv: str, stdin: str | None = None, check: bool = True) -> str:
+    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 or not check, f"{' '.join(argv)}: {r.stderr}"
+    return r.stdout
+
+
+def nsx(ns: str, *argv: str, stdin: str | None = None) -> str:
+    return sh("ip", "netns", "exec", ns, *argv, stdin=stdin)
+
+
+@contextmanager
+def namespaces(*roles: str, tag: str = "t") -> Iterator[dict[str, str]]:
+    """Fresh namespaces, one per role, with lo up; deleted afterwards whatever happens."""
+    names = {role: f"v6lb-{tag}-{os.getpid()}-{next(_counter)}" for role in roles}
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            nsx(ns, "ip", "link", "set", "lo", "up")
+        yield names
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def link(a: str, a_if: str, b: str, b_if: str) -> None:
+    """A veth pair between namespaces ``a`` and ``b``, both ends up."""
+    sh("ip", "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b)
+    nsx(a, "ip", "link", "set", a_if, "up")
+    nsx(b, "ip", "link", "set", b_if, "up")
+
+
+def batch(ns: str, *lines: str) -> None:
+    nsx(ns, "ip", "-6", "-batch", "-", stdin="\n".join(lines) + "\n")
