@@ -211,6 +211,12 @@ def test_inbound_proxy_v2_trusted_untrusted_and_malformed() -> None:
         vips = [
             l4_vip([be.port], name="trusting", trusted=("::1/128",)),
             l4_vip([be.port], name="strict", trusted=("2001:db8:ffff::/48",)),
+            l4_vip(
+                [be.port],
+                name="slow",
+                trusted=("::1/128",),
+                timeouts=Timeouts(connect=0.3, idle=5),
+            ),
         ]
 
         async def send(port: int, data: bytes) -> bytes:
@@ -233,17 +239,26 @@ def test_inbound_proxy_v2_trusted_untrusted_and_malformed() -> None:
             # untrusted peer sending PROXY v2: refused, never reaches a backend
             assert await send(strict, header + b"data") == b""
             bad = [
-                b"\r\n\r\n\x00\r\nQUIT\x0a" + b"\x21\x21\x00\x24" + b"\x00" * 8,  # truncated
+                # a length past the buffer: 36 address bytes announced, 8 sent, then EOF
+                b"\r\n\r\n\x00\r\nQUIT\x0a" + b"\x21\x21\x00\x24" + b"\x00" * 8,
                 b"\r\n\r\n\x00\r\nQUIT\x0b" + b"\x21\x21\x00\x00",  # bad signature
                 header[:12] + b"\x21\x51\x00\x24" + bytes(36),  # unknown family
                 header[:12] + b"\x21\x21\x00\x04" + bytes(4),  # address block too short
             ]
             for b in bad:
                 assert await send(trusting, b) == b""
+            # a trusted peer that sends half a header and stalls: cut after `connect`
+            r, w = await asyncio.open_connection("::1", s.addresses("slow")[0][1])
+            w.write(header[:20])
+            assert await asyncio.wait_for(r.read(), 3) == b""
+            w.close()
             await asyncio.sleep(0.05)
             assert s.counters()["strict"]["errors"] == {"proxy_v2_untrusted": 1}
             errs = s.counters()["trusting"]["errors"]
-            assert errs == {"proxy_v2_malformed": 3, "proxy_v2_timeout": 1}, errs
+            assert errs == {"proxy_v2_malformed": 4}, errs
+            assert s.counters()["slow"]["errors"] == {"proxy_v2_timeout": 1}
+            # only the good header's data reached a backend
+            assert [x for x in be.received if b"data" in x or b"QUIT" in x] == [got]
 
         await _with(vips, body)
         await be.stop()
@@ -371,6 +386,40 @@ def test_dual_stack_ipv4_client_is_family_0x11() -> None:
             assert hdr.src_port == cport and hdr.dst_port == v4[0][1] and got[n:] == b"v4"
 
         await _with([vip], body)
+        await be.stop()
+
+    run(main())
+
+
+def test_backend_reset_mid_stream_closes_the_client_and_counts() -> None:
+    async def half_then_reset(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(52 + 4)  # our PROXY v2 header and the client's "ping"
+        w.write(b"partial")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        sock = w.get_extra_info("socket")  # SO_LINGER 0: close sends a RST, not a FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+
+    async def main() -> None:
+        be = await Backend_(half_then_reset).start()
+
+        async def body(s: ProxyServer) -> None:
+            r, w = await asyncio.open_connection("::1", s.addresses("tcp")[0][1])
+            w.write(b"ping")
+            got = b""
+            try:  # the client sees what was relayed, then the end: never a hang
+                while chunk := await asyncio.wait_for(r.read(100), 3):
+                    got += chunk
+            except ConnectionError:
+                pass
+            assert got == b"partial"
+            await asyncio.sleep(0.05)
+            c = s.counters()["tcp"]
+            assert c["errors"] == {"backend_reset": 1} and c["active"] == 0
+            assert c["bytes_in"] == 4 and c["bytes_out"] == 7
+
+        await _with([l4_vip([be.port])], body)
         await be.stop()
 
     run(main())

@@ -313,3 +313,67 @@ def test_dual_stack_ipv4_client_is_plain_ipv4_in_headers() -> None:
         await be.stop()
 
     run(main())
+
+
+def test_over_max_connections_is_refused_and_counted() -> None:
+    async def main() -> None:
+        be = await HttpBackend("b0").start()
+
+        async def body(s: ProxyServer) -> None:
+            port = s.addresses("web")[0][1]
+            opened = [await asyncio.open_connection("::1", port) for _ in range(2)]
+            for conn in opened:  # both are served, on keep-alive connections
+                assert (await http_get(0, conn=conn))[0] == 200
+            r, w = await asyncio.open_connection("::1", port)  # the third: over the max
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                assert await asyncio.wait_for(r.read(), 3) == b""
+            except ConnectionError:
+                pass
+            assert s.counters()["web"]["errors"] == {"over_max_connections": 1}
+            assert s.counters()["web"]["requests"] == 2
+            for _, ow in opened:
+                ow.close()
+
+        await _with([l7_vip([be.port])], body, max_connections=2)
+        await be.stop()
+
+    run(main())
+
+
+def test_keep_alive_idle_close_and_response_timeout_on_a_pooled_connection() -> None:
+    stall = asyncio.Event()
+
+    async def second_stalls(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await r.readuntil(b"\r\n\r\n")  # the second request, on the pooled connection
+        stall.set()
+        await r.read()
+
+    async def main() -> None:
+        be = await Backend_(second_stalls).start()
+        vip = l7_vip([be.port], timeouts=Timeouts(connect=1, idle=0.4))
+
+        async def body(s: ProxyServer) -> None:
+            loop = asyncio.get_running_loop()
+            port = s.addresses("web")[0][1]
+            conn = await asyncio.open_connection("::1", port)
+            assert (await http_get(0, conn=conn))[0] == 200
+            t0 = loop.time()  # a quiet keep-alive client is closed after idle, no error
+            assert await asyncio.wait_for(conn[0].read(), 3) == b""
+            assert 0.35 <= loop.time() - t0 < 1.5
+            assert s.counters()["web"]["errors"] == {}
+            # the pooled backend connection stalls on the next request: 504 after idle
+            t0 = loop.time()
+            status, _, _ = await http_get(port)
+            assert stall.is_set() and status == 504
+            assert 0.35 <= loop.time() - t0 < 1.5
+            c = s.counters()["web"]
+            assert c["errors"] == {"response_timeout": 1} and be.conns == 1
+
+        await _with([vip], body)
+        await be.stop()
+
+    run(main())

@@ -97,6 +97,40 @@ def test_head_appends_forwarding_headers_for_ipv6() -> None:
     assert forwarded.parse_node(el[0]["for"]).address == IPv6Address("2001:db8::1")
 
 
+def test_per_connection_block_gives_the_same_head_as_the_general_path() -> None:
+    from v6lb.engines.proxy.policy import client_forwarding, forwarding_block, untrusted_head
+
+    client = IPv6Address("2001:db8::1")
+    ours = client_forwarding(client, 4711)
+    block = forwarding_block(ours)
+    cases: list[tuple[bytes, list[tuple[bytes, bytes]], int]] = [
+        (b"GET", [(b"Host", b"h")], 0),
+        (b"GET", [(b"Host", b"h"), (b"connection", b"close"), (b"X-Real-IP", b"6.6.6.6")], 0),
+        (b"POST", [(b"Host", b"h"), (b"Forwarded", b"for=6.6.6.6")], 5),
+        (b"PUT", [(b"X-Forwarded-For", b"1.2.3.4"), (b"X-Forwarded-Proto", b"https")], 0),
+    ]
+    for method, headers, n in cases:
+        general = build_request_head(method, b"/p", headers, n, client=client, client_port=4711)
+        fast = build_request_head(
+            method, b"/p", headers, n, client=client, client_port=4711, ours=ours, block=block
+        )
+        assert fast == general == untrusted_head(method, b"/p", headers, n, block)
+        assert b"6.6.6.6" not in fast and b"1.2.3.4" not in fast and b"https" not in fast
+    # a trusted client's chain is extended, never replaced by the block
+    trusted = build_request_head(
+        b"GET",
+        b"/",
+        [(b"X-Forwarded-For", b"2001:db8::7")],
+        0,
+        client=client,
+        client_port=4711,
+        trusted=True,
+        ours=ours,
+        block=block,
+    )
+    assert b"X-Forwarded-For: 2001:db8::7, 2001:db8::1\r\n" in trusted
+
+
 def test_head_keeps_and_extends_a_trusted_chain() -> None:
     head = build_request_head(
         b"POST",

@@ -9,6 +9,13 @@ connection is up are kept in a buffer (uvloop ignores ``pause_reading`` inside
 ``connection_made``), and reading pauses once that buffer passes the high-water
 mark.
 
+The relay path is one attribute test, one counter and one ``transport.write``
+per chunk: no timer is touched per chunk. Timeouts (connect, idle, total, the
+wait for an inbound PROXY v2 header) are checked by the VIP's periodic sweep
+(:meth:`L4Client.sweep`, see :class:`.runtime.VipRuntime`): idleness is seen as
+"the byte counters did not move", so a timeout fires at most two sweep periods
+(a quarter of the shortest timeout) late, and never early.
+
 Half-close: EOF from one side becomes ``write_eof`` on the other; the
 connection closes when both directions have ended or either side is lost.
 
@@ -33,28 +40,27 @@ __all__ = ["L4Client", "L4Upstream"]
 
 _WAIT_PP = 0  # a trusted peer: waiting for its PROXY v2 header
 _CHECK = 1  # an untrusted peer: the first bytes must not be a PROXY v2 signature
-_RELAY = 2
+_RELAY = 2  # relaying (client bytes go to ``pending`` until the backend is connected)
 
 
 class L4Upstream(asyncio.Protocol):
-    __slots__ = ("c", "t", "eof")
+    __slots__ = ("c", "t", "ct", "eof", "n")
 
     def __init__(self, client: L4Client) -> None:
         self.c = client
         self.t: asyncio.Transport | None = None
+        self.ct: Any = client.t  # the client's transport: the hot path writes to it
         self.eof = False
+        self.n = 0  # bytes from the backend (relayed to the client)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.c.upstream_made(self)
 
     def data_received(self, data: bytes) -> None:
-        c = self.c
-        c.last = c.loop.time()
-        c.rt.stats.bytes_out += len(data)
-        c.bstats_out(len(data))
-        if c.t is not None and not c.t.is_closing():
-            c.t.write(data)
+        # Both transports are closed together, so a closed client never gets here.
+        self.n += len(data)
+        self.ct.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -86,6 +92,7 @@ class L4Client(asyncio.Protocol):
         "loop",
         "t",
         "up",
+        "upt",
         "state",
         "pending",
         "eof",
@@ -95,10 +102,15 @@ class L4Client(asyncio.Protocol):
         "client_port",
         "local",
         "local_port",
+        "born",
         "last",
-        "timers",
+        "seen",
+        "connect_at",
         "connect_task",
         "paused",
+        "nin",
+        "nslow",
+        "flushed",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -106,6 +118,7 @@ class L4Client(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.t: asyncio.Transport | None = None
         self.up: L4Upstream | None = None
+        self.upt: Any = None  # the backend transport once bytes may flow straight to it
         self.state = _CHECK
         self.pending = bytearray()
         self.eof = False
@@ -115,10 +128,15 @@ class L4Client(asyncio.Protocol):
         self.client_port = 0
         self.local: IPv4Address | IPv6Address = IPv6Address(0)
         self.local_port = 0
-        self.last = 0.0
-        self.timers: list[asyncio.TimerHandle] = []
+        self.born = 0.0
+        self.last = 0.0  # when the sweep last saw the byte counters move
+        self.seen = -1  # the byte counters' sum at that sweep
+        self.connect_at = 0.0  # when the backend connect began (0: not connecting)
         self.connect_task: asyncio.Task[Any] | None = None
         self.paused = False
+        self.nin = 0  # client bytes relayed on the fast path
+        self.nslow = 0  # client bytes that went through ``pending``
+        self.flushed = 0  # of those, written to the backend
 
     # --- client side ----------------------------------------------------------------
 
@@ -138,27 +156,23 @@ class L4Client(asyncio.Protocol):
         transport.set_write_buffer_limits(high=rt.write_high)
         self.client, self.client_port = client_of(transport.get_extra_info("peername"))
         self.local, self.local_port = client_of(transport.get_extra_info("sockname"))
-        self.last = self.loop.time()
+        self.born = self.last = self.loop.time()
         opts = rt.l4
-        t = opts.timeouts
-        self.timers.append(self.loop.call_later(t.idle, self._idle_check))
-        if t.total:
-            self.timers.append(self.loop.call_later(t.total, self._fail, "total_timeout"))
         if opts.trusted_proxy_sources and is_trusted(self.client, opts.trusted_proxy_sources):
             self.state = _WAIT_PP
-            self.timers.append(self.loop.call_later(t.connect, self._fail, "proxy_v2_timeout"))
         else:
             self.state = _CHECK
             self._connect()
 
     def data_received(self, data: bytes) -> None:
-        self.last = self.loop.time()
-        self.rt.stats.bytes_in += len(data)
-        up = self.up
-        if self.state == _RELAY and up is not None and up.t is not None:
-            self.bstats_in(len(data))
-            up.t.write(data)
+        upt = self.upt
+        if upt is not None:
+            self.nin += len(data)
+            upt.write(data)
             return
+        if self.closed:
+            return
+        self.nslow += len(data)
         self.pending += data
         if self.state == _WAIT_PP:
             try:
@@ -172,7 +186,7 @@ class L4Client(asyncio.Protocol):
                 return
             header, used = got
             del self.pending[:used]
-            self.timers.pop().cancel()
+            self.nslow -= used
             if not header.is_local and isinstance(header.src, IPv4Address | IPv6Address):
                 self.client = unmap(header.src)
                 self.client_port = header.src_port
@@ -196,6 +210,9 @@ class L4Client(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.state == _WAIT_PP:  # the stream ended inside (or before) the PROXY header
+            self._fail("proxy_v2_malformed")
+            return False
         if self.state == _CHECK:  # the stream ended before a signature could be told
             self.state = _RELAY
             self._flush()
@@ -237,22 +254,17 @@ class L4Client(asyncio.Protocol):
         bs.active += 1
         port = rt.backend_port(i, self._listen_port())
         coro = self.loop.create_connection(lambda: L4Upstream(self), rt.hosts[i], port)
+        self.connect_at = self.loop.time()
         self.connect_task = self.loop.create_task(coro)
         self.connect_task.add_done_callback(self._connected)
-        self.timers.append(self.loop.call_later(rt.l4.timeouts.connect, self._connect_timeout))
 
     def _listen_port(self) -> int:
         if self.t is None:
             return 0
         return int(self.t.get_extra_info("sockname")[1])
 
-    def _connect_timeout(self) -> None:
-        task = self.connect_task
-        if task is not None and not task.done():
-            task.cancel()
-            self._fail("connect_timeout")
-
     def _connected(self, task: asyncio.Task[Any]) -> None:
+        self.connect_at = 0.0
         if task.cancelled():
             return
         exc = task.exception()
@@ -261,6 +273,7 @@ class L4Client(asyncio.Protocol):
 
     def upstream_made(self, up: L4Upstream) -> None:
         self.up = up
+        self.connect_at = 0.0
         if self.closed:
             if up.t is not None:
                 up.t.close()
@@ -278,7 +291,7 @@ class L4Client(asyncio.Protocol):
         if self.state != _RELAY or up is None or up.t is None:
             return
         if self.pending:
-            self.bstats_in(len(self.pending))
+            self.flushed += len(self.pending)
             up.t.write(bytes(self.pending))
             self.pending.clear()
         if self.paused and self.t is not None:
@@ -289,26 +302,39 @@ class L4Client(asyncio.Protocol):
                 up.t.write_eof()
             if up.eof:
                 self.close()
+        elif not self.closed:
+            self.upt = up.t  # from now on client bytes go straight through
 
-    # --- counters, timers, closing ------------------------------------------------
+    # --- counters, timeouts, closing ----------------------------------------------
 
-    def bstats_in(self, n: int) -> None:
-        if self.backend >= 0:
-            self.rt.backend_stats[self.backend].bytes_in += n
+    def counts(self) -> tuple[int, int, int, int]:
+        """Bytes (from the client, to the client, to the backend, from the backend) so far."""
+        out = self.up.n if self.up is not None else 0
+        return self.nin + self.nslow, out, self.nin + self.flushed, out
 
-    def bstats_out(self, n: int) -> None:
-        if self.backend >= 0:
-            self.rt.backend_stats[self.backend].bytes_out += n
-
-    def _idle_check(self) -> None:
+    def sweep(self, now: float) -> None:
+        """Called by the VIP's periodic sweep: enforce the timeouts."""
         if self.closed:
             return
-        idle = self.rt.l4.timeouts.idle
-        left = self.last + idle - self.loop.time()
-        if left <= 0:
+        t = self.rt.l4.timeouts
+        if self.state == _WAIT_PP and now - self.born >= t.connect:
+            self._fail("proxy_v2_timeout")
+            return
+        if self.connect_at and now - self.connect_at >= t.connect:
+            task = self.connect_task
+            if task is not None and not task.done():
+                task.cancel()
+            self._fail("connect_timeout")
+            return
+        if t.total and now - self.born >= t.total:
+            self._fail("total_timeout")
+            return
+        moved = self.nin + self.nslow + (self.up.n if self.up is not None else 0)
+        if moved != self.seen:
+            self.seen = moved
+            self.last = now
+        elif now - self.last >= t.idle:
             self._fail("idle_timeout")
-        else:
-            self.timers.append(self.loop.call_later(left, self._idle_check))
 
     def _fail(self, reason: str) -> None:
         if self.closed:
@@ -317,7 +343,7 @@ class L4Client(asyncio.Protocol):
         self.close(abort=True)
 
     def buffered(self) -> int:
-        n = len(self.pending) if hasattr(self, "pending") else 0
+        n = len(self.pending)
         for t in (self.t, self.up.t if self.up is not None else None):
             if t is not None:
                 n += t.get_write_buffer_size()
@@ -327,15 +353,14 @@ class L4Client(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.upt = None
         rt = self.rt
         rt.live.discard(self)
         rt.stats.active -= 1
+        rt.add_counts(self.backend, self.counts())
         if self.backend >= 0:
             rt.picker.release(self.backend)
             rt.backend_stats[self.backend].active -= 1
-        for h in self.timers:
-            h.cancel()
-        self.timers.clear()
         task = self.connect_task
         if task is not None and not task.done():
             task.cancel()

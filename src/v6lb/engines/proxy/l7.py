@@ -3,11 +3,20 @@
 A client connection (:class:`L7Client`) parses requests with
 ``httptools.HttpRequestParser``; each request is buffered whole (bounded by
 ``max_request_bytes``), its head rewritten by :func:`.policy.build_request_head`
-(forwarding headers) and sent on a pooled keep-alive connection to the picked
-backend (:class:`L7Upstream`). The response is relayed to the client byte for
-byte as it arrives, parsed with ``HttpResponseParser`` only to find its end;
-then the backend connection goes back to the pool if both sides keep it alive.
-Requests pipelined by a client are answered in order, one at a time.
+(forwarding headers; the three forwarding lines are built once per connection)
+and sent on a pooled keep-alive connection to the picked backend
+(:class:`L7Upstream`). The response is relayed to the client byte for byte as it
+arrives, parsed with ``HttpResponseParser`` only to find its end; then the
+backend connection goes back to the pool if both sides keep it alive. Requests
+pipelined by a client are answered in order, one at a time.
+
+The per-request path is plain callbacks: no future, no coroutine and no timer.
+A client connection is in one phase (reading a head, reading a body, waiting
+for the backend, idle between requests); a phase change only sets ``phase`` and
+clears ``stamp``. The VIP's periodic sweep (:meth:`L7Client.sweep`) stamps new
+phases and enforces their timeouts, so these fire at most two sweep periods (a
+quarter of the shortest timeout) late, and never early. Only the connect of a
+new backend connection has its own timer.
 
 The proxy answers by itself: 400 (unparsable), 413 (body over
 ``max_request_bytes``), 431 (head over ``max_header_bytes``), 502 (backend
@@ -26,20 +35,47 @@ from typing import Any, cast
 
 import httptools
 
-from .policy import build_request_head, client_forwarding, error_response, is_trusted
+from v6lb.model.config import Scheduler
+
+from .policy import (
+    build_request_head,
+    client_forwarding,
+    error_response,
+    forwarding_block,
+    hash_key,
+    is_trusted,
+    untrusted_head,
+)
 from .runtime import VipRuntime, client_of
 
 __all__ = ["L7Client", "L7Upstream"]
 
+# A queued request: (bytes for the backend, is HEAD, client keeps alive).
+_Request = tuple[bytes, bool, bool]
 
-class _Request:
-    __slots__ = ("head", "body", "method", "keep_alive")
+# Phases of a client connection, each with its timeout (see L7Client.sweep).
+_HEAD = 0  # waiting for or reading a request head: header_timeout
+_BODY = 1  # reading a request body: timeouts.idle ("request_timeout")
+_BUSY = 2  # a request at the backend: timeouts.idle without a response byte (504)
+_IDLE = 3  # keep-alive between requests: timeouts.idle, then a quiet close
 
-    def __init__(self, head: bytes, body: bytes, method: bytes, keep_alive: bool) -> None:
-        self.head = head
-        self.body = body
-        self.method = method
-        self.keep_alive = keep_alive
+_REASONS = {400: "bad_request", 413: "request_too_large", 431: "headers_too_large"}
+
+
+class _HeadResponse:
+    """Parser callbacks for the response to a HEAD request: it ends with its head."""
+
+    __slots__ = ("up",)
+
+    def __init__(self, up: L7Upstream) -> None:
+        self.up = up
+
+    def on_headers_complete(self) -> None:
+        self.up.done = True
+        self.up.keep = False  # the parser still expects a body: do not reuse
+
+    def on_message_complete(self) -> None:
+        self.up.done = True
 
 
 class L7Upstream(asyncio.Protocol):
@@ -48,7 +84,6 @@ class L7Upstream(asyncio.Protocol):
     __slots__ = (
         "rt",
         "index",
-        "loop",
         "t",
         "parser",
         "client",
@@ -56,7 +91,6 @@ class L7Upstream(asyncio.Protocol):
         "sent",
         "done",
         "reused",
-        "timer",
         "lost",
         "keep",
     )
@@ -64,48 +98,31 @@ class L7Upstream(asyncio.Protocol):
     def __init__(self, rt: VipRuntime, index: int) -> None:
         self.rt = rt
         self.index = index
-        self.loop = asyncio.get_running_loop()
-        self.t: asyncio.Transport | None = None
+        self.t: Any = None
         self.parser = httptools.HttpResponseParser(self)
         self.client: L7Client | None = None
         self.head_only = False
         self.sent = 0  # response bytes relayed for the current request
         self.done = False
         self.reused = False
-        self.timer: asyncio.TimerHandle | None = None
         self.lost = False
         self.keep = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.t = transport
 
     def start(self, client: L7Client, req: _Request) -> None:
-        assert self.t is not None
         self.client = client
-        self.head_only = req.method == b"HEAD"
         self.sent = 0
         self.done = False
         self.keep = True
+        if req[1]:
+            self.head_only = True
+            self.parser = httptools.HttpResponseParser(_HeadResponse(self))
         bs = self.rt.backend_stats[self.index]
         bs.requests += 1
-        bs.bytes_in += len(req.head) + len(req.body)
-        if req.body:
-            self.t.write(req.head + req.body)
-        else:
-            self.t.write(req.head)
-        self._arm()
-
-    def _arm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(self.rt.l7.timeouts.idle, self._timeout)
-
-    def _timeout(self) -> None:
-        self.timer = None
-        c = self.client
-        if c is not None and not self.done:
-            self.keep = False
-            c.backend_failed(self, "response_timeout", 504)
+        bs.bytes_in += len(req[0])
+        self.t.write(req[0])
 
     def data_received(self, data: bytes) -> None:
         c = self.client
@@ -122,19 +139,12 @@ class L7Upstream(asyncio.Protocol):
             if not self.done:
                 c.backend_failed(self, "backend_bad_response", 502)
             return
-        n = len(data)
-        self.sent += n
-        self.rt.backend_stats[self.index].bytes_out += n
-        c.relay(data)
+        self.sent += len(data)
+        if not c.closed:
+            c.nout += len(data)
+            c.t.write(data)
         if self.done:
             c.response_done(self)
-        elif self.timer is not None:
-            self._arm()
-
-    def on_headers_complete(self) -> None:
-        if self.head_only:
-            self.done = True
-            self.keep = False  # the parser still expects a body: do not reuse
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -143,9 +153,6 @@ class L7Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         idle = self.rt.idle[self.index]
         if self in idle:
             idle.remove(self)
@@ -155,14 +162,12 @@ class L7Upstream(asyncio.Protocol):
 
     def finish(self) -> None:
         """The response is complete: back to the pool, or closed."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.client = None
-        if self.keep and not self.lost and self.t is not None and not self.t.is_closing():
+        self.rt.backend_stats[self.index].bytes_out += self.sent
+        if self.keep and not self.lost and not self.t.is_closing():
             self.reused = True
             self.rt.idle[self.index].append(self)
-        elif self.t is not None:
+        else:
             self.t.close()
 
     def pause_writing(self) -> None:  # request bodies are bounded; nothing to pause
@@ -175,6 +180,7 @@ class L7Upstream(asyncio.Protocol):
 class L7Client(asyncio.Protocol):
     __slots__ = (
         "rt",
+        "opts",
         "loop",
         "t",
         "parser",
@@ -195,17 +201,25 @@ class L7Client(asyncio.Protocol):
         "body",
         "blen",
         "err",
-        "timer",
         "paused",
         "attempts",
         "current",
         "ours",
+        "block",
+        "phase",
+        "stamp",
+        "seen",
+        "nin",
+        "nout",
+        "pick_gen",
+        "pick",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
         self.rt = rt
+        self.opts = rt.l7
         self.loop = asyncio.get_running_loop()
-        self.t: asyncio.Transport | None = None
+        self.t: Any = None
         self.parser = httptools.HttpRequestParser(self)
         self.client: IPv4Address | IPv6Address = IPv6Address(0)
         self.client_port = 0
@@ -224,31 +238,18 @@ class L7Client(asyncio.Protocol):
         self.body: list[bytes] = []
         self.blen = 0
         self.err = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.paused = False
         self.attempts = 0
         self.current: _Request | None = None
         self.ours: tuple[str, str] | None = None
-
-    # --- timers ---------------------------------------------------------------------
-
-    def _arm(self, delay: float, reason: str) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(delay, self._expire, reason)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _expire(self, reason: str) -> None:
-        self.timer = None
-        if reason == "client_idle":
-            self.close()  # a quiet keep-alive connection: no error
-        else:
-            self.rt.error(reason)
-            self.close(abort=True)
+        self.block: bytes | None = None
+        self.phase = _HEAD
+        self.stamp = 0.0  # when the sweep first saw this phase (0: not yet)
+        self.seen = -1  # response bytes at that moment (phase _BUSY)
+        self.nin = 0  # bytes from the client
+        self.nout = 0  # bytes to the client
+        self.pick_gen = -1  # Maglev: the pool generation ``pick`` was computed for
+        self.pick = -1
 
     # --- client side ----------------------------------------------------------------
 
@@ -269,18 +270,22 @@ class L7Client(asyncio.Protocol):
         self.client, self.client_port = client_of(transport.get_extra_info("peername"))
         self.listen_port = int(transport.get_extra_info("sockname")[1])
         self.ours = client_forwarding(self.client, self.client_port)
-        self.trusted = bool(rt.l7.trusted_sources) and is_trusted(
-            self.client, rt.l7.trusted_sources
+        self.trusted = bool(self.opts.trusted_sources) and is_trusted(
+            self.client, self.opts.trusted_sources
         )
-        self._arm(rt.header_timeout, "header_timeout")
+        if self.opts.forwarded_headers and not self.trusted:
+            self.block = forwarding_block(self.ours)
+        self.phase = _HEAD
+        self.stamp = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
         n = len(data)
-        self.rt.stats.bytes_in += n
-        if not self.in_head and not self.busy and not self.queue:
-            self._arm(self.rt.header_timeout, "header_timeout")
+        self.nin += n
+        if self.phase == _IDLE:
+            self.phase = _HEAD
+            self.stamp = 0.0
         self.head_raw += n
         try:
             self.parser.feed_data(data)
@@ -288,25 +293,21 @@ class L7Client(asyncio.Protocol):
             self.err = self.err or 400
         except httptools.HttpParserError:
             self.err = self.err or 400
-        if not self.err and self.in_head and self.head_raw > self.rt.l7.max_header_bytes:
+        if not self.err and self.in_head and self.head_raw > self.opts.max_header_bytes:
             self.err = 431
         if self.err:
             self._reject(self.err)
             return
-        if len(self.queue) > 8 and not self.paused and self.t is not None:
-            self.paused = True
-            self.t.pause_reading()
-        self._next()
+        queue = self.queue
+        if queue:
+            if not self.busy:
+                self._next()
+            if len(queue) > 8 and not self.paused:  # a pipelining client waits
+                self.paused = True
+                self.t.pause_reading()
 
-    def on_message_begin(self) -> None:
+    def on_url(self, url: bytes) -> None:  # the first callback of a request
         self.in_head = True
-        self.url = b""
-        self.headers = []
-        self.hsize = 0
-        self.body = []
-        self.blen = 0
-
-    def on_url(self, url: bytes) -> None:
         self.url += url
         self.hsize += len(url)
 
@@ -317,14 +318,15 @@ class L7Client(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_raw = 0
-        if self.hsize > self.rt.l7.max_header_bytes:
+        if self.hsize > self.opts.max_header_bytes:
             self.err = 431
-        if not self.busy and not self.queue:
-            self._arm(self.rt.l7.timeouts.idle, "request_timeout")
+        if self.phase == _HEAD:
+            self.phase = _BODY
+            self.stamp = 0.0
 
     def on_body(self, body: bytes) -> None:
         self.blen += len(body)
-        if self.blen > self.rt.l7.max_request_bytes:
+        if self.blen > self.opts.max_request_bytes:
             self.err = self.err or 413
             return
         self.body.append(body)
@@ -332,29 +334,38 @@ class L7Client(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.err:
             return
-        rt = self.rt
-        opts = rt.l7
-        body = b"".join(self.body)
-        method = self.parser.get_method()
-        head = build_request_head(
-            method,
-            self.url,
-            self.headers,
-            len(body),
-            client=self.client,
-            client_port=self.client_port,
-            trusted=self.trusted,
-            add_forwarding=opts.forwarded_headers,
-            ours=self.ours,
+        parser = self.parser
+        method = parser.get_method()
+        if self.body:
+            body = b"".join(self.body)
+            self.body = []
+        else:
+            body = b""
+        if self.block is not None:  # untrusted client, forwarding on: the usual case
+            head = untrusted_head(method, self.url, self.headers, len(body), self.block)
+        else:
+            head = build_request_head(
+                method,
+                self.url,
+                self.headers,
+                len(body),
+                client=self.client,
+                client_port=self.client_port,
+                trusted=self.trusted,
+                add_forwarding=self.opts.forwarded_headers,
+                ours=self.ours,
+            )
+        self.queue.append(
+            (head + body if body else head, method == b"HEAD", parser.should_keep_alive())
         )
-        self.queue.append(_Request(head, body, method, self.parser.should_keep_alive()))
         self.head_raw = 0
-        self.body = []
+        self.url = b""
         self.headers = []
+        self.hsize = 0
+        self.blen = 0
 
     def _reject(self, status: int) -> None:
-        reasons = {400: "bad_request", 413: "request_too_large", 431: "headers_too_large"}
-        self.rt.error(reasons.get(status, f"http_{status}"))
+        self.rt.error(_REASONS.get(status, f"http_{status}"))
         self.respond_error(status)
 
     def respond_error(self, status: int) -> None:
@@ -373,34 +384,47 @@ class L7Client(asyncio.Protocol):
         self.busy = True
         self.current = req
         self.attempts = 0
-        self._disarm()
+        self.phase = _BUSY
+        self.stamp = 0.0
         self._dispatch(req)
 
     def _dispatch(self, req: _Request) -> None:
         rt = self.rt
-        i = rt.picker.pick(self.client)
+        picker = rt.picker
+        if picker.kind is Scheduler.MAGLEV:  # one client, one backend: once per table
+            gen = rt.pool.generation
+            if self.pick_gen != gen:
+                self.pick = rt.pool.pick_flow(hash_key(self.client), picker.vip_key, 0, 0)
+                self.pick_gen = gen
+            i = self.pick
+        else:
+            i = picker.pick(self.client)
         if i < 0:
             rt.error("no_healthy_backend")
             self.queue.clear()
             self.respond_error(503)
             return
         self.backend = i
-        rt.picker.acquire(i)
+        picker.active[i] += 1
         rt.stats.requests += 1
         idle = rt.idle[i]
         while idle:
             up = idle.pop()
-            if not up.lost and up.t is not None and not up.t.is_closing():
+            if not up.lost and not up.t.is_closing():
                 self.up = up
                 up.start(self, req)
                 return
-        bs = rt.backend_stats[i]
-        bs.connections += 1
+        self._open(i, req)
+
+    def _open(self, i: int, req: _Request) -> None:
+        """A new backend connection (none pooled): the only per-request future."""
+        rt = self.rt
+        rt.backend_stats[i].connections += 1
         coro = self.loop.create_connection(
             lambda: L7Upstream(rt, i), rt.hosts[i], rt.backend_port(i, self.listen_port)
         )
         task = self.loop.create_task(coro)
-        timer = self.loop.call_later(rt.l7.timeouts.connect, task.cancel)
+        timer = self.loop.call_later(self.opts.timeouts.connect, task.cancel)
 
         def connected(task: asyncio.Task[Any]) -> None:
             timer.cancel()
@@ -419,6 +443,7 @@ class L7Client(asyncio.Protocol):
             if up.t is not None:
                 up.t.set_write_buffer_limits(high=rt.write_high)
             self.up = up
+            self.stamp = 0.0  # the response timeout starts now
             up.start(self, req)
 
         task.add_done_callback(connected)
@@ -434,29 +459,30 @@ class L7Client(asyncio.Protocol):
     # --- from the upstream ----------------------------------------------------------
 
     def relay(self, data: bytes) -> None:
-        t = self.t
-        if t is not None and not t.is_closing():
-            self.rt.stats.bytes_out += len(data)
-            t.write(data)
+        if not self.closed:
+            self.nout += len(data)
+            self.t.write(data)
 
     def response_done(self, up: L7Upstream) -> None:
-        req = self.queue.popleft() if self.queue else None
-        self.rt.picker.release(self.backend)
+        queue = self.queue
+        req = queue.popleft() if queue else None
+        self.rt.picker.active[self.backend] -= 1
         self.backend = -1
         self.up = None
         self.busy = False
-        keep_client = up.keep and req is not None and req.keep_alive
+        keep_client = up.keep and req is not None and req[2]
         up.finish()
-        if self.paused and self.t is not None and len(self.queue) <= 8:
-            self.paused = False
-            self.t.resume_reading()
         if not keep_client:
             self.close()
             return
-        if self.queue:
+        if self.paused and len(queue) <= 8:
+            self.paused = False
+            self.t.resume_reading()
+        if queue:
             self._next()
-        elif not self.in_head:
-            self._arm(self.rt.l7.timeouts.idle, "client_idle")
+        else:
+            self.phase = _HEAD if self.in_head else _IDLE
+            self.stamp = 0.0
 
     def backend_failed(self, up: L7Upstream, reason: str, status: int) -> None:
         if self.up is not up:
@@ -465,6 +491,7 @@ class L7Client(asyncio.Protocol):
         self.up = None
         up.client = None
         up.keep = False
+        self.rt.backend_stats[index].bytes_out += up.sent
         if up.t is not None:
             up.t.abort()
         if (
@@ -479,6 +506,7 @@ class L7Client(asyncio.Protocol):
             self.rt.picker.release(index)
             self.rt.stats.requests -= 1
             self.rt.idle[index].clear()
+            self.stamp = 0.0
             self._dispatch(self.current)
             return
         self.rt.picker.release(index)
@@ -524,8 +552,42 @@ class L7Client(asyncio.Protocol):
                 self.rt.error("client_gone")
         self.close()
 
+    # --- counters, timeouts, closing ----------------------------------------------
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """Bytes (from the client, to the client) so far; backends count per request."""
+        return self.nin, self.nout, 0, 0
+
+    def sweep(self, now: float) -> None:
+        """Called by the VIP's periodic sweep: stamp a new phase, or enforce its timeout."""
+        if self.closed:
+            return
+        phase = self.phase
+        token = -1
+        up = self.up
+        if phase == _BUSY:
+            if up is None:  # connecting: the connect timer covers it
+                self.stamp = 0.0
+                return
+            token = up.sent
+        if self.stamp == 0.0 or token != self.seen:
+            self.stamp = now
+            self.seen = token
+            return
+        limit = self.rt.header_timeout if phase == _HEAD else self.opts.timeouts.idle
+        if now - self.stamp < limit:
+            return
+        if phase == _BUSY and up is not None:
+            up.keep = False
+            self.backend_failed(up, "response_timeout", 504)
+        elif phase == _IDLE:
+            self.close()  # a quiet keep-alive connection: no error
+        else:
+            self.rt.error("header_timeout" if phase == _HEAD else "request_timeout")
+            self.close(abort=True)
+
     def buffered(self) -> int:
-        n = len(self.pending) if hasattr(self, "pending") else 0
+        n = 0
         for t in (self.t, self.up.t if self.up is not None else None):
             if t is not None:
                 n += t.get_write_buffer_size()
@@ -535,11 +597,12 @@ class L7Client(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.rt.live.discard(self)
-        self.rt.stats.active -= 1
-        self._disarm()
+        rt = self.rt
+        rt.live.discard(self)
+        rt.stats.active -= 1
+        rt.add_counts(-1, self.counts())
         if self.backend >= 0:  # a backend connection was still being opened
-            self.rt.picker.release(self.backend)
+            rt.picker.release(self.backend)
             self.backend = -1
         t = self.t
         if t is not None and not t.is_closing():

@@ -34,9 +34,11 @@ __all__ = [
     "build_request_head",
     "client_forwarding",
     "error_response",
+    "forwarding_block",
     "hash_key",
     "is_trusted",
     "unmap",
+    "untrusted_head",
 ]
 
 Addr = IPv4Address | IPv6Address
@@ -64,20 +66,20 @@ def is_trusted(addr: Addr, prefixes: Sequence[IPv4Network | IPv6Network]) -> boo
 class Picker:
     """Chooses a backend index for a new connection; -1 when none is eligible."""
 
-    __slots__ = ("kind", "pool", "active", "_current", "_vip", "_gen", "_weights")
+    __slots__ = ("kind", "pool", "active", "_current", "vip_key", "_gen", "_weights")
 
     def __init__(self, kind: Scheduler, pool: BackendPool, vip: IPv6Address) -> None:
         self.kind = kind
         self.pool = pool
         self.active = [0] * len(pool)  # open connections (l4) or requests in flight (l7)
         self._current = [0] * len(pool)  # smooth weighted round robin state
-        self._vip = vip.packed
+        self.vip_key = vip.packed
         self._gen = -1
         self._weights: list[int] = []
 
     def pick(self, client: Addr) -> int:
         if self.kind is Scheduler.MAGLEV:
-            return self.pool.pick_flow(hash_key(client), self._vip, 0, 0)
+            return self.pool.pick_flow(hash_key(client), self.vip_key, 0, 0)
         if self._gen != self.pool.generation:  # health, drain or weight changed
             self._weights = self.pool.eligible_weights()
             self._gen = self.pool.generation
@@ -174,6 +176,41 @@ def client_forwarding(client: Addr, client_port: int, proto: str = "http") -> tu
     return str(client), forwarded.forwarded_element(client, for_port=client_port, proto=proto)
 
 
+def forwarding_block(ours: tuple[str, str], proto: str = "http") -> bytes:
+    """The three forwarding header lines for a client that sent none (once per connection)."""
+    xff, element = ours
+    return (
+        f"X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\nForwarded: {element}\r\n"
+    ).encode()
+
+
+_DROP_FWD: Final = HOP_BY_HOP | FORWARDING_HEADERS
+_NO_BODY_METHODS: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+
+
+def untrusted_head(
+    method: bytes,
+    url: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    body_len: int,
+    block: bytes,
+) -> bytes:
+    """:func:`build_request_head` for an untrusted client with forwarding on (the usual case).
+
+    Positional and branch-free per header: every hop-by-hop and forwarding header
+    is dropped and the connection's :func:`forwarding_block` appended.
+    """
+    out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        if name.lower() not in _DROP_FWD:
+            out += (name, b": ", value, b"\r\n")
+    out.append(block)
+    if body_len or method not in _NO_BODY_METHODS:
+        out.append(b"Content-Length: %d\r\n" % body_len)
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
 def build_request_head(
     method: bytes,
     url: bytes,
@@ -186,6 +223,7 @@ def build_request_head(
     trusted: bool = False,
     add_forwarding: bool = True,
     ours: tuple[str, str] | None = None,
+    block: bytes | None = None,
 ) -> bytes:
     """The request head sent to a backend over a pooled HTTP/1.1 keep-alive connection.
 
@@ -194,43 +232,47 @@ def build_request_head(
     headers of an untrusted client are dropped and ours appended:
     ``X-Forwarded-For: 2001:db8::1``, ``X-Forwarded-Proto: http`` and
     ``Forwarded: for="[2001:db8::1]:4711";proto=http``. A trusted client's
-    ``X-Forwarded-For`` and ``Forwarded`` are kept and extended.
+    ``X-Forwarded-For`` and ``Forwarded`` are kept and extended. ``block`` is
+    :func:`forwarding_block` of ``ours``, precomputed per connection; it is used
+    as is when the request carries no forwarding header to extend.
     """
+    if add_forwarding and not trusted and block is not None:
+        return untrusted_head(method, url, headers, body_len, block)
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    drop = _DROP_FWD if add_forwarding else HOP_BY_HOP
     xff: str | None = None
     fwd: str | None = None
     xfp: str | None = None
     for name, value in headers:
         low = name.lower()
-        if low in HOP_BY_HOP:
-            continue
-        if add_forwarding and low in FORWARDING_HEADERS:
-            if not trusted:
+        if low in drop:
+            if low in HOP_BY_HOP or not trusted:
                 continue
             if low == b"x-forwarded-for":
-                xff = (
-                    value.decode("latin-1") if xff is None else f"{xff}, {value.decode('latin-1')}"
-                )
+                v = value.decode("latin-1")
+                xff = v if xff is None else f"{xff}, {v}"
                 continue
             if low == b"forwarded":
-                fwd = (
-                    value.decode("latin-1") if fwd is None else f"{fwd}, {value.decode('latin-1')}"
-                )
+                v = value.decode("latin-1")
+                fwd = v if fwd is None else f"{fwd}, {v}"
                 continue
             if low == b"x-forwarded-proto":
                 xfp = value.decode("latin-1")
                 continue
         out += (name, b": ", value, b"\r\n")
     if add_forwarding:
-        xff_ours, element = ours or client_forwarding(client, client_port, proto)
-        out.append(b"X-Forwarded-For: ")
-        out.append((xff_ours if xff is None else forwarded.append(xff, xff_ours)).encode())
-        out.append(b"\r\nX-Forwarded-Proto: ")
-        out.append((xfp or proto).encode())
-        out.append(b"\r\nForwarded: ")
-        out.append(forwarded.append(fwd, element).encode())
-        out.append(b"\r\n")
-    if body_len or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
+        if block is not None and xff is None and fwd is None and xfp is None:
+            out.append(block)
+        else:
+            xff_ours, element = ours or client_forwarding(client, client_port, proto)
+            out.append(b"X-Forwarded-For: ")
+            out.append((xff_ours if xff is None else forwarded.append(xff, xff_ours)).encode())
+            out.append(b"\r\nX-Forwarded-Proto: ")
+            out.append((xfp or proto).encode())
+            out.append(b"\r\nForwarded: ")
+            out.append(forwarded.append(fwd, element).encode())
+            out.append(b"\r\n")
+    if body_len or method not in _NO_BODY_METHODS:
         out.append(b"Content-Length: %d\r\n" % body_len)
     out.append(b"\r\n")
     return b"".join(out)

@@ -108,6 +108,34 @@ class VipRuntime:
         if backend >= 0:
             self.backend_stats[backend].errors[reason] += 1
 
+    def add_counts(self, backend: int, counts: tuple[int, int, int, int]) -> None:
+        """Fold a closing connection's byte counters (see ``counts()``) into the totals."""
+        st = self.stats
+        st.bytes_in += counts[0]
+        st.bytes_out += counts[1]
+        if backend >= 0:
+            bs = self.backend_stats[backend]
+            bs.bytes_in += counts[2]
+            bs.bytes_out += counts[3]
+
+    def sweep_period(self) -> float:
+        """How often :meth:`sweep` runs: an eighth of the shortest timeout, 10 ms to 1 s.
+
+        Per-chunk and per-request paths only move counters or set a state; the sweep
+        turns those into timeouts, which therefore fire up to two periods late (a
+        quarter of the timeout), never early.
+        """
+        t = getattr(self.vip.options, "timeouts", None)
+        limits = [self.header_timeout] if self.is_l7 else []
+        if t is not None:
+            limits += [t.connect, t.idle] + ([t.total] if t.total else [])
+        return min(1.0, max(0.01, min(limits, default=8.0) / 8))
+
+    def sweep(self, now: float) -> None:
+        """Enforce every open connection's timeouts (called every :meth:`sweep_period`)."""
+        for c in list(self.live):
+            c.sweep(now)
+
     def backend_port(self, index: int, listen_port: int) -> int:
         return self.ports[index] or listen_port
 
@@ -120,11 +148,21 @@ class VipRuntime:
 
     def snapshot(self) -> dict[str, Any]:
         out = self.stats.as_dict()
+        live_be: list[list[int]] = [[0, 0] for _ in self.backend_stats]
+        for c in self.live:  # open connections keep their byte counts until they close
+            n = c.counts()
+            out["bytes_in"] += n[0]
+            out["bytes_out"] += n[1]
+            if c.backend >= 0:
+                live_be[c.backend][0] += n[2]
+                live_be[c.backend][1] += n[3]
         out["mode"] = str(self.vip.mode)
         out["scheduler"] = str(self.vip.scheduler)
         backends = {}
         for i, st in enumerate(self.backend_stats):
             d = st.as_dict()
+            d["bytes_in"] += live_be[i][0]
+            d["bytes_out"] += live_be[i][1]
             d["active"] = self.picker.active[i]
             d["state"] = "up" if self.pool.is_up(i) else "down"
             d["drain"] = self.pool.is_draining(i)

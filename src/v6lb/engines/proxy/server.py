@@ -87,6 +87,7 @@ class ProxyServer:
         self.servers: list[asyncio.Server] = []
         self._server_vip: list[str] = []
         self._health_task: asyncio.Task[None] | None = None
+        self._sweeps: dict[str, asyncio.TimerHandle] = {}
         self.health: HealthChecker | None = None
 
     async def start(self) -> None:
@@ -118,11 +119,21 @@ class ProxyServer:
                         srv = await loop.create_server(proto, sock=sock, backlog=self.backlog)
                         self.servers.append(srv)
                         self._server_vip.append(vip.name)
+            for rt in self.runtimes.values():
+                self._sweep(rt)
             self.health = HealthChecker(list(self.runtimes.values()))
             self._health_task = loop.create_task(self.health.run())
         except BaseException:
             await self.stop()
             raise
+
+    def _sweep(self, rt: VipRuntime) -> None:
+        """Every VIP's timeouts are checked by one periodic sweep (not per-chunk timers)."""
+        loop = asyncio.get_running_loop()
+        try:
+            rt.sweep(loop.time())
+        finally:
+            self._sweeps[rt.vip.name] = loop.call_later(rt.sweep_period(), self._sweep, rt)
 
     def addresses(self, vip: str | None = None) -> list[tuple[str, int]]:
         """The bound (host, port) of every listener (of one VIP); port 0 in a VIP binds any."""
@@ -159,6 +170,9 @@ class ProxyServer:
             srv.close()
         self.servers.clear()
         self._server_vip.clear()
+        for h in self._sweeps.values():
+            h.cancel()
+        self._sweeps.clear()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
