@@ -3,19 +3,35 @@
 Method (root; needs iperf3, ``apt-get install iperf3``, plus nft and ip6tables):
 - Three namespaces ``v6lb-km-<pid>-<n>``: client, LB, backend, joined by veth
   pairs, IPv6 forwarding on in the LB; addresses and routes as in
-  ``bench_tun.py`` (whose ``setup`` and ``config`` this script imports).
+  ``bench_tun.py`` (whose ``setup`` and ``config`` this script imports). For
+  the DSR modes a third veth pair joins the backend straight to the client,
+  and the backend's replies from the DSR VIPs (``default from 2001:db8:d::/64``)
+  take it: the LB carries the client -> VIP direction only, as in DSR.
+  The backend is set up once by ``v6lb backend`` (VIPs on lo, ``End.DT6`` for
+  the SRv6 SID and the ip6ip6 end point, the nft source filter, advmss):
+  the same backend side for every case.
 - For each mode, three cases on the same namespaces:
 
   a. ``plain``: no rules at all; the traffic is routed through the LB
      namespace to the real address (nat: the backend address instead of the
-     VIP; npt: the inside host talks to the outside host untranslated).
+     VIP; npt: the inside host talks to the outside host untranslated;
+     dsr-*: a plain ``VIP/128 via BACKEND`` route on the LB).
   b. ``hand``: the smallest hand-written rule set that does the job.
      nat: one nft table, one prerouting rule
      ``ip6 daddr VIP meta l4proto { tcp, udp } th dport 5201 dnat ip6 to BACKEND``.
      npt: ip6tables ``raw`` NOTRACK for both prefixes and ``mangle`` DNPT/SNPT.
+     dsr-srv6: one route ``VIP/128 encap seg6 mode encap segs SID``;
+     dsr-ip6ip6: one route ``VIP/128 encap seg6 mode encap.red segs END``
+     (IPv6-in-IPv6, no SRH), both with ``ip sr tunsrc`` set as v6lb sets it;
+     dsr-l2: one nft netdev ingress rule
+     ``ip6 daddr VIP ether saddr set LB ether daddr set BACKEND fwd to l1``.
   c. ``v6lb``: ``v6lb run FILE --dataplane kernel --netns LB`` with its full
      ruleset (nat: the unserved-port guard, the jhash, the 65537-slot Maglev
-     map and the counters; npt: the same four ip6tables rules, with comments).
+     map and the counters; npt: the same four ip6tables rules, with comments;
+     dsr-*: the unserved-port guard, the jhash, the Maglev map, the counters
+     and, for the tunnels, one fwmark rule and table per backend). Each VIP
+     has one backend, as the hand-written rules do; one VIP per protocol
+     (iperf3's TCP control connection and its UDP data).
 
 - Per case: small UDP (``iperf3 -u -l 64 -b 0``; receiver-side packets per
   second, ``packets - lost_packets`` over the seconds) then TCP (iperf3
@@ -46,6 +62,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -67,6 +84,11 @@ from bench_tun import (  # noqa: E402
 
 CASES = ("plain", "hand", "v6lb")
 HAND_TABLE = "bench_hand"
+DSR_MODES = ("dsr-srv6", "dsr-ip6ip6", "dsr-l2")
+DSR_VIP = {"dsr-srv6": "2001:db8:d::81", "dsr-ip6ip6": "2001:db8:d::82", "dsr-l2": "2001:db8:d::83"}
+SID = "fd00:e::100"  # the backend's End.DT6 SID (dsr-srv6), routed to it by the LB
+TUNNEL_END = "fd00:e::1"  # the backend's ip6ip6 end point (End.DT6 too), routed likewise
+LB_INSIDE = "2001:db8:b::1"  # the LB's address toward the backend: the tunnel source
 _counter = itertools.count()
 
 
@@ -97,6 +119,88 @@ def hand_nat() -> str:
     )
 
 
+def dsr_config(sock: str, backend_mac: str, modes: tuple[str, ...]) -> dict[str, object]:
+    """The DSR VIPs of ``modes`` (one per protocol each), one backend each."""
+    lb: dict[str, object] = {
+        "instance": f"d{os.getpid() % 100000}",
+        "flow_hash_seed": 0x5EED,
+        "interfaces": ["l0", "l1"],
+        "addresses": ["2001:db8:a::1", LB_INSIDE],
+        "control_socket": sock,
+    }
+    vips: list[dict[str, object]] = []
+    for mode in modes:
+        backend: dict[str, str] = {"address": BACKEND}
+        extra: dict[str, object] = {"tunnel_source": LB_INSIDE, "mtu": 1500}
+        if mode == "dsr-srv6":
+            backend["sid"] = SID
+        elif mode == "dsr-ip6ip6":
+            backend = {"address": TUNNEL_END}
+        else:
+            backend["mac"] = backend_mac
+            extra = {}
+        for proto in ("udp", "tcp"):
+            vips.append(
+                {
+                    "name": f"{mode.replace('dsr-', '')}-{proto}",
+                    "address": DSR_VIP[mode],
+                    "ports": [5201],
+                    "protocol": proto,
+                    "mode": mode,
+                    "health": {"type": "none"},
+                    "backends": [backend],
+                    **extra,
+                }
+            )
+    return {"lb": lb, "vips": vips}
+
+
+def setup_dsr(ns: dict[str, str], tmp: Path) -> str:
+    """The direct reply link, the LB's routes to the tunnel ends, `v6lb backend`; the MAC."""
+    c, lb, b = ns["client"], ns["lb"], ns["backend"]
+    sh("ip", "link", "add", "c1", "netns", c, "type", "veth", "peer", "name", "b1", "netns", b)
+    nsx(c, "ip", "link", "set", "c1", "up")
+    nsx(b, "ip", "link", "set", "b1", "up")
+    nsx(c, "ip", "-6", "address", "add", "2001:db8:c::1/64", "dev", "c1", "nodad")
+    nsx(b, "ip", "-6", "address", "add", "2001:db8:c::2/64", "dev", "b1", "nodad")
+    nsx(b, "ip", "-6", "route", "add", "default", "from", "2001:db8:d::/64",
+        "via", "2001:db8:c::1", "dev", "b1")  # fmt: skip
+    nsx(lb, "ip", "-6", "route", "add", "fd00:e::/64", "via", BACKEND, "dev", "l1")
+    link = json.loads(nsx(b, "ip", "-j", "link", "show", "b0"))
+    mac = str(link[0]["address"])
+    path = tmp / "backend.yaml"
+    for k, address in enumerate((BACKEND, TUNNEL_END)):
+        cfg = dsr_config(str(tmp / "backend.sock"), mac, DSR_MODES)
+        cfg["lb"]["instance"] = f"bk{k}"  # type: ignore[index]
+        path.write_text(yaml.safe_dump(cfg))
+        sh(V6LB, "backend", str(path), "--address", address, "--dev", "b0", "--netns", b)
+    return mac
+
+
+def hand_dsr(lb: str, mode: str) -> None:
+    vip = DSR_VIP[mode]
+    if mode == "dsr-l2":
+        l1 = json.loads(nsx(lb, "ip", "-j", "link", "show", "l1"))[0]["address"]
+        mac = _BACKEND_MAC[0]
+        nsx(lb, "nft", "-f", "-", stdin=(
+            f"table netdev {HAND_TABLE} {{\n"
+            "  chain in {\n"
+            '    type filter hook ingress device "l0" priority filter;\n'
+            f'    ip6 daddr {vip} ether saddr set {l1} ether daddr set {mac} fwd to "l1"\n'
+            "  }\n"
+            "}\n"
+        ))  # fmt: skip
+        return
+    how = "encap" if mode == "dsr-srv6" else "encap.red"
+    end = SID if mode == "dsr-srv6" else TUNNEL_END
+    nsx(lb, "ip", "sr", "tunsrc", "set", LB_INSIDE)
+    nsx(lb, "ip", "-6", "route", "replace", f"{vip}/128", "encap", "seg6", "mode", how,
+        "segs", end, "dev", "l1")  # fmt: skip
+
+
+_BACKEND_MAC: list[str] = []
+
+
 def hand_npt() -> str:
     return (
         "*raw\n"
@@ -117,11 +221,18 @@ def snpt_packets(lb: str) -> int:
 
 
 def flush_hand(lb: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", lb, "nft", "delete", "table", "ip6", HAND_TABLE],
-        capture_output=True,
-        timeout=30,
-    )
+    for family in ("ip6", "netdev"):
+        subprocess.run(
+            ["ip", "netns", "exec", lb, "nft", "delete", "table", family, HAND_TABLE],
+            capture_output=True,
+            timeout=30,
+        )
+    for vip in DSR_VIP.values():  # the plain and hand-written DSR routes
+        subprocess.run(
+            ["ip", "netns", "exec", lb, "ip", "-6", "route", "del", f"{vip}/128"],
+            capture_output=True,
+            timeout=30,
+        )
     for table in ("raw", "mangle"):
         subprocess.run(
             ["ip", "netns", "exec", lb, "ip6tables", "-t", table, "-F"],
@@ -130,16 +241,22 @@ def flush_hand(lb: str) -> None:
         )
 
 
-def wait_v6lb(run: subprocess.Popen[str], lb: str, mode: str, instance: str) -> None:
+def wait_v6lb(run: subprocess.Popen[str], lb: str, mode: str, instance: str, sock: str) -> None:
     """Until the ruleset is in the kernel (the socket opens before the apply)."""
     deadline = time.monotonic() + 30
     while True:
         if run.poll() is not None:
             raise RuntimeError(f"v6lb run stopped: {run.stderr.read() if run.stderr else ''}")
-        if mode == "nat":
-            ready = f"v6lb_{instance}" in nsx(lb, "nft", "list", "tables")
-        else:
+        if mode == "npt":
             ready = f"v6lb:{instance}" in nsx(lb, "ip6tables-save", "-t", "mangle")
+        else:  # the socket answers once the apply is done (it is served after it)
+            r = subprocess.run(
+                [V6LB, "status", "--control-socket", sock, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            ready = r.returncode == 0
         if ready:
             return
         if time.monotonic() > deadline:
@@ -152,6 +269,8 @@ def iperf(ns: dict[str, str], mode: str, case: str, udp: bool, seconds: float) -
     if mode == "nat":
         client_ns, bind = ns["client"], []
         target = BACKEND if case == "plain" else VIP
+    elif mode in DSR_MODES:
+        client_ns, bind, target = ns["client"], [], DSR_VIP[mode]
     else:
         client_ns, bind, target = ns["backend"], ["-B", INSIDE_HOST], OUTSIDE_HOST
     extra = ["-u", "-l", "64", "-b", "0"] if udp else []
@@ -179,13 +298,22 @@ def one_case(
     lb = ns["lb"]
     run: subprocess.Popen[str] | None = None
     try:
-        if case == "hand":
+        if case == "plain" and mode in DSR_MODES:
+            nsx(lb, "ip", "-6", "route", "replace", f"{DSR_VIP[mode]}/128", "via", BACKEND)
+        elif case == "hand":
             if mode == "nat":
                 nsx(lb, "nft", "-f", "-", stdin=hand_nat())
+            elif mode in DSR_MODES:
+                hand_dsr(lb, mode)
             else:
                 nsx(lb, "ip6tables-restore", "--noflush", stdin=hand_npt())
         elif case == "v6lb":
-            cfg = config(mode, str(tmp / f"{mode}.sock"))
+            sock = str(tmp / f"{mode}.sock")
+            cfg: dict[str, Any] = (
+                dsr_config(sock, _BACKEND_MAC[0], (mode,))
+                if mode in DSR_MODES
+                else config(mode, sock)
+            )
             path = tmp / f"{mode}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             run = subprocess.Popen(
@@ -194,7 +322,7 @@ def one_case(
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            wait_v6lb(run, lb, mode, cfg["lb"]["instance"])
+            wait_v6lb(run, lb, mode, cfg["lb"]["instance"], sock)
         before = snpt_packets(lb) if mode == "npt" and case != "plain" else 0
         pps = iperf(ns, mode, case, True, seconds)
         bps = iperf(ns, mode, case, False, seconds)
@@ -224,7 +352,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--modes", default="nat,npt")
+    ap.add_argument("--modes", default="nat,npt,dsr-srv6,dsr-ip6ip6,dsr-l2")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures here")
     args = ap.parse_args()
     if os.geteuid() != 0 or shutil.which("iperf3") is None:
@@ -238,10 +366,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, namespaces("client", "lb", "backend") as ns:
         try:
             setup(ns)
-            for n in (ns["client"], ns["backend"]):
+            if any(m in DSR_MODES for m in modes):
+                _BACKEND_MAC.append(setup_dsr(ns, Path(tmp)))
+            # The backend's servers are bound to each address it serves: a UDP reply from a
+            # wildcard-bound iperf3 would leave from the backend's own address, not the DSR VIP.
+            binds = [(ns["client"], []), (ns["backend"], ["-B", BACKEND])]
+            binds += [(ns["backend"], ["-B", DSR_VIP[m]]) for m in modes if m in DSR_MODES]
+            for n, bind in binds:
                 servers.append(
                     subprocess.Popen(
-                        ["ip", "netns", "exec", n, "iperf3", "-s"],
+                        ["ip", "netns", "exec", n, "iperf3", "-s", *bind],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
@@ -255,7 +389,7 @@ def main() -> int:
                         res[mode][case]["pps"].append(pps)
                         res[mode][case]["bps"].append(bps)
                         print(
-                            f"round {i + 1} {mode:3} {case:5} {pps / 1000:7.1f} kpps"
+                            f"round {i + 1} {mode:10} {case:5} {pps / 1000:7.1f} kpps"
                             f" {bps / 1e9:6.2f} Gbit/s",
                             flush=True,
                         )

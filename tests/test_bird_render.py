@@ -38,8 +38,20 @@ BGP: dict[str, Any] = {
 }
 
 
+# the VIP that BGP["announcements"] holds: an announcement must hold a VIP address
+VIPS: list[dict[str, Any]] = [
+    {
+        "name": "web",
+        "address": "2001:db8:a:1a0::1",
+        "ports": [80],
+        "mode": "nat",
+        "backends": [{"address": "fd00:10::a"}],
+    }
+]
+
+
 def settings(bgp: dict[str, Any]) -> BgpSettings | None:
-    return parse_bgp(parse_config({"bgp": bgp}, "t.yaml"))
+    return parse_bgp(parse_config({"bgp": bgp, "vips": VIPS}, "t.yaml"))
 
 
 def golden(name: str, text: str) -> None:
@@ -90,6 +102,49 @@ def router_text() -> str:
     return render_router("isp", s)
 
 
+def site_router_text() -> str:
+    s = settings(
+        {
+            "asn": 65010,
+            "router_id": "192.0.2.2",
+            "neighbours": [
+                {"name": "lb_a1", "address": "2001:db8:1::2", "asn": 65001, "interface": "site"},
+                {"name": "lb_a2", "address": "2001:db8:1::3", "asn": 65001, "interface": "site"},
+                {"name": "upstream", "address": "2001:db8:fa::1", "asn": 65000, "interface": "up"},
+            ],
+        }
+    )
+    assert s is not None
+    return render_router("r-a", s, uplinks=["upstream"], uplink_med=10)
+
+
+def test_site_router_golden() -> None:
+    text = site_router_text()
+    golden("bird_site_router.conf", text)
+    # the LBs' routes go upstream with the site's MED; nothing is learnt from upstream
+    assert "export filter v6lb_uplink;" in text and "bgp_med = 10;" in text
+    assert text.count("import all;") == 2 and text.count("import none;") == 2  # + kernel
+
+
+def test_site_router_unknown_uplink() -> None:
+    s = settings({"asn": 65010, "neighbours": [{"address": "2001:db8:1::2", "asn": 65001}]})
+    assert s is not None
+    with pytest.raises(ValueError, match="uplink 'upstream' is not a neighbour"):
+        render_router("r-a", s, uplinks=["upstream"])
+
+
+def test_announcement_must_hold_a_vip() -> None:
+    bad = dict(BGP, announcements=[{"prefix": "2001:db8:e::/64", "site": "a", "cost": 1}])
+    with pytest.raises(ConfigError) as exc:
+        settings(bad)
+    text = str(exc.value)
+    assert "bgp.announcements[0].prefix" in text and "holds no VIP address" in text, text
+    assert "web 2001:db8:a:1a0::1" in text, text  # the fix lists the VIPs
+    # the same with only announcements (the simulator's form, no speaker)
+    with pytest.raises(ConfigError, match="holds no VIP address"):
+        settings({"announcements": bad["announcements"]})
+
+
 def test_speaker_golden() -> None:
     golden("bird_speaker.conf", speaker_text())
 
@@ -101,7 +156,11 @@ def test_router_golden() -> None:
 @pytest.mark.tool
 @pytest.mark.skipif(shutil.which("bird") is None, reason="needs bird2 (apt-get install bird2)")
 def test_bird_accepts_rendered(tmp_path: Path) -> None:
-    for name, text in (("s.conf", speaker_text()), ("r.conf", router_text())):
+    for name, text in (
+        ("s.conf", speaker_text()),
+        ("r.conf", router_text()),
+        ("sr.conf", site_router_text()),
+    ):
         (tmp_path / name).write_text(text)
         r = subprocess.run(
             ["bird", "-p", "-c", str(tmp_path / name)], capture_output=True, text=True

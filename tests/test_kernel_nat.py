@@ -298,6 +298,17 @@ def test_unserved_port_is_dropped_and_counted(nat_lab: NatLab) -> None:
     assert [r[4] for r in results] == [None, None], results  # no connection, no reply
     after = nft_counters(nat_lab.instance, netns=nat_lab.ns["lb"])[counter][0]
     assert after - before >= 2
+    # The guard sits in the nat chain (first packet of a conntrack entry only), but a
+    # dropped packet never confirms its entry: every datagram of one flow is counted.
+    send = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+        "s.bind(('2001:db8:c::79', 40123))\n"
+        "for _ in range(25): s.sendto(b'x' * 32, (sys.argv[1], 5353))\n"
+    )
+    nsx(nat_lab.ns["client"], sys.executable, "-c", send, WEB)
+    final = nft_counters(nat_lab.instance, netns=nat_lab.ns["lb"])[counter][0]
+    assert final - after == 25, (after, final)
 
 
 @pytest.mark.root

@@ -92,6 +92,20 @@ def test_plan_names_routes_and_derived_files(tmp_path: Path) -> None:
     assert {s.node for s in plan.servers} == {"be1", "be2", "be3", "srv"}
 
 
+def test_plan_multipath_route_puts_options_before_nexthops(tmp_path: Path) -> None:
+    # ip(8) takes route options (proto) only before the first `nexthop`.
+    path = EXAMPLE.parent / "eks-ipv6.yaml"
+    raw = yaml.safe_load(path.read_text())
+    config = parse_config(raw, str(path))
+    plan = plan_lab(config, parse_topology(config), raw, "abc", root=tmp_path)
+    multi = [line for lines in plan.routes.values() for line in lines if "nexthop" in line]
+    assert multi, "eks-ipv6.yaml has an ECMP route"
+    for line in multi:
+        words = line.split()
+        assert words.index("proto") < words.index("nexthop")
+        assert words.count("nexthop") >= 2 and words.count("dev") == words.count("nexthop")
+
+
 def test_names() -> None:
     assert default_name("examples/lab-modes.yaml") == "labmodes"
     assert check_name("x1") == "x1"

@@ -4,14 +4,22 @@ The pure tests build frames by hand: the same packet on two links, before and
 after a NAT66 rewrite, is one ``packet_id``; :func:`v6lb.model.diff.compare`
 reports missing, unexpected and uncaptured links.
 
-The root test brings ``examples/lab-modes.yaml`` up under a name unique to this
-run (the fixture's teardown always runs ``lab down``), then:
+The root tests share one lab of ``examples/lab-modes.yaml`` under a name unique to
+this run (the module fixture's teardown always runs ``lab down``):
 
 * ``lab trace --mode nat``: one non-empty pcap per link on the path, which tshark
   reads without a malformed packet; on the LB -> pod link the client's packets go
   to a pod's address from the client's own address;
 * ``lab diff --mode nat`` exits 0; with the pods link's pcap removed it exits 1;
-* ``lab trace --mode dsr-srv6`` shows the SRv6-encapsulated hop from the LB.
+* ``lab trace --mode dsr-srv6`` shows the SRv6-encapsulated hop from the LB, and the
+  replies go from the pods to the router, never through the LB;
+* ``lab trace --mode npt``: the client reaches the server's mapped address, and the
+  server's own connection out leaves from it; ``lab diff`` finds no difference for
+  npt, dsr-l2, dsr-srv6 and dsr-ip6ip6 either;
+* last, a health failure: one pod's HTTP server is killed under the nat VIP's TCP
+  health checks; ``v6lb status`` shows it down, new curl connections go to the
+  backends the core predicts (none to the dead one), held flows of the live
+  backends keep their backend.
 
 Addresses: 2001:db8::/32 and fd00::/8 only.
 """
@@ -21,17 +29,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from v6lb.core.nptv6 import NptMapping
 from v6lb.lab.plan import LAB_ROOT
 from v6lb.model.capture import Frame, hops_from_frames
+from v6lb.model.config import load_config
 from v6lb.model.diff import Tuple4, compare, link_tuples
+from v6lb.render.nftables import maglev_pool
 from v6lb.wire import build
 from v6lb.wire.constants import TCP_ACK, TCP_SYN
 
@@ -97,8 +111,9 @@ def test_compare_reports_differences_and_missing_pcaps() -> None:
 # --- root: a real lab ----------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def lab() -> Iterator[str]:
+    """One lab for the module's root tests; the health test, which kills a pod's server, is last."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     if shutil.which("tcpdump") is None or shutil.which("curl") is None:
@@ -122,6 +137,10 @@ def _netns() -> list[str]:
 
 def _addr(endpoint: str) -> str:
     return endpoint.rsplit(":", 1)[0].strip("[]") if endpoint.startswith("[") else endpoint
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
 
 
 def _trace(name: str, mode: str, out: Path) -> dict[str, Any]:
@@ -181,3 +200,187 @@ def test_trace_and_diff(lab: str, tmp_path: Path) -> None:
     assert enc and all(h["sender"] == "lb" for h in enc)
     assert any("encapsulated in SRv6" in h["change"] for h in enc)
     assert all(CLIENT in h["detail"] for h in enc)
+    # DSR replies leave the pod for the router, never through the LB (`v6lb backend`
+    # keeps the pods' source-specific route for packets from the VIPs)
+    back = [h for h in srv6["hops"] if h["proto"] == "tcp" and _addr(h["dst"]) == CLIENT]
+    assert back and all(h["link"] in ("pods", "net") and h["sender"] != "lb" for h in back)
+    assert {h["receiver"] for h in back if h["link"] == "pods"} == {"rtr"}
+    assert srv6["answers"]["reply_via_lb"] is False
+
+
+@pytest.mark.root
+def test_npt_trace_and_every_mode_matches_the_simulator(lab: str, tmp_path: Path) -> None:
+    name = lab
+    inside, outside = (
+        "fd00:21::5",
+        str(NptMapping("fd00:21::/64", "2001:db8:21::/64").translate("fd00:21::5")),
+    )
+    exp = _trace(name, "npt", tmp_path / "npt")
+    tcp = [h for h in exp["hops"] if h["proto"] == "tcp"]
+    # the client reaches the server at its mapped address; the LB rewrites the destination only
+    to_srv = [h for h in tcp if h["link"] == "npt-lan" and h["receiver"] == "srv"]
+    assert to_srv and all(_addr(h["dst"]) == inside for h in to_srv)
+    assert {_addr(h["src"]) for h in to_srv} == {CLIENT}
+    out_edge = [h for h in tcp if h["link"] == "edge" and h["sender"] == "lb"]
+    assert out_edge and {_addr(h["src"]) for h in out_edge} == {outside}
+    facts = exp["facts"]
+    assert exp["answers"]["nat66_at_lb"] is True
+    assert exp["answers"]["backend_saw_source"] == CLIENT
+    assert facts["backend_saw_destination"] == inside and facts["chosen_record"] == outside
+    # the server's own connection out: from its mapped address on every outside link
+    ob = facts["outbound"]
+    assert ob["client_saw_source"] == outside and ob["translated"] is True
+    sport = int(ob["from"].rsplit(":", 1)[1])
+    mine = [h for h in tcp if _addr(h["src"]) in (inside, outside) and _port(h["src"]) == sport]
+    assert {h["link"] for h in mine} == {"npt-lan", "edge", "net"}
+    assert all(_addr(h["src"]) == (inside if h["link"] == "npt-lan" else outside) for h in mine)
+
+    for mode in ("npt", "dsr-l2", "dsr-srv6", "dsr-ip6ip6"):
+        where = tmp_path / "npt" if mode == "npt" else None
+        args = ["--from", str(where)] if where else []
+        r = v6lb("lab", "diff", "--name", name, "--mode", mode, *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "DIFF" not in r.stdout and r.stdout.rstrip().endswith("no differences"), r.stdout
+        assert " same " in r.stdout, r.stdout
+
+
+# The held flows: open, send a request with its last line missing, print the local ports;
+# on a line on stdin, finish each request and print the server that answers (or the error).
+HELD = r"""
+import json, socket, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+socks, ports = [], []
+for i in range(n):
+    s = socket.create_connection((vip, 80), timeout=10)
+    s.sendall(f"GET /held/{i} HTTP/1.1\r\nHost: lab\r\n".encode())
+    socks.append(s)
+    ports.append(s.getsockname()[1])
+print(json.dumps(ports), flush=True)
+sys.stdin.readline()
+out = []
+for s in socks:
+    try:
+        s.sendall(b"\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        out.append(json.loads(data.split(b"\r\n\r\n", 1)[1])["server"])
+    except (OSError, ValueError, IndexError) as exc:
+        out.append(type(exc).__name__)
+print(json.dumps(out), flush=True)
+"""
+
+
+def _established(name: str, node: str) -> dict[int, str]:
+    """The client's ports with an established connection to the node's port 80."""
+    r = subprocess.run(
+        ["ip", "netns", "exec", f"v6lb-{name}-{node}", "ss", "-Htn", "state", "established",
+         "( sport = :80 )"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    out = {}
+    for line in r.stdout.splitlines():
+        peer = line.split()[-1]
+        if _addr(peer) == CLIENT:
+            out[_port(peer)] = node
+    return out
+
+
+def _new_flows(name: str, n: int) -> list[tuple[int, str]]:
+    """``n`` new connections by one real curl (Connection: close): (client port, server)."""
+    url = f"http://[{VIP}]/new?n=[1-{n}]"
+    r = v6lb("lab", "exec", "--name", name, "client", "--", "curl", "-6", "-s", "-S", "-m", "10",
+             "-H", "Connection: close", "-w", "port=%{local_port}\\n", url, timeout=180)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    flows, server = [], None
+    for line in r.stdout.splitlines():
+        if line.startswith("port="):  # -w "@..." would name a file
+            assert server is not None, r.stdout
+            flows.append((int(line[5:]), server))
+            server = None
+        elif line.strip():
+            server = json.loads(line)["server"]
+    assert len(flows) == n, r.stdout
+    return flows
+
+
+@pytest.mark.root
+def test_health_failure_moves_only_the_dead_backends_flows(lab: str) -> None:
+    """Kill one pod's HTTP server while the nat VIP has TCP health checks (run this last)."""
+    name = lab
+    config = load_config(EXAMPLE)
+    vip = next(v for v in config.vips if v.name == "web-nat")
+    pool = maglev_pool(vip, config.lb.flow_hash_seed)
+    nodes = {"fd00:20::a": "be1", "fd00:20::b": "be2", "fd00:20::c": "be3"}
+    backends = [str(b.address) for b in vip.backends]
+    sock = str(LAB_ROOT / name / "lb.sock")
+
+    def predicted(sport: int) -> str:
+        i = pool.pick_flow(IPv6Address(CLIENT).packed, vip.address.packed, sport, 80)
+        return backends[i]
+
+    def health() -> dict[str, str]:
+        r = v6lb("status", "--control-socket", sock, "--json")
+        assert r.returncode == 0, r.stderr
+        (web,) = [v for v in json.loads(r.stdout)["vips"] if v["name"] == "web-nat"]
+        return {b["address"]: b["health"] for b in web["backends"]}
+
+    assert set(health().values()) == {"up"}
+    for sport, server in _new_flows(name, 30):  # all up: the core's choice
+        assert server == predicted(sport), (sport, server)
+
+    held = subprocess.Popen(
+        ["ip", "netns", "exec", f"v6lb-{name}-client", sys.executable, "-c", HELD, VIP, "15"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert held.stdin is not None and held.stdout is not None
+        ports = json.loads(held.stdout.readline())
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + 10
+        while len(seen) < len(ports) and time.monotonic() < deadline:
+            seen = {k: v for node in nodes.values() for k, v in _established(name, node).items()}
+            time.sleep(0.1)
+        assert set(seen) == set(ports), (ports, seen)
+        at = {p: next(a for a, n in nodes.items() if n == seen[p]) for p in ports}
+        assert all(at[p] == predicted(p) for p in ports), at
+        counts = {a: sum(1 for p in ports if at[p] == a) for a in backends}
+        dead = max(backends, key=lambda a: counts[a])  # has held flows; others have some too
+        assert 0 < counts[dead] < len(ports), counts
+
+        state = json.loads((LAB_ROOT / name / "state.json").read_text())
+        (pid,) = [
+            p["pid"]
+            for p in state["processes"]
+            if p["node"] == nodes[dead] and p["kind"] == "httpd"
+        ]
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while health()[dead] != "down":
+            assert time.monotonic() - t0 < 30, health()
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        assert {a: h for a, h in health().items() if a != dead} == {
+            a: "up" for a in backends if a != dead
+        }
+
+        pool.set_up(backends.index(dead), False)
+        after = _new_flows(name, 40)
+        assert all(server != dead for _, server in after), after
+        assert all(server == predicted(sport) for sport, server in after), after
+        assert len({s for _, s in after}) == 2
+
+        held.stdin.write("go\n")
+        held.stdin.flush()
+        again = json.loads(held.stdout.readline())
+        kept = [(p, a) for p, a in zip(ports, again, strict=True) if at[p] != dead]
+        assert kept and all(a == at[p] for p, a in kept), (ports, again)
+        print(
+            f"lab health: {dead} down {took:.2f} s after its server was killed; 40/40 new"
+            f" connections on the predicted live backends; {len(kept)}/{len(kept)} held flows"
+            f" of live backends kept theirs ({counts[dead]} held flows were the dead one's)"
+        )
+    finally:
+        if held.poll() is None:
+            held.kill()
+        held.wait(10)

@@ -203,6 +203,18 @@ def test_golden_dsr_backend() -> None:
     ret = [
         ReturnRoute(None, IPv6Address("fe80::1"), "eth0"),
         ReturnRoute(IPv6Network("2001:db8:100::/48"), None, "eth1"),
+        # source-specific: the VIPs' replies skip the LB (kept, with its `from`)
+        ReturnRoute(None, IPv6Address("fe80::fe"), "eth0", IPv6Network("2001:db8:0:10::/64"), 512),
+        # multipath, for the VIPs' sources too: options before the nexthops
+        ReturnRoute(
+            IPv6Network("2001:db8:f00::/40"),
+            None,
+            "",
+            IPv6Network("2001:db8::/32"),
+            nexthops=((IPv6Address("fe80::2"), "eth0", 1), (IPv6Address("fe80::3"), "eth1", 3)),
+        ),
+        # another source's route: packets from the VIPs never take it, so it is left out
+        ReturnRoute(None, IPv6Address("fe80::9"), "eth1", IPv6Network("fd00:99::/64")),
     ]
     check_golden(
         "dsr-backend.batch", render_backend_routes(c, backend, decap_dev="eth0", return_routes=ret)

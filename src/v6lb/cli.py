@@ -834,6 +834,12 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--dataplane", choices=["kernel", "python"], default="kernel", help="default kernel"
     )
+    up.add_argument(
+        "--proxy",
+        choices=["builtin", "haproxy"],
+        default=None,
+        help="proxy engine for the proxy-l4/proxy-l7 VIPs (default builtin)",
+    )
     up.add_argument("--name", help="lab name, [a-z0-9]{1,12} (default: from FILE's name)")
     up.set_defaults(func=_cmd_lab)
     down = lsub.add_parser("down", help="remove a lab: processes, namespaces, links (idempotent)")
@@ -859,11 +865,43 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "captures. See docs/lab.md.",
     )
     tr.add_argument("--name", help="lab name (default: the only lab up)")
-    tr.add_argument("--mode", required=True, help="nat, dsr-l2, dsr-ip6ip6 or dsr-srv6")
+    tr.add_argument(
+        "--mode",
+        required=True,
+        help="nat, npt, dsr-l2, dsr-ip6ip6, dsr-srv6, proxy-l4, proxy-l7, or anycast (with --file)",
+    )
+    tr.add_argument("--file", metavar="FILE", help="--mode anycast: the two-site file to build")
+    tr.add_argument(
+        "--failure",
+        default="none",
+        help="--mode anycast: none, kill-instance, site-backends or site-uplink (default none)",
+    )
     tr.add_argument("--out", metavar="DIR", help="where the pcaps go (default: the lab dir)")
     tr.add_argument("--json", action="store_true", help="print the explanation as JSON")
     tr.add_argument("--all-hops", action="store_true", help="show every captured packet")
     tr.set_defaults(func=_cmd_lab)
+    fo = lsub.add_parser(
+        "failover",
+        help="build FILE's two-site anycast lab and measure failures under traffic (root)",
+        description="Builds the topology of FILE (upstream router, site routers with BIRD, "
+        "LB instances running `v6lb run` with BGP+BFD, backends) in namespaces, runs each "
+        "--failure under continuous traffic (long-lived connections plus a new one every "
+        "100 ms), repairs it, and prints the table of docs/anycast.md. Removes the lab after.",
+    )
+    fo.add_argument("file", metavar="FILE", help="for example examples/anycast-sites.yaml")
+    fo.add_argument(
+        "--failure",
+        action="append",
+        choices=["kill-instance", "site-backends", "site-uplink", "all"],
+        help="repeat for several (default: all)",
+    )
+    fo.add_argument("--rounds", type=int, default=1, help="runs of each failure (default 1)")
+    fo.add_argument("--flows", type=int, default=30, help="long-lived connections (default 30)")
+    fo.add_argument(
+        "--after", type=float, default=3.0, help="seconds of traffic after each failure"
+    )
+    fo.add_argument("--json", action="store_true", help="print every figure as JSON")
+    fo.set_defaults(func=_cmd_lab)
     df = lsub.add_parser(
         "diff",
         help="compare a lab trace with the simulator, link by link; exit 1 on a difference",
@@ -873,7 +911,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "now if there is none). Exit 1 when they differ or a pcap is missing or empty.",
     )
     df.add_argument("--name", help="lab name (default: the only lab up)")
-    df.add_argument("--mode", required=True, help="nat, dsr-l2, dsr-ip6ip6 or dsr-srv6")
+    df.add_argument("--mode", required=True, help="nat, npt, dsr-l2, dsr-ip6ip6 or dsr-srv6")
     df.add_argument("--from", dest="trace_dir", metavar="DIR", help="a `lab trace --out` dir")
     df.set_defaults(func=_cmd_lab)
 
@@ -886,13 +924,8 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
     try:
         if args.lab_command == "up":
-            if args.dataplane != "kernel":
-                raise UsageError(
-                    f"--dataplane {args.dataplane} is not built yet: the lab runs the kernel"
-                    " data plane; use --dataplane kernel"
-                )
             name = resolve_name(args.name, args.file)
-            state = lab_up(args.file, name)
+            state = lab_up(args.file, name, proxy=args.proxy, dataplane=args.dataplane)
             lbs = ", ".join(state.get("lbs", {})) or "none"
             sys.stdout.write(
                 f"lab {name} is up: {len(state['nodes'])} nodes, LB nodes: {lbs}\n"
@@ -917,6 +950,14 @@ def _cmd_lab(args: argparse.Namespace) -> int:
                 return 0
             sys.stdout.write(_lab_status_text(st))
             return 0
+        if args.lab_command == "trace" and args.mode == "anycast":
+            from v6lb.lab.anycast_trace import lab_trace_anycast
+
+            return lab_trace_anycast(args)
+        if args.lab_command == "failover":
+            from v6lb.lab.failover import lab_failover
+
+            return lab_failover(args)
         if args.lab_command == "trace":
             return _lab_trace(args)
         if args.lab_command == "diff":
@@ -953,6 +994,12 @@ def _lab_diff(args: argparse.Namespace) -> int:
     from v6lb.lab.trace import TRACE_FILE, default_location, load_trace, run_trace, trace_hops
     from v6lb.model.diff import Snat, Tuple4, compare, link_tuples
 
+    if args.mode in ("proxy-l4", "proxy-l7"):
+        raise UsageError(
+            f"lab diff does not compare {args.mode} yet: the proxy's backend connection has"
+            " its own ephemeral port and scheduler state, which the simulator does not replay;"
+            f" use `v6lb lab trace --mode {args.mode}` and `v6lb explain --mode {args.mode}`"
+        )
     name = resolve_name(args.name, None)
     where, prefix = (
         (Path(args.trace_dir), "") if args.trace_dir else default_location(name, args.mode)

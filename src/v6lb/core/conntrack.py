@@ -276,6 +276,8 @@ class Conn:
         "rw_reply",
         "delta_orig",
         "delta_reply",
+        "pdelta_orig",
+        "pdelta_reply",
         "pool",
         "backend",
         "generation",
@@ -295,6 +297,10 @@ class Conn:
         self.rw_reply = key_orig
         self.delta_orig = 0
         self.delta_reply = 0
+        # For a checksum field that holds only the pseudo-header sum (a checksum
+        # the NIC or the kernel completes later): the address change, added.
+        self.pdelta_orig = 0
+        self.pdelta_reply = 0
         # Filled by the NAT: the BackendPool, the backend's index, the pool
         # generation last checked, the NatService, the SNAT port space's key.
         self.pool: Any = None

@@ -370,10 +370,27 @@ class NatForwarder:
     # --- the forwarder ---------------------------------------------------------------
 
     def process(self, buf: bytearray, port: int, now: float) -> Verdict:
-        # Fast path: TCP or UDP without extension headers, of a tracked flow,
-        # that changes no state. Everything it checks, the general path checks
-        # too; anything else falls through to it.
-        n = len(buf)
+        out = self.fast(buf, len(buf), port, now)
+        if out >= 0:
+            return (FORWARD, out, buf)
+        return self._process(buf, port, now)
+
+    def fast(
+        self, buf: bytearray | memoryview, n: int, port: int, now: float, partial: int = 0
+    ) -> int:
+        """The fast path of :meth:`process` for the packet ``buf[:n]``: the out port, or -1.
+
+        TCP or UDP without extension headers, of a tracked flow, that changes
+        no state: rewritten in place and counted, and the out port returned.
+        Everything it checks, the general path checks too; on -1 nothing was
+        changed and the packet must go to :meth:`process`. ``buf`` may be longer
+        than the packet (a data plane's preallocated read buffer).
+
+        ``partial``: the transport checksum field holds only the pseudo-header
+        sum, to be completed later (Linux's CHECKSUM_PARTIAL, a virtio-net
+        header's NEEDS_CSUM). Then only the address change goes into it: the
+        new ports are summed when the checksum is completed.
+        """
         nh = buf[6] if n >= 48 else 0
         ev: int
         if nh == NH_TCP and n >= 60:
@@ -387,38 +404,41 @@ class NatForwarder:
             ev = Event.DGRAM
             coff = 46
         else:
-            ok = False
+            return -1
         if ok and v >> 4 == 6 and plen + 40 == n and hl >= self._hl_min:
             if port == PORT_INSIDE:
                 conn = (self._reply_tcp if nh == NH_TCP else self._reply_udp).get(key)
-                if conn is not None:
-                    rw = conn.rw_reply
-                    delta = conn.delta_reply
-                    ev |= 8  # REPLY << 3
-                    out = PORT_OUTSIDE
+                if conn is None:
+                    return -1
+                rw = conn.rw_reply
+                delta = conn.pdelta_reply if partial else conn.delta_reply
+                ev |= 8  # REPLY << 3
+                out = PORT_OUTSIDE
             else:
                 conn = (self._orig_tcp if nh == NH_TCP else self._orig_udp).get(key)
-                if conn is not None:
-                    rw = conn.rw_orig
-                    delta = conn.delta_orig
-                    out = PORT_INSIDE
-            if conn is not None:
-                st = conn.state
-                if (
-                    conn.expires > now
-                    and NEXT[(st << 4) | ev] == st
-                    and conn.generation == conn.pool.generation
-                ):
-                    _PUT_HDR.pack_into(buf, 7, hl - self._dec, rw)
-                    if ck or nh == NH_TCP:  # a UDP checksum of 0 ("none") stays 0
-                        ck = (ck + delta) % _M
-                        _U16.pack_into(buf, coff, ck or (0xFFFF if nh == NH_UDP else 0))
-                    conn.expires = now + self._timeouts[st]
-                    self._lru[st].move_to_end(conn)
-                    self._hits += 1
-                    self._counters.forwarded += 1
-                    return (FORWARD, out, buf)
-        return self._process(buf, port, now)
+                if conn is None:
+                    return -1
+                rw = conn.rw_orig
+                delta = conn.pdelta_orig if partial else conn.delta_orig
+                out = PORT_INSIDE
+            st = conn.state
+            if (
+                conn.expires > now
+                and NEXT[(st << 4) | ev] == st
+                and conn.generation == conn.pool.generation
+            ):
+                _PUT_HDR.pack_into(buf, 7, hl - self._dec, rw)
+                if partial:
+                    _U16.pack_into(buf, coff, (ck + delta) % _M)
+                elif ck or nh == NH_TCP:  # a UDP checksum of 0 ("none") stays 0
+                    ck = (ck + delta) % _M
+                    _U16.pack_into(buf, coff, ck or (0xFFFF if nh == NH_UDP else 0))
+                conn.expires = now + self._timeouts[st]
+                self._lru[st].move_to_end(conn)
+                self._hits += 1
+                self._counters.forwarded += 1
+                return out
+        return -1
 
     # --- the general path --------------------------------------------------------------
 
@@ -596,6 +616,8 @@ class NatForwarder:
         conn.rw_reply = rw_reply
         conn.delta_orig = update(0, key, rw_orig)
         conn.delta_reply = update(0, key_reply, rw_reply)
+        conn.pdelta_orig = (_M - update(0, key[:32], rw_orig[:32])) % _M
+        conn.pdelta_reply = (_M - update(0, key_reply[:32], rw_reply[:32])) % _M
         conn.pool = pool
         conn.backend = i
         conn.generation = pool.generation

@@ -246,6 +246,18 @@ class NptForwarder:
                 m.length <= 48,
             )
 
+    @property
+    def first8_determines(self) -> bool:
+        """True when the fast path applies and rewrites only an address's first 8 bytes.
+
+        That is one byte-aligned mapping of /48 or shorter (the subnet word is
+        adjusted, §3.4): for a TCP or UDP packet without extension headers the
+        translated first 8 bytes of the address depend on nothing but its first
+        8 bytes. A data plane may then remember what :meth:`process` made of
+        them (and must count the packets it translates that way itself).
+        """
+        return self._fast is not None and self._fast[5] and not self.decrement_hop_limit
+
     def _find(self, buf: bytes | bytearray, off: int, inside: bool) -> NptMapping | None:
         for m in self.mappings:
             if m.matches_inside(buf, off) if inside else m.matches_outside(buf, off):

@@ -15,11 +15,14 @@ service is never involved. The control socket is a path in the file system:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Network
 from pathlib import Path
@@ -71,6 +74,29 @@ def set_l4_ecmp_hash(netns: str | None = None) -> None:
     res = subprocess.run(argv, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise BirdError(f"cannot set the L4 multipath hash: {res.stderr.strip()}")
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it exits.
+
+    ``PR_SET_PDEATHSIG`` survives ``execve`` (``ip netns exec`` execs bird in
+    turn), so a bird started by ``v6lb run`` cannot outlive it and keep
+    announcing a VIP for an LB that is gone: a SIGKILLed ``v6lb run`` takes its
+    bird with it, the kernel closes bird's TCP sessions and the routers
+    withdraw at once. If the parent died before the prctl, exit at once.
+    """
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +227,15 @@ def start_bird(
     *,
     netns: str | None = None,
     timeout: float = 5.0,
+    die_with_parent: bool = True,
 ) -> Bird:
     """Check ``config_text`` (``bird -p``), then run bird in the foreground in ``netns``.
 
     Returns once the control socket answers. Files: ``workdir/NAME.conf``,
-    ``.ctl``, ``.pid`` and ``.log`` (bird's stderr).
+    ``.ctl``, ``.pid`` and ``.log`` (bird's stderr). With ``die_with_parent``
+    (the default) bird is SIGKILLed by the kernel when the calling thread
+    exits, however it exits (``PR_SET_PDEATHSIG``): call it from the thread
+    that lives as long as bird should, the main thread of ``v6lb run``.
     """
     bird_bin, _ = require_bird()
     wd = Path(workdir)
@@ -227,7 +257,13 @@ def start_bird(
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]  # exec: the child's pid is bird's
     with b.log.open("ab") as log:
-        b.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        b.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not b.alive():

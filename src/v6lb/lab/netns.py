@@ -8,8 +8,10 @@ crash or a lost lab dir, and it is idempotent.
 Processes are started in their own session, with their output in
 ``<labdir>/<node>.<kind>.log``: ``v6lb run`` on each LB node (``--netns``,
 ``--instance``, ``--control-socket <labdir>/<node>.sock``), ``v6lb backend`` on
-each DSR backend, and :mod:`v6lb.lab.httpd` on every node holding a backend
-address. ``down`` sends SIGTERM to the ``run`` processes first (they remove
+each DSR backend, :mod:`v6lb.lab.httpd` on every node holding a kernel-mode
+backend address, and nginx (:mod:`v6lb.lab.nginx`) on every node backing a
+proxy VIP; an LB node with proxy VIPs gets them on ``lo`` and ``run --proxy
+ENGINE``. ``down`` sends SIGTERM to the ``run`` processes first (they remove
 their nft tables, ip6tables rules and routes), then stops the rest, kills
 whatever is left in the namespaces, and deletes the namespaces (which deletes
 their veths and bridges). The lab creates nothing in the host's namespace.
@@ -23,14 +25,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from v6lb.engines.control import ControlError, query
+from v6lb.lab import nginx
 from v6lb.lab.plan import (
     LAB_ROOT,
     LabError,
@@ -88,6 +93,8 @@ def _write_state(plan: LabPlan, processes: list[dict[str, Any]], phase: str) -> 
         "phase": phase,
         "created": time.time(),
         "switch_ns": plan.switch_ns,
+        "proxy": plan.proxy_engine,
+        "dataplane": plan.dataplane,
         "nodes": {
             n.name: {
                 "type": str(n.type),
@@ -99,14 +106,64 @@ def _write_state(plan: LabPlan, processes: list[dict[str, Any]], phase: str) -> 
             for n in plan.topo.nodes
         },
         "lbs": {
-            node: {"instance": plan.lb_instances[node], "socket": str(plan.socket(node))}
+            node: {
+                "instance": plan.lb_instances[node],
+                "socket": str(plan.socket(node)) if _has_l3(plan, node) else None,
+                "proxy": plan.proxy_engine if _proxy_listeners(plan, node) else None,
+                "listeners": [f"[{a}]:{p}" for a, p in _proxy_listeners(plan, node)],
+            }
             for node in plan.lb_configs
+        },
+        "nginx": {
+            s.node: {
+                "address": str(s.address),
+                "proxy_protocol_ports": list(s.proxy_protocol_ports),
+                "http_ports": list(s.http_ports),
+                "access_log": str(nginx.files(plan.labdir, s.node).access_log),
+                "error_log": str(nginx.files(plan.labdir, s.node).error_log),
+            }
+            for s in nginx.plan_nginx(plan)
         },
         "processes": processes,
     }
     tmp = plan.labdir / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(plan.labdir / "state.json")
+
+
+def _has_l3(plan: LabPlan, node: str) -> bool:
+    """Does ``v6lb run`` on this LB node run the L3/L4 data plane (and its control socket)?"""
+    derived = plan.lb_configs[node]
+    return bool(derived.get("npt")) or any(
+        not str(item.get("mode", "")).startswith("proxy-") for item in derived.get("vips", [])
+    )
+
+
+def _proxy_listeners(plan: LabPlan, node: str) -> list[tuple[IPv6Address, int]]:
+    """The (VIP, port) pairs the proxy engine listens on, on this LB node."""
+    names = {item["name"] for item in plan.lb_configs[node].get("vips", [])}
+    return [
+        (v.address, port)
+        for v in plan.config.vips
+        if v.name in names and v.mode.is_proxy
+        for port in v.ports
+    ]
+
+
+def _listening(ns: str) -> set[tuple[IPv6Address, int]]:
+    """The TCP (address, port) pairs in LISTEN in namespace ``ns`` (from ``ss``)."""
+    r = _sh("ip", "netns", "exec", ns, "ss", "-H", "-l", "-t", "-n", "-6", check=False)
+    out: set[tuple[IPv6Address, int]] = set()
+    for line in r.stdout.splitlines():
+        cols = line.split()
+        if len(cols) < 4 or ":" not in cols[3]:
+            continue
+        host, _, port = cols[3].rpartition(":")
+        try:
+            out.add((IPv6Address(host.strip("[]").split("%")[0]), int(port)))
+        except ValueError:
+            continue
+    return out
 
 
 def load_plan(path: str, name: str, *, root: Path = LAB_ROOT) -> LabPlan:
@@ -119,11 +176,38 @@ def load_plan(path: str, name: str, *, root: Path = LAB_ROOT) -> LabPlan:
     return plan_lab(config, topo, raw, name, root=root)
 
 
-def lab_up(path: str, name: str, *, root: Path = LAB_ROOT, log: Any = sys.stderr) -> dict[str, Any]:
-    """Build the lab; on any failure remove what was built and raise :class:`LabError`."""
+def lab_up(
+    path: str,
+    name: str,
+    *,
+    proxy: str | None = None,
+    dataplane: str = "kernel",
+    root: Path = LAB_ROOT,
+    log: Any = sys.stderr,
+) -> dict[str, Any]:
+    """Build the lab; on any failure remove what was built and raise :class:`LabError`.
+
+    ``proxy`` is the engine for proxy-* VIPs (``builtin``, the default, or ``haproxy``);
+    ``dataplane`` the L3/L4 data plane of the LB nodes (``kernel`` or ``python``).
+    """
     if os.geteuid() != 0:
         raise LabError("`v6lb lab up` needs root (network namespaces)", "run it with sudo")
+    if proxy not in (None, "builtin", "haproxy"):
+        raise LabError(f"--proxy is builtin or haproxy, not {proxy!r}", "use --proxy builtin")
     plan = load_plan(path, name, root=root)
+    plan.proxy_engine = proxy or "builtin"
+    if dataplane not in ("kernel", "python"):
+        raise LabError(
+            f"--dataplane is kernel or python, not {dataplane!r}", "use --dataplane kernel"
+        )
+    plan.dataplane = dataplane
+    if proxy is not None and not any(_proxy_listeners(plan, n) for n in plan.lb_configs):
+        raise LabError(
+            f"--proxy {proxy} needs a proxy-l4 or proxy-l7 VIP served by an LB node, and {path}"
+            " has none",
+            "drop --proxy (it chooses the proxy engine; the kernel modes need none)",
+        )
+    nginx.plan_nginx(plan)  # refuses port clashes before anything is created
     if (plan.labdir / "state.json").exists() or any(
         ns.startswith(f"v6lb-{name}-") for ns in _netns_list()
     ):
@@ -234,28 +318,55 @@ def _start(plan: LabPlan, processes: list[dict[str, Any]], log: Any) -> None:
         argv += ["-m", "v6lb.lab.httpd", "--node", s.node, "--address", str(s.address)]
         argv += [a for p in s.ports for a in ("--port", str(p))] + ["--ready", str(ready)]
         servers.append((s, ready, _spawn(plan, processes, s.node, "httpd", argv)))
+    webs = []
+    for site in nginx.plan_nginx(plan):
+        f = nginx.files(plan.labdir, site.node)
+        f.prefix.mkdir(parents=True, exist_ok=True)
+        f.conf.write_text(nginx.render_conf(site, f))
+        argv = nginx.argv(plan.namespaces[site.node], f)
+        webs.append((site, f, _spawn(plan, processes, site.node, "nginx", argv)))
     runs = []
     for node, derived in plan.lb_configs.items():
         cfile = plan.labdir / f"{node}.yaml"
         cfile.write_text(yaml.safe_dump(derived, sort_keys=False))
         argv = [*_V6LB, "run", str(cfile), "--netns", plan.namespaces[node]]
         argv += ["--instance", plan.lb_instances[node], "--control-socket", str(plan.socket(node))]
+        if _proxy_listeners(plan, node):
+            argv += ["--proxy", plan.proxy_engine]
+        if plan.dataplane != "kernel":
+            argv += ["--dataplane", plan.dataplane]
         runs.append((node, _spawn(plan, processes, node, "run", argv)))
     for s, ready, proc in servers:
         _wait(f"httpd on {s.node}", ready.exists, proc, plan.labdir / f"{s.node}.httpd.log", 15)
         log.write(f"lab {plan.name}: {s.node}: HTTP server on ports {list(s.ports)}\n")
+    for site, f, proc in webs:  # nginx writes its pid file once every port is bound
+        _wait(
+            f"nginx on {site.node}", f.pid.exists, proc, plan.labdir / f"{site.node}.nginx.log", 15
+        )
+        log.write(
+            f"lab {plan.name}: {site.node}: nginx on [{site.address}], PROXY v2 ports"
+            f" {list(site.proxy_protocol_ports)}, HTTP ports {list(site.http_ports)}\n"
+        )
     for node, proc in runs:
         sock = str(plan.socket(node))
+        want = set(_proxy_listeners(plan, node))
+        l3 = _has_l3(plan, node)
+        ns = plan.namespaces[node]
 
-        def answers(sock: str = sock) -> bool:
+        def serving(sock: str = sock, want: set[Any] = want, l3: bool = l3, ns: str = ns) -> bool:
+            if want and not want <= _listening(ns):
+                return False
+            if not l3:
+                return True
             try:
                 query(sock, timeout=5)
             except (ControlError, OSError):
                 return False
             return True
 
-        _wait(f"v6lb run on {node}", answers, proc, plan.labdir / f"{node}.run.log", 60)
-        log.write(f"lab {plan.name}: {node}: v6lb run (instance {plan.lb_instances[node]})\n")
+        _wait(f"v6lb run on {node}", serving, proc, plan.labdir / f"{node}.run.log", 60)
+        what = f", proxy {plan.proxy_engine} on {len(want)} VIP port(s)" if want else ""
+        log.write(f"lab {plan.name}: {node}: v6lb run (instance {plan.lb_instances[node]}{what})\n")
 
 
 # --- down ----------------------------------------------------------------------
@@ -282,6 +393,8 @@ def _ours(proc: dict[str, Any]) -> bool:
         return False
     got = [c.decode(errors="replace") for c in cmd if c]
     argv = [str(a) for a in proc["argv"]]
+    if proc.get("kind") == "nginx" and "-c" in argv:  # nginx rewrites its command line
+        return nginx.is_master(got, argv[argv.index("-c") + 1])
     if argv[:3] == ["ip", "netns", "exec"]:  # `ip netns exec NS` execs the program itself
         return got in (argv, argv[4:])
     return got == argv
@@ -305,6 +418,23 @@ def _stop(pids: list[int], sig: int, timeout: float) -> list[int]:
         if left:
             time.sleep(0.05)
     return left
+
+
+def _haproxy_tempdirs(pids: list[int]) -> list[Path]:
+    """The temp dirs of the haproxy processes among ``pids`` (``-f <tmp>/v6lb-haproxy-*/...``)."""
+    out: list[Path] = []
+    tmp = Path(tempfile.gettempdir())
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or Path(argv[0]).name != "haproxy" or "-f" not in argv[:-1]:
+            continue
+        d = Path(argv[argv.index("-f") + 1]).parent
+        if d.parent == tmp and d.name.startswith("v6lb-haproxy-") and d not in out:
+            out.append(d)
+    return out
 
 
 def _read_state(name: str, root: Path) -> dict[str, Any] | None:
@@ -339,8 +469,12 @@ def lab_down(name: str, *, root: Path = LAB_ROOT, log: Any = sys.stderr) -> list
         r = _sh("ip", "netns", "pids", ns, check=False)
         pids = [int(p) for p in r.stdout.split() if p.isdigit()]
         if pids:
+            temps = _haproxy_tempdirs(pids)
             _stop(pids, signal.SIGKILL, 5)
             done.append(f"killed {len(pids)} process(es) left in {ns}")
+            for d in temps:  # `v6lb run --proxy haproxy` was killed before it removed it
+                shutil.rmtree(d, ignore_errors=True)
+                done.append(f"removed {d}")
     for ns in mine:
         _sh("ip", "netns", "del", ns, check=False)
         done.append(f"deleted namespace {ns}")
@@ -395,7 +529,16 @@ def lab_status(name: str, *, root: Path = LAB_ROOT) -> dict[str, Any]:
         info["netns_present"] = info["netns"] in present
     for p in state["processes"]:
         p["alive"] = _ours(p) and _alive(p["pid"])
-    for lb in state.get("lbs", {}).values():
+    for node, lb in state.get("lbs", {}).items():
+        if lb.get("socket") is None:  # proxy VIPs only: `v6lb run --proxy` opens no socket
+            ns = state["nodes"].get(node, {}).get("netns", "")
+            up = {f"[{a}]:{p}" for a, p in _listening(ns)} if ns in present else set()
+            seen = [f"{x} {'listening' if x in up else 'NOT listening'}" for x in lb["listeners"]]
+            lb["status"] = {
+                "error": f"no control socket: proxy VIPs only ({lb.get('proxy')} engine);"
+                f" {', '.join(seen)}"
+            }
+            continue
         try:
             st = query(lb["socket"], timeout=5)
         except (ControlError, OSError) as exc:
@@ -403,6 +546,7 @@ def lab_status(name: str, *, root: Path = LAB_ROOT) -> dict[str, Any]:
             continue
         lb["status"] = {
             "instance": st.get("instance"),
+            "dataplane": st.get("dataplane"),
             "uptime_s": st.get("uptime_s"),
             "last_error": st.get("last_error"),
             "vips": [

@@ -16,7 +16,8 @@ interfaces, addresses, routes and processes :mod:`v6lb.lab.netns` creates:
   ``proto 0x77``;
 * per LB node, a derived file for ``v6lb run``: ``lb:`` rewritten for the node
   (its addresses and interfaces, an instance name, the lab's control socket),
-  only the VIPs it ``serves`` that the kernel data plane runs, the ``npt:`` pairs
+  only the VIPs it ``serves`` that the kernel data plane or the proxy engine runs
+  (proxy VIP addresses go on the LB's ``lo``), the ``npt:`` pairs
   if it serves ``npt``, the lab MACs for ``dsr-l2`` backends;
 * one derived file for ``v6lb backend`` whose ``lb.addresses`` are every LB
   node's addresses (the decapsulation filter accepts them);
@@ -126,6 +127,8 @@ class LabPlan:
     backend_config: dict[str, Any] | None = None  # lb.instance is set per DSR backend
     dsr_backends: list[tuple[str, IPv6Address, str]] = field(default_factory=list)
     servers: list[Server] = field(default_factory=list)
+    proxy_engine: str = "builtin"  # `v6lb run --proxy` for LB nodes with proxy-* VIPs
+    dataplane: str = "kernel"  # `v6lb run --dataplane` for the LB nodes' L3/L4 VIPs and npt
 
     def iface(self, node: str, link: str) -> Iface:
         return next(i for i in self.ifaces if i.node == node and i.link == link)
@@ -213,11 +216,12 @@ def _routes(topo: Topology, ifname: dict[str, str]) -> dict[str, list[str]]:
                     "dev",
                     ifname[nh.link],
                 ]
-            else:
+                words += ["proto", f"{ROUTE_PROTO:#x}"]
+            else:  # ip(8): route options go before the first `nexthop`
+                words += ["proto", f"{ROUTE_PROTO:#x}"]
                 for nh in e.nexthops:
                     words += ["nexthop"] + (["via", str(nh.via)] if nh.via is not None else [])
                     words += ["dev", ifname[nh.link]]
-            words += ["proto", f"{ROUTE_PROTO:#x}"]
             lines.append(" ".join(words))
         out[node] = lines
     return out
@@ -236,10 +240,12 @@ def _plan_lbs(plan: LabPlan, raw: dict[str, Any]) -> None:
         inside = [lk for lk in links if lk in lb.inside] or links[-1:]
         outside = [lk for lk in links if lk not in inside] or links[:1]
         vips = [
-            v
-            for v in config.vips
-            if v.name in lb.serves and v.mode in _KERNEL and not v.mode.is_proxy
+            v for v in config.vips if v.name in lb.serves and (v.mode in _KERNEL or v.mode.is_proxy)
         ]
+        proxy_vips = tuple(dict.fromkeys(v.address for v in vips if v.mode.is_proxy))
+        if proxy_vips:  # the proxy listens on the VIP: it goes on the LB's lo
+            have = plan.loopbacks.get(lb.name, ())
+            plan.loopbacks[lb.name] = have + tuple(a for a in proxy_vips if a not in have)
         egress = inside[0]
         l2 = [v for v in vips if v.mode is VipMode.DSR_L2]
         if l2:
@@ -305,7 +311,7 @@ def _plan_backends(plan: LabPlan, raw: dict[str, Any]) -> None:
     ports: dict[tuple[str, IPv6Address], set[int]] = {}
     dsr: dict[tuple[str, IPv6Address], None] = {}
     for vip in config.vips:
-        if vip.name not in served:
+        if vip.name not in served or vip.mode.is_proxy:  # proxy backends: lab/nginx.py
             continue
         for b in vip.backends:
             owner = topo.owner(b.address)

@@ -3,9 +3,10 @@
 One ``tcpdump -Q in`` runs on every bridge port in the switch namespace (the
 frames each node sends on the link), ``--immediate-mode -U``, IPv6 only. The
 client then runs ``curl`` through the lab (a GET, and a POST larger than the path
-MTU) to the VIP of the mode, from ports it picks in 40000-59999. The captures are
-stopped and merged into one pcap per link, ``<out>/<link>.pcap`` (Ethernet,
-nanosecond timestamps), and ``<out>/trace.json`` records what was done: the VIP,
+MTU) to the VIP of the mode (``npt``: to an inside host's mapped address, and that
+host's own connection out, :mod:`v6lb.lab.npt_trace`), from ports it picks in
+40000-59999. The captures are stopped and merged into one pcap per link,
+``<out>/<link>.pcap`` (Ethernet, nanosecond timestamps), and ``<out>/trace.json`` records what was done: the VIP,
 the client's address and ports, the answers of the HTTP servers, the lab's MACs
 and each link's addresses. :func:`trace_hops` turns a trace directory back into
 :class:`~v6lb.model.hops.Hop` records (:mod:`v6lb.model.capture`), and
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from v6lb.lab.npt_trace import Listener, npt_facts, npt_target, outbound_request
 from v6lb.lab.plan import LAB_ROOT, LabError, LabPlan
+from v6lb.lab.proxy_trace import PROXY_MODES, annotate, attach_backend_logs, proxy_facts
 from v6lb.model.capture import hops_from_pcaps
 from v6lb.model.config import NatOptions
 from v6lb.model.explain import Explanation, explain
@@ -44,7 +47,7 @@ __all__ = [
     "trace_hops",
 ]
 
-MODES: Final = ("nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6")
+MODES: Final = ("nat", "npt", "dsr-l2", "dsr-ip6ip6", "dsr-srv6", *PROXY_MODES)
 TRACE_FILE: Final = "trace.json"
 POST_BYTES: Final = 100_000
 _LB_STATE: Final = {
@@ -134,10 +137,15 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def _curl(ns: str, url: str, body: bytes | None) -> tuple[int, dict[str, Any] | None, str]:
-    """One request from a port in 40000-59999 (so the simulator can use the same port)."""
-    for _ in range(8):
-        port = random.randint(40000, 59999)
+def _curl(
+    ns: str, url: str, body: bytes | None, fixed: int = 0
+) -> tuple[int, dict[str, Any] | None, str]:
+    """One request from a port in 40000-59999 (so the simulator can use the same port).
+
+    ``fixed``: from that port only (to repeat a trace's flows exactly).
+    """
+    for _ in range(1 if fixed else 8):
+        port = fixed or random.randint(40000, 59999)
         argv = ["ip", "netns", "exec", ns, "curl", "-6", "-s", "-S", "-m", "10"]
         argv += ["--local-port", str(port)]
         if body is not None:
@@ -159,17 +167,31 @@ def _curl(ns: str, url: str, body: bytes | None) -> tuple[int, dict[str, Any] | 
 
 
 def run_trace(
-    name: str, mode: str, out: Path | None = None, *, prefix: str = "", root: Path = LAB_ROOT
+    name: str,
+    mode: str,
+    out: Path | None = None,
+    *,
+    prefix: str = "",
+    root: Path = LAB_ROOT,
+    ports: tuple[int, ...] = (),
 ) -> Trace:
-    """Capture every link while the client sends a GET and a large POST to ``mode``'s VIP."""
+    """Capture every link while the client sends a GET and a large POST to ``mode``'s VIP.
+
+    ``ports``: the client ports of the GET and the POST (default: random ones).
+    """
     if mode not in MODES:
         raise LabError(
-            f"lab trace runs the kernel modes ({', '.join(MODES)}), not {mode!r}",
+            f"lab trace runs the modes {', '.join(MODES)}, not {mode!r}",
             "pick one of those with --mode",
         )
     plan = _plan(name, root)
+    npt = npt_target(plan) if mode == "npt" else None  # no VIP: the server's mapped address
     vip = next((v for v in plan.config.vips if str(v.mode) == mode), None)
-    if vip is None:
+    if npt is not None:
+        dest, dport, dname = npt.outside, 80, f"npt {npt.pair[0]} <-> {npt.pair[1]}"
+    elif vip is not None:
+        dest, dport, dname = vip.address, vip.ports[0], vip.name
+    else:
         raise LabError(f"the lab's file has no VIP in mode {mode}", "add one, or pick another mode")
     client = _client(plan)
     caddr = str(plan.topo.addresses(client)[0])
@@ -181,6 +203,8 @@ def run_trace(
     raw = Path(tempfile.mkdtemp(prefix="v6lb-trace-"))
     procs: list[subprocess.Popen[bytes]] = []
     started: list[tuple[str, Path, Path]] = []  # link, pcap, stderr
+    listener = Listener(plan, client, caddr, plan.labdir) if npt is not None else None
+    outbound: dict[str, Any] | None = None
     try:
         for i in plan.ifaces:
             proc, err = _start_capture(plan.switch_ns, i.port, raw / f"{i.port}.pcap")
@@ -192,19 +216,31 @@ def run_trace(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise LabError(f"tcpdump did not start: {err.read_text().strip()}")
                 time.sleep(0.05)
-        url = f"http://[{vip.address}]:{vip.ports[0]}/"
+        url = f"http://[{dest}]:{dport}/"
         ns = plan.namespaces[client]
         requests = []
-        for method, body in (("GET", None), ("POST", bytes(range(256)) * (POST_BYTES // 256))):
-            port, answer, text = _curl(ns, url, body)
+        for k, (method, body) in enumerate(
+            (("GET", None), ("POST", bytes(range(256)) * (POST_BYTES // 256)))
+        ):
+            port, answer, text = _curl(ns, url, body, ports[k] if k < len(ports) else 0)
             requests.append(
                 {"method": method, "client_port": port, "bytes": len(body or b""), "answer": answer}
             )
             if answer is None:
                 raise LabError(f"{method} {url}: the answer is not JSON: {text!r}")
+        if npt is not None:  # and the inside host's own connection out, to the client
+            outbound = outbound_request(plan, npt, caddr)
         time.sleep(0.3)  # the last ACKs and FINs
     finally:
         _stop(procs)
+        if listener is not None:
+            listener.close()
+    initiators: list[list[Any]] = []
+    if mode in PROXY_MODES:  # the LB's own connection to the pod: found from nginx's log
+        pods = [n.name for n in plan.topo.nodes if n.name not in plan.lb_configs]
+        initiators = attach_backend_logs(plan.labdir, pods, requests)
+    if outbound is not None:
+        initiators = [[outbound["source"], outbound["source_port"]]]
     links: dict[str, str] = {}
     try:
         for lk in plan.topo.links:
@@ -219,15 +255,15 @@ def run_trace(
     finally:
         shutil.rmtree(raw, ignore_errors=True)
     snat = None
-    if isinstance(vip.options, NatOptions) and vip.options.snat is not None:
+    if vip is not None and isinstance(vip.options, NatOptions) and vip.options.snat is not None:
         snat = [str(vip.options.snat), *vip.options.snat_ports]
     meta = {
         "lab": name,
         "file": str(plan.file),
         "mode": mode,
-        "vip": str(vip.address),
-        "vip_name": vip.name,
-        "vip_port": vip.ports[0],
+        "vip": str(dest),
+        "vip_name": dname,
+        "vip_port": dport,
         "client_node": client,
         "client": caddr,
         "client_ports": [r["client_port"] for r in requests],
@@ -240,6 +276,17 @@ def run_trace(
         },
         "nodes": _lanes(plan),
         "snat": snat,
+        "npt": None
+        if npt is None
+        else {
+            "inside": str(npt.inside),
+            "outside": str(npt.outside),
+            "pair": list(npt.pair),
+            "records": npt.records,
+        },
+        "outbound": outbound,
+        "initiators": initiators,
+        "proxy_engine": _state(name, root).get("proxy") if mode in PROXY_MODES else None,
         "time": time.time(),
     }
     (out / f"{prefix}{TRACE_FILE}").write_text(json.dumps(meta, indent=2) + "\n")
@@ -276,6 +323,7 @@ def trace_hops(trace: Trace) -> list[Hop]:
         endpoints=m["endpoints"],
         client=m["client"],
         client_ports=m["client_ports"],
+        initiators=[(str(a), int(p)) for a, p in m.get("initiators") or []],
     )
 
 
@@ -311,4 +359,9 @@ def explain_trace(trace: Trace, hops: list[Hop] | None = None) -> Explanation:
         "responses": [r["answer"] for r in m["requests"]],
         "source": "lab capture",
     }
+    if mode == "npt":
+        facts = npt_facts(m, hops, reply_via_lb)
+    if mode in PROXY_MODES:
+        facts = proxy_facts(m, hops, reply_via_lb)
+        annotate(hops, m, nodes)
     return explain(mode, hops, facts, nodes)

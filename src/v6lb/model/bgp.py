@@ -40,6 +40,7 @@ from v6lb.model.schema import (
     Where,
     as_int,
     as_ipv6_address,
+    as_ipv6_prefix,
     as_list,
     as_number,
     as_str,
@@ -52,6 +53,7 @@ __all__ = [
     "BgpSettings",
     "ConfigError",
     "Neighbour",
+    "check_announcements",
     "parse_bgp",
     "parse_bgp_section",
     "router_id_for",
@@ -120,7 +122,35 @@ def parse_bgp(config: Config) -> BgpSettings | None:
     """
     if config.bgp is None:
         return None
-    return parse_bgp_section(config.bgp, Where(config.source).key("bgp"))
+    where = Where(config.source).key("bgp")
+    check_announcements(config, where)
+    return parse_bgp_section(config.bgp, where)
+
+
+def check_announcements(config: Config, where: Where) -> None:
+    """Reject an announcement whose prefix holds no VIP address of the file.
+
+    Routers would send that prefix's traffic to the LB sites, which serve
+    nothing in it (the LB drops it, or routes it back: a loop). The LB speaker
+    itself announces only its VIP addresses as /128s (engines/kernel/announce.py).
+    """
+    items = config.bgp.get("announcements") if config.bgp is not None else None
+    if not isinstance(items, list):
+        return
+    vips = [(v.name, v.address) for v in config.vips]
+    aw = where.key("announcements")
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or "prefix" not in item:
+            continue  # the topology model reports the shape
+        pw = aw.index(i).key("prefix")
+        prefix = as_ipv6_prefix(item["prefix"], pw)
+        if not any(addr in prefix for _, addr in vips):
+            listed = ", ".join(f"{n} {a}" for n, a in vips) or "none: the file has no vips"
+            raise pw.error(
+                f"{prefix} holds no VIP address, so the LB sites would attract traffic they "
+                "do not serve",
+                f"announce a prefix that holds a VIP address (VIPs: {listed})",
+            )
 
 
 def parse_bgp_section(data: Mapping[str, object] | object, where: Where) -> BgpSettings | None:

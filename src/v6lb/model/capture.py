@@ -145,15 +145,20 @@ def hops_from_frames(
     endpoints: Mapping[str, Mapping[str, str]],
     client: str | None = None,
     client_ports: Iterable[int] = (),
+    initiators: Iterable[tuple[str, int]] = (),
 ) -> list[Hop]:
     """Hops, in time order, with matched ``packet_id``\\ s.
 
     ``macs`` maps a MAC to its node; ``endpoints`` maps a link to {address: node}
     (the fallback when a MAC is unknown). With ``client``, only packet groups in
     which some hop carries the client's address with one of ``client_ports`` are
-    kept (health checks and other traffic are left out).
+    kept (health checks and other traffic are left out). ``initiators`` are more
+    (address, port) ends of traced connections, such as a proxy's own connection to
+    the backend: their packets are kept too, and their data is a ``request``.
     """
-    ports = set(client_ports)
+    extra = {(str(a), int(p)) for a, p in initiators}
+    cports = set(client_ports)
+    ports = cports | {p for _, p in extra}
     ordered = sorted(frames, key=lambda f: f.ts_ns)
     t0 = ordered[0].ts_ns if ordered else 0
     hops: list[Hop] = []
@@ -193,7 +198,11 @@ def hops_from_frames(
                 open_groups.setdefault(key, []).append(h)
         hops.append(h)
     if client is not None:
-        keep = {h.packet_id for h in hops if _involves(h.pkt, client, ports)}
+        keep = {
+            h.packet_id
+            for h in hops
+            if _involves(h.pkt, client, cports) or any(_involves(h.pkt, a, {p}) for a, p in extra)
+        }
         hops = [h for h in hops if h.packet_id in keep]
     renum: dict[int, int] = {}
     for n, h in enumerate(hops, 1):
@@ -209,6 +218,7 @@ def hops_from_pcaps(
     endpoints: Mapping[str, Mapping[str, str]],
     client: str | None = None,
     client_ports: Iterable[int] = (),
+    initiators: Iterable[tuple[str, int]] = (),
 ) -> list[Hop]:
     """:func:`hops_from_frames` over one capture per link (``{link: pcap bytes}``)."""
     frames: list[Frame] = []
@@ -218,7 +228,12 @@ def hops_from_pcaps(
         except PcapError as exc:
             raise PcapError(f"link {link}: {exc}") from None
     return hops_from_frames(
-        frames, macs=macs, endpoints=endpoints, client=client, client_ports=client_ports
+        frames,
+        macs=macs,
+        endpoints=endpoints,
+        client=client,
+        client_ports=client_ports,
+        initiators=initiators,
     )
 
 

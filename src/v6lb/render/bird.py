@@ -118,8 +118,27 @@ def render_speaker(name: str, settings: BgpSettings, routes: Sequence[SpeakerRou
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def render_router(name: str, settings: BgpSettings, *, ecmp_limit: int = 16) -> str:
-    """bird.conf for the router ``name``: learn from every neighbour, install ECMP routes."""
+def render_router(
+    name: str,
+    settings: BgpSettings,
+    *,
+    ecmp_limit: int = 16,
+    uplinks: Sequence[str] = (),
+    uplink_med: int | None = None,
+) -> str:
+    """bird.conf for the router ``name``: learn from every neighbour, install ECMP routes.
+
+    ``uplinks`` names the neighbours of a *site router* that face the upstream: the
+    router passes its BGP routes (the site's LB announcements) on to them, with
+    ``bgp_med = uplink_med`` (the site's cost, lower wins upstream), and learns
+    nothing from them. MED is never passed on from one AS to another (RFC 4271
+    §5.1.4), so the site router sets it explicitly. Without ``uplinks`` the
+    router exports nothing over BGP.
+    """
+    known = {n.name for n in settings.neighbours}
+    for u in uplinks:
+        if u not in known:
+            raise ValueError(f"uplink {u!r} is not a neighbour of {name}")
     out = _header("router", name, settings)
     out += [
         "protocol kernel {",
@@ -131,7 +150,15 @@ def render_router(name: str, settings: BgpSettings, *, ecmp_limit: int = 16) -> 
         "}",
         "",
     ]
+    if uplinks:
+        out += ["filter v6lb_uplink {", "  if source != RTS_BGP then reject;"]
+        if uplink_med is not None:
+            out.append(f"  bgp_med = {uplink_med};")
+        out += ["  accept;", "}", ""]
     for n in settings.neighbours:
+        if n.name in uplinks:
+            out += _session(settings, n, ["import none;", "export filter v6lb_uplink;"])
+            continue
         if n.local_pref is not None:
             imp = f"import filter {{ bgp_local_pref = {n.local_pref}; accept; }};"
         else:

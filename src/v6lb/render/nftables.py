@@ -14,10 +14,17 @@ table comment and every rule's comment ``v6lb:<instance> ...``.
 
 ``table ip6 v6lb_<instance>``
   * ``mangle_pre`` (filter, prerouting, priority mangle): for every address
-    served by a ``nat``/``dsr-*`` VIP, TCP/UDP to a (protocol, port) that no VIP
+    served by a ``dsr-*`` VIP, TCP/UDP to a (protocol, port) that no VIP
     at that address serves is counted (named counter ``<vip>_unserved``) and
-    dropped; ICMPv6 passes. Then the tunnel-DSR marks (below).
-  * ``nat_pre`` (nat, prerouting, dstnat): per ``nat`` VIP::
+    dropped; ICMPv6 passes. Then the tunnel-DSR marks (below). Only DSR
+    addresses are guarded here: this chain sees every packet.
+  * ``nat_pre`` (nat, prerouting, dstnat): first the same guard for the
+    addresses served by ``nat`` VIPs only. A nat chain sees the first packet of
+    each conntrack entry only, and a dropped packet never confirms its entry,
+    so every packet to an unserved port is still counted and dropped, without
+    a per-packet rule for the established flows (measured: docs/benchmarks.md).
+    Packets conntrack finds ``invalid`` skip nat chains, for served and
+    unserved ports alike. Then, per ``nat`` VIP::
 
         ip6 daddr VIP tcp dport { 80, 443 } counter name "v0_web"
             meta mark set jhash ip6 saddr . ip6 daddr . tcp sport . tcp dport mod 65537 seed 0x5eed
@@ -261,9 +268,21 @@ def unserved_counters(config: Config) -> dict[IPv6Address, str]:
     return out
 
 
-def _guard_rules(config: Config) -> list[str]:
+def _nat_only(config: Config, address: IPv6Address) -> bool:
+    """Whether every kernel-mode VIP at ``address`` is a ``nat`` VIP."""
+    return all(
+        v.mode is VipMode.NAT
+        for v in config.vips
+        if v.address == address and v.mode in KERNEL_MODES
+    )
+
+
+def _guard_rules(config: Config, *, nat: bool) -> list[str]:
+    """The unserved-port guards of the addresses served by ``nat`` VIPs only (``nat``), or the rest."""
     rules = []
     for address, counter in unserved_counters(config).items():
+        if _nat_only(config, address) is not nat:
+            continue
         served = sorted(
             {(str(v.protocol), p) for v in config.vips if v.address == address for p in v.ports}
         )
@@ -309,8 +328,8 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
         objects += _counter_block(
             counter, f"{tag}: dropped, to {address} on a port it does not serve"
         )
-    mangle = _guard_rules(config)
-    nat_pre: list[str] = []
+    mangle = _guard_rules(config, nat=False)
+    nat_pre = _guard_rules(config, nat=True)
     nat_post: list[str] = []
     marks: dict[str, dict[int, int]] = {}
     for t in tunnel_targets(config):

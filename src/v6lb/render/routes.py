@@ -184,16 +184,45 @@ def render_lb_routes(config: Config, *, dev: str | None = None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ReturnRoute:
-    """A route the backend's replies take (``default`` or a prefix), copied with an advmss."""
+    """A route of the backend's main table that replies may take, copied with an advmss.
+
+    ``source`` is the route's ``from`` selector (a source-specific route), and
+    ``nexthops`` (``(via, dev, weight)``) replace ``via``/``dev`` for a multipath
+    route. Kept as they are, so the copy picks, for packets from a VIP, the same
+    next hop the main table picks.
+    """
 
     prefix: IPv6Network | None  # None: default
     via: IPv6Address | None
     dev: str
+    source: IPv6Network | None = None
+    metric: int | None = None
+    nexthops: tuple[tuple[IPv6Address | None, str, int], ...] = ()
 
-    def text(self) -> str:
+    def applies_to(self, address: IPv6Address) -> bool:
+        """Whether packets from ``address`` may use this route (its ``from`` holds it)."""
+        return self.source is None or address in self.source
+
+    def selector(self) -> str:
         dst = "default" if self.prefix is None else str(self.prefix)
+        src = f" from {self.source}" if self.source is not None else ""
+        metric = f" metric {self.metric}" if self.metric is not None else ""
+        return f"{dst}{src}{metric}"
+
+    def text(self, options: str = "") -> str:
+        """``ip -6 route`` arguments; ``options`` go before any ``nexthop`` (ip(8) wants that)."""
+        opts = f" {options}" if options else ""
+        if self.nexthops:
+            hops = " ".join(
+                "nexthop"
+                + (f" via {via}" if via is not None else "")
+                + f" dev {dev}"
+                + (f" weight {weight}" if weight != 1 else "")
+                for via, dev, weight in self.nexthops
+            )
+            return f"{self.selector()}{opts} {hops}"
         via = f" via {self.via}" if self.via is not None else ""
-        return f"{dst}{via} dev {self.dev}"
+        return f"{self.selector()}{via} dev {self.dev}{opts}"
 
 
 def advmss(vip: Vip) -> int:
@@ -245,10 +274,14 @@ def render_backend_routes(
     ``decap_dev`` is the interface the tunnelled packets arrive on. Measured on
     Linux 6.18: an ``End.DT6`` route on ``dev lo`` drops every packet silently.
 
-    ``return_routes`` are the backend's routes toward clients (usually its
-    default route); each is installed again in the instance's table with the
-    smallest advmss of the tunnel VIPs, and a rule sends packets from those
-    VIPs through that table (anything it lacks falls through to ``main``).
+    ``return_routes`` are the backend's routes toward clients (its main table, as the
+    kernel engine reads it). Those that packets from a
+    tunnel VIP may use (no ``from``, or a ``from`` that holds the VIP) are
+    installed again in the instance's table, with their ``from`` selectors, and
+    the smallest advmss of the tunnel VIPs; a rule sends packets from those VIPs
+    through that table. So the replies take the next hop the main table gives
+    packets from the VIP (a source-specific route that sends DSR replies around
+    the LB is kept), only with the advmss the tunnel needs.
     """
     served = backend_vips(config, backend)
     names = ", ".join(map(str, host_addresses(backend)))
@@ -271,11 +304,13 @@ def render_backend_routes(
             f" dev {decap_dev} table {table} {proto}"
         )
         lines.append(f"rule add to {sid}/128 lookup {table} pref {BACKEND_RULE_PREF} {proto}")
-    if tunnel and return_routes:
+    vips = list(dict.fromkeys(vip.address for vip, _ in tunnel))
+    returns = [r for r in return_routes if any(r.applies_to(a) for a in vips)]
+    if tunnel and returns:
         mss = min(advmss(vip) for vip, _ in tunnel)
-        for route in return_routes:
-            lines.append(f"route replace {route.text()} advmss {mss} table {table} {proto}")
-        for address in dict.fromkeys(vip.address for vip, _ in tunnel):
+        for route in returns:
+            lines.append(f"route replace {route.text(f'advmss {mss} table {table} {proto}')}")
+        for address in vips:
             lines.append(
                 f"rule add from {address}/128 lookup {table} pref {BACKEND_RULE_PREF} {proto}"
             )

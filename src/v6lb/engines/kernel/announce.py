@@ -9,7 +9,15 @@ as a child of `v6lb run`, in the same network namespace. Then:
   backend (``birdc enable``) and withdraws it when none is left (``birdc disable``);
   the run loop calls it after every health change, so rise/fall damps flapping;
 * :meth:`Announcer.reconfigure` (SIGHUP) rewrites the config and runs ``birdc configure``;
-* :meth:`Announcer.stop` (SIGTERM/SIGINT) withdraws every prefix, then ``birdc down``.
+* :meth:`Announcer.stop` (SIGTERM/SIGINT) withdraws every prefix, then ``birdc down``;
+* :meth:`Announcer.check` is the LB's own check, run from the loop at most once a
+  second: every nft table the instance had installed when bird started must still be
+  in the kernel. When one is gone (someone ran ``nft flush ruleset``, or another tool
+  replaced the ruleset) the instance no longer forwards the VIPs, so every prefix is
+  withdrawn, whatever the backends' health, until the tables are back (a SIGHUP
+  reload re-applies them);
+* bird is started with ``PR_SET_PDEATHSIG`` (:func:`v6lb.engines.bird.start_bird`), so
+  a SIGKILLed `v6lb run` takes its bird with it and the routers withdraw at once.
 
 BIRD's files live in ``<control socket>.bird/`` (config, control socket, pid file, log),
 removed again at a clean stop. A bird left running by a crashed `v6lb run` of the same
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable, Mapping
@@ -30,13 +39,15 @@ from typing import Any
 
 from v6lb.core.backends import BackendPool
 from v6lb.engines.bird import Bird, BirdError, require_bird, start_bird
-from v6lb.engines.kernel.apply import KernelError
+from v6lb.engines.kernel.apply import KernelError, run_tool
 from v6lb.model.bgp import BgpSettings, parse_bgp
 from v6lb.model.config import Config, ConfigError
 from v6lb.render.bird import SpeakerRoute, render_speaker
-from v6lb.render.nftables import KERNEL_MODES
+from v6lb.render.nftables import KERNEL_MODES, table_name
 
-__all__ = ["AnnounceError", "Announcer", "vip_prefixes"]
+__all__ = ["SELF_CHECK_INTERVAL", "AnnounceError", "Announcer", "installed_tables", "vip_prefixes"]
+
+SELF_CHECK_INTERVAL = 1.0  # seconds between two runs of the LB's own check
 
 
 class AnnounceError(KernelError):
@@ -50,6 +61,24 @@ def vip_prefixes(config: Config) -> dict[IPv6Network, list[str]]:
         if vip.mode in KERNEL_MODES:
             out.setdefault(IPv6Network(f"{vip.address}/128"), []).append(vip.name)
     return out
+
+
+def installed_tables(instance: str) -> set[str] | None:
+    """The instance's nft tables that hold chains, in this namespace (``"ip6 v6lb_lb1"``).
+
+    None if nft fails. ``nft -t list chains`` costs a few ms; ``nft list tables``
+    costs about a second here with a 65537-element map loaded (it fills its whole
+    cache), which would stall the run loop and make health probes time out.
+    """
+    r = run_tool(["nft", "-t", "list", "chains"], netns=None)
+    if r.returncode != 0:
+        return None
+    name = table_name(instance)
+    return {
+        f"{m.group(1)} {name}"
+        for m in re.finditer(r"^table (\S+) (\S+) \{", r.stdout, re.MULTILINE)
+        if m.group(2) == name
+    }
 
 
 class Announcer:
@@ -72,6 +101,11 @@ class Announcer:
         self.bird: Bird | None = None
         self.last_error: str | None = None
         self.changes = 0
+        self.expected_tables: set[str] = set()
+        self.self_problem: str | None = None  # why the LB's own check fails; None: it passes
+        self._next_check = 0.0
+        self._bird_gone_logged = False
+        self.sessions: dict[str, tuple[str, str]] = {}  # BGP session -> (state, info)
 
     @classmethod
     def create(cls, config: Config, instance: str, log: Callable[[str], None]) -> Announcer | None:
@@ -112,6 +146,7 @@ class Announcer:
 
     def start(self, pools: Mapping[str, BackendPool]) -> None:
         """Start bird; the VIPs with an eligible backend are announced from the start."""
+        self.expected_tables = installed_tables(self.instance) or set()
         up = self._wanted(pools)
         self._kill_stale()
         try:
@@ -129,18 +164,76 @@ class Announcer:
         return ", ".join(str(p) for p, a in self.announced.items() if a is state) or "none"
 
     def _wanted(self, pools: Mapping[str, BackendPool]) -> dict[IPv6Network, bool]:
+        healthy = self.self_problem is None
         return {
-            p: any(n in pools and pools[n].any_eligible for n in names)
+            p: healthy and any(n in pools and pools[n].any_eligible for n in names)
             for p, names in self.prefixes.items()
         }
 
-    def sync(self, pools: Mapping[str, BackendPool]) -> None:
-        """Announce or withdraw each VIP address to match its backends' health."""
+    def _watch_sessions(self, bird: Bird) -> None:
+        """Log every change of a BGP session's state (a peer that sends garbage, or drops).
+
+        Nothing else follows from it: the data plane keeps forwarding with what it has,
+        and bird reconnects by itself (connect retry 2 s, error wait 1-4 s).
+        """
+        try:
+            now = {p.name: (p.state, p.info) for p in bird.protocols().values() if p.proto == "BGP"}
+        except BirdError as exc:
+            now = {"birdc": ("error", str(exc))}
+        for name, (state, info) in now.items():
+            old = self.sessions.get(name)
+            if old is not None and old != (state, info):
+                self.log(f"bgp: session {name}: {old[0]} {old[1]} -> {state} {info}".rstrip())
+        self.sessions = now
+
+    def _own_problem(self) -> str | None:
+        present = installed_tables(self.instance)
+        if present is None:
+            return None  # nft itself failed: not evidence that the data plane is gone
+        missing = sorted(self.expected_tables - present)
+        if missing:
+            return f"nft table {', '.join(missing)} is gone: this instance no longer forwards"
+        return None
+
+    def check(self, now: float, pools: Mapping[str, BackendPool]) -> None:
+        """The LB's own check (at most once per SELF_CHECK_INTERVAL); withdraw everything on failure."""
+        bird = self.bird
+        if bird is None or now < self._next_check:
+            return
+        self._next_check = now + SELF_CHECK_INTERVAL
+        if not bird.alive():
+            if not self._bird_gone_logged:
+                self._bird_gone_logged = True
+                self.last_error = (
+                    f"bgp: bird {bird.pid} exited (its sessions closed, so the routers have "
+                    f"withdrawn this instance); log: {bird.tail_log(3)}"
+                )
+                self.log(self.last_error)
+            return
+        self._watch_sessions(bird)
+        problem = self._own_problem()
+        if problem == self.self_problem:
+            return
+        self.self_problem = problem
+        if problem is not None:
+            self.last_error = f"bgp: self-check failed: {problem}; withdrawing every VIP"
+            self.log(self.last_error)
+        else:
+            self.log("bgp: self-check passes again; announcing the VIPs with a healthy backend")
+        self.sync(pools)
+
+    def sync(self, pools: Mapping[str, BackendPool], *, withdraw_only: bool = False) -> None:
+        """Announce or withdraw each VIP address to match its backends' health.
+
+        ``withdraw_only``: the run loop calls it so before it refills a map that has lost
+        its last backend (a 65537-slot map takes about a second to refill on a loaded
+        host), so the routers stop sending at once; announcing waits for the refill.
+        """
         bird = self.bird
         if bird is None:
             return
         for prefix, want in self._wanted(pools).items():
-            if self.announced.get(prefix) is want:
+            if self.announced.get(prefix) is want or (want and withdraw_only):
                 continue
             try:
                 (bird.announce if want else bird.withdraw)(prefix)
@@ -151,6 +244,8 @@ class Announcer:
             self.announced[prefix] = want
             self.changes += 1
             why = "a backend is up" if want else "no backend is up"
+            if not want and self.self_problem is not None:
+                why = "the self-check fails"
             self.log(f"bgp: {'announced' if want else 'withdrew'} {prefix} ({why})")
 
     def reconfigure(self, config: Config, pools: Mapping[str, BackendPool]) -> None:
@@ -165,6 +260,8 @@ class Announcer:
             self.log("bgp: the bgp: section is gone; it takes effect at the next start")
             return
         self.settings, self.prefixes = settings, vip_prefixes(config)
+        self.expected_tables = installed_tables(self.instance) or self.expected_tables
+        self.self_problem = None  # the reload has just applied the data plane again
         up = self._wanted(pools)
         try:
             self.bird.config.write_text(self._render(up))
@@ -215,5 +312,10 @@ class Announcer:
             "announced": [str(p) for p, a in self.announced.items() if a],
             "withdrawn": [str(p) for p, a in self.announced.items() if not a],
             "changes": self.changes,
+            "self_check": {
+                "ok": self.self_problem is None,
+                "problem": self.self_problem,
+                "tables": sorted(self.expected_tables),
+            },
             "last_error": self.last_error,
         }

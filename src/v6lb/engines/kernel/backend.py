@@ -6,8 +6,10 @@ Installs, tagged with the LB's instance:
   LB's addresses only (:func:`v6lb.render.nftables.render_backend_nft`);
 * routes/rules (``proto 0x76``) and ``lo`` addresses (metric = instance tag):
   each VIP the host serves on ``lo`` as a /128, an ``End.DT6`` route per
-  decapsulation address on ``--dev``, and the host's default route(s) copied
-  with the ``advmss`` the MTU trap needs, used for packets from the VIPs
+  decapsulation address on ``--dev``, and the main table's routes that packets
+  from the VIPs may take (``from`` selectors kept, so a source-specific route
+  that sends DSR replies around the LB still wins) copied with the ``advmss``
+  the MTU trap needs, used for packets from the VIPs
   (:func:`v6lb.render.routes.render_backend_routes`).
 
 The nft table goes first, then the routes; if the routes fail the table is
@@ -26,7 +28,7 @@ from v6lb.engines.kernel.apply import (
     require_root,
     require_tools,
 )
-from v6lb.engines.kernel.host import HostError, default_return_routes, host_links
+from v6lb.engines.kernel.host import HostError, host_links, main_routes
 from v6lb.model.config import Config, VipMode
 from v6lb.render.nftables import RenderError, render_backend_nft, render_remove
 from v6lb.render.routes import backend_vips, render_backend_routes
@@ -48,9 +50,16 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
         )
     links = host_links()
     tunnel = any(vip.mode in _TUNNEL for vip, _ in served)
+    vips = [vip.address for vip, _ in served if vip.mode in _TUNNEL]
+    returns = main_routes() if tunnel else []
     if dev is None and tunnel:
-        routes = default_return_routes()
-        dev = routes[0].dev if routes else links.addresses.get(address)
+        # the interface of the default route packets from the VIPs take (a `from` one first)
+        defaults = sorted(
+            (r for r in returns if r.prefix is None and any(r.applies_to(a) for a in vips)),
+            key=lambda r: -(r.source.prefixlen if r.source is not None else -1),
+        )
+        devs = [r.nexthops[0][1] if r.nexthops else r.dev for r in defaults]
+        dev = devs[0] if devs else links.addresses.get(address)
         if dev is None:
             raise HostError(
                 "cannot tell which interface the tunnelled packets arrive on",
@@ -60,7 +69,6 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
         raise HostError(
             f"this host has no interface {dev!r}", "give an existing interface with --dev"
         )
-    returns = default_return_routes() if tunnel else []
     try:
         nft = render_backend_nft(config, address)
         batch = render_backend_routes(config, address, decap_dev=dev or "lo", return_routes=returns)
@@ -76,10 +84,15 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
     done = [f"VIP {vip.address}/128 on lo ({vip.name}, {vip.mode})" for vip, _ in served]
     if tunnel:
         done.append(f"End.DT6 decapsulation on {dev}, accepting the LB's addresses only")
-        if returns:
-            done.append("advmss on " + ", ".join(r.text() for r in returns))
+        used = [r for r in returns if any(r.applies_to(a) for a in vips)]
+        if used:
+            shown = ", ".join(r.text() for r in used if r.prefix is None) or "none"
+            done.append(
+                f"advmss on the main table's {len(used)} route(s) that packets from the VIPs"
+                f" may take (default: {shown})"
+            )
         else:
-            done.append("no default route found: no advmss return route (large POSTs may hang)")
+            done.append("no route found: no advmss return route (large POSTs may hang)")
     return done
 
 

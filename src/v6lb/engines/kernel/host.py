@@ -26,9 +26,9 @@ __all__ = [
     "HostError",
     "Links",
     "check_lb_host",
-    "default_return_routes",
     "enter_netns",
     "host_links",
+    "main_routes",
 ]
 
 _CLONE_NEWNET = 0x40000000
@@ -114,16 +114,48 @@ def check_lb_host(config: Config, links: Links | None = None) -> Links:
     return links
 
 
-def default_return_routes(dev: str | None = None) -> list[ReturnRoute]:
-    """The host's IPv6 default routes (optionally on ``dev``), as advmss return routes."""
+def _net(text: object) -> IPv6Network | None:
+    """``default`` -> None; ``a::1`` (iproute2 leaves /128 out) -> a /128 network."""
+    t = str(text)
+    return None if t == "default" else IPv6Network(t if "/" in t else f"{t}/128")
+
+
+def main_routes() -> list[ReturnRoute]:
+    """The main table's unicast routes toward other hosts, as advmss return routes.
+
+    Kept with their ``from`` selector, metric and nexthops (multipath). Left out:
+    routes on ``lo`` (the VIPs' own), link-local and multicast destinations,
+    non-unicast types (unreachable, blackhole, ...) and routes with an ``encap``.
+    """
     out: list[ReturnRoute] = []
-    for route in _ip_json("-6", "route", "show", "default"):
-        route_dev = str(route.get("dev", ""))
-        if dev is not None and route_dev != dev:
+    for route in _ip_json("-6", "route", "show", "table", "main"):
+        if route.get("type", "unicast") != "unicast" or route.get("encap"):
+            continue
+        prefix = _net(route.get("dst", "default"))
+        if prefix is not None and (prefix.is_link_local or prefix.is_multicast):
+            continue
+        source = _net(route["from"]) if route.get("from") else None
+        metric = route.get("metric")
+        hops: list[tuple[IPv6Address | None, str, int]] = []
+        nexthops = route.get("nexthops")
+        for nh in nexthops if isinstance(nexthops, list) else []:
+            gw = nh.get("gateway")
+            hops.append(
+                (IPv6Address(str(gw)) if gw else None, str(nh.get("dev")), int(nh.get("weight", 1)))
+            )
+        dev = str(route.get("dev", ""))
+        if not hops and dev in ("", "lo"):
             continue
         gateway = route.get("gateway")
         out.append(
-            ReturnRoute(None, IPv6Address(str(gateway)) if gateway else None, route_dev or "lo")
+            ReturnRoute(
+                prefix,
+                IPv6Address(str(gateway)) if gateway else None,
+                dev,
+                source=source,
+                metric=int(str(metric)) if metric is not None else None,
+                nexthops=tuple(hops),
+            )
         )
     return out
 

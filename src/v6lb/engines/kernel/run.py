@@ -25,6 +25,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -274,6 +275,7 @@ class Runner:
         self._signals: list[int] = []
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
+        self._control_done = threading.Event()  # an answering thread finished: listen again
         # bgp: the BIRD speaker that announces the healthy VIPs (docs/anycast.md)
         self.announcer = Announcer.create(prepared.config, self.instance, self.log)
 
@@ -356,6 +358,8 @@ class Runner:
         changed = drive_health(st.health, st.targets, self.prober, now)
         if changed:
             self._sync(changed)
+        if self.announcer is not None:
+            self.announcer.check(now, st.pools)  # the LB's own check (docs/anycast.md)
         timeout = max(0.0, health_deadline(st.health, now) - time.monotonic())
         changed = set()
         for sk, _ in self.sel.select(timeout):
@@ -376,8 +380,11 @@ class Runner:
                         pass
                 except BlockingIOError:
                     pass
+                if self._control_done.is_set() and self.control is not None:
+                    self._control_done.clear()
+                    self.control.register(self.sel)
             elif isinstance(data, ControlServer):
-                data.handle()
+                self._answer(data)
         if changed:
             self._sync(changed)
         while self._signals:
@@ -387,6 +394,28 @@ class Runner:
             else:
                 self.log(f"{signal.Signals(signum).name}: removing what this instance installed")
                 self._stop = True
+
+    def _answer(self, server: ControlServer) -> None:
+        """Answer one control client on a thread, so the health probes go on meanwhile.
+
+        A status reads the kernel's objects back (``nft list``: 1-3 s here with four
+        65537-entry maps loaded); answered in the loop, it held the probes up that
+        long, and a client polling status delayed failure detection by seconds.
+        The listening socket leaves the selector until the thread is done.
+        """
+        self.sel.unregister(server.sock)
+
+        def work() -> None:
+            try:
+                server.handle()
+            finally:
+                self._control_done.set()
+                try:
+                    self._wake_w.send(b"c")
+                except OSError:
+                    pass
+
+        threading.Thread(target=work, name="v6lb-control", daemon=True).start()
 
     def _sync(self, vips: set[str]) -> None:
         """Bring the pools in line with health; refill each changed VIP's map in one transaction."""
@@ -398,6 +427,8 @@ class Runner:
                 continue
             vip = st.config.vip(name)
             states = ", ".join(f"{vip.backends[i].address} {hs.state(i)}" for i in moved)
+            if self.announcer is not None and not pool.any_eligible:
+                self.announcer.sync(st.pools, withdraw_only=True)  # before the slow refill
             try:
                 apply_nft(render_map_update(st.config, name, pool))
             except KernelError as exc:

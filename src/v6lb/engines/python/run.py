@@ -3,8 +3,10 @@
 :func:`run_python` makes the same checks as the kernel data plane before it
 installs anything, then :class:`PythonRunner` creates the TUN devices, the
 routing tables and the ``ip -6 rule``s of :func:`~v6lb.engines.python.steer.plan`
-and runs one selector loop: the TUN devices (drained in batches, one ``readv``
-per packet into a preallocated ``bytearray``), the TCP health probes
+and runs one selector loop: the TUN devices (drained in batches by a loop per
+forwarder kind, one ``readv`` per packet into one preallocated buffer, written
+back from preallocated memoryviews; npt and nat with TUN offloads, RPS on every TUN;
+``dsr-l2`` frames out by AF_PACKET), the TCP health probes
 (:class:`~v6lb.engines.probe.TcpProber` driving the core's
 :class:`~v6lb.core.health.HealthSet`, which takes dead backends out of the
 forwarders' own :class:`~v6lb.core.backends.BackendPool`), the control socket
@@ -23,10 +25,12 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
@@ -41,6 +45,8 @@ from v6lb.core.verdict import (
     FORWARD,
     FORWARD_L2,
     FORWARD_MANY,
+    PORT_INSIDE,
+    PORT_OUTSIDE,
     REPLY,
 )
 from v6lb.engines.control import ControlServer
@@ -57,9 +63,11 @@ from v6lb.engines.kernel.host import check_lb_host, enter_netns
 from v6lb.engines.kernel.run import RunError, _health_state, _State, load_for_run
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.engines.python.steer import Side, Steering, plan
-from v6lb.engines.python.tun import open_tun
+from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
 from v6lb.render.routes import ROUTE_PROTO
+from v6lb.wire.checksum import fill_l4_checksum
+from v6lb.wire.constants import NH_TCP, NH_UDP
 from v6lb.wire.reasons import Reason
 
 __all__ = ["BATCH", "TRACE_RATE", "PythonRunner", "build_forwarders", "run_python"]
@@ -68,13 +76,29 @@ BATCH: Final = 256
 """Packets read from one device before the loop looks at the others again."""
 TRACE_RATE: Final = 20.0
 _TOOLS: Final = ("nft", "ip", "ip6tables", "ip6tables-save", "ip6tables-restore")
-_MODES: Final = (VipMode.NAT, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_MODES: Final = (VipMode.NAT, VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_DSR: Final = (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_ETH_P_IPV6: Final = b"\x86\xdd"
 _EVENTS: Final = 50
-_SPARE: Final = 65536
+_BUF: Final = 65536
+_VIEWS: Final = 2048
+"""Packets up to this size are written from a preallocated memoryview of the read buffer."""
+_NPT_CACHE_MAX: Final = 65536
+# NPT fast path: version byte, payload length, next header, hop limit and the
+# first 8 bytes of the source (from inside) or destination (from outside).
+_NPT_SRC: Final = struct.Struct("!B3xHBBQ")
+_NPT_DST: Final = struct.Struct("!B3xHBB16xQ")
+_HL_SRC: Final = struct.Struct("!BQ")
+_Q: Final = struct.Struct("!Q")
+_CSUM_AT: Final = struct.Struct("=HH")  # virtio-net header: csum_start, csum_offset (host order)
 
 
-def build_forwarders(config: Config) -> dict[str, Any]:
-    """One forwarder per kind present: ``nat``, ``npt``, ``dsr`` (tunnel modes)."""
+def build_forwarders(config: Config, macs: Mapping[str, bytes] | None = None) -> dict[str, Any]:
+    """One forwarder per kind present: ``nat``, ``npt``, ``dsr`` (every DSR mode).
+
+    ``macs``: the ``dsr-l2`` backends' MACs learned from the neighbour table
+    (backend address as text -> 6 bytes), for backends without ``mac:``.
+    """
     lb = config.lb
     out: dict[str, Any] = {}
     if any(v.mode is VipMode.NAT for v in config.vips):
@@ -90,25 +114,129 @@ def build_forwarders(config: Config) -> dict[str, Any]:
             icmp_burst=float(lb.icmp_error_burst),
             decrement_hop_limit=False,
         )
-    if any(v.mode in (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6) for v in config.vips):
-        out["dsr"] = DsrForwarder.from_config(config)  # dsr-l2 is refused before this
+    if any(v.mode in _DSR for v in config.vips):
+        out["dsr"] = DsrForwarder.from_config(config, macs=dict(macs or {}))
     return out
 
 
 class _Port:
     """The loop's view of one TUN device (plain attributes: read in the hot loop)."""
 
-    __slots__ = ("side", "fd", "process", "outs", "pkt", "vecs", "rx", "errors")
+    __slots__ = ("side", "fd", "fwd", "outs", "rx", "errors", "cache", "hdr", "vecs", "wvecs")
 
-    def __init__(self, side: Side, fd: int, process: Callable[..., Any], spare: bytearray) -> None:
+    def __init__(self, side: Side, fd: int, fwd: Any, buf: bytearray, vnet: bool = False) -> None:
         self.side = side
         self.fd = fd
-        self.process = process
+        self.fwd = fwd
         self.outs: tuple[int, int] = (fd, fd)
-        self.pkt = bytearray(1500)
-        self.vecs = [self.pkt, spare]
         self.rx = 0
         self.errors = 0
+        self.cache: dict[int, int] = {}  # npt: first 8 address bytes -> translated
+        # With offloads (vnet) a virtio-net header comes before each packet: it is
+        # read into ``hdr`` and written back in front of the packet it came with.
+        self.hdr: bytearray | None = bytearray(VNET_HDR_LEN) if vnet else None
+        self.vecs: list[bytearray] = [self.hdr, buf] if self.hdr is not None else [buf]
+        self.wvecs: list[Any] = [self.hdr, b""]
+
+
+@dataclass(frozen=True, slots=True)
+class L2Facts:
+    """What ``dsr-l2`` needs from the host: the egress link, its MAC, backend MACs learned."""
+
+    egress: str
+    mac: bytes
+    macs: dict[str, bytes]
+
+
+class L2Egress:
+    """``dsr-l2`` frames out of the egress link: an AF_PACKET socket, one header per MAC.
+
+    The VIP's packets come from the TUN (the kernel routed them there); the
+    frame keeps the packet as it is (hop limit given back) and only gets the
+    backend's MAC as destination and the egress link's as source.
+    """
+
+    def __init__(self, facts: L2Facts) -> None:
+        self.facts = facts
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # sends only
+        try:
+            self.sock.bind((facts.egress, 0))
+        except OSError as exc:
+            self.sock.close()
+            raise RunError(
+                f"cannot open an AF_PACKET socket on {facts.egress}: {exc.strerror}",
+                "check lb.interfaces (the dsr-l2 egress link is the second, or the only one)",
+            ) from None
+        self._hdrs: dict[bytes, bytes] = {}
+
+    def send(self, l2: bytes, pkt: bytearray) -> bool:
+        """Send ``pkt`` to MAC ``l2``; False when ``l2`` is an unresolved backend address."""
+        hdr = self._hdrs.get(l2)
+        if hdr is None:
+            if len(l2) != 6:
+                return False
+            hdr = self._hdrs[l2] = l2 + self.facts.mac + _ETH_P_IPV6
+        self.sock.sendmsg([hdr, pkt])
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def l2_facts(config: Config, wait: float = 2.0) -> L2Facts | None:
+    """The ``dsr-l2`` egress facts (None without a dsr-l2 VIP); a RunError names what is missing.
+
+    The egress link is ``lb.interfaces[1]`` (or the only one), as for the
+    kernel data plane. A backend without ``mac:`` is looked up in the
+    neighbour table; if it is not there, one datagram to its discard port
+    makes the kernel resolve it, and the table is read again for up to ``wait`` s.
+    """
+    vips = [v for v in config.vips if v.mode is VipMode.DSR_L2]
+    if not vips:
+        return None
+    ifs = config.lb.interfaces
+    if not ifs:
+        raise RunError(
+            f"{config.source}: dsr-l2 needs the LB's interfaces",
+            "list them in lb.interfaces: [INGRESS, EGRESS] (one name if it is one-armed)",
+        )
+    egress = ifs[1] if len(ifs) > 1 else ifs[0]
+    links = nft_json(run_tool(["ip", "-j", "link", "show", "dev", egress], netns=None))
+    if not links or not links[0].get("address"):
+        raise RunError(
+            f"{config.source}: lb.interfaces: {egress} has no link-layer address here",
+            "name the dsr-l2 egress link (an Ethernet device) in lb.interfaces",
+        )
+    mac = bytes.fromhex(str(links[0]["address"]).replace(":", ""))
+    wanted = {str(b.address) for v in vips for b in v.backends if b.mac is None}
+    macs: dict[str, bytes] = {}
+    deadline = time.monotonic() + wait
+    poked = False
+    while True:
+        for entry in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=None)):
+            dst, lladdr = str(entry.get("dst", "")), str(entry.get("lladdr") or "")
+            state = entry.get("state")
+            failed = isinstance(state, list) and "FAILED" in state
+            if lladdr and dst in wanted and not failed:
+                macs[dst] = bytes.fromhex(lladdr.replace(":", ""))
+        missing = sorted(wanted - set(macs))
+        if not missing:
+            return L2Facts(egress, mac, macs)
+        if time.monotonic() >= deadline:
+            raise RunError(
+                f"{config.source}: dsr-l2: no MAC for backend {', '.join(missing)}"
+                f" (not in the neighbour table of {egress})",
+                "give `mac:` for the backend in the file, or make it reachable from the LB",
+            )
+        if not poked:
+            poked = True
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                for addr in missing:
+                    try:
+                        s.sendto(b"", (addr, 9))
+                    except OSError:
+                        pass
+        time.sleep(0.1)
 
 
 class PythonRunner:
@@ -124,6 +252,7 @@ class PythonRunner:
         trace: bool = False,
         overrides: Mapping[str, str | None] | None = None,
         log: Callable[[str], None] | None = None,
+        l2: L2Facts | None = None,
     ) -> None:
         self.config = config
         self.path = path
@@ -138,14 +267,19 @@ class PythonRunner:
         self._log_out = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.events: deque[str] = deque(maxlen=_EVENTS)
         self.started = time.time()
-        self.forwarders = build_forwarders(config)
+        self.l2_facts = l2
+        self.l2: L2Egress | None = None
+        self.forwarders = build_forwarders(config, l2.macs if l2 else None)
         self.steering: Steering = plan(config)
         self.state: _State = _health_state(config, _pools(self.forwarders), time.monotonic(), set())
         self.sel = selectors.DefaultSelector()
         self.prober = TcpProber(self.sel)
         self.ports: list[_Port] = []
         self.control: ControlServer | None = None
-        self._spare = bytearray(_SPARE)
+        self._buf = bytearray(_BUF)
+        self._mv = memoryview(self._buf)
+        self._views = [self._mv[:i] for i in range(_VIEWS + 1)]
+        self._no_hdr = bytes(VNET_HDR_LEN)  # for packets v6lb made (ICMPv6 errors, fragments)
         self._signals: list[int] = []
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -169,14 +303,15 @@ class PythonRunner:
                 self.log(f"removed leftover {item}")
             by_kind: dict[str, dict[int, _Port]] = {}
             for side in self.steering.sides:
+                vnet = side.kind in ("npt", "nat")  # offloads: 64 KB TCP packets
                 try:
-                    fd = open_tun(side.name)
+                    fd = open_tun(side.name, offload=vnet)
                 except OSError as exc:
                     raise RunError(
                         f"cannot create TUN device {side.name}: {exc.strerror}",
                         "is another instance with this name running? is /dev/net/tun there?",
                     ) from None
-                port = _Port(side, fd, self.forwarders[side.kind].process, self._spare)
+                port = _Port(side, fd, self.forwarders[side.kind], self._buf, vnet)
                 self.ports.append(port)
                 by_kind.setdefault(side.kind, {})[side.port] = port
                 _ip("link", "set", "dev", side.name, "addrgenmode", "none")
@@ -186,6 +321,11 @@ class PythonRunner:
                 outs = (fds.get(0, fds.get(1, -1)), fds.get(1, fds.get(0, -1)))
                 for port in group.values():
                     port.outs = outs
+            if self.l2_facts is not None:
+                self.l2 = L2Egress(self.l2_facts)
+            spread = _spread_rps([p.side.name for p in self.ports], self.netns)
+            if spread:
+                self.log(spread)
             r = run_tool(["ip", "-6", "-batch", "-"], netns=None, stdin=self.steering.batch())
             if r.returncode != 0:
                 raise RunError(
@@ -211,6 +351,9 @@ class PythonRunner:
                 pass
             self.log(f"removed TUN {port.side.name}")
         self.ports = []
+        if self.l2 is not None:
+            self.l2.close()
+            self.l2 = None
         removed: list[str] = []
         try:
             removed = remove(self.instance)
@@ -243,7 +386,7 @@ class PythonRunner:
             assert self.control is not None
             self.control.register(sel)
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            drain = self._drain_traced if self.trace else self._drain
+            drains = {"npt": self._drain_npt, "nat": self._drain_nat}
             next_expire = time.monotonic() + 1.0
             while not self._stop:
                 timeout = self._probe_tick()
@@ -251,7 +394,14 @@ class PythonRunner:
                 for sk, _ in sel.select(timeout):
                     data = sk.data
                     if type(data) is _Port:
-                        drain(data, time.monotonic())
+                        if self.trace:
+                            self._drain_traced(data, time.monotonic())
+                        elif data.side.kind in drains and (
+                            data.side.kind == "nat" or data.fwd.first8_determines
+                        ):
+                            drains[data.side.kind](data, time.monotonic())
+                        else:
+                            self._drain(data, time.monotonic())
                     elif isinstance(data, ProbeTag):
                         changed |= self._probe_done(sk)
                     elif isinstance(data, ControlServer):
@@ -341,7 +491,7 @@ class PythonRunner:
                 instance=self.overrides.get("instance"),
                 control_socket=self.overrides.get("control_socket"),
             )
-            _refuse_l2(config, self.path)
+            l2 = l2_facts(config)
             if config.lb.instance != self.instance:
                 raise RunError(
                     f"the instance name changed ({self.instance} -> {config.lb.instance})",
@@ -356,7 +506,7 @@ class PythonRunner:
                     "the new file adds or removes a kind of forwarder (nat, npt, dsr)",
                     "restart `v6lb run` for that change",
                 )
-            forwarders = build_forwarders(config)
+            forwarders = build_forwarders(config, l2.macs if l2 else None)
             for kind in forwarders:
                 if _part(self.config, kind) == _part(config, kind):
                     forwarders[kind] = self.forwarders[kind]  # unchanged: keep its state
@@ -382,87 +532,217 @@ class PythonRunner:
         kept = sorted(k for k in forwarders if forwarders[k] is self.forwarders.get(k))
         self.config, self.skipped, self.steering = config, skipped, steering
         self.forwarders, self.state = forwarders, new
+        if l2 != self.l2_facts:
+            if self.l2 is not None:
+                self.l2.close()
+            self.l2 = L2Egress(l2) if l2 is not None else None
+            self.l2_facts = l2
         for port in self.ports:
-            port.process = forwarders[port.side.kind].process
+            if port.fwd is not forwarders[port.side.kind]:
+                port.fwd = forwarders[port.side.kind]
+                port.cache.clear()
         self.reloads += 1
         self.last_error = None
         self.log(f"reloaded {self.path}; kept the state of: {', '.join(kept) or 'none'}")
         return True
 
-    def _drain(self, port: _Port, now: float) -> None:
-        """The hot loop: up to BATCH packets from one device, each read once, rewritten in place."""
+    # The hot loops. Each reads one packet per readv into the one preallocated
+    # buffer, handles it in place and writes it from a preallocated memoryview
+    # of that buffer: no object per packet on the fast paths. The kernel has
+    # already decremented the hop limit on the way into the TUN (and answered a
+    # hop limit of 1 there); the loops give that one back, as the kernel
+    # decrements it again on the way out.
+
+    def _drain_npt(self, port: _Port, now: float) -> None:
+        """npt, one /48-or-shorter mapping: a cache of what the core made of an address."""
         fd = port.fd
-        pkt = port.pkt
+        buf = self._buf
         vecs = port.vecs
-        spare = self._spare
-        process = port.process
-        outs = port.outs
+        skip = VNET_HDR_LEN if port.hdr is not None else 0
+        wvecs = port.wvecs
+        views = self._views
+        mv = self._mv
         readv = os.readv
         write = os.write
+        writev = os.writev
+        cache = port.cache
+        get = cache.get
+        inside = port.side.port == PORT_INSIDE
+        hdr = _NPT_SRC if inside else _NPT_DST
+        out_fd = port.outs[PORT_OUTSIDE if inside else PORT_INSIDE]
+        n_rx = n_fwd = 0
+        for _ in range(BATCH):
+            try:
+                n = readv(fd, vecs) - skip
+            except BlockingIOError:
+                break
+            n_rx += 1
+            if n >= 60:
+                v, plen, nh, hl, key = hdr.unpack_from(buf)
+                if plen + 40 == n and (nh == 6 or nh == 17) and v >> 4 == 6:
+                    new = get(key)
+                    if new is not None:
+                        if hl < 255:
+                            hl += 1
+                        if inside:
+                            _HL_SRC.pack_into(buf, 7, hl, new)
+                        else:
+                            buf[7] = hl
+                            _Q.pack_into(buf, 24, new)
+                        try:
+                            if skip:
+                                wvecs[1] = views[n] if n <= _VIEWS else mv[:n]
+                                writev(out_fd, wvecs)
+                            else:
+                                write(out_fd, views[n])
+                        except OSError:
+                            port.errors += 1
+                        n_fwd += 1
+                        continue
+                    pkt = self._slow(port, n, now)
+                    if pkt is not None:  # forwarded by the core: remember the translation
+                        if len(cache) >= _NPT_CACHE_MAX:
+                            cache.clear()
+                        cache[key] = _Q.unpack_from(pkt, 8 if inside else 24)[0]
+                    continue
+            self._slow(port, n, now)
+        port.rx += n_rx
+        if n_fwd:
+            port.fwd.counters.forwarded += n_fwd
+
+    def _drain_nat(self, port: _Port, now: float) -> None:
+        """nat: the core's fast path on the read buffer, its general path on a copy."""
+        fd = port.fd
+        buf = self._buf
+        vecs = port.vecs
+        hdr = port.hdr
+        skip = VNET_HDR_LEN if hdr is not None else 0
+        wvecs = port.wvecs
+        views = self._views
+        mv = self._mv
+        readv = os.readv
+        write = os.write
+        writev = os.writev
+        fast = port.fwd.fast
+        outs = port.outs
         in_port = port.side.port
         n_rx = 0
         for _ in range(BATCH):
             try:
-                n = readv(fd, vecs)
+                n = readv(fd, vecs) - skip
             except BlockingIOError:
                 break
             n_rx += 1
-            size = len(pkt)
-            if n != size:
-                if n < size:
-                    del pkt[n:]
-                else:
-                    pkt += spare
-                    del pkt[n:]
-            if n >= 40 and pkt[7] < 255:
-                pkt[7] += 1  # give back the kernel's decrement on the way into the TUN
-            action, arg, data = process(pkt, in_port, now)
-            try:
-                if action == FORWARD:
-                    write(outs[arg], data)
-                elif action == DROP:
-                    pass
-                elif action == REPLY:
-                    write(outs[arg], data)
-                elif action == FORWARD_MANY:
-                    for frag in data:
-                        write(outs[arg], frag)
-                elif action == FORWARD_L2:
-                    port.errors += 1  # no L2 port on a TUN (dsr-l2 is not served here)
-            except OSError:
-                port.errors += 1
+            if n >= 48:
+                hl = buf[7]
+                if hl < 255:
+                    buf[7] = hl + 1
+                # NEEDS_CSUM: the checksum field holds the pseudo-header sum only
+                out = fast(buf, n, in_port, now, hdr[0] & 1 if hdr is not None else 0)
+                view = views[n] if n <= _VIEWS else mv[:n]
+                if out >= 0:
+                    try:
+                        if skip:
+                            wvecs[1] = view
+                            writev(outs[out], wvecs)
+                        else:
+                            write(outs[out], view)
+                    except OSError:
+                        port.errors += 1
+                    continue
+                self._general(port, self._own_checksum(port, bytearray(view)), now)
+                continue
+            self._slow(port, n, now)
         port.rx += n_rx
 
-    def _drain_traced(self, port: _Port, now: float) -> None:
-        """The hot loop with a rate-limited trace line per decision (off the fast path)."""
-        pkt = port.pkt
-        outs = port.outs
+    @staticmethod
+    def _own_checksum(port: _Port, pkt: bytearray) -> bytearray:
+        """nat's general path needs a full transport checksum: complete a NEEDS_CSUM one.
+
+        The virtio-net header then says so no more (flag and offsets cleared),
+        and is written back in front of the packet as it is. A 64 KB TCP packet
+        stays one: the kernel fills in the checksum of each segment when it
+        segments it.
+        """
+        hdr = port.hdr
+        if hdr is None or not hdr[0] & 1 or port.side.kind != "nat":
+            return pkt
+        start, off = _CSUM_AT.unpack_from(hdr, 6)
+        nh = NH_TCP if off == 16 else NH_UDP if off == 6 else 0
+        if nh and start + off + 2 <= len(pkt):
+            fill_l4_checksum(pkt, start, nh)
+        hdr[0] &= 0xFE
+        _CSUM_AT.pack_into(hdr, 6, 0, 0)
+        return pkt
+
+    def _drain(self, port: _Port, now: float) -> None:
+        """Any forwarder: its ``process`` on a copy of each packet."""
+        fd = port.fd
+        vecs = port.vecs
+        skip = VNET_HDR_LEN if port.hdr is not None else 0
+        readv = os.readv
+        slow = self._slow
+        n_rx = 0
         for _ in range(BATCH):
             try:
-                n = os.readv(port.fd, port.vecs)
+                n = readv(fd, vecs) - skip
+            except BlockingIOError:
+                break
+            n_rx += 1
+            slow(port, n, now)
+        port.rx += n_rx
+
+    def _slow(self, port: _Port, n: int, now: float) -> bytearray | None:
+        """The packet ``buf[:n]`` as it came from the TUN, through ``process``."""
+        pkt = bytearray(self._views[n]) if n <= _VIEWS else self._buf[:n]
+        if n >= 40 and pkt[7] < 255:
+            pkt[7] += 1
+        return self._general(port, self._own_checksum(port, pkt), now)
+
+    def _general(self, port: _Port, pkt: bytearray, now: float) -> bytearray | None:
+        """``process`` and send the verdict; the packet if it was forwarded as it is."""
+        action, arg, data = port.fwd.process(pkt, port.side.port, now)
+        self._send(port, pkt, action, arg, data)
+        return pkt if action == FORWARD and data is pkt else None
+
+    def _send(self, port: _Port, pkt: bytearray, action: int, arg: int, data: Any) -> None:
+        try:
+            if port.hdr is not None:  # offloads: a virtio-net header first
+                if action == FORWARD and data is pkt:
+                    os.writev(port.outs[arg], [port.hdr, data])
+                elif action in (FORWARD, REPLY):
+                    os.writev(port.outs[arg], [self._no_hdr, data])
+                elif action == FORWARD_MANY:
+                    for frag in data:
+                        os.writev(port.outs[arg], [self._no_hdr, frag])
+            elif action in (FORWARD, REPLY):
+                os.write(port.outs[arg], data)
+            elif action == FORWARD_MANY:
+                for frag in data:
+                    os.write(port.outs[arg], frag)
+            elif action == FORWARD_L2:
+                l2 = self.l2
+                if l2 is None or not l2.send(data, pkt):
+                    port.errors += 1  # no egress link, or no MAC for the backend
+        except OSError:
+            port.errors += 1
+
+    def _drain_traced(self, port: _Port, now: float) -> None:
+        """The general loop with a rate-limited trace line per decision (off the fast path)."""
+        for _ in range(BATCH):
+            try:
+                n = os.readv(port.fd, port.vecs) - (0 if port.hdr is None else VNET_HDR_LEN)
             except BlockingIOError:
                 break
             port.rx += 1
-            if n < len(pkt):
-                del pkt[n:]
-            elif n > len(pkt):
-                pkt += self._spare
-                del pkt[n:]
+            pkt = bytearray(self._views[n]) if n <= _VIEWS else self._buf[:n]
             if n >= 40 and pkt[7] < 255:
                 pkt[7] += 1
+            self._own_checksum(port, pkt)
             head = _describe(pkt)
-            action, arg, data = port.process(pkt, port.side.port, now)
+            action, arg, data = port.fwd.process(pkt, port.side.port, now)
             self._trace_line(port, head, action, arg, data)
-            try:
-                if action in (FORWARD, REPLY):
-                    os.write(outs[arg], data)
-                elif action == FORWARD_MANY:
-                    for frag in data:
-                        os.write(outs[arg], frag)
-                elif action == FORWARD_L2:
-                    port.errors += 1
-            except OSError:
-                port.errors += 1
+            self._send(port, pkt, action, arg, data)
 
     def _trace_line(self, port: _Port, head: str, action: int, arg: int, data: Any) -> None:
         now = time.monotonic()
@@ -578,12 +858,39 @@ class PythonRunner:
         }
 
 
-def _refuse_l2(config: Config, path: str) -> None:
-    if any(v.mode is VipMode.DSR_L2 for v in config.vips):
-        raise RunError(
-            f"{path}: --dataplane python does not serve dsr-l2 VIPs yet (it needs TAP/AF_PACKET)",
-            "use --dataplane kernel for dsr-l2, or move the VIP to dsr-ip6ip6/dsr-srv6",
-        )
+def rps_mask(cpus: set[int] | frozenset[int]) -> str:
+    """``rps_cpus`` text for a set of CPUs: hex, in comma-separated 32-bit groups."""
+    bits = sum(1 << c for c in cpus)
+    groups = []
+    while True:
+        groups.append(f"{bits & 0xFFFFFFFF:08x}")
+        bits >>= 32
+        if not bits:
+            break
+    return ",".join(reversed(groups))
+
+
+def _spread_rps(devices: list[str], netns: str | None) -> str | None:
+    """Receive Packet Steering on the TUNs over the CPUs this process may use.
+
+    What the loop writes into a TUN is received there: without RPS the kernel
+    routes it on, and delivers it to any local socket, inside the ``write``
+    call, on the engine's CPU. With RPS that work goes to the backlog of a CPU
+    picked by the flow hash (per flow, so in order), often another one, and the
+    loop returns to reading sooner. A failure here only costs speed: it is
+    logged, not fatal. One CPU: nothing to spread.
+    """
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2 or not devices:
+        return None
+    mask = rps_mask(cpus)
+    script = "; ".join(f"echo {mask} > /sys/class/net/{d}/queues/rx-0/rps_cpus" for d in devices)
+    # sysfs shows the devices of the namespace it was mounted in: `ip netns exec`
+    # mounts the engine's one (this process entered the namespace with setns only).
+    r = run_tool(["sh", "-c", script], netns=netns)
+    if r.returncode != 0:
+        return f"RPS not set on the TUNs (the loop does the routing itself): {r.stderr.strip()}"
+    return f"RPS on {', '.join(devices)}: CPUs {mask}"
 
 
 def _pools(forwarders: Mapping[str, Any]) -> dict[str, BackendPool]:
@@ -600,7 +907,7 @@ def _part(config: Config, kind: str) -> Any:
     """What a forwarder of ``kind`` is built from: unchanged means its state can be kept."""
     if kind == "npt":
         return (config.lb, config.npt)
-    modes = (VipMode.NAT,) if kind == "nat" else (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+    modes = (VipMode.NAT,) if kind == "nat" else _DSR
     return (config.lb, [v for v in config.vips if v.mode in modes])
 
 
@@ -675,10 +982,10 @@ def run_python(
     require_root()
     require_tools(*_TOOLS)
     config, skipped = load_for_run(path, instance=instance, control_socket=control_socket)
-    _refuse_l2(config, path)
     if netns is not None:
         enter_netns(netns)
     check_lb_host(config)
+    l2 = l2_facts(config)
     try:
         with open("/proc/sys/net/ipv6/conf/all/forwarding") as f:
             forwarding = f.read().strip() == "1"
@@ -700,6 +1007,7 @@ def run_python(
         netns=netns,
         trace=trace,
         overrides={"instance": instance, "control_socket": control_socket},
+        l2=l2,
     )
     runner.install()
     return runner.serve()

@@ -11,7 +11,8 @@ nat    ``…-no``        ``to VIP/128`` (PORT_OUTSIDE)
 nat    ``…-ni``        ``from BACKEND/128 ipproto P sport S`` and ``to SNAT`` (PORT_INSIDE)
 npt    ``…-po``        ``to OUTSIDE-PREFIX`` (PORT_OUTSIDE)
 npt    ``…-pi``        ``from INSIDE-PREFIX`` except ``to INSIDE-PREFIX`` (PORT_INSIDE)
-dsr    ``…-do``        ``to VIP/128`` (PORT_OUTSIDE; the tunnelled packet goes back in here)
+dsr    ``…-do``        ``to VIP/128`` (PORT_OUTSIDE; the tunnelled packet goes back in here;
+                       a ``dsr-l2`` frame leaves by an AF_PACKET socket on the egress link)
 =====  ==============  ===========================================================
 
 Each device has one routing table in the instance's table block (the top of
@@ -39,7 +40,7 @@ RULE_PREF: Final = 7590
 _TABLE_TOP: Final = TAG_SPAN - 8
 _KINDS: Final = {"nat": 0, "npt": 2, "dsr": 4}
 _LETTER: Final = {"nat": "n", "npt": "p", "dsr": "d"}
-_TUNNEL: Final = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_DSR: Final = (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
 
 
 def tun_name(instance: str, kind: str, port: int) -> str:
@@ -90,7 +91,7 @@ def _rule(side: Side, match: str) -> None:
 
 
 def plan(config: Config) -> Steering:
-    """The devices, tables and rules for every nat, npt and tunnel-DSR part of ``config``."""
+    """The devices, tables and rules for every nat, npt and DSR part of ``config``."""
     inst = config.lb.instance
     sides: list[Side] = []
     nat = [v for v in config.vips if v.mode is VipMode.NAT]
@@ -116,7 +117,7 @@ def plan(config: Config) -> Steering:
                 f"route add throw {pair.inside} table {inn.table} proto {ROUTE_PROTO:#x}"
             )
         sides += [out, inn]
-    dsr = [v for v in config.vips if v.mode in _TUNNEL]
+    dsr = [v for v in config.vips if v.mode in _DSR]
     if dsr:
         out = _side(inst, "dsr", PORT_OUTSIDE)
         for vip in dsr:

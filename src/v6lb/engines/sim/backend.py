@@ -9,10 +9,13 @@ accepts only outer packets from the LB instances.
 
 from __future__ import annotations
 
+from ipaddress import IPv6Address
+
 from v6lb.core.dsr_decap import DsrDecap
 from v6lb.engines.sim.apps import HttpServer
 from v6lb.engines.sim.node import SimNode
 from v6lb.model.config import Config, TunnelOptions
+from v6lb.model.topology import NodeType
 
 __all__ = ["NPT_PORT", "setup_backend"]
 
@@ -39,7 +42,11 @@ def setup_backend(node: SimNode, config: Config, lb_sources: list[bytes]) -> Htt
                 tunnel_vips.add(vip.address.packed)
                 sids.add((b.sid or b.address).packed)
                 lb_sources.append(vip.options.tunnel_source.packed)
-    if not ports:
+    # A host inside an npt: inside prefix serves too: clients reach it at its mapped address.
+    npt_host = node.spec.type in (NodeType.HOST, NodeType.BACKEND) and any(
+        IPv6Address(a) in pair.inside for a in mine for pair in config.npt
+    )
+    if not ports and not npt_host:
         return None
     if tunnel_vips:
         for sid in sids:
