@@ -41,6 +41,7 @@ import yaml
 
 from v6lb.engines.bird import Bird, set_l4_ecmp_hash, start_bird
 from v6lb.engines.control import ControlError, query
+from v6lb.lab.failover import SERVER, TRAFFIC
 from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
 from v6lb.model.config import load_config
 from v6lb.render.bird import render_router
@@ -60,109 +61,6 @@ ROUTER, CLIENT = "2001:db8:1::1", "2001:db8:c::2"
 LBS = {"lb1": "2001:db8:1::2", "lb2": "2001:db8:1::3"}
 BACKENDS = {"be1": ("2001:db8:1::10", "fd00:51::/64"), "be2": ("2001:db8:1::11", "fd00:52::/64")}
 LIMIT = 1.0  # seconds: issue 8's target for new connections after a failure
-
-SERVER = r"""
-import selectors, socket, sys
-me = sys.argv[1]
-sel = selectors.DefaultSelector()
-ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("::", 80))
-ls.listen(1024)
-sel.register(ls, selectors.EVENT_READ)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        s = key.fileobj
-        try:
-            if s is ls:
-                c, peer = ls.accept()
-                c.sendall(f"{me} {peer[1]}\n".encode())
-                sel.register(c, selectors.EVENT_READ)
-            elif s.recv(256):
-                s.sendall(f"{me}\n".encode())
-            else:
-                sel.unregister(s)
-                s.close()
-        except OSError:
-            if s is not ls:
-                sel.unregister(s)
-                s.close()
-"""
-
-# argv: VIP N. Short mode (N == 0): 60 connections one after the other, JSON out.
-# Traffic mode: N long flows asking every 100 ms, plus a new connection every 100 ms,
-# until a line on stdin; then JSON with every event (time.monotonic() is system-wide).
-TRAFFIC = r"""
-import json, socket, sys, threading, time
-vip, n = sys.argv[1], int(sys.argv[2])
-def line(s):
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(256)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data.decode().split()
-def one():
-    t0 = time.monotonic()
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.settimeout(5.0)
-    try:
-        s.connect((vip, 80))
-        sport = s.getsockname()[1]
-        g = line(s)
-        return {"t0": t0, "t1": time.monotonic(), "sport": sport, "backend": g[0], "err": None}
-    except OSError as exc:
-        return {"t0": t0, "t1": time.monotonic(), "sport": None, "backend": None,
-                "err": type(exc).__name__}
-    finally:
-        s.close()
-if n == 0:
-    print(json.dumps([one() for _ in range(60)]), flush=True)
-    sys.exit(0)
-stop = threading.Event()
-flows = []
-for _ in range(n):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.settimeout(5.0)
-    s.connect((vip, 80))
-    flows.append({"sock": s, "sport": s.getsockname()[1], "backend": line(s)[0],
-                  "asked": 0, "max_rtt": 0.0, "err": None, "err_t": None, "wrong": 0})
-def ask(f):
-    s = f["sock"]
-    while not stop.is_set() and f["err"] is None:
-        t0 = time.monotonic()
-        try:
-            s.sendall(b"ping\n")
-            got = line(s)[0]
-            f["asked"] += 1
-            f["max_rtt"] = max(f["max_rtt"], time.monotonic() - t0)
-            if got != f["backend"]:
-                f["wrong"] += 1
-        except OSError as exc:
-            f["err"], f["err_t"] = type(exc).__name__, time.monotonic()
-        time.sleep(max(0.0, 0.1 - (time.monotonic() - t0)))
-news = []
-def new_conns():
-    while not stop.is_set():
-        t = threading.Thread(target=lambda: news.append(one()), daemon=True)
-        t.start()
-        time.sleep(0.1)
-threads = [threading.Thread(target=ask, args=(f,), daemon=True) for f in flows]
-threads.append(threading.Thread(target=new_conns, daemon=True))
-for t in threads:
-    t.start()
-print(json.dumps([[f["sport"], f["backend"]] for f in flows]), flush=True)
-sys.stdin.readline()
-stop.set()
-for t in threads:
-    t.join(6)
-time.sleep(0.5)
-for f in flows:
-    del f["sock"]
-print(json.dumps({"flows": flows, "new": sorted(news, key=lambda x: x["t0"])}), flush=True)
-"""
 
 
 def sh(*argv: str, stdin: str | None = None) -> str:
@@ -322,7 +220,7 @@ def under_traffic(
 ) -> dict[str, Any]:
     """Run ``failure`` (on lb1) under continuous traffic; the figures of docs/anycast.md."""
     traffic = subprocess.Popen(
-        ["ip", "netns", "exec", ns["client"], sys.executable, "-c", TRAFFIC, VIP, "30"],
+        ["ip", "netns", "exec", ns["client"], sys.executable, "-c", TRAFFIC, VIP, "80", "30"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -417,7 +315,7 @@ def test_anycast_ecmp_failover_and_withdraw() -> None:
                     ns[role],
                 )
                 s = subprocess.Popen(
-                    ["ip", "netns", "exec", ns[role], sys.executable, "-c", SERVER, addr],
+                    ["ip", "netns", "exec", ns[role], sys.executable, "-c", SERVER, addr, "80"],
                     stdout=subprocess.PIPE,
                     text=True,
                     start_new_session=True,
@@ -448,7 +346,7 @@ def test_anycast_ecmp_failover_and_withdraw() -> None:
                 return {r: int(query(files[r][1])["vips"][0]["counter"]["packets"]) for r in LBS}
 
             before = packets()
-            results = json.loads(nsx(ns["client"], sys.executable, "-c", TRAFFIC, VIP, "0"))
+            results = json.loads(nsx(ns["client"], sys.executable, "-c", TRAFFIC, VIP, "80", "0"))
             after = packets()
             spread: dict[str, int] = {}
             for r in results:

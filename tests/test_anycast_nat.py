@@ -229,7 +229,7 @@ def nat_lab(tmp: Path, snat: bool) -> Iterator[tuple[dict[str, str], dict[str, s
         birds.append(start_bird("router", render_router("router", router), tmp, netns=rt))
         for role, (addr, _) in BACKENDS.items():
             s = subprocess.Popen(
-                ["ip", "netns", "exec", ns[role], sys.executable, "-c", SERVER, addr],
+                ["ip", "netns", "exec", ns[role], sys.executable, "-c", SERVER, addr, "80"],
                 stdout=subprocess.PIPE,
                 text=True,
                 start_new_session=True,

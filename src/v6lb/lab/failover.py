@@ -108,7 +108,7 @@ while True:
                 s.close()
 """
 
-# argv: VIP PORT N. N long flows asking every 100 ms, plus a new connection every 100 ms,
+# argv: VIP PORT N. Short mode (N == 0): see below. Otherwise N long flows asking every 100 ms, plus a new connection every 100 ms,
 # until a line on stdin; then JSON with every event (time.monotonic() is system-wide).
 TRAFFIC: Final = r"""
 import json, socket, sys, threading, time
@@ -137,6 +137,9 @@ def one():
                 "err": type(exc).__name__}
     finally:
         s.close()
+if n == 0:  # short mode: 60 connections one after the other, JSON out
+    print(json.dumps([one() for _ in range(60)]), flush=True)
+    sys.exit(0)
 stop = threading.Event()
 flows = []
 for _ in range(n):
