@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from v6lb import MODES
 
@@ -550,12 +550,13 @@ def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
-        help="run the load balancer on this host (root): nat, npt, dsr-* in the kernel",
+        help="run the load balancer on this host (root): nat, npt, dsr-* and proxy-* VIPs",
         description="Check FILE and the host, install the instance's nftables, ip6tables and "
         "routes atomically, then probe the backends and keep the Maglev maps in line with their "
         "health. SIGHUP reloads FILE (a bad file changes nothing); SIGTERM/SIGINT remove what "
-        "was installed and exit 0. proxy-* VIPs are skipped with a warning: they are run by the "
-        "proxy engine (--proxy builtin|haproxy). Exit 2 when a check fails; nothing is installed.",
+        "was installed and exit 0. proxy-* VIPs are served by the proxy engine (--proxy "
+        "builtin|haproxy, default builtin); one control socket answers `v6lb status` for all of "
+        "them. Exit 2 when a check fails; nothing is installed.",
     )
     p.add_argument("file", metavar="FILE", help="the v6lb YAML config file")
     p.add_argument(
@@ -604,13 +605,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_with_proxies(args: argparse.Namespace, config: Config, has_l3: bool) -> int:
-    """Serve the proxy VIPs (builtin or haproxy), alongside the L3/L4 data plane if any."""
+    """Serve the proxy VIPs (builtin or haproxy), alongside the L3/L4 data plane if any.
+
+    One control socket answers for the whole instance: the L3/L4 data plane's
+    when there is one (the proxy VIPs are added to its status answer as the
+    ``proxy`` section), else the proxy engine's own (docs/run.md).
+    """
+    import dataclasses
     import signal
     import threading
 
+    from v6lb.engines.control import ControlError
     from v6lb.engines.kernel import KernelError
     from v6lb.engines.kernel.host import enter_netns
-    from v6lb.engines.proxy import serve
+    from v6lb.engines.proxy.run import run_proxies
 
     stop = threading.Event()
     engine = args.proxy or "builtin"
@@ -632,10 +640,28 @@ def _run_with_proxies(args: argparse.Namespace, config: Config, has_l3: bool) ->
                 "interface of this host, so the proxy cannot receive its traffic; fix: add it "
                 f"(ip -6 address add {vip.address}/128 dev lo) or fix the address"
             )
+    lb = config.lb
+    if args.instance is not None:  # as `run --dataplane kernel` applies them
+        if lb.control_socket == f"/run/v6lb/{lb.instance}.sock":
+            lb = dataclasses.replace(lb, control_socket=f"/run/v6lb/{args.instance}.sock")
+        lb = dataclasses.replace(lb, instance=args.instance)
+    if args.control_socket is not None:
+        lb = dataclasses.replace(lb, control_socket=args.control_socket)
+    config = dataclasses.replace(config, lb=lb)
 
     def proxies() -> None:
         try:
-            serve(config, proxy=engine, stop_event=stop)
+            run_proxies(
+                config,
+                engine=engine,
+                stop=stop,
+                file=args.file,
+                netns=args.netns,
+                own_control=not has_l3,
+            )
+        except ControlError as exc:
+            failure.append(UsageError(str(exc)))
+            stop.set()
         except BaseException as exc:  # reported by the main thread
             failure.append(exc)
             stop.set()
@@ -645,6 +671,8 @@ def _run_with_proxies(args: argparse.Namespace, config: Config, has_l3: bool) ->
             signal.signal(sig, lambda *_: stop.set())
         proxies()
         if failure:
+            if isinstance(failure[0], UsageError):
+                raise failure[0]
             raise UsageError(f"proxy engine {engine}: {failure[0]}")
         return 0
     thread = threading.Thread(target=proxies, name="v6lb-proxy", daemon=True)
@@ -728,12 +756,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(st, indent=2) + "\n")
         return 0
+    proxy = st.get("proxy") or {}
+    engines = [f"{st['dataplane']} data plane"] if st.get("dataplane") else []
+    if proxy:
+        engines.append(f"proxy engine {proxy.get('engine')}")
     out = [
-        f"instance {st.get('instance')} (pid {st.get('pid')}, {st.get('dataplane')} data plane,"
+        f"instance {st.get('instance')} (pid {st.get('pid')}, {', '.join(engines)},"
         f" netns {st.get('netns') or '-'}) file {st.get('file')}",
-        f"up {st.get('uptime_s')} s, reloads {st.get('reloads')},"
-        f" map updates {st.get('map_updates')}, last error: {st.get('last_error') or 'none'}",
     ]
+    if st.get("dataplane"):
+        out.append(
+            f"up {st.get('uptime_s')} s, reloads {st.get('reloads')},"
+            f" map updates {st.get('map_updates')}, last error: {st.get('last_error') or 'none'}"
+        )
+    else:
+        out.append(f"up {st.get('uptime_s')} s")
     for vip in st.get("vips", []):
         c = vip["counter"]
         out.append(
@@ -748,10 +785,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
             )
     for pair in st.get("npt", []):
         out.append(f"NPT {pair['inside']} <-> {pair['outside']}")
+    out += _proxy_status_lines(proxy)
+    served = {v.get("name") for v in proxy.get("vips", [])}
     for line in st.get("skipped", []):
-        out.append(f"skipped: {line}")
+        if line.split(" ", 1)[0] not in served:  # skipped by the kernel, run by the proxy
+            out.append(f"skipped: {line}")
     k = st.get("kernel", {})
-    out.append("kernel objects:")
+    if k:
+        out.append("kernel objects:")
     for key in ("nft_tables", "nft_chains", "nft_maps", "ip6tables_rules", "routes", "rules"):
         for item in k.get(key, []):
             out.append(f"  {key.removesuffix('s').replace('_', ' ')}: {item}")
@@ -767,6 +808,50 @@ def _cmd_status(args: argparse.Namespace) -> int:
             out.append(f"  {sess.get('proto')} {name}: {sess.get('state')} {sess.get('info')}")
     sys.stdout.write("\n".join(out) + "\n")
     return 0
+
+
+def _proxy_status_lines(proxy: dict[str, Any]) -> list[str]:
+    """The ``proxy`` section of a status answer, one VIP and its backends per block."""
+    out: list[str] = []
+    if not proxy:
+        return out
+    if proxy.get("state") != "running":
+        out.append(f"proxy engine {proxy.get('engine')}: {proxy.get('state')}")
+    if proxy.get("error"):
+        out.append(f"proxy engine error: {proxy['error']}")
+    theirs = " (HAProxy's counters)" if proxy.get("engine") == "haproxy" else ""
+
+    def errors(d: dict[str, Any]) -> str:
+        e = d.get("errors") or {}
+        return ", ".join(f"{k} {n}" for k, n in sorted(e.items())) or "none"
+
+    for vip in proxy.get("vips", []):
+        ports = ",".join(map(str, vip.get("ports", [])))
+        out.append(
+            f"VIP {vip['name']} {vip['mode']} [{vip['address']}]:{ports}/{vip.get('protocol')}"
+            f"  scheduler {vip.get('scheduler')}"
+        )
+        l7 = vip.get("mode") == "proxy-l7"
+        if "connections" in vip:
+            requests = f" requests {vip['requests']}," if l7 else ""
+            out.append(
+                f"  connections {vip['connections']} (active {vip['active']}),{requests}"
+                f" bytes in {vip['bytes_in']} out {vip['bytes_out']}{theirs}"
+            )
+            out.append(f"  refused/errors: {errors(vip)}")
+        for b in vip.get("backends", []):
+            port = f":{b['port']}" if b.get("port") else ""
+            line = (
+                f"  [{b['address']}]{port} weight {b['weight']}{' drain' if b['drain'] else ''}"
+                f"  {str(b.get('health')).upper()}  probe {b.get('probe')}"
+            )
+            if "connections" in b:
+                line += f"  active {b.get('active')}  connections {b['connections']}"
+                if l7 and "requests" in b:
+                    line += f"  requests {b['requests']}"
+                line += f"  errors: {errors(b)}"
+            out.append(line)
+    return out
 
 
 def _add_backend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,7 +7,15 @@ mode 0600 (the instance runs as root, and its answer lists kernel state).
 
 The server side is sans-loop: :class:`ControlServer` registers its listening
 socket in the caller's selector (``data`` is the server itself) and answers a
-request when the caller passes it the ready key.
+request when the caller passes it the ready key; or it answers on a thread of
+its own (:meth:`ControlServer.serve_thread`), for an instance whose main loop
+is asyncio (the proxy engine), so a slow client never blocks that loop.
+
+Status sections: a part of the process that is not the owner of the socket
+(the proxy engine next to the kernel data plane) adds a section to every
+``status`` answer with :func:`add_status_section`, so ONE socket answers for
+the whole instance. A section function is called on the answering thread; it
+must be thread-safe (the proxy engine hands the work to its event loop).
 """
 
 from __future__ import annotations
@@ -16,16 +24,51 @@ import json
 import os
 import selectors
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ControlError", "ControlServer", "query"]
+__all__ = [
+    "ControlError",
+    "ControlServer",
+    "add_status_section",
+    "query",
+    "remove_status_section",
+]
 
 _MAX_REQUEST = 4096
 _CLIENT_TIMEOUT = 2.0
 
 Handler = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+_sections: dict[str, Callable[[], Any]] = {}
+_sections_lock = threading.Lock()
+
+
+def add_status_section(name: str, section: Callable[[], Any]) -> None:
+    """Add ``name: section()`` to every ``status`` answer of this process's control sockets."""
+    with _sections_lock:
+        _sections[name] = section
+
+
+def remove_status_section(name: str) -> None:
+    with _sections_lock:
+        _sections.pop(name, None)
+
+
+def _with_sections(answer: Mapping[str, Any]) -> Mapping[str, Any]:
+    with _sections_lock:
+        sections = list(_sections.items())
+    if not sections or "error" in answer:
+        return answer
+    out = dict(answer)
+    for name, section in sections:
+        try:
+            out[name] = section()
+        except Exception as exc:  # one broken section must not hide the rest
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
 
 
 class ControlError(RuntimeError):
@@ -130,6 +173,8 @@ class ControlServer:
                     answer = {"error": f"unknown command {cmd!r}; known: {sorted(self.handlers)}"}
                 else:
                     answer = handler(request)
+                    if cmd == "status":
+                        answer = _with_sections(answer)
             except ValueError as exc:
                 answer = {"error": f"the request is not JSON: {exc}"}
             conn.sendall(json.dumps(answer).encode() + b"\n")
@@ -137,6 +182,20 @@ class ControlServer:
             pass
         finally:
             conn.close()
+
+    def serve_thread(self, stop: threading.Event, *, poll: float = 0.2) -> threading.Thread:
+        """Answer clients on a daemon thread of its own until ``stop`` is set."""
+
+        def loop() -> None:
+            with selectors.DefaultSelector() as sel:
+                self.register(sel)
+                while not stop.is_set():
+                    for _key, _ in sel.select(poll):
+                        self.handle()
+
+        t = threading.Thread(target=loop, name="v6lb-control", daemon=True)
+        t.start()
+        return t
 
     def close(self, selector: selectors.BaseSelector | None = None) -> None:
         if selector is not None:

@@ -56,6 +56,7 @@ class VipRuntime:
     idle: list[list[Any]] = field(default_factory=list)  # pooled L7 upstreams per backend
     hosts: list[str] = field(default_factory=list)  # backend address text per index
     ports: list[int | None] = field(default_factory=list)  # None: the listener's port
+    weights: list[int] = field(default_factory=list)  # as configured or set at run time
     live: set[Any] = field(default_factory=set)  # open client protocols
 
     @classmethod
@@ -87,6 +88,7 @@ class VipRuntime:
             idle=[[] for _ in range(n)],
             hosts=[str(b.address) for b in vip.backends],
             ports=[b.port for b in vip.backends],
+            weights=[b.weight for b in vip.backends],
         )
 
     @property

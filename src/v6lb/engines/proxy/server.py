@@ -18,7 +18,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from v6lb.model.config import Config, Vip, VipMode
 
@@ -26,6 +26,9 @@ from .health import HealthChecker, health_set_for
 from .l4 import L4Client
 from .l7 import L7Client
 from .runtime import VipRuntime
+
+if TYPE_CHECKING:
+    from .status import ProxyStatus
 
 __all__ = ["ProxyServer", "install_uvloop", "serve"]
 
@@ -164,6 +167,47 @@ class ProxyServer:
         rt = self.runtimes[vip]
         rt.health.set_weight(backend, weight)
         rt.pool.set_weight(backend, weight)
+        rt.weights[backend] = weight
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per VIP, for `v6lb status`: listeners, counters, errors by reason, backends.
+
+        Call it on the loop's thread (the counters are the loop's);
+        :class:`~.status.ProxyStatus` does that for the control socket's thread.
+        """
+        out = []
+        for name, rt in self.runtimes.items():
+            snap = rt.snapshot()
+            vip = rt.vip
+            listeners = self.addresses(name)
+            backends = []
+            for i, d in enumerate(snap.pop("backends").values()):
+                monitor = rt.health.monitor(i)
+                backends.append(
+                    {
+                        "address": rt.hosts[i],
+                        "port": rt.ports[i],
+                        "weight": rt.weights[i],
+                        "drain": d.pop("drain"),
+                        "health": d.pop("state"),
+                        "probe": str(vip.health.type),
+                        "successes": monitor.successes if monitor else None,
+                        "failures": monitor.failures if monitor else None,
+                        **d,
+                    }
+                )
+            out.append(
+                {
+                    "name": name,
+                    "address": str(vip.address),
+                    "ports": sorted({p for h, p in listeners if ":" in h}) or list(vip.ports),
+                    "protocol": "tcp",
+                    "listeners": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listeners],
+                    **snap,
+                    "backends": backends,
+                }
+            )
+        return out
 
     async def stop(self) -> None:
         for srv in self.servers:
@@ -214,6 +258,7 @@ def serve(
     on_ready: Callable[[ProxyServer], None] | None = None,
     use_uvloop: bool = True,
     poll: float = 0.2,
+    status: ProxyStatus | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run the proxy VIPs of ``config`` until ``stop_event`` is set; returns the final counters.
@@ -221,12 +266,13 @@ def serve(
     Blocking: it runs its own event loop (uvloop when installed). ``proxy`` is
     ``builtin`` or ``haproxy`` (which renders haproxy.cfg and runs haproxy
     from PATH, see :mod:`.haproxy_run`). ``on_ready`` is called once every
-    listener is bound. ``options`` go to :class:`ProxyServer`.
+    listener is bound. ``status``, when given, is pointed at the running engine
+    (its counters answer `v6lb status`). ``options`` go to :class:`ProxyServer`.
     """
     if proxy == "haproxy":
         from .haproxy_run import run_haproxy
 
-        return run_haproxy(config, stop_event=stop_event, poll=poll)
+        return run_haproxy(config, stop_event=stop_event, poll=poll, status=status)
     if proxy != "builtin":
         raise ValueError(f"--proxy is builtin or haproxy, not {proxy!r}")
     if use_uvloop:
@@ -236,11 +282,15 @@ def serve(
         server = ProxyServer(config, **options)
         await server.start()
         try:
+            if status is not None:
+                status.attach_builtin(server)
             if on_ready is not None:
                 on_ready(server)
             while stop_event is None or not stop_event.is_set():
                 await asyncio.sleep(poll)
         finally:
+            if status is not None:
+                status.detach()
             await server.stop()
         return server.counters()
 

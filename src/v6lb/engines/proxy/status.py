@@ -1,0 +1,251 @@
+"""The proxy engine's part of `v6lb status`, answered from the control socket's thread.
+
+:class:`ProxyStatus` is handed to :func:`~.server.serve`, which points it at the
+running engine:
+
+- builtin: the :class:`~.server.ProxyServer`. Its counters belong to the event
+  loop, so the snapshot is taken ON the loop (``call_soon_threadsafe``) and the
+  control thread waits for it; the loop itself never blocks on a client.
+- haproxy: HAProxy's stats socket (``stats socket`` in the rendered haproxy.cfg);
+  ``show stat`` gives health per server, current sessions and HAProxy's own
+  counters, mapped onto the same fields as the builtin engine's where they mean
+  the same thing (``errors`` then carries HAProxy's counter names).
+
+Before the engine is ready (or after it stopped), the VIPs are listed from the
+config with ``"state": "starting"`` (or ``"stopped"``) and no counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import csv
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from v6lb.model.config import Config, Vip
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+
+__all__ = ["ProxyStatus", "haproxy_stat", "instance_status", "parse_haproxy_stat"]
+
+_ANSWER_TIMEOUT = 5.0
+
+
+class ProxyStatus:
+    """Thread-safe ``section()`` for the ``proxy`` key of a status answer."""
+
+    def __init__(self, config: Config, engine: str) -> None:
+        self.config = config
+        self.engine = engine
+        self.vips = [v for v in config.vips if v.mode.is_proxy]
+        self._lock = threading.Lock()
+        self._state = "starting"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._server: ProxyServer | None = None
+        self._stats_socket: str | None = None
+        self._pid: int | None = None
+
+    # --- pointed at the engine by serve()/run_haproxy() ------------------------
+
+    def attach_builtin(self, server: ProxyServer) -> None:
+        """Call on the server's loop, once it listens."""
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+            self._server = server
+            self._state = "running"
+
+    def attach_haproxy(self, stats_socket: str, pid: int) -> None:
+        with self._lock:
+            self._stats_socket = stats_socket
+            self._pid = pid
+            self._state = "running"
+
+    def detach(self) -> None:
+        with self._lock:
+            self._loop = self._server = None
+            self._stats_socket = self._pid = None
+            self._state = "stopped"
+
+    # --- the answer ---------------------------------------------------------
+
+    def section(self) -> dict[str, Any]:
+        with self._lock:
+            state, loop, server = self._state, self._loop, self._server
+            stats_socket, pid, loop_thread = self._stats_socket, self._pid, self._loop_thread
+        out: dict[str, Any] = {"engine": self.engine, "state": state}
+        if loop is not None and server is not None:
+            out["vips"] = self._on_loop(loop, loop_thread, server)
+        elif stats_socket is not None:
+            out["haproxy_pid"] = pid
+            out["stats_socket"] = stats_socket
+            try:
+                rows = haproxy_stat(stats_socket)
+            except OSError as exc:
+                out["error"] = f"HAProxy's stats socket {stats_socket} does not answer: {exc}"
+                rows = []
+            out["vips"] = _haproxy_vips(self.vips, rows)
+        else:
+            out["vips"] = [_config_vip(v) for v in self.vips]
+        return out
+
+    __call__ = section
+
+    @staticmethod
+    def _on_loop(
+        loop: asyncio.AbstractEventLoop, loop_thread: int | None, server: ProxyServer
+    ) -> list[dict[str, Any]]:
+        if threading.get_ident() == loop_thread:
+            return server.status()
+        fut: concurrent.futures.Future[list[dict[str, Any]]] = concurrent.futures.Future()
+
+        def take() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(server.status())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+        loop.call_soon_threadsafe(take)
+        try:
+            return fut.result(_ANSWER_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(
+                f"the proxy engine's loop did not answer within {_ANSWER_TIMEOUT:g} s"
+            ) from None
+
+
+def instance_status(
+    config: Config, *, path: str, netns: str | None, engine: str, started: float
+) -> dict[str, Any]:
+    """The instance part of a status answer when only proxy VIPs run (no kernel data plane)."""
+    return {
+        "instance": config.lb.instance,
+        "pid": os.getpid(),
+        "file": path,
+        "netns": netns,
+        "dataplane": None,
+        "proxy_engine": engine,
+        "control_socket": config.lb.control_socket,
+        "uptime_s": round(time.time() - started, 3),
+        "vips": [],
+        "npt": [],
+        "skipped": [],
+    }
+
+
+def _config_vip(vip: Vip) -> dict[str, Any]:
+    return {
+        "name": vip.name,
+        "address": str(vip.address),
+        "ports": list(vip.ports),
+        "protocol": "tcp",
+        "mode": str(vip.mode),
+        "scheduler": str(vip.scheduler),
+        "backends": [
+            {
+                "address": str(b.address),
+                "port": b.port,
+                "weight": b.weight,
+                "drain": b.drain,
+                "health": "unknown",
+                "probe": str(vip.health.type),
+            }
+            for b in vip.backends
+        ],
+    }
+
+
+# --- HAProxy -------------------------------------------------------------------
+
+
+def haproxy_stat(path: str, *, timeout: float = 2.0) -> list[dict[str, str]]:
+    """``show stat`` on HAProxy's stats socket, one dict per CSV row."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(b"show stat\n")
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        s.close()
+    return parse_haproxy_stat(b"".join(chunks).decode("utf-8", "replace"))
+
+
+def parse_haproxy_stat(text: str) -> list[dict[str, str]]:
+    """The CSV of ``show stat`` (its header line starts with ``# ``)."""
+    text = text.lstrip()
+    if text.startswith("# "):
+        text = text[2:]
+    return [dict(row) for row in csv.DictReader(io.StringIO(text)) if row.get("pxname")]
+
+
+# HAProxy's counters that count refusals and errors (docs: "9.1. CSV format").
+_HAPROXY_ERRORS = ("ereq", "dreq", "dcon", "dses", "econ", "eresp", "dresp", "wretr", "wredis")
+
+
+def _int(row: Mapping[str, str], key: str) -> int:
+    try:
+        return int(row.get(key) or 0)
+    except ValueError:
+        return 0
+
+
+def _health(status: str) -> str:
+    """HAProxy's server status (``UP``, ``UP 1/3``, ``DOWN``, ``NOLB``, ``MAINT``, ``no check``)."""
+    word = status.split(" ", 1)[0].upper()
+    if word in ("UP", "NOLB", "NO"):  # "no check": not probed, counts as up
+        return "up"
+    if word == "DOWN":
+        return "down"
+    return status.lower() or "unknown"
+
+
+def _haproxy_vips(vips: list[Vip], rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    by_key = {(r["pxname"], r["svname"]): r for r in rows}
+    out = []
+    for vip in vips:
+        d = _config_vip(vip)
+        fronts = [by_key.get((f"v6lb_{vip.name}_{port}", "FRONTEND"), {}) for port in vip.ports]
+        for key, col in (
+            ("connections", "stot"),
+            ("active", "scur"),
+            ("requests", "req_tot"),
+            ("bytes_in", "bin"),
+            ("bytes_out", "bout"),
+        ):
+            d[key] = sum(_int(f, col) for f in fronts)
+        back = by_key.get((f"v6lb_{vip.name}", "BACKEND"), {})
+        errors = {k: sum(_int(r, k) for r in [*fronts, back]) for k in _HAPROXY_ERRORS}
+        d["errors"] = {k: n for k, n in errors.items() if n}
+        d["counters_from"] = "haproxy"
+        for i, b in enumerate(d["backends"]):
+            row = by_key.get((f"v6lb_{vip.name}", f"b{i}"))
+            if row is None:
+                continue
+            b["health"] = _health(row.get("status", ""))
+            b["haproxy_status"] = row.get("status", "")
+            b["haproxy_weight"] = _int(row, "weight")
+            b["active"] = _int(row, "scur")
+            b["connections"] = _int(row, "stot")
+            b["bytes_in"] = _int(row, "bin")
+            b["bytes_out"] = _int(row, "bout")
+            b["failures"] = _int(row, "chkfail")
+            errs = {k: _int(row, k) for k in ("econ", "eresp", "wretr", "wredis")}
+            b["errors"] = {k: n for k, n in errs.items() if n}
+        out.append(d)
+    return out
