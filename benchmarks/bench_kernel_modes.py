@@ -41,8 +41,19 @@ Method (root; needs iperf3, ``apt-get install iperf3``, plus nft and ip6tables):
   machine hits the cases evenly. We report medians, min-max and the ratios of
   the medians v6lb/hand and hand/plain, and the median (min-max) of the
   per-round ratio v6lb/hand.
+- For the tunnel modes, ``hand-lb`` (in the default ``--cases``) is the smallest
+  hand-written rule set that picks a backend per flow, the same job as v6lb's;
+  ``--cases`` can add variants of v6lb's rendered rules with one piece removed or
+  moved, to see what each costs (``TUNNEL_CASES`` below).
+  With extra cases a second table gives every case's median and its per-round
+  ratio to ``hand`` and ``hand-lb``.
+- ``--pin C,S`` passes ``-A C,S`` to iperf3 (client CPU C, server CPU S). ``0,0``
+  puts the whole path (sender, the forwarding softirqs, receiver) on one CPU:
+  on a shared 2-CPU machine the figures are steadier than unpinned, where they
+  depend on where the scheduler puts the two iperf3 processes.
 
-Run: ``sudo .venv/bin/python benchmarks/bench_kernel_modes.py [--runs 5] [--seconds 3]``.
+Run: ``sudo .venv/bin/python benchmarks/bench_kernel_modes.py [--runs 5] [--seconds 3]``,
+or ``... --modes dsr-srv6,dsr-ip6ip6 --cases plain,hand,v6lb,hand-lb --pin 0,0``.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -83,7 +95,27 @@ from bench_tun import (  # noqa: E402
 )
 
 CASES = ("plain", "hand", "v6lb")
+# Extra cases for the tunnel modes (--cases): where the per-packet cost of v6lb's rules goes.
+#   hand-lb: the smallest hand-written rules that pick a backend per flow (jhash -> mark,
+#            one fwmark rule, one table holding the encap route);
+#   rules:   v6lb's rendered ruleset and routes loaded directly (no `v6lb run` process);
+#   rules-guardfirst: the same with the unserved-port guard before the mark rules and no
+#            "accept" (v6lb's order until the guard was moved after them);
+#   rules-noguard / rules-nocounter / rules-nomap: the same with the unserved-port guard,
+#            the VIP's counter, or the 65537-slot map (the mark straight from jhash) removed;
+#   v6lb-wait: `v6lb run`, then SETTLE s more before measuring.
+TUNNEL_CASES = (
+    "hand-lb",
+    "rules",
+    "rules-guardfirst",
+    "rules-noguard",
+    "rules-nocounter",
+    "rules-nomap",
+    "v6lb-wait",
+)
+ALL_CASES = CASES + TUNNEL_CASES
 HAND_TABLE = "bench_hand"
+HAND_MARK, HAND_RT = 0x1000, 100
 DSR_MODES = ("dsr-srv6", "dsr-ip6ip6", "dsr-l2")
 DSR_VIP = {"dsr-srv6": "2001:db8:d::81", "dsr-ip6ip6": "2001:db8:d::82", "dsr-l2": "2001:db8:d::83"}
 SID = "fd00:e::100"  # the backend's End.DT6 SID (dsr-srv6), routed to it by the LB
@@ -199,6 +231,107 @@ def hand_dsr(lb: str, mode: str) -> None:
 
 
 _BACKEND_MAC: list[str] = []
+PIN = ""  # iperf3 -A: "0,1" pins the client to CPU 0 and the server to CPU 1
+
+
+def hand_lb(lb: str, mode: str) -> None:
+    """Per-flow backend selection by hand: jhash -> mark, one fwmark rule, one table."""
+    vip = DSR_VIP[mode]
+    how = "encap" if mode == "dsr-srv6" else "encap.red"
+    end = SID if mode == "dsr-srv6" else TUNNEL_END
+    nsx(lb, "nft", "-f", "-", stdin=(
+        f"table ip6 {HAND_TABLE} {{\n"
+        "  chain pre {\n"
+        "    type filter hook prerouting priority mangle;\n"
+        f"    ip6 daddr {vip} meta mark set jhash ip6 saddr . ip6 daddr . th sport . th dport"
+        f" mod 1 seed 0x5eed offset {HAND_MARK:#x}\n"
+        "  }\n"
+        "}\n"
+    ))  # fmt: skip
+    nsx(lb, "ip", "sr", "tunsrc", "set", LB_INSIDE)
+    nsx(lb, "ip", "-6", "route", "replace", f"{vip}/128", "encap", "seg6", "mode", how,
+        "segs", end, "dev", "l1", "table", str(HAND_RT))  # fmt: skip
+    nsx(lb, "ip", "-6", "rule", "add", "fwmark", f"{HAND_MARK:#x}", "lookup", str(HAND_RT),
+        "pref", "7600")  # fmt: skip
+
+
+def rendered(mode: str, variant: str, sock: str) -> tuple[str, str]:
+    """v6lb's nft text and route batch for ``mode``, with one piece taken out (``variant``)."""
+    from v6lb.model.config import parse_config
+    from v6lb.render.nftables import render_nft, vip_object_name
+    from v6lb.render.routes import render_lb_routes, tunnel_targets
+
+    config = parse_config(dsr_config(sock, _BACKEND_MAC[0], (mode,)))
+    nft = render_nft(config)
+    marks = {vip_object_name(config, t.vip): t.mark for t in tunnel_targets(config)}
+    lines = []
+    for line in nft.splitlines():
+        if variant == "noguard" and '_unserved" drop' in line:
+            continue
+        if variant == "nocounter" and "jhash" in line:
+            line = re.sub(r'counter name "\w+" ', "", line)
+        if variant == "nomap" and "jhash" in line:
+            name = re.search(r"map @(\w+)", line)
+            assert name is not None
+            line = re.sub(
+                r"mod \d+ (seed \w+) meta mark set meta mark map @\w+",
+                rf"mod 1 \1 offset {marks[name.group(1)]:#x}",
+                line,
+            )
+        if variant == "guardfirst" and "jhash" in line:  # the order before the change
+            line = line.replace(" accept comment", " comment")
+        lines.append(line)
+    if variant == "guardfirst":
+        guards = [i for i, line in enumerate(lines) if '_unserved" drop' in line]
+        first = min(i for i, line in enumerate(lines) if "jhash" in line)
+        moved = [lines[i] for i in guards]
+        rest = [line for i, line in enumerate(lines) if i not in guards]
+        lines = rest[:first] + moved + rest[first:]
+    return "\n".join(lines) + "\n", render_lb_routes(config)
+
+
+def load_rendered(lb: str, nft: str, batch: str) -> None:
+    nsx(lb, "nft", "-f", "-", stdin=nft)
+    nsx(lb, "ip", "-6", "-batch", "-", stdin=batch)
+
+
+def flush_rules(lb: str) -> None:
+    """The fwmark rules (pref 7600) and their tables, of hand-lb and of the rendered cases."""
+    for _ in range(64):
+        r = subprocess.run(
+            ["ip", "netns", "exec", lb, "ip", "-6", "rule", "del", "pref", "7600"],
+            capture_output=True,
+            timeout=30,
+        )
+        if r.returncode != 0:
+            break
+    out = subprocess.run(
+        ["ip", "netns", "exec", lb, "ip", "-6", "-j", "route", "show", "table", "all"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    tables = {str(r["table"]) for r in json.loads(out or "[]") if "table" in r}
+    for t in tables - {"main", "local"}:
+        subprocess.run(
+            ["ip", "netns", "exec", lb, "ip", "-6", "route", "flush", "table", t],
+            capture_output=True,
+            timeout=30,
+        )
+    tabs = subprocess.run(
+        ["ip", "netns", "exec", lb, "nft", "-j", "list", "tables"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    for item in json.loads(tabs or "{}").get("nftables", []):
+        t = item.get("table")
+        if t and str(t["name"]).startswith("v6lb_"):
+            subprocess.run(
+                ["ip", "netns", "exec", lb, "nft", "delete", "table", t["family"], t["name"]],
+                capture_output=True,
+                timeout=30,
+            )
 
 
 def hand_npt() -> str:
@@ -274,7 +407,8 @@ def iperf(ns: dict[str, str], mode: str, case: str, udp: bool, seconds: float) -
     else:
         client_ns, bind, target = ns["backend"], ["-B", INSIDE_HOST], OUTSIDE_HOST
     extra = ["-u", "-l", "64", "-b", "0"] if udp else []
-    argv = ["iperf3", "-c", target, *bind, *extra, "-t", str(seconds), "--json"]
+    pin = ["-A", PIN] if PIN else []
+    argv = ["iperf3", "-c", target, *bind, *extra, *pin, "-t", str(seconds), "--json"]
     last = ""
     for _ in range(3):  # a wedged or busy server: wait and try again
         r = subprocess.run(
@@ -293,7 +427,7 @@ def iperf(ns: dict[str, str], mode: str, case: str, udp: bool, seconds: float) -
 
 
 def one_case(
-    ns: dict[str, str], mode: str, case: str, seconds: float, tmp: Path
+    ns: dict[str, str], mode: str, case: str, seconds: float, tmp: Path, settle: float = 3.0
 ) -> tuple[float, float]:
     lb = ns["lb"]
     run: subprocess.Popen[str] | None = None
@@ -307,7 +441,13 @@ def one_case(
                 hand_dsr(lb, mode)
             else:
                 nsx(lb, "ip6tables-restore", "--noflush", stdin=hand_npt())
-        elif case == "v6lb":
+        elif case == "hand-lb":
+            hand_lb(lb, mode)
+        elif case.startswith("rules"):
+            variant = case.partition("-")[2]
+            load_rendered(lb, *rendered(mode, variant, str(tmp / f"{mode}.sock")))
+            time.sleep(settle)
+        elif case in ("v6lb", "v6lb-wait"):
             sock = str(tmp / f"{mode}.sock")
             cfg: dict[str, Any] = (
                 dsr_config(sock, _BACKEND_MAC[0], (mode,))
@@ -323,6 +463,8 @@ def one_case(
                 text=True,
             )
             wait_v6lb(run, lb, mode, cfg["lb"]["instance"], sock)
+            if case == "v6lb-wait":
+                time.sleep(settle)
         before = snpt_packets(lb) if mode == "npt" and case != "plain" else 0
         pps = iperf(ns, mode, case, True, seconds)
         bps = iperf(ns, mode, case, False, seconds)
@@ -334,6 +476,8 @@ def one_case(
             run.send_signal(signal.SIGTERM)
             run.wait(timeout=60)
         flush_hand(lb)
+        if case == "hand-lb" or case.startswith("rules"):
+            flush_rules(lb)
 
 
 def stat(xs: list[float], scale: float, fmt: str) -> str:
@@ -353,14 +497,40 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--modes", default="nat,npt,dsr-srv6,dsr-ip6ip6,dsr-l2")
+    ap.add_argument(
+        "--cases",
+        default=",".join((*CASES, "hand-lb")),
+        help=f"comma-separated, of {', '.join(ALL_CASES)}; the extra ones run for the tunnel"
+        " modes only (default: plain,hand,v6lb,hand-lb)",
+    )
+    ap.add_argument(
+        "--settle", type=float, default=3.0, help="seconds to wait in v6lb-wait and rules-*"
+    )
+    ap.add_argument(
+        "--pin",
+        default="",
+        metavar="C,S",
+        help="iperf3 -A C,S: client on CPU C, server on CPU S (default: not pinned)",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures here")
     args = ap.parse_args()
+    global PIN
+    PIN = args.pin
     if os.geteuid() != 0 or shutil.which("iperf3") is None:
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
         return 2
     modes = args.modes.split(",")
+    cases = tuple(args.cases.split(","))
+    unknown = sorted(set(cases) - set(ALL_CASES))
+    if unknown:
+        ap.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(ALL_CASES)}")
+
+    def mode_cases(mode: str) -> tuple[str, ...]:
+        tunnel = mode in ("dsr-srv6", "dsr-ip6ip6")
+        return tuple(c for c in cases if c in CASES or tunnel)
+
     res: dict[str, dict[str, dict[str, list[float]]]] = {
-        m: {c: {"pps": [], "bps": []} for c in CASES} for m in modes
+        m: {c: {"pps": [], "bps": []} for c in mode_cases(m)} for m in modes
     }
     servers: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp, namespaces("client", "lb", "backend") as ns:
@@ -383,13 +553,14 @@ def main() -> int:
             time.sleep(0.5)
             for i in range(args.runs):
                 for mode in modes:
-                    k = i % len(CASES)
-                    for case in CASES[k:] + CASES[:k]:
-                        pps, bps = one_case(ns, mode, case, args.seconds, Path(tmp))
+                    order = mode_cases(mode)
+                    k = i % len(order)
+                    for case in order[k:] + order[:k]:
+                        pps, bps = one_case(ns, mode, case, args.seconds, Path(tmp), args.settle)
                         res[mode][case]["pps"].append(pps)
                         res[mode][case]["bps"].append(bps)
                         print(
-                            f"round {i + 1} {mode:10} {case:5} {pps / 1000:7.1f} kpps"
+                            f"round {i + 1} {mode:10} {case:15} {pps / 1000:7.1f} kpps"
                             f" {bps / 1e9:6.2f} Gbit/s",
                             flush=True,
                         )
@@ -399,29 +570,42 @@ def main() -> int:
                 s.wait(timeout=10)
     print(
         f"\n{platform.python_implementation()} {platform.python_version()},"
-        f" {os.cpu_count()} CPUs, Linux {platform.release()}"
+        f" {os.cpu_count()} CPUs, Linux {platform.release()}, load average"
+        f" {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(
         f"{args.runs} interleaved rounds, {args.seconds:g} s per run;"
         " UDP 64-byte payloads, TCP one stream\n"
     )
-    print(
-        "| mode | metric | (a) plain routing | (b) hand-written | (c) v6lb kernel"
-        " | c/b | b/a | c/a | c/b per round |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for mode in modes:
-        for key, label, scale, fmt in (
-            ("pps", "UDP kpps", 1e3, ".1f"),
-            ("bps", "TCP Gbit/s", 1e9, ".2f"),
-        ):
-            a, b, c = (res[mode][case][key] for case in CASES)
-            ma, mb, mc = (statistics.median(x) for x in (a, b, c))
-            print(
-                f"| {mode} | {label} | {stat(a, scale, fmt)} | {stat(b, scale, fmt)}"
-                f" | {stat(c, scale, fmt)} | {mc / mb:.2f} | {mb / ma:.2f} | {mc / ma:.2f}"
-                f" | {paired(c, b)} |"
-            )
+    metrics = (("pps", "UDP kpps", 1e3, ".1f"), ("bps", "TCP Gbit/s", 1e9, ".2f"))
+    if all(c in cases for c in CASES):
+        print(
+            "| mode | metric | (a) plain routing | (b) hand-written | (c) v6lb kernel"
+            " | c/b | b/a | c/a | c/b per round |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for mode in modes:
+            for key, label, scale, fmt in metrics:
+                a, b, c = (res[mode][case][key] for case in CASES)
+                ma, mb, mc = (statistics.median(x) for x in (a, b, c))
+                print(
+                    f"| {mode} | {label} | {stat(a, scale, fmt)} | {stat(b, scale, fmt)}"
+                    f" | {stat(c, scale, fmt)} | {mc / mb:.2f} | {mb / ma:.2f} | {mc / ma:.2f}"
+                    f" | {paired(c, b)} |"
+                )
+    refs = [r for r in ("hand", "hand-lb") if r in cases]
+    if any(c not in CASES for c in cases) and refs:
+        print("\n| mode | metric | case | median (min–max) | " + " | ".join(
+            f"/{r} per round" for r in refs) + " |")  # fmt: skip
+        print("|---|---|---|---|" + "---|" * len(refs))
+        for mode in modes:
+            for key, label, scale, fmt in metrics:
+                for case in mode_cases(mode):
+                    xs = res[mode][case][key]
+                    ratios = " | ".join(
+                        paired(xs, res[mode][r][key]) if r in res[mode] else "–" for r in refs
+                    )
+                    print(f"| {mode} | {label} | {case} | {stat(xs, scale, fmt)} | {ratios} |")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
