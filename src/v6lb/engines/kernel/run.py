@@ -125,7 +125,11 @@ def load_for_run(
     return config, skipped
 
 
-def _l2_ports(config: Config, links: Links) -> L2Ports | None:
+def dsr_l2_links(config: Config) -> tuple[str, str] | None:
+    """(ingress, egress) of the ``dsr-l2`` VIPs, for both data planes; None without one.
+
+    The egress link is ``lb.interfaces[1]``, or the only one when the LB is one-armed.
+    """
     if not any(v.mode is VipMode.DSR_L2 for v in config.vips):
         return None
     ifs = config.lb.interfaces
@@ -134,8 +138,15 @@ def _l2_ports(config: Config, links: Links) -> L2Ports | None:
             f"{config.source}: dsr-l2 needs the LB's interfaces",
             "list them in lb.interfaces: [INGRESS, EGRESS] (one name if it is one-armed)",
         )
-    egress = ifs[1] if len(ifs) > 1 else ifs[0]
-    return L2Ports(ingress=ifs[0], egress=egress, egress_mac=links.macs[egress])
+    return ifs[0], ifs[1] if len(ifs) > 1 else ifs[0]
+
+
+def _l2_ports(config: Config, links: Links) -> L2Ports | None:
+    l2 = dsr_l2_links(config)
+    if l2 is None:
+        return None
+    ingress, egress = l2
+    return L2Ports(ingress=ingress, egress=egress, egress_mac=links.macs[egress])
 
 
 def render_for(config: Config, links: Links, pools: Mapping[str, BackendPool]) -> Rendered:

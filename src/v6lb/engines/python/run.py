@@ -60,7 +60,13 @@ from v6lb.engines.kernel.apply import (
     run_tool,
 )
 from v6lb.engines.kernel.host import check_lb_host, enter_netns
-from v6lb.engines.kernel.run import RunError, _health_state, _State, load_for_run
+from v6lb.engines.kernel.run import (
+    RunError,
+    _health_state,
+    _State,
+    dsr_l2_links,
+    load_for_run,
+)
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
@@ -186,21 +192,16 @@ class L2Egress:
 def l2_facts(config: Config, wait: float = 2.0) -> L2Facts | None:
     """The ``dsr-l2`` egress facts (None without a dsr-l2 VIP); a RunError names what is missing.
 
-    The egress link is ``lb.interfaces[1]`` (or the only one), as for the
-    kernel data plane. A backend without ``mac:`` is looked up in the
-    neighbour table; if it is not there, one datagram to its discard port
-    makes the kernel resolve it, and the table is read again for up to ``wait`` s.
+    The egress link is the kernel data plane's (:func:`dsr_l2_links`). A
+    backend without ``mac:`` is looked up in the neighbour table; if it is not
+    there, one datagram to its discard port makes the kernel resolve it, and
+    the table is read again for up to ``wait`` s.
     """
-    vips = [v for v in config.vips if v.mode is VipMode.DSR_L2]
-    if not vips:
+    l2 = dsr_l2_links(config)
+    if l2 is None:
         return None
-    ifs = config.lb.interfaces
-    if not ifs:
-        raise RunError(
-            f"{config.source}: dsr-l2 needs the LB's interfaces",
-            "list them in lb.interfaces: [INGRESS, EGRESS] (one name if it is one-armed)",
-        )
-    egress = ifs[1] if len(ifs) > 1 else ifs[0]
+    egress = l2[1]
+    vips = [v for v in config.vips if v.mode is VipMode.DSR_L2]
     links = nft_json(run_tool(["ip", "-j", "link", "show", "dev", egress], netns=None))
     if not links or not links[0].get("address"):
         raise RunError(
