@@ -75,6 +75,16 @@ class ControlError(RuntimeError):
     """No instance answers on the socket, or its answer is not JSON."""
 
 
+def recv_all(s: socket.socket) -> bytes:
+    """Everything the peer sends on ``s`` until it closes (the socket's timeout applies)."""
+    chunks: list[bytes] = []
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def query(path: str, cmd: str = "status", *, timeout: float = 10.0) -> dict[str, Any]:
     """Ask the instance at ``path``; its JSON answer as a dict."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -93,18 +103,13 @@ def query(path: str, cmd: str = "status", *, timeout: float = 10.0) -> dict[str,
         except PermissionError:
             raise ControlError(f"no permission to open {path}: run it as root") from None
         s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        data = recv_all(s)
     except TimeoutError:
         raise ControlError(f"the instance at {path} did not answer within {timeout:g} s") from None
     finally:
         s.close()
     try:
-        answer = json.loads(b"".join(chunks) or b"null")
+        answer = json.loads(data or b"null")
     except ValueError as exc:
         raise ControlError(f"the answer on {path} is not JSON: {exc}") from None
     if not isinstance(answer, dict):

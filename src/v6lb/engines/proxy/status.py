@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from v6lb.engines.control import recv_all
 from v6lb.model.config import Config, Vip
 
 if TYPE_CHECKING:
@@ -175,15 +176,10 @@ def haproxy_stat(path: str, *, timeout: float = 2.0) -> list[dict[str, str]]:
     try:
         s.connect(path)
         s.sendall(b"show stat\n")
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        data = recv_all(s)
     finally:
         s.close()
-    return parse_haproxy_stat(b"".join(chunks).decode("utf-8", "replace"))
+    return parse_haproxy_stat(data.decode("utf-8", "replace"))
 
 
 def parse_haproxy_stat(text: str) -> list[dict[str, str]]:
