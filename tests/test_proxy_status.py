@@ -300,6 +300,12 @@ def test_stale_haproxy_dirs_are_reaped_and_live_ones_kept(tmp_path: Path) -> Non
         user = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(60)", f"{named}/haproxy.cfg"]
         )
+        # until it has exec'd, /proc shows the forked pytest's command line, not the path
+        cmdline = Path(f"/proc/{user.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while str(named).encode() not in cmdline.read_bytes():
+            assert time.monotonic() < deadline, "the process naming the dir did not start"
+            time.sleep(0.01)
         other = tmp_path / "not-v6lb-haproxy-x"
         other.mkdir()
         link = tmp_path / (PREFIX + "link")
