@@ -11,8 +11,6 @@ table next to the client's.
 
 from __future__ import annotations
 
-import json
-import random
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from v6lb.core.nptv6 import NptMapping
+from v6lb.lab.curl import curl
 from v6lb.lab.plan import LabError, LabPlan
 from v6lb.model.hops import Hop
 
@@ -115,30 +114,16 @@ def outbound_request(plan: LabPlan, target: NptTarget, client: str) -> dict[str,
     """The inside host's own GET to the client's listener, from a port in 40000-59999."""
     ns = plan.namespaces[target.node]
     url = f"http://[{client}]:{LISTEN_PORT}/"
-    for _ in range(8):
-        port = random.randint(40000, 59999)
-        argv = ["ip", "netns", "exec", ns, "curl", "-6", "-s", "-S", "-m", "10"]
-        argv += ["--local-port", str(port), url]
-        r = subprocess.run(argv, capture_output=True, timeout=30, check=False)
-        if r.returncode == 45:  # the port is taken: pick another
-            continue
-        if r.returncode != 0:
-            raise LabError(
-                f"curl {url} from {target.node} port {port} failed (exit {r.returncode}): "
-                + r.stderr.decode(errors="replace").strip()
-            )
-        try:
-            answer = json.loads(r.stdout)
-        except ValueError:
-            raise LabError(f"GET {url} from {target.node}: the answer is not JSON") from None
-        return {
-            "node": target.node,
-            "source": str(target.inside),
-            "source_port": port,
-            "expected_source": str(target.outside),
-            "answer": answer,
-        }
-    raise LabError(f"curl {url} from {target.node}: no free local port after 8 tries")
+    port, answer, _ = curl(ns, url, None)
+    if answer is None:
+        raise LabError(f"GET {url} from {target.node}: the answer is not JSON")
+    return {
+        "node": target.node,
+        "source": str(target.inside),
+        "source_port": port,
+        "expected_source": str(target.outside),
+        "answer": answer,
+    }
 
 
 def npt_facts(m: dict[str, Any], hops: list[Hop], reply_via_lb: bool) -> dict[str, object]:

@@ -16,7 +16,6 @@ and each link's addresses. :func:`trace_hops` turns a trace directory back into
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from v6lb.lab.curl import curl
 from v6lb.lab.npt_trace import Listener, npt_facts, npt_target, outbound_request
 from v6lb.lab.plan import LAB_ROOT, LabError, LabPlan
 from v6lb.lab.proxy_trace import PROXY_MODES, annotate, attach_backend_logs, proxy_facts
@@ -137,35 +137,6 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def _curl(
-    ns: str, url: str, body: bytes | None, fixed: int = 0
-) -> tuple[int, dict[str, Any] | None, str]:
-    """One request from a port in 40000-59999 (so the simulator can use the same port).
-
-    ``fixed``: from that port only (to repeat a trace's flows exactly).
-    """
-    for _ in range(1 if fixed else 8):
-        port = fixed or random.randint(40000, 59999)
-        argv = ["ip", "netns", "exec", ns, "curl", "-6", "-s", "-S", "-m", "10"]
-        argv += ["--local-port", str(port)]
-        if body is not None:
-            argv += ["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]
-        r = subprocess.run(argv + [url], input=body, capture_output=True, timeout=30, check=False)
-        if r.returncode == 45:  # the port is taken: pick another
-            continue
-        if r.returncode != 0:
-            raise LabError(
-                f"curl {url} from port {port} failed (exit {r.returncode}): "
-                + r.stderr.decode(errors="replace").strip()
-            )
-        try:
-            answer = json.loads(r.stdout)
-        except ValueError:
-            answer = None
-        return port, answer, r.stdout.decode(errors="replace")[:200]
-    raise LabError(f"curl {url}: no free local port after 8 tries")
-
-
 def run_trace(
     name: str,
     mode: str,
@@ -222,7 +193,7 @@ def run_trace(
         for k, (method, body) in enumerate(
             (("GET", None), ("POST", bytes(range(256)) * (POST_BYTES // 256)))
         ):
-            port, answer, text = _curl(ns, url, body, ports[k] if k < len(ports) else 0)
+            port, answer, text = curl(ns, url, body, ports[k] if k < len(ports) else 0)
             requests.append(
                 {"method": method, "client_port": port, "bytes": len(body or b""), "answer": answer}
             )
