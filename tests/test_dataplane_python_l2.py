@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from test_dataplane_python import V6LB, batch, connect, link, namespaces, nsx, sh, wait_for
+from test_dataplane_python_dsr import HOPS, SERVER
 from v6lb.engines.control import query
 from v6lb.model.config import load_config
 from v6lb.render.nftables import maglev_pool
@@ -43,37 +44,6 @@ VIP = "2001:db8:f::90"
 BACKENDS = ["2001:db8:b::10", "2001:db8:b::11"]
 B2_MAC = "02:00:00:00:b2:02"
 CLIENTS = IPv6Network("2001:db8:c::/64")
-
-# Greets with "BACKEND LOCAL-ADDR PEER PEERPORT" and closes.
-SERVER = r"""
-import socket, sys
-tag = sys.argv[1]
-ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("::", 80))
-ls.listen(1024)
-print("ready", flush=True)
-while True:
-    c, peer = ls.accept()
-    try:
-        c.sendall(f"{tag} {c.getsockname()[0]} {peer[0]} {peer[1]}\n".encode())
-    except OSError:
-        pass
-    c.close()
-"""
-
-# One UDP datagram on port 53: prints its source and its hop limit.
-HOPS = r"""
-import socket, struct
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
-s.bind(("::", 53))
-s.settimeout(10)
-print("ready", flush=True)
-data, anc, _, peer = s.recvmsg(2048, 64)
-hl = [struct.unpack("i", d)[0] for lvl, t, d in anc if t == socket.IPV6_HOPLIMIT]
-print(peer[0], data.decode(), hl[0], flush=True)
-"""
 
 
 def lab_file(instance: str, sock: str) -> dict[str, Any]:
