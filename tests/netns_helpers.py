@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _counter = itertools.count()
 
@@ -50,3 +52,27 @@ def link(a: str, a_if: str, b: str, b_if: str) -> None:
 
 def batch(ns: str, *lines: str) -> None:
     nsx(ns, "ip", "-6", "-batch", "-", stdin="\n".join(lines) + "\n")
+
+
+def wait_for(
+    what: str,
+    fn: Callable[[], Any],
+    timeout: float,
+    retry_on: tuple[type[BaseException], ...],
+    step: float = 0.1,
+) -> Any:
+    """Call ``fn`` every ``step`` s until it returns something true, and return that.
+
+    ``retry_on``: the exceptions that mean "not yet" (each caller names its own).
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except retry_on as exc:
+            last = exc
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")

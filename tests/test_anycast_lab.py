@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
+import netns_helpers
 from v6lb.engines.bird import Bird, set_l4_ecmp_hash, start_bird
 from v6lb.engines.control import ControlError, query
 from v6lb.lab.failover import SERVER, TRAFFIC
@@ -170,17 +171,9 @@ def lab() -> Iterator[tuple[dict[str, str], list[subprocess.Popen[str]], list[Bi
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-            if last:
-                return last
-        except (ControlError, AssertionError, KeyError, TypeError) as exc:
-            last = exc
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+    return netns_helpers.wait_for(
+        what, fn, timeout, (ControlError, AssertionError, KeyError, TypeError), step
+    )
 
 
 def nexthops(router_ns: str) -> set[str]:

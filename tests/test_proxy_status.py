@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
+import netns_helpers
 from netns_helpers import namespaces, nsx
 from test_proxy_fixtures import l4_vip, l7_vip
 from v6lb import cli
@@ -95,17 +96,7 @@ def status(sock: str, *, as_json: bool = True) -> Any:
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-            if last:
-                return last
-        except (ControlError, AssertionError, KeyError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+    return netns_helpers.wait_for(what, fn, timeout, (ControlError, AssertionError, KeyError))
 
 
 def get(host: str, port: int, n: int = 1) -> list[bytes]:

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
@@ -153,18 +154,8 @@ def write(path: Path, data: object) -> None:
     path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
 
 
-def wait_for(what: str, fn: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-            if last:
-                return last
-        except (ControlError, AssertionError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    return netns_helpers.wait_for(what, fn, timeout, (ControlError, AssertionError))
 
 
 def status(sock: str) -> dict[str, Any]:
