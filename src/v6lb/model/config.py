@@ -23,6 +23,7 @@ from typing import Final
 
 import yaml
 
+from v6lb.model.conntrack_sync import ConntrackSync, check_sync, parse_conntrack_sync
 from v6lb.model.schema import (
     ConfigError,
     Fields,
@@ -235,6 +236,7 @@ class LbSettings:
     flow_cache_size: int = 65_536
     icmp_error_rate: int = 100
     icmp_error_burst: int = 20
+    conntrack_sync: ConntrackSync | None = None  # docs/anycast.md
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +360,13 @@ def parse_config(data: object, file: str = "<config>") -> Config:
         npt = tuple(_parse_npt_pair(item, where.index(i)) for i, item in enumerate(items))
         _check_npt_together(npt, where)
     _check_vips_outside_npt(vips, npt, top)
+    check_sync(
+        lb.conntrack_sync,
+        [o.snat for v in vips if isinstance(o := v.options, NatOptions) and o.snat is not None],
+        any(v.mode is VipMode.NAT for v in vips),
+        _raw_section(fields, "bgp"),
+        top.key("lb").key("conntrack_sync"),
+    )
     return Config(
         source=file,
         vips=vips,
@@ -387,6 +396,7 @@ _LB_KEYS: Final = (
     "flow_cache_size",
     "icmp_error_rate",
     "icmp_error_burst",
+    "conntrack_sync",
 )
 # The instance name goes into tags such as the interface prefix `v6lb-NAME`, which
 # must fit in 15 bytes (IFNAMSIZ - 1).
@@ -472,6 +482,14 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
             hi=1_000_000,
             noun="burst of ICMPv6 errors",
         ),
+        conntrack_sync=parse_conntrack_sync(
+            f.get("conntrack_sync"),
+            f.at("conntrack_sync"),
+            lb_addresses=addresses,
+            lb_interfaces=interfaces,
+        )
+        if f.has("conntrack_sync")
+        else None,
     )
 
 

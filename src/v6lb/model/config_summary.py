@@ -26,6 +26,14 @@ _ENCAP_OVERHEAD = {VipMode.DSR_IP6IP6: 40, VipMode.DSR_SRV6: 40 + 8 + 16}
 
 def summarize(config: Config) -> str:
     lines = [_lb_line(config)]
+    sync = config.lb.conntrack_sync
+    if sync is not None:
+        standby = ", ".join(map(str, sync.peer_snat)) or "none"
+        lines.append(
+            f"  conntrack sync: conntrackd FTFW over UDP [{sync.address}]:{sync.port}"
+            f" -> [{sync.peer}]:{sync.port} on {sync.interface};"
+            f" peer SNAT announced as standby: {standby}"
+        )
     if not config.vips:
         lines.append("no VIPs")
     for vip in config.vips:

@@ -1,0 +1,174 @@
+"""``lb.conntrack_sync``: the config (model/conntrack_sync) and conntrackd.conf (render/conntrackd).
+
+No root. ``V6LB_UPDATE_GOLDEN=1 pytest tests/test_conntrackd_render.py`` rewrites
+tests/golden/conntrackd_lb1.conf (review the diff). tests/test_anycast_sync.py runs
+the rendered file in namespaces.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+from ipaddress import IPv6Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from v6lb.model.config import ConfigError, parse_config
+from v6lb.render.conntrackd import render_conntrackd, sync_addresses
+
+GOLDEN = Path(__file__).parent / "golden" / "conntrackd_lb1.conf"
+UPDATE = os.environ.get("V6LB_UPDATE_GOLDEN") == "1"
+
+BASE: dict[str, Any] = {
+    "lb": {
+        "instance": "lb1",
+        "addresses": ["2001:db8:1::2"],
+        "interfaces": ["up0"],
+        "conntrack_max": 100000,
+        "conntrack_sync": {
+            "interface": "v6lb-sync0",
+            "address": "fd00:99::1",
+            "peer": "fd00:99::2",
+            "peer_snat": ["2001:db8:5::2"],
+        },
+    },
+    "vips": [
+        {
+            "name": "web",
+            "address": "2001:db8:f::80",
+            "ports": [80],
+            "mode": "nat",
+            "snat": "2001:db8:5::1",
+            "backends": [{"address": "2001:db8:1::10"}, {"address": "2001:db8:1::11"}],
+        },
+        {
+            "name": "dsr",
+            "address": "2001:db8:f::81",
+            "ports": [80],
+            "mode": "dsr-l2",
+            "backends": [{"address": "2001:db8:1::12", "mac": "02:00:00:00:00:12"}],
+        },
+    ],
+    "bgp": {"asn": 65001},
+}
+
+
+def test_parse_defaults_and_values() -> None:
+    sync = parse_config(BASE, "t.yaml").lb.conntrack_sync
+    assert sync is not None
+    assert sync.interface == "v6lb-sync0"
+    assert (sync.address, sync.peer) == (IPv6Address("fd00:99::1"), IPv6Address("fd00:99::2"))
+    assert sync.port == 3780
+    assert sync.peer_snat == (IPv6Address("2001:db8:5::2"),)
+    assert parse_config({"lb": {"instance": "x"}}, "t.yaml").lb.conntrack_sync is None
+
+
+def test_summary_line() -> None:
+    text = parse_config(BASE, "t.yaml").summary()
+    assert (
+        "  conntrack sync: conntrackd FTFW over UDP [fd00:99::1]:3780 -> [fd00:99::2]:3780"
+        " on v6lb-sync0; peer SNAT announced as standby: 2001:db8:5::2\n"
+    ) in text
+
+
+def _sync(**change: object) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data["lb"]["conntrack_sync"].update(change)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fix"),
+    [
+        (_sync(peer="fd00:99::1"), "lb.conntrack_sync.peer", "other instance's address"),
+        (_sync(peer="192.0.2.1"), "lb.conntrack_sync.peer", "IPv6"),
+        (_sync(peer="fe80::2"), "lb.conntrack_sync.peer", "unique-local"),
+        (_sync(address="2001:db8:1::2"), "lb.conntrack_sync.address", "dedicated sync link"),
+        (_sync(interface="up0"), "lb.conntrack_sync.interface", "its own link"),
+        (_sync(interface="a b"), "lb.conntrack_sync.interface", "15 characters"),
+        (_sync(port=0), "lb.conntrack_sync.port", ""),
+        (_sync(peers=["fd00:99::2"]), "lb.conntrack_sync.peers", "did you mean `peer`"),
+        (_sync(peer_snat=["2001:db8:5::1"]), "lb.conntrack_sync.peer_snat[0]", "other instance"),
+        (
+            _sync(peer_snat=["2001:db8:5::2", "2001:db8:5::2"]),
+            "lb.conntrack_sync.peer_snat[1]",
+            "once",
+        ),
+        ({**_sync(), "bgp": {"med": 1}}, "lb.conntrack_sync.peer_snat[0]", "add a bgp: section"),
+        (
+            {**_sync(), "vips": [BASE["vips"][1]]},
+            "lb.conntrack_sync",
+            "add a VIP with mode: nat",
+        ),
+    ],
+)
+def test_errors_name_the_field_and_a_fix(data: dict[str, Any], path: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "t.yaml")
+    assert err.value.path == path, str(err.value)
+    assert fix in err.value.fix, str(err.value)
+
+
+def test_missing_fields() -> None:
+    for key in ("interface", "address", "peer"):
+        data = copy.deepcopy(BASE)
+        del data["lb"]["conntrack_sync"][key]
+        with pytest.raises(ConfigError) as err:
+            parse_config(data, "t.yaml")
+        assert err.value.path == f"lb.conntrack_sync.{key}" and "required" in err.value.message
+
+
+def test_sync_addresses_are_the_nat_vips_and_backends() -> None:
+    config = parse_config(BASE, "t.yaml")
+    assert [str(a) for a in sync_addresses(config)] == [
+        "2001:db8:f::80",
+        "2001:db8:1::10",
+        "2001:db8:1::11",
+    ]
+
+
+def test_render_golden() -> None:
+    text = render_conntrackd(parse_config(BASE, "t.yaml"), "/run/v6lb/lb1.sock.conntrackd/")
+    if UPDATE:
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    # the counts that matter, read from the text itself
+    assert text.count("IPv6_address ") == 4  # the UDP source, then 3 filter addresses
+    assert "\t\tIPv6_Destination_Address fd00:99::2\n" in text
+    assert "\t\tHashLimit 200000\n" not in text and "\tHashLimit 200000\n" in text
+    assert text.count("/run/v6lb/lb1.sock.conntrackd/") == 3  # log, lock, socket
+
+
+def test_render_needs_the_option() -> None:
+    data = copy.deepcopy(BASE)
+    del data["lb"]["conntrack_sync"]
+    with pytest.raises(ValueError, match="conntrack_sync is not set"):
+        render_conntrackd(parse_config(data, "t.yaml"), "/tmp/x")
+
+
+@pytest.mark.skipif(shutil.which("conntrackd") is None, reason="needs conntrackd")
+@pytest.mark.skipif(os.geteuid() != 0, reason="conntrackd needs root (netlink)")
+@pytest.mark.root
+def test_conntrackd_accepts_the_rendered_file(tmp_path: Path) -> None:
+    """conntrackd parses the file and stops at the socket (no such interface here)."""
+    conf = tmp_path / "c.conf"
+    conf.write_text(render_conntrackd(parse_config(BASE, "t.yaml"), str(tmp_path)))
+    ns = f"v6lb-ctdr-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, "conntrackd", "-C", str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    log = (tmp_path / "conntrackd.log").read_text()
+    # the parser accepted every line; it fails later, binding to v6lb-sync0, which is missing
+    assert r.returncode == 1 and "parse" not in log.lower(), log
+    assert "can't open channel socket: No such device" in log, log
