@@ -25,7 +25,6 @@ import selectors
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -286,7 +285,6 @@ class Runner:
         self._signals: list[int] = []
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
-        self._control_done = threading.Event()  # an answering thread finished: listen again
         # bgp: the BIRD speaker that announces the healthy VIPs (docs/anycast.md)
         self.announcer = Announcer.create(prepared.config, self.instance, self.log)
 
@@ -303,7 +301,11 @@ class Runner:
     def install(self) -> None:
         """Open the control socket, then apply; on failure nothing stays behind."""
         config = self.state.config
-        self.control = ControlServer(config.lb.control_socket, {"status": self.status})
+        # threaded: a status reads the kernel's objects back (``nft list``: 1-3 s with four
+        # 65537-entry maps loaded); answered in the loop, it would hold the probes up.
+        self.control = ControlServer(
+            config.lb.control_socket, {"status": self.status}, log=self.log, threaded=True
+        )
         try:
             apply(self.rendered, self.instance)
         except BaseException:
@@ -391,11 +393,10 @@ class Runner:
                         pass
                 except BlockingIOError:
                     pass
-                if self._control_done.is_set() and self.control is not None:
-                    self._control_done.clear()
-                    self.control.register(self.sel)
             elif isinstance(data, ControlServer):
-                self._answer(data)
+                data.handle(sk)  # never blocks or raises (engines/control.py)
+        if self.control is not None:
+            self.control.expire()
         if changed:
             self._sync(changed)
         while self._signals:
@@ -405,28 +406,6 @@ class Runner:
             else:
                 self.log(f"{signal.Signals(signum).name}: removing what this instance installed")
                 self._stop = True
-
-    def _answer(self, server: ControlServer) -> None:
-        """Answer one control client on a thread, so the health probes go on meanwhile.
-
-        A status reads the kernel's objects back (``nft list``: 1-3 s here with four
-        65537-entry maps loaded); answered in the loop, it held the probes up that
-        long, and a client polling status delayed failure detection by seconds.
-        The listening socket leaves the selector until the thread is done.
-        """
-        self.sel.unregister(server.sock)
-
-        def work() -> None:
-            try:
-                server.handle()
-            finally:
-                self._control_done.set()
-                try:
-                    self._wake_w.send(b"c")
-                except OSError:
-                    pass
-
-        threading.Thread(target=work, name="v6lb-control", daemon=True).start()
 
     def _sync(self, vips: set[str]) -> None:
         """Bring the pools in line with health; refill each changed VIP's map in one transaction."""

@@ -298,7 +298,9 @@ class PythonRunner:
 
     def install(self) -> None:
         """Open the control socket, remove leftovers, create the TUNs, rules and routes."""
-        self.control = ControlServer(self.config.lb.control_socket, {"status": self.status})
+        self.control = ControlServer(
+            self.config.lb.control_socket, {"status": self.status}, log=self.log
+        )
         try:
             for item in remove(self.instance):
                 self.log(f"removed leftover {item}")
@@ -406,7 +408,7 @@ class PythonRunner:
                     elif isinstance(data, ProbeTag):
                         changed |= self._probe_done(sk)
                     elif isinstance(data, ControlServer):
-                        data.handle()
+                        data.handle(sk)  # never blocks or raises (engines/control.py)
                     elif data == "wake":
                         try:
                             while self._wake_r.recv(512):
@@ -424,6 +426,7 @@ class PythonRunner:
                 while self._signals:
                     signum = self._signals.pop(0)
                     if signum == signal.SIGHUP:
+                    self.control.expire(now)  # silent control clients
                         self.reload()
                         continue
                     self.log(
