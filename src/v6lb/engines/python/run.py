@@ -420,13 +420,13 @@ class PythonRunner:
                 now = time.monotonic()
                 if now >= next_expire:
                     next_expire = now + 1.0
+                    self.control.expire(now)  # silent control clients
                     nat = self.forwarders.get("nat")
                     if nat is not None:
                         nat.expire(now, 4096)
                 while self._signals:
                     signum = self._signals.pop(0)
                     if signum == signal.SIGHUP:
-                    self.control.expire(now)  # silent control clients
                         self.reload()
                         continue
                     self.log(
