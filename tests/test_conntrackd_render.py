@@ -122,13 +122,9 @@ def test_missing_fields() -> None:
         assert err.value.path == f"lb.conntrack_sync.{key}" and "required" in err.value.message
 
 
-def test_sync_addresses_are_the_nat_vips_and_backends() -> None:
+def test_sync_addresses_are_the_nat_backends() -> None:
     config = parse_config(BASE, "t.yaml")
-    assert [str(a) for a in sync_addresses(config)] == [
-        "2001:db8:f::80",
-        "2001:db8:1::10",
-        "2001:db8:1::11",
-    ]
+    assert [str(a) for a in sync_addresses(config)] == ["2001:db8:1::10", "2001:db8:1::11"]
 
 
 def test_render_golden() -> None:
@@ -137,7 +133,8 @@ def test_render_golden() -> None:
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
     # the counts that matter, read from the text itself
-    assert text.count("IPv6_address ") == 4  # the UDP source, then 3 filter addresses
+    assert text.count("IPv6_address ") == 3  # the UDP source, then the 2 nat backends
+    assert "\tFilter From Userspace {\n" in text
     assert "\t\tIPv6_Destination_Address fd00:99::2\n" in text
     assert "\t\tHashLimit 200000\n" not in text and "\tHashLimit 200000\n" in text
     assert text.count("/run/v6lb/lb1.sock.conntrackd/") == 3  # log, lock, socket

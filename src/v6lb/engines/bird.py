@@ -35,6 +35,7 @@ __all__ = [
     "BirdMissingError",
     "ProtocolState",
     "birdc_run",
+    "die_with",
     "parse_protocols",
     "require_bird",
     "set_l4_ecmp_hash",
@@ -79,7 +80,7 @@ def set_l4_ecmp_hash(netns: str | None = None) -> None:
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def die_with(parent: int) -> Callable[[], None]:
     """A ``preexec_fn``: the child gets SIGKILL when the thread that started it exits.
 
     ``PR_SET_PDEATHSIG`` survives ``execve`` (``ip netns exec`` execs bird in
@@ -262,7 +263,7 @@ def start_bird(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
+            preexec_fn=die_with(os.getpid()) if die_with_parent else None,
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

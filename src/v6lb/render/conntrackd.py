@@ -14,9 +14,12 @@ the other instance of the site:
 * **StartupResync yes**: a restarted instance asks its peer for every entry.
 * **TCPWindowTracking off**: injected TCP entries do not check sequence windows
   (this instance never saw the segments before the move).
-* **Filter** (in the kernel): TCP, UDP and ICMPv6 entries whose addresses include a
-  nat VIP or one of its backends; the sync link itself and everything else in the
-  namespace are left out.
+* **Filter** (in conntrackd, ``From Userspace``): TCP, UDP and ICMPv6 entries with a
+  nat backend as a source address in either direction (the reply's source, for a VIP
+  flow). conntrackd's address filter compares the source of each direction only, so
+  listing the VIP would match nothing; and its kernel-space IPv6 address filter let
+  no entry through at all with conntrackd 1.4.7 on Linux 6.18 (tried). The sync link's
+  own traffic, BGP and everything else in the namespace are left out.
 * Its files (the UNIX control socket, the lock file and the log) are in
   ``workdir``, one directory per instance, so two instances never share a lock.
 """
@@ -35,12 +38,12 @@ _HASH_SIZE: Final = 32768
 
 
 def sync_addresses(config: Config) -> list[IPv6Address]:
-    """The addresses whose flows are synced: each nat VIP and each of its backends."""
+    """The addresses whose flows are synced: the backends of the nat VIPs."""
     out: list[IPv6Address] = []
     for vip in config.vips:
         if vip.mode is not VipMode.NAT:
             continue
-        for addr in (vip.address, *(b.address for b in vip.backends)):
+        for addr in (b.address for b in vip.backends):
             if addr not in out:
                 out.append(addr)
     return out
@@ -87,7 +90,7 @@ def render_conntrackd(config: Config, workdir: str) -> str:
         "\tNetlinkBufferSize 2097152",
         "\tNetlinkBufferSizeMaxGrowth 8388608",
         "\tNetlinkOverrunResync on",
-        "\tFilter From Kernelspace {",
+        "\tFilter From Userspace {",
         "\t\tProtocol Accept {",
         "\t\t\tTCP",
         "\t\t\tUDP",

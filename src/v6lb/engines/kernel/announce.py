@@ -41,13 +41,22 @@ from v6lb.core.backends import BackendPool
 from v6lb.engines.bird import Bird, BirdError, require_bird, start_bird
 from v6lb.engines.kernel.apply import KernelError, run_tool
 from v6lb.model.bgp import BgpSettings, parse_bgp
-from v6lb.model.config import Config, ConfigError
+from v6lb.model.config import Config, ConfigError, NatOptions
 from v6lb.render.bird import SpeakerRoute, render_speaker
 from v6lb.render.nftables import KERNEL_MODES, table_name
 
-__all__ = ["SELF_CHECK_INTERVAL", "AnnounceError", "Announcer", "installed_tables", "vip_prefixes"]
+__all__ = [
+    "SELF_CHECK_INTERVAL",
+    "STANDBY_MED_STEP",
+    "AnnounceError",
+    "Announcer",
+    "installed_tables",
+    "snat_routes",
+    "vip_prefixes",
+]
 
 SELF_CHECK_INTERVAL = 1.0  # seconds between two runs of the LB's own check
+STANDBY_MED_STEP = 1000  # added to the MED of a peer's SNAT address announced as standby
 
 
 class AnnounceError(KernelError):
@@ -60,6 +69,29 @@ def vip_prefixes(config: Config) -> dict[IPv6Network, list[str]]:
     for vip in config.vips:
         if vip.mode in KERNEL_MODES:
             out.setdefault(IPv6Network(f"{vip.address}/128"), []).append(vip.name)
+    return out
+
+
+def snat_routes(config: Config, settings: BgpSettings) -> dict[IPv6Network, int | None]:
+    """With ``lb.conntrack_sync``: the SNAT prefixes to announce, with their MED (None: bgp.med).
+
+    This instance's own nat ``snat`` prefixes with the speaker's MED, and the peer's
+    (``lb.conntrack_sync.peer_snat``) as /128s with a MED STANDBY_MED_STEP higher: the
+    router sends the peer's replies to the peer while it announces them, and here once
+    it is gone, where conntrackd has already put the peer's flows into the kernel.
+    Without ``lb.conntrack_sync`` nothing: SNAT addresses are then not announced.
+    """
+    sync = config.lb.conntrack_sync
+    if sync is None:
+        return {}
+    out: dict[IPv6Network, int | None] = {}
+    for vip in config.vips:
+        opts = vip.options
+        if isinstance(opts, NatOptions) and opts.snat is not None:
+            out[opts.snat] = None
+    standby = min((settings.med or 0) + STANDBY_MED_STEP, 0xFFFF_FFFF)
+    for addr in sync.peer_snat:
+        out.setdefault(IPv6Network(f"{addr}/128"), standby)
     return out
 
 
@@ -97,7 +129,8 @@ class Announcer:
         self.workdir = workdir
         self.log = log
         self.prefixes = vip_prefixes(config)
-        self.announced: dict[IPv6Network, bool] = dict.fromkeys(self.prefixes, False)
+        self.snat = snat_routes(config, settings)  # announced while the self-check passes
+        self.announced: dict[IPv6Network, bool] = dict.fromkeys([*self.prefixes, *self.snat], False)
         self.bird: Bird | None = None
         self.last_error: str | None = None
         self.changes = 0
@@ -130,6 +163,7 @@ class Announcer:
 
     def _render(self, up: Mapping[IPv6Network, bool]) -> str:
         routes = [SpeakerRoute(p, up=up.get(p, False)) for p in self.prefixes]
+        routes += [SpeakerRoute(p, med=m, up=up.get(p, False)) for p, m in self.snat.items()]
         return render_speaker(self.instance, self.settings, routes)
 
     def _kill_stale(self) -> None:
@@ -165,10 +199,13 @@ class Announcer:
 
     def _wanted(self, pools: Mapping[str, BackendPool]) -> dict[IPv6Network, bool]:
         healthy = self.self_problem is None
-        return {
+        want = {
             p: healthy and any(n in pools and pools[n].any_eligible for n in names)
             for p, names in self.prefixes.items()
         }
+        for p in self.snat:
+            want.setdefault(p, healthy)
+        return want
 
     def _watch_sessions(self, bird: Bird) -> None:
         """Log every change of a BGP session's state (a peer that sends garbage, or drops).
@@ -244,6 +281,8 @@ class Announcer:
             self.announced[prefix] = want
             self.changes += 1
             why = "a backend is up" if want else "no backend is up"
+            if prefix in self.snat and prefix not in self.prefixes:
+                why = "SNAT address" if self.snat[prefix] is None else "peer's SNAT, standby"
             if not want and self.self_problem is not None:
                 why = "the self-check fails"
             self.log(f"bgp: {'announced' if want else 'withdrew'} {prefix} ({why})")
@@ -260,6 +299,7 @@ class Announcer:
             self.log("bgp: the bgp: section is gone; it takes effect at the next start")
             return
         self.settings, self.prefixes = settings, vip_prefixes(config)
+        self.snat = snat_routes(config, settings)
         self.expected_tables = installed_tables(self.instance) or self.expected_tables
         self.self_problem = None  # the reload has just applied the data plane again
         up = self._wanted(pools)
