@@ -25,10 +25,12 @@ from v6lb.render.nftables import (
     map_names,
     nat_maps,
     render_backend_nft,
+    render_forward_nft,
     render_map_update,
     render_nft,
     render_remove,
     unserved_counters,
+    vip_prefixes,
 )
 from v6lb.render.routes import (
     ROUTE_PROTO,
@@ -225,6 +227,39 @@ def test_golden_dsr_backend() -> None:
 def test_golden_npt() -> None:
     c = config(NPT_FILE, "npt")
     check_golden("npt.rules", render_npt(c.npt, c.lb.instance))
+
+
+FORWARD_FILE = {
+    "lb": {
+        "instance": "g4",
+        "conntrack_max": 5000,
+        "forward_allow": ["fd00:77::/64", {"from": "2001:db8:0:20::/64", "to": "2001:db8:99::/48"}],
+    },
+    "vips": [dict(NAT_FILE["vips"][0], name="web")],  # type: ignore[index]
+    "npt": NPT_FILE["npt"],
+}
+PYTHON_TUNS = ("v6lb-g4-no", "v6lb-g4-ni", "v6lb-g4-po", "v6lb-g4-pi")
+
+
+def test_golden_forward_filters() -> None:
+    """The forward filter of both planes: nat + npt + lb.forward_allow; npt alone."""
+    c = config(FORWARD_FILE, "forward")
+    check_golden("forward-kernel.nft", render_nft(c))
+    check_golden("forward-python.nft", render_forward_nft(c, PYTHON_TUNS))
+    check_golden("forward-npt-only.nft", render_nft(config(NPT_FILE, "npt")))
+
+
+def test_forward_filter_rules_carry_the_tag_and_end_in_a_counted_drop() -> None:
+    c = config(FORWARD_FILE, "forward")
+    for text in (render_nft(c), render_forward_nft(c, PYTHON_TUNS)):
+        chain = text.split("\tchain forward {\n", 1)[1].split("\n\t}", 1)[0].splitlines()[1:]
+        assert all('comment "v6lb:g4' in rule for rule in chain), chain
+        assert chain[0].strip().startswith("ct state established,related accept")
+        assert chain[-1].strip().startswith('counter name "forward_denied" drop')
+        assert "ct count" not in text or "ct count over 5000" in text
+        for line in text.splitlines():
+            assert not ADDRESS_THEN_BRACE.search(line), line
+    assert vip_prefixes(c) == [IPv6Network("2001:db8:0:10::/64")]
 
 
 def test_golden_remove_and_map_update() -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DsrL2Options",
+    "ForwardAllow",
     "HealthCheck",
     "HealthType",
     "LbSettings",
@@ -224,6 +225,18 @@ class NptPair:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardAllow:
+    """``lb.forward_allow``: traffic the LB may route besides its own (``::/0`` = any)."""
+
+    source: IPv6Network
+    destination: IPv6Network
+
+
+CONNTRACK_MIN: Final = 16
+"""Smallest ``lb.conntrack_max``: fewer flows than one browser opens is a typo, not a policy."""
+
+
+@dataclass(frozen=True, slots=True)
 class LbSettings:
     """The LB's own identity; the defaults apply when ``lb:`` is absent."""
 
@@ -236,6 +249,7 @@ class LbSettings:
     flow_cache_size: int = 65_536
     icmp_error_rate: int = 100
     icmp_error_burst: int = 20
+    forward_allow: tuple[ForwardAllow, ...] = ()
     conntrack_sync: ConntrackSync | None = None  # docs/anycast.md
 
 
@@ -396,6 +410,7 @@ _LB_KEYS: Final = (
     "flow_cache_size",
     "icmp_error_rate",
     "icmp_error_burst",
+    "forward_allow",
     "conntrack_sync",
 )
 # The instance name goes into tags such as the interface prefix `v6lb-NAME`, which
@@ -459,7 +474,11 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
             "flow_hash_seed", d.flow_hash_seed, lo=0, hi=0xFFFF_FFFF, noun="jhash seed (32 bits)"
         ),
         conntrack_max=f.integer(
-            "conntrack_max", d.conntrack_max, lo=1, hi=1 << 26, noun="number of tracked flows"
+            "conntrack_max",
+            d.conntrack_max,
+            lo=CONNTRACK_MIN,
+            hi=1 << 26,
+            noun="number of tracked flows",
         ),
         flow_cache_size=f.integer(
             "flow_cache_size",
@@ -482,6 +501,7 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
             hi=1_000_000,
             noun="burst of ICMPv6 errors",
         ),
+        forward_allow=_parse_forward_allow(f),
         conntrack_sync=parse_conntrack_sync(
             f.get("conntrack_sync"),
             f.at("conntrack_sync"),
@@ -491,6 +511,38 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
         if f.has("conntrack_sync")
         else None,
     )
+
+
+_ANY: Final = IPv6Network("::/0")
+_ALLOW_EXAMPLE: Final = '["fd00:20::/64", {from: "fd00:20::/64", to: "::/0"}]'
+
+
+def _parse_forward_allow(f: Fields) -> tuple[ForwardAllow, ...]:
+    """``forward_allow``: a prefix (to or from it) or ``{from: PREFIX, to: PREFIX}``."""
+    if not f.has("forward_allow"):
+        return ()
+    w = f.at("forward_allow")
+    out: list[ForwardAllow] = []
+    for i, item in enumerate(as_list(f.get("forward_allow"), w, example=_ALLOW_EXAMPLE)):
+        wi = w.index(i)
+        if isinstance(item, str):
+            net = as_ipv6_prefix(item, wi)
+            entries = [ForwardAllow(_ANY, net), ForwardAllow(net, _ANY)]
+        else:
+            e = Fields(item, wi, "a `forward_allow` entry")
+            e.reject_unknown(("from", "to"))
+            if not (e.has("from") or e.has("to")):
+                raise wi.error(
+                    "a forward_allow entry needs `from:`, `to:` or both",
+                    'write {from: PREFIX, to: PREFIX}, or just the prefix: "fd00:20::/64"',
+                )
+            src = as_ipv6_prefix(e.get("from"), e.at("from")) if e.has("from") else _ANY
+            dst = as_ipv6_prefix(e.get("to"), e.at("to")) if e.has("to") else _ANY
+            entries = [ForwardAllow(src, dst)]
+        for entry in entries:
+            if entry not in out:
+                out.append(entry)
+    return tuple(out)
 
 
 # --- vips: -----------------------------------------------------------------------

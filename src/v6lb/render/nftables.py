@@ -69,23 +69,27 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv6Address
+from ipaddress import IPv6Address, IPv6Network
 from typing import Final
 
 from v6lb.core.backends import BackendPool, BackendSpec
 from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.model.config import Config, NatOptions, Vip, VipMode
 from v6lb.render.routes import (
+    TAG_SPAN,
     BackendHost,
     RenderError,
     backend_vips,
     decap_address,
     host_addresses,
+    instance_tag,
     lb_sources,
     tunnel_targets,
 )
 
 __all__ = [
+    "CONNTRACK_FULL",
+    "FORWARD_COUNTERS",
     "KERNEL_MODES",
     "L2Ports",
     "NatMap",
@@ -95,11 +99,13 @@ __all__ = [
     "nat_maps",
     "render_backend_nft",
     "render_map_update",
+    "render_forward_nft",
     "render_nft",
     "render_remove",
     "table_name",
     "unserved_counters",
     "vip_counter",
+    "vip_prefixes",
     "vip_object_name",
 ]
 
@@ -107,6 +113,12 @@ KERNEL_MODES: Final = (VipMode.NAT, VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.
 _FAMILIES: Final = ("ip6", "netdev")
 _TUNNEL_MODES: Final = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
 _NAME_SAFE: Final = re.compile(r"[^A-Za-z0-9_]")
+_ANY: Final = IPv6Network("::/0")
+VIP_PREFIX_LEN: Final = 64
+"""The VIP prefix: the /64 around each VIP (the subnet a router sends to the LB)."""
+CONNTRACK_FULL: Final = "conntrack_full"
+FORWARD_COUNTERS: Final = ("forward_denied", "forward_unreachable", "forward_allowed")
+"""The forward filter's named counters: dropped, answered with a Destination Unreachable, let through by ``lb.forward_allow``."""
 
 
 def table_name(instance: str) -> str:
@@ -298,6 +310,142 @@ def _guard_rules(config: Config, *, nat: bool) -> list[str]:
     return rules
 
 
+# --- the forward filter and the flow bound -----------------------------------------
+
+
+def _l3_vips(config: Config) -> list[Vip]:
+    return [v for v in config.vips if v.mode in KERNEL_MODES]
+
+
+def vip_prefixes(config: Config) -> list[IPv6Network]:
+    """The VIP prefixes: the /64 around each ``nat``/``dsr-*`` VIP, once each.
+
+    A router sends the VIP subnet to the LB; an address in it that is no VIP
+    would go back to the router by the LB's default route, and loop.
+    """
+    return list(
+        dict.fromkeys(
+            IPv6Network((v.address, VIP_PREFIX_LEN), strict=False) for v in _l3_vips(config)
+        )
+    )
+
+
+def _set_block(name: str, kind: str, comment: str, elements: Sequence[object]) -> list[str]:
+    # One element per line, ending with a comma (the nft 1.0.6 quirk, as in _elements).
+    lines = [f"\tset {name} {{", f"\t\ttype {kind}"]
+    if any(isinstance(e, IPv6Network) for e in elements):
+        lines.append("\t\tflags interval")
+    lines.append(f'\t\tcomment "{comment}"')
+    if elements:
+        lines += ["\t\telements = {", *(f"\t\t\t{e}," for e in elements), "\t\t}"]
+    lines.append("\t}")
+    return lines
+
+
+def _nat_addresses(config: Config) -> list[IPv6Address]:
+    return list(dict.fromkeys(v.address for v in config.vips if v.mode is VipMode.NAT))
+
+
+def _forward_objects(config: Config, *, kernel: bool) -> list[str]:
+    tag = _tag(config)
+    meaning = {
+        "forward_denied": "dropped: routed through the LB but not v6lb's traffic",
+        "forward_unreachable": "answered with Destination Unreachable: no VIP at that address",
+        "forward_allowed": "new flows let through by lb.forward_allow",
+    }
+    objects: list[str] = []
+    for name in FORWARD_COUNTERS:
+        if name != "forward_allowed" or config.lb.forward_allow:
+            objects += _counter_block(name, f"{tag}: {meaning[name]}")
+    vips = list(dict.fromkeys(v.address for v in _l3_vips(config)))
+    if vips:
+        objects += _set_block("vips", "ipv6_addr", f"{tag}: the VIP addresses", vips)
+        objects += _set_block(
+            "vip_prefixes", "ipv6_addr", f"{tag}: the /64 of each VIP", vip_prefixes(config)
+        )
+    if kernel and _nat_addresses(config):
+        objects += _set_block(
+            "nat_vips", "ipv6_addr", f"{tag}: addresses of nat VIPs", _nat_addresses(config)
+        )
+    if config.npt:
+        inside = list(dict.fromkeys(p.inside for p in config.npt))
+        objects += _set_block("npt_inside", "ipv6_addr", f"{tag}: npt inside prefixes", inside)
+    return objects
+
+
+def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
+    """The ``forward`` chain: v6lb's traffic passes, the rest is counted and dropped.
+
+    ``tuns``: the Python data plane's TUN devices (None: the kernel data plane).
+    """
+    tag = _tag(config)
+    rules = [
+        f'ct state established,related accept comment "{tag}: later packets and replies'
+        ' of flows this chain let through"'
+    ]
+    if config.npt:
+        # NPT translates statelessly: a source inside must come from the inside.
+        rules.append(
+            'ip6 saddr @npt_inside fib saddr . iif oif missing counter name "forward_denied"'
+            f' drop comment "{tag}: an npt inside source that did not come from the inside"'
+        )
+    if tuns is None:
+        if _nat_addresses(config):
+            rules.append(
+                "ct status dnat ct original ip6 daddr @nat_vips accept"
+                f' comment "{tag}: new flows of the nat VIPs"'
+            )
+        if tunnel_targets(config):
+            tag_mark = instance_tag(config.lb.instance)
+            rules.append(
+                f"meta mark & {-TAG_SPAN & 0xFFFFFFFF:#010x} == {tag_mark:#010x} accept"
+                f' comment "{tag}: tunnel DSR, encapsulated (the backend\'s mark)"'
+            )
+        if config.npt:
+            rules += [
+                "ct state untracked ip6 daddr @npt_inside accept"
+                f' comment "{tag}: npt, outside to inside (DNPT, NOTRACK)"',
+                "ct state untracked ip6 saddr @npt_inside accept"
+                f' comment "{tag}: npt, inside to outside (SNPT, NOTRACK)"',
+            ]
+    elif tuns:
+        names = ", ".join(f'"{t}"' for t in tuns)
+        rules += [
+            f'oifname {{ {names} }} accept comment "{tag}: into the python data plane"',
+            f'iifname {{ {names} }} accept comment "{tag}: out of the python data plane"',
+        ]
+    for a in config.lb.forward_allow:
+        match = " ".join(
+            f"ip6 {field} {net}"
+            for field, net in (("saddr", a.source), ("daddr", a.destination))
+            if net != _ANY
+        )
+        rules.append(
+            f'{match or "meta nfproto ipv6"} counter name "forward_allowed" accept'
+            f' comment "{tag}: lb.forward_allow"'
+        )
+    if _l3_vips(config):
+        rules.append(
+            "ip6 daddr @vip_prefixes ip6 daddr != @vips"
+            ' counter name "forward_unreachable" reject with icmpv6 addr-unreachable'
+            f' comment "{tag}: no VIP at this address of a VIP prefix (never back to the router)"'
+        )
+    rules.append(f'counter name "forward_denied" drop comment "{tag}: not v6lb\'s traffic"')
+    return rules
+
+
+def _conntrack_limit(config: Config) -> list[str]:
+    """``lb.conntrack_max`` for the ``nat`` VIPs: new flows over the bound are dropped."""
+    if not _nat_addresses(config):
+        return []
+    n = config.lb.conntrack_max
+    return [
+        f"ip6 daddr @nat_vips ct state new ct count over {n}"
+        f' counter name "{CONNTRACK_FULL}" drop'
+        f' comment "{_tag(config)}: lb.conntrack_max {n} live nat flows"'
+    ]
+
+
 # --- the ruleset -------------------------------------------------------------------
 
 
@@ -334,8 +482,13 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
     # The DSR guards go after the balancing rules, which end in "accept": a packet that
     # a balancing rule takes is served, so the guard could not drop it; this way it
     # skips the guard's set lookup (measured: docs/benchmarks.md).
+    objects += _forward_objects(config, kernel=True)
+    if _nat_addresses(config):
+        objects += _counter_block(
+            CONNTRACK_FULL, f"{tag}: new nat flows dropped at lb.conntrack_max"
+        )
     mangle: list[str] = []
-    nat_pre = _guard_rules(config, nat=True)
+    nat_pre = _guard_rules(config, nat=True) + _conntrack_limit(config)
     nat_post: list[str] = []
     marks: dict[str, dict[int, int]] = {}
     for t in tunnel_targets(config):
@@ -376,14 +529,13 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
                 f' meta mark set meta mark map @{name} accept comment "{tag} {vip.name}"'
             )
     mangle += _guard_rules(config, nat=False)
-    if not (objects or mangle):
-        return []
     lines = [f"table ip6 {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += objects
     for chain, hook, rules in (
         ("mangle_pre", "filter hook prerouting priority mangle", mangle),
         ("nat_pre", "nat hook prerouting priority dstnat", nat_pre),
         ("nat_post", "nat hook postrouting priority srcnat", nat_post),
+        ("forward", "filter hook forward priority filter", _forward_rules(config, None)),
     ):
         if rules:
             lines += _chain(chain, hook, rules)
@@ -496,6 +648,24 @@ def render_nft(
     lines += _reset(config.lb.instance)
     lines += _ip6_table(config, p)
     lines += _netdev_table(config, p, l2, backend_macs or {})
+    return "\n".join(lines) + "\n"
+
+
+def render_forward_nft(config: Config, tuns: Sequence[str]) -> str:
+    """The Python data plane's nftables state: the forward filter only, one transaction.
+
+    What the kernel steers into the ``tuns`` (and what they emit) is the core's
+    to judge; everything else routed through the host is v6lb's forward policy.
+    """
+    tag = _tag(config)
+    lines = [
+        f"# {tag}: python data plane forward filter from {config.source}; load with: nft -f FILE"
+    ]
+    lines += _reset(config.lb.instance)
+    lines += [f"table ip6 {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
+    lines += _forward_objects(config, kernel=False)
+    lines += _chain("forward", "filter hook forward priority filter", _forward_rules(config, tuns))
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 

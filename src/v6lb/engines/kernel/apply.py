@@ -30,7 +30,14 @@ from typing import Final
 from v6lb.core.backends import BackendPool
 from v6lb.model.config import Config
 from v6lb.render.ip6tables import empty_tables, render_npt, splice, tagged_rules, tagged_tables
-from v6lb.render.nftables import L2Ports, render_nft, render_remove, table_name
+from v6lb.render.nftables import (
+    CONNTRACK_FULL,
+    FORWARD_COUNTERS,
+    L2Ports,
+    render_nft,
+    render_remove,
+    table_name,
+)
 from v6lb.render.routes import ROUTE_PROTO, TAG_SPAN, instance_tag, render_lb_routes
 
 APT_PACKAGES: Final = {
@@ -168,6 +175,51 @@ def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[
         if c and c["table"] == name:
             out[c["name"]] = (int(c["packets"]), int(c["bytes"]))
     return out
+
+
+def conntrack_count(addresses: Sequence[IPv6Address], *, netns: str | None = None) -> int | None:
+    """Live conntrack entries whose original destination is one of ``addresses``.
+
+    What the ``ct count`` of ``lb.conntrack_max`` counts: TIME_WAIT and CLOSE
+    entries are left out, as nf_conncount does. None without the ``conntrack``
+    tool (apt-get install conntrack) or when it fails.
+    """
+    if not addresses or shutil.which("conntrack") is None:
+        return None
+    total = 0
+    for address in addresses:
+        r = run_tool(["conntrack", "-L", "-f", "ipv6", "--orig-dst", str(address)], netns=netns)
+        if r.returncode != 0:
+            return None
+        for line in r.stdout.splitlines():
+            words = line.split()
+            if words and words[0] != "conntrack" and not {"TIME_WAIT", "CLOSE"} & set(words):
+                total += 1
+    return total
+
+
+def limits_status(
+    config: Config,
+    counters: Mapping[str, tuple[int, int]],
+    *,
+    count: int | None,
+) -> dict[str, object]:
+    """The ``forward`` and ``conntrack`` blocks of ``v6lb status``, the same for both planes.
+
+    ``counters``: the instance's named nft counters (name -> packets, bytes);
+    ``count``: the live nat flows (None when unknown). ``conntrack_full`` is
+    the new flows dropped at ``lb.conntrack_max`` (the kernel's named counter,
+    or the core's ``conntrack-full`` drops).
+    """
+    forward = {name: counters.get(name, (0, 0))[0] for name in FORWARD_COUNTERS}
+    return {
+        "forward": forward,
+        "conntrack": {
+            "conntrack_max": config.lb.conntrack_max,
+            "conntrack": count,
+            "conntrack_full": counters.get(CONNTRACK_FULL, (0, 0))[0],
+        },
+    }
 
 
 # --- ip6tables ---------------------------------------------------------------------

@@ -42,7 +42,9 @@ from v6lb.engines.kernel.apply import (
     Rendered,
     apply,
     apply_nft,
+    conntrack_count,
     in_instance_block,
+    limits_status,
     nft_json,
     remove,
     render_lb,
@@ -482,6 +484,8 @@ class Runner:
         config = st.config
         kernel = kernel_objects(self.instance)
         counters = {name: (c["packets"], c["bytes"]) for name, c in kernel["nft_counters"].items()}
+        nat_addresses = list(dict.fromkeys(v.address for v in config.vips if v.mode is VipMode.NAT))
+        limits = limits_status(config, counters, count=conntrack_count(nat_addresses))
         vips = []
         for vip in config.vips:
             if vip.mode not in KERNEL_MODES:
@@ -535,6 +539,7 @@ class Runner:
             "vips": vips,
             "npt": [{"inside": str(p.inside), "outside": str(p.outside)} for p in config.npt],
             "kernel": kernel,
+            **limits,
             "bgp": self.announcer.status() if self.announcer is not None else None,
             "events": list(self.events),
         }

@@ -52,7 +52,10 @@ from v6lb.core.verdict import (
 from v6lb.engines.control import ControlServer
 from v6lb.engines.kernel.apply import (
     KernelError,
+    apply_nft,
     in_instance_block,
+    limits_status,
+    nft_counters,
     nft_json,
     remove,
     require_root,
@@ -71,6 +74,7 @@ from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadlin
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
+from v6lb.render.nftables import render_forward_nft
 from v6lb.render.routes import ROUTE_PROTO
 from v6lb.wire.checksum import fill_l4_checksum
 from v6lb.wire.constants import NH_TCP, NH_UDP
@@ -335,6 +339,8 @@ class PythonRunner:
                     f"installing the steering rules failed: {r.stderr.strip()}",
                     "check that the kernel has policy routing (ip -6 rule) and TUN",
                 )
+            # Not an open relay: what the host routes around the TUNs is v6lb's policy.
+            apply_nft(render_forward_nft(self.config, self.steering.names()))
         except BaseException:
             self.teardown()
             raise
@@ -522,10 +528,12 @@ class PythonRunner:
                 if hs.state(i) is HealthState.DOWN
             }
             new = _health_state(config, _pools(forwarders), time.monotonic(), down)
+            apply_nft(render_forward_nft(config, steering.names()))
             lines = _steering_diff(self.steering, steering)
             if lines:
                 r = run_tool(["ip", "-6", "-batch", "-"], netns=None, stdin=lines)
                 if r.returncode != 0:
+                    apply_nft(render_forward_nft(self.config, self.steering.names()))
                     raise RunError(f"updating the steering rules failed: {r.stderr.strip()}", "")
         except (KernelError, OSError, ValueError) as exc:
             text = exc.message if isinstance(exc, KernelError) else str(exc)
@@ -839,8 +847,15 @@ class PythonRunner:
             )
         try:
             kernel = _kernel_objects(self.instance)
+            counters = nft_counters(self.instance)
         except Exception as exc:  # a status request must never stop the data plane
             kernel = {"error": f"{type(exc).__name__}: {exc}"}
+            counters = {}
+        nat = self.forwarders.get("nat")
+        if nat is not None:
+            full = nat.counters.drops[Reason.CONNTRACK_FULL]
+            counters["conntrack_full"] = (full, 0)
+        limits = limits_status(config, counters, count=len(nat.conntrack) if nat else None)
         return {
             "instance": self.instance,
             "pid": os.getpid(),
@@ -858,6 +873,7 @@ class PythonRunner:
             "engine": engine,
             "devices": devices,
             "kernel": kernel,
+            **limits,
             "events": list(self.events),
         }
 
