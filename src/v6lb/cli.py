@@ -806,6 +806,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
         out.append("  withdrawn: " + (", ".join(bgp.get("withdrawn", [])) or "none"))
         for name, sess in bgp.get("sessions", {}).items():
             out.append(f"  {sess.get('proto')} {name}: {sess.get('state')} {sess.get('info')}")
+    sync = st.get("conntrack_sync")
+    if sync:
+        alive = "running" if sync.get("running") else "NOT running"
+        out.append(
+            f"conntrack sync: conntrackd {alive} (pid {sync.get('pid')}),"
+            f" [{sync.get('address')}] -> [{sync.get('peer')}]:{sync.get('port')}"
+            f" on {sync.get('interface')}, last error: {sync.get('last_error') or 'none'}"
+        )
+        s = sync.get("stats") or {}
+        inj = s.get("injected") or {}
+        if inj:
+            out.append(
+                "  injected from the peer: "
+                + ", ".join(f"{k} {v['ok']} (failed {v['failed']})" for k, v in inj.items())
+            )
+        if "packets_sent" in s:
+            out.append(
+                f"  sync packets sent {s['packets_sent']}, received {s['packets_received']},"
+                f" lost {s.get('lost')}"
+            )
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 

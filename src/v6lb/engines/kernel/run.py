@@ -52,6 +52,7 @@ from v6lb.engines.kernel.apply import (
     require_tools,
     run_tool,
 )
+from v6lb.engines.kernel.conntrackd import ConntrackSyncer
 from v6lb.engines.kernel.host import HostError, Links, check_lb_host, enter_netns
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.model.config import Config, ConfigError, HealthType, VipMode, load_config
@@ -289,6 +290,8 @@ class Runner:
         self._wake_r, self._wake_w = socket.socketpair()
         # bgp: the BIRD speaker that announces the healthy VIPs (docs/anycast.md)
         self.announcer = Announcer.create(prepared.config, self.instance, self.log)
+        # lb.conntrack_sync: the conntrackd that replicates NAT flows (docs/anycast.md)
+        self.syncer = ConntrackSyncer.create(prepared.config, self.instance, self.log)
 
     def log(self, message: str) -> None:
         now = time.time()
@@ -314,6 +317,12 @@ class Runner:
             self.control.close()
             self.control = None
             raise
+        if self.syncer is not None:  # syncing before the VIPs are announced
+            try:
+                self.syncer.start()
+            except BaseException:
+                self.teardown()
+                raise
         if self.announcer is not None:
             try:
                 self.announcer.start(self.state.pools)
@@ -332,6 +341,8 @@ class Runner:
     def teardown(self) -> list[str]:
         if self.announcer is not None:
             self.announcer.stop()  # withdraw first: routers stop sending before the maps go
+        if self.syncer is not None:
+            self.syncer.stop()
         self.prober.close()
         if self.control is not None:
             self.control.close(self.sel)
@@ -375,6 +386,8 @@ class Runner:
             self._sync(changed)
         if self.announcer is not None:
             self.announcer.check(now, st.pools)  # the LB's own check (docs/anycast.md)
+        if self.syncer is not None:
+            self.syncer.check(now)
         timeout = max(0.0, health_deadline(st.health, now) - time.monotonic())
         changed = set()
         for sk, _ in self.sel.select(timeout):
@@ -475,6 +488,8 @@ class Runner:
         self.log(f"reloaded {self.path}: {len(new.pools)} VIP(s)")
         if self.announcer is not None:
             self.announcer.reconfigure(config, new.pools)
+        if self.syncer is not None:
+            self.syncer.reconfigure(config)
         return True
 
     # --- status ------------------------------------------------------------------
@@ -541,6 +556,7 @@ class Runner:
             "kernel": kernel,
             **limits,
             "bgp": self.announcer.status() if self.announcer is not None else None,
+            "conntrack_sync": self.syncer.status() if self.syncer is not None else None,
             "events": list(self.events),
         }
 
