@@ -45,6 +45,7 @@ from v6lb.model.schema import (
     as_number,
     as_str,
     describe,
+    quote,
     require_unicast,
 )
 
@@ -229,7 +230,7 @@ def _router_id(value: object, w: Where) -> str:
     try:
         rid = IPv4Address(value.strip())
     except AddressValueError:
-        raise w.error(f"{value!r} is not a router id", fix) from None
+        raise w.error(f"{quote(value)} is not a router id", fix) from None
     if int(rid) == 0:
         raise w.error("router id 0.0.0.0 is not allowed (RFC 6286)", fix)
     return str(rid)
@@ -265,7 +266,7 @@ def _neighbour(value: object, w: Where, i: int) -> Neighbour:
     name = f.string("name", f"peer{i}", example="name: upstream")
     if not name.replace("_", "a").isalnum() or not name[0].isalpha() or len(name) > 32:
         raise f.at("name").error(
-            f"{name!r} is not a usable protocol name",
+            f"{quote(name)} is not a usable protocol name",
             "use 1 to 32 letters, digits and '_', starting with a letter",
         )
     interface = None
@@ -273,7 +274,7 @@ def _neighbour(value: object, w: Where, i: int) -> Neighbour:
         interface = as_str(f.get("interface"), f.at("interface"), example="interface: up0")
         if len(interface) > 15 or '"' in interface or "/" in interface or " " in interface:
             raise f.at("interface").error(
-                f"{interface!r} is not a Linux interface name",
+                f"{quote(interface)} is not a Linux interface name",
                 "use at most 15 characters without spaces, quotes or '/'",
             )
     local_pref = None

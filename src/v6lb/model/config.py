@@ -21,8 +21,7 @@ from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Final
 
-import yaml
-
+from v6lb.model.config_read import read_yaml
 from v6lb.model.conntrack_sync import ConntrackSync, check_sync, parse_conntrack_sync
 from v6lb.model.schema import (
     ConfigError,
@@ -35,6 +34,7 @@ from v6lb.model.schema import (
     as_ipv6_prefix,
     as_list,
     as_str,
+    quote,
     require_unicast,
 )
 
@@ -280,69 +280,14 @@ class Config:
 # --- reading the file ------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+def load_config(path: str | Path, *, max_bytes: int | None = None) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError` on any problem.
 
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[object, object]:
-    seen: dict[object, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.get(key)
-        except TypeError:  # an unhashable key: construct_mapping reports it
-            continue
-        if first is not None:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first given on line {first + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=True)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_config(path: str | Path) -> Config:
-    """Read and validate a config file; raise :class:`ConfigError` on any problem."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            file, "", f"the file is not UTF-8 text ({exc.reason})", "save it as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            file,
-            "",
-            f"cannot read the file: {exc.strerror or exc}",
-            "check the file name and that it is readable",
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        if problem.startswith("duplicate key"):
-            raise ConfigError(file, where, problem, "keep one of the two") from None
-        raise ConfigError(
-            file,
-            where,
-            f"YAML syntax error: {problem}",
-            "correct the YAML there (indentation, a missing ':' or an unclosed quote or bracket)",
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            file, "", f"YAML error: {exc}", "save the file as plain UTF-8 YAML"
-        ) from None
-    return parse_config(data, file)
+    The file is read within the limits of :mod:`v6lb.model.config_read`: at most
+    ``max_bytes`` bytes (default: ``V6LB_MAX_CONFIG_BYTES``, else 16 MiB), nesting
+    at most 32 deep, bounded numbers and alias expansion.
+    """
+    return parse_config(read_yaml(path, max_bytes=max_bytes), str(path))
 
 
 # --- the top level ---------------------------------------------------------------
@@ -430,7 +375,7 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
     instance = f.string("instance", d.instance, example="instance: lb1")
     if not _INSTANCE_RE.fullmatch(instance):
         raise f.at("instance").error(
-            f"{instance!r} is not a valid instance name",
+            f"{quote(instance)} is not a valid instance name",
             "use 1 to 10 characters of a-z, 0-9 and '-', starting with a letter or digit"
             " (it becomes part of interface and nft table names)",
         )
@@ -451,7 +396,7 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
             name = as_str(item, w.index(i), example="an interface name such as eth0")
             if not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
                 raise w.index(i).error(
-                    f"{name!r} is not a valid Linux interface name",
+                    f"{quote(name)} is not a valid Linux interface name",
                     "use 1 to 15 characters without spaces, '/', ':' or '%'",
                 )
             if name in interfaces:
@@ -462,8 +407,19 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
     )
     if not socket_path.startswith("/") or len(socket_path.encode()) > _SUN_PATH_MAX:
         raise f.at("control_socket").error(
-            f"{socket_path!r} is not usable as a Unix socket path",
+            f"{quote(socket_path)} is not usable as a Unix socket path",
             f"use an absolute path of at most {_SUN_PATH_MAX} bytes, such as /run/v6lb/{instance}.sock",
+        )
+    if ".." in socket_path.split("/"):
+        raise f.at("control_socket").error(
+            f"{quote(socket_path)} has a '..' component, so it names a place outside the"
+            " directory it seems to be in",
+            f"write the path without '..', such as /run/v6lb/{instance}.sock",
+        )
+    if not socket_path.isprintable():
+        raise f.at("control_socket").error(
+            f"{quote(socket_path)} holds a control character (a NUL or a newline, say)",
+            f"use plain characters, such as /run/v6lb/{instance}.sock",
         )
     return LbSettings(
         instance=instance,
@@ -608,7 +564,7 @@ def _parse_vip(value: object, where: Where, lb: LbSettings) -> Vip:
     name = as_str(f.required("name", "web"), f.at("name"), example="name: web")
     if not _NAME_RE.fullmatch(name):
         raise f.at("name").error(
-            f"{name!r} is not a valid VIP name",
+            f"{quote(name)} is not a valid VIP name",
             "use 1 to 63 characters of letters, digits, '.', '_' and '-'",
         )
     address = require_unicast(
@@ -625,6 +581,7 @@ def _parse_vip(value: object, where: Where, lb: LbSettings) -> Vip:
         )
     scheduler, table_size = _parse_scheduler(f, mode)
     backends = _parse_backends(f, mode, ports)
+    _check_backends_not_lb(backends, f.at("backends"), mode, lb)
     if table_size is not None and table_size < len(backends):
         raise f.at("table_size").error(
             f"a Maglev table of {table_size} entries cannot hold {len(backends)} backends",
@@ -642,6 +599,23 @@ def _parse_vip(value: object, where: Where, lb: LbSettings) -> Vip:
         options=_parse_options(f, mode, lb),
         table_size=table_size,
     )
+
+
+def _check_backends_not_lb(
+    backends: tuple[Backend, ...], where: Where, mode: VipMode, lb: LbSettings
+) -> None:
+    # Forwarding to the LB's own address sends every packet back to the LB: a loop.
+    for k, backend in enumerate(backends):
+        if backend.address in lb.addresses:
+            i = lb.addresses.index(backend.address)
+            fix = "a backend must be a real server's own address, not the LB's"
+            if mode.is_proxy:
+                fix += " (for a service on the LB host itself, use ::1)"
+            raise (
+                where.index(k)
+                .key("address")
+                .error(f"{backend.address} is the LB's own address (lb.addresses[{i}])", fix)
+            )
 
 
 def _parse_mode(f: Fields) -> VipMode:
@@ -775,7 +749,7 @@ def _parse_backend(value: object, where: Where, mode: VipMode, ports: tuple[int,
         mac = as_str(f.get("mac"), f.at("mac"), example="mac: '02:00:00:00:00:01'").lower()
         if not _MAC_RE.fullmatch(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
             raise f.at("mac").error(
-                f"{mac!r} is not a unicast MAC address",
+                f"{quote(mac)} is not a unicast MAC address",
                 "write six hex bytes in quotes, for example '02:00:00:00:00:01'",
             )
     sid: IPv6Address | None = None
@@ -836,7 +810,7 @@ def _parse_health(vip: Fields, protocol: Protocol) -> HealthCheck:
         path = f.string("path", "/", example="path: /healthz")
         if not _PATH_RE.fullmatch(path):
             raise f.at("path").error(
-                f"{path!r} is not an HTTP request path",
+                f"{quote(path)} is not an HTTP request path",
                 "start it with '/' and use no spaces, for example /healthz",
             )
     port: int | None = None
@@ -909,7 +883,9 @@ def _parse_nat(f: Fields) -> NatOptions:
         if snat is None:
             raise where.error("snat_ports without snat does nothing", "add `snat:` or remove it")
         value = f.get("snat_ports")
-        match = re.fullmatch(r"(\d+)-(\d+)", value.strip()) if isinstance(value, str) else None
+        match = (
+            re.fullmatch(r"(\d{1,5})-(\d{1,5})", value.strip()) if isinstance(value, str) else None
+        )
         fix = "write a range such as 1024-65535"
         if match is None:
             raise where.error("is not a port range LOW-HIGH", fix)

@@ -18,6 +18,7 @@ from typing import Final
 
 __all__ = [
     "MISSING",
+    "QUOTE_MAX",
     "ConfigError",
     "Fields",
     "Where",
@@ -29,12 +30,56 @@ __all__ = [
     "as_list",
     "as_number",
     "as_str",
+    "clip",
     "describe",
     "did_you_mean",
+    "quote",
     "require_unicast",
+    "shown",
+    "ticked",
 ]
 
 _EXAMPLE_ADDRESS: Final = "2001:db8::10"
+
+QUOTE_MAX: Final = 80
+"""At most this many characters of a value the user wrote appear in an error."""
+_PART_MAX: Final = 600  # the safety net for a whole message or fix
+
+
+def shown(text: str) -> str:
+    """``text`` as written, cut to :data:`QUOTE_MAX` characters with its length said."""
+    if len(text) <= QUOTE_MAX:
+        return text
+    return f"{text[:QUOTE_MAX]}... ({len(text)} characters)"
+
+
+def quote(text: str, most: int = QUOTE_MAX) -> str:
+    """``repr(text)`` cut to about :data:`QUOTE_MAX` characters: how errors quote a value.
+
+    Every error that echoes a string from the file goes through here (or
+    :func:`shown`), so a 50 MB string makes a 150-character message, not a
+    50 MB one.
+    """
+    head = repr(text[: most + 1])
+    if len(text) <= most and len(head) <= most + 2:
+        return head
+    return f"{head[:most]}... ({len(text)} characters)"
+
+
+def clip(text: str, most: int = _PART_MAX) -> str:
+    """``text`` with its middle cut out if longer than ``most``: the net under every message."""
+    if len(text) <= most:
+        return text
+    keep = most // 2
+    return f"{text[:keep]} ... ({len(text) - 2 * keep} characters cut) ... {text[-keep:]}"
+
+
+def _number(value: int | float) -> str:
+    # str() of an int over 4300 digits raises ValueError; parse_config can be
+    # handed any int by a caller, not only what the YAML reader let through.
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    return str(value)
 
 
 class ConfigError(Exception):
@@ -47,6 +92,7 @@ class ConfigError(Exception):
     """
 
     def __init__(self, file: str, path: str, message: str, fix: str) -> None:
+        path, message, fix = clip(path), clip(message), clip(fix)
         super().__init__(file, path, message, fix)
         self.file = file
         self.path = path
@@ -66,6 +112,9 @@ class Where:
     path: str = ""
 
     def key(self, name: str) -> Where:
+        if len(name) > QUOTE_MAX or not name.isprintable():
+            # A key from the file, not from the schema: the error message quotes more of it.
+            name = quote(name, 24)
         return Where(self.file, f"{self.path}.{name}" if self.path else name)
 
     def index(self, i: int) -> Where:
@@ -82,9 +131,9 @@ def describe(value: object) -> str:
     if isinstance(value, bool):
         return f"the boolean {'true' if value else 'false'}"
     if isinstance(value, int | float):
-        return f"the number {value}"
+        return f"the number {_number(value)}"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {quote(value)}"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -94,6 +143,8 @@ def describe(value: object) -> str:
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str | None:
     """The closest of ``choices`` to a misspelt ``word``, if one is close."""
+    if len(word) > 2 * max((len(c) for c in choices), default=0) + 10:
+        return None  # no near miss, and difflib is slow on long strings
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return close[0] if close else None
 
@@ -105,7 +156,9 @@ def as_int(value: object, where: Where, *, lo: int, hi: int, noun: str) -> int:
             f"{describe(value)} is not an integer", f"use an integer {noun} from {lo} to {hi}"
         )
     if not lo <= value <= hi:
-        raise where.error(f"{value} is out of range", f"use an integer {noun} from {lo} to {hi}")
+        raise where.error(
+            f"{_number(value)} is out of range", f"use an integer {noun} from {lo} to {hi}"
+        )
     return value
 
 
@@ -115,7 +168,7 @@ def as_number(value: object, where: Where, *, lo: float, hi: float, noun: str) -
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise where.error(f"{describe(value)} is not a number", fix)
     if not math.isfinite(value) or not lo < value <= hi:
-        raise where.error(f"{value} is out of range", fix)
+        raise where.error(f"{_number(value)} is out of range", fix)
     return float(value)
 
 
@@ -149,7 +202,8 @@ def as_ipv6_address(value: object, where: Where) -> IPv6Address:
     text = value.strip()
     if "/" in text:
         raise where.error(
-            f"{text} is a prefix, not an address", f"drop the prefix length: {text.split('/')[0]}"
+            f"{shown(text)} is a prefix, not an address",
+            f"drop the prefix length: {shown(text.split('/')[0])}",
         )
     try:
         addr = IPv6Address(text)
@@ -157,7 +211,7 @@ def as_ipv6_address(value: object, where: Where) -> IPv6Address:
         try:
             IPv4Address(text)
         except ValueError:
-            raise where.error(f"{text!r} is not an IPv6 address", fix) from None
+            raise where.error(f"{quote(text)} is not an IPv6 address", fix) from None
         raise where.error(
             f"{text} is an IPv4 address", f"v6lb is IPv6-only: {fix.replace('write', 'use')}"
         ) from None
@@ -202,7 +256,9 @@ def as_ipv6_prefix(value: object, where: Where, *, max_len: int = 128) -> IPv6Ne
         raise where.error(f"{describe(value)} is not an IPv6 prefix", fix)
     text = value.strip()
     if "/" not in text:
-        raise where.error(f"{text} has no prefix length", f"add one, for example {text}/64")
+        raise where.error(
+            f"{shown(text)} has no prefix length", f"add one, for example {shown(text)}/64"
+        )
     try:
         net = IPv6Network(text)
     except ValueError:
@@ -212,7 +268,7 @@ def as_ipv6_prefix(value: object, where: Where, *, max_len: int = 128) -> IPv6Ne
             try:
                 IPv4Network(text, strict=False)
             except ValueError:
-                raise where.error(f"{text!r} is not an IPv6 prefix", fix) from None
+                raise where.error(f"{quote(text)} is not an IPv6 prefix", fix) from None
             raise where.error(f"{text} is an IPv4 prefix", f"v6lb is IPv6-only: {fix}") from None
         raise where.error(
             f"{text} has host bits set", f"use the prefix itself: {loose.with_prefixlen}"
@@ -233,7 +289,7 @@ def as_ipv4_address(value: object, where: Where) -> IPv4Address:
     try:
         addr = IPv4Address(value.strip())
     except ValueError:
-        raise where.error(f"{value!r} is not an IPv4 address", fix) from None
+        raise where.error(f"{quote(value)} is not an IPv4 address", fix) from None
     if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr.is_link_local:
         raise where.error(f"{addr} is not a unicast address one can listen on", fix)
     return addr
@@ -264,7 +320,8 @@ class Fields:
         for key in value:
             if not isinstance(key, str):
                 raise where.error(
-                    f"key {key!r} in {what} is not a name", "use a lower-case name as the key"
+                    f"a key in {what} is {describe(key)}, not a name",
+                    "use a lower-case name as the key",
                 )
         self.where = where
         self._data: dict[str, object] = value
@@ -292,7 +349,7 @@ class Fields:
                     fix = f"did you mean `{hint}`?"
                 else:
                     fix = f"remove it; the known {kind}s here are: {', '.join(allowed)}"
-                raise self.at(key).error(f"unknown {kind} `{key}` in {self._what}", fix)
+                raise self.at(key).error(f"unknown {kind} {ticked(key)} in {self._what}", fix)
 
     def get(self, name: str) -> object:
         """The value of ``name``, or ``MISSING``; a null value is an error."""
@@ -346,6 +403,13 @@ class Fields:
         if isinstance(value, _Missing):
             return default
         return as_str(value, self.at(name), example=example)
+
+
+def ticked(name: str) -> str:
+    """A key as errors show it: `name`, or quoted and cut when it is long or odd."""
+    if len(name) <= QUOTE_MAX and name.isprintable() and "`" not in name:
+        return f"`{name}`"
+    return quote(name)
 
 
 def as_choice(value: object, where: Where, choices: Sequence[str]) -> str:

@@ -62,7 +62,10 @@ from v6lb.model.schema import (
     as_ipv6_prefix,
     as_list,
     as_str,
+    did_you_mean,
+    quote,
     require_unicast,
+    ticked,
 )
 
 __all__ = [
@@ -260,7 +263,7 @@ def parse_topology(config: Config) -> Topology:
         w = nodes_where.key(name)
         if not _NAME_RE.fullmatch(name):
             raise w.error(
-                f"{name!r} is not a valid node name",
+                f"{quote(name)} is not a valid node name",
                 "use 1 to 32 characters of a-z, 0-9 and '-', starting with a letter or digit",
             )
         nodes[name] = _parse_node(name, raw_nodes.get(name), w, config)
@@ -307,7 +310,7 @@ def _parse_node(name: str, value: object, w: Where, config: Config) -> Node:
                 v = as_str(item, sw.index(i), example="a VIP name from `vips:`, or npt")
                 if v not in known:
                     raise sw.index(i).error(
-                        f"{v!r} is not a VIP of this file"
+                        f"{quote(v)} is not a VIP of this file"
                         + (" and there is no `npt:`" if v == NPT else ""),
                         f"use one of: {', '.join(known) or '(no VIPs defined)'}",
                     )
@@ -380,7 +383,7 @@ def _parse_link(value: object, w: Where, nodes: Mapping[str, Node]) -> Link:
     name = as_str(f.required("name", "lan"), f.at("name"), example="name: lan")
     if not _NAME_RE.fullmatch(name):
         raise f.at("name").error(
-            f"{name!r} is not a valid link name",
+            f"{quote(name)} is not a valid link name",
             "use 1 to 32 characters of a-z, 0-9 and '-', starting with a letter or digit",
         )
     subnet = as_ipv6_prefix(f.required("subnet", "2001:db8:1::/64"), f.at("subnet"))
@@ -399,8 +402,8 @@ def _parse_link(value: object, w: Where, nodes: Mapping[str, Node]) -> Link:
         if node not in nodes:
             hint = _close(node, list(nodes))
             raise nw.error(
-                f"link `{name}` names node `{node}`, which is not in topology.nodes",
-                f"add `{node}` under topology.nodes{hint}, or remove this endpoint",
+                f"link `{name}` names node {ticked(node)}, which is not in topology.nodes",
+                f"add {ticked(node)} under topology.nodes{hint}, or remove this endpoint",
             )
         raw = ends.get(node)
         vals = raw if isinstance(raw, list) else [raw]
@@ -430,10 +433,8 @@ def _parse_link(value: object, w: Where, nodes: Mapping[str, Node]) -> Link:
 
 
 def _close(word: str, choices: list[str]) -> str:
-    import difflib
-
-    m = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean `{m[0]}`?)" if m else ""
+    m = did_you_mean(word, choices)
+    return f" (did you mean `{m}`?)" if m else ""
 
 
 def _check_links(links: list[Link], w: Where) -> None:
@@ -491,7 +492,7 @@ def _parse_bgp(config: Config, top: Where, nodes: Mapping[str, Node]) -> tuple[A
         site = as_str(f.required("site", "primary"), f.at("site"), example="site: primary")
         if site not in sites:
             raise f.at("site").error(
-                f"no LB node has site `{site}`",
+                f"no LB node has site {ticked(site)}",
                 f"use one of: {', '.join(sites)}" if sites else "give LB nodes `site:`",
             )
         cost = as_int(f.required("cost", "10"), f.at("cost"), lo=0, hi=1_000_000, noun="cost")
