@@ -28,6 +28,7 @@ L4 = {
             "proxy_protocol": "v2",
             "trusted_proxy_sources": ["2001:db8:ff::/48"],
             "timeouts": {"connect": 3, "idle": 120, "total": 3600},
+            "max_connections_per_source": 20,
             "health": {"type": "tcp", "interval": 2, "timeout": 0.5, "rise": 2, "fall": 3},
             "backends": [
                 {"address": "2001:db8:0:20::1", "port": 8443, "weight": 1000},
@@ -48,6 +49,7 @@ L7 = {
             "trusted_sources": ["2001:db8:100::/56"],
             "dual_stack": "192.0.2.80",
             "max_header_bytes": 32768,
+            "max_connections_per_source": 5,
             "timeouts": {"connect": 2, "idle": 30.5},
             "health": {"type": "http", "path": "/healthz", "interval": 5, "port": 8081},
             "backends": [
@@ -83,6 +85,15 @@ def test_forwarded_quotes_ipv6_in_brackets() -> None:
     assert 'for=\\"[%[src]]:%[src_port]\\";proto=http' in text
     assert "option forwarded" not in text  # HAProxy 2.6 lacks it
     assert "http-request del-header Forwarded unless v6lb_trusted" in text
+
+
+def test_per_source_limit_is_a_shared_stick_table() -> None:
+    text = render_haproxy(parse_config(L4, file="x.yaml"))
+    track = "    tcp-request connection track-sc0 src table v6lb_tcp_sources\n"
+    reject = "    tcp-request connection reject if { sc_conn_cur(0) gt 20 }\n"
+    assert text.count(track + reject) == 2  # both ports' frontends, one table
+    assert text.count("stick-table type ipv6 size 100k expire 60s store conn_cur") == 1
+    assert "sc_conn_cur" not in render_haproxy(parse_config(L7, file="x.yaml")).split("api")[1]
 
 
 def test_weights_scale_into_haproxy_range() -> None:

@@ -586,8 +586,15 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from v6lb.engines.limits import raise_nofile
     from v6lb.model.config import ConfigError, load_config
 
+    # every engine: systemd's default soft limit of 1024 held 502 proxied connections
+    before, after = raise_nofile()
+    if after != before:
+        sys.stderr.write(
+            f"v6lb run: descriptor limit (RLIMIT_NOFILE) raised from {before} to {after}\n"
+        )
     try:
         config = load_config(args.file)
     except ConfigError as exc:

@@ -185,6 +185,7 @@ class ProxyL4Options:
     trusted_proxy_sources: tuple[IPv6Network, ...] = ()
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
     dual_stack: IPv4Address | None = None
+    max_connections_per_source: int = 0  # open connections per client address; 0: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +196,7 @@ class ProxyL7Options:
     max_header_bytes: int = 64 * 1024
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=60.0))
     dual_stack: IPv4Address | None = None
+    max_connections_per_source: int = 0  # open connections per client address; 0: no limit
 
 
 ModeOptions = NatOptions | DsrL2Options | TunnelOptions | ProxyL4Options | ProxyL7Options
@@ -516,7 +518,13 @@ _VIP_KEYS: Final = (
 )
 _TUNNEL_KEYS: Final = ("tunnel_source", "mtu")
 _MODE_KEYS: Final[dict[VipMode, tuple[str, ...]]] = {
-    VipMode.PROXY_L4: ("proxy_protocol", "trusted_proxy_sources", "timeouts", "dual_stack"),
+    VipMode.PROXY_L4: (
+        "proxy_protocol",
+        "trusted_proxy_sources",
+        "timeouts",
+        "dual_stack",
+        "max_connections_per_source",
+    ),
     VipMode.PROXY_L7: (
         "forwarded_headers",
         "trusted_sources",
@@ -524,6 +532,7 @@ _MODE_KEYS: Final[dict[VipMode, tuple[str, ...]]] = {
         "max_header_bytes",
         "timeouts",
         "dual_stack",
+        "max_connections_per_source",
     ),
     VipMode.NAT: ("snat", "snat_ports"),
     VipMode.DSR_L2: (),
@@ -845,6 +854,7 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
             trusted_proxy_sources=_parse_prefixes(f, "trusted_proxy_sources"),
             timeouts=_parse_timeouts(f, ProxyL4Options().timeouts),
             dual_stack=_parse_dual_stack(f),
+            max_connections_per_source=_parse_per_source(f),
         )
     defaults = ProxyL7Options()
     return ProxyL7Options(
@@ -858,7 +868,13 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         ),
         timeouts=_parse_timeouts(f, defaults.timeouts),
         dual_stack=_parse_dual_stack(f),
+        max_connections_per_source=_parse_per_source(f),
     )
+
+
+def _parse_per_source(f: Fields) -> int:
+    """Open connections one client address may hold (HAProxy's ``sc_conn_cur``); 0: no limit."""
+    return f.integer("max_connections_per_source", 0, lo=0, hi=1_000_000, noun="connection count")
 
 
 def _parse_nat(f: Fields) -> NatOptions:

@@ -21,6 +21,11 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
 - A lower global ``maxconn`` than HAProxy's default, which otherwise warns that
   it cannot raise the file-descriptor limit.
 - ``timeouts.total`` has no HAProxy equivalent; it is written as a comment.
+- ``max_connections_per_source: N`` → one stick table per VIP (a table-only
+  ``backend v6lb_<vip>_sources``, ``store conn_cur``) shared by the VIP's
+  frontends, ``tcp-request connection track-sc0 src`` and ``tcp-request
+  connection reject if { sc_conn_cur(0) gt N }``: the N+1st open connection
+  from one address is refused at accept, as the builtin engine does.
 """
 
 from __future__ import annotations
@@ -116,6 +121,12 @@ def render_haproxy(
     for vip in vips:
         out += _frontends(vip, header_timeout)
         out += _backend(vip)
+        if getattr(vip.options, "max_connections_per_source", 0):
+            out += [
+                f"backend v6lb_{vip.name}_sources",
+                "    stick-table type ipv6 size 100k expire 60s store conn_cur",
+                "",
+            ]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -135,6 +146,12 @@ def _frontends(vip: Vip, header_timeout: float) -> list[str]:
         if t.total is not None:
             out.append(
                 f"    # timeouts.total {_s(t.total)}: HAProxy has no per-connection lifetime"
+            )
+        if opts.max_connections_per_source:
+            out.append(f"    tcp-request connection track-sc0 src table v6lb_{vip.name}_sources")
+            out.append(
+                "    tcp-request connection reject"
+                f" if {{ sc_conn_cur(0) gt {opts.max_connections_per_source} }}"
             )
         if isinstance(opts, ProxyL4Options):
             if opts.trusted_proxy_sources:

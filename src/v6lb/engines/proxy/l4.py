@@ -146,8 +146,9 @@ class L4Client(asyncio.Protocol):
         rt = self.rt
         st = rt.stats
         st.connections += 1
-        if st.active >= rt.max_connections:
-            rt.error("over_max_connections")
+        refused = rt.admit(self, transport)  # max_connections, fds, per source
+        if refused is not None:
+            rt.error(refused)
             self.closed = True
             transport.abort()
             return
@@ -356,6 +357,7 @@ class L4Client(asyncio.Protocol):
         self.upt = None
         rt = self.rt
         rt.live.discard(self)
+        rt.release(self)
         rt.stats.active -= 1
         rt.add_counts(self.backend, self.counts())
         if self.backend >= 0:

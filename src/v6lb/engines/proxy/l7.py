@@ -259,8 +259,9 @@ class L7Client(asyncio.Protocol):
         rt = self.rt
         st = rt.stats
         st.connections += 1
-        if st.active >= rt.max_connections:
-            rt.error("over_max_connections")
+        refused = rt.admit(self, transport)  # max_connections, fds, per source
+        if refused is not None:
+            rt.error(refused)
             self.closed = True
             transport.abort()
             return
@@ -599,6 +600,7 @@ class L7Client(asyncio.Protocol):
         self.closed = True
         rt = self.rt
         rt.live.discard(self)
+        rt.release(self)
         rt.stats.active -= 1
         rt.add_counts(-1, self.counts())
         if self.backend >= 0:  # a backend connection was still being opened

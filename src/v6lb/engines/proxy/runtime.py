@@ -13,7 +13,18 @@ from v6lb.model.config import ProxyL4Options, ProxyL7Options, Vip, VipMode
 
 from .policy import Picker
 
-__all__ = ["Stats", "VipRuntime"]
+__all__ = ["Admission", "Stats", "VipRuntime"]
+
+
+class Admission:
+    """Process-wide: how many client connections the descriptor budget allows, and how many
+    are open, over every proxy VIP (see :mod:`v6lb.engines.limits`)."""
+
+    __slots__ = ("cap", "active")
+
+    def __init__(self, cap: int = 1 << 62) -> None:
+        self.cap = cap
+        self.active = 0
 
 
 class Stats:
@@ -58,6 +69,10 @@ class VipRuntime:
     ports: list[int | None] = field(default_factory=list)  # None: the listener's port
     weights: list[int] = field(default_factory=list)  # as configured or set at run time
     live: set[Any] = field(default_factory=set)  # open client protocols
+    admission: Admission = field(default_factory=Admission)  # shared by every VIP
+    per_source: int = 0  # max_connections_per_source; 0: no limit
+    sources: dict[str, int] = field(default_factory=dict)  # open connections per peer address
+    source_of: dict[Any, str] = field(default_factory=dict)  # client protocol -> its key
 
     @classmethod
     def build(
@@ -69,6 +84,7 @@ class VipRuntime:
         max_connections: int,
         header_timeout: float,
         write_high: int,
+        admission: Admission | None = None,
     ) -> VipRuntime:
         specs = [
             BackendSpec.of(b.address, b.port or vip.ports[0], b.weight, b.drain)
@@ -89,7 +105,45 @@ class VipRuntime:
             hosts=[str(b.address) for b in vip.backends],
             ports=[b.port for b in vip.backends],
             weights=[b.weight for b in vip.backends],
+            admission=admission or Admission(),
+            per_source=getattr(vip.options, "max_connections_per_source", 0),
         )
+
+    def admit(self, conn: Any, transport: Any) -> str | None:
+        """Take a slot for a new client connection; None, or the reason it is refused.
+
+        Checked in order: the VIP's ``max_connections``, the process's descriptor
+        budget (``over_fd_limit``), and ``max_connections_per_source`` by the
+        connection's peer address. An admitted connection calls :meth:`release`
+        when it closes.
+        """
+        if self.stats.active >= self.max_connections:
+            return "over_max_connections"
+        adm = self.admission
+        if adm.active >= adm.cap:
+            return "over_fd_limit"
+        if self.per_source:
+            peer = transport.get_extra_info("peername")
+            key = str(peer[0]) if peer else ""
+            n = self.sources.get(key, 0)
+            if n >= self.per_source:
+                return "over_max_connections_per_source"
+            self.sources[key] = n + 1
+            self.source_of[conn] = key
+        adm.active += 1
+        return None
+
+    def release(self, conn: Any) -> None:
+        """Give back the slots :meth:`admit` took for ``conn``."""
+        self.admission.active -= 1
+        if self.per_source:
+            key = self.source_of.pop(conn, None)
+            if key is not None:
+                n = self.sources[key] - 1
+                if n:
+                    self.sources[key] = n
+                else:
+                    del self.sources[key]
 
     @property
     def l4(self) -> ProxyL4Options:

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
 from v6lb.model.config import Config, Vip, VipMode
 
 from .health import HealthChecker, health_set_for
 from .l4 import L4Client
 from .l7 import L7Client
-from .runtime import VipRuntime
+from .runtime import Admission, VipRuntime
 
 if TYPE_CHECKING:
     from .status import ProxyStatus
@@ -74,6 +78,7 @@ class ProxyServer:
         header_timeout: float = 10.0,
         write_high: int = 256 * 1024,
         backlog: int = 1024,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         if isinstance(config, Config):
             vips = [v for v in config.vips if v.mode.is_proxy]
@@ -92,9 +97,52 @@ class ProxyServer:
         self._health_task: asyncio.Task[None] | None = None
         self._sweeps: dict[str, asyncio.TimerHandle] = {}
         self.health: HealthChecker | None = None
+        self.log = log or (lambda line: sys.stderr.write(f"v6lb: proxy: {line}\n"))
+        self.admission = Admission()
+        self.budget: FdBudget | None = None
+        self.accept_errors = 0  # accept() failures the event loop reported (asyncio only)
+        self._accept_logged = -60.0
+
+    def _plan_fds(self) -> int:
+        """Size the admission from the descriptor limit; the listen backlog to use."""
+        listeners = sum(
+            len(v.ports) * (2 if getattr(v.options, "dual_stack", None) else 1) for v in self.vips
+        )
+        backends = sum(len(v.backends) for v in self.vips)
+        soft, _ = nofile()
+        wanted = self.max_connections * len(self.vips)
+        budget = connection_budget(soft, open_fds(), listeners, self.backlog, wanted, backends)
+        self.budget = budget
+        self.admission.cap = budget.connections
+        if budget.short:
+            self.log(budget.warning())
+        return budget.backlog
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio reports an accept() that failed for lack of descriptors here (and stops
+        accepting on that listener for 1 s): count it, log it at most once a minute."""
+        exc = context.get("exception")
+        if (
+            str(context.get("message", "")).startswith("socket.accept()")
+            and isinstance(exc, OSError)
+            and exc.errno in (errno.EMFILE, errno.ENFILE)
+        ):
+            self.accept_errors += 1
+            now = time.monotonic()
+            if now - self._accept_logged >= 60.0:
+                self._accept_logged = now
+                self.log(
+                    f"accept failed: {exc.strerror} ({self.accept_errors} so far); the listener"
+                    " pauses 1 s. Fix: raise LimitNOFILE or lower max_connections"
+                )
+            return
+        loop.default_exception_handler(context)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(self._loop_exception)
+        backlog = self._plan_fds()
         try:
             for vip in self.vips:
                 hs = health_set_for(vip.health, len(vip.backends), loop.time())
@@ -105,6 +153,7 @@ class ProxyServer:
                     max_connections=self.max_connections,
                     header_timeout=min(self.header_timeout, _idle(vip)),
                     write_high=self.write_high,
+                    admission=self.admission,
                 )
                 self.runtimes[vip.name] = rt
                 proto: Callable[[], asyncio.Protocol]
@@ -118,8 +167,8 @@ class ProxyServer:
                     if dual is not None:
                         binds.append((str(dual), socket.AF_INET))
                     for host, fam in binds:
-                        sock = _listen_socket(host, port, fam, self.backlog)
-                        srv = await loop.create_server(proto, sock=sock, backlog=self.backlog)
+                        sock = _listen_socket(host, port, fam, backlog)
+                        srv = await loop.create_server(proto, sock=sock, backlog=backlog)
                         self.servers.append(srv)
                         self._server_vip.append(vip.name)
             for rt in self.runtimes.values():
@@ -152,6 +201,21 @@ class ProxyServer:
     def counters(self) -> dict[str, Any]:
         """Per VIP: connections, active, requests, bytes, errors by reason, and per backend."""
         return {name: rt.snapshot() for name, rt in self.runtimes.items()}
+
+    def fd_status(self) -> dict[str, Any]:
+        """The descriptor budget for `v6lb status`: limit, open, the connection cap."""
+        soft, hard = nofile()
+        b = self.budget
+        return {
+            "limit": soft,
+            "hard_limit": hard,
+            "open": open_fds(),
+            "connection_cap": self.admission.cap if b is not None else None,
+            "connections_open": self.admission.active,
+            "wanted": b.wanted if b is not None else None,
+            "listen_backlog": b.backlog if b is not None else self.backlog,
+            "accept_errors": self.accept_errors,
+        }
 
     def buffered(self) -> int:
         """Bytes held in user space by all open connections (for backpressure checks)."""

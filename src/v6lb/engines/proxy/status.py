@@ -85,6 +85,7 @@ class ProxyStatus:
         out: dict[str, Any] = {"engine": self.engine, "state": state}
         if loop is not None and server is not None:
             out["vips"] = self._on_loop(loop, loop_thread, server)
+            out["fds"] = server.fd_status()  # plain integers: safe to read from this thread
         elif stats_socket is not None:
             out["haproxy_pid"] = pid
             out["stats_socket"] = stats_socket
