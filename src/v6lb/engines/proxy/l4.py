@@ -20,8 +20,15 @@ Half-close: EOF from one side becomes ``write_eof`` on the other; the
 connection closes when both directions have ended or either side is lost.
 
 PROXY v2 in: only a peer inside ``trusted_proxy_sources`` may (and then must)
-start with a PROXY v2 header; the header's source becomes the client. A PROXY
-v2 signature from any other peer is refused and counted (``proxy_v2_untrusted``).
+start with a PROXY v2 header; the header's source becomes the client. Any other
+peer's first bytes are looked at before a backend connection is opened
+(:func:`.policy.client_proxy_header`): a PROXY v2 signature or a PROXY v1 text
+header is refused and counted (``proxy_v2_untrusted``, ``proxy_v1_untrusted``);
+bytes that may still become one (``\r\n\r``, ``PROX``) wait for more, up to
+``timeouts.connect`` (then ``proxy_prefix_timeout``); anything else, including
+data that merely starts with ``P``, is relayed. A peer that sends nothing for
+:data:`FIRST_BYTES_WAIT` seconds (a protocol where the server speaks first) gets
+its backend connection then, and its first bytes are checked when they come.
 """
 
 from __future__ import annotations
@@ -33,13 +40,16 @@ from typing import Any, cast
 from v6lb.core import proxyproto
 from v6lb.model.config import ProxyProtocol
 
-from .policy import is_trusted, unmap
+from .policy import client_proxy_header, is_trusted, unmap
 from .runtime import VipRuntime, client_of
 
-__all__ = ["L4Client", "L4Upstream"]
+__all__ = ["FIRST_BYTES_WAIT", "L4Client", "L4Upstream"]
+
+# How long an untrusted peer's first bytes are awaited before connecting anyway.
+FIRST_BYTES_WAIT = 0.05
 
 _WAIT_PP = 0  # a trusted peer: waiting for its PROXY v2 header
-_CHECK = 1  # an untrusted peer: the first bytes must not be a PROXY v2 signature
+_CHECK = 1  # an untrusted peer: the first bytes must not be a PROXY header (v1 or v2)
 _RELAY = 2  # relaying (client bytes go to ``pending`` until the backend is connected)
 
 
@@ -111,6 +121,8 @@ class L4Client(asyncio.Protocol):
         "nin",
         "nslow",
         "flushed",
+        "wait",
+        "check_at",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -137,6 +149,8 @@ class L4Client(asyncio.Protocol):
         self.nin = 0  # client bytes relayed on the fast path
         self.nslow = 0  # client bytes that went through ``pending``
         self.flushed = 0  # of those, written to the backend
+        self.wait: asyncio.TimerHandle | None = None  # FIRST_BYTES_WAIT, then connect anyway
+        self.check_at = 0.0  # when bytes that may be a PROXY header began to wait for more
 
     # --- client side ----------------------------------------------------------------
 
@@ -161,8 +175,14 @@ class L4Client(asyncio.Protocol):
         opts = rt.l4
         if opts.trusted_proxy_sources and is_trusted(self.client, opts.trusted_proxy_sources):
             self.state = _WAIT_PP
-        else:
+        else:  # connect once the first bytes are known not to be a PROXY header
             self.state = _CHECK
+            self.wait = self.loop.call_later(FIRST_BYTES_WAIT, self._no_first_bytes)
+
+    def _no_first_bytes(self) -> None:
+        """Nothing came from the peer (the server may speak first): connect now."""
+        self.wait = None
+        if not self.closed and self.state == _CHECK and not self.pending and self.backend < 0:
             self._connect()
 
     def data_received(self, data: bytes) -> None:
@@ -197,14 +217,15 @@ class L4Client(asyncio.Protocol):
             self.state = _RELAY
             self._connect()
         elif self.state == _CHECK:
-            found = proxyproto.detect(self.pending)
-            if found is None:
+            found = client_proxy_header(self.pending)
+            if found is None:  # "\r\n\r" or "PROX": more bytes decide
+                if not self.check_at:
+                    self.check_at = self.loop.time()
                 return
-            if found:
-                self._fail("proxy_v2_untrusted")
+            if found:  # refused before any backend connection (unless the peer was late)
+                self._fail("proxy_v2_untrusted" if found == 2 else "proxy_v1_untrusted")
                 return
-            self.state = _RELAY
-            self._flush()
+            self._relay()
         if len(self.pending) > self.rt.write_high and not self.paused and self.t is not None:
             self.paused = True
             self.t.pause_reading()
@@ -215,8 +236,7 @@ class L4Client(asyncio.Protocol):
             self._fail("proxy_v2_malformed")
             return False
         if self.state == _CHECK:  # the stream ended before a signature could be told
-            self.state = _RELAY
-            self._flush()
+            self._relay()
             return True
         up = self.up
         if self.state == _RELAY and up is not None and up.t is not None and not self.pending:
@@ -241,6 +261,17 @@ class L4Client(asyncio.Protocol):
         self.close()
 
     # --- upstream -------------------------------------------------------------------
+
+    def _relay(self) -> None:
+        """The first bytes are not a PROXY header: connect (if not yet) and relay."""
+        self.state = _RELAY
+        if self.wait is not None:
+            self.wait.cancel()
+            self.wait = None
+        if self.backend < 0:
+            self._connect()  # upstream_made() flushes ``pending``
+        else:
+            self._flush()
 
     def _connect(self) -> None:
         rt = self.rt
@@ -321,6 +352,9 @@ class L4Client(asyncio.Protocol):
         if self.state == _WAIT_PP and now - self.born >= t.connect:
             self._fail("proxy_v2_timeout")
             return
+        if self.state == _CHECK and self.check_at and now - self.check_at >= t.connect:
+            self._fail("proxy_prefix_timeout")  # bytes that could still be a PROXY header
+            return
         if self.connect_at and now - self.connect_at >= t.connect:
             task = self.connect_task
             if task is not None and not task.done():
@@ -366,6 +400,9 @@ class L4Client(asyncio.Protocol):
         task = self.connect_task
         if task is not None and not task.done():
             task.cancel()
+        if self.wait is not None:
+            self.wait.cancel()
+            self.wait = None
         for t in (self.t, self.up.t if self.up is not None else None):
             if t is not None and not t.is_closing():
                 if abort:

@@ -10,6 +10,23 @@ arrives, parsed with ``HttpResponseParser`` only to find its end; then the
 backend connection goes back to the pool if both sides keep it alive. Requests
 pipelined by a client are answered in order, one at a time.
 
+Interim responses (RFC 9110 §15.2). httptools ends a message at any 1xx, so
+the parser never sees one: while a response has not begun, the upstream looks
+at the status line itself (one byte test per response in the usual case) and
+takes each ``1xx`` head off the stream (:meth:`L7Upstream._interim`). A ``100
+Continue`` is consumed (the proxy answers ``Expect`` itself, below); other 1xx
+(102, 103...) are relayed to an HTTP/1.1 client and dropped for an HTTP/1.0 one
+(§15.2: never a 1xx to HTTP/1.0); a ``101`` is refused with a 502 and the
+backend connection closed (the proxy removes ``Upgrade`` and does not support
+protocol switching). A connection goes back to the pool only after the final
+response is complete. Counted per VIP under ``interim``.
+
+``Expect: 100-continue`` (RFC 9110 §10.1.1): the proxy answers ``HTTP/1.1 100
+Continue`` itself once the request is next in line and a body is announced;
+413 at once when the ``Content-Length`` is over ``max_request_bytes``; 417 for
+any other expectation; ignored for HTTP/1.0. ``Expect`` is never forwarded: the
+backend gets the whole request at once.
+
 The per-request path is plain callbacks: no future, no coroutine and no timer.
 A client connection is in one phase (reading a head, reading a body, waiting
 for the backend, idle between requests); a phase change only sets ``phase`` and
@@ -18,10 +35,13 @@ phases and enforces their timeouts, so these fire at most two sweep periods (a
 quarter of the shortest timeout) late, and never early. Only the connect of a
 new backend connection has its own timer.
 
-The proxy answers by itself: 400 (unparsable), 413 (body over
-``max_request_bytes``), 431 (head over ``max_header_bytes``), 502 (backend
-refused, reset or sent garbage before the response began), 503 (no healthy
-backend) and 504 (connect timeout, or no response byte for ``timeouts.idle``).
+The proxy answers by itself: 400 (unparsable, or HTTP/0.9), 408 (no complete
+head within ``header_timeout``), 413 (body over ``max_request_bytes``), 417
+(unknown expectation), 431 (head over ``max_header_bytes``), 502 (backend
+refused, reset, sent garbage or a 101 before the final response began), 503
+(no healthy backend) and 504 (connect timeout, or no response byte for
+``timeouts.idle``). An error found in a pipelined request is answered after
+the responses to the requests before it.
 A backend that fails *after* response bytes went out makes the client
 connection close: the response is incomplete, and the client must see that.
 """
@@ -29,6 +49,7 @@ connection close: the response is incomplete, and the client must see that.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, cast
@@ -50,8 +71,8 @@ from .runtime import VipRuntime, client_of
 
 __all__ = ["L7Client", "L7Upstream"]
 
-# A queued request: (bytes for the backend, is HEAD, client keeps alive).
-_Request = tuple[bytes, bool, bool]
+# A queued request: (bytes for the backend, is HEAD, client keeps alive, client speaks 1.1).
+_Request = tuple[bytes, bool, bool, bool]
 
 # Phases of a client connection, each with its timeout (see L7Client.sweep).
 _HEAD = 0  # waiting for or reading a request head: header_timeout
@@ -59,7 +80,20 @@ _BODY = 1  # reading a request body: timeouts.idle ("request_timeout")
 _BUSY = 2  # a request at the backend: timeouts.idle without a response byte (504)
 _IDLE = 3  # keep-alive between requests: timeouts.idle, then a quiet close
 
-_REASONS = {400: "bad_request", 413: "request_too_large", 431: "headers_too_large"}
+_REASONS = {
+    400: "bad_request",
+    408: "header_timeout",
+    413: "request_too_large",
+    417: "expectation_failed",
+    431: "headers_too_large",
+}
+
+# A whole 1xx head: status line and header fields (token ":" value), CRLF line ends.
+_INTERIM = re.compile(
+    rb"HTTP/1\.[01] 1[0-9][0-9](?: [^\r\n]*)?\r\n"
+    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*\r\n"
+)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _HeadResponse:
@@ -93,6 +127,9 @@ class L7Upstream(asyncio.Protocol):
         "reused",
         "lost",
         "keep",
+        "at_start",
+        "hbuf",
+        "v11",
     )
 
     def __init__(self, rt: VipRuntime, index: int) -> None:
@@ -102,11 +139,14 @@ class L7Upstream(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.client: L7Client | None = None
         self.head_only = False
-        self.sent = 0  # response bytes relayed for the current request
+        self.sent = 0  # bytes from the backend for the current request (1xx included)
         self.done = False
         self.reused = False
         self.lost = False
         self.keep = True
+        self.at_start = True  # no byte of the final response parsed (or relayed) yet
+        self.hbuf = b""  # the start of a response head too short to tell 1xx from final
+        self.v11 = True  # the client speaks HTTP/1.1: it may get 1xx responses
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
@@ -116,6 +156,8 @@ class L7Upstream(asyncio.Protocol):
         self.sent = 0
         self.done = False
         self.keep = True
+        self.at_start = True
+        self.v11 = req[3]
         if req[1]:
             self.head_only = True
             self.parser = httptools.HttpResponseParser(_HeadResponse(self))
@@ -132,6 +174,12 @@ class L7Upstream(asyncio.Protocol):
             if self.t is not None:
                 self.t.close()
             return
+        self.sent += len(data)
+        first = self.at_start
+        if first and (len(data) < 12 or data[9] == 0x31 or self.hbuf):  # maybe "HTTP/1.1 1xx"
+            data = self._interim(c, data)
+            if not data:
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -139,14 +187,61 @@ class L7Upstream(asyncio.Protocol):
             if not self.done:
                 c.backend_failed(self, "backend_bad_response", 502)
             return
-        self.sent += len(data)
+        if first:
+            self.at_start = False
         if not c.closed:
             c.nout += len(data)
             c.t.write(data)
         if self.done:
             c.response_done(self)
 
+    def _interim(self, c: L7Client, data: bytes) -> bytes:
+        """Take the 1xx heads off the start of a response; return what follows them.
+
+        Returns b"" while the bytes so far cannot tell (kept in ``hbuf``), after an
+        error (handled here), or when only 1xx heads came.
+        """
+        buf = self.hbuf + data if self.hbuf else data
+        self.hbuf = b""
+        st = self.rt.stats
+        while True:
+            if len(buf) < 12:  # "HTTP/1.1 1xx": too short to tell
+                if buf[:7] != b"HTTP/1."[: len(buf)]:
+                    return buf  # not HTTP: the parser says so
+                self.hbuf = buf
+                return b""
+            if buf[9] != 0x31 or not buf.startswith(b"HTTP/1."):
+                return buf  # the final response (or garbage, for the parser)
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self.rt.l7.max_header_bytes:
+                    c.backend_failed(self, "backend_bad_response", 502)
+                    return b""
+                self.hbuf = buf
+                return b""
+            end += 4
+            if _INTERIM.fullmatch(buf, 0, end) is None:
+                c.backend_failed(self, "backend_bad_response", 502)
+                return b""
+            code = buf[9:12]
+            if code == b"101":  # we removed Upgrade; nothing can switch protocols here
+                c.backend_failed(self, "backend_switching_protocols", 502)
+                return b""
+            if code == b"100":
+                st.interim["consumed"] += 1  # the proxy answered Expect itself
+            elif self.v11 and not c.closed:
+                st.interim["relayed"] += 1
+                c.nout += end
+                c.t.write(buf[:end])
+            else:
+                st.interim["dropped"] += 1  # never a 1xx to an HTTP/1.0 client
+            buf = buf[end:]
+            if not buf:
+                return b""
+
     def on_message_complete(self) -> None:
+        if self.done:  # a second response for one request: never reuse this connection
+            self.keep = False
         self.done = True
         if not self.parser.should_keep_alive():
             self.keep = False
@@ -213,6 +308,9 @@ class L7Client(asyncio.Protocol):
         "nout",
         "pick_gen",
         "pick",
+        "expect",
+        "cont",
+        "why",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -250,6 +348,9 @@ class L7Client(asyncio.Protocol):
         self.nout = 0  # bytes to the client
         self.pick_gen = -1  # Maglev: the pool generation ``pick`` was computed for
         self.pick = -1
+        self.expect: bytes | None = None  # the Expect header of the head being read
+        self.cont = False  # a "100 Continue" is due once this request is next in line
+        self.why = ""  # the counted reason of ``err`` when not the status's usual one
 
     # --- client side ----------------------------------------------------------------
 
@@ -280,7 +381,7 @@ class L7Client(asyncio.Protocol):
         self.stamp = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.err:  # err: the answer waits for the responses before it
             return
         n = len(data)
         self.nin += n
@@ -290,12 +391,23 @@ class L7Client(asyncio.Protocol):
         self.head_raw += n
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade:  # no protocol switching: refuse that request
+            if not self.err and self.queue:
+                self.queue.pop()
             self.err = self.err or 400
+            self.why = self.why or "upgrade_unsupported"
         except httptools.HttpParserError:
             self.err = self.err or 400
-        if not self.err and self.in_head and self.head_raw > self.opts.max_header_bytes:
-            self.err = 431
+        if not self.err and self.in_head:  # a head split across reads: the rare case
+            if self.head_raw > self.opts.max_header_bytes:
+                self.err = 431
+            elif (
+                not self.headers
+                and data.endswith(b"\n")
+                and self.parser.get_http_version() == "0.0"
+            ):  # "GET /\r\n": an HTTP/0.9 request line, no version to come
+                self.err = 400
+                self.why = "http_0_9"
         if self.err:
             self._reject(self.err)
             return
@@ -306,6 +418,8 @@ class L7Client(asyncio.Protocol):
             if len(queue) > 8 and not self.paused:  # a pipelining client waits
                 self.paused = True
                 self.t.pause_reading()
+        if self.cont and not self.busy and not queue:
+            self._continue()
 
     def on_url(self, url: bytes) -> None:  # the first callback of a request
         self.in_head = True
@@ -315,6 +429,8 @@ class L7Client(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         self.hsize += len(name) + len(value) + 4
+        if len(name) == 6 and name.lower() == b"expect":
+            self.expect = value if self.expect is None else self.expect + b"," + value
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -324,6 +440,39 @@ class L7Client(asyncio.Protocol):
         if self.phase == _HEAD:
             self.phase = _BODY
             self.stamp = 0.0
+        if self.expect is not None:
+            self._expectation()
+
+    def _expectation(self) -> None:
+        """RFC 9110 §10.1.1, answered by the proxy: 417, 413 before the body, or a 100 due."""
+        value = self.expect or b""
+        self.expect = None
+        if self.err or self.parser.get_http_version() != "1.1":
+            return  # an HTTP/1.0 request's expectation is ignored
+        for member in value.split(b","):
+            m = member.strip().lower()
+            if m and m != b"100-continue":
+                self.err = 417
+                return
+        length = 0
+        chunked = False
+        for name, v in self.headers:
+            low = name.lower()
+            if low == b"content-length" and v.strip().isdigit():
+                length = int(v)
+            elif low == b"transfer-encoding":
+                chunked = True
+        if length > self.opts.max_request_bytes:
+            self.err = 413  # before the client sends the body
+        elif length or chunked:
+            self.cont = True  # sent by data_received or response_done, in order
+
+    def _continue(self) -> None:
+        self.cont = False
+        if not self.closed:
+            self.nout += len(_CONTINUE)
+            self.t.write(_CONTINUE)
+            self.rt.stats.interim["continue_sent"] += 1
 
     def on_body(self, body: bytes) -> None:
         self.blen += len(body)
@@ -335,8 +484,16 @@ class L7Client(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.err:
             return
+        self.cont = False  # the body is here: a 100 is no longer needed
         parser = self.parser
         method = parser.get_method()
+        ver = parser.get_http_version()
+        if ver != "1.1":
+            if ver != "1.0":  # "GET /\r\n\r\n" parses as 0.9
+                self.err = 400
+                self.why = "http_0_9" if ver == "0.9" else ""
+                return
+            self._add_host()
         if self.body:
             body = b"".join(self.body)
             self.body = []
@@ -357,7 +514,12 @@ class L7Client(asyncio.Protocol):
                 ours=self.ours,
             )
         self.queue.append(
-            (head + body if body else head, method == b"HEAD", parser.should_keep_alive())
+            (
+                head + body if body else head,
+                method == b"HEAD",
+                parser.should_keep_alive(),
+                ver == "1.1",
+            )
         )
         self.head_raw = 0
         self.url = b""
@@ -365,8 +527,26 @@ class L7Client(asyncio.Protocol):
         self.hsize = 0
         self.blen = 0
 
+    def _add_host(self) -> None:
+        """An HTTP/1.0 request without Host goes out as HTTP/1.1: name the VIP as Host."""
+        for name, _ in self.headers:
+            if name.lower() == b"host":
+                return
+        addr, port = client_of(self.t.get_extra_info("sockname"))
+        host = f"[{addr}]" if addr.version == 6 else str(addr)
+        if port != 80:
+            host += f":{port}"
+        self.headers.append((b"Host", host.encode()))
+
     def _reject(self, status: int) -> None:
-        self.rt.error(_REASONS.get(status, f"http_{status}"))
+        self.rt.error(self.why or _REASONS.get(status, f"http_{status}"))
+        self.cont = False
+        if self.busy or self.queue:  # pipelined: answer the requests before it first
+            if not self.paused:
+                self.paused = True
+                self.t.pause_reading()
+            self._next()
+            return
         self.respond_error(status)
 
     def respond_error(self, status: int) -> None:
@@ -476,14 +656,22 @@ class L7Client(asyncio.Protocol):
         if not keep_client:
             self.close()
             return
-        if self.paused and len(queue) <= 8:
+        if queue:
+            if self.paused and len(queue) <= 8 and not self.err:
+                self.paused = False
+                self.t.resume_reading()
+            self._next()
+            return
+        if self.err:  # a rejected request waited for the responses before it
+            self.respond_error(self.err)
+            return
+        if self.paused:
             self.paused = False
             self.t.resume_reading()
-        if queue:
-            self._next()
-        else:
-            self.phase = _HEAD if self.in_head else _IDLE
-            self.stamp = 0.0
+        if self.cont:
+            self._continue()
+        self.phase = _HEAD if self.in_head else _IDLE
+        self.stamp = 0.0
 
     def backend_failed(self, up: L7Upstream, reason: str, status: int) -> None:
         if self.up is not up:
@@ -515,7 +703,7 @@ class L7Client(asyncio.Protocol):
         self.backend = -1
         self.busy = False
         self.queue.clear()
-        if up.sent == 0:
+        if up.at_start:  # no byte of the final response went out: answer it ourselves
             self.respond_error(status)
         else:
             self.close(abort=True)
@@ -583,8 +771,11 @@ class L7Client(asyncio.Protocol):
             self.backend_failed(up, "response_timeout", 504)
         elif phase == _IDLE:
             self.close()  # a quiet keep-alive connection: no error
+        elif phase == _HEAD:
+            self.rt.error("header_timeout")
+            self.respond_error(408)  # as HAProxy does for "timeout http-request"
         else:
-            self.rt.error("header_timeout" if phase == _HEAD else "request_timeout")
+            self.rt.error("request_timeout")
             self.close(abort=True)
 
     def buffered(self) -> int:

@@ -25,14 +25,17 @@ from typing import Final
 
 from v6lb.core import forwarded
 from v6lb.core.backends import BackendPool
+from v6lb.core.proxyproto import SIGNATURE
 from v6lb.model.config import Scheduler
 
 __all__ = [
     "FORWARDING_HEADERS",
     "HOP_BY_HOP",
     "Picker",
+    "ANSWERED",
     "build_request_head",
     "client_forwarding",
+    "client_proxy_header",
     "error_response",
     "forwarding_block",
     "hash_key",
@@ -136,6 +139,9 @@ HOP_BY_HOP: Final = frozenset(
         b"content-length",  # re-sent from the buffered body's real length
     }
 )
+# Headers the proxy acts on itself and never forwards: it answers ``Expect`` (a
+# ``100 Continue`` or 417) and sends the backend the whole request at once.
+ANSWERED: Final = frozenset({b"expect"})
 FORWARDING_HEADERS: Final = frozenset(
     {
         b"forwarded",
@@ -151,6 +157,7 @@ _REASONS: Final = {
     400: "Bad Request",
     408: "Request Timeout",
     413: "Content Too Large",
+    417: "Expectation Failed",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -184,7 +191,8 @@ def forwarding_block(ours: tuple[str, str], proto: str = "http") -> bytes:
     ).encode()
 
 
-_DROP_FWD: Final = HOP_BY_HOP | FORWARDING_HEADERS
+_DROP_ALWAYS: Final = HOP_BY_HOP | ANSWERED
+_DROP_FWD: Final = _DROP_ALWAYS | FORWARDING_HEADERS
 _NO_BODY_METHODS: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
@@ -197,8 +205,8 @@ def untrusted_head(
 ) -> bytes:
     """:func:`build_request_head` for an untrusted client with forwarding on (the usual case).
 
-    Positional and branch-free per header: every hop-by-hop and forwarding header
-    is dropped and the connection's :func:`forwarding_block` appended.
+    Positional and branch-free per header: every hop-by-hop, forwarding and
+    ``Expect`` header is dropped and the connection's :func:`forwarding_block` appended.
     """
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
     for name, value in headers:
@@ -227,8 +235,8 @@ def build_request_head(
 ) -> bytes:
     """The request head sent to a backend over a pooled HTTP/1.1 keep-alive connection.
 
-    Hop-by-hop headers are dropped (the body is sent with its real
-    ``Content-Length``, never chunked). With ``add_forwarding``, the forwarding
+    Hop-by-hop headers and ``Expect`` (the proxy answers it) are dropped (the
+    body is sent with its real ``Content-Length``, never chunked). With ``add_forwarding``, the forwarding
     headers of an untrusted client are dropped and ours appended:
     ``X-Forwarded-For: 2001:db8::1``, ``X-Forwarded-Proto: http`` and
     ``Forwarded: for="[2001:db8::1]:4711";proto=http``. A trusted client's
@@ -239,14 +247,14 @@ def build_request_head(
     if add_forwarding and not trusted and block is not None:
         return untrusted_head(method, url, headers, body_len, block)
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
-    drop = _DROP_FWD if add_forwarding else HOP_BY_HOP
+    drop = _DROP_FWD if add_forwarding else _DROP_ALWAYS
     xff: str | None = None
     fwd: str | None = None
     xfp: str | None = None
     for name, value in headers:
         low = name.lower()
         if low in drop:
-            if low in HOP_BY_HOP or not trusted:
+            if low in _DROP_ALWAYS or not trusted:
                 continue
             if low == b"x-forwarded-for":
                 v = value.decode("latin-1")
@@ -276,3 +284,31 @@ def build_request_head(
         out.append(b"Content-Length: %d\r\n" % body_len)
     out.append(b"\r\n")
     return b"".join(out)
+
+
+# --- PROXY headers sent by a client -------------------------------------------------------
+
+_V1_STARTS: Final = (b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN")
+
+
+def client_proxy_header(data: bytes | bytearray) -> int | None:
+    """Does a client's stream start with a PROXY header? 2 (v2 signature), 1 (v1 text), 0 (no).
+
+    None: the bytes so far are a proper prefix of one (``\r\n\r``, ``PROX``,
+    ``PROXY TC``...), so more are needed to tell. Anything else, including data
+    that merely starts with ``P`` or ``\r\n`` and then differs, is 0.
+    """
+    if not data or data[0] not in (0x0D, 0x50):  # neither "\r" nor "P": the usual case
+        return 0
+    head = bytes(data[:16])
+    if head[0] == 0x0D:
+        if head.startswith(SIGNATURE):
+            return 2
+        return None if SIGNATURE.startswith(head) else 0
+    undecided = False
+    for start in _V1_STARTS:
+        if head.startswith(start):
+            return 1
+        if start.startswith(head):
+            undecided = True
+    return None if undecided else 0

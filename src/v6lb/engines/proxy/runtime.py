@@ -30,7 +30,7 @@ class Admission:
 class Stats:
     """Counters of a VIP or of one backend: plain attributes on the hot path."""
 
-    __slots__ = ("connections", "active", "requests", "bytes_in", "bytes_out", "errors")
+    __slots__ = ("connections", "active", "requests", "bytes_in", "bytes_out", "errors", "interim")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -39,6 +39,8 @@ class Stats:
         self.bytes_in = 0  # from clients (towards backends)
         self.bytes_out = 0  # towards clients
         self.errors: Counter[str] = Counter()
+        # l7 1xx responses: relayed, consumed, dropped, continue_sent (the proxy's own 100)
+        self.interim: Counter[str] = Counter()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class Stats:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "errors": dict(self.errors),
+            "interim": dict(self.interim),
         }
 
 
