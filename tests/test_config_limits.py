@@ -380,6 +380,12 @@ def test_a_long_value_in_the_yaml_is_quoted_short(tmp_path: Path, text: str) -> 
     assert "x" * 81 not in str(err)
 
 
+def test_control_character_is_an_error_not_a_traceback(tmp_path: Path, parser: str) -> None:
+    err = load_error(write(tmp_path, "lb:\n  instance: a\x01b\n"))
+    assert err.path == "line 2, column 14"
+    assert err.message == "the file holds the control character #x0001, which YAML does not allow"
+
+
 def test_every_message_is_capped() -> None:
     # The net under any site that forgets to quote: message and fix cut in the middle.
     err = ConfigError("x.yaml", "a", "m" * 10_000, "f" * 10_000)

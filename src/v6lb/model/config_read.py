@@ -129,9 +129,22 @@ def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> object:
 
 def parse_yaml(text: str, file: str, *, max_values: int) -> object:
     """Decode YAML ``text`` (one document) within the limits; raise :class:`ConfigError`."""
-    loader = (_FastLoader if _LIBYAML else _Loader)(text, file, max(max_values, 1))
+    loader: _Loader | None = None
     try:
+        # PyYAML's reader refuses control characters here, before any parsing.
+        loader = (_FastLoader if _LIBYAML else _Loader)(text, file, max(max_values, 1))
         return loader.get_single_data()
+    except yaml.reader.ReaderError as exc:
+        pos = exc.position
+        where = (
+            f"line {text.count(chr(10), 0, pos) + 1}, column {pos - text.rfind(chr(10), 0, pos)}"
+        )
+        raise ConfigError(
+            file,
+            where,
+            f"the file holds the control character #x{exc.character:04x}, which YAML does not allow",
+            'remove it; in a double-quoted string it may be written as an escape, such as "\\x01"',
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = _at(mark)
@@ -160,7 +173,8 @@ def parse_yaml(text: str, file: str, *, max_values: int) -> object:
             file, "", f"YAML error: {clip(str(exc))}", "save the file as plain UTF-8 YAML"
         ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _too_deep(file: str, mark: _Mark | None, how: str = "") -> ConfigError:
