@@ -360,10 +360,11 @@ def test_kernel_conntrack_max_drops_new_flows_and_keeps_established(tmp_path: Pa
         assert ct["conntrack_max"] == 20 and ct["conntrack"] == 20
         assert ct["conntrack_full"] >= 10 * 2
         assert st["kernel"]["nft_counters"]["conntrack_full"]["packets"] == ct["conntrack_full"]
+        text = sh(V6LB, "status", "--control-socket", sock)
+        assert "conntrack: 20 of 20 nat flows, " in text, text
+        assert "forward filter: denied 0, unreachable 0, allowed 0" in text, text
         proc.stdin.write("go\n")
         proc.stdin.flush()
         again = json.loads(proc.stdout.readline())
         proc.wait(timeout=10)
         assert again == result["held"], again  # the 20 established flows still talk
-        text = sh(V6LB, "status", "--control-socket", sock)
-        print(text)

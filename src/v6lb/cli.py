@@ -792,6 +792,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
             )
     for pair in st.get("npt", []):
         out.append(f"NPT {pair['inside']} <-> {pair['outside']}")
+    fwd, ct = st.get("forward"), st.get("conntrack") or {}
+    if fwd:  # docs/nat.md "Not an open relay"
+        out.append(
+            "forward filter: "
+            + ", ".join(f"{k.removeprefix('forward_')} {v}" for k, v in fwd.items())
+        )
+    if ct.get("conntrack") is not None or ct.get("conntrack_full"):
+        live = ct.get("conntrack")
+        out.append(
+            f"conntrack: {'?' if live is None else live} of {ct.get('conntrack_max')} nat flows,"
+            f" {ct.get('conntrack_full')} new flows dropped at the bound"
+        )
     out += _proxy_status_lines(proxy)
     served = {v.get("name") for v in proxy.get("vips", [])}
     for line in st.get("skipped", []):
