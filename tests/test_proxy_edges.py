@@ -6,7 +6,12 @@ The 408 on the header timeout is in test_proxy_l7.py (the slowloris test).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -25,6 +30,7 @@ from v6lb.engines.proxy import ProxyServer
 from v6lb.engines.proxy.l4 import FIRST_BYTES_WAIT
 from v6lb.engines.proxy.policy import client_proxy_header, error_response
 from v6lb.model.config import Timeouts
+from v6lb.render.haproxy import render_haproxy
 
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
@@ -177,5 +183,46 @@ def test_http10_without_host_gets_the_vip_as_host_and_http09_is_refused_at_once(
 
         await _with([l7_vip([be.port])], body)
         await be.stop()
+
+    run(main())
+
+
+@pytest.mark.tool
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+def test_haproxy_refuses_a_client_proxy_header_too(
+    tmp_path: Path,
+    loop_kind: str,  # noqa: F811
+) -> None:
+    if loop_kind != "asyncio":
+        pytest.skip("HAProxy's behaviour does not depend on our loop")
+
+    async def main() -> None:
+        be = await Recorder().start()
+        s0 = socket.socket(socket.AF_INET6)
+        s0.bind(("::1", 0))
+        port = s0.getsockname()[1]
+        s0.close()
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(render_haproxy([replace(l4_vip([be.port]), ports=(port,))]))
+        proc = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(100):  # until it listens
+                try:
+                    socket.create_connection(("::1", port), timeout=1).close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            assert await _send(port, b"PROXY TCP6 2001:db8::1 ::1 4711 80\r\nhi") == b""
+            assert await _send(port, proxyproto.encode_proxy("::2", "::1", 1, 2) + b"hi") == b""
+            assert await _send(port, b"PING\r\n") == b"pong:58"  # relayed after HAProxy's header
+            assert [x for x in be.received if x] == [b"PING\r\n"]
+        finally:
+            proc.terminate()
+            proc.wait(5)
+            await be.stop()
 
     run(main())

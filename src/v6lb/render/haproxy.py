@@ -6,7 +6,10 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
 - ``proxy-l4`` → ``mode tcp``; PROXY v2 to the backends with ``send-proxy-v2``
   (and ``check-send-proxy`` so health checks speak it too); inbound PROXY v2
   only from ``trusted_proxy_sources`` (``tcp-request connection expect-proxy
-  layer4``).
+  layer4``). A stream that starts with a PROXY v2 signature or a PROXY v1
+  header (``PROXY TCP4 ``, ``PROXY TCP6 ``, ``PROXY UNKNOWN``) after that is
+  refused (``tcp-request content reject`` on ``req.payload``, with a 50 ms
+  ``tcp-request inspect-delay``), as the builtin engine refuses it.
 - ``proxy-l7`` → ``mode http``. HAProxy 2.6 has no ``option forwarded``, so
   ``Forwarded`` is written with ``http-request set-header``, the IPv6 node
   bracketed and the value quoted (RFC 7239 §6): ``for="[2001:db8::1]:4711"``.
@@ -33,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from ipaddress import IPv6Address
 
+from v6lb.core.proxyproto import SIGNATURE
 from v6lb.model.config import (
     Config,
     HealthType,
@@ -158,6 +162,7 @@ def _frontends(vip: Vip, header_timeout: float) -> list[str]:
                 nets = " ".join(str(n) for n in opts.trusted_proxy_sources)
                 out.append(f"    acl v6lb_trusted src {nets}")
                 out.append("    tcp-request connection expect-proxy layer4 if v6lb_trusted")
+            out += _REFUSE_CLIENT_PROXY
         else:
             out.append(f"    timeout http-request {_s(min(header_timeout, t.idle))}")
             out.append(f"    timeout http-keep-alive {_s(t.idle)}")
@@ -166,6 +171,21 @@ def _frontends(vip: Vip, header_timeout: float) -> list[str]:
         out.append(f"    default_backend v6lb_{vip.name}")
         out.append("")
     return out
+
+
+def _hex(data: bytes) -> str:
+    return data.hex().upper()
+
+
+# A client's own PROXY header (v2 signature, v1 text) is refused, not relayed after ours.
+# A first read shorter than a pattern waits up to the inspect delay, then passes.
+_REFUSE_CLIENT_PROXY = [
+    "    tcp-request inspect-delay 50ms",
+    f"    tcp-request content reject if {{ req.payload(0,12) -m bin {_hex(SIGNATURE)} }}",
+    "    tcp-request content reject if { req.payload(0,11) -m bin"
+    f" {_hex(b'PROXY TCP4 ')} {_hex(b'PROXY TCP6 ')} }}",
+    f"    tcp-request content reject if {{ req.payload(0,13) -m bin {_hex(b'PROXY UNKNOWN')} }}",
+]
 
 
 def _forwarding(opts: ProxyL7Options) -> list[str]:
