@@ -58,6 +58,7 @@ from v6lb.engines.bird import Bird, BirdError, set_l4_ecmp_hash, start_bird
 from v6lb.lab.plan import LabError
 from v6lb.model.bgp import BgpSettings, Neighbour, parse_bgp
 from v6lb.model.config import Config, ConfigError
+from v6lb.model.config_read import read_yaml
 from v6lb.model.topology import NodeType, Topology, load_topology
 from v6lb.render.bird import render_router
 
@@ -489,13 +490,13 @@ def build(path: str | Path, *, log: Callable[[str], None] = lambda _m: None) -> 
         raise LabError("the failover lab needs root (network namespaces)", "run it as root")
     try:
         config, topo = load_topology(path)
+        raw = read_yaml(path)  # the raw sections, read within the same limits
     except ConfigError as exc:
         raise LabError(str(exc), "fix the file (v6lb check FILE)") from None
     client, upstream, sites, asn_site = _layout(config, topo)
     vip = next((v.address for v in config.vips if v.mode.value.startswith(("dsr", "nat"))), None)
     if vip is None:
         raise LabError("the file has no dsr-* or nat VIP", "add one to vips:")
-    raw = yaml.safe_load(Path(path).read_text())
     tag = f"v6lb-fo-{os.getpid()}"
     work = Path(f"/tmp/{tag}")
     work.mkdir(exist_ok=True)

@@ -46,6 +46,7 @@ from v6lb.lab.plan import (
     switch_namespace,
 )
 from v6lb.model.config import ConfigError
+from v6lb.model.config_read import read_yaml
 from v6lb.model.topology import load_topology
 
 __all__ = [
@@ -169,10 +170,9 @@ def _listening(ns: str) -> set[tuple[IPv6Address, int]]:
 def load_plan(path: str, name: str, *, root: Path = LAB_ROOT) -> LabPlan:
     try:
         config, topo = load_topology(path)
+        raw = read_yaml(path)  # the raw sections, read within the same limits
     except ConfigError as exc:
         raise LabError(str(exc), f"fix the file; `v6lb check {path}` shows every problem") from None
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
     return plan_lab(config, topo, raw, name, root=root)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -120,14 +120,17 @@ def read_config_text(path: str | Path, limit: int) -> str:
         ) from None
 
 
-def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> object:
-    """Read and decode a config file's YAML within the limits; raise :class:`ConfigError`."""
+def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> Any:
+    """Read and decode a config file's YAML within the limits; raise :class:`ConfigError`.
+
+    Like ``yaml.safe_load``, the result is whatever the file holds (``Any``).
+    """
     file = str(path)
     limit = max_config_bytes(file) if max_bytes is None else max_bytes
     return parse_yaml(read_config_text(path, limit), file, max_values=limit // BYTES_PER_VALUE)
 
 
-def parse_yaml(text: str, file: str, *, max_values: int) -> object:
+def parse_yaml(text: str, file: str, *, max_values: int) -> Any:
     """Decode YAML ``text`` (one document) within the limits; raise :class:`ConfigError`."""
     loader: _Loader | None = None
     try:
