@@ -19,6 +19,8 @@ subprocess, once per data plane, and each test checks with real packets:
   is 1. Before: the packet bounced until its hop limit ran out (32 copies back
   from the LB for a hop limit of 64).
 * the VIP still works (real TCP connections), and its replies pass.
+* ``lb.forward_allow`` (SIGHUP with the backend's /128 allowed): 100 of 100
+  datagrams arrive, counted in ``forward_allowed``.
 * **conntrack_max** (kernel plane; the Python core has its own bound, tested in
   tests/test_nat66.py): with ``conntrack_max: 20``, 20 held connections open,
   then 10 more new ones fail; ``conntrack_full`` counts at least every SYN sent
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -284,6 +287,18 @@ def hold_and_try(client: str, held: int, extra: int, timeout: float) -> subproce
     )
 
 
+def allow_and_reload(path: Path, sock: str, allow: list[str]) -> None:
+    """SIGHUP `v6lb run` with ``lb.forward_allow: allow`` in its file; wait for the reload."""
+    data = yaml.safe_load(path.read_text())
+    data["lb"]["forward_allow"] = allow
+    path.write_text(yaml.safe_dump(data))
+    st = status(sock)
+    os.kill(st["pid"], signal.SIGHUP)
+    netns_helpers.wait_for(
+        "the reload", lambda: query(sock)["reloads"] == st["reloads"] + 1, 10.0, (ControlError,)
+    )
+
+
 def relay_and_loop(ns: dict[str, str], sock: str, dataplane: str) -> None:
     c, b = ns["client"], ns["backend"]
     before = status(sock)["forward"]
@@ -324,6 +339,15 @@ def relay_and_loop(ns: dict[str, str], sock: str, dataplane: str) -> None:
     again = json.loads(proc.stdout.readline())
     proc.wait(timeout=10)
     assert again == result["held"], again
+
+    # lb.forward_allow lets the operator's traffic through, counted
+    allow_and_reload(Path(status(sock)["file"]), sock, [f"{BACKENDS[0]}/128"])
+    nsx(c, sys.executable, "-c", SEND, ROUTER, BACKENDS[0], "9999", "100", "64")
+    allowed = status(sock)["forward"]
+    print(f"{dataplane}: forward_allow {BACKENDS[0]}/128: {counters(b)['relayed']} of 100 arrive")
+    assert counters(b)["relayed"] == 100
+    assert allowed["forward_allowed"] == 100  # UDP without a reply: each is a first packet
+    assert allowed["forward_denied"] == 0  # the reload loaded a new table: counters from 0
 
 
 @pytest.mark.root
