@@ -53,8 +53,17 @@ def _lb_line(config: Config) -> str:
         f" control socket {lb.control_socket}\n"
         f"  flow hash seed {lb.flow_hash_seed:#010x}; conntrack max {lb.conntrack_max};"
         f" DSR flow cache {lb.flow_cache_size};"
-        f" ICMPv6 errors {lb.icmp_error_rate}/s (burst {lb.icmp_error_burst})"
+        f" ICMPv6 errors {lb.icmp_error_rate}/s (burst {lb.icmp_error_burst})\n"
+        f"  forward allow: {_allowed(config)}"
     )
+
+
+def _allowed(config: Config) -> str:
+    """``lb.forward_allow``: what the host routes besides v6lb's traffic (docs/nat.md)."""
+    if not config.npt and all(v.mode.is_proxy for v in config.vips):
+        return "(no L3 data plane: the host's forwarding is left alone)"
+    entries = [f"{a.source} -> {a.destination}" for a in config.lb.forward_allow]
+    return ", ".join(entries) or "nothing but v6lb's traffic (the rest is dropped, counted)"
 
 
 def _vip_lines(vip: Vip) -> list[str]:
