@@ -1,14 +1,16 @@
-"""Bad control-socket input against a real `v6lb run --dataplane python`: forwarding goes on.
+"""Bad control-socket input against a real `v6lb run`, both data planes: forwarding goes on.
 
 The python plane answers its control socket in the loop that forwards packets,
-so this is where a control-plane failure would touch forwarding. One LB
-namespace runs the file of tests/test_dataplane_python.py (a nat VIP and an npt
-pair); UDP echoes go from the inside host through NPT to the outside before,
-during and after the attacks: 2 KB of ``[``, 10 MB of junk, random bytes, and
-20 silent clients held open while ``status`` is asked (answered within 1 s).
-The plane's own ``npt`` counter must grow by two per echo (before this fix the
-plane exited on the deep JSON; the kernel then routed the echoes untranslated),
-the instance must still be alive, and SIGTERM must still clean up (exit 0).
+so this is where a control-plane failure would touch forwarding; the kernel
+plane answers on threads. One LB namespace runs the file of
+tests/test_dataplane_python.py (a nat VIP and an npt pair); UDP echoes go from
+the inside host through NPT to the outside before and after the attacks: 2 KB
+of ``[``, 10 MB of junk, random bytes, and 20 silent clients held open while
+``status`` is asked and echoes pass. Each echo must reach the outside with the
+NPT-mapped source (before this fix the python plane exited on the deep JSON,
+removing its rules, and the echoes went through untranslated); on the python
+plane its own ``npt`` counter must also grow by two per echo. The instance must
+still be alive, log no traceback, and clean up on SIGTERM (exit 0).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import yaml
 
 from netns_helpers import batch, link, nsx
 from test_dataplane_python import (
+    INSIDE,
     INSIDE_HOST,
+    OUTSIDE,
     OUTSIDE_HOST,
     SENDER,
     SINK,
@@ -37,16 +41,23 @@ from test_dataplane_python import (
     namespaces,
     wait_for,
 )
+from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.control import query
 
+MAPPED = str(NptMapping(INSIDE, OUTSIDE).translate(INSIDE_HOST))
 
-def echo(ns: str, sock: str, n: int = 3) -> list[list[str]]:
-    """``n`` UDP echoes through NPT; each must pass through the python plane both ways."""
-    before = query(sock)["engine"]["npt"]["counters"]["forwarded"]
+
+def echo(ns: str, sock: str, sink: subprocess.Popen[str], python: bool, n: int = 3) -> None:
+    """``n`` UDP echoes through NPT: answered, seen outside with the mapped source, and (python
+    plane) counted by the plane both ways."""
+    before = query(sock)["engine"]["npt"]["counters"]["forwarded"] if python else 0
     out = nsx(ns, sys.executable, "-c", SENDER, INSIDE_HOST, OUTSIDE_HOST, "echo", str(n))
-    answers: list[list[str]] = json.loads(out)
-    assert query(sock)["engine"]["npt"]["counters"]["forwarded"] - before == 2 * n
-    return answers
+    assert json.loads(out) == [[OUTSIDE_HOST, f"re:echo {i}"] for i in range(n)]
+    assert sink.stdout is not None
+    for i in range(n):
+        assert sink.stdout.readline().split() == [MAPPED, "echo", str(i)]
+    if python:
+        assert query(sock)["engine"]["npt"]["counters"]["forwarded"] - before == 2 * n
 
 
 def send(path: str, payload: bytes) -> bytes:
@@ -66,7 +77,9 @@ def send(path: str, payload: bytes) -> bytes:
 
 
 @pytest.mark.root
-def test_python_plane_survives_control_attacks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dataplane", ["python", "kernel"])
+def test_data_plane_survives_control_attacks(tmp_path: Path, dataplane: str) -> None:
+    python = dataplane == "python"
     sock = f"/tmp/v6lb-cr-{os.getpid()}.sock"
     instance = f"cr{os.getpid() % 100000}"
     path = tmp_path / "lb.yaml"
@@ -90,19 +103,20 @@ def test_python_plane_survives_control_attacks(tmp_path: Path) -> None:
         try:
             sink = subprocess.Popen(
                 ["ip", "netns", "exec", c, sys.executable, "-c", SINK, OUTSIDE_HOST],
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
                 text=True,
             )
             procs.append(sink)
+            assert sink.stdout is not None and sink.stdout.readline() == "ready\n"
             run = subprocess.Popen(
-                [V6LB, "run", str(path), "--dataplane", "python", "--netns", lb],
+                [V6LB, "run", str(path), "--dataplane", dataplane, "--netns", lb],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
             procs.append(run)
             wait_for("the control socket", lambda: query(sock))
-            wait_for("npt forwarding", lambda: len(echo(b, sock)) == 3)
+            echo(b, sock, sink, python)
 
             # deep JSON: an error answer, not an exit
             answer = json.loads(send(sock, b"[" * 2048 + b"\n"))
@@ -115,9 +129,12 @@ def test_python_plane_survives_control_attacks(tmp_path: Path) -> None:
                 out = send(sock, rnd.randbytes(rnd.choice([1, 100, 3000, 5000])))
                 assert not out or isinstance(json.loads(out), dict)
             assert run.poll() is None, run.communicate()
-            assert len(echo(b, sock)) == 3  # forwarding after the attacks
+            echo(b, sock, sink, python)  # forwarding after the attacks
 
             # 20 silent clients held open: status and forwarding go on meanwhile
+            t = time.monotonic()
+            query(sock)
+            alone = time.monotonic() - t  # the kernel plane's status reads nft back: slower
             silent = []
             for _ in range(20):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -126,12 +143,18 @@ def test_python_plane_survives_control_attacks(tmp_path: Path) -> None:
             t = time.monotonic()
             st = query(sock, timeout=5.0)
             took = time.monotonic() - t
-            assert took < 1.0, took
+            # python: answered in the loop, in milliseconds; kernel: nft's read-back (0.4-1.5 s
+            # here) dominates, and the silent clients add no wait to it
+            assert took < (1.0 if python else max(1.0, 3 * alone)), (took, alone)
             assert st["control"]["request_too_deep"] == 1
-            assert st["control"]["open_clients"] == 21  # the silent ones and this one
+            if python:  # the silent ones and this one (the kernel's answer comes after 1 s)
+                assert st["control"]["open_clients"] == 21, st["control"]
             t = time.monotonic()
-            assert echo(b, sock) == [[OUTSIDE_HOST, f"re:echo {i}"] for i in range(3)]
-            print(f"status in {took * 1000:.0f} ms, 3 echoes in {time.monotonic() - t:.2f} s")
+            echo(b, sock, sink, python)
+            print(
+                f"{dataplane}: status in {took * 1000:.0f} ms with 20 silent clients"
+                f" ({alone * 1000:.0f} ms without), 3 echoes in {time.monotonic() - t:.2f} s"
+            )
             time.sleep(1.5)  # their second passes: the instance closed them
             for s in silent:
                 s.settimeout(1.0)
