@@ -392,3 +392,11 @@ def test_kernel_conntrack_max_drops_new_flows_and_keeps_established(tmp_path: Pa
         again = json.loads(proc.stdout.readline())
         proc.wait(timeout=10)
         assert again == result["held"], again  # the 20 established flows still talk
+        # closed (TIME_WAIT) flows are not counted: new ones are admitted again
+        proc = hold_and_try(c, 5, 0, 3.0)
+        assert proc.stdout is not None and proc.stdin is not None
+        result = json.loads(proc.stdout.readline())
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        proc.wait(timeout=10)
+        assert all(a in BACKENDS for a in result["held"]), result

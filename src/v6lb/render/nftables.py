@@ -414,6 +414,11 @@ def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
             f'oifname {{ {names} }} accept comment "{tag}: into the python data plane"',
             f'iifname {{ {names} }} accept comment "{tag}: out of the python data plane"',
         ]
+        if config.npt:  # the npt inside table's throw route: the kernel routes these
+            rules.append(
+                "ip6 saddr @npt_inside ip6 daddr @npt_inside accept"
+                f' comment "{tag}: npt, inside to inside"'
+            )
     for a in config.lb.forward_allow:
         match = " ".join(
             f"ip6 {field} {net}"
