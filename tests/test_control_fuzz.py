@@ -312,6 +312,26 @@ def test_query_turns_every_socket_error_into_control_error(tmp_path: Path) -> No
     lsock.close()
 
 
+def test_query_refuses_a_hostile_answer_without_a_traceback(tmp_path: Path) -> None:
+    path = str(tmp_path / "evil.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+
+    def serve() -> None:
+        c, _ = lsock.accept()
+        c.recv(100)
+        c.sendall(b"[" * 100_000)
+        c.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    with pytest.raises(ControlError, match="is not JSON"):
+        query(path, timeout=2.0)
+    th.join(5)
+    lsock.close()
+
+
 EMFILE_SERVER = r"""
 import os, resource, sys, time, threading
 from v6lb.engines.control import ControlServer

@@ -188,7 +188,7 @@ def query(path: str, cmd: str = "status", *, timeout: float = 10.0) -> dict[str,
         s.close()
     try:
         answer = json.loads(data or b"null")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ControlError(f"the answer on {path} is not JSON: {exc}") from None
     if not isinstance(answer, dict):
         raise ControlError(f"the answer on {path} is not a JSON object")
