@@ -122,8 +122,9 @@ def _limit(soft: int, hard: int) -> Callable[[], None]:
 
 
 @contextmanager
-def proxy(tmp_path: Path, soft: int, hard: int) -> Iterator[tuple[str, str, Any]]:
-    """A namespace with the echo backend and `v6lb run` under the given limits."""
+def proxy(tmp_path: Path, soft: int, hard: int, log: list[str]) -> Iterator[tuple[str, str, Any]]:
+    """A namespace with the echo backend and `v6lb run` under the given limits; its stderr
+    goes to ``log`` when it has stopped."""
     sock = str(tmp_path / "c.sock")
     cfg = tmp_path / "p.yaml"
     cfg.write_text(config(sock))
@@ -159,6 +160,7 @@ def proxy(tmp_path: Path, soft: int, hard: int) -> Iterator[tuple[str, str, Any]
             assert run.wait(20) == 0
             _, err = run.communicate()
             assert "Traceback" not in err, err
+            log.append(err)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -168,7 +170,8 @@ def proxy(tmp_path: Path, soft: int, hard: int) -> Iterator[tuple[str, str, Any]
 
 @pytest.mark.root
 def test_over_the_fd_budget_is_refused_counted_and_recovers(tmp_path: Path) -> None:
-    with proxy(tmp_path, 256, 256) as (ns, sock, run):
+    log: list[str] = []
+    with proxy(tmp_path, 256, 256, log) as (ns, sock, run):
         fds = query(sock)["proxy"]["fds"]
         assert fds["limit"] == 256 and fds["wanted"] == 10_000
         cap = fds["connection_cap"]
@@ -212,12 +215,21 @@ def test_over_the_fd_budget_is_refused_counted_and_recovers(tmp_path: Path) -> N
         st = query(sock)
         assert st["proxy"]["vips"][0]["errors"] == {"over_fd_limit": 200 - cap}
         assert st["proxy"]["vips"][0]["connections"] == 220
+    (err,) = log
+    assert "descriptor limit" not in err  # soft = hard: nothing to raise
+    assert "file descriptors: the soft limit is 256" in err
+    assert f"leave room for {cap} proxied connections" in err
+    assert "not the 10000 that max_connections allows" in err
+    assert "Fix: raise the limit (LimitNOFILE= in the systemd unit, ulimit -n)" in err
 
 
 @pytest.mark.root
 def test_run_raises_the_soft_fd_limit_to_the_hard_one(tmp_path: Path) -> None:
-    with proxy(tmp_path, 256, 4096) as (_ns, sock, run):
+    log: list[str] = []
+    with proxy(tmp_path, 256, 4096, log) as (_ns, sock, run):
         limits = Path(f"/proc/{run.pid}/limits").read_text()
         (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
         assert line.split()[3:5] == ["4096", "4096"], line
         assert query(sock)["proxy"]["fds"]["limit"] == 4096
+    (err,) = log
+    assert "v6lb run: descriptor limit (RLIMIT_NOFILE) raised from 256 to 4096" in err
