@@ -25,10 +25,14 @@ __all__ = ["FdBudget", "connection_budget", "nofile", "open_fds", "raise_nofile"
 SPARE = 96
 
 
+_UNLIMITED = 1 << 31  # RLIM_INFINITY (-1 here) as a count; Linux never reports it for NOFILE
+
+
 def nofile() -> tuple[int, int]:
     """The (soft, hard) ``RLIMIT_NOFILE`` of this process."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return int(soft), int(hard)
+    inf = resource.RLIM_INFINITY
+    return (_UNLIMITED if soft == inf else int(soft)), (_UNLIMITED if hard == inf else int(hard))
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -37,7 +41,7 @@ def raise_nofile() -> tuple[int, int]:
     A hard limit of RLIM_INFINITY is taken as ``/proc/sys/fs/nr_open`` (the kernel's
     ceiling for one process). A refusal leaves the limit as it was.
     """
-    soft, hard = nofile()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard
     if hard == resource.RLIM_INFINITY:
         try:

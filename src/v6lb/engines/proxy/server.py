@@ -111,7 +111,8 @@ class ProxyServer:
         backends = sum(len(v.backends) for v in self.vips)
         soft, _ = nofile()
         wanted = self.max_connections * len(self.vips)
-        budget = connection_budget(soft, open_fds(), listeners, self.backlog, wanted, backends)
+        in_use = max(0, open_fds())
+        budget = connection_budget(soft, in_use, listeners, self.backlog, wanted, backends)
         self.budget = budget
         self.admission.cap = budget.connections
         if budget.short:
