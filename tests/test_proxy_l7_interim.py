@@ -277,6 +277,7 @@ def test_backend_101_is_a_502_and_103_is_relayed_to_http11_only() -> None:
             c = s.counters()["web"]
             assert c["errors"] == {"backend_switching_protocols": 1, "upgrade_unsupported": 1}
             assert c["interim"] == {"relayed": 2, "dropped": 2}
+            assert s.status()[0]["interim"] == {"relayed": 2, "dropped": 2}  # v6lb status
             assert be.conns == 2  # the 101 connection was closed; the other was reused
 
         await _with([l7_vip([be.port])], body)

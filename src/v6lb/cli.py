@@ -878,6 +878,8 @@ def _proxy_status_lines(proxy: dict[str, Any]) -> list[str]:
                 f" bytes in {vip['bytes_in']} out {vip['bytes_out']}{theirs}"
             )
             out.append(f"  refused/errors: {errors(vip)}")
+            if vip.get("interim"):  # l7 1xx responses (docs/proxy.md)
+                out.append(f"  1xx responses: {errors({'errors': vip['interim']})}")
         for b in vip.get("backends", []):
             port = f":{b['port']}" if b.get("port") else ""
             line = (
