@@ -11,7 +11,10 @@ VIP in ``nat`` mode, plus a dedicated veth link ``sync0`` between lb1 and lb2:
 * ``v6lb run`` starts conntrackd (FTFW over UDP on sync0, external cache off), so every
   flow either instance opens is injected, with its NAT, into the other one's kernel;
 * the router does not send ICMPv6 redirects (an nft rule in its namespace): a backend
-  that learnt "2001:db8:5::1 is on-link at lb1" would keep sending there.
+  that learnt "2001:db8:5::1 is on-link at lb1" would keep sending there;
+* ``net.netfilter.nf_conntrack_tcp_be_liberal=1`` on both instances (docs/anycast.md):
+  conntrackd's injected entries skip the TCP window check anyway, and this extends it to
+  each instance's own entries, for flows that move between two live instances.
 
 Checks, under 24 long-lived TCP flows each exchanging a line every 100 ms:
 
@@ -20,9 +23,14 @@ Checks, under 24 long-lived TCP flows each exchanging a line every 100 ms:
    conntrackd) is SIGKILLed. The router moves the VIP and 2001:db8:5::1 to lb2; at least
    95% of lb1's flows go on without a reset, on the same backend (all of them in the
    runs recorded in docs/anycast.md), and every flow of lb2 too.
-2. ``control``: lb1 restarted, lb2's conntrackd SIGKILLed (lb2 now receives nothing),
-   new flows, lb1 SIGKILLed again: lb2 picks lb1's flows up mid-stream, SNATs them to its
-   own address, and the backends reset them: none of lb1's flows survives.
+2. ``failback``: N flows through lb2 alone, then lb1 is started again. ECMP moves some
+   of them to lb1 (counted by conntrack's per-entry packet counters in lb1): lb1 has
+   them (StartupResync), their replies still reach lb2 (their SNAT address is lb2's),
+   and all of them survive, as do the others.
+3. ``control``: lb2's conntrackd SIGKILLed (lb2 now receives nothing), new flows, lb1
+   SIGKILLed again: lb2 picks lb1's flows up mid-stream, SNATs them to its own address,
+   and the backends reset them: none of lb1's flows survives. (The window check is off
+   here too, so the sync is what keeps the flows in 1.)
 
 Namespaces ``v6lb-a-<pid>-<n>``; all removed, every process killed, in ``finally``.
 """
@@ -129,6 +137,20 @@ def table(ns: str) -> dict[int, str]:
     return out
 
 
+def carried(ns: str) -> set[int]:
+    """Client ports of the VIP flows whose entry here counted client packets (conntrack acct).
+
+    An entry conntrackd injected starts at 0 packets, so these are the flows that this
+    instance's kernel forwarded.
+    """
+    out = set()
+    for line in nsx(ns, "cat", "/proc/net/nf_conntrack").splitlines():
+        m = re.search(r"src=(\S+) dst=(\S+) sport=(\d+) dport=80 packets=(\d+)", line)
+        if m and IPv6Address(m[2]) == IPv6Address(VIP) and int(m[4]) > 0:
+            out.add(int(m[3]))
+    return out
+
+
 def owners(ns: dict[str, str], flows: list[dict[str, Any]]) -> dict[int, str]:
     """Which instance opened each flow: the one whose SNAT address its entry carries."""
     by_snat = {a: r for r, a in SNAT.items()}
@@ -209,6 +231,13 @@ def test_nat_flows_survive_instance_loss_with_conntrack_sync() -> None:
             nsx(rt, "nft", "-f", "-", stdin=NO_REDIRECTS)
             nsx(ns["client"], "nft", "-f", "-", stdin=RST_COUNTERS)
             nsx(ns["client"], "sysctl", "-qw", "net.core.txrehash=0")  # test_anycast_nat.py
+            for role in LBS:
+                # per-entry packet counters: which instance carried a flow
+                nsx(ns[role], "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1")
+                # no TCP window check on the instances' own entries either (docs/anycast.md):
+                # a flow that moves between two live instances (failback, a BFD flap under
+                # load) enters through one and gets its replies through the other
+                nsx(ns[role], "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
             router = BgpSettings(
                 65000,
                 "192.0.2.1",
@@ -246,6 +275,7 @@ def test_nat_flows_survive_instance_loss_with_conntrack_sync() -> None:
                 raise
             st = query(files["lb1"][1])["conntrack_sync"]
             assert st["peer"] == SYNC["lb2"] and st["interface"] == "sync0", st
+            assert st["tcp_be_liberal"] == 1, st
             text = subprocess.run(
                 [V6LB, "status", "--control-socket", files["lb1"][1]],
                 capture_output=True,
@@ -289,9 +319,29 @@ def test_nat_flows_survive_instance_loss_with_conntrack_sync() -> None:
             figures["sync"], figures["sync_route_s"] = phase(ns, lbs["lb1"], in_both)
             figures["sync_rst"] = rst_counts(ns["client"])
 
-            # 2. control: lb1 back, lb2's conntrackd killed, lb1 dies again
-            lbs["lb1"] = start_lb("lb1", files["lb1"][0], ns["lb1"], procs)
-            wait_for("lb1 back", steady, 20, 0.02)
+            # 2. failback: N flows through lb2 alone, then lb1 comes back and ECMP moves
+            # about half of them to it
+            client = Client(ns["client"])
+            try:
+                opened = client.ask(f"open {N}")
+                assert all(f["open_err"] is None for f in opened), opened
+                time.sleep(1.0)
+                t_back = time.monotonic()
+                lbs["lb1"] = start_lb("lb1", files["lb1"][0], ns["lb1"], procs)
+                wait_for("lb1 back", steady, 20, 0.02)
+                figures["failback_route_s"] = round(time.monotonic() - t_back, 3)
+                time.sleep(2.0)
+                # before the flows close: conntrackd re-creates an entry (counters at 0)
+                # when it injects a state change it cannot apply as an update
+                moved = carried(ns["lb1"])
+                flows = client.ask("stop")["flows"]
+            finally:
+                client.close()
+            figures["failback"] = back = tally(
+                flows, {f["sport"]: "lb1" if f["sport"] in moved else "lb2" for f in flows}, t_back
+            )
+
+            # 3. control: lb2's conntrackd killed, lb1 dies again
             ctd = query(files["lb2"][1])["conntrack_sync"]["pid"]
             os.kill(ctd, signal.SIGKILL)
             wait_for(
@@ -319,3 +369,8 @@ def test_nat_flows_survive_instance_loss_with_conntrack_sync() -> None:
     assert control["lb1"]["opened"] > 0 and control["lb1"]["survived"] == 0, control
     assert set(control["lb1"]["errors"]) == {"ConnectionResetError"}, control
     assert control["lb2"]["survived"] == control["lb2"]["opened"], control
+    # Failback: ECMP moves some of lb2's flows to lb1 again. lb1 has them (StartupResync)
+    # and their replies still go to lb2, which owns their SNAT address: with the window
+    # check off, both halves pass and they survive; the others are untouched.
+    assert back["lb1"]["opened"] > 0 and back["lb1"]["survived"] == back["lb1"]["opened"], back
+    assert back["lb2"]["survived"] == back["lb2"]["opened"], back

@@ -1,8 +1,9 @@
 """``lb.conntrack_sync``: the config (model/conntrack_sync) and conntrackd.conf (render/conntrackd).
 
-No root. ``V6LB_UPDATE_GOLDEN=1 pytest tests/test_conntrackd_render.py`` rewrites
-tests/golden/conntrackd_lb1.conf (review the diff). tests/test_anycast_sync.py runs
-the rendered file in namespaces.
+No root, but ``test_conntrackd_accepts_the_rendered_file``. ``V6LB_UPDATE_GOLDEN=1 pytest
+tests/test_conntrackd_render.py`` rewrites tests/golden/conntrackd_lb1.conf (review the
+diff). tests/test_conntrackd_run.py and tests/test_anycast_sync.py run the rendered file
+in namespaces; the last test here checks that the python data plane refuses the option.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from v6lb.model.config import ConfigError, parse_config
 from v6lb.render.conntrackd import render_conntrackd, sync_addresses
@@ -169,3 +171,15 @@ def test_conntrackd_accepts_the_rendered_file(tmp_path: Path) -> None:
     # the parser accepted every line; it fails later, binding to v6lb-sync0, which is missing
     assert r.returncode == 1 and "parse" not in log.lower(), log
     assert "can't open channel socket: No such device" in log, log
+
+
+def test_python_dataplane_refuses_sync(tmp_path: Path) -> None:
+    """conntrackd replicates the kernel's table: `run --dataplane python` refuses the option."""
+    from v6lb.engines.kernel.run import RunError, prepare
+
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(RunError) as err:
+        prepare(str(path), dataplane="python")
+    assert "lb.conntrack_sync needs --dataplane kernel" in err.value.message
+    assert err.value.fix == "run it with --dataplane kernel, or remove lb.conntrack_sync"

@@ -42,15 +42,25 @@ from v6lb.model.config import Config
 from v6lb.model.conntrack_sync import ConntrackSync
 from v6lb.render.conntrackd import CTL_NAME, render_conntrackd
 
-__all__ = ["CHECK_INTERVAL", "ConntrackSyncer", "SyncError", "parse_stats"]
+__all__ = ["CHECK_INTERVAL", "ConntrackSyncer", "SyncError", "parse_stats", "tcp_be_liberal"]
 
 CHECK_INTERVAL: Final = 1.0
+BE_LIBERAL: Final = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
 _SUN_PATH_MAX: Final = 107
 INSTALL_HINT: Final = "apt-get install conntrackd"
 
 
 class SyncError(KernelError):
     """conntrackd cannot run: missing, its link is not there, or it does not start."""
+
+
+def tcp_be_liberal() -> int | None:
+    """``net.netfilter.nf_conntrack_tcp_be_liberal`` in this namespace; None if unreadable."""
+    try:
+        with open(BE_LIBERAL) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def parse_stats(text: str) -> dict[str, Any]:
@@ -81,6 +91,7 @@ class ConntrackSyncer:
         self, config: Config, sync: ConntrackSync, binary: str, log: Callable[[str], None]
     ) -> None:
         self.sync = sync
+        self.source = config.source
         self.binary = binary
         self.log = log
         self.workdir = Path(f"{config.lb.control_socket}.conntrackd")
@@ -126,13 +137,14 @@ class ConntrackSyncer:
         r = run_tool(["ip", "-6", "-j", "addr", "show", "dev", s.interface], netns=None)
         if r.returncode != 0:
             raise SyncError(
-                f"lb.conntrack_sync.interface: {s.interface} does not exist here",
+                f"{self.source}: lb.conntrack_sync.interface: {s.interface} does not exist here",
                 f"create the dedicated link {s.interface} (a veth, a VLAN or a NIC) first",
             )
         have = {a.get("local") for link in json.loads(r.stdout or "[]") for a in link["addr_info"]}
         if str(s.address) not in have:
             raise SyncError(
-                f"lb.conntrack_sync.address: {s.address} is not assigned to {s.interface}",
+                f"{self.source}: lb.conntrack_sync.address: {s.address} is not assigned to"
+                f" {s.interface}",
                 f"ip -6 addr add {s.address}/64 dev {s.interface} nodad",
             )
 
@@ -194,6 +206,14 @@ class ConntrackSyncer:
                         f"conntrack sync: conntrackd {self.proc.pid} started (FTFW over UDP"
                         f" [{s.address}]:{s.port} -> [{s.peer}]:{s.port} on {s.interface})"
                     )
+                    if tcp_be_liberal() == 0:
+                        self.log(
+                            "conntrack sync: net.netfilter.nf_conntrack_tcp_be_liberal is 0"
+                            " here, so a flow that ECMP moves between two live instances"
+                            " (an instance announced again, a BGP/BFD flap) stalls: the"
+                            " instance that owns its SNAT address sees only the replies;"
+                            " set it to 1 (docs/anycast.md)"
+                        )
                     return
             time.sleep(0.05)
         self.stop()
@@ -280,6 +300,7 @@ class ConntrackSyncer:
             "peer": str(s.peer),
             "port": s.port,
             "peer_snat": [str(a) for a in s.peer_snat],
+            "tcp_be_liberal": tcp_be_liberal(),
             "config": str(self.conf),
             "stats": stats,
             "restarts": self.restarts,

@@ -176,6 +176,17 @@ def prepare(
 ) -> Prepared:
     """Every check `run` makes before it installs anything; raises :class:`KernelError`."""
     if dataplane == "python":
+        try:
+            sync = load_config(path).lb.conntrack_sync
+        except ConfigError:
+            sync = None  # the python plane reports the file's problems itself
+        if sync is not None:
+            raise RunError(
+                f"{path}: lb.conntrack_sync needs --dataplane kernel: conntrackd replicates"
+                " the kernel's conntrack table, and the python data plane keeps its flows in"
+                " its own process",
+                "run it with --dataplane kernel, or remove lb.conntrack_sync",
+            )
         # The Python TUN data plane checks, installs and serves on its own; it
         # raises RunError before installing anything, and exits with its code.
         from v6lb.engines.python.run import run_python
