@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -411,3 +412,34 @@ async def _until_final(r: asyncio.StreamReader) -> bytes:
         if isinstance(e, asyncio.IncompleteReadError):
             out += e.partial
         return out
+
+
+@pytest.mark.tool
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_expect_upload_takes_milliseconds_not_curls_one_second() -> None:
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            _, data = await _read_head_and_body(r)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            await w.drain()
+
+    async def main() -> None:
+        be = await Backend_(echo).start()
+
+        async def body(s: ProxyServer) -> None:
+            url = f"http://[::1]:{s.addresses('web')[0][1]}/up"
+            proc = await asyncio.create_subprocess_exec(
+                *("curl", "-sS", "-H", "Expect: 100-continue", "--data-binary", "payload"),
+                *("-w", "\n%{time_total}", url),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            data, took = out.rsplit(b"\n", 1)
+            assert data == b"payload"
+            assert float(took) < 0.5, took  # curl waits 1 s for a 100 that never comes
+            assert s.counters()["web"]["interim"] == {"continue_sent": 1}
+
+        await _with([l7_vip([be.port])], body)
+        await be.stop()
+
+    run(main())

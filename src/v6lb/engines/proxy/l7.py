@@ -311,6 +311,7 @@ class L7Client(asyncio.Protocol):
         "expect",
         "cont",
         "why",
+        "ver",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -351,6 +352,7 @@ class L7Client(asyncio.Protocol):
         self.expect: bytes | None = None  # the Expect header of the head being read
         self.cont = False  # a "100 Continue" is due once this request is next in line
         self.why = ""  # the counted reason of ``err`` when not the status's usual one
+        self.ver = ""  # the HTTP version of the connection's first request
 
     # --- client side ----------------------------------------------------------------
 
@@ -487,7 +489,15 @@ class L7Client(asyncio.Protocol):
         self.cont = False  # the body is here: a 100 is no longer needed
         parser = self.parser
         method = parser.get_method()
-        ver = parser.get_http_version()
+        keep = parser.should_keep_alive()
+        # get_http_version() formats a string (0.4 us): asked on a connection's first
+        # request and on every request that does not keep the connection alive (HTTP/0.9
+        # and 1.0 without keep-alive are among those); else the first answer stands.
+        ver = self.ver
+        if not keep or not ver:
+            ver = parser.get_http_version()
+            if not self.ver:
+                self.ver = ver
         if ver != "1.1":
             if ver != "1.0":  # "GET /\r\n\r\n" parses as 0.9
                 self.err = 400
@@ -513,14 +523,7 @@ class L7Client(asyncio.Protocol):
                 add_forwarding=self.opts.forwarded_headers,
                 ours=self.ours,
             )
-        self.queue.append(
-            (
-                head + body if body else head,
-                method == b"HEAD",
-                parser.should_keep_alive(),
-                ver == "1.1",
-            )
-        )
+        self.queue.append((head + body if body else head, method == b"HEAD", keep, ver == "1.1"))
         self.head_raw = 0
         self.url = b""
         self.headers = []
