@@ -14,9 +14,11 @@ data plane is applied and before bird announces anything:
   socket whether a conntrackd still answers there, and stopping it if so);
 * the run loop calls :meth:`ConntrackSyncer.check` once a second: if conntrackd
   exited, that is logged (once) and shown in ``status``; forwarding goes on;
-* SIGHUP re-renders the file and restarts conntrackd only when the text changed
-  (the entries it injected stay in the kernel; ``StartupResync`` asks the peer for
-  the rest);
+* after each start, ``conntrackd -B`` sends the peer every entry this kernel already
+  holds (flows opened while no conntrackd ran here); ``StartupResync`` asks the peer
+  for its entries;
+* SIGHUP re-renders the file and restarts conntrackd only when the text changed or it
+  is not running (the entries it injected stay in the kernel);
 * SIGTERM/SIGINT stop it (SIGTERM, then SIGKILL) and remove its directory.
 
 ``status()`` reports the process and the figures of ``conntrackd -s``.
@@ -202,9 +204,14 @@ class ConntrackSyncer:
                 r = self._ask("-s", "runtime", timeout=1.0)
                 if r is not None and r.returncode == 0:
                     s = self.sync
+                    # send the peer every entry this kernel already has: flows opened while
+                    # no conntrackd ran here (a restart, a reload) reach it too
+                    bulk = self._ask("-B", timeout=2.0)
+                    sent = "sent" if bulk is not None and bulk.returncode == 0 else "FAILED"
                     self.log(
                         f"conntrack sync: conntrackd {self.proc.pid} started (FTFW over UDP"
-                        f" [{s.address}]:{s.port} -> [{s.peer}]:{s.port} on {s.interface})"
+                        f" [{s.address}]:{s.port} -> [{s.peer}]:{s.port} on {s.interface});"
+                        f" bulk send of this kernel's entries to the peer {sent}"
                     )
                     if tcp_be_liberal() == 0:
                         self.log(
