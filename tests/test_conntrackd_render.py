@@ -183,3 +183,32 @@ def test_python_dataplane_refuses_sync(tmp_path: Path) -> None:
         prepare(str(path), dataplane="python")
     assert "lb.conntrack_sync needs --dataplane kernel" in err.value.message
     assert err.value.fix == "run it with --dataplane kernel, or remove lb.conntrack_sync"
+
+
+def test_snat_addresses_announced_own_and_standby() -> None:
+    """With conntrack_sync the speaker announces its SNAT, and the peer's with MED + 1000."""
+    from ipaddress import IPv6Network
+
+    from v6lb.engines.kernel.announce import STANDBY_MED_STEP, snat_routes
+    from v6lb.model.bgp import parse_bgp
+    from v6lb.render.bird import SpeakerRoute, render_speaker
+
+    data = copy.deepcopy(BASE)
+    data["bgp"] = {
+        "asn": 65001,
+        "med": 10,
+        "neighbours": [{"name": "up", "address": "2001:db8:1::1", "asn": 65000}],
+    }
+    config = parse_config(data, "t.yaml")
+    settings = parse_bgp(config)
+    assert settings is not None
+    routes = snat_routes(config, settings)
+    assert routes == {
+        IPv6Network("2001:db8:5::1/128"): None,  # its own: the speaker's MED
+        IPv6Network("2001:db8:5::2/128"): 10 + STANDBY_MED_STEP,
+    }
+    text = render_speaker("lb1", settings, [SpeakerRoute(p, med=m) for p, m in routes.items()])
+    assert "  if net = 2001:db8:5::1/128 then bgp_med = 10;\n" in text
+    assert "  if net = 2001:db8:5::2/128 then bgp_med = 1010;\n" in text
+    del data["lb"]["conntrack_sync"]
+    assert snat_routes(parse_config(data, "t.yaml"), settings) == {}  # no sync: not announced
