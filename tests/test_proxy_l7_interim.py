@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from test_proxy_fixtures import (
     Backend_,
+    HttpBackend,
     l7_vip,
     loop_kind,  # noqa: F401 (autouse: every test on asyncio and on uvloop)
     read_response,
@@ -253,12 +254,7 @@ def test_backend_101_is_a_502_and_103_is_relayed_to_http11_only() -> None:
 
         async def body(s: ProxyServer) -> None:
             port = s.addresses("web")[0][1]
-            r, w = await asyncio.open_connection("::1", port)
-            # a client's Upgrade is refused by the proxy (no protocol switching) ...
-            w.write(b"GET /switch HTTP/1.1\r\nHost: x\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
-            assert await _drain(r) == error_response(400)
-            w.close()
-            # ... and a backend's 101 anyway is a 502; that connection is closed, never pooled
+            # a backend's 101 is a 502 (the proxy removed Upgrade); closed, never pooled
             r, w = await asyncio.open_connection("::1", port)
             w.write(b"GET /switch HTTP/1.1\r\nHost: x\r\n\r\n")
             assert await _drain(r) == error_response(502)
@@ -276,10 +272,45 @@ def test_backend_101_is_a_502_and_103_is_relayed_to_http11_only() -> None:
             assert await _drain(r) == _final(b"ok")
             w.close()
             c = s.counters()["web"]
-            assert c["errors"] == {"backend_switching_protocols": 1, "upgrade_unsupported": 1}
+            assert c["errors"] == {"backend_switching_protocols": 1}
             assert c["interim"] == {"relayed": 2, "dropped": 2}
             assert s.status()[0]["interim"] == {"relayed": 2, "dropped": 2}  # v6lb status
             assert be.conns == 2  # the 101 connection was closed; the other was reused
+
+        await _with([l7_vip([be.port])], body)
+        await be.stop()
+
+    run(main())
+
+
+def test_client_upgrade_is_served_as_a_plain_request_connect_and_bodies_refused() -> None:
+    async def main() -> None:
+        be = await HttpBackend("b0").start()
+
+        async def body(s: ProxyServer) -> None:
+            port = s.addresses("web")[0][1]
+            r, w = await asyncio.open_connection("::1", port)
+            h2c = (
+                b"GET /1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+            )
+            w.write(h2c + b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")  # curl --http2 on http://
+            ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nb0"
+            assert await _drain(r) == ok + ok  # as HTTP/1.1, and the next request too
+            w.close()
+            assert [h.split(b" ")[1] for h in be.heads] == [b"/1", b"/2"]
+            assert b"upgrade" not in be.heads[0].lower()
+            for req in (
+                b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nUpgrade: x\r\nConnection: upgrade\r\n"
+                b"Content-Length: 3\r\n\r\nabc",
+            ):
+                r, w = await asyncio.open_connection("::1", port)
+                w.write(req)
+                assert await _drain(r) == error_response(400)
+                w.close()
+            assert len(be.heads) == 2
+            assert s.counters()["web"]["errors"] == {"upgrade_unsupported": 2}
 
         await _with([l7_vip([be.port])], body)
         await be.stop()

@@ -19,7 +19,8 @@ Continue`` is consumed (the proxy answers ``Expect`` itself, below); other 1xx
 (§15.2: never a 1xx to HTTP/1.0); a ``101`` is refused with a 502 and the
 backend connection closed (the proxy removes ``Upgrade`` and does not support
 protocol switching). A connection goes back to the pool only after the final
-response is complete. Counted per VIP under ``interim``.
+response is complete. Counted per VIP under ``interim``. A client's upgrade
+request is served as a plain one (:meth:`L7Client._no_upgrade`).
 
 ``Expect: 100-continue`` (RFC 9110 §10.1.1): the proxy answers ``HTTP/1.1 100
 Continue`` itself once the request is next in line and a body is announced;
@@ -312,6 +313,7 @@ class L7Client(asyncio.Protocol):
         "cont",
         "why",
         "ver",
+        "last",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -353,6 +355,7 @@ class L7Client(asyncio.Protocol):
         self.cont = False  # a "100 Continue" is due once this request is next in line
         self.why = ""  # the counted reason of ``err`` when not the status's usual one
         self.ver = ""  # the HTTP version of the connection's first request
+        self.last: list[tuple[bytes, bytes]] = []  # the headers of the last request parsed
 
     # --- client side ----------------------------------------------------------------
 
@@ -391,15 +394,16 @@ class L7Client(asyncio.Protocol):
             self.phase = _HEAD
             self.stamp = 0.0
         self.head_raw += n
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # no protocol switching: refuse that request
-            if not self.err and self.queue:
-                self.queue.pop()
-            self.err = self.err or 400
-            self.why = self.why or "upgrade_unsupported"
-        except httptools.HttpParserError:
-            self.err = self.err or 400
+        rest = data
+        while rest:
+            try:
+                self.parser.feed_data(rest)
+                break
+            except httptools.HttpParserUpgrade as e:  # Connection: upgrade, or CONNECT
+                rest = self._no_upgrade(rest, e)
+            except httptools.HttpParserError:
+                self.err = self.err or 400
+                break
         if not self.err and self.in_head:  # a head split across reads: the rare case
             if self.head_raw > self.opts.max_header_bytes:
                 self.err = 431
@@ -422,6 +426,27 @@ class L7Client(asyncio.Protocol):
                 self.t.pause_reading()
         if self.cont and not self.busy and not queue:
             self._continue()
+
+    def _no_upgrade(self, data: bytes, e: httptools.HttpParserUpgrade) -> bytes:
+        """An upgrade request is served as a plain one (``Upgrade`` is hop-by-hop and
+        dropped), as a server may ignore ``Upgrade`` (RFC 9110 §7.8). httptools stops
+        at its head: a fresh parser takes the bytes after it. CONNECT, or an upgrade
+        request with a body (httptools stops before the body), is refused with 400
+        (``upgrade_unsupported``). Returns the bytes still to parse."""
+        queue = self.queue
+        body = any(
+            n.lower() in (b"content-length", b"transfer-encoding") and v.strip() != b"0"
+            for n, v in self.last
+        )
+        if self.err or not queue or body or queue[-1][0].startswith(b"CONNECT "):
+            if not self.err and queue:
+                queue.pop()
+            self.err = self.err or 400
+            self.why = self.why or "upgrade_unsupported"
+            return b""
+        self.parser = httptools.HttpRequestParser(self)
+        offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+        return data[offset:]
 
     def on_url(self, url: bytes) -> None:  # the first callback of a request
         self.in_head = True
@@ -526,6 +551,7 @@ class L7Client(asyncio.Protocol):
         self.queue.append((head + body if body else head, method == b"HEAD", keep, ver == "1.1"))
         self.head_raw = 0
         self.url = b""
+        self.last = self.headers
         self.headers = []
         self.hsize = 0
         self.blen = 0
