@@ -226,3 +226,25 @@ def test_haproxy_refuses_a_client_proxy_header_too(
             await be.stop()
 
     run(main())
+
+
+def test_l7_client_half_close_after_pipelined_requests_gets_answers_then_eof() -> None:
+    async def main() -> None:
+        be = await HttpBackend("b0").start()
+        vip = l7_vip([be.port], timeouts=Timeouts(connect=1, idle=3))
+
+        async def body(s: ProxyServer) -> None:
+            loop = asyncio.get_running_loop()
+            r, w = await asyncio.open_connection("::1", s.addresses("web")[0][1])
+            w.write(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            w.write_eof()
+            t0 = loop.time()
+            got = await asyncio.wait_for(r.read(), 5)  # until the proxy closes
+            assert got == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nb0" * 2
+            assert loop.time() - t0 < 1.0  # not after timeouts.idle (3 s)
+            assert s.counters()["web"]["errors"] == {}
+
+        await _with([vip], body)
+        await be.stop()
+
+    run(main())

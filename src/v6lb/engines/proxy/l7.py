@@ -314,6 +314,7 @@ class L7Client(asyncio.Protocol):
         "why",
         "ver",
         "last",
+        "eof",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -356,6 +357,7 @@ class L7Client(asyncio.Protocol):
         self.why = ""  # the counted reason of ``err`` when not the status's usual one
         self.ver = ""  # the HTTP version of the connection's first request
         self.last: list[tuple[bytes, bytes]] = []  # the headers of the last request parsed
+        self.eof = False  # the client half-closed: close once the queue is answered
 
     # --- client side ----------------------------------------------------------------
 
@@ -694,6 +696,9 @@ class L7Client(asyncio.Protocol):
         if self.err:  # a rejected request waited for the responses before it
             self.respond_error(self.err)
             return
+        if self.eof:  # the client half-closed after its last request: all answered
+            self.close()
+            return
         if self.paused:
             self.paused = False
             self.t.resume_reading()
@@ -749,6 +754,7 @@ class L7Client(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # The client finished sending; answer what is queued, then close.
+        self.eof = True
         if not self.busy and not self.queue:
             self.close()
             return False
