@@ -248,3 +248,25 @@ def test_l7_client_half_close_after_pipelined_requests_gets_answers_then_eof() -
         await be.stop()
 
     run(main())
+
+
+def test_a_trusted_peers_stream_after_its_header_is_checked_too() -> None:
+    async def main() -> None:
+        be = await Recorder().start()
+        ours = proxyproto.encode_proxy("2001:db8::1", "2001:db8::80", 4711, 443)
+
+        async def body(s: ProxyServer) -> None:
+            port = s.addresses("tcp")[0][1]
+            assert await _send(port, ours + b"PROXY TCP6 ::2 ::3 1 2\r\nx") == b""
+            assert await _send(port, ours, proxyproto.encode_proxy("::2", "::3", 1, 2)) == b""
+            await asyncio.sleep(0.05)
+            assert be.conns == 0
+            assert await _send(port, ours + b"data") == b"pong:56"  # 52 + 4
+            assert be.received == [b"data"]
+            errs = s.counters()["tcp"]["errors"]
+            assert errs == {"proxy_v1_untrusted": 1, "proxy_v2_untrusted": 1}
+
+        await _with([l4_vip([be.port], trusted=("::1/128",))], body)
+        await be.stop()
+
+    run(main())

@@ -21,7 +21,8 @@ connection closes when both directions have ended or either side is lost.
 
 PROXY v2 in: only a peer inside ``trusted_proxy_sources`` may (and then must)
 start with a PROXY v2 header; the header's source becomes the client. Any other
-peer's first bytes are looked at before a backend connection is opened
+peer's first bytes (and a trusted peer's first bytes after its header) are
+looked at before a backend connection is opened
 (:func:`.policy.client_proxy_header`): a PROXY v2 signature or a PROXY v1 text
 header is refused and counted (``proxy_v2_untrusted``, ``proxy_v1_untrusted``);
 bytes that may still become one (``\r\n\r``, ``PROX``) wait for more, up to
@@ -214,18 +215,12 @@ class L4Client(asyncio.Protocol):
                 if isinstance(header.dst, IPv4Address | IPv6Address):
                     self.local = unmap(header.dst)
                     self.local_port = header.dst_port
-            self.state = _RELAY
-            self._connect()
+            self.state = _CHECK  # what follows must not be a PROXY header either
+            self._check()
         elif self.state == _CHECK:
-            found = client_proxy_header(self.pending)
-            if found is None:  # "\r\n\r" or "PROX": more bytes decide
-                if not self.check_at:
-                    self.check_at = self.loop.time()
-                return
-            if found:  # refused before any backend connection (unless the peer was late)
-                self._fail("proxy_v2_untrusted" if found == 2 else "proxy_v1_untrusted")
-                return
-            self._relay()
+            self._check()
+        if self.closed:
+            return
         if len(self.pending) > self.rt.write_high and not self.paused and self.t is not None:
             self.paused = True
             self.t.pause_reading()
@@ -259,6 +254,22 @@ class L4Client(asyncio.Protocol):
         if exc is not None and not self.closed:
             self.rt.error("client_reset", self.backend)
         self.close()
+
+    def _check(self) -> None:
+        """State _CHECK: refuse a PROXY header, wait for bytes that may become one, or relay."""
+        if not self.pending:  # right after a trusted peer's header: await the next bytes
+            if self.wait is None and self.backend < 0:
+                self.wait = self.loop.call_later(FIRST_BYTES_WAIT, self._no_first_bytes)
+            return
+        found = client_proxy_header(self.pending)
+        if found is None:  # "\r\n\r" or "PROX": more bytes decide
+            if not self.check_at:
+                self.check_at = self.loop.time()
+            return
+        if found:  # refused before any backend connection (unless the peer was late)
+            self._fail("proxy_v2_untrusted" if found == 2 else "proxy_v1_untrusted")
+            return
+        self._relay()
 
     # --- upstream -------------------------------------------------------------------
 
