@@ -176,20 +176,23 @@ class L7Upstream(asyncio.Protocol):
                 self.t.close()
             return
         self.sent += len(data)
-        first = self.at_start
-        if first and (len(data) < 12 or data[9] == 0x31 or self.hbuf):  # maybe "HTTP/1.1 1xx"
-            data = self._interim(c, data)
-            if not data:
-                return
+        if self.at_start:
+            if len(data) < 12 or data[9] == 0x31 or self.hbuf:  # maybe "HTTP/1.1 1xx"
+                data = self._interim(c, data)
+                if not data:
+                    return
+            self.at_start = False  # set back if the parser refuses this first chunk
+            first = True
+        else:
+            first = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.keep = False
+            self.at_start = first  # nothing of a refused first chunk went out
             if not self.done:
                 c.backend_failed(self, "backend_bad_response", 502)
             return
-        if first:
-            self.at_start = False
         if not c.closed:
             c.nout += len(data)
             c.t.write(data)
@@ -396,16 +399,12 @@ class L7Client(asyncio.Protocol):
             self.phase = _HEAD
             self.stamp = 0.0
         self.head_raw += n
-        rest = data
-        while rest:
-            try:
-                self.parser.feed_data(rest)
-                break
-            except httptools.HttpParserUpgrade as e:  # Connection: upgrade, or CONNECT
-                rest = self._no_upgrade(rest, e)
-            except httptools.HttpParserError:
-                self.err = self.err or 400
-                break
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:  # Connection: upgrade, or CONNECT
+            self._upgrade_refused_or_ignored(data, e)
+        except httptools.HttpParserError:
+            self.err = self.err or 400
         if not self.err and self.in_head:  # a head split across reads: the rare case
             if self.head_raw > self.opts.max_header_bytes:
                 self.err = 431
@@ -428,6 +427,19 @@ class L7Client(asyncio.Protocol):
                 self.t.pause_reading()
         if self.cont and not self.busy and not queue:
             self._continue()
+
+    def _upgrade_refused_or_ignored(self, data: bytes, e: httptools.HttpParserUpgrade) -> None:
+        """Parse on after each upgrade request served as a plain one (see _no_upgrade)."""
+        rest = self._no_upgrade(data, e)
+        while rest:
+            try:
+                self.parser.feed_data(rest)
+                return
+            except httptools.HttpParserUpgrade as again:
+                rest = self._no_upgrade(rest, again)
+            except httptools.HttpParserError:
+                self.err = self.err or 400
+                return
 
     def _no_upgrade(self, data: bytes, e: httptools.HttpParserUpgrade) -> bytes:
         """An upgrade request is served as a plain one (``Upgrade`` is hop-by-hop and
