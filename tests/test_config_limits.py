@@ -498,3 +498,19 @@ def test_valid_example_is_unchanged_by_the_limits() -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "basic.yaml"
     text = example.read_text(encoding="utf-8")
     assert load_config(example) == parse_config(yaml.safe_load(text), str(example))
+
+
+def test_run_control_socket_option_is_checked_like_the_file(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "basic.yaml"
+    bad = "/run/v6lb/../../tmp/lb.sock"
+    assert main(["run", str(example), "--control-socket", bad]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"v6lb: error: --control-socket: '{bad}' has a '..' component, so it names a place"
+        " outside the directory it seems to be in; fix: write the path without '..', such as"
+        " /run/v6lb/lb0.sock\n"
+    )
+    assert not Path("/tmp/lb.sock").exists()

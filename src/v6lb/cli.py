@@ -587,8 +587,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from v6lb.engines.limits import raise_nofile
-    from v6lb.model.config import ConfigError, load_config
+    from v6lb.model.config import ConfigError, control_socket_problem, load_config
 
+    if args.control_socket is not None:
+        problem = control_socket_problem(args.control_socket, args.instance or "lb0")
+        if problem is not None:
+            raise UsageError(f"--control-socket: {problem[0]}; fix: {problem[1]}")
     # every engine: systemd's default soft limit of 1024 held 502 proxied connections
     before, after = raise_nofile()
     if after != before:

@@ -370,6 +370,31 @@ _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 _LB_DEFAULTS: Final = LbSettings()
 
 
+def control_socket_problem(path: str, instance: str) -> tuple[str, str] | None:
+    """Why ``path`` cannot be an instance's control socket, as (message, fix); None if it can.
+
+    Used for ``lb.control_socket`` and for ``v6lb run --control-socket``: the instance
+    creates, chmods and unlinks this path as root.
+    """
+    if not path.startswith("/") or len(path.encode()) > _SUN_PATH_MAX:
+        return (
+            f"{quote(path)} is not usable as a Unix socket path",
+            f"use an absolute path of at most {_SUN_PATH_MAX} bytes, such as /run/v6lb/{instance}.sock",
+        )
+    if ".." in path.split("/"):
+        return (
+            f"{quote(path)} has a '..' component, so it names a place outside the"
+            " directory it seems to be in",
+            f"write the path without '..', such as /run/v6lb/{instance}.sock",
+        )
+    if not path.isprintable():
+        return (
+            f"{quote(path)} holds a control character (a NUL or a newline, say)",
+            f"use plain characters, such as /run/v6lb/{instance}.sock",
+        )
+    return None
+
+
 def _parse_lb(value: object, where: Where) -> LbSettings:
     d = _LB_DEFAULTS
     f = Fields(value, where, "`lb:`")
@@ -407,22 +432,9 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
     socket_path = f.string(
         "control_socket", _default_socket(instance), example="control_socket: /run/v6lb/lb0.sock"
     )
-    if not socket_path.startswith("/") or len(socket_path.encode()) > _SUN_PATH_MAX:
-        raise f.at("control_socket").error(
-            f"{quote(socket_path)} is not usable as a Unix socket path",
-            f"use an absolute path of at most {_SUN_PATH_MAX} bytes, such as /run/v6lb/{instance}.sock",
-        )
-    if ".." in socket_path.split("/"):
-        raise f.at("control_socket").error(
-            f"{quote(socket_path)} has a '..' component, so it names a place outside the"
-            " directory it seems to be in",
-            f"write the path without '..', such as /run/v6lb/{instance}.sock",
-        )
-    if not socket_path.isprintable():
-        raise f.at("control_socket").error(
-            f"{quote(socket_path)} holds a control character (a NUL or a newline, say)",
-            f"use plain characters, such as /run/v6lb/{instance}.sock",
-        )
+    problem = control_socket_problem(socket_path, instance)
+    if problem is not None:
+        raise f.at("control_socket").error(*problem)
     return LbSettings(
         instance=instance,
         addresses=tuple(addresses),
