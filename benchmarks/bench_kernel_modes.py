@@ -397,6 +397,16 @@ def wait_v6lb(run: subprocess.Popen[str], lb: str, mode: str, instance: str, soc
         time.sleep(0.1)
 
 
+def v6lb_counters(lb: str, instance: str) -> dict[str, int]:
+    """Packets of each named counter in v6lb's ip6 table (forward_denied, conntrack_full, ...)."""
+    out = nsx(lb, "nft", "-j", "list", "counters", "table", "ip6", f"v6lb_{instance}")
+    return {
+        str(item["counter"]["name"]): int(item["counter"]["packets"])
+        for item in json.loads(out).get("nftables", [])
+        if "counter" in item
+    }
+
+
 def iperf(ns: dict[str, str], mode: str, case: str, udp: bool, seconds: float) -> float:
     """Receiver-side packets/s (udp) or bit/s (tcp) of one iperf3 run."""
     if mode == "nat":
@@ -470,6 +480,11 @@ def one_case(
         bps = iperf(ns, mode, case, False, seconds)
         if mode == "npt" and case != "plain" and snpt_packets(lb) <= before:
             raise RuntimeError(f"npt/{case}: the SNPT rule counted nothing")
+        if run is not None:  # the forward filter must pass all of the benchmark's traffic
+            counts = v6lb_counters(lb, cfg["lb"]["instance"])
+            print(f"  {mode}/{case} v6lb counters: {counts}", flush=True)
+            if counts.get("forward_denied") or counts.get("conntrack_full"):
+                raise RuntimeError(f"{mode}/{case}: v6lb dropped benchmark traffic: {counts}")
         return pps, bps
     finally:
         if run is not None:
