@@ -383,11 +383,25 @@ def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
         f'ct state established,related accept comment "{tag}: later packets and replies'
         ' of flows this chain let through"'
     ]
+    if config.npt and tuns is None:
+        # NPT's untracked packets never match the first rule, so they come next: inside to
+        # outside is accepted by one rule that also does the reverse-path check. With a
+        # separate spoof rule first and the accepts after the nat and DSR rules, npt small
+        # UDP fell to 0.73x of hand-written rules (docs/benchmarks.md).
+        rules.append(
+            "ct state untracked ip6 saddr @npt_inside fib saddr . iif oif exists accept"
+            f' comment "{tag}: npt, inside to outside (SNPT, NOTRACK), from the inside"'
+        )
     if config.npt:
         # NPT translates statelessly: a source inside must come from the inside.
         rules.append(
             'ip6 saddr @npt_inside fib saddr . iif oif missing counter name "forward_denied"'
             f' drop comment "{tag}: an npt inside source that did not come from the inside"'
+        )
+    if config.npt and tuns is None:
+        rules.append(
+            "ct state untracked ip6 daddr @npt_inside accept"
+            f' comment "{tag}: npt, outside to inside (DNPT, NOTRACK)"'
         )
     if tuns is None:
         if _nat_addresses(config):
@@ -401,13 +415,6 @@ def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
                 f"meta mark & {-TAG_SPAN & 0xFFFFFFFF:#010x} == {tag_mark:#010x} accept"
                 f' comment "{tag}: tunnel DSR, encapsulated (the backend\'s mark)"'
             )
-        if config.npt:
-            rules += [
-                "ct state untracked ip6 daddr @npt_inside accept"
-                f' comment "{tag}: npt, outside to inside (DNPT, NOTRACK)"',
-                "ct state untracked ip6 saddr @npt_inside accept"
-                f' comment "{tag}: npt, inside to outside (SNPT, NOTRACK)"',
-            ]
     elif tuns:
         names = ", ".join(f'"{t}"' for t in tuns)
         rules += [
