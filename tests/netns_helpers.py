@@ -76,3 +76,43 @@ def wait_for(
             last = exc
         time.sleep(step)
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+# The nat lab of the data-plane root tests (client — LB — backends over l0/l1): one VIP,
+# three backends, the LB's own address. Each test passes what it changes.
+NAT_LAB_VIP = "2001:db8:f::80"
+NAT_LAB_BACKENDS = ["2001:db8:b::10", "2001:db8:b::11", "2001:db8:b::12"]
+
+
+def nat_lab_file(
+    instance: str,
+    sock: str,
+    *,
+    health: dict[str, Any] | None = None,
+    npt: list[dict[str, str]] | None = None,
+    **lb: Any,
+) -> dict[str, Any]:
+    """The v6lb file of that lab; ``lb`` adds or overrides keys of its ``lb:`` section."""
+    data: dict[str, Any] = {
+        "lb": {
+            "instance": instance,
+            "flow_hash_seed": 0x5EED,
+            "interfaces": ["l0", "l1"],
+            "addresses": ["2001:db8:a::1"],
+            "control_socket": sock,
+            **lb,
+        },
+        "vips": [
+            {
+                "name": "web",
+                "address": NAT_LAB_VIP,
+                "ports": [80],
+                "mode": "nat",
+                "health": health or {"type": "none"},
+                "backends": [{"address": a} for a in NAT_LAB_BACKENDS],
+            }
+        ],
+    }
+    if npt:
+        data["npt"] = npt
+    return data

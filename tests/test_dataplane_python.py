@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 import netns_helpers
-from netns_helpers import batch, link, nsx, sh
+from netns_helpers import NAT_LAB_BACKENDS, NAT_LAB_VIP, batch, link, nat_lab_file, nsx, sh
 from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.control import ControlError, query
 from v6lb.engines.python.steer import plan
@@ -46,8 +46,8 @@ from v6lb.render.nftables import maglev_pool
 
 V6LB = str(Path(sys.executable).parent / "v6lb")
 
-VIP = "2001:db8:f::80"
-BACKENDS = ["2001:db8:b::10", "2001:db8:b::11", "2001:db8:b::12"]
+VIP = NAT_LAB_VIP
+BACKENDS = NAT_LAB_BACKENDS
 CLIENTS = IPv6Network("2001:db8:c::/64")
 INSIDE, OUTSIDE = "fd00:b::/48", "2001:db8:e::/48"
 INSIDE_HOST = "fd00:b::10"
@@ -134,26 +134,7 @@ print(json.dumps(answers), flush=True)
 
 
 def lab_file(instance: str, sock: str) -> dict[str, Any]:
-    return {
-        "lb": {
-            "instance": instance,
-            "flow_hash_seed": 0x5EED,
-            "interfaces": ["l0", "l1"],
-            "addresses": ["2001:db8:a::1"],
-            "control_socket": sock,
-        },
-        "vips": [
-            {
-                "name": "web",
-                "address": VIP,
-                "ports": [80],
-                "mode": "nat",
-                "health": {"type": "none"},
-                "backends": [{"address": a} for a in BACKENDS],
-            }
-        ],
-        "npt": [{"inside": INSIDE, "outside": OUTSIDE}],
-    }
+    return nat_lab_file(instance, sock, npt=[{"inside": INSIDE, "outside": OUTSIDE}])
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 10.0) -> Any:

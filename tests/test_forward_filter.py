@@ -48,14 +48,14 @@ import pytest
 import yaml
 
 import netns_helpers
-from netns_helpers import batch, link, nsx, sh
+from netns_helpers import NAT_LAB_BACKENDS, NAT_LAB_VIP, batch, link, nat_lab_file, nsx, sh
 from v6lb.engines.control import ControlError, query
 
 V6LB = str(Path(sys.executable).parent / "v6lb")
 
-VIP = "2001:db8:f::80"
+VIP = NAT_LAB_VIP
 NOT_A_VIP = "2001:db8:f::99"
-BACKENDS = ["2001:db8:b::10", "2001:db8:b::11", "2001:db8:b::12"]
+BACKENDS = NAT_LAB_BACKENDS
 CLIENTS = IPv6Network("2001:db8:c::/64")
 ROUTER = "2001:db8:a::2"
 RELAYED = 1000
@@ -159,29 +159,6 @@ for i in range(int(sys.argv[4])):
 COUNT_TABLE = "ip6 v6lb_test_count"
 
 
-def file_for(instance: str, sock: str, **lb: Any) -> dict[str, Any]:
-    return {
-        "lb": {
-            "instance": instance,
-            "flow_hash_seed": 0x5EED,
-            "interfaces": ["l0", "l1"],
-            "addresses": ["2001:db8:a::1"],
-            "control_socket": sock,
-            **lb,
-        },
-        "vips": [
-            {
-                "name": "web",
-                "address": VIP,
-                "ports": [80],
-                "mode": "nat",
-                "health": {"type": "none"},
-                "backends": [{"address": a} for a in BACKENDS],
-            }
-        ],
-    }
-
-
 def status(sock: str) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(sh(V6LB, "status", "--control-socket", sock, "--json"))
     return result
@@ -200,7 +177,7 @@ def lab(tmp_path: Path, dataplane: str, **lb: Any) -> Iterator[tuple[dict[str, s
     tag = f"{os.getpid() % 100000}{dataplane[0]}"
     sock = f"/tmp/v6lb-f-{tag}.sock"
     path = tmp_path / "lb.yaml"
-    path.write_text(yaml.safe_dump(file_for(f"f{tag}", sock, **lb)))
+    path.write_text(yaml.safe_dump(nat_lab_file(f"f{tag}", sock, **lb)))
     procs: list[subprocess.Popen[str]] = []
     with netns_helpers.namespaces("client", "lb", "backend", tag="f") as ns:
         c, lbns, b = ns["client"], ns["lb"], ns["backend"]

@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 import netns_helpers
-from netns_helpers import batch, link, nsx, sh
+from netns_helpers import NAT_LAB_BACKENDS, NAT_LAB_VIP, batch, link, nat_lab_file, nsx, sh
 from v6lb import cli
 from v6lb.engines.control import ControlError, query
 from v6lb.model.config import load_config
@@ -45,8 +45,8 @@ from v6lb.render.nftables import maglev_pool
 
 V6LB = str(Path(sys.executable).parent / "v6lb")
 
-VIP = "2001:db8:f::80"
-BACKENDS = ["2001:db8:b::10", "2001:db8:b::11", "2001:db8:b::12"]
+VIP = NAT_LAB_VIP
+BACKENDS = NAT_LAB_BACKENDS
 CLIENTS = IPv6Network("2001:db8:c::/64")
 
 
@@ -128,26 +128,8 @@ if hold:
 
 
 def lab_file(tmp: Path, *, instance: str, sock: str, **lb: Any) -> dict[str, Any]:
-    return {
-        "lb": {
-            "instance": instance,
-            "flow_hash_seed": 0x5EED,
-            "interfaces": ["l0", "l1"],
-            "addresses": ["2001:db8:a::1"],
-            "control_socket": sock,
-            **lb,
-        },
-        "vips": [
-            {
-                "name": "web",
-                "address": VIP,
-                "ports": [80],
-                "mode": "nat",
-                "health": {"interval": 0.4, "timeout": 0.2, "rise": 1, "fall": 2},
-                "backends": [{"address": a} for a in BACKENDS],
-            }
-        ],
-    }
+    health = {"interval": 0.4, "timeout": 0.2, "rise": 1, "fall": 2}
+    return nat_lab_file(instance, sock, health=health, **lb)
 
 
 def write(path: Path, data: object) -> None:
