@@ -125,6 +125,7 @@ def test_conntrackd_lifecycle() -> None:
                     "address add 2001:db8:1::2/64 dev up0 nodad",
                     f"address add {SYNC[role]}/64 dev sync0 nodad",
                 )
+                nsx(ns[role], "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")  # nat is routed
             files = {role: config(tmp, role) for role in ns}
             lbs = {role: start(files[role][0], ns[role], role) for role in ns}
             procs += lbs.values()

@@ -425,6 +425,17 @@ def test_run_checks_the_host_before_installing(tmp_path: Path) -> None:
             assert needle in r.stderr
             assert nsx(lb, "nft", "list", "tables").strip() == ""
             assert not (tmp_path / "c.sock").exists()
+        # a fresh namespace does not route IPv6: a nat file is refused before anything is
+        # installed, with the fix for that namespace (every request timed out before)
+        path = good_file(tmp_path, interfaces=[], addresses=[])
+        r = subprocess.run(
+            [V6LB, "run", str(path), "--netns", lb], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 2, r.stderr
+        assert f"IPv6 forwarding is off in network namespace {lb}: nat, npt and the" in r.stderr
+        assert f"fix: ip netns exec {lb} sysctl -w net.ipv6.conf.all.forwarding=1" in r.stderr
+        assert nsx(lb, "nft", "list", "tables").strip() == ""
+        assert not (tmp_path / "c.sock").exists()
         r = subprocess.run(
             [V6LB, "run", str(path), "--netns", "v6lb-r-nonexistent"],
             text=True,

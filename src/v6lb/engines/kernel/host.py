@@ -29,6 +29,7 @@ __all__ = [
     "enter_netns",
     "host_links",
     "main_routes",
+    "require_ipv6_forwarding",
 ]
 
 _CLONE_NEWNET = 0x40000000
@@ -112,6 +113,24 @@ def check_lb_host(config: Config, links: Links | None = None) -> Links:
                 f" in {config.source}",
             )
     return links
+
+
+def require_ipv6_forwarding(netns: str | None, why: str) -> None:
+    """Fail unless this network namespace routes IPv6 (``why``: what needs it).
+
+    Read after ``enter_netns``: /proc/sys/net is the reading process's namespace.
+    """
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/forwarding") as f:
+            on = f.read().strip() == "1"
+    except OSError:
+        on = False
+    if not on:
+        sysctl = "sysctl -w net.ipv6.conf.all.forwarding=1"
+        raise HostError(
+            f"IPv6 forwarding is off{f' in network namespace {netns}' if netns else ''}: {why}",
+            f"ip netns exec {netns} {sysctl}" if netns else sysctl,
+        )
 
 
 def _net(text: object) -> IPv6Network | None:

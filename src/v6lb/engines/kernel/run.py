@@ -53,7 +53,13 @@ from v6lb.engines.kernel.apply import (
     run_tool,
 )
 from v6lb.engines.kernel.conntrackd import ConntrackSyncer
-from v6lb.engines.kernel.host import HostError, Links, check_lb_host, enter_netns
+from v6lb.engines.kernel.host import (
+    HostError,
+    Links,
+    check_lb_host,
+    enter_netns,
+    require_ipv6_forwarding,
+)
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.model.config import Config, ConfigError, HealthType, VipMode, load_config
 from v6lb.render.ip6tables import tagged_rules
@@ -205,6 +211,12 @@ def prepare(
     if netns is not None:
         enter_netns(netns)
     links = check_lb_host(config)
+    if config.npt or any(
+        not v.mode.is_proxy and v.mode is not VipMode.DSR_L2 for v in config.vips
+    ):  # dsr-l2 leaves by a netdev `fwd`, the proxies by their own sockets
+        require_ipv6_forwarding(
+            netns, "nat, npt and the tunnel DSR modes are routed, so every request would be lost"
+        )
     pools = fresh_pools(config)
     rendered = render_for(config, links, pools)
     return Prepared(config, links, skipped, rendered, pools)

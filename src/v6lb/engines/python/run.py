@@ -62,7 +62,7 @@ from v6lb.engines.kernel.apply import (
     require_tools,
     run_tool,
 )
-from v6lb.engines.kernel.host import check_lb_host, enter_netns
+from v6lb.engines.kernel.host import check_lb_host, enter_netns, require_ipv6_forwarding
 from v6lb.engines.kernel.run import (
     RunError,
     _health_state,
@@ -1006,16 +1006,7 @@ def run_python(
         enter_netns(netns)
     check_lb_host(config)
     l2 = l2_facts(config)
-    try:
-        with open("/proc/sys/net/ipv6/conf/all/forwarding") as f:
-            forwarding = f.read().strip() == "1"
-    except OSError:
-        forwarding = False
-    if not forwarding:
-        raise RunError(
-            "IPv6 forwarding is off: the kernel would not route packets into and out of the TUNs",
-            "sysctl -w net.ipv6.conf.all.forwarding=1",
-        )
+    require_ipv6_forwarding(netns, "the kernel would not route packets into and out of the TUNs")
     if not os.path.exists("/dev/net/tun"):
         raise RunError("/dev/net/tun is missing", "modprobe tun")
     if trace is None:
