@@ -397,6 +397,7 @@ def _run_and_check(
             link(lb, "l0", ns["nat"], "n0")
             batch(lb, "address add 2001:db8:a::1/64 dev l0 nodad")
             batch(ns["nat"], "address add 2001:db8:a::10/64 dev n0 nodad")
+            nsx(lb, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")  # the nat VIP is routed
         try:
             be = subprocess.Popen(
                 ["ip", "netns", "exec", lb, sys.executable, "-c", BACKEND_PROG, BACKEND, "9000"],
