@@ -23,6 +23,7 @@ from typing import Final
 
 from v6lb.model.config_read import read_yaml
 from v6lb.model.conntrack_sync import ConntrackSync, check_sync, parse_conntrack_sync
+from v6lb.model.modes import ModeFacts, facts
 from v6lb.model.schema import (
     ConfigError,
     Fields,
@@ -65,7 +66,11 @@ __all__ = [
 
 
 class VipMode(StrEnum):
-    """How a VIP forwards. ``npt`` and ``anycast`` are not VIP modes (see the module doc)."""
+    """How a VIP forwards: the VIP modes of the mode table (:mod:`v6lb.model.modes`).
+
+    ``npt`` and ``anycast`` are not VIP modes (see the module doc). Every fact
+    about a mode is read from the table: ``vip.mode.facts.tunnels`` and so on.
+    """
 
     PROXY_L4 = "proxy-l4"
     PROXY_L7 = "proxy-l7"
@@ -75,12 +80,25 @@ class VipMode(StrEnum):
     DSR_SRV6 = "dsr-srv6"
 
     @property
+    def facts(self) -> ModeFacts:
+        return facts(self)
+
+    @property
     def is_proxy(self) -> bool:
-        return self in (VipMode.PROXY_L4, VipMode.PROXY_L7)
+        return facts(self).is_proxy
 
     @property
     def is_dsr(self) -> bool:
-        return self in (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+        return facts(self).is_dsr
+
+    @property
+    def tunnels(self) -> bool:
+        return facts(self).tunnels
+
+    @property
+    def routed(self) -> bool:
+        """Routed through the LB: needs IPv6 forwarding there."""
+        return facts(self).routed
 
 
 class Protocol(StrEnum):
