@@ -75,6 +75,7 @@ from typing import Final
 from v6lb.core.backends import BackendPool, BackendSpec
 from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.model.config import Config, NatOptions, Vip, VipMode
+from v6lb.model.modes import Plane, modes_where
 from v6lb.render.routes import (
     TAG_SPAN,
     BackendHost,
@@ -109,9 +110,9 @@ __all__ = [
     "vip_object_name",
 ]
 
-KERNEL_MODES: Final = (VipMode.NAT, VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+KERNEL_MODES: Final = modes_where(plane=Plane.KERNEL, vip=True)
+"""The VIP modes of the kernel data plane (nat and dsr-*), from the mode table."""
 _FAMILIES: Final = ("ip6", "netdev")
-_TUNNEL_MODES: Final = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
 _NAME_SAFE: Final = re.compile(r"[^A-Za-z0-9_]")
 _ANY: Final = IPv6Network("::/0")
 VIP_PREFIX_LEN: Final = 64
@@ -732,9 +733,7 @@ def render_backend_nft(config: Config, backend: BackendHost) -> str:
     name = table_name(config.lb.instance)
     decaps = list(
         dict.fromkeys(
-            decap_address(vip, j)
-            for vip, j in backend_vips(config, backend)
-            if vip.mode in _TUNNEL_MODES
+            decap_address(vip, j) for vip, j in backend_vips(config, backend) if vip.mode.tunnels
         )
     )
     names = ", ".join(map(str, host_addresses(backend)))

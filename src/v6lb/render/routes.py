@@ -72,8 +72,6 @@ LB_RULE_PREF: Final = 7600
 BACKEND_RULE_PREF: Final = 7601
 _TAG_TOP: Final = ROUTE_PROTO << 24
 _IPV6_TCP_HEADERS: Final = 40 + 20
-_OVERHEAD: Final = {VipMode.DSR_IP6IP6: 40, VipMode.DSR_SRV6: 40 + 24}  # IPv6 [+ SRH, 1 segment]
-_TUNNEL_MODES: Final = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
 
 
 class RenderError(ValueError):
@@ -116,7 +114,7 @@ def tunnel_targets(config: Config) -> list[TunnelTarget]:
     base = instance_tag(config.lb.instance)
     out: list[TunnelTarget] = []
     for i, vip in enumerate(config.vips):
-        if vip.mode not in _TUNNEL_MODES:
+        if not vip.mode.tunnels:
             continue
         for j in range(len(vip.backends)):
             n = len(out) + 1
@@ -130,7 +128,7 @@ def _tunnel_source(config: Config) -> IPv6Address | None:
     sources = {
         vip.options.tunnel_source
         for vip in config.vips
-        if vip.mode in _TUNNEL_MODES and isinstance(vip.options, TunnelOptions)
+        if vip.mode.tunnels and isinstance(vip.options, TunnelOptions)
     }
     if len(sources) > 1:
         listed = ", ".join(sorted(str(s) for s in sources))
@@ -228,7 +226,7 @@ class ReturnRoute:
 def advmss(vip: Vip) -> int:
     """The MSS a backend may advertise for a tunnel VIP: MTU - IPv6 - TCP - tunnel overhead."""
     assert isinstance(vip.options, TunnelOptions)
-    return vip.options.mtu - _IPV6_TCP_HEADERS - _OVERHEAD[vip.mode]
+    return vip.options.mtu - _IPV6_TCP_HEADERS - vip.mode.facts.overhead
 
 
 BackendHost = IPv6Address | Sequence[IPv6Address]
@@ -256,7 +254,7 @@ def lb_sources(config: Config) -> list[IPv6Address]:
     """Addresses a tunnelled packet may come from: the tunnel sources and ``lb.addresses``."""
     found: list[IPv6Address] = []
     for vip in config.vips:
-        if vip.mode in _TUNNEL_MODES and isinstance(vip.options, TunnelOptions):
+        if vip.mode.tunnels and isinstance(vip.options, TunnelOptions):
             found.append(vip.options.tunnel_source)
     found.extend(config.lb.addresses)
     return list(dict.fromkeys(found))
@@ -295,7 +293,7 @@ def render_backend_routes(
     for vip, j in served:
         lines.append(f"# {tag} {vip.name} ({vip.mode})")
         lines.append(f"address replace {vip.address}/128 dev lo nodad metric {table}")
-        if vip.mode in _TUNNEL_MODES:
+        if vip.mode.tunnels:
             tunnel.append((vip, j))
     decaps = list(dict.fromkeys(decap_address(vip, j) for vip, j in tunnel))
     for sid in decaps:
