@@ -546,16 +546,15 @@ _VIP_KEYS: Final = (
     "backends",
     "health",
 )
-_TUNNEL_KEYS: Final = ("tunnel_source", "mtu")
-_MODE_KEYS: Final[dict[VipMode, tuple[str, ...]]] = {
-    VipMode.PROXY_L4: (
+_OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mode table's)
+    "ProxyL4Options": (
         "proxy_protocol",
         "trusted_proxy_sources",
         "timeouts",
         "dual_stack",
         "max_connections_per_source",
     ),
-    VipMode.PROXY_L7: (
+    "ProxyL7Options": (
         "forwarded_headers",
         "trusted_sources",
         "max_request_bytes",
@@ -564,11 +563,11 @@ _MODE_KEYS: Final[dict[VipMode, tuple[str, ...]]] = {
         "dual_stack",
         "max_connections_per_source",
     ),
-    VipMode.NAT: ("snat", "snat_ports"),
-    VipMode.DSR_L2: (),
-    VipMode.DSR_IP6IP6: _TUNNEL_KEYS,
-    VipMode.DSR_SRV6: _TUNNEL_KEYS,
+    "NatOptions": ("snat", "snat_ports"),
+    "DsrL2Options": (),
+    "TunnelOptions": ("tunnel_source", "mtu"),
 }
+_MODE_KEYS: Final = {m: _OPTION_KEYS[str(m.facts.options)] for m in VipMode}
 _NOT_VIP_MODES: Final = {
     "npt": (
         "npt is not a VIP mode: NPTv6 translates whole prefixes and has no ports or backends",
@@ -870,13 +869,14 @@ def _parse_health(vip: Fields, protocol: Protocol) -> HealthCheck:
 
 
 def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
-    if mode is VipMode.NAT:
+    options = mode.facts.options  # the options class's name, from the mode table
+    if options == NatOptions.__name__:
         return _parse_nat(f)
-    if mode is VipMode.DSR_L2:
+    if options == DsrL2Options.__name__:
         return DsrL2Options()
-    if mode in (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6):
+    if options == TunnelOptions.__name__:
         return _parse_tunnel(f, mode, lb)
-    if mode is VipMode.PROXY_L4:
+    if options == ProxyL4Options.__name__:
         return ProxyL4Options(
             proxy_protocol=ProxyProtocol(
                 f.choice("proxy_protocol", [p.value for p in ProxyProtocol], "none")

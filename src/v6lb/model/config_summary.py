@@ -14,14 +14,9 @@ from v6lb.model.config import (
     Timeouts,
     TunnelOptions,
     Vip,
-    VipMode,
 )
 
 __all__ = ["summarize"]
-
-# Bytes added in front of the client's packet: the outer IPv6 header, plus for SRv6
-# a one-segment routing header (RFC 8754 §2: 8 bytes + 16 per segment).
-_ENCAP_OVERHEAD = {VipMode.DSR_IP6IP6: 40, VipMode.DSR_SRV6: 40 + 8 + 16}
 
 
 def summarize(config: Config) -> str:
@@ -113,7 +108,7 @@ def _options(vip: Vip) -> str:
     if isinstance(o, DsrL2Options):
         return "MAC rewrite on the link, hop limit kept"
     if isinstance(o, TunnelOptions):
-        inner = o.mtu - _ENCAP_OVERHEAD[vip.mode]
+        inner = o.mtu - vip.mode.facts.overhead
         return (
             f"outer source {o.tunnel_source}, path MTU {o.mtu}"
             f" (client packets up to {inner} bytes fit unfragmented)"
