@@ -1,0 +1,145 @@
+"""`v6lb explain` and `v6lb demo`: the scenario in the simulator, hop by hop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from v6lb import MODES
+from v6lb.cli.common import FAILURES, load_scenario, pick_modes, run_mode, wide_console
+from v6lb.cli.tables import print_comparison, print_explanation
+
+if TYPE_CHECKING:
+    from v6lb.engines.sim.scenario import ScenarioResult
+    from v6lb.model.explain import Explanation
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the scenario under every mode: tables, pcaps and an HTML report",
+        description="Simulate the IPv6 cluster scenario (client, router, LB with a public VIP, "
+        "private nodes and pods) under every mode, print each hop and the answers, compare "
+        "the modes, run the failure walk-throughs, and write pcaps and report.html.",
+    )
+    p.add_argument(
+        "--topology", metavar="FILE", help="scenario file (default: the built-in eks-ipv6)"
+    )
+    p.add_argument(
+        "--out", metavar="DIR", default="demo-out", help="output folder (default: demo-out)"
+    )
+    p.add_argument(
+        "--npt-only", action="store_true", help="print only the NPTv6 arithmetic walk-through"
+    )
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="hop-by-hop explanation of one mode (or all) in the simulator",
+        description="Run the scenario in the simulator and print, hop by hop, the link, the "
+        "source and destination [address]:port and what changed, then answer: did NAT66 happen "
+        "at the LB, what source did the backend see, does the reply cross the LB, what state "
+        "does the LB keep, how does the client's address reach the application.",
+    )
+    p.add_argument("--mode", help="one of: " + ", ".join(MODES) + " (default: all)")
+    p.add_argument(
+        "--topology", metavar="FILE", help="scenario file (default: the built-in eks-ipv6)"
+    )
+    p.add_argument("--failure", choices=sorted(FAILURES), help="run a failure walk-through instead")
+    p.add_argument("--json", action="store_true", help="print the same facts as JSON")
+    p.add_argument(
+        "--all-hops",
+        action="store_true",
+        help="show every packet (default: the first packet of each leg in each direction)",
+    )
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    config, topo = load_scenario(args.topology)
+    if args.failure:
+        exps = [run_mode(config, topo, FAILURES[args.failure], args.failure)[0]]
+    else:
+        exps = [run_mode(config, topo, m)[0] for m in pick_modes(config, args.mode)]
+    if args.json:
+        out = [e.to_dict() for e in exps]
+        sys.stdout.write(json.dumps(out[0] if len(out) == 1 else out, indent=2, default=str) + "\n")
+        return 0
+    console = wide_console()
+    for e in exps:
+        print_explanation(console, e, max_rows=10_000, compact=not args.all_hops)
+    if len(exps) > 1:
+        print_comparison(console, exps)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from v6lb.model.walkthrough import npt_walkthrough
+    from v6lb.render.report import render_report
+
+    if args.npt_only:
+        sys.stdout.write(npt_walkthrough())
+        return 0
+    config, topo = load_scenario(args.topology)
+    out = Path(args.out)
+    console = wide_console()
+    console.print(f"[bold]v6lb demo[/bold]: {args.topology or 'built-in scenario eks-ipv6'}\n")
+    exps: list[Explanation] = []
+    fails: list[Explanation] = []
+    pcap_files: list[Path] = []
+
+    def save(tag: str, res: ScenarioResult) -> None:
+        folder = out / "pcaps" / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for link, data in sorted(res.pcaps.items()):
+            if len(data) <= 24:  # a file header and no packet: the link carried nothing here
+                continue
+            f = folder / f"{link}.pcap"
+            f.write_bytes(data)
+            pcap_files.append(f)
+
+    for mode in pick_modes(config, None):
+        e, res = run_mode(config, topo, mode)
+        exps.append(e)
+        save(mode, res)
+        print_explanation(console, e, max_rows=40)
+    print_comparison(console, exps)
+    console.print()
+    console.rule("[bold]Failure walk-throughs[/bold]")
+    for failure, mode in FAILURES.items():
+        if mode not in pick_modes(config, None):
+            continue
+        e, res = run_mode(config, topo, mode, failure)
+        e.title = f"{failure}: {e.title}"
+        fails.append(e)
+        save(f"failure-{failure}", res)
+        summary = res.facts.get("summary")
+        print_explanation(console, e, max_rows=30)
+        if isinstance(summary, str):
+            console.print(f"[bold]What the client experienced:[/bold] {summary}\n")
+    if npt_pairs := config.npt:
+        console.rule("[bold]NPTv6 arithmetic[/bold]")
+        p = npt_pairs[0]
+        console.print(npt_walkthrough(str(p.inside), str(p.outside)), markup=False, highlight=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.html").write_text(render_report(exps, failures=fails), encoding="utf-8")
+    (out / "explain.json").write_text(
+        json.dumps([e.to_dict() for e in exps + fails], indent=2, default=str), encoding="utf-8"
+    )
+    console.print(
+        f"wrote {out / 'report.html'}, {out / 'explain.json'} and {len(pcap_files)} pcaps under {out / 'pcaps'}"
+    )
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _add_demo(sub)
+    _add_explain(sub)

@@ -1,0 +1,100 @@
+"""The explanation tables (rich): one mode hop by hop, and the modes side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from v6lb.model.explain import Explanation
+
+__all__ = ["print_comparison", "print_explanation"]
+
+
+def print_explanation(
+    console: Console, exp: Explanation, *, max_rows: int = 60, compact: bool = True
+) -> None:
+    """One mode: the hop-by-hop table, then the five answers.
+
+    ``compact`` shows the first packet of each leg in each direction (and every
+    drop); the other packets of a leg take the same path with the same changes.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from v6lb.model.explain import answer_lines, key_rows
+
+    console.rule(f"[bold]{exp.mode}[/bold]: {exp.title}")
+    t = Table(show_lines=False, header_style="bold", expand=False, pad_edge=False)
+    t.add_column("#", justify="right", style="dim")
+    t.add_column("leg", style="cyan")
+    t.add_column("link")
+    t.add_column("hop")
+    t.add_column("source")
+    t.add_column("destination")
+    t.add_column("packet")
+    t.add_column("what changed here, and why")
+    rows = key_rows(exp.rows) if compact else exp.rows
+    shown = rows if len(rows) <= max_rows else rows[:max_rows]
+    for r in shown:
+        # Text() cells: addresses in brackets must not be read as rich markup or emoji codes.
+        change = Text(f"DROPPED: {r.dropped}", style="red") if r.dropped else Text(r.change)
+        t.add_row(
+            str(r.seq),
+            Text(r.leg),
+            Text(r.link),
+            Text(f"{r.sender} → {r.receiver}"),
+            Text(r.src),
+            Text(r.dst),
+            Text(f"{r.proto} {r.detail}".strip()),
+            change,
+        )
+    console.print(t)
+    hidden = len(exp.rows) - len(shown)
+    if hidden:
+        console.print(
+            f"[dim]{hidden} more hops of the same legs are not shown "
+            "(v6lb explain --all-hops, --json, or the HTML report have them all)[/dim]"
+        )
+    a = Table(show_header=False, box=None, pad_edge=False)
+    a.add_column(style="bold")
+    a.add_column()
+    for q, ans in answer_lines(exp.answers):
+        a.add_row(Text(q), Text(ans))
+    console.print(a)
+    console.print()
+
+
+def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
+    """The modes side by side."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title="The modes side by side", header_style="bold", show_lines=True)
+    for col in (
+        "mode",
+        "NAT66 at the LB?",
+        "backend saw",
+        "reply via LB?",
+        "LB state per flow",
+        "client address reaches the app",
+    ):
+        t.add_column(col)
+    for e in exps:
+        a = e.answers
+        nat = a.nat_kind if a.nat66_at_lb else "no"
+        if a.nat_kind.startswith("new"):
+            nat = "no (new connection)"
+        cells = (
+            e.mode,
+            nat,
+            a.backend_saw_source,
+            "yes" if a.reply_via_lb else "no",
+            a.lb_state,
+            a.client_address_reaches_app,
+        )
+        # Text() cells: "[addr]:port" must not be read as rich markup.
+        t.add_row(*(Text(c) for c in cells))
+    console.print(t)
