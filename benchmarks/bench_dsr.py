@@ -34,6 +34,7 @@ from v6lb.core.dsr import DsrForwarder
 from v6lb.core.flowhash import flow_hash
 from v6lb.core.verdict import FORWARD, FORWARD_L2, PORT_OUTSIDE
 from v6lb.model.config import parse_config
+from v6lb.model.pools import dsr_forwarder
 from v6lb.wire import build
 
 N = 100_000
@@ -83,7 +84,7 @@ def _forwarder(cache: int = N + 1) -> DsrForwarder:
             "vips": vips,
         }
     )
-    return DsrForwarder.from_config(config)
+    return dsr_forwarder(config)
 
 
 def main() -> dict[str, tuple[float, float]]:

@@ -45,8 +45,8 @@ from v6lb.engines.control import ControlError, query
 from v6lb.lab.failover import SERVER, TRAFFIC
 from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
 from v6lb.model.config import load_config
+from v6lb.model.pools import pool_for
 from v6lb.render.bird import render_router
-from v6lb.render.nftables import maglev_pool
 
 pytestmark = [
     pytest.mark.root,
@@ -280,7 +280,7 @@ def test_anycast_ecmp_failover_and_withdraw() -> None:
             rt = ns["router"]
             files = {role: derived(tmp, role) for role in LBS}
             pools = {
-                role: maglev_pool(load_config(p).vips[0], load_config(p).lb.flow_hash_seed)
+                role: pool_for(load_config(p).vips[0], load_config(p).lb.flow_hash_seed)
                 for role, (p, _) in files.items()
             }
             assert pools["lb1"].table == pools["lb2"].table  # the instances agree

@@ -42,7 +42,7 @@ from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.control import ControlError, query
 from v6lb.engines.python.steer import plan
 from v6lb.model.config import load_config
-from v6lb.render.nftables import maglev_pool
+from v6lb.model.pools import pool_for
 
 V6LB = str(Path(sys.executable).parent / "v6lb")
 
@@ -191,7 +191,7 @@ def test_python_dataplane_nat_npt_sigstop_counters_and_cleanup(tmp_path: Path) -
     path.write_text(yaml.safe_dump(lab_file(instance, sock)))
     _FILES[instance] = path
     config = load_config(path)
-    pool = maglev_pool(config.vips[0], config.lb.flow_hash_seed)
+    pool = pool_for(config.vips[0], config.lb.flow_hash_seed)
     mapped = NptMapping(INSIDE, OUTSIDE).translate(INSIDE_HOST)
     assert isinstance(mapped, IPv6Address)
     procs: list[subprocess.Popen[str]] = []

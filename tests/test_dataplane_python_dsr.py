@@ -46,7 +46,7 @@ from test_dataplane_python import (
 )
 from v6lb.engines.control import query
 from v6lb.model.config import load_config
-from v6lb.render.nftables import maglev_pool
+from v6lb.model.pools import pool_for
 
 VIP6, VIPSR = "2001:db8:f::81", "2001:db8:f::82"
 BACKENDS = ["2001:db8:b::10", "2001:db8:b:2::10"]  # dsr-srv6 (probed at these)
@@ -152,7 +152,7 @@ def test_python_dataplane_dsr_tunnels_probes_and_reload(tmp_path: Path) -> None:
         "s": backend_file(path, data, "dsr-srv6", "s"),
     }
     config = load_config(path)
-    pools = {v.name: maglev_pool(v, config.lb.flow_hash_seed) for v in config.vips}
+    pools = {v.name: pool_for(v, config.lb.flow_hash_seed) for v in config.vips}
     procs: list[subprocess.Popen[str]] = []
     servers: list[subprocess.Popen[str]] = []
     with namespaces("client", "lb", "b1", "b2") as ns:

@@ -38,7 +38,7 @@ from test_dataplane_python import V6LB, batch, connect, link, namespaces, nsx, s
 from test_dataplane_python_dsr import HOPS, SERVER
 from v6lb.engines.control import query
 from v6lb.model.config import load_config
-from v6lb.render.nftables import maglev_pool
+from v6lb.model.pools import pool_for
 
 VIP = "2001:db8:f::90"
 BACKENDS = ["2001:db8:b::10", "2001:db8:b::11"]
@@ -77,7 +77,7 @@ def test_python_dataplane_dsr_l2(tmp_path: Path) -> None:
     path = tmp_path / "lb.yaml"
     path.write_text(yaml.safe_dump(lab_file(instance, sock)))
     config = load_config(path)
-    pools = {v.name: maglev_pool(v, config.lb.flow_hash_seed) for v in config.vips}
+    pools = {v.name: pool_for(v, config.lb.flow_hash_seed) for v in config.vips}
     procs: list[subprocess.Popen[str]] = []
     run: subprocess.Popen[str] | None = None
     with namespaces("client", "lb", "sw", "b1", "b2") as ns:

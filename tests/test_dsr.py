@@ -37,6 +37,7 @@ from v6lb.core.verdict import (
     REPLY,
 )
 from v6lb.model.config import Config, parse_config
+from v6lb.model.pools import dsr_decap, dsr_forwarder
 from v6lb.wire import build
 from v6lb.wire.checksum import verify
 from v6lb.wire.ipv6 import PacketInfo, parse
@@ -86,7 +87,7 @@ CONFIG = config()
 
 
 def fresh() -> DsrForwarder:
-    return DsrForwarder.from_config(CONFIG)
+    return dsr_forwarder(CONFIG)
 
 
 def scapy(expr: str, **extra: Any) -> Any:
@@ -206,7 +207,7 @@ def _vip_name(pkt: bytes) -> str:
     ("name", "backend", "inp", "verdict", "expected"), fx.DECAP, ids=[d[0] for d in fx.DECAP]
 )
 def test_decap_golden(name: str, backend: str, inp: str, verdict: str, expected: str) -> None:
-    dec = DsrDecap.from_config(CONFIG, backend)
+    dec = dsr_decap(CONFIG, backend)
     raw_in = bytes(scapy(inp))
     action, arg, data = dec.process(bytearray(raw_in), PORT_INSIDE, 0.0)
     assert ACTION_NAMES[action] == verdict, (name, Reason(arg).label if action == DROP else arg)
@@ -324,7 +325,7 @@ def test_ptb_floor_then_fragments_round_trip() -> None:
     ok = build.tcp(fx.CLIENT, fx.VIPSMALL, 40000, 443, payload=b"x" * 1220)
     action, _, frags = fwd.process(bytearray(ok), PORT_OUTSIDE, 0.0)
     assert action == FORWARD_MANY
-    dec = DsrDecap.from_config(CONFIG, fx.BESMALL)
+    dec = dsr_decap(CONFIG, fx.BESMALL)
     results = [dec.process(f, PORT_INSIDE, 5.0) for f in frags]  # type: ignore[attr-defined]
     assert results[0] == (FORWARD_MANY, PORT_LOCAL, [])
     assert results[-1][0] == FORWARD and bytes(results[-1][2]) == decremented(bytes(ok))  # type: ignore[arg-type]
@@ -341,7 +342,7 @@ def _outer_frags(fwd: DsrForwarder, payload: int = 1220) -> list[bytearray]:
 
 
 def test_decap_reassembly_times_out() -> None:
-    dec = DsrDecap.from_config(CONFIG, fx.BESMALL)
+    dec = dsr_decap(CONFIG, fx.BESMALL)
     frags = _outer_frags(fresh())
     assert dec.process(frags[0], PORT_INSIDE, 0.0)[0] == FORWARD_MANY
     assert dec.pending == 1
@@ -352,7 +353,7 @@ def test_decap_reassembly_times_out() -> None:
 
 
 def test_decap_overlapping_fragments_discard_the_datagram() -> None:
-    dec = DsrDecap.from_config(CONFIG, fx.BESMALL)
+    dec = dsr_decap(CONFIG, fx.BESMALL)
     frags = _outer_frags(fresh())
     assert dec.process(frags[0], PORT_INSIDE, 0.0)[0] == FORWARD_MANY
     # A forged fragment overlapping the first one (RFC 5722).
@@ -368,7 +369,7 @@ def test_decap_overlapping_fragments_discard_the_datagram() -> None:
 
 
 def test_decap_refuses_fragments_from_strangers() -> None:
-    dec = DsrDecap.from_config(CONFIG, fx.BESMALL)
+    dec = dsr_decap(CONFIG, fx.BESMALL)
     frag = _outer_frags(fresh())[0]
     frag[8:24] = A(fx.STRANGER)
     assert dec.process(frag, PORT_INSIDE, 0.0) == (DROP, Reason.NOT_FROM_LB, None)
@@ -378,7 +379,7 @@ def test_decap_refuses_fragments_from_strangers() -> None:
 def test_round_trip_through_decap_every_mode() -> None:
     fwd = fresh()
     for vip, backend in ((fx.VIP6, fx.BE6), (fx.VIPSR, fx.BESR), (fx.VIPEXP, fx.BEEXP)):
-        dec = DsrDecap.from_config(CONFIG, backend)
+        dec = dsr_decap(CONFIG, backend)
         for i in range(20):
             pkt = build.tcp(fx.CLIENT2, vip, 10000 + i, 443, payload=bytes(i), flow_label=i * 7)
             action, _, out = fwd.process(bytearray(pkt), PORT_OUTSIDE, 0.0)
@@ -389,7 +390,7 @@ def test_round_trip_through_decap_every_mode() -> None:
 
 def test_decap_from_config_needs_a_tunnel_backend() -> None:
     with pytest.raises(ValueError, match="backend of no"):
-        DsrDecap.from_config(CONFIG, fx.BEL2)
+        dsr_decap(CONFIG, fx.BEL2)
 
 
 # --- flows: agreement, drain, down, removal, LRU bound ---------------------------------
@@ -458,7 +459,7 @@ def test_removing_a_backend_from_the_config_moves_few_other_flows() -> None:
     """Without any cache (another LB instance), Maglev moves few flows of the others."""
     data = copy.deepcopy(fx.CONFIG)
     data["vips"][6]["backends"] = [{"address": a} for a in fx.BEM if a != fx.BEM[3]]
-    a, b = fresh(), DsrForwarder.from_config(config(data))
+    a, b = fresh(), dsr_forwarder(config(data))
     flows = random_flows(1000, seed=5)
     moved = kept_total = 0
     for f in flows:
@@ -473,7 +474,7 @@ def test_removing_a_backend_from_the_config_moves_few_other_flows() -> None:
 def test_lru_is_bounded_and_least_recent_goes_first() -> None:
     data = copy.deepcopy(fx.CONFIG)
     data["lb"]["flow_cache_size"] = 10
-    fwd = DsrForwarder.from_config(config(data))
+    fwd = dsr_forwarder(config(data))
     flows = random_flows(15, seed=6)
     for f in flows[:10]:
         backend_of(fwd, *f)
@@ -525,10 +526,10 @@ def test_no_backend_left() -> None:
 def test_l2_without_a_mac_names_the_backend_address() -> None:
     data = copy.deepcopy(fx.CONFIG)
     del data["vips"][2]["backends"][0]["mac"]
-    fwd = DsrForwarder.from_config(config(data))
+    fwd = dsr_forwarder(config(data))
     pkt = build.tcp(fx.CLIENT, fx.VIPL2, 1, 443)
     assert fwd.process(pkt, PORT_OUTSIDE, 0.0) == (FORWARD_L2, PORT_INSIDE, A(fx.BEL2))
-    fwd = DsrForwarder.from_config(config(data), macs={fx.BEL2: b"\x02" * 6})
+    fwd = dsr_forwarder(config(data), macs={fx.BEL2: b"\x02" * 6})
     assert fwd.process(pkt, PORT_OUTSIDE, 0.0) == (FORWARD_L2, PORT_INSIDE, b"\x02" * 6)
 
 
@@ -541,7 +542,7 @@ def test_service_validation() -> None:
     with pytest.raises(ValueError, match="at least 1280"):
         DsrService("x", A(fx.VIP6), [443], 6, "dsr-ip6ip6", pool, tunnel_source=A(fx.LB), mtu=1000)
     with pytest.raises(ValueError, match="no VIP uses"):
-        DsrForwarder.from_config(parse_config({"lb": {"addresses": [fx.LB]}}))
+        dsr_forwarder(parse_config({"lb": {"addresses": [fx.LB]}}))
 
 
 # --- robustness -----------------------------------------------------------------------------
@@ -561,7 +562,7 @@ def test_mutated_packets_never_raise(junk: bytes, pos: int, value: int) -> None:
 
 
 _FWD: list[DsrForwarder] = []
-DECAP_CACHE = DsrDecap.from_config(CONFIG, fx.BEM[0])
+DECAP_CACHE = dsr_decap(CONFIG, fx.BEM[0])
 
 
 def fresh_cached() -> DsrForwarder:

@@ -56,9 +56,9 @@ from v6lb.engines.kernel import (
     require_tools,
 )
 from v6lb.model.config import Config, parse_config
+from v6lb.model.pools import pool_for
 from v6lb.render.nftables import (
     L2Ports,
-    maglev_pool,
     render_backend_nft,
     render_map_update,
     render_nft,
@@ -249,7 +249,7 @@ def random_flows(rng: random.Random, n: int) -> list[tuple[str, str, int, float]
 def check_agreement(
     lab: NatLab, results: list[list[Any]], *, every_backend: bool = True
 ) -> dict[str, int]:
-    pools = {v.address: maglev_pool(v, lab.config.lb.flow_hash_seed) for v in lab.config.vips}
+    pools = {v.address: pool_for(v, lab.config.lb.flow_hash_seed) for v in lab.config.vips}
     tally = {"flows": 0, "agree": 0}
     per_backend: dict[str, int] = {}
     for src, sport, dst, dport, reply, error in results:
@@ -312,7 +312,7 @@ def test_unserved_port_is_dropped_and_counted(nat_lab: NatLab) -> None:
 @pytest.mark.root
 def test_health_change_refills_the_map_in_one_transaction(nat_lab: NatLab) -> None:
     config = nat_lab.config
-    pool = maglev_pool(config.vip("web"), config.lb.flow_hash_seed)
+    pool = pool_for(config.vip("web"), config.lb.flow_hash_seed)
     before = list(pool.table)
     pool.set_up(0, False)
     moved = sum(a != b for a, b in zip(before, pool.table, strict=True))
@@ -711,7 +711,7 @@ def test_dsr_l2_and_srv6_pick_the_core_backend() -> None:
             results = json.loads(
                 nsx(ns["client"], sys.executable, "-c", CLIENT, stdin=json.dumps(flows))
             )
-            pools = {v.address: maglev_pool(v, config.lb.flow_hash_seed) for v in config.vips}
+            pools = {v.address: pool_for(v, config.lb.flow_hash_seed) for v in config.vips}
             tally: dict[str, list[int]] = {vip: [0, 0] for vip in vips}
             for src, sport, dst, dport, reply, error in results:
                 assert reply is not None, f"[{src}]:{sport} -> [{dst}]:{dport}: {error}"

@@ -45,7 +45,7 @@ from v6lb.lab.plan import LAB_ROOT
 from v6lb.model.capture import Frame, hops_from_frames
 from v6lb.model.config import load_config
 from v6lb.model.diff import Tuple4, compare, link_tuples
-from v6lb.render.nftables import maglev_pool
+from v6lb.model.pools import pool_for
 from v6lb.wire import build
 from v6lb.wire.constants import TCP_ACK, TCP_SYN
 
@@ -310,7 +310,7 @@ def test_health_failure_moves_only_the_dead_backends_flows(lab: str) -> None:
     name = lab
     config = load_config(EXAMPLE)
     vip = next(v for v in config.vips if v.name == "web-nat")
-    pool = maglev_pool(vip, config.lb.flow_hash_seed)
+    pool = pool_for(vip, config.lb.flow_hash_seed)
     nodes = {"fd00:20::a": "be1", "fd00:20::b": "be2", "fd00:20::c": "be3"}
     backends = [str(b.address) for b in vip.backends]
     sock = str(LAB_ROOT / name / "lb.sock")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -28,6 +29,7 @@ from v6lb.core.conntrack import State
 from v6lb.core.nat66 import NatForwarder, NatService
 from v6lb.core.verdict import ACTION_NAMES, DROP, FORWARD, PORT_INSIDE, PORT_OUTSIDE, REPLY
 from v6lb.model.config import parse_config
+from v6lb.model.pools import nat_forwarder
 from v6lb.wire import build
 from v6lb.wire.checksum import checksum, verify
 from v6lb.wire.constants import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
@@ -706,7 +708,7 @@ def test_from_config() -> None:
             ],
         }
     )
-    fwd = NatForwarder.from_config(cfg)
+    fwd = nat_forwarder(cfg)
     assert fwd.conntrack.max_entries == 1000 and fwd.seed == 7
     _, _, out = fwd.process(make("tcp", "2001:db8:c::1", "2001:db8:0:10::80", 5, 443), OUT, 0.0)
     assert isinstance(out, bytearray)
@@ -717,7 +719,7 @@ def test_from_config() -> None:
     hl1 = make("tcp", "2001:db8:c::1", "2001:db8:0:10::80", 6, 443, hop_limit=1)
     _, _, reply = fwd.process(hl1, OUT, 0.0)
     assert isinstance(reply, bytearray) and build.ntop(reply[8:24]) == "2001:db8:0:1::2"
-    one = NatForwarder.from_config(cfg.vip("dns"), conntrack_max=10)
+    one = nat_forwarder(dataclasses.replace(cfg, vips=(cfg.vip("dns"),)), conntrack_max=10)
     assert one.conntrack.max_entries == 10 and len(one.services) == 1
 
 

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from v6lb.core.dsr import DsrForwarder
-from v6lb.core.nat66 import NatForwarder
 from v6lb.model.config import Config, NptPair, parse_config
+from v6lb.model.pools import dsr_forwarder, nat_forwarder, pool_for
 from v6lb.render.ip6tables import is_tagged, render_npt, splice, tagged_rules
 from v6lb.render.nftables import (
     L2Ports,
-    maglev_pool,
     map_names,
     nat_maps,
     render_backend_nft,
@@ -264,7 +262,7 @@ def test_forward_filter_rules_carry_the_tag_and_end_in_a_counted_drop() -> None:
 
 def test_golden_remove_and_map_update() -> None:
     c = config(NAT_FILE, "nat")
-    pool = maglev_pool(c.vip("web"), c.lb.flow_hash_seed)
+    pool = pool_for(c.vip("web"), c.lb.flow_hash_seed)
     pool.set_up(0, False)
     check_golden("nat-update.nft", render_map_update(c, "web", pool))
     check_golden("remove.nft", render_remove("g1"))
@@ -296,7 +294,7 @@ def test_default_size_maps_follow_the_python_table() -> None:
     data = {**NAT_FILE, "vips": [dict(NAT_FILE["vips"][0], table_size=65537)]}  # type: ignore[index]
     c = config(data, "big")
     text = render_nft(c)
-    pool = maglev_pool(c.vips[0], c.lb.flow_hash_seed)
+    pool = pool_for(c.vips[0], c.lb.flow_hash_seed)
     got = elements(text, "v0_web")
     assert len(got) == 65537 == pool.size
     addresses = [str(b.address) for b in c.vips[0].backends]
@@ -307,14 +305,14 @@ def test_default_size_maps_follow_the_python_table() -> None:
 def test_pools_equal_the_python_data_planes() -> None:
     """The renderer's Maglev tables are the very tables the core's forwarders use."""
     nat = config(NAT_FILE, "nat")
-    fwd = NatForwarder.from_config(nat)
+    fwd = nat_forwarder(nat)
     for svc in {id(s): s for s in fwd._vips.values()}.values():
         vip = nat.vip(svc.name)
-        assert maglev_pool(vip, nat.lb.flow_hash_seed).table == svc.pool.table, vip.name
+        assert pool_for(vip, nat.lb.flow_hash_seed).table == svc.pool.table, vip.name
     dsr = config(DSR_FILE, "dsr")
-    dfwd = DsrForwarder.from_config(dsr, macs={"2001:db8:0:1::23": bytes(6)})
+    dfwd = dsr_forwarder(dsr, macs={"2001:db8:0:1::23": bytes(6)})
     for vip in dsr.vips:
-        assert maglev_pool(vip, dsr.lb.flow_hash_seed).table == dfwd.pool(vip.name).table
+        assert pool_for(vip, dsr.lb.flow_hash_seed).table == dfwd.pool(vip.name).table
 
 
 def test_rules_and_objects_carry_the_tag() -> None:
@@ -363,7 +361,7 @@ def test_snat_forms() -> None:
 
 def test_map_update_refills_every_map_of_the_vip() -> None:
     c = config(NAT_FILE, "nat")
-    pool = maglev_pool(c.vip("mixed"), c.lb.flow_hash_seed)
+    pool = pool_for(c.vip("mixed"), c.lb.flow_hash_seed)
     text = render_map_update(c, "mixed", pool)
     assert text.count("flush map ip6 v6lb_g1 v3_mixed_p") == 2
     assert text.count("\t0 : ") == 2
@@ -404,7 +402,7 @@ def test_tunnel_marks_are_the_tables() -> None:
     assert str(targets[2].target) == "fd00:50::1:100"  # the SID, not the address
     text = render_nft(c, l2=L2, backend_macs=MACS)
     got = elements(text, "v2_video_srv6")
-    pool = maglev_pool(c.vip("video-srv6"), c.lb.flow_hash_seed)
+    pool = pool_for(c.vip("video-srv6"), c.lb.flow_hash_seed)
     assert all(int(got[s], 16) == targets[2 + b].mark for s, b in enumerate(pool.table))
     lb = render_lb_routes(c)
     assert "mode encap.red segs 2001:db8:0:40::1 dev eth0" in lb

@@ -41,7 +41,7 @@ from netns_helpers import NAT_LAB_BACKENDS, NAT_LAB_VIP, batch, link, nat_lab_fi
 from v6lb import cli
 from v6lb.engines.control import ControlError, query
 from v6lb.model.config import load_config
-from v6lb.render.nftables import maglev_pool
+from v6lb.model.pools import pool_for
 
 V6LB = str(Path(sys.executable).parent / "v6lb")
 
@@ -168,7 +168,7 @@ def test_run_status_health_reload_and_stop(tmp_path: Path) -> None:
     path = tmp_path / "lb.yaml"
     write(path, lab_file(tmp_path, instance=instance, sock=sock))
     config = load_config(path)
-    pool = maglev_pool(config.vips[0], config.lb.flow_hash_seed)
+    pool = pool_for(config.vips[0], config.lb.flow_hash_seed)
     procs: list[subprocess.Popen[str]] = []
     with namespaces("client", "lb", "backend") as ns:
         c, lb, b = ns["client"], ns["lb"], ns["backend"]

@@ -42,12 +42,11 @@ import ipaddress
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from v6lb.core.backends import BackendPool, BackendSpec
+from v6lb.core.backends import BackendPool
 from v6lb.core.flowhash import flow_hash, flow_hash3
 from v6lb.core.icmperr import IcmpErrorSource
-from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.core.verdict import (
     DROP,
     FORWARD,
@@ -74,9 +73,6 @@ from v6lb.wire.constants import (
 )
 from v6lb.wire.ipv6 import PacketInfo, parse
 from v6lb.wire.reasons import Reason
-
-if TYPE_CHECKING:
-    from v6lb.model.config import Config
 
 __all__ = [
     "DsrForwarder",
@@ -330,81 +326,6 @@ class DsrForwarder:
         self._frag_salt = frag_id_salt & 0xFFFFFFFF
 
     # --- configuration ---------------------------------------------------------
-
-    @classmethod
-    def from_config(cls, config: Config, *, macs: dict[str, bytes] | None = None) -> DsrForwarder:
-        """A forwarder for every ``dsr-*`` VIP of ``config``.
-
-        ``macs`` maps backend addresses (text) to 6-byte MACs learned by the
-        engine, for ``dsr-l2`` backends that give none in the file.
-        """
-        from v6lb.model.config import DsrL2Options, TunnelOptions, VipMode
-
-        lb = config.lb
-        services: list[DsrService] = []
-        for vip in config.vips:
-            if not vip.mode.is_dsr:
-                continue
-            default_port = vip.ports[0]
-            specs = [
-                BackendSpec(
-                    b.address.packed,
-                    b.port if b.port is not None else default_port,
-                    b.weight,
-                    b.drain,
-                )
-                for b in vip.backends
-            ]
-            pool = BackendPool(
-                specs, table_size=vip.table_size or DEFAULT_TABLE_SIZE, seed=lb.flow_hash_seed
-            )
-            proto = NH_TCP if vip.protocol == "tcp" else NH_UDP
-            opts = vip.options
-            if vip.mode is VipMode.DSR_L2:
-                assert isinstance(opts, DsrL2Options)
-                learned = macs or {}
-                mac_list: list[bytes | None] = []
-                for b in vip.backends:
-                    if b.mac is not None:
-                        mac_list.append(bytes.fromhex(b.mac.replace(":", "")))
-                    else:
-                        mac_list.append(learned.get(str(b.address)))
-                services.append(
-                    DsrService(
-                        vip.name, vip.address.packed, vip.ports, proto, MODE_L2, pool, macs=mac_list
-                    )
-                )
-            else:
-                assert isinstance(opts, TunnelOptions)
-                targets = [(b.sid or b.address).packed for b in vip.backends]
-                services.append(
-                    DsrService(
-                        vip.name,
-                        vip.address.packed,
-                        vip.ports,
-                        proto,
-                        str(vip.mode),
-                        pool,
-                        tunnel_source=opts.tunnel_source.packed,
-                        mtu=opts.mtu,
-                        targets=targets,
-                    )
-                )
-        if not services:
-            raise ValueError(f"{config.source}: no VIP uses a dsr-* mode")
-        if lb.addresses:
-            icmp_source = lb.addresses[0].packed
-        else:
-            src = next((s.tunnel_source for s in services if s.tunnel_source), None)
-            icmp_source = src if src is not None else services[0].address
-        return cls(
-            services,
-            icmp_source,
-            flow_cache_size=lb.flow_cache_size,
-            icmp_rate=float(lb.icmp_error_rate),
-            icmp_burst=float(lb.icmp_error_burst),
-            frag_id_salt=lb.flow_hash_seed,
-        )
 
     def service(self, name: str) -> DsrService:
         for s in self.services:

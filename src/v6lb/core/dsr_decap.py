@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from v6lb.core.verdict import DROP, FORWARD, FORWARD_MANY, PORT_LOCAL, Counters, Verdict
 from v6lb.wire.constants import (
@@ -41,9 +41,6 @@ from v6lb.wire.constants import (
 )
 from v6lb.wire.ipv6 import PacketInfo, parse
 from v6lb.wire.reasons import Reason
-
-if TYPE_CHECKING:
-    from v6lb.model.config import Config
 
 __all__ = ["PORT_LOCAL", "REASSEMBLY_TIMEOUT", "DsrDecap"]
 
@@ -103,32 +100,6 @@ class DsrDecap:
         self.counters = Counters()
         self._info = PacketInfo()
         self._pending: dict[tuple[bytes, bytes, int], _Pending] = {}
-
-    @classmethod
-    def from_config(cls, config: Config, backend: str | ipaddress.IPv6Address) -> DsrDecap:
-        """The decapsulation of ``backend`` for every tunnelled DSR VIP that lists it.
-
-        LB sources: ``lb.addresses`` and every such VIP's ``tunnel_source``.
-        Local: the backend address and its SIDs. VIPs: those VIPs' addresses.
-        """
-        from v6lb.model.config import TunnelOptions
-
-        me = ipaddress.IPv6Address(backend)
-        sources = {a.packed for a in config.lb.addresses}
-        local = {me.packed}
-        vips: set[bytes] = set()
-        for vip in config.vips:
-            if not isinstance(vip.options, TunnelOptions):
-                continue
-            for b in vip.backends:
-                if b.address == me:
-                    vips.add(vip.address.packed)
-                    sources.add(vip.options.tunnel_source.packed)
-                    if b.sid is not None:
-                        local.add(b.sid.packed)
-        if not vips:
-            raise ValueError(f"{me} is a backend of no dsr-ip6ip6 or dsr-srv6 VIP")
-        return cls(sources, local, vips)
 
     @property
     def pending(self) -> int:

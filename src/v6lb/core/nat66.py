@@ -24,9 +24,9 @@ import ipaddress
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final
 
-from v6lb.core.backends import BackendPool, BackendSpec
+from v6lb.core.backends import BackendPool
 from v6lb.core.conntrack import (
     INVALID,
     NEXT,
@@ -41,7 +41,6 @@ from v6lb.core.conntrack import (
 )
 from v6lb.core.flowhash import flow_hash2
 from v6lb.core.icmperr import IcmpErrorSource
-from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.core.verdict import DROP, FORWARD, PORT_INSIDE, PORT_OUTSIDE, Counters, Verdict
 from v6lb.wire.build import a16
 from v6lb.wire.checksum import update, update16
@@ -63,9 +62,6 @@ from v6lb.wire.constants import (
 )
 from v6lb.wire.ipv6 import PacketInfo, parse, validate_l4
 from v6lb.wire.reasons import Reason
-
-if TYPE_CHECKING:
-    from v6lb.model.config import Config, LbSettings, Vip
 
 __all__ = ["FRAG_TIMEOUT", "NatForwarder", "NatService"]
 
@@ -286,62 +282,6 @@ class NatForwarder:
         self._reply_udp = tables[REPLY][NH_UDP]
         self._timeouts = self.conntrack.timeouts
         self._lru = self.conntrack.lru
-
-    # --- construction from the config file -------------------------------------
-
-    @classmethod
-    def from_config(
-        cls,
-        source: Config | Vip,
-        *,
-        lb: LbSettings | None = None,
-        icmp_source: str | bytes | ipaddress.IPv6Address | None = None,
-        **kwargs: object,
-    ) -> NatForwarder:
-        """A forwarder for every ``nat`` VIP of a config (or for one VIP).
-
-        ``lb`` defaults to the config's ``lb:`` section; it gives the flow hash
-        seed, ``conntrack_max`` and the ICMPv6 error rate. The ICMPv6 error
-        source defaults to the first ``lb.addresses``, else the first VIP.
-        """
-        vips: list[Vip]
-        all_vips = getattr(source, "vips", None)
-        if all_vips is not None:
-            vips = [v for v in all_vips if str(v.mode) == "nat"]
-            lb = lb if lb is not None else getattr(source, "lb", None)
-        else:
-            vips = [cast("Vip", source)]
-        if not vips:
-            raise ValueError("the config has no VIP in mode nat")
-        seed = lb.flow_hash_seed if lb is not None else 0
-        services = []
-        for vip in vips:
-            specs = [
-                BackendSpec(b.address.packed, b.port or 0, b.weight, b.drain) for b in vip.backends
-            ]
-            pool = BackendPool(specs, table_size=vip.table_size or DEFAULT_TABLE_SIZE, seed=seed)
-            services.append(
-                NatService(
-                    vip.address.packed,
-                    pool,
-                    protocol=str(vip.protocol),
-                    ports=vip.ports,
-                    snat=getattr(vip.options, "snat", None),
-                    snat_ports=getattr(vip.options, "snat_ports", (1024, 65535)),
-                    name=vip.name,
-                )
-            )
-        if icmp_source is None:
-            icmp_source = lb.addresses[0] if lb is not None and lb.addresses else vips[0].address
-        opts: dict[str, object] = {"seed": seed}
-        if lb is not None:
-            opts.update(
-                conntrack_max=lb.conntrack_max,
-                icmp_rate=float(lb.icmp_error_rate),
-                icmp_burst=float(lb.icmp_error_burst),
-            )
-        opts.update(kwargs)
-        return cls(services, icmp_source, **opts)  # type: ignore[arg-type]
 
     # --- observation ---------------------------------------------------------------
 

@@ -72,10 +72,10 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 from typing import Final
 
-from v6lb.core.backends import BackendPool, BackendSpec
-from v6lb.core.maglev import DEFAULT_TABLE_SIZE
+from v6lb.core.backends import BackendPool
 from v6lb.model.config import Config, NatOptions, Vip, VipMode
 from v6lb.model.modes import Plane, modes_where
+from v6lb.model.pools import pool_for
 from v6lb.render.routes import (
     TAG_SPAN,
     BackendHost,
@@ -145,27 +145,8 @@ def vip_counter(config: Config, vip: Vip) -> str:
 # --- the Maglev tables -----------------------------------------------------------
 
 
-def maglev_pool(vip: Vip, seed: int) -> BackendPool:
-    """The VIP's pool, built exactly as the Python data plane builds it.
-
-    ``nat`` keys a backend without a port as port 0 ("the client's port"), as
-    :meth:`v6lb.core.nat66.NatForwarder.from_config` does; ``dsr-*`` as the VIP's
-    first port, as :meth:`v6lb.core.dsr.DsrForwarder.from_config` does. The port
-    is part of a backend's Maglev identity, so this decides the table.
-    """
-    if vip.mode is VipMode.NAT:
-        specs = [
-            BackendSpec(b.address.packed, b.port or 0, b.weight, b.drain) for b in vip.backends
-        ]
-    else:
-        default = vip.ports[0]
-        specs = [
-            BackendSpec(
-                b.address.packed, b.port if b.port is not None else default, b.weight, b.drain
-            )
-            for b in vip.backends
-        ]
-    return BackendPool(specs, table_size=vip.table_size or DEFAULT_TABLE_SIZE, seed=seed)
+maglev_pool = pool_for
+"""The VIP's Maglev pool: :func:`v6lb.model.pools.pool_for`, the one pool rule of every engine."""
 
 
 def _pools(config: Config, pools: Mapping[str, BackendPool] | None) -> dict[str, BackendPool]:
@@ -174,7 +155,7 @@ def _pools(config: Config, pools: Mapping[str, BackendPool] | None) -> dict[str,
         if vip.mode not in KERNEL_MODES:
             continue
         given = pools.get(vip.name) if pools is not None else None
-        pool = given if given is not None else maglev_pool(vip, config.lb.flow_hash_seed)
+        pool = given if given is not None else pool_for(vip, config.lb.flow_hash_seed)
         if len(pool) != len(vip.backends) or pool.seed != config.lb.flow_hash_seed:
             raise RenderError(
                 f"the pool given for VIP {vip.name} does not match the config"
@@ -653,7 +634,7 @@ def render_nft(
     """The instance's whole nftables state as one ``nft -f`` transaction.
 
     ``pools`` (by VIP name) carry the current health; a VIP without one gets a
-    fresh pool (:func:`maglev_pool`, everything up). Without any ``nat``/``dsr-*``
+    fresh pool (:func:`~v6lb.model.pools.pool_for`, everything up). Without any ``nat``/``dsr-*``
     VIP the text only removes the instance's tables.
     """
     p = _pools(config, pools)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from v6lb.core.backends import BackendPool, BackendSpec
+from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet
 from v6lb.model.config import ProxyL4Options, ProxyL7Options, Vip, VipMode
+from v6lb.model.pools import pool_for
 
 from .policy import Picker
 
@@ -89,12 +90,8 @@ class VipRuntime:
         write_high: int,
         admission: Admission | None = None,
     ) -> VipRuntime:
-        specs = [
-            BackendSpec.of(b.address, b.port or vip.ports[0], b.weight, b.drain)
-            for b in vip.backends
-        ]
-        pool = BackendPool(specs, table_size=vip.table_size or 65537, seed=seed)
-        n = len(specs)
+        pool = pool_for(vip, seed)
+        n = len(pool)
         return cls(
             vip=vip,
             pool=pool,

@@ -35,9 +35,7 @@ from types import FrameType
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
-from v6lb.core.dsr import DsrForwarder
 from v6lb.core.health import HealthState
-from v6lb.core.nat66 import NatForwarder
 from v6lb.core.nptv6 import NptForwarder, NptMapping
 from v6lb.core.verdict import (
     ACTION_NAMES,
@@ -74,6 +72,7 @@ from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadlin
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
+from v6lb.model.pools import dsr_forwarder, nat_forwarder
 from v6lb.render.nftables import render_forward_nft
 from v6lb.render.routes import ROUTE_PROTO
 from v6lb.wire.checksum import fill_l4_checksum
@@ -114,7 +113,7 @@ def build_forwarders(config: Config, macs: Mapping[str, bytes] | None = None) ->
     if any(v.mode is VipMode.NAT for v in config.vips):
         # The kernel already decrements the hop limit on the way into the TUN
         # (and answers hop limit 1 there); the loop gives that one back.
-        out["nat"] = NatForwarder.from_config(config, decrement_hop_limit=False)
+        out["nat"] = nat_forwarder(config, decrement_hop_limit=False)
     if config.npt:
         src = lb.addresses[0] if lb.addresses else config.npt[0].outside.network_address
         out["npt"] = NptForwarder(
@@ -125,7 +124,7 @@ def build_forwarders(config: Config, macs: Mapping[str, bytes] | None = None) ->
             decrement_hop_limit=False,
         )
     if any(v.mode in _DSR for v in config.vips):
-        out["dsr"] = DsrForwarder.from_config(config, macs=dict(macs or {}))
+        out["dsr"] = dsr_forwarder(config, macs=macs)
     return out
 
 

@@ -23,11 +23,9 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from v6lb.core import forwarded, proxyproto
-from v6lb.core.backends import BackendPool, BackendSpec
 from v6lb.core.conntrack import ORIG, Conn, State
 from v6lb.core.conntrack import REPLY as CT_REPLY
 from v6lb.core.dsr import DsrForwarder
-from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.core.nat66 import NatForwarder
 from v6lb.core.nptv6 import NptForwarder, NptMapping
 from v6lb.core.verdict import (
@@ -51,6 +49,7 @@ from v6lb.model.config import (
     Vip,
     VipMode,
 )
+from v6lb.model.pools import dsr_forwarder, nat_forwarder, pool_for
 from v6lb.model.topology import NPT, Node
 from v6lb.wire.constants import (
     ICMP6_DST_UNREACH,
@@ -110,11 +109,7 @@ class _Proxy:
     def __init__(self, lb: LbNode, vip: Vip, seed: int) -> None:
         self.lb = lb
         self.vip = vip
-        specs = [
-            BackendSpec(b.address.packed, b.port or vip.ports[0], b.weight, b.drain)
-            for b in vip.backends
-        ]
-        self.pool = BackendPool(specs, table_size=vip.table_size or DEFAULT_TABLE_SIZE, seed=seed)
+        self.pool = pool_for(vip, seed)
         self.flows: list[ProxyFlow] = []
         for port in vip.ports:
             lb.stack.listen(port, self._accept, addr=vip.address.packed, describe=_client_side)
@@ -318,9 +313,9 @@ class LbNode(SimNode):
         self.dsr: DsrForwarder | None = None
         self.npt: NptForwarder | None = None
         if any(v.mode is VipMode.NAT for v in vips):
-            self.nat = NatForwarder.from_config(sub)
+            self.nat = nat_forwarder(sub)
         if any(v.mode.is_dsr for v in vips):
-            self.dsr = DsrForwarder.from_config(sub, macs=macs)
+            self.dsr = dsr_forwarder(sub, macs=macs)
         if NPT in spec.serves and config.npt:
             self.npt = NptForwarder(
                 [NptMapping(p.inside, p.outside) for p in config.npt],
