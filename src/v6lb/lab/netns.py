@@ -47,6 +47,7 @@ from v6lb.lab.plan import (
 )
 from v6lb.model.config import ConfigError
 from v6lb.model.config_read import read_yaml
+from v6lb.model.modes import facts
 from v6lb.model.topology import load_topology
 
 __all__ = [
@@ -136,7 +137,7 @@ def _has_l3(plan: LabPlan, node: str) -> bool:
     """Does ``v6lb run`` on this LB node run the L3/L4 data plane (and its control socket)?"""
     derived = plan.lb_configs[node]
     return bool(derived.get("npt")) or any(
-        not str(item.get("mode", "")).startswith("proxy-") for item in derived.get("vips", [])
+        not facts(item["mode"]).is_proxy for item in derived.get("vips", [])
     )
 
 

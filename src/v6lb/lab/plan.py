@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from v6lb.model.config import Config, VipMode
+from v6lb.model.modes import Plane, facts
 from v6lb.model.topology import NodeType, Topology, compute_fib
 
 __all__ = [
@@ -54,9 +55,6 @@ LAB_ROOT: Final = Path("/run/v6lb/lab")
 ROUTE_PROTO: Final = 0x77  # routes the lab adds (v6lb run uses 0x76)
 _NAME_RE: Final = re.compile(r"[a-z0-9]{1,12}")
 _INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
-_KERNEL: Final = (VipMode.NAT, VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
-_DSR: Final = (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
-_TUNNEL: Final = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
 
 
 class LabError(Exception):
@@ -154,7 +152,7 @@ def plan_lab(
     decap = {
         b.sid if vip.mode is VipMode.DSR_SRV6 and b.sid is not None else b.address
         for vip in config.vips
-        if vip.mode in _TUNNEL
+        if vip.mode.tunnels
         for b in vip.backends
     }
     names = [_ifname(lk.name, i) for i, lk in enumerate(topo.links)]
@@ -240,7 +238,9 @@ def _plan_lbs(plan: LabPlan, raw: dict[str, Any]) -> None:
         inside = [lk for lk in links if lk in lb.inside] or links[-1:]
         outside = [lk for lk in links if lk not in inside] or links[:1]
         vips = [
-            v for v in config.vips if v.name in lb.serves and (v.mode in _KERNEL or v.mode.is_proxy)
+            v
+            for v in config.vips
+            if v.name in lb.serves and (Plane.KERNEL in v.mode.facts.planes or v.mode.is_proxy)
         ]
         proxy_vips = tuple(dict.fromkeys(v.address for v in vips if v.mode.is_proxy))
         if proxy_vips:  # the proxy listens on the VIP: it goes on the LB's lo
@@ -296,7 +296,7 @@ def _derive(
             for b in item.get("backends") or []:
                 if "mac" not in b and IPv6Address(b["address"]) in macs:
                     b["mac"] = macs[IPv6Address(b["address"])]
-        if mode in (m.value for m in _TUNNEL):
+        if facts(mode).tunnels:
             src = item.get("tunnel_source")
             if src is None or IPv6Address(src) not in own:
                 item["tunnel_source"] = str(inside_addr)
@@ -319,7 +319,7 @@ def _plan_backends(plan: LabPlan, raw: dict[str, Any]) -> None:
                 continue
             key = (owner, b.address)
             ports.setdefault(key, set()).update([b.port] if b.port else vip.ports)
-            if vip.mode in _DSR:
+            if vip.mode.is_dsr:
                 dsr[key] = None
     if any("npt" in c and c["npt"] for c in plan.lb_configs.values()):
         for pair in config.npt:  # an HTTP server on port 80 of every host inside an npt pair
@@ -346,7 +346,7 @@ def _plan_backends(plan: LabPlan, raw: dict[str, Any]) -> None:
             item
             for c in plan.lb_configs.values()
             for item in c["vips"]
-            if item["mode"] in (m.value for m in _DSR)
+            if facts(item["mode"]).is_dsr
         ]
         unique = list({item["name"]: item for item in vips}.values())
         plan.backend_config = {

@@ -29,13 +29,11 @@ from v6lb.engines.kernel.apply import (
     require_tools,
 )
 from v6lb.engines.kernel.host import HostError, host_links, main_routes
-from v6lb.model.config import Config, VipMode
+from v6lb.model.config import Config
 from v6lb.render.nftables import RenderError, render_backend_nft, render_remove
 from v6lb.render.routes import backend_vips, render_backend_routes
 
 __all__ = ["remove_backend", "setup_backend"]
-
-_TUNNEL = (VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
 
 
 def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = None) -> list[str]:
@@ -49,8 +47,8 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
             "give the address a backend has in the file (--address), or add it to a dsr-* VIP",
         )
     links = host_links()
-    tunnel = any(vip.mode in _TUNNEL for vip, _ in served)
-    vips = [vip.address for vip, _ in served if vip.mode in _TUNNEL]
+    tunnel = any(vip.mode.tunnels for vip, _ in served)
+    vips = [vip.address for vip, _ in served if vip.mode.tunnels]
     returns = main_routes() if tunnel else []
     if dev is None and tunnel:
         # the interface of the default route packets from the VIPs take (a `from` one first)

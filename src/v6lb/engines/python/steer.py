@@ -40,7 +40,6 @@ RULE_PREF: Final = 7590
 _TABLE_TOP: Final = TAG_SPAN - 8
 _KINDS: Final = {"nat": 0, "npt": 2, "dsr": 4}
 _LETTER: Final = {"nat": "n", "npt": "p", "dsr": "d"}
-_DSR: Final = (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
 
 
 def tun_name(instance: str, kind: str, port: int) -> str:
@@ -117,7 +116,7 @@ def plan(config: Config) -> Steering:
                 f"route add throw {pair.inside} table {inn.table} proto {ROUTE_PROTO:#x}"
             )
         sides += [out, inn]
-    dsr = [v for v in config.vips if v.mode in _DSR]
+    dsr = [v for v in config.vips if v.mode.is_dsr]
     if dsr:
         out = _side(inst, "dsr", PORT_OUTSIDE)
         for vip in dsr:
