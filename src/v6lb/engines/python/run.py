@@ -85,8 +85,8 @@ BATCH: Final = 256
 """Packets read from one device before the loop looks at the others again."""
 TRACE_RATE: Final = 20.0
 _TOOLS: Final = ("nft", "ip", "ip6tables", "ip6tables-save", "ip6tables-restore")
-_MODES: Final = (VipMode.NAT, VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
-_DSR: Final = (VipMode.DSR_L2, VipMode.DSR_IP6IP6, VipMode.DSR_SRV6)
+_MODES: Final = tuple(m for m in VipMode if "python" in m.facts.planes)  # the mode table's
+_DSR: Final = tuple(m for m in VipMode if m.is_dsr)
 _ETH_P_IPV6: Final = b"\x86\xdd"
 _EVENTS: Final = 50
 _BUF: Final = 65536
