@@ -26,6 +26,8 @@ from v6lb.engines.sim.node import SimNode, ecmp_index, mac_of
 from v6lb.engines.sim.router import RouterNode
 from v6lb.model.config import Config, Vip, VipMode
 from v6lb.model.hops import Hop
+from v6lb.model.modes import NAMES, Kind, modes_where
+from v6lb.model.modes import facts as mode_facts
 from v6lb.model.topology import NodeType, Topology, compute_fib, lookup, neighbour
 from v6lb.wire import build
 from v6lb.wire.constants import TCP_SYN
@@ -39,7 +41,7 @@ __all__ = [
     "run_scenario",
 ]
 
-MODES: Final = ("proxy-l4", "proxy-l7", "npt", "nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6", "anycast")
+MODES: Final = NAMES  # every mode name, from the mode table
 FAILURES: Final = (None, "backend-dies", "lb-instance-dies", "packet-too-big")
 CONVERGENCE: Final = 0.05  # seconds from a node failing to routes recomputed (BFD + SPF)
 _TIME_LIMIT: Final = 30.0
@@ -231,23 +233,20 @@ def _reply_via_lb(sim: Sim, hops: list[Hop], client: str) -> bool:
 
 
 _TRANSLATION: Final = {
-    "nat": "stateful destination NAT66 at the LB: VIP -> backend on the way in, backend -> VIP"
+    Kind.NAT: "stateful destination NAT66 at the LB: VIP -> backend on the way in, backend -> VIP"
     " on the way back (conntrack); the client's address is kept",
-    "npt": "stateless NPTv6 prefix translation (RFC 6296) of the backend's address, checksum-neutral;"
+    Kind.TRANSLATE: "stateless NPTv6 prefix translation (RFC 6296) of the backend's address, checksum-neutral;"
     " nothing per flow",
-    "dsr": "no NAT: the client's packet reaches the backend unchanged (the VIP is on the backend's"
+    Kind.DSR: "no NAT: the client's packet reaches the backend unchanged (the VIP is on the backend's"
     " loopback) and the reply bypasses the LB",
-    "proxy": "no NAT: a new TCP connection from the LB to the backend; the client's address"
+    Kind.PROXY: "no NAT: a new TCP connection from the LB to the backend; the client's address"
     " travels in a header",
 }
 
 
 def _translation(mode: str) -> str:
-    if mode.startswith("dsr") or mode == "anycast":
-        return _TRANSLATION["dsr"]
-    if mode.startswith("proxy"):
-        return _TRANSLATION["proxy"]
-    return _TRANSLATION[mode]
+    kind = mode_facts(mode).kind
+    return _TRANSLATION[Kind.DSR if kind is Kind.ANNOUNCE else kind]  # anycast VIPs use DSR
 
 
 def _base_facts(
@@ -526,7 +525,7 @@ def _pool_of(lb: LbNode, vip: Vip) -> BackendPool:
 
 
 def _backend_dies(sim: Sim, client: SimNode, mode: str) -> dict[str, object]:
-    if mode not in ("nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6", "anycast"):
+    if mode_facts(mode).kind not in (Kind.NAT, Kind.DSR, Kind.ANNOUNCE):
         raise ValueError(
             f"backend-dies shows Maglev and conntrack: use mode nat or a dsr-* mode, not {mode}"
         )
@@ -682,10 +681,11 @@ def _lb_instance_dies(sim: Sim, client: SimNode, mode: str) -> dict[str, object]
 def _packet_too_big(sim: Sim, client: SimNode, mode: str) -> dict[str, object]:
     if mode == "anycast":
         vip = _vip_for(sim.config, "anycast")
-    elif mode in ("dsr-ip6ip6", "dsr-srv6"):
+    elif mode_facts(mode).tunnels:
         vip = _vip_for(sim.config, mode)
     else:
-        raise ValueError("packet-too-big needs a tunnel mode: dsr-ip6ip6, dsr-srv6 or anycast")
+        tunnels = ", ".join(modes_where(tunnels=True))
+        raise ValueError(f"packet-too-big needs a tunnel mode: {tunnels} or anycast")
     dst = vip.address.packed
     body = bytes(range(256)) * 12  # 3072 bytes: several full-size segments
     http = _http(sim, client, dst, vip.ports[0], [body], sport=_port(sim.seed))
