@@ -49,6 +49,7 @@ from v6lb.model.config import (
     Vip,
     VipMode,
 )
+from v6lb.model.modes import Encap, facts
 from v6lb.model.pools import dsr_forwarder, nat_forwarder, pool_for
 from v6lb.model.topology import NPT, Node
 from v6lb.wire.constants import (
@@ -74,8 +75,8 @@ _REPLY_REASON = {
 
 
 _ENCAP_TO = {
-    "dsr-srv6": "encapsulated to its SID",
-    "dsr-ip6ip6": "encapsulated to its address (IPv6-in-IPv6)",
+    Encap.SRV6: "encapsulated to its SID",
+    Encap.IP6IP6: "encapsulated to its address (IPv6-in-IPv6)",
 }
 _NOT_NAT = (Reason.NO_MATCH, Reason.ICMP_ERROR_UNMATCHED)
 
@@ -376,7 +377,7 @@ class LbNode(SimNode):
             return
         action, arg, out = verdict
         fresh = False  # dsr: the packet's flow was not in the flow cache
-        if name.startswith("dsr"):
+        if facts(name).is_dsr:
             assert self.dsr is not None
             fresh = self.dsr.counters.extra.get("dsr.flows_new", 0) > dsr_new
         if action == FORWARD:
@@ -407,7 +408,7 @@ class LbNode(SimNode):
             param = int.from_bytes(out[44:48], "big") if len(out) >= 48 else 0
             reason = _REPLY_REASON.get(t, "icmp-error-sent")
             self.net.drop(self.name, link, sender, data, pid, leg, reason, f"{self.name} {name}")
-            if t == ICMP6_PACKET_TOO_BIG and name.startswith("dsr"):
+            if t == ICMP6_PACKET_TOO_BIG and facts(name).is_dsr:
                 why = (
                     f"the {len(orig)}-byte packet does not fit the tunnel once encapsulated:"
                     f" Packet Too Big (MTU {param}) to the source (RFC 2473 §7.1)"
@@ -496,7 +497,7 @@ class LbNode(SimNode):
         if len(data) > 40 and data[6] == NH_ICMPV6 and data[40] < 128:
             return f"ICMPv6 error about a flow of {who}: passed on to that backend"
         if fresh:
-            return f"flow cache miss: jhash+Maglev picked {who}; {_ENCAP_TO.get(mode, 'sent on')}"
+            return f"flow cache miss: jhash+Maglev picked {who}; {_ENCAP_TO.get(facts(mode).encap, 'sent on')}"
         return f"flow cache hit: {who}"
 
     # --- state, for the explanation ----------------------------------------------------
@@ -517,7 +518,7 @@ class LbNode(SimNode):
             return f"conntrack: {len(flows)} entr{'y' if len(flows) == 1 else 'ies'}" + (
                 ": " + "; ".join(lines) if lines else ""
             )
-        if mode.startswith("dsr") and self.dsr is not None:
+        if facts(mode).is_dsr and self.dsr is not None:
             n = self.dsr.flows
             return (
                 f"flow cache (LRU, {mode}): {n} entr{'y' if n == 1 else 'ies'}: flow -> backend only;"
@@ -525,7 +526,7 @@ class LbNode(SimNode):
             )
         if mode == "npt":
             return "none: stateless prefix translation (RFC 6296), nothing per flow"
-        if mode.startswith("proxy"):
+        if facts(mode).is_proxy:
             proxied = [f for p in self.proxies.values() for f in p.flows if f.mode == mode]
             return (
                 f"proxy connections: {len(proxied)} client connection(s), each with its own"
