@@ -4,8 +4,8 @@ Modes: proxy-l4, proxy-l7, npt, nat, dsr-l2, dsr-ip6ip6, dsr-srv6 (and anycast,
 a property of how VIPs are announced). See ARCHITECTURE in the docs.
 """
 
-__version__ = "0.1.0"
+from v6lb.model.modes import NAMES as MODES  # the mode table's names, in that order
 
-MODES = ("proxy-l4", "proxy-l7", "npt", "nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6", "anycast")
+__version__ = "0.1.0"
 
 __all__ = ["MODES", "__version__"]

@@ -34,10 +34,11 @@ from v6lb.engines.control import query
 from v6lb.lab.netns import lab_down, lab_up
 from v6lb.lab.plan import LabError
 from v6lb.lab.trace import Trace, run_trace, trace_hops
+from v6lb.model.modes import Plane, modes_where
 
 __all__ = ["MODES", "Outcome", "compare", "hop_set", "main", "run_differential"]
 
-MODES: Final = ("nat", "npt", "dsr-l2", "dsr-ip6ip6", "dsr-srv6")
+MODES: Final = modes_where(plane=Plane.PYTHON)  # the modes both L3 data planes serve
 
 HopKey = tuple[str, str, str, str]  # link, sender -> receiver, innermost tuple, outer header
 

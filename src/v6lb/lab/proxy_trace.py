@@ -22,10 +22,11 @@ from typing import Any, Final
 from v6lb.core import forwarded, proxyproto
 from v6lb.lab import nginx
 from v6lb.model.hops import Hop
+from v6lb.model.modes import Kind, modes_where
 
 __all__ = ["PROXY_MODES", "annotate", "attach_backend_logs", "connections", "proxy_facts"]
 
-PROXY_MODES: Final = ("proxy-l4", "proxy-l7")
+PROXY_MODES: Final = modes_where(kind=Kind.PROXY)
 
 
 def attach_backend_logs(

@@ -33,6 +33,7 @@ from v6lb.model.capture import hops_from_pcaps
 from v6lb.model.config import NatOptions
 from v6lb.model.explain import Explanation, explain
 from v6lb.model.hops import Hop
+from v6lb.model.modes import modes_where
 from v6lb.model.topology import NodeType
 from v6lb.wire.pcap import LINKTYPE_ETHERNET, PcapError, Record, read, write
 
@@ -47,7 +48,7 @@ __all__ = [
     "trace_hops",
 ]
 
-MODES: Final = ("nat", "npt", "dsr-l2", "dsr-ip6ip6", "dsr-srv6", *PROXY_MODES)
+MODES: Final = modes_where(test=lambda m: bool(m.engines))  # every mode an engine serves
 TRACE_FILE: Final = "trace.json"
 POST_BYTES: Final = 100_000
 _LB_STATE: Final = {

@@ -121,6 +121,11 @@ class ModeFacts:
         return self.encap.overhead
 
     @property
+    def engines(self) -> tuple[str, ...]:
+        """Every engine that serves the mode: its data planes, then its proxy engines."""
+        return (*self.planes, *self.proxies)
+
+    @property
     def is_proxy(self) -> bool:
         return self.kind is Kind.PROXY
 
