@@ -42,7 +42,7 @@ import yaml
 import netns_helpers
 from v6lb.engines.bird import Bird, set_l4_ecmp_hash, start_bird
 from v6lb.engines.control import ControlError, query
-from v6lb.lab.failover import SERVER, TRAFFIC
+from v6lb.lab.failover import GREET_SERVER, TRAFFIC
 from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
 from v6lb.model.config import load_config
 from v6lb.model.pools import pool_for
@@ -213,7 +213,7 @@ def under_traffic(
 ) -> dict[str, Any]:
     """Run ``failure`` (on lb1) under continuous traffic; the figures of docs/anycast.md."""
     traffic = subprocess.Popen(
-        ["ip", "netns", "exec", ns["client"], sys.executable, "-c", TRAFFIC, VIP, "80", "30"],
+        ["ip", "netns", "exec", ns["client"], sys.executable, "-m", TRAFFIC, VIP, "80", "30"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -308,7 +308,8 @@ def test_anycast_ecmp_failover_and_withdraw() -> None:
                     ns[role],
                 )
                 s = subprocess.Popen(
-                    ["ip", "netns", "exec", ns[role], sys.executable, "-c", SERVER, addr, "80"],
+                    ["ip", "netns", "exec", ns[role], sys.executable, "-m", GREET_SERVER]
+                    + [addr, "80"],
                     stdout=subprocess.PIPE,
                     text=True,
                     start_new_session=True,
@@ -339,7 +340,7 @@ def test_anycast_ecmp_failover_and_withdraw() -> None:
                 return {r: int(query(files[r][1])["vips"][0]["counter"]["packets"]) for r in LBS}
 
             before = packets()
-            results = json.loads(nsx(ns["client"], sys.executable, "-c", TRAFFIC, VIP, "80", "0"))
+            results = json.loads(nsx(ns["client"], sys.executable, "-m", TRAFFIC, VIP, "80", "0"))
             after = packets()
             spread: dict[str, int] = {}
             for r in results:

@@ -56,10 +56,10 @@ import yaml
 
 from v6lb.engines.bird import Bird, BirdError, set_l4_ecmp_hash, start_bird
 from v6lb.lab.plan import LabError
-from v6lb.model.bgp import BgpSettings, Neighbour, parse_bgp
-from v6lb.model.config import Config, ConfigError
+from v6lb.model.bgp import BgpSettings, Neighbour
+from v6lb.model.config import Config, ConfigError, load_topology
 from v6lb.model.config_read import read_yaml
-from v6lb.model.topology import NodeType, Topology, load_topology
+from v6lb.model.topology import NodeType, Topology
 from v6lb.render.bird import render_router
 
 __all__ = [
@@ -79,111 +79,8 @@ FAILURES: Final = ("kill-instance", "site-backends", "site-uplink")
 UPSTREAM_ASN: Final = 65000
 PORT: Final = 80
 GOOD_S: Final = 0.5  # a new connection that takes longer than this counts as slow
-
-SERVER: Final = r"""
-import selectors, socket, sys
-me = sys.argv[1]
-sel = selectors.DefaultSelector()
-ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("::", int(sys.argv[2])))
-ls.listen(1024)
-sel.register(ls, selectors.EVENT_READ)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        s = key.fileobj
-        try:
-            if s is ls:
-                c, peer = ls.accept()
-                c.sendall(f"{me} {peer[1]}\n".encode())
-                sel.register(c, selectors.EVENT_READ)
-            elif s.recv(256):
-                s.sendall(f"{me}\n".encode())
-            else:
-                sel.unregister(s)
-                s.close()
-        except OSError:
-            if s is not ls:
-                sel.unregister(s)
-                s.close()
-"""
-
-# argv: VIP PORT N. Short mode (N == 0): see below. Otherwise N long flows asking every 100 ms, plus a new connection every 100 ms,
-# until a line on stdin; then JSON with every event (time.monotonic() is system-wide).
-TRAFFIC: Final = r"""
-import json, socket, sys, threading, time
-vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def line(s):
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(256)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data.decode().split()
-def one():
-    t0 = time.monotonic()
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.settimeout(5.0)
-    sport = None
-    try:
-        s.bind(("::", 0))
-        sport = s.getsockname()[1]
-        s.connect((vip, port))
-        g = line(s)
-        return {"t0": t0, "t1": time.monotonic(), "sport": sport, "backend": g[0], "err": None}
-    except OSError as exc:
-        return {"t0": t0, "t1": time.monotonic(), "sport": sport, "backend": None,
-                "err": type(exc).__name__}
-    finally:
-        s.close()
-if n == 0:  # short mode: 60 connections one after the other, JSON out
-    print(json.dumps([one() for _ in range(60)]), flush=True)
-    sys.exit(0)
-stop = threading.Event()
-flows = []
-for _ in range(n):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.settimeout(5.0)
-    s.connect((vip, port))
-    flows.append({"sock": s, "sport": s.getsockname()[1], "backend": line(s)[0],
-                  "asked": 0, "max_rtt": 0.0, "err": None, "err_t": None, "wrong": 0})
-def ask(f):
-    s = f["sock"]
-    while not stop.is_set() and f["err"] is None:
-        t0 = time.monotonic()
-        try:
-            s.sendall(b"ping\n")
-            got = line(s)[0]
-            f["asked"] += 1
-            f["max_rtt"] = max(f["max_rtt"], time.monotonic() - t0)
-            if got != f["backend"]:
-                f["wrong"] += 1
-        except OSError as exc:
-            f["err"], f["err_t"] = type(exc).__name__, time.monotonic()
-            f["max_rtt"] = max(f["max_rtt"], time.monotonic() - t0)
-        time.sleep(max(0.0, 0.1 - (time.monotonic() - t0)))
-news = []
-def new_conns():
-    while not stop.is_set():
-        t = threading.Thread(target=lambda: news.append(one()), daemon=True)
-        t.start()
-        time.sleep(0.1)
-threads = [threading.Thread(target=ask, args=(f,), daemon=True) for f in flows]
-threads.append(threading.Thread(target=new_conns, daemon=True))
-for t in threads:
-    t.start()
-print(json.dumps([[f["sport"], f["backend"]] for f in flows]), flush=True)
-sys.stdin.readline()
-stop.set()
-for t in threads:
-    t.join(6)
-time.sleep(0.5)
-for f in flows:
-    del f["sock"]
-print(json.dumps({"flows": flows, "new": sorted(news, key=lambda x: x["t0"])}), flush=True)
-"""
+GREET_SERVER: Final = "v6lb.lab.agents.greet_server"  # on every backend
+TRAFFIC: Final = "v6lb.lab.agents.traffic"  # on the client
 
 
 def _run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60) -> str:
@@ -312,7 +209,8 @@ class Lab:
     def start_server(self, node: str) -> None:
         addr = str(self.addr(node, self.site_of(node).lan))
         p = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[node], sys.executable, "-c", SERVER, addr, str(PORT)],
+            ["ip", "netns", "exec", self.ns[node], sys.executable, "-m", GREET_SERVER]
+            + [addr, str(PORT)],
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
@@ -432,7 +330,7 @@ def _layout(config: Config, topo: Topology) -> tuple[str, str, list[Site], int]:
             "the failover lab needs two sites and at least two LB instances at the primary",
             "see examples/anycast-sites.yaml",
         )
-    bgp = parse_bgp(config)
+    bgp = config.bgp_speaker
     if bgp is None or not bgp.neighbours:
         raise LabError(
             "the file has no bgp: speaker with a neighbour", "add bgp.asn and neighbours"
@@ -595,7 +493,7 @@ def _meter(vip: IPv6Address) -> str:
 
 
 def _start(lab: Lab) -> None:
-    bgp = parse_bgp(lab.config)
+    bgp = lab.config.bgp_speaker
     assert bgp is not None
     ups = []
     for s in lab.sites:
@@ -707,7 +605,7 @@ def measure(
     target, act, converged, dead = _failure_action(lab, failure)
     lab.reset_carriers()
     traffic = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns[lab.client], sys.executable, "-c", TRAFFIC]
+        ["ip", "netns", "exec", lab.ns[lab.client], sys.executable, "-m", TRAFFIC]
         + [str(lab.vip), str(PORT), str(flows)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
