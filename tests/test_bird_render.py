@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from v6lb.engines.bird import BirdMissingError, parse_protocols, require_bird
-from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour, parse_bgp, router_id_for
+from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour, router_id_for
 from v6lb.model.config import ConfigError, parse_config
 from v6lb.render.bird import SpeakerRoute, render_router, render_speaker, static_name
 
@@ -51,7 +51,7 @@ VIPS: list[dict[str, Any]] = [
 
 
 def settings(bgp: dict[str, Any]) -> BgpSettings | None:
-    return parse_bgp(parse_config({"bgp": bgp, "vips": VIPS}, "t.yaml"))
+    return parse_config({"bgp": bgp, "vips": VIPS}, "t.yaml").bgp_speaker
 
 
 def golden(name: str, text: str) -> None:
@@ -188,7 +188,7 @@ def test_parse_defaults_and_values() -> None:
 
 def test_announcements_only_has_no_speaker() -> None:
     assert settings({"announcements": BGP["announcements"]}) is None
-    assert parse_bgp(parse_config({}, "t.yaml")) is None
+    assert parse_config({}, "t.yaml").bgp_speaker is None
 
 
 @pytest.mark.parametrize(

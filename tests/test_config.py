@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from v6lb.cli import main
+from v6lb.model.bgp import BgpSection, BgpSettings
 from v6lb.model.config import (
     Backend,
     ConfigError,
@@ -30,6 +31,7 @@ from v6lb.model.config import (
     load_config,
     parse_config,
 )
+from v6lb.model.config_summary import summarize
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "basic.yaml"
 LB = {"addresses": ["2001:db8:0:1::2"]}
@@ -679,7 +681,6 @@ def test_explicit_values_are_kept() -> None:
             "interfaces": ["eth0"],
             "flow_hash_seed": 0x5EED,
         },
-        topology={"nodes": ["client", "lb"]},
         bgp={"asn": 64512},
     )
     config = parse_config(data)
@@ -706,8 +707,8 @@ def test_explicit_values_are_kept() -> None:
     assert config.lb.instance == "edge-1"
     assert config.lb.control_socket == "/run/v6lb/edge-1.sock"
     assert config.lb.flow_hash_seed == 0x5EED
-    assert config.topology == {"nodes": ["client", "lb"]}
-    assert config.bgp == {"asn": 64512}
+    assert config.topology is None  # a typed topology: tests/test_topology.py
+    assert config.bgp == BgpSection(BgpSettings(asn=64512))
     assert config.vip("v") is v
 
 
@@ -734,7 +735,7 @@ def test_example_loads() -> None:
         b.address for v in config.vips for b in v.backends
     ]
     assert all(a in documentation or a in ula for a in addresses)
-    summary = config.summary()
+    summary = summarize(config)
     assert "vip web: [2001:db8:0:10::80]:80,443/tcp mode proxy-l4" in summary
     assert "npt fd00:1:2::/48 <-> 2001:db8:1::/48" in summary
     assert "backend [2001:db8:0:20::12]:8080 weight 1, draining (existing flows only)" in summary

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from v6lb.model.config import ConfigError, parse_config
+from v6lb.model.config_summary import summarize
 from v6lb.render.conntrackd import render_conntrackd, sync_addresses
 
 GOLDEN = Path(__file__).parent / "golden" / "conntrackd_lb1.conf"
@@ -70,7 +71,7 @@ def test_parse_defaults_and_values() -> None:
 
 
 def test_summary_line() -> None:
-    text = parse_config(BASE, "t.yaml").summary()
+    text = summarize(parse_config(BASE, "t.yaml"))
     assert (
         "  conntrack sync: conntrackd FTFW over UDP [fd00:99::1]:3780 -> [fd00:99::2]:3780"
         " on v6lb-sync0; peer SNAT announced as standby: 2001:db8:5::2\n"
@@ -190,7 +191,6 @@ def test_snat_addresses_announced_own_and_standby() -> None:
     from ipaddress import IPv6Network
 
     from v6lb.engines.kernel.announce import STANDBY_MED_STEP, snat_routes
-    from v6lb.model.bgp import parse_bgp
     from v6lb.render.bird import SpeakerRoute, render_speaker
 
     data = copy.deepcopy(BASE)
@@ -200,7 +200,7 @@ def test_snat_addresses_announced_own_and_standby() -> None:
         "neighbours": [{"name": "up", "address": "2001:db8:1::1", "asn": 65000}],
     }
     config = parse_config(data, "t.yaml")
-    settings = parse_bgp(config)
+    settings = config.bgp_speaker
     assert settings is not None
     routes = snat_routes(config, settings)
     assert routes == {

@@ -34,7 +34,7 @@ import yaml
 from v6lb.core.nptv6 import NptMapping
 from v6lb.lab.plan import LAB_ROOT, LabError, check_name, default_name, plan_lab
 from v6lb.model.config import parse_config
-from v6lb.model.topology import parse_topology
+from v6lb.model.topology import require_topology
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab-modes.yaml"
 V6LB = [sys.executable, "-m", "v6lb.cli"]
@@ -68,7 +68,7 @@ def v6lb(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Com
 def test_plan_names_routes_and_derived_files(tmp_path: Path) -> None:
     raw = _raw(drop_l2=False)
     config = parse_config(raw, str(EXAMPLE))
-    topo = parse_topology(config)
+    topo = require_topology(config)
     plan = plan_lab(config, topo, raw, "abc", root=tmp_path)
     assert plan.namespaces["client"] == "v6lb-abc-client" and plan.switch_ns == "v6lb-abc--sw"
     assert all(i.name.startswith("v6lb-") and i.port.startswith("v6lb-") for i in plan.ifaces)
@@ -97,7 +97,7 @@ def test_plan_multipath_route_puts_options_before_nexthops(tmp_path: Path) -> No
     path = EXAMPLE.parent / "eks-ipv6.yaml"
     raw = yaml.safe_load(path.read_text())
     config = parse_config(raw, str(path))
-    plan = plan_lab(config, parse_topology(config), raw, "abc", root=tmp_path)
+    plan = plan_lab(config, require_topology(config), raw, "abc", root=tmp_path)
     multi = [line for lines in plan.routes.values() for line in lines if "nexthop" in line]
     assert multi, "eks-ipv6.yaml has an ECMP route"
     for line in multi:

@@ -43,7 +43,7 @@ from v6lb.core import forwarded
 from v6lb.lab import nginx
 from v6lb.lab.plan import LAB_ROOT, LabError, plan_lab
 from v6lb.model.config import parse_config
-from v6lb.model.topology import parse_topology
+from v6lb.model.topology import require_topology
 from v6lb.wire.pcap import ip_offset, read
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab-proxy.yaml"
@@ -56,7 +56,7 @@ PODS = {"fd00:20::a": "be1", "fd00:20::b": "be2", "fd00:20::c": "be3"}
 
 def _plan(raw: dict[str, Any], tmp_path: Path) -> Any:
     config = parse_config(raw, str(EXAMPLE))
-    return plan_lab(config, parse_topology(config), raw, "abc", root=tmp_path)
+    return plan_lab(config, require_topology(config), raw, "abc", root=tmp_path)
 
 
 # --- the plan (no root) ---------------------------------------------------------

@@ -8,9 +8,9 @@ import pytest
 
 from v6lb.core.proxyproto import SIGNATURE
 from v6lb.engines.sim import MODES, ScenarioResult, modes_available, run_scenario
-from v6lb.model.config import Config
+from v6lb.model.config import Config, load_topology
 from v6lb.model.hops import Hop
-from v6lb.model.topology import Topology, load_topology
+from v6lb.model.topology import Topology
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "eks-ipv6.yaml"
 CLIENT = "2001:db8:ffff::100"

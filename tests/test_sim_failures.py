@@ -12,8 +12,8 @@ import yaml
 
 from v6lb.engines.sim import run_scenario
 from v6lb.engines.sim.scenario import Sim
-from v6lb.model.config import Config, parse_config
-from v6lb.model.topology import Topology, load_topology, parse_topology
+from v6lb.model.config import Config, load_topology, parse_config
+from v6lb.model.topology import Topology, require_topology
 from v6lb.wire import build
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "eks-ipv6.yaml"
@@ -91,7 +91,7 @@ def test_packet_too_big_client_retries_smaller(eks: tuple[Config, Topology], mod
 def _sim(data: dict[str, Any] | None = None) -> Sim:
     raw = data if data is not None else yaml.safe_load(EXAMPLE.read_text())
     config = parse_config(raw, "t.yaml")
-    return Sim(config, parse_topology(config))
+    return Sim(config, require_topology(config))
 
 
 def test_hop_limit_exceeded_is_a_drop_with_time_exceeded() -> None:

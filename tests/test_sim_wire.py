@@ -11,7 +11,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import NoPayload, Packet, Raw
 
 from v6lb.engines.sim import FAILURES, MODES, ScenarioResult, run_scenario
-from v6lb.model.topology import load_topology
+from v6lb.model.config import load_topology
 from v6lb.wire import pcap
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "eks-ipv6.yaml"

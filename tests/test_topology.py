@@ -11,16 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
-from v6lb.model.config import parse_config
+from v6lb.model.config import load_topology, parse_config
 from v6lb.model.schema import ConfigError
 from v6lb.model.topology import (
     NodeType,
     Topology,
     compute_fib,
-    load_topology,
     lookup,
     neighbour,
-    parse_topology,
+    require_topology,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "eks-ipv6.yaml"
@@ -35,7 +34,7 @@ def raw() -> dict[str, Any]:
 
 
 def _parse(data: dict[str, Any]) -> Topology:
-    return parse_topology(parse_config(data, "t.yaml"))
+    return require_topology(parse_config(data, "t.yaml"))
 
 
 def test_example_loads() -> None:

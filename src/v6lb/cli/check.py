@@ -21,17 +21,15 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from v6lb.model.bgp import parse_bgp
     from v6lb.model.config import ConfigError, load_config
-    from v6lb.model.topology import parse_topology
+    from v6lb.model.config_summary import summarize
 
     try:
         config = load_config(args.file)
-        topo = parse_topology(config) if config.topology is not None else None
-        bgp = parse_bgp(config)
+        topo, bgp = config.topology, config.bgp_speaker
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    sys.stdout.write(f"{args.file}: valid\n{config.summary()}")
+    sys.stdout.write(f"{args.file}: valid\n{summarize(config)}")
     if topo is not None:
         roles: dict[str, int] = {}
         for n in topo.nodes:

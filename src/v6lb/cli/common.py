@@ -41,7 +41,7 @@ FAILURES = {
 
 def load_scenario(path: str | None) -> tuple[Config, Topology]:
     from v6lb.model.config import ConfigError
-    from v6lb.model.topology import load_topology
+    from v6lb.model.config import load_topology
 
     file = Path(path) if path else default_scenario()
     if not file.is_file():

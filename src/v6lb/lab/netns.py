@@ -45,10 +45,9 @@ from v6lb.lab.plan import (
     plan_lab,
     switch_namespace,
 )
-from v6lb.model.config import ConfigError
+from v6lb.model.config import ConfigError, load_topology
 from v6lb.model.config_read import read_yaml
 from v6lb.model.modes import facts
-from v6lb.model.topology import load_topology
 
 __all__ = [
     "lab_down",

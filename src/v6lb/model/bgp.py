@@ -1,9 +1,13 @@
-"""The ``bgp:`` section's speaker settings: ASN, router id, neighbours, timers, BFD, policy.
+"""The ``bgp:`` section: the speaker (ASN, router id, neighbours, timers, BFD, policy)
+and the anycast announcements.
 
-``announcements`` (which prefix each site originates, at which cost) is read by
-:mod:`v6lb.model.topology`; this module accepts the key and leaves it alone.
-Everything else in ``bgp:`` is read here, into a frozen :class:`BgpSettings`
-that :mod:`v6lb.render.bird` turns into a bird.conf::
+:func:`parse_bgp` reads the whole section, once, into a frozen
+:class:`BgpSection` (:attr:`v6lb.model.config.Config.bgp`): its ``speaker``, a
+:class:`BgpSettings` that :mod:`v6lb.render.bird` turns into a bird.conf (None
+when the section has no ``asn``: the simulator's anycast scenario has only
+announcements), and its ``announcements`` (which prefix each site originates, at
+which cost), which :mod:`v6lb.model.topology` checks against the LB sites and
+routes::
 
     bgp:
       asn: 65001                 # this speaker's AS (an LB, or a lab router)
@@ -14,7 +18,8 @@ that :mod:`v6lb.render.bird` turns into a bird.conf::
       med: 10                    # MED on this LB's announcements (lower wins)
       neighbours:
         - {address: "2001:db8:fffe:a::1", asn: 65000, interface: up0, local_pref: 100}
-      announcements: [...]       # see docs/topology.md
+      announcements:             # see docs/topology.md
+        - {prefix: "2001:db8:a:1a0::/64", site: primary, cost: 10}
 
 The inter-site policy (docs/anycast.md): every LB site announces the same
 prefix from the same AS; the primary site sends a lower MED than the backup
@@ -22,20 +27,21 @@ site, and a router that peers with both may also raise ``local_pref`` on its
 neighbours at the primary site. ``local_pref`` is a router-side knob: it is
 never sent over eBGP, so an LB speaker ignores it.
 
-Errors are :class:`~v6lb.model.config.ConfigError` with the file, the field
-path (``bgp.neighbours[1].asn``) and a fix.
+Errors are :class:`~v6lb.model.schema.ConfigError` with the file, the field
+path (``bgp.neighbours[1].asn``) and a fix. This module imports nothing from
+:mod:`v6lb.model.config` (which imports it).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import AddressValueError, IPv4Address, IPv6Address
+from ipaddress import AddressValueError, IPv4Address, IPv6Address, IPv6Network
 from typing import Final
 
-from v6lb.model.config import Config, ConfigError
 from v6lb.model.schema import (
+    ConfigError,
     Fields,
     Where,
     as_int,
@@ -50,13 +56,13 @@ from v6lb.model.schema import (
 )
 
 __all__ = [
+    "Announcement",
     "BfdSettings",
+    "BgpSection",
     "BgpSettings",
     "ConfigError",
     "Neighbour",
-    "check_announcements",
     "parse_bgp",
-    "parse_bgp_section",
     "router_id_for",
 ]
 
@@ -72,6 +78,7 @@ _KEYS: Final = (
 )
 _NEIGHBOUR_KEYS: Final = ("name", "address", "asn", "interface", "local_pref")
 _BFD_KEYS: Final = ("enabled", "interval", "multiplier")
+_ANNOUNCEMENT_KEYS: Final = ("prefix", "site", "cost")
 MAX_ASN: Final = 4_294_967_295  # 4-octet AS numbers (RFC 6793)
 MAX_U32: Final = 4_294_967_295
 
@@ -109,54 +116,40 @@ class BgpSettings:
     neighbours: tuple[Neighbour, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """``prefix`` is originated by every LB node of ``site`` that serves a VIP in it, at ``cost``."""
+
+    prefix: IPv6Network
+    site: str
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class BgpSection:
+    """The ``bgp:`` section: ``speaker`` None when it has no ``asn`` (announcements only)."""
+
+    speaker: BgpSettings | None = None
+    announcements: tuple[Announcement, ...] = ()
+
+
 def router_id_for(name: str) -> str:
     """A stable dotted-quad router id for a speaker that has none configured (never 0.0.0.0)."""
     n = zlib.crc32(name.encode()) or 1
     return str(IPv4Address(n))
 
 
-def parse_bgp(config: Config) -> BgpSettings | None:
-    """The speaker settings of ``config.bgp``; None when the section holds no ``asn``.
+def parse_bgp(data: object, where: Where, vips: Sequence[tuple[str, IPv6Address]]) -> BgpSection:
+    """Read the ``bgp:`` section at ``where``; ``vips`` are the file's (name, address) pairs.
 
-    A ``bgp:`` section with only ``announcements`` (the simulator's anycast
-    scenario) has no speaker, so this returns None for it.
+    Which site an announcement names is checked against the topology's LB nodes
+    by :mod:`v6lb.model.topology`; the rest of the section is checked here.
     """
-    if config.bgp is None:
-        return None
-    where = Where(config.source).key("bgp")
-    check_announcements(config, where)
-    return parse_bgp_section(config.bgp, where)
-
-
-def check_announcements(config: Config, where: Where) -> None:
-    """Reject an announcement whose prefix holds no VIP address of the file.
-
-    Routers would send that prefix's traffic to the LB sites, which serve
-    nothing in it (the LB drops it, or routes it back: a loop). The LB speaker
-    itself announces only its VIP addresses as /128s (engines/kernel/announce.py).
-    """
-    items = config.bgp.get("announcements") if config.bgp is not None else None
-    if not isinstance(items, list):
-        return
-    vips = [(v.name, v.address) for v in config.vips]
-    aw = where.key("announcements")
-    for i, item in enumerate(items):
-        if not isinstance(item, Mapping) or "prefix" not in item:
-            continue  # the topology model reports the shape
-        pw = aw.index(i).key("prefix")
-        prefix = as_ipv6_prefix(item["prefix"], pw)
-        if not any(addr in prefix for _, addr in vips):
-            listed = ", ".join(f"{n} {a}" for n, a in vips) or "none: the file has no vips"
-            raise pw.error(
-                f"{prefix} holds no VIP address, so the LB sites would attract traffic they "
-                "do not serve",
-                f"announce a prefix that holds a VIP address (VIPs: {listed})",
-            )
-
-
-def parse_bgp_section(data: Mapping[str, object] | object, where: Where) -> BgpSettings | None:
     f = Fields(data, where, "the bgp section")
     f.reject_unknown(_KEYS)
+    announcements: tuple[Announcement, ...] = ()
+    if f.has("announcements"):
+        announcements = _announcements(f.get("announcements"), f.at("announcements"), vips)
     if not f.has("asn"):
         others = [k for k in f if k != "announcements"]
         if others:
@@ -164,7 +157,40 @@ def parse_bgp_section(data: Mapping[str, object] | object, where: Where) -> BgpS
                 f"`{others[0]}` is set but the speaker has no AS number",
                 "add `asn: 65001` (a private AS from 64512-65534 or 4200000000-4294967294)",
             )
-        return None
+        return BgpSection(None, announcements)
+    return BgpSection(_speaker(f), announcements)
+
+
+def _announcements(
+    value: object, where: Where, vips: Sequence[tuple[str, IPv6Address]]
+) -> tuple[Announcement, ...]:
+    """Each announcement's shape, and that its prefix holds a VIP address of the file.
+
+    Routers would send a prefix that holds no VIP to the LB sites, which serve
+    nothing in it (the LB drops it, or routes it back: a loop). The LB speaker
+    itself announces only its VIP addresses as /128s (engines/kernel/announce.py).
+    """
+    out: list[Announcement] = []
+    items = as_list(value, where, example="[{prefix: ..., site: a, cost: 10}]")
+    for i, item in enumerate(items):
+        f = Fields(item, where.index(i), "an announcement")
+        f.reject_unknown(_ANNOUNCEMENT_KEYS)
+        pw = f.at("prefix")
+        prefix = as_ipv6_prefix(f.required("prefix", "2001:db8:a:1a0::/64"), pw)
+        if not any(addr in prefix for _, addr in vips):
+            listed = ", ".join(f"{n} {a}" for n, a in vips) or "none: the file has no vips"
+            raise pw.error(
+                f"{prefix} holds no VIP address, so the LB sites would attract traffic they "
+                "do not serve",
+                f"announce a prefix that holds a VIP address (VIPs: {listed})",
+            )
+        site = as_str(f.required("site", "primary"), f.at("site"), example="site: primary")
+        cost = as_int(f.required("cost", "10"), f.at("cost"), lo=0, hi=1_000_000, noun="cost")
+        out.append(Announcement(prefix, site, cost))
+    return tuple(out)
+
+
+def _speaker(f: Fields) -> BgpSettings:
     asn = _asn(f.get("asn"), f.at("asn"))
     router_id = None
     if f.has("router_id"):

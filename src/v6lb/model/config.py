@@ -6,21 +6,23 @@ file first. Parsing is a pure function of its input: it changes nothing, so a
 file that fails validation changes nothing anywhere. docs/config.md is the
 reference of every key, its default and its range.
 
-``topology:`` and ``bgp:`` are only checked to be mappings for now and kept raw
-(:attr:`Config.topology`, :attr:`Config.bgp`); their own parsers come later and
-plug into :func:`parse_config` the same way ``lb:`` does.
+Every section is parsed here, once: ``topology:`` by
+:func:`v6lb.model.topology.parse_topology` into :attr:`Config.topology`, ``bgp:``
+by :func:`v6lb.model.bgp.parse_bgp` into :attr:`Config.bgp`.
+:func:`v6lb.model.config_dump.dump` writes a :class:`Config` back out as YAML
+that this module reads back into an equal one.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Final
 
+from v6lb.model.bgp import BgpSection, BgpSettings, parse_bgp
 from v6lb.model.config_read import read_yaml
 from v6lb.model.conntrack_sync import ConntrackSync, check_sync, parse_conntrack_sync
 from v6lb.model.modes import ModeFacts, facts
@@ -38,6 +40,7 @@ from v6lb.model.schema import (
     quote,
     require_unicast,
 )
+from v6lb.model.topology import Topology, parse_topology, require_topology
 
 __all__ = [
     "Backend",
@@ -61,6 +64,7 @@ __all__ = [
     "Vip",
     "VipMode",
     "load_config",
+    "load_topology",
     "parse_config",
 ]
 
@@ -275,14 +279,17 @@ class LbSettings:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """A validated config file. ``topology`` and ``bgp`` are raw until their parsers exist."""
+    """A validated config file; ``topology`` and ``bgp`` are None when the file has no such section.
+
+    ``source`` is the file's name (errors and :attr:`Topology.source` carry it).
+    """
 
     source: str
     vips: tuple[Vip, ...] = ()
     npt: tuple[NptPair, ...] = ()
     lb: LbSettings = field(default_factory=LbSettings)
-    topology: Mapping[str, object] | None = None
-    bgp: Mapping[str, object] | None = None
+    topology: Topology | None = None
+    bgp: BgpSection | None = None
 
     def vip(self, name: str) -> Vip:
         for vip in self.vips:
@@ -290,11 +297,10 @@ class Config:
                 return vip
         raise KeyError(name)
 
-    def summary(self) -> str:
-        """What this file would set up, one line per thing, for ``v6lb check``."""
-        from v6lb.model.config_summary import summarize
-
-        return summarize(self)
+    @property
+    def bgp_speaker(self) -> BgpSettings | None:
+        """The ``bgp:`` speaker (asn, neighbours, ...); None without ``bgp:`` or its ``asn``."""
+        return self.bgp.speaker if self.bgp is not None else None
 
 
 # --- reading the file ------------------------------------------------------------
@@ -308,6 +314,12 @@ def load_config(path: str | Path, *, max_bytes: int | None = None) -> Config:
     at most 32 deep, bounded numbers and alias expansion.
     """
     return parse_config(read_yaml(path, max_bytes=max_bytes), str(path))
+
+
+def load_topology(path: str | Path) -> tuple[Config, Topology]:
+    """Read a config file that must have a ``topology:`` (the simulator's, the lab's)."""
+    config = load_config(path)
+    return config, require_topology(config)
 
 
 # --- the top level ---------------------------------------------------------------
@@ -339,25 +351,32 @@ def parse_config(data: object, file: str = "<config>") -> Config:
         npt = tuple(_parse_npt_pair(item, where.index(i)) for i, item in enumerate(items))
         _check_npt_together(npt, where)
     _check_vips_outside_npt(vips, npt, top)
+    raw_bgp = _section(fields, "bgp")
     check_sync(
         lb.conntrack_sync,
         [o.snat for v in vips if isinstance(o := v.options, NatOptions) and o.snat is not None],
         any(v.mode is VipMode.NAT for v in vips),
-        _raw_section(fields, "bgp"),
+        raw_bgp,
         top.key("lb").key("conntrack_sync"),
     )
-    return Config(
-        source=file,
-        vips=vips,
-        npt=npt,
-        lb=lb,
-        topology=_raw_section(fields, "topology"),
-        bgp=_raw_section(fields, "bgp"),
-    )
+    raw_topology = _section(fields, "topology")
+    bgp: BgpSection | None = None
+    if raw_bgp is not None:
+        bgp = parse_bgp(raw_bgp, fields.at("bgp"), [(v.name, v.address) for v in vips])
+    topology: Topology | None = None
+    if raw_topology is not None:
+        topology = parse_topology(
+            raw_topology,
+            top,
+            vips=vips,
+            npt=bool(npt),
+            announcements=bgp.announcements if bgp is not None else (),
+        )
+    return Config(source=file, vips=vips, npt=npt, lb=lb, topology=topology, bgp=bgp)
 
 
-def _raw_section(fields: Fields, name: str) -> Mapping[str, object] | None:
-    # Placeholder until the topology and bgp parsers exist: a mapping, kept as given.
+def _section(fields: Fields, name: str) -> dict[str, object] | None:
+    """Section ``name`` as a mapping (an error if it is something else); None if absent."""
     if not fields.has(name):
         return None
     return Fields(fields.get(name), fields.at(name), f"`{name}:`").as_dict()

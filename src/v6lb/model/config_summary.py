@@ -35,7 +35,7 @@ def summarize(config: Config) -> str:
         lines.extend(_vip_lines(vip))
     for pair in config.npt:
         lines.append(f"npt {pair.inside} <-> {pair.outside}")
-    # topology: and bgp: are validated and summarised by v6lb.model.topology.
+    # topology: and bgp: are summarised by `v6lb check` itself.
     return "\n".join(lines) + "\n"
 
 

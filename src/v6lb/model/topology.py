@@ -34,30 +34,34 @@ link (or ``link`` for an on-link route), and optionally ``from``, a source
 prefix (Linux source-specific routing: a DSR backend sends replies sourced from
 the VIP to the internet gateway, not back to the LB).
 
-Anycast (``bgp.announcements``): every LB node of the announcing ``site`` that
-serves a VIP inside ``prefix`` originates it with ``cost``; every router picks
-the origins with the lowest path cost (hops + cost) and spreads flows over all
-equal-cost next hops (ECMP). When nodes fail the tables are recomputed from the
-announcements that remain; nothing is scripted.
+Anycast (``bgp.announcements``, read by :mod:`v6lb.model.bgp`): every LB node
+of the announcing ``site`` that serves a VIP inside ``prefix`` originates it
+with ``cost``; every router picks the origins with the lowest path cost (hops +
+cost) and spreads flows over all equal-cost next hops (ECMP). When nodes fail
+the tables are recomputed from the announcements that remain; nothing is
+scripted.
+
+:func:`parse_topology` is called by :func:`v6lb.model.config.parse_config`,
+once, with the VIPs, the ``npt:`` pairs and the announcements it parsed before;
+the result is :attr:`v6lb.model.config.Config.topology`. This module imports
+nothing from :mod:`v6lb.model.config` at run time (the config imports it).
 """
 
 from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv6Address, IPv6Network
-from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from v6lb.model.config import Config, VipMode, load_config
+from v6lb.model.bgp import Announcement
 from v6lb.model.schema import (
     Fields,
     Where,
     as_choice,
-    as_int,
     as_ipv6_address,
     as_ipv6_prefix,
     as_list,
@@ -67,6 +71,9 @@ from v6lb.model.schema import (
     require_unicast,
     ticked,
 )
+
+if TYPE_CHECKING:
+    from v6lb.model.config import Config, Vip
 
 __all__ = [
     "Announcement",
@@ -79,8 +86,9 @@ __all__ = [
     "Route",
     "Topology",
     "compute_fib",
-    "load_topology",
+    "default_route",
     "parse_topology",
+    "require_topology",
 ]
 
 
@@ -148,13 +156,6 @@ class Node:
     loopback: tuple[IPv6Address, ...] = ()
     routes: tuple[Route, ...] = ()
     labels: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Announcement:
-    prefix: IPv6Network
-    site: str
-    cost: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,24 +241,38 @@ _LINK_KEYS: Final = ("name", "subnet", "mtu", "delay", "cost", "endpoints")
 _ROUTE_KEYS: Final = ("prefix", "via", "link", "from")
 
 
-def load_topology(path: str | Path) -> tuple[Config, Topology]:
-    """Read a config file and its topology; raise :class:`ConfigError` on any problem."""
-    config = load_config(path)
-    return config, parse_topology(config)
-
-
-def parse_topology(config: Config) -> Topology:
-    """Validate ``config.topology`` (and ``config.bgp``) against the config's VIPs."""
-    top = Where(config.source)
+def require_topology(config: Config) -> Topology:
+    """``config.topology``; a :class:`ConfigError` naming the fix when the file has none."""
     if config.topology is None:
-        raise top.key("topology").error(
-            "the file has no `topology:` section",
-            "add one (see examples/eks-ipv6.yaml): nodes, links and routes",
+        raise (
+            Where(config.source)
+            .key("topology")
+            .error(
+                "the file has no `topology:` section",
+                "add one (see examples/eks-ipv6.yaml): nodes, links and routes",
+            )
         )
-    t = Fields(dict(config.topology), top.key("topology"), "`topology:`")
+    return config.topology
+
+
+def parse_topology(
+    data: object,
+    top: Where,
+    *,
+    vips: Sequence[Vip],
+    npt: bool,
+    announcements: Sequence[Announcement] = (),
+) -> Topology:
+    """Validate the ``topology:`` section of the file ``top`` against its VIPs.
+
+    ``npt`` says whether the file has ``npt:`` pairs; ``announcements`` are the
+    ``bgp:`` section's, whose sites must be sites of LB nodes.
+    """
+    t = Fields(data, top.key("topology"), "`topology:`")
     t.reject_unknown(("nodes", "links"))
     nodes_where = t.at("nodes")
     raw_nodes = Fields(t.required("nodes", "{client: {type: host}}"), nodes_where, "`nodes:`")
+    known = [v.name for v in vips] + ([NPT] if npt else [])
     nodes: dict[str, Node] = {}
     for name in raw_nodes:
         w = nodes_where.key(name)
@@ -266,7 +281,7 @@ def parse_topology(config: Config) -> Topology:
                 f"{quote(name)} is not a valid node name",
                 "use 1 to 32 characters of a-z, 0-9 and '-', starting with a letter or digit",
             )
-        nodes[name] = _parse_node(name, raw_nodes.get(name), w, config)
+        nodes[name] = _parse_node(name, raw_nodes.get(name), w, known)
     if not nodes:
         raise nodes_where.error("no nodes are listed", "add at least a client, an LB and a backend")
     links_where = t.at("links")
@@ -275,16 +290,16 @@ def parse_topology(config: Config) -> Topology:
     for i, item in enumerate(items):
         links.append(_parse_link(item, links_where.index(i), nodes))
     _check_links(links, links_where)
-    announcements = _parse_bgp(config, top, nodes)
+    _check_sites(announcements, top.key("bgp").key("announcements"), nodes)
     nodes = _default_routes(nodes, links)
-    topo = Topology(config.source, tuple(nodes.values()), tuple(links), announcements)
+    topo = Topology(top.file, tuple(nodes.values()), tuple(links), tuple(announcements))
     _check_nodes(topo, nodes_where, links_where)
     _check_routes(topo, nodes_where)
-    _check_vips(topo, config, top)
+    _check_vips(topo, vips, npt, top)
     return topo
 
 
-def _parse_node(name: str, value: object, w: Where, config: Config) -> Node:
+def _parse_node(name: str, value: object, w: Where, known: Sequence[str]) -> Node:
     f = Fields(value, w, f"node `{name}`")
     f.reject_unknown(_NODE_KEYS)
     kind = NodeType(
@@ -301,7 +316,6 @@ def _parse_node(name: str, value: object, w: Where, config: Config) -> Node:
     if f.has("site"):
         site = as_str(f.get("site"), f.at("site"), example="site: primary")
     serves: tuple[str, ...] = ()
-    known = [v.name for v in config.vips] + ([NPT] if config.npt else [])
     if kind is NodeType.LB:
         if f.has("serves"):
             sw = f.at("serves")
@@ -476,48 +490,48 @@ def _check_links(links: list[Link], w: Where) -> None:
                 owners[addr] = f"{a.node} on {lk.name}"
 
 
-def _parse_bgp(config: Config, top: Where, nodes: Mapping[str, Node]) -> tuple[Announcement, ...]:
-    # Only `announcements` is read here; peers and timers belong to the BGP
-    # renderer and are left alone.
-    if config.bgp is None or "announcements" not in config.bgp:
-        return ()
-    w = top.key("bgp").key("announcements")
+def _check_sites(
+    announcements: Sequence[Announcement], w: Where, nodes: Mapping[str, Node]
+) -> None:
+    """Each announcement names the site of an LB node (the shape is model/bgp.py's)."""
     sites = sorted({n.site for n in nodes.values() if n.site})
-    out: list[Announcement] = []
-    items = as_list(config.bgp["announcements"], w, example="[{prefix: ..., site: a, cost: 10}]")
-    for i, item in enumerate(items):
-        f = Fields(item, w.index(i), "an announcement")
-        f.reject_unknown(("prefix", "site", "cost"))
-        prefix = as_ipv6_prefix(f.required("prefix", "2001:db8:a:1a0::/64"), f.at("prefix"))
-        site = as_str(f.required("site", "primary"), f.at("site"), example="site: primary")
-        if site not in sites:
-            raise f.at("site").error(
-                f"no LB node has site {ticked(site)}",
-                f"use one of: {', '.join(sites)}" if sites else "give LB nodes `site:`",
+    for i, a in enumerate(announcements):
+        if a.site not in sites:
+            raise (
+                w.index(i)
+                .key("site")
+                .error(
+                    f"no LB node has site {ticked(a.site)}",
+                    f"use one of: {', '.join(sites)}" if sites else "give LB nodes `site:`",
+                )
             )
-        cost = as_int(f.required("cost", "10"), f.at("cost"), lo=0, hi=1_000_000, noun="cost")
-        out.append(Announcement(prefix, site, cost))
-    return tuple(out)
+
+
+def default_route(name: str, types: Mapping[str, NodeType], links: Iterable[Link]) -> Route | None:
+    """The route a host or backend ``name`` that lists none gets, or None.
+
+    With exactly one link, and exactly one router on it, it routes via that
+    router. ``types`` maps every node name to its type.
+    """
+    if types[name] not in (NodeType.HOST, NodeType.BACKEND):
+        return None
+    mine = [lk for lk in links if name in lk.nodes()]
+    if len(mine) != 1:
+        return None
+    routers = [a for a in mine[0].endpoints if a.node != name and types[a.node] is NodeType.ROUTER]
+    if len(routers) != 1:
+        return None
+    return Route(_DEFAULT, routers[0].addresses[0])
 
 
 def _default_routes(nodes: dict[str, Node], links: list[Link]) -> dict[str, Node]:
     """A host or backend with no route and one router on its only link routes via that router."""
+    types = {name: node.type for name, node in nodes.items()}
     out = dict(nodes)
     for name, node in nodes.items():
-        if node.type not in (NodeType.HOST, NodeType.BACKEND) or node.routes:
-            continue
-        mine = [lk for lk in links if name in lk.nodes()]
-        if len(mine) != 1:
-            continue
-        routers = [
-            a for a in mine[0].endpoints if a.node != name and nodes[a.node].type is NodeType.ROUTER
-        ]
-        if len(routers) == 1:
-            route = Route(_DEFAULT, routers[0].addresses[0])
-            out[name] = Node(
-                node.name, node.type, node.role, node.site, node.serves, node.inside,
-                node.on_node, node.loopback, (route,), node.labels,
-            )  # fmt: skip
+        route = None if node.routes else default_route(name, types, links)
+        if route is not None:
+            out[name] = replace(node, routes=(route,))
     return out
 
 
@@ -582,10 +596,10 @@ def _check_routes(topo: Topology, nw: Where) -> None:
                     )
 
 
-def _check_vips(topo: Topology, config: Config, top: Where) -> None:
+def _check_vips(topo: Topology, vips: Sequence[Vip], npt: bool, top: Where) -> None:
     vw = top.key("vips")
     lb_names = [n.name for n in topo.lbs()]
-    for i, vip in enumerate(config.vips):
+    for i, vip in enumerate(vips):
         serving = topo.lbs_serving(vip.name)
         if not serving:
             raise vw.index(i).error(
@@ -605,7 +619,7 @@ def _check_vips(topo: Topology, config: Config, top: Where) -> None:
                     f"backend {b.address} is on no node of the topology",
                     "give a backend or pod node this address in topology.links, or fix the address",
                 )
-            if vip.mode is VipMode.DSR_L2:
+            if vip.mode.is_dsr and not vip.mode.tunnels:  # dsr-l2: frames on one link
                 for lb in serving:
                     if not _share_link(topo, lb.name, owner):
                         raise bw.error(
@@ -634,7 +648,7 @@ def _check_vips(topo: Topology, config: Config, top: Where) -> None:
                         f" (at topology.nodes.{where}.routes), or a bgp announcement",
                     )
                 )
-    if config.npt and not topo.lbs_serving(NPT):
+    if npt and not topo.lbs_serving(NPT):
         raise top.key("npt").error(
             "no LB node runs the npt: pairs", "add `npt` to `serves:` of an lb node"
         )

@@ -1,6 +1,6 @@
 """BGP announcements for `v6lb run`: one BIRD speaker per instance, driven by health.
 
-When the file has a ``bgp:`` section with an ``asn`` (:func:`v6lb.model.bgp.parse_bgp`),
+When the file has a ``bgp:`` section with an ``asn`` (``Config.bgp_speaker``),
 :class:`Announcer` renders the speaker config (:func:`v6lb.render.bird.render_speaker`)
 with one /128 per kernel VIP address and starts BIRD (:func:`v6lb.engines.bird.start_bird`)
 as a child of `v6lb run`, in the same network namespace. Then:
@@ -40,8 +40,8 @@ from typing import Any
 from v6lb.core.backends import BackendPool
 from v6lb.engines.bird import Bird, BirdError, require_bird, start_bird
 from v6lb.engines.kernel.apply import KernelError, run_tool
-from v6lb.model.bgp import BgpSettings, parse_bgp
-from v6lb.model.config import Config, ConfigError, NatOptions
+from v6lb.model.bgp import BgpSettings
+from v6lb.model.config import Config, NatOptions
 from v6lb.render.bird import SpeakerRoute, render_speaker
 from v6lb.render.nftables import KERNEL_MODES, table_name
 
@@ -143,10 +143,7 @@ class Announcer:
     @classmethod
     def create(cls, config: Config, instance: str, log: Callable[[str], None]) -> Announcer | None:
         """An announcer for ``config``'s ``bgp:`` speaker, or None if it has none."""
-        try:
-            settings = parse_bgp(config)
-        except ConfigError as exc:
-            raise AnnounceError(str(exc), "fix the bgp: section") from None
+        settings = config.bgp_speaker  # load_config has checked the section
         if settings is None:
             return None
         if not settings.neighbours:
@@ -289,12 +286,7 @@ class Announcer:
 
     def reconfigure(self, config: Config, pools: Mapping[str, BackendPool]) -> None:
         """SIGHUP: the VIPs or bgp: settings may have changed; ``birdc configure``."""
-        try:
-            settings = parse_bgp(config)
-        except ConfigError as exc:
-            self.last_error = f"bgp: reload kept the old speaker: {exc}"
-            self.log(self.last_error)
-            return
+        settings = config.bgp_speaker  # load_config has checked the section
         if settings is None or self.bird is None:
             self.log("bgp: the bgp: section is gone; it takes effect at the next start")
             return

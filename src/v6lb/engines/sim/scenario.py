@@ -72,16 +72,7 @@ def _a(b: bytes) -> str:
 
 
 def _anycast_prefixes(config: Config) -> list[ipaddress.IPv6Network]:
-    raw = config.bgp.get("announcements") if config.bgp else None
-    out = []
-    if isinstance(raw, list):
-        for item in raw:
-            if isinstance(item, dict) and isinstance(item.get("prefix"), str):
-                try:
-                    out.append(ipaddress.IPv6Network(item["prefix"]))
-                except ValueError:
-                    continue
-    return out
+    return [a.prefix for a in config.bgp.announcements] if config.bgp is not None else []
 
 
 def _anycast_vip(config: Config) -> Vip | None:
