@@ -3,7 +3,10 @@
 Used by the simulator's ``v6lb explain``/``v6lb demo`` and, later, by the lab to
 explain real captures. It only compares what was observed: for each packet it
 lines up consecutive hops (same ``packet_id``) and reports which addresses,
-ports, encapsulation and hop limit changed at which node. The mode's facts
+ports, encapsulation and hop limit changed at which node
+(:func:`v6lb.model.hops.diff`). The answers are decided from the structured
+changes (their :class:`~v6lb.model.hops.ChangeKind`) and the mode's kind in the
+mode table (:mod:`v6lb.model.modes`), never from the text. The flow's facts
 (which backend, what the application saw, what the LB keeps per flow) come
 from the engine that ran the flow.
 """
@@ -14,18 +17,10 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from v6lb.model.hops import Hop, PacketView
+from v6lb.model.hops import Change, ChangeKind, Hop, PacketView, diff
+from v6lb.model.modes import MODES, Kind
 
-MODE_TITLES = {
-    "proxy-l4": "L4 proxy (TCP, PROXY protocol v2)",
-    "proxy-l7": "L7 proxy (HTTP, X-Forwarded-For / Forwarded)",
-    "npt": "NPTv6 prefix translation (RFC 6296)",
-    "nat": "Stateful NAT66 (DNAT with conntrack)",
-    "dsr-l2": "Direct server return, L2 (MAC rewrite)",
-    "dsr-ip6ip6": "Direct server return, IPv6-in-IPv6 (RFC 2473)",
-    "dsr-srv6": "Direct server return, SRv6 (RFC 8754 SRH)",
-    "anycast": "Anycast: two sites announce the VIP, ECMP inside a site",
-}
+MODE_TITLES = {name: m.title for name, m in MODES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,33 +85,6 @@ def _jsonable(v: object) -> bool:
     return True
 
 
-def _diff(prev: PacketView, cur: PacketView) -> list[str]:
-    """What differs between the same packet before and after a node."""
-    out: list[str] = []
-    if cur.encapsulated and not prev.encapsulated:
-        kind = "SRv6 (outer IPv6 + SRH)" if cur.proto == "srv6" else "IPv6-in-IPv6"
-        out.append(f"encapsulated in {kind}: outer {cur.src.addr} -> {cur.dst.addr}")
-        inner = cur.inner
-        if inner is not None:
-            out.extend(f"inner {d}" for d in _diff(prev, inner))
-        return out
-    if prev.encapsulated and not cur.encapsulated and prev.inner is not None:
-        out.append("decapsulated")
-        out.extend(_diff(prev.inner, cur))
-        return out
-    if prev.src.addr != cur.src.addr:
-        out.append(f"source {prev.src.addr} -> {cur.src.addr}")
-    if prev.src.port != cur.src.port and prev.proto in ("tcp", "udp"):
-        out.append(f"source port {prev.src.port} -> {cur.src.port}")
-    if prev.dst.addr != cur.dst.addr:
-        out.append(f"destination {prev.dst.addr} -> {cur.dst.addr}")
-    if prev.dst.port != cur.dst.port and prev.proto in ("tcp", "udp"):
-        out.append(f"destination port {prev.dst.port} -> {cur.dst.port}")
-    if prev.hop_limit != cur.hop_limit:
-        out.append(f"hop limit {prev.hop_limit} -> {cur.hop_limit}")
-    return out
-
-
 def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
     last: dict[int, PacketView] = {}
     rows: list[Row] = []
@@ -126,8 +94,8 @@ def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
         if prev is None:
             change = h.note or "sent"
         else:
-            d = _diff(prev, p)
-            change = "; ".join(d) if d else "unchanged"
+            d = diff(prev, p)
+            change = "; ".join(c.text for c in d) if d else "unchanged"
             if h.note:
                 change = f"{change} ({h.note})"
         if h.packet_id:
@@ -160,15 +128,15 @@ def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
     return rows
 
 
-def _lb_changes(hops: Sequence[Hop], lb_nodes: set[str]) -> list[str]:
-    """Address changes made by LB nodes on the first packet that crossed one."""
+def _lb_changes(hops: Sequence[Hop], lb_nodes: set[str]) -> list[Change]:
+    """Changes (but the hop limit) made by LB nodes on the first packet that crossed one."""
     before: dict[int, PacketView] = {}
     for h in hops:
         if h.receiver in lb_nodes and h.packet_id:
             before[h.packet_id] = h.pkt
         elif h.sender in lb_nodes and h.packet_id in before:
             prev = before.pop(h.packet_id)
-            return [d for d in _diff(prev, h.pkt) if not d.startswith("hop limit")]
+            return [c for c in diff(prev, h.pkt) if c.kind is not ChangeKind.HOP_LIMIT]
     return []
 
 
@@ -181,34 +149,30 @@ def explain(
     """Build the explanation of one mode's run."""
     lb_nodes = {n for n, role in nodes.items() if role == "lb"}
     changes = _lb_changes(hops, lb_nodes)
-    addr_changes = [
-        c
-        for c in changes
-        if c.startswith(("source", "destination", "inner source", "inner destination"))
-    ]
-    proxy = mode.startswith("proxy")
+    addr_changes = [c for c in changes if c.kind.rewrites_address]
+    outer = [c for c in addr_changes if not c.inner]
+    mode_kind = MODES[mode].kind if mode in MODES else None
+    proxy = mode_kind is Kind.PROXY
     if proxy:
         nat66 = False
         kind = "new connection (proxy)"
-    elif mode == "npt":
+    elif mode_kind is Kind.TRANSLATE:
         nat66 = bool(addr_changes)
         kind = "stateless prefix translation" if nat66 else "none"
-    elif mode == "nat" or (
-        mode == "anycast" and any(c.startswith("destination") for c in addr_changes)
+    elif mode_kind is Kind.NAT or (
+        mode_kind is Kind.ANNOUNCE and any(c.kind.rewrites_destination for c in outer)
     ):
         nat66 = bool(addr_changes)
-        snat = any(c.startswith("source") for c in addr_changes)
+        snat = any(c.kind.rewrites_source for c in outer)
         kind = (
             ("stateful destination+source NAT" if snat else "stateful destination NAT")
             if nat66
             else "none"
         )
     else:
-        nat66 = bool([c for c in addr_changes if not c.startswith("inner")]) and not any(
-            c.startswith("encapsulated") for c in changes
-        )
+        nat66 = bool(outer) and not any(c.kind is ChangeKind.ENCAP and not c.inner for c in changes)
         kind = "none"
-        if any(c.startswith("inner") for c in addr_changes):
+        if any(c.inner for c in addr_changes):
             nat66, kind = True, "unexpected inner rewrite"
     backend_saw = str(facts.get("backend_saw_source", "?"))
     app_saw = str(facts.get("app_saw_client", backend_saw))
@@ -224,7 +188,7 @@ def explain(
     answers = Answers(
         nat66_at_lb=nat66,
         nat_kind=kind,
-        changed_at_lb=addr_changes if not proxy else [],
+        changed_at_lb=[c.text for c in addr_changes] if not proxy else [],
         backend_saw_source=backend_saw,
         reply_via_lb=bool(facts.get("reply_via_lb", False)),
         lb_state=str(facts.get("lb_state", "?")),

@@ -1,16 +1,19 @@
 """Hop records: what was seen on each link, for the simulator and for lab captures alike.
 
 A :class:`Hop` is one packet observed on one link (or dropped at one node),
-with the raw bytes and a decoded :class:`PacketView`. The explain builder
-(:mod:`v6lb.model.explain`) compares the views of consecutive hops of the same
-packet to say what changed and where; nothing about a mode is hard-coded in
-the records themselves.
+with the raw bytes and a decoded :class:`PacketView`. :func:`diff` compares the
+views of consecutive hops of the same packet and returns what changed as
+:class:`Change` records: a :class:`ChangeKind` (what was rewritten), whether it
+was seen on the packet inside a new encapsulation, and the human text. The
+explain builder (:mod:`v6lb.model.explain`) prints the text and decides from
+the kinds; nothing about a mode is hard-coded in the records themselves.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from enum import Enum
 
 from v6lb.wire.constants import (
     ICMP6_ECHO_REPLY,
@@ -156,6 +159,82 @@ def view(pkt: bytes | bytearray, depth: int = 0) -> PacketView:
     return PacketView(
         Endpoint(src), Endpoint(dst), PROTO_NAMES.get(proto, str(proto)), hl, fl, len(data)
     )
+
+
+class ChangeKind(Enum):
+    """What a node changed in a packet, between two hops of it."""
+
+    ENCAP = "encap"  # wrapped in an outer header (IPv6-in-IPv6 or SRv6)
+    DECAP = "decap"  # the outer header removed
+    SRC_ADDR = "src-addr"
+    SRC_PORT = "src-port"
+    DST_ADDR = "dst-addr"
+    DST_PORT = "dst-port"
+    HOP_LIMIT = "hop-limit"
+
+    @property
+    def rewrites_address(self) -> bool:
+        """An address or a port was rewritten (NAT-like), not the framing or the hop limit."""
+        return self in _ADDRESS_KINDS
+
+    @property
+    def rewrites_source(self) -> bool:
+        return self in (ChangeKind.SRC_ADDR, ChangeKind.SRC_PORT)
+
+    @property
+    def rewrites_destination(self) -> bool:
+        return self in (ChangeKind.DST_ADDR, ChangeKind.DST_PORT)
+
+
+_ADDRESS_KINDS = frozenset(
+    (ChangeKind.SRC_ADDR, ChangeKind.SRC_PORT, ChangeKind.DST_ADDR, ChangeKind.DST_PORT)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change a node made to a packet: its kind, and the text explain prints.
+
+    ``inner``: seen on the packet inside an encapsulation the node added (the
+    text then starts with "inner ").
+    """
+
+    kind: ChangeKind
+    text: str
+    inner: bool = False
+
+
+def diff(prev: PacketView, cur: PacketView) -> list[Change]:
+    """What differs between the same packet before and after a node."""
+    out: list[Change] = []
+    if cur.encapsulated and not prev.encapsulated:
+        kind = "SRv6 (outer IPv6 + SRH)" if cur.proto == "srv6" else "IPv6-in-IPv6"
+        out.append(
+            Change(
+                ChangeKind.ENCAP, f"encapsulated in {kind}: outer {cur.src.addr} -> {cur.dst.addr}"
+            )
+        )
+        inner = cur.inner
+        if inner is not None:
+            out.extend(Change(c.kind, f"inner {c.text}", True) for c in diff(prev, inner))
+        return out
+    if prev.encapsulated and not cur.encapsulated and prev.inner is not None:
+        out.append(Change(ChangeKind.DECAP, "decapsulated"))
+        out.extend(diff(prev.inner, cur))
+        return out
+    if prev.src.addr != cur.src.addr:
+        out.append(Change(ChangeKind.SRC_ADDR, f"source {prev.src.addr} -> {cur.src.addr}"))
+    if prev.src.port != cur.src.port and prev.proto in ("tcp", "udp"):
+        out.append(Change(ChangeKind.SRC_PORT, f"source port {prev.src.port} -> {cur.src.port}"))
+    if prev.dst.addr != cur.dst.addr:
+        out.append(Change(ChangeKind.DST_ADDR, f"destination {prev.dst.addr} -> {cur.dst.addr}"))
+    if prev.dst.port != cur.dst.port and prev.proto in ("tcp", "udp"):
+        out.append(
+            Change(ChangeKind.DST_PORT, f"destination port {prev.dst.port} -> {cur.dst.port}")
+        )
+    if prev.hop_limit != cur.hop_limit:
+        out.append(Change(ChangeKind.HOP_LIMIT, f"hop limit {prev.hop_limit} -> {cur.hop_limit}"))
+    return out
 
 
 @dataclass(slots=True)
