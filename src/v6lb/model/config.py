@@ -63,6 +63,7 @@ __all__ = [
     "TunnelOptions",
     "Vip",
     "VipMode",
+    "default_control_socket",
     "load_config",
     "load_topology",
     "parse_config",
@@ -137,7 +138,8 @@ DEFAULT_INSTANCE: Final = "lb0"
 _DEFAULT_MTU: Final = 1500
 
 
-def _default_socket(instance: str) -> str:
+def default_control_socket(instance: str) -> str:
+    """``lb.control_socket`` when the file sets none: ``/run/v6lb/INSTANCE.sock``."""
     return f"/run/v6lb/{instance}.sock"
 
 
@@ -267,7 +269,7 @@ class LbSettings:
     instance: str = DEFAULT_INSTANCE
     addresses: tuple[IPv6Address, ...] = ()
     interfaces: tuple[str, ...] = ()
-    control_socket: str = _default_socket(DEFAULT_INSTANCE)
+    control_socket: str = default_control_socket(DEFAULT_INSTANCE)
     flow_hash_seed: int = 0
     conntrack_max: int = 262_144
     flow_cache_size: int = 65_536
@@ -467,7 +469,7 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
                 raise w.index(i).error(f"{name} is listed twice", "list each interface once")
             interfaces.append(name)
     socket_path = f.string(
-        "control_socket", _default_socket(instance), example="control_socket: /run/v6lb/lb0.sock"
+        "control_socket", default_control_socket(instance), example="control_socket: /run/v6lb/lb0.sock"
     )
     problem = control_socket_problem(socket_path, instance)
     if problem is not None:
