@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 from v6lb.core import dsr
 from v6lb.model.config import (
     DsrL2Options,
@@ -77,3 +80,86 @@ def test_options_classes_name_real_config_classes() -> None:
     for m in VipMode:
         assert m.facts.options in classes
     assert facts("npt").options is None and facts("anycast").options is None
+
+
+# --- no module but the table declares a subset of modes ----------------------------------
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "v6lb"
+TABLE = SRC / "model" / "modes.py"
+MEMBERS = {m.name for m in VipMode}
+# Forwarder kinds that happen to share a mode's name: not a subset of modes.
+NOT_MODES = {"side.kind in ('npt', 'nat')"}  # engines/python/run.py: the TUN offload choice
+
+
+def _is_mode(node: ast.expr) -> bool:
+    """A mode name literal, ``VipMode.X`` or ``VipMode.X.value``."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str) and node.value in NAMES
+    if isinstance(node, ast.Attribute) and node.attr == "value":
+        node = node.value
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr in MEMBERS
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "VipMode"
+    )
+
+
+def _mode_prefix(node: ast.expr) -> str | None:
+    """A string literal that starts a mode name ("dsr", "proxy-", ...), if ``node`` is one."""
+    items = node.elts if isinstance(node, ast.Tuple) else [node]
+    for item in items:
+        if isinstance(item, ast.Constant) and isinstance(item.value, str):
+            s = item.value
+            if len(s) >= 3 and any(n.startswith(s) for n in NAMES):
+                return s
+    return None
+
+
+def _violations(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skip = {
+        id(c)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare) and ast.unparse(node) in NOT_MODES
+        for c in node.comparators
+    }
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Tuple | ast.List | ast.Set) and id(node) not in skip:
+            modes = [e for e in node.elts if _is_mode(e)]
+            if len(modes) >= 2:
+                out.append(f"line {node.lineno}: a collection of {len(modes)} modes")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "startswith"
+            and node.args
+            and (prefix := _mode_prefix(node.args[0])) is not None
+        ):
+            out.append(f"line {node.lineno}: .startswith({prefix!r}) dispatches on a mode name")
+    return out
+
+
+def test_no_module_but_the_table_declares_a_mode_subset_or_dispatches_on_a_prefix() -> None:
+    bad = {
+        str(f.relative_to(SRC)): v
+        for f in sorted(SRC.rglob("*.py"))
+        if f != TABLE and (v := _violations(f))
+    }
+    assert bad == {}, "read the subset from v6lb.model.modes (modes_where, facts) instead"
+
+
+def test_the_static_check_catches_what_it_should(tmp_path: Path) -> None:
+    code = (
+        "A = (VipMode.NAT, VipMode.DSR_L2)\n"
+        "B = {'dsr-l2', 'dsr-srv6'}\n"
+        "C = [VipMode.NAT.value, 'npt']\n"
+        "D = mode.startswith('dsr')\n"
+        "E = mode.startswith(('proxy-', 'x'))\n"
+        "OK = (VipMode.NAT, 'source'); OK2 = c.startswith('source'); OK3 = ('nat',)\n"
+        "OK4 = side.kind in ('npt', 'nat')\n"
+    )
+    path = tmp_path / "probe.py"
+    path.write_text(code)
+    assert [v.split(":")[0] for v in _violations(path)] == [f"line {i}" for i in range(1, 6)]
