@@ -25,6 +25,7 @@ from v6lb.model.pools import (
     backend_specs,
     dsr_forwarder,
     nat_forwarder,
+    npt_forwarder,
     pool_for,
     pools_for,
     table_size,
@@ -252,3 +253,21 @@ def test_kernel_sim_and_proxy_pick_the_same_backend_per_flow(eks: tuple[Config, 
             assert k == s, (name, client, sport)
             seen.add(k)
         assert seen == set(range(len(backends))), name
+
+
+def test_npt_forwarder_from_the_npt_section() -> None:
+    data = {
+        "lb": {"icmp_error_rate": 5, "icmp_error_burst": 2},
+        "npt": [{"inside": "fd00:10::/48", "outside": "2001:db8:10::/48"}],
+    }
+    c = parse_config(data, "npt.yaml")
+    fwd = npt_forwarder(c, decrement_hop_limit=False)
+    assert [(str(m.inside), str(m.outside)) for m in fwd.mappings] == [
+        ("fd00:10::/48", "2001:db8:10::/48")
+    ]
+    # no lb.addresses: errors come from the outside prefix
+    assert fwd.icmp.source == A("2001:db8:10::") and (fwd.icmp.rate, fwd.icmp.burst) == (5, 2)
+    assert fwd.decrement_hop_limit is False
+    assert npt_forwarder(c, A("2001:db8::9")).icmp.source == A("2001:db8::9")
+    with pytest.raises(ValueError, match="no npt"):
+        npt_forwarder(_file(_vip("nat", "nat", BACKENDS)))

@@ -27,6 +27,7 @@ from v6lb.core.backends import BackendPool, BackendSpec
 from v6lb.core.dsr import DsrForwarder, DsrService
 from v6lb.core.dsr_decap import DsrDecap
 from v6lb.core.nat66 import NatForwarder, NatService
+from v6lb.core.nptv6 import NptForwarder, NptMapping
 from v6lb.model.config import (
     MAGLEV_TABLE_SIZE,
     Config,
@@ -47,6 +48,7 @@ __all__ = [
     "dsr_services",
     "nat_forwarder",
     "nat_services",
+    "npt_forwarder",
     "pool_for",
     "pools_for",
     "table_size",
@@ -136,6 +138,32 @@ def nat_forwarder(
         icmp_source,
         conntrack_max=lb.conntrack_max if conntrack_max is None else conntrack_max,
         seed=lb.flow_hash_seed,
+        icmp_rate=float(lb.icmp_error_rate),
+        icmp_burst=float(lb.icmp_error_burst),
+        decrement_hop_limit=decrement_hop_limit,
+    )
+
+
+# --- npt --------------------------------------------------------------------------
+
+
+def npt_forwarder(
+    config: Config, icmp_source: bytes | None = None, *, decrement_hop_limit: bool = True
+) -> NptForwarder:
+    """An :class:`NptForwarder` for the ``npt:`` pairs of ``config``.
+
+    The ICMPv6 error source defaults to the first ``lb.addresses``, else the
+    first pair's outside prefix; the error rate is ``lb:``'s.
+    """
+    if not config.npt:
+        raise ValueError(f"{config.source}: no npt: pairs")
+    lb = config.lb
+    if icmp_source is None:
+        src = lb.addresses[0] if lb.addresses else config.npt[0].outside.network_address
+        icmp_source = src.packed
+    return NptForwarder(
+        [NptMapping(p.inside, p.outside) for p in config.npt],
+        icmp_source,
         icmp_rate=float(lb.icmp_error_rate),
         icmp_burst=float(lb.icmp_error_burst),
         decrement_hop_limit=decrement_hop_limit,

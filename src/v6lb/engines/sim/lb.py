@@ -27,7 +27,7 @@ from v6lb.core.conntrack import ORIG, Conn, State
 from v6lb.core.conntrack import REPLY as CT_REPLY
 from v6lb.core.dsr import DsrForwarder
 from v6lb.core.nat66 import NatForwarder
-from v6lb.core.nptv6 import NptForwarder, NptMapping
+from v6lb.core.nptv6 import NptForwarder
 from v6lb.core.verdict import (
     DROP,
     FORWARD,
@@ -50,7 +50,7 @@ from v6lb.model.config import (
     VipMode,
 )
 from v6lb.model.modes import Encap, facts
-from v6lb.model.pools import dsr_forwarder, nat_forwarder, pool_for
+from v6lb.model.pools import dsr_forwarder, nat_forwarder, npt_forwarder, pool_for
 from v6lb.model.topology import NPT, Node
 from v6lb.wire.constants import (
     ICMP6_DST_UNREACH,
@@ -318,12 +318,7 @@ class LbNode(SimNode):
         if any(v.mode.is_dsr for v in vips):
             self.dsr = dsr_forwarder(sub, macs=macs)
         if NPT in spec.serves and config.npt:
-            self.npt = NptForwarder(
-                [NptMapping(p.inside, p.outside) for p in config.npt],
-                self.outside_addr,
-                icmp_rate=float(config.lb.icmp_error_rate),
-                icmp_burst=float(config.lb.icmp_error_burst),
-            )
+            self.npt = npt_forwarder(config, self.outside_addr)
         self.proxies: dict[str, _Proxy] = {}
         for v in vips:
             if v.mode.is_proxy:
