@@ -18,7 +18,14 @@ from v6lb.engines.proxy.health import health_set_for
 from v6lb.engines.proxy.runtime import VipRuntime
 from v6lb.engines.sim.lb import LbNode
 from v6lb.engines.sim.scenario import Sim
-from v6lb.model.config import Config, ProxyL4Options, Vip, VipMode, parse_config
+from v6lb.model.config import (
+    Config,
+    ProxyL4Options,
+    Vip,
+    VipMode,
+    load_topology,
+    parse_config,
+)
 from v6lb.model.modes import modes_where
 from v6lb.model.pools import (
     MAGLEV_TABLE_SIZE,
@@ -34,11 +41,6 @@ from v6lb.render.nftables import L2Ports, map_names, render_nft
 from v6lb.render.routes import tunnel_targets
 from v6lb.wire import build
 from v6lb.wire.constants import TCP_SYN
-
-try:
-    from v6lb.model.config import load_topology
-except ImportError:  # where it lived before the typed config (issue 13, item 4)
-    from v6lb.model.topology import load_topology  # type: ignore[attr-defined, no-redef]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "eks-ipv6.yaml"
 A = build.a16
