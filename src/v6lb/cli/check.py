@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from v6lb.errors import UsageError
-
 
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -21,14 +19,11 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from v6lb.model.config import ConfigError, load_config
+    from v6lb.model.config import load_config
     from v6lb.model.config_summary import summarize
 
-    try:
-        config = load_config(args.file)
-        topo, bgp = config.topology, config.bgp_speaker
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    config = load_config(args.file)  # a ConfigError is a usage error: exit 2
+    topo, bgp = config.topology, config.bgp_speaker
     sys.stdout.write(f"{args.file}: valid\n{summarize(config)}")
     if topo is not None:
         roles: dict[str, int] = {}

@@ -40,16 +40,12 @@ FAILURES = {
 
 
 def load_scenario(path: str | None) -> tuple[Config, Topology]:
-    from v6lb.model.config import ConfigError
     from v6lb.model.config import load_topology
 
     file = Path(path) if path else default_scenario()
     if not file.is_file():
         raise UsageError(f"{file}: no such file")
-    try:
-        return load_topology(file)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    return load_topology(file)
 
 
 def run_mode(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from v6lb.errors import UsageError
 
@@ -26,154 +25,20 @@ def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from v6lb.engines.control import ControlError, query
-    from v6lb.model.config import ConfigError, load_config
+    from v6lb.engines.control import query
+    from v6lb.model.config import load_config
+    from v6lb.model.status import InstanceStatus
+    from v6lb.render.status import status_text
 
     path = args.control_socket
     if path is None and args.file is not None:
-        try:
-            path = load_config(args.file).lb.control_socket
-        except ConfigError as exc:
-            raise UsageError(str(exc)) from None
-    path = path or "/run/v6lb/lb0.sock"
-    try:
-        st = query(path)
-    except ControlError as exc:
-        sys.stderr.write(f"v6lb: error: {exc}\n")
-        return 1
+        path = load_config(args.file).lb.control_socket
+    st = query(path or "/run/v6lb/lb0.sock")  # no answer: a ControlError, exit 1
     if args.json:
         sys.stdout.write(json.dumps(st, indent=2) + "\n")
         return 0
-    proxy = st.get("proxy") or {}
-    engines = [f"{st['dataplane']} data plane"] if st.get("dataplane") else []
-    if proxy:
-        engines.append(f"proxy engine {proxy.get('engine')}")
-    out = [
-        f"instance {st.get('instance')} (pid {st.get('pid')}, {', '.join(engines)},"
-        f" netns {st.get('netns') or '-'}) file {st.get('file')}",
-    ]
-    if st.get("dataplane"):
-        out.append(
-            f"up {st.get('uptime_s')} s, reloads {st.get('reloads')},"
-            f" map updates {st.get('map_updates')}, last error: {st.get('last_error') or 'none'}"
-        )
-    else:
-        out.append(f"up {st.get('uptime_s')} s")
-    for vip in st.get("vips", []):
-        c = vip["counter"]
-        out.append(
-            f"VIP {vip['name']} {vip['mode']} [{vip['address']}]:{','.join(map(str, vip['ports']))}"
-            f"/{vip['protocol']}  counter {c['name']}: {c['packets']} packets {c['bytes']} bytes"
-        )
-        for b in vip["backends"]:
-            port = f":{b['port']}" if b["port"] else ""
-            out.append(
-                f"  [{b['address']}]{port} weight {b['weight']}{' drain' if b['drain'] else ''}"
-                f"  {b['health'].upper()}  {b['slots']} slots  probe {b['probe']}"
-            )
-    for pair in st.get("npt", []):
-        out.append(f"NPT {pair['inside']} <-> {pair['outside']}")
-    fwd, ct = st.get("forward"), st.get("conntrack") or {}
-    if fwd:  # docs/nat.md "Not an open relay"
-        out.append(
-            "forward filter: "
-            + ", ".join(f"{k.removeprefix('forward_')} {v}" for k, v in fwd.items())
-        )
-    if ct.get("conntrack") is not None or ct.get("conntrack_full"):
-        live = ct.get("conntrack")
-        out.append(
-            f"conntrack: {'?' if live is None else live} of {ct.get('conntrack_max')} nat flows,"
-            f" {ct.get('conntrack_full')} new flows dropped at the bound"
-        )
-    out += _proxy_status_lines(proxy)
-    served = {v.get("name") for v in proxy.get("vips", [])}
-    for line in st.get("skipped", []):
-        if line.split(" ", 1)[0] not in served:  # skipped by the kernel, run by the proxy
-            out.append(f"skipped: {line}")
-    k = st.get("kernel", {})
-    if k:
-        out.append("kernel objects:")
-    for key in ("nft_tables", "nft_chains", "nft_maps", "ip6tables_rules", "routes", "rules"):
-        for item in k.get(key, []):
-            out.append(f"  {key.removesuffix('s').replace('_', ' ')}: {item}")
-    for name, c in k.get("nft_counters", {}).items():
-        out.append(f"  nft counter {name}: {c['packets']} packets {c['bytes']} bytes")
-    bgp = st.get("bgp")
-    if bgp:
-        alive = "running" if bgp.get("bird_alive") else "NOT running"
-        out.append(f"bgp: AS {bgp.get('asn')}, bird {alive} (pid {bgp.get('bird_pid')})")
-        out.append("  announced: " + (", ".join(bgp.get("announced", [])) or "none"))
-        out.append("  withdrawn: " + (", ".join(bgp.get("withdrawn", [])) or "none"))
-        for name, sess in bgp.get("sessions", {}).items():
-            out.append(f"  {sess.get('proto')} {name}: {sess.get('state')} {sess.get('info')}")
-    sync = st.get("conntrack_sync")
-    if sync:
-        alive = "running" if sync.get("running") else "NOT running"
-        out.append(
-            f"conntrack sync: conntrackd {alive} (pid {sync.get('pid')}),"
-            f" [{sync.get('address')}] -> [{sync.get('peer')}]:{sync.get('port')}"
-            f" on {sync.get('interface')}, last error: {sync.get('last_error') or 'none'}"
-        )
-        s = sync.get("stats") or {}
-        inj = s.get("injected") or {}
-        if inj:
-            out.append(
-                "  injected from the peer: "
-                + ", ".join(f"{k} {v['ok']} (failed {v['failed']})" for k, v in inj.items())
-            )
-        if "packets_sent" in s:
-            out.append(
-                f"  sync packets sent {s['packets_sent']}, received {s['packets_received']},"
-                f" lost {s.get('lost')}"
-            )
-    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.write(status_text(InstanceStatus.from_dict(st)))
     return 0
-
-
-def _proxy_status_lines(proxy: dict[str, Any]) -> list[str]:
-    """The ``proxy`` section of a status answer, one VIP and its backends per block."""
-    out: list[str] = []
-    if not proxy:
-        return out
-    if proxy.get("state") != "running":
-        out.append(f"proxy engine {proxy.get('engine')}: {proxy.get('state')}")
-    if proxy.get("error"):
-        out.append(f"proxy engine error: {proxy['error']}")
-    theirs = " (HAProxy's counters)" if proxy.get("engine") == "haproxy" else ""
-
-    def errors(d: dict[str, Any]) -> str:
-        e = d.get("errors") or {}
-        return ", ".join(f"{k} {n}" for k, n in sorted(e.items())) or "none"
-
-    for vip in proxy.get("vips", []):
-        ports = ",".join(map(str, vip.get("ports", [])))
-        out.append(
-            f"VIP {vip['name']} {vip['mode']} [{vip['address']}]:{ports}/{vip.get('protocol')}"
-            f"  scheduler {vip.get('scheduler')}"
-        )
-        l7 = vip.get("mode") == "proxy-l7"
-        if "connections" in vip:
-            requests = f" requests {vip['requests']}," if l7 else ""
-            out.append(
-                f"  connections {vip['connections']} (active {vip['active']}),{requests}"
-                f" bytes in {vip['bytes_in']} out {vip['bytes_out']}{theirs}"
-            )
-            out.append(f"  refused/errors: {errors(vip)}")
-            if vip.get("interim"):  # l7 1xx responses (docs/proxy.md)
-                out.append(f"  1xx responses: {errors({'errors': vip['interim']})}")
-        for b in vip.get("backends", []):
-            port = f":{b['port']}" if b.get("port") else ""
-            line = (
-                f"  [{b['address']}]{port} weight {b['weight']}{' drain' if b['drain'] else ''}"
-                f"  {str(b.get('health')).upper()}  probe {b.get('probe')}"
-            )
-            if "connections" in b:
-                line += f"  active {b.get('active')}  connections {b['connections']}"
-                if l7 and "requests" in b:
-                    line += f"  requests {b['requests']}"
-                line += f"  errors: {errors(b)}"
-            out.append(line)
-    return out
 
 
 def _add_backend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -196,30 +61,19 @@ def _add_backend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _cmd_backend(args: argparse.Namespace) -> int:
     from ipaddress import AddressValueError, IPv6Address
 
-    from v6lb.engines.kernel import ApplyError, KernelError, MissingFeatureError
     from v6lb.engines.kernel.backend import remove_backend, setup_backend
     from v6lb.engines.kernel.host import enter_netns
-    from v6lb.model.config import ConfigError, load_config
+    from v6lb.model.config import load_config
 
     try:
         address = IPv6Address(args.address)
     except AddressValueError as exc:
         raise UsageError(f"--address {args.address!r} is not an IPv6 address: {exc}") from None
-    try:
-        config = load_config(args.file)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        if args.netns:
-            enter_netns(args.netns)
-        done = (
-            remove_backend(config) if args.remove else setup_backend(config, address, dev=args.dev)
-        )
-    except (ApplyError, MissingFeatureError) as exc:
-        sys.stderr.write(f"v6lb: error: {exc}\n")
-        return 1
-    except KernelError as exc:
-        raise UsageError(str(exc)) from None
+    config = load_config(args.file)
+    if args.netns:
+        enter_netns(args.netns)
+    # a KernelError's exit code is v6lb.cli.exit_code's: 1 when the host refused the change
+    done = remove_backend(config) if args.remove else setup_backend(config, address, dev=args.dev)
     verb = "removed" if args.remove else "installed"
     sys.stdout.write("".join(f"{verb}: {line}\n" for line in done) or f"{verb}: nothing\n")
     return 0

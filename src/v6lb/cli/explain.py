@@ -10,10 +10,30 @@ from typing import TYPE_CHECKING
 from v6lb import MODES
 from v6lb.cli.common import FAILURES, load_scenario, pick_modes, run_mode, wide_console
 from v6lb.cli.tables import print_comparison, print_explanation
+from v6lb.errors import UsageError
 
 if TYPE_CHECKING:
     from v6lb.engines.sim.scenario import ScenarioResult
     from v6lb.model.explain import Explanation
+
+
+def _add_file(p: argparse.ArgumentParser) -> None:
+    """FILE, as `check`, `run` and `lab up` take it; ``--topology FILE`` is the older spelling."""
+    p.add_argument(
+        "file", metavar="FILE", nargs="?", help="scenario file (default: the built-in eks-ipv6)"
+    )
+    p.add_argument("--topology", metavar="FILE", help="the same as FILE (an alias)")
+
+
+def scenario_file(args: argparse.Namespace) -> str | None:
+    """The file named by FILE or ``--topology`` (None: the built-in scenario)."""
+    if args.file is not None and args.topology is not None:
+        raise UsageError(
+            f"FILE ({args.file}) and --topology ({args.topology}) both name the scenario file;"
+            " give one of them"
+        )
+    file: str | None = args.file if args.file is not None else args.topology
+    return file
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,9 +44,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "private nodes and pods) under every mode, print each hop and the answers, compare "
         "the modes, run the failure walk-throughs, and write pcaps and report.html.",
     )
-    p.add_argument(
-        "--topology", metavar="FILE", help="scenario file (default: the built-in eks-ipv6)"
-    )
+    _add_file(p)
     p.add_argument(
         "--out", metavar="DIR", default="demo-out", help="output folder (default: demo-out)"
     )
@@ -46,9 +64,7 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "does the LB keep, how does the client's address reach the application.",
     )
     p.add_argument("--mode", help="one of: " + ", ".join(MODES) + " (default: all)")
-    p.add_argument(
-        "--topology", metavar="FILE", help="scenario file (default: the built-in eks-ipv6)"
-    )
+    _add_file(p)
     p.add_argument("--failure", choices=sorted(FAILURES), help="run a failure walk-through instead")
     p.add_argument("--json", action="store_true", help="print the same facts as JSON")
     p.add_argument(
@@ -62,7 +78,8 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _cmd_explain(args: argparse.Namespace) -> int:
     import json
 
-    config, topo = load_scenario(args.topology)
+    file = scenario_file(args)
+    config, topo = load_scenario(file)
     if args.failure:
         exps = [run_mode(config, topo, FAILURES[args.failure], args.failure)[0]]
     else:
@@ -88,10 +105,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.npt_only:
         sys.stdout.write(npt_walkthrough())
         return 0
-    config, topo = load_scenario(args.topology)
+    file = scenario_file(args)
+    config, topo = load_scenario(file)
     out = Path(args.out)
     console = wide_console()
-    console.print(f"[bold]v6lb demo[/bold]: {args.topology or 'built-in scenario eks-ipv6'}\n")
+    console.print(f"[bold]v6lb demo[/bold]: {file or 'built-in scenario eks-ipv6'}\n")
     exps: list[Explanation] = []
     fails: list[Explanation] = []
     pcap_files: list[Path] = []

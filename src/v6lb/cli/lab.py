@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from v6lb.cli.common import load_scenario, wide_console
+from v6lb.cli.common import wide_console
 from v6lb.cli.tables import print_explanation
 from v6lb.errors import UsageError
 
@@ -110,55 +111,73 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
+    # a LabError (no such lab, bad name, not root) is a usage error: v6lb.cli.exit_code
+    if args.lab_command == "trace" and args.mode == "anycast":
+        from v6lb.lab.anycast_trace import lab_trace_anycast
+
+        return lab_trace_anycast(args)
+    if args.lab_command == "failover":
+        from v6lb.lab.failover import lab_failover
+
+        return lab_failover(
+            args.file,
+            failures=args.failure or (),
+            rounds=args.rounds,
+            flows=args.flows,
+            after_s=args.after,
+            as_json=args.json,
+        )
+    action: Callable[[argparse.Namespace], int] = _ACTIONS[args.lab_command]
+    return action(args)
+
+
+def _lab_up(args: argparse.Namespace) -> int:
+    from v6lb.lab.netns import lab_up, resolve_name
+
+    name = resolve_name(args.name, args.file)
+    state = lab_up(args.file, name, proxy=args.proxy, dataplane=args.dataplane)
+    lbs = ", ".join(state.get("lbs", {})) or "none"
+    sys.stdout.write(
+        f"lab {name} is up: {len(state['nodes'])} nodes, LB nodes: {lbs}\n"
+        f"  v6lb lab exec --name {name} NODE -- CMD;  v6lb lab down --name {name}\n"
+    )
+    return 0
+
+
+def _lab_down(args: argparse.Namespace) -> int:
+    from v6lb.lab.netns import lab_down, resolve_name
+
+    if args.file is None and args.name is None:
+        raise UsageError("say which lab: v6lb lab down FILE, or --name NAME")
+    name = resolve_name(args.name, args.file)
+    done = lab_down(name)
+    sys.stdout.write(f"lab {name}: " + ("removed" if done else "nothing to remove") + "\n")
+    return 0
+
+
+def _lab_status(args: argparse.Namespace) -> int:
     import json
 
-    from v6lb.lab.netns import lab_down, lab_exec, lab_status, lab_up, list_labs, resolve_name
-    from v6lb.lab.plan import LabError
+    from v6lb.lab.netns import lab_status, list_labs, resolve_name
+    from v6lb.render.status import lab_status_text
 
-    try:
-        if args.lab_command == "up":
-            name = resolve_name(args.name, args.file)
-            state = lab_up(args.file, name, proxy=args.proxy, dataplane=args.dataplane)
-            lbs = ", ".join(state.get("lbs", {})) or "none"
-            sys.stdout.write(
-                f"lab {name} is up: {len(state['nodes'])} nodes, LB nodes: {lbs}\n"
-                f"  v6lb lab exec --name {name} NODE -- CMD;  v6lb lab down --name {name}\n"
-            )
-            return 0
-        if args.lab_command == "down":
-            if args.file is None and args.name is None:
-                raise UsageError("say which lab: v6lb lab down FILE, or --name NAME")
-            name = resolve_name(args.name, args.file)
-            done = lab_down(name)
-            sys.stdout.write(f"lab {name}: " + ("removed" if done else "nothing to remove") + "\n")
-            return 0
-        if args.lab_command == "status":
-            if args.file is None and args.name is None and len(list_labs()) != 1:
-                labs = list_labs()
-                sys.stdout.write(("labs: " + ", ".join(labs) if labs else "no lab is up") + "\n")
-                return 0
-            st = lab_status(resolve_name(args.name, args.file))
-            if args.json:
-                sys.stdout.write(json.dumps(st, indent=2) + "\n")
-                return 0
-            sys.stdout.write(_lab_status_text(st))
-            return 0
-        if args.lab_command == "trace" and args.mode == "anycast":
-            from v6lb.lab.anycast_trace import lab_trace_anycast
+    if args.file is None and args.name is None and len(list_labs()) != 1:
+        labs = list_labs()
+        sys.stdout.write(("labs: " + ", ".join(labs) if labs else "no lab is up") + "\n")
+        return 0
+    st = lab_status(resolve_name(args.name, args.file))
+    if args.json:
+        sys.stdout.write(json.dumps(st, indent=2) + "\n")
+        return 0
+    sys.stdout.write(lab_status_text(st))
+    return 0
 
-            return lab_trace_anycast(args)
-        if args.lab_command == "failover":
-            from v6lb.lab.failover import lab_failover
 
-            return lab_failover(args)
-        if args.lab_command == "trace":
-            return _lab_trace(args)
-        if args.lab_command == "diff":
-            return _lab_diff(args)
-        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        return lab_exec(resolve_name(args.name, None), args.node, cmd)
-    except LabError as exc:
-        raise UsageError(str(exc)) from None
+def _lab_exec(args: argparse.Namespace) -> int:
+    from v6lb.lab.netns import lab_exec, resolve_name
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return lab_exec(resolve_name(args.name, None), args.node, cmd)
 
 
 def _lab_trace(args: argparse.Namespace) -> int:
@@ -180,100 +199,39 @@ def _lab_trace(args: argparse.Namespace) -> int:
 
 
 def _lab_diff(args: argparse.Namespace) -> int:
-    from v6lb.engines.sim.scenario import run_scenario
-    from v6lb.lab.netns import resolve_name
-    from v6lb.lab.trace import TRACE_FILE, default_location, load_trace, run_trace, trace_hops
-    from v6lb.model.diff import Snat, Tuple4, compare, link_tuples
+    from v6lb.lab.sim_diff import diff_trace
 
-    if args.mode in ("proxy-l4", "proxy-l7"):
-        raise UsageError(
-            f"lab diff does not compare {args.mode} yet: the proxy's backend connection has"
-            " its own ephemeral port and scheduler state, which the simulator does not replay;"
-            f" use `v6lb lab trace --mode {args.mode}` and `v6lb explain --mode {args.mode}`"
-        )
-    name = resolve_name(args.name, None)
-    where, prefix = (
-        (Path(args.trace_dir), "") if args.trace_dir else default_location(name, args.mode)
+    def say(line: str) -> None:
+        sys.stdout.write(line + "\n")
+
+    r = diff_trace(args.name, args.mode, Path(args.trace_dir) if args.trace_dir else None, say=say)
+    labels = ", ".join(f"{lbl} = {p}" for p, lbl in r.lab_ports.items())
+    how = (
+        f"the same client ports, {labels}" if r.same_ports else f"client ports normalised: {labels}"
     )
-    if not (where / f"{prefix}{TRACE_FILE}").exists() and not args.trace_dir:
-        sys.stdout.write(f"no trace of {args.mode} yet: tracing into {where}/{prefix}*\n")
-        run_trace(name, args.mode, where, prefix=prefix)
-    trace = load_trace(where, prefix)
-    meta = trace.meta
-    if meta["mode"] != args.mode:
-        raise UsageError(f"{where} is a trace of {meta['mode']}, not {args.mode}")
-    config, topo = load_scenario(meta["file"])
-    snat = Snat(*meta["snat"]) if meta.get("snat") else None
-    client = meta["client"]
-    lab_ports = {p: f"C{k}" for k, p in enumerate(meta["client_ports"], 1)}
-    captured = link_tuples(trace_hops(trace), client=client, client_ports=lab_ports, snat=snat)
-    predicted: dict[str, set[Tuple4]] = {}
-    inverse = pow(7919, -1, 20000)  # the simulator's client port is 40000 + seed*7919 % 20000
-    same = True
-    for port, label in lab_ports.items():
-        seed = ((port - 40000) * inverse) % 20000 or 20000
-        res = run_scenario(config, topo, args.mode, seed=seed)
-        first = next(h for h in res.hops if h.pkt.innermost.src.addr == client)
-        sim_port = first.pkt.innermost.src.port or 0
-        same = same and sim_port == port
-        for link, tuples in link_tuples(
-            res.hops, client=client, client_ports={sim_port: label}, snat=snat
-        ).items():
-            predicted.setdefault(link, set()).update(tuples)
-    diffs = compare(predicted, captured, pcap_sizes=trace.packets)
-    labels = ", ".join(f"{lbl} = {p}" for p, lbl in lab_ports.items())
-    how = f"the same client ports, {labels}" if same else f"client ports normalised: {labels}"
-    sys.stdout.write(
-        f"lab {name} {args.mode}: {sum(len(t) for t in captured.values())} captured tuples on"
+    captured, predicted = r.captured, r.predicted
+    say(
+        f"lab {r.name} {r.mode}: {sum(len(t) for t in captured.values())} captured tuples on"
         f" {len(captured)} links vs {sum(len(t) for t in predicted.values())} predicted on"
-        f" {len(predicted)} links ({how}; trace {where})\n"
+        f" {len(predicted)} links ({how}; trace {r.where})"
     )
     for link in sorted(set(predicted) | set(captured)):
         for t in sorted(predicted.get(link, set()) & captured.get(link, set())):
-            sys.stdout.write(f"  same  {link}: {t}\n")
-    for d in diffs:
-        sys.stdout.write(f"  DIFF  {d}\n")
-    sys.stdout.write(("no differences" if not diffs else f"{len(diffs)} difference(s)") + "\n")
-    return 1 if diffs else 0
+            say(f"  same  {link}: {t}")
+    for d in r.diffs:
+        say(f"  DIFF  {d}")
+    say("no differences" if not r.diffs else f"{len(r.diffs)} difference(s)")
+    return 1 if r.diffs else 0
 
 
-def _lab_status_text(st: dict[str, object]) -> str:
-    out = [f"lab {st.get('name')} ({st.get('phase')}) from {st.get('file')}"]
-    nodes = st.get("nodes")
-    if isinstance(nodes, dict):
-        for node, info in nodes.items():
-            ok = "ok" if info.get("netns_present") else "MISSING"
-            addrs = ", ".join(info.get("addresses", []))
-            out.append(
-                f"  node {node} ({info.get('role')}) netns {info.get('netns')} {ok}  {addrs}"
-            )
-    procs = st.get("processes")
-    if isinstance(procs, list):
-        for p in procs:
-            alive = "alive" if p.get("alive") else "DEAD"
-            out.append(
-                f"  process {p['kind']} on {p['node']} pid {p['pid']} {alive}  log {p['log']}"
-            )
-    lbs = st.get("lbs")
-    if isinstance(lbs, dict):
-        for node, lb in lbs.items():
-            s = lb.get("status", {})
-            if "error" in s:
-                out.append(f"  LB {node}: status unavailable: {s['error']}")
-                continue
-            out.append(f"  LB {node}: instance {s.get('instance')}, up {s.get('uptime_s')} s")
-            for v in s.get("vips", []):
-                health = ", ".join(f"{a} {h}" for a, h in v["backends"].items())
-                out.append(
-                    f"    VIP {v['name']} {v['mode']} {v['address']}: {v['packets']} packets;"
-                    f" {health}"
-                )
-            for pair in s.get("npt", []):
-                out.append(f"    NPT {pair['inside']} <-> {pair['outside']}")
-    leftovers = st.get("leftover_netns")
-    if isinstance(leftovers, list):
-        out += [f"  leftover namespace {ns}" for ns in leftovers]
-    return "\n".join(out) + "\n"
+_ACTIONS = {
+    "up": _lab_up,
+    "down": _lab_down,
+    "status": _lab_status,
+    "exec": _lab_exec,
+    "trace": _lab_trace,
+    "diff": _lab_diff,
+}
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Final
 
+from v6lb.errors import UsageError
+
 __all__ = [
     "MISSING",
     "QUOTE_MAX",
@@ -82,7 +84,7 @@ def _number(value: int | float) -> str:
     return str(value)
 
 
-class ConfigError(Exception):
+class ConfigError(UsageError):
     """The config file is wrong: in which file, at which field, what, and how to fix it.
 
     ``str(err)`` reads ``FILE: PATH: MESSAGE; fix: FIX``, for example
@@ -93,11 +95,10 @@ class ConfigError(Exception):
 
     def __init__(self, file: str, path: str, message: str, fix: str) -> None:
         path, message, fix = clip(path), clip(message), clip(fix)
-        super().__init__(file, path, message, fix)
+        super().__init__(message, fix)
+        self.args = (file, path, message, fix)
         self.file = file
         self.path = path
-        self.message = message
-        self.fix = fix
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.path}: " if self.path else f"{self.file}: "

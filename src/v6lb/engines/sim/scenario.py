@@ -39,6 +39,7 @@ __all__ = [
     "Sim",
     "modes_available",
     "run_scenario",
+    "seed_for_client_port",
 ]
 
 MODES: Final = NAMES  # every mode name, from the mode table
@@ -357,6 +358,15 @@ def run_scenario(
 
 def _port(seed: int, k: int = 0) -> int:
     return 40000 + (seed * 7919 + k * 104729) % 20000
+
+
+def seed_for_client_port(port: int) -> int:
+    """The ``seed`` of :func:`run_scenario` whose client connects from ``port`` (40000-59999).
+
+    The inverse of the client port rule (7919 is prime to 20000), so a lab trace's
+    captured ports replay in the simulator with the same ports (``v6lb lab diff``).
+    """
+    return ((port - 40000) * pow(7919, -1, 20000)) % 20000 or 20000
 
 
 def _npt(sim: Sim, client: SimNode) -> dict[str, object]:
