@@ -69,7 +69,7 @@ def test_plan_names_routes_and_derived_files(tmp_path: Path) -> None:
     raw = _raw(drop_l2=False)
     config = parse_config(raw, str(EXAMPLE))
     topo = require_topology(config)
-    plan = plan_lab(config, topo, raw, "abc", root=tmp_path)
+    plan = plan_lab(config, topo, "abc", root=tmp_path)
     assert plan.namespaces["client"] == "v6lb-abc-client" and plan.switch_ns == "v6lb-abc--sw"
     assert all(i.name.startswith("v6lb-") and i.port.startswith("v6lb-") for i in plan.ifaces)
     assert all(len(i.name) <= 15 and len(i.port) <= 15 for i in plan.ifaces)
@@ -78,11 +78,11 @@ def test_plan_names_routes_and_derived_files(tmp_path: Path) -> None:
         "default from 2001:db8:100::/64 via fd00:20::fe dev v6lb-pods proto 0x77"
         in (plan.routes["be1"])
     )
-    lb = plan.lb_configs["lb"]["lb"]
-    assert lb["interfaces"] == ["v6lb-edge", "v6lb-pods", "v6lb-npt-lan"]
-    assert lb["control_socket"] == str(tmp_path / "abc" / "lb.sock")
-    l2 = next(v for v in plan.lb_configs["lb"]["vips"] if v["mode"] == "dsr-l2")
-    assert all(b["mac"].startswith("02:76:6c:") for b in l2["backends"])
+    lb = plan.lb_configs["lb"].lb
+    assert lb.interfaces == ("v6lb-edge", "v6lb-pods", "v6lb-npt-lan")
+    assert lb.control_socket == str(tmp_path / "abc" / "lb.sock")
+    l2 = next(v for v in plan.lb_configs["lb"].vips if v.mode == "dsr-l2")
+    assert all(b.mac is not None and b.mac.startswith("02:76:6c:") for b in l2.backends)
     # tunnel end points listed as loopbacks are routed to the pod, not assigned on it
     assert plan.loopbacks["be1"] == ()
     assert {(n, str(a)) for n, a, _ in plan.dsr_backends} >= {
@@ -97,7 +97,7 @@ def test_plan_multipath_route_puts_options_before_nexthops(tmp_path: Path) -> No
     path = EXAMPLE.parent / "eks-ipv6.yaml"
     raw = yaml.safe_load(path.read_text())
     config = parse_config(raw, str(path))
-    plan = plan_lab(config, require_topology(config), raw, "abc", root=tmp_path)
+    plan = plan_lab(config, require_topology(config), "abc", root=tmp_path)
     multi = [line for lines in plan.routes.values() for line in lines if "nexthop" in line]
     assert multi, "eks-ipv6.yaml has an ECMP route"
     for line in multi:

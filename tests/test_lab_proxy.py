@@ -56,7 +56,7 @@ PODS = {"fd00:20::a": "be1", "fd00:20::b": "be2", "fd00:20::c": "be3"}
 
 def _plan(raw: dict[str, Any], tmp_path: Path) -> Any:
     config = parse_config(raw, str(EXAMPLE))
-    return plan_lab(config, require_topology(config), raw, "abc", root=tmp_path)
+    return plan_lab(config, require_topology(config), "abc", root=tmp_path)
 
 
 # --- the plan (no root) ---------------------------------------------------------
@@ -65,7 +65,7 @@ def _plan(raw: dict[str, Any], tmp_path: Path) -> Any:
 def test_plan_puts_proxy_vips_on_the_lb_and_nginx_on_the_pods(tmp_path: Path) -> None:
     plan = _plan(yaml.safe_load(EXAMPLE.read_text()), tmp_path)
     assert {str(a) for a in plan.loopbacks["lb"]} == {L4_VIP, L7_VIP}
-    assert [v["mode"] for v in plan.lb_configs["lb"]["vips"]] == ["proxy-l4", "proxy-l7"]
+    assert [v.mode for v in plan.lb_configs["lb"].vips] == ["proxy-l4", "proxy-l7"]
     assert plan.servers == []  # no Python httpd: nginx serves the proxy VIPs' backends
     sites = nginx.plan_nginx(plan)
     assert {(s.node, str(s.address)) for s in sites} == {(n, a) for a, n in PODS.items()}

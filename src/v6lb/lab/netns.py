@@ -28,11 +28,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from v6lb.engines.control import ControlError, query
 from v6lb.lab import nginx
@@ -46,8 +45,7 @@ from v6lb.lab.plan import (
     switch_namespace,
 )
 from v6lb.model.config import ConfigError, load_topology
-from v6lb.model.config_read import read_yaml
-from v6lb.model.modes import facts
+from v6lb.model.config_dump import dump
 
 __all__ = [
     "lab_down",
@@ -135,14 +133,12 @@ def _write_state(plan: LabPlan, processes: list[dict[str, Any]], phase: str) -> 
 def _has_l3(plan: LabPlan, node: str) -> bool:
     """Does ``v6lb run`` on this LB node run the L3/L4 data plane (and its control socket)?"""
     derived = plan.lb_configs[node]
-    return bool(derived.get("npt")) or any(
-        not facts(item["mode"]).is_proxy for item in derived.get("vips", [])
-    )
+    return bool(derived.npt) or any(not v.mode.is_proxy for v in derived.vips)
 
 
 def _proxy_listeners(plan: LabPlan, node: str) -> list[tuple[IPv6Address, int]]:
     """The (VIP, port) pairs the proxy engine listens on, on this LB node."""
-    names = {item["name"] for item in plan.lb_configs[node].get("vips", [])}
+    names = {v.name for v in plan.lb_configs[node].vips}
     return [
         (v.address, port)
         for v in plan.config.vips
@@ -170,10 +166,9 @@ def _listening(ns: str) -> set[tuple[IPv6Address, int]]:
 def load_plan(path: str, name: str, *, root: Path = LAB_ROOT) -> LabPlan:
     try:
         config, topo = load_topology(path)
-        raw = read_yaml(path)  # the raw sections, read within the same limits
     except ConfigError as exc:
         raise LabError(str(exc), f"fix the file; `v6lb check {path}` shows every problem") from None
-    return plan_lab(config, topo, raw, name, root=root)
+    return plan_lab(config, topo, name, root=root)
 
 
 def lab_up(
@@ -300,9 +295,11 @@ def _wait(what: str, ok: Any, proc: subprocess.Popen[bytes], log: Path, timeout:
 def _start(plan: LabPlan, processes: list[dict[str, Any]], log: Any) -> None:
     for node, address, instance in plan.dsr_backends:
         assert plan.backend_config is not None
-        derived = {**plan.backend_config, "lb": {**plan.backend_config["lb"], "instance": instance}}
+        derived = replace(
+            plan.backend_config, lb=replace(plan.backend_config.lb, instance=instance)
+        )
         bfile = plan.labdir / f"{instance}.yaml"
-        bfile.write_text(yaml.safe_dump(derived, sort_keys=False))
+        bfile.write_text(dump(derived))
         r = _sh(
             *_V6LB, "backend", str(bfile), "--address", str(address),
             "--netns", plan.namespaces[node], check=False,
@@ -328,7 +325,7 @@ def _start(plan: LabPlan, processes: list[dict[str, Any]], log: Any) -> None:
     runs = []
     for node, derived in plan.lb_configs.items():
         cfile = plan.labdir / f"{node}.yaml"
-        cfile.write_text(yaml.safe_dump(derived, sort_keys=False))
+        cfile.write_text(dump(derived))
         argv = [*_V6LB, "run", str(cfile), "--netns", plan.namespaces[node]]
         argv += ["--instance", plan.lb_instances[node], "--control-socket", str(plan.socket(node))]
         if _proxy_listeners(plan, node):

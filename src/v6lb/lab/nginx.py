@@ -93,7 +93,7 @@ def files(labdir: Path, node: str) -> NginxFiles:
 
 def plan_nginx(plan: LabPlan) -> list[NginxSite]:
     """One site per (pod, backend address) of the proxy VIPs the lab's LB nodes serve."""
-    served = {item["name"] for c in plan.lb_configs.values() for item in c["vips"]}
+    served = {v.name for c in plan.lb_configs.values() for v in c.vips}
     want: dict[tuple[str, IPv6Address], dict[int, tuple[bool, str]]] = {}
     for vip in plan.config.vips:
         if vip.name not in served or not vip.mode.is_proxy:

@@ -48,7 +48,7 @@ class NptTarget:
 
 def npt_target(plan: LabPlan) -> NptTarget:
     """The first lab HTTP server inside an ``npt:`` pair the lab's LBs translate."""
-    if not any(c.get("npt") for c in plan.lb_configs.values()):
+    if not any(c.npt for c in plan.lb_configs.values()):
         raise LabError(
             "no LB node of the lab translates the file's npt: pairs",
             "add an npt: pair and `serves: [npt]` on an LB node (examples/lab-modes.yaml)",

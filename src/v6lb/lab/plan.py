@@ -14,12 +14,14 @@ interfaces, addresses, routes and processes :mod:`v6lb.lab.netns` creates:
 * routes: each node's :func:`~v6lb.model.topology.compute_fib` (static, default
   and anycast entries; connected ones come with the addresses), tagged
   ``proto 0x77``;
-* per LB node, a derived file for ``v6lb run``: ``lb:`` rewritten for the node
-  (its addresses and interfaces, an instance name, the lab's control socket),
-  only the VIPs it ``serves`` that the kernel data plane or the proxy engine runs
-  (proxy VIP addresses go on the LB's ``lo``), the ``npt:`` pairs
-  if it serves ``npt``, the lab MACs for ``dsr-l2`` backends;
-* one derived file for ``v6lb backend`` whose ``lb.addresses`` are every LB
+* per LB node, a derived config for ``v6lb run`` (:func:`derive_node_config`:
+  ``dataclasses.replace`` on the typed config; :func:`v6lb.model.config_dump.dump`
+  writes it): ``lb:`` rewritten for the node (its addresses and interfaces, an
+  instance name, the lab's control socket), only the VIPs it ``serves`` that the
+  kernel data plane or the proxy engine runs (proxy VIP addresses go on the LB's
+  ``lo``), the ``npt:`` pairs if it serves ``npt``, the lab MACs for ``dsr-l2``
+  backends, and no ``topology:`` or ``bgp:``;
+* one derived config for ``v6lb backend`` whose ``lb.addresses`` are every LB
   node's addresses (the decapsulation filter accepts them);
 * an HTTP server on every node that holds a backend address, on the ports its
   VIPs send to.
@@ -27,16 +29,25 @@ interfaces, addresses, routes and processes :mod:`v6lb.lab.netns` creates:
 
 from __future__ import annotations
 
-import copy
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from v6lb.model.config import Config, VipMode
-from v6lb.model.modes import Plane, facts
-from v6lb.model.topology import NodeType, Topology, compute_fib
+from v6lb.model.bgp import BgpSection
+from v6lb.model.config import (
+    Config,
+    LbSettings,
+    NptPair,
+    TunnelOptions,
+    Vip,
+    VipMode,
+    default_control_socket,
+)
+from v6lb.model.modes import Plane
+from v6lb.model.topology import NPT, NodeType, Topology, compute_fib
 
 __all__ = [
     "LAB_ROOT",
@@ -46,6 +57,7 @@ __all__ = [
     "LabPlan",
     "default_name",
     "check_name",
+    "derive_node_config",
     "lab_namespace",
     "plan_lab",
     "switch_namespace",
@@ -120,9 +132,9 @@ class LabPlan:
     loopbacks: dict[str, tuple[IPv6Address, ...]]
     forwarding: set[str]
     routes: dict[str, list[str]]  # node -> `ip -6 route` arguments
-    lb_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> derived file
+    lb_configs: dict[str, Config] = field(default_factory=dict)  # node -> derived file
     lb_instances: dict[str, str] = field(default_factory=dict)
-    backend_config: dict[str, Any] | None = None  # lb.instance is set per DSR backend
+    backend_config: Config | None = None  # lb.instance is set per DSR backend
     dsr_backends: list[tuple[str, IPv6Address, str]] = field(default_factory=list)
     servers: list[Server] = field(default_factory=list)
     proxy_engine: str = "builtin"  # `v6lb run --proxy` for LB nodes with proxy-* VIPs
@@ -139,10 +151,8 @@ def _ifname(link: str, index: int) -> str:
     return f"v6lb-{link}" if len(link) <= 10 else f"v6lb-l{index}"
 
 
-def plan_lab(
-    config: Config, topo: Topology, raw: dict[str, Any], name: str, *, root: Path = LAB_ROOT
-) -> LabPlan:
-    """The whole lab for ``config`` (``raw`` is the file's YAML, for the derived files)."""
+def plan_lab(config: Config, topo: Topology, name: str, *, root: Path = LAB_ROOT) -> LabPlan:
+    """The whole lab for ``config`` (``topo`` is its topology)."""
     check_name(name)
     nodes = [n.name for n in topo.nodes]
     if len(nodes) > 250 or len(topo.links) > 250:
@@ -192,8 +202,8 @@ def plan_lab(
         forwarding={n.name for n in topo.nodes if n.type in (NodeType.ROUTER, NodeType.LB)},
         routes=_routes(topo, {lk.name: names[i] for i, lk in enumerate(topo.links)}),
     )
-    _plan_lbs(plan, raw)
-    _plan_backends(plan, raw)
+    _plan_lbs(plan)
+    _plan_backends(plan)
     return plan
 
 
@@ -229,7 +239,36 @@ def _lb_instance(node: str, index: int) -> str:
     return node if _INSTANCE_RE.fullmatch(node) else f"lb{index}"
 
 
-def _plan_lbs(plan: LabPlan, raw: dict[str, Any]) -> None:
+def derive_node_config(
+    config: Config,
+    *,
+    instance: str,
+    addresses: Sequence[IPv6Address],
+    interfaces: Sequence[str] = (),
+    control_socket: str | None = None,
+    vips: Iterable[Vip] = (),
+    npt: Iterable[NptPair] = (),
+    bgp: BgpSection | None = None,
+) -> Config:
+    """The config one LB instance (or one backend) of a lab runs, derived from the file's.
+
+    ``lb:`` gets the node's identity (``control_socket`` None: the instance's
+    default), the rest of ``lb:`` (flow hash seed, limits, forward_allow,
+    conntrack_sync) stays; ``vips`` and ``npt`` replace the file's, ``bgp`` (a
+    speaker for this node, or None) replaces its ``bgp:``, and ``topology:`` is
+    dropped. Write it with :func:`v6lb.model.config_dump.dump`.
+    """
+    lb = replace(
+        config.lb,
+        instance=instance,
+        addresses=tuple(addresses),
+        interfaces=tuple(interfaces),
+        control_socket=control_socket or default_control_socket(instance),
+    )
+    return replace(config, vips=tuple(vips), npt=tuple(npt), lb=lb, topology=None, bgp=bgp)
+
+
+def _plan_lbs(plan: LabPlan) -> None:
     topo, config = plan.topo, plan.config
     macs = {a: i.mac for i in plan.ifaces for a in i.addresses}
     for index, lb in enumerate(topo.lbs()):
@@ -261,53 +300,40 @@ def _plan_lbs(plan: LabPlan, raw: dict[str, Any]) -> None:
             (a for a in topo.attachments(lb.name) if a.link == egress), topo.attachments(lb.name)[0]
         ).addresses[0]
         instance = _lb_instance(lb.name, index)
-        derived = _derive(raw, vips, macs, set(addrs), inside_addr)
-        derived["lb"] = {
-            **{k: v for k, v in (raw.get("lb") or {}).items() if k not in ("interfaces",)},
-            "instance": instance,
-            "addresses": [str(a) for a in addrs],
-            "interfaces": interfaces,
-            "control_socket": str(plan.socket(lb.name)),
-        }
-        if "npt" in lb.serves and raw.get("npt"):
-            derived["npt"] = copy.deepcopy(raw["npt"])
-        if not derived.get("vips") and not derived.get("npt"):
+        derived = derive_node_config(
+            config,
+            instance=instance,
+            addresses=addrs,
+            interfaces=interfaces,
+            control_socket=str(plan.socket(lb.name)),
+            vips=[_node_vip(v, macs, set(addrs), inside_addr) for v in vips],
+            npt=config.npt if NPT in lb.serves else (),
+        )
+        if not derived.vips and not derived.npt:
             continue  # nothing for the kernel data plane on this LB (proxy VIPs only)
         plan.lb_configs[lb.name] = derived
         plan.lb_instances[lb.name] = instance
 
 
-def _derive(
-    raw: dict[str, Any],
-    vips: list[Any],
-    macs: dict[IPv6Address, str],
-    own: set[IPv6Address],
-    inside_addr: IPv6Address,
-) -> dict[str, Any]:
-    names = {v.name for v in vips}
-    out: dict[str, Any] = {}
-    items = []
-    for item in raw.get("vips") or []:
-        if item.get("name") not in names:
-            continue
-        item = copy.deepcopy(item)
-        mode = item.get("mode")
-        if mode == VipMode.DSR_L2.value:
-            for b in item.get("backends") or []:
-                if "mac" not in b and IPv6Address(b["address"]) in macs:
-                    b["mac"] = macs[IPv6Address(b["address"])]
-        if facts(mode).tunnels:
-            src = item.get("tunnel_source")
-            if src is None or IPv6Address(src) not in own:
-                item["tunnel_source"] = str(inside_addr)
-        items.append(item)
-    out["vips"] = items
-    return out
+def _node_vip(
+    vip: Vip, macs: dict[IPv6Address, str], own: set[IPv6Address], inside_addr: IPv6Address
+) -> Vip:
+    """``vip`` on one LB node: the lab's MACs for dsr-l2 backends, a tunnel source it owns."""
+    if vip.mode is VipMode.DSR_L2:
+        backends = tuple(
+            replace(b, mac=macs[b.address]) if b.mac is None and b.address in macs else b
+            for b in vip.backends
+        )
+        vip = replace(vip, backends=backends)
+    o = vip.options
+    if isinstance(o, TunnelOptions) and o.tunnel_source not in own:
+        vip = replace(vip, options=replace(o, tunnel_source=inside_addr))
+    return vip
 
 
-def _plan_backends(plan: LabPlan, raw: dict[str, Any]) -> None:
+def _plan_backends(plan: LabPlan) -> None:
     topo, config = plan.topo, plan.config
-    served = {v for c in plan.lb_configs.values() for v in (i["name"] for i in c["vips"])}
+    served = {v.name for c in plan.lb_configs.values() for v in c.vips}
     ports: dict[tuple[str, IPv6Address], set[int]] = {}
     dsr: dict[tuple[str, IPv6Address], None] = {}
     for vip in config.vips:
@@ -321,7 +347,7 @@ def _plan_backends(plan: LabPlan, raw: dict[str, Any]) -> None:
             ports.setdefault(key, set()).update([b.port] if b.port else vip.ports)
             if vip.mode.is_dsr:
                 dsr[key] = None
-    if any("npt" in c and c["npt"] for c in plan.lb_configs.values()):
+    if any(c.npt for c in plan.lb_configs.values()):
         for pair in config.npt:  # an HTTP server on port 80 of every host inside an npt pair
             for n in topo.nodes:
                 if n.type not in (NodeType.HOST, NodeType.BACKEND):
@@ -341,20 +367,16 @@ def _plan_backends(plan: LabPlan, raw: dict[str, Any]) -> None:
         plan.servers.append(Server(node, address, tuple(sorted(p))))
     plan.dsr_backends = [(node, addr, f"labbe{k}") for k, (node, addr) in enumerate(dsr)]
     if plan.dsr_backends:
-        lb_addrs = [str(a) for lb in plan.lb_configs for a in plan.topo.addresses(lb)]
-        vips = [
-            item
-            for c in plan.lb_configs.values()
-            for item in c["vips"]
-            if facts(item["mode"]).is_dsr
-        ]
-        unique = list({item["name"]: item for item in vips}.values())
-        plan.backend_config = {
-            "lb": {
-                **{k: v for k, v in (raw.get("lb") or {}).items() if k == "flow_hash_seed"},
-                "instance": "labbe",  # replaced per backend: one instance each
-                "addresses": lb_addrs,
-                "control_socket": str(plan.labdir / "backend.sock"),
-            },
-            "vips": unique,
-        }
+        lb_addrs = tuple(a for lb in plan.lb_configs for a in plan.topo.addresses(lb))
+        vips = [v for c in plan.lb_configs.values() for v in c.vips if v.mode.is_dsr]
+        unique = tuple({v.name: v for v in vips}.values())
+        plan.backend_config = Config(
+            source=config.source,
+            vips=unique,
+            lb=LbSettings(
+                instance="labbe",  # replaced per backend: one instance each
+                addresses=lb_addrs,
+                control_socket=str(plan.labdir / "backend.sock"),
+                flow_hash_seed=config.lb.flow_hash_seed,
+            ),
+        )
