@@ -8,12 +8,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from v6lb import MODES
-from v6lb.cli.common import FAILURES, load_scenario, pick_modes, run_mode, wide_console
+from v6lb.cli.common import wide_console
 from v6lb.cli.tables import print_comparison, print_explanation
+from v6lb.engines.sim.runs import (
+    FAILURE_MODES,
+    explain_run,
+    load_scenario,
+    pick_modes,
+    save_pcaps,
+    write_report,
+)
 from v6lb.errors import UsageError
 
 if TYPE_CHECKING:
-    from v6lb.engines.sim.scenario import ScenarioResult
     from v6lb.model.explain import Explanation
 
 
@@ -65,7 +72,9 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("--mode", help="one of: " + ", ".join(MODES) + " (default: all)")
     _add_file(p)
-    p.add_argument("--failure", choices=sorted(FAILURES), help="run a failure walk-through instead")
+    p.add_argument(
+        "--failure", choices=sorted(FAILURE_MODES), help="run a failure walk-through instead"
+    )
     p.add_argument("--json", action="store_true", help="print the same facts as JSON")
     p.add_argument(
         "--all-hops",
@@ -81,9 +90,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     file = scenario_file(args)
     config, topo = load_scenario(file)
     if args.failure:
-        exps = [run_mode(config, topo, FAILURES[args.failure], args.failure)[0]]
+        exps = [explain_run(config, topo, FAILURE_MODES[args.failure], args.failure)[0]]
     else:
-        exps = [run_mode(config, topo, m)[0] for m in pick_modes(config, args.mode)]
+        exps = [explain_run(config, topo, m)[0] for m in pick_modes(config, args.mode)]
     if args.json:
         out = [e.to_dict() for e in exps]
         sys.stdout.write(json.dumps(out[0] if len(out) == 1 else out, indent=2, default=str) + "\n")
@@ -97,10 +106,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import json
-
     from v6lb.model.walkthrough import npt_walkthrough
-    from v6lb.render.report import render_report
 
     if args.npt_only:
         sys.stdout.write(npt_walkthrough())
@@ -114,31 +120,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     fails: list[Explanation] = []
     pcap_files: list[Path] = []
 
-    def save(tag: str, res: ScenarioResult) -> None:
-        folder = out / "pcaps" / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        for link, data in sorted(res.pcaps.items()):
-            if len(data) <= 24:  # a file header and no packet: the link carried nothing here
-                continue
-            f = folder / f"{link}.pcap"
-            f.write_bytes(data)
-            pcap_files.append(f)
-
     for mode in pick_modes(config, None):
-        e, res = run_mode(config, topo, mode)
+        e, res = explain_run(config, topo, mode)
         exps.append(e)
-        save(mode, res)
+        pcap_files += save_pcaps(out / "pcaps" / mode, res)
         print_explanation(console, e, max_rows=40)
     print_comparison(console, exps)
     console.print()
     console.rule("[bold]Failure walk-throughs[/bold]")
-    for failure, mode in FAILURES.items():
+    for failure, mode in FAILURE_MODES.items():
         if mode not in pick_modes(config, None):
             continue
-        e, res = run_mode(config, topo, mode, failure)
+        e, res = explain_run(config, topo, mode, failure)
         e.title = f"{failure}: {e.title}"
         fails.append(e)
-        save(f"failure-{failure}", res)
+        pcap_files += save_pcaps(out / "pcaps" / f"failure-{failure}", res)
         summary = res.facts.get("summary")
         print_explanation(console, e, max_rows=30)
         if isinstance(summary, str):
@@ -147,14 +143,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         console.rule("[bold]NPTv6 arithmetic[/bold]")
         p = npt_pairs[0]
         console.print(npt_walkthrough(str(p.inside), str(p.outside)), markup=False, highlight=False)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.html").write_text(render_report(exps, failures=fails), encoding="utf-8")
-    (out / "explain.json").write_text(
-        json.dumps([e.to_dict() for e in exps + fails], indent=2, default=str), encoding="utf-8"
-    )
-    console.print(
-        f"wrote {out / 'report.html'}, {out / 'explain.json'} and {len(pcap_files)} pcaps under {out / 'pcaps'}"
-    )
+    report, facts = write_report(out, exps, fails)
+    console.print(f"wrote {report}, {facts} and {len(pcap_files)} pcaps under {out / 'pcaps'}")
     return 0
 
 
