@@ -72,6 +72,8 @@ def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from v6lb.model.modes import MODES
+
     t = Table(title="The modes side by side", header_style="bold", show_lines=True)
     for col in (
         "mode",
@@ -85,7 +87,7 @@ def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
     for e in exps:
         a = e.answers
         nat = a.nat_kind if a.nat66_at_lb else "no"
-        if a.nat_kind.startswith("new"):
+        if e.mode in MODES and MODES[e.mode].is_proxy:  # a proxy opens a new connection
             nat = "no (new connection)"
         cells = (
             e.mode,
