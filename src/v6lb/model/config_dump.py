@@ -10,7 +10,7 @@ on the instance name, an LB node's ``serves`` on the VIPs) the comparison uses
 the config being written, so the file still reads back into the same values.
 
 The labs derive their per-node files this way: ``dataclasses.replace`` on the
-typed config, then :func:`dump` (see :func:`v6lb.lab.plan.derive_node_config`).
+typed config, then :func:`dump` (see ``derive_node_config`` in the lab plan).
 """
 
 from __future__ import annotations
