@@ -17,7 +17,7 @@ router with ECMP over lb-a1 and lb-a2, a backup site router with lb-b1, every LB
   site router's bird) and a peer that drops do not stop the LBs forwarding; a backend
   whose every other health probe fails (rise 2 / fall 2) does not make the route flap.
 
-Namespaces ``v6lb-fo-<pid>-<n>``; everything is removed when the lab's context exits.
+Namespaces ``v6lb-fo<pid>-<node>``; everything is removed when the lab's context exits.
 """
 
 from __future__ import annotations

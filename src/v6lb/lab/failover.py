@@ -1,10 +1,13 @@
 """`v6lb lab failover`: a two-site anycast lab with real BGP, BFD and ECMP, and failures under traffic.
 
 :func:`build` reads a file like examples/anycast-sites.yaml (``vips``, ``lb``, ``bgp``
-and a ``topology``) and builds it in network namespaces:
+and a ``topology``). Its network is the lab builder's (:func:`v6lb.lab.plan.plan_lab`,
+created by :func:`v6lb.lab.netns.build_network`): a namespace per node, every link a
+bridge, the topology's addresses and static routes, and no static anycast route (BGP
+carries the VIP). Added to that plan: ``keep_addr_on_down`` everywhere (a cut link comes
+back whole) and, on each site's LBs, a route to each SRv6 segment id of the site's own
+backends. What this module starts in it is the scenario:
 
-* every topology link is a Linux bridge in a switch namespace; every node gets one
-  veth per link, named after the link, with the link's addresses and static routes;
 * the router that shares a link with the client is the **upstream** (BIRD, AS 65000);
   each router that shares a link with LB nodes is that **site's router** (BIRD, the AS
   of the LBs' ``bgp.neighbours[0].asn``): it learns the VIP from its site's LBs, installs
@@ -13,30 +16,34 @@ and a ``topology``) and builds it in network namespaces:
 * every LB node runs ``v6lb run`` with a derived copy of the file: its own address,
   interface and instance name, its site router as neighbour, the VIP backends on its
   own site LAN, and the site's cost as ``med``. bird is its child (``PR_SET_PDEATHSIG``);
-* every backend node runs ``v6lb backend`` (SRv6/IPIP decapsulation) and a TCP server
-  that greets each connection with its own address.
+* every backend node runs ``v6lb backend`` (SRv6/IPIP decapsulation) and
+  :mod:`v6lb.lab.agents.greet_server`, which greets each connection with its address.
 
 Each LB namespace also gets a small nft table (``v6lbfo``) that records the client
 source ports of the VIP's packets it receives, so every flow can be attributed to
 the instance that carried it (:meth:`Lab.carriers`).
 
-:func:`measure` runs one failure under continuous traffic: ``flows`` long-lived TCP
-connections each asking every 100 ms, plus a new connection every 100 ms, from the
-client. It records the time until new connections succeed again, the share of
-established connections that survive (of all, and of those whose backend is still
-alive), what the clients saw (resets, timeouts, the worst stall), and which instance
-carried each flow before and after. The failures (:data:`FAILURES`):
+:func:`measure` runs one failure under continuous traffic from the client
+(:mod:`v6lb.lab.agents.traffic`): ``flows`` long-lived TCP connections each asking
+every 100 ms, plus a new connection every 100 ms. It records the time until new
+connections succeed again, the share of established connections that survive (of all,
+and of those whose backend is still alive), what the clients saw (resets, timeouts,
+the worst stall), and which instance carried each flow before and after. The failures
+(:data:`FAILURES`):
 
 ``kill-instance``  SIGKILL of one primary instance's process group (v6lb and its bird);
 ``site-backends``  every backend server of the primary site killed: the site withdraws;
 ``site-uplink``    the primary site router's uplink set down: only BFD notices upstream.
 
 tests/test_anycast_failover.py and ``v6lb lab failover`` both use this module, so they
-measure the same way (docs/anycast.md has the table).
+measure the same way (docs/anycast.md has the table). The lab is named ``fo<pid>``
+(namespaces ``v6lb-fo<pid>-<node>``, files in ``/run/v6lb/lab/fo<pid>``); it is removed
+when :func:`build`'s context exits, or by ``v6lb lab down --name fo<pid>`` after a crash.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -47,18 +54,24 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from v6lb.engines.bird import Bird, BirdError, set_l4_ecmp_hash, start_bird
-from v6lb.lab.plan import LabError
-from v6lb.model.bgp import BgpSettings, Neighbour
-from v6lb.model.config import Config, ConfigError, load_topology
-from v6lb.model.config_read import read_yaml
+from v6lb.lab.netns import build_network, lab_down, restore_routes
+from v6lb.lab.plan import LAB_ROOT, ROUTE_PROTO, LabError, LabPlan, derive_node_config, plan_lab
+from v6lb.model.bgp import BgpSection, BgpSettings, Neighbour
+from v6lb.model.config import (
+    Config,
+    ConfigError,
+    TunnelOptions,
+    Vip,
+    VipMode,
+    load_topology,
+)
+from v6lb.model.config_dump import dump
 from v6lb.model.topology import NodeType, Topology
 from v6lb.render.bird import render_router
 
@@ -67,6 +80,7 @@ __all__ = [
     "UPSTREAM_ASN",
     "Figures",
     "Lab",
+    "Site",
     "build",
     "format_table",
     "lab_failover",
@@ -109,10 +123,7 @@ class Site:
 class Lab:
     """A built two-site lab; everything it started is stopped by :func:`build`'s exit."""
 
-    config: Config
-    topo: Topology
-    work: Path
-    ns: dict[str, str]  # node -> namespace
+    plan: LabPlan  # the network: namespaces, interfaces, addresses, routes
     client: str
     upstream: str
     sites: list[Site]  # primary (lowest cost) first
@@ -124,7 +135,29 @@ class Lab:
     files: dict[str, Path] = field(default_factory=dict)
     log: Callable[[str], None] = lambda _m: None
 
+    @property
+    def config(self) -> Config:
+        return self.plan.config
+
+    @property
+    def topo(self) -> Topology:
+        return self.plan.topo
+
+    @property
+    def work(self) -> Path:
+        """The lab's directory: derived files, logs, control sockets, bird's files."""
+        return self.plan.labdir
+
+    @property
+    def ns(self) -> dict[str, str]:
+        """Node -> its namespace."""
+        return self.plan.namespaces
+
     # --- addresses -------------------------------------------------------------------
+
+    def ifname(self, node: str, link: str) -> str:
+        """The name of ``node``'s interface on ``link``."""
+        return self.plan.iface(node, link).name
 
     def addr(self, node: str, link: str) -> IPv6Address:
         for a in self.topo.link(link).endpoints:
@@ -338,44 +371,80 @@ def _layout(config: Config, topo: Topology) -> tuple[str, str, list[Site], int]:
     return client, upstream, ordered, bgp.neighbours[0].asn
 
 
-def _derive(lab: Lab, raw: dict[str, Any]) -> None:
-    """Write each instance's and each site's backend file into the work directory."""
-    bgp_raw = dict(raw["bgp"])
-    bgp_raw.pop("announcements", None)
+def _write_instance_files(lab: Lab) -> None:
+    """Each instance's and each site's backend file (``dataclasses.replace``, then ``dump``).
+
+    An instance's copy: ``lb`` with its own address, interface, instance name and
+    control socket; ``bgp`` with its site router as the only neighbour and the site's
+    cost as ``med`` (no announcements: the routers' policy is this module's); ``vips``
+    with only the backends on its own site LAN, and a tunnel source the file left to
+    its default (``lb.addresses[0]``) defaulting to the instance's own address again.
+    A site's backend file has those VIPs and its instances' addresses (the
+    decapsulation filter accepts them).
+    """
+    config = lab.config
+    speaker = config.bgp_speaker
+    assert speaker is not None  # _layout refused a file without one
     for s in lab.sites:
-        lan_net = lab.topo.link(s.lan).subnet
-        vips = []
-        for v in raw["vips"]:
-            v = dict(v)
-            v["backends"] = [
-                b for b in v.get("backends", []) if IPv6Address(str(b["address"])) in lan_net
-            ]
-            vips.append(v)
-        lb_addrs = [str(lab.addr(lb, s.lan)) for lb in s.lbs]
+        lan = lab.topo.link(s.lan).subnet
+        vips = [
+            replace(v, backends=tuple(b for b in v.backends if b.address in lan))
+            for v in config.vips
+        ]
         for lb in s.lbs:
-            data = {k: v for k, v in raw.items() if k not in ("topology", "npt")}
-            data["vips"] = vips
-            data["lb"] = dict(raw["lb"])
-            data["lb"].update(
+            ifname = lab.ifname(lb, s.lan)
+            own = lab.addr(lb, s.lan)
+            n0 = replace(speaker.neighbours[0], address=lab.addr(s.router, s.lan), interface=ifname)
+            derived = derive_node_config(
+                config,
                 instance=lb,
-                addresses=[str(lab.addr(lb, s.lan))],
-                interfaces=[s.lan],
-                control_socket=str(lab.work / f"{lb}.sock"),
+                addresses=[own],
+                interfaces=[ifname],
+                control_socket=str(lab.plan.socket(lb)),
+                vips=[_tunnel_source(v, config, own) for v in vips],
+                bgp=BgpSection(replace(speaker, med=s.cost, neighbours=(n0,))),
             )
-            b = dict(bgp_raw)
-            n0 = dict(raw["bgp"]["neighbours"][0])
-            n0.update(address=str(lab.addr(s.router, s.lan)), interface=s.lan)
-            b.update(med=s.cost, neighbours=[n0])
-            data["bgp"] = b
-            path = lab.work / f"{lb}.yaml"
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
-            lab.files[lb] = path
-        be = {k: v for k, v in raw.items() if k not in ("topology", "npt", "bgp")}
-        be["vips"] = vips
-        be["lb"] = dict(raw["lb"], addresses=lb_addrs, instance=f"be{s.name[:8]}")
+            lab.files[lb] = lab.work / f"{lb}.yaml"
+            lab.files[lb].write_text(dump(derived))
+        first = lab.addr(s.lbs[0], s.lan)
+        backends = derive_node_config(
+            config,
+            instance=f"be{s.name[:8]}",
+            addresses=[lab.addr(lb, s.lan) for lb in s.lbs],
+            interfaces=config.lb.interfaces,
+            control_socket=config.lb.control_socket,
+            vips=[_tunnel_source(v, config, first) for v in vips],
+        )
         path = lab.work / f"backends-{s.name}.yaml"
-        path.write_text(yaml.safe_dump(be, sort_keys=False))
+        path.write_text(dump(backends))
         lab.files[f"backends-{s.name}"] = path
+
+
+def _tunnel_source(vip: Vip, config: Config, own: IPv6Address) -> Vip:
+    """``vip`` with ``own`` as its tunnel source where the file's is the default one."""
+    o = vip.options
+    if isinstance(o, TunnelOptions) and config.lb.addresses[:1] == (o.tunnel_source,):
+        return replace(vip, options=replace(o, tunnel_source=own))
+    return vip
+
+
+def _plan(config: Config, topo: Topology, sites: list[Site]) -> LabPlan:
+    """The lab builder's plan of the network, with what this lab adds to it."""
+    plan = plan_lab(config, topo, f"fo{os.getpid()}", root=LAB_ROOT, static_anycast=False)
+    for node in plan.namespaces:  # a cut link keeps its addresses when it comes back
+        plan.sysctls[node] = [f"net.ipv6.conf.{x}.keep_addr_on_down=1" for x in ("all", "default")]
+    # each LB routes its site's segment ids (SRv6) to the backend that owns them
+    for s in sites:
+        lan = topo.link(s.lan).subnet
+        for v in config.vips:
+            for b in v.backends:
+                if b.sid is not None and b.address in lan:
+                    for lb in s.lbs:
+                        dev = plan.iface(lb, s.lan).name
+                        plan.routes[lb].append(
+                            f"{b.sid}/128 via {b.address} dev {dev} proto {ROUTE_PROTO:#x}"
+                        )
+    return plan
 
 
 @contextmanager
@@ -388,31 +457,23 @@ def build(path: str | Path, *, log: Callable[[str], None] = lambda _m: None) -> 
         raise LabError("the failover lab needs root (network namespaces)", "run it as root")
     try:
         config, topo = load_topology(path)
-        raw = read_yaml(path)  # the raw sections, read within the same limits
     except ConfigError as exc:
         raise LabError(str(exc), "fix the file (v6lb check FILE)") from None
     client, upstream, sites, asn_site = _layout(config, topo)
-    vip = next((v.address for v in config.vips if v.mode.value.startswith(("dsr", "nat"))), None)
+    vip = next((v.address for v in config.vips if v.mode.is_dsr or v.mode is VipMode.NAT), None)
     if vip is None:
         raise LabError("the file has no dsr-* or nat VIP", "add one to vips:")
-    tag = f"v6lb-fo-{os.getpid()}"
-    work = Path(f"/tmp/{tag}")
-    work.mkdir(exist_ok=True)
-    ns = {n.name: f"{tag}-{i}" for i, n in enumerate(topo.nodes)}
-    lab = Lab(config, topo, work, ns, client, upstream, sites, vip, asn_site, log=log)
-    made: list[str] = []
+    plan = _plan(config, topo, sites)
+    lab = Lab(plan, client, upstream, sites, vip, asn_site, log=log)
+    build_network(plan)
     try:
-        for name in [*ns.values(), f"{tag}-sw"]:
-            _run(["ip", "netns", "add", name])
-            made.append(name)
-            _run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"])
-            for scope in ("all", "default"):  # a cut link keeps its addresses when it comes back
-                _run(
-                    ["ip", "netns", "exec", name, "sysctl", "-qw"]
-                    + [f"net.ipv6.conf.{scope}.keep_addr_on_down=1"]
-                )
-        _wire(lab, f"{tag}-sw")
-        _derive(lab, raw)
+        for n in topo.nodes:
+            if n.type is NodeType.ROUTER:
+                set_l4_ecmp_hash(lab.ns[n.name])
+        for s in sites:
+            for lb in s.lbs:
+                lab.nsx(lb, "nft", "-f", "-", stdin=_meter(lab.vip))
+        _write_instance_files(lab)
         _start(lab)
         yield lab
     finally:
@@ -422,64 +483,7 @@ def build(path: str | Path, *, log: Callable[[str], None] = lambda _m: None) -> 
             lab.kill_server(node)
         for b in lab.birds.values():
             b.kill()
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _wire(lab: Lab, sw: str) -> None:
-    topo = lab.topo
-    for i, lk in enumerate(topo.links):
-        br = f"b{i}"
-        _run(["ip", "netns", "exec", sw, "ip", "link", "add", br, "type", "bridge"])
-        _run(
-            ["ip", "netns", "exec", sw, "ip", "link", "set", br, "type", "bridge", "stp_state", "0"]
-        )
-        _run(["ip", "netns", "exec", sw, "ip", "link", "set", br, "up"])
-        for k, a in enumerate(lk.endpoints):
-            port = f"p{i}-{k}"
-            _run(
-                ["ip", "link", "add", lk.name[:15], "netns", lab.ns[a.node], "type", "veth"]
-                + ["peer", "name", port, "netns", sw]
-            )
-            _run(["ip", "netns", "exec", sw, "ip", "link", "set", port, "master", br, "up"])
-            lines = [f"link set {lk.name[:15]} up"]
-            lines += [
-                f"address add {x}/{lk.subnet.prefixlen} dev {lk.name[:15]} nodad"
-                for x in a.addresses
-            ]
-            lab.nsx(a.node, "ip", "-6", "-batch", "-", stdin="\n".join(lines) + "\n")
-    for n in topo.nodes:
-        if n.type in (NodeType.ROUTER, NodeType.LB):
-            lab.nsx(n.name, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        if n.type is NodeType.ROUTER:
-            set_l4_ecmp_hash(lab.ns[n.name])
-        _static_routes(lab, n.name)
-    # each LB routes its site's segment ids (SRv6) to the backend that owns them
-    for s in lab.sites:
-        lan = topo.link(s.lan).subnet
-        for v in lab.config.vips:
-            for b in v.backends:
-                sid = getattr(b, "sid", None)
-                if sid is not None and b.address in lan:
-                    for lb in s.lbs:
-                        lab.nsx(
-                            lb, "ip", "-6", "route", "replace", f"{sid}/128", "via", str(b.address)
-                        )
-        for lb in s.lbs:
-            lab.nsx(lb, "nft", "-f", "-", stdin=_meter(lab.vip))
-
-
-def _static_routes(lab: Lab, node: str) -> None:
-    """The node's static routes (again: the kernel drops them with a link that goes down)."""
-    lines = []
-    for r in lab.topo.node(node).routes:
-        if r.via is None:
-            continue
-        src = f" from {r.source}" if r.source is not None else ""
-        lines.append(f"route replace {r.prefix}{src} via {r.via}")
-    if lines:
-        lab.nsx(node, "ip", "-6", "-batch", "-", stdin="\n".join(lines) + "\n")
+        lab_down(plan.name, root=LAB_ROOT, log=io.StringIO())
 
 
 def _meter(vip: IPv6Address) -> str:
@@ -498,7 +502,12 @@ def _start(lab: Lab) -> None:
     ups = []
     for s in lab.sites:
         ups.append(
-            Neighbour(_proto(s.router), lab.addr(s.router, s.uplink), lab.asn_site, s.uplink[:15])
+            Neighbour(
+                _proto(s.router),
+                lab.addr(s.router, s.uplink),
+                lab.asn_site,
+                lab.ifname(lab.upstream, s.uplink),
+            )
         )
     up_settings = BgpSettings(
         UPSTREAM_ASN, None, bgp.hold, bgp.keepalive, bgp.bfd, None, tuple(ups)
@@ -510,10 +519,9 @@ def _start(lab: Lab) -> None:
         netns=lab.ns[lab.upstream],
     )
     for s in lab.sites:
-        peers = [Neighbour(_proto(lb), lab.addr(lb, s.lan), bgp.asn, s.lan[:15]) for lb in s.lbs]
-        peers.append(
-            Neighbour("upstream", lab.addr(lab.upstream, s.uplink), UPSTREAM_ASN, s.uplink[:15])
-        )
+        lan, uplink = lab.ifname(s.router, s.lan), lab.ifname(s.router, s.uplink)
+        peers = [Neighbour(_proto(lb), lab.addr(lb, s.lan), bgp.asn, lan) for lb in s.lbs]
+        peers.append(Neighbour("upstream", lab.addr(lab.upstream, s.uplink), UPSTREAM_ASN, uplink))
         st = BgpSettings(lab.asn_site, None, bgp.hold, bgp.keepalive, bgp.bfd, None, tuple(peers))
         conf = render_router(s.router, st, uplinks=["upstream"], uplink_med=s.cost)
         lab.birds[s.router] = start_bird(_proto(s.router), conf, lab.work, netns=lab.ns[s.router])
@@ -521,7 +529,7 @@ def _start(lab: Lab) -> None:
             addr = str(lab.addr(be, s.lan))
             _run(
                 [_v6lb(), "backend", str(lab.files[f"backends-{s.name}"]), "--address", addr]
-                + ["--dev", s.lan[:15], "--netns", lab.ns[be]]
+                + ["--dev", lab.ifname(be, s.lan), "--netns", lab.ns[be]]
             )
             lab.start_server(be)
     for s in lab.sites:
@@ -590,9 +598,10 @@ def _failure_action(
             dead,
         )
     if failure == "site-uplink":
+        uplink = lab.ifname(primary.router, primary.uplink)
 
         def cut() -> None:
-            lab.nsx(primary.router, "ip", "link", "set", primary.uplink[:15], "down")
+            lab.nsx(primary.router, "ip", "link", "set", uplink, "down")
 
         return f"site {primary.name}", cut, lambda: lab.via_site() == lab.sites[1].name, set()
     raise LabError(f"unknown failure {failure!r}", f"use one of: {', '.join(FAILURES)}")
@@ -722,8 +731,9 @@ def repair(lab: Lab, failure: str, timeout: float = 30) -> float:
             lab.servers.pop(be, None)
             lab.start_server(be)
     elif failure == "site-uplink":
-        lab.nsx(primary.router, "ip", "link", "set", primary.uplink[:15], "up")
-        _static_routes(lab, primary.router)
+        uplink = lab.ifname(primary.router, primary.uplink)
+        lab.nsx(primary.router, "ip", "link", "set", uplink, "up")
+        restore_routes(lab.plan, primary.router)
     lab.wait(f"the lab to recover from {failure}", lab.steady, timeout, 0.05)
     return round(time.monotonic() - t0, 3)
 
@@ -777,21 +787,30 @@ def site_network(lab: Lab) -> dict[str, IPv6Network]:
     return {s.name: lab.topo.link(s.lan).subnet for s in lab.sites}
 
 
-def lab_failover(args: Any) -> int:
-    """`v6lb lab failover FILE [--failure F]... [--rounds N]`: print the table (or JSON)."""
-    wanted: list[str] = args.failure or ["all"]
-    failures = list(FAILURES) if "all" in wanted else list(dict.fromkeys(wanted))
-    if args.rounds < 1 or args.flows < 1 or args.after <= 0:
+def lab_failover(
+    file: str | Path,
+    *,
+    failures: Sequence[str] = (),
+    rounds: int = 1,
+    flows: int = 30,
+    after_s: float = 3.0,
+    as_json: bool = False,
+) -> int:
+    """`v6lb lab failover FILE [--failure F]... [--rounds N]`: print the table (or JSON).
+
+    ``failures`` empty or holding ``all``: every failure of :data:`FAILURES`.
+    """
+    wanted = list(failures) or ["all"]
+    chosen = list(FAILURES) if "all" in wanted else list(dict.fromkeys(wanted))
+    if rounds < 1 or flows < 1 or after_s <= 0:
         raise LabError("--rounds, --flows and --after must be positive", "for example --rounds 3")
 
     def log(msg: str) -> None:
         sys.stderr.write(f"v6lb lab failover: {msg}\n")
         sys.stderr.flush()
 
-    rows = run_failovers(
-        args.file, failures, rounds=args.rounds, flows=args.flows, after_s=args.after, log=log
-    )
-    if args.json:
+    rows = run_failovers(file, chosen, rounds=rounds, flows=flows, after_s=after_s, log=log)
+    if as_json:
         sys.stdout.write(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
     else:
         sys.stdout.write(format_table(rows))

@@ -15,10 +15,15 @@ ENGINE``. ``down`` sends SIGTERM to the ``run`` processes first (they remove
 their nft tables, ip6tables rules and routes), then stops the rest, kills
 whatever is left in the namespaces, and deletes the namespaces (which deletes
 their veths and bridges). The lab creates nothing in the host's namespace.
+
+:func:`build_network` creates only a plan's network (namespaces, links, addresses,
+routes), for a lab that starts its own processes (:mod:`v6lb.lab.failover`);
+``down`` removes it the same way.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -48,6 +53,7 @@ from v6lb.model.config import ConfigError, load_topology
 from v6lb.model.config_dump import dump
 
 __all__ = [
+    "build_network",
     "lab_down",
     "lab_exec",
     "lab_status",
@@ -55,6 +61,7 @@ __all__ = [
     "list_labs",
     "load_plan",
     "resolve_name",
+    "restore_routes",
     "switch_namespace",
 ]
 
@@ -203,13 +210,7 @@ def lab_up(
             "drop --proxy (it chooses the proxy engine; the kernel modes need none)",
         )
     nginx.plan_nginx(plan)  # refuses port clashes before anything is created
-    if (plan.labdir / "state.json").exists() or any(
-        ns.startswith(f"v6lb-{name}-") for ns in _netns_list()
-    ):
-        raise LabError(
-            f"a lab named {name!r} already exists",
-            f"remove it with `v6lb lab down --name {name}`, or give another --name",
-        )
+    _refuse_existing(plan)
     plan.labdir.mkdir(parents=True, exist_ok=True)
     processes: list[dict[str, Any]] = []
     _write_state(plan, processes, "building")
@@ -226,6 +227,40 @@ def lab_up(
     return state
 
 
+def _refuse_existing(plan: LabPlan) -> None:
+    name = plan.name
+    if (plan.labdir / "state.json").exists() or any(
+        ns.startswith(f"v6lb-{name}-") for ns in _netns_list()
+    ):
+        raise LabError(
+            f"a lab named {name!r} already exists",
+            f"remove it with `v6lb lab down --name {name}`, or give another --name",
+        )
+
+
+def build_network(plan: LabPlan) -> None:
+    """Create the plan's namespaces, bridges, veths, addresses and routes; start nothing.
+
+    For a lab that runs its own processes (:mod:`v6lb.lab.failover`). ``state.json``
+    is written first, so :func:`lab_down` removes everything afterwards, also after a
+    crash; when building fails, what was built is removed before the error is raised.
+    """
+    _refuse_existing(plan)
+    plan.labdir.mkdir(parents=True, exist_ok=True)
+    _write_state(plan, [], "building")
+    try:
+        _build(plan)
+    except BaseException:
+        lab_down(plan.name, root=plan.labdir.parent, log=io.StringIO())
+        raise
+    _write_state(plan, [], "up")
+
+
+def restore_routes(plan: LabPlan, node: str) -> None:
+    """Add ``node``'s planned routes again (the kernel drops a route with its link's carrier)."""
+    _batch(plan.namespaces[node], [f"route replace {r}" for r in plan.routes[node]], family="-6")
+
+
 def _build(plan: LabPlan) -> None:
     sw = plan.switch_ns
     for ns in [sw, *plan.namespaces.values()]:
@@ -238,6 +273,7 @@ def _build(plan: LabPlan) -> None:
         sysctls = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
         fwd = "1" if node in plan.forwarding else "0"
         sysctls.append(f"net.ipv6.conf.all.forwarding={fwd}")
+        sysctls += plan.sysctls.get(node, [])
         _sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", *sysctls)
     lines = ["link set lo up"]
     for br, mtu in plan.bridges.values():

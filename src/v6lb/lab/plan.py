@@ -13,7 +13,9 @@ interfaces, addresses, routes and processes :mod:`v6lb.lab.netns` creates:
   longer than 10 characters), with a MAC derived from the link and node indexes;
 * routes: each node's :func:`~v6lb.model.topology.compute_fib` (static, default
   and anycast entries; connected ones come with the addresses), tagged
-  ``proto 0x77``;
+  ``proto 0x77``; with ``static_anycast=False`` the anycast entries are left to a
+  routing daemon the lab runs (BGP), so the plan has none;
+* extra sysctls per node (:attr:`LabPlan.sysctls`), set before its links exist;
 * per LB node, a derived config for ``v6lb run`` (:func:`derive_node_config`:
   ``dataclasses.replace`` on the typed config; :func:`v6lb.model.config_dump.dump`
   writes it): ``lb:`` rewritten for the node (its addresses and interfaces, an
@@ -139,6 +141,7 @@ class LabPlan:
     servers: list[Server] = field(default_factory=list)
     proxy_engine: str = "builtin"  # `v6lb run --proxy` for LB nodes with proxy-* VIPs
     dataplane: str = "kernel"  # `v6lb run --dataplane` for the LB nodes' L3/L4 VIPs and npt
+    sysctls: dict[str, list[str]] = field(default_factory=dict)  # node -> extra "key=value"
 
     def iface(self, node: str, link: str) -> Iface:
         return next(i for i in self.ifaces if i.node == node and i.link == link)
@@ -151,8 +154,19 @@ def _ifname(link: str, index: int) -> str:
     return f"v6lb-{link}" if len(link) <= 10 else f"v6lb-l{index}"
 
 
-def plan_lab(config: Config, topo: Topology, name: str, *, root: Path = LAB_ROOT) -> LabPlan:
-    """The whole lab for ``config`` (``topo`` is its topology)."""
+def plan_lab(
+    config: Config,
+    topo: Topology,
+    name: str,
+    *,
+    root: Path = LAB_ROOT,
+    static_anycast: bool = True,
+) -> LabPlan:
+    """The whole lab for ``config`` (``topo`` is its topology).
+
+    ``static_anycast=False``: no routes for the anycast announcements (the lab's
+    routers learn them by BGP).
+    """
     check_name(name)
     nodes = [n.name for n in topo.nodes]
     if len(nodes) > 250 or len(topo.links) > 250:
@@ -200,19 +214,21 @@ def plan_lab(config: Config, topo: Topology, name: str, *, root: Path = LAB_ROOT
             n.name: tuple(a for a in n.loopback if a not in decap) for n in topo.nodes if n.loopback
         },
         forwarding={n.name for n in topo.nodes if n.type in (NodeType.ROUTER, NodeType.LB)},
-        routes=_routes(topo, {lk.name: names[i] for i, lk in enumerate(topo.links)}),
+        routes=_routes(
+            topo, {lk.name: names[i] for i, lk in enumerate(topo.links)}, static_anycast
+        ),
     )
     _plan_lbs(plan)
     _plan_backends(plan)
     return plan
 
 
-def _routes(topo: Topology, ifname: dict[str, str]) -> dict[str, list[str]]:
+def _routes(topo: Topology, ifname: dict[str, str], static_anycast: bool) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for node, fib in compute_fib(topo).items():
         lines: list[str] = []
         for e in fib:
-            if e.origin == "connected":
+            if e.origin == "connected" or (e.origin == "bgp" and not static_anycast):
                 continue
             dst = "default" if e.prefix.prefixlen == 0 else str(e.prefix)
             words = [dst]
