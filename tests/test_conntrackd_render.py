@@ -176,12 +176,13 @@ def test_conntrackd_accepts_the_rendered_file(tmp_path: Path) -> None:
 
 def test_python_dataplane_refuses_sync(tmp_path: Path) -> None:
     """conntrackd replicates the kernel's table: `run --dataplane python` refuses the option."""
-    from v6lb.engines.kernel.run import RunError, prepare
+    from v6lb.engines.daemon import RunOptions, prepare
+    from v6lb.engines.plane import RunError
 
     path = tmp_path / "lb.yaml"
     path.write_text(yaml.safe_dump(BASE))
     with pytest.raises(RunError) as err:
-        prepare(str(path), dataplane="python")
+        prepare(RunOptions(str(path), dataplane="python"))
     assert "lb.conntrack_sync needs --dataplane kernel" in err.value.message
     assert err.value.fix == "run it with --dataplane kernel, or remove lb.conntrack_sync"
 

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from v6lb.core.verdict import FORWARD, PORT_INSIDE, PORT_OUTSIDE, REPLY
-from v6lb.engines.python.run import PythonRunner, _Port, build_forwarders, rps_mask
+from v6lb.engines.plane import PlaneContext
+from v6lb.engines.python.run import PythonPlane, _Port, build_forwarders, rps_mask
 from v6lb.engines.python.steer import plan
 from v6lb.model.config import load_config
 from v6lb.wire.checksum import fill_l4_checksum, ones_sum, pseudo_header_sum
@@ -71,7 +72,7 @@ class _Rig:
 
     def __init__(self, tmp_path: Path, kind: str, vnet: bool = False) -> None:
         config, path = _config(tmp_path)
-        self.runner = PythonRunner(config, path, log=lambda line: None)
+        self.runner = PythonPlane(config, PlaneContext(path=path, log=lambda line: None))
         self.fwd = self.runner.forwarders[kind]
         self.ours: dict[int, socket.socket] = {}  # port -> the "kernel" end
         self.theirs: list[socket.socket] = []  # the loop's ends, kept open

@@ -1,7 +1,7 @@
 """`v6lb status` for the proxy VIPs: the control socket of `v6lb run` with proxy VIPs.
 
-* No root: the proxy part of `v6lb run` (:func:`run_proxies`, what ``run`` calls
-  for a proxy-only file) serves proxy-l4 and proxy-l7 VIPs on [::1] in a thread
+* No root: the daemon of `v6lb run` with the builtin proxy plane (what ``run``
+  runs for a proxy-only file) serves proxy-l4 and proxy-l7 VIPs on [::1] in a thread
   of this process, with a real HTTP backend on [::1]; `v6lb status` runs as a
   subprocess and must count exactly the connections and requests made. (The
   config validator refuses ::1 as a VIP address, so a file cannot name it;
@@ -41,8 +41,9 @@ from netns_helpers import namespaces, nsx
 from test_proxy_fixtures import l4_vip, l7_vip
 from v6lb import cli
 from v6lb.engines.control import ControlError, query
+from v6lb.engines.daemon import Daemon
 from v6lb.engines.proxy.haproxy_run import OWNER, PREFIX, reap_stale_dirs
-from v6lb.engines.proxy.run import run_proxies
+from v6lb.engines.proxy.run import BuiltinProxyPlane
 from v6lb.engines.proxy.status import parse_haproxy_stat
 from v6lb.model.config import Config, LbSettings
 
@@ -133,6 +134,13 @@ def quiet(sock: str, names: tuple[str, ...]) -> Callable[[], dict[str, Any]]:
 # --- no root: builtin engine, proxy-only --------------------------------------------------
 
 
+def proxy_daemon(config: Config) -> Daemon:
+    """The instance `v6lb run` makes of a proxy-only file, in this process (no host check)."""
+    daemon = Daemon(config, [], path=config.source)
+    daemon.attach([BuiltinProxyPlane(config, daemon.context())])
+    return daemon
+
+
 def test_status_of_a_proxy_only_run_counts_what_was_done(tmp_path: Path, backend: int) -> None:
     sock = str(tmp_path / "ctl.sock")
     closed = socket.socket(socket.AF_INET6)
@@ -145,12 +153,12 @@ def test_status_of_a_proxy_only_run_counts_what_was_done(tmp_path: Path, backend
             vips=(l4_vip([backend], name="tcp", pp=False), l7_vip([backend], name="web"), dead),
             lb=LbSettings(instance="pst", control_socket=sock),
         )
-        stop = threading.Event()
+        daemon = proxy_daemon(config)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                run_proxies(config, engine="builtin", stop=stop, file=config.source)
+                daemon.run(signals=False)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -204,7 +212,7 @@ def test_status_of_a_proxy_only_run_counts_what_was_done(tmp_path: Path, backend
             assert f"[::1]:{backend} weight 1  UP" in text
             assert "kernel objects" not in text
         finally:
-            stop.set()
+            daemon.request_stop()
             t.join(20)
         assert not t.is_alive() and errors == []
         assert not os.path.exists(sock)  # the socket goes with the instance
@@ -222,7 +230,7 @@ def test_the_socket_of_a_live_instance_is_not_taken_over(tmp_path: Path) -> None
             source="p.yaml", vips=(l4_vip([9], pp=False),), lb=LbSettings(control_socket=sock)
         )
         with pytest.raises(ControlError, match="another instance already answers"):
-            run_proxies(config, engine="builtin", stop=threading.Event(), file="p.yaml")
+            proxy_daemon(config).install()
     finally:
         other.close()
 

@@ -33,11 +33,10 @@ listens, and counted in the ``control`` section of ``status``):
 one handler at a time; more are answered ``busy``), for a handler that takes
 seconds (the kernel plane's status reads the kernel's objects back).
 
-Status sections: a part of the process that is not the owner of the socket
-(the proxy engine next to the kernel data plane) adds a section to every
-``status`` answer with :func:`add_status_section`, so ONE socket answers for
-the whole instance. A section function is called on the answering thread; it
-must be thread-safe (the proxy engine hands the work to its event loop).
+The daemon (:mod:`v6lb.engines.daemon`) is the one owner of an instance's
+socket: its ``status`` handler composes the answer from every plane of the
+instance (the proxy engine's section included), so ONE socket answers for the
+whole instance. :meth:`ControlServer._call` adds the ``control`` counters.
 """
 
 from __future__ import annotations
@@ -56,13 +55,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from v6lb.errors import RuntimeFailure
+
 __all__ = [
     "ControlError",
     "ControlServer",
-    "add_status_section",
     "json_depth",
     "query",
-    "remove_status_section",
 ]
 
 MAX_REQUEST = 4096
@@ -75,36 +74,8 @@ _LOG_EVERY = 10.0  # seconds between two log lines of the same kind
 
 Handler = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
-_sections: dict[str, Callable[[], Any]] = {}
-_sections_lock = threading.Lock()
 
-
-def add_status_section(name: str, section: Callable[[], Any]) -> None:
-    """Add ``name: section()`` to every ``status`` answer of this process's control sockets."""
-    with _sections_lock:
-        _sections[name] = section
-
-
-def remove_status_section(name: str) -> None:
-    with _sections_lock:
-        _sections.pop(name, None)
-
-
-def _with_sections(answer: Mapping[str, Any]) -> Mapping[str, Any]:
-    with _sections_lock:
-        sections = list(_sections.items())
-    if not sections or "error" in answer:
-        return answer
-    out = dict(answer)
-    for name, section in sections:
-        try:
-            out[name] = section()
-        except Exception as exc:  # one broken section must not hide the rest
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    return out
-
-
-class ControlError(RuntimeError):
+class ControlError(RuntimeFailure, RuntimeError):
     """No instance answers on the socket, or its answer is not JSON."""
 
 
@@ -459,7 +430,7 @@ class ControlServer:
             answer = handler(request)
             if cmd != "status" or "error" in answer:
                 return answer
-            return {**_with_sections(answer), "control": self.stats()}
+            return {**answer, "control": self.stats()}
         except Exception as exc:
             self.note("handler_error", f"{cmd}: {type(exc).__name__}: {exc}")
             return {"error": f"{cmd} failed: {type(exc).__name__}: {exc}"}

@@ -18,14 +18,14 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from v6lb.model.config import Config
 from v6lb.render.haproxy import render_haproxy
 
-if TYPE_CHECKING:
-    from .status import ProxyStatus
+from .status import ProxyStatus
 
 __all__ = ["check_config", "reap_stale_dirs", "run_haproxy"]
 
@@ -125,9 +125,13 @@ def run_haproxy(
     stop_event: threading.Event | None = None,
     poll: float = 0.2,
     status: ProxyStatus | None = None,
+    on_start: Callable[[int], None] | None = None,
     **render: Any,
 ) -> dict[str, Any]:
-    """Run haproxy in the foreground on the rendered config until ``stop_event`` is set."""
+    """Run haproxy in the foreground on the rendered config until ``stop_event`` is set.
+
+    ``on_start`` is called with haproxy's pid once it has been started.
+    """
     binary = _binary()
     with contextlib.suppress(OSError):
         reap_stale_dirs()
@@ -147,6 +151,8 @@ def run_haproxy(
         (d / OWNER).write_text(f"{os.getpid()} {proc.pid}\n")
         if status is not None and sock:
             status.attach_haproxy(sock, proc.pid)
+        if on_start is not None:
+            on_start(proc.pid)
         try:
             while proc.poll() is None:
                 if stop_event is not None and stop_event.wait(poll):

@@ -1,76 +1,142 @@
-"""`v6lb run` for the proxy VIPs: the engine, and the control socket that reports on it.
+"""`v6lb run` for the proxy VIPs: the proxy engines as planes of the daemon.
 
-:func:`run_proxies` blocks until ``stop`` is set. It adds the ``proxy`` section
-to every status answer of this process (:func:`~v6lb.engines.control.add_status_section`),
-so when the L3/L4 data plane runs next to it (``own_control=False``), that data
-plane's control socket answers for the proxy VIPs too: one socket per instance.
-With proxy VIPs only (``own_control=True``), it opens ``lb.control_socket``
-itself and answers it on a thread of its own; the event loop never waits on a
-control client, and the snapshot itself is taken on the loop.
+:class:`BuiltinProxyPlane` (``--proxy builtin``, the asyncio server of
+:mod:`.server`) and :class:`HaproxyPlane` (``--proxy haproxy``, :mod:`.haproxy_run`)
+run the engine on a thread of their own; the daemon's loop (control socket,
+signals) never waits on it. They check their backends themselves, so they hand
+the daemon no pools. Their status is the ``proxy`` section of the instance's
+answer (:class:`~.status.ProxyStatus`): the builtin engine's counters are
+snapshotted on its event loop, HAProxy's read from its stats socket.
+
+A reload keeps the running proxy VIPs: a change to them takes effect at the
+next start (logged).
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from v6lb.engines.control import (
-    ControlError,
-    ControlServer,
-    add_status_section,
-    remove_status_section,
-)
+from v6lb.engines.kernel.host import host_links
+from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, Staged
+from v6lb.errors import UsageError
 from v6lb.model.config import Config
 
-from .server import ProxyServer, serve
-from .status import ProxyStatus, instance_status
+from .haproxy_run import run_haproxy
+from .server import serve
+from .status import ProxyStatus
 
-__all__ = ["run_proxies"]
+__all__ = ["BuiltinProxyPlane", "HaproxyPlane", "ProxyPlane"]
+
+_JOIN: float = 10.0  # seconds teardown waits for the engine's thread
 
 
-def run_proxies(
-    config: Config,
-    *,
-    engine: str,
-    stop: threading.Event,
-    file: str,
-    netns: str | None = None,
-    own_control: bool = True,
-    on_ready: Callable[[ProxyServer], None] | None = None,
-) -> dict[str, Any]:
-    """Serve the proxy VIPs until ``stop`` is set; the engine's final counters.
+class ProxyPlane(Plane):
+    """A proxy engine on its own thread; :meth:`engine` runs it until the stop event."""
 
-    Raises :class:`~v6lb.engines.control.ControlError` before any
-    VIP is served when the control socket cannot be opened.
-    """
-    status = ProxyStatus(config, engine)
-    control: ControlServer | None = None
-    answering: threading.Thread | None = None
-    if own_control:
-        started = time.time()
+    role: ClassVar[Role] = Role.PROXY
 
-        def base(request: Mapping[str, Any]) -> dict[str, Any]:
-            return instance_status(config, path=file, netns=netns, engine=engine, started=started)
+    def __init__(self, config: Config, ctx: PlaneContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.proxy_status = ProxyStatus(config, self.name)
+        self.final: Mapping[str, Any] | None = None  # the engine's last counters
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
-        path = config.lb.control_socket
+    @classmethod
+    def open(cls, config: Config, ctx: PlaneContext) -> ProxyPlane:
+        """Every proxy VIP's address must be on this host (in the namespace, if any)."""
+        here = host_links().addresses
+        for vip in config.vips:
+            if vip.mode.is_proxy and vip.address not in here:
+                raise UsageError(
+                    f"{ctx.path}: vips.{vip.name}.address: {vip.address} is not assigned to any "
+                    "interface of this host, so the proxy cannot receive its traffic; fix: add it "
+                    f"(ip -6 address add {vip.address}/128 dev lo) or fix the address"
+                )
+        return cls(config, ctx)
+
+    def engine(self) -> Mapping[str, Any]:
+        """Run the engine until ``self._stop`` is set; call ``self._ready.set()`` once it serves."""
+        raise NotImplementedError
+
+    def install(self) -> str:
+        """Start the engine's thread; return once it serves (raise if it failed to start)."""
+        self._thread = threading.Thread(target=self._main, name="v6lb-proxy", daemon=True)
+        self._thread.start()
+        while not self._ready.wait(0.05):
+            if not self._thread.is_alive():
+                break
+        if self._error is not None:
+            self._thread.join(_JOIN)
+            raise UsageError(f"proxy engine {self.name}: {self._error}") from None
+        n = sum(1 for v in self.config.vips if v.mode.is_proxy)
+        return f"proxy engine {self.name}: {n} VIP(s)"
+
+    def _main(self) -> None:
         try:
-            control = ControlServer(path, {"status": base})
-        except OSError as exc:
-            raise ControlError(
-                f"cannot open the control socket {path}: {exc.strerror or exc}; fix: run as"
-                " root, or give a writable path with lb.control_socket (or --control-socket)"
-            ) from None
-    add_status_section("proxy", status.section)
-    try:
-        if control is not None:
-            answering = control.serve_thread(stop)
-        return serve(config, proxy=engine, stop_event=stop, status=status, on_ready=on_ready)
-    finally:
-        stop.set()
-        if answering is not None:
-            answering.join(5)
-        if control is not None:
-            control.close()
-        remove_status_section("proxy")
+            self.final = self.engine()
+        except BaseException as exc:
+            self._error = exc
+            if self._ready.is_set() and not self._stop.is_set():
+                self.ctx.stop(UsageError(f"proxy engine {self.name}: {exc}"))
+            return
+        if self._ready.is_set() and not self._stop.is_set():  # e.g. haproxy exited
+            self.ctx.log(f"proxy engine {self.name} stopped")
+            self.ctx.stop(None)
+
+    def teardown(self) -> list[str]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(_JOIN)
+            self._thread = None
+        return []
+
+    def stage(self, config: Config) -> Staged:
+        running = [v for v in self.config.vips if v.mode.is_proxy]
+        if [v for v in config.vips if v.mode.is_proxy] == running:
+            return Staged()
+
+        def note() -> None:
+            self.ctx.log("the proxy VIPs changed: that takes effect at the next start")
+
+        return Staged(then=note)
+
+    def status(self) -> PlaneStatus:
+        try:
+            section: Any = self.proxy_status.section()
+        except Exception as exc:  # one broken section must not hide the rest
+            section = {"error": f"{type(exc).__name__}: {exc}"}
+        return PlaneStatus(sections={"proxy": section})
+
+
+class BuiltinProxyPlane(ProxyPlane):
+    """``--proxy builtin``: the asyncio engine (uvloop when installed)."""
+
+    name = "builtin"
+
+    def engine(self) -> Mapping[str, Any]:
+        return serve(
+            self.config,
+            stop_event=self._stop,
+            status=self.proxy_status,
+            on_ready=lambda server: self._ready.set(),
+        )
+
+
+class HaproxyPlane(ProxyPlane):
+    """``--proxy haproxy``: Debian's haproxy on the rendered haproxy.cfg."""
+
+    name = "haproxy"
+
+    def engine(self) -> Mapping[str, Any]:
+        return run_haproxy(
+            self.config,
+            stop_event=self._stop,
+            status=self.proxy_status,
+            on_start=lambda pid: self._ready.set(),
+        )

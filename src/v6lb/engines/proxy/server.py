@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
 from v6lb.model.config import Config, Vip, VipMode
@@ -30,9 +30,7 @@ from .health import HealthChecker, health_set_for
 from .l4 import L4Client
 from .l7 import L7Client
 from .runtime import Admission, VipRuntime
-
-if TYPE_CHECKING:
-    from .status import ProxyStatus
+from .status import ProxyStatus
 
 __all__ = ["ProxyServer", "install_uvloop", "serve"]
 
@@ -318,7 +316,6 @@ def _factory(cls: Any, rt: VipRuntime) -> Callable[[], asyncio.Protocol]:
 def serve(
     config: Config,
     *,
-    proxy: str = "builtin",
     stop_event: threading.Event | None = None,
     on_ready: Callable[[ProxyServer], None] | None = None,
     use_uvloop: bool = True,
@@ -328,18 +325,11 @@ def serve(
 ) -> dict[str, Any]:
     """Run the proxy VIPs of ``config`` until ``stop_event`` is set; returns the final counters.
 
-    Blocking: it runs its own event loop (uvloop when installed). ``proxy`` is
-    ``builtin`` or ``haproxy`` (which renders haproxy.cfg and runs haproxy
-    from PATH, see :mod:`.haproxy_run`). ``on_ready`` is called once every
+    Blocking: it runs its own event loop (uvloop when installed); ``--proxy
+    haproxy`` is :mod:`.haproxy_run` instead. ``on_ready`` is called once every
     listener is bound. ``status``, when given, is pointed at the running engine
     (its counters answer `v6lb status`). ``options`` go to :class:`ProxyServer`.
     """
-    if proxy == "haproxy":
-        from .haproxy_run import run_haproxy
-
-        return run_haproxy(config, stop_event=stop_event, poll=poll, status=status)
-    if proxy != "builtin":
-        raise ValueError(f"--proxy is builtin or haproxy, not {proxy!r}")
     if use_uvloop:
         install_uvloop()
 

@@ -21,22 +21,25 @@ import asyncio
 import concurrent.futures
 import csv
 import io
-import os
 import socket
 import threading
-import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from v6lb.engines.control import recv_all
 from v6lb.model.config import Config, Vip
 
-if TYPE_CHECKING:
-    from .server import ProxyServer
-
-__all__ = ["ProxyStatus", "haproxy_stat", "instance_status", "parse_haproxy_stat"]
+__all__ = ["BuiltinEngine", "ProxyStatus", "haproxy_stat", "parse_haproxy_stat"]
 
 _ANSWER_TIMEOUT = 5.0
+
+
+class BuiltinEngine(Protocol):
+    """What the status reads of the builtin engine (:class:`~.server.ProxyServer`)."""
+
+    def status(self) -> list[dict[str, Any]]: ...
+
+    def fd_status(self) -> dict[str, Any]: ...
 
 
 class ProxyStatus:
@@ -50,13 +53,13 @@ class ProxyStatus:
         self._state = "starting"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._server: ProxyServer | None = None
+        self._server: BuiltinEngine | None = None
         self._stats_socket: str | None = None
         self._pid: int | None = None
 
     # --- pointed at the engine by serve()/run_haproxy() ------------------------
 
-    def attach_builtin(self, server: ProxyServer) -> None:
+    def attach_builtin(self, server: BuiltinEngine) -> None:
         """Call on the server's loop, once it listens."""
         with self._lock:
             self._loop = asyncio.get_running_loop()
@@ -103,7 +106,7 @@ class ProxyStatus:
 
     @staticmethod
     def _on_loop(
-        loop: asyncio.AbstractEventLoop, loop_thread: int | None, server: ProxyServer
+        loop: asyncio.AbstractEventLoop, loop_thread: int | None, server: BuiltinEngine
     ) -> list[dict[str, Any]]:
         if threading.get_ident() == loop_thread:
             return server.status()
@@ -124,25 +127,6 @@ class ProxyStatus:
             raise TimeoutError(
                 f"the proxy engine's loop did not answer within {_ANSWER_TIMEOUT:g} s"
             ) from None
-
-
-def instance_status(
-    config: Config, *, path: str, netns: str | None, engine: str, started: float
-) -> dict[str, Any]:
-    """The instance part of a status answer when only proxy VIPs run (no kernel data plane)."""
-    return {
-        "instance": config.lb.instance,
-        "pid": os.getpid(),
-        "file": path,
-        "netns": netns,
-        "dataplane": None,
-        "proxy_engine": engine,
-        "control_socket": config.lb.control_socket,
-        "uptime_s": round(time.time() - started, 3),
-        "vips": [],
-        "npt": [],
-        "skipped": [],
-    }
 
 
 def _config_vip(vip: Vip) -> dict[str, Any]:

@@ -5,7 +5,7 @@ and handled by the sans-IO forwarders of :mod:`v6lb.core` (see
 docs/dataplane-python.md).
 """
 
-from v6lb.engines.python.run import PythonRunner, run_python
+from v6lb.engines.python.run import PythonPlane
 from v6lb.engines.python.steer import Side, Steering, plan
 
-__all__ = ["PythonRunner", "Side", "Steering", "plan", "run_python"]
+__all__ = ["PythonPlane", "Side", "Steering", "plan"]

@@ -1,21 +1,20 @@
 """`v6lb run FILE --dataplane python`: the core's forwarders on real packets through TUN.
 
-:func:`run_python` makes the same checks as the kernel data plane before it
-installs anything, then :class:`PythonRunner` creates the TUN devices, the
-routing tables and the ``ip -6 rule``s of :func:`~v6lb.engines.python.steer.plan`
-and runs one selector loop: the TUN devices (drained in batches by a loop per
-forwarder kind, one ``readv`` per packet into one preallocated buffer, written
-back from preallocated memoryviews; npt and nat with TUN offloads, RPS on every TUN;
-``dsr-l2`` frames out by AF_PACKET), the TCP health probes
-(:class:`~v6lb.engines.probe.TcpProber` driving the core's
-:class:`~v6lb.core.health.HealthSet`, which takes dead backends out of the
-forwarders' own :class:`~v6lb.core.backends.BackendPool`), the control socket
-(``status``), and the signals (SIGHUP: reload the file, keeping the running
-config if the new one fails; SIGTERM/SIGINT: remove everything tagged and exit 0).
+:class:`PythonPlane` is a plane of the daemon (:mod:`v6lb.engines.daemon`). It
+makes the same checks as the kernel data plane before it installs anything,
+then creates the TUN devices, the routing tables and the ``ip -6 rule``s of
+:func:`~v6lb.engines.python.steer.plan`. The daemon's selector loop calls it
+when a TUN device is readable: each device is drained in batches by a loop per
+forwarder kind (one ``readv`` per packet into one preallocated buffer, written
+back from preallocated memoryviews; npt and nat with TUN offloads, RPS on every
+TUN; ``dsr-l2`` frames out by AF_PACKET). The daemon's health probes take dead
+backends out of the forwarders' own :class:`~v6lb.core.backends.BackendPool`
+(:meth:`PythonPlane.pools`). A reload keeps the state of every forwarder whose
+part of the file did not change.
 
-Tracing (``V6LB_TRACE=1``, or ``trace=True``) logs one line per packet
-decision, at most :data:`TRACE_RATE` lines per second; without it the loop
-logs nothing.
+Tracing (``trace`` in the :class:`~v6lb.engines.plane.PlaneContext`: ``v6lb run
+--trace``) logs one line per packet decision, at most :data:`TRACE_RATE` lines
+per second; without it the loop logs nothing.
 """
 
 from __future__ import annotations
@@ -23,19 +22,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import selectors
-import signal
 import socket
 import struct
-import sys
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
-from v6lb.core.health import HealthState
 from v6lb.core.nptv6 import NptForwarder, NptMapping
 from v6lb.core.verdict import (
     ACTION_NAMES,
@@ -47,9 +41,7 @@ from v6lb.core.verdict import (
     PORT_OUTSIDE,
     REPLY,
 )
-from v6lb.engines.control import ControlServer
 from v6lb.engines.kernel.apply import (
-    KernelError,
     apply_nft,
     in_instance_block,
     limits_status,
@@ -60,15 +52,18 @@ from v6lb.engines.kernel.apply import (
     require_tools,
     run_tool,
 )
-from v6lb.engines.kernel.host import check_lb_host, enter_netns, require_ipv6_forwarding
-from v6lb.engines.kernel.run import (
+from v6lb.engines.kernel.host import check_lb_host, require_ipv6_forwarding
+from v6lb.engines.kernel.run import RUN_TOOLS, dsr_l2_links
+from v6lb.engines.plane import (
+    Plane,
+    PlaneContext,
+    PlaneStatus,
+    Ready,
+    Role,
     RunError,
-    _health_state,
-    _State,
-    dsr_l2_links,
-    load_for_run,
+    Staged,
+    VipCounter,
 )
-from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
@@ -79,16 +74,13 @@ from v6lb.wire.checksum import fill_l4_checksum
 from v6lb.wire.constants import NH_TCP, NH_UDP
 from v6lb.wire.reasons import Reason
 
-__all__ = ["BATCH", "TRACE_RATE", "PythonRunner", "build_forwarders", "run_python"]
+__all__ = ["BATCH", "TRACE_RATE", "PythonPlane", "build_forwarders", "rps_mask"]
 
 BATCH: Final = 256
 """Packets read from one device before the loop looks at the others again."""
 TRACE_RATE: Final = 20.0
-_TOOLS: Final = ("nft", "ip", "ip6tables", "ip6tables-save", "ip6tables-restore")
-_MODES: Final = tuple(m for m in VipMode if "python" in m.facts.planes)  # the mode table's
 _DSR: Final = tuple(m for m in VipMode if m.is_dsr)
 _ETH_P_IPV6: Final = b"\x86\xdd"
-_EVENTS: Final = 50
 _BUF: Final = 65536
 _VIEWS: Final = 2048
 """Packets up to this size are written from a preallocated memoryview of the read buffer."""
@@ -243,70 +235,70 @@ def l2_facts(config: Config, wait: float = 2.0) -> L2Facts | None:
         time.sleep(0.1)
 
 
-class PythonRunner:
-    """One installed Python data plane: call :meth:`install`, then :meth:`serve`."""
+class PythonPlane(Plane):
+    """The Python data plane of one instance: TUN devices, steering rules, the core's forwarders."""
+
+    name = "python"
+    role = Role.DATAPLANE
 
     def __init__(
-        self,
-        config: Config,
-        path: str,
-        *,
-        skipped: tuple[str, ...] = (),
-        netns: str | None = None,
-        trace: bool = False,
-        overrides: Mapping[str, str | None] | None = None,
-        log: Callable[[str], None] | None = None,
-        l2: L2Facts | None = None,
+        self, config: Config, ctx: PlaneContext | None = None, *, l2: L2Facts | None = None
     ) -> None:
         self.config = config
-        self.path = path
-        self.netns = netns
-        self.skipped = skipped
-        self.overrides = dict(overrides or {})
-        self.reloads = 0
-        self.health_changes = 0
-        self.last_error: str | None = None
-        self.trace = trace
+        self.ctx = ctx or PlaneContext(path=config.source)
+        self.trace = self.ctx.trace
         self.instance = config.lb.instance
-        self._log_out = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.events: deque[str] = deque(maxlen=_EVENTS)
-        self.started = time.time()
+        self._emit = self.ctx.emit
         self.l2_facts = l2
         self.l2: L2Egress | None = None
         self.forwarders = build_forwarders(config, l2.macs if l2 else None)
         self.steering: Steering = plan(config)
-        self.state: _State = _health_state(config, _pools(self.forwarders), time.monotonic(), set())
-        self.sel = selectors.DefaultSelector()
-        self.prober = TcpProber(self.sel)
         self.ports: list[_Port] = []
-        self.control: ControlServer | None = None
         self._buf = bytearray(_BUF)
         self._mv = memoryview(self._buf)
         self._views = [self._mv[:i] for i in range(_VIEWS + 1)]
         self._no_hdr = bytes(VNET_HDR_LEN)  # for packets v6lb made (ICMPv6 errors, fragments)
-        self._signals: list[int] = []
-        self._stop = False
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._next_expire = 0.0
         self._trace_tokens = TRACE_RATE
         self._trace_at = time.monotonic()
         self._trace_skipped = 0
 
-    def log(self, message: str) -> None:
-        now = time.time()
-        stamp = time.strftime("%H:%M:%S", time.localtime(now))
-        self.events.append(f"{stamp}.{int(now % 1 * 1000):03d} {message}")
-        self._log_out(f"v6lb run [{self.instance}]: {message}")
+    @classmethod
+    def preflight(cls, config: Config) -> None:
+        if config.lb.conntrack_sync is not None:
+            raise RunError(
+                f"{config.source}: lb.conntrack_sync needs --dataplane kernel: conntrackd"
+                " replicates the kernel's conntrack table, and the python data plane keeps its"
+                " flows in its own process",
+                "run it with --dataplane kernel, or remove lb.conntrack_sync",
+            )
+        require_root()
+        require_tools(*RUN_TOOLS)
+
+    @classmethod
+    def open(cls, config: Config, ctx: PlaneContext) -> PythonPlane:
+        """The same host checks as the kernel data plane, and the TUN's; nothing installed."""
+        check_lb_host(config)
+        l2 = l2_facts(config)
+        require_ipv6_forwarding(
+            ctx.netns, "the kernel would not route packets into and out of the TUNs"
+        )
+        if not os.path.exists("/dev/net/tun"):
+            raise RunError("/dev/net/tun is missing", "modprobe tun")
+        return cls(config, ctx, l2=l2)
+
+    def pools(self) -> Mapping[str, BackendPool]:
+        """The forwarders' own pools: a health change goes straight into them."""
+        return _pools(self.forwarders)
 
     # --- install / remove -------------------------------------------------------
 
-    def install(self) -> None:
-        """Open the control socket, remove leftovers, create the TUNs, rules and routes."""
-        self.control = ControlServer(
-            self.config.lb.control_socket, {"status": self.status}, log=self.log
-        )
+    def install(self) -> str:
+        """Remove leftovers, create the TUNs, rules and routes."""
+        log = self.ctx.log
         try:
             for item in remove(self.instance):
-                self.log(f"removed leftover {item}")
+                log(f"removed leftover {item}")
             by_kind: dict[str, dict[int, _Port]] = {}
             for side in self.steering.sides:
                 vnet = side.kind in ("npt", "nat")  # offloads: 64 KB TCP packets
@@ -329,9 +321,9 @@ class PythonRunner:
                     port.outs = outs
             if self.l2_facts is not None:
                 self.l2 = L2Egress(self.l2_facts)
-            spread = _spread_rps([p.side.name for p in self.ports], self.netns)
+            spread = _spread_rps([p.side.name for p in self.ports], self.ctx.netns)
             if spread:
-                self.log(spread)
+                log(spread)
             r = run_tool(["ip", "-6", "-batch", "-"], netns=None, stdin=self.steering.batch())
             if r.returncode != 0:
                 raise RunError(
@@ -341,192 +333,86 @@ class PythonRunner:
             # Not an open relay: what the host routes around the TUNs is v6lb's policy.
             apply_nft(render_forward_nft(self.config, self.steering.names()))
         except BaseException:
-            self.teardown()
+            for item in self.teardown():
+                log(f"removed {item}")
             raise
-        for line in self.skipped:
-            self.log(f"skipped VIP {line}")
-        self.log(
+        return (
             f"python data plane: {', '.join(self.steering.names())} for"
-            f" {', '.join(sorted(self.forwarders))}; control socket {self.config.lb.control_socket}"
+            f" {', '.join(sorted(self.forwarders))}"
         )
 
     def teardown(self) -> list[str]:
-        self.prober.close()
         for port in self.ports:
             try:
                 os.close(port.fd)  # the TUN device goes with its fd
             except OSError:
                 pass
-            self.log(f"removed TUN {port.side.name}")
+            self.ctx.log(f"removed TUN {port.side.name}")
         self.ports = []
         if self.l2 is not None:
             self.l2.close()
             self.l2 = None
-        removed: list[str] = []
-        try:
-            removed = remove(self.instance)
-        finally:
-            if self.control is not None:
-                self.control.close()
-                self.control = None
-        for item in removed:
-            self.log(f"removed {item}")
-        return removed
+        return remove(self.instance)
 
     # --- the loop ----------------------------------------------------------------
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals.append(signum)
+    def watch(self, selector: selectors.BaseSelector) -> None:
+        for port in self.ports:
+            selector.register(port.fd, selectors.EVENT_READ, Ready(self._ready(port)))
 
-    def serve(self) -> int:
-        """Run until SIGTERM/SIGINT (SIGHUP reloads); remove what was installed; the exit code."""
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        old = {
-            s: signal.signal(s, self._on_signal)
-            for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-        }
-        sel = self.sel
-        try:
-            for port in self.ports:
-                sel.register(port.fd, selectors.EVENT_READ, port)
-            assert self.control is not None
-            self.control.register(sel)
-            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            drains = {"npt": self._drain_npt, "nat": self._drain_nat}
-            next_expire = time.monotonic() + 1.0
-            while not self._stop:
-                timeout = self._probe_tick()
-                changed: set[str] = set()
-                for sk, _ in sel.select(timeout):
-                    data = sk.data
-                    if type(data) is _Port:
-                        if self.trace:
-                            self._drain_traced(data, time.monotonic())
-                        elif data.side.kind in drains and (
-                            data.side.kind == "nat" or data.fwd.first8_determines
-                        ):
-                            drains[data.side.kind](data, time.monotonic())
-                        else:
-                            self._drain(data, time.monotonic())
-                    elif isinstance(data, ProbeTag):
-                        changed |= self._probe_done(sk)
-                    elif isinstance(data, ControlServer):
-                        data.handle(sk)  # never blocks or raises (engines/control.py)
-                    elif data == "wake":
-                        try:
-                            while self._wake_r.recv(512):
-                                pass
-                        except BlockingIOError:
-                            pass
-                if changed:
-                    self._sync(changed)
-                now = time.monotonic()
-                if now >= next_expire:
-                    next_expire = now + 1.0
-                    self.control.expire(now)  # silent control clients
-                    nat = self.forwarders.get("nat")
-                    if nat is not None:
-                        nat.expire(now, 4096)
-                while self._signals:
-                    signum = self._signals.pop(0)
-                    if signum == signal.SIGHUP:
-                        self.reload()
-                        continue
-                    self.log(
-                        f"{signal.Signals(signum).name}: removing what this instance installed"
-                    )
-                    self._stop = True
-        finally:
-            self.sel.close()
-            signal.set_wakeup_fd(old_fd)
-            for s, h in old.items():
-                signal.signal(s, h)
-            self.teardown()
-            self.log("stopped")
-        return 0
+    def _ready(self, port: _Port) -> Callable[[], None]:
+        """What the daemon's loop calls when ``port`` is readable: the loop for its kind."""
 
-    # --- health ------------------------------------------------------------------
+        def ready() -> None:
+            if self.trace:
+                self._drain_traced(port, time.monotonic())
+            elif port.side.kind == "nat":
+                self._drain_nat(port, time.monotonic())
+            elif port.side.kind == "npt" and port.fwd.first8_determines:
+                self._drain_npt(port, time.monotonic())
+            else:
+                self._drain(port, time.monotonic())
 
-    def _probe_tick(self) -> float:
-        """Start the probes that are due, handle the monitors' timers; the select timeout."""
-        st = self.state
-        now = time.monotonic()
-        changed = drive_health(st.health, st.targets, self.prober, now)
-        if changed:
-            self._sync(changed)
-        return max(0.0, health_deadline(st.health, now) - time.monotonic())
+        return ready
 
-    def _probe_done(self, sk: selectors.SelectorKey) -> set[str]:
-        key, pid, ok = self.prober.handle(sk)
-        assert isinstance(key, tuple)
-        owner = self.state.health.get(key[0])
-        if (
-            owner is not None
-            and key[1] in owner
-            and owner.probe_result(key[1], ok, time.monotonic(), pid)
-        ):
-            return {key[0]}
-        return set()
+    def tick(self, now: float) -> float | None:
+        """Once a second: expire nat flows."""
+        if now >= self._next_expire:
+            self._next_expire = now + 1.0
+            nat = self.forwarders.get("nat")
+            if nat is not None:
+                nat.expire(now, 4096)
+        return self._next_expire
 
-    def _sync(self, vips: set[str]) -> None:
-        """Bring the forwarders' pools in line with health (their Maglev tables are rebuilt)."""
-        st = self.state
-        for name in sorted(vips):
-            hs, pool = st.health[name], st.pools[name]
-            moved = [i for i in range(len(pool)) if pool.set_up(i, hs.state(i) is HealthState.UP)]
-            if not moved:
-                continue
-            self.health_changes += 1
-            vip = st.config.vip(name)
-            states = ", ".join(f"{vip.backends[i].address} {hs.state(i)}" for i in moved)
-            self.log(f"{name}: {states}; table rebuilt ({len(pool)} backends)")
+    def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
+        """The pool is the forwarder's own: its Maglev table is already rebuilt."""
+        return f"table rebuilt ({len(pool)} backends)"
 
     # --- reload ------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """SIGHUP: load, check and apply the file again; on any failure keep what runs.
+    def stage(self, config: Config) -> Staged:
+        """Check and build the new file's forwarders; :meth:`Staged.commit` applies them.
 
         The set of devices (nat, npt, dsr) must stay the same. A forwarder
         whose part of the file did not change is kept with its state (conntrack,
-        flow cache, health); a changed one starts afresh. Backends that are
-        down stay down until their probes see them rise.
+        flow cache, health); a changed one starts afresh.
         """
-        old = self.state
-        try:
-            config, skipped = load_for_run(
-                self.path,
-                instance=self.overrides.get("instance"),
-                control_socket=self.overrides.get("control_socket"),
+        l2 = l2_facts(config)
+        check_lb_host(config)
+        steering = plan(config)
+        if [(s.kind, s.port) for s in steering.sides] != [
+            (s.kind, s.port) for s in self.steering.sides
+        ]:
+            raise RunError(
+                "the new file adds or removes a kind of forwarder (nat, npt, dsr)",
+                "restart `v6lb run` for that change",
             )
-            l2 = l2_facts(config)
-            if config.lb.instance != self.instance:
-                raise RunError(
-                    f"the instance name changed ({self.instance} -> {config.lb.instance})",
-                    "stop this instance and start the new one",
-                )
-            check_lb_host(config)
-            steering = plan(config)
-            if [(s.kind, s.port) for s in steering.sides] != [
-                (s.kind, s.port) for s in self.steering.sides
-            ]:
-                raise RunError(
-                    "the new file adds or removes a kind of forwarder (nat, npt, dsr)",
-                    "restart `v6lb run` for that change",
-                )
-            forwarders = build_forwarders(config, l2.macs if l2 else None)
-            for kind in forwarders:
-                if _part(self.config, kind) == _part(config, kind):
-                    forwarders[kind] = self.forwarders[kind]  # unchanged: keep its state
-            down = {
-                (name, str(vip.backends[i].address), vip.backends[i].port)
-                for name, hs in old.health.items()
-                for vip in [old.config.vip(name)]
-                for i in range(len(vip.backends))
-                if hs.state(i) is HealthState.DOWN
-            }
-            new = _health_state(config, _pools(forwarders), time.monotonic(), down)
+        forwarders = build_forwarders(config, l2.macs if l2 else None)
+        for kind in forwarders:
+            if _part(self.config, kind) == _part(config, kind):
+                forwarders[kind] = self.forwarders[kind]  # unchanged: keep its state
+
+        def commit() -> str:
             apply_nft(render_forward_nft(config, steering.names()))
             lines = _steering_diff(self.steering, steering)
             if lines:
@@ -534,28 +420,20 @@ class PythonRunner:
                 if r.returncode != 0:
                     apply_nft(render_forward_nft(self.config, self.steering.names()))
                     raise RunError(f"updating the steering rules failed: {r.stderr.strip()}", "")
-        except (KernelError, OSError, ValueError) as exc:
-            text = exc.message if isinstance(exc, KernelError) else str(exc)
-            self.last_error = f"reload failed, still running the previous config: {text}"
-            self.log(self.last_error)
-            return False
-        self.prober.close()
-        kept = sorted(k for k in forwarders if forwarders[k] is self.forwarders.get(k))
-        self.config, self.skipped, self.steering = config, skipped, steering
-        self.forwarders, self.state = forwarders, new
-        if l2 != self.l2_facts:
-            if self.l2 is not None:
-                self.l2.close()
-            self.l2 = L2Egress(l2) if l2 is not None else None
-            self.l2_facts = l2
-        for port in self.ports:
-            if port.fwd is not forwarders[port.side.kind]:
-                port.fwd = forwarders[port.side.kind]
-                port.cache.clear()
-        self.reloads += 1
-        self.last_error = None
-        self.log(f"reloaded {self.path}; kept the state of: {', '.join(kept) or 'none'}")
-        return True
+            kept = sorted(k for k in forwarders if forwarders[k] is self.forwarders.get(k))
+            self.config, self.steering, self.forwarders = config, steering, forwarders
+            if l2 != self.l2_facts:
+                if self.l2 is not None:
+                    self.l2.close()
+                self.l2 = L2Egress(l2) if l2 is not None else None
+                self.l2_facts = l2
+            for port in self.ports:
+                if port.fwd is not forwarders[port.side.kind]:
+                    port.fwd = forwarders[port.side.kind]
+                    port.cache.clear()
+            return f"; kept the state of: {', '.join(kept) or 'none'}"
+
+        return Staged(_pools(forwarders), commit)
 
     # The hot loops. Each reads one packet per readv into the one preallocated
     # buffer, handles it in place and writes it from a preallocated memoryview
@@ -773,11 +651,11 @@ class PythonRunner:
             what = f"{ACTION_NAMES[action]} -> port {arg}"
         skipped = f" ({self._trace_skipped} lines skipped)" if self._trace_skipped else ""
         self._trace_skipped = 0
-        self._log_out(f"v6lb trace [{port.side.name}]: {head} => {what}{skipped}")
+        self._emit(f"v6lb trace [{port.side.name}]: {head} => {what}{skipped}")
 
     # --- status ------------------------------------------------------------------
 
-    def status(self, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def status(self) -> PlaneStatus:
         config = self.config
         engine: dict[str, Any] = {}
         for kind, fwd in self.forwarders.items():
@@ -801,49 +679,14 @@ class PythonRunner:
             }
             for p in self.ports
         ]
-        vips = []
-        st = self.state
+        out = PlaneStatus()
+        pools = _pools(self.forwarders)
         for vip in config.vips:
-            if vip.mode not in _MODES:
+            if vip.name not in pools:
                 continue
-            kind = "nat" if vip.mode is VipMode.NAT else "dsr"
-            fwd = self.forwarders[kind]
-            pool = st.pools[vip.name]
-            hs = st.health[vip.name]
-            snap = fwd.counters.snapshot()
-            vips.append(
-                {
-                    "name": vip.name,
-                    "address": str(vip.address),
-                    "ports": list(vip.ports),
-                    "protocol": str(vip.protocol),
-                    "mode": str(vip.mode),
-                    "table_size": pool.size,
-                    "seed": pool.seed,
-                    "maps": [],
-                    "counter": {
-                        "name": f"python {kind} forwarded",
-                        "packets": snap["forwarded"],
-                        "bytes": 0,
-                    },
-                    "backends": [
-                        {
-                            "address": str(b.address),
-                            "port": b.port,
-                            "weight": b.weight,
-                            "drain": b.drain,
-                            "health": str(hs.state(i)),
-                            "probe": f"tcp [{t.address}]:{t.port}" if t else "none",
-                            "successes": m.successes if m else None,
-                            "failures": m.failures if m else None,
-                            "slots": pool.table.count(i),
-                        }
-                        for i, b in enumerate(vip.backends)
-                        for t in [st.targets.get((vip.name, i))]
-                        for m in [hs.monitor(i)]
-                    ],
-                }
-            )
+            kind = str(vip.mode.facts.forwarder)
+            snap = self.forwarders[kind].counters.snapshot()
+            out.counters[vip.name] = VipCounter(f"python {kind} forwarded", snap["forwarded"], 0)
         try:
             kernel = _kernel_objects(self.instance)
             counters = nft_counters(self.instance)
@@ -855,26 +698,8 @@ class PythonRunner:
             full = nat.counters.drops[Reason.CONNTRACK_FULL]
             counters["conntrack_full"] = (full, 0)
         limits = limits_status(config, counters, count=len(nat.conntrack) if nat else None)
-        return {
-            "instance": self.instance,
-            "pid": os.getpid(),
-            "file": self.path,
-            "netns": self.netns,
-            "dataplane": "python",
-            "control_socket": config.lb.control_socket,
-            "uptime_s": round(time.time() - self.started, 3),
-            "reloads": self.reloads,
-            "map_updates": self.health_changes,
-            "last_error": self.last_error,
-            "skipped": list(self.skipped),
-            "vips": vips,
-            "npt": [{"inside": str(p.inside), "outside": str(p.outside)} for p in config.npt],
-            "engine": engine,
-            "devices": devices,
-            "kernel": kernel,
-            **limits,
-            "events": list(self.events),
-        }
+        out.details = {"engine": engine, "devices": devices, "kernel": kernel, **limits}
+        return out
 
 
 def rps_mask(cpus: set[int] | frozenset[int]) -> str:
@@ -983,41 +808,3 @@ def _kernel_objects(instance: str) -> dict[str, Any]:
             )
             rules.append(f"pref {r.get('priority')} {match or 'all'} lookup {r.get('table')}")
     return {"routes": routes, "rules": rules}
-
-
-def run_python(
-    path: str,
-    *,
-    instance: str | None = None,
-    netns: str | None = None,
-    control_socket: str | None = None,
-    trace: bool | None = None,
-) -> int:
-    """Check, install, serve until SIGTERM/SIGINT, remove; the exit code.
-
-    Raises :class:`RunError` (a ``KernelError``) when a check fails, before
-    anything is installed.
-    """
-    require_root()
-    require_tools(*_TOOLS)
-    config, skipped = load_for_run(path, instance=instance, control_socket=control_socket)
-    if netns is not None:
-        enter_netns(netns)
-    check_lb_host(config)
-    l2 = l2_facts(config)
-    require_ipv6_forwarding(netns, "the kernel would not route packets into and out of the TUNs")
-    if not os.path.exists("/dev/net/tun"):
-        raise RunError("/dev/net/tun is missing", "modprobe tun")
-    if trace is None:
-        trace = os.environ.get("V6LB_TRACE", "") not in ("", "0")
-    runner = PythonRunner(
-        config,
-        path,
-        skipped=skipped,
-        netns=netns,
-        trace=trace,
-        overrides={"instance": instance, "control_socket": control_socket},
-        l2=l2,
-    )
-    runner.install()
-    return runner.serve()

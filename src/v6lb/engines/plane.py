@@ -1,0 +1,168 @@
+"""The data plane interface: what a plane gives the daemon (:mod:`v6lb.engines.daemon`).
+
+A `v6lb run` process is one :class:`~v6lb.engines.daemon.Daemon`. It owns the
+control socket, the signals, the reload policy, health driving, the log and the
+status; everything that moves packets is a :class:`Plane`:
+
+- an L3/L4 data plane (``--dataplane kernel|python``): :attr:`Plane.role` is
+  :attr:`Role.DATAPLANE`. Its :meth:`~Plane.pools` are the VIPs whose backends the
+  daemon probes; a health change reaches the plane as :meth:`~Plane.apply_pool_change`;
+- a proxy engine (``--proxy builtin|haproxy``): :attr:`Role.PROXY`. It checks its
+  backends itself (asyncio, or HAProxy's checks), runs on a thread of its own, and
+  adds the ``proxy`` section to the status.
+
+The life of a plane, as the daemon drives it::
+
+    cls.preflight(config)         # before the netns is entered: root, tools, options
+    plane = cls.open(config, ctx) # after: every check against the host; installs nothing
+    plane.install()               # atomically; on failure nothing stays behind
+    plane.watch(selector)         # its descriptors, with Ready(callback) as data
+    plane.tick(now)               # every loop turn; the next time it wants one
+    plane.apply_pool_change(vip, pool)
+    staged = plane.stage(config)  # SIGHUP: check and build, change nothing
+    staged.commit()               # then apply (the daemon marks known-down backends first)
+    plane.status()                # a PlaneStatus
+    plane.teardown()              # what it removed
+
+A new plane is a subclass in its own package and one line in
+:mod:`v6lb.engines.planes`; the modes it serves are the mode table's
+(:func:`v6lb.model.modes.modes_where`).
+"""
+
+from __future__ import annotations
+
+import selectors
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from v6lb.core.backends import BackendPool
+from v6lb.engines.kernel.apply import KernelError
+from v6lb.engines.planes import Role
+from v6lb.model.config import Config
+
+__all__ = [
+    "Plane",
+    "PlaneContext",
+    "PlaneStatus",
+    "Ready",
+    "Role",
+    "RunError",
+    "Staged",
+    "VipCounter",
+]
+
+
+class RunError(KernelError):
+    """`run` refuses to start (or a reload is refused): the message says why, ``fix`` what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneContext:
+    """What the daemon hands every plane."""
+
+    path: str  # the file, as given
+    netns: str | None = None  # the namespace the process entered (already entered)
+    trace: bool = False  # log one line per packet decision (the python plane)
+    log: Callable[[str], None] = print  # the instance's log: `v6lb run [<instance>]: ...`
+    emit: Callable[[str], None] = print  # a raw stderr line (trace lines)
+    stop: Callable[[BaseException | None], None] = lambda error: None
+    """A plane on a thread of its own ends the instance (thread-safe); with an error, it fails."""
+
+
+class Ready:
+    """The ``data`` of a plane's descriptor in the daemon's selector: ``fn()`` when readable."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+
+@dataclass(frozen=True, slots=True)
+class VipCounter:
+    """A VIP's packet counter as a data plane counts it (``counter`` in the status)."""
+
+    name: str
+    packets: int
+    bytes: int
+
+
+@dataclass(slots=True)
+class PlaneStatus:
+    """A plane's part of the status answer.
+
+    ``counters``/``maps`` by VIP name (an L3 plane; the daemon composes the VIP entries
+    with its health state), ``details``: the plane's own keys in answer order,
+    ``sections``: top-level keys added after ``events`` (the proxy's ``proxy``).
+    """
+
+    counters: dict[str, VipCounter] = field(default_factory=dict)
+    maps: dict[str, list[str]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Staged:
+    """A reload a plane has checked and built but not applied.
+
+    ``pools``: its new pools (the daemon marks the backends it knows are down in them
+    before ``commit``). ``commit()`` applies and returns the text for the "reloaded"
+    log line, or raises (the running state stays). ``then()`` runs after that line.
+    """
+
+    pools: dict[str, BackendPool] = field(default_factory=dict)
+    commit: Callable[[], str] = lambda: ""
+    then: Callable[[], None] = lambda: None
+
+
+class Plane:
+    """Base of every plane; the defaults suit a plane with nothing to say for that step."""
+
+    name: ClassVar[str]
+    role: ClassVar[Role]
+    threaded_status: ClassVar[bool] = False
+    """Its status is slow (it reads the kernel back): the daemon answers on worker threads."""
+
+    @classmethod
+    def preflight(cls, config: Config) -> None:
+        """Checks before the namespace is entered (root, tools, options); raise RunError."""
+
+    @classmethod
+    def open(cls, config: Config, ctx: PlaneContext) -> Plane:
+        """Every check against the host, and the plane ready to install (nothing installed)."""
+        raise NotImplementedError
+
+    def pools(self) -> Mapping[str, BackendPool]:
+        """The VIPs whose backends the daemon probes, by name (the plane's own pools)."""
+        return {}
+
+    def install(self) -> str:
+        """Install atomically (on failure nothing stays behind); a summary for the log, or ""."""
+        raise NotImplementedError
+
+    def watch(self, selector: selectors.BaseSelector) -> None:
+        """Register the plane's descriptors (``data``: a :class:`Ready`)."""
+
+    def tick(self, now: float) -> float | None:
+        """Periodic work on the loop's thread; when it wants the next call (monotonic) or None."""
+        return None
+
+    def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
+        """``pool`` (one of :meth:`pools`) changed: apply it; what was done, for the log.
+
+        Raises :class:`RunError` when it could not be applied (the daemon logs it).
+        """
+        return ""
+
+    def stage(self, config: Config) -> Staged:
+        """SIGHUP: check and build ``config``; change nothing yet."""
+        return Staged()
+
+    def status(self) -> PlaneStatus:
+        return PlaneStatus()
+
+    def teardown(self) -> list[str]:
+        """Remove what the plane installed; the items removed."""
+        return []
