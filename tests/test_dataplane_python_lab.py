@@ -77,7 +77,8 @@ def test_lab_python_dataplane_matches_kernel_hop_by_hop(tmp_path: Path) -> None:
     for kind, c in counters.items():
         assert c["forwarded"] >= 20, (kind, c)  # two requests, one of them 100 kB
     # The comparison is not vacuous: two different modes do differ.
-    nat, l2 = outcomes[0], outcomes[2]
+    by_mode = {o.mode: o for o in outcomes}
+    nat, l2 = by_mode["nat"], by_mode["dsr-l2"]
     assert nat.mode == "nat" and l2.mode == "dsr-l2"
     assert nat.hops["kernel"] != l2.hops["python"]
     assert any("traced from client ports" in line for line in lines), lines

@@ -98,6 +98,11 @@ def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
+def _is_private(name: str) -> bool:
+    """``_name`` is private; ``__version__`` and other dunders are public by convention."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def _graph() -> tuple[dict[str, set[str]], dict[str, list[tuple[str, str]]]]:
     """(module -> v6lb modules it imports, module -> [(target module, private name)])."""
     files = {_module_name(f): f for f in SRC.rglob("*.py")}
@@ -122,7 +127,7 @@ def _graph() -> tuple[dict[str, set[str]], dict[str, list[tuple[str, str]]]]:
                     edges[mod].add(target)
                 elif base in files:
                     edges[mod].add(base)
-                    if alias.name.startswith("_") and base != mod:
+                    if _is_private(alias.name) and base != mod:
                         private.setdefault(mod, []).append((base, alias.name))
     return edges, private
 
@@ -179,7 +184,6 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(reason="issue 13 in progress: removed when the refactor lands", strict=False)
 def test_no_import_cycles() -> None:
     """No two modules of src/ import each other, directly or around a ring, including
     imports made inside functions (ARCHITECTURE.md: imports flow one way)."""
@@ -187,7 +191,6 @@ def test_no_import_cycles() -> None:
     assert _cycles(edges) == []
 
 
-@pytest.mark.xfail(reason="issue 13 in progress: removed when the refactor lands", strict=False)
 def test_no_module_imports_a_siblings_private_names() -> None:
     """``from v6lb.x import _name`` reaches into another module's internals."""
     _, private = _graph()
