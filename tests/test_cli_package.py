@@ -35,13 +35,7 @@ def _imported(path: Path) -> set[str]:
 
 
 def _modules() -> list[Any]:
-    # cli/run.py still starts threads and handles signals until the daemon (issue 13
-    # item 1) takes that over; drop this mark when it lands.
-    pending = pytest.mark.xfail(reason="run orchestration moves to engines/daemon", strict=False)
-    return [
-        pytest.param(p, id=p.name, marks=[pending] if p.name == "run.py" else [])
-        for p in sorted(CLI.glob("*.py"))
-    ]
+    return [pytest.param(p, id=p.name) for p in sorted(CLI.glob("*.py"))]
 
 
 @pytest.mark.parametrize("path", _modules())

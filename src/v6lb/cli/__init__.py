@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from v6lb import __version__
 from v6lb.cli import check, control, explain, lab, maglev, npt, run
-from v6lb.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, V6lbError
+from v6lb.errors import UsageError, V6lbError
 
 __all__ = ["UsageError", "build_parser", "exit_code", "main"]
 
@@ -41,21 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 def exit_code(exc: BaseException) -> int | None:
     """The exit code for an error a command raised; None: not one v6lb reports (a bug).
 
-    :class:`V6lbError` carries its own (``ConfigError`` is a usage error,
-    ``ControlError`` a runtime failure). The lower layers' errors that do not derive
-    from it yet are mapped here, and only here.
+    Every error v6lb reports derives from :class:`~v6lb.errors.V6lbError` and carries
+    its own code (``ConfigError``, ``KernelError`` and ``LabError`` are usage errors;
+    ``ControlError``, ``ApplyError`` and ``MissingFeatureError`` runtime failures).
     """
-    if isinstance(exc, V6lbError):
-        return exc.exit_code
-    from v6lb.engines.control import ControlError
-    from v6lb.engines.kernel.apply import ApplyError, KernelError, MissingFeatureError
-    from v6lb.lab.plan import LabError
-
-    if isinstance(exc, (ApplyError, MissingFeatureError, ControlError)):
-        return EXIT_RUNTIME  # the host refused a valid change; no instance answered
-    if isinstance(exc, (KernelError, LabError)):
-        return EXIT_USAGE  # not root, a tool missing, a bad name: nothing was changed
-    return None
+    return exc.exit_code if isinstance(exc, V6lbError) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

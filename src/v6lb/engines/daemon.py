@@ -44,12 +44,12 @@ from typing import Any, Final
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthMonitor, HealthSet, HealthState
 from v6lb.engines.control import ControlError, ControlServer
-from v6lb.engines.kernel.apply import ApplyError, KernelError, MissingFeatureError
+from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.kernel.host import enter_netns
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Ready, Role, RunError, Staged
 from v6lb.engines.planes import names, plane_class, served_modes
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
-from v6lb.errors import RuntimeFailure, UsageError, V6lbError
+from v6lb.errors import UsageError, V6lbError
 from v6lb.model.config import Config, ConfigError, HealthType, load_config
 
 __all__ = [
@@ -792,12 +792,8 @@ def run_instance(options: RunOptions, *, log: Callable[[str], None] | None = Non
         daemon.install()
     except ControlError as exc:  # the socket is taken or cannot be made: fix the path
         raise UsageError(str(exc)) from None
-    except V6lbError:
-        raise
-    except (ApplyError, MissingFeatureError) as exc:
-        raise RuntimeFailure(str(exc)) from None
-    except KernelError as exc:
-        raise UsageError(str(exc)) from None
+    # every other refusal (ConfigError, KernelError, ApplyError, ...) is a V6lbError
+    # that carries its own exit code: it goes up unchanged
     try:
         return daemon.serve()
     except V6lbError:

@@ -38,6 +38,7 @@ from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Final
 
+from v6lb.errors import UsageError
 from v6lb.model.bgp import BgpSection
 from v6lb.model.config import (
     Config,
@@ -71,11 +72,11 @@ _NAME_RE: Final = re.compile(r"[a-z0-9]{1,12}")
 _INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
 
 
-class LabError(Exception):
-    """The lab cannot be built or found; ``fix`` says what to do."""
+class LabError(UsageError):
+    """The lab cannot be built or found; ``fix`` says what to do (exit 2)."""
 
-    def __init__(self, message: str, fix: str = "") -> None:
-        super().__init__(message + (f"\n  fix: {fix}" if fix else ""))
+    def __str__(self) -> str:
+        return self.message + (f"\n  fix: {self.fix}" if self.fix else "")
 
 
 def check_name(name: str) -> str:

@@ -25,9 +25,10 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
-from typing import Final
+from typing import ClassVar, Final
 
 from v6lb.core.backends import BackendPool
+from v6lb.errors import EXIT_RUNTIME, UsageError
 from v6lb.model.config import Config
 from v6lb.render.ip6tables import empty_tables, render_npt, splice, tagged_rules, tagged_tables
 from v6lb.render.nftables import (
@@ -50,13 +51,19 @@ APT_PACKAGES: Final = {
 _TIMEOUT: Final = 60.0
 
 
-class KernelError(RuntimeError):
-    """A kernel change failed; ``fix`` is what to do about it."""
+class KernelError(UsageError, RuntimeError):
+    """A kernel change could not be made; ``fix`` is what to do about it.
+
+    A usage error (exit 2) by default: not root, a tool missing, a host that does not
+    fit the file; nothing was changed. The kernel refusing a valid change is a runtime
+    failure (exit 1): :class:`ApplyError`, :class:`MissingFeatureError`.
+    """
 
     def __init__(self, message: str, fix: str) -> None:
-        super().__init__(f"{message}\n  fix: {fix}")
-        self.message = message
-        self.fix = fix
+        super().__init__(message, fix)
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  fix: {self.fix}"
 
 
 class NotRootError(KernelError):
@@ -68,11 +75,11 @@ class MissingToolError(KernelError):
 
 
 class MissingFeatureError(KernelError):
-    pass
+    exit_code: ClassVar[int] = EXIT_RUNTIME
 
 
 class ApplyError(KernelError):
-    pass
+    exit_code: ClassVar[int] = EXIT_RUNTIME
 
 
 # --- preconditions -----------------------------------------------------------------
