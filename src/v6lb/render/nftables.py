@@ -95,7 +95,6 @@ __all__ = [
     "L2Ports",
     "NatMap",
     "RenderError",
-    "maglev_pool",
     "map_names",
     "nat_maps",
     "render_backend_nft",
@@ -143,10 +142,6 @@ def vip_counter(config: Config, vip: Vip) -> str:
 
 
 # --- the Maglev tables -----------------------------------------------------------
-
-
-maglev_pool = pool_for
-"""The VIP's Maglev pool: :func:`v6lb.model.pools.pool_for`, the one pool rule of every engine."""
 
 
 def _pools(config: Config, pools: Mapping[str, BackendPool] | None) -> dict[str, BackendPool]:
