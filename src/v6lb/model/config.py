@@ -469,7 +469,9 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
                 raise w.index(i).error(f"{name} is listed twice", "list each interface once")
             interfaces.append(name)
     socket_path = f.string(
-        "control_socket", default_control_socket(instance), example="control_socket: /run/v6lb/lb0.sock"
+        "control_socket",
+        default_control_socket(instance),
+        example="control_socket: /run/v6lb/lb0.sock",
     )
     problem = control_socket_problem(socket_path, instance)
     if problem is not None:
