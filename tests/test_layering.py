@@ -1,4 +1,4 @@
-"""The sans-IO rule: wire/, core/ and render/ import no I/O modules (ARCHITECTURE.md)."""
+"""The sans-IO rule: wire/, core/ and render/ import no I/O modules (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 def test_no_import_cycles() -> None:
     """No two modules of src/ import each other, directly or around a ring, including
-    imports made inside functions (ARCHITECTURE.md: imports flow one way)."""
+    imports made inside functions (docs/architecture.md: imports flow one way)."""
     edges, _ = _graph()
     assert _cycles(edges) == []
 

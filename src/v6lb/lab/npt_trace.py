@@ -1,6 +1,6 @@
 """`v6lb lab trace --mode npt`: the NPT server reached at its mapped address, and its own connection out.
 
-NPT is not a VIP (ARCHITECTURE.md): the client connects to the mapped (outside)
+NPT is not a VIP (docs/architecture.md): the client connects to the mapped (outside)
 address of a host inside an ``npt:`` pair, which the LB's kernel translates
 statelessly (ip6tables DNPT/SNPT). The trace adds a second connection the other
 way: the inside host opens one to a listener on the client, and must arrive

@@ -1,4 +1,4 @@
-"""What a validated config would set up, as text for ``v6lb check`` (see ``Config.summary``)."""
+"""What a validated config would set up, as text for ``v6lb check`` (:func:`summarize`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The explain builder: hop records in, a hop-by-hop table and plain answers out.
 
-Used by the simulator's ``v6lb explain``/``v6lb demo`` and, later, by the lab to
+Used by the simulator's ``v6lb explain``/``v6lb demo`` and by ``v6lb lab trace`` to
 explain real captures. It only compares what was observed: for each packet it
 lines up consecutive hops (same ``packet_id``) and reports which addresses,
 ports, encapsulation and hop limit changed at which node

@@ -17,8 +17,8 @@ kernel data plane, ``modes_where(tunnels=True)`` the tunnel modes, and so on.
 ``StrEnum`` of the VIP mode names, which reads its properties from this table).
 
 ``planes`` lists the data planes that serve a mode today: ``kernel`` and
-``python``. ARCHITECTURE.md also names ``xdp`` for ``npt`` and ``dsr-*``; it is
-not listed because no XDP plane exists yet. ``proxies`` lists the proxy engines
+``python``. A new data plane adds its member to :class:`Plane` and lists itself in
+the rows it serves (docs/extending.md). ``proxies`` lists the proxy engines
 (``builtin``, ``haproxy``) of the ``proxy-*`` modes.
 
 This module imports nothing from the rest of v6lb but the wire constants, so
@@ -209,10 +209,10 @@ _TABLE: Final = (
 )
 
 MODES: Final[Mapping[str, ModeFacts]] = MappingProxyType({m.name: m for m in _TABLE})
-"""Every mode name -> its facts, in the order of ARCHITECTURE.md."""
+"""Every mode name -> its facts, in the order of docs/architecture.md."""
 
 NAMES: Final = tuple(MODES)
-"""The eight mode names, in the order of ARCHITECTURE.md."""
+"""The eight mode names, in the order of docs/architecture.md."""
 
 
 def facts(mode: str) -> ModeFacts:

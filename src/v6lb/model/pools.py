@@ -1,6 +1,6 @@
 """The adapter from the config model to the core's plain specs: pools, services, forwarders.
 
-The core never reads the config (ARCHITECTURE.md): it takes plain values, its
+The core never reads the config (docs/architecture.md): it takes plain values, its
 own specs (:class:`~v6lb.core.backends.BackendSpec`,
 :class:`~v6lb.core.nat66.NatService`, :class:`~v6lb.core.dsr.DsrService`, the
 forwarders' constructors). This module is the one place that builds them from
