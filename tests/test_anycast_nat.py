@@ -47,7 +47,6 @@ from test_anycast_lab import (
     EXAMPLE,
     LBS,
     ROUTER,
-    SERVER,
     VIP,
     batch,
     lab,
@@ -57,6 +56,7 @@ from test_anycast_lab import (
     wait_for,
 )
 from v6lb.engines.bird import birdc_run, start_bird
+from v6lb.lab.failover import GREET_SERVER
 from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
 from v6lb.render.bird import render_router, static_name
 
@@ -230,7 +230,7 @@ def nat_lab(tmp: Path, snat: bool) -> Iterator[tuple[dict[str, str], dict[str, s
         birds.append(start_bird("router", render_router("router", router), tmp, netns=rt))
         for role, (addr, _) in BACKENDS.items():
             s = subprocess.Popen(
-                ["ip", "netns", "exec", ns[role], sys.executable, "-c", SERVER, addr, "80"],
+                ["ip", "netns", "exec", ns[role], sys.executable, "-m", GREET_SERVER, addr, "80"],
                 stdout=subprocess.PIPE,
                 text=True,
                 start_new_session=True,

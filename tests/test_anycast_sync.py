@@ -60,7 +60,6 @@ from test_anycast_lab import (
     EXAMPLE,
     LBS,
     ROUTER,
-    SERVER,
     V6LB,
     VIP,
     batch,
@@ -73,6 +72,7 @@ from test_anycast_lab import (
 from test_anycast_nat import RST_COUNTERS, Client, rst_counts
 from v6lb.engines.bird import start_bird
 from v6lb.engines.control import query
+from v6lb.lab.failover import GREET_SERVER
 from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
 from v6lb.render.bird import render_router
 
@@ -249,7 +249,17 @@ def test_nat_flows_survive_instance_loss_with_conntrack_sync() -> None:
             birds.append(start_bird("router", render_router("router", router), tmp, netns=rt))
             for role, (addr, _) in BACKENDS.items():
                 s = subprocess.Popen(
-                    ["ip", "netns", "exec", ns[role], sys.executable, "-c", SERVER, addr, "80"],
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns[role],
+                        sys.executable,
+                        "-m",
+                        GREET_SERVER,
+                        addr,
+                        "80",
+                    ],
                     stdout=subprocess.PIPE,
                     text=True,
                     start_new_session=True,
