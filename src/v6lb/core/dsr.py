@@ -71,12 +71,14 @@ from v6lb.wire.constants import (
     RT_SRH,
     TE_HOP_LIMIT,
 )
+from v6lb.wire.encap import Encap
 from v6lb.wire.ipv6 import PacketInfo, parse
 from v6lb.wire.reasons import Reason
 
 __all__ = [
     "DsrForwarder",
     "DsrService",
+    "ENCAP",
     "MODE_IP6IP6",
     "MODE_L2",
     "MODE_SRV6",
@@ -89,8 +91,11 @@ MODE_L2: Final = "dsr-l2"
 MODE_IP6IP6: Final = "dsr-ip6ip6"
 MODE_SRV6: Final = "dsr-srv6"
 
-OVERHEAD: Final = {MODE_L2: 0, MODE_IP6IP6: IPV6_HDR_LEN, MODE_SRV6: IPV6_HDR_LEN + 24}
-"""Bytes each mode adds in front of the client's packet."""
+ENCAP: Final = {MODE_L2: Encap.NONE, MODE_IP6IP6: Encap.IP6IP6, MODE_SRV6: Encap.SRV6}
+"""Each mode's encapsulation (the mode table names the same: tests/test_modes.py)."""
+
+OVERHEAD: Final = {mode: e.overhead for mode, e in ENCAP.items()}
+"""Bytes each mode adds in front of the client's packet (declared by :class:`Encap`)."""
 
 OUTER_HOP_LIMIT: Final = 64
 """Hop limit of the outer header: set like a host would (RFC 2473 §6.3), not copied."""

@@ -25,6 +25,7 @@ from v6lb.wire.constants import (
     NH_UDP,
     PROTO_NAMES,
 )
+from v6lb.wire.encap import Encap
 from v6lb.wire.ipv6 import PacketInfo, flow_label, parse
 
 TCP_FLAG_NAMES = ((0x02, "S"), (0x10, "A"), (0x08, "P"), (0x01, "F"), (0x04, "R"))
@@ -118,7 +119,7 @@ def view(pkt: bytes | bytearray, depth: int = 0) -> PacketView:
         )
     if proto == NH_IPV6 and depth < 3:
         inner = view(data[l4 : info.end], depth + 1)
-        name = "srv6" if segments else "ipv6-in-ipv6"
+        name = (Encap.SRV6 if segments else Encap.IP6IP6).views[0]
         return PacketView(
             Endpoint(src), Endpoint(dst), name, hl, fl, len(data), "", inner, segments
         )
@@ -208,7 +209,7 @@ def diff(prev: PacketView, cur: PacketView) -> list[Change]:
     """What differs between the same packet before and after a node."""
     out: list[Change] = []
     if cur.encapsulated and not prev.encapsulated:
-        kind = "SRv6 (outer IPv6 + SRH)" if cur.proto == "srv6" else "IPv6-in-IPv6"
+        kind = (Encap.viewed_as(cur.proto) or Encap.IP6IP6).title
         out.append(
             Change(
                 ChangeKind.ENCAP, f"encapsulated in {kind}: outer {cur.src.addr} -> {cur.dst.addr}"

@@ -21,7 +21,10 @@ kernel data plane, ``modes_where(tunnels=True)`` the tunnel modes, and so on.
 the rows it serves (docs/extending.md). ``proxies`` lists the proxy engines
 (``builtin``, ``haproxy``) of the ``proxy-*`` modes.
 
-This module imports nothing from the rest of v6lb but the wire constants, so
+A tunnel mode's ``encap`` is a member of :class:`~v6lb.wire.encap.Encap`
+(re-exported here), which declares each encapsulation once: its overhead, its
+outer next header and its names; the core's DSR forwarder reads the same
+members. This module imports nothing from the rest of v6lb but that, so
 :mod:`v6lb.model.config` (and anything else) may import it.
 """
 
@@ -33,7 +36,7 @@ from enum import Enum, StrEnum
 from types import MappingProxyType
 from typing import Final
 
-from v6lb.wire.constants import IPV6_HDR_LEN
+from v6lb.wire.encap import Encap
 
 __all__ = [
     "MODES",
@@ -48,8 +51,6 @@ __all__ = [
     "modes_where",
 ]
 
-_SRH_ONE_SEGMENT: Final = 8 + 16  # RFC 8754: the fixed part and one 16-byte segment
-
 
 class Kind(Enum):
     """What a mode does to the client's packet."""
@@ -59,18 +60,6 @@ class Kind(Enum):
     NAT = "nat"  # stateful address translation
     DSR = "dsr"  # forwards the packet unchanged; the backend answers directly
     ANNOUNCE = "announce"  # how VIPs are announced (anycast), not a forwarding mode
-
-
-class Encap(Enum):
-    """How the LB wraps the client's packet, and the bytes that adds in front of it."""
-
-    NONE = ("none", 0)
-    IP6IP6 = ("ip6ip6", IPV6_HDR_LEN)  # RFC 2473
-    SRV6 = ("srv6", IPV6_HDR_LEN + _SRH_ONE_SEGMENT)  # RFC 8754, one segment
-
-    def __init__(self, label: str, overhead: int) -> None:
-        self.label = label
-        self.overhead = overhead
 
 
 class Plane(StrEnum):

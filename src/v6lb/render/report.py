@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from v6lb.model.explain import Answers, Explanation, Row, answer_lines
+from v6lb.wire.encap import VIEW_NAMES
 
 __all__ = ["render_report", "render_sequence_svg", "lane_order"]
 
@@ -38,7 +39,7 @@ ROLE_COLOURS: Mapping[str, tuple[str, str]] = {
     "pod": ("#be185d", "#fce7f3"),
     "": ("#6b7280", "#f3f4f6"),
 }
-ENCAP_PROTOS = frozenset({"ipv6-in-ipv6", "srv6", "ipv6"})
+ENCAP_PROTOS = VIEW_NAMES  # the hop names of an encapsulated packet (wire/encap.py)
 ADDRESS_CHANGES = ("source", "destination", "inner ", "encapsulated", "decapsulated")
 
 # Geometry of the sequence diagram, in CSS pixels.

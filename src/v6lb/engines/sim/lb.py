@@ -49,7 +49,7 @@ from v6lb.model.config import (
     Vip,
     VipMode,
 )
-from v6lb.model.modes import Encap, facts
+from v6lb.model.modes import facts
 from v6lb.model.pools import dsr_forwarder, nat_forwarder, npt_forwarder, pool_for
 from v6lb.model.topology import NPT, Node
 from v6lb.wire.constants import (
@@ -74,10 +74,6 @@ _REPLY_REASON = {
 }
 
 
-_ENCAP_TO = {
-    Encap.SRV6: "encapsulated to its SID",
-    Encap.IP6IP6: "encapsulated to its address (IPv6-in-IPv6)",
-}
 _NOT_NAT = (Reason.NO_MATCH, Reason.ICMP_ERROR_UNMATCHED)
 
 
@@ -492,7 +488,7 @@ class LbNode(SimNode):
         if len(data) > 40 and data[6] == NH_ICMPV6 and data[40] < 128:
             return f"ICMPv6 error about a flow of {who}: passed on to that backend"
         if fresh:
-            return f"flow cache miss: jhash+Maglev picked {who}; {_ENCAP_TO.get(facts(mode).encap, 'sent on')}"
+            return f"flow cache miss: jhash+Maglev picked {who}; {facts(mode).encap.sent}"
         return f"flow cache hit: {who}"
 
     # --- state, for the explanation ----------------------------------------------------

@@ -27,6 +27,7 @@ from v6lb.wire.constants import (
     NH_UDP,
     TE_HOP_LIMIT,
 )
+from v6lb.wire.encap import OUTER_NEXT_HEADERS
 from v6lb.wire.ipv6 import PacketInfo, parse
 from v6lb.wire.reasons import Reason
 
@@ -150,7 +151,7 @@ class SimNode:
 
     def deliver(self, data: bytearray, link: str, sender: str, pid: int, leg: str) -> None:
         """Traffic for one of our addresses: decapsulate if it is a DSR tunnel, else the stack."""
-        if self.decap is not None and data[6] in (41, 43):
+        if self.decap is not None and data[6] in OUTER_NEXT_HEADERS:
             action, arg, out = self.decap.process(data, 0, self.now)
             if action == FORWARD:
                 assert isinstance(out, bytearray | bytes)
