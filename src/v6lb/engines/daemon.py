@@ -3,7 +3,8 @@
 :class:`Daemon` owns what every engine needs once per instance:
 
 * the control socket (:class:`~v6lb.engines.control.ControlServer`) answering
-  ``status`` with one typed :class:`Status` composed from its planes;
+  ``status`` with one typed :class:`~v6lb.model.status.InstanceStatus`
+  composed from its planes;
 * the signals (SIGTERM/SIGINT stop, SIGHUP reloads) and the one selector loop,
   woken by the signals through a wake descriptor; planes add their descriptors
   (:meth:`~v6lb.engines.plane.Plane.watch`) and periodic work
@@ -51,13 +52,11 @@ from v6lb.engines.planes import names, plane_class, served_modes
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.errors import UsageError, V6lbError
 from v6lb.model.config import Config, ConfigError, HealthType, load_config
+from v6lb.model.status import BackendStatus, Counter, InstanceStatus, NptStatus, VipStatus
 
 __all__ = [
-    "BackendStatus",
     "Daemon",
     "RunOptions",
-    "Status",
-    "VipStatus",
     "load_for_run",
     "prepare",
     "run_instance",
@@ -66,6 +65,35 @@ __all__ = [
 _INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
 _EVENTS: Final = 50
 _EXPIRE_EVERY: Final = 1.0  # seconds between two sweeps of silent control clients
+# the answer's keys before the data plane's own (docs/run.md); the proxies' sections come last
+_ANSWER_KEYS: Final = (
+    "instance",
+    "pid",
+    "file",
+    "netns",
+    "dataplane",
+    "control_socket",
+    "uptime_s",
+    "reloads",
+    "map_updates",
+    "last_error",
+    "skipped",
+    "vips",
+    "npt",
+)
+_PROXY_ONLY_KEYS: Final = (  # no data plane: the proxy engine answers alone
+    "instance",
+    "pid",
+    "file",
+    "netns",
+    "dataplane",
+    "proxy_engine",
+    "control_socket",
+    "uptime_s",
+    "vips",
+    "npt",
+    "skipped",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,110 +242,6 @@ class Health:
             for vip in [config.vip(name)]
             for i in range(len(vip.backends))
             if hs.state(i) is HealthState.DOWN
-        }
-
-
-# --- status -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BackendStatus:
-    address: str
-    port: int | None
-    weight: int
-    drain: bool
-    health: str
-    probe: str
-    successes: int | None
-    failures: int | None
-    slots: int
-
-
-@dataclass(frozen=True, slots=True)
-class VipStatus:
-    name: str
-    address: str
-    ports: tuple[int, ...]
-    protocol: str
-    mode: str
-    table_size: int
-    seed: int
-    maps: tuple[str, ...]
-    counter: tuple[str, int, int]  # name, packets, bytes
-    backends: tuple[BackendStatus, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        name, packets, nbytes = self.counter
-        return {
-            "name": self.name,
-            "address": self.address,
-            "ports": list(self.ports),
-            "protocol": self.protocol,
-            "mode": self.mode,
-            "table_size": self.table_size,
-            "seed": self.seed,
-            "maps": list(self.maps),
-            "counter": {"name": name, "packets": packets, "bytes": nbytes},
-            "backends": [dataclasses.asdict(b) for b in self.backends],
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """One status answer. ``details``: the data plane's keys; ``sections``: the proxies'."""
-
-    instance: str
-    pid: int
-    file: str
-    netns: str | None
-    dataplane: str | None
-    proxy_engine: str | None
-    control_socket: str
-    uptime_s: float
-    reloads: int
-    map_updates: int
-    last_error: str | None
-    skipped: tuple[str, ...]
-    vips: tuple[VipStatus, ...]
-    npt: tuple[tuple[str, str], ...]
-    details: Mapping[str, Any]
-    events: tuple[str, ...]
-    sections: Mapping[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        """The answer on the control socket (docs/run.md, `v6lb status`)."""
-        if self.dataplane is None:  # proxy VIPs only
-            return {
-                "instance": self.instance,
-                "pid": self.pid,
-                "file": self.file,
-                "netns": self.netns,
-                "dataplane": None,
-                "proxy_engine": self.proxy_engine,
-                "control_socket": self.control_socket,
-                "uptime_s": self.uptime_s,
-                "vips": [],
-                "npt": [],
-                "skipped": [],
-                **self.sections,
-            }
-        return {
-            "instance": self.instance,
-            "pid": self.pid,
-            "file": self.file,
-            "netns": self.netns,
-            "dataplane": self.dataplane,
-            "control_socket": self.control_socket,
-            "uptime_s": self.uptime_s,
-            "reloads": self.reloads,
-            "map_updates": self.map_updates,
-            "last_error": self.last_error,
-            "skipped": list(self.skipped),
-            "vips": [v.to_json() for v in self.vips],
-            "npt": [{"inside": i, "outside": o} for i, o in self.npt],
-            **self.details,
-            "events": list(self.events),
-            **self.sections,
         }
 
 
@@ -649,10 +573,15 @@ class Daemon:
     # --- status ------------------------------------------------------------------
 
     def answer(self, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The control socket's ``status`` command."""
-        return self.status().to_json()
+        """The control socket's ``status`` command (docs/run.md, `v6lb status`)."""
+        return self.status().to_dict()
 
-    def status(self) -> Status:
+    def status(self) -> InstanceStatus:
+        """The instance, then the data plane's keys, ``events``, the proxies' sections.
+
+        The planes' parts are read as :meth:`InstanceStatus.from_dict` reads them: a
+        key the model knows becomes its typed section, any other stays in ``extra``.
+        """
         config, h = self.config, self.health
         dataplane = self.dataplane
         vips: list[VipStatus] = []
@@ -667,24 +596,39 @@ class Daemon:
             if plane.role is Role.PROXY:
                 proxy = proxy or plane.name
                 sections.update(plane.status().sections)
-        return Status(
+        typed, extra = InstanceStatus.parse_fields({**details, **sections})
+        uptime = round(time.time() - self.started, 3)
+        if dataplane is None:  # proxy VIPs only
+            return InstanceStatus(
+                instance=self.instance,
+                pid=os.getpid(),
+                file=self.path,
+                netns=self.netns,
+                proxy_engine=proxy,
+                control_socket=config.lb.control_socket,
+                uptime_s=uptime,
+                **typed,
+                extra=extra,
+                keys=(*_PROXY_ONLY_KEYS, *sections),
+            )
+        return InstanceStatus(
             instance=self.instance,
             pid=os.getpid(),
             file=self.path,
             netns=self.netns,
-            dataplane=dataplane.name if dataplane is not None else None,
-            proxy_engine=proxy,
+            dataplane=dataplane.name,
             control_socket=config.lb.control_socket,
-            uptime_s=round(time.time() - self.started, 3),
+            uptime_s=uptime,
             reloads=self.reloads,
             map_updates=self.map_updates,
             last_error=self.last_error,
-            skipped=self.skipped,
-            vips=tuple(vips),
-            npt=tuple((str(p.inside), str(p.outside)) for p in config.npt),
-            details=details,
-            events=tuple(self.events),
-            sections=sections,
+            skipped=list(self.skipped),
+            vips=vips,
+            npt=[NptStatus(str(p.inside), str(p.outside)) for p in config.npt],
+            events=list(self.events),
+            **typed,
+            extra=extra,
+            keys=(*_ANSWER_KEYS, *details, "events", *sections),
         )
 
     def _vip_status(self, name: str, ps: PlaneStatus) -> VipStatus:
@@ -711,14 +655,16 @@ class Daemon:
         return VipStatus(
             name=vip.name,
             address=str(vip.address),
-            ports=tuple(vip.ports),
+            ports=list(vip.ports),
             protocol=str(vip.protocol),
             mode=str(vip.mode),
             table_size=pool.size,
             seed=pool.seed,
-            maps=tuple(ps.maps.get(name, ())),
-            counter=(counter.name, counter.packets, counter.bytes) if counter else ("", 0, 0),
-            backends=tuple(backends),
+            maps=list(ps.maps.get(name, ())),
+            counter=Counter(counter.name, counter.packets, counter.bytes)
+            if counter
+            else Counter(""),
+            backends=backends,
         )
 
 

@@ -1,21 +1,24 @@
 """The status of a running instance, typed: what the control socket answers to `status`.
 
-:meth:`InstanceStatus.from_dict` reads the JSON answer of any plane (kernel, python,
-a proxy engine alone, or an L3 plane with a ``proxy`` section); every section but
-the first few keys is optional. :meth:`InstanceStatus.to_dict` writes the same JSON
-back: each object remembers which keys it was read with, in which order, and keeps
-the keys it does not model in ``extra``, so ``from_dict(d).to_dict() == d``, key
-order included. Built in code (no ``keys``), an object writes its modelled fields in
-declaration order, then ``extra``.
+The daemon (:mod:`v6lb.engines.daemon`) builds an :class:`InstanceStatus` and sends
+its :meth:`~InstanceStatus.to_dict`; the CLI reads the answer back with
+:meth:`InstanceStatus.from_dict` (the answer of any plane: kernel, python, a proxy
+engine alone, or an L3 plane with a ``proxy`` section; every section but the first
+few keys is optional) and :mod:`v6lb.render.status` turns it into text.
 
-:mod:`v6lb.render.status` turns these into the text of `v6lb status`.
+Every object is a :class:`_Record`: it declares its fields and one parser per JSON
+key. It remembers which keys it was read with, in which order, and keeps the keys it
+does not model (or whose value its parser refuses) in ``extra``, so
+``from_dict(d).to_dict() == d``, key order included. Given ``keys``, an object
+writes exactly those keys in that order; built in code without them (``keys`` is
+None), it writes its modelled fields in declaration order, then ``extra``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 __all__ = [
     "BackendStatus",
@@ -35,6 +38,7 @@ __all__ = [
 
 T = TypeVar("T")
 JsonDict = dict[str, Any]
+Parse = Callable[[Any], Any]
 
 
 def _int(v: Any) -> int:
@@ -59,17 +63,56 @@ def _bool(v: Any) -> bool:
     return v
 
 
-def _emit(fields: Mapping[str, Any], keys: tuple[str, ...], extra: Mapping[str, Any]) -> JsonDict:
-    """The JSON object: ``keys`` in order (all ``fields`` then ``extra`` when empty)."""
-    order = keys or (*fields, *(k for k in extra if k not in fields))
-    return {k: extra[k] if k in extra else fields[k] for k in order if k in extra or k in fields}
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else _str(v)
 
 
-def _split(
-    d: Mapping[str, Any], parsers: Mapping[str, Callable[[Any], Any]]
-) -> tuple[JsonDict, JsonDict]:
+def _obj(v: Any) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise TypeError("not an object")
+    return v
+
+
+def _same(v: Any) -> Any:
+    return v
+
+
+def _list(parse: Callable[[Any], T]) -> Callable[[Any], list[T]]:
+    def parse_list(v: Any) -> list[T]:
+        if not isinstance(v, list):
+            raise TypeError("not a list")
+        return [parse(x) for x in v]
+
+    return parse_list
+
+
+def _by_name(parse: Callable[[Any], T]) -> Callable[[Any], dict[str, T]]:
+    """An object whose values ``parse`` reads (keys kept, as strings)."""
+
+    def parse_object(v: Any) -> dict[str, T]:
+        return {str(k): parse(x) for k, x in _obj(v).items()}
+
+    return parse_object
+
+
+def _section(parse: Callable[[Any], T]) -> Callable[[Any], T]:
+    """An optional section: an empty or null value stays raw (and reads as absent)."""
+
+    def parse_section(v: Any) -> T:
+        if not v:
+            raise ValueError("empty section")
+        return parse(v)
+
+    return parse_section
+
+
+_str_list = _list(_str)
+_counts = _by_name(_int)  # name -> a count: errors by reason, forward filter counters
+
+
+def _split(d: Mapping[str, Any], parsers: Mapping[str, Parse]) -> tuple[JsonDict, JsonDict]:
     """(typed values by key, the keys kept as they are): a value its parser refuses
-    (a ``ValueError``/``TypeError``/``KeyError``/``AttributeError``) stays raw in ``extra``."""
+    (a ``ValueError``/``TypeError``/``KeyError``/``AttributeError``) stays raw."""
     typed: JsonDict = {}
     extra: JsonDict = {}
     for k, v in d.items():
@@ -84,53 +127,77 @@ def _split(
     return typed, extra
 
 
-def _list(parse: Callable[[Any], T]) -> Callable[[Any], list[T]]:
-    def parse_list(v: Any) -> list[T]:
-        if not isinstance(v, list):
-            raise TypeError("not a list")
-        return [parse(x) for x in v]
-
-    return parse_list
-
-
-def _obj(v: Any) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise TypeError("not an object")
-    return v
+def _emit(
+    fields: Mapping[str, Any], keys: tuple[str, ...] | None, extra: Mapping[str, Any]
+) -> JsonDict:
+    """The JSON object: ``keys`` in order (all ``fields`` then ``extra`` when None)."""
+    order = (*fields, *(k for k in extra if k not in fields)) if keys is None else keys
+    return {k: extra[k] if k in extra else fields[k] for k in order if k in extra or k in fields}
 
 
-def _same(v: Any) -> Any:
+def _dump(v: Any) -> Any:
+    if isinstance(v, _Record):
+        return v.to_dict()
+    if isinstance(v, list):
+        return [_dump(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _dump(x) for k, x in v.items()}
     return v
 
 
 @dataclass(slots=True)
-class Counter:
+class _Record:
+    """One JSON object of the answer. A subclass declares its fields and ``_PARSE``.
+
+    ``_PARSE``: the parser of each modelled key (the key is the field's name), in
+    declaration order; a parser raises ``ValueError``/``TypeError``/``KeyError``/
+    ``AttributeError`` for a value it refuses. ``_OMIT_NONE``: fields an object built
+    in code leaves out of its JSON while they are None. A field with no default is
+    required: an object without it does not parse (its parent keeps it raw).
+    """
+
+    extra: JsonDict = field(default_factory=dict, kw_only=True)
+    keys: tuple[str, ...] | None = field(default=None, kw_only=True)
+
+    _PARSE: ClassVar[Mapping[str, Parse]] = {}
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def parse_fields(cls, d: Any) -> tuple[JsonDict, JsonDict]:
+        """The JSON object ``d`` as :meth:`from_dict` reads it: (typed fields, ``extra``)."""
+        return _split(_obj(d), cls._PARSE)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Self:
+        typed, extra = cls.parse_fields(d)
+        return cls(**typed, extra=extra, keys=tuple(d))
+
+    def to_dict(self) -> JsonDict:
+        fields = {k: _dump(getattr(self, k)) for k in self._PARSE}
+        if self.keys is None:
+            for k in self._OMIT_NONE:
+                if fields[k] is None:
+                    del fields[k]
+        return _emit(fields, self.keys, self.extra)
+
+
+@dataclass(slots=True)
+class Counter(_Record):
     """A packet counter: ``{"name", "packets", "bytes"}`` (an nft counter has no name)."""
 
     name: str | None = None
     packets: int = 0
     bytes: int = 0
-    keys: tuple[str, ...] = ()
 
-    @classmethod
-    def from_dict(cls, d: Any) -> Counter:
-        d = _obj(d)
-        name = d.get("name")
-        name = None if name is None else _str(name)
-        return cls(name, _int(d.get("packets", 0)), _int(d.get("bytes", 0)), tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        fields = {"name": self.name, "packets": self.packets, "bytes": self.bytes}
-        if not self.keys and self.name is None:
-            del fields["name"]
-        return _emit(fields, self.keys, {})
+    _PARSE: ClassVar[Mapping[str, Parse]] = {"name": _opt_str, "packets": _int, "bytes": _int}
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("name",)
 
 
 @dataclass(slots=True)
-class BackendStatus:
+class BackendStatus(_Record):
     """A backend of an L3 VIP: its health as the daemon sees it and its Maglev slots."""
 
-    address: str
+    address: str = ""
     port: int | None = None
     weight: int = 1
     drain: bool = False
@@ -139,10 +206,8 @@ class BackendStatus:
     successes: int | None = None
     failures: int | None = None
     slots: int | None = None
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
         "port": _opt_int,
         "weight": _int,
@@ -154,21 +219,13 @@ class BackendStatus:
         "slots": _opt_int,
     }
 
-    @classmethod
-    def from_dict(cls, d: Any) -> BackendStatus:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**{"address": "", **typed}, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        return _emit({k: getattr(self, k) for k in self._PARSE}, self.keys, self.extra)
-
 
 @dataclass(slots=True)
-class VipStatus:
+class VipStatus(_Record):
     """An L3 VIP (nat, npt, dsr-*): its packet counter and its backends."""
 
-    name: str
-    address: str
+    name: str = ""
+    address: str = ""
     ports: list[int] = field(default_factory=list)
     protocol: str = "tcp"
     mode: str = ""
@@ -177,10 +234,8 @@ class VipStatus:
     maps: list[str] = field(default_factory=list)
     counter: Counter = field(default_factory=Counter)
     backends: list[BackendStatus] = field(default_factory=list)
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "name": _str,
         "address": _str,
         "ports": _list(_int),
@@ -188,67 +243,39 @@ class VipStatus:
         "mode": _str,
         "table_size": _opt_int,
         "seed": _opt_int,
-        "maps": _list(_str),
+        "maps": _str_list,
         "counter": Counter.from_dict,
         "backends": _list(BackendStatus.from_dict),
     }
 
-    @classmethod
-    def from_dict(cls, d: Any) -> VipStatus:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**{"name": "", "address": "", **typed}, extra=extra, keys=tuple(d))
 
-    def to_dict(self) -> JsonDict:
-        fields = {k: getattr(self, k) for k in self._PARSE}
-        fields["counter"] = self.counter.to_dict()
-        fields["backends"] = [b.to_dict() for b in self.backends]
-        return _emit(fields, self.keys, self.extra)
+@dataclass(slots=True)
+class NptStatus(_Record):
+    """An NPTv6 pair (both prefixes are required)."""
 
-
-@dataclass(frozen=True, slots=True)
-class NptStatus:
     inside: str
     outside: str
 
-    @classmethod
-    def from_dict(cls, d: Any) -> NptStatus:
-        return cls(_str(d["inside"]), _str(d["outside"]))
-
-    def to_dict(self) -> JsonDict:
-        return {"inside": self.inside, "outside": self.outside}
+    _PARSE: ClassVar[Mapping[str, Parse]] = {"inside": _str, "outside": _str}
 
 
 @dataclass(slots=True)
-class ConntrackLimits:
+class ConntrackLimits(_Record):
     """The ``conntrack`` block: live nat flows (None: unknown), the bound, drops at it."""
 
     conntrack_max: int | None = None
     conntrack: int | None = None
     conntrack_full: int | None = None
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "conntrack_max": _opt_int,
         "conntrack": _opt_int,
         "conntrack_full": _opt_int,
     }
 
-    @classmethod
-    def from_dict(cls, d: Any) -> ConntrackLimits:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**typed, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        return _emit({k: getattr(self, k) for k in self._PARSE}, self.keys, self.extra)
-
-
-def _str_list(v: Any) -> list[str]:
-    return _list(_str)(v)
-
 
 @dataclass(slots=True)
-class KernelObjects:
+class KernelObjects(_Record):
     """What the instance has in the kernel, read back from it (``kernel``)."""
 
     nft_tables: list[str] = field(default_factory=list)
@@ -259,8 +286,6 @@ class KernelObjects:
     rules: list[str] = field(default_factory=list)
     nft_counters: dict[str, Counter] = field(default_factory=dict)
     error: str | None = None  # reading the kernel failed (the python plane)
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
     LISTS: ClassVar[tuple[str, ...]] = (
         "nft_tables",
@@ -270,52 +295,27 @@ class KernelObjects:
         "routes",
         "rules",
     )
-
-    @classmethod
-    def from_dict(cls, d: Any) -> KernelObjects:
-        parsers: dict[str, Callable[[Any], Any]] = dict.fromkeys(cls.LISTS, _str_list)
-        parsers["nft_counters"] = lambda v: {
-            str(k): Counter.from_dict(c) for k, c in _obj(v).items()
-        }
-        parsers["error"] = str
-        typed, extra = _split(_obj(d), parsers)
-        return cls(**typed, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        fields: JsonDict = {k: getattr(self, k) for k in self.LISTS}
-        fields["nft_counters"] = {k: c.to_dict() for k, c in self.nft_counters.items()}
-        if self.keys or self.error is not None:
-            fields["error"] = self.error
-        return _emit(fields, self.keys, self.extra)
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
+        **dict.fromkeys(LISTS, _str_list),
+        "nft_counters": _by_name(Counter.from_dict),
+        "error": _str,
+    }
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("error",)
 
 
 @dataclass(slots=True)
-class BgpSession:
+class BgpSession(_Record):
     """A BGP or BFD session as BIRD reports it."""
 
     proto: Any = None
     state: Any = None
     info: Any = None
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
-        "proto": _same,
-        "state": _same,
-        "info": _same,
-    }
-
-    @classmethod
-    def from_dict(cls, d: Any) -> BgpSession:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**typed, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        return _emit({k: getattr(self, k) for k in self._PARSE}, self.keys, self.extra)
+    _PARSE: ClassVar[Mapping[str, Parse]] = {"proto": _same, "state": _same, "info": _same}
 
 
 @dataclass(slots=True)
-class BgpStatus:
+class BgpStatus(_Record):
     """The ``bgp`` section: BIRD's process and what is announced and withdrawn."""
 
     asn: int | None = None
@@ -324,31 +324,19 @@ class BgpStatus:
     sessions: dict[str, BgpSession] = field(default_factory=dict)
     announced: list[str] = field(default_factory=list)
     withdrawn: list[str] = field(default_factory=list)
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "asn": _opt_int,
         "bird_pid": _opt_int,
         "bird_alive": _same,
-        "sessions": lambda v: {str(k): BgpSession.from_dict(s) for k, s in _obj(v).items()},
+        "sessions": _by_name(BgpSession.from_dict),
         "announced": _str_list,
         "withdrawn": _str_list,
     }
 
-    @classmethod
-    def from_dict(cls, d: Any) -> BgpStatus:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**typed, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        fields = {k: getattr(self, k) for k in self._PARSE}
-        fields["sessions"] = {k: s.to_dict() for k, s in self.sessions.items()}
-        return _emit(fields, self.keys, self.extra)
-
 
 @dataclass(slots=True)
-class ConntrackSyncStatus:
+class ConntrackSyncStatus(_Record):
     """The ``conntrack_sync`` section: conntrackd and its statistics (``stats``, as parsed)."""
 
     running: bool = False
@@ -359,10 +347,8 @@ class ConntrackSyncStatus:
     port: int | None = None
     last_error: str | None = None
     stats: JsonDict = field(default_factory=dict)
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "running": _same,
         "pid": _opt_int,
         "interface": _same,
@@ -373,24 +359,12 @@ class ConntrackSyncStatus:
         "stats": lambda v: dict(_obj(v)),
     }
 
-    @classmethod
-    def from_dict(cls, d: Any) -> ConntrackSyncStatus:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**typed, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        return _emit({k: getattr(self, k) for k in self._PARSE}, self.keys, self.extra)
-
-
-def _errors(v: Any) -> dict[str, int]:
-    return {str(k): _int(n) for k, n in _obj(v).items()}
-
 
 @dataclass(slots=True)
-class ProxyBackendStatus:
+class ProxyBackendStatus(_Record):
     """A proxy VIP's backend; the counters are absent before the engine runs."""
 
-    address: str
+    address: str = ""
     port: int | None = None
     weight: int = 1
     drain: bool = False
@@ -400,10 +374,8 @@ class ProxyBackendStatus:
     connections: int | None = None
     requests: int | None = None
     errors: dict[str, int] = field(default_factory=dict)
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
         "port": _opt_int,
         "weight": _int,
@@ -413,29 +385,21 @@ class ProxyBackendStatus:
         "active": _opt_int,
         "connections": _opt_int,
         "requests": _opt_int,
-        "errors": _errors,
+        "errors": _counts,
     }
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ProxyBackendStatus:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**{"address": "", **typed}, extra=extra, keys=tuple(d))
 
     @property
     def counted(self) -> bool:
         """The engine reported counters for it (``connections`` is there)."""
         return self.connections is not None
 
-    def to_dict(self) -> JsonDict:
-        return _emit({k: getattr(self, k) for k in self._PARSE}, self.keys, self.extra)
-
 
 @dataclass(slots=True)
-class ProxyVipStatus:
+class ProxyVipStatus(_Record):
     """A proxy-l4/proxy-l7 VIP and its counters (absent before the engine runs)."""
 
-    name: str
-    address: str
+    name: str = ""
+    address: str = ""
     ports: list[int] = field(default_factory=list)
     protocol: str | None = None
     mode: str = ""
@@ -448,10 +412,8 @@ class ProxyVipStatus:
     errors: dict[str, int] = field(default_factory=dict)
     interim: dict[str, int] = field(default_factory=dict)  # proxy-l7 1xx responses by status
     backends: list[ProxyBackendStatus] = field(default_factory=list)
-    extra: JsonDict = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "name": _str,
         "address": _str,
         "ports": _list(_int),
@@ -463,73 +425,41 @@ class ProxyVipStatus:
         "requests": _opt_int,
         "bytes_in": _opt_int,
         "bytes_out": _opt_int,
-        "errors": _errors,
-        "interim": _errors,
+        "errors": _counts,
+        "interim": _counts,
         "backends": _list(ProxyBackendStatus.from_dict),
     }
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ProxyVipStatus:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**{"name": "", "address": "", **typed}, extra=extra, keys=tuple(d))
 
     @property
     def counted(self) -> bool:
         return self.connections is not None
 
-    def to_dict(self) -> JsonDict:
-        fields = {k: getattr(self, k) for k in self._PARSE}
-        fields["backends"] = [b.to_dict() for b in self.backends]
-        return _emit(fields, self.keys, self.extra)
-
 
 @dataclass(slots=True)
-class ProxySection:
+class ProxySection(_Record):
     """The ``proxy`` section: the proxy engine, its state, its VIPs."""
 
     engine: str | None = None
     state: str | None = None
     error: str | None = None
     vips: list[ProxyVipStatus] = field(default_factory=list)
-    extra: JsonDict = field(default_factory=dict)  # fds, haproxy_pid, stats_socket
-    keys: tuple[str, ...] = ()
+    # extra: fds, haproxy_pid, stats_socket
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "engine": _same,
         "state": _same,
         "error": _same,
         "vips": _list(ProxyVipStatus.from_dict),
     }
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ProxySection:
-        typed, extra = _split(_obj(d), cls._PARSE)
-        return cls(**typed, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        fields = {k: getattr(self, k) for k in self._PARSE}
-        fields["vips"] = [v.to_dict() for v in self.vips]
-        if not self.keys and self.error is None:
-            del fields["error"]
-        return _emit(fields, self.keys, self.extra)
-
-
-def _section(parse: Callable[[Any], T]) -> Callable[[Any], T]:
-    """An optional section: an empty or null value stays raw (and reads as absent)."""
-
-    def parse_section(v: Any) -> T:
-        if not v:
-            raise ValueError("empty section")
-        return parse(v)
-
-    return parse_section
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("error",)
 
 
 @dataclass(slots=True)
-class InstanceStatus:
+class InstanceStatus(_Record):
     """One instance's answer to `status`: the instance, then its optional sections.
 
     ``dataplane`` is None when only proxy VIPs run (the proxy engine answers alone).
+    ``extra`` holds a plane's own keys (the python plane's ``engine``, ``devices``).
     """
 
     instance: str | None = None
@@ -553,10 +483,8 @@ class InstanceStatus:
     conntrack_sync: ConntrackSyncStatus | None = None
     events: list[Any] = field(default_factory=list)
     proxy: ProxySection | None = None
-    extra: JsonDict = field(default_factory=dict)  # a plane's own keys: engine, devices, ...
-    keys: tuple[str, ...] = ()
 
-    _PARSE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
         "instance": _same,
         "pid": _opt_int,
         "file": _same,
@@ -572,25 +500,10 @@ class InstanceStatus:
         "vips": _list(VipStatus.from_dict),
         "npt": _list(NptStatus.from_dict),
         "kernel": _section(KernelObjects.from_dict),
-        "forward": _section(_errors),
+        "forward": _section(_counts),
         "conntrack": _section(ConntrackLimits.from_dict),
         "bgp": _section(BgpStatus.from_dict),
         "conntrack_sync": _section(ConntrackSyncStatus.from_dict),
         "events": _list(_same),
         "proxy": _section(ProxySection.from_dict),
     }
-    _SECTIONS: ClassVar[tuple[str, ...]] = ("kernel", "conntrack", "bgp", "conntrack_sync", "proxy")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> InstanceStatus:
-        typed, extra = _split(d, cls._PARSE)
-        return cls(**typed, extra=extra, keys=tuple(d))
-
-    def to_dict(self) -> JsonDict:
-        fields = {k: getattr(self, k) for k in self._PARSE}
-        for k in self._SECTIONS:
-            section = fields[k]
-            fields[k] = section.to_dict() if section is not None else None
-        fields["vips"] = [v.to_dict() for v in self.vips]
-        fields["npt"] = [p.to_dict() for p in self.npt]
-        return _emit(fields, self.keys, self.extra)
