@@ -1,13 +1,15 @@
-"""What several command groups share: the wide console of the hop tables."""
+"""What several command groups share: the wide console of the hop tables, the plane help."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from v6lb.engines.planes import Role, names, served_modes, summary
+
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["wide_console"]
+__all__ = ["planes_help", "wide_console"]
 
 
 def wide_console() -> Console:
@@ -15,3 +17,8 @@ def wide_console() -> Console:
     from rich.console import Console
 
     return Console(width=max(160, Console().width), emoji=False, highlight=False)
+
+
+def planes_help(role: Role) -> str:
+    """The registered planes of ``role``: each with what it is made of and the modes it serves."""
+    return "; ".join(f"{n} ({summary(n)}: {', '.join(served_modes(n))})" for n in names(role))

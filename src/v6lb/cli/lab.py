@@ -7,9 +7,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from v6lb.cli.common import wide_console
+from v6lb.cli.common import planes_help, wide_console
 from v6lb.cli.tables import print_explanation
+from v6lb.engines.planes import Role, names
 from v6lb.errors import UsageError
+from v6lb.model.modes import modes_where
 
 
 def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,13 +28,16 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = lsub.add_parser("up", help="build the lab from FILE's topology: section")
     up.add_argument("file", metavar="FILE", help="the v6lb YAML config file (with topology:)")
     up.add_argument(
-        "--dataplane", choices=["kernel", "python"], default="kernel", help="default kernel"
+        "--dataplane",
+        choices=names(Role.DATAPLANE),
+        default="kernel",
+        help=f"L3/L4 data plane of the LB nodes, default kernel: {planes_help(Role.DATAPLANE)}",
     )
     up.add_argument(
         "--proxy",
-        choices=["builtin", "haproxy"],
+        choices=names(Role.PROXY),
         default=None,
-        help="proxy engine for the proxy-l4/proxy-l7 VIPs (default builtin)",
+        help=f"proxy engine of the proxy VIPs, default builtin: {planes_help(Role.PROXY)}",
     )
     up.add_argument("--name", help="lab name, [a-z0-9]{1,12} (default: from FILE's name)")
     up.set_defaults(func=_cmd_lab)
@@ -62,7 +67,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr.add_argument(
         "--mode",
         required=True,
-        help="nat, npt, dsr-l2, dsr-ip6ip6, dsr-srv6, proxy-l4, proxy-l7, or anycast (with --file)",
+        help=f"{', '.join(modes_where(test=lambda m: bool(m.engines)))}, or anycast (with --file)",
     )
     tr.add_argument("--file", metavar="FILE", help="--mode anycast: the two-site file to build")
     tr.add_argument(
@@ -105,7 +110,9 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "now if there is none). Exit 1 when they differ or a pcap is missing or empty.",
     )
     df.add_argument("--name", help="lab name (default: the only lab up)")
-    df.add_argument("--mode", required=True, help="nat, npt, dsr-l2, dsr-ip6ip6 or dsr-srv6")
+    df.add_argument(
+        "--mode", required=True, help=", ".join(modes_where(test=lambda m: bool(m.planes)))
+    )
     df.add_argument("--from", dest="trace_dir", metavar="DIR", help="a `lab trace --out` dir")
     df.set_defaults(func=_cmd_lab)
 

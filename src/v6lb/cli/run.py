@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from v6lb.cli.common import planes_help
 from v6lb.engines.planes import Role, names
 from v6lb.errors import UsageError
 
@@ -17,16 +18,15 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "routes atomically, then probe the backends and keep the Maglev maps in line with their "
         "health. SIGHUP reloads FILE (a bad file changes nothing); SIGTERM/SIGINT remove what "
         "was installed and exit 0. proxy-* VIPs are served by the proxy engine (--proxy "
-        "builtin|haproxy, default builtin); one control socket answers `v6lb status` for all of "
-        "them. Exit 2 when a check fails; nothing is installed.",
+        f"{'|'.join(names(Role.PROXY))}, default builtin); one control socket answers `v6lb "
+        "status` for all of them. Exit 2 when a check fails; nothing is installed.",
     )
     p.add_argument("file", metavar="FILE", help="the v6lb YAML config file")
     p.add_argument(
         "--dataplane",
         choices=names(Role.DATAPLANE),
         default="kernel",
-        help="L3/L4 data plane: kernel (nftables/ip6tables/seg6, the default) or python "
-        "(the v6lb core on TUN devices: npt, nat, dsr-ip6ip6, dsr-srv6)",
+        help=f"L3/L4 data plane, default kernel: {planes_help(Role.DATAPLANE)}",
     )
     p.add_argument(
         "--trace",
@@ -37,7 +37,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--proxy",
         choices=names(Role.PROXY),
         default=None,
-        help="proxy engine for proxy-l4/proxy-l7 VIPs: builtin (asyncio, the default) or haproxy",
+        help=f"proxy engine of the proxy VIPs, default builtin: {planes_help(Role.PROXY)}",
     )
     p.add_argument("--instance", metavar="NAME", help="override lb.instance (the ownership tag)")
     p.add_argument("--netns", metavar="NS", help="run inside this named network namespace")

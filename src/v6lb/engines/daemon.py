@@ -48,10 +48,11 @@ from v6lb.engines.control import ControlError, ControlServer
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.kernel.host import enter_netns
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Ready, Role, RunError, Staged
-from v6lb.engines.planes import names, plane_class, served_modes
+from v6lb.engines.planes import names, plane_class, served_modes, serving
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.errors import UsageError, V6lbError
 from v6lb.model.config import Config, ConfigError, HealthType, load_config
+from v6lb.model.modes import Kind, facts, modes_where
 from v6lb.model.status import BackendStatus, Counter, InstanceStatus, NptStatus, VipStatus
 
 __all__ = [
@@ -144,10 +145,16 @@ def _has_l3(config: Config) -> bool:
 
 
 def _nothing_for(path: str, dataplane: str) -> RunError:
+    served = served_modes(dataplane)
+    vips = [m for m in served if facts(m).vip]
+    npt = "npt" in served
+    none = "/".join(vips) + " VIP" + (", no npt: pair" if npt else "")
+    add = ", ".join(vips[:-1]) + f" or {vips[-1]}" if len(vips) > 1 else "".join(vips)
     return RunError(
-        f"{path} has nothing for the {dataplane} data plane (no nat/dsr-* VIP, no npt: pair)",
-        "add a nat, dsr-l2, dsr-ip6ip6 or dsr-srv6 VIP or an npt: pair; proxy-l4/proxy-l7"
-        " VIPs are run by the proxy engine (--proxy builtin|haproxy)",
+        f"{path} has nothing for the {dataplane} data plane (no {none})",
+        f"add a {add} VIP{' or an npt: pair' if npt else ''}; "
+        f"{'/'.join(modes_where(kind=Kind.PROXY))} VIPs are run by the proxy engine"
+        f" (--proxy {'|'.join(names(Role.PROXY))})",
     )
 
 
@@ -168,14 +175,14 @@ def _check_served(config: Config, dataplane: str) -> tuple[str, ...]:
             )
     return tuple(
         f"{v.name} ({v.mode}): proxy VIPs are served by the proxy engine"
-        " (--proxy builtin|haproxy), not by `v6lb run --dataplane kernel`"
+        f" (--proxy {'|'.join(names(Role.PROXY))}), not by `v6lb run --dataplane {dataplane}`"
         for v in config.vips
         if v.mode.is_proxy
     )
 
 
 def _planes_serving(mode: str) -> list[str]:
-    return [n for n in names(Role.DATAPLANE) if mode in served_modes(n)]
+    return list(serving(mode))  # registered planes only, never a plane the table merely names
 
 
 # --- health -----------------------------------------------------------------------

@@ -5,6 +5,12 @@ plane's imports (pyroute2, a BPF loader, asyncio, ...) cost nothing to the
 others. ``--dataplane`` takes the names of role ``dataplane``, ``--proxy`` those
 of role ``proxy``. The modes a plane serves are the mode table's
 (:func:`served_modes`), never declared here.
+
+The mode table may name a plane that is not registered (``xdp``, whose
+package does not exist yet): only this registry decides what a user is offered.
+Every user-facing choice, help text and refusal that names planes reads
+:func:`names` or :func:`serving`, so a plane the table names becomes usable with
+its package and its one :func:`register` line.
 """
 
 from __future__ import annotations
@@ -19,7 +25,16 @@ from v6lb.model.modes import modes_where
 if TYPE_CHECKING:  # the registry stays light: the CLI reads it to build its choices
     from v6lb.engines.plane import Plane
 
-__all__ = ["PlaneEntry", "Role", "names", "plane_class", "register", "served_modes"]
+__all__ = [
+    "PlaneEntry",
+    "Role",
+    "names",
+    "plane_class",
+    "register",
+    "served_modes",
+    "serving",
+    "summary",
+]
 
 
 class Role(StrEnum):
@@ -34,20 +49,23 @@ class PlaneEntry:
     role: Role
     module: str
     cls: str
+    summary: str = ""  # a few words for help texts: what the plane is made of
 
 
 _PLANES: dict[str, PlaneEntry] = {}
 
 
-def register(name: str, role: Role, module: str, cls: str) -> None:
+def register(name: str, role: Role, module: str, cls: str, summary: str = "") -> None:
     """Register (or replace) the plane ``name``: class ``cls`` of ``module``."""
-    _PLANES[name] = PlaneEntry(role, module, cls)
+    _PLANES[name] = PlaneEntry(role, module, cls, summary)
 
 
-register("kernel", Role.DATAPLANE, "v6lb.engines.kernel.run", "KernelPlane")
-register("python", Role.DATAPLANE, "v6lb.engines.python.run", "PythonPlane")
-register("builtin", Role.PROXY, "v6lb.engines.proxy.run", "BuiltinProxyPlane")
-register("haproxy", Role.PROXY, "v6lb.engines.proxy.run", "HaproxyPlane")
+register(
+    "kernel", Role.DATAPLANE, "v6lb.engines.kernel.run", "KernelPlane", "nftables/ip6tables/seg6"
+)
+register("python", Role.DATAPLANE, "v6lb.engines.python.run", "PythonPlane", "the v6lb core on TUN")
+register("builtin", Role.PROXY, "v6lb.engines.proxy.run", "BuiltinProxyPlane", "asyncio")
+register("haproxy", Role.PROXY, "v6lb.engines.proxy.run", "HaproxyPlane", "an haproxy process")
 
 
 def names(role: Role) -> tuple[str, ...]:
@@ -69,3 +87,13 @@ def served_modes(name: str) -> tuple[str, ...]:
     if _PLANES[name].role is Role.PROXY:
         return modes_where(proxy=name)
     return modes_where(plane=name)
+
+
+def serving(mode: str, role: Role = Role.DATAPLANE) -> tuple[str, ...]:
+    """The registered planes of ``role`` that serve ``mode``, in registration order."""
+    return tuple(n for n in names(role) if mode in served_modes(n))
+
+
+def summary(name: str) -> str:
+    """A few words on what plane ``name`` is made of (for help texts); KeyError when unknown."""
+    return _PLANES[name].summary

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from v6lb.engines.control import ControlError, query
+from v6lb.engines.planes import Role, names
 from v6lb.lab import nginx
 from v6lb.lab.plan import (
     LAB_ROOT,
@@ -189,18 +190,22 @@ def lab_up(
 ) -> dict[str, Any]:
     """Build the lab; on any failure remove what was built and raise :class:`LabError`.
 
-    ``proxy`` is the engine for proxy-* VIPs (``builtin``, the default, or ``haproxy``);
-    ``dataplane`` the L3/L4 data plane of the LB nodes (``kernel`` or ``python``).
+    ``proxy`` is the engine for proxy-* VIPs (a registered proxy plane, default ``builtin``);
+    ``dataplane`` the L3/L4 data plane of the LB nodes (a registered one, default ``kernel``).
     """
     if os.geteuid() != 0:
         raise LabError("`v6lb lab up` needs root (network namespaces)", "run it with sudo")
-    if proxy not in (None, "builtin", "haproxy"):
-        raise LabError(f"--proxy is builtin or haproxy, not {proxy!r}", "use --proxy builtin")
+    proxies, dataplanes = names(Role.PROXY), names(Role.DATAPLANE)
+    if proxy is not None and proxy not in proxies:
+        raise LabError(
+            f"--proxy is {' or '.join(proxies)}, not {proxy!r}", f"use --proxy {proxies[0]}"
+        )
     plan = load_plan(path, name, root=root)
     plan.proxy_engine = proxy or "builtin"
-    if dataplane not in ("kernel", "python"):
+    if dataplane not in dataplanes:
         raise LabError(
-            f"--dataplane is kernel or python, not {dataplane!r}", "use --dataplane kernel"
+            f"--dataplane is {' or '.join(dataplanes)}, not {dataplane!r}",
+            f"use --dataplane {dataplanes[0]}",
         )
     plan.dataplane = dataplane
     if proxy is not None and not any(_proxy_listeners(plan, n) for n in plan.lb_configs):

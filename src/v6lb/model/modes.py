@@ -16,10 +16,19 @@ kernel data plane, ``modes_where(tunnels=True)`` the tunnel modes, and so on.
 :func:`facts` takes a name or a :class:`~v6lb.model.config.VipMode` (a
 ``StrEnum`` of the VIP mode names, which reads its properties from this table).
 
-``planes`` lists the data planes that serve a mode today: ``kernel`` and
-``python``. A new data plane adds its member to :class:`Plane` and lists itself in
-the rows it serves (docs/extending.md). ``proxies`` lists the proxy engines
-(``builtin``, ``haproxy``) of the ``proxy-*`` modes.
+``planes`` lists the data planes that serve a mode by design: ``kernel`` and
+``python`` serve ``npt``, ``nat`` and ``dsr-*``; ``xdp`` serves ``npt`` and
+``dsr-*``, not ``nat``. The column may name a plane that is not registered
+(engines/planes.py): ``xdp`` is named here and has no package yet.
+Everything user-facing offers only the REGISTERED planes: the ``--dataplane``
+choices of ``v6lb run`` and ``v6lb lab up``, their help texts, and the refusals
+that name planes (``mode nat is not served by --dataplane P``: "use a data plane
+that serves it: kernel, python") read the registry, filtered by this column
+(``planes.serving(mode)``). So a plane this column already names is added with
+its package and one ``register(...)`` line; a plane it does not name also adds
+its :class:`Plane` member and lists itself in the rows it serves
+(docs/extending.md). ``proxies`` lists the proxy engines (``builtin``,
+``haproxy``) of the ``proxy-*`` modes.
 
 A tunnel mode's ``encap`` is a member of :class:`~v6lb.wire.encap.Encap`
 (re-exported here), which declares each encapsulation once: its overhead, its
@@ -63,10 +72,11 @@ class Kind(Enum):
 
 
 class Plane(StrEnum):
-    """The L3/L4 data planes (``--dataplane``) that exist today."""
+    """The L3/L4 data planes the table names; ``--dataplane`` offers the registered ones."""
 
     KERNEL = "kernel"
     PYTHON = "python"
+    XDP = "xdp"  # named by the design, not registered: no user-facing choice offers it
 
 
 class ProxyEngine(StrEnum):
@@ -111,7 +121,7 @@ class ModeFacts:
 
     @property
     def engines(self) -> tuple[str, ...]:
-        """Every engine that serves the mode: its data planes, then its proxy engines."""
+        """Every engine the table names for the mode: its data planes, then its proxy engines."""
         return (*self.planes, *self.proxies)
 
     @property
@@ -123,7 +133,8 @@ class ModeFacts:
         return self.kind is Kind.DSR
 
 
-_L3: Final = (Plane.KERNEL, Plane.PYTHON)
+_L3: Final = (Plane.KERNEL, Plane.PYTHON, Plane.XDP)  # npt and dsr-*
+_STATEFUL: Final = (Plane.KERNEL, Plane.PYTHON)  # nat: the planes that keep connection state
 _PROXIES: Final = (ProxyEngine.BUILTIN, ProxyEngine.HAPROXY)
 
 _TABLE: Final = (
@@ -157,7 +168,7 @@ _TABLE: Final = (
         Kind.NAT,
         "Stateful NAT66 (DNAT with conntrack)",
         routed=True,
-        planes=_L3,
+        planes=_STATEFUL,
         options="NatOptions",
         forwarder=Forwarder.NAT,
     ),

@@ -37,7 +37,7 @@ from v6lb.model.config import (
     Vip,
     VipMode,
 )
-from v6lb.model.modes import Forwarder
+from v6lb.model.modes import Forwarder, modes_where
 from v6lb.wire.constants import NH_TCP, NH_UDP
 
 __all__ = [
@@ -265,5 +265,5 @@ def dsr_decap(config: Config, backend: str | IPv6Address) -> DsrDecap:
                 if b.sid is not None:
                     local.add(b.sid.packed)
     if not vips:
-        raise ValueError(f"{me} is a backend of no dsr-ip6ip6 or dsr-srv6 VIP")
+        raise ValueError(f"{me} is a backend of no {' or '.join(modes_where(tunnels=True))} VIP")
     return DsrDecap(sources, local, vips)
