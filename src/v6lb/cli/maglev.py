@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.errors import UsageError
 
 
@@ -21,9 +22,9 @@ def _add_maglev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--table-size",
         type=int,
-        default=65537,
+        default=DEFAULT_TABLE_SIZE,
         metavar="M",
-        help="table size, a prime (default 65537, the kernel recipe's `mod 65537`)",
+        help=f"table size, a prime (default {DEFAULT_TABLE_SIZE}, the kernel recipe's `mod 65537`)",
     )
     p.add_argument(
         "--remove",

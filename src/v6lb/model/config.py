@@ -22,6 +22,7 @@ from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Final
 
+from v6lb.core.maglev import DEFAULT_TABLE_SIZE
 from v6lb.model.bgp import BgpSection, BgpSettings, parse_bgp
 from v6lb.model.config_read import read_yaml
 from v6lb.model.conntrack_sync import ConntrackSync, check_sync, parse_conntrack_sync
@@ -131,7 +132,7 @@ class ProxyProtocol(StrEnum):
 # --- the model -----------------------------------------------------------------
 
 WEIGHT_MAX: Final = 1000
-MAGLEV_TABLE_SIZE: Final = 65537
+MAGLEV_TABLE_SIZE: Final = DEFAULT_TABLE_SIZE  # core/maglev.py declares it, once
 MAGLEV_TABLE_MAX: Final = 16_777_213  # the largest prime below 2**24
 MIN_IPV6_MTU: Final = 1280  # RFC 8200 §5
 DEFAULT_INSTANCE: Final = "lb0"
