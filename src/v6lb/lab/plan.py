@@ -51,6 +51,7 @@ from v6lb.model.config import (
 )
 from v6lb.model.modes import Plane
 from v6lb.model.topology import NPT, NodeType, Topology, compute_fib
+from v6lb.render.routes import decap_address
 
 __all__ = [
     "LAB_ROOT",
@@ -175,10 +176,10 @@ def plan_lab(
     labdir = root / name
     namespaces = {n: lab_namespace(name, n) for n in nodes}
     decap = {
-        b.sid if vip.mode is VipMode.DSR_SRV6 and b.sid is not None else b.address
+        decap_address(vip, i)
         for vip in config.vips
         if vip.mode.tunnels
-        for b in vip.backends
+        for i in range(len(vip.backends))
     }
     names = [_ifname(lk.name, i) for i, lk in enumerate(topo.links)]
     if len(set(names)) != len(names):

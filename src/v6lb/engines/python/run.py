@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
-from v6lb.core.nptv6 import NptForwarder, NptMapping
 from v6lb.core.verdict import (
     ACTION_NAMES,
     DROP,
@@ -67,7 +66,7 @@ from v6lb.engines.plane import (
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
-from v6lb.model.pools import dsr_forwarder, nat_forwarder
+from v6lb.model.pools import dsr_forwarder, nat_forwarder, npt_forwarder
 from v6lb.render.nftables import render_forward_nft
 from v6lb.render.routes import ROUTE_PROTO
 from v6lb.wire.checksum import fill_l4_checksum
@@ -100,21 +99,13 @@ def build_forwarders(config: Config, macs: Mapping[str, bytes] | None = None) ->
     ``macs``: the ``dsr-l2`` backends' MACs learned from the neighbour table
     (backend address as text -> 6 bytes), for backends without ``mac:``.
     """
-    lb = config.lb
     out: dict[str, Any] = {}
     if any(v.mode is VipMode.NAT for v in config.vips):
         # The kernel already decrements the hop limit on the way into the TUN
         # (and answers hop limit 1 there); the loop gives that one back.
         out["nat"] = nat_forwarder(config, decrement_hop_limit=False)
     if config.npt:
-        src = lb.addresses[0] if lb.addresses else config.npt[0].outside.network_address
-        out["npt"] = NptForwarder(
-            [NptMapping(p.inside, p.outside) for p in config.npt],
-            src.packed,
-            icmp_rate=float(lb.icmp_error_rate),
-            icmp_burst=float(lb.icmp_error_burst),
-            decrement_hop_limit=False,
-        )
+        out["npt"] = npt_forwarder(config, decrement_hop_limit=False)  # as nat's, above
     if any(v.mode in _DSR for v in config.vips):
         out["dsr"] = dsr_forwarder(config, macs=macs)
     return out
