@@ -122,7 +122,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     if args.lab_command == "trace" and args.mode == "anycast":
         from v6lb.lab.anycast_trace import lab_trace_anycast
 
-        return lab_trace_anycast(args)
+        return lab_trace_anycast(args.file, failure=args.failure, as_json=args.json)
     if args.lab_command == "failover":
         from v6lb.lab.failover import lab_failover
 

@@ -142,27 +142,28 @@ def _counts(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
 
 
-def lab_trace_anycast(args: Any) -> int:
+def lab_trace_anycast(
+    file: str | None, *, failure: str | None = None, as_json: bool = False
+) -> int:
     """`v6lb lab trace --mode anycast --file FILE [--failure F] [--json]`."""
     import sys
 
     from v6lb.lab.failover import FAILURES
     from v6lb.lab.plan import LabError
 
-    if not args.file:
+    if not file:
         raise LabError(
             "--mode anycast builds its own two-site lab from a file",
             "give it: v6lb lab trace --mode anycast --file examples/anycast-sites.yaml",
         )
-    failure = None if args.failure in (None, "none") else args.failure
+    given = failure
+    failure = None if given in (None, "none") else given
     if failure is not None and failure not in FAILURES:
-        raise LabError(
-            f"unknown --failure {args.failure!r}", f"use none or one of: {', '.join(FAILURES)}"
-        )
+        raise LabError(f"unknown --failure {given!r}", f"use none or one of: {', '.join(FAILURES)}")
 
     def log(msg: str) -> None:
         sys.stderr.write(f"v6lb lab trace: {msg}\n")
 
-    t = run_anycast_trace(args.file, failure, log=log)
-    sys.stdout.write(t.to_json() + "\n" if args.json else format_anycast_trace(t))
+    t = run_anycast_trace(file, failure, log=log)
+    sys.stdout.write(t.to_json() + "\n" if as_json else format_anycast_trace(t))
     return 0
