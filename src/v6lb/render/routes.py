@@ -41,7 +41,8 @@ from ipaddress import IPv6Address, IPv6Network
 from typing import Final
 
 from v6lb.core.flowhash import jhash
-from v6lb.model.config import Config, TunnelOptions, Vip, VipMode
+from v6lb.model.config import Config, TunnelOptions, Vip
+from v6lb.model.modes import Encap, modes_where
 
 __all__ = [
     "BACKEND_RULE_PREF",
@@ -70,6 +71,7 @@ TAG_SPAN: Final = 1 << 14
 """Routing tables (and marks) per instance."""
 LB_RULE_PREF: Final = 7600
 BACKEND_RULE_PREF: Final = 7601
+_TUNNELS: Final = "/".join(modes_where(tunnels=True))  # "dsr-ip6ip6/dsr-srv6", for the texts
 _TAG_TOP: Final = ROUTE_PROTO << 24
 _IPV6_TCP_HEADERS: Final = 40 + 20
 
@@ -106,7 +108,7 @@ class TunnelTarget:
 def decap_address(vip: Vip, backend_index: int) -> IPv6Address:
     """Where the LB sends the tunnelled packet: the SID (dsr-srv6) or the address (dsr-ip6ip6)."""
     b = vip.backends[backend_index]
-    return b.sid if vip.mode is VipMode.DSR_SRV6 and b.sid is not None else b.address
+    return b.sid if vip.mode.facts.encap is Encap.SRV6 and b.sid is not None else b.address
 
 
 def tunnel_targets(config: Config) -> list[TunnelTarget]:
@@ -152,17 +154,16 @@ def render_lb_routes(config: Config, *, dev: str | None = None) -> str:
     if dev is None:
         if not config.lb.interfaces:
             raise RenderError(
-                "the dsr-ip6ip6/dsr-srv6 routes need a device: list the LB's interfaces in"
-                " lb.interfaces"
+                f"the {_TUNNELS} routes need a device: list the LB's interfaces in lb.interfaces"
             )
         dev = config.lb.interfaces[0]
     tag = f"v6lb:{config.lb.instance}"
-    lines = [f"# {tag} LB routes for dsr-ip6ip6/dsr-srv6; load with: ip -6 -batch FILE"]
+    lines = [f"# {tag} LB routes for {_TUNNELS}; load with: ip -6 -batch FILE"]
     source = _tunnel_source(config)
     if source is not None:
         lines.append(f"sr tunsrc set {source}")
     for t in targets:
-        mode = "encap" if t.vip.mode is VipMode.DSR_SRV6 else "encap.red"
+        mode = "encap" if t.vip.mode.facts.encap is Encap.SRV6 else "encap.red"  # SRH or none
         lines.append(
             f"# {tag} {t.vip.name} backend {t.backend_index} {t.vip.backends[t.backend_index].address}"
         )
