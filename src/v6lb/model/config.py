@@ -40,6 +40,7 @@ from v6lb.model.schema import (
     as_str,
     quote,
     require_unicast,
+    unicast_list,
 )
 from v6lb.model.topology import Topology, parse_topology, require_topology
 
@@ -446,16 +447,7 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
             "use 1 to 10 characters of a-z, 0-9 and '-', starting with a letter or digit"
             " (it becomes part of interface and nft table names)",
         )
-    addresses: list[IPv6Address] = []
-    if f.has("addresses"):
-        w = f.at("addresses")
-        for i, item in enumerate(as_list(f.get("addresses"), w, example="[2001:db8::2]")):
-            addr = require_unicast(
-                as_ipv6_address(item, w.index(i)), w.index(i), what="an LB address"
-            )
-            if addr in addresses:
-                raise w.index(i).error(f"{addr} is listed twice", "list each address once")
-            addresses.append(addr)
+    addresses = unicast_list(f, "addresses", example="[2001:db8::2]", what="an LB address")
     interfaces: list[str] = []
     if f.has("interfaces"):
         w = f.at("interfaces")

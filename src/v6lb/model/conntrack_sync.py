@@ -28,8 +28,8 @@ from v6lb.model.schema import (
     Fields,
     Where,
     as_ipv6_address,
-    as_list,
     require_unicast,
+    unicast_list,
 )
 
 __all__ = ["DEFAULT_SYNC_PORT", "ConntrackSync", "check_sync", "parse_conntrack_sync"]
@@ -84,17 +84,8 @@ def parse_conntrack_sync(
             "give the other instance's address on the sync link",
         )
     port = f.integer("port", DEFAULT_SYNC_PORT, lo=1, hi=65535, noun="UDP port")
-    snat: list[IPv6Address] = []
-    if f.has("peer_snat"):
-        ws = f.at("peer_snat")
-        for i, item in enumerate(as_list(f.get("peer_snat"), ws, example="[2001:db8:5::2]")):
-            addr = require_unicast(
-                as_ipv6_address(item, ws.index(i)), ws.index(i), what="a SNAT address"
-            )
-            if addr in snat:
-                raise ws.index(i).error(f"{addr} is listed twice", "list each address once")
-            snat.append(addr)
-    return ConntrackSync(ifname, address, peer, port, tuple(snat))
+    snat = unicast_list(f, "peer_snat", example="[2001:db8:5::2]", what="a SNAT address")
+    return ConntrackSync(ifname, address, peer, port, snat)
 
 
 def _unicast(f: Fields, name: str, example: str) -> IPv6Address:

@@ -19,6 +19,7 @@ from typing import Final
 from v6lb.errors import UsageError
 
 __all__ = [
+    "unicast_list",
     "MISSING",
     "QUOTE_MAX",
     "ConfigError",
@@ -404,6 +405,20 @@ class Fields:
         if isinstance(value, _Missing):
             return default
         return as_str(value, self.at(name), example=example)
+
+
+def unicast_list(f: Fields, key: str, *, example: str, what: str) -> tuple[IPv6Address, ...]:
+    """``key``: a list of distinct unicast IPv6 addresses (empty when absent)."""
+    found: list[IPv6Address] = []
+    if not f.has(key):
+        return ()
+    w = f.at(key)
+    for i, item in enumerate(as_list(f.get(key), w, example=example)):
+        addr = require_unicast(as_ipv6_address(item, w.index(i)), w.index(i), what=what)
+        if addr in found:
+            raise w.index(i).error(f"{addr} is listed twice", "list each address once")
+        found.append(addr)
+    return tuple(found)
 
 
 def ticked(name: str) -> str:
