@@ -42,8 +42,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src
 
+# Two workers (the CI machine has 2 cores); --dist loadfile keeps each test file, and so
+# its module-scoped namespaces and fixtures, in one worker.
+PYTEST_WORKERS ?= 2
 pytest: $(STAMP) $(APT_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

@@ -168,6 +168,7 @@ class DsrService:
         "ports",
         "proto",
         "mode",
+        "routed",
         "pool",
         "tunnel_source",
         "mtu",
@@ -206,6 +207,9 @@ class DsrService:
         self.ports = frozenset(ports)
         self.proto = proto
         self.mode = mode
+        # Read per packet: a bool, so the hot path does not compare mode strings
+        # (the config adapter passes an equal string, not the MODE_L2 object itself).
+        self.routed = ENCAP[mode] is not Encap.NONE
         self.pool = pool
         self.mtu = mtu
         self.overhead = OVERHEAD[mode]
@@ -490,7 +494,7 @@ class DsrForwarder:
         cache: bool = True,
     ) -> Verdict:
         """Find or pick the flow's backend, then hand the packet over."""
-        routed = svc.mode != MODE_L2
+        routed = svc.routed
         if routed and buf[OFF_HLIM] <= 1:
             return self._error(buf, _HOP_LIMIT, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, port, now)
         lru = self._lru
