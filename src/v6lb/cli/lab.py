@@ -7,9 +7,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from v6lb.cli.common import planes_help, wide_console
+from v6lb.cli.common import add_plane_options, wide_console
 from v6lb.cli.tables import print_explanation
-from v6lb.engines.planes import Role, names
 from v6lb.errors import UsageError
 from v6lb.model.modes import modes_where
 
@@ -27,18 +26,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lsub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     up = lsub.add_parser("up", help="build the lab from FILE's topology: section")
     up.add_argument("file", metavar="FILE", help="the v6lb YAML config file (with topology:)")
-    up.add_argument(
-        "--dataplane",
-        choices=names(Role.DATAPLANE),
-        default="kernel",
-        help=f"L3/L4 data plane of the LB nodes, default kernel: {planes_help(Role.DATAPLANE)}",
-    )
-    up.add_argument(
-        "--proxy",
-        choices=names(Role.PROXY),
-        default=None,
-        help=f"proxy engine of the proxy VIPs, default builtin: {planes_help(Role.PROXY)}",
-    )
+    add_plane_options(up, dataplane_help="L3/L4 data plane of the LB nodes")
     up.add_argument("--name", help="lab name, [a-z0-9]{1,12} (default: from FILE's name)")
     up.set_defaults(func=_cmd_lab)
     down = lsub.add_parser("down", help="remove a lab: processes, namespaces, links (idempotent)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from v6lb.cli.common import planes_help
+from v6lb.cli.common import add_plane_options
 from v6lb.engines.planes import Role, names
 from v6lb.errors import UsageError
 
@@ -22,22 +22,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "status` for all of them. Exit 2 when a check fails; nothing is installed.",
     )
     p.add_argument("file", metavar="FILE", help="the v6lb YAML config file")
-    p.add_argument(
-        "--dataplane",
-        choices=names(Role.DATAPLANE),
-        default="kernel",
-        help=f"L3/L4 data plane, default kernel: {planes_help(Role.DATAPLANE)}",
-    )
+    add_plane_options(p, dataplane_help="L3/L4 data plane")
     p.add_argument(
         "--trace",
         action="store_true",
         help="python data plane: log one line per packet decision (rate-limited)",
-    )
-    p.add_argument(
-        "--proxy",
-        choices=names(Role.PROXY),
-        default=None,
-        help=f"proxy engine of the proxy VIPs, default builtin: {planes_help(Role.PROXY)}",
     )
     p.add_argument("--instance", metavar="NAME", help="override lb.instance (the ownership tag)")
     p.add_argument("--netns", metavar="NS", help="run inside this named network namespace")

@@ -43,7 +43,7 @@ from types import FrameType
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
-from v6lb.core.health import HealthMonitor, HealthSet, HealthState
+from v6lb.core.health import HealthSet, HealthState
 from v6lb.engines.control import ControlError, ControlServer
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.kernel.host import enter_netns
@@ -51,8 +51,9 @@ from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Ready, Role, Ru
 from v6lb.engines.planes import names, plane_class, served_modes, serving
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
 from v6lb.errors import UsageError, V6lbError
-from v6lb.model.config import Config, ConfigError, HealthType, load_config
+from v6lb.model.config import Config, ConfigError, load_config
 from v6lb.model.modes import Kind, facts, modes_where
+from v6lb.model.pools import health_monitor
 from v6lb.model.status import BackendStatus, Counter, InstanceStatus, NptStatus, VipStatus
 
 __all__ = [
@@ -221,18 +222,11 @@ class Health:
             n = len(vip.backends)
             for i, b in enumerate(vip.backends):
                 down = (vip.name, str(b.address), b.port) in was_down
-                monitor = None
-                if vip.health.type is not HealthType.NONE:
-                    h = vip.health
-                    monitor = HealthMonitor(
-                        interval=h.interval,
-                        timeout=h.timeout,
-                        rise=h.rise,
-                        fall=h.fall,
-                        now=now,
-                        up=not down,
-                        first_probe_at=now + h.interval * i / n / 2,  # spread the probes out
-                    )
+                h = vip.health
+                monitor = health_monitor(
+                    h, now, up=not down, first_probe_at=now + h.interval * i / n / 2
+                )  # the first probes spread out over half an interval
+                if monitor is not None:
                     port = h.port or b.port or vip.ports[0]
                     out.targets[(vip.name, i)] = _Target(vip.name, i, b.address, port)
                 hs.add(i, monitor, weight=b.weight, drain=b.drain)

@@ -26,12 +26,15 @@ from ipaddress import IPv6Address
 from v6lb.core.backends import BackendPool, BackendSpec
 from v6lb.core.dsr import DsrForwarder, DsrService
 from v6lb.core.dsr_decap import DsrDecap
+from v6lb.core.health import HealthMonitor
 from v6lb.core.nat66 import NatForwarder, NatService
 from v6lb.core.nptv6 import NptForwarder, NptMapping
 from v6lb.model.config import (
     MAGLEV_TABLE_SIZE,
     Config,
     DsrL2Options,
+    HealthCheck,
+    HealthType,
     NatOptions,
     TunnelOptions,
     Vip,
@@ -46,6 +49,7 @@ __all__ = [
     "dsr_decap",
     "dsr_forwarder",
     "dsr_services",
+    "health_monitor",
     "nat_forwarder",
     "nat_services",
     "npt_forwarder",
@@ -267,3 +271,20 @@ def dsr_decap(config: Config, backend: str | IPv6Address) -> DsrDecap:
     if not vips:
         raise ValueError(f"{me} is a backend of no {' or '.join(modes_where(tunnels=True))} VIP")
     return DsrDecap(sources, local, vips)
+
+
+def health_monitor(
+    check: HealthCheck, now: float, *, up: bool = True, first_probe_at: float | None = None
+) -> HealthMonitor | None:
+    """The monitor of one backend under ``check``; None for ``type: none`` (never probed)."""
+    if check.type is HealthType.NONE:
+        return None
+    return HealthMonitor(
+        interval=check.interval,
+        timeout=check.timeout,
+        rise=check.rise,
+        fall=check.fall,
+        now=now,
+        up=up,
+        first_probe_at=first_probe_at,
+    )

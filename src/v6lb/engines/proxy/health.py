@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from ipaddress import IPv6Address
 from typing import Any
 
-from v6lb.core.health import HealthMonitor, HealthSet
+from v6lb.core.health import HealthSet
 from v6lb.engines.probe import TcpProber
 from v6lb.model.config import HealthCheck, HealthType
+from v6lb.model.pools import health_monitor
 
 from .runtime import VipRuntime
 
@@ -27,16 +28,7 @@ __all__ = ["HealthChecker", "health_set_for", "http_probe"]
 def health_set_for(check: HealthCheck, backends: int, now: float) -> HealthSet[int]:
     hs: HealthSet[int] = HealthSet()
     for i in range(backends):
-        mon = None
-        if check.type is not HealthType.NONE:
-            mon = HealthMonitor(
-                interval=check.interval,
-                timeout=check.timeout,
-                rise=check.rise,
-                fall=check.fall,
-                now=now,
-            )
-        hs.add(i, mon)
+        hs.add(i, health_monitor(check, now))
     return hs
 
 
