@@ -82,6 +82,7 @@ def forwarding(loop: Loop) -> Iterator[list[float]]:
     """A UDP exchange with the loop every 20 ms; yields the round-trip times."""
     rtts: list[float] = []
     stop = threading.Event()
+    first = threading.Event()  # the body starts once the exchange is running
 
     def run() -> None:
         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -95,12 +96,16 @@ def forwarding(loop: Loop) -> Iterator[list[float]]:
                 rtts.append(time.monotonic() - t)
             except TimeoutError:
                 rtts.append(99.0)
+            first.set()
             time.sleep(0.02)
         s.close()
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
+    # On a busy machine (two test workers on two cores) a short body could end before the
+    # thread's first exchange, and then nothing would have been measured.
     try:
+        assert first.wait(5), "the UDP exchange did not start"
         yield rtts
     finally:
         stop.set()
