@@ -225,7 +225,7 @@ class DsrService:
                 raise ValueError(f"{name}: a MAC address is 6 bytes")
         self._templates: list[bytearray | None] = [None] * n
         self.nh_offset = 0
-        if mode != MODE_L2:
+        if self.routed:
             if tunnel_source is None or len(tunnel_source) != 16:
                 raise ValueError(f"{name}: mode {mode} needs a 16-byte tunnel source")
             if mtu < MIN_MTU:

@@ -219,13 +219,13 @@ class Health:
             if vip.name not in pools:
                 continue
             hs: HealthSet[int] = HealthSet()
+            h = vip.health
             n = len(vip.backends)
             for i, b in enumerate(vip.backends):
                 down = (vip.name, str(b.address), b.port) in was_down
-                h = vip.health
-                monitor = health_monitor(
-                    h, now, up=not down, first_probe_at=now + h.interval * i / n / 2
-                )  # the first probes spread out over half an interval
+                # the first probes spread out over half an interval
+                first = now + h.interval * i / n / 2
+                monitor = health_monitor(h, now, up=not down, first_probe_at=first)
                 if monitor is not None:
                     port = h.port or b.port or vip.ports[0]
                     out.targets[(vip.name, i)] = _Target(vip.name, i, b.address, port)
