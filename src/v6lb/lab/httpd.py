@@ -3,7 +3,8 @@
 ``python -m v6lb.lab.httpd --node NAME --address ADDR --port 80 [--port ...] [--ready FILE]``
 
 Each answer is ``{"node", "server", "local", "peer", "method", "path", "headers",
-"body_len"}``: ``server`` is the backend address the lab gave it, ``local`` the
+"body_len"}``, plus ``"pad"`` when the query asks for ``bytes=N``: then the answer
+is padded to at least N bytes (up to 16 MB), a large response for PMTU tests. ``server`` is the backend address the lab gave it, ``local`` the
 address and port the connection reached (the VIP for DSR, the backend address
 after NAT), ``peer`` the TCP peer it saw (the client, or its mapped address).
 It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are served too.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import urllib.parse
 import socketserver
 import sys
 import threading
@@ -35,6 +37,17 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name = "lab"
         self.server_port = self.server_address[1]
+
+
+_MAX_BYTES = 16 << 20
+
+
+def _wanted_bytes(path: str) -> int:
+    """``bytes=N`` from the query (0 if absent or not a number), at most 16 MB."""
+    for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("bytes", []):
+        if value.isdigit():
+            return min(int(value), _MAX_BYTES)
+    return 0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -76,6 +89,10 @@ class _Handler(BaseHTTPRequestHandler):
             "body_len": self._body_len(),
         }
         data = (json.dumps(answer) + "\n").encode()
+        want = _wanted_bytes(self.path)
+        if want > len(data):
+            answer["pad"] = "x" * (want - len(data) - len(', "pad": ""'))
+            data = (json.dumps(answer) + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -244,6 +244,190 @@ def _jhash(vip: Vip, pool: BackendPool) -> str:
     )
 
 
+# The ICMPv6 errors a router sends about a packet a backend sent as the VIP: the quote
+# starts 8 bytes into the ICMPv6 header (@th,64); RFC 4443 puts the invoking packet there.
+# In the quote: next header @th,112,8, source @th,128,128 (the VIP), destination
+# @th,256,128 (the client); the first 8 bytes after the 40-byte header start at @th,384.
+ICMP_ERRORS: Final = "{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem }"
+_QUOTED_EIGHT_BYTE_OPTIONS: Final = "{ 0, 60 }"  # Hop-by-Hop, Destination Options
+
+
+def icmp_error_counter(config: Config, vip: Vip) -> str:
+    """The named counter of a DSR VIP's rules for ICMPv6 errors about its flows."""
+    return f"{vip_object_name(config, vip)}_icmp"
+
+
+def icmp_unmatched_counter(config: Config, vip: Vip) -> str:
+    """The named counter of ICMPv6 errors to a VIP address that match none of its flows.
+
+    One per address: the first VIP of the address carries it.
+    """
+    return f"{vip_object_name(config, vip)}_icmp_unmatched"
+
+
+def _icmp_error_matches(vip: Vip, default_for_proto: bool) -> list[tuple[str, str]]:
+    """(match, hash key) of each quote shape nft reads at fixed offsets, for one VIP.
+
+    The quote is the backend's packet, VIP -> client; the key reverses it into the
+    client's flow in the order ``_jhash`` hashes it (nft pads each field alike, so the
+    marks are equal: tests/test_kernel_icmp.py checks it in the kernel). Shapes:
+
+    1. TCP/UDP right after the header: the 4-tuple at @th,384 (source port: a VIP port).
+    2. A first fragment (Fragment header, offset 0) of TCP/UDP: the 4-tuple 8 bytes on.
+    3. Hop-by-Hop or Destination Options of 8 bytes, then TCP/UDP: the same.
+    4. A later fragment (no ports): the 3-tuple client . VIP . upper layer, like
+       ``flow_hash3``; only for the address's first VIP of this protocol, as the core.
+
+    Anything else (a longer extension header chain, a truncated quote) matches none:
+    the address's catch-all rule drops and counts it (``icmp_unmatched_counter``).
+    """
+    proto = 6 if str(vip.protocol) == "tcp" else 17
+    ports = _ports(vip.ports)
+    head = f"ip6 daddr {vip.address} icmpv6 type {ICMP_ERRORS} @th,128,128 {int(vip.address):#x}"
+    four = "@th,256,128 . @th,128,128 . @th,{d},16 . @th,{s},16"
+    out = [
+        (f"{head} @th,112,8 {proto} @th,384,16 {ports}", four.format(d=400, s=384)),
+        (
+            f"{head} @th,112,8 44 @th,384,8 {proto} @th,400,13 0 @th,448,16 {ports}",
+            four.format(d=464, s=448),
+        ),
+        (
+            f"{head} @th,112,8 {_QUOTED_EIGHT_BYTE_OPTIONS} @th,384,8 {proto} @th,392,8 0"
+            f" @th,448,16 {ports}",
+            four.format(d=464, s=448),
+        ),
+    ]
+    if default_for_proto:
+        out.append(
+            (
+                f"{head} @th,112,8 44 @th,384,8 {proto} @th,400,13 != 0",
+                "@th,256,128 . @th,128,128 . @th,384,8",
+            )
+        )
+    return out
+
+
+def _icmp_error_rules(
+    config: Config, vip: Vip, pool: BackendPool, action: str, default_for_proto: bool
+) -> list[str]:
+    """The rules that send ICMPv6 errors about a DSR VIP's flows to the flows' backends."""
+    counter = icmp_error_counter(config, vip)
+    tag = _tag(config)
+    return [
+        f'{match} counter name "{counter}" meta mark set jhash {key}'
+        f" mod {pool.size} seed {pool.seed:#x} {action}"
+        f' comment "{tag} {vip.name}: ICMPv6 errors to the backend of the quoted flow"'
+        for match, key in _icmp_error_matches(vip, default_for_proto)
+    ]
+
+
+def _icmp_counter_blocks(config: Config, vip: Vip, firsts: set[str], what: str) -> list[str]:
+    tag = _tag(config)
+    out = _counter_block(icmp_error_counter(config, vip), f"{tag} {vip.name}: ICMPv6 errors {what}")
+    if vip.name in firsts:
+        out += _counter_block(
+            icmp_unmatched_counter(config, vip),
+            f"{tag} {vip.address}: ICMPv6 errors dropped, quoting no flow of its VIPs",
+        )
+    return out
+
+
+def _icmp_catch_all(config: Config, vips: Sequence[Vip]) -> list[str]:
+    """Drop and count the ICMPv6 errors to each DSR address that no rule above took."""
+    return [
+        f"ip6 daddr {address} icmpv6 type {ICMP_ERRORS}"
+        f' counter name "{icmp_unmatched_counter(config, group[0])}" drop'
+        f' comment "{_tag(config)} {address}: ICMPv6 errors that quote no flow of its VIPs"'
+        for address, group in _by_address(vips).items()
+    ]
+
+
+def npt_icmp_counter(index: int) -> str:
+    """The named counter of ICMPv6 errors to the outside prefix of ``config.npt[index]``."""
+    return f"npt{index}_icmp"
+
+
+def npt_icmp_unmatched_counter(index: int) -> str:
+    """The named counter of those errors dropped: truncated, or quoting no mapped address."""
+    return f"npt{index}_icmp_unmatched"
+
+
+def _npt_icmp_rules(config: Config, index: int) -> list[str]:
+    """Count the ICMPv6 errors to an npt outside prefix; drop those DNPT cannot map back.
+
+    ip6tables' DNPT maps the destination and the quoted source (the packet the inside
+    host sent, as the outside saw it) back inside. An error whose quote is shorter than
+    an IPv6 header (``ip6 length`` below 8 + 40), or whose quoted source is not in the
+    outside prefix, names no packet of the inside host: dropped and counted, as the core.
+    """
+    pair = config.npt[index]
+    outside = pair.outside
+    bits = outside.prefixlen
+    value = int(outside.network_address) >> (128 - bits)
+    head = f"ip6 daddr {outside} icmpv6 type {ICMP_ERRORS}"
+    tag = _tag(config)
+    unmatched = npt_icmp_unmatched_counter(index)
+    return [
+        f'{head} ip6 length < 48 counter name "{unmatched}" drop'
+        f' comment "{tag} npt {outside}: ICMPv6 errors with a truncated quote"',
+        f'{head} @th,128,{bits} != {value:#x} counter name "{unmatched}" drop'
+        f' comment "{tag} npt {outside}: ICMPv6 errors quoting a source outside {outside}"',
+        f'{head} counter name "{npt_icmp_counter(index)}"'
+        f' comment "{tag} npt {outside}: ICMPv6 errors DNPT translates"',
+    ]
+
+
+def _nat_vips(config: Config) -> list[Vip]:
+    return [v for v in config.vips if v.mode is VipMode.NAT]
+
+
+def _nat_icmp_rules(config: Config) -> list[str]:
+    """Count the ICMPv6 errors to nat VIPs: conntrack relates them to a flow, or drop them.
+
+    nf_conntrack finds the flow an error quotes (``ct state related``) and nf_nat then
+    translates the error and its quote back to the backend. An error that quotes no
+    tracked flow has no conntrack entry (``ct state invalid``): dropped and counted. The
+    quoted source port names the VIP; any other related error counts for the address's
+    first VIP.
+    """
+    tag = _tag(config)
+    rules: list[str] = []
+    for address, group in _by_address(_nat_vips(config)).items():
+        head = f"ip6 daddr {address} icmpv6 type {ICMP_ERRORS}"
+        for vip in group:
+            proto = 6 if str(vip.protocol) == "tcp" else 17
+            rules.append(
+                f"{head} ct state related @th,112,8 {proto} @th,384,16 {_ports(vip.ports)}"
+                f' counter name "{icmp_error_counter(config, vip)}" accept'
+                f' comment "{tag} {vip.name}: ICMPv6 errors nf_nat translates"'
+            )
+        first = group[0]
+        rules.append(
+            f'{head} ct state related counter name "{icmp_error_counter(config, first)}" accept'
+            f' comment "{tag} {address}: other ICMPv6 errors nf_nat translates"'
+        )
+        rules.append(
+            f'{head} ct state invalid counter name "{icmp_unmatched_counter(config, first)}" drop'
+            f' comment "{tag} {address}: ICMPv6 errors that quote no tracked flow"'
+        )
+    return rules
+
+
+def _by_address(vips: Sequence[Vip]) -> dict[str, list[Vip]]:
+    out: dict[str, list[Vip]] = {}
+    for vip in vips:
+        out.setdefault(str(vip.address), []).append(vip)
+    return out
+
+
+def _first_of_proto(vips: Sequence[Vip]) -> set[str]:
+    """The names of the VIPs that take an address's port-less packets (the core's ``_default``)."""
+    seen: dict[tuple[str, str], str] = {}
+    for vip in vips:
+        seen.setdefault((str(vip.address), str(vip.protocol)), vip.name)
+    return set(seen.values())
+
+
 def _no_backend(config: Config, vip: Vip, ports: Sequence[int]) -> str:
     return (
         f'{_match(vip, ports)} counter name "{vip_counter(config, vip)}" drop'
@@ -482,6 +666,10 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
     marks: dict[str, dict[int, int]] = {}
     for t in tunnel_targets(config):
         marks.setdefault(t.vip.name, {})[t.backend_index] = t.mark
+    dsr = [v for v in config.vips if v.mode.facts.kind == "dsr" and v.mode in KERNEL_MODES]
+    firsts = {vips[0].name for vips in _by_address(dsr + _nat_vips(config)).values()}
+    ports = _first_of_proto(dsr)
+    icmp: list[str] = []
     for vip in config.vips:
         if vip.mode is VipMode.DSR_L2 or vip.mode not in KERNEL_MODES:
             continue
@@ -490,6 +678,7 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
         counter = vip_counter(config, vip)
         objects += _counter_block(counter, f"{tag} {vip.name}: {_counter_meaning(vip)}")
         if vip.mode is VipMode.NAT:
+            objects += _icmp_counter_blocks(config, vip, firsts, "translated (conntrack related)")
             for m in nat_maps(config, vip):
                 kind = "ipv6_addr . inet_service" if m.with_port else "ipv6_addr"
                 objects += _map_block(
@@ -510,6 +699,7 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             objects += _map_block(
                 name, "mark", f"{tag} {vip.name}: Maglev slot -> backend's mark", pool.table, values
             )
+            objects += _icmp_counter_blocks(config, vip, firsts, "sent to the quoted flow's backend")
             if not pool.any_eligible:
                 mangle.append(_no_backend(config, vip, vip.ports))
                 continue
@@ -517,10 +707,27 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
                 f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
                 f' meta mark set meta mark map @{name} accept comment "{tag} {vip.name}"'
             )
+            icmp += _icmp_error_rules(
+                config, vip, pool, f"meta mark set meta mark map @{name} accept", vip.name in ports
+            )
+    mangle += icmp + _icmp_catch_all(config, [v for v in dsr if v.mode is not VipMode.DSR_L2])
+    mangle += _nat_icmp_rules(config)
     mangle += _guard_rules(config, nat=False)
+    npt_icmp: list[str] = []
+    for i, pair in enumerate(config.npt):
+        objects += _counter_block(
+            npt_icmp_counter(i), f"{tag} npt {pair.outside}: ICMPv6 errors translated inward"
+        )
+        objects += _counter_block(
+            npt_icmp_unmatched_counter(i),
+            f"{tag} npt {pair.outside}: ICMPv6 errors dropped, quoting no mapped address",
+        )
+        npt_icmp += _npt_icmp_rules(config, i)
     lines = [f"table ip6 {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += objects
     for chain, hook, rules in (
+        # before ip6tables' DNPT (priority mangle) rewrites the destination
+        ("npt_icmp", "filter hook prerouting priority mangle - 10", npt_icmp),
         ("mangle_pre", "filter hook prerouting priority mangle", mangle),
         ("nat_pre", "nat hook prerouting priority dstnat", nat_pre),
         ("nat_post", "nat hook postrouting priority srcnat", nat_post),
@@ -582,6 +789,9 @@ def _netdev_table(
     tag = _tag(config)
     objects: list[str] = []
     rules: list[str] = []
+    icmp: list[str] = []
+    firsts = {group[0].name for group in _by_address(vips).values()}
+    ports = _first_of_proto(vips)
     for vip in vips:
         pool = pools[vip.name]
         name = vip_object_name(config, vip)
@@ -598,14 +808,20 @@ def _netdev_table(
         objects += _map_block(
             name, "ether_addr", f"{tag} {vip.name}: Maglev slot -> backend MAC", pool.table, macs
         )
+        objects += _icmp_counter_blocks(config, vip, firsts, "sent to the quoted flow's backend")
         if not pool.any_eligible:
             rules.append(_no_backend(config, vip, vip.ports))
             continue
+        rewrite = (
+            f"ether saddr set {l2.egress_mac.lower()} ether daddr set meta mark map @{name}"
+            f' fwd to "{l2.egress}"'
+        )
         rules.append(
             f'{_match(vip, vip.ports)} counter name "{name}" {_jhash(vip, pool)}'
-            f" ether saddr set {l2.egress_mac.lower()} ether daddr set meta mark map @{name}"
-            f' fwd to "{l2.egress}" comment "{tag} {vip.name}"'
+            f' {rewrite} comment "{tag} {vip.name}"'
         )
+        icmp += _icmp_error_rules(config, vip, pool, rewrite, vip.name in ports)
+    rules += icmp + _icmp_catch_all(config, vips)
     lines = [f"table netdev {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += objects
     if rules:
