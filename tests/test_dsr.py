@@ -569,3 +569,39 @@ def fresh_cached() -> DsrForwarder:
     if not _FWD:
         _FWD.append(fresh())
     return _FWD[0]
+
+
+def _svc(fwd: DsrForwarder, name: str) -> DsrService:
+    return next(s for s in fwd.services if s.name == name)
+
+
+def test_icmp_errors_are_counted_per_vip_and_forged_ones_leave_no_trace() -> None:
+    fwd = fresh()
+    flows = random_flows(20, seed=11)
+    owners = {f: backend_of(fwd, *f) for f in flows}
+    cached = fwd.flows
+    multi = _svc(fwd, "multi")
+    # a forged PTB per never-seen client: forwarded where its hash points, never cached,
+    # never answered, and the real flows keep their backends
+    for i, (src, sport) in enumerate(random_flows(200, seed=12)):
+        quote = build.tcp(fx.VIPM, src, 443, sport, payload=b"r" * 100)
+        ptb = build.icmpv6_error(fx.ROUTER, fx.VIPM, 2, 0, quote, 500 if i % 2 else 1280)
+        action, _, out = fwd.process(ptb, PORT_OUTSIDE, 0.0)
+        assert action == FORWARD
+        inner = bytes(out[40:])  # type: ignore[index]
+        assert inner == bytes(ptb[:7]) + bytes([ptb[7] - 1]) + bytes(ptb[8:])  # MTU unchanged
+    assert fwd.flows == cached and fwd.counters.replies == 0
+    assert {f: backend_of(fwd, *f) for f in flows} == owners
+    assert multi.icmp_forwarded == 200 and multi.icmp_unmatched == 0
+    # unmatched, on the address's first VIP: a cut quote, another source, a port not served
+    src, sport = flows[0]
+    good = bytes(build.tcp(fx.VIPM, src, 443, sport))
+    bad = [
+        good[:30],
+        bytes(build.tcp(fx.CLIENT, src, 443, sport)),
+        bytes(build.tcp(fx.VIPM, src, 444, sport)),
+    ]
+    for quote in bad:
+        ptb = build.icmpv6_error(fx.ROUTER, fx.VIPM, 2, 0, quote, 1280)
+        assert fwd.process(ptb, PORT_OUTSIDE, 0.0)[0] == DROP
+    assert multi.icmp_unmatched == 3 and fwd.counters.replies == 0

@@ -733,3 +733,27 @@ def test_bad_services() -> None:
         NatForwarder([NatService(VIP, pool, ports=[80]), NatService(VIP, pool, ports=[80])], fx.LB)
     with pytest.raises(ValueError, match="snat_ports"):
         NatService(VIP, pool, ports=[80], snat=SNAT, snat_ports=(2000, 1000))
+
+
+def test_icmp_errors_are_counted_per_vip() -> None:
+    fwd = forwarder()
+    svc = next(s for s in fwd.services if s.address == build.a16(VIP))
+    _, _, out = fwd.process(make("tcp", "2001:db8:c::1", VIP, 7100, 443), OUT, 0.0)
+    assert isinstance(out, bytearray)
+    backend, bport = build.ntop(out[24:40]), int.from_bytes(out[42:44], "big")
+    # the backend's reply, as the client's side saw it (VIP -> client): a PTB about it
+    synack = make("tcp", backend, "2001:db8:c::1", bport, 7100, flags=TCP_SYN | TCP_ACK)
+    _, _, reply = fwd.process(synack, IN, 0.1)
+    assert isinstance(reply, bytearray)
+    ptb = build.icmpv6_error(fx.ROUTER, VIP, 2, 0, bytes(reply), 1280)
+    action, port, got = fwd.process(ptb, OUT, 0.2)
+    assert (action, port) == (FORWARD, IN) and isinstance(got, bytearray)
+    assert build.ntop(got[24:40]) == backend and build.ntop(got[48 + 8 : 48 + 24]) == backend
+    assert (svc.icmp_translated, svc.icmp_unmatched) == (1, 0)
+    # an error quoting no tracked flow, and one with a cut quote: dropped, counted
+    forged = make("tcp", VIP, "2001:db8:c::99", 443, 7200)
+    for quote in (bytes(forged), bytes(reply[:30])):
+        err = build.icmpv6_error(fx.ROUTER, VIP, 2, 0, quote, 1280)
+        assert fwd.process(err, OUT, 0.3)[0] == DROP
+    assert (svc.icmp_translated, svc.icmp_unmatched) == (1, 2)
+    assert fwd.counters.replies == 0

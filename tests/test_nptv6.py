@@ -342,3 +342,26 @@ def test_fast_path_equals_slow_path(
     assert v1[:2] == v2[:2]
     assert b1 == b2
     assert f1.counters.snapshot() == f2.counters.snapshot()
+
+
+def test_icmp_errors_translated_or_dropped_and_counted() -> None:
+    m = NptMapping(fx.INSIDE, fx.OUTSIDE)
+    fwd = NptForwarder([m], build.a16(fx.LB))
+    # a PTB about the inside host's packet as the outside saw it: both translated back
+    sent = build.tcp(fx.OUT_HOST, fx.REMOTE, 80, 40000, payload=b"r" * 1400)
+    ptb = build.icmpv6_error("2001:db8:ff::1", fx.OUT_HOST, 2, 0, bytes(sent), 1280)
+    action, port, out = fwd.process(ptb, PORT_OUTSIDE, 0.0)
+    assert (ACTION_NAMES[action], port) == ("forward", PORT_INSIDE)
+    assert isinstance(out, bytearray)
+    assert build.ntop(out[24:40]) == fx.IN_HOST and build.ntop(out[48 + 8 : 48 + 24]) == fx.IN_HOST
+    _assert_checksums_valid(bytes(out))
+    assert (fwd.icmp_translated, fwd.icmp_unmatched) == ([1], [0])
+    # a quote from another source, and a cut quote: dropped and counted, never answered
+    other = build.tcp(fx.REMOTE, "2001:db8:ffff::2", 80, 40000)
+    for quote in (bytes(other), bytes(sent[:30])):
+        err = build.icmpv6_error("2001:db8:ff::1", fx.OUT_HOST, 2, 0, quote, 1280)
+        assert ACTION_NAMES[fwd.process(err, PORT_OUTSIDE, 0.0)[0]] == "drop"
+    assert (fwd.icmp_translated, fwd.icmp_unmatched) == ([1], [2])
+    assert fwd.counters.drops[Reason.ICMP_ERROR_UNMATCHED] == 1
+    assert fwd.counters.drops[Reason.ICMP_ERROR_QUOTE_BAD] == 1
+    assert fwd.counters.replies == 0

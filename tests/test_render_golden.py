@@ -473,3 +473,23 @@ def test_splice_replaces_only_the_instance_rules() -> None:
     removed = splice(out, "g3", "")
     assert tagged_rules(removed, "g3") == [] and len(tagged_rules(removed, "other")) == 1
     assert splice("", "g3", "") == ""
+
+
+def test_icmp_error_counts_read_the_rendered_counters() -> None:
+    from v6lb.model.status import IcmpErrors
+    from v6lb.render.nftables import icmp_error_counts
+
+    dsr = config(DSR_FILE, "dsr")
+    text = render_nft(dsr, l2=L2, backend_macs=MACS)
+    names = {line.split()[1] for line in text.splitlines() if line.strip().startswith("counter v")}
+    assert {"v0_video_l2_icmp", "v1_video_tunnel_icmp", "v1_video_tunnel_icmp_unmatched"} <= names
+    vips, npt = icmp_error_counts(
+        dsr, {"v1_video_tunnel_icmp": 5, "v1_video_tunnel_icmp_unmatched": 2}
+    )
+    assert vips["video-tunnel"] == IcmpErrors(forwarded=5, unmatched=2)
+    assert vips["video-l2"] == IcmpErrors() and npt == []
+    nat = config(NAT_FILE, "nat")
+    vips, _ = icmp_error_counts(nat, {"v0_web_icmp": 3, "v0_web_icmp_unmatched": 1})
+    assert vips["web"] == IcmpErrors(translated=3, unmatched=1)
+    _, npt = icmp_error_counts(config(NPT_FILE, "npt"), {"npt1_icmp": 4, "npt1_icmp_unmatched": 6})
+    assert npt == [IcmpErrors(), IcmpErrors(translated=4, unmatched=6)]

@@ -113,10 +113,11 @@ def test_built_in_code_writes_fields_in_order_and_leaves_out_unset_optionals() -
         "slots",
     ]
     vip = VipStatus("web", "2001:db8::1", extra={"x": 1}).to_dict()
-    assert list(vip)[-3:] == ["counter", "backends", "x"]
+    assert list(vip)[-4:] == ["counter", "icmp_errors", "backends", "x"]
     assert NptStatus("fd01::/48", "2001:db8::/48").to_dict() == {
         "inside": "fd01::/48",
         "outside": "2001:db8::/48",
+        "icmp_errors": {"forwarded": 0, "translated": 0, "unmatched": 0},
     }
     # given keys, exactly those, in that order
     assert InstanceStatus(instance="a", pid=1, keys=("pid", "instance")).to_dict() == {
@@ -205,6 +206,7 @@ def test_the_daemon_answers_one_typed_status(tmp_path: Path) -> None:
         "seed",
         "maps",
         "counter",
+        "icmp_errors",
         "backends",
     ]
     assert vip["counter"] == {"name": "python nat forwarded", "packets": 3, "bytes": 0}

@@ -177,6 +177,8 @@ class DsrService:
         "overhead",
         "limit",
         "nh_offset",
+        "icmp_forwarded",
+        "icmp_unmatched",
         "_templates",
     )
 
@@ -225,6 +227,10 @@ class DsrService:
                 raise ValueError(f"{name}: a MAC address is 6 bytes")
         self._templates: list[bytearray | None] = [None] * n
         self.nh_offset = 0
+        # ICMPv6 errors for the VIP: passed on to the quoted flow's backend; dropped
+        # because they quote no flow of the address's VIPs (counted on its first VIP).
+        self.icmp_forwarded = 0
+        self.icmp_unmatched = 0
         if self.routed:
             if tunnel_source is None or len(tunnel_source) != 16:
                 raise ValueError(f"{name}: mode {mode} needs a 16-byte tunnel source")
@@ -458,9 +464,11 @@ class DsrForwarder:
         q = self._info.l4_off + 8
         qi = self._qinfo
         if len(buf) - q < IPV6_HDR_LEN or parse(buf, qi, q, strict_length=False):
+            services[0].icmp_unmatched += 1
             return self._drop(_QUOTE_BAD)
         qsrc = bytes(buf[q + 8 : q + 24])
         if qsrc != vip:
+            services[0].icmp_unmatched += 1
             return self._drop(_UNMATCHED)
         client = bytes(buf[q + 24 : q + 40])
         qp = qi.proto
@@ -470,14 +478,20 @@ class DsrForwarder:
             cport = (buf[ql4 + 2] << 8) | buf[ql4 + 3]
             svc = _match(services, qp, vport)
             if svc is None:
+                services[0].icmp_unmatched += 1
                 return self._drop(_UNMATCHED)
             key = (qp, client + vip + bytes(buf[ql4 + 2 : ql4 + 4]) + bytes(buf[ql4 : ql4 + 2]))
-            return self._steer(buf, port, now, svc, key, client, vip, qp, cport, vport, False)
-        svc = _default(services, qp)
-        if svc is None:
-            return self._drop(_UNMATCHED)
-        key = (qp, client + vip)
-        return self._steer(buf, port, now, svc, key, client, vip, qp, -1, -1, False)
+            verdict = self._steer(buf, port, now, svc, key, client, vip, qp, cport, vport, False)
+        else:
+            svc = _default(services, qp)
+            if svc is None:
+                services[0].icmp_unmatched += 1
+                return self._drop(_UNMATCHED)
+            key = (qp, client + vip)
+            verdict = self._steer(buf, port, now, svc, key, client, vip, qp, -1, -1, False)
+        if verdict[0] in (FORWARD, FORWARD_L2, FORWARD_MANY):
+            svc.icmp_forwarded += 1
+        return verdict
 
     def _steer(
         self,

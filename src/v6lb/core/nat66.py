@@ -112,6 +112,8 @@ class NatService:
         "pool",
         "snat",
         "snat_ports",
+        "icmp_translated",
+        "icmp_unmatched",
         "_snat_first",
         "_snat_count",
     )
@@ -155,6 +157,10 @@ class NatService:
         if not 1 <= lo <= hi <= 65535:
             raise ValueError(f"snat_ports {lo}-{hi} is not a range within 1-65535")
         self.snat_ports = (lo, hi)
+        # ICMPv6 errors about the VIP's flows translated (both ways), and errors sent to
+        # the VIP's address that quote no tracked flow (counted on its first VIP).
+        self.icmp_translated = 0
+        self.icmp_unmatched = 0
 
     def snat_address(self, client: bytes, seed: int = 0) -> bytes:
         """The SNAT address of ``client``: always the same one for a client (paired pooling)."""
@@ -274,6 +280,7 @@ class NatForwarder:
         )
         self._info = PacketInfo()
         self._qinfo = PacketInfo()
+        self._error_conn: Conn | None = None  # the flow the last ICMPv6 error quoted
         self._hits = 0
         tables = self.conntrack.tables
         self._orig_tcp = tables[ORIG][NH_TCP]
@@ -631,6 +638,21 @@ class NatForwarder:
     def _icmp_error(
         self, buf: bytearray, info: PacketInfo, inside: bool, port: int, now: float
     ) -> Verdict:
+        """:meth:`_translate_error`, counted per VIP: translated, or (from outside) unmatched."""
+        verdict = self._translate_error(buf, info, inside, port, now)
+        if verdict[0] == FORWARD:
+            conn = self._error_conn
+            if conn is not None and conn.service is not None:
+                conn.service.icmp_translated += 1
+        elif not inside and verdict[1] in (_R_UNMATCHED, _R_QUOTE_BAD):
+            svc = self._echo.get(bytes(buf[24:40]))
+            if svc is not None:
+                svc.icmp_unmatched += 1
+        return verdict
+
+    def _translate_error(
+        self, buf: bytearray, info: PacketInfo, inside: bool, port: int, now: float
+    ) -> Verdict:
         """Translate an error about a tracked flow: outer header, quoted packet, checksums.
 
         From outside, the quote is a reply as we translated it (VIP -> client);
@@ -640,6 +662,7 @@ class NatForwarder:
         the error goes to the client from the VIP, as Linux's NAT does, so no
         inside address leaks out.
         """
+        self._error_conn = None
         l4 = info.l4_off
         t = buf[l4]
         if t not in _ERRORS:
@@ -672,6 +695,7 @@ class NatForwarder:
         if buf[24:40] != buf[q + 8 : q + 24]:
             return self._drop(_R_UNMATCHED)
         conn = self.conntrack.lookup(REPLY if inside else ORIG, qp, key, now)
+        self._error_conn = conn
         if conn is None:
             return self._drop(_R_UNMATCHED)
         if buf[7] < self._hl_min:

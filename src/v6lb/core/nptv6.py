@@ -21,7 +21,10 @@ Drop rules, each answered with the ICMPv6 error the RFC names:
 An ICMPv6 error's quoted packet is translated too (the destination of the
 quote outbound, its source inbound), so traceroute and Packet Too Big work
 through the translator. The quote's addresses sit at even offsets inside the
-ICMPv6 body, so this is checksum-neutral as well.
+ICMPv6 body, so this is checksum-neutral as well. An error whose quote is
+truncated (shorter than an IPv6 header) or does not name the mapped host
+(inbound: the quoted source is not in the outside prefix; outbound: the quoted
+destination is not in the inside prefix) is dropped and counted per mapping.
 """
 
 from __future__ import annotations
@@ -230,6 +233,10 @@ class NptForwarder:
         self.mappings = list(mappings)
         self.icmp = IcmpErrorSource(icmp_source, icmp_rate, icmp_burst)
         self.counters = Counters()
+        # ICMPv6 errors per mapping: translated (quote and outer header), and dropped
+        # because the quote was truncated or names no address of the mapping.
+        self.icmp_translated = [0] * len(self.mappings)
+        self.icmp_unmatched = [0] * len(self.mappings)
         self.decrement_hop_limit = decrement_hop_limit
         self._info = PacketInfo()
         self._qinfo = PacketInfo()
@@ -342,19 +349,28 @@ class NptForwarder:
         is_error = info.proto == NH_ICMPV6 and not info.later_fragment and buf[info.l4_off] < 128
         if is_error:
             # Translate the quoted packet first; if it can't be, drop the error
-            # silently (never answer an error with an error).
+            # silently (never answer an error with an error). The quote must be the
+            # packet the error is about: from outside, one the inside host sent (its
+            # source in the outside prefix); from inside, one it received (its
+            # destination in the inside prefix). Anything else names no packet of
+            # ours: dropped and counted, as the kernel data plane does.
             q = info.l4_off + 8
-            if len(buf) - q >= IPV6_HDR_LEN:
-                qoff = q + (OFF_DST if outbound else OFF_SRC)
-                if outbound and m.matches_inside(buf, qoff):
-                    qrc = m.map_out(buf, qoff)
-                elif not outbound and m.matches_outside(buf, qoff):
-                    qrc = m.map_in(buf, qoff)
-                else:
-                    qrc = OK
-                if qrc:
-                    counters.drops[Reason.ICMP_ERROR_QUOTE_BAD] += 1
-                    return (DROP, Reason.ICMP_ERROR_QUOTE_BAD, None)
+            index = self.mappings.index(m)
+            if len(buf) - q < IPV6_HDR_LEN:
+                self.icmp_unmatched[index] += 1
+                counters.drops[Reason.ICMP_ERROR_QUOTE_BAD] += 1
+                return (DROP, Reason.ICMP_ERROR_QUOTE_BAD, None)
+            qoff = q + (OFF_DST if outbound else OFF_SRC)
+            if not (m.matches_inside(buf, qoff) if outbound else m.matches_outside(buf, qoff)):
+                self.icmp_unmatched[index] += 1
+                counters.drops[Reason.ICMP_ERROR_UNMATCHED] += 1
+                return (DROP, Reason.ICMP_ERROR_UNMATCHED, None)
+            qrc = m.map_out(buf, qoff) if outbound else m.map_in(buf, qoff)
+            if qrc:
+                self.icmp_unmatched[index] += 1
+                counters.drops[Reason.ICMP_ERROR_QUOTE_BAD] += 1
+                return (DROP, Reason.ICMP_ERROR_QUOTE_BAD, None)
+            self.icmp_translated[index] += 1
         rc = m.map_out(buf, addr_off) if outbound else m.map_in(buf, addr_off)
         if rc:
             if is_error:

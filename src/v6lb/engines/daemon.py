@@ -54,7 +54,14 @@ from v6lb.errors import UsageError, V6lbError
 from v6lb.model.config import Config, ConfigError, load_config
 from v6lb.model.modes import Kind, facts, modes_where
 from v6lb.model.pools import health_monitor
-from v6lb.model.status import BackendStatus, Counter, InstanceStatus, NptStatus, VipStatus
+from v6lb.model.status import (
+    BackendStatus,
+    Counter,
+    IcmpErrors,
+    InstanceStatus,
+    NptStatus,
+    VipStatus,
+)
 
 __all__ = [
     "Daemon",
@@ -587,9 +594,11 @@ class Daemon:
         dataplane = self.dataplane
         vips: list[VipStatus] = []
         details: Mapping[str, Any] = {}
+        npt_icmp: list[IcmpErrors] = []
         if dataplane is not None:
             ps = dataplane.status()
             details = ps.details
+            npt_icmp = ps.npt_icmp
             vips = [self._vip_status(v.name, ps) for v in config.vips if v.name in h.pools]
         sections: dict[str, Any] = {}
         proxy: str | None = None
@@ -625,7 +634,14 @@ class Daemon:
             last_error=self.last_error,
             skipped=list(self.skipped),
             vips=vips,
-            npt=[NptStatus(str(p.inside), str(p.outside)) for p in config.npt],
+            npt=[
+                NptStatus(
+                    str(p.inside),
+                    str(p.outside),
+                    npt_icmp[i] if i < len(npt_icmp) else IcmpErrors(),
+                )
+                for i, p in enumerate(config.npt)
+            ],
             events=list(self.events),
             **typed,
             extra=extra,
@@ -665,6 +681,7 @@ class Daemon:
             counter=Counter(counter.name, counter.packets, counter.bytes)
             if counter
             else Counter(""),
+            icmp_errors=ps.icmp.get(name, IcmpErrors()),
             backends=backends,
         )
 

@@ -40,6 +40,7 @@ from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.planes import Role
 from v6lb.model.config import Config
+from v6lb.model.status import IcmpErrors
 
 __all__ = [
     "Plane",
@@ -92,12 +93,14 @@ class VipCounter:
 class PlaneStatus:
     """A plane's part of the status answer.
 
-    ``counters``/``maps`` by VIP name (an L3 plane; the daemon composes the VIP entries
+    ``counters``/``icmp``/``maps`` by VIP name (an L3 plane; the daemon composes the VIP entries
     with its health state), ``details``: the plane's own keys in answer order,
     ``sections``: top-level keys added after ``events`` (the proxy's ``proxy``).
     """
 
     counters: dict[str, VipCounter] = field(default_factory=dict)
+    icmp: dict[str, IcmpErrors] = field(default_factory=dict)  # by VIP name
+    npt_icmp: list[IcmpErrors] = field(default_factory=list)  # by index in config.npt
     maps: dict[str, list[str]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import urllib.parse
 import socketserver
 import sys
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path

@@ -221,6 +221,28 @@ class BackendStatus(_Record):
 
 
 @dataclass(slots=True)
+class IcmpErrors(_Record):
+    """ICMPv6 errors for a VIP or an npt pair (RFC 4443 errors: PTB, unreachable, ...).
+
+    ``forwarded``: passed on to the backend of the quoted flow (DSR); ``translated``:
+    translated with the quote (nat: a tracked flow, both ways; npt: inbound to a mapped
+    address); ``unmatched``: sent to the address but quoting no flow of it (truncated,
+    another source, a port not served, no tracked flow): dropped. An address's
+    unmatched errors count on its first VIP.
+    """
+
+    forwarded: int = 0
+    translated: int = 0
+    unmatched: int = 0
+
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
+        "forwarded": _int,
+        "translated": _int,
+        "unmatched": _int,
+    }
+
+
+@dataclass(slots=True)
 class VipStatus(_Record):
     """An L3 VIP (nat, npt, dsr-*): its packet counter and its backends."""
 
@@ -233,6 +255,7 @@ class VipStatus(_Record):
     seed: int | None = None
     maps: list[str] = field(default_factory=list)
     counter: Counter = field(default_factory=Counter)
+    icmp_errors: IcmpErrors = field(default_factory=IcmpErrors)
     backends: list[BackendStatus] = field(default_factory=list)
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
@@ -245,18 +268,24 @@ class VipStatus(_Record):
         "seed": _opt_int,
         "maps": _str_list,
         "counter": Counter.from_dict,
+        "icmp_errors": IcmpErrors.from_dict,
         "backends": _list(BackendStatus.from_dict),
     }
 
 
 @dataclass(slots=True)
 class NptStatus(_Record):
-    """An NPTv6 pair (both prefixes are required)."""
+    """An NPTv6 pair (both prefixes are required) and its ICMPv6 errors."""
 
     inside: str
     outside: str
+    icmp_errors: IcmpErrors = field(default_factory=IcmpErrors)
 
-    _PARSE: ClassVar[Mapping[str, Parse]] = {"inside": _str, "outside": _str}
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
+        "inside": _str,
+        "outside": _str,
+        "icmp_errors": IcmpErrors.from_dict,
+    }
 
 
 @dataclass(slots=True)

@@ -74,8 +74,9 @@ from typing import Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.model.config import Config, NatOptions, Vip, VipMode
-from v6lb.model.modes import Plane, modes_where
+from v6lb.model.modes import Kind, Plane, modes_where
 from v6lb.model.pools import pool_for
+from v6lb.model.status import IcmpErrors
 from v6lb.render.routes import (
     TAG_SPAN,
     BackendHost,
@@ -377,6 +378,33 @@ def _npt_icmp_rules(config: Config, index: int) -> list[str]:
     ]
 
 
+def icmp_error_counts(
+    config: Config, packets: Mapping[str, int]
+) -> tuple[dict[str, IcmpErrors], list[IcmpErrors]]:
+    """Per VIP name and per npt pair, the ICMPv6 error counts read from nft ``packets``.
+
+    ``packets``: counter name -> packets, as the kernel reports them.
+    """
+    vips: dict[str, IcmpErrors] = {}
+    for vip in config.vips:
+        if vip.mode not in KERNEL_MODES:
+            continue
+        done = packets.get(icmp_error_counter(config, vip), 0)
+        unmatched = packets.get(icmp_unmatched_counter(config, vip), 0)
+        if vip.mode is VipMode.NAT:
+            vips[vip.name] = IcmpErrors(translated=done, unmatched=unmatched)
+        else:
+            vips[vip.name] = IcmpErrors(forwarded=done, unmatched=unmatched)
+    npt = [
+        IcmpErrors(
+            translated=packets.get(npt_icmp_counter(i), 0),
+            unmatched=packets.get(npt_icmp_unmatched_counter(i), 0),
+        )
+        for i in range(len(config.npt))
+    ]
+    return vips, npt
+
+
 def _nat_vips(config: Config) -> list[Vip]:
     return [v for v in config.vips if v.mode is VipMode.NAT]
 
@@ -666,7 +694,7 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
     marks: dict[str, dict[int, int]] = {}
     for t in tunnel_targets(config):
         marks.setdefault(t.vip.name, {})[t.backend_index] = t.mark
-    dsr = [v for v in config.vips if v.mode.facts.kind == "dsr" and v.mode in KERNEL_MODES]
+    dsr = [v for v in config.vips if v.mode.facts.kind is Kind.DSR and v.mode in KERNEL_MODES]
     firsts = {vips[0].name for vips in _by_address(dsr + _nat_vips(config)).values()}
     ports = _first_of_proto(dsr)
     icmp: list[str] = []
@@ -699,7 +727,9 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             objects += _map_block(
                 name, "mark", f"{tag} {vip.name}: Maglev slot -> backend's mark", pool.table, values
             )
-            objects += _icmp_counter_blocks(config, vip, firsts, "sent to the quoted flow's backend")
+            objects += _icmp_counter_blocks(
+                config, vip, firsts, "sent to the quoted flow's backend"
+            )
             if not pool.any_eligible:
                 mangle.append(_no_backend(config, vip, vip.ports))
                 continue

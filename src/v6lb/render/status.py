@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from v6lb.model.status import InstanceStatus, ProxySection
+from v6lb.model.status import IcmpErrors, InstanceStatus, ProxySection
 
 __all__ = ["lab_status_text", "proxy_status_lines", "status_lines", "status_text"]
 
@@ -44,6 +44,7 @@ def status_lines(st: InstanceStatus) -> list[str]:
             f"VIP {vip.name} {vip.mode} [{vip.address}]:{','.join(map(str, vip.ports))}"
             f"/{vip.protocol}  counter {c.name}: {c.packets} packets {c.bytes} bytes"
         )
+        out.append(f"  ICMPv6 errors: {_icmp(vip.icmp_errors)}")
         for b in vip.backends:
             port = f":{b.port}" if b.port else ""
             out.append(
@@ -51,7 +52,9 @@ def status_lines(st: InstanceStatus) -> list[str]:
                 f"  {b.health.upper()}  {b.slots} slots  probe {b.probe}"
             )
     for pair in st.npt:
-        out.append(f"NPT {pair.inside} <-> {pair.outside}")
+        out.append(
+            f"NPT {pair.inside} <-> {pair.outside}  ICMPv6 errors: {_icmp(pair.icmp_errors)}"
+        )
     if st.forward:  # docs/nat.md "Not an open relay"
         out.append(
             "forward filter: "
@@ -106,6 +109,10 @@ def status_lines(st: InstanceStatus) -> list[str]:
                 f" lost {s.get('lost')}"
             )
     return out
+
+
+def _icmp(e: IcmpErrors) -> str:
+    return f"forwarded {e.forwarded}, translated {e.translated}, unmatched {e.unmatched}"
 
 
 def _errors(counts: Mapping[str, int]) -> str:

@@ -58,6 +58,7 @@ from v6lb.render.ip6tables import tagged_rules
 from v6lb.render.nftables import (
     L2Ports,
     RenderError,
+    icmp_error_counts,
     map_names,
     render_map_update,
     table_name,
@@ -253,6 +254,9 @@ class KernelPlane(Plane):
             packets, nbytes = counters.get(cname, (0, 0))
             out.counters[vip.name] = VipCounter(cname, packets, nbytes)
             out.maps[vip.name] = map_names(config, vip)
+        icmp, npt_icmp = icmp_error_counts(config, {k: v[0] for k, v in counters.items()})
+        out.icmp = {name: c for name, c in icmp.items() if name in self._pools}
+        out.npt_icmp = npt_icmp
         out.details = {
             "kernel": kernel,
             **limits,

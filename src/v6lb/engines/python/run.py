@@ -67,6 +67,7 @@ from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
 from v6lb.model.pools import dsr_forwarder, nat_forwarder, npt_forwarder
+from v6lb.model.status import IcmpErrors
 from v6lb.render.nftables import render_forward_nft
 from v6lb.render.routes import ROUTE_PROTO
 from v6lb.wire.checksum import fill_l4_checksum
@@ -678,6 +679,7 @@ class PythonPlane(Plane):
             kind = str(vip.mode.facts.forwarder)
             snap = self.forwarders[kind].counters.snapshot()
             out.counters[vip.name] = VipCounter(f"python {kind} forwarded", snap["forwarded"], 0)
+        out.icmp, out.npt_icmp = _icmp_errors(self.forwarders)
         try:
             kernel = _kernel_objects(self.instance)
             counters = nft_counters(self.instance)
@@ -726,6 +728,29 @@ def _spread_rps(devices: list[str], netns: str | None) -> str | None:
     if r.returncode != 0:
         return f"RPS not set on the TUNs (the loop does the routing itself): {r.stderr.strip()}"
     return f"RPS on {', '.join(devices)}: CPUs {mask}"
+
+
+def _icmp_errors(forwarders: Mapping[str, Any]) -> tuple[dict[str, IcmpErrors], list[IcmpErrors]]:
+    """The core's ICMPv6 error counts: per VIP name, and per npt pair."""
+    vips: dict[str, IcmpErrors] = {}
+    if "nat" in forwarders:
+        for svc in forwarders["nat"].services:
+            vips[svc.name] = IcmpErrors(
+                translated=svc.icmp_translated, unmatched=svc.icmp_unmatched
+            )
+    if "dsr" in forwarders:
+        for svc in forwarders["dsr"].services:
+            vips[svc.name] = IcmpErrors(forwarded=svc.icmp_forwarded, unmatched=svc.icmp_unmatched)
+    npt = forwarders.get("npt")
+    pairs = (
+        [
+            IcmpErrors(translated=t, unmatched=u)
+            for t, u in zip(npt.icmp_translated, npt.icmp_unmatched, strict=True)
+        ]
+        if npt is not None
+        else []
+    )
+    return vips, pairs
 
 
 def _pools(forwarders: Mapping[str, Any]) -> dict[str, BackendPool]:
