@@ -593,6 +593,7 @@ def lab_status(name: str, *, root: Path = LAB_ROOT) -> dict[str, Any]:
                     "mode": v["mode"],
                     "address": v["address"],
                     "packets": v["counter"]["packets"],
+                    "icmp_errors": v.get("icmp_errors"),
                     "backends": {b["address"]: b["health"] for b in v["backends"]},
                 }
                 for v in st.get("vips", [])

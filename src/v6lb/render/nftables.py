@@ -740,8 +740,14 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             icmp += _icmp_error_rules(
                 config, vip, pool, f"meta mark set meta mark map @{name} accept", vip.name in ports
             )
-    mangle += icmp + _icmp_catch_all(config, [v for v in dsr if v.mode is not VipMode.DSR_L2])
-    mangle += _nat_icmp_rules(config)
+    # One jump, after the balancing rules: a flow's packets never look at the ICMP rules.
+    icmp += _icmp_catch_all(config, [v for v in dsr if v.mode is not VipMode.DSR_L2])
+    icmp += _nat_icmp_rules(config)
+    if icmp:
+        mangle.append(
+            f"icmpv6 type {ICMP_ERRORS} jump icmp_errors"
+            f' comment "{tag}: ICMPv6 errors for the VIPs (docs/pmtu.md)"'
+        )
     mangle += _guard_rules(config, nat=False)
     npt_icmp: list[str] = []
     for i, pair in enumerate(config.npt):
@@ -753,8 +759,12 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             f"{tag} npt {pair.outside}: ICMPv6 errors dropped, quoting no mapped address",
         )
         npt_icmp += _npt_icmp_rules(config, i)
+    if npt_icmp:  # a base chain: every packet passes it, so the others leave at once
+        npt_icmp.insert(0, f'meta l4proto != ipv6-icmp accept comment "{tag}: not ICMPv6"')
     lines = [f"table ip6 {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += objects
+    if icmp:
+        lines += ["\tchain icmp_errors {", *(f"\t\t{rule}" for rule in icmp), "\t}"]
     for chain, hook, rules in (
         # before ip6tables' DNPT (priority mangle) rewrites the destination
         ("npt_icmp", "filter hook prerouting priority mangle - 10", npt_icmp),
@@ -851,9 +861,14 @@ def _netdev_table(
             f' {rewrite} comment "{tag} {vip.name}"'
         )
         icmp += _icmp_error_rules(config, vip, pool, rewrite, vip.name in ports)
-    rules += icmp + _icmp_catch_all(config, vips)
+    icmp += _icmp_catch_all(config, vips)
+    rules.append(
+        f"icmpv6 type {ICMP_ERRORS} jump icmp_errors_l2"
+        f' comment "{tag}: ICMPv6 errors for the dsr-l2 VIPs (docs/pmtu.md)"'
+    )
     lines = [f"table netdev {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += objects
+    lines += ["\tchain icmp_errors_l2 {", *(f"\t\t{rule}" for rule in icmp), "\t}"]
     if rules:
         lines += [
             "\tchain ingress_l2 {",

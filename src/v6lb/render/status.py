@@ -115,6 +115,12 @@ def _icmp(e: IcmpErrors) -> str:
     return f"forwarded {e.forwarded}, translated {e.translated}, unmatched {e.unmatched}"
 
 
+def _lab_icmp(e: Any) -> str:
+    if not isinstance(e, Mapping):
+        return ""
+    return "; ICMPv6 errors " + ", ".join(f"{k} {e.get(k, 0)}" for k in IcmpErrors._PARSE)
+
+
 def _errors(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
 
@@ -190,10 +196,13 @@ def lab_status_text(st: Mapping[str, Any]) -> str:
                 health = ", ".join(f"{a} {h}" for a, h in v["backends"].items())
                 out.append(
                     f"    VIP {v['name']} {v['mode']} {v['address']}: {v['packets']} packets;"
-                    f" {health}"
+                    f" {health}{_lab_icmp(v.get('icmp_errors'))}"
                 )
             for pair in s.get("npt", []):
-                out.append(f"    NPT {pair['inside']} <-> {pair['outside']}")
+                out.append(
+                    f"    NPT {pair['inside']} <-> {pair['outside']}"
+                    f"{_lab_icmp(pair.get('icmp_errors'))}"
+                )
     leftovers = st.get("leftover_netns")
     if isinstance(leftovers, list):
         out += [f"  leftover namespace {ns}" for ns in leftovers]
