@@ -15,6 +15,13 @@ label set, hop limit 64, is sent through ``process`` in a tight loop.
 - new flow, full LRU: the same, with an LRU of 1024 entries already full, so
   every insert also evicts the least recent flow.
 
+- ICMPv6 errors for the VIP (issue: PMTU discovery): a Packet Too Big (mtu 1280)
+  from a router, quoting 1232 bytes of the backend's reply VIP -> client (1280
+  bytes on the wire, as routers send them), through ``dsr-ip6ip6``: for a flow in
+  the LRU (parse, quote parse, reversed key, LRU hit, encapsulation), for N
+  distinct clients not in the LRU (the hash and Maglev pick each time; the LRU is
+  not filled), and unmatched (the quoted source is not the VIP: dropped, counted).
+
 For context, ``flow_hash`` alone (the pure-Python jhash of the 40-byte key)
 is timed too: it is most of a new flow's cost.
 
@@ -158,6 +165,52 @@ def main() -> dict[str, tuple[float, float]]:
 
     res["of which flow_hash (jhash, 40-byte key) ns"] = _net(_measure(hash_only, N), base)
     assert fwd.counters.dropped == 0 and small.counters.dropped == 0
+    res.update(_icmp_errors(base, base_list))
+    return res
+
+
+def _ptb(vip: str, client: str, cport: int) -> bytearray:
+    quote = build.tcp(vip, client, 443, cport, flags=0x10, payload=b"r" * 1440)
+    return build.icmpv6_error("2001:db8:ff::1", vip, 2, 0, bytes(quote[:1232]), 1280)
+
+
+def _icmp_errors(
+    base: tuple[float, float], base_list: tuple[float, float]
+) -> dict[str, tuple[float, float]]:
+    fwd = _forwarder()
+    process = fwd.process
+    vip = VIPS["dsr-ip6ip6"]
+    res: dict[str, tuple[float, float]] = {}
+    assert process(build.tcp(CLIENT, vip, 40000, 443), PORT_OUTSIDE, 0.0)[0] == FORWARD
+    cached = _ptb(vip, CLIENT, 40000)
+
+    def run_cached() -> None:
+        for _ in range(N):
+            process(cached, PORT_OUTSIDE, 0.0)
+
+    res["ICMPv6 PTB, flow in the LRU ns/pkt"] = _net(_measure(run_cached, N), base)
+    forged = [
+        _ptb(vip, f"2001:db8:e:{i >> 16:x}::{i & 0xFFFF:x}", 1024 + i % 60000) for i in range(N)
+    ]
+
+    def run_forged() -> None:
+        for p in forged:
+            process(p, PORT_OUTSIDE, 0.0)
+
+    res["ICMPv6 PTB, flow not in the LRU (hash + pick) ns/pkt"] = _net(
+        _measure(run_forged, N), base_list
+    )
+    assert fwd.flows == 1  # errors never fill the LRU
+    stray = _ptb(vip, CLIENT, 40000)
+    stray[48 + 8 : 48 + 24] = build.a16(CLIENT)  # quoted source: not the VIP
+
+    def run_unmatched() -> None:
+        for _ in range(N):
+            process(stray, PORT_OUTSIDE, 0.0)
+
+    res["ICMPv6 PTB, unmatched (dropped, counted) ns/pkt"] = _net(_measure(run_unmatched, N), base)
+    svc = next(s for s in fwd.services if s.name == "dsr-ip6ip6")
+    assert svc.icmp_forwarded == 2 * N * REPEATS and svc.icmp_unmatched == N * REPEATS
     return res
 
 
