@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from v6lb.engines.bird import Bird, BirdError, set_l4_ecmp_hash, start_bird
+from v6lb.engines.control import ControlError, query
 from v6lb.lab.netns import build_network, lab_down, restore_routes
 from v6lb.lab.plan import LAB_ROOT, ROUTE_PROTO, LabError, LabPlan, derive_node_config, plan_lab
 from v6lb.model.bgp import BgpSection, BgpSettings, Neighbour
@@ -69,11 +70,12 @@ from v6lb.model.config import (
     TunnelOptions,
     Vip,
     VipMode,
+    load_config,
     load_topology,
 )
 from v6lb.model.config_dump import dump
 from v6lb.model.topology import NodeType, Topology
-from v6lb.render.bird import render_router
+from v6lb.render.bird import SpeakerRoute, render_router, render_speaker
 
 __all__ = [
     "FAILURES",
@@ -134,6 +136,7 @@ class Lab:
     servers: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     log: Callable[[str], None] = lambda _m: None
+    dataplane: str = "kernel"  # every LB's `v6lb run --dataplane`
 
     @property
     def config(self) -> Config:
@@ -230,7 +233,7 @@ class Lab:
         log = (self.work / f"{node}.log").open("a")
         argv = [_v6lb(), "run", str(self.files[node]), "--netns", self.ns[node]]
         self.lbs[node] = subprocess.Popen(
-            [*argv, "--instance", node],
+            [*argv, "--instance", node, "--dataplane", self.dataplane],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -238,6 +241,28 @@ class Lab:
             start_new_session=True,  # its own process group: v6lb and its bird
         )
         log.close()
+        if self.dataplane != "kernel":
+            self._start_speaker(node)
+
+    def _start_speaker(self, node: str) -> None:
+        """Only the kernel plane runs a BGP speaker (docs/anycast.md): for another plane the
+        lab runs one in the instance's namespace. It announces the VIP once the instance
+        answers on its control socket (installed) with a backend up, until :meth:`stop_lb`."""
+
+        def serving() -> bool:
+            if self.lbs[node].poll() is not None:
+                raise LabError(f"{node}: v6lb run exited: {self.lb_log(node)}", "see its log")
+            try:
+                st = query(str(self.plan.socket(node)), timeout=2)
+            except ControlError:
+                return False
+            return any(b.get("health") == "up" for v in st["vips"] for b in v["backends"])
+
+        self.wait(f"{node} to serve with a backend up", serving, 30, 0.05)
+        speaker = load_config(self.files[node]).bgp_speaker
+        assert speaker is not None  # _write_instance_files gave it one
+        conf = render_speaker(node, speaker, [SpeakerRoute(IPv6Network(f"{self.vip}/128"))])
+        self.birds[node] = start_bird(_proto(node), conf, self.work, netns=self.ns[node])
 
     def start_server(self, node: str) -> None:
         addr = str(self.addr(node, self.site_of(node).lan))
@@ -259,6 +284,8 @@ class Lab:
         p.wait(timeout=10)
 
     def stop_lb(self, node: str, sig: int = signal.SIGTERM) -> None:
+        if self.dataplane != "kernel" and node in self.birds:
+            self.birds.pop(node).kill(sig)
         p = self.lbs.pop(node, None)
         if p is None or p.poll() is not None:
             return
@@ -448,8 +475,17 @@ def _plan(config: Config, topo: Topology, sites: list[Site]) -> LabPlan:
 
 
 @contextmanager
-def build(path: str | Path, *, log: Callable[[str], None] = lambda _m: None) -> Iterator[Lab]:
-    """Build the lab of ``path``; tear down everything (namespaces, processes) on exit."""
+def build(
+    path: str | Path, *, log: Callable[[str], None] = lambda _m: None, dataplane: str = "kernel"
+) -> Iterator[Lab]:
+    """Build the lab of ``path``; tear down everything (namespaces, processes) on exit.
+
+    ``dataplane``: every LB's ``v6lb run --dataplane`` (``kernel`` or ``python``). The
+    python plane runs no BGP speaker, so the lab runs one in each of its LB namespaces
+    (:meth:`Lab.start_lb`).
+    """
+    if dataplane not in ("kernel", "python"):
+        raise LabError(f"unknown data plane {dataplane!r}", "use kernel or python")
     for tool in ("bird", "birdc", "nft", "ip"):
         if shutil.which(tool) is None:
             raise LabError(f"`{tool}` is not installed", "apt-get install bird2 nftables iproute2")
@@ -464,7 +500,7 @@ def build(path: str | Path, *, log: Callable[[str], None] = lambda _m: None) -> 
     if vip is None:
         raise LabError("the file has no dsr-* or nat VIP", "add one to vips:")
     plan = _plan(config, topo, sites)
-    lab = Lab(plan, client, upstream, sites, vip, asn_site, log=log)
+    lab = Lab(plan, client, upstream, sites, vip, asn_site, log=log, dataplane=dataplane)
     build_network(plan)
     try:
         for n in topo.nodes:
