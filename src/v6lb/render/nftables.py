@@ -311,12 +311,17 @@ def _icmp_error_matches(vip: Vip, default_for_proto: bool) -> list[tuple[str, st
 def _icmp_error_rules(
     config: Config, vip: Vip, pool: BackendPool, action: str, default_for_proto: bool
 ) -> list[str]:
-    """The rules that send ICMPv6 errors about a DSR VIP's flows to the flows' backends."""
+    """The rules that send ICMPv6 errors about a DSR VIP's flows to the flows' backends.
+
+    The counter comes after the hash: the key reads the client port, which a quote cut
+    short of it lacks, and nft ends the rule at that load; counted before it, such an
+    error would count here and again in the catch-all that drops it.
+    """
     counter = icmp_error_counter(config, vip)
     tag = _tag(config)
     return [
-        f'{match} counter name "{counter}" meta mark set jhash {key}'
-        f" mod {pool.size} seed {pool.seed:#x} {action}"
+        f"{match} meta mark set jhash {key} mod {pool.size} seed {pool.seed:#x}"
+        f' counter name "{counter}" {action}'
         f' comment "{tag} {vip.name}: ICMPv6 errors to the backend of the quoted flow"'
         for match, key in _icmp_error_matches(vip, default_for_proto)
     ]
