@@ -61,7 +61,9 @@ from v6lb.wire.constants import (
     ICMP6_TIME_EXCEEDED,
     IPV6_HDR_LEN,
     MIN_MTU,
+    NH_DSTOPTS,
     NH_FRAGMENT,
+    NH_HOPOPTS,
     NH_ICMPV6,
     NH_IPV6,
     NH_ROUTING,
@@ -336,7 +338,7 @@ class DsrForwarder:
         self.flow_cache_size = flow_cache_size
         self._lru: OrderedDict[FlowKey, Entry] = OrderedDict()
         self._info = PacketInfo()
-        self._qinfo = PacketInfo()
+
         self._frag_seq = 0
         self._frag_salt = frag_id_salt & 0xFFFFFFFF
 
@@ -460,35 +462,63 @@ class DsrForwarder:
         The quote is a packet the backend sent as the VIP (src = VIP, dst =
         client); reversed, it names the client's flow. The LRU is consulted
         but not filled, so forged errors cannot evict real flows.
+
+        The quote is read in the shapes the kernel data plane reads at fixed
+        offsets, so both planes (and every instance) agree on every error:
+        TCP/UDP right after the quoted header, or after one Fragment header
+        (offset 0: the 4-tuple; a later fragment: the 3-tuple, for the
+        address's first VIP of that protocol), or after one 8-byte Hop-by-Hop
+        or Destination Options header, with both ports quoted. Anything else
+        (a longer chain, another upper layer, a quote cut before the client
+        port) is dropped and counted as unmatched on the address's first VIP.
         """
         q = self._info.l4_off + 8
-        qi = self._qinfo
-        if len(buf) - q < IPV6_HDR_LEN or parse(buf, qi, q, strict_length=False):
-            services[0].icmp_unmatched += 1
-            return self._drop(_QUOTE_BAD)
-        qsrc = bytes(buf[q + 8 : q + 24])
-        if qsrc != vip:
-            services[0].icmp_unmatched += 1
-            return self._drop(_UNMATCHED)
+        n = len(buf)
+        if n - q < IPV6_HDR_LEN:
+            return self._unmatched(services, _QUOTE_BAD)
+        if bytes(buf[q + 8 : q + 24]) != vip:
+            return self._unmatched(services, _UNMATCHED)
         client = bytes(buf[q + 24 : q + 40])
-        qp = qi.proto
-        ql4 = qi.l4_off
-        if qp in (NH_TCP, NH_UDP) and not qi.later_fragment and ql4 + 4 <= len(buf):
-            vport = (buf[ql4] << 8) | buf[ql4 + 1]
-            cport = (buf[ql4 + 2] << 8) | buf[ql4 + 3]
-            svc = _match(services, qp, vport)
-            if svc is None:
-                services[0].icmp_unmatched += 1
-                return self._drop(_UNMATCHED)
-            key = (qp, client + vip + bytes(buf[ql4 + 2 : ql4 + 4]) + bytes(buf[ql4 : ql4 + 2]))
-            verdict = self._steer(buf, port, now, svc, key, client, vip, qp, cport, vport, False)
+        nh = buf[q + 6]
+        ql4 = q + IPV6_HDR_LEN
+        if nh in (NH_FRAGMENT, NH_HOPOPTS, NH_DSTOPTS):
+            if n < ql4 + 8:
+                return self._unmatched(services, _QUOTE_BAD)
+            qp = buf[ql4]
+            if nh == NH_FRAGMENT:
+                if ((buf[ql4 + 2] << 8) | buf[ql4 + 3]) >> 3:  # a later fragment: no ports
+                    svc = _default(services, qp)
+                    if svc is None or qp not in (NH_TCP, NH_UDP):
+                        return self._unmatched(services, _UNMATCHED)
+                    key = (qp, client + vip)
+                    return self._forwarded(
+                        svc, self._steer(buf, port, now, svc, key, client, vip, qp, -1, -1, False)
+                    )
+            elif buf[ql4 + 1]:  # options longer than 8 bytes
+                return self._unmatched(services, _UNMATCHED)
+            ql4 += 8
         else:
-            svc = _default(services, qp)
-            if svc is None:
-                services[0].icmp_unmatched += 1
-                return self._drop(_UNMATCHED)
-            key = (qp, client + vip)
-            verdict = self._steer(buf, port, now, svc, key, client, vip, qp, -1, -1, False)
+            qp = nh
+        if qp not in (NH_TCP, NH_UDP):
+            return self._unmatched(services, _UNMATCHED)
+        if ql4 + 4 > n:
+            return self._unmatched(services, _QUOTE_BAD)
+        vport = (buf[ql4] << 8) | buf[ql4 + 1]
+        cport = (buf[ql4 + 2] << 8) | buf[ql4 + 3]
+        svc = _match(services, qp, vport)
+        if svc is None:
+            return self._unmatched(services, _UNMATCHED)
+        key = (qp, client + vip + bytes(buf[ql4 + 2 : ql4 + 4]) + bytes(buf[ql4 : ql4 + 2]))
+        return self._forwarded(
+            svc, self._steer(buf, port, now, svc, key, client, vip, qp, cport, vport, False)
+        )
+
+    def _unmatched(self, services: list[DsrService], reason: int) -> Verdict:
+        services[0].icmp_unmatched += 1
+        return self._drop(reason)
+
+    @staticmethod
+    def _forwarded(svc: DsrService, verdict: Verdict) -> Verdict:
         if verdict[0] in (FORWARD, FORWARD_L2, FORWARD_MANY):
             svc.icmp_forwarded += 1
         return verdict

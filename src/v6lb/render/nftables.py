@@ -919,9 +919,46 @@ def render_forward_nft(config: Config, tuns: Sequence[str]) -> str:
     lines += _reset(config.lb.instance)
     lines += [f"table ip6 {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += _forward_objects(config, kernel=False)
+    limit = _icmp_error_limit(config)
+    if limit:
+        lines += _counter_block(
+            ICMP_LIMITED,
+            f"{tag}: ICMPv6 errors for the VIPs and npt prefixes dropped over"
+            f" {PYTHON_ICMP_ERROR_RATE}/s before the TUN devices",
+        )
+        lines += _chain("icmp_limit", "filter hook prerouting priority mangle", limit)
     lines += _chain("forward", "filter hook forward priority filter", _forward_rules(config, tuns))
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+ICMP_LIMITED: Final = "icmp_errors_limited"
+PYTHON_ICMP_ERROR_RATE: Final = 1000
+"""ICMPv6 errors per second the kernel lets through to the Python data plane."""
+PYTHON_ICMP_ERROR_BURST: Final = 200
+"""Their burst: well under a TUN device's queue (500 packets), which the flows share."""
+
+
+def _icmp_error_limit(config: Config) -> list[str]:
+    """The Python plane's guard: a flood of ICMPv6 errors must not fill the TUN queues.
+
+    Every packet for a VIP shares the TUN device's queue with the flows' own packets, so
+    errors beyond :data:`PYTHON_ICMP_ERROR_RATE` per second are dropped in the kernel
+    before they are steered there (legitimate errors are few: routers rate-limit them).
+    """
+    targets = [str(v.address) for v in _l3_vips(config)]
+    targets += [str(p.outside) for p in config.npt]
+    targets = list(dict.fromkeys(targets))
+    if not targets:
+        return []
+    rate = PYTHON_ICMP_ERROR_RATE
+    return [
+        f'meta l4proto != ipv6-icmp accept comment "{_tag(config)}: not ICMPv6"',
+        f"ip6 daddr {{ {', '.join(targets)} }} icmpv6 type {ICMP_ERRORS}"
+        f" limit rate over {rate}/second burst {PYTHON_ICMP_ERROR_BURST} packets"
+        f' counter name "{ICMP_LIMITED}" drop'
+        f' comment "{_tag(config)}: ICMPv6 errors over {rate}/s (docs/pmtu.md)"',
+    ]
 
 
 def render_map_update(
