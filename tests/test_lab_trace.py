@@ -4,8 +4,9 @@ The pure tests build frames by hand: the same packet on two links, before and
 after a NAT66 rewrite, is one ``packet_id``; :func:`v6lb.model.diff.compare`
 reports missing, unexpected and uncaptured links.
 
-The root tests share one lab of ``examples/lab-modes.yaml`` under a name unique to
-this run (the module fixture's teardown always runs ``lab down``):
+The root tests share one lab of ``examples/lab-pmtu.yaml`` (lab-modes.yaml's VIPs and
+npt pair behind a WAN link of MTU 1280) under a name unique to this run (the module
+fixture's teardown always runs ``lab down``):
 
 * ``lab trace --mode nat``: one non-empty pcap per link on the path, which tshark
   reads without a malformed packet; on the LB -> pod link the client's packets go
@@ -16,6 +17,11 @@ this run (the module fixture's teardown always runs ``lab down``):
 * ``lab trace --mode npt``: the client reaches the server's mapped address, and the
   server's own connection out leaves from it; ``lab diff`` finds no difference for
   npt, dsr-l2, dsr-srv6 and dsr-ip6ip6 either;
+* in every mode the trace's third request (``GET /?bytes=20000``) makes rtr send Packet
+  Too Big (MTU 1280) for a full-size reply segment: the trace shows it go rtr -> lb ->
+  the backend that served the request (tunnelled, MAC-rewritten or translated as the
+  mode does), that backend's next data, and the data crossing the WAN after it; the
+  diff compares the errors (and the data after them) with the simulator's too;
 * last, a health failure: one pod's HTTP server is killed under the nat VIP's TCP
   health checks; ``v6lb status`` shows it down, new curl connections go to the
   backends the core predicts (none to the dead one), held flows of the live
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
@@ -45,11 +52,12 @@ from v6lb.lab.plan import LAB_ROOT
 from v6lb.model.capture import Frame, hops_from_frames
 from v6lb.model.config import load_config
 from v6lb.model.diff import Tuple4, compare, link_tuples
+from v6lb.model.explain import explain, key_rows
 from v6lb.model.pools import pool_for
 from v6lb.wire import build
 from v6lb.wire.constants import TCP_ACK, TCP_SYN
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab-modes.yaml"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab-pmtu.yaml"
 V6LB = [sys.executable, "-m", "v6lb.cli"]
 CLIENT = "2001:db8:1::100"
 VIP = "2001:db8:100::80"
@@ -108,6 +116,75 @@ def test_compare_reports_differences_and_missing_pcaps() -> None:
     assert hops_from_frames([_frame(1, "net", c, lb, ack)], macs=MACS, endpoints={})[0].leg == "ack"
 
 
+ROUTER, LB_IN, SID = "fd00:20::fe", "fd00:20::1", "fd00:61::100"
+TMACS = {
+    "02:00:00:00:00:01": "client",
+    "02:00:00:00:00:02": "lb",
+    "02:00:00:00:00:03": "be1",
+    "02:00:00:00:00:04": "rtr",
+    "02:00:00:00:00:05": "isp",
+}
+
+
+def _tmac(node: str) -> str:
+    return next(m for m, n in TMACS.items() if n == node)
+
+
+def _tf(ts: int, link: str, src: str, dst: str, pkt: bytes) -> Frame:
+    return Frame(ts, link, _tmac(src), _tmac(dst), bytes(pkt))
+
+
+def test_packet_too_big_passed_on_in_a_tunnel_is_one_error_and_compared() -> None:
+    """rtr's PTB to the VIP, and the LB's IPv6-in-IPv6 copy of it to the backend, are
+    one packet (leg "error"); the diff compares it (quote included) and the data after it."""
+    full = bytes(build.tcp(VIP, CLIENT, 80, 45000, seq=100, ack=8, flags=0x18, payload=b"x" * 1440))
+    ptb = bytes(build.icmpv6_error(ROUTER, VIP, 2, 0, full, 1280))
+    tunnelled = bytes(build.ipv6(LB_IN, SID, 41, ptb))
+    small = bytes(
+        build.tcp(VIP, CLIENT, 80, 45000, seq=100, ack=8, flags=0x18, payload=b"x" * 1220)
+    )
+    frames = [
+        _tf(1_000, "pods", "be1", "rtr", full),
+        _tf(2_000, "edge", "rtr", "lb", ptb),
+        _tf(3_000, "pods", "lb", "be1", tunnelled),
+        _tf(4_000, "pods", "be1", "rtr", small),
+        _tf(5_000, "wan", "rtr", "isp", small),
+        # the LB's own error (an LB that is the router before the small link)
+        _tf(6_000, "pods", "lb", "be1", bytes(build.icmpv6_error(LB_IN, VIP, 2, 0, full, 1400))),
+    ]
+    hops = hops_from_frames(frames, macs=TMACS, endpoints={}, client=CLIENT, client_ports=[45000])
+    assert [h.leg for h in hops] == ["response", "error", "error", "response", "response", "error"]
+    assert hops[1].packet_id == hops[2].packet_id != hops[5].packet_id
+    assert hops[3].packet_id == hops[4].packet_id
+    got = link_tuples(hops, client=CLIENT, client_ports={45000: "C1"}, lbs={"lb"})
+    quote = f"quoting [{VIP}]:80 -> [{CLIENT}]:C1"
+    reply = Tuple4(VIP, CLIENT, "80", "C1")
+    assert got["edge"] == {Tuple4(ROUTER, VIP, "-", "-", "", f"packet too big mtu 1280 {quote}")}
+    assert got["pods"] == {
+        reply,
+        replace(reply, after="packet too big mtu 1280"),
+        Tuple4(
+            ROUTER,
+            VIP,
+            "-",
+            "-",
+            f"ipv6-in-ipv6 {LB_IN} -> {SID}",
+            f"packet too big mtu 1280 {quote}",
+        ),
+        Tuple4("<lb>", VIP, "-", "-", "", f"packet too big mtu 1400 {quote}"),
+    }
+    assert got["wan"] == {reply, replace(reply, after="packet too big mtu 1280")}
+    assert "(data sent after the packet too big mtu 1280)" in str(
+        replace(reply, after="packet too big mtu 1280")
+    )
+    # explain: the tunnelled error reads as one, and the data after it is a key row
+    rows = explain("dsr-ip6ip6", hops, {"client": CLIENT}, {"lb": "lb"}).rows
+    assert rows[2].detail.startswith("inner icmpv6 packet too big mtu 1280, quoting [")
+    assert rows[2].change.startswith("encapsulated in IPv6-in-IPv6") and not rows[2].client_bound
+    assert rows[3].follows_error and "after the packet too big mtu 1280 from rtr" in rows[3].change
+    assert rows[3].seq in {r.seq for r in key_rows(rows)}
+
+
 # --- root: a real lab ----------------------------------------------------------------
 
 
@@ -147,7 +224,40 @@ def _trace(name: str, mode: str, out: Path) -> dict[str, Any]:
     r = v6lb("lab", "trace", "--name", name, "--mode", mode, "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     exp: dict[str, Any] = json.loads(r.stdout)
+    _check_packet_too_big(exp, json.loads((out / "trace.json").read_text()), mode)
     return exp
+
+
+_DELIVERED = {"nat": "pods", "npt": "npt-lan"}  # else pods, in the mode's encapsulation
+
+
+def _check_packet_too_big(exp: dict[str, Any], meta: dict[str, Any], mode: str) -> None:
+    """The large GET's Packet Too Big: rtr -> lb -> the serving backend, then smaller data."""
+    big = meta["requests"][2]
+    assert big["path"] == "/?bytes=20000" and big["response_bytes"] >= 20000, big
+    port, node = big["client_port"], big["answer"]["node"]
+    quoting = f"[{CLIENT}]:{port} tcp"
+    errors = [
+        h
+        for h in exp["hops"]
+        if h["leg"] == "error"
+        and "packet too big mtu 1280" in h["detail"]
+        and quoting in h["detail"]
+    ]
+    paths: dict[int, list[dict[str, Any]]] = {}
+    for h in errors:
+        paths.setdefault(h["packet_id"], []).append(h)
+    way = [[(h["link"], h["sender"], h["receiver"]) for h in hs] for hs in paths.values()]
+    want = [("edge", "rtr", "lb"), (_DELIVERED.get(mode, "pods"), "lb", node)]
+    assert want in way, way
+    first = min(h["seq"] for hs in paths.values() for h in hs if hs[-1]["receiver"] == node)
+    after = [h for h in exp["hops"] if h["seq"] > first and h["dst"] == f"[{CLIENT}]:{port}"]
+    assert any(h["follows_error"] and h["sender"] == node for h in after), mode
+    assert any(h["link"] == "wan" and h["leg"] == "response" for h in after), mode
+    if mode.startswith("dsr-") and mode != "dsr-l2":
+        (hop,) = [h for h in paths[errors[0]["packet_id"]] if h["sender"] == "lb"]
+        assert hop["proto"] == ("srv6" if mode == "dsr-srv6" else "ipv6-in-ipv6")
+        assert hop["detail"].startswith("inner icmpv6 packet too big mtu 1280")
 
 
 @pytest.mark.root
@@ -155,7 +265,7 @@ def test_trace_and_diff(lab: str, tmp_path: Path) -> None:
     name = lab
     out = tmp_path / "nat"
     exp = _trace(name, "nat", out)
-    for link in ("net", "edge", "pods"):
+    for link in ("net", "wan", "edge", "pods"):
         pcap = out / f"{link}.pcap"
         assert pcap.stat().st_size > 24, link
         if shutil.which("tshark"):
@@ -182,6 +292,11 @@ def test_trace_and_diff(lab: str, tmp_path: Path) -> None:
     r = v6lb("lab", "diff", "--name", name, "--mode", "nat", "--from", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no differences" in r.stdout
+    # the Packet Too Big rtr sent to the VIP, and the one nf_nat passed on to the pod
+    ptb = [line for line in r.stdout.splitlines() if "icmpv6 packet too big mtu 1280" in line]
+    assert any(line.startswith("  same  edge: 2001:db8:2::1 -> 2001:db8:100::80") for line in ptb)
+    assert any(line.startswith("  same  pods: 2001:db8:2::1 -> fd00:20::") for line in ptb)
+    assert "(data sent after the packet too big mtu 1280)" in r.stdout
 
     # without --from: traces now, into the lab dir (which `lab down` removes)
     r = v6lb("lab", "diff", "--name", name, "--mode", "nat")
@@ -203,7 +318,7 @@ def test_trace_and_diff(lab: str, tmp_path: Path) -> None:
     # DSR replies leave the pod for the router, never through the LB (`v6lb backend`
     # keeps the pods' source-specific route for packets from the VIPs)
     back = [h for h in srv6["hops"] if h["proto"] == "tcp" and _addr(h["dst"]) == CLIENT]
-    assert back and all(h["link"] in ("pods", "net") and h["sender"] != "lb" for h in back)
+    assert back and all(h["link"] in ("pods", "wan", "net") and h["sender"] != "lb" for h in back)
     assert {h["receiver"] for h in back if h["link"] == "pods"} == {"rtr"}
     assert srv6["answers"]["reply_via_lb"] is False
 
@@ -232,16 +347,17 @@ def test_npt_trace_and_every_mode_matches_the_simulator(lab: str, tmp_path: Path
     assert ob["client_saw_source"] == outside and ob["translated"] is True
     sport = int(ob["from"].rsplit(":", 1)[1])
     mine = [h for h in tcp if _addr(h["src"]) in (inside, outside) and _port(h["src"]) == sport]
-    assert {h["link"] for h in mine} == {"npt-lan", "edge", "net"}
+    assert {h["link"] for h in mine} == {"npt-lan", "edge", "wan", "net"}
     assert all(_addr(h["src"]) == (inside if h["link"] == "npt-lan" else outside) for h in mine)
 
     for mode in ("npt", "dsr-l2", "dsr-srv6", "dsr-ip6ip6"):
-        where = tmp_path / "npt" if mode == "npt" else None
-        args = ["--from", str(where)] if where else []
-        r = v6lb("lab", "diff", "--name", name, "--mode", mode, *args)
+        where = tmp_path / mode
+        if mode != "npt":
+            _trace(name, mode, where)
+        r = v6lb("lab", "diff", "--name", name, "--mode", mode, "--from", str(where))
         assert r.returncode == 0, r.stdout + r.stderr
         assert "DIFF" not in r.stdout and r.stdout.rstrip().endswith("no differences"), r.stdout
-        assert " same " in r.stdout, r.stdout
+        assert " same " in r.stdout and "icmpv6 packet too big mtu 1280" in r.stdout, r.stdout
 
 
 # The held flows: open, send a request with its last line missing, print the local ports;

@@ -2,7 +2,7 @@
 
 :func:`run_differential` brings a lab up with the first data plane (``kernel``),
 traces each mode (:func:`v6lb.lab.trace.run_trace`: every link captured while
-the client makes a GET and a large POST), takes it down, and does the same
+the client makes a GET, a large POST and a GET of a large response), takes it down, and does the same
 with the second (``python``), whose traces reuse the first one's client ports.
 Same file, same lab, same flows: every hop must then be the same.
 
@@ -13,8 +13,10 @@ flows chose (the client's, the NPT inside host's own connection out) become
 labels, so the NPT host's random port compares too. The backend each flow
 went to is in there (the packets on the pods' link name it) and, again, in the
 HTTP answers (which node answered each request), which :func:`compare` also
-checks. ICMPv6 is left out: the kernel and the Python data plane are free to
-send their own errors from different source addresses.
+checks. ICMPv6 is left out (also an error an LB passes on in a tunnel, which
+quotes a TCP packet): the kernel and the Python data plane are free to send
+their own errors from different source addresses. ``v6lb lab diff`` compares
+the errors with the simulator, each LB's own by its node.
 
 ``python -m v6lb.lab.dataplane_diff FILE [--modes nat,npt]`` runs it (root).
 """
@@ -70,8 +72,8 @@ def hop_set(trace: Trace) -> set[HopKey]:
     for h in trace_hops(trace):
         p = h.pkt
         i = p.innermost
-        if h.dropped is not None or i.proto != "tcp" or p.proto == "icmpv6":
-            continue
+        if h.dropped is not None or i.proto != "tcp" or p.error is not None:
+            continue  # ICMPv6 errors too, also one an LB passes on in a tunnel
         if i.src.port not in labels and i.dst.port not in labels:
             continue
 

@@ -68,16 +68,29 @@ def diff_trace(
     snat = Snat(*meta["snat"]) if meta.get("snat") else None
     client = meta["client"]
     lab_ports = {p: f"C{k}" for k, p in enumerate(meta["client_ports"], 1)}
-    captured = link_tuples(trace_hops(trace), client=client, client_ports=lab_ports, snat=snat)
+    lbs = {n.name for n in topo.lbs()}
+    captured = link_tuples(
+        trace_hops(trace), client=client, client_ports=lab_ports, snat=snat, lbs=lbs
+    )
     predicted: dict[str, set[Tuple4]] = {}
     same = True
+    asked = {int(r["client_port"]): r for r in meta.get("requests", [])}
     for port, label in lab_ports.items():
-        res = run_scenario(config, topo, mode, seed=seed_for_client_port(port))
+        req = asked.get(port, {})
+        size = int(req.get("bytes", 5))
+        res = run_scenario(
+            config,
+            topo,
+            mode,
+            seed=seed_for_client_port(port),
+            body=(bytes(range(256)) * (size // 256 + 1))[:size],
+            path=str(req.get("path", "")),
+        )
         first = next(h for h in res.hops if h.pkt.innermost.src.addr == client)
         sim_port = first.pkt.innermost.src.port or 0
         same = same and sim_port == port
         for link, tuples in link_tuples(
-            res.hops, client=client, client_ports={sim_port: label}, snat=snat
+            res.hops, client=client, client_ports={sim_port: label}, snat=snat, lbs=lbs
         ).items():
             predicted.setdefault(link, set()).update(tuples)
     diffs = compare(predicted, captured, pcap_sizes=trace.packets)

@@ -51,6 +51,9 @@ __all__ = [
 MODES: Final = modes_where(test=lambda m: bool(m.engines))  # every mode an engine serves
 TRACE_FILE: Final = "trace.json"
 POST_BYTES: Final = 100_000
+LARGE_GET_BYTES: Final = 20_000
+"""The response size the third request asks for (``GET /?bytes=N``): many full-size reply
+segments, so a smaller link on the way back makes a router send Packet Too Big."""
 _LB_STATE: Final = {
     "nat": "a conntrack entry per flow (nf_conntrack in the LB's kernel: the DNAT and its reverse)",
     "dsr": "nothing per flow: nft hashes the 5-tuple into the VIP's Maglev map on every packet",
@@ -191,15 +194,25 @@ def run_trace(
         url = f"http://[{dest}]:{dport}/"
         ns = plan.namespaces[client]
         requests = []
-        for k, (method, body) in enumerate(
-            (("GET", None), ("POST", bytes(range(256)) * (POST_BYTES // 256)))
-        ):
-            port, answer, text = curl(ns, url, body, ports[k] if k < len(ports) else 0)
-            requests.append(
-                {"method": method, "client_port": port, "bytes": len(body or b""), "answer": answer}
-            )
+        for k, (method, query, body) in enumerate(_requests(large=mode not in PROXY_MODES)):
+            _forget_path_mtus(plan)
+            port, answer, text = curl(ns, url + query, body, ports[k] if k < len(ports) else 0)
             if answer is None:
-                raise LabError(f"{method} {url}: the answer is not JSON: {text!r}")
+                raise LabError(f"{method} {url}{query}: the answer is not JSON: {text!r}")
+            pad = answer.pop("pad", None)
+            requests.append(
+                {
+                    "method": method,
+                    "path": "/" + query,
+                    "client_port": port,
+                    "bytes": len(body or b""),
+                    "response_bytes": len(
+                        json.dumps(answer if pad is None else {**answer, "pad": pad})
+                    )
+                    + 1,
+                    "answer": answer,
+                }
+            )
         if npt is not None:  # and the inside host's own connection out, to the client
             outbound = outbound_request(plan, npt, caddr)
         time.sleep(0.3)  # the last ACKs and FINs
@@ -265,6 +278,43 @@ def run_trace(
     return load_trace(out, prefix)
 
 
+def _forget_path_mtus(plan: LabPlan) -> None:
+    """Flush every node's cached routes (the path MTUs learnt from Packet Too Big).
+
+    Each request then starts as the simulator's replay of it does, from nothing
+    learnt: a client that still knew a path MTU of 1280 for the VIP would
+    advertise MSS 1220 and the backend's replies would fit, and a backend that
+    knew it for the client would never send a full-size segment (nor advertise a
+    full MSS). The kernel keeps them 10 minutes (``net.ipv6.route.mtu_expires``).
+    """
+    for ns in plan.namespaces.values():
+        subprocess.run(
+            ["ip", "-n", ns, "-6", "route", "flush", "cache", "table", "all"],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
+
+
+def _requests(*, large: bool = True) -> list[tuple[str, str, bytes | None]]:
+    """(method, query, body) of each request a trace makes, in order.
+
+    A GET; a POST larger than any path MTU (the client's own segments meet the
+    smaller link); with ``large``, a GET of a large response (the backend's
+    full-size reply segments meet it, so a router sends Packet Too Big to the
+    address they come from: the VIP, or the mapped address, which the LB must
+    pass on). The proxy labs' nginx answers every request with the same short
+    JSON, so a proxy trace makes the first two only.
+    """
+    out: list[tuple[str, str, bytes | None]] = [
+        ("GET", "", None),
+        ("POST", "", bytes(range(256)) * (POST_BYTES // 256)),
+    ]
+    if large:
+        out.append(("GET", f"?bytes={LARGE_GET_BYTES}", None))
+    return out
+
+
 def load_trace(directory: Path, prefix: str = "") -> Trace:
     """A trace written by :func:`run_trace`; missing or unreadable pcaps count -1."""
     try:
@@ -309,10 +359,11 @@ def explain_trace(trace: Trace, hops: list[Hop] | None = None) -> Explanation:
     local = answer.get("local") or [None]
     nodes: dict[str, str] = m["nodes"]
     lbs = {n for n, lane in nodes.items() if lane == "lb"}
-    reply_via_lb = any(
+    reply_via_lb = any(  # ICMPv6 errors are not replies, also not one passed on in a tunnel
         (h.sender in lbs or h.receiver in lbs)
-        and h.pkt.proto != "icmpv6"
-        and h.pkt.innermost.dst.addr == client
+        and h.pkt.error is None
+        and h.pkt.carried.proto != "icmpv6"
+        and h.pkt.carried.dst.addr == client
         for h in hops
     )
     mode = m["mode"]

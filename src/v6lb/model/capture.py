@@ -73,8 +73,14 @@ def _noise(p: PacketView) -> bool:
     return False
 
 
-def _tcp_key(data: bytes) -> tuple[int, int, int, int] | None:
-    """(seq, ack, flags, payload length) of the innermost TCP header, or None."""
+def _tcp_key(data: bytes, *, quotes: bool = True) -> tuple[int, ...] | None:
+    """(seq, ack, flags, payload length) of the innermost TCP header, or None.
+
+    An ICMPv6 error (also inside a tunnel) about a TCP packet has the key
+    (-1 - type, its parameter, then the quoted packet's four): a tunnel or a
+    translator that passes the error on keeps all of them (``quotes``: look into
+    the quote; False inside one).
+    """
     off, nh = 40, data[6] if len(data) >= 40 else -1
     end = 40 + int.from_bytes(data[4:6], "big") if len(data) >= 40 else 0
     for _ in range(8):
@@ -83,6 +89,11 @@ def _tcp_key(data: bytes) -> tuple[int, int, int, int] | None:
             seq = int.from_bytes(data[off + 4 : off + 8], "big")
             ack = int.from_bytes(data[off + 8 : off + 12], "big")
             return seq, ack, data[off + 13], max(0, min(end, len(data)) - off - doff)
+        if nh == 58 and quotes and off + 48 <= len(data) and data[off] < 128:
+            quoted = _tcp_key(data[off + 8 :], quotes=False)
+            if quoted is None:
+                return None
+            return (-1 - data[off], int.from_bytes(data[off + 4 : off + 8], "big"), *quoted)
         if nh == 41 and off + 40 <= len(data):  # IPv6 in IPv6: start over inside
             data = data[off:]
             end = 40 + int.from_bytes(data[4:6], "big")
@@ -103,8 +114,9 @@ def flow_key(p: PacketView) -> tuple[str, str, int | None, int | None]:
 
 def _leg(p: PacketView, data: bytes, client_ports: set[int]) -> str:
     i = p.innermost
-    if i.proto == "icmpv6" or p.proto == "icmpv6":
-        return "error" if not p.detail.startswith("echo") else "ping"
+    c = p.carried
+    if c.proto == "icmpv6" or i.proto == "icmpv6":  # an error, also one passed on in a tunnel
+        return "error" if not c.detail.startswith("echo") else "ping"
     if i.proto != "tcp":
         return i.proto
     key = _tcp_key(data)
@@ -162,7 +174,7 @@ def hops_from_frames(
     ordered = sorted(frames, key=lambda f: f.ts_ns)
     t0 = ordered[0].ts_ns if ordered else 0
     hops: list[Hop] = []
-    open_groups: dict[tuple[int, int, int, int], list[Hop]] = {}
+    open_groups: dict[tuple[int, ...], list[Hop]] = {}
     next_id = 1
     for f in ordered:
         h = Hop(0, (f.ts_ns - t0) / 1e9, f.link, "?", "?", f.data)

@@ -2,7 +2,14 @@
 
 Both sides are :class:`~v6lb.model.hops.Hop` lists. For each link the TCP packets
 reduce to a set of :class:`Tuple4` (innermost source, destination, source port,
-destination port, plus the outer addresses when the packet is encapsulated).
+destination port, plus the outer addresses when the packet is encapsulated). An
+ICMPv6 error about one of those packets (a Packet Too Big, also one an LB passes
+on in a tunnel) reduces to its own addresses, its type and parameter, and the
+quoted packet's tuple: who told whom about which flow, on which link (an error an
+LB node sent itself is named by that node, not by the source address its engine
+picked). The data of a flow's direction seen after such an error about it reached
+the end of its way (after a Packet Too Big: the smaller segments) also counts once
+more, marked ``after``, on every link it crosses.
 Client ports are replaced by labels (``client_ports`` maps a port to, e.g.,
 ``"C1"``) so a simulated flow and a captured one compare even when their ephemeral
 ports differ; a port inside a SNAT range becomes ``"snat"`` (membership of the
@@ -12,8 +19,8 @@ configured range is what can be predicted, not the port the kernel picked).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from v6lb.model.hops import Hop, PacketView
 
@@ -27,10 +34,18 @@ class Tuple4:
     sport: str
     dport: str
     outer: str = ""  # "srv6 A -> B" / "ipv6-in-ipv6 A -> B" when encapsulated
+    error: str = ""  # an ICMPv6 error: "packet too big mtu 1280 quoting [A]:P -> [B]:Q"
+    after: str = (
+        ""  # data its sender sent after this error about the flow: "packet too big mtu 1280"
+    )
 
     def __str__(self) -> str:
-        s = f"[{self.src}]:{self.sport} -> [{self.dst}]:{self.dport}"
-        return f"{s} in {self.outer}" if self.outer else s
+        if self.error:
+            s = f"{self.src} -> {self.dst} icmpv6 {self.error}"
+        else:
+            s = f"[{self.src}]:{self.sport} -> [{self.dst}]:{self.dport}"
+        s = f"{s} in {self.outer}" if self.outer else s
+        return f"{s} (data sent after the {self.after})" if self.after else s
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +94,29 @@ def _tuple(
     client: str,
     client_ports: Mapping[int, str],
     snat: Snat | None,
+    origin: str | None = None,
 ) -> Tuple4:
     i = p.innermost
-    outer = f"{p.proto} {p.src.addr} -> {p.dst.addr}" if p.encapsulated else ""
-    return Tuple4(
-        i.src.addr,
-        i.dst.addr,
-        _port(i.src.port, i.src.addr, client, client_ports, snat),
-        _port(i.dst.port, i.dst.addr, client, client_ports, snat),
-        outer,
-    )
+    err = p.error
+    outer = f"{p.proto} {p.src.addr} -> {p.dst.addr}" if p.carried is not p else ""
+    sport = _port(i.src.port, i.src.addr, client, client_ports, snat)
+    dport = _port(i.dst.port, i.dst.addr, client, client_ports, snat)
+    if err is not None:
+        quote = f"[{i.src.addr}]:{sport} -> [{i.dst.addr}]:{dport}"
+        src = f"<{origin}>" if origin else err.src.addr
+        return Tuple4(src, err.dst.addr, "-", "-", outer, f"{err.detail} quoting {quote}")
+    return Tuple4(i.src.addr, i.dst.addr, sport, dport, outer)
+
+
+def _flow(p: PacketView, client: str, client_ports: Mapping[int, str]) -> tuple[int, bool] | None:
+    """(client port, towards the client) of a packet of the client's flows (of the quote, for
+    an error), else None."""
+    i = p.innermost
+    if i.dst.addr == client and i.dst.port is not None and i.dst.port in client_ports:
+        return i.dst.port, True
+    if i.src.addr == client and i.src.port is not None and i.src.port in client_ports:
+        return i.src.port, False
+    return None
 
 
 def link_tuples(
@@ -97,12 +125,27 @@ def link_tuples(
     client: str,
     client_ports: Mapping[int, str],
     snat: Snat | None = None,
+    lbs: Collection[str] = (),
 ) -> dict[str, set[Tuple4]]:
-    """{link: tuples} of the TCP packets of the client's flows (drops left out)."""
+    """{link: tuples} of the TCP packets of the client's flows and of the ICMPv6 errors
+    quoting them (drops left out); ``hops`` in time order.
+
+    ``lbs``: the LB nodes. An error one of them sent itself (the first hop of its packet
+    is theirs) has the source ``<node>`` instead of an address: each engine picks its
+    own source address for its own errors (docs/lab.md), and the node that sent it is
+    what can be predicted.
+    """
+    hops = list(hops)
+    origin: dict[int, str] = {}
+    for h in hops:
+        origin.setdefault(h.packet_id, h.sender)
+    told = _told(hops, client, client_ports)
     out: dict[str, set[Tuple4]] = {}
     for h in hops:
-        if h.dropped is not None or h.pkt.innermost.proto != "tcp" or h.pkt.proto == "icmpv6":
+        if h.dropped is not None or h.pkt.innermost.proto != "tcp":
             continue
+        if h.pkt.carried.proto == "icmpv6" and h.pkt.error is None:
+            continue  # an ICMPv6 message too short to quote a header
         i = h.pkt.innermost
         ours = (i.src.addr == client and i.src.port in client_ports) or (
             i.dst.addr == client and i.dst.port in client_ports
@@ -111,7 +154,39 @@ def link_tuples(
             snat is not None and (snat.holds(i.src.addr) or snat.holds(i.dst.addr))
         ):
             continue
-        out.setdefault(h.link, set()).add(_tuple(h.pkt, client, client_ports, snat))
+        by = origin.get(h.packet_id)
+        t = _tuple(h.pkt, client, client_ports, snat, by if by in lbs else None)
+        out.setdefault(h.link, set()).add(t)
+        c = h.pkt.carried
+        if c.proto == "tcp" and "bytes" in c.detail:  # data: after an error about its flow?
+            flow = _flow(h.pkt, client, client_ports)
+            when = told.get(flow) if flow is not None else None
+            if when is not None and h.time >= when[0]:
+                out[h.link].add(replace(t, after=when[1]))
+    return out
+
+
+def _told(
+    hops: Sequence[Hop], client: str, client_ports: Mapping[int, str]
+) -> dict[tuple[int, bool], tuple[float, str]]:
+    """{(client port, towards the client): (time, the error)}: when an ICMPv6 error about
+    that direction of the flow first reached the end of its way (its packet's last hop).
+
+    Per flow and by time, not by packet: a data plane may cut the data that follows into
+    other packets (segmentation offload) than the ones that crossed the next links.
+    """
+    last: dict[int, Hop] = {}
+    for h in hops:
+        if h.dropped is None and h.pkt.error is not None:
+            last[h.packet_id] = h
+    out: dict[tuple[int, bool], tuple[float, str]] = {}
+    for h in last.values():
+        err = h.pkt.error
+        flow = _flow(h.pkt, client, client_ports)
+        if err is None or flow is None:
+            continue
+        if flow not in out or h.time < out[flow][0]:
+            out[flow] = (h.time, err.detail)
     return out
 
 

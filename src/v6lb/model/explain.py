@@ -41,6 +41,7 @@ class Row:
     dropped: str | None = None
     packet_id: int = 0
     client_bound: bool = False  # the packet travels towards the client (a reply)
+    follows_error: bool = False  # the first data its sender sent on the flow an ICMPv6 error quoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +88,19 @@ def _jsonable(v: object) -> bool:
 
 def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
     last: dict[int, PacketView] = {}
+    first_sender: dict[int, str] = {}
+    # (node, quoted source, quoted destination) -> the words for an ICMPv6 error the node
+    # got about a packet it sent: its next data on that flow is marked (Packet Too Big: the
+    # data that follows goes in smaller segments).
+    told: dict[tuple[str, str, str], str] = {}
     rows: list[Row] = []
     for h in hops:
         p = h.pkt
         prev = last.get(h.packet_id) if h.packet_id else None
+        follows = ""
         if prev is None:
-            change = h.note or "sent"
+            follows = _follows_error(h, told)
+            change = h.note or (f"sent {follows}" if follows else "sent")
         else:
             d = diff(prev, p)
             change = "; ".join(c.text for c in d) if d else "unchanged"
@@ -100,9 +108,17 @@ def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
                 change = f"{change} ({h.note})"
         if h.packet_id:
             last[h.packet_id] = p
-        inner = p.innermost if p.encapsulated and p.proto != "icmpv6" else p
-        if p.proto == "icmpv6" and p.inner is not None:
-            detail = f"{p.detail}, quoting [{p.inner.summary()}]"  # an error's quoted packet
+            first_sender.setdefault(h.packet_id, h.sender)
+        inner = p.carried
+        err = p.error
+        if err is not None and err.inner is not None and h.dropped is None:
+            q = err.inner
+            who = first_sender.get(h.packet_id, h.sender)
+            told[(h.receiver, q.src.addr, q.dst.addr)] = f"after the {err.detail} from {who}"
+        if err is not None and err.inner is not None:
+            detail = f"{err.detail}, quoting [{err.inner.summary()}]"  # an error's quoted packet
+            if err is not p:
+                detail = f"inner icmpv6 {detail}"  # an error passed on in a tunnel
         elif p.encapsulated:
             detail = f"inner {inner.summary()}"
         else:
@@ -123,9 +139,19 @@ def build_rows(hops: Sequence[Hop], client: str = "") -> list[Row]:
                 dropped=h.dropped,
                 packet_id=h.packet_id,
                 client_bound=inner.dst.addr == client if client else False,
+                follows_error=bool(follows),
             )
         )
     return rows
+
+
+def _follows_error(h: Hop, told: dict[tuple[str, str, str], str]) -> str:
+    """ "after the packet too big mtu 1280 from rtr" when ``h`` is the first data packet its
+    sender sends on a flow an ICMPv6 error told it about, else ""."""
+    p = h.pkt
+    if p.carried.proto not in ("tcp", "udp") or "bytes" not in p.carried.detail:
+        return ""
+    return told.pop((h.sender, p.src.addr, p.dst.addr), "")
 
 
 def _lb_changes(hops: Sequence[Hop], lb_nodes: set[str]) -> list[Change]:
@@ -234,7 +260,8 @@ def answer_lines(a: Answers) -> list[tuple[str, str]]:
 
 
 def key_rows(rows: Sequence[Row]) -> list[Row]:
-    """The hops of the first packet of each leg in each direction, plus every drop.
+    """The hops of the first packet of each leg in each direction, every drop, and the
+    first data packet a sender sent after an ICMPv6 error about its flow (``follows_error``).
 
     A compact view for terminals: the SYN, the SYN-ACK, the first request and
     the first response show every translation the flow gets; later packets of
@@ -250,4 +277,5 @@ def key_rows(rows: Sequence[Row]) -> list[Row]:
         o = origin.setdefault(r.packet_id, (r.src.rsplit(":", 1)[0], r.dst.rsplit(":", 1)[0]))
         first.setdefault((r.leg, *o), r.packet_id)
     keep = {pid for (leg, _, _), pid in first.items() if leg != "ack"}  # bare ACKs add nothing
+    keep |= {r.packet_id for r in rows if r.follows_error}  # the data after a Packet Too Big
     return [r for r in rows if r.packet_id in keep or r.dropped or not r.packet_id]

@@ -67,6 +67,25 @@ class PacketView:
     def encapsulated(self) -> bool:
         return self.inner is not None
 
+    @property
+    def error(self) -> PacketView | None:
+        """The ICMPv6 error this packet is or carries in a tunnel (its ``inner`` is the quote)."""
+        v: PacketView | None = self
+        while v is not None:
+            if v.proto == "icmpv6":
+                return v if v.inner is not None else None
+            v = v.inner
+        return None
+
+    @property
+    def carried(self) -> PacketView:
+        """The packet a tunnel carries (or this one): like :attr:`innermost`, but an ICMPv6
+        error stays itself instead of giving way to the packet it quotes."""
+        v = self
+        while v.inner is not None and v.proto != "icmpv6":
+            v = v.inner
+        return v
+
     def summary(self) -> str:
         s = f"{self.src} -> {self.dst} {self.proto}"
         if self.detail:
@@ -208,7 +227,9 @@ class Change:
 def diff(prev: PacketView, cur: PacketView) -> list[Change]:
     """What differs between the same packet before and after a node."""
     out: list[Change] = []
-    if cur.encapsulated and not prev.encapsulated:
+    # An ICMPv6 error's quote is not a tunnel: only a packet carried in one counts.
+    cur_tunnelled, prev_tunnelled = cur.carried is not cur, prev.carried is not prev
+    if cur_tunnelled and not prev_tunnelled:
         kind = (Encap.viewed_as(cur.proto) or Encap.IP6IP6).title
         out.append(
             Change(
@@ -219,7 +240,7 @@ def diff(prev: PacketView, cur: PacketView) -> list[Change]:
         if inner is not None:
             out.extend(Change(c.kind, f"inner {c.text}", True) for c in diff(prev, inner))
         return out
-    if prev.encapsulated and not cur.encapsulated and prev.inner is not None:
+    if prev_tunnelled and not cur_tunnelled and prev.inner is not None:
         out.append(Change(ChangeKind.DECAP, "decapsulated"))
         out.extend(diff(prev.inner, cur))
         return out

@@ -113,9 +113,9 @@ def _encapsulated(r: Row) -> bool:
 
 def _inner_text(r: Row) -> str:
     d = r.detail
-    prefix = f"{r.proto}: "
-    if d.startswith(prefix):
-        d = d[len(prefix) :]
+    for prefix in (f"{r.proto}: ", "inner "):  # the label says "inner" itself
+        if d.startswith(prefix):
+            d = d[len(prefix) :]
     return d.replace(" -> ", " → ")
 
 

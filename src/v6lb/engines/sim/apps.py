@@ -5,19 +5,22 @@ The server records, for every request, the socket's peer (what a backend
 ``X-Forwarded-For``/``Forwarded`` headers; from these it derives the client
 address the application learnt. Requests are ``METHOD PATH HTTP/1.1`` with
 headers and an optional ``Content-Length`` body; responses carry
-``Content-Length`` so one connection can carry several requests.
+``Content-Length`` so one connection can carry several requests. As the lab's
+HTTP server does, a query ``bytes=N`` pads the answer to N bytes (a large
+response: full-size reply segments, for Path MTU discovery on the way back).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass, field
 
 from v6lb.core import forwarded, proxyproto
 from v6lb.engines.sim.host import TcpConn
 from v6lb.engines.sim.node import SimNode
 
-__all__ = ["HttpClient", "HttpServer", "RequestSeen", "parse_head"]
+__all__ = ["HttpClient", "HttpServer", "RequestSeen", "parse_head", "wanted_bytes"]
 
 
 def _addr(b: bytes) -> str:
@@ -46,6 +49,17 @@ def header(headers: list[tuple[str, str]], name: str) -> str | None:
 def content_length(headers: list[tuple[str, str]]) -> int:
     v = header(headers, "content-length")
     return int(v) if v and v.isdigit() else 0
+
+
+MAX_BYTES = 16 << 20
+
+
+def wanted_bytes(path: str) -> int:
+    """``bytes=N`` from a request's query (0 if absent or not a number), at most 16 MB."""
+    for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("bytes", []):
+        if value.isdigit():
+            return min(int(value), MAX_BYTES)
+    return 0
 
 
 @dataclass
@@ -166,6 +180,9 @@ class HttpServer:
                 f" socket peer [{seen.peer}]:{seen.peer_port};"
                 f" client per {seen.learnt_via}: {seen.app_client}\n"
             ).encode()
+            want = wanted_bytes(seen.path)
+            if want > len(body):  # as the lab's httpd: ?bytes=N pads the answer to N bytes
+                body += b"x" * (want - len(body) - 1) + b"\n"
             conn.send(
                 b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Served-By: %s\r\n\r\n"
                 % (len(body), self.node.name.encode())
@@ -196,6 +213,7 @@ class HttpClient:
     gap: float = 0.0
     retry: bool = True
     host: str = ""
+    path: str = ""  # every request's path and query (default: /req1, /req2, ...)
     responses: list[str] = field(default_factory=list)
     events: list[ClientEvent] = field(default_factory=list)
     conns: list[TcpConn] = field(default_factory=list)
@@ -233,9 +251,9 @@ class HttpClient:
         body = self.bodies[self._next]
         host = self.host or f"[{_addr(self.dst)}]"
         method = "POST" if body else "GET"
+        path = self.path or f"/req{self._next + 1}"
         req = (
-            f"{method} /req{self._next + 1} HTTP/1.1\r\nHost: {host}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         self._log(f"request {self._next + 1} ({len(req)} bytes)")
         conn.send(req)

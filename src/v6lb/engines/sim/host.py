@@ -440,7 +440,7 @@ class HostStack:
         entry = lookup(self.node.fib, ipaddress.IPv6Address(dst), None)
         if entry is None:
             return MIN_MTU
-        return self.node.net.topology.link(entry.nexthops[0].link).mtu
+        return self.node.net.mtu(entry.nexthops[0].link)
 
     def path_mtu(self, dst: bytes, src: bytes | None = None) -> int:
         return min(self.pmtu.get(dst, 1 << 16), self.link_mtu(dst))

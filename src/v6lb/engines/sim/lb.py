@@ -49,7 +49,7 @@ from v6lb.model.config import (
     Vip,
     VipMode,
 )
-from v6lb.model.modes import facts
+from v6lb.model.modes import Kind, facts
 from v6lb.model.pools import dsr_forwarder, nat_forwarder, npt_forwarder, pool_for
 from v6lb.model.topology import NPT, Node
 from v6lb.wire.constants import (
@@ -380,7 +380,13 @@ class LbNode(SimNode):
             else:
                 note = self._dsr_note(orig, name, fresh, bytes(out[24:40]))
             self.handled.append((self.now, name, note))
-            self.route_out(out, pid, leg, ingress=link, sender=sender, note=note)
+            # A translator's own error (Packet Too Big for the next link) is about the packet
+            # as it arrived and goes back to its sender: the backend, for a reply. Linux does
+            # the same: the forward path checks the MTU before POSTROUTING restores the VIP
+            # (nat) or maps the source prefix (npt), and conntrack translates the quote of an
+            # error about a DNAT'ed packet back to what the client sent.
+            about = orig if facts(name).kind in (Kind.NAT, Kind.TRANSLATE) else None
+            self.route_out(out, pid, leg, ingress=link, sender=sender, note=note, invoking=about)
         elif action == FORWARD_MANY:
             assert isinstance(out, list)
             for i, frag in enumerate(out):

@@ -36,12 +36,17 @@ class Network:
             lk.name: PcapWriter(LINKTYPE_RAW) for lk in topology.links
         }
         self.down: set[str] = set()
+        self.mtu_override: dict[str, int] = {}  # link -> MTU, lowered for a walk-through
         self.labels: dict[bytes, str] = {}  # address -> what notes call it ("pod-1a", "the VIP")
         self._seq = 0
         self._pid = 0
 
     def add(self, node: SimNode) -> None:
         self.nodes[node.name] = node
+
+    def mtu(self, link: str) -> int:
+        """The link's MTU: the topology's, unless a walk-through lowered it."""
+        return self.mtu_override.get(link) or self.topology.link(link).mtu
 
     def label(self, addr: bytes | bytearray) -> str:
         """A name for an address in notes: its node or role if known, else the address."""
@@ -82,7 +87,7 @@ class Network:
             return  # a dead node sends nothing (its timers may still fire)
         pkt = bytes(data)
         lk = self.topology.link(link)
-        if len(pkt) > lk.mtu:  # a sender must never do this; show it rather than hide it
+        if len(pkt) > self.mtu(link):  # a sender must never do this; show it, not hide it
             self._record(link, sender, receiver, pkt, pid, leg, "exceeds-link-mtu", note)
             return
         self._record(link, sender, receiver, pkt, pid, leg, None, note)

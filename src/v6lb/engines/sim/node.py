@@ -183,22 +183,25 @@ class SimNode:
         ingress: str | None = None,
         sender: str | None = None,
         note: str = "",
+        invoking: bytes | None = None,
     ) -> None:
         """Look up the FIB (longest match, source-specific, ECMP) and put the packet on a link.
 
         ``ingress``/``sender`` are set for forwarded packets: errors then go
         back to the packet's source and the drop is recorded on the link it
-        came from.
+        came from. ``invoking``: the packet an error quotes and goes back to the
+        source of, when not ``data`` (a translator's: the packet as it arrived).
         """
         dst = ipaddress.IPv6Address(bytes(data[24:40]))
         src = ipaddress.IPv6Address(bytes(data[8:24]))
         at_link = ingress or ""
         prev = sender or self.name
         entry = lookup(self.fib, dst, src)
+        about = data if invoking is None else invoking
         if entry is None:
             self.net.drop(self.name, at_link, prev, data, pid, leg, "no-route", note)
             if ingress is not None:
-                self.icmp_error(data, ICMP6_DST_UNREACH, DU_NO_ROUTE, 0, ingress)
+                self.icmp_error(about, ICMP6_DST_UNREACH, DU_NO_ROUTE, 0, ingress)
             return
         n = len(entry.nexthops)
         i = ecmp_index(data, n)
@@ -206,17 +209,17 @@ class SimNode:
         target = neighbour(self.net.topology, nh, dst)
         if not note and ingress is not None:
             note = _route_note(entry, target, i, n)
-        mtu = self.net.topology.link(nh.link).mtu
+        mtu = self.net.mtu(nh.link)
         if len(data) > mtu:
             # RFC 8200 §5 / RFC 4443 §3.2: routers do not fragment; tell the source.
             self.net.drop(self.name, at_link, prev, data, pid, leg, Reason.TOO_BIG.label, note)
-            self.icmp_error(data, ICMP6_PACKET_TOO_BIG, 0, mtu, ingress or nh.link)
+            self.icmp_error(about, ICMP6_PACKET_TOO_BIG, 0, mtu, ingress or nh.link)
             return
         if target is None:
             # Neighbour discovery finds nobody with the address (RFC 4443 §3.1 code 3).
             self.net.drop(self.name, at_link, prev, data, pid, leg, "address-unreachable", note)
             if ingress is not None:
-                self.icmp_error(data, ICMP6_DST_UNREACH, DU_ADDR_UNREACH, 0, ingress)
+                self.icmp_error(about, ICMP6_DST_UNREACH, DU_ADDR_UNREACH, 0, ingress)
             return
         self.net.send(nh.link, self.name, target, data, pid, leg, note)
 

@@ -312,8 +312,9 @@ def _http(
     *,
     sport: int | None = None,
     gap: float = 0.0,
+    path: str = "",
 ) -> HttpClient:
-    http = HttpClient(client, dst, port, bodies, sport=sport, gap=gap)
+    http = HttpClient(client, dst, port, bodies, sport=sport, gap=gap, path=path)
     http.start()
     return http
 
@@ -325,8 +326,15 @@ def run_scenario(
     *,
     failure: str | None = None,
     seed: int = 1,
+    body: bytes = b"hello",
+    path: str = "",
 ) -> ScenarioResult:
-    """Run ``mode`` (one of :data:`MODES`) with an optional ``failure`` (:data:`FAILURES`)."""
+    """Run ``mode`` (one of :data:`MODES`) with an optional ``failure`` (:data:`FAILURES`).
+
+    Without a failure, the client sends one request with ``body`` (a GET when it is
+    empty) to ``path`` (default ``/req1``; ``/?bytes=N`` asks for an N-byte answer):
+    ``v6lb lab diff`` replays each request a lab trace made this way.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
     if failure not in FAILURES:
@@ -342,13 +350,13 @@ def run_scenario(
     elif failure == "packet-too-big":
         facts = _packet_too_big(sim, client, mode)
     elif mode == "npt":
-        facts = _npt(sim, client)
+        facts = _npt(sim, client, body, path)
     elif mode == "anycast":
         facts = _anycast(sim, client)
     else:
         vip = _vip_for(config, mode)
         dst = vip.address.packed
-        http = _http(sim, client, dst, vip.ports[0], [b"hello"], sport=_port(seed))
+        http = _http(sim, client, dst, vip.ports[0], [body], sport=_port(seed), path=path)
         sim.run_until(lambda: http.done)
         facts = _base_facts(sim, mode, vip, dst, client, http)
     facts["failure"] = failure
@@ -369,7 +377,7 @@ def seed_for_client_port(port: int) -> int:
     return ((port - 40000) * pow(7919, -1, 20000)) % 20000 or 20000
 
 
-def _npt(sim: Sim, client: SimNode) -> dict[str, object]:
+def _npt(sim: Sim, client: SimNode, body: bytes = b"hello", path: str = "") -> dict[str, object]:
     lbs = [n for n in sim.lbs() if n.npt is not None]
     if not lbs:
         raise ValueError("no LB node runs the npt: pairs")
@@ -393,7 +401,7 @@ def _npt(sim: Sim, client: SimNode) -> dict[str, object]:
     # Balancing is DNS's: the name has one AAAA per backend and the client picks one.
     chosen, inside = records[sim.seed % len(records)]
     dst = ipaddress.IPv6Address(chosen).packed
-    http = _http(sim, client, dst, NPT_PORT, [b"hello"], sport=_port(sim.seed))
+    http = _http(sim, client, dst, NPT_PORT, [body], sport=_port(sim.seed), path=path)
     sim.run_until(lambda: http.done)
     facts = _base_facts(sim, "npt", None, dst, client, http)
     facts.update(
