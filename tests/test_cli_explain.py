@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,3 +123,107 @@ def test_check_validates_the_topology(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["check", "examples/eks-ipv6.yaml"]) == 0
     out = capsys.readouterr().out
     assert "topology: 15 nodes" in out and "bgp: 2 announcements" in out
+
+
+# --- packet-too-big: the inbound and the reply-path walk-throughs -----------------------
+
+
+def _ptb(capsys: pytest.CaptureFixture[str], *file: str) -> dict[str, Any]:
+    assert main(["explain", *file, "--failure", "packet-too-big", "--json"]) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return data
+
+
+def test_packet_too_big_reply_path_lowered_when_the_file_has_no_small_link(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    d = _ptb(capsys)
+    f = d["facts"]
+    reply = f["reply_path"]
+    assert reply["lowered_from"] == 1500 and reply["link_mtu"] == 1280
+    assert "lowered from 1500 for this walk-through" in f["summary"]
+    # the router's error: to the VIP, then from the LB to the flow's backend, one packet
+    errors = [h for h in d["hops"] if h["leg"] == "error" and "mtu 1280" in h["detail"]]
+    first = [h for h in errors if h["packet_id"] == errors[0]["packet_id"]]
+    assert [(h["sender"], h["receiver"]) for h in first][:2] == [
+        ("igw", "lb-a1"),
+        ("lb-a1", "node2"),
+    ]
+    assert first[-1]["receiver"] == reply["backend_node"] == reply["delivered_to"]
+    assert any(h["follows_error"] and h["sender"] == reply["backend_node"] for h in d["hops"])
+    engines = {e["engine"]: e for e in f["engines"]}
+    assert set(engines) >= {"kernel", "python", "simulator", "proxy"}
+    kernel = engines["kernel"]
+    assert len(kernel["quote_shapes"]) == 4 and "unmatched" in kernel["dropped"]
+    assert set(kernel["counters"]) == {"v4_web_ip6ip6_icmp", "v4_web_ip6ip6_icmp_unmatched"}
+    assert "socket" in engines["proxy"]["how"] and "the core" in engines["simulator"]["how"]
+    cannot = " ".join(c["where"] for c in f["cannot_work"])
+    for setup in ("stateful firewall", "ICMPv6 filtered on the backend", "ECMP router"):
+        assert setup in cannot
+
+
+def test_packet_too_big_on_a_file_with_a_small_link_on_the_reply_path(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    f = _ptb(capsys, "examples/lab-pmtu.yaml")["facts"]
+    reply = f["reply_path"]
+    assert (reply["link"], reply["router"], reply["lowered_from"]) == ("wan", "rtr", None)
+    assert reply["ptb_way"][:1] == ["rtr -> lb on edge"] and reply["completed"] is True
+    assert reply["resent_segment_size"] == 1280 and "for this walk-through" not in f["summary"]
+    # the inbound part is honest about who answered: isp, before the LB
+    assert f["ptb_by"] == "isp" and "router isp answered" in f["inbound_summary"]
+
+
+def test_packet_too_big_text_names_engines_and_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--failure", "packet-too-big"]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "What happened:",
+        "Reply path: pod-",
+        "How each engine passes a Packet Too Big for the VIP on:",
+        "kernel (v6lb run --dataplane kernel)",
+        "v4_web_ip6ip6_icmp_unmatched",
+        "Where it cannot work, whatever the LB does:",
+    ):
+        assert text in out, text
+
+
+def test_packet_too_big_engine_notes_are_what_the_code_does() -> None:
+    """The counters named exist in the rendered kernel rules; the core forwards an error
+    quoting the VIP's flow and drops (as unmatched) one whose quote has two headers."""
+    from ipaddress import IPv6Address
+
+    from v6lb.core.verdict import DROP, FORWARD
+    from v6lb.engines.sim.pmtu import engine_notes
+    from v6lb.model.config import load_topology
+    from v6lb.model.pools import dsr_forwarder
+    from v6lb.render.nftables import L2Ports, render_nft
+    from v6lb.wire import build
+    from v6lb.wire.reasons import Reason
+
+    config, _ = load_topology(Path("examples/lab-pmtu.yaml"))
+    vip = next(v for v in config.vips if v.name == "web-srv6")
+    notes = {n["engine"]: n for n in engine_notes(config, vip)}
+    macs = {b.address: "02:00:00:00:00:0a" for v in config.vips for b in v.backends}
+    nft = render_nft(config, l2=L2Ports("eth0", "eth1", "02:00:00:00:00:01"), backend_macs=macs)
+    counters = notes["kernel"]["counters"]
+    assert isinstance(counters, dict)
+    for name in counters:
+        assert f'counter name "{name}"' in nft, name
+    assert "seg6" in str(notes["kernel"]["how"])
+    fwd = dsr_forwarder(config)
+    seg = bytes(build.tcp(vip.address, CLIENT, 80, 45000, flags=0x18, payload=b"x" * 1400))
+    ptb = build.icmpv6_error("2001:db8:2::1", vip.address, 2, 0, seg, 1280)
+    action, _, _ = fwd.process(ptb, 1, 0.0)
+    assert action == FORWARD
+    two = build.ipv6(
+        vip.address,
+        IPv6Address(CLIENT),
+        6,
+        bytes(build.tcp(vip.address, CLIENT, 80, 45000))[40:],
+        ext=[build.hbh(), build.dstopts()],
+    )
+    action, reason, _ = fwd.process(
+        build.icmpv6_error("2001:db8:2::1", vip.address, 2, 0, two, 1280), 1, 0.0
+    )
+    assert (action, reason) == (DROP, Reason.ICMP_ERROR_UNMATCHED)

@@ -518,3 +518,18 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert not _page_problems(shot.stderr), _page_problems(shot.stderr)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_packet_too_big_section_lists_engines_and_limits() -> None:
+    """The packet-too-big walk-through's report section: both parts in the summary, a
+    table of engines and the setups where it cannot work, well-formed and escaped."""
+    from v6lb.engines.sim.runs import explain_run, load_scenario
+
+    exp, _ = explain_run(*load_scenario(None), "dsr-ip6ip6", "packet-too-big")
+    doc = render_report([], failures=[exp])
+    p = parse(doc)
+    assert p.svg_count == 1
+    assert "Reply path: pod-" in doc and "lowered from 1500 for this walk-through" in doc
+    assert "How each engine passes a Packet Too Big for the VIP on" in doc
+    assert "v4_web_ip6ip6_icmp_unmatched" in doc and "quote shape 4:" in doc
+    assert "Where it cannot work, whatever the LB does" in doc and "ECMP router" in doc

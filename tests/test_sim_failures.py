@@ -82,10 +82,32 @@ def test_packet_too_big_client_retries_smaller(eks: tuple[Config, Topology], mod
     assert f["first_packet_size"] == 1500
     assert f["retry_packet_size"] == 1500 - overhead
     assert f["completed"] is True and str(f["response"]).startswith("HTTP/1.1 200")
-    too_big = [h for h in r.hops if h.dropped == "too-big"]
+    assert f["ptb_by"] in ("lb-a1", "lb-a2") and "the LB (" in str(f["inbound_summary"])
+    reply = f["reply_path"]
+    assert isinstance(reply, dict)
+    inbound = [h for h in r.hops if h.time < reply["started_at"]]
+    too_big = [h for h in inbound if h.dropped == "too-big"]
     assert too_big and all(
         h.receiver in ("lb-a1", "lb-a2") and len(h.data) == 1500 for h in too_big
     )
+    # The reply path: the file has no smaller link there, so the walk-through lowers one
+    # (and says so); igw's Packet Too Big goes to the VIP, an LB instance passes it on
+    # in the flow's tunnel to the backend that sent the segment, which resends smaller.
+    assert (reply["link"], reply["link_mtu"], reply["lowered_from"]) == ("transit-a", 1280, 1500)
+    assert reply["router"] == "igw" and reply["ptb_to"] == f["vip"]
+    assert reply["ptb_lb"] in ("lb-a1", "lb-a2") and reply["reached_the_flows_backend"] is True
+    assert str(reply["passed_on"]).startswith(
+        "in the flow's " + ("srv6" if mode == "dsr-srv6" else "ipv6-in-ipv6") + " tunnel"
+    )
+    assert (reply["first_segment_size"], reply["resent_segment_size"]) == (1500, 1280)
+    assert reply["backend_path_mtu"] == 1280 and reply["completed"] is True
+    assert "lowered from 1500 for this walk-through" in str(f["summary"])
+    later = [h for h in r.hops if h.time >= reply["started_at"] and h.dropped == "too-big"]
+    assert later and {h.receiver for h in later} == {"igw"}
+    engines = f["engines"]
+    assert isinstance(engines, list)
+    assert [e["engine"] for e in engines][:4] == ["kernel", "python", "simulator", "proxy"]
+    assert {"where", "why"} <= set(f["cannot_work"][0])  # type: ignore[index]
 
 
 def _sim(data: dict[str, Any] | None = None) -> Sim:

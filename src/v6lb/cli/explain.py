@@ -21,6 +21,8 @@ from v6lb.engines.sim.runs import (
 from v6lb.errors import UsageError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from v6lb.model.explain import Explanation
 
 
@@ -100,9 +102,46 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     console = wide_console()
     for e in exps:
         print_explanation(console, e, max_rows=10_000, compact=not args.all_hops)
+        if args.failure:
+            _print_failure(console, e)
     if len(exps) > 1:
         print_comparison(console, exps)
     return 0
+
+
+def _print_failure(console: Console, e: Explanation) -> None:
+    """A failure walk-through's own facts: what happened and, for packet-too-big, how each
+    engine handles it and where it cannot work."""
+    from rich.text import Text
+
+    def say(text: str, style: str = "") -> None:
+        console.print(Text(text, style=style))
+
+    f = e.facts
+    summary = f.get("summary")
+    if isinstance(summary, str):
+        say("What happened:", "bold")
+        for part in summary.split(" Reply path: "):
+            say(f"  {part}" if part.startswith("Inbound") else f"  Reply path: {part}")
+    engines = f.get("engines")
+    if isinstance(engines, list):
+        say("How each engine passes a Packet Too Big for the VIP on:", "bold")
+        for n in engines:
+            say(f"  {n['engine']} ({n['run']}): {n['how']}.")
+            for i, shape in enumerate(n.get("quote_shapes") or [], 1):
+                say(f"      quote shape {i}: {shape}")
+            for key in ("dropped", "limit"):
+                if n.get(key):
+                    say(f"      {key}: {n[key]}")
+            counters = n.get("counters") or {}
+            if counters:
+                say("      counters: " + "; ".join(f"{k} ({v})" for k, v in counters.items()))
+    cannot = f.get("cannot_work")
+    if isinstance(cannot, list):
+        say("Where it cannot work, whatever the LB does:", "bold")
+        for c in cannot:
+            say(f"  - {c['where']}: {c['why']}")
+    console.print()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

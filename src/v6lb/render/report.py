@@ -449,6 +449,29 @@ def _facts_html(facts: Mapping[str, object], open_: bool) -> str:
     )
 
 
+def _engines_html(facts: Mapping[str, object]) -> str:
+    """packet-too-big: how each engine passes the error on, and where it cannot work."""
+    engines, cannot = facts.get("engines"), facts.get("cannot_work")
+    out = []
+    if isinstance(engines, list) and engines:
+        rows = []
+        for n in engines:
+            more = [f"quote shape {i}: {q}" for i, q in enumerate(n.get("quote_shapes") or [], 1)]
+            more += [f"{k}: {n[k]}" for k in ("dropped", "limit") if n.get(k)]
+            more += [f"counter {k}: {v}" for k, v in (n.get("counters") or {}).items()]
+            extra = "".join(f"<li>{_e(m)}</li>" for m in more)
+            rows.append(
+                f"<tr><th>{_e(n['engine'])}<br><small>{_e(n['run'])}</small></th>"
+                f"<td>{_e(n['how'])}{f'<ul>{extra}</ul>' if extra else ''}</td></tr>"
+            )
+        out.append("<h3>How each engine passes a Packet Too Big for the VIP on</h3>")
+        out.append(f'<table class="engines">{"".join(rows)}</table>')
+    if isinstance(cannot, list) and cannot:
+        items = "".join(f"<li><b>{_e(c['where'])}</b>: {_e(c['why'])}</li>" for c in cannot)
+        out.append(f"<h3>Where it cannot work, whatever the LB does</h3><ul>{items}</ul>")
+    return "\n".join(out)
+
+
 def _section(exp: Explanation, anchor: str, *, failure: bool, max_rows: int) -> str:
     kind = "Failure" if failure else "Mode"
     out = [
@@ -467,6 +490,7 @@ def _section(exp: Explanation, anchor: str, *, failure: bool, max_rows: int) -> 
     )
     out.append("<h3>Hop by hop</h3>")
     out.append(_hop_table(exp, max_rows))
+    out.append(_engines_html(exp.facts))
     out.append(_facts_html(exp.facts, open_=failure))
     out.append("</section>")
     return "\n".join(x for x in out if x)

@@ -23,8 +23,9 @@ from v6lb.engines.sim.clock import Clock
 from v6lb.engines.sim.lb import LbNode
 from v6lb.engines.sim.network import Network
 from v6lb.engines.sim.node import SimNode, ecmp_index, mac_of
+from v6lb.engines.sim.pmtu import CANNOT_WORK, engine_notes, narrow_link, reply_route
 from v6lb.engines.sim.router import RouterNode
-from v6lb.model.config import Config, Vip, VipMode
+from v6lb.model.config import Config, TunnelOptions, Vip, VipMode
 from v6lb.model.hops import Hop
 from v6lb.model.modes import NAMES, Kind, modes_where
 from v6lb.model.modes import facts as mode_facts
@@ -687,7 +688,18 @@ def _lb_instance_dies(sim: Sim, client: SimNode, mode: str) -> dict[str, object]
     return facts
 
 
+REPLY_BYTES: Final = 6000
+"""The answer the reply-path part of packet-too-big asks for: several full-size segments."""
+
+
 def _packet_too_big(sim: Sim, client: SimNode, mode: str) -> dict[str, object]:
+    """Both ways a Packet Too Big arises around a DSR VIP, one after the other.
+
+    Inbound: the client's large request; the LB's encapsulation (or a smaller link
+    before the LB) makes it too big, and the client gets the error. Reply path: a
+    backend's full-size answer meets a smaller link on the way to the client; the
+    router's error goes to the VIP, and the LB passes it on to the backend.
+    """
     if mode == "anycast":
         vip = _vip_for(sim.config, "anycast")
     elif mode_facts(mode).tunnels:
@@ -700,36 +712,217 @@ def _packet_too_big(sim: Sim, client: SimNode, mode: str) -> dict[str, object]:
     http = _http(sim, client, dst, vip.ports[0], [body], sport=_port(sim.seed))
     sim.run_until(lambda: http.done)
     facts = _base_facts(sim, mode, vip, dst, client, http)
-    ptbs = [h for h in sim.net.hops if h.pkt.detail.startswith("packet too big") and not h.dropped]
-    src = _a(client.source_for(dst))
-    got_ptb = min((h.time for h in ptbs if h.receiver == client.name), default=None)
+    facts.update(_inbound_ptb(sim, client, vip, http, body))
+    sim.run_until(lambda: False, limit=sim.clock.now + 0.2)  # the last ACKs land
+    reply = _reply_path_ptb(sim, client, vip)
+    facts["reply_path"] = reply
+    facts["engines"] = engine_notes(sim.config, vip)
+    facts["cannot_work"] = [dict(c) for c in CANNOT_WORK]
+    facts["summary"] = f"Inbound: {facts['inbound_summary']} Reply path: {reply['summary']}"
+    return facts
+
+
+def _ptb_hops(hops: list[Hop]) -> list[Hop]:
+    return [
+        h
+        for h in hops
+        if h.pkt.error is not None and h.pkt.error.detail.startswith("packet too big")
+    ]
+
+
+def _inbound_ptb(
+    sim: Sim, client: SimNode, vip: Vip, http: HttpClient, body: bytes
+) -> dict[str, object]:
+    """The client's large request: who answered Packet Too Big, and what the client did."""
+    hops = list(sim.net.hops)
+    dst = vip.address.packed
+    caddr = _a(client.source_for(dst))
+    origin: dict[int, Hop] = {}
+    for h in hops:
+        origin.setdefault(h.packet_id, h)
+    to_client = [h for h in _ptb_hops(hops) if h.receiver == client.name and h.dropped is None]
+    first = to_client[0] if to_client else None
+    by = origin[first.packet_id].sender if first is not None else None
+    mtu = int(first.pkt.detail.split("mtu ")[1]) if first is not None else None
     data_sent = [
         h
-        for h in sim.net.hops
-        if h.sender == client.name and h.pkt.proto == "tcp" and "bytes" in h.pkt.detail
+        for h in hops
+        if h.sender == client.name
+        and h.dropped is None
+        and h.pkt.proto == "tcp"
+        and "bytes" in h.pkt.detail
     ]
-    retry = [h.pkt.length for h in data_sent if got_ptb is not None and h.time >= got_ptb]
+    after = [h.pkt.length for h in data_sent if first is not None and h.seq > first.seq]
     conn = http.conns[0]
-    facts.update(
-        ptb_from=ptbs[0].pkt.src.addr if ptbs else None,
-        ptb_mtu=int(ptbs[0].pkt.detail.split("mtu ")[1]) if ptbs else None,
-        ptb_to=ptbs[0].pkt.dst.addr if ptbs else None,
-        too_big_drops=[
-            f"{h.receiver}: {len(h.data)} bytes" for h in sim.net.hops if h.dropped == "too-big"
+    pmtu = conn.stack.pmtu.get(dst)
+    lbs = {n.name for n in sim.lbs()}
+    size = data_sent[0].pkt.length if data_sent else None
+    if first is None:
+        why = "nobody answered Packet Too Big: the client's packets fit the whole way"
+    elif by in lbs:
+        enc = mode_facts(vip.mode).encap
+        opts = vip.options
+        path = opts.mtu if isinstance(opts, TunnelOptions) else None
+        why = (
+            f"the LB ({by}) answered Packet Too Big (MTU {mtu}) from {first.pkt.src.addr}:"
+            f" with its {enc.overhead}-byte {enc.title} header the packet no longer fits"
+            f" the VIP's {path}-byte path to the backends (RFC 2473 §7.1)"
+        )
+    else:
+        why = (
+            f"router {by} answered Packet Too Big (MTU {mtu}) from {first.pkt.src.addr}:"
+            f" its next link is smaller, so the packet never reached the LB"
+        )
+    completed = bool(http.responses)
+    summary = (
+        f"the client sent {size}-byte packets; {why}. The client lowered its path MTU to"
+        f" {pmtu}, resent the data in {max(after, default=None)}-byte packets, and the"
+        f" {len(body)}-byte request completed: {completed}."
+    )
+    return {
+        "ptb_from": first.pkt.src.addr if first is not None else None,
+        "ptb_by": by,
+        "ptb_mtu": mtu,
+        "ptb_to": first.pkt.dst.addr if first is not None else None,
+        "too_big_drops": [
+            f"{h.receiver}: {len(h.data)} bytes" for h in hops if h.dropped == "too-big"
         ],
-        client_path_mtu=conn.stack.pmtu.get(dst),
-        first_packet_size=data_sent[0].pkt.length if data_sent else None,
-        retry_packet_size=max(retry, default=None),
-        client=src,
-        completed=bool(http.responses),
-        request_bytes=len(body),
+        "client_path_mtu": pmtu,
+        "first_packet_size": size,
+        "retry_packet_size": max(after, default=None),
+        "client": caddr,
+        "completed": completed,
+        "request_bytes": len(body),
+        "inbound_summary": summary,
+    }
+
+
+def _reply_path_ptb(sim: Sim, client: SimNode, vip: Vip) -> dict[str, object]:
+    """A large answer meets a smaller link on its way back: the router's Packet Too Big
+    goes to the VIP, and the LB must pass it on to the backend that sent the segment."""
+    dst = vip.address.packed
+    port = vip.ports[0]
+    sport = _port(sim.seed, 1)
+    src = client.source_for(dst)
+    caddr = _a(src)
+    flow_lb = sim.predict_lb(client, dst, port, sport)
+    lb = sim.net.nodes.get(flow_lb) if flow_lb else None
+    if not isinstance(lb, LbNode):
+        return {"possible": False, "summary": "no LB is on the client's way to the VIP."}
+    i = _pool_of(lb, vip).pick_flow(src, dst, sport, port)
+    backend = sim.topology.owner(vip.backends[i].address) if i >= 0 else None
+    if backend is None:
+        return {"possible": False, "summary": "the VIP has no backend up for the flow."}
+    route = reply_route(sim, backend, dst, src, port, sport)
+    narrow = narrow_link(sim, route)
+    way_back = [f"{a} -> {b} on {link}" for link, a, b in route]
+    out: dict[str, object] = {
+        "possible": narrow is not None,
+        "client_port": sport,
+        "backend_node": backend,
+        "route": way_back,
+        "response_bytes": REPLY_BYTES,
+        "started_at": round(sim.clock.now, 6),
+    }
+    if narrow is None:
+        out["summary"] = (
+            f"{backend}'s replies cross no link but its own and the client's"
+            f" ({', '.join(way_back)}): a smaller client link makes the client advertise"
+            " a smaller MSS, so no router on this way sends Packet Too Big to the VIP. A file"
+            " with a router between them shows it (examples/lab-pmtu.yaml)."
+        )
+        return out
+    out.update(
+        link=narrow.link,
+        link_mtu=narrow.mtu,
+        router=narrow.router,
+        lowered_from=narrow.lowered_from,
     )
-    ptb_mtu = int(ptbs[0].pkt.detail.split("mtu ")[1]) if ptbs else None
-    facts["summary"] = (
-        f"the client sent {facts['first_packet_size']}-byte packets; {vip.mode} adds"
-        f" {1500 - (ptb_mtu or 1500)} bytes, so the LB answered Packet Too Big"
-        f" (MTU {ptb_mtu}) from {facts['ptb_from']}. The client lowered its path MTU to"
-        f" {facts['client_path_mtu']}, resent the data in {facts['retry_packet_size']}-byte"
-        f" packets, and the {len(body)}-byte request completed: {facts['completed']}."
+    if narrow.lowered_from is not None:
+        sim.net.mtu_override[narrow.link] = narrow.mtu
+    n0 = len(sim.net.hops)
+    http = _http(sim, client, dst, port, [b""], sport=sport, path=f"/?bytes={REPLY_BYTES}")
+    sim.run_until(lambda: http.done)
+    hops = sim.net.hops[n0:]
+    ours = [
+        h
+        for h in _ptb_hops(hops)
+        if h.pkt.innermost.dst.addr == caddr and h.pkt.innermost.dst.port == sport
+    ]
+    first_id = ours[0].packet_id if ours else None
+    way = [h for h in ours if h.packet_id == first_id]
+    delivered = way[-1] if way and way[-1].dropped is None else None
+    lbs = {n.name for n in sim.lbs()}
+    ptb_lb = next((h.receiver for h in way if h.receiver in lbs), None)
+    passed = next((h for h in way if h.sender in lbs), None)
+    sent = [
+        h
+        for h in hops
+        if h.sender == backend
+        and h.dropped is None
+        and h.pkt.proto == "tcp"
+        and "bytes" in h.pkt.detail
+    ]
+    before = [h.pkt.length for h in sent if delivered is None or h.seq < delivered.seq]
+    after = [h.pkt.length for h in sent if delivered is not None and h.seq > delivered.seq]
+    pmtu = sim.net.nodes[backend].stack.pmtu.get(src)
+    completed = bool(http.responses) and f"Content-Length: {REPLY_BYTES}" in http.responses[0]
+    if passed is None:
+        how = "nothing: the error did not leave the LB"
+    elif passed.pkt.carried is not passed.pkt:
+        how = f"in the flow's {passed.pkt.proto} tunnel to {passed.pkt.dst.addr}"
+    elif passed.pkt.dst.addr == vip.address.compressed:
+        how = "unchanged, by MAC rewrite, like the flow's packets"
+    else:
+        how = f"translated to {passed.pkt.dst.addr}"
+    out.update(
+        ptb_from=way[0].pkt.src.addr if way else None,
+        ptb_to=way[0].pkt.dst.addr if way else None,
+        ptb_mtu=narrow.mtu if way else None,
+        ptb_way=[
+            f"{h.sender} -> {h.receiver} on {h.link}" + (f" ({h.dropped})" if h.dropped else "")
+            for h in way
+        ],
+        ptb_lb=ptb_lb,
+        flow_lb=flow_lb,
+        passed_on=how if passed is not None else None,
+        delivered_to=delivered.receiver if delivered is not None else None,
+        reached_the_flows_backend=delivered is not None and delivered.receiver == backend,
+        first_segment_size=max(before, default=None),
+        resent_segment_size=max(after, default=None),
+        backend_path_mtu=pmtu,
+        completed=completed,
     )
-    return facts
+    lowered = (
+        f" (lowered from {narrow.lowered_from} for this walk-through: the file has no smaller"
+        " link on the reply path)"
+        if narrow.lowered_from is not None
+        else ""
+    )
+    text = (
+        f"{backend} answers from the VIP in {out['first_segment_size']}-byte packets; link"
+        f" {narrow.link} has MTU {narrow.mtu}{lowered}, so {narrow.router} drops them and sends"
+        f" Packet Too Big (MTU {narrow.mtu}) to {out['ptb_to']}, the segments' source."
+    )
+    if ptb_lb is None:
+        text += " It never reaches an LB."
+    else:
+        text += f" It reaches {ptb_lb}"
+        if flow_lb and ptb_lb != flow_lb:
+            text += (
+                f" (ECMP hashed it apart from the flow, which {flow_lb} carries: same file and"
+                " seed, same Maglev table, same backend)"
+            )
+        text += f", which passes it on {how}"
+        if delivered is not None and delivered.receiver == backend:
+            text += (
+                f": {backend}, the backend that owns the quoted flow, lowers its path MTU to"
+                f" the client to {pmtu} and resends in {out['resent_segment_size']}-byte"
+                " packets."
+            )
+        else:
+            who = delivered.receiver if delivered is not None else "nobody"
+            text += f", but it reaches {who}, not {backend}, which owns the flow."
+    text += f" The {REPLY_BYTES}-byte answer arrived whole: {completed}."
+    out["summary"] = text
+    return out
