@@ -255,7 +255,7 @@ class VipStatus(_Record):
     seed: int | None = None
     maps: list[str] = field(default_factory=list)
     counter: Counter = field(default_factory=Counter)
-    icmp_errors: IcmpErrors = field(default_factory=IcmpErrors)
+    icmp_errors: IcmpErrors | None = None  # None: an answer from before they were counted
     backends: list[BackendStatus] = field(default_factory=list)
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
@@ -271,6 +271,7 @@ class VipStatus(_Record):
         "icmp_errors": IcmpErrors.from_dict,
         "backends": _list(BackendStatus.from_dict),
     }
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("icmp_errors",)
 
 
 @dataclass(slots=True)
@@ -279,13 +280,14 @@ class NptStatus(_Record):
 
     inside: str
     outside: str
-    icmp_errors: IcmpErrors = field(default_factory=IcmpErrors)
+    icmp_errors: IcmpErrors | None = None  # None: an answer from before they were counted
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "inside": _str,
         "outside": _str,
         "icmp_errors": IcmpErrors.from_dict,
     }
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("icmp_errors",)
 
 
 @dataclass(slots=True)

@@ -44,7 +44,8 @@ def status_lines(st: InstanceStatus) -> list[str]:
             f"VIP {vip.name} {vip.mode} [{vip.address}]:{','.join(map(str, vip.ports))}"
             f"/{vip.protocol}  counter {c.name}: {c.packets} packets {c.bytes} bytes"
         )
-        out.append(f"  ICMPv6 errors: {_icmp(vip.icmp_errors)}")
+        if vip.icmp_errors is not None:
+            out.append(f"  ICMPv6 errors: {_icmp(vip.icmp_errors)}")
         for b in vip.backends:
             port = f":{b.port}" if b.port else ""
             out.append(
@@ -52,9 +53,8 @@ def status_lines(st: InstanceStatus) -> list[str]:
                 f"  {b.health.upper()}  {b.slots} slots  probe {b.probe}"
             )
     for pair in st.npt:
-        out.append(
-            f"NPT {pair.inside} <-> {pair.outside}  ICMPv6 errors: {_icmp(pair.icmp_errors)}"
-        )
+        icmp = f"  ICMPv6 errors: {_icmp(pair.icmp_errors)}" if pair.icmp_errors else ""
+        out.append(f"NPT {pair.inside} <-> {pair.outside}{icmp}")
     if st.forward:  # docs/nat.md "Not an open relay"
         out.append(
             "forward filter: "
