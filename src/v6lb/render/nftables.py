@@ -410,6 +410,26 @@ def icmp_error_counts(
     return vips, npt
 
 
+def _dsr_notrack(config: Config, dsr: Sequence[Vip]) -> list[str]:
+    """Keep conntrack away from the tunnel DSR VIPs' packets (the set ``dsr_tunnel_vips``).
+
+    The forward chain's ``ct state`` rule turns conntrack on in the LB's netns, and each
+    packet to a tunnel VIP would get a conntrack entry that is thrown away unconfirmed
+    once the packet is encapsulated: a lookup and an allocation per packet for nothing
+    (the LB sees one direction, and the forward chain accepts these by their mark).
+    """
+    if not _tunnel_addresses(dsr):
+        return []
+    return [
+        "ip6 daddr @dsr_tunnel_vips notrack"
+        f' comment "{_tag(config)}: tunnel DSR: one direction, no conntrack entry"'
+    ]
+
+
+def _tunnel_addresses(dsr: Sequence[Vip]) -> list[IPv6Address]:
+    return list(dict.fromkeys(v.address for v in dsr if v.mode is not VipMode.DSR_L2))
+
+
 def _nat_vips(config: Config) -> list[Vip]:
     return [v for v in config.vips if v.mode is VipMode.NAT]
 
@@ -754,6 +774,13 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             f' comment "{tag}: ICMPv6 errors for the VIPs (docs/pmtu.md)"'
         )
     mangle += _guard_rules(config, nat=False)
+    if _tunnel_addresses(dsr):
+        objects += _set_block(
+            "dsr_tunnel_vips",
+            "ipv6_addr",
+            f"{tag}: tunnel DSR VIP addresses (untracked)",
+            _tunnel_addresses(dsr),
+        )
     npt_icmp: list[str] = []
     for i, pair in enumerate(config.npt):
         objects += _counter_block(
@@ -772,6 +799,7 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
         lines += ["\tchain icmp_errors {", *(f"\t\t{rule}" for rule in icmp), "\t}"]
     for chain, hook, rules in (
         # before ip6tables' DNPT (priority mangle) rewrites the destination
+        ("raw_pre", "filter hook prerouting priority raw", _dsr_notrack(config, dsr)),
         ("npt_icmp", "filter hook prerouting priority mangle - 10", npt_icmp),
         ("mangle_pre", "filter hook prerouting priority mangle", mangle),
         ("nat_pre", "nat hook prerouting priority dstnat", nat_pre),
@@ -921,6 +949,12 @@ def render_forward_nft(config: Config, tuns: Sequence[str]) -> str:
     lines += _forward_objects(config, kernel=False)
     limit = _icmp_error_limit(config)
     if limit:
+        lines += _set_block(
+            "icmp_limited",
+            "ipv6_addr",
+            f"{tag}: VIP addresses and npt outside prefixes",
+            _icmp_limit_targets(config),
+        )
         lines += _counter_block(
             ICMP_LIMITED,
             f"{tag}: ICMPv6 errors for the VIPs and npt prefixes dropped over"
@@ -939,6 +973,12 @@ PYTHON_ICMP_ERROR_BURST: Final = 200
 """Their burst: well under a TUN device's queue (500 packets), which the flows share."""
 
 
+def _icmp_limit_targets(config: Config) -> list[IPv6Address | IPv6Network]:
+    out: list[IPv6Address | IPv6Network] = [v.address for v in _l3_vips(config)]
+    out += [p.outside for p in config.npt]
+    return list(dict.fromkeys(out))
+
+
 def _icmp_error_limit(config: Config) -> list[str]:
     """The Python plane's guard: a flood of ICMPv6 errors must not fill the TUN queues.
 
@@ -946,15 +986,12 @@ def _icmp_error_limit(config: Config) -> list[str]:
     errors beyond :data:`PYTHON_ICMP_ERROR_RATE` per second are dropped in the kernel
     before they are steered there (legitimate errors are few: routers rate-limit them).
     """
-    targets = [str(v.address) for v in _l3_vips(config)]
-    targets += [str(p.outside) for p in config.npt]
-    targets = list(dict.fromkeys(targets))
-    if not targets:
+    if not _icmp_limit_targets(config):
         return []
     rate = PYTHON_ICMP_ERROR_RATE
     return [
         f'meta l4proto != ipv6-icmp accept comment "{_tag(config)}: not ICMPv6"',
-        f"ip6 daddr {{ {', '.join(targets)} }} icmpv6 type {ICMP_ERRORS}"
+        f"ip6 daddr @icmp_limited icmpv6 type {ICMP_ERRORS}"
         f" limit rate over {rate}/second burst {PYTHON_ICMP_ERROR_BURST} packets"
         f' counter name "{ICMP_LIMITED}" drop'
         f' comment "{_tag(config)}: ICMPv6 errors over {rate}/s (docs/pmtu.md)"',
