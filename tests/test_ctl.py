@@ -17,9 +17,11 @@ import yaml
 from test_daemon import FakePlane, _daemon, _start
 from v6lb.cli import main
 from v6lb.core.backends import BackendPool, BackendSpec
-from v6lb.engines.control import ControlServer, query
+from v6lb.engines.control import ControlError, ControlServer, query
 from v6lb.engines.ctl import CtlRefused, Override, find_backend, weight_problem
-from v6lb.model.config import Config, load_config
+from v6lb.engines.daemon import control_gid
+from v6lb.model.config import Config, ConfigError, load_config
+from v6lb.model.config_dump import dump
 
 
 def _config(tmp_path: Path, *, drain2: bool = False, weight1: int = 1) -> Config:
@@ -199,3 +201,21 @@ def test_another_uid_may_read_status_but_not_ctl(tmp_path: Path) -> None:
     finally:
         stop.set()
         server.close()
+
+
+def test_control_group_is_checked_and_dumped(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"lb\.control_group"):
+        _load(tmp_path, {"control_group": "no spaces"})
+    config = _load(tmp_path, {"control_group": "0"})
+    assert config.lb.control_group == "0" and control_gid("0") == 0
+    assert "control_group: '0'" in dump(config)
+    with pytest.raises(ControlError, match="lb.control_group: no group 'v6lb-nosuch'"):
+        control_gid("v6lb-nosuch")
+
+
+def _load(tmp_path: Path, lb: dict) -> Config:
+    _config(tmp_path)
+    data = yaml.safe_load((tmp_path / "lb.yaml").read_text())
+    data["lb"].update(lb)
+    (tmp_path / "lb.yaml").write_text(yaml.safe_dump(data))
+    return load_config(tmp_path / "lb.yaml")

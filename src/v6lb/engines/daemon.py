@@ -32,6 +32,7 @@ planes from :mod:`v6lb.engines.planes`; :func:`run_instance` is `v6lb run`.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import re
 import selectors
@@ -152,6 +153,19 @@ def with_overrides(
     if control_socket is not None:
         lb = dataclasses.replace(lb, control_socket=control_socket)
     return dataclasses.replace(config, lb=lb)
+
+
+def control_gid(group: str | None) -> int | None:
+    """``lb.control_group`` as a gid (a name is looked up on this host); ControlError if unknown."""
+    if group is None or group.isdigit():
+        return None if group is None else int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ControlError(
+            f"lb.control_group: no group {group!r} on this host; fix: create it"
+            f" (groupadd {group}), give an existing group or a gid, or remove the key"
+        ) from None
 
 
 def _has_l3(config: Config) -> bool:
@@ -359,6 +373,7 @@ class Daemon:
     def install(self) -> None:
         """Open the control socket, then install every plane; on failure nothing stays behind."""
         path = self.config.lb.control_socket
+        group = control_gid(self.config.lb.control_group)
         try:
             self.control = ControlServer(
                 path,
@@ -366,6 +381,7 @@ class Daemon:
                 log=self.log,
                 threaded=any(p.threaded_status for p in self.planes),
                 mutating=("ctl",),
+                group=group,
             )
         except OSError as exc:
             raise ControlError(
