@@ -191,7 +191,7 @@ def test_another_uid_may_read_status_but_not_ctl(tmp_path: Path) -> None:
     )
     server.owners = frozenset({4242})  # as if the instance ran as uid 4242: we are another
     stop = threading.Event()
-    server.serve_thread(stop)
+    thread = server.serve_thread(stop)
     try:
         assert query(server.path)["ok"] == 1
         answer = query(server.path, "ctl", args={"action": "drain"})
@@ -200,6 +200,7 @@ def test_another_uid_may_read_status_but_not_ctl(tmp_path: Path) -> None:
         assert json.dumps(answer)
     finally:
         stop.set()
+        thread.join(5)
         server.close()
 
 

@@ -691,7 +691,7 @@ class Daemon:
                 self.overrides_ctl.pop(key, None)
             else:
                 self.overrides_ctl[key] = new
-            at = f"[{b.address}]:{pool.ports[index]}"
+            at = f"[{b.address}]:{b.port}" if b.port is not None else str(b.address)
             answer: dict[str, Any] = {
                 "vip": vip.name,
                 "backend": at,
