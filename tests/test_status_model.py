@@ -112,6 +112,7 @@ def test_built_in_code_writes_fields_in_order_and_leaves_out_unset_optionals() -
         "successes",
         "failures",
         "slots",
+        "enabled",
     ]
     vip = VipStatus("web", "2001:db8::1", extra={"x": 1}).to_dict()
     assert list(vip)[-3:] == ["counter", "backends", "x"]  # icmp_errors: None, left out

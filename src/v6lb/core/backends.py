@@ -5,11 +5,12 @@ LB instance that has the same backends, weights, health and seed builds the
 same table and therefore picks the same backend for the same flow, with no
 shared state (the reason ``nat``/``dsr-*`` accept ``maglev`` only).
 
-A backend is *eligible* for new flows when it is up, not draining and of
-non-zero weight; the table is built from eligible backends only and rebuilt
+A backend is *eligible* for new flows when it is up, enabled, not draining and
+of non-zero weight; the table is built from eligible backends only and rebuilt
 on every change (health, drain, weight). A backend that is draining still
 *keeps* its existing flows (conntrack entries for ``nat``, the flow LRU for
-``dsr-*``); a backend that is down keeps none.
+``dsr-*``); a backend that is down, or disabled by the operator
+(``v6lb ctl disable``), keeps none.
 
 Indexing: slot = ``reciprocal_scale(flow_hash, M)``, the kernel's
 ``jhash ... mod M`` map index, so the kernel's nftables map and this table agree.
@@ -62,6 +63,7 @@ class BackendPool:
         self._weight = [s.weight for s in self.specs]
         self._drain = [s.drain for s in self.specs]
         self._up = [True] * len(self.specs)
+        self._enabled = [True] * len(self.specs)
         self.generation = 0
         self.table: list[int] = []
         self._rebuild()
@@ -73,8 +75,8 @@ class BackendPool:
 
     def eligible_weights(self) -> list[int]:
         return [
-            w if up and not d else 0
-            for w, up, d in zip(self._weight, self._up, self._drain, strict=True)
+            w if up and on and not d else 0
+            for w, up, on, d in zip(self._weight, self._up, self._enabled, self._drain, strict=True)
         ]
 
     def _rebuild(self) -> None:
@@ -109,6 +111,20 @@ class BackendPool:
         self._rebuild()
         return True
 
+    def set_enabled(self, index: int, enabled: bool) -> bool:
+        """The operator's switch: a disabled backend takes no flows, new or existing."""
+        if self._enabled[index] == enabled:
+            return False
+        self._enabled[index] = enabled
+        self._rebuild()
+        return True
+
+    def is_enabled(self, index: int) -> bool:
+        return self._enabled[index]
+
+    def weight(self, index: int) -> int:
+        return self._weight[index]
+
     def is_up(self, index: int) -> bool:
         return self._up[index]
 
@@ -116,8 +132,8 @@ class BackendPool:
         return self._drain[index]
 
     def keeps_existing(self, index: int) -> bool:
-        """May this backend keep carrying flows it already has? (up, draining or not)"""
-        return self._up[index]
+        """May this backend keep carrying flows it already has? (up and enabled, draining or not)"""
+        return self._up[index] and self._enabled[index]
 
     @property
     def any_eligible(self) -> bool:

@@ -29,6 +29,13 @@ listens, and counted in the ``control`` section of ``status``):
 * an exception from a handler becomes an error answer (``handler_error``) and a
   log line; it never reaches the caller's loop.
 
+Peers (``SO_PEERCRED``): the server reads the uid of every client it accepts. A
+command named in ``mutating`` (one that changes state: ``ctl``) is refused with
+``{"error": ..., "exit": 1}`` and counted (``peer_refused``) unless the peer's uid
+is the server's own effective uid or 0; ``status`` answers any peer that can open
+the socket (mode 0600, or 0660 with ``group``: the group can read the status, not
+change anything).
+
 ``threaded=True`` runs each handler on a short-lived thread (at most 4 at once,
 one handler at a time; more are answered ``busy``), for a handler that takes
 seconds (the kernel plane's status reads the kernel's objects back).
@@ -47,11 +54,12 @@ import json
 import os
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +122,14 @@ def recv_all(s: socket.socket) -> bytes:
         chunks.append(chunk)
 
 
-def query(path: str, cmd: str = "status", *, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask the instance at ``path``; its JSON answer as a dict.
+def query(
+    path: str,
+    cmd: str = "status",
+    *,
+    timeout: float = 10.0,
+    args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Ask the instance at ``path`` (``args``: the request's other keys); its JSON answer.
 
     Every failure is a :class:`ControlError` with a message, never an OSError: a
     full listen queue (EAGAIN on an AF_UNIX connect) is retried until ``timeout``.
@@ -144,7 +158,7 @@ def query(path: str, cmd: str = "status", *, timeout: float = 10.0) -> dict[str,
                 time.sleep(0.02)
         s.settimeout(max(0.01, deadline - time.monotonic()))
         try:
-            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            s.sendall(json.dumps({**(args or {}), "cmd": cmd}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused before reading the request: its answer says why
         data = recv_all(s)
@@ -185,11 +199,26 @@ def _open_spare() -> int | None:
         return None
 
 
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of an AF_UNIX socket (SO_PEERCRED), or None."""
+    try:
+        _, uid, _ = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except (OSError, struct.error):
+        return None
+    return int(uid)
+
+
 class _Client:
-    __slots__ = ("sock", "data", "out", "deadline", "born")
+    __slots__ = ("sock", "data", "out", "deadline", "born", "uid")
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
+        self.uid = peer_uid(sock)
         self.data = b""
         self.out = b""  # the answer, once there is one
         self.born = now
@@ -216,10 +245,14 @@ class ControlServer:
         *,
         log: Callable[[str], None] | None = None,
         threaded: bool = False,
+        mutating: Collection[str] = (),
+        group: int | None = None,
     ) -> None:
         self.path = path
         self.handlers = dict(handlers)
         self.threaded = threaded
+        self.mutating = frozenset(mutating)
+        self.owners = frozenset({os.geteuid(), 0})
         self.counters: Counter[str] = Counter()
         self._count_lock = threading.Lock()
         self._log = log or (lambda line: sys.stderr.write(f"v6lb: control socket: {line}\n"))
@@ -241,6 +274,12 @@ class ControlServer:
         old = os.umask(0o177)
         try:
             self.sock.bind(path)
+            if group is not None:  # the group may ask for the status (0660)
+                os.chown(path, -1, group)
+                os.chmod(path, 0o660)
+        except BaseException:
+            self.sock.close()
+            raise
         finally:
             os.umask(old)
         self.sock.listen(_BACKLOG)
@@ -395,6 +434,18 @@ class ControlServer:
         if handler is None or not isinstance(cmd, str):
             self.note("unknown_command", f"unknown command {cmd!r}: refused")
             self._answer(c, {"error": f"unknown command {cmd!r}; known: {sorted(self.handlers)}"})
+            return
+        if cmd in self.mutating and c.uid not in self.owners:
+            self.note("peer_refused", f"{cmd} from uid {c.uid}: refused")
+            self._answer(
+                c,
+                {
+                    "error": f"{cmd} changes the instance and is refused for uid {c.uid}: only"
+                    f" uid {min(self.owners - {0}, default=0)} (the instance's) or root may;"
+                    " run it as that user (sudo)",
+                    "exit": 1,
+                },
+            )
             return
         if not self.threaded:
             self._answer(c, self._call(handler, cmd, request))

@@ -16,6 +16,11 @@
   :class:`~v6lb.core.health.HealthSet` per VIP of the data plane's
   :meth:`~v6lb.engines.plane.Plane.pools`; a backend that changes state changes its
   pool and the plane applies it (:meth:`~v6lb.engines.plane.Plane.apply_pool_change`);
+* runtime control (``ctl`` on the control socket, `v6lb ctl`, :mod:`v6lb.engines.ctl`):
+  the operator's drain/enable/weight overrides, applied to a pool at once by its
+  plane's :meth:`~v6lb.engines.plane.Plane.apply_pool_change` and again on top of the
+  file at every reload (the "reloaded" line names them); refused for any peer uid
+  but the instance's own and root;
 * the log: ``v6lb run [<instance>]: ...`` on stderr, the last 50 lines in the status;
 * the per-instance overrides (``--instance``, ``--control-socket``) and ``--netns``
   (entered before any plane starts a thread: ``setns(2)`` is per thread).
@@ -27,6 +32,7 @@ planes from :mod:`v6lb.engines.planes`; :func:`run_instance` is `v6lb run`.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import re
 import selectors
@@ -45,6 +51,7 @@ from typing import Any, Final
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet, HealthState
 from v6lb.engines.control import ControlError, ControlServer
+from v6lb.engines.ctl import CtlRefused, Override, OverrideKey, apply_override, check_request
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.kernel.host import enter_netns
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Ready, Role, RunError, Staged
@@ -146,6 +153,19 @@ def with_overrides(
     if control_socket is not None:
         lb = dataclasses.replace(lb, control_socket=control_socket)
     return dataclasses.replace(config, lb=lb)
+
+
+def control_gid(group: str | None) -> int | None:
+    """``lb.control_group`` as a gid (a name is looked up on this host); ControlError if unknown."""
+    if group is None or group.isdigit():
+        return None if group is None else int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ControlError(
+            f"lb.control_group: no group {group!r} on this host; fix: create it"
+            f" (groupadd {group}), give an existing group or a gid, or remove the key"
+        ) from None
 
 
 def _has_l3(config: Config) -> bool:
@@ -288,6 +308,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self.health = Health()
         self._owner: dict[str, Plane] = {}
+        self.overrides_ctl: dict[OverrideKey, Override] = {}  # `v6lb ctl`, by backend
+        self._pools_lock = threading.RLock()  # ctl answers on worker threads (kernel plane)
         self.attach(self.planes)
         self._signals: list[int] = []
         self._lock = threading.Lock()  # _stops: appended by planes' threads
@@ -351,12 +373,15 @@ class Daemon:
     def install(self) -> None:
         """Open the control socket, then install every plane; on failure nothing stays behind."""
         path = self.config.lb.control_socket
+        group = control_gid(self.config.lb.control_group)
         try:
             self.control = ControlServer(
                 path,
-                {"status": self.answer},
+                {"status": self.answer, "ctl": self.ctl},
                 log=self.log,
                 threaded=any(p.threaded_status for p in self.planes),
+                mutating=("ctl",),
+                group=group,
             )
         except OSError as exc:
             raise ControlError(
@@ -509,6 +534,10 @@ class Daemon:
 
     def _sync(self, vips: set[str]) -> None:
         """Bring the pools in line with health; each plane applies its changed pools."""
+        with self._pools_lock:
+            self._sync_locked(vips)
+
+    def _sync_locked(self, vips: set[str]) -> None:
         h = self.health
         for name in sorted(vips):
             hs, pool = h.sets[name], h.pools[name]
@@ -532,7 +561,12 @@ class Daemon:
         """SIGHUP: load and check the file, stage it on every plane, then apply it.
 
         On any failure the running configuration stays and the error is logged.
+        The ``ctl`` overrides are applied to the new pools before they are committed.
         """
+        with self._pools_lock:
+            return self._reload_locked()
+
+    def _reload_locked(self) -> bool:
         old = self.config
         try:
             config = load_for_run(
@@ -560,6 +594,7 @@ class Daemon:
             health, owner = self._health(
                 config, {p: s.pools for p, s in staged}, self.health.down(old)
             )
+            overrides, notes = self._reapply(config, health)
             texts = [s.commit() for _, s in staged]
         except (KernelError, OSError, ValueError) as exc:
             text = exc.message if isinstance(exc, KernelError) else str(exc)
@@ -569,14 +604,113 @@ class Daemon:
         self.prober.close()
         self.config, self.skipped = config, skipped
         self.health, self._owner = health, owner
+        self.overrides_ctl = overrides
         self.reloads += 1
         self.last_error = None
         if config.lb.control_socket != old.lb.control_socket:
             self.log("lb.control_socket changed: it takes effect at the next start")
-        self.log(f"reloaded {self.path}{''.join(texts)}")
+        self.log(f"reloaded {self.path}{''.join(texts)}{notes}")
         for _, s in staged:
             s.then()
         return True
+
+    def _reapply(self, config: Config, health: Health) -> tuple[dict[OverrideKey, Override], str]:
+        """The ``ctl`` overrides on ``config``'s pools; the ones kept, and the log's text."""
+        kept: dict[OverrideKey, Override] = {}
+        over: list[str] = []
+        gone: list[str] = []
+        for key, o in self.overrides_ctl.items():
+            name, address, port = key
+            at = f"{name} [{address}]" + (f":{port}" if port is not None else "")
+            vip = next((v for v in config.vips if v.name == name), None)
+            index = next(
+                (
+                    i
+                    for i, b in enumerate(vip.backends if vip else ())
+                    if str(b.address) == address and b.port == port
+                ),
+                None,
+            )
+            if vip is None or index is None or name not in health.pools:
+                gone.append(at)
+                continue
+            b = vip.backends[index]
+            o = dataclasses.replace(o)
+            o.drop_file_values(b)
+            if o.empty():
+                gone.append(f"{at} (the file now says the same)")
+                continue
+            apply_override(health.pools[name], index, b, o)
+            self._sync_health(name, index, health)
+            kept[key] = o
+            over.append(f"{at} {o.text(b)}")
+        text = f"; ctl overrides the file: {'; '.join(over)}" if over else ""
+        if gone:
+            text += f"; ctl overrides dropped: {', '.join(gone)}"
+        return kept, text
+
+    @staticmethod
+    def _sync_health(name: str, index: int, health: Health) -> None:
+        pool, hs = health.pools[name], health.sets[name]
+        hs.set_drain(index, pool.is_draining(index))
+        hs.set_weight(index, pool.weight(index))
+
+    # --- runtime control ---------------------------------------------------------
+
+    def ctl(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The control socket's ``ctl`` command (`v6lb ctl`): an override, applied at once."""
+        with self._pools_lock:
+            try:
+                vip, index, action, weight = check_request(request, self.config, self.health.pools)
+            except CtlRefused as exc:
+                return {"error": str(exc), "exit": 2}
+            b = vip.backends[index]
+            key: OverrideKey = (vip.name, str(b.address), b.port)
+            old = self.overrides_ctl.get(key, Override())
+            new = dataclasses.replace(old)
+            if action in ("drain", "undrain"):
+                new.drain = action == "drain"
+            elif action in ("enable", "disable"):
+                new.enabled = action == "enable"
+            else:
+                new.weight = weight
+            new.drop_file_values(b)
+            pool = self.health.pools[vip.name]
+            what = "no change"
+            if apply_override(pool, index, b, new):
+                try:
+                    what = self._owner[vip.name].apply_pool_change(vip.name, pool)
+                except KernelError as exc:
+                    apply_override(pool, index, b, old)  # the pool as the plane still has it
+                    self.last_error = f"ctl {action} {vip.name} {b.address}: {exc.message}"
+                    self.log(self.last_error)
+                    return {"error": f"{self.last_error}; nothing changed", "exit": 1}
+                self.map_updates += 1
+            self._sync_health(vip.name, index, self.health)
+            if new.empty():
+                self.overrides_ctl.pop(key, None)
+            else:
+                self.overrides_ctl[key] = new
+            at = f"[{b.address}]:{b.port}" if b.port is not None else str(b.address)
+            answer: dict[str, Any] = {
+                "vip": vip.name,
+                "backend": at,
+                "action": action,
+                "applied": what,
+                "drain": pool.is_draining(index),
+                "enabled": pool.is_enabled(index),
+                "weight": pool.weight(index),
+                "override": new.text(b) or None,
+            }
+            line = f"ctl {action}{f' {weight}' if weight else ''} {vip.name} {at}: {what}"
+            if not pool.any_eligible:
+                answer["warning"] = (
+                    f"no backend of VIP {vip.name} takes new flows now: new flows to it are"
+                    " dropped until one is undrained, enabled or up"
+                )
+                line += f"; warning: {answer['warning']}"
+            self.log(line)
+            return answer
 
     # --- status ------------------------------------------------------------------
 
@@ -655,12 +789,15 @@ class Daemon:
         for i, b in enumerate(vip.backends):
             monitor = hs.monitor(i)
             target = self.health.targets.get((name, i))
+            override = self.overrides_ctl.get((name, str(b.address), b.port))
             backends.append(
                 BackendStatus(
                     address=str(b.address),
                     port=b.port,
-                    weight=b.weight,
-                    drain=b.drain,
+                    weight=pool.weight(i),
+                    drain=pool.is_draining(i),
+                    enabled=pool.is_enabled(i),
+                    override=override.text(b) if override else None,
                     health=str(hs.state(i)),
                     probe=f"tcp [{target.address}]:{target.port}" if target else "none",
                     successes=monitor.successes if monitor else None,

@@ -272,6 +272,7 @@ class LbSettings:
     addresses: tuple[IPv6Address, ...] = ()
     interfaces: tuple[str, ...] = ()
     control_socket: str = default_control_socket(DEFAULT_INSTANCE)
+    control_group: str | None = None  # the socket is 0660 for this group (status only)
     flow_hash_seed: int = 0
     conntrack_max: int = 262_144
     flow_cache_size: int = 65_536
@@ -393,6 +394,7 @@ _LB_KEYS: Final = (
     "addresses",
     "interfaces",
     "control_socket",
+    "control_group",
     "flow_hash_seed",
     "conntrack_max",
     "flow_cache_size",
@@ -405,6 +407,7 @@ _LB_KEYS: Final = (
 # must fit in 15 bytes (IFNAMSIZ - 1).
 _INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
 _IFNAME_RE: Final = re.compile(r"[^\s/:%]{1,15}")
+_GROUP_RE: Final = re.compile(r"[a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10}")
 _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
 
@@ -469,11 +472,20 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
     problem = control_socket_problem(socket_path, instance)
     if problem is not None:
         raise f.at("control_socket").error(*problem)
+    group: str | None = None
+    if f.has("control_group"):
+        group = f.string("control_group", "", example="control_group: v6lb")
+        if not _GROUP_RE.fullmatch(group):
+            raise f.at("control_group").error(
+                f"{quote(group)} is not a group name or number",
+                "give a group name such as v6lb (letters, digits, '_', '-') or a gid",
+            )
     return LbSettings(
         instance=instance,
         addresses=tuple(addresses),
         interfaces=tuple(interfaces),
         control_socket=socket_path,
+        control_group=group,
         flow_hash_seed=f.integer(
             "flow_hash_seed", d.flow_hash_seed, lo=0, hi=0xFFFF_FFFF, noun="jhash seed (32 bits)"
         ),

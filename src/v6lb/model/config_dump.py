@@ -86,6 +86,8 @@ def _lb(lb: LbSettings) -> Data:
         out["interfaces"] = list(lb.interfaces)
     if lb.control_socket != default_control_socket(lb.instance):
         out["control_socket"] = lb.control_socket
+    if lb.control_group is not None:
+        out["control_group"] = lb.control_group
     for key in (
         "flow_hash_seed",
         "conntrack_max",

@@ -206,6 +206,10 @@ class BackendStatus(_Record):
     successes: int | None = None
     failures: int | None = None
     slots: int | None = None
+    enabled: bool = True
+    override: str | None = None
+    """`v6lb ctl`'s override and what the file says (``weight``/``drain``/``enabled`` are
+    the values in force); absent when the file's values stand."""
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
@@ -217,7 +221,10 @@ class BackendStatus(_Record):
         "successes": _opt_int,
         "failures": _opt_int,
         "slots": _opt_int,
+        "enabled": _bool,
+        "override": _opt_str,
     }
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("override",)
 
 
 @dataclass(slots=True)

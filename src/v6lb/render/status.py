@@ -50,7 +50,9 @@ def status_lines(st: InstanceStatus) -> list[str]:
             port = f":{b.port}" if b.port else ""
             out.append(
                 f"  [{b.address}]{port} weight {b.weight}{' drain' if b.drain else ''}"
+                f"{'' if b.enabled else ' DISABLED'}"
                 f"  {b.health.upper()}  {b.slots} slots  probe {b.probe}"
+                + (f"  ctl: {b.override}" if b.override else "")
             )
     for pair in st.npt:
         icmp = f"  ICMPv6 errors: {_icmp(pair.icmp_errors)}" if pair.icmp_errors else ""
