@@ -127,6 +127,7 @@ class RunOptions:
 def log_record(
     instance: str | None,
     message: str,
+    /,
     *,
     level: str = "info",
     now: float | None = None,
