@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_STAMP := .venv/.apt-installed
 # Debian packages the tests use: tshark reads the pcaps we write; chromium renders the
-# HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check.
-APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack
+# HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check;
+# systemd for `systemd-analyze verify` of contrib/systemd/v6lb@.service.
+APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack systemd
 
 .PHONY: demo test lint typecheck pytest bench clean deps apt install-unit
 
