@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_STAMP := .venv/.apt-installed
 # Debian packages the tests use: tshark reads the pcaps we write; chromium renders the
-# HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check.
-APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack
+# HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check;
+# systemd for `systemd-analyze verify` of contrib/systemd/v6lb@.service.
+APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack systemd
 
-.PHONY: demo test lint typecheck pytest bench clean deps apt
+.PHONY: demo test lint typecheck pytest bench clean deps apt install-unit
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,19 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# The systemd unit (docs/operations.md, "Service unit"): v6lb@NAME.service runs
+# /etc/v6lb/NAME.yaml with /usr/local/bin/v6lb, linked to this checkout's v6lb.
+# DESTDIR=DIR installs under DIR instead (and skips systemctl daemon-reload).
+UNITDIR ?= /etc/systemd/system
+BINDIR ?= /usr/local/bin
+V6LB_BIN ?= $(CURDIR)/$(VENV)/bin/v6lb
+install-unit:
+	@test -x $(V6LB_BIN) || { echo "$(V6LB_BIN) is missing: run make deps first (or give V6LB_BIN=PATH)"; exit 2; }
+	install -D -m 0644 contrib/systemd/v6lb@.service $(DESTDIR)$(UNITDIR)/v6lb@.service
+	install -d -m 0755 $(DESTDIR)/etc/v6lb $(DESTDIR)$(BINDIR)
+	ln -sfn $(V6LB_BIN) $(DESTDIR)$(BINDIR)/v6lb
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

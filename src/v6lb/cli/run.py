@@ -7,7 +7,7 @@ import sys
 
 from v6lb.cli.common import add_plane_options
 from v6lb.engines.planes import Role, names
-from v6lb.errors import UsageError
+from v6lb.errors import UsageError, V6lbError
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,13 +33,37 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--control-socket", metavar="PATH", help="override lb.control_socket (AF_UNIX path)"
     )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="stderr log: text lines `v6lb run [<instance>]: ...` (default), or one JSON object"
+        " per line (time, instance, level, message and the event's fields), also for the"
+        " error that ends the process",
+    )
     p.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.log_format != "json":
+        return _run(args)
+    from v6lb.engines.daemon import log_record
+
+    try:
+        return _run(args)
+    except V6lbError as exc:  # the one error line, as JSON too (main() would print text)
+        message = exc.message if exc.fix else str(exc)
+        record = log_record(
+            args.instance, message, level="error", exit_code=exc.exit_code, fix=exc.fix or None
+        )
+        sys.stderr.write(record + "\n")
+        return exc.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
     import os
 
-    from v6lb.engines.daemon import RunOptions, run_instance
+    from v6lb.engines.daemon import RunOptions, log_record, run_instance
     from v6lb.engines.limits import raise_nofile
     from v6lb.model.config import control_socket_problem
 
@@ -50,9 +74,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # every engine: systemd's default soft limit of 1024 held 502 proxied connections
     before, after = raise_nofile()
     if after != before:
-        sys.stderr.write(
-            f"v6lb run: descriptor limit (RLIMIT_NOFILE) raised from {before} to {after}\n"
-        )
+        text = f"descriptor limit (RLIMIT_NOFILE) raised from {before} to {after}"
+        if args.log_format == "json":
+            line = log_record(args.instance, text, nofile_before=before, nofile_after=after)
+        else:
+            line = f"v6lb run: {text}"
+        sys.stderr.write(line + "\n")
     options = RunOptions(
         path=args.file,
         dataplane=args.dataplane,
@@ -62,6 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         control_socket=args.control_socket,
         # docs/dataplane-python.md: V6LB_TRACE=1 in the environment does what --trace does
         trace=args.trace or os.environ.get("V6LB_TRACE", "") not in ("", "0"),
+        log_format=args.log_format,
     )
     return run_instance(options)
 

@@ -21,7 +21,8 @@
   plane's :meth:`~v6lb.engines.plane.Plane.apply_pool_change` and again on top of the
   file at every reload (the "reloaded" line names them); refused for any peer uid
   but the instance's own and root;
-* the log: ``v6lb run [<instance>]: ...`` on stderr, the last 50 lines in the status;
+* the log: ``v6lb run [<instance>]: ...`` on stderr (``--log-format json``: one JSON
+  object per line, :func:`log_record`), the last 50 lines in the status;
 * the per-instance overrides (``--instance``, ``--control-socket``) and ``--netns``
   (entered before any plane starts a thread: ``setns(2)`` is per thread).
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import json
 import os
 import re
 import selectors
@@ -71,8 +73,10 @@ from v6lb.model.status import (
 )
 
 __all__ = [
+    "LOG_FORMATS",
     "Daemon",
     "RunOptions",
+    "log_record",
     "load_for_run",
     "prepare",
     "run_instance",
@@ -80,6 +84,7 @@ __all__ = [
 
 _INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
 _EVENTS: Final = 50
+LOG_FORMATS: Final = ("text", "json")
 _EXPIRE_EVERY: Final = 1.0  # seconds between two sweeps of silent control clients
 # the answer's keys before the data plane's own (docs/run.md); the proxies' sections come last
 _ANSWER_KEYS: Final = (
@@ -123,6 +128,37 @@ class RunOptions:
     netns: str | None = None
     control_socket: str | None = None
     trace: bool = False
+    log_format: str = "text"
+
+
+def log_record(
+    instance: str | None,
+    message: str,
+    /,
+    *,
+    level: str = "info",
+    now: float | None = None,
+    **fields: object,
+) -> str:
+    """One ``--log-format json`` line: time (UTC, ISO 8601), instance, level, message, fields.
+
+    ``fields`` are the structured facts the daemon has about the event (the VIP,
+    the backends and their health, the signal, the removed object ...); a field
+    never replaces one of the four fixed keys, and a field whose value is None is
+    left out.
+    """
+    t = time.time() if now is None else now
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    record: dict[str, object] = {
+        "time": stamp,
+        "instance": instance,
+        "level": level,
+        "message": message,
+    }
+    for key, value in fields.items():
+        if value is not None:
+            record.setdefault(key, value)
+    return json.dumps(record, default=str)
 
 
 def load_for_run(
@@ -289,6 +325,7 @@ class Daemon:
         overrides: Mapping[str, str | None] | None = None,
         skipped: tuple[str, ...] = (),
         log: Callable[[str], None] | None = None,
+        log_format: str = "text",
     ) -> None:
         self.config = config
         self.planes = list(planes)
@@ -298,6 +335,9 @@ class Daemon:
         self.skipped = skipped
         self.instance = config.lb.instance
         self._log_out = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        if log_format not in LOG_FORMATS:
+            raise UsageError(f"--log-format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+        self.log_format = log_format
         self.events: deque[str] = deque(maxlen=_EVENTS)
         self.started = time.time()
         self.reloads = 0
@@ -349,15 +389,35 @@ class Daemon:
             netns=self.netns,
             trace=trace,
             log=self.log,
-            emit=self._log_out,
+            warn=self.warn,
+            emit=self._emit,
             stop=self.request_stop,
         )
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, *, level: str = "info", **fields: object) -> None:
+        """One event: on stderr (text or JSON), and among the last 50 in the status.
+
+        ``level``: info, warning or error; ``fields``: structured facts for the
+        JSON line (the text line is ``message`` alone).
+        """
         now = time.time()
         stamp = time.strftime("%H:%M:%S", time.localtime(now))
         self.events.append(f"{stamp}.{int(now % 1 * 1000):03d} {message}")
-        self._log_out(f"v6lb run [{self.instance}]: {message}")
+        if self.log_format == "json":
+            self._log_out(log_record(self.instance, message, level=level, now=now, **fields))
+        else:
+            self._log_out(f"v6lb run [{self.instance}]: {message}")
+
+    def warn(self, message: str) -> None:
+        """A plane's warning (``PlaneContext.warn``)."""
+        self.log(message, level="warning")
+
+    def _emit(self, line: str) -> None:
+        """A plane's raw line (``--trace``); with JSON logs, a ``debug`` record."""
+        if self.log_format == "json":
+            self._log_out(log_record(self.instance, line, level="debug"))
+        else:
+            self._log_out(line)
 
     def request_stop(self, error: BaseException | None = None) -> None:
         """End the instance (any thread); with ``error``, :meth:`serve` raises it at the end."""
@@ -408,7 +468,7 @@ class Daemon:
             self.log(f"skipped VIP {line}")
         text = "; ".join(s for s in summaries if s)
         if text:
-            self.log(f"{text}; control socket {path}")
+            self.log(f"{text}; control socket {path}", control_socket=path, pid=os.getpid())
 
     def teardown(self) -> list[str]:
         """Remove every plane (the last installed first), close the control socket."""
@@ -427,10 +487,14 @@ class Daemon:
         try:
             removed = plane.teardown()
         except KernelError as exc:
-            self.log(f"removing the {plane.name} plane failed: {exc.message}")
+            self.log(
+                f"removing the {plane.name} plane failed: {exc.message}",
+                level="error",
+                plane=plane.name,
+            )
             return []
         for item in removed:
-            self.log(f"removed {item}")
+            self.log(f"removed {item}", plane=plane.name, removed=item)
         return removed
 
     # --- the loop ----------------------------------------------------------------
@@ -523,7 +587,8 @@ class Daemon:
             if signum == signal.SIGHUP:
                 self.reload()
             else:
-                self.log(f"{signal.Signals(signum).name}: removing what this instance installed")
+                name = signal.Signals(signum).name
+                self.log(f"{name}: removing what this instance installed", signal=name)
                 self._stop = True
         with self._lock:
             stops, self._stops = self._stops, []
@@ -550,10 +615,17 @@ class Daemon:
                 what = self._owner[name].apply_pool_change(name, pool)
             except KernelError as exc:
                 self.last_error = exc.message
-                self.log(self.last_error)
+                self.log(self.last_error, level="error", vip=name)
                 continue
             self.map_updates += 1
-            self.log(f"{name}: {states}; {what}")
+            self.log(
+                f"{name}: {states}; {what}",
+                vip=name,
+                backends=[
+                    {"address": str(vip.backends[i].address), "health": str(hs.state(i))}
+                    for i in moved
+                ],
+            )
 
     # --- reload ------------------------------------------------------------------
 
@@ -599,7 +671,7 @@ class Daemon:
         except (KernelError, OSError, ValueError) as exc:
             text = exc.message if isinstance(exc, KernelError) else str(exc)
             self.last_error = f"reload failed, still running the previous config: {text}"
-            self.log(self.last_error)
+            self.log(self.last_error, level="error", file=self.path)
             return False
         self.prober.close()
         self.config, self.skipped = config, skipped
@@ -609,7 +681,9 @@ class Daemon:
         self.last_error = None
         if config.lb.control_socket != old.lb.control_socket:
             self.log("lb.control_socket changed: it takes effect at the next start")
-        self.log(f"reloaded {self.path}{''.join(texts)}{notes}")
+        self.log(
+            f"reloaded {self.path}{''.join(texts)}{notes}", file=self.path, reloads=self.reloads
+        )
         for _, s in staged:
             s.then()
         return True
@@ -875,6 +949,7 @@ def prepare(options: RunOptions, *, log: Callable[[str], None] | None = None) ->
         overrides={"instance": options.instance, "control_socket": options.control_socket},
         skipped=skipped,
         log=log,
+        log_format=options.log_format,
     )
     ctx = daemon.context(trace=options.trace)
     daemon.attach([cls.open(config, ctx) for cls in classes])

@@ -66,6 +66,7 @@ class PlaneContext:
     netns: str | None = None  # the namespace the process entered (already entered)
     trace: bool = False  # log one line per packet decision (the python plane)
     log: Callable[[str], None] = print  # the instance's log: `v6lb run [<instance>]: ...`
+    warn: Callable[[str], None] = print  # the same log, at level warning (--log-format json)
     emit: Callable[[str], None] = print  # a raw stderr line (trace lines)
     stop: Callable[[BaseException | None], None] = lambda error: None
     """A plane on a thread of its own ends the instance (thread-safe); with an error, it fails."""

@@ -414,6 +414,30 @@ def _remove_ip6tables(instance: str, netns: str | None) -> list[str]:
     return removed
 
 
+def leftovers(instance: str, *, netns: str | None = None) -> list[str]:
+    """What carries the instance's tag in the kernel now, before it installs anything.
+
+    Non-empty at start means an earlier run of the instance was not stopped cleanly
+    (SIGKILL, a crash, a reboot-less restart by systemd's ``Restart=on-failure``):
+    :func:`apply` replaces all of it (nft in the same transaction, the tagged
+    ip6tables rules in the same restore, the tagged routes first), so one copy stays.
+    """
+    found = [f"nft table {t}" for t in nft_tables(instance, netns=netns)]
+    if shutil.which("ip6tables-save") is not None:
+        rules = tagged_rules(_ip6tables_save(netns), instance)
+        if rules:
+            found.append(f"{len(rules)} ip6tables rule(s)")
+    lines = _route_cleanup(instance, netns)
+    for kind, what in (("rule del", "ip rule(s)"), ("route flush", "route table(s)")):
+        n = sum(line.startswith(kind) for line in lines)
+        if n:
+            found.append(f"{n} {what}")
+    n = sum(line.startswith("address del") for line in lines)
+    if n:
+        found.append(f"{n} lo address(es)")
+    return found
+
+
 def remove(instance: str, *, netns: str | None = None) -> list[str]:
     """Delete everything tagged with ``instance``; return what was removed, for the log."""
     require_root()

@@ -27,6 +27,7 @@ from v6lb.engines.kernel.apply import (
     apply_nft,
     conntrack_count,
     in_instance_block,
+    leftovers,
     limits_status,
     nft_json,
     remove,
@@ -168,7 +169,13 @@ class KernelPlane(Plane):
     # --- install / remove -------------------------------------------------------
 
     def install(self) -> str:
-        """Apply; on failure nothing stays behind."""
+        """Apply (replacing what a crashed run left); on failure nothing stays behind."""
+        found = leftovers(self.instance)
+        if found:
+            self.ctx.warn(
+                f"found the state of an earlier run of instance {self.instance} (it was not"
+                f" stopped cleanly): {', '.join(found)}; replacing it"
+            )
         apply(self.rendered, self.instance)
         if self.syncer is not None:  # syncing before the VIPs are announced
             try:

@@ -290,7 +290,7 @@ class PythonPlane(Plane):
         log = self.ctx.log
         try:
             for item in remove(self.instance):
-                log(f"removed leftover {item}")
+                self.ctx.warn(f"removed leftover {item}")
             by_kind: dict[str, dict[int, _Port]] = {}
             for side in self.steering.sides:
                 vnet = side.kind in ("npt", "nat")  # offloads: 64 KB TCP packets
