@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .venv/.apt-installed
 # Debian packages the tests use: tshark reads the pcaps we write; chromium renders the
 # HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check.
-APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack
+APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack prometheus
 
 .PHONY: demo test lint typecheck pytest bench clean deps apt
 

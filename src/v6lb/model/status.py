@@ -206,6 +206,7 @@ class BackendStatus(_Record):
     successes: int | None = None
     failures: int | None = None
     slots: int | None = None
+    transitions: int | None = None  # health changes since start; None: an older answer
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
@@ -217,7 +218,9 @@ class BackendStatus(_Record):
         "successes": _opt_int,
         "failures": _opt_int,
         "slots": _opt_int,
+        "transitions": _opt_int,
     }
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("transitions",)
 
 
 @dataclass(slots=True)
