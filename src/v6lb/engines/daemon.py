@@ -763,7 +763,7 @@ class Daemon:
                     probe=f"tcp [{target.address}]:{target.port}" if target else "none",
                     successes=monitor.successes if monitor else None,
                     failures=monitor.failures if monitor else None,
-                    slots=pool.table.count(i),
+                    slots=pool.slots[i],
                     transitions=self.health.transitions.get((name, str(b.address), b.port), 0),
                 )
             )
