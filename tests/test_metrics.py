@@ -247,3 +247,31 @@ def test_a_metrics_port_in_use_is_refused_before_install(tmp_path: Path) -> None
         assert calls == [] and not (tmp_path / "s").exists()
     finally:
         taken.close()
+
+
+def test_a_scrape_without_a_snapshot_is_a_500_and_the_server_goes_on() -> None:
+    from ipaddress import IPv6Address
+    from urllib.error import HTTPError
+
+    from v6lb.engines.metrics import MetricsServer
+    from v6lb.model.config import MetricsListen
+
+    answers = iter([TimeoutError("the loop gave no status in 5 s"), None])
+
+    def snap() -> InstanceStatus:
+        err = next(answers)
+        if err is not None:
+            raise err
+        return InstanceStatus.from_dict(KERNEL_STATUS)
+
+    server = MetricsServer(MetricsListen(IPv6Address("::1"), _free_port()), snap, max_age=0)
+    server.start()
+    url = f"http://[::1]:{server.port}/metrics"
+    try:
+        with pytest.raises(HTTPError) as err:
+            urllib.request.urlopen(url, timeout=10)
+        assert err.value.code == 500
+        assert b"the loop gave no status in 5 s" in err.value.read()
+        assert urllib.request.urlopen(url, timeout=10).status == 200
+    finally:
+        server.close()

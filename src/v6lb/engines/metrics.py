@@ -352,7 +352,16 @@ class MetricsServer:
         self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, fds, memory
         self._server = _Server((str(listen.address), listen.port), _Handler)
-        self._server.set_app(make_wsgi_app(self.registry))
+        app = make_wsgi_app(self.registry)
+
+        def guarded(environ: Any, start_response: Any) -> Iterable[bytes]:
+            try:
+                return app(environ, start_response)  # type: ignore[no-any-return]
+            except Exception as exc:  # no snapshot (the loop did not answer): a 500, no traceback
+                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+                return [f"v6lb: no status snapshot: {type(exc).__name__}: {exc}\n".encode()]
+
+        self._server.set_app(guarded)
         self._thread: threading.Thread | None = None
 
     @property
