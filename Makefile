@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .venv/.apt-installed
 # Debian packages the tests use: tshark reads the pcaps we write; chromium renders the
 # HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check;
-# systemd for `systemd-analyze verify` of contrib/systemd/v6lb@.service.
-APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack systemd
+# systemd for `systemd-analyze verify` of contrib/systemd/v6lb@.service; prometheus scrapes
+# v6lb in the metrics test.
+APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack systemd prometheus
 
 .PHONY: demo test lint typecheck pytest bench clean deps apt install-unit
 

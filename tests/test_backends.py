@@ -58,8 +58,11 @@ def test_weights_and_no_eligible_backend() -> None:
     p = BackendPool([BackendSpec.of("fd00::1", 80, 3), BackendSpec.of("fd00::2", 80, 1)])
     share = p.table.count(0) / len(p.table)
     assert 0.74 < share < 0.76
+    assert p.slots == [p.table.count(0), p.table.count(1)]
     p.set_up(0, False)
+    assert p.slots == [0, len(p.table)]  # recounted with each build
     p.set_drain(1, True)
+    assert p.slots == [0, 0]
     assert not p.any_eligible and p.pick_flow(*_flows(1)[0]) == -1
     with pytest.raises(ValueError):
         BackendPool([])

@@ -539,6 +539,48 @@ REJECTIONS = [
         id="lb-socket-relative",
     ),
     pytest.param(
+        {"lb": {"metrics": "2001:db8::2:9105"}},
+        "lb.metrics",
+        "not an address and port",
+        "IPv6 address in brackets",
+        id="lb-metrics-no-brackets",
+    ),
+    pytest.param(
+        {"lb": {"metrics": "[2001:db8::2]:0"}},
+        "lb.metrics",
+        "port 0 is out of range",
+        "from 1 to 65535",
+        id="lb-metrics-port-zero",
+    ),
+    pytest.param(
+        {"lb": {"metrics": "[2001:db8::2]:65536"}},
+        "lb.metrics",
+        "port 65536 is out of range",
+        "from 1 to 65535",
+        id="lb-metrics-port-big",
+    ),
+    pytest.param(
+        {"lb": {"metrics": "[192.0.2.2]:9105"}},
+        "lb.metrics",
+        "IPv4 address",
+        "IPv6-only",
+        id="lb-metrics-ipv4",
+    ),
+    pytest.param(
+        {"lb": {"metrics": "[fe80::1]:9105"}},
+        "lb.metrics",
+        "link-local",
+        "unique-local",
+        id="lb-metrics-link-local",
+    ),
+    pytest.param(
+        {"lb": {"metrics": 9105}},
+        "lb.metrics",
+        "is not a non-empty string",
+        "[2001:db8::2]:9105",
+        id="lb-metrics-number",
+    ),
+    pytest.param(
         {"lb": {"flow_hash_seed": 1 << 32}},
         "lb.flow_hash_seed",
         "4294967296 is out of range",
@@ -586,6 +628,14 @@ def test_error_reads_file_path_message_fix() -> None:
         "x.yaml: vips[1].backends[0].weight: 5000 is out of range;"
         " fix: use an integer weight from 0 to 1000"
     )
+
+
+def test_lb_metrics_reads_address_and_port() -> None:
+    lb = parse_config({"lb": {"metrics": "[2001:db8::2]:9105"}}).lb
+    assert lb.metrics is not None
+    assert (str(lb.metrics.address), lb.metrics.port) == ("2001:db8::2", 9105)
+    assert str(lb.metrics) == "[2001:db8::2]:9105"
+    assert parse_config({"lb": {"instance": "x"}}).lb.metrics is None
 
 
 def test_udp_and_tcp_may_share_address_and_port() -> None:

@@ -195,6 +195,8 @@ def _lb(draw: st.DrawFn, addresses: list[str], nat: bool) -> dict[str, Any]:
         if draw(st.booleans()):
             lb[key] = draw(st.integers(lo, hi))
     if draw(st.booleans()):
+        lb["metrics"] = draw(st.sampled_from(["[::]:9105", "[2001:db8::2]:1", "[::1]:65535"]))
+    if draw(st.booleans()):
         lb["forward_allow"] = draw(
             st.lists(
                 st.one_of(

@@ -129,6 +129,7 @@ def test_backend_ports_weights_and_drain() -> None:
     pool = pool_for(nat, 7)
     assert pool.seed == 7 and pool.eligible_weights() == [1, 3, 0, 1]
     slots = [pool.table.count(i) for i in range(len(pool))]
+    assert pool.slots == slots  # counted once per build
     assert slots[2] == 0  # draining: no new flows
     assert 2.5 < slots[1] / slots[0] < 3.5 and 0.8 < slots[3] / slots[0] < 1.25
 

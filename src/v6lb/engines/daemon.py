@@ -23,6 +23,10 @@
   but the instance's own and root;
 * the log: ``v6lb run [<instance>]: ...`` on stderr (``--log-format json``: one JSON
   object per line, :func:`log_record`), the last 50 lines in the status;
+* ``/metrics`` (``lb.metrics``, :mod:`v6lb.engines.metrics`): served on threads of its
+  own from a status snapshot (:meth:`Daemon.snapshot`) computed where the control
+  socket computes it: on the scraping thread when the planes answer on any thread,
+  else by the loop between two turns;
 * the per-instance overrides (``--instance``, ``--control-socket``) and ``--netns``
   (entered before any plane starts a thread: ``setns(2)`` is per thread).
 
@@ -56,6 +60,7 @@ from v6lb.engines.control import ControlError, ControlServer
 from v6lb.engines.ctl import CtlRefused, Override, OverrideKey, apply_override, check_request
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.kernel.host import enter_netns
+from v6lb.engines.metrics import MetricsServer
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Ready, Role, RunError, Staged
 from v6lb.engines.planes import names, plane_class, served_modes, serving
 from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
@@ -86,6 +91,7 @@ _INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,9}")
 _EVENTS: Final = 50
 LOG_FORMATS: Final = ("text", "json")
 _EXPIRE_EVERY: Final = 1.0  # seconds between two sweeps of silent control clients
+_SNAPSHOT_WAIT: Final = 5.0  # seconds a scrape waits for the loop's snapshot
 # the answer's keys before the data plane's own (docs/run.md); the proxies' sections come last
 _ANSWER_KEYS: Final = (
     "instance",
@@ -267,6 +273,8 @@ class Health:
     pools: dict[str, BackendPool] = field(default_factory=dict)
     sets: dict[str, HealthSet[int]] = field(default_factory=dict)
     targets: dict[tuple[str, int], _Target] = field(default_factory=dict)
+    # health changes by (VIP, address, port) since the start, kept across reloads
+    transitions: dict[tuple[str, str, int | None], int] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -310,6 +318,15 @@ class Health:
 
 
 # --- the instance -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """A scrape waiting for the loop's status."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    status: InstanceStatus | None = None
+    error: Exception | None = None
 
 
 class Daemon:
@@ -360,6 +377,9 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._next_expire = 0.0
+        self.metrics: MetricsServer | None = None
+        self._status_lock = threading.Lock()  # one status at a time off the loop
+        self._snapshots: list[_Snapshot] = []  # scrapes waiting for the loop (under _lock)
 
     def attach(self, planes: Sequence[Plane]) -> None:
         """Plug ``planes`` in (before :meth:`install`): the daemon probes their pools."""
@@ -430,6 +450,20 @@ class Daemon:
 
     # --- install / remove -------------------------------------------------------
 
+    def open_metrics(self) -> None:
+        """Bind ``lb.metrics`` (before :meth:`install`); a RunError naming it if it cannot be."""
+        listen = self.config.lb.metrics
+        if listen is None or self.metrics is not None:
+            return
+        try:
+            self.metrics = MetricsServer(listen, self.snapshot)
+        except OSError as exc:
+            raise RunError(
+                f"lb.metrics: cannot listen on {listen}: {exc.strerror or exc}",
+                "give lb.metrics a free port (another process listens there) and an address"
+                " of this host or its --netns",
+            ) from None
+
     def install(self) -> None:
         """Open the control socket, then install every plane; on failure nothing stays behind."""
         path = self.config.lb.control_socket
@@ -444,6 +478,9 @@ class Daemon:
                 group=group,
             )
         except OSError as exc:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
             raise ControlError(
                 f"cannot open the control socket {path}: {exc.strerror or exc}; fix: run as"
                 " root, or give a writable path with lb.control_socket (or --control-socket)"
@@ -460,8 +497,14 @@ class Daemon:
             self.prober.close()
             self.control.close()
             self.control = None
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
             raise
         self.control.register(self.sel)
+        if self.metrics is not None:
+            self.metrics.start()
+            self.log(f"metrics on http://{self.metrics.listen}/metrics")
         for plane in self.planes:
             plane.watch(self.sel)
         for line in self.skipped:
@@ -473,6 +516,9 @@ class Daemon:
     def teardown(self) -> list[str]:
         """Remove every plane (the last installed first), close the control socket."""
         self.prober.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         removed: list[str] = []
         try:
             for plane in reversed(self.planes):
@@ -582,6 +628,10 @@ class Daemon:
         if now >= self._next_expire and self.control is not None:
             self._next_expire = now + _EXPIRE_EVERY
             self.control.expire(now)  # silent control clients
+        with self._lock:
+            snapshots, self._snapshots = self._snapshots, []
+        if snapshots:
+            self._answer_snapshots(snapshots)
         while self._signals:
             signum = self._signals.pop(0)
             if signum == signal.SIGHUP:
@@ -610,6 +660,9 @@ class Daemon:
             if not moved:
                 continue
             vip = self.config.vip(name)
+            for i in moved:
+                key = (name, str(vip.backends[i].address), vip.backends[i].port)
+                h.transitions[key] = h.transitions.get(key, 0) + 1
             states = ", ".join(f"{vip.backends[i].address} {hs.state(i)}" for i in moved)
             try:
                 what = self._owner[name].apply_pool_change(name, pool)
@@ -674,6 +727,7 @@ class Daemon:
             self.log(self.last_error, level="error", file=self.path)
             return False
         self.prober.close()
+        health.transitions = self.health.transitions
         self.config, self.skipped = config, skipped
         self.health, self._owner = health, owner
         self.overrides_ctl = overrides
@@ -681,6 +735,8 @@ class Daemon:
         self.last_error = None
         if config.lb.control_socket != old.lb.control_socket:
             self.log("lb.control_socket changed: it takes effect at the next start")
+        if config.lb.metrics != old.lb.metrics:
+            self.log("lb.metrics changed: it takes effect at the next start")
         self.log(
             f"reloaded {self.path}{''.join(texts)}{notes}", file=self.path, reloads=self.reloads
         )
@@ -790,7 +846,49 @@ class Daemon:
 
     def answer(self, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The control socket's ``status`` command (docs/run.md, `v6lb status`)."""
-        return self.status().to_dict()
+        with self._status_lock:
+            return self.status().to_dict()
+
+    @property
+    def status_off_loop(self) -> bool:
+        """The planes answer ``status`` on any thread (the control socket's workers do)."""
+        return any(p.threaded_status for p in self.planes)
+
+    def snapshot(self, timeout: float = _SNAPSHOT_WAIT) -> InstanceStatus:
+        """The status for a scrape, from any thread; never blocks the loop.
+
+        Computed on the calling thread when the planes allow it (the kernel plane: its
+        nft read-back takes 0.4 s and more), else by the loop at the end of its turn
+        (the python plane's counters belong to it); TimeoutError after ``timeout``.
+        """
+        if self.status_off_loop:
+            with self._status_lock:
+                return self.status()
+        if self.control is None:
+            return self.status()  # no loop runs (before install, after teardown)
+        wait = _Snapshot()
+        with self._lock:
+            self._snapshots.append(wait)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+        if not wait.done.wait(timeout):
+            raise TimeoutError(f"the instance's loop gave no status in {timeout} s")
+        if wait.error is not None:
+            raise wait.error
+        assert wait.status is not None
+        return wait.status
+
+    def _answer_snapshots(self, waiting: list[_Snapshot]) -> None:
+        try:
+            status: InstanceStatus | None = self.status()
+            error: Exception | None = None
+        except Exception as exc:  # a scrape must never stop the loop
+            status, error = None, exc
+        for w in waiting:
+            w.status, w.error = status, error
+            w.done.set()
 
     def status(self) -> InstanceStatus:
         """The instance, then the data plane's keys, ``events``, the proxies' sections.
@@ -876,7 +974,8 @@ class Daemon:
                     probe=f"tcp [{target.address}]:{target.port}" if target else "none",
                     successes=monitor.successes if monitor else None,
                     failures=monitor.failures if monitor else None,
-                    slots=pool.table.count(i),
+                    slots=pool.slots[i],
+                    transitions=self.health.transitions.get((name, str(b.address), b.port), 0),
                 )
             )
         counter = ps.counters.get(name)
@@ -953,6 +1052,7 @@ def prepare(options: RunOptions, *, log: Callable[[str], None] | None = None) ->
     )
     ctx = daemon.context(trace=options.trace)
     daemon.attach([cls.open(config, ctx) for cls in classes])
+    daemon.open_metrics()  # in the namespace, after every check, before anything is installed
     return daemon
 
 

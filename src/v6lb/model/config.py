@@ -53,6 +53,7 @@ __all__ = [
     "HealthCheck",
     "HealthType",
     "LbSettings",
+    "MetricsListen",
     "ModeOptions",
     "NatOptions",
     "NptPair",
@@ -265,6 +266,17 @@ CONNTRACK_MIN: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsListen:
+    """``lb.metrics``: where the instance serves ``/metrics`` (docs/operations.md)."""
+
+    address: IPv6Address
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class LbSettings:
     """The LB's own identity; the defaults apply when ``lb:`` is absent."""
 
@@ -280,6 +292,7 @@ class LbSettings:
     icmp_error_burst: int = 20
     forward_allow: tuple[ForwardAllow, ...] = ()
     conntrack_sync: ConntrackSync | None = None  # docs/anycast.md
+    metrics: MetricsListen | None = None  # None: no /metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +415,7 @@ _LB_KEYS: Final = (
     "icmp_error_burst",
     "forward_allow",
     "conntrack_sync",
+    "metrics",
 )
 # The instance name goes into tags such as the interface prefix `v6lb-NAME`, which
 # must fit in 15 bytes (IFNAMSIZ - 1).
@@ -412,6 +426,31 @@ _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
 
 _LB_DEFAULTS: Final = LbSettings()
+_METRICS_RE: Final = re.compile(r"\[([^\[\]]*)\]:([0-9]{1,5})")
+_METRICS_EXAMPLE: Final = 'metrics: "[2001:db8::2]:9105"'
+
+
+def _parse_metrics(value: object, where: Where) -> MetricsListen:
+    """``"[ADDRESS]:PORT"``: an IPv6 literal in brackets (``[::]`` for every address)."""
+    text = as_str(value, where, example=_METRICS_EXAMPLE)
+    m = _METRICS_RE.fullmatch(text.strip())
+    if m is None:
+        raise where.error(
+            f"{quote(text)} is not an address and port such as [2001:db8::2]:9105",
+            "write an IPv6 address in brackets, a colon and a port from 1 to 65535, in quotes: "
+            f"{_METRICS_EXAMPLE} ([::] listens on every address)",
+        )
+    address = as_ipv6_address(m.group(1), where)
+    if address.is_multicast or address.is_link_local:
+        raise where.error(
+            f"{address} is a {'multicast' if address.is_multicast else 'link-local'} address,"
+            " which cannot be listened on",
+            "use one of the host's global or unique-local addresses, ::1, or :: for all of them",
+        )
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise where.error(f"port {port} is out of range", "use a port from 1 to 65535")
+    return MetricsListen(address, port)
 
 
 def control_socket_problem(path: str, instance: str) -> tuple[str, str] | None:
@@ -526,6 +565,7 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
         )
         if f.has("conntrack_sync")
         else None,
+        metrics=_parse_metrics(f.get("metrics"), f.at("metrics")) if f.has("metrics") else None,
     )
 
 

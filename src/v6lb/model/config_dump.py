@@ -108,6 +108,8 @@ def _lb(lb: LbSettings) -> Data:
         ]
     if lb.conntrack_sync is not None:
         out["conntrack_sync"] = _sync(lb.conntrack_sync)
+    if lb.metrics is not None:
+        out["metrics"] = str(lb.metrics)
     return out
 
 

@@ -210,6 +210,7 @@ class BackendStatus(_Record):
     override: str | None = None
     """`v6lb ctl`'s override and what the file says (``weight``/``drain``/``enabled`` are
     the values in force); absent when the file's values stand."""
+    transitions: int | None = None  # health changes since start; None: an older answer
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
@@ -223,8 +224,9 @@ class BackendStatus(_Record):
         "slots": _opt_int,
         "enabled": _bool,
         "override": _opt_str,
+        "transitions": _opt_int,
     }
-    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("override",)
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("override", "transitions")
 
 
 @dataclass(slots=True)
