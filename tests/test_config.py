@@ -794,7 +794,7 @@ def test_check_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith(f"{EXAMPLE}: valid\nlb lb1: addresses 2001:db8:0:1::2;")
     assert "vip dns: [2001:db8:0:10::53]:53/udp mode nat, scheduler maglev (table 65537)" in out
     assert "  options: SNAT to 2001:db8:0:1::2 ports 1024-65535" in out
-    assert "  health: http GET /healthz every 5 s, timeout 2 s" in out
+    assert "  health: http GET /healthz expecting 200-399 every 5 s, timeout 2 s" in out
     assert "video-srv6" in out and "sid fd00:50::1:100" in out
 
 

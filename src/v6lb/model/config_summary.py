@@ -80,7 +80,12 @@ def _vip_lines(vip: Vip) -> list[str]:
 def _health(h: HealthCheck) -> str:
     if h.type is HealthType.NONE:
         return "none (backends always count as up)"
-    probe = f"http GET {h.path}" if h.type is HealthType.HTTP else "tcp connect"
+    probe = "tcp connect"
+    if h.type is HealthType.HTTP:
+        probe = f"http {h.method} {h.path}"
+        if h.host is not None:
+            probe += f" Host {h.host}"
+        probe += f" expecting {h.expect_text()}"
     if h.port is not None:
         probe += f" on port {h.port}"
     return (
