@@ -136,6 +136,10 @@ def _vip(draw: st.DrawFn, i: int, lb_addresses: list[str]) -> dict[str, Any]:
                 h[key] = draw(st.integers(1, 100))
         if kind == "http" and draw(st.booleans()):
             h["path"] = draw(st.sampled_from(["/", "/healthz", "/a/b?c=1"]))
+        if kind == "http" and draw(st.booleans()):
+            h["method"] = draw(st.sampled_from(["GET", "HEAD"]))
+            h["host"] = draw(st.sampled_from(["api.example.com", "[2001:db8::1]:8080"]))
+            h["expect"] = draw(st.sampled_from([200, "200-299", [200, "301-302"], ["200-399"]]))
         if draw(st.booleans()):
             h["port"] = draw(st.integers(1, 65535))
         v["health"] = h

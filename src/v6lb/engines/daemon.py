@@ -12,7 +12,7 @@
 * the reload policy: the file is loaded and checked again, every plane stages it,
   then every plane applies it; any failure keeps what runs and is logged (and
   shown as ``last_error``). Backends known down stay down until they rise;
-* health driving: TCP probes (:class:`~v6lb.engines.probe.TcpProber`) and one
+* health driving: TCP and HTTP probes (:class:`~v6lb.engines.probe.Prober`) and one
   :class:`~v6lb.core.health.HealthSet` per VIP of the data plane's
   :meth:`~v6lb.engines.plane.Plane.pools`; a backend that changes state changes its
   pool and the plane applies it (:meth:`~v6lb.engines.plane.Plane.apply_pool_change`);
@@ -50,7 +50,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv6Address
 from types import FrameType
 from typing import Any, Final
 
@@ -63,7 +62,14 @@ from v6lb.engines.kernel.host import enter_netns
 from v6lb.engines.metrics import MetricsServer
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Ready, Role, RunError, Staged
 from v6lb.engines.planes import names, plane_class, served_modes, serving
-from v6lb.engines.probe import ProbeTag, TcpProber, drive_health, health_deadline
+from v6lb.engines.probe import (
+    Prober,
+    ProbeRoute,
+    ProbeTag,
+    ProbeTarget,
+    drive_health,
+    health_deadline,
+)
 from v6lb.errors import UsageError, V6lbError
 from v6lb.model.config import Config, ConfigError, load_config
 from v6lb.model.modes import Kind, facts, modes_where
@@ -259,20 +265,12 @@ def _planes_serving(mode: str) -> list[str]:
 
 
 @dataclass(slots=True)
-class _Target:
-    vip: str
-    index: int
-    address: IPv6Address
-    port: int
-
-
-@dataclass(slots=True)
 class Health:
     """The probed VIPs: their pools (the planes'), monitors and probe targets."""
 
     pools: dict[str, BackendPool] = field(default_factory=dict)
     sets: dict[str, HealthSet[int]] = field(default_factory=dict)
-    targets: dict[tuple[str, int], _Target] = field(default_factory=dict)
+    targets: dict[tuple[str, int], ProbeTarget] = field(default_factory=dict)
     # health changes by (VIP, address, port) since the start, kept across reloads
     transitions: dict[tuple[str, str, int | None], int] = field(default_factory=dict)
 
@@ -283,8 +281,13 @@ class Health:
         pools: Mapping[str, BackendPool],
         now: float,
         was_down: set[tuple[str, str, int | None]],
+        routes: Callable[[str, int], ProbeRoute | None] = lambda vip, i: None,
     ) -> Health:
-        """Monitors for every probed backend; a backend known down stays down until it rises."""
+        """Monitors for every probed backend; a backend known down stays down until it rises.
+
+        ``routes(vip, index)`` is the owning plane's data path to that backend
+        (:meth:`Plane.probe_route`): when it gives one, the probe goes through it.
+        """
         out = cls(pools=dict(pools))
         for vip in config.vips:
             if vip.name not in pools:
@@ -299,7 +302,8 @@ class Health:
                 monitor = health_monitor(h, now, up=not down, first_probe_at=first)
                 if monitor is not None:
                     port = h.port or b.port or vip.ports[0]
-                    out.targets[(vip.name, i)] = _Target(vip.name, i, b.address, port)
+                    route = routes(vip.name, i)
+                    out.targets[(vip.name, i)] = ProbeTarget(b.address, port, h, route)
                 hs.add(i, monitor, weight=b.weight, drain=b.drain)
                 if down:
                     pools[vip.name].set_up(i, False)
@@ -361,7 +365,7 @@ class Daemon:
         self.map_updates = 0
         self.last_error: str | None = None
         self.sel = selectors.DefaultSelector()
-        self.prober = TcpProber(self.sel)
+        self.prober = Prober(self.sel)
         self.control: ControlServer | None = None
         self.health = Health()
         self._owner: dict[str, Plane] = {}
@@ -400,7 +404,11 @@ class Daemon:
     ) -> tuple[Health, dict[str, Plane]]:
         owner = {name: plane for plane, own in pools.items() for name in own}
         merged = {name: pool for own in pools.values() for name, pool in own.items()}
-        return Health.build(config, merged, time.monotonic(), down), owner
+
+        def routes(vip: str, index: int) -> ProbeRoute | None:
+            return owner[vip].probe_route(config, vip, index)
+
+        return Health.build(config, merged, time.monotonic(), down, routes), owner
 
     def context(self, *, trace: bool = False) -> PlaneContext:
         """What a plane of this instance is given: its log, the stop request, the file."""
@@ -605,7 +613,10 @@ class Daemon:
             if type(data) is Ready:
                 data.fn()
             elif isinstance(data, ProbeTag):
-                key, pid, ok = self.prober.handle(sk)
+                done = self.prober.handle(sk)
+                if done is None:
+                    continue  # an HTTP probe goes on
+                key, pid, ok = done
                 assert isinstance(key, tuple)
                 owner = self.health.sets.get(key[0])
                 if (
@@ -971,7 +982,7 @@ class Daemon:
                     enabled=pool.is_enabled(i),
                     override=override.text(b) if override else None,
                     health=str(hs.state(i)),
-                    probe=f"tcp [{target.address}]:{target.port}" if target else "none",
+                    probe=target.describe() if target else "none",
                     successes=monitor.successes if monitor else None,
                     failures=monitor.failures if monitor else None,
                     slots=pool.slots[i],

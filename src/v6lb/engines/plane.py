@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.planes import Role
+from v6lb.engines.probe import ProbeRoute
 from v6lb.model.config import Config
 from v6lb.model.status import IcmpErrors
 
@@ -141,6 +142,15 @@ class Plane:
     def pools(self) -> Mapping[str, BackendPool]:
         """The VIPs whose backends the daemon probes, by name (the plane's own pools)."""
         return {}
+
+    def probe_route(self, config: Config, vip: str, index: int) -> ProbeRoute | None:
+        """The data path a health probe of backend ``index`` of ``vip`` takes, if any.
+
+        None: the probe goes to the backend's own address (the default). A plane that
+        can steer a probe to the VIP exactly as a client's packets to that backend
+        (DSR) returns the route (docs/dsr.md, "Health checks through the data path").
+        """
+        return None
 
     def install(self) -> str:
         """Install atomically (on failure nothing stays behind); a summary for the log, or ""."""

@@ -1,20 +1,36 @@
-"""TCP-connect health probes on non-blocking sockets, for :class:`v6lb.core.health.HealthSet`.
+"""Health probes on non-blocking sockets, for :class:`v6lb.core.health.HealthSet`.
+
+Two kinds, chosen per target by its :class:`~v6lb.model.config.HealthCheck`:
+
+- ``tcp``: the probe succeeds when the TCP handshake completes (``SO_ERROR`` is 0
+  once the socket is writable); the connection is then closed at once;
+- ``http``: after the handshake the request (``method``, ``path``, ``Host``) is
+  sent, and the answer is parsed with h11 (:class:`HttpAnswer`): the probe passes
+  when the final status is one of ``expect``. Garbage, a closed connection or a
+  status outside ``expect`` fails. Memory is bounded: the status line and headers
+  may take at most :data:`HTTP_HEAD_MAX` bytes, and the body is never read.
+
+A refused or unreachable connect fails at once; a silent one (or a slow answer)
+fails at the monitor's timeout, which covers the whole exchange.
+
+A target may name a data path (:class:`ProbeRoute`): the probe is sent to the VIP
+with the socket mark of one backend, so the kernel plane's ``fwmark`` rule and
+seg6 route carry it to that backend exactly as client traffic (docs/dsr.md,
+"Health checks through the data path").
 
 The prober owns no clock and no loop: the caller registers probes into a
 :class:`selectors.BaseSelector` it already waits on (with ``data`` a
-:class:`ProbeTag`), hands the ready keys back with :meth:`TcpProber.handle`,
+:class:`ProbeTag`), hands the ready keys back with :meth:`Prober.handle`,
 and cancels probes whose deadline the health state machine has passed::
 
-    tag = prober.start(key, probe_id, address, port)   # a result may come back at once
+    tag = prober.start(key, probe_id, target)   # a result may come back at once
     ...
     for sk, _ in selector.select(timeout):
         if isinstance(sk.data, ProbeTag):
-            key, probe_id, ok = prober.handle(sk)
-            health.probe_result(key, ok, time.monotonic(), probe_id)
-
-A probe succeeds when the TCP handshake completes (``SO_ERROR`` is 0 once the
-socket is writable); the connection is then closed at once. A refused or
-unreachable connect fails at once; a silent one fails at the monitor's timeout.
+            done = prober.handle(sk)             # None while an HTTP probe goes on
+            if done is not None:
+                key, probe_id, ok = done
+                health.probe_result(key, ok, time.monotonic(), probe_id)
 """
 
 from __future__ import annotations
@@ -23,13 +39,30 @@ import errno
 import selectors
 import socket
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv6Address
-from typing import Protocol
+
+import h11
 
 from v6lb.core.health import HealthSet
+from v6lb.model.config import HealthCheck, HealthType
 
-__all__ = ["ProbeTag", "TcpProber"]
+__all__ = [
+    "HTTP_HEAD_MAX",
+    "HttpAnswer",
+    "ProbeRoute",
+    "ProbeTag",
+    "ProbeTarget",
+    "Prober",
+    "TcpProber",
+    "drive_health",
+    "health_deadline",
+    "http_request",
+]
+
+HTTP_HEAD_MAX = 16 * 1024
+"""The most bytes of an HTTP answer a probe reads: the status line and headers (and 1xx)."""
+_RECV = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,72 +73,208 @@ class ProbeTag:
     probe_id: int
 
 
-class TcpProber:
-    """Non-blocking TCP connects, one socket per running probe."""
+@dataclass(frozen=True, slots=True)
+class ProbeRoute:
+    """Probe through the data path: to ``address`` (the VIP) with socket mark ``mark``.
+
+    ``source``: the address the probe is sent from (the backend answers it
+    directly, as it answers a client); None lets the kernel choose.
+    """
+
+    address: IPv6Address
+    mark: int
+    source: IPv6Address | None = None
+    what: str = "data path"
+
+
+@dataclass(slots=True)
+class ProbeTarget:
+    """Where and how to probe one backend."""
+
+    address: IPv6Address
+    port: int
+    check: HealthCheck = field(default_factory=HealthCheck)
+    route: ProbeRoute | None = None
+
+    @property
+    def dest(self) -> IPv6Address:
+        return self.route.address if self.route is not None else self.address
+
+    def describe(self) -> str:
+        """The ``probe`` text of ``v6lb status``: ``http GET /healthz [addr]:port``."""
+        kind = str(self.check.type)
+        if self.check.type is HealthType.HTTP:
+            kind += f" {self.check.method} {self.check.path or '/'}"
+        text = f"{kind} [{self.dest}]:{self.port}"
+        if self.route is not None:
+            text += f" via {self.route.what} of {self.address} (mark {self.route.mark:#x})"
+        return text
+
+
+def http_request(check: HealthCheck, address: IPv6Address, port: int) -> bytes:
+    """The bytes of the probe's request (h11 writes them)."""
+    host = check.host if check.host is not None else f"[{address}]:{port}"
+    conn = h11.Connection(our_role=h11.CLIENT)
+    headers = [("Host", host), ("User-Agent", "v6lb-health"), ("Connection", "close")]
+    data = conn.send(h11.Request(method=check.method, target=check.path or "/", headers=headers))
+    return (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+
+
+class HttpAnswer:
+    """The answer of one HTTP probe, parsed with h11 as it arrives, within a byte bound.
+
+    :meth:`feed` returns None while more is needed, else the verdict: True when the
+    final status is expected, False for another status, garbage, an early close,
+    or more than ``limit`` bytes before the status line and headers ended.
+    """
+
+    __slots__ = ("_check", "_conn", "_read", "_limit", "status")
+
+    def __init__(self, check: HealthCheck, method: str, limit: int = HTTP_HEAD_MAX) -> None:
+        self._check = check
+        self._conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=limit)
+        # h11 must know what was asked (a HEAD answer has no body, for one)
+        self._conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+        self._conn.send(h11.EndOfMessage())
+        self._read = 0
+        self._limit = limit
+        self.status: int | None = None
+
+    def feed(self, data: bytes) -> bool | None:
+        """More of the answer (b"" at the end of the stream): the verdict, or None."""
+        self._read += len(data)
+        try:
+            self._conn.receive_data(data)
+            while True:
+                event = self._conn.next_event()
+                if isinstance(event, h11.Response):
+                    self.status = event.status_code
+                    return self._check.passes(event.status_code)
+                if event is h11.NEED_DATA:
+                    if not data or self._read > self._limit:
+                        return False
+                    return None
+                if not isinstance(event, h11.InformationalResponse):
+                    return False  # ConnectionClosed, PAUSED: no final status
+        except h11.RemoteProtocolError:
+            return False
+
+
+@dataclass(slots=True)
+class _Running:
+    sock: socket.socket
+    tag: ProbeTag
+    target: ProbeTarget
+    out: bytes = b""
+    answer: HttpAnswer | None = None
+
+
+class Prober:
+    """Non-blocking TCP and HTTP probes, one socket per running probe."""
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
         self._sel = selector
-        self._socks: dict[Hashable, socket.socket] = {}
+        self._probes: dict[Hashable, _Running] = {}
 
     def __len__(self) -> int:
-        return len(self._socks)
+        return len(self._probes)
 
-    def start(self, key: Hashable, probe_id: int, address: IPv6Address, port: int) -> bool | None:
-        """Start a connect; True/False if it finished at once, None while it runs."""
+    def start(
+        self,
+        key: Hashable,
+        probe_id: int,
+        target: ProbeTarget | IPv6Address,
+        port: int | None = None,
+    ) -> bool | None:
+        """Start a probe; True/False if it finished at once, None while it runs.
+
+        ``target`` may also be a bare address with ``port``: a TCP connect.
+        """
+        if isinstance(target, IPv6Address):
+            assert port is not None
+            target = ProbeTarget(target, port)
         self.cancel(key)
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
-            rc = s.connect_ex((str(address), port))
+            if target.route is not None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, target.route.mark)
+                if target.route.source is not None:
+                    s.bind((str(target.route.source), 0))
+            rc = s.connect_ex((str(target.dest), target.port))
         except OSError:
             s.close()
             return False
-        if rc == 0:
+        http = target.check.type is HealthType.HTTP
+        if rc == 0 and not http:
             s.close()
             return True
-        if rc not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+        if rc not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
             s.close()
             return False
-        self._sel.register(s, selectors.EVENT_WRITE, ProbeTag(key, probe_id))
-        self._socks[key] = s
+        tag = ProbeTag(key, probe_id)
+        self._sel.register(s, selectors.EVENT_WRITE, tag)
+        self._probes[key] = _Running(s, tag, target)
         return None
 
-    def handle(self, ready: selectors.SelectorKey) -> tuple[Hashable, int, bool]:
-        """The result of a probe whose socket became writable: (key, probe id, ok)."""
+    def handle(self, ready: selectors.SelectorKey) -> tuple[Hashable, int, bool] | None:
+        """A probe socket is ready: (key, probe id, ok) when the probe ended, else None."""
         tag = ready.data
         assert isinstance(tag, ProbeTag)
-        s = self._socks.pop(tag.key)
-        try:
-            ok = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-        finally:
-            self._sel.unregister(s)
-            s.close()
+        run = self._probes.get(tag.key)
+        if run is None or run.tag != tag:
+            return None
+        ok = self._step(run)
+        if ok is None:
+            return None
+        self.cancel(tag.key)
         return tag.key, tag.probe_id, ok
 
+    def _step(self, run: _Running) -> bool | None:
+        s, check = run.sock, run.target.check
+        try:
+            if run.answer is None:  # connecting, then writing the request
+                if not run.out:
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0:
+                        return False
+                    if check.type is not HealthType.HTTP:
+                        return True
+                    run.out = http_request(check, run.target.dest, run.target.port)
+                run.out = run.out[s.send(run.out) :]
+                if run.out:
+                    return None
+                run.answer = HttpAnswer(check, check.method)
+                self._sel.modify(s, selectors.EVENT_READ, run.tag)
+                return None
+            return run.answer.feed(s.recv(_RECV))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return False
+
     def cancel(self, key: Hashable) -> None:
-        """Drop a running probe (its deadline passed); no result will come."""
-        s = self._socks.pop(key, None)
-        if s is not None:
-            self._sel.unregister(s)
-            s.close()
+        """Drop a running probe (its deadline passed, or it ended); no result will come."""
+        run = self._probes.pop(key, None)
+        if run is not None:
+            self._sel.unregister(run.sock)
+            run.sock.close()
 
     def running(self) -> list[Hashable]:
-        return list(self._socks)
+        return list(self._probes)
 
     def close(self) -> None:
-        for key in list(self._socks):
+        for key in list(self._probes):
             self.cancel(key)
 
 
-class _ProbeTarget(Protocol):
-    address: IPv6Address
-    port: int
+TcpProber = Prober
+"""The name this class had when it only connected."""
 
 
 def drive_health(
     health: Mapping[str, HealthSet[int]],
-    targets: Mapping[tuple[str, int], _ProbeTarget],
-    prober: TcpProber,
+    targets: Mapping[tuple[str, int], ProbeTarget],
+    prober: Prober,
     now: float,
 ) -> set[str]:
     """One round of active health checking for every VIP; the VIPs whose health changed.
@@ -113,8 +282,8 @@ def drive_health(
     Starts the probes that are due, feeds results that finished at once, runs
     the monitors' timers (a probe without a result by its timeout is a
     failure), and cancels sockets whose probe the monitor already gave up on.
-    Both data planes' `run` loops call this, then refill their tables for the
-    VIPs returned.
+    The daemon's loop calls this, then has the planes refill their tables for
+    the VIPs returned.
     """
     changed: set[str] = set()
     for name, hs in health.items():
@@ -123,7 +292,7 @@ def drive_health(
         for i in hs.due(now):
             target = targets[(name, i)]
             pid = hs.start_probe(i, now)
-            result = prober.start((name, i), pid, target.address, target.port)
+            result = prober.start((name, i), pid, target)
             if result is not None and hs.probe_result(i, result, now, pid):
                 changed.add(name)
     for key in prober.running():  # probes the monitors already timed out

@@ -50,6 +50,8 @@ __all__ = [
     "ConfigError",
     "DsrL2Options",
     "ForwardAllow",
+    "DEFAULT_EXPECT",
+    "HTTP_CHECK_METHODS",
     "HealthCheck",
     "HealthType",
     "LbSettings",
@@ -163,9 +165,18 @@ class Backend:
     sid: IPv6Address | None = None
 
 
+HTTP_CHECK_METHODS: Final = ("GET", "HEAD")
+DEFAULT_EXPECT: Final[tuple[tuple[int, int], ...]] = ((200, 399),)
+
+
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
-    """Probe settings; ``port`` None means the backend's port, else the VIP's first port."""
+    """Probe settings; ``port`` None means the backend's port, else the VIP's first port.
+
+    ``type: http`` only: ``method``, ``path``, ``host`` (the Host header; None: the
+    probed address and port) and ``expect``, the statuses that pass, as inclusive
+    ranges (``200-399`` by default).
+    """
 
     type: HealthType = HealthType.TCP
     interval: float = 2.0
@@ -174,6 +185,17 @@ class HealthCheck:
     fall: int = 3
     path: str | None = None
     port: int | None = None
+    method: str = "GET"
+    host: str | None = None
+    expect: tuple[tuple[int, int], ...] = DEFAULT_EXPECT
+
+    def passes(self, status: int) -> bool:
+        """Is ``status`` one of the expected HTTP statuses?"""
+        return any(lo <= status <= hi for lo, hi in self.expect)
+
+    def expect_text(self) -> str:
+        """``expect`` as the file writes it: ``200-399``, ``200, 204``."""
+        return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.expect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -877,7 +899,21 @@ def _parse_backend(value: object, where: Where, mode: VipMode, ports: tuple[int,
 
 # --- health ------------------------------------------------------------------------
 
-_HEALTH_KEYS: Final = ("type", "interval", "timeout", "rise", "fall", "path", "port")
+_HEALTH_KEYS: Final = (
+    "type",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "path",
+    "port",
+    "method",
+    "host",
+    "expect",
+)
+_HTTP_ONLY: Final = ("path", "method", "host", "expect")
+_HOST_RE: Final = re.compile(r"[A-Za-z0-9._~:\[\]-]+")
+_STATUS_RE: Final = re.compile(r"\s*([1-5][0-9][0-9])\s*(?:-\s*([1-5][0-9][0-9])\s*)?")
 _PATH_RE: Final = re.compile(r"/[\x21-\x7e]*")
 _HEALTH_DEFAULTS: Final = HealthCheck()
 
@@ -898,11 +934,13 @@ def _parse_health(vip: Fields, protocol: Protocol) -> HealthCheck:
                 "remove it, or choose type: tcp or type: http",
             )
         return HealthCheck(type=kind)
-    if kind is not HealthType.HTTP and f.has("path"):
-        raise f.at("path").error(
-            f"`path` applies to health type http only, not {kind}",
-            "remove path, or use type: http",
-        )
+    if kind is not HealthType.HTTP:
+        for key in _HTTP_ONLY:
+            if f.has(key):
+                raise f.at(key).error(
+                    f"`{key}` applies to health type http only, not {kind}",
+                    f"remove {key}, or use type: http",
+                )
     d = _HEALTH_DEFAULTS
     interval = f.seconds("interval", d.interval, hi=3600.0)
     timeout = f.seconds("timeout", min(d.timeout, interval / 2), hi=3600.0)
@@ -919,6 +957,19 @@ def _parse_health(vip: Fields, protocol: Protocol) -> HealthCheck:
                 f"{quote(path)} is not an HTTP request path",
                 "start it with '/' and use no spaces, for example /healthz",
             )
+    method, host = "GET", None
+    expect: tuple[tuple[int, int], ...] = DEFAULT_EXPECT
+    if kind is HealthType.HTTP:
+        method = f.choice("method", HTTP_CHECK_METHODS, "GET")
+        if f.has("host"):
+            host = f.string("host", "", example="host: www.example.com")
+            if not _HOST_RE.fullmatch(host):
+                raise f.at("host").error(
+                    f"{quote(host)} is not a Host header value",
+                    "give a host name, optionally with :port, for example www.example.com",
+                )
+        if f.has("expect"):
+            expect = _parse_expect(f.get("expect"), f.at("expect"))
     port: int | None = None
     if f.has("port"):
         port = as_int(f.get("port"), f.at("port"), lo=1, hi=65535, noun="port")
@@ -930,7 +981,30 @@ def _parse_health(vip: Fields, protocol: Protocol) -> HealthCheck:
         fall=f.integer("fall", d.fall, lo=1, hi=100, noun="count of failures"),
         path=path,
         port=port,
+        method=method,
+        host=host,
+        expect=expect,
     )
+
+
+def _parse_expect(value: object, where: Where) -> tuple[tuple[int, int], ...]:
+    """``expect: 200``, ``expect: 200-399`` or a list of those: inclusive status ranges."""
+    fix = "give statuses 100-599 as a number, a range or a list, for example [200, 300-399]"
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise where.error("`expect` is an empty list", fix)
+    out: list[tuple[int, int]] = []
+    for i, item in enumerate(items):
+        at = where.index(i) if isinstance(value, list) else where
+        m = _STATUS_RE.fullmatch(str(item)) if isinstance(item, int | str) else None
+        if isinstance(item, bool) or m is None:
+            raise at.error(f"{quote(str(item))} is not an HTTP status or status range", fix)
+        lo = int(m.group(1))
+        hi = int(m.group(2) or lo)
+        if hi < lo:
+            raise at.error(f"the range {lo}-{hi} is empty", f"write it low to high: {hi}-{lo}")
+        out.append((lo, hi))
+    return tuple(out)
 
 
 # --- mode options ------------------------------------------------------------------

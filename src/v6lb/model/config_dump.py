@@ -180,6 +180,12 @@ def _health(v: Vip) -> Data | None:
         out["path"] = h.path
     if h.port is not None:
         out["port"] = h.port
+    if h.method != _HEALTH.method:
+        out["method"] = h.method
+    if h.host is not None:
+        out["host"] = h.host
+    if h.expect != _HEALTH.expect:
+        out["expect"] = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in h.expect]
     return out
 
 

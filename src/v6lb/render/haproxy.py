@@ -241,10 +241,13 @@ def _backend(vip: Vip) -> list[str]:
         out.append(f"    timeout check {_s(hc.timeout)}")
         if hc.type is HealthType.HTTP:
             out.append("    option httpchk")
+            host = hc.host or "v6lb"
             out.append(
-                f"    http-check send meth GET uri {hc.path or '/'} ver HTTP/1.1 hdr Host v6lb"
+                f"    http-check send meth {hc.method} uri {hc.path or '/'} ver HTTP/1.1"
+                f" hdr Host {host}"
             )
-            out.append("    http-check expect status 200-399")
+            codes = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in hc.expect)
+            out.append(f"    http-check expect status {codes}")
         check = f" check inter {_s(hc.interval)} rise {hc.rise} fall {hc.fall}"
         if hc.port is not None:
             check += f" port {hc.port}"

@@ -52,6 +52,7 @@ from v6lb.engines.plane import (
     Staged,
     VipCounter,
 )
+from v6lb.engines.probe import ProbeRoute
 from v6lb.model.config import Config, VipMode
 from v6lb.model.modes import modes_where
 from v6lb.model.pools import pools_for
@@ -65,7 +66,7 @@ from v6lb.render.nftables import (
     table_name,
     vip_counter,
 )
-from v6lb.render.routes import ROUTE_PROTO
+from v6lb.render.routes import ROUTE_PROTO, tunnel_targets
 
 __all__ = [
     "RUN_TOOLS",
@@ -165,6 +166,19 @@ class KernelPlane(Plane):
 
     def pools(self) -> Mapping[str, BackendPool]:
         return self._pools
+
+    def probe_route(self, config: Config, vip: str, index: int) -> ProbeRoute | None:
+        """dsr-ip6ip6/dsr-srv6: to the VIP with the backend's mark, so its seg6 route takes it.
+
+        The probe leaves from ``lb.addresses[0]``; the backend decapsulates it and
+        answers from the VIP on its ``lo`` straight to that address, as it answers a
+        client. A backend without the VIP or without decapsulation fails the probe.
+        """
+        for t in tunnel_targets(config):
+            if t.vip.name == vip and t.backend_index == index:
+                source = config.lb.addresses[0] if config.lb.addresses else None
+                return ProbeRoute(t.vip.address, t.mark, source, f"{t.vip.mode} tunnel")
+        return None
 
     # --- install / remove -------------------------------------------------------
 

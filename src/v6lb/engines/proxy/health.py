@@ -1,8 +1,10 @@
 """Active health checks for the proxy VIPs, driving the core's :class:`HealthSet`.
 
-TCP probes reuse :class:`v6lb.engines.probe.TcpProber` (non-blocking connects)
-by registering its sockets with the event loop; HTTP probes send
-``GET <path> HTTP/1.1`` and pass on a 2xx or 3xx status. Each state change
+TCP probes reuse :class:`v6lb.engines.probe.Prober` (non-blocking connects)
+by registering its sockets with the event loop; HTTP probes send the check's
+request (``method``, ``path``, ``host``) and parse the answer with the same
+h11 reader as the daemon (:class:`v6lb.engines.probe.HttpAnswer`): an expected
+status passes (``expect``, 200-399 by default). Each state change
 is applied to the VIP's :class:`BackendPool` at once (``set_up``), which
 rebuilds the Maglev table and the eligibility every scheduler uses.
 """
@@ -16,13 +18,15 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from v6lb.core.health import HealthSet
-from v6lb.engines.probe import TcpProber
+from v6lb.engines.probe import HttpAnswer, Prober, http_request
 from v6lb.model.config import HealthCheck, HealthType
 from v6lb.model.pools import health_monitor
 
 from .runtime import VipRuntime
 
 __all__ = ["HealthChecker", "health_set_for", "http_probe"]
+
+_RECV = 4096
 
 
 def health_set_for(check: HealthCheck, backends: int, now: float) -> HealthSet[int]:
@@ -59,24 +63,27 @@ class _LoopSelector(selectors.BaseSelector):
         return {k.fileobj: k for k in self._keys.values()}
 
 
-async def http_probe(host: str, port: int, path: str, timeout: float) -> bool:
-    """``GET path``: True for a 2xx or 3xx status line within ``timeout``."""
+async def http_probe(host: str, port: int, check: HealthCheck) -> bool:
+    """The check's request; True when h11 reads an expected status within ``check.timeout``.
+
+    The timeout covers the whole exchange; at most :data:`HTTP_HEAD_MAX` bytes are
+    read (the status line and headers), never the body.
+    """
+    writer: asyncio.StreamWriter | None = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return False
-    try:
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: [{host}]:{port}\r\nUser-Agent: v6lb-health\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        parts = line.split()
-        return len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1][:1] in b"23"
+        async with asyncio.timeout(check.timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(http_request(check, IPv6Address(host), port))
+            answer = HttpAnswer(check, check.method)
+            while True:
+                verdict = answer.feed(await reader.read(_RECV))
+                if verdict is not None:
+                    return verdict
     except (OSError, TimeoutError, ValueError):
         return False
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 class HealthChecker:
@@ -86,7 +93,7 @@ class HealthChecker:
         self.runtimes = runtimes
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._prober = TcpProber(_LoopSelector(self._loop, self._tcp_ready))
+        self._prober = Prober(_LoopSelector(self._loop, self._tcp_ready))
         self._tcp_owner: dict[tuple[int, int], VipRuntime] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -105,7 +112,10 @@ class HealthChecker:
         self._wake.set()
 
     def _tcp_ready(self, key: selectors.SelectorKey) -> None:
-        k, probe, ok = self._prober.handle(key)
+        done = self._prober.handle(key)
+        if done is None:
+            return
+        k, probe, ok = done
         assert isinstance(k, tuple)
         rt = self._tcp_owner.pop(k, None)
         if rt is not None:
@@ -117,7 +127,7 @@ class HealthChecker:
         host = rt.hosts[index]
         port = check.port or rt.ports[index] or rt.vip.ports[0]
         if check.type is HealthType.HTTP:
-            coro = http_probe(host, port, check.path or "/", check.timeout)
+            coro = http_probe(host, port, check)
             task = self._loop.create_task(coro)
             self._tasks.add(task)
 
