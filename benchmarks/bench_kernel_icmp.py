@@ -64,7 +64,6 @@ or ``... --modes dsr-srv6,dsr-ip6ip6,dsr-l2 --protos udp,tcp --json FILE``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import pickle
@@ -77,8 +76,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +93,7 @@ from bench_kernel_modes import (  # noqa: E402
     setup_dsr,
     wait_v6lb,
 )
-from bench_tun import BACKEND, V6LB, nsx, setup, sh  # noqa: E402
+from bench_tun import BACKEND, V6LB, namespaces, nsx, setup  # noqa: E402
 
 PORT = 5201
 ROUTER = "2001:db8:ff::1"  # the router on the backend -> client path that sends the PTB
@@ -120,7 +117,6 @@ ARRIVES = {
     "dsr-ip6ip6": (SINK[TUNNEL_END], SINK[DSR_VIP["dsr-ip6ip6"]]),
     "dsr-l2": (SINK[DSR_VIP["dsr-l2"]], SINK[DSR_VIP["dsr-l2"]]),
 }
-_counter = itertools.count()
 
 
 # --- the sender (runs in the client namespace, as a child process) ------------------
@@ -155,21 +151,6 @@ def sender(path: str, iface: str, cpu: int, seconds: float) -> int:
 
 
 # --- setup ------------------------------------------------------------------------
-
-
-@contextmanager
-def namespaces(*roles: str) -> Iterator[dict[str, str]]:
-    names = {role: f"v6lb-ki-{os.getpid()}-{next(_counter)}" for role in roles}
-    made: list[str] = []
-    try:
-        for ns in names.values():
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            nsx(ns, "ip", "link", "set", "lo", "up")
-        yield names
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 def sink(backend: str, deliver: bool) -> None:
@@ -452,7 +433,10 @@ def main() -> int:
         }
         for m, p in targets
     }
-    with tempfile.TemporaryDirectory() as tmpdir, namespaces("client", "lb", "backend") as ns:
+    with (
+        tempfile.TemporaryDirectory() as tmpdir,
+        namespaces("client", "lb", "backend", tag="ki") as ns,
+    ):
         tmp = Path(tmpdir)
         setup(ns)
         mac = setup_dsr(ns, tmp)

@@ -59,7 +59,6 @@ or ``... --modes dsr-srv6,dsr-ip6ip6 --cases plain,hand,v6lb,hand-lb --pin 0,0``
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -71,8 +70,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +86,7 @@ from bench_tun import (  # noqa: E402
     V6LB,
     VIP,
     config,
+    namespaces,
     nsx,
     setup,
     sh,
@@ -121,22 +119,6 @@ DSR_VIP = {"dsr-srv6": "2001:db8:d::81", "dsr-ip6ip6": "2001:db8:d::82", "dsr-l2
 SID = "fd00:e::100"  # the backend's End.DT6 SID (dsr-srv6), routed to it by the LB
 TUNNEL_END = "fd00:e::1"  # the backend's ip6ip6 end point (End.DT6 too), routed likewise
 LB_INSIDE = "2001:db8:b::1"  # the LB's address toward the backend: the tunnel source
-_counter = itertools.count()
-
-
-@contextmanager
-def namespaces(*roles: str) -> Iterator[dict[str, str]]:
-    names = {role: f"v6lb-km-{os.getpid()}-{next(_counter)}" for role in roles}
-    made: list[str] = []
-    try:
-        for ns in names.values():
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            nsx(ns, "ip", "link", "set", "lo", "up")
-        yield names
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 def hand_nat() -> str:
@@ -548,7 +530,10 @@ def main() -> int:
         m: {c: {"pps": [], "bps": []} for c in mode_cases(m)} for m in modes
     }
     servers: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory() as tmp, namespaces("client", "lb", "backend") as ns:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        namespaces("client", "lb", "backend", tag="km") as ns,
+    ):
         try:
             setup(ns)
             if any(m in DSR_MODES for m in modes):

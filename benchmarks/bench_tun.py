@@ -62,8 +62,9 @@ def nsx(ns: str, *argv: str, stdin: str | None = None) -> str:
 
 
 @contextmanager
-def namespaces(*roles: str) -> Iterator[dict[str, str]]:
-    names = {role: f"v6lb-p-{os.getpid()}-{next(_counter)}" for role in roles}
+def namespaces(*roles: str, tag: str = "p") -> Iterator[dict[str, str]]:
+    """One namespace per role, ``v6lb-<tag>-<pid>-<n>``, deleted on exit whatever happens."""
+    names = {role: f"v6lb-{tag}-{os.getpid()}-{next(_counter)}" for role in roles}
     made: list[str] = []
     try:
         for ns in names.values():
