@@ -54,6 +54,24 @@ def batch(ns: str, *lines: str) -> None:
     nsx(ns, "ip", "-6", "-batch", "-", stdin="\n".join(lines) + "\n")
 
 
+def client_behind(client: str, lb: str, clients: object) -> None:
+    """The client namespace behind the LB's ``l0`` (``c0`` 2001:db8:a::2, ``l0`` ::1).
+
+    The LB forwards; the client may bind any address of ``clients`` (a local route on
+    its ``lo``, ``ip_nonlocal_bind``), and the LB routes ``clients`` back to it.
+    """
+    link(client, "c0", lb, "l0")
+    nsx(lb, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    nsx(client, "sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1")
+    batch(
+        client,
+        "address add 2001:db8:a::2/64 dev c0 nodad",
+        "route add default via 2001:db8:a::1",
+        f"route add local {clients} dev lo",
+    )
+    batch(lb, "address add 2001:db8:a::1/64 dev l0 nodad", f"route add {clients} via 2001:db8:a::2")
+
+
 def wait_for(
     what: str,
     fn: Callable[[], Any],

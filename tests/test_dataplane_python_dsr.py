@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
+from netns_helpers import client_behind
 from test_dataplane_python import (
     V6LB,
     batch,
@@ -158,20 +159,7 @@ def test_python_dataplane_dsr_tunnels_probes_and_reload(tmp_path: Path) -> None:
     with namespaces("client", "lb", "b1", "b2") as ns:
         c, lb = ns["client"], ns["lb"]
         bns = [ns["b1"], ns["b2"]]
-        link(c, "c0", lb, "l0")
-        nsx(lb, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        nsx(c, "sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1")
-        batch(
-            c,
-            "address add 2001:db8:a::2/64 dev c0 nodad",
-            "route add default via 2001:db8:a::1",
-            f"route add local {CLIENTS} dev lo",
-        )
-        batch(
-            lb,
-            "address add 2001:db8:a::1/64 dev l0 nodad",
-            f"route add {CLIENTS} via 2001:db8:a::2",
-        )
+        client_behind(c, lb, CLIENTS)
         for k, (b, addr, sid, decap) in enumerate(zip(bns, BACKENDS, SIDS, DECAPS, strict=True), 1):
             net = "2001:db8:b::" if k == 1 else f"2001:db8:b:{k}::"
             link(lb, f"l{k}", b, "e0")

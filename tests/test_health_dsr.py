@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 import netns_helpers
-from netns_helpers import batch, link, nsx, sh
+from netns_helpers import batch, client_behind, link, nsx, sh
 from v6lb.engines.control import ControlError, query
 
 V6LB = str(Path(sys.executable).parent / "v6lb")
@@ -138,20 +138,7 @@ def test_dsr_probe_through_the_tunnel_finds_a_backend_without_the_vip(tmp_path: 
     procs: list[subprocess.Popen[str]] = []
     with netns_helpers.namespaces("client", "lb", "b1", "b2", tag="h") as ns:
         c, lb, bns = ns["client"], ns["lb"], [ns["b1"], ns["b2"]]
-        link(c, "c0", lb, "l0")
-        nsx(lb, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        nsx(c, "sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1")
-        batch(
-            c,
-            "address add 2001:db8:a::2/64 dev c0 nodad",
-            "route add default via 2001:db8:a::1",
-            f"route add local {CLIENTS} dev lo",
-        )
-        batch(
-            lb,
-            "address add 2001:db8:a::1/64 dev l0 nodad",
-            f"route add {CLIENTS} via 2001:db8:a::2",
-        )
+        client_behind(c, lb, CLIENTS)
         for k, (b, addr, decap) in enumerate(zip(bns, BACKENDS, DECAPS, strict=True), 1):
             net = "2001:db8:b::" if k == 1 else f"2001:db8:b:{k}::"
             link(lb, f"l{k}", b, "e0")

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 import netns_helpers
-from netns_helpers import batch, link, nsx
+from netns_helpers import batch, client_behind, link, nsx
 from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.kernel import (
     ApplyError,
@@ -187,22 +187,9 @@ def nat_lab() -> Iterator[NatLab]:
     config = parse_config(NAT_FILE, "test_kernel_nat.yaml")
     with namespaces("client", "lb", "backend") as ns:
         c, lb, b = ns["client"], ns["lb"], ns["backend"]
-        link(c, "c0", lb, "l0")
         link(lb, "l1", b, "b0")
-        sysctl(lb, "net.ipv6.conf.all.forwarding=1")
-        sysctl(c, "net.ipv6.ip_nonlocal_bind=1")
-        batch(
-            c,
-            "address add 2001:db8:a::2/64 dev c0 nodad",
-            "route add default via 2001:db8:a::1",
-            f"route add local {CLIENTS} dev lo",  # any address of the /64 is the client's
-        )
-        batch(
-            lb,
-            "address add 2001:db8:a::1/64 dev l0 nodad",
-            f"address add {LB_INSIDE}/64 dev l1 nodad",
-            f"route add {CLIENTS} via 2001:db8:a::2",
-        )
+        client_behind(c, lb, CLIENTS)
+        batch(lb, f"address add {LB_INSIDE}/64 dev l1 nodad")
         batch(
             b,
             *(f"address add {a}/64 dev b0 nodad" for a in BACKENDS),

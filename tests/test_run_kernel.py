@@ -37,7 +37,16 @@ import pytest
 import yaml
 
 import netns_helpers
-from netns_helpers import NAT_LAB_BACKENDS, NAT_LAB_VIP, batch, link, nat_lab_file, nsx, sh
+from netns_helpers import (
+    NAT_LAB_BACKENDS,
+    NAT_LAB_VIP,
+    batch,
+    client_behind,
+    link,
+    nat_lab_file,
+    nsx,
+    sh,
+)
 from v6lb import cli
 from v6lb.engines.control import ControlError, query
 from v6lb.model.config import load_config
@@ -172,22 +181,9 @@ def test_run_status_health_reload_and_stop(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[str]] = []
     with namespaces("client", "lb", "backend") as ns:
         c, lb, b = ns["client"], ns["lb"], ns["backend"]
-        link(c, "c0", lb, "l0")
+        client_behind(c, lb, CLIENTS)
         link(lb, "l1", b, "b0")
-        nsx(lb, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        nsx(c, "sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1")
-        batch(
-            c,
-            "address add 2001:db8:a::2/64 dev c0 nodad",
-            "route add default via 2001:db8:a::1",
-            f"route add local {CLIENTS} dev lo",
-        )
-        batch(
-            lb,
-            "address add 2001:db8:a::1/64 dev l0 nodad",
-            "address add 2001:db8:b::1/64 dev l1 nodad",
-            f"route add {CLIENTS} via 2001:db8:a::2",
-        )
+        batch(lb, "address add 2001:db8:b::1/64 dev l1 nodad")
         batch(
             b,
             *(f"address add {a}/64 dev b0 nodad" for a in BACKENDS),
