@@ -43,6 +43,7 @@ from v6lb.model.schema import (
     unicast_list,
 )
 from v6lb.model.topology import Topology, parse_topology, require_topology
+from v6lb.wire.constants import NH_TCP, NH_UDP
 
 __all__ = [
     "Backend",
@@ -114,6 +115,11 @@ class VipMode(StrEnum):
 class Protocol(StrEnum):
     TCP = "tcp"
     UDP = "udp"
+
+    @property
+    def next_header(self) -> int:
+        """The IPv6 next-header number (6 or 17)."""
+        return NH_TCP if self is Protocol.TCP else NH_UDP
 
 
 class Scheduler(StrEnum):

@@ -41,7 +41,6 @@ from v6lb.model.config import (
     VipMode,
 )
 from v6lb.model.modes import Forwarder, modes_where
-from v6lb.wire.constants import NH_TCP, NH_UDP
 
 __all__ = [
     "MAGLEV_TABLE_SIZE",
@@ -196,7 +195,7 @@ def dsr_services(config: Config, macs: Mapping[str, bytes] | None = None) -> lis
         if not _runs_on(vip, Forwarder.DSR):
             continue
         pool = pool_for(vip, seed)
-        proto = NH_TCP if vip.protocol == "tcp" else NH_UDP
+        proto = vip.protocol.next_header
         opts = vip.options
         if isinstance(opts, DsrL2Options):
             mac_list = [

@@ -282,7 +282,7 @@ def _icmp_error_matches(vip: Vip, default_for_proto: bool) -> list[tuple[str, st
     Anything else (a longer extension header chain, a truncated quote) matches none:
     the address's catch-all rule drops and counts it (``icmp_unmatched_counter``).
     """
-    proto = 6 if str(vip.protocol) == "tcp" else 17
+    proto = vip.protocol.next_header
     ports = _ports(vip.ports)
     head = f"ip6 daddr {vip.address} icmpv6 type {ICMP_ERRORS} @th,128,128 {int(vip.address):#x}"
     four = "@th,256,128 . @th,128,128 . @th,{d},16 . @th,{s},16"
@@ -448,7 +448,7 @@ def _nat_icmp_rules(config: Config) -> list[str]:
     for address, group in _by_address(_nat_vips(config)).items():
         head = f"ip6 daddr {address} icmpv6 type {ICMP_ERRORS}"
         for vip in group:
-            proto = 6 if str(vip.protocol) == "tcp" else 17
+            proto = vip.protocol.next_header
             rules.append(
                 f"{head} ct state related @th,112,8 {proto} @th,384,16 {_ports(vip.ports)}"
                 f' counter name "{icmp_error_counter(config, vip)}" accept'

@@ -118,9 +118,7 @@ def _icmp(e: IcmpErrors) -> str:
 
 
 def _lab_icmp(e: Any) -> str:
-    if not isinstance(e, Mapping):
-        return ""
-    return "; ICMPv6 errors " + ", ".join(f"{k} {e.get(k, 0)}" for k in IcmpErrors._PARSE)
+    return f"; ICMPv6 errors {_icmp(IcmpErrors.from_dict(e))}" if isinstance(e, Mapping) else ""
 
 
 def _errors(counts: Mapping[str, int]) -> str:
