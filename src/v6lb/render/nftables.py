@@ -269,6 +269,8 @@ def icmp_unmatched_counter(config: Config, vip: Vip) -> str:
 def _icmp_error_matches(vip: Vip, default_for_proto: bool) -> list[tuple[str, str]]:
     """(match, hash key) of each quote shape nft reads at fixed offsets, for one VIP.
 
+    The rules live in the chain only ICMPv6 errors jump to, so they test no type again.
+
     The quote is the backend's packet, VIP -> client; the key reverses it into the
     client's flow in the order ``_jhash`` hashes it (nft pads each field alike, so the
     marks are equal: tests/test_kernel_icmp.py checks it in the kernel). Shapes:
@@ -284,7 +286,7 @@ def _icmp_error_matches(vip: Vip, default_for_proto: bool) -> list[tuple[str, st
     """
     proto = vip.protocol.next_header
     ports = _ports(vip.ports)
-    head = f"ip6 daddr {vip.address} icmpv6 type {ICMP_ERRORS} @th,128,128 {int(vip.address):#x}"
+    head = f"ip6 daddr {vip.address} @th,128,128 {int(vip.address):#x}"
     four = "@th,256,128 . @th,128,128 . @th,{d},16 . @th,{s},16"
     out = [
         (f"{head} @th,112,8 {proto} @th,384,16 {ports}", four.format(d=400, s=384)),
@@ -341,8 +343,7 @@ def _icmp_counter_blocks(config: Config, vip: Vip, firsts: set[str], what: str) 
 def _icmp_catch_all(config: Config, vips: Sequence[Vip]) -> list[str]:
     """Drop and count the ICMPv6 errors to each DSR address that no rule above took."""
     return [
-        f"ip6 daddr {address} icmpv6 type {ICMP_ERRORS}"
-        f' counter name "{icmp_unmatched_counter(config, group[0])}" drop'
+        f'ip6 daddr {address} counter name "{icmp_unmatched_counter(config, group[0])}" drop'
         f' comment "{_tag(config)} {address}: ICMPv6 errors that quote no flow of its VIPs"'
         for address, group in _by_address(vips).items()
     ]
@@ -446,7 +447,7 @@ def _nat_icmp_rules(config: Config) -> list[str]:
     tag = _tag(config)
     rules: list[str] = []
     for address, group in _by_address(_nat_vips(config)).items():
-        head = f"ip6 daddr {address} icmpv6 type {ICMP_ERRORS}"
+        head = f"ip6 daddr {address}"
         for vip in group:
             proto = vip.protocol.next_header
             rules.append(
