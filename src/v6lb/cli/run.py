@@ -41,7 +41,27 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         " per line (time, instance, level, message and the event's fields), also for the"
         " error that ends the process",
     )
+    p.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=_seconds,
+        default=0.0,
+        help="SIGTERM/SIGINT stops gracefully: withdraw the BGP announcements first, then stop"
+        " accepting new proxy connections, let the open ones finish, and remove the kernel"
+        " state when nothing is in flight or after S seconds (default 0: at once;"
+        " docs/operations.md)",
+    )
     p.set_defaults(func=_cmd_run)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 3600")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -90,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         # docs/dataplane-python.md: V6LB_TRACE=1 in the environment does what --trace does
         trace=args.trace or os.environ.get("V6LB_TRACE", "") not in ("", "0"),
         log_format=args.log_format,
+        drain_timeout=args.drain_timeout,
     )
     return run_instance(options)
 

@@ -152,8 +152,8 @@ def check_request(
     pool = pools.get(vip.name)
     if pool is None:
         raise CtlRefused(
-            f"VIP {vip.name} ({vip.mode}) is run by the proxy engine, and `v6lb ctl` changes"
-            " nat and dsr-* VIPs only: set drain/weight in the file and reload (SIGHUP)"
+            f"VIP {vip.name} ({vip.mode}) has no backends this instance changes at run time:"
+            " set drain/weight in the file and reload (SIGHUP)"
         )
     backend = request.get("backend")
     if not isinstance(backend, str):

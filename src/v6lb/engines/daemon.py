@@ -98,6 +98,8 @@ _EVENTS: Final = 50
 LOG_FORMATS: Final = ("text", "json")
 _EXPIRE_EVERY: Final = 1.0  # seconds between two sweeps of silent control clients
 _SNAPSHOT_WAIT: Final = 5.0  # seconds a scrape waits for the loop's snapshot
+_SETTLE: Final = 1.0  # seconds between a graceful stop's BGP withdraw and the proxies' quiesce
+_STOP_POLL: Final = 0.1  # seconds between two looks at what is in flight during a graceful stop
 # the answer's keys before the data plane's own (docs/run.md); the proxies' sections come last
 _ANSWER_KEYS: Final = (
     "instance",
@@ -141,6 +143,7 @@ class RunOptions:
     control_socket: str | None = None
     trace: bool = False
     log_format: str = "text"
+    drain_timeout: float = 0.0  # SIGTERM/SIGINT: seconds the graceful stop may take (0: none)
 
 
 def log_record(
@@ -325,6 +328,16 @@ class Health:
 
 
 @dataclass(slots=True)
+class _Stopping:
+    """A graceful stop under way (monotonic times)."""
+
+    started: float
+    deadline: float
+    quiesce_at: float
+    quiesced: bool = False
+
+
+@dataclass(slots=True)
 class _Snapshot:
     """A scrape waiting for the loop's status."""
 
@@ -347,6 +360,7 @@ class Daemon:
         skipped: tuple[str, ...] = (),
         log: Callable[[str], None] | None = None,
         log_format: str = "text",
+        drain_timeout: float = 0.0,
     ) -> None:
         self.config = config
         self.planes = list(planes)
@@ -359,6 +373,10 @@ class Daemon:
         if log_format not in LOG_FORMATS:
             raise UsageError(f"--log-format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
         self.log_format = log_format
+        if not drain_timeout >= 0:
+            raise UsageError(f"--drain-timeout {drain_timeout}: give a number of seconds >= 0")
+        self.drain_timeout = drain_timeout
+        self.stopping: _Stopping | None = None  # a graceful stop under way
         self.events: deque[str] = deque(maxlen=_EVENTS)
         self.started = time.time()
         self.reloads = 0
@@ -369,6 +387,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.health = Health()
         self._owner: dict[str, Plane] = {}
+        self.ctl_pools: dict[str, BackendPool] = {}  # the planes' control_pools(), by VIP
         self.overrides_ctl: dict[OverrideKey, Override] = {}  # `v6lb ctl`, by backend
         self._pools_lock = threading.RLock()  # ctl answers on worker threads (kernel plane)
         self.attach(self.planes)
@@ -391,6 +410,11 @@ class Daemon:
         self.health, self._owner = self._health(
             self.config, {p: p.pools() for p in self.planes}, set()
         )
+        self.ctl_pools = {}
+        for plane in self.planes:
+            for name, pool in plane.control_pools().items():
+                self.ctl_pools[name] = pool
+                self._owner[name] = plane
 
     @property
     def dataplane(self) -> Plane | None:
@@ -603,6 +627,8 @@ class Daemon:
         if changed:
             self._sync(changed)
         deadline = health_deadline(h.sets, now)
+        if self.stopping is not None:
+            deadline = min(deadline, now + _STOP_POLL)
         for plane in self.planes:
             at = plane.tick(now)
             if at is not None and at < deadline:
@@ -648,15 +674,79 @@ class Daemon:
             if signum == signal.SIGHUP:
                 self.reload()
             else:
-                name = signal.Signals(signum).name
-                self.log(f"{name}: removing what this instance installed", signal=name)
-                self._stop = True
+                self.begin_stop(signal.Signals(signum).name)
+        if self.stopping is not None:
+            self._stopping_turn(time.monotonic())
         with self._lock:
             stops, self._stops = self._stops, []
         for error in stops:
             self._stop = True
             if error is not None and self.failure is None:
                 self.failure = error
+
+    # --- graceful stop --------------------------------------------------------------
+
+    def begin_stop(self, why: str) -> None:
+        """SIGTERM/SIGINT (``why``): with ``--drain-timeout``, a graceful stop; else at once.
+
+        Graceful: every plane withdraws its announcements (BGP) first; once the routers
+        have had :data:`_SETTLE` seconds to move new flows to another instance, the
+        proxies stop accepting; then the loop goes on (probes, control socket, the open
+        connections) until no plane has anything in flight or the timeout ends it, and
+        the planes are removed. A second signal during it stops at once.
+        """
+        if self.stopping is not None or self.drain_timeout <= 0:
+            self.log(f"{why}: removing what this instance installed", signal=why)
+            self._stop = True
+            return
+        now = time.monotonic()
+        done = [text for plane in self.planes if (text := self._step(plane, "withdraw"))]
+        settle = min(_SETTLE, self.drain_timeout / 2) if done else 0.0
+        self.stopping = _Stopping(now, now + self.drain_timeout, now + settle)
+        self.log(
+            f"{why}: stopping gracefully (--drain-timeout {self.drain_timeout:g}s)"
+            + (f"; {'; '.join(done)}" if done else ""),
+            signal=why,
+            drain_timeout=self.drain_timeout,
+        )
+
+    def _step(self, plane: Plane, step: str) -> str:
+        try:
+            text: str = getattr(plane, step)()
+        except (KernelError, OSError, RuntimeError) as exc:
+            text = f"{plane.name}: {step} failed: {getattr(exc, 'message', None) or exc}"
+            self.log(text, level="error", plane=plane.name)
+        return text
+
+    def _stopping_turn(self, now: float) -> None:
+        st = self.stopping
+        assert st is not None
+        if not st.quiesced:
+            if now < st.quiesce_at:
+                return
+            st.quiesced = True
+            done = [text for plane in self.planes if (text := self._step(plane, "quiesce"))]
+            if done:
+                self.log("; ".join(done))
+        busy = {p.name: n for p in self.planes if (n := self._in_flight(p))}
+        if not busy:
+            self.log(f"drained in {now - st.started:.3f} s: removing what this instance installed")
+            self._stop = True
+        elif now >= st.deadline:
+            left = ", ".join(f"{name} {n}" for name, n in busy.items())
+            self.log(
+                f"--drain-timeout {self.drain_timeout:g}s reached with {left} still in flight:"
+                " removing what this instance installed",
+                level="warning",
+            )
+            self._stop = True
+
+    def _in_flight(self, plane: Plane) -> int:
+        try:
+            return plane.in_flight()
+        except (KernelError, OSError, RuntimeError) as exc:
+            self.log(f"{plane.name}: in_flight failed: {exc}", level="error", plane=plane.name)
+            return 0
 
     def _sync(self, vips: set[str]) -> None:
         """Bring the pools in line with health; each plane applies its changed pools."""
@@ -730,7 +820,14 @@ class Daemon:
             health, owner = self._health(
                 config, {p: s.pools for p, s in staged}, self.health.down(old)
             )
-            overrides, notes = self._reapply(config, health)
+            ctl_pools = {
+                name: pool
+                for p, s in staged
+                for name, pool in (
+                    s.control_pools if s.control_pools is not None else p.control_pools()
+                ).items()
+            }
+            overrides, notes = self._reapply(config, health, ctl_pools)
             texts = [s.commit() for _, s in staged]
         except (KernelError, OSError, ValueError) as exc:
             text = exc.message if isinstance(exc, KernelError) else str(exc)
@@ -741,6 +838,10 @@ class Daemon:
         health.transitions = self.health.transitions
         self.config, self.skipped = config, skipped
         self.health, self._owner = health, owner
+        for p, s in staged:
+            for name in s.control_pools if s.control_pools is not None else p.control_pools():
+                self._owner[name] = p
+        self.ctl_pools = ctl_pools
         self.overrides_ctl = overrides
         self.reloads += 1
         self.last_error = None
@@ -755,8 +856,11 @@ class Daemon:
             s.then()
         return True
 
-    def _reapply(self, config: Config, health: Health) -> tuple[dict[OverrideKey, Override], str]:
+    def _reapply(
+        self, config: Config, health: Health, ctl_pools: Mapping[str, BackendPool]
+    ) -> tuple[dict[OverrideKey, Override], str]:
         """The ``ctl`` overrides on ``config``'s pools; the ones kept, and the log's text."""
+        pools = {**health.pools, **ctl_pools}
         kept: dict[OverrideKey, Override] = {}
         over: list[str] = []
         gone: list[str] = []
@@ -772,7 +876,7 @@ class Daemon:
                 ),
                 None,
             )
-            if vip is None or index is None or name not in health.pools:
+            if vip is None or index is None or name not in pools:
                 gone.append(at)
                 continue
             b = vip.backends[index]
@@ -781,7 +885,7 @@ class Daemon:
             if o.empty():
                 gone.append(f"{at} (the file now says the same)")
                 continue
-            apply_override(health.pools[name], index, b, o)
+            apply_override(pools[name], index, b, o)
             self._sync_health(name, index, health)
             kept[key] = o
             over.append(f"{at} {o.text(b)}")
@@ -792,6 +896,8 @@ class Daemon:
 
     @staticmethod
     def _sync_health(name: str, index: int, health: Health) -> None:
+        if name not in health.sets:
+            return  # a VIP its plane checks itself (a proxy VIP)
         pool, hs = health.pools[name], health.sets[name]
         hs.set_drain(index, pool.is_draining(index))
         hs.set_weight(index, pool.weight(index))
@@ -802,7 +908,8 @@ class Daemon:
         """The control socket's ``ctl`` command (`v6lb ctl`): an override, applied at once."""
         with self._pools_lock:
             try:
-                vip, index, action, weight = check_request(request, self.config, self.health.pools)
+                pools = {**self.health.pools, **self.ctl_pools}
+                vip, index, action, weight = check_request(request, self.config, pools)
             except CtlRefused as exc:
                 return {"error": str(exc), "exit": 2}
             b = vip.backends[index]
@@ -816,7 +923,7 @@ class Daemon:
             else:
                 new.weight = weight
             new.drop_file_values(b)
-            pool = self.health.pools[vip.name]
+            pool = pools[vip.name]
             what = "no change"
             if apply_override(pool, index, b, new):
                 try:
@@ -1060,6 +1167,7 @@ def prepare(options: RunOptions, *, log: Callable[[str], None] | None = None) ->
         skipped=skipped,
         log=log,
         log_format=options.log_format,
+        drain_timeout=options.drain_timeout,
     )
     ctx = daemon.context(trace=options.trace)
     daemon.attach([cls.open(config, ctx) for cls in classes])

@@ -22,7 +22,16 @@ The life of a plane, as the daemon drives it::
     staged = plane.stage(config)  # SIGHUP: check and build, change nothing
     staged.commit()               # then apply (the daemon marks known-down backends first)
     plane.status()                # a PlaneStatus
+    # a graceful stop (SIGTERM with --drain-timeout S), every plane at each step:
+    plane.withdraw()              # BGP: stop announcing (routers send new flows elsewhere)
+    plane.quiesce()               # stop taking new connections; the open ones go on
+    plane.in_flight()             # polled until every plane says 0, or S seconds passed
     plane.teardown()              # what it removed
+
+Runtime control (`v6lb ctl`) changes a pool the daemon holds: a probed one of
+:meth:`~Plane.pools`, or one of :meth:`~Plane.control_pools` (the VIPs a plane
+checks itself, the proxy engines'); either way the owning plane applies it in
+:meth:`~Plane.apply_pool_change`.
 
 A new plane is a subclass in its own package and one line in
 :mod:`v6lb.engines.planes`; the modes it serves are the mode table's
@@ -120,6 +129,7 @@ class Staged:
     pools: dict[str, BackendPool] = field(default_factory=dict)
     commit: Callable[[], str] = lambda: ""
     then: Callable[[], None] = lambda: None
+    control_pools: dict[str, BackendPool] | None = None  # new control_pools(); None: the same
 
 
 class Plane:
@@ -141,6 +151,14 @@ class Plane:
 
     def pools(self) -> Mapping[str, BackendPool]:
         """The VIPs whose backends the daemon probes, by name (the plane's own pools)."""
+        return {}
+
+    def control_pools(self) -> Mapping[str, BackendPool]:
+        """The VIPs `v6lb ctl` may change that the daemon does not probe, by name.
+
+        A plane that checks its backends itself (a proxy engine) lists its VIPs here;
+        a ``ctl`` change to one of these pools reaches it as :meth:`apply_pool_change`.
+        """
         return {}
 
     def probe_route(self, config: Config, vip: str, index: int) -> ProbeRoute | None:
@@ -176,6 +194,18 @@ class Plane:
 
     def status(self) -> PlaneStatus:
         return PlaneStatus()
+
+    def withdraw(self) -> str:
+        """Graceful stop, first step: stop announcing the VIPs (BGP); what was done, or ""."""
+        return ""
+
+    def quiesce(self) -> str:
+        """Graceful stop: take no new connections or flows, serve the open ones; or ""."""
+        return ""
+
+    def in_flight(self) -> int:
+        """Graceful stop: connections (or flows) still being served; the stop waits for 0."""
+        return 0
 
     def teardown(self) -> list[str]:
         """Remove what the plane installed; the items removed."""

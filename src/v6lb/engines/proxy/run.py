@@ -21,7 +21,10 @@ from typing import Any, ClassVar
 from v6lb.engines.kernel.host import host_links
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, Staged
 from v6lb.errors import UsageError
+from v6lb.core.backends import BackendPool
 from v6lb.model.config import Config
+from v6lb.model.modes import Kind, modes_where
+from v6lb.model.pools import pools_for
 
 from .haproxy_run import run_haproxy
 from .server import serve
@@ -46,6 +49,8 @@ class ProxyPlane(Plane):
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # `v6lb ctl`'s view of the proxy VIPs: drain/enable/weight, applied by the engine
+        self._ctl_pools = pools_for(config, modes_where(kind=Kind.PROXY))
 
     @classmethod
     def open(cls, config: Config, ctx: PlaneContext) -> ProxyPlane:
@@ -88,6 +93,9 @@ class ProxyPlane(Plane):
         if self._ready.is_set() and not self._stop.is_set():  # e.g. haproxy exited
             self.ctx.log(f"proxy engine {self.name} stopped")
             self.ctx.stop(None)
+
+    def control_pools(self) -> Mapping[str, BackendPool]:
+        return self._ctl_pools
 
     def teardown(self) -> list[str]:
         self._stop.set()
