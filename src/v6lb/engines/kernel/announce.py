@@ -139,6 +139,7 @@ class Announcer:
         self._next_check = 0.0
         self._bird_gone_logged = False
         self.sessions: dict[str, tuple[str, str]] = {}  # BGP session -> (state, info)
+        self.leaving = False  # a graceful stop withdrew everything: nothing is announced again
 
     @classmethod
     def create(cls, config: Config, instance: str, log: Callable[[str], None]) -> Announcer | None:
@@ -195,7 +196,7 @@ class Announcer:
         return ", ".join(str(p) for p, a in self.announced.items() if a is state) or "none"
 
     def _wanted(self, pools: Mapping[str, BackendPool]) -> dict[IPv6Network, bool]:
-        healthy = self.self_problem is None
+        healthy = self.self_problem is None and not self.leaving
         want = {
             p: healthy and any(n in pools and pools[n].any_eligible for n in names)
             for p, names in self.prefixes.items()
@@ -283,6 +284,30 @@ class Announcer:
             if not want and self.self_problem is not None:
                 why = "the self-check fails"
             self.log(f"bgp: {'announced' if want else 'withdrew'} {prefix} ({why})")
+
+    def withdraw_all(self) -> list[IPv6Network]:
+        """A graceful stop: withdraw every prefix for good (bird and its sessions stay up).
+
+        The routers move new flows to the other instances at once, while this one
+        still forwards what reaches it; :meth:`stop` ends bird later. The prefixes
+        withdrawn now.
+        """
+        self.leaving = True
+        bird = self.bird
+        done: list[IPv6Network] = []
+        for prefix, up in self.announced.items():
+            if not up or bird is None:
+                continue
+            try:
+                bird.withdraw(prefix)
+            except BirdError as exc:
+                self.last_error = f"bgp: withdraw {prefix}: {exc}"
+                self.log(self.last_error)
+                continue
+            self.announced[prefix] = False
+            self.changes += 1
+            done.append(prefix)
+        return done
 
     def reconfigure(self, config: Config, pools: Mapping[str, BackendPool]) -> None:
         """SIGHUP: the VIPs or bgp: settings may have changed; ``birdc configure``."""

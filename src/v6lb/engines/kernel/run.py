@@ -15,6 +15,7 @@ with ``previous=`` the running state (apply rolls back on failure). With
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ from v6lb.engines.kernel.apply import (
     in_instance_block,
     leftovers,
     limits_status,
+    nft_counters,
     nft_json,
     remove,
     render_lb,
@@ -67,6 +69,8 @@ from v6lb.render.nftables import (
     vip_counter,
 )
 from v6lb.render.routes import ROUTE_PROTO, tunnel_targets
+
+_QUIET_WINDOW: Final = 0.5  # seconds: a graceful stop ends after one without packets to a VIP
 
 __all__ = [
     "RUN_TOOLS",
@@ -143,6 +147,7 @@ class KernelPlane(Plane):
         self.instance = config.lb.instance
         # bgp: the BIRD speaker that announces the healthy VIPs (docs/anycast.md)
         self.announcer = Announcer.create(config, self.instance, ctx.log)
+        self._flight: tuple[float, int, int] | None = None  # in_flight(): (when, packets, delta)
         # lb.conntrack_sync: the conntrackd that replicates NAT flows (docs/anycast.md)
         self.syncer = ConntrackSyncer.create(config, self.instance, ctx.log)
 
@@ -224,6 +229,36 @@ class KernelPlane(Plane):
         if self.syncer is not None:
             self.syncer.check(now)
         return None
+
+    # --- graceful stop -------------------------------------------------------------
+
+    def withdraw(self) -> str:
+        """Withdraw every announced prefix (bird stays up until the teardown)."""
+        if self.announcer is None:
+            return ""
+        done = self.announcer.withdraw_all()
+        listed = ", ".join(str(p) for p in done) or "nothing was announced"
+        return f"bgp: withdrew {listed}"
+
+    def in_flight(self) -> int:
+        """Packets that reached the VIPs since the last look (at most every _QUIET_WINDOW s).
+
+        Flows have no end the kernel tables show (DSR keeps no state), so traffic
+        still arriving is what is in flight: after a BGP withdraw it stops within the
+        routers' convergence; without BGP it goes on until the drain timeout.
+        """
+        now = time.monotonic()
+        if self._flight is not None and now - self._flight[0] < _QUIET_WINDOW:
+            return self._flight[2]
+        counters = nft_counters(self.instance)
+        total = sum(
+            counters.get(vip_counter(self.config, v), (0, 0))[0]
+            for v in self.config.vips
+            if v.name in self._pools
+        )
+        busy = 1 if self._flight is None else total - self._flight[1]
+        self._flight = (now, total, busy)
+        return busy
 
     def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
         """Refill the VIP's map(s) in one transaction; BGP follows the pools."""

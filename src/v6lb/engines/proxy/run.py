@@ -18,10 +18,10 @@ import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.host import host_links
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, Staged
 from v6lb.errors import UsageError
-from v6lb.core.backends import BackendPool
 from v6lb.model.config import Config
 from v6lb.model.modes import Kind, modes_where
 from v6lb.model.pools import pools_for

@@ -85,6 +85,7 @@ _BUF: Final = 65536
 _VIEWS: Final = 2048
 """Packets up to this size are written from a preallocated memoryview of the read buffer."""
 _NPT_CACHE_MAX: Final = 65536
+_QUIET_WINDOW: Final = 0.5  # seconds: a graceful stop ends after one without a packet
 # NPT fast path: version byte, payload length, next header, hop limit and the
 # first 8 bytes of the source (from inside) or destination (from outside).
 _NPT_SRC: Final = struct.Struct("!B3xHBBQ")
@@ -246,6 +247,7 @@ class PythonPlane(Plane):
         self.forwarders = build_forwarders(config, l2.macs if l2 else None)
         self.steering: Steering = plan(config)
         self.ports: list[_Port] = []
+        self._flight: tuple[float, int, int] | None = None  # in_flight(): (when, packets, delta)
         self._buf = bytearray(_BUF)
         self._mv = memoryview(self._buf)
         self._views = [self._mv[:i] for i in range(_VIEWS + 1)]
@@ -332,6 +334,22 @@ class PythonPlane(Plane):
             f"python data plane: {', '.join(self.steering.names())} for"
             f" {', '.join(sorted(self.forwarders))}"
         )
+
+    def in_flight(self) -> int:
+        """A graceful stop: packets read since the last look (at most every _QUIET_WINDOW s).
+
+        The plane keeps forwarding until a window passes without a packet, or the
+        drain timeout ends it (it announces nothing, so traffic stops when whatever
+        sends it elsewhere, a router or an orchestrator, does).
+        """
+        now = time.monotonic()
+        last = self._flight
+        if last is not None and now - last[0] < _QUIET_WINDOW:
+            return last[2]
+        total = sum(p.rx for p in self.ports)
+        busy = 1 if last is None else total - last[1]
+        self._flight = (now, total, busy)
+        return busy
 
     def teardown(self) -> list[str]:
         for port in self.ports:
