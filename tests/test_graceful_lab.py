@@ -1,0 +1,284 @@
+"""Drain, reload and a graceful stop under load, with a second instance taking over by BGP.
+
+The lab is the anycast lab of tests/test_anycast_lab.py (client, router with bird and an
+L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with three
+VIPs: ``web`` (dsr-srv6, the example's) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 5``; each backend runs
+``v6lb backend`` and the lab's HTTP server.
+
+The load is real curl: one loop per VIP in the client's namespace, a new connection per
+request, each result (time, HTTP code, curl's exit code) written to a file. Under it:
+
+1. ``v6lb ctl weight`` on both instances (a share change: Maglev moves the fewest flows);
+2. SIGHUP on both after a change to the file (the health interval): the maps stay;
+3. SIGTERM on lb1: it withdraws its BGP announcements first, the router moves every flow
+   to lb2 (DSR: the same Maglev table, so the same backend), lb1 keeps forwarding what
+   still reaches it until a quiet window, then removes its kernel state and exits.
+
+Every request of every loop must succeed (HTTP 200): 0 failed, counted by the client.
+The figures (requests per phase, how long lb1 took to stop) are printed for
+docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from ipaddress import IPv6Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from test_anycast_lab import (
+    BACKENDS,
+    EXAMPLE,
+    LBS,
+    V6LB,
+    lab,
+    nexthops,
+    nsx,
+    sh,
+    wait_for,
+)
+from v6lb.engines.bird import start_bird
+from v6lb.engines.control import query
+from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
+from v6lb.render.bird import render_router
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.skipif(shutil.which("bird") is None, reason="needs bird2 (apt-get install bird2)"),
+    pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl"),
+]
+
+VIPS = {"web": "2001:db8:f::80", "l2": "2001:db8:f::82"}
+MACS: dict[str, str] = {}  # backend -> its e0 MAC, filled by the lab
+HEALTH = {"type": "tcp", "interval": 0.2, "timeout": 0.1, "rise": 1, "fall": 2}
+LOOP = """
+out=$1; url=$2
+while [ ! -e "$out.stop" ]; do
+  t=$(date +%s.%N)
+  code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 3 "$url" 2>>"$out.err")
+  echo "$t $code $?" >> "$out"
+done
+"""
+
+
+def config(tmp: Path, role: str, interval: float = 0.2) -> tuple[Path, str]:
+    """lb1's or lb2's copy of the example, with one VIP per DSR mode."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    sock = str(tmp / f"{role}.sock")
+    addresses = [LBS[role]] if role in LBS else list(LBS.values())
+    data["lb"].update(instance=role, addresses=addresses, control_socket=sock)
+    web = data["vips"][0]
+    web["health"] = {**HEALTH, "interval": interval}
+    backends = [{"address": a} for a, _ in BACKENDS.values()]
+    l2 = [{"address": a, "mac": MACS[role]} for role, (a, _) in BACKENDS.items()]
+    data["vips"] = [
+        web,
+        {
+            "name": "l2",
+            "address": VIPS["l2"],
+            "ports": [80],
+            "mode": "dsr-l2",
+            "health": web["health"],
+            "backends": l2,
+        },
+    ]
+    path = tmp / f"{role}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, sock
+
+
+def results(path: Path) -> list[tuple[float, str, int]]:
+    out = []
+    for line in path.read_text().splitlines():
+        t, code, rc = line.split()
+        out.append((float(t), code, int(rc)))
+    return out
+
+
+def test_drain_reload_and_graceful_stop_under_load() -> None:
+    tmp = Path(f"/tmp/v6lb-g-{os.getpid()}")
+    tmp.mkdir(exist_ok=True)
+    figures: dict[str, Any] = {}
+    try:
+        with lab() as (ns, procs, birds):
+            rt = ns["router"]
+            for role in BACKENDS:  # dsr-l2 rewrites to the backends' MACs
+                link = json.loads(nsx(ns[role], "ip", "-j", "link", "show", "e0"))
+                MACS[role] = link[0]["address"]
+            files = {role: config(tmp, role) for role in LBS}
+            site = config(tmp, "site")[0]  # the backends accept tunnels from every instance
+            router = BgpSettings(
+                65000,
+                "192.0.2.1",
+                neighbours=tuple(
+                    Neighbour(role, IPv6Address(a), 65001, "br0") for role, a in LBS.items()
+                ),
+                bfd=BfdSettings(True, 0.1, 3),
+            )
+            birds.append(start_bird("router", render_router("router", router), tmp, netns=rt))
+            for role, (addr, _) in BACKENDS.items():
+                sh(
+                    V6LB,
+                    "backend",
+                    str(site),
+                    "--address",
+                    addr,
+                    "--dev",
+                    "e0",
+                    "--netns",
+                    ns[role],
+                )
+                ready = tmp / f"{role}.ready"
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            "ip",
+                            "netns",
+                            "exec",
+                            ns[role],
+                            str(Path(V6LB).parent / "python"),
+                            "-m",
+                            "v6lb.lab.httpd",
+                            "--node",
+                            role,
+                            "--address",
+                            addr,
+                            "--port",
+                            "80",
+                            "--ready",
+                            str(ready),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
+                wait_for(f"{role}'s httpd", ready.exists, 10)
+            lbs = {}
+            for role in LBS:
+                p = subprocess.Popen(
+                    [
+                        V6LB,
+                        "run",
+                        str(files[role][0]),
+                        "--netns",
+                        ns[role],
+                        "--instance",
+                        role,
+                        "--drain-timeout",
+                        "5",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(tmp / f"{role}.log", "w"),  # noqa: SIM115
+                    start_new_session=True,
+                )
+                procs.append(p)
+                lbs[role] = p
+
+            def routed(vip: str) -> set[str]:
+                out = nsx(rt, "ip", "-6", "route", "show", f"{vip}/128")
+                return set(re.findall(r"via (\S+)", out))
+
+            try:
+                for vip in VIPS.values():
+                    wait_for(f"ECMP to {vip}", lambda v=vip: routed(v) == set(LBS.values()), 20)
+            except AssertionError:
+                for role in LBS:
+                    print(role, (tmp / f"{role}.log").read_text())
+                raise
+            assert nexthops(rt) == set(LBS.values())
+
+            loops = []
+            script = tmp / "loop.sh"
+            script.write_text(LOOP)
+            for name, vip in VIPS.items():
+                out = tmp / f"load-{name}"
+                loops.append(
+                    subprocess.Popen(
+                        [
+                            "ip",
+                            "netns",
+                            "exec",
+                            ns["client"],
+                            "bash",
+                            str(script),
+                            str(out),
+                            f"http://[{vip}]/",
+                        ],
+                        start_new_session=True,
+                    )
+                )
+                procs.append(loops[-1])
+            time.sleep(1.5)
+            marks = {"start": time.time()}
+
+            # 1. a weight change on both instances, through the control socket
+            for role in LBS:
+                for vip in VIPS:
+                    sh(
+                        V6LB,
+                        "ctl",
+                        "weight",
+                        vip,
+                        BACKENDS["be1"][0],
+                        "3",
+                        "--control-socket",
+                        files[role][1],
+                    )
+            marks["weight"] = time.time()
+            time.sleep(1.5)
+
+            # 2. a reload from a changed file on both
+            for role in LBS:
+                config(tmp, role, interval=0.3)
+                lbs[role].send_signal(signal.SIGHUP)
+            for role in LBS:
+                wait_for(f"{role} reloaded", lambda r=role: query(files[r][1])["reloads"] == 1, 10)
+            marks["reload"] = time.time()
+            time.sleep(1.5)
+
+            # 3. lb1 stops gracefully; lb2 takes every flow over by BGP
+            t0 = time.monotonic()
+            lbs["lb1"].send_signal(signal.SIGTERM)
+            wait_for(
+                "the router to drop lb1",
+                lambda: all(routed(v) == {LBS["lb2"]} for v in VIPS.values()),
+                5,
+                0.01,
+            )
+            figures["withdrawn_s"] = round(time.monotonic() - t0, 3)
+            assert lbs["lb1"].wait(timeout=10) == 0
+            figures["lb1_stopped_s"] = round(time.monotonic() - t0, 3)
+            marks["stop"] = time.time()
+            time.sleep(1.5)
+            for name in VIPS:
+                (tmp / f"load-{name}.stop").touch()
+            for p in loops:
+                p.wait(timeout=10)
+            log = (tmp / "lb1.log").read_text()
+            print(log)
+            assert "stopping gracefully" in log and "drained in" in log, log
+            for name in VIPS:
+                got = results(tmp / f"load-{name}")
+                errors = (tmp / f"load-{name}.err").read_text()
+                failed = [r for r in got if r[1] != "200" or r[2] != 0]
+                figures[name] = {
+                    "requests": len(got),
+                    "failed": len(failed),
+                    "after_stop": sum(1 for r in got if r[0] >= marks["stop"]),
+                }
+                assert not failed, (name, failed[:5], errors[-500:])
+                assert figures[name]["after_stop"] > 0
+            print(figures)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
