@@ -8,13 +8,17 @@ VIPs: ``web`` (dsr-srv6, the example's) and ``l2`` (dsr-l2). Each LB runs ``v6lb
 The load is real curl: one loop per VIP in the client's namespace, a new connection per
 request, each result (time, HTTP code, curl's exit code) written to a file. Under it:
 
-1. ``v6lb ctl weight`` on both instances (a share change: Maglev moves the fewest flows);
+1. ``v6lb ctl drain`` of be1 on both instances;
 2. SIGHUP on both after a change to the file (the health interval): the maps stay;
 3. SIGTERM on lb1: it withdraws its BGP announcements first, the router moves every flow
    to lb2 (DSR: the same Maglev table, so the same backend), lb1 keeps forwarding what
    still reaches it until a quiet window, then removes its kernel state and exits.
 
-Every request of every loop must succeed (HTTP 200): 0 failed, counted by the client.
+Every request of every loop must succeed (HTTP 200), counted by the client, with one
+exception the test names: the kernel plane keeps no per-flow state for dsr-*, so the
+drain moves be1's open connections (docs/operations.md, "Runtime control"), and a request
+in flight at that instant may be reset (measured: 0 or 1 in about 1400). Those resets
+are counted apart and must happen at the drain only; the reload and the stop lose none.
 The figures (requests per phase, how long lb1 took to stop) are printed for
 docs/operations.md.
 """
@@ -222,20 +226,19 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
             time.sleep(1.5)
             marks = {"start": time.time()}
 
-            # 1. a weight change on both instances, through the control socket
+            # 1. be1 drained on both instances, through the control socket
             for role in LBS:
                 for vip in VIPS:
                     sh(
                         V6LB,
                         "ctl",
-                        "weight",
+                        "drain",
                         vip,
                         BACKENDS["be1"][0],
-                        "3",
                         "--control-socket",
                         files[role][1],
                     )
-            marks["weight"] = time.time()
+            marks["drained"] = time.time()
             time.sleep(1.5)
 
             # 2. a reload from a changed file on both
@@ -272,12 +275,18 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 got = results(tmp / f"load-{name}")
                 errors = (tmp / f"load-{name}.err").read_text()
                 failed = [r for r in got if r[1] != "200" or r[2] != 0]
+                # kernel dsr-* keeps no per-flow state: a drain moves the drained backend's
+                # open connections (docs/operations.md), so a request in flight at that
+                # moment may be reset. Only those, and nothing at the reload or the stop.
+                at_drain = [r for r in failed if marks["start"] - 3 <= r[0] < marks["drained"]]
                 figures[name] = {
                     "requests": len(got),
-                    "failed": len(failed),
+                    "failed_at_drain": len(at_drain),
+                    "failed_otherwise": len(failed) - len(at_drain),
                     "after_stop": sum(1 for r in got if r[0] >= marks["stop"]),
                 }
-                assert not failed, (name, failed[:5], errors[-500:])
+                assert len(failed) == len(at_drain), (name, failed[:5], errors[-500:])
+                assert all(r[2] == 56 for r in at_drain), (at_drain, errors[-500:])
                 assert figures[name]["after_stop"] > 0
             print(figures)
     finally:
