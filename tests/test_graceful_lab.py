@@ -1,7 +1,7 @@
 """Drain, reload and a graceful stop under load, with a second instance taking over by BGP.
 
 The lab is the anycast lab of tests/test_anycast_lab.py (client, router with bird and an
-L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with three
+L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with two
 VIPs: ``web`` (dsr-srv6, the example's) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 5``; each backend runs
 ``v6lb backend`` and the lab's HTTP server.
 
@@ -83,7 +83,6 @@ def config(tmp: Path, role: str, interval: float = 0.2) -> tuple[Path, str]:
     data["lb"].update(instance=role, addresses=addresses, control_socket=sock)
     web = data["vips"][0]
     web["health"] = {**HEALTH, "interval": interval}
-    backends = [{"address": a} for a, _ in BACKENDS.values()]
     l2 = [{"address": a, "mac": MACS[role]} for role, (a, _) in BACKENDS.items()]
     data["vips"] = [
         web,
