@@ -2,7 +2,7 @@
 
 The lab is the anycast lab of tests/test_anycast_lab.py (client, router with bird and an
 L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with two
-VIPs: ``web`` (dsr-srv6, the example's) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 5``; each backend runs
+VIPs: ``web`` (dsr-srv6, the example's) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 10``; each backend runs
 ``v6lb backend`` and the lab's HTTP server.
 
 The load is real curl: one loop per VIP in the client's namespace, a new connection per
@@ -178,8 +178,10 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                         ns[role],
                         "--instance",
                         role,
+                        "--log-format",
+                        "json",
                         "--drain-timeout",
-                        "5",
+                        "10",
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=open(tmp / f"{role}.log", "w"),  # noqa: SIM115

@@ -730,7 +730,11 @@ class Daemon:
                 self.log("; ".join(done))
         busy = {p.name: n for p in self.planes if (n := self._in_flight(p))}
         if not busy:
-            self.log(f"drained in {now - st.started:.3f} s: removing what this instance installed")
+            took = time.monotonic() - st.started
+            self.log(
+                f"drained in {took:.3f} s: removing what this instance installed",
+                drained_s=round(took, 3),
+            )
             self._stop = True
         elif now >= st.deadline:
             left = ", ".join(f"{name} {n}" for name, n in busy.items())
