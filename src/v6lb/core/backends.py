@@ -9,7 +9,8 @@ A backend is *eligible* for new flows when it is up, enabled, not draining and
 of non-zero weight; the table is built from eligible backends only and rebuilt
 on every change (health, drain, weight). A backend that is draining still
 *keeps* its existing flows (conntrack entries for ``nat``, the flow LRU for
-``dsr-*``); a backend that is down, or disabled by the operator
+``dsr-*`` in the python plane, :attr:`BackendPool.keep_table` for TCP ``dsr-*`` in
+the kernel plane); a backend that is down, or disabled by the operator
 (``v6lb ctl disable``), keeps none.
 
 Indexing: slot = ``reciprocal_scale(flow_hash, M)``, the kernel's
@@ -67,6 +68,10 @@ class BackendPool:
         self.generation = 0
         self.table: list[int] = []
         self.slots: list[int] = []  # table entries per backend
+        # the table as it was for the flows a drain must keep: the draining backends
+        # counted as eligible; ``moved``: the slots where it differs from ``table``
+        self.keep_table: list[int] = []
+        self.moved: list[int] = []
         self._rebuild()
 
     def __len__(self) -> int:
@@ -89,8 +94,22 @@ class BackendPool:
             # backend, and list.count over each table cost 0.6 s for 100 VIPs x 10 backends
             self.slots = entry_counts(table, len(self.specs)).tolist()
         else:
+            table = None
             self.table = [-1] * self.size
             self.slots = [0] * len(self.specs)
+        keep = [
+            w if up and on else 0
+            for w, up, on in zip(self._weight, self._up, self._enabled, strict=True)
+        ]
+        if keep == weights or not any(keep):
+            self.keep_table, self.moved = self.table, []
+        else:
+            kept = build_table(self.ids, keep, self.size)
+            self.keep_table = kept.tolist()
+            if table is None:  # every backend left is draining: all its slots moved
+                self.moved = list(range(self.size))
+            else:
+                self.moved = (kept != table).nonzero()[0].tolist()
         self.generation += 1
 
     def set_up(self, index: int, up: bool) -> bool:

@@ -4,8 +4,9 @@
 
 Each answer is ``{"node", "server", "local", "peer", "method", "path", "headers",
 "body_len"}``, plus ``"pad"`` when the query asks for ``bytes=N``: then the answer
-is padded to at least N bytes (up to 16 MB), a large response for PMTU tests. ``server`` is the backend address the lab gave it, ``local`` the
-address and port the connection reached (the VIP for DSR, the backend address
+is padded to at least N bytes (up to 16 MB), a large response for PMTU tests;
+``keepalive=1`` keeps the connection open for the next request (else it is closed).
+``server`` is the backend address the lab gave it, ``local`` the address and port the connection reached (the VIP for DSR, the backend address
 after NAT), ``peer`` the TCP peer it saw (the client, or its mapped address).
 It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are served too.
 """
@@ -96,11 +97,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
+        keep = "keepalive=1" in urllib.parse.urlsplit(self.path).query.split("&")
+        if not keep:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
-        self.close_connection = True
+        self.close_connection = not keep
 
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _answer
 

@@ -245,6 +245,76 @@ def _jhash(vip: Vip, pool: BackendPool) -> str:
     )
 
 
+DRAIN_FLOW_TIMEOUT: Final = 600
+"""Seconds a flow that a drain sent to another backend is remembered after its last packet."""
+_FLOW_KEY: Final = "ip6 saddr . tcp sport . tcp dport"
+
+
+def _keeps_flows(vip: Vip) -> bool:
+    """A TCP DSR VIP: a drain keeps its open flows (the SYN tells a new flow from an old one)."""
+    return vip.mode.is_dsr and str(vip.protocol) == "tcp"
+
+
+def _slot_set_block(name: str, comment: str, slots: Sequence[int]) -> list[str]:
+    lines = [f"	set {name} {{", "		type mark", f'		comment "{comment}"']
+    if slots:
+        lines.append("		elements = {")
+        lines += [f"			{slot}," for slot in slots]
+        lines.append("		}")
+    lines.append("	}")
+    return lines
+
+
+def _drain_objects(
+    tag: str, vip: Vip, name: str, value_type: str, pool: BackendPool, values: Sequence[str]
+) -> list[str]:
+    """The maps and sets that keep a drained backend's open flows (docs/operations.md)."""
+    lines = _map_block(
+        f"{name}_keep",
+        value_type,
+        f"{tag} {vip.name}: Maglev slot -> backend, draining backends kept (open flows)",
+        pool.keep_table,
+        values,
+    )
+    lines += _slot_set_block(
+        f"{name}_moved", f"{tag} {vip.name}: slots a drain gave another backend", pool.moved
+    )
+    lines += [
+        f"	set {name}_new {{",
+        f"		typeof {_FLOW_KEY}",
+        "		size 65536",
+        "		flags dynamic,timeout",
+        f"		timeout {DRAIN_FLOW_TIMEOUT}s",
+        f'		comment "{tag} {vip.name}: flows opened in a moved slot since the drain"',
+        "	}",
+    ]
+    return lines
+
+
+def _drain_chains(tag: str, vip: Vip, name: str, send: str, keep: str) -> list[str]:
+    """``{name}_pick`` (the balancing rule goes there with the slot in meta mark) and ``_drain``.
+
+    A slot that a drain gave another backend: a SYN opens a new flow (remembered in
+    ``@{name}_new``, then sent by the table); a remembered flow goes by the table too;
+    any other packet belongs to a flow opened before the drain and keeps its backend
+    (``@{name}_keep``). Every other slot: the table. ``send``/``keep``: the statements
+    that send by the table / by the keep map.
+    """
+    update = f"update @{name}_new {{ {_FLOW_KEY} }}"
+    return [
+        f"	chain {name}_pick {{",
+        f'		meta mark @{name}_moved jump {name}_drain comment "{tag} {vip.name}: drained"',
+        f'		{send} comment "{tag} {vip.name}"',
+        f'		drop comment "{tag} {vip.name}: no backend takes new flows"',
+        "	}",
+        f"	chain {name}_drain {{",
+        f'		tcp flags & (syn | ack) == syn {update} return comment "{tag} {vip.name}: new"',
+        f'		{_FLOW_KEY} @{name}_new {update} return comment "{tag} {vip.name}: new since"',
+        f'		{keep} comment "{tag} {vip.name}: opened before the drain"',
+        "	}",
+    ]
+
+
 # The ICMPv6 errors a router sends about a packet a backend sent as the VIP: the quote
 # starts 8 bytes into the ICMPv6 header (@th,64); RFC 4443 puts the invoking packet there.
 # In the quote: next header @th,112,8, source @th,128,128 (the VIP), destination
@@ -724,6 +794,7 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
     firsts = {vips[0].name for vips in _by_address(dsr + _nat_vips(config)).values()}
     ports = _first_of_proto(dsr)
     icmp: list[str] = []
+    chains: list[str] = []  # the drain chains of the DSR VIPs
     for vip in config.vips:
         if vip.mode is VipMode.DSR_L2 or vip.mode not in KERNEL_MODES:
             continue
@@ -756,13 +827,25 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             objects += _icmp_counter_blocks(
                 config, vip, firsts, "sent to the quoted flow's backend"
             )
-            if not pool.any_eligible:
+            send = f"meta mark set meta mark map @{name} accept"
+            if _keeps_flows(vip):
+                objects += _drain_objects(tag, vip, name, "mark", pool, values)
+                chains += _drain_chains(
+                    tag, vip, name, send, f"meta mark set meta mark map @{name}_keep accept"
+                )
+            if not pool.any_eligible and not pool.moved:
                 mangle.append(_no_backend(config, vip, vip.ports))
                 continue
-            mangle.append(
-                f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
-                f' meta mark set meta mark map @{name} accept comment "{tag} {vip.name}"'
-            )
+            if _keeps_flows(vip):
+                mangle.append(
+                    f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
+                    f' goto {name}_pick comment "{tag} {vip.name}"'
+                )
+            else:
+                mangle.append(
+                    f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
+                    f' {send} comment "{tag} {vip.name}"'
+                )
             icmp += _icmp_error_rules(
                 config, vip, pool, f"meta mark set meta mark map @{name} accept", vip.name in ports
             )
@@ -798,6 +881,7 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
     lines += objects
     if icmp:
         lines += ["\tchain icmp_errors {", *(f"\t\t{rule}" for rule in icmp), "\t}"]
+    lines += chains
     for chain, hook, rules in (
         # before ip6tables' DNPT (priority mangle) rewrites the destination
         ("raw_pre", "filter hook prerouting priority raw", _dsr_notrack(config, dsr)),
@@ -864,6 +948,7 @@ def _netdev_table(
     objects: list[str] = []
     rules: list[str] = []
     icmp: list[str] = []
+    chains: list[str] = []  # the drain chains of the TCP VIPs
     firsts = {group[0].name for group in _by_address(vips).values()}
     ports = _first_of_proto(vips)
     for vip in vips:
@@ -883,17 +968,30 @@ def _netdev_table(
             name, "ether_addr", f"{tag} {vip.name}: Maglev slot -> backend MAC", pool.table, macs
         )
         objects += _icmp_counter_blocks(config, vip, firsts, "sent to the quoted flow's backend")
-        if not pool.any_eligible:
-            rules.append(_no_backend(config, vip, vip.ports))
-            continue
         rewrite = (
             f"ether saddr set {l2.egress_mac.lower()} ether daddr set meta mark map @{name}"
             f' fwd to "{l2.egress}"'
         )
-        rules.append(
-            f'{_match(vip, vip.ports)} counter name "{name}" {_jhash(vip, pool)}'
-            f' {rewrite} comment "{tag} {vip.name}"'
-        )
+        if _keeps_flows(vip):
+            objects += _drain_objects(tag, vip, name, "ether_addr", pool, macs)
+            keep = (
+                f"ether saddr set {l2.egress_mac.lower()} ether daddr set meta mark map"
+                f' @{name}_keep fwd to "{l2.egress}"'
+            )
+            chains += _drain_chains(tag, vip, name, rewrite, keep)
+        if not pool.any_eligible and not pool.moved:
+            rules.append(_no_backend(config, vip, vip.ports))
+            continue
+        if _keeps_flows(vip):
+            rules.append(
+                f'{_match(vip, vip.ports)} counter name "{name}" {_jhash(vip, pool)}'
+                f' goto {name}_pick comment "{tag} {vip.name}"'
+            )
+        else:
+            rules.append(
+                f'{_match(vip, vip.ports)} counter name "{name}" {_jhash(vip, pool)}'
+                f' {rewrite} comment "{tag} {vip.name}"'
+            )
         icmp += _icmp_error_rules(config, vip, pool, rewrite, vip.name in ports)
     icmp += _icmp_catch_all(config, vips)
     rules.append(
@@ -903,6 +1001,7 @@ def _netdev_table(
     lines = [f"table netdev {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += objects
     lines += ["\tchain icmp_errors_l2 {", *(f"\t\t{rule}" for rule in icmp), "\t}"]
+    lines += chains
     if rules:
         lines += [
             "\tchain ingress_l2 {",
@@ -1033,6 +1132,17 @@ def render_map_update(
             lines.append(f"add element {table} {name} {{")
             lines += _elements(pool.table, vals, "\t")
             lines.append("}")
+        if _keeps_flows(vip):  # the open flows of a draining backend (docs/operations.md)
+            lines.append(f"flush map {table} {name}_keep")
+            if pool.keep_table and pool.keep_table[0] >= 0:
+                lines.append(f"add element {table} {name}_keep {{")
+                lines += _elements(pool.keep_table, vals, "\t")
+                lines.append("}")
+            lines.append(f"flush set {table} {name}_moved")
+            if pool.moved:
+                lines.append(f"add element {table} {name}_moved {{")
+                lines += [f"\t{slot}," for slot in pool.moved]
+                lines.append("}")
     return "\n".join(lines) + "\n"
 
 
