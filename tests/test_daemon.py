@@ -26,6 +26,7 @@ from v6lb.engines import planes
 from v6lb.engines.control import query
 from v6lb.engines.daemon import Daemon
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged, VipCounter
+from v6lb.errors import UsageError
 from v6lb.model.config import Config, load_config
 from v6lb.model.pools import pools_for
 
@@ -356,3 +357,111 @@ def test_the_registry_and_the_mode_table_agree() -> None:
         assert cls.name == name and cls.role is planes._PLANES[name].role
     assert set(planes.served_modes("kernel")) >= {"npt", "nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6"}
     assert planes.served_modes("builtin") == ("proxy-l4", "proxy-l7")
+
+
+class DrainingPlane(FakePlane):
+    """A data plane with a BGP announcement and ``busy`` packets in flight until cleared."""
+
+    def __init__(self, config: Config, calls: list[str]) -> None:
+        super().__init__(config, calls)
+        self.busy = 3
+
+    def withdraw(self) -> str:
+        self.calls.append("withdraw")
+        return "bgp: withdrew 2001:db8:f::80/128"
+
+    def in_flight(self) -> int:
+        return self.busy
+
+
+class QuiescingProxy(FakeProxy):
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__(calls)
+        self.open = 2
+
+    def quiesce(self) -> str:
+        self.calls.append("quiesce")
+        return "fakeproxy: listeners closed"
+
+    def in_flight(self) -> int:
+        return self.open
+
+
+def test_graceful_stop_withdraws_settles_quiesces_and_waits(tmp_path: Path) -> None:
+    """--drain-timeout: withdraw, then (after the settle) quiesce, then wait for 0 in flight."""
+    a = _listener()
+    try:
+        path = _file(tmp_path / "lb.yaml", [a.getsockname()[1]], tmp_path / "c.sock")
+        config = load_config(path)
+        calls: list[str] = []
+        lines: list[str] = []
+        plane, proxy = DrainingPlane(config, calls), QuiescingProxy(calls)
+        daemon = Daemon(config, [], path=str(path), log=lines.append, drain_timeout=4.0)
+        daemon.attach([plane, proxy])
+        for target in daemon.health.targets.values():
+            target.address = IPv6Address("::1")
+        daemon.install()
+        t, errors = _start(daemon)
+        t0 = time.monotonic()
+        daemon._signals.append(signal.SIGTERM)  # as the handler does (the loop polls)
+        _wait("the withdraw", lambda: "withdraw" in calls)
+        time.sleep(0.3)
+        assert "quiesce" not in calls  # the settle: the routers move the flows first
+        _wait("the quiesce", lambda: "quiesce" in calls, 3)
+        assert time.monotonic() - t0 >= 0.9
+        time.sleep(0.3)
+        assert t.is_alive() and "fake teardown" not in calls  # 5 in flight
+        plane.busy = 0
+        time.sleep(0.3)
+        assert t.is_alive()  # the proxy's 2 connections
+        proxy.open = 0
+        t.join(5)
+        assert not t.is_alive() and not errors
+        assert calls[-3:] == ["quiesce", "proxy teardown", "fake teardown"]
+        text = "\n".join(lines)
+        assert "SIGTERM: stopping gracefully (--drain-timeout 4s); bgp: withdrew" in text
+        assert "fakeproxy: listeners closed" in text and "drained in" in text
+    finally:
+        a.close()
+
+
+def test_graceful_stop_ends_at_the_timeout_and_a_second_signal_stops_at_once(
+    tmp_path: Path,
+) -> None:
+    a = _listener()
+    try:
+        path = _file(tmp_path / "lb.yaml", [a.getsockname()[1]], tmp_path / "c.sock")
+        config = load_config(path)
+        for second in (False, True):
+            calls: list[str] = []
+            lines: list[str] = []
+            plane = DrainingPlane(config, calls)
+            daemon = Daemon(config, [], path=str(path), log=lines.append, drain_timeout=1.5)
+            daemon.attach([plane])
+            for target in daemon.health.targets.values():
+                target.address = IPv6Address("::1")
+            daemon.install()
+            t, errors = _start(daemon)
+            t0 = time.monotonic()
+            daemon._signals.append(signal.SIGTERM)
+            if second:
+                _wait("the withdraw", lambda c=calls: "withdraw" in c)
+                daemon._signals.append(signal.SIGINT)
+            t.join(5)
+            took = time.monotonic() - t0
+            assert not t.is_alive() and not errors
+            text = "\n".join(lines)
+            if second:
+                assert took < 1.0, took
+                assert "SIGINT: removing what this instance installed" in text
+            else:
+                assert 1.4 < took < 3.0, took
+                assert "--drain-timeout 1.5s reached with kernel 3 still in flight" in text
+    finally:
+        a.close()
+
+
+def test_drain_timeout_refuses_a_negative_number(tmp_path: Path) -> None:
+    path = _file(tmp_path / "lb.yaml", [80], tmp_path / "c.sock")
+    with pytest.raises(UsageError, match="--drain-timeout -1"):
+        Daemon(load_config(path), [], path=str(path), drain_timeout=-1)
