@@ -4,7 +4,8 @@
 
 Each answer is ``{"node", "server", "local", "peer", "method", "path", "headers",
 "body_len"}``, plus ``"pad"`` when the query asks for ``bytes=N``: then the answer
-is padded to at least N bytes (up to 16 MB), a large response for PMTU tests. ``server`` is the backend address the lab gave it, ``local`` the
+is padded to at least N bytes (up to 16 MB), a large response for PMTU tests; with
+``delay=S`` it answers after S seconds (up to 60; a slow backend). ``server`` is the backend address the lab gave it, ``local`` the
 address and port the connection reached (the VIP for DSR, the backend address
 after NAT), ``peer`` the TCP peer it saw (the client, or its mapped address).
 It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are served too.
@@ -18,6 +19,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +50,18 @@ def _wanted_bytes(path: str) -> int:
         if value.isdigit():
             return min(int(value), _MAX_BYTES)
     return 0
+
+
+def _wanted_delay(path: str) -> float:
+    """``delay=S`` from the query in seconds (0 if absent or not a number), at most 60."""
+    for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("delay", []):
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        if seconds == seconds:  # not NaN
+            return min(max(seconds, 0.0), 60.0)
+    return 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -88,6 +102,9 @@ class _Handler(BaseHTTPRequestHandler):
             "headers": dict(self.headers.items()),
             "body_len": self._body_len(),
         }
+        delay = _wanted_delay(self.path)
+        if delay:
+            time.sleep(delay)
         data = (json.dumps(answer) + "\n").encode()
         want = _wanted_bytes(self.path)
         if want > len(data):

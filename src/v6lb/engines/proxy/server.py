@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet
+from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
 from v6lb.model.config import Config, Vip
 from v6lb.model.pools import health_monitor
 
@@ -140,14 +140,14 @@ class ProxyServer:
             return
         loop.default_exception_handler(context)
 
-    def _runtime(
-        self, vip: Vip, now: float, prev: VipRuntime | None = None
-    ) -> VipRuntime:
+    def _runtime(self, vip: Vip, now: float, prev: VipRuntime | None = None) -> VipRuntime:
         """A VIP's runtime; after a reload (``prev``: the VIP's running one) its counters,
         open connections and the health of the backends it keeps carry over."""
         before: dict[tuple[str, int | None], int] = {}
         if prev is not None:
-            before = {(h, p): i for i, (h, p) in enumerate(zip(prev.hosts, prev.ports))}
+            before = {
+                (h, p): i for i, (h, p) in enumerate(zip(prev.hosts, prev.ports, strict=True))
+            }
         hs: HealthSet[int] = HealthSet()
         for i, b in enumerate(vip.backends):
             j = before.get((str(b.address), b.port))
@@ -177,7 +177,7 @@ class ProxyServer:
     def binds(vip: Vip) -> list[tuple[str, int, int]]:
         """Every (host, port, family) a VIP listens on."""
         dual = getattr(vip.options, "dual_stack", None)
-        out = []
+        out: list[tuple[str, int, int]] = []
         for port in vip.ports:
             out.append((str(vip.address), port, socket.AF_INET6))
             if dual is not None:
