@@ -261,13 +261,14 @@ class ProxyServer:
         new = [v for v in vips if v.mode.is_proxy]
         runtimes: dict[str, VipRuntime] = {}
         changed: list[str] = []
+        added: list[str] = []
         for vip in new:
             prev = self.runtimes.get(vip.name)
             if prev is not None and prev.vip == vip:
                 runtimes[vip.name] = prev
-            else:
-                runtimes[vip.name] = self._runtime(vip, loop.time(), prev)
-                changed.append(vip.name)
+                continue
+            runtimes[vip.name] = self._runtime(vip, loop.time(), prev)
+            (changed if prev is not None else added).append(vip.name)
         # every fallible step first: the new listeners
         made: list[asyncio.Server] = []
         fresh: dict[tuple[str, int], _Listener] = {}
@@ -330,6 +331,8 @@ class ProxyServer:
         if self.health is not None:
             self.health.retarget(list(runtimes.values()))
         parts = []
+        if added:
+            parts.append(f"added {', '.join(added)}")
         if changed:
             parts.append(f"changed {', '.join(changed)}")
         if removed:
