@@ -254,7 +254,7 @@ def _proxy(f: _Families, status: InstanceStatus) -> None:
             )
             for cls, n in v.responses.items():
                 fam.add_metric([*lv, cls], n)
-        if v.latency is not None:
+        if v.latency is not None and v.latency.buckets:
             hist = f.histogram(
                 "v6lb_proxy_request_duration_seconds",
                 "From a request's first byte received to its response's last byte sent.",

@@ -424,7 +424,7 @@ def _buckets(v: Any) -> list[list[Any]]:
 class ProxyLatency(_Record):
     """A proxy-l7 VIP's request durations (seconds), as a Prometheus histogram."""
 
-    buckets: list[list[Any]] = field(default_factory=list)  # cumulative: [[le, count], ...]
+    buckets: list[list[Any]]  # cumulative: [[le, count], ..., ["+Inf", count]]; required
     sum: float = 0.0
     count: int = 0
 
