@@ -246,6 +246,7 @@ def test_status_of_a_proxy_only_run_counts_what_was_done(tmp_path: Path, backend
             assert f"VIP web proxy-l7 [::1]:{port['web']}/tcp  scheduler round-robin" in text
             assert "connections 2 (active 0), requests 5" in text
             assert "refused/errors: connect_failed 1" in text
+            assert "  responses: 2xx 5\n" in text and "  responses: 5xx 1\n" in text
             assert f"[::1]:{backend} weight 1  UP" in text
             assert "kernel objects" not in text
         finally:
