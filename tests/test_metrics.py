@@ -85,10 +85,10 @@ KERNEL_STATUS = {
     "proxy": {"engine": "haproxy", "state": "running", "vips": [
         {"name": "api", "address": "2001:db8:f::82", "ports": [8080], "mode": "proxy-l7",
          "connections": 5, "active": 1, "requests": 6, "bytes_in": 100, "bytes_out": 200,
-         "errors": {"ereq": 1},
+         "errors": {"ereq": 1}, "responses": {"2xx": 4, "5xx": 2},
          "backends": [{"address": "2001:db8:b::3", "port": 9000, "health": "UP",
                        "connections": 5, "active": 1, "requests": 6,
-                       "errors": {"econ": 2}}]},
+                       "errors": {"econ": 2}, "responses": {"2xx": 4, "5xx": 1}}]},
     ]},
 }  # fmt: skip
 
@@ -131,8 +131,37 @@ def test_one_status_gives_every_family_with_its_labels() -> None:
     assert _value(s, "v6lb_backend_up", **b3) == 1
     assert _value(s, "v6lb_backend_connect_failures_total", **b3) == 2
     assert _value(s, "v6lb_proxy_backend_requests_total", **b3) == 6
+    assert _value(s, "v6lb_proxy_responses_total", **api, **{"class": "5xx"}) == 2
+    assert _value(s, "v6lb_proxy_backend_responses_total", **b3, **{"class": "2xx"}) == 4
+    # HAProxy has no request-duration histogram: the family is not there
+    assert not [k for k in s if k[0].startswith("v6lb_proxy_request_duration_seconds")]
     info = {"lb_instance": "lb0", "dataplane": "kernel", "proxy": "haproxy"}
     assert _value(s, "v6lb_instance_info", **info) == 1
+
+
+def test_the_builtin_engines_latency_is_a_prometheus_histogram() -> None:
+    buckets = [[0.001, 0], [0.01, 3], [0.1, 4], ["+Inf", 5]]
+    proxy = {"engine": "builtin", "state": "running", "vips": [
+        {"name": "web", "address": "2001:db8:f::82", "ports": [80], "mode": "proxy-l7",
+         "connections": 1, "responses": {"2xx": 5},
+         "latency": {"buckets": buckets, "sum": 1.25, "count": 5}, "backends": []},
+    ]}  # fmt: skip
+    d = {"instance": "lb0", "proxy": proxy}
+    status = InstanceStatus.from_dict(d)
+    assert status.to_dict() == d
+    s = _samples(_text(status))
+    web = {"vip": "web", "mode": "proxy-l7"}
+    name = "v6lb_proxy_request_duration_seconds"
+    assert _value(s, f"{name}_bucket", **web, le="0.01") == 3
+    assert _value(s, f"{name}_bucket", **web, le="+Inf") == 5
+    assert _value(s, f"{name}_count", **web) == 5
+    assert _value(s, f"{name}_sum", **web) == 1.25
+    # a latency the model refuses stays in the VIP's extra; the rest still exports
+    bad = {**proxy["vips"][0], "latency": {"buckets": [[0.1, 1]], "sum": 0.1, "count": 1}}
+    status = InstanceStatus.from_dict({"instance": "lb0", "proxy": {**proxy, "vips": [bad]}})
+    s = _samples(_text(status))
+    assert _value(s, "v6lb_proxy_responses_total", **web, **{"class": "2xx"}) == 5
+    assert not [k for k in s if k[0].startswith(name)]
 
 
 def test_the_python_planes_forwarder_counters_are_not_a_vips() -> None:

@@ -129,6 +129,12 @@ def test_prometheus_scrapes_the_request_count(tmp_path: Path) -> None:
         assert value == N, f"Prometheus has {value} for {want}"
         up = _query(ns, 'v6lb_backend_up{vip="web"}')
         assert [float(x["value"][1]) for x in up] == [1.0]  # type: ignore[index]
+        for query in (
+            'v6lb_proxy_responses_total{vip="web",class="2xx"}',
+            'v6lb_proxy_request_duration_seconds_count{vip="web"}',
+        ):
+            got = [float(x["value"][1]) for x in _query(ns, query)]  # type: ignore[index]
+            assert got == [float(N)], (query, got)
 
         lb.send_signal(signal.SIGTERM)
         assert lb.wait(15) == 0

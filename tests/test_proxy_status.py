@@ -42,10 +42,12 @@ from test_proxy_fixtures import l4_vip, l7_vip
 from v6lb import cli
 from v6lb.engines.control import ControlError, query
 from v6lb.engines.daemon import Daemon
+from v6lb.engines.metrics import metric_families
 from v6lb.engines.proxy.haproxy_run import OWNER, PREFIX, reap_stale_dirs
 from v6lb.engines.proxy.run import BuiltinProxyPlane
 from v6lb.engines.proxy.status import parse_haproxy_stat
 from v6lb.model.config import Config, LbSettings
+from v6lb.model.status import InstanceStatus
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 
@@ -202,6 +204,41 @@ def test_status_of_a_proxy_only_run_counts_what_was_done(tmp_path: Path, backend
             assert 1 <= b["connections"] <= 2  # upstream connections; idle ones are reused
             (tb,) = tcp["backends"]
             assert tb["connections"] == 3 and tb["bytes_out"] > 0
+            assert "responses" not in tcp and "latency" not in tcp  # HTTP's only
+            # responses by class (the proxy's own 502 too), and the request durations
+            assert web["responses"] == {
+                "1xx": 0,
+                "2xx": 5,
+                "3xx": 0,
+                "4xx": 0,
+                "5xx": 0,
+                "other": 0,
+            }
+            assert b["responses"]["2xx"] == 5 and b["enabled"] is True
+            assert dead_st["responses"]["5xx"] == 1
+            assert dead_st["backends"][0]["responses"]["5xx"] == 0  # no backend answered
+            lat = web["latency"]
+            assert lat["count"] == 5 and lat["buckets"][-1] == ["+Inf", 5] and lat["sum"] > 0
+            assert [le for le, _ in lat["buckets"][:3]] == [0.001, 0.0025, 0.005]
+            counts = [n for _, n in lat["buckets"]]
+            assert counts == sorted(counts)  # cumulative
+            model = InstanceStatus.from_dict(st)
+            assert model.to_dict() == st
+            samples = {
+                (x.name, tuple(sorted(x.labels.items()))): x.value
+                for fam in metric_families(model)
+                for x in fam.samples
+            }
+            wl = (("mode", "proxy-l7"), ("vip", "web"))
+            assert samples[("v6lb_proxy_responses_total", (("class", "2xx"), *wl))] == 5
+            dl = (("class", "5xx"), ("mode", "proxy-l7"), ("vip", "dead"))
+            assert samples[("v6lb_proxy_responses_total", dl)] == 1
+            bl = (("backend", f"[::1]:{backend}"), ("class", "2xx"), *wl)
+            assert samples[("v6lb_proxy_backend_responses_total", bl)] == 5
+            assert samples[("v6lb_proxy_request_duration_seconds_count", wl)] == 5
+            assert (
+                samples[("v6lb_proxy_request_duration_seconds_bucket", (("le", "+Inf"), *wl))] == 5
+            )
 
             text = status(sock, as_json=False)
             print(text)
@@ -209,6 +246,7 @@ def test_status_of_a_proxy_only_run_counts_what_was_done(tmp_path: Path, backend
             assert f"VIP web proxy-l7 [::1]:{port['web']}/tcp  scheduler round-robin" in text
             assert "connections 2 (active 0), requests 5" in text
             assert "refused/errors: connect_failed 1" in text
+            assert "  responses: 2xx 5\n" in text and "  responses: 5xx 1\n" in text
             assert f"[::1]:{backend} weight 1  UP" in text
             assert "kernel objects" not in text
         finally:

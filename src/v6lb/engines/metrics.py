@@ -24,7 +24,12 @@ from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -56,6 +61,13 @@ class _Families:
         if fam is None:
             fam = self.by_name[name] = CounterMetricFamily(name, doc, labels=labels)
         assert isinstance(fam, CounterMetricFamily)
+        return fam
+
+    def histogram(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+        fam = self.by_name.get(name)
+        if fam is None:
+            fam = self.by_name[name] = HistogramMetricFamily(name, doc, labels=labels)
+        assert isinstance(fam, HistogramMetricFamily)
         return fam
 
     def gauge(self, name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
@@ -234,6 +246,25 @@ def _proxy(f: _Families, status: InstanceStatus) -> None:
         )
         for reason, n in v.errors.items():
             errs.add_metric([*lv, reason], n)
+        if v.responses:
+            fam = f.counter(
+                "v6lb_proxy_responses",
+                "HTTP responses sent to clients by status class, the proxy's own (502...) too.",
+                [*vl, "class"],
+            )
+            for cls, n in v.responses.items():
+                fam.add_metric([*lv, cls], n)
+        if v.latency is not None and v.latency.buckets:
+            hist = f.histogram(
+                "v6lb_proxy_request_duration_seconds",
+                "From a request's first byte received to its response's last byte sent.",
+                vl,
+            )
+            hist.add_metric(
+                lv,
+                [(_le(le), n) for le, n in v.latency.buckets],
+                sum_value=v.latency.sum,
+            )
         for b in v.backends:
             _proxy_backend(f, lv, b, bl)
 
@@ -261,6 +292,19 @@ def _proxy_backend(f: _Families, lv: list[str], b: ProxyBackendStatus, bl: list[
     f.counter("v6lb_backend_connect_failures", "Failed connects to the backend.", bl).add_metric(
         lb, sum(b.errors.get(k, 0) for k in _CONNECT_FAILED)
     )
+    if b.responses:
+        fam = f.counter(
+            "v6lb_proxy_backend_responses",
+            "HTTP responses from the backend relayed to clients, by status class.",
+            [*bl, "class"],
+        )
+        for cls, n in b.responses.items():
+            fam.add_metric([*lb, cls], n)
+
+
+def _le(bound: Any) -> str:
+    """A bucket bound as Prometheus writes it (``0.005``, ``1.0``, ``+Inf``)."""
+    return "+Inf" if bound == "+Inf" else repr(float(bound))
 
 
 def _bgp(f: _Families, status: InstanceStatus) -> None:

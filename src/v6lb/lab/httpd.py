@@ -4,11 +4,12 @@
 
 Each answer is ``{"node", "server", "local", "peer", "method", "path", "headers",
 "body_len"}``, plus ``"pad"`` when the query asks for ``bytes=N``: then the answer
-is padded to at least N bytes (up to 16 MB), a large response for PMTU tests;
-``keepalive=1`` keeps the connection open for the next request (else it is closed).
-``server`` is the backend address the lab gave it, ``local`` the address and port the connection reached (the VIP for DSR, the backend address
-after NAT), ``peer`` the TCP peer it saw (the client, or its mapped address).
-It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are served too.
+is padded to at least N bytes (up to 16 MB), a large response for PMTU tests; with
+``delay=S`` it answers after S seconds (up to 60; a slow backend); ``keepalive=1`` keeps
+the connection open for the next request (else it is closed). ``server`` is the backend
+address the lab gave it, ``local`` the address and port the connection reached (the VIP
+for DSR, the backend address after NAT), ``peer`` the TCP peer it saw (the client, or
+its mapped address). It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are served too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +51,18 @@ def _wanted_bytes(path: str) -> int:
         if value.isdigit():
             return min(int(value), _MAX_BYTES)
     return 0
+
+
+def _wanted_delay(path: str) -> float:
+    """``delay=S`` from the query in seconds (0 if absent or not a number), at most 60."""
+    for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("delay", []):
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        if seconds == seconds:  # not NaN
+            return min(max(seconds, 0.0), 60.0)
+    return 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -89,6 +103,9 @@ class _Handler(BaseHTTPRequestHandler):
             "headers": dict(self.headers.items()),
             "body_len": self._body_len(),
         }
+        delay = _wanted_delay(self.path)
+        if delay:
+            time.sleep(delay)
         data = (json.dumps(answer) + "\n").encode()
         want = _wanted_bytes(self.path)
         if want > len(data):

@@ -31,6 +31,7 @@ __all__ = [
     "KernelObjects",
     "NptStatus",
     "ProxyBackendStatus",
+    "ProxyLatency",
     "ProxySection",
     "ProxyVipStatus",
     "VipStatus",
@@ -400,6 +401,40 @@ class ConntrackSyncStatus(_Record):
     }
 
 
+def _num(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError("not a number")
+    return float(v)
+
+
+def _buckets(v: Any) -> list[list[Any]]:
+    """A histogram's cumulative buckets, ``[[le, count], ..., ["+Inf", count]]``."""
+    out: list[list[Any]] = []
+    for item in _list(_same)(v):
+        le, n = item
+        if le != "+Inf" and (isinstance(le, bool) or not isinstance(le, int | float)):
+            raise TypeError("a bucket bound is a number or '+Inf'")
+        out.append([le, _int(n)])
+    if not out or out[-1][0] != "+Inf":
+        raise ValueError("the last bucket is '+Inf'")
+    return out
+
+
+@dataclass(slots=True)
+class ProxyLatency(_Record):
+    """A proxy-l7 VIP's request durations (seconds), as a Prometheus histogram."""
+
+    buckets: list[list[Any]]  # cumulative: [[le, count], ..., ["+Inf", count]]; required
+    sum: float = 0.0
+    count: int = 0
+
+    _PARSE: ClassVar[Mapping[str, Parse]] = {
+        "buckets": _buckets,
+        "sum": _num,
+        "count": _int,
+    }
+
+
 @dataclass(slots=True)
 class ProxyBackendStatus(_Record):
     """A proxy VIP's backend; the counters are absent before the engine runs."""
@@ -408,24 +443,28 @@ class ProxyBackendStatus(_Record):
     port: int | None = None
     weight: int = 1
     drain: bool = False
+    enabled: bool = True
     health: str | None = None
     probe: str | None = None
     active: int | None = None
     connections: int | None = None
     requests: int | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    responses: dict[str, int] = field(default_factory=dict)  # proxy-l7: by status class
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
         "port": _opt_int,
         "weight": _int,
         "drain": _bool,
+        "enabled": _bool,
         "health": _same,
         "probe": _same,
         "active": _opt_int,
         "connections": _opt_int,
         "requests": _opt_int,
         "errors": _counts,
+        "responses": _counts,
     }
 
     @property
@@ -451,6 +490,9 @@ class ProxyVipStatus(_Record):
     bytes_out: int | None = None
     errors: dict[str, int] = field(default_factory=dict)
     interim: dict[str, int] = field(default_factory=dict)  # proxy-l7 1xx responses by status
+    # proxy-l7: responses sent to clients by status class ("2xx"...), the proxy's own too
+    responses: dict[str, int] = field(default_factory=dict)
+    latency: ProxyLatency | None = None  # proxy-l7, the builtin engine: request durations
     backends: list[ProxyBackendStatus] = field(default_factory=list)
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
@@ -467,8 +509,11 @@ class ProxyVipStatus(_Record):
         "bytes_out": _opt_int,
         "errors": _counts,
         "interim": _counts,
+        "responses": _counts,
+        "latency": lambda v: None if v is None else ProxyLatency.from_dict(v),
         "backends": _list(ProxyBackendStatus.from_dict),
     }
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("latency",)
 
     @property
     def counted(self) -> bool:

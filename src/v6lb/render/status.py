@@ -151,11 +151,14 @@ def proxy_status_lines(proxy: ProxySection | None) -> list[str]:
             out.append(f"  refused/errors: {_errors(vip.errors)}")
             if vip.interim:  # l7 1xx responses (docs/proxy.md)
                 out.append(f"  1xx responses: {_errors(vip.interim)}")
+            sent = {k: n for k, n in vip.responses.items() if n}
+            if sent:  # l7 responses by class
+                out.append(f"  responses: {_errors(sent)}")
         for b in vip.backends:
             port = f":{b.port}" if b.port else ""
             line = (
                 f"  [{b.address}]{port} weight {b.weight}{' drain' if b.drain else ''}"
-                f"  {str(b.health).upper()}  probe {b.probe}"
+                f"{'' if b.enabled else ' DISABLED'}  {str(b.health).upper()}  probe {b.probe}"
             )
             if b.counted:
                 line += f"  active {b.active}  connections {b.connections}"

@@ -97,6 +97,11 @@ class HealthChecker:
         self._tcp_owner: dict[tuple[int, int], VipRuntime] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def retarget(self, runtimes: list[VipRuntime]) -> None:
+        """A reload: probe these runtimes from now on (probes in flight end harmlessly)."""
+        self.runtimes = runtimes
+        self._wake.set()
+
     def _apply(self, rt: VipRuntime, index: int) -> None:
         rt.pool.set_up(index, rt.health.keeps_existing_flows(index))
         if not rt.pool.is_up(index):

@@ -382,6 +382,14 @@ class L4Client(asyncio.Protocol):
         elif now - self.last >= t.idle:
             self._fail("idle_timeout")
 
+    def quiesce(self) -> None:
+        """A graceful stop: a TCP relay runs to its end (or the drain timeout)."""
+
+    def cut(self, index: int) -> None:
+        """Backend ``index`` was disabled: its connections end at once."""
+        if self.backend == index:
+            self._fail("backend_disabled")
+
     def _fail(self, reason: str) -> None:
         if self.closed:
             return

@@ -68,12 +68,13 @@ from .policy import (
     is_trusted,
     untrusted_head,
 )
-from .runtime import VipRuntime, client_of
+from .runtime import VipRuntime, client_of, response_class
 
 __all__ = ["L7Client", "L7Upstream"]
 
-# A queued request: (bytes for the backend, is HEAD, client keeps alive, client speaks 1.1).
-_Request = tuple[bytes, bool, bool, bool]
+# A queued request: (bytes for the backend, is HEAD, client keeps alive, client speaks 1.1,
+# when its first byte came: loop time).
+_Request = tuple[bytes, bool, bool, bool, float]
 
 # Phases of a client connection, each with its timeout (see L7Client.sweep).
 _HEAD = 0  # waiting for or reading a request head: header_timeout
@@ -106,6 +107,7 @@ class _HeadResponse:
         self.up = up
 
     def on_headers_complete(self) -> None:
+        self.up.status = self.up.parser.get_status_code()
         self.up.done = True
         self.up.keep = False  # the parser still expects a body: do not reuse
 
@@ -131,6 +133,7 @@ class L7Upstream(asyncio.Protocol):
         "at_start",
         "hbuf",
         "v11",
+        "status",
     )
 
     def __init__(self, rt: VipRuntime, index: int) -> None:
@@ -148,6 +151,7 @@ class L7Upstream(asyncio.Protocol):
         self.at_start = True  # no byte of the final response parsed (or relayed) yet
         self.hbuf = b""  # the start of a response head too short to tell 1xx from final
         self.v11 = True  # the client speaks HTTP/1.1: it may get 1xx responses
+        self.status = 0  # the final response's status, once complete
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
@@ -235,6 +239,8 @@ class L7Upstream(asyncio.Protocol):
                 st.interim["consumed"] += 1  # the proxy answered Expect itself
             elif self.v11 and not c.closed:
                 st.interim["relayed"] += 1
+                st.responses[0] += 1
+                self.rt.backend_stats[self.index].responses[0] += 1
                 c.nout += end
                 c.t.write(buf[:end])
             else:
@@ -247,6 +253,7 @@ class L7Upstream(asyncio.Protocol):
         if self.done:  # a second response for one request: never reuse this connection
             self.keep = False
         self.done = True
+        self.status = self.parser.get_status_code()
         if not self.parser.should_keep_alive():
             self.keep = False
 
@@ -263,7 +270,7 @@ class L7Upstream(asyncio.Protocol):
         """The response is complete: back to the pool, or closed."""
         self.client = None
         self.rt.backend_stats[self.index].bytes_out += self.sent
-        if self.keep and not self.lost and not self.t.is_closing():
+        if self.keep and not self.lost and not self.rt.retired and not self.t.is_closing():
             self.reused = True
             self.rt.idle[self.index].append(self)
         else:
@@ -318,6 +325,7 @@ class L7Client(asyncio.Protocol):
         "ver",
         "last",
         "eof",
+        "t0",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -361,6 +369,7 @@ class L7Client(asyncio.Protocol):
         self.ver = ""  # the HTTP version of the connection's first request
         self.last: list[tuple[bytes, bytes]] = []  # the headers of the last request parsed
         self.eof = False  # the client half-closed: close once the queue is answered
+        self.t0 = 0.0  # when the first byte of the request being read came (loop time)
 
     # --- client side ----------------------------------------------------------------
 
@@ -463,6 +472,8 @@ class L7Client(asyncio.Protocol):
         return data[offset:]
 
     def on_url(self, url: bytes) -> None:  # the first callback of a request
+        if not self.in_head:
+            self.t0 = self.loop.time()
         self.in_head = True
         self.url += url
         self.hsize += len(url)
@@ -562,7 +573,9 @@ class L7Client(asyncio.Protocol):
                 add_forwarding=self.opts.forwarded_headers,
                 ours=self.ours,
             )
-        self.queue.append((head + body if body else head, method == b"HEAD", keep, ver == "1.1"))
+        self.queue.append(
+            (head + body if body else head, method == b"HEAD", keep, ver == "1.1", self.t0)
+        )
         self.head_raw = 0
         self.url = b""
         self.last = self.headers
@@ -597,6 +610,12 @@ class L7Client(asyncio.Protocol):
         t = self.t
         if t is not None and not t.is_closing():
             t.write(error_response(status))
+            rt = self.rt
+            rt.stats.responses[response_class(status)] += 1
+            req = self.current
+            t0 = req[4] if req is not None else self.t0
+            if t0:
+                rt.latency.observe(self.loop.time() - t0)
         self.close()
 
     # --- dispatch -------------------------------------------------------------------
@@ -604,6 +623,8 @@ class L7Client(asyncio.Protocol):
     def _next(self) -> None:
         if self.busy or self.closed or not self.queue:
             return
+        if self.rt.retired:  # a reload changed the VIP: its next request follows the new one
+            self._migrate()
         req = self.queue[0]
         self.busy = True
         self.current = req
@@ -690,11 +711,20 @@ class L7Client(asyncio.Protocol):
     def response_done(self, up: L7Upstream) -> None:
         queue = self.queue
         req = queue.popleft() if queue else None
-        self.rt.picker.active[self.backend] -= 1
+        rt = self.rt
+        rt.picker.active[self.backend] -= 1
+        k = response_class(up.status)
+        rt.stats.responses[k] += 1
+        rt.backend_stats[self.backend].responses[k] += 1
+        if req is not None:
+            rt.latency.observe(self.loop.time() - req[4])
         self.backend = -1
         self.up = None
         self.busy = False
+        self.current = None
         keep_client = up.keep and req is not None and req[2]
+        if rt.admission.closing and not queue and not self.in_head:
+            keep_client = False  # a graceful stop: no next request on this connection
         up.finish()
         if not keep_client:
             self.close()
@@ -771,6 +801,42 @@ class L7Client(asyncio.Protocol):
             self.close()
             return False
         return True
+
+    def _migrate(self) -> None:
+        """Between two requests, move to the VIP's runtime after a reload (if still l7)."""
+        new = self.rt.successor
+        while new is not None and new.retired:
+            new = new.successor
+        if new is None or not new.is_l7:
+            return  # the VIP was removed, or is proxy-l4 now: the old one serves it to its end
+        self.rt = new
+        self.opts = opts = new.l7
+        self.trusted = bool(opts.trusted_sources) and is_trusted(self.client, opts.trusted_sources)
+        ours = self.ours or client_forwarding(self.client, self.client_port)
+        self.block = forwarding_block(ours) if opts.forwarded_headers and not self.trusted else None
+        self.pick_gen = -1
+
+    def quiesce(self) -> None:
+        """A graceful stop: close now if between requests; else after the response."""
+        if (
+            not self.closed
+            and not self.busy
+            and not self.queue
+            and not self.in_head
+            and not self.err
+            and self.phase != _BODY
+        ):
+            self.close()
+
+    def cut(self, index: int) -> None:
+        """Backend ``index`` was disabled: end the request it is serving (502, or abort)."""
+        if self.closed or self.backend != index:
+            return
+        up = self.up
+        if up is not None:
+            self.backend_failed(up, "backend_disabled", 502)
+        else:  # still connecting
+            self._give_up(index, "backend_disabled", 502)
 
     def connection_lost(self, exc: Exception | None) -> None:
         up = self.up

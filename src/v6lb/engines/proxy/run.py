@@ -8,31 +8,38 @@ the daemon no pools. Their status is the ``proxy`` section of the instance's
 answer (:class:`~.status.ProxyStatus`): the builtin engine's counters are
 snapshotted on its event loop, HAProxy's read from its stats socket.
 
-A reload keeps the running proxy VIPs: a change to them takes effect at the
-next start (logged).
+The builtin engine applies a reload in place (:meth:`BuiltinProxyPlane.stage`): the
+listeners whose address and port stay keep their sockets, the open connections keep
+their backend. With HAProxy, a change to the proxy VIPs takes effect at the next
+start (logged). `v6lb ctl` changes reach the builtin engine at once
+(:meth:`BuiltinProxyPlane.apply_pool_change`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import inspect
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.host import host_links
-from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, Staged
+from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged
 from v6lb.errors import UsageError
 from v6lb.model.config import Config
 from v6lb.model.modes import Kind, modes_where
 from v6lb.model.pools import pools_for
 
 from .haproxy_run import run_haproxy
-from .server import serve
+from .server import ProxyServer, serve
 from .status import ProxyStatus
 
 __all__ = ["BuiltinProxyPlane", "HaproxyPlane", "ProxyPlane"]
 
 _JOIN: float = 10.0  # seconds teardown waits for the engine's thread
+_ON_LOOP: float = 5.0  # seconds the daemon waits for the builtin engine's loop to answer
 
 
 class ProxyPlane(Plane):
@@ -123,17 +130,123 @@ class ProxyPlane(Plane):
 
 
 class BuiltinProxyPlane(ProxyPlane):
-    """``--proxy builtin``: the asyncio engine (uvloop when installed)."""
+    """``--proxy builtin``: the asyncio engine (uvloop when installed).
+
+    Everything the daemon asks of the running engine (a ``ctl`` change, a reload, a
+    graceful stop) runs ON the engine's loop (``call_soon_threadsafe``); the daemon's
+    thread waits for the answer at most :data:`_ON_LOOP` seconds.
+    """
 
     name = "builtin"
+
+    def __init__(self, config: Config, ctx: PlaneContext) -> None:
+        super().__init__(config, ctx)
+        self._server: ProxyServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def engine(self) -> Mapping[str, Any]:
         return serve(
             self.config,
             stop_event=self._stop,
             status=self.proxy_status,
-            on_ready=lambda server: self._ready.set(),
+            on_ready=self._attach,
         )
+
+    def _attach(self, server: ProxyServer) -> None:
+        """On the engine's loop, once it listens."""
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._ready.set()
+
+    def _on_loop(self, fn: Callable[[ProxyServer], Any]) -> Any:
+        """``fn(server)`` on the engine's loop (awaited if a coroutine); its result."""
+        server, loop = self._server, self._loop
+        if server is None or loop is None or loop.is_closed() or self._stop.is_set():
+            raise RunError("the builtin proxy engine is not running", "see its log")
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        async def call() -> None:
+            try:
+                got = fn(server)
+                if inspect.isawaitable(got):
+                    got = await got
+                fut.set_result(got)
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        def start() -> None:
+            if fut.set_running_or_notify_cancel():
+                loop.create_task(call())
+
+        loop.call_soon_threadsafe(start)
+        try:
+            return fut.result(_ON_LOOP)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise RunError(
+                f"the builtin proxy engine did not answer within {_ON_LOOP:g} s", "see its log"
+            ) from None
+
+    def _apply(self, vip: str, pool: BackendPool) -> list[str]:
+        done: list[str] = self._on_loop(lambda server: server.apply_pool(vip, pool))
+        return done
+
+    def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
+        done = self._apply(vip, pool)
+        return f"proxy engine: {', '.join(done) if done else 'no change'}"
+
+    def stage(self, config: Config) -> Staged:
+        """Check the new proxy VIPs; ``commit`` binds the new listeners (a failure leaves
+        the running config as it was), then swaps the config in the running engine."""
+        here = host_links().addresses
+        vips = [v for v in config.vips if v.mode.is_proxy]
+        for vip in vips:
+            if vip.address not in here:
+                raise RunError(
+                    f"vips.{vip.name}.address: {vip.address} is not assigned to any interface"
+                    " of this host, so the proxy cannot receive its traffic",
+                    f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
+                )
+        pools = pools_for(config, modes_where(kind=Kind.PROXY))
+        if vips == [v for v in self.config.vips if v.mode.is_proxy]:
+            # the same VIPs: only the ctl overrides (on the new pools) may differ
+            def same() -> str:
+                self._ctl_pools = pools
+                for name, pool in pools.items():
+                    self._apply(name, pool)
+                return ""
+
+            return Staged(commit=same, control_pools=pools)
+
+        def commit() -> str:
+            server = self._server
+            if server is None:
+                raise RunError("the builtin proxy engine is not running", "see its log")
+            wanted: list[tuple[str, int, int]] = self._on_loop(lambda s: s.missing_binds(vips))
+            try:
+                socks = server.bind(wanted)
+            except OSError as exc:
+                raise RunError(
+                    f"the proxy cannot listen on a new address: {exc.strerror or exc}",
+                    "free the port (or fix the VIP's address or ports) and reload again",
+                ) from None
+            text: str = self._on_loop(lambda s: s.reconfigure(vips, socks, pools))
+            self.config = config
+            self._ctl_pools = pools
+            self.proxy_status.reconfigure(config)
+            return f"; proxy engine: {text}"
+
+        return Staged(commit=commit, control_pools=pools)
+
+    def quiesce(self) -> str:
+        n = self._on_loop(lambda server: server.quiesce())
+        return f"proxy engine: listeners closed, {n} connection(s) open"
+
+    def in_flight(self) -> int:
+        server = self._server
+        if server is None or self._stop.is_set():
+            return 0
+        return server.admission.active  # a plain int: safe to read from this thread
 
 
 class HaproxyPlane(ProxyPlane):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet
@@ -14,24 +15,70 @@ from v6lb.model.pools import pool_for
 
 from .policy import Picker
 
-__all__ = ["Admission", "Stats", "VipRuntime"]
+__all__ = ["Admission", "LATENCY_BOUNDS", "Latency", "Stats", "VipRuntime", "response_class"]
+
+# The request-duration histogram's bucket bounds, in seconds (Prometheus' "le").
+LATENCY_BOUNDS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+RESPONSE_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+def response_class(status: int) -> int:
+    """The index in :data:`RESPONSE_CLASSES` of an HTTP status."""
+    return status // 100 - 1 if 100 <= status < 600 else 5
+
+
+class Latency:
+    """A VIP's request durations: counts per bucket (not cumulative), their sum, their number."""
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BOUNDS) + 1)  # the last one: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """Cumulative buckets, as Prometheus has them: ``[[le, count], ..., ["+Inf", count]]``."""
+        out: list[list[Any]] = []
+        total = 0
+        for bound, n in zip((*LATENCY_BOUNDS, "+Inf"), self.counts, strict=True):
+            total += n
+            out.append([bound, total])
+        return {"buckets": out, "sum": round(self.sum, 6), "count": self.count}
 
 
 class Admission:
     """Process-wide: how many client connections the descriptor budget allows, and how many
     are open, over every proxy VIP (see :mod:`v6lb.engines.limits`)."""
 
-    __slots__ = ("cap", "active")
+    __slots__ = ("cap", "active", "closing")
 
     def __init__(self, cap: int = 1 << 62) -> None:
         self.cap = cap
         self.active = 0
+        self.closing = False  # a graceful stop: proxy-l7 connections close after a response
 
 
 class Stats:
     """Counters of a VIP or of one backend: plain attributes on the hot path."""
 
-    __slots__ = ("connections", "active", "requests", "bytes_in", "bytes_out", "errors", "interim")
+    __slots__ = (
+        "connections",
+        "active",
+        "requests",
+        "bytes_in",
+        "bytes_out",
+        "errors",
+        "interim",
+        "responses",
+    )
 
     def __init__(self) -> None:
         self.connections = 0
@@ -42,6 +89,8 @@ class Stats:
         self.errors: Counter[str] = Counter()
         # l7 1xx responses: relayed, consumed, dropped, continue_sent (the proxy's own 100)
         self.interim: Counter[str] = Counter()
+        # l7 responses to clients by class (RESPONSE_CLASSES), the proxy's own included
+        self.responses = [0, 0, 0, 0, 0, 0]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +101,7 @@ class Stats:
             "bytes_out": self.bytes_out,
             "errors": dict(self.errors),
             "interim": dict(self.interim),
+            "responses": dict(zip(RESPONSE_CLASSES, self.responses, strict=True)),
         }
 
 
@@ -77,6 +127,11 @@ class VipRuntime:
     per_source: int = 0  # max_connections_per_source; 0: no limit
     sources: dict[str, int] = field(default_factory=dict)  # open connections per peer address
     source_of: dict[Any, str] = field(default_factory=dict)  # client protocol -> its key
+    latency: Latency = field(default_factory=Latency)  # l7: request durations
+    # A reload replaced (or removed) this VIP: its open connections still use it;
+    # ``successor`` is the VIP's runtime now (None: the VIP was removed).
+    retired: bool = False
+    successor: VipRuntime | None = None
 
     @classmethod
     def build(
@@ -136,7 +191,7 @@ class VipRuntime:
     def release(self, conn: Any) -> None:
         """Give back the slots :meth:`admit` took for ``conn``."""
         self.admission.active -= 1
-        if self.per_source:
+        if self.source_of:  # per_source may have changed at a reload: look whenever it is set
             key = self.source_of.pop(conn, None)
             if key is not None:
                 n = self.sources[key] - 1
@@ -204,24 +259,37 @@ class VipRuntime:
 
     def snapshot(self) -> dict[str, Any]:
         out = self.stats.as_dict()
-        live_be: list[list[int]] = [[0, 0] for _ in self.backend_stats]
+        # by backend Stats: an open connection from before a reload counts in its own
+        # runtime's backend, which is this one's when the reload kept the backend
+        live_be: dict[int, list[int]] = {}
         for c in self.live:  # open connections keep their byte counts until they close
             n = c.counts()
             out["bytes_in"] += n[0]
             out["bytes_out"] += n[1]
-            if c.backend >= 0:
-                live_be[c.backend][0] += n[2]
-                live_be[c.backend][1] += n[3]
+            if c.backend >= 0 and (n[2] or n[3]):
+                key = id(c.rt.backend_stats[c.backend])
+                got = live_be.setdefault(key, [0, 0])
+                got[0] += n[2]
+                got[1] += n[3]
+        if self.is_l7:
+            out["latency"] = self.latency.as_dict()
+        else:  # responses are HTTP's
+            del out["responses"]
         out["mode"] = str(self.vip.mode)
         out["scheduler"] = str(self.vip.scheduler)
         backends = {}
         for i, st in enumerate(self.backend_stats):
             d = st.as_dict()
-            d["bytes_in"] += live_be[i][0]
-            d["bytes_out"] += live_be[i][1]
+            if not self.is_l7:
+                del d["responses"]
+            more = live_be.get(id(st))
+            if more is not None:
+                d["bytes_in"] += more[0]
+                d["bytes_out"] += more[1]
             d["active"] = self.picker.active[i]
             d["state"] = "up" if self.pool.is_up(i) else "down"
             d["drain"] = self.pool.is_draining(i)
+            d["enabled"] = self.pool.is_enabled(i)
             d["pooled"] = len(self.idle[i])
             backends[f"[{self.hosts[i]}]:{self.ports[i] or self.vip.ports[0]}"] = d
         out["backends"] = backends

@@ -20,13 +20,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from v6lb.core.backends import BackendPool
+from v6lb.core.health import HealthSet
 from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
-from v6lb.model.config import Config, Vip, VipMode
+from v6lb.model.config import Config, Vip
+from v6lb.model.pools import health_monitor
 
-from .health import HealthChecker, health_set_for
+from .health import HealthChecker
 from .l4 import L4Client
 from .l7 import L7Client
 from .runtime import Admission, VipRuntime
@@ -90,10 +93,10 @@ class ProxyServer:
         self.write_high = write_high
         self.backlog = backlog
         self.runtimes: dict[str, VipRuntime] = {}
-        self.servers: list[asyncio.Server] = []
-        self._server_vip: list[str] = []
+        self.listeners: dict[tuple[str, int], _Listener] = {}  # by (host, port)
+        self._backlog = backlog
         self._health_task: asyncio.Task[None] | None = None
-        self._sweeps: dict[str, asyncio.TimerHandle] = {}
+        self._sweeps: dict[VipRuntime, asyncio.TimerHandle] = {}
         self.health: HealthChecker | None = None
         self.log = log or (lambda line: sys.stderr.write(f"v6lb: proxy: {line}\n"))
         self.admission = Admission()
@@ -137,39 +140,88 @@ class ProxyServer:
             return
         loop.default_exception_handler(context)
 
+    def _runtime(self, vip: Vip, now: float, prev: VipRuntime | None = None) -> VipRuntime:
+        """A VIP's runtime; after a reload (``prev``: the VIP's running one) its counters,
+        open connections and the health of the backends it keeps carry over."""
+        before: dict[tuple[str, int | None], int] = {}
+        if prev is not None:
+            before = {
+                (h, p): i for i, (h, p) in enumerate(zip(prev.hosts, prev.ports, strict=True))
+            }
+        hs: HealthSet[int] = HealthSet()
+        for i, b in enumerate(vip.backends):
+            j = before.get((str(b.address), b.port))
+            mon = prev.health.monitor(j) if prev is not None and j is not None else None
+            hs.add(i, health_monitor(vip.health, now, up=mon.is_up if mon else True))
+        rt = VipRuntime.build(
+            vip,
+            hs,
+            seed=self.seed,
+            max_connections=self.max_connections,
+            header_timeout=min(self.header_timeout, _idle(vip)),
+            write_high=self.write_high,
+            admission=self.admission,
+        )
+        for i in range(len(rt.pool)):
+            rt.pool.set_up(i, hs.keeps_existing_flows(i))
+        if prev is not None:
+            rt.stats, rt.latency, rt.live = prev.stats, prev.latency, prev.live
+            rt.sources, rt.source_of = prev.sources, prev.source_of
+            for i, b in enumerate(vip.backends):
+                j = before.get((str(b.address), b.port))
+                if j is not None:
+                    rt.backend_stats[i] = prev.backend_stats[j]
+        return rt
+
+    @staticmethod
+    def binds(vip: Vip) -> list[tuple[str, int, int]]:
+        """Every (host, port, family) a VIP listens on."""
+        dual = getattr(vip.options, "dual_stack", None)
+        out: list[tuple[str, int, int]] = []
+        for port in vip.ports:
+            out.append((str(vip.address), port, socket.AF_INET6))
+            if dual is not None:
+                out.append((str(dual), port, socket.AF_INET))
+        return out
+
+    def missing_binds(self, vips: Iterable[Vip]) -> list[tuple[str, int, int]]:
+        """The binds of ``vips`` no listener has now (port 0 always binds anew)."""
+        return [
+            b
+            for v in vips
+            if v.mode.is_proxy
+            for b in self.binds(v)
+            if b[1] == 0 or (b[0], b[1]) not in self.listeners
+        ]
+
+    async def _listen(
+        self, key: tuple[str, int], sock: socket.socket, rt: VipRuntime, backlog: int
+    ) -> _Listener:
+        lst = _Listener(rt)
+        loop = asyncio.get_running_loop()
+        lst.server = await loop.create_server(lst.make, sock=sock, backlog=backlog)
+        if key[1] == 0:  # bound to any port: a key of its own
+            key = (key[0], -len(self.listeners) - 1)
+        self.listeners[key] = lst
+        return lst
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(self._loop_exception)
         backlog = self._plan_fds()
+        self._backlog = backlog
         try:
             for vip in self.vips:
-                hs = health_set_for(vip.health, len(vip.backends), loop.time())
-                rt = VipRuntime.build(
-                    vip,
-                    hs,
-                    seed=self.seed,
-                    max_connections=self.max_connections,
-                    header_timeout=min(self.header_timeout, _idle(vip)),
-                    write_high=self.write_high,
-                    admission=self.admission,
-                )
+                rt = self._runtime(vip, loop.time())
                 self.runtimes[vip.name] = rt
-                proto: Callable[[], asyncio.Protocol]
-                if vip.mode is VipMode.PROXY_L7:
-                    proto = _factory(L7Client, rt)
-                else:
-                    proto = _factory(L4Client, rt)
-                dual = getattr(vip.options, "dual_stack", None)
-                for port in vip.ports:
-                    binds = [(str(vip.address), socket.AF_INET6)]
-                    if dual is not None:
-                        binds.append((str(dual), socket.AF_INET))
-                    for host, fam in binds:
-                        sock = _listen_socket(host, port, fam, backlog)
-                        srv = await loop.create_server(proto, sock=sock, backlog=backlog)
-                        self.servers.append(srv)
-                        self._server_vip.append(vip.name)
+                for host, port, fam in self.binds(vip):
+                    sock = _listen_socket(host, port, fam, backlog)
+                    try:
+                        await self._listen((host, port), sock, rt, backlog)
+                    except BaseException:
+                        sock.close()
+                        raise
             for rt in self.runtimes.values():
                 self._sweep(rt)
             self.health = HealthChecker(list(self.runtimes.values()))
@@ -178,21 +230,138 @@ class ProxyServer:
             await self.stop()
             raise
 
+    def bind(self, binds: list[tuple[str, int, int]]) -> dict[tuple[str, int], socket.socket]:
+        """Listening sockets for a reload's new binds (any thread); all or none (OSError)."""
+        out: dict[tuple[str, int], socket.socket] = {}
+        try:
+            for host, port, fam in binds:
+                out[(host, port)] = _listen_socket(host, port, fam, self._backlog)
+        except BaseException:
+            for sock in out.values():
+                sock.close()
+            raise
+        return out
+
+    async def reconfigure(
+        self,
+        vips: Iterable[Vip],
+        socks: dict[tuple[str, int], socket.socket],
+        pools: Mapping[str, BackendPool],
+    ) -> str:
+        """A reload, on the loop: ``socks`` from :meth:`bind` for the new binds.
+
+        Unchanged VIPs keep everything; a changed VIP gets a new runtime for its new
+        connections (and the next request of an open proxy-l7 connection) while the
+        open connections keep theirs, and so their backend; a removed VIP's listeners
+        close and its open connections run to their end. Listeners whose address and
+        port stay are kept (their socket is never closed). ``pools``: drain, enabled
+        and weight of every backend (`v6lb ctl` overrides included). What changed.
+        """
+        loop = asyncio.get_running_loop()
+        new = [v for v in vips if v.mode.is_proxy]
+        runtimes: dict[str, VipRuntime] = {}
+        changed: list[str] = []
+        added: list[str] = []
+        for vip in new:
+            prev = self.runtimes.get(vip.name)
+            if prev is not None and prev.vip == vip:
+                runtimes[vip.name] = prev
+                continue
+            runtimes[vip.name] = self._runtime(vip, loop.time(), prev)
+            (changed if prev is not None else added).append(vip.name)
+        # every fallible step first: the new listeners
+        made: list[asyncio.Server] = []
+        fresh: dict[tuple[str, int], _Listener] = {}
+        try:
+            for vip in new:
+                for host, port, _ in self.binds(vip):
+                    sock = socks.pop((host, port), None)
+                    if sock is None:
+                        continue
+                    lst = _Listener(runtimes[vip.name])
+                    lst.server = await loop.create_server(
+                        lst.make, sock=sock, backlog=self._backlog
+                    )
+                    made.append(lst.server)
+                    fresh[(host, port)] = lst
+        except BaseException:
+            for srv in made:
+                srv.close()
+            for sock in socks.values():
+                sock.close()
+            raise
+        # then the swap, which cannot fail
+        wanted = {(h, p): runtimes[v.name] for v in new for h, p, _ in self.binds(v)}
+        closed = 0
+        for key in list(self.listeners):
+            lst = self.listeners[key]
+            rt = wanted.get(key)
+            if rt is None:
+                del self.listeners[key]
+                if lst.server is not None:
+                    lst.server.close()  # no new connections; the open ones go on
+                closed += 1
+            else:
+                lst.rt = rt
+        self.listeners.update(fresh)
+        removed = [name for name in self.runtimes if name not in runtimes]
+        for name, old in self.runtimes.items():
+            rt_new = runtimes.get(name)
+            if rt_new is old:
+                continue
+            old.retired = True
+            old.successor = rt_new
+            for pooled in old.idle:  # idle pooled upstreams: their indices are the old ones
+                for up in pooled:
+                    if up.t is not None:
+                        up.t.close()
+                pooled.clear()
+            if rt_new is not None:  # the open connections are in rt_new.live: swept there
+                handle = self._sweeps.pop(old, None)
+                if handle is not None:
+                    handle.cancel()
+        self.vips = new
+        self.runtimes = runtimes
+        for name, rt in runtimes.items():
+            if rt not in self._sweeps:
+                self._sweep(rt)
+            pool = pools.get(name)
+            if pool is not None:
+                self.apply_pool(name, pool)
+        if self.health is not None:
+            self.health.retarget(list(runtimes.values()))
+        parts = []
+        if added:
+            parts.append(f"added {', '.join(added)}")
+        if changed:
+            parts.append(f"changed {', '.join(changed)}")
+        if removed:
+            parts.append(f"removed {', '.join(removed)}")
+        if fresh or closed:
+            parts.append(f"{len(fresh)} listener(s) opened, {closed} closed")
+        return "; ".join(parts) or "no change"
+
     def _sweep(self, rt: VipRuntime) -> None:
-        """Every VIP's timeouts are checked by one periodic sweep (not per-chunk timers)."""
+        """Every VIP's timeouts are checked by one periodic sweep (not per-chunk timers).
+
+        A removed VIP's runtime is swept until its last connection closed.
+        """
         loop = asyncio.get_running_loop()
         try:
             rt.sweep(loop.time())
         finally:
-            self._sweeps[rt.vip.name] = loop.call_later(rt.sweep_period(), self._sweep, rt)
+            if not rt.retired or (rt.successor is None and rt.live):
+                self._sweeps[rt] = loop.call_later(rt.sweep_period(), self._sweep, rt)
+            else:
+                self._sweeps.pop(rt, None)
 
     def addresses(self, vip: str | None = None) -> list[tuple[str, int]]:
         """The bound (host, port) of every listener (of one VIP); port 0 in a VIP binds any."""
         out = []
-        for srv, name in zip(self.servers, self._server_vip, strict=True):
-            if vip is not None and name != vip:
+        for lst in self.listeners.values():
+            if lst.server is None or (vip is not None and lst.rt.vip.name != vip):
                 continue
-            for s in srv.sockets:
+            for s in lst.server.sockets:
                 addr = s.getsockname()
                 out.append((str(addr[0]), int(addr[1])))
         return out
@@ -232,6 +401,52 @@ class ProxyServer:
         rt.pool.set_weight(backend, weight)
         rt.weights[backend] = weight
 
+    def set_enabled(self, vip: str, backend: int, enabled: bool) -> None:
+        """Disable a backend: no new connections, and its open ones end at once
+        (proxy-l4: closed; proxy-l7: the request it serves gets a 502, or is cut)."""
+        rt = self.runtimes[vip]
+        if not rt.pool.set_enabled(backend, enabled) or enabled:
+            return
+        for pooled in rt.idle[backend]:
+            if pooled.t is not None:
+                pooled.t.close()
+        rt.idle[backend].clear()
+        key = (rt.hosts[backend], rt.ports[backend])
+        for c in list(rt.live):  # connections from before a reload too: by address
+            i = c.backend
+            if i >= 0 and (c.rt.hosts[i], c.rt.ports[i]) == key:
+                c.cut(i)
+
+    def apply_pool(self, vip: str, pool: BackendPool) -> list[str]:
+        """Drain, enabled and weight of every backend as ``pool`` has them; what changed."""
+        rt = self.runtimes[vip]
+        done = []
+        for i in range(len(rt.pool)):
+            at = f"[{rt.hosts[i]}]" + (f":{rt.ports[i]}" if rt.ports[i] is not None else "")
+            if pool.is_draining(i) != rt.pool.is_draining(i):
+                self.set_drain(vip, i, pool.is_draining(i))
+                done.append(f"{at} {'drained' if pool.is_draining(i) else 'undrained'}")
+            if pool.weight(i) != rt.weights[i]:
+                self.set_weight(vip, i, pool.weight(i))
+                done.append(f"{at} weight {pool.weight(i)}")
+            if pool.is_enabled(i) != rt.pool.is_enabled(i):
+                self.set_enabled(vip, i, pool.is_enabled(i))
+                done.append(f"{at} {'enabled' if pool.is_enabled(i) else 'disabled'}")
+        return done
+
+    def quiesce(self) -> int:
+        """A graceful stop: close every listener (the kernel refuses new connections),
+        close idle proxy-l7 connections, and the others after their current response.
+        The client connections still open."""
+        self.admission.closing = True
+        for lst in self.listeners.values():
+            if lst.server is not None:
+                lst.server.close()
+        for rt in self.runtimes.values():
+            for c in list(rt.live):
+                c.quiesce()
+        return self.admission.active
+
     def status(self) -> list[dict[str, Any]]:
         """Per VIP, for `v6lb status`: listeners, counters, errors by reason, backends.
 
@@ -252,6 +467,7 @@ class ProxyServer:
                         "port": rt.ports[i],
                         "weight": rt.weights[i],
                         "drain": d.pop("drain"),
+                        "enabled": d.pop("enabled"),
                         "health": d.pop("state"),
                         "probe": str(vip.health.type),
                         "successes": monitor.successes if monitor else None,
@@ -273,10 +489,13 @@ class ProxyServer:
         return out
 
     async def stop(self) -> None:
-        for srv in self.servers:
-            srv.close()
-        self.servers.clear()
-        self._server_vip.clear()
+        for lst in self.listeners.values():
+            if lst.server is not None:
+                lst.server.close()
+        self.listeners.clear()
+        for rt in {*self._sweeps, *self.runtimes.values()}:
+            for c in list(rt.live):  # what a graceful stop's timeout leaves: cut
+                c.close(abort=True)
         for h in self._sweeps.values():
             h.cancel()
         self._sweeps.clear()
@@ -305,12 +524,20 @@ def _idle(vip: Vip) -> float:
     return float(t.idle) if t is not None else 60.0
 
 
-def _factory(cls: Any, rt: VipRuntime) -> Callable[[], asyncio.Protocol]:
-    def make() -> asyncio.Protocol:
-        p: asyncio.Protocol = cls(rt)
-        return p
+class _Listener:
+    """One listening socket; ``rt`` (the VIP's runtime now) makes its new connections,
+    so a reload that keeps the address and port keeps the socket and swaps ``rt``."""
 
-    return make
+    __slots__ = ("rt", "server")
+
+    def __init__(self, rt: VipRuntime) -> None:
+        self.rt = rt
+        self.server: asyncio.Server | None = None
+
+    def make(self) -> asyncio.Protocol:
+        rt = self.rt
+        p: asyncio.Protocol = L7Client(rt) if rt.is_l7 else L4Client(rt)
+        return p
 
 
 def serve(

@@ -73,6 +73,12 @@ class ProxyStatus:
             self._pid = pid
             self._state = "running"
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the VIPs listed before the engine answers (or after it stopped)."""
+        with self._lock:
+            self.config = config
+            self.vips = [v for v in config.vips if v.mode.is_proxy]
+
     def detach(self) -> None:
         with self._lock:
             self._loop = self._server = None
@@ -85,6 +91,7 @@ class ProxyStatus:
         with self._lock:
             state, loop, server = self._state, self._loop, self._server
             stats_socket, pid, loop_thread = self._stats_socket, self._pid, self._loop_thread
+            vips = self.vips
         out: dict[str, Any] = {"engine": self.engine, "state": state}
         if loop is not None and server is not None:
             out["vips"] = self._on_loop(loop, loop_thread, server)
@@ -97,9 +104,9 @@ class ProxyStatus:
             except OSError as exc:
                 out["error"] = f"HAProxy's stats socket {stats_socket} does not answer: {exc}"
                 rows = []
-            out["vips"] = _haproxy_vips(self.vips, rows)
+            out["vips"] = _haproxy_vips(vips, rows)
         else:
-            out["vips"] = [_config_vip(v) for v in self.vips]
+            out["vips"] = [_config_vip(v) for v in vips]
         return out
 
     __call__ = section
@@ -143,6 +150,7 @@ def _config_vip(vip: Vip) -> dict[str, Any]:
                 "port": b.port,
                 "weight": b.weight,
                 "drain": b.drain,
+                "enabled": True,
                 "health": "unknown",
                 "probe": str(vip.health.type),
             }
