@@ -4,7 +4,8 @@
 
 Each answer is ``{"node", "server", "local", "peer", "method", "path", "headers",
 "body_len"}``, plus ``"pad"`` when the query asks for ``bytes=N``: then the answer
-is padded to at least N bytes (up to 16 MB), a large response for PMTU tests. ``server`` is the backend address the lab gave it, ``local`` the
+is padded to at least N bytes (up to 16 MB), a large response for PMTU tests;
+``delay=S`` (seconds, a float up to 60) waits that long before answering. ``server`` is the backend address the lab gave it, ``local`` the
 address and port the connection reached (the VIP for DSR, the backend address
 after NAT), ``peer`` the TCP peer it saw (the client, or its mapped address).
 It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are served too.
@@ -18,6 +19,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +42,18 @@ class _Server(ThreadingHTTPServer):
 
 
 _MAX_BYTES = 16 << 20
+
+
+def _delay(path: str) -> float:
+    """``delay=S`` from the query: seconds to wait before answering (0 if absent or bad)."""
+    for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("delay", []):
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        if 0 < seconds <= 60:  # also false for nan
+            return seconds
+    return 0.0
 
 
 def _wanted_bytes(path: str) -> int:
@@ -77,6 +91,9 @@ class _Handler(BaseHTTPRequestHandler):
         return total
 
     def _answer(self) -> None:
+        body_len = self._body_len()
+        if delay := _delay(self.path):
+            time.sleep(delay)
         local = self.connection.getsockname()
         answer = {
             "node": self.node,
@@ -86,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
             "method": self.command,
             "path": self.path,
             "headers": dict(self.headers.items()),
-            "body_len": self._body_len(),
+            "body_len": body_len,
         }
         data = (json.dumps(answer) + "\n").encode()
         want = _wanted_bytes(self.path)

@@ -27,6 +27,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -210,6 +211,7 @@ class Haproxy:
         self.worker = 0  # the current worker's pid
         self.reloads = 0
         self._lock = threading.Lock()
+        self._alerts: list[str] = []  # haproxy's [ALERT] lines since the last start/reload
         if len(self.master_socket) > _MAX_UNIX_PATH:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise HaproxyError(
@@ -226,11 +228,24 @@ class Haproxy:
             raise HaproxyError(f"haproxy rejects the rendered config:\n{out}")
         self.cfg.write_text(text)
         self.proc = subprocess.Popen(
-            [self.binary, "-W", "-db", "-S", f"{self.master_socket},mode,600", "-f", str(self.cfg)]
+            [self.binary, "-W", "-db", "-S", f"{self.master_socket},mode,600", "-f", str(self.cfg)],
+            stderr=subprocess.PIPE,
         )
+        threading.Thread(target=self._relay, name="v6lb-haproxy-log", daemon=True).start()
         (self.dir / OWNER).write_text(f"{os.getpid()} {self.proc.pid}\n")
         self.worker = self._wait_worker((), 0, timeout)
         return self.worker
+
+    def _relay(self) -> None:
+        """haproxy's stderr to ours, line by line; its alerts kept for the error messages."""
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if "[ALERT]" in line:
+                self._alerts = [*self._alerts[-9:], line.split(": ", 1)[-1].strip()]
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
 
     @property
     def pid(self) -> int:
@@ -258,9 +273,10 @@ class Haproxy:
             try:
                 procs = self.processes()
                 if procs.failed > failed:
+                    said = "; ".join(self._alerts) or "its log on stderr says why"
                     raise HaproxyError(
-                        "haproxy could not load the new config (its log on stderr says why,"
-                        " e.g. an address it cannot bind); the previous worker serves on"
+                        f"haproxy could not load the new config ({said});"
+                        " the previous worker serves on"
                     )
                 new = [p for p in procs.workers if p not in old]
                 if new and _info(self.master_socket, new[0]).get("Pid") == str(new[0]):
@@ -282,6 +298,7 @@ class Haproxy:
             assert self.proc is not None
             before = self.processes()
             previous = self.cfg.read_text()
+            self._alerts = []
             tmp = self.cfg.with_suffix(".new")
             tmp.write_text(text)
             tmp.replace(self.cfg)
