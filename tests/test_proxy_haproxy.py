@@ -110,3 +110,51 @@ def test_haproxy_accepts_the_config(name: str) -> None:
 
     ok, out = check_config(render_haproxy(parse_config(CASES[name], file=f"{name}.yaml")))
     assert ok, out
+
+
+def test_pools_carry_ctl_state_into_the_render() -> None:
+    """A reload renders the pools (`v6lb ctl`'s overrides applied), not the file's values."""
+    from v6lb.model.modes import Kind, modes_where
+    from v6lb.model.pools import pools_for
+
+    config = parse_config(L7, file="x.yaml")
+    pools = pools_for(config, modes_where(kind=Kind.PROXY))
+    pools["web"].set_drain(0, True)
+    pools["web"].set_weight(1, 7)
+    pools["api"].set_enabled(0, False)
+    text = render_haproxy(config, pools=pools)
+    assert "    server b0 [2001:db8:0:20::1]:8080 weight 0 check" in text
+    assert "    server b1 [2001:db8:0:20::2]:8080 weight 7 check" in text
+    assert "    server b0 [2001:db8:0:21::1] weight 1 disabled\n" in text
+    assert render_haproxy(config, pools=pools_for(config, modes_where(kind=Kind.PROXY))) == (
+        render_haproxy(config)
+    )
+
+
+def test_show_proc_and_responses_by_class() -> None:
+    from v6lb.engines.proxy.haproxy_run import parse_show_proc
+    from v6lb.engines.proxy.status import _haproxy_vips
+
+    procs = parse_show_proc(
+        "#<PID>          <type>          <reloads>       <uptime>        <version>\n"
+        "8587            master          2 [failed: 1]   0d00h00m11s     2.6.12\n"
+        "# workers\n"
+        "8908            worker          0               0d00h00m01s     2.6.12\n"
+        "# old workers\n"
+        "8592            worker          1               0d00h00m09s     2.6.12\n"
+        "# programs\n\n"
+    )
+    assert (procs.master, procs.failed, procs.workers, procs.old) == (8587, 1, (8908,), (8592,))
+    config = parse_config(L7, file="x.yaml")
+    rows = [
+        {"pxname": "v6lb_web_80", "svname": "FRONTEND", "hrsp_2xx": "5", "hrsp_5xx": "1"},
+        {"pxname": "v6lb_web", "svname": "b1", "status": "DRAIN", "hrsp_2xx": "2", "ttime": "12"},
+        {"pxname": "v6lb_web", "svname": "BACKEND", "ttime": "9"},
+    ]
+    web, api = _haproxy_vips([v for v in config.vips], rows)
+    assert web["responses"] == {"1xx": 0, "2xx": 5, "3xx": 0, "4xx": 0, "5xx": 1, "other": 0}
+    assert web["response_time_avg_s"] == 0.009
+    b1 = web["backends"][1]
+    assert (b1["health"], b1["enabled"], b1["response_time_avg_s"]) == ("up", True, 0.012)
+    assert b1["responses"]["2xx"] == 2
+    assert api["responses"]["2xx"] == 0 and "responses" not in api["backends"][0]

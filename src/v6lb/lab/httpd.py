@@ -9,7 +9,8 @@ is padded to at least N bytes (up to 16 MB), a large response for PMTU tests; wi
 the connection open for the next request (else it is closed). ``server`` is the backend
 address the lab gave it, ``local`` the address and port the connection reached (the VIP
 for DSR, the backend address after NAT), ``peer`` the TCP peer it saw (the client, or
-its mapped address). It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are served too.
+its mapped address). It listens on ``[::]`` for every ``--port``, so VIPs on ``lo`` are
+served too.
 """
 
 from __future__ import annotations
@@ -45,24 +46,24 @@ class _Server(ThreadingHTTPServer):
 _MAX_BYTES = 16 << 20
 
 
+def _delay(path: str) -> float:
+    """``delay=S`` from the query: seconds to wait before answering (0 if absent or bad)."""
+    for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("delay", []):
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        if 0 < seconds <= 60:  # also false for nan
+            return seconds
+    return 0.0
+
+
 def _wanted_bytes(path: str) -> int:
     """``bytes=N`` from the query (0 if absent or not a number), at most 16 MB."""
     for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("bytes", []):
         if value.isdigit():
             return min(int(value), _MAX_BYTES)
     return 0
-
-
-def _wanted_delay(path: str) -> float:
-    """``delay=S`` from the query in seconds (0 if absent or not a number), at most 60."""
-    for value in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("delay", []):
-        try:
-            seconds = float(value)
-        except ValueError:
-            continue
-        if seconds == seconds:  # not NaN
-            return min(max(seconds, 0.0), 60.0)
-    return 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -92,6 +93,9 @@ class _Handler(BaseHTTPRequestHandler):
         return total
 
     def _answer(self) -> None:
+        body_len = self._body_len()
+        if delay := _delay(self.path):
+            time.sleep(delay)
         local = self.connection.getsockname()
         answer = {
             "node": self.node,
@@ -101,11 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
             "method": self.command,
             "path": self.path,
             "headers": dict(self.headers.items()),
-            "body_len": self._body_len(),
+            "body_len": body_len,
         }
-        delay = _wanted_delay(self.path)
-        if delay:
-            time.sleep(delay)
         data = (json.dumps(answer) + "\n").encode()
         want = _wanted_bytes(self.path)
         if want > len(data):

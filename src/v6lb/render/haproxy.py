@@ -20,7 +20,17 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
   consistent`` (client affinity, but not the core's Maglev table).
 - Weights: HAProxy takes 0–256, so weights above 256 are scaled down in
   proportion (a non-zero weight stays at least 1). Drain is ``weight 0``:
-  HAProxy then sends no new connections and keeps the open ones.
+  HAProxy then sends no new connections and keeps the open ones. With
+  ``pools`` (the running pools, `v6lb ctl`'s overrides applied) the weight,
+  drain and enabled state come from the pool; a disabled backend is
+  ``disabled`` (HAProxy's maintenance state).
+- Reloads (``haproxy -W``, :mod:`v6lb.engines.proxy.haproxy_run`): the stats
+  socket has ``expose-fd listeners`` (the new worker takes the listening
+  sockets over), ``hard-stop-after`` bounds how long an old worker may keep
+  its established connections, and proxy-l7 frontends have ``option
+  idle-close-on-response``: an idle keep-alive connection of the old worker is
+  not closed under the client's feet but serves its next request, answered
+  with ``Connection: close``.
 - A lower global ``maxconn`` than HAProxy's default, which otherwise warns that
   it cannot raise the file-descriptor limit.
 - ``timeouts.total`` has no HAProxy equivalent; it is written as a comment.
@@ -33,9 +43,10 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv6Address
 
+from v6lb.core.backends import BackendPool
 from v6lb.core.proxyproto import SIGNATURE
 from v6lb.model.config import (
     Config,
@@ -48,7 +59,14 @@ from v6lb.model.config import (
     VipMode,
 )
 
-__all__ = ["FORWARDING_HEADERS", "render_haproxy", "scaled_weights"]
+__all__ = [
+    "FORWARDING_HEADERS",
+    "backend_name",
+    "frontend_name",
+    "render_haproxy",
+    "scaled_weights",
+    "server_name",
+]
 
 HAPROXY_WEIGHT_MAX = 256
 FORWARDING_HEADERS = (
@@ -64,6 +82,21 @@ _BALANCE = {
     Scheduler.LEAST_CONNECTIONS: ["balance leastconn"],
     Scheduler.MAGLEV: ["balance source", "hash-type consistent"],
 }
+
+
+def frontend_name(vip: str, port: int) -> str:
+    """HAProxy's name of the frontend of ``vip`` on ``port``."""
+    return f"v6lb_{vip}_{port}"
+
+
+def backend_name(vip: str) -> str:
+    """HAProxy's name of the backend (the servers) of ``vip``."""
+    return f"v6lb_{vip}"
+
+
+def server_name(index: int) -> str:
+    """HAProxy's name of backend ``index`` (in the file's order) of a VIP."""
+    return f"b{index}"
 
 
 def _s(seconds: float) -> str:
@@ -91,8 +124,14 @@ def render_haproxy(
     nbthread: int = 1,
     header_timeout: float = 10.0,
     stats_socket: str | None = None,
+    hard_stop_after: float = 30.0,
+    pools: Mapping[str, BackendPool] | None = None,
 ) -> str:
-    """The whole haproxy.cfg for the proxy VIPs; other modes are left out."""
+    """The whole haproxy.cfg for the proxy VIPs; other modes are left out.
+
+    ``pools`` (by VIP name): the backends' weight, drain and enabled state as the
+    pools hold them (the file's values, `v6lb ctl`'s overrides applied).
+    """
     if isinstance(config, Config):
         vips = [v for v in config.vips if v.mode.is_proxy]
         source = config.source
@@ -104,13 +143,14 @@ def render_haproxy(
         "global",
         f"    maxconn {maxconn}",
         f"    nbthread {nbthread}",
+        f"    hard-stop-after {_s(hard_stop_after)}",
     ]
     heads = [v.options.max_header_bytes for v in vips if isinstance(v.options, ProxyL7Options)]
     if heads:
         # The request head must fit HAProxy's buffer; a larger head gets 431/400.
         out.append(f"    tune.bufsize {max(16384, max(heads) + 1024)}")
     if stats_socket:
-        out.append(f"    stats socket {stats_socket} mode 600 level admin")
+        out.append(f"    stats socket {stats_socket} mode 600 level admin expose-fd listeners")
     out += [
         "",
         "defaults",
@@ -124,7 +164,7 @@ def render_haproxy(
     ]
     for vip in vips:
         out += _frontends(vip, header_timeout)
-        out += _backend(vip)
+        out += _backend(vip, None if pools is None else pools.get(vip.name))
         if getattr(vip.options, "max_connections_per_source", 0):
             out += [
                 f"backend v6lb_{vip.name}_sources",
@@ -141,7 +181,7 @@ def _frontends(vip: Vip, header_timeout: float) -> list[str]:
     t = opts.timeouts
     out: list[str] = []
     for port in vip.ports:
-        out.append(f"frontend v6lb_{vip.name}_{port}")
+        out.append(f"frontend {frontend_name(vip.name, port)}")
         out.append(f"    bind [{vip.address}]:{port} v6only")
         if opts.dual_stack is not None:
             out.append(f"    bind {opts.dual_stack}:{port}")
@@ -167,8 +207,9 @@ def _frontends(vip: Vip, header_timeout: float) -> list[str]:
             out.append(f"    timeout http-request {_s(min(header_timeout, t.idle))}")
             out.append(f"    timeout http-keep-alive {_s(t.idle)}")
             out.append("    option http-keep-alive")
+            out.append("    option idle-close-on-response")
             out += _forwarding(opts)
-        out.append(f"    default_backend v6lb_{vip.name}")
+        out.append(f"    default_backend {backend_name(vip.name)}")
         out.append("")
     return out
 
@@ -226,12 +267,12 @@ def _forwarding(opts: ProxyL7Options) -> list[str]:
     return out
 
 
-def _backend(vip: Vip) -> list[str]:
+def _backend(vip: Vip, pool: BackendPool | None) -> list[str]:
     opts = vip.options
     assert isinstance(opts, ProxyL4Options | ProxyL7Options)
     l7 = vip.mode is VipMode.PROXY_L7
     t = opts.timeouts
-    out = [f"backend v6lb_{vip.name}", f"    mode {'http' if l7 else 'tcp'}"]
+    out = [f"backend {backend_name(vip.name)}", f"    mode {'http' if l7 else 'tcp'}"]
     out += [f"    {line}" for line in _BALANCE[vip.scheduler]]
     out.append(f"    timeout connect {_s(t.connect)}")
     out.append(f"    timeout server {_s(t.idle)}")
@@ -252,10 +293,20 @@ def _backend(vip: Vip) -> list[str]:
         if hc.port is not None:
             check += f" port {hc.port}"
     pp = isinstance(opts, ProxyL4Options) and opts.proxy_protocol is ProxyProtocol.V2
-    weights = scaled_weights([b.weight for b in vip.backends])
+    n = len(vip.backends)
+    if pool is not None and len(pool) == n:
+        drain = [pool.is_draining(i) for i in range(n)]
+        enabled = [pool.is_enabled(i) for i in range(n)]
+        weights = scaled_weights([pool.weight(i) for i in range(n)])
+    else:
+        drain = [b.drain for b in vip.backends]
+        enabled = [True] * n
+        weights = scaled_weights([b.weight for b in vip.backends])
     for i, (b, w) in enumerate(zip(vip.backends, weights, strict=True)):
-        line = f"    server b{i} {_addr(b.address, b.port)}"
-        line += f" weight {0 if b.drain else w}"
+        line = f"    server {server_name(i)} {_addr(b.address, b.port)}"
+        line += f" weight {0 if drain[i] else w}"
+        if not enabled[i]:
+            line += " disabled"
         if pp:
             line += " send-proxy-v2"
             if check and hc.type is HealthType.TCP:
@@ -263,7 +314,7 @@ def _backend(vip: Vip) -> list[str]:
         line += check
         if check and hc.port is None and b.port is None:
             line += f" port {vip.ports[0]}"  # a port-less server needs a check port
-        if b.drain:
+        if drain[i]:
             line += "  # drain: no new connections, open ones finish"
         out.append(line)
     out.append("")

@@ -31,8 +31,15 @@ from v6lb.errors import UsageError
 from v6lb.model.config import Config
 from v6lb.model.modes import Kind, modes_where
 from v6lb.model.pools import pools_for
+from v6lb.render.haproxy import (
+    backend_name,
+    frontend_name,
+    render_haproxy,
+    scaled_weights,
+    server_name,
+)
 
-from .haproxy_run import run_haproxy
+from .haproxy_run import Haproxy, HaproxyError, check_config, run_haproxy
 from .server import ProxyServer, serve
 from .status import ProxyStatus
 
@@ -250,14 +257,123 @@ class BuiltinProxyPlane(ProxyPlane):
 
 
 class HaproxyPlane(ProxyPlane):
-    """``--proxy haproxy``: Debian's haproxy on the rendered haproxy.cfg."""
+    """``--proxy haproxy``: Debian's haproxy (master-worker) on the rendered haproxy.cfg.
+
+    A reload renders the new proxy VIPs from the new pools (`v6lb ctl`'s overrides
+    applied), checks them with ``haproxy -c`` in :meth:`stage` and reloads haproxy
+    seamlessly in ``commit`` (:meth:`.haproxy_run.Haproxy.reload`). A ``ctl`` change
+    goes to HAProxy's runtime API (``set server``). The graceful stop is HAProxy's
+    soft stop; the sessions in flight are the frontends' ``scur`` of every worker.
+    """
 
     name = "haproxy"
 
+    def __init__(self, config: Config, ctx: PlaneContext) -> None:
+        super().__init__(config, ctx)
+        self._haproxy: Haproxy | None = None
+        self._quiesced = False
+        self.proxy_status.set_haproxy_config(config, self._ctl_pools)
+
     def engine(self) -> Mapping[str, Any]:
-        return run_haproxy(
+        def started(hp: Haproxy) -> None:
+            self._haproxy = hp
+            self._ready.set()
+
+        final = run_haproxy(
             self.config,
             stop_event=self._stop,
             status=self.proxy_status,
-            on_start=lambda pid: self._ready.set(),
+            on_start=started,
+            pools=self._ctl_pools,
         )
+        if self._quiesced:  # the soft stop ended haproxy: the daemon's stop goes on
+            self._stop.wait()
+        return final
+
+    def _running(self) -> Haproxy:
+        hp = self._haproxy
+        if hp is None or not hp.alive():
+            raise RunError("haproxy is not running", "restart `v6lb run --proxy haproxy`")
+        return hp
+
+    def stage(self, config: Config) -> Staged:
+        running = [v for v in self.config.vips if v.mode.is_proxy]
+        vips = [v for v in config.vips if v.mode.is_proxy]
+        if vips == running:
+            return Staged()
+        here = host_links().addresses
+        for vip in vips:
+            if vip.address not in here:
+                raise RunError(
+                    f"vips.{vip.name}.address: {vip.address} is not assigned to any interface"
+                    " of this host, so the proxy cannot receive its traffic",
+                    f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
+                )
+        hp = self._running()
+        pools = pools_for(config, modes_where(kind=Kind.PROXY))
+        ok, out = check_config(render_haproxy(config, stats_socket=hp.stats_socket))
+        if not ok:
+            raise RunError(f"haproxy rejects the new config:\n{out.strip()}", "fix the file")
+
+        def commit() -> str:
+            # after the daemon applied `v6lb ctl`'s overrides onto the new pools
+            text = render_haproxy(config, stats_socket=hp.stats_socket, pools=pools)
+            try:
+                worker = hp.reload(text)
+            except (HaproxyError, OSError) as exc:
+                raise RunError(str(exc), "fix the file, or what haproxy names") from None
+            self.config = config
+            self._ctl_pools = pools
+            self.proxy_status.set_haproxy_config(config, pools)
+            return f"; haproxy reloaded: {len(vips)} proxy VIP(s), worker pid {worker}"
+
+        return Staged(commit=commit, control_pools=pools)
+
+    def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
+        """Each backend's state and weight through HAProxy's runtime API (every worker).
+
+        drain: ``state drain`` (no new connections, the open ones go on); disabled:
+        ``state maint`` and ``shutdown sessions`` (its open connections close too);
+        else ``state ready``. Weights as rendered: 1..256 as they are, above scaled.
+        """
+        hp = self._running()
+        weights = scaled_weights([pool.weight(i) for i in range(len(pool))])
+        done = []
+        try:
+            for i, weight in enumerate(weights):
+                server = f"{backend_name(vip)}/{server_name(i)}"
+                if not pool.is_enabled(i):
+                    state = "maint"
+                elif pool.is_draining(i):
+                    state = "drain"
+                else:
+                    state = "ready"
+                hp.command(f"set server {server} weight {weight}")
+                hp.command(f"set server {server} state {state}")
+                if state == "maint":
+                    hp.command(f"shutdown sessions server {server}")
+                done.append(f"{server_name(i)} {state} weight {weight}")
+        except (HaproxyError, OSError) as exc:
+            raise RunError(f"haproxy runtime API: {exc}", "see haproxy's log") from None
+        return f"haproxy: {', '.join(done)}"
+
+    def quiesce(self) -> str:
+        hp = self._haproxy
+        if hp is None or not hp.alive():
+            return ""
+        self._quiesced = True
+        hp.soft_stop()
+        return "haproxy: soft stop (listeners closed, open connections finish)"
+
+    def in_flight(self) -> int:
+        hp = self._haproxy
+        if hp is None or not hp.alive():
+            return 0
+        fronts = {
+            frontend_name(v.name, port) for v in self.config.vips if v.mode.is_proxy
+            for port in v.ports
+        }  # fmt: skip
+        try:
+            return hp.sessions(fronts)
+        except OSError:
+            return 1 if hp.alive() else 0  # a worker exiting: the master follows

@@ -6,10 +6,15 @@ running engine:
 - builtin: the :class:`~.server.ProxyServer`. Its counters belong to the event
   loop, so the snapshot is taken ON the loop (``call_soon_threadsafe``) and the
   control thread waits for it; the loop itself never blocks on a client.
-- haproxy: HAProxy's stats socket (``stats socket`` in the rendered haproxy.cfg);
-  ``show stat`` gives health per server, current sessions and HAProxy's own
-  counters, mapped onto the same fields as the builtin engine's where they mean
-  the same thing (``errors`` then carries HAProxy's counter names).
+- haproxy: ``show stat`` of the current worker, through the master CLI
+  (``@1 show stat``; it answers during reloads and a soft stop, when the stats
+  socket may not), or HAProxy's stats socket (``stats socket`` in the rendered
+  haproxy.cfg) when no master CLI is given. It gives health per server, current
+  sessions and HAProxy's own counters, mapped onto the same fields as the builtin
+  engine's where they mean the same thing (``errors`` then carries HAProxy's
+  counter names); ``responses`` counts HTTP responses by class (``hrsp_*``). A
+  backend's ``weight``, ``drain`` and ``enabled`` are v6lb's (the pools, with
+  `v6lb ctl`'s overrides); ``haproxy_weight``/``haproxy_status`` are HAProxy's.
 
 Before the engine is ready (or after it stopped), the VIPs are listed from the
 config with ``"state": "starting"`` (or ``"stopped"``) and no counters.
@@ -23,11 +28,13 @@ import csv
 import io
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from v6lb.core.backends import BackendPool
 from v6lb.engines.control import recv_all
-from v6lb.model.config import Config, Vip
+from v6lb.model.config import Config, Vip, VipMode
+from v6lb.render.haproxy import backend_name, frontend_name, server_name
 
 __all__ = ["BuiltinEngine", "ProxyStatus", "haproxy_stat", "parse_haproxy_stat"]
 
@@ -55,7 +62,9 @@ class ProxyStatus:
         self._loop_thread: int | None = None
         self._server: BuiltinEngine | None = None
         self._stats_socket: str | None = None
+        self._master_socket: str | None = None
         self._pid: int | None = None
+        self._pools: Mapping[str, BackendPool] = {}  # haproxy: v6lb's state of the backends
 
     # --- pointed at the engine by serve()/run_haproxy() ------------------------
 
@@ -67,9 +76,13 @@ class ProxyStatus:
             self._server = server
             self._state = "running"
 
-    def attach_haproxy(self, stats_socket: str, pid: int) -> None:
+    def attach_haproxy(
+        self, stats_socket: str, pid: int, *, master_socket: str | None = None
+    ) -> None:
+        """``pid``: haproxy's master (the same across reloads); ``master_socket``: its CLI."""
         with self._lock:
             self._stats_socket = stats_socket
+            self._master_socket = master_socket
             self._pid = pid
             self._state = "running"
 
@@ -78,6 +91,13 @@ class ProxyStatus:
         with self._lock:
             self.config = config
             self.vips = [v for v in config.vips if v.mode.is_proxy]
+
+    def set_haproxy_config(self, config: Config, pools: Mapping[str, BackendPool]) -> None:
+        """haproxy: the running config (after a reload) and its pools (`v6lb ctl`'s state)."""
+        with self._lock:
+            self.config = config
+            self.vips = [v for v in config.vips if v.mode.is_proxy]
+            self._pools = pools
 
     def detach(self) -> None:
         with self._lock:
@@ -91,7 +111,7 @@ class ProxyStatus:
         with self._lock:
             state, loop, server = self._state, self._loop, self._server
             stats_socket, pid, loop_thread = self._stats_socket, self._pid, self._loop_thread
-            vips = self.vips
+            master, vips, pools = self._master_socket, self.vips, self._pools
         out: dict[str, Any] = {"engine": self.engine, "state": state}
         if loop is not None and server is not None:
             out["vips"] = self._on_loop(loop, loop_thread, server)
@@ -99,12 +119,15 @@ class ProxyStatus:
         elif stats_socket is not None:
             out["haproxy_pid"] = pid
             out["stats_socket"] = stats_socket
+            if master is not None:
+                out["master_socket"] = master
+            path = master or stats_socket
             try:
-                rows = haproxy_stat(stats_socket)
+                rows = haproxy_stat(path, master=master is not None)
             except OSError as exc:
-                out["error"] = f"HAProxy's stats socket {stats_socket} does not answer: {exc}"
+                out["error"] = f"HAProxy's CLI socket {path} does not answer: {exc}"
                 rows = []
-            out["vips"] = _haproxy_vips(vips, rows)
+            out["vips"] = _haproxy_vips(vips, rows, pools)
         else:
             out["vips"] = [_config_vip(v) for v in vips]
         return out
@@ -162,13 +185,17 @@ def _config_vip(vip: Vip) -> dict[str, Any]:
 # --- HAProxy -------------------------------------------------------------------
 
 
-def haproxy_stat(path: str, *, timeout: float = 2.0) -> list[dict[str, str]]:
-    """``show stat`` on HAProxy's stats socket, one dict per CSV row."""
+def haproxy_stat(path: str, *, timeout: float = 2.0, master: bool = False) -> list[dict[str, str]]:
+    """``show stat`` on HAProxy's stats socket, one dict per CSV row.
+
+    ``master``: ``path`` is the master CLI; the current worker answers (``@1``).
+    """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
-        s.sendall(b"show stat\n")
+        s.sendall(b"@1 show stat\n" if master else b"show stat\n")
+        s.shutdown(socket.SHUT_WR)  # the master CLI answers, then closes
         data = recv_all(s)
     finally:
         s.close()
@@ -197,19 +224,38 @@ def _int(row: Mapping[str, str], key: str) -> int:
 def _health(status: str) -> str:
     """HAProxy's server status (``UP``, ``UP 1/3``, ``DOWN``, ``NOLB``, ``MAINT``, ``no check``)."""
     word = status.split(" ", 1)[0].upper()
-    if word in ("UP", "NOLB", "NO"):  # "no check": not probed, counts as up
+    if word in ("UP", "NOLB", "NO", "DRAIN"):  # "no check": not probed, counts as up
         return "up"
     if word == "DOWN":
         return "down"
     return status.lower() or "unknown"
 
 
-def _haproxy_vips(vips: list[Vip], rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+_RESPONSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+def _responses(rows: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """HTTP responses by class, from HAProxy's ``hrsp_*`` counters."""
+    return {k: sum(_int(r, f"hrsp_{k}") for r in rows) for k in _RESPONSES}
+
+
+def _avg_s(row: Mapping[str, str], key: str) -> float | None:
+    """HAProxy's average time over the last 1024 requests (ms) as seconds, if it has one."""
+    value = row.get(key)
+    return round(int(value) / 1000, 6) if value and value.isdigit() else None
+
+
+def _haproxy_vips(
+    vips: list[Vip],
+    rows: list[dict[str, str]],
+    pools: Mapping[str, BackendPool] | None = None,
+) -> list[dict[str, Any]]:
     by_key = {(r["pxname"], r["svname"]): r for r in rows}
     out = []
     for vip in vips:
         d = _config_vip(vip)
-        fronts = [by_key.get((f"v6lb_{vip.name}_{port}", "FRONTEND"), {}) for port in vip.ports]
+        http = vip.mode is VipMode.PROXY_L7
+        fronts = [by_key.get((frontend_name(vip.name, port), "FRONTEND"), {}) for port in vip.ports]
         for key, col in (
             ("connections", "stot"),
             ("active", "scur"),
@@ -218,12 +264,23 @@ def _haproxy_vips(vips: list[Vip], rows: list[dict[str, str]]) -> list[dict[str,
             ("bytes_out", "bout"),
         ):
             d[key] = sum(_int(f, col) for f in fronts)
-        back = by_key.get((f"v6lb_{vip.name}", "BACKEND"), {})
+        back = by_key.get((backend_name(vip.name), "BACKEND"), {})
         errors = {k: sum(_int(r, k) for r in [*fronts, back]) for k in _HAPROXY_ERRORS}
         d["errors"] = {k: n for k, n in errors.items() if n}
+        if http:
+            d["responses"] = _responses(fronts)
+            if (avg := _avg_s(back, "ttime")) is not None:
+                d["response_time_avg_s"] = avg
         d["counters_from"] = "haproxy"
+        pool = (pools or {}).get(vip.name)
         for i, b in enumerate(d["backends"]):
-            row = by_key.get((f"v6lb_{vip.name}", f"b{i}"))
+            if pool is not None and i < len(pool):
+                b["weight"] = pool.weight(i)
+                b["drain"] = pool.is_draining(i)
+                b["enabled"] = pool.is_enabled(i)
+            else:
+                b["enabled"] = True
+            row = by_key.get((backend_name(vip.name), server_name(i)))
             if row is None:
                 continue
             b["health"] = _health(row.get("status", ""))
@@ -236,5 +293,9 @@ def _haproxy_vips(vips: list[Vip], rows: list[dict[str, str]]) -> list[dict[str,
             b["failures"] = _int(row, "chkfail")
             errs = {k: _int(row, k) for k in ("econ", "eresp", "wretr", "wredis")}
             b["errors"] = {k: n for k, n in errs.items() if n}
+            if http:
+                b["responses"] = _responses([row])
+                if (avg := _avg_s(row, "ttime")) is not None:
+                    b["response_time_avg_s"] = avg
         out.append(d)
     return out
