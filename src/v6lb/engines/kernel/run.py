@@ -66,7 +66,7 @@ from v6lb.render.nftables import (
     table_name,
     vip_counter,
 )
-from v6lb.render.routes import ROUTE_PROTO, tunnel_targets
+from v6lb.render.routes import ROUTE_PROTO, l2_probe_targets, tunnel_targets
 
 __all__ = [
     "RUN_TOOLS",
@@ -168,16 +168,23 @@ class KernelPlane(Plane):
         return self._pools
 
     def probe_route(self, config: Config, vip: str, index: int) -> ProbeRoute | None:
-        """dsr-ip6ip6/dsr-srv6: to the VIP with the backend's mark, so its seg6 route takes it.
+        """Every DSR backend: to the VIP with the backend's mark, as its client traffic.
 
-        The probe leaves from ``lb.addresses[0]``; the backend decapsulates it and
+        dsr-ip6ip6/dsr-srv6: the mark's rule and seg6 route encapsulate the probe to
+        the backend. dsr-l2: the mark's rule and route send it to the VIP via a next
+        hop whose permanent neighbour entry is the backend's MAC (render/routes.py), so
+        it leaves the egress link as a frame to that MAC, as the rewritten client frames.
+        The probe leaves from ``lb.addresses[0]`` (else the kernel's choice); the backend
         answers from the VIP on its ``lo`` straight to that address, as it answers a
-        client. A backend without the VIP or without decapsulation fails the probe.
+        client. A backend without the VIP (or without decapsulation) fails the probe.
         """
+        source = config.lb.addresses[0] if config.lb.addresses else None
         for t in tunnel_targets(config):
             if t.vip.name == vip and t.backend_index == index:
-                source = config.lb.addresses[0] if config.lb.addresses else None
                 return ProbeRoute(t.vip.address, t.mark, source, f"{t.vip.mode} tunnel")
+        for p in l2_probe_targets(config):
+            if p.vip.name == vip and p.backend_index == index:
+                return ProbeRoute(p.vip.address, p.mark, source, f"dsr-l2 MAC {p.mac}")
         return None
 
     # --- install / remove -------------------------------------------------------
