@@ -308,10 +308,10 @@ def _route_cleanup(instance: str, netns: str | None) -> list[str]:
         if str(entry.get("protocol")) not in ("118", hex(ROUTE_PROTO)):
             continue
         try:
-            table = gateway_table(IPv6Address(str(entry.get("dst"))))
+            number = gateway_table(IPv6Address(str(entry.get("dst"))))
         except ValueError:
             continue
-        if table is not None and in_instance_block(str(table), instance):
+        if number is not None and in_instance_block(str(number), instance):
             lines.append(f"neigh del {entry['dst']} dev {entry['dev']}")
     return lines
 
