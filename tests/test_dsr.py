@@ -623,6 +623,8 @@ def test_a_pinned_probe_flow_reaches_its_backend_up_or_down() -> None:
             assert IPv6(bytes(out)).dst == fx.BEM[i]  # type: ignore[arg-type]
             assert inner_of(out) == decremented(syn)  # type: ignore[arg-type]
     assert fwd.flows == 0
+    # counted apart: `forwarded` is the clients' traffic
+    assert (fwd.counters.forwarded, fwd.counters.extra["dsr.probe_packets"]) == (0, 8)
     other = build.tcp(fx.LB, fx.VIPM, 41000, 8081)  # not pinned, not a VIP port
     assert fwd.process(bytearray(other), PORT_OUTSIDE, 0.0)[0] == DROP
     fwd.pin(("multi", 0), "multi", 0, A(fx.LB), 42000, 8080)  # the owner's next probe

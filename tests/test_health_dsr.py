@@ -19,6 +19,9 @@ For each plane (one lab each, two VIPs: ``tun`` dsr-ip6ip6 and ``l2`` dsr-l2):
   of each VIP down within ``fall x interval + timeout`` (plus one poll), and every new
   flow from the client is answered by backend 2.
 * The VIPs are put back: backend 1 is up again in each VIP.
+* Kernel plane: the egress link goes down and up, which deletes the dsr-l2 probes'
+  neighbour entries and routes; the plane loads them again (and logs it) and every
+  backend is up again.
 * SIGTERM: the kernel plane leaves no rule, route or neighbour entry of the instance.
 
 Namespaces ``v6lb-h-<pid>-<n>``, deleted in ``finally``; 2001:db8::/32 and fd00::/8 only.
@@ -264,6 +267,31 @@ def test_dsr_probes_through_the_data_path_find_a_backend_without_the_vip(
                 took = wait_for(what, lambda w=what: logged(w)) - t0
                 print(f"dsr health ({plane}): {what} after {took:.2f} s")
             assert health(sock) == {"tun": ["up", "up"], "l2": ["up", "up"]}
+
+            if plane == "kernel":
+                # the egress link down and up: its neighbour entries and routes are gone
+                # (the netdev rule stays); the plane puts them back within a second
+                t0 = time.monotonic()
+                nsx(lb, "ip", "link", "set", "l1", "down")
+                nsx(lb, "ip", "link", "set", "l1", "up")
+                batch(
+                    lb,
+                    "address replace 2001:db8:b::1/64 dev l1 nodad",
+                    *(
+                        f"route replace {d}/64 via {a}"
+                        for d, a in zip(DECAPS, BACKENDS, strict=True)
+                    ),
+                )
+                took = wait_for("the routes restored", lambda: logged("neighbour entries were"))
+                print(f"dsr health (kernel): routes restored {took - t0:.2f} s after the bounce")
+                wait_for(
+                    "every backend up after the bounce",
+                    lambda: (
+                        health(sock) == {"tun": ["up", "up"], "l2": ["up", "up"]}
+                        and logged("neighbour entries were") is not None
+                    ),
+                )
+                assert set(flows(c, VIP_L, sources[:8])) <= {"b1", "b2"}
 
             run.send_signal(signal.SIGTERM)
             assert run.wait(timeout=15) == 0, [x for _, x in lines]

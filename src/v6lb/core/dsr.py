@@ -492,7 +492,7 @@ class DsrForwarder:
                 if pinned is not None:
                     svc, idx = pinned
                     e = svc.entry(idx, flow_hash(src, dst, sport, dport, svc.pool.seed))
-                    return self._hand_over(buf, port, now, svc, e)
+                    return self._hand_over(buf, port, now, svc, e, probe=True)
             svc = _match(services, proto, dport)
             if svc is None:
                 return self._drop(_NO_MATCH)
@@ -624,28 +624,39 @@ class DsrForwarder:
         return self._hand_over(buf, port, now, svc, e)
 
     def _hand_over(
-        self, buf: bytearray, port: int, now: float, svc: DsrService, e: Entry
+        self, buf: bytearray, port: int, now: float, svc: DsrService, e: Entry, probe: bool = False
     ) -> Verdict:
-        """Send the packet to the backend of entry ``e``: MAC rewrite, or encapsulated."""
+        """Send the packet to the backend of entry ``e``: MAC rewrite, or encapsulated.
+
+        A pinned probe's packet is counted as ``dsr.probe_packets``, not ``forwarded``:
+        the forwarded count is the clients' traffic (as the kernel plane's VIP counter,
+        which the LB's own probes never cross).
+        """
         routed = svc.routed
         if routed and buf[OFF_HLIM] <= 1:
             return self._error(buf, _HOP_LIMIT, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, port, now)
         if not routed:
-            self.counters.forwarded += 1
+            self._count(probe)
             return (FORWARD_L2, PORT_INSIDE, e[6])
         n = len(buf)
         if n <= e[4]:
-            self.counters.forwarded += 1
+            self._count(probe)
             return (FORWARD, PORT_INSIDE, _encap(buf, e))
         if n <= MIN_MTU:
             # RFC 2473 §7.1 (a): fits the IPv6 minimum MTU, so the tunnel
             # fragments the outer packet instead of asking for less than 1280.
-            self.counters.forwarded += 1
+            self._count(probe)
             self.counters.bump("dsr.outer_fragmented")
             return (FORWARD_MANY, PORT_INSIDE, self._fragment(buf, e, svc))
         # RFC 2473 §7.1 (b): Packet Too Big with the tunnel MTU, never below 1280.
         mtu = max(e[4], MIN_MTU)
         return self._error(buf, _TOO_BIG, ICMP6_PACKET_TOO_BIG, 0, mtu, port, now)
+
+    def _count(self, probe: bool) -> None:
+        if probe:
+            self.counters.bump("dsr.probe_packets")
+        else:
+            self.counters.forwarded += 1
 
     def _fragment(self, buf: bytearray, e: Entry, svc: DsrService) -> list[bytearray]:
         """RFC 8200 §4.5: the outer header (and SRH) repeated, a Fragment header, a slice."""

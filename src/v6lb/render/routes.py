@@ -212,16 +212,18 @@ def _tunnel_source(config: Config) -> IPv6Address | None:
     return next(iter(sources), None)
 
 
-def render_lb_routes(config: Config, *, dev: str | None = None) -> str:
+def render_lb_routes(config: Config, *, dev: str | None = None, l2_dev: str | None = None) -> str:
     """The LB's batch: tunnel source, one encap route per (VIP, backend) table, fwmark rules.
 
     ``dev`` is the device the encap routes name (the outer packet is routed again
     by its new destination); it defaults to the first ``lb.interfaces``.
-    The ``dsr-l2`` probe tables (module docstring) name the dsr-l2 egress link.
-    Empty text when the config has no tunnel or dsr-l2 VIP.
+    The ``dsr-l2`` probe tables (module docstring) name the dsr-l2 egress link,
+    ``l2_dev`` (default: :func:`dsr_l2_egress`); with neither there are none.
+    Empty text when the config has no tunnel VIP or dsr-l2 probe.
     """
     targets = tunnel_targets(config)
-    probes = l2_probe_targets(config)
+    egress = l2_dev or dsr_l2_egress(config)
+    probes = l2_probe_targets(config) if egress is not None else []
     if not targets and not probes:
         return ""
     tag = f"v6lb:{config.lb.instance}"
@@ -248,9 +250,6 @@ def render_lb_routes(config: Config, *, dev: str | None = None) -> str:
             f" dev {dev} table {t.table} proto {ROUTE_PROTO:#x}"
         )
         lines.append(_mark_rule(t.mark, t.table))
-    egress = dsr_l2_egress(config)
-    if probes and egress is None:
-        raise RenderError("the dsr-l2 probe routes need the egress link: list it in lb.interfaces")
     for p in probes:
         b = p.vip.backends[p.backend_index]
         lines.append(f"# {tag} {p.vip.name} backend {p.backend_index} {b.address}: health probes")

@@ -379,7 +379,7 @@ def render_lb(
     return Rendered(
         nft=render_nft(config, pools=pools, l2=l2, backend_macs=backend_macs),
         ip6tables=render_npt(config.npt, config.lb.instance),
-        routes=render_lb_routes(config, dev=dev),
+        routes=render_lb_routes(config, dev=dev, l2_dev=l2.egress if l2 is not None else None),
     )
 
 

@@ -25,6 +25,7 @@ from v6lb.engines.kernel.apply import (
     Rendered,
     apply,
     apply_nft,
+    apply_routes,
     conntrack_count,
     in_instance_block,
     leftovers,
@@ -67,6 +68,9 @@ from v6lb.render.nftables import (
     vip_counter,
 )
 from v6lb.render.routes import ROUTE_PROTO, l2_probe_targets, tunnel_targets
+
+PROBE_ROUTE_CHECK: Final = 1.0
+"""Seconds between two looks at the dsr-l2 probes' neighbour entries (see :meth:`tick`)."""
 
 __all__ = [
     "RUN_TOOLS",
@@ -145,6 +149,9 @@ class KernelPlane(Plane):
         self.announcer = Announcer.create(config, self.instance, ctx.log)
         # lb.conntrack_sync: the conntrackd that replicates NAT flows (docs/anycast.md)
         self.syncer = ConntrackSyncer.create(config, self.instance, ctx.log)
+        self._next_route_check = 0.0
+        self._route_error = ""
+        self._gateways = _probe_gateways(config)
 
     @classmethod
     def preflight(cls, config: Config) -> None:
@@ -230,7 +237,44 @@ class KernelPlane(Plane):
             self.announcer.check(now, self._pools)  # the LB's own check (docs/anycast.md)
         if self.syncer is not None:
             self.syncer.check(now)
-        return None
+        if not self._gateways:
+            return None
+        if now >= self._next_route_check:
+            self._next_route_check = now + PROBE_ROUTE_CHECK
+            self._check_probe_routes()
+        return self._next_route_check
+
+    def _check_probe_routes(self) -> None:
+        """Put the routes back when a dsr-l2 probe's neighbour entry is gone.
+
+        Taking the egress link down (``ip link set ... down``) deletes its neighbour
+        entries, permanent ones too, and its routes; the netdev rule that rewrites the
+        client frames stays. Without this the probes would fail once the link is up
+        again and every dsr-l2 backend would be marked down while its clients are
+        served. The whole routes batch is loaded again (tunnel routes included).
+        """
+        have = {
+            str(e.get("dst"))
+            for e in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=None))
+            if str(e.get("protocol")) in ("118", hex(ROUTE_PROTO))
+        }
+        missing = len(self._gateways - have)
+        if not missing:
+            self._route_error = ""
+            return
+        try:
+            apply_routes(self.rendered.routes, self.instance)
+        except KernelError as exc:
+            if exc.message != self._route_error:  # once per distinct failure, not per second
+                self._route_error = exc.message
+                self.ctx.warn(f"restoring the routes failed (retrying every second): {exc}")
+            return
+        self._route_error = ""
+        self.ctx.warn(
+            f"{missing} dsr-l2 probe neighbour entr{'y was' if missing == 1 else 'ies were'}"
+            " gone (a link went down?): loaded the instance's routes, rules and neighbour"
+            " entries again"
+        )
 
     def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
         """Refill the VIP's map(s) in one transaction; BGP follows the pools."""
@@ -256,6 +300,7 @@ class KernelPlane(Plane):
             rendered = render_for(config, links, pools)  # after the daemon marked the dead
             apply(rendered, self.instance, previous=self.rendered)
             self.config, self.links, self._pools, self.rendered = config, links, pools, rendered
+            self._gateways = _probe_gateways(config)
             return f": {len(pools)} VIP(s)"
 
         def then() -> None:
@@ -292,6 +337,11 @@ class KernelPlane(Plane):
             "conntrack_sync": self.syncer.status() if self.syncer is not None else None,
         }
         return out
+
+
+def _probe_gateways(config: Config) -> set[str]:
+    """The made-up next hops of the dsr-l2 probes (render/routes.py), as ``ip`` shows them."""
+    return {str(p.gateway) for p in l2_probe_targets(config)}
 
 
 def kernel_objects(instance: str) -> dict[str, Any]:
