@@ -300,6 +300,7 @@ class PythonPlane(Plane):
             return None
         source = config.lb.addresses[0] if config.lb.addresses else None
         proto = NH_TCP  # the probes are TCP (tcp connect or http)
+        probe_port = v.health.port or v.backends[index].port or v.ports[0]  # as the daemon's
 
         def pin(address: ipaddress.IPv6Address, port: int) -> None:
             dsr = self.forwarders.get("dsr")
@@ -310,8 +311,6 @@ class PythonPlane(Plane):
                 except (KeyError, ValueError):
                     dsr.unpin(owner)
 
-        h = v.health
-        probe_port = h.port or v.backends[index].port or v.ports[0]
         return ProbeRoute(v.address, 0, source, f"python {v.mode} pinned flow", pin)
 
     # --- install / remove -------------------------------------------------------
