@@ -605,3 +605,38 @@ def test_icmp_errors_are_counted_per_vip_and_forged_ones_leave_no_trace() -> Non
         ptb = build.icmpv6_error(fx.ROUTER, fx.VIPM, 2, 0, quote, 1280)
         assert fwd.process(ptb, PORT_OUTSIDE, 0.0)[0] == DROP
     assert multi.icmp_unmatched == 3 and fwd.counters.replies == 0
+
+
+def test_a_pinned_probe_flow_reaches_its_backend_up_or_down() -> None:
+    """The LB's health probe of backend i (docs/dsr.md): pinned, whatever the table says."""
+    fwd = fresh()
+    pool = fwd.pool("multi")
+    for i in range(4):  # a probe from the LB's address, to a port the VIP does not serve
+        fwd.pin(("multi", i), "multi", i, A(fx.LB), 41000 + i, 8080)
+    assert fwd.pins == 4
+    pool.set_up(2, False)  # down: a client flow can no longer get it, its probe still does
+    for i in range(4):
+        for _ in range(2):  # the first packet and a later one (never in the LRU)
+            syn = build.tcp(fx.LB, fx.VIPM, 41000 + i, 8080)
+            action, _, out = fwd.process(bytearray(syn), PORT_OUTSIDE, 0.0)
+            assert action == FORWARD
+            assert IPv6(bytes(out)).dst == fx.BEM[i]  # type: ignore[arg-type]
+            assert inner_of(out) == decremented(syn)  # type: ignore[arg-type]
+    assert fwd.flows == 0
+    # counted apart: `forwarded` is the clients' traffic
+    assert (fwd.counters.forwarded, fwd.counters.extra["dsr.probe_packets"]) == (0, 8)
+    other = build.tcp(fx.LB, fx.VIPM, 41000, 8081)  # not pinned, not a VIP port
+    assert fwd.process(bytearray(other), PORT_OUTSIDE, 0.0)[0] == DROP
+    fwd.pin(("multi", 0), "multi", 0, A(fx.LB), 42000, 8080)  # the owner's next probe
+    assert fwd.pins == 4
+    old = build.tcp(fx.LB, fx.VIPM, 41000, 8080)
+    assert fwd.process(bytearray(old), PORT_OUTSIDE, 0.0)[0] == DROP  # its last pin is gone
+    fwd.pin(("l2", 0), "l2", 0, A(fx.LB), 43000, 443)  # dsr-l2: the backend's MAC
+    syn = build.tcp(fx.LB, fx.VIPL2, 43000, 443)
+    assert fwd.process(bytearray(syn), PORT_OUTSIDE, 0.0) == (
+        FORWARD_L2,
+        PORT_INSIDE,
+        bytes.fromhex(fx.MAC.replace(":", "")),
+    )
+    with pytest.raises(ValueError):
+        fwd.pin(("l2", 1), "l2", 1, A(fx.LB), 43001, 443)

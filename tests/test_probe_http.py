@@ -197,24 +197,23 @@ def test_haproxy_renders_the_http_settings() -> None:
     assert "    http-check expect status 200,300-302\n" in text
 
 
-def test_check_warns_about_dsr_probes_no_plane_sends_through_the_data_path(
+def test_check_has_no_health_warning_for_the_dsr_modes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # every DSR mode is probed through its data path on both planes (docs/dsr.md)
     vips = [
         {"name": n, "address": f"2001:db8::8{i}", "ports": [80], "mode": m, "backends": [b]}
         for i, (n, m, b) in enumerate(
             [
                 ("l2", "dsr-l2", {"address": "2001:db8:1::1", "mac": "02:00:00:00:00:01"}),
                 ("tun", "dsr-ip6ip6", {"address": "fd00:1::1"}),
-                ("off", "dsr-srv6", {"address": "2001:db8:1::2"}),
+                ("srv6", "dsr-srv6", {"address": "2001:db8:1::2"}),
             ]
         )
     ]
-    vips[2]["health"] = {"type": "none"}
     path = tmp_path / "f.yaml"
     path.write_text(yaml.safe_dump({"lb": {"addresses": ["2001:db8:a::1"]}, "vips": vips}))
     assert main(["check", str(path)]) == 0
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2, err
-    assert "warning: vip l2: dsr-l2 health probes go to each backend's own address" in err[0]
-    assert "warning: vip tun: dsr-ip6ip6 health probes go through the tunnel with" in err[1]
+    out, err = capsys.readouterr()
+    assert "vip l2: [2001:db8::80]:80/tcp mode dsr-l2" in out
+    assert err == "", err

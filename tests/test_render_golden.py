@@ -36,7 +36,9 @@ from v6lb.render.routes import (
     RenderError,
     ReturnRoute,
     advmss,
+    gateway_table,
     instance_tag,
+    l2_probe_targets,
     render_backend_routes,
     render_lb_routes,
     tunnel_targets,
@@ -407,7 +409,16 @@ def test_tunnel_marks_are_the_tables() -> None:
     lb = render_lb_routes(c)
     assert "mode encap.red segs 2001:db8:0:40::1 dev eth0" in lb
     assert "mode encap segs fd00:50::2:100 dev eth0" in lb
-    assert lb.count(f"proto {ROUTE_PROTO:#x}") == 8
+    # 4 tunnel pairs (route, rule) and 2 dsr-l2 probe pairs (neighbour, route, rule)
+    assert lb.count(f"proto {ROUTE_PROTO:#x}") == 4 * 2 + 2 * 3
+    probes = l2_probe_targets(c)
+    assert [(p.vip.name, p.backend_index, p.table) for p in probes] == [
+        ("video-l2", 0, base + 5),
+        ("video-l2", 1, base + 6),
+    ]
+    assert [gateway_table(p.gateway) for p in probes] == [base + 5, base + 6]
+    assert gateway_table(IPv6Address("fe80::1")) is None
+    assert f"via {probes[1].gateway} dev eth1 table {base + 6}" in lb
 
 
 def test_advmss_leaves_room_for_the_tunnel() -> None:

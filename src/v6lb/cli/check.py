@@ -20,13 +20,11 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from v6lb.model.config import load_config
-    from v6lb.model.config_summary import health_warnings, summarize
+    from v6lb.model.config_summary import summarize
 
     config = load_config(args.file)  # a ConfigError is a usage error: exit 2
     topo, bgp = config.topology, config.bgp_speaker
     sys.stdout.write(f"{args.file}: valid\n{summarize(config)}")
-    for warning in health_warnings(config):
-        sys.stderr.write(f"{args.file}: warning: {warning}\n")
     if topo is not None:
         roles: dict[str, int] = {}
         for n in topo.nodes:

@@ -28,6 +28,9 @@ in short:
   otherwise answered with Packet Too Big carrying ``max(mtu - overhead, 1280)``.
 - An ICMPv6 error for the VIP (Packet Too Big from a router on the client
   path, quoting VIP -> client) goes to the backend that owns the quoted flow.
+- Pinned flows (:meth:`DsrForwarder.pin`): the LB's own health probe of one
+  backend goes to that backend whatever its health, through the same
+  encapsulation or MAC rewrite as client flows (docs/dsr.md).
 
 Hot path (:meth:`DsrForwarder.process`): a cached TCP/UDP flow without
 extension headers costs one ``struct`` read for the key, one LRU lookup and
@@ -41,7 +44,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Final
 
 from v6lb.core.backends import BackendPool
@@ -338,6 +341,9 @@ class DsrForwarder:
         self.flow_cache_size = flow_cache_size
         self._lru: OrderedDict[FlowKey, Entry] = OrderedDict()
         self._info = PacketInfo()
+        # health probes through the data path: flow -> (VIP, backend), and by owner
+        self._pins: dict[FlowKey, tuple[DsrService, int]] = {}
+        self._pin_of: dict[Hashable, FlowKey] = {}
 
         self._frag_seq = 0
         self._frag_salt = frag_id_salt & 0xFFFFFFFF
@@ -381,6 +387,44 @@ class DsrForwarder:
             return svc.name, e[2]
         idx = pool.pick(flow_hash(src, dst, sport, dport, pool.seed))
         return None if idx < 0 else (svc.name, idx)
+
+    def pin(
+        self,
+        owner: Hashable,
+        name: str,
+        index: int,
+        src: bytes,
+        sport: int,
+        dport: int,
+        proto: int = NH_TCP,
+    ) -> None:
+        """Steer the flow ``src:sport -> VIP name:dport`` to backend ``index``, up or not.
+
+        For the LB's own health probe of that backend (docs/dsr.md, "Health checks
+        through the data path"): its packets take the backend's encapsulation or
+        MAC rewrite exactly as a client flow there, but its health, weight and drain
+        are not looked at, and ``dport`` need not be a VIP port. ``owner`` (the
+        probed backend) holds one pin at a time: a new pin replaces its previous one,
+        so there are never more pins than probed backends. Pinned flows never enter
+        the LRU.
+        """
+        svc = self.service(name)
+        if not 0 <= index < len(svc.pool):
+            raise ValueError(f"{name} has no backend {index}")
+        self.unpin(owner)
+        key = (proto, bytes(src) + svc.address + struct.pack("!HH", sport, dport))
+        self._lru.pop(key, None)
+        self._pins[key] = (svc, index)
+        self._pin_of[owner] = key
+
+    def unpin(self, owner: Hashable) -> None:
+        key = self._pin_of.pop(owner, None)
+        if key is not None:
+            self._pins.pop(key, None)
+
+    @property
+    def pins(self) -> int:
+        return len(self._pins)
 
     # --- the data path -----------------------------------------------------------
 
@@ -442,10 +486,16 @@ class DsrForwarder:
         if proto in (NH_TCP, NH_UDP):
             sport = (buf[l4] << 8) | buf[l4 + 1]
             dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
+            key = (proto, src + dst + bytes(buf[l4 : l4 + 4]))
+            if self._pins:
+                pinned = self._pins.get(key)
+                if pinned is not None:
+                    svc, idx = pinned
+                    e = svc.entry(idx, flow_hash(src, dst, sport, dport, svc.pool.seed))
+                    return self._hand_over(buf, port, now, svc, e, probe=True)
             svc = _match(services, proto, dport)
             if svc is None:
                 return self._drop(_NO_MATCH)
-            key = (proto, src + dst + bytes(buf[l4 : l4 + 4]))
             return self._steer(buf, port, now, svc, key, src, dst, proto, sport, dport)
         if proto == NH_ICMPV6 and buf[l4] < 128:
             return self._icmp_error(buf, port, now, services, dst)
@@ -571,22 +621,42 @@ class DsrForwarder:
                 if len(lru) > self.flow_cache_size:
                     lru.popitem(last=False)
                     self.counters.bump("dsr.flows_evicted")
+        return self._hand_over(buf, port, now, svc, e)
+
+    def _hand_over(
+        self, buf: bytearray, port: int, now: float, svc: DsrService, e: Entry, probe: bool = False
+    ) -> Verdict:
+        """Send the packet to the backend of entry ``e``: MAC rewrite, or encapsulated.
+
+        A pinned probe's packet is counted as ``dsr.probe_packets``, not ``forwarded``:
+        the forwarded count is the clients' traffic (as the kernel plane's VIP counter,
+        which the LB's own probes never cross).
+        """
+        routed = svc.routed
+        if routed and buf[OFF_HLIM] <= 1:
+            return self._error(buf, _HOP_LIMIT, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, port, now)
         if not routed:
-            self.counters.forwarded += 1
+            self._count(probe)
             return (FORWARD_L2, PORT_INSIDE, e[6])
         n = len(buf)
         if n <= e[4]:
-            self.counters.forwarded += 1
+            self._count(probe)
             return (FORWARD, PORT_INSIDE, _encap(buf, e))
         if n <= MIN_MTU:
             # RFC 2473 §7.1 (a): fits the IPv6 minimum MTU, so the tunnel
             # fragments the outer packet instead of asking for less than 1280.
-            self.counters.forwarded += 1
+            self._count(probe)
             self.counters.bump("dsr.outer_fragmented")
             return (FORWARD_MANY, PORT_INSIDE, self._fragment(buf, e, svc))
         # RFC 2473 §7.1 (b): Packet Too Big with the tunnel MTU, never below 1280.
         mtu = max(e[4], MIN_MTU)
         return self._error(buf, _TOO_BIG, ICMP6_PACKET_TOO_BIG, 0, mtu, port, now)
+
+    def _count(self, probe: bool) -> None:
+        if probe:
+            self.counters.bump("dsr.probe_packets")
+        else:
+            self.counters.forwarded += 1
 
     def _fragment(self, buf: bytearray, e: Entry, svc: DsrService) -> list[bytearray]:
         """RFC 8200 §4.5: the outer header (and SRH) repeated, a Fragment header, a slice."""

@@ -15,8 +15,10 @@ fails at the monitor's timeout, which covers the whole exchange.
 
 A target may name a data path (:class:`ProbeRoute`): the probe is sent to the VIP
 with the socket mark of one backend, so the kernel plane's ``fwmark`` rule and
-seg6 route carry it to that backend exactly as client traffic (docs/dsr.md,
-"Health checks through the data path").
+seg6 route (dsr-l2: a route via the backend's MAC) carry it to that backend
+exactly as client traffic; or, on the python plane, with its flow pinned to the
+backend in the plane's forwarder (``pin``), which its steering rule hands the
+probe to (docs/dsr.md, "Health checks through the data path").
 
 The prober owns no clock and no loop: the caller registers probes into a
 :class:`selectors.BaseSelector` it already waits on (with ``data`` a
@@ -38,7 +40,7 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 
@@ -77,14 +79,19 @@ class ProbeTag:
 class ProbeRoute:
     """Probe through the data path: to ``address`` (the VIP) with socket mark ``mark``.
 
-    ``source``: the address the probe is sent from (the backend answers it
-    directly, as it answers a client); None lets the kernel choose.
+    ``mark`` 0: no mark. ``source``: the address the probe is sent from (the
+    backend answers it directly, as it answers a client); None lets the kernel
+    choose. ``pin(source, port)``: called with the probe's own address and port
+    before its first packet reaches the data plane (before ``connect`` when
+    ``source`` is given; else right after it, which is still before the plane
+    reads the packet: the plane and the probes share the daemon's one thread).
     """
 
     address: IPv6Address
     mark: int
     source: IPv6Address | None = None
     what: str = "data path"
+    pin: Callable[[IPv6Address, int], None] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -107,7 +114,9 @@ class ProbeTarget:
             kind += f" {self.check.method} {self.check.path or '/'}"
         text = f"{kind} [{self.dest}]:{self.port}"
         if self.route is not None:
-            text += f" via {self.route.what} of {self.address} (mark {self.route.mark:#x})"
+            text += f" via {self.route.what} of {self.address}"
+            if self.route.mark:
+                text += f" (mark {self.route.mark:#x})"
         return text
 
 
@@ -196,12 +205,19 @@ class Prober:
         self.cancel(key)
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         s.setblocking(False)
+        route = target.route
         try:
-            if target.route is not None:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, target.route.mark)
-                if target.route.source is not None:
-                    s.bind((str(target.route.source), 0))
+            if route is not None:
+                if route.mark:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, route.mark)
+                if route.source is not None:
+                    s.bind((str(route.source), 0))
+                    if route.pin is not None:
+                        route.pin(route.source, s.getsockname()[1])
             rc = s.connect_ex((str(target.dest), target.port))
+            if route is not None and route.pin is not None and route.source is None:
+                name = s.getsockname()
+                route.pin(IPv6Address(name[0].split("%")[0]), name[1])
         except OSError:
             s.close()
             return False

@@ -16,7 +16,7 @@ from v6lb.model.config import (
     Vip,
 )
 
-__all__ = ["health_warnings", "summarize"]
+__all__ = ["summarize"]
 
 
 def summarize(config: Config) -> str:
@@ -37,33 +37,6 @@ def summarize(config: Config) -> str:
         lines.append(f"npt {pair.inside} <-> {pair.outside}")
     # topology: and bgp: are summarised by `v6lb check` itself.
     return "\n".join(lines) + "\n"
-
-
-def health_warnings(config: Config) -> list[str]:
-    """Health settings an engine cannot honour as the file asks (``v6lb check`` prints them).
-
-    DSR probes should go through the data path (to the VIP, as client traffic). The
-    kernel data plane does that for dsr-ip6ip6/dsr-srv6; dsr-l2 (both data planes)
-    and the python data plane's tunnel VIPs probe the backend's own address.
-    """
-    out: list[str] = []
-    for vip in config.vips:
-        if vip.health.type is HealthType.NONE or not vip.mode.is_dsr:
-            continue
-        if vip.mode.tunnels:
-            out.append(
-                f"vip {vip.name}: {vip.mode} health probes go through the tunnel with"
-                " --dataplane kernel only; --dataplane python probes each backend's"
-                " `address` directly (for dsr-ip6ip6 the decapsulation address, which"
-                " answers nothing: use --dataplane kernel or health type none there)"
-            )
-        else:
-            out.append(
-                f"vip {vip.name}: {vip.mode} health probes go to each backend's own"
-                " address, not through the MAC rewrite to the VIP: a backend without the"
-                " VIP on lo still passes (no data plane probes dsr-l2 through its data path)"
-            )
-    return out
 
 
 def _lb_line(config: Config) -> str:

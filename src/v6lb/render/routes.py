@@ -10,10 +10,20 @@ mark names the table that carries it. Routing tables and marks are 32-bit::
     0x76 (8 bits) | instance hash (10 bits) | index (14 bits)
 
 Index 0 is the backend-side table; index 1 + n is the n-th (VIP, backend) pair
-of the ``dsr-ip6ip6``/``dsr-srv6`` VIPs, in file order. ``remove`` deletes the
-rules with proto 0x76 whose table lies in the block, flushes those tables, and
-deletes the ``lo`` addresses whose metric is the instance tag (an address
-cannot carry a ``proto`` with iproute2 6.1).
+of the ``dsr-ip6ip6``/``dsr-srv6`` VIPs, in file order; after them, one index per
+(VIP, backend) pair of the ``dsr-l2`` VIPs (their health probes, below). ``remove``
+deletes the rules with proto 0x76 whose table lies in the block, flushes those
+tables, deletes the ``lo`` addresses whose metric is the instance tag (an address
+cannot carry a ``proto`` with iproute2 6.1) and the neighbour entries with proto
+0x76 whose address ends in a table number of the block (:func:`probe_gateway`).
+
+``dsr-l2`` health probes (docs/dsr.md, "Health checks through the data path"): the
+MAC rewrite of client frames is a netdev ingress rule, which a packet the LB sends
+itself never crosses. So each (dsr-l2 VIP, backend) pair gets a table holding
+``VIP/128 via GW dev EGRESS``, where GW (:func:`probe_gateway`) is a made-up
+link-local next hop with a permanent neighbour entry ``GW lladdr BACKEND-MAC``: a
+probe sent to the VIP with the pair's mark leaves the egress link as a frame to the
+backend's MAC, addressed to the VIP, as the rewritten client frames do.
 
 On the LB (``dsr-ip6ip6``/``dsr-srv6``): nftables marks each flow with the
 table of its backend (see :mod:`v6lb.render.nftables`: ``jhash`` slot, then the
@@ -41,7 +51,7 @@ from ipaddress import IPv6Address, IPv6Network
 from typing import Final
 
 from v6lb.core.flowhash import jhash
-from v6lb.model.config import Config, TunnelOptions, Vip
+from v6lb.model.config import Config, TunnelOptions, Vip, VipMode
 from v6lb.model.modes import Encap, modes_where
 
 __all__ = [
@@ -58,8 +68,13 @@ __all__ = [
     "backend_vips",
     "decap_address",
     "host_addresses",
+    "L2ProbeTarget",
+    "dsr_l2_egress",
+    "gateway_table",
     "instance_tag",
+    "l2_probe_targets",
     "lb_sources",
+    "probe_gateway",
     "render_backend_routes",
     "render_lb_routes",
     "tunnel_targets",
@@ -126,6 +141,62 @@ def tunnel_targets(config: Config) -> list[TunnelTarget]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class L2ProbeTarget:
+    """One (``dsr-l2`` VIP, backend) pair on the LB: the table (and mark) of its probes."""
+
+    vip: Vip
+    backend_index: int
+    mac: str
+    table: int
+
+    @property
+    def mark(self) -> int:
+        return self.table
+
+    @property
+    def gateway(self) -> IPv6Address:
+        return probe_gateway(self.table)
+
+
+_GW_TOP: Final = 0xFE80 << 112 | ROUTE_PROTO << 48
+_GW_MASK: Final = ~0xFFFFFFFF & ((1 << 128) - 1)
+
+
+def probe_gateway(table: int) -> IPv6Address:
+    """The made-up link-local next hop of a dsr-l2 probe table: ``fe80::76:0:TTTT:TTTT``."""
+    return IPv6Address(_GW_TOP | table)
+
+
+def gateway_table(address: IPv6Address) -> int | None:
+    """The table number a :func:`probe_gateway` address ends in; None for any other address."""
+    n = int(address)
+    return n & 0xFFFFFFFF if n & _GW_MASK == _GW_TOP else None
+
+
+def dsr_l2_egress(config: Config) -> str | None:
+    """The link dsr-l2 frames leave by: ``lb.interfaces[1]``, or the only one (one-armed)."""
+    ifs = config.lb.interfaces
+    return (ifs[1] if len(ifs) > 1 else ifs[0]) if ifs else None
+
+
+def l2_probe_targets(config: Config) -> list[L2ProbeTarget]:
+    """Every (dsr-l2 VIP, backend with ``mac:``) pair, numbered after the tunnel pairs."""
+    base = instance_tag(config.lb.instance)
+    n = len(tunnel_targets(config))
+    out: list[L2ProbeTarget] = []
+    for vip in config.vips:
+        if vip.mode is not VipMode.DSR_L2:
+            continue
+        for j, b in enumerate(vip.backends):
+            n += 1
+            if n >= TAG_SPAN:
+                raise RenderError(f"more than {TAG_SPAN - 1} DSR backends in one instance")
+            if b.mac is not None:
+                out.append(L2ProbeTarget(vip, j, b.mac.lower(), base + n))
+    return out
+
+
 def _tunnel_source(config: Config) -> IPv6Address | None:
     sources = {
         vip.options.tunnel_source
@@ -141,27 +212,34 @@ def _tunnel_source(config: Config) -> IPv6Address | None:
     return next(iter(sources), None)
 
 
-def render_lb_routes(config: Config, *, dev: str | None = None) -> str:
+def render_lb_routes(config: Config, *, dev: str | None = None, l2_dev: str | None = None) -> str:
     """The LB's batch: tunnel source, one encap route per (VIP, backend) table, fwmark rules.
 
     ``dev`` is the device the encap routes name (the outer packet is routed again
     by its new destination); it defaults to the first ``lb.interfaces``.
-    Empty text when the config has no tunnel VIP.
+    The ``dsr-l2`` probe tables (module docstring) name the dsr-l2 egress link,
+    ``l2_dev`` (default: :func:`dsr_l2_egress`); with neither there are none.
+    Empty text when the config has no tunnel VIP or dsr-l2 probe.
     """
     targets = tunnel_targets(config)
-    if not targets:
+    egress = l2_dev or dsr_l2_egress(config)
+    probes = l2_probe_targets(config) if egress is not None else []
+    if not targets and not probes:
         return ""
-    if dev is None:
-        if not config.lb.interfaces:
-            raise RenderError(
-                f"the {_TUNNELS} routes need a device: list the LB's interfaces in lb.interfaces"
-            )
-        dev = config.lb.interfaces[0]
     tag = f"v6lb:{config.lb.instance}"
-    lines = [f"# {tag} LB routes for {_TUNNELS}; load with: ip -6 -batch FILE"]
-    source = _tunnel_source(config)
-    if source is not None:
-        lines.append(f"sr tunsrc set {source}")
+    what = ", ".join([_TUNNELS] * bool(targets) + ["the dsr-l2 health probes"] * bool(probes))
+    lines = [f"# {tag} LB routes for {what}; load with: ip -6 -batch FILE"]
+    if targets:
+        if dev is None:
+            if not config.lb.interfaces:
+                raise RenderError(
+                    f"the {_TUNNELS} routes need a device: list the LB's interfaces in"
+                    " lb.interfaces"
+                )
+            dev = config.lb.interfaces[0]
+        source = _tunnel_source(config)
+        if source is not None:
+            lines.append(f"sr tunsrc set {source}")
     for t in targets:
         mode = "encap" if t.vip.mode.facts.encap is Encap.SRV6 else "encap.red"  # SRH or none
         lines.append(
@@ -171,11 +249,24 @@ def render_lb_routes(config: Config, *, dev: str | None = None) -> str:
             f"route replace {t.vip.address}/128 encap seg6 mode {mode} segs {t.target}"
             f" dev {dev} table {t.table} proto {ROUTE_PROTO:#x}"
         )
+        lines.append(_mark_rule(t.mark, t.table))
+    for p in probes:
+        b = p.vip.backends[p.backend_index]
+        lines.append(f"# {tag} {p.vip.name} backend {p.backend_index} {b.address}: health probes")
         lines.append(
-            f"rule add fwmark {t.mark:#x} lookup {t.table} pref {LB_RULE_PREF}"
+            f"neigh replace {p.gateway} lladdr {p.mac} dev {egress} nud permanent"
             f" proto {ROUTE_PROTO:#x}"
         )
+        lines.append(
+            f"route replace {p.vip.address}/128 via {p.gateway} dev {egress}"
+            f" table {p.table} proto {ROUTE_PROTO:#x}"
+        )
+        lines.append(_mark_rule(p.mark, p.table))
     return "\n".join(lines) + "\n"
+
+
+def _mark_rule(mark: int, table: int) -> str:
+    return f"rule add fwmark {mark:#x} lookup {table} pref {LB_RULE_PREF} proto {ROUTE_PROTO:#x}"
 
 
 # --- the backend side ------------------------------------------------------------

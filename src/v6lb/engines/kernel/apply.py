@@ -3,7 +3,8 @@
 * nftables: ``nft -f -`` is one transaction; a failing file changes nothing.
 * ip6tables: ``ip6tables-save -c``, :func:`v6lb.render.ip6tables.splice`, then one
   ``ip6tables-restore -c`` of whole tables; on failure the saved text is restored.
-* routes: the instance's tagged routes, rules and ``lo`` addresses are removed,
+* routes: the instance's tagged routes, rules, ``lo`` addresses and neighbour
+  entries (the dsr-l2 probes' next hops) are removed,
   the batch is run with ``ip -6 -batch -`` (it stops at the first error); on
   failure they are removed again and the previous batch, if given, reloaded.
 
@@ -39,7 +40,13 @@ from v6lb.render.nftables import (
     render_remove,
     table_name,
 )
-from v6lb.render.routes import ROUTE_PROTO, TAG_SPAN, instance_tag, render_lb_routes
+from v6lb.render.routes import (
+    ROUTE_PROTO,
+    TAG_SPAN,
+    gateway_table,
+    instance_tag,
+    render_lb_routes,
+)
 
 APT_PACKAGES: Final = {
     "nft": "nftables",
@@ -275,7 +282,7 @@ def nft_json(r: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
 
 
 def _route_cleanup(instance: str, netns: str | None) -> list[str]:
-    """Batch lines that delete the instance's rules, tables and lo addresses."""
+    """Batch lines that delete the instance's rules, tables, lo addresses and neighbours."""
     lines: list[str] = []
     rules = nft_json(run_tool(["ip", "-6", "-j", "rule", "show"], netns=netns))
     for rule in rules:
@@ -296,6 +303,16 @@ def _route_cleanup(instance: str, netns: str | None) -> list[str]:
         for info in infos if isinstance(infos, list) else []:
             if info.get("metric") == tag:
                 lines.append(f"address del {info['local']}/{info['prefixlen']} dev lo")
+    # the dsr-l2 probes' made-up next hops: proto 0x76, the address ends in a table number
+    for entry in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=netns)):
+        if str(entry.get("protocol")) not in ("118", hex(ROUTE_PROTO)):
+            continue
+        try:
+            number = gateway_table(IPv6Address(str(entry.get("dst"))))
+        except ValueError:
+            continue
+        if number is not None and in_instance_block(str(number), instance):
+            lines.append(f"neigh del {entry['dst']} dev {entry['dev']}")
     return lines
 
 
@@ -362,7 +379,7 @@ def render_lb(
     return Rendered(
         nft=render_nft(config, pools=pools, l2=l2, backend_macs=backend_macs),
         ip6tables=render_npt(config.npt, config.lb.instance),
-        routes=render_lb_routes(config, dev=dev),
+        routes=render_lb_routes(config, dev=dev, l2_dev=l2.egress if l2 is not None else None),
     )
 
 
@@ -435,6 +452,9 @@ def leftovers(instance: str, *, netns: str | None = None) -> list[str]:
     n = sum(line.startswith("address del") for line in lines)
     if n:
         found.append(f"{n} lo address(es)")
+    n = sum(line.startswith("neigh del") for line in lines)
+    if n:
+        found.append(f"{n} neighbour entr(y/ies) (dsr-l2 probe next hops)")
     return found
 
 

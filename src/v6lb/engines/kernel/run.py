@@ -26,6 +26,7 @@ from v6lb.engines.kernel.apply import (
     Rendered,
     apply,
     apply_nft,
+    apply_routes,
     conntrack_count,
     in_instance_block,
     leftovers,
@@ -68,7 +69,10 @@ from v6lb.render.nftables import (
     table_name,
     vip_counter,
 )
-from v6lb.render.routes import ROUTE_PROTO, tunnel_targets
+from v6lb.render.routes import ROUTE_PROTO, l2_probe_targets, tunnel_targets
+
+PROBE_ROUTE_CHECK: Final = 1.0
+"""Seconds between two looks at the dsr-l2 probes' neighbour entries (see :meth:`tick`)."""
 
 _QUIET_WINDOW: Final = 0.5  # seconds: a graceful stop ends after one without packets to a VIP
 
@@ -150,6 +154,9 @@ class KernelPlane(Plane):
         self._flight: _FlightWatch | None = None  # a graceful stop's look at the VIP counters
         # lb.conntrack_sync: the conntrackd that replicates NAT flows (docs/anycast.md)
         self.syncer = ConntrackSyncer.create(config, self.instance, ctx.log)
+        self._next_route_check = 0.0
+        self._route_error = ""
+        self._gateways = _probe_gateways(config)
 
     @classmethod
     def preflight(cls, config: Config) -> None:
@@ -173,16 +180,23 @@ class KernelPlane(Plane):
         return self._pools
 
     def probe_route(self, config: Config, vip: str, index: int) -> ProbeRoute | None:
-        """dsr-ip6ip6/dsr-srv6: to the VIP with the backend's mark, so its seg6 route takes it.
+        """Every DSR backend: to the VIP with the backend's mark, as its client traffic.
 
-        The probe leaves from ``lb.addresses[0]``; the backend decapsulates it and
+        dsr-ip6ip6/dsr-srv6: the mark's rule and seg6 route encapsulate the probe to
+        the backend. dsr-l2: the mark's rule and route send it to the VIP via a next
+        hop whose permanent neighbour entry is the backend's MAC (render/routes.py), so
+        it leaves the egress link as a frame to that MAC, as the rewritten client frames.
+        The probe leaves from ``lb.addresses[0]`` (else the kernel's choice); the backend
         answers from the VIP on its ``lo`` straight to that address, as it answers a
-        client. A backend without the VIP or without decapsulation fails the probe.
+        client. A backend without the VIP (or without decapsulation) fails the probe.
         """
+        source = config.lb.addresses[0] if config.lb.addresses else None
         for t in tunnel_targets(config):
             if t.vip.name == vip and t.backend_index == index:
-                source = config.lb.addresses[0] if config.lb.addresses else None
                 return ProbeRoute(t.vip.address, t.mark, source, f"{t.vip.mode} tunnel")
+        for p in l2_probe_targets(config):
+            if p.vip.name == vip and p.backend_index == index:
+                return ProbeRoute(p.vip.address, p.mark, source, f"dsr-l2 MAC {p.mac}")
         return None
 
     # --- install / remove -------------------------------------------------------
@@ -230,7 +244,44 @@ class KernelPlane(Plane):
             self.announcer.check(now, self._pools)  # the LB's own check (docs/anycast.md)
         if self.syncer is not None:
             self.syncer.check(now)
-        return None
+        if not self._gateways:
+            return None
+        if now >= self._next_route_check:
+            self._next_route_check = now + PROBE_ROUTE_CHECK
+            self._check_probe_routes()
+        return self._next_route_check
+
+    def _check_probe_routes(self) -> None:
+        """Put the routes back when a dsr-l2 probe's neighbour entry is gone.
+
+        Taking the egress link down (``ip link set ... down``) deletes its neighbour
+        entries, permanent ones too, and its routes; the netdev rule that rewrites the
+        client frames stays. Without this the probes would fail once the link is up
+        again and every dsr-l2 backend would be marked down while its clients are
+        served. The whole routes batch is loaded again (tunnel routes included).
+        """
+        have = {
+            str(e.get("dst"))
+            for e in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=None))
+            if str(e.get("protocol")) in ("118", hex(ROUTE_PROTO))
+        }
+        missing = len(self._gateways - have)
+        if not missing:
+            self._route_error = ""
+            return
+        try:
+            apply_routes(self.rendered.routes, self.instance)
+        except KernelError as exc:
+            if exc.message != self._route_error:  # once per distinct failure, not per second
+                self._route_error = exc.message
+                self.ctx.warn(f"restoring the routes failed (retrying every second): {exc}")
+            return
+        self._route_error = ""
+        self.ctx.warn(
+            f"{missing} dsr-l2 probe neighbour entr{'y was' if missing == 1 else 'ies were'}"
+            " gone (a link went down?): loaded the instance's routes, rules and neighbour"
+            " entries again"
+        )
 
     # --- graceful stop -------------------------------------------------------------
 
@@ -293,6 +344,7 @@ class KernelPlane(Plane):
             rendered = render_for(config, links, pools)  # after the daemon marked the dead
             apply(rendered, self.instance, previous=self.rendered)
             self.config, self.links, self._pools, self.rendered = config, links, pools, rendered
+            self._gateways = _probe_gateways(config)
             return f": {len(pools)} VIP(s)"
 
         def then() -> None:
@@ -358,6 +410,11 @@ class _FlightWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def _probe_gateways(config: Config) -> set[str]:
+    """The made-up next hops of the dsr-l2 probes (render/routes.py), as ``ip`` shows them."""
+    return {str(p.gateway) for p in l2_probe_targets(config)}
 
 
 def kernel_objects(instance: str) -> dict[str, Any]:

@@ -63,6 +63,7 @@ from v6lb.engines.plane import (
     Staged,
     VipCounter,
 )
+from v6lb.engines.probe import ProbeRoute
 from v6lb.engines.python.steer import Side, Steering, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
@@ -284,6 +285,35 @@ class PythonPlane(Plane):
     def pools(self) -> Mapping[str, BackendPool]:
         """The forwarders' own pools: a health change goes straight into them."""
         return _pools(self.forwarders)
+
+    def probe_route(self, config: Config, vip: str, index: int) -> ProbeRoute | None:
+        """Every DSR backend: to the VIP, with the probe's flow pinned to that backend.
+
+        The steering rule ``to VIP/128`` takes the probe into the dsr TUN like a
+        client's packet; the forwarder finds its flow pinned (:meth:`DsrForwarder.pin`,
+        set by the prober before the first packet) and encapsulates it to the backend,
+        or sends it to the backend's MAC (dsr-l2), as it does a client flow there. The
+        probe leaves from ``lb.addresses[0]`` (else the kernel's choice); the backend
+        answers from the VIP on its ``lo`` straight to that address. A backend without
+        the VIP on ``lo`` (or without decapsulation) fails the probe.
+        """
+        v = config.vip(vip)
+        if not v.mode.is_dsr:
+            return None
+        source = config.lb.addresses[0] if config.lb.addresses else None
+        proto = NH_TCP  # the probes are TCP (tcp connect or http)
+        probe_port = v.health.port or v.backends[index].port or v.ports[0]  # as the daemon's
+
+        def pin(address: ipaddress.IPv6Address, port: int) -> None:
+            dsr = self.forwarders.get("dsr")
+            if dsr is not None:  # after a reload, the current forwarder (same VIP names)
+                owner = (vip, index)
+                try:
+                    dsr.pin(owner, vip, index, address.packed, port, probe_port, proto)
+                except (KeyError, ValueError):
+                    dsr.unpin(owner)
+
+        return ProbeRoute(v.address, 0, source, f"python {v.mode} pinned flow", pin)
 
     # --- install / remove -------------------------------------------------------
 
