@@ -98,7 +98,9 @@ __all__ = [
     "RenderError",
     "map_names",
     "nat_maps",
+    "drain_flow_sets",
     "render_backend_nft",
+    "render_drain_flows",
     "render_map_update",
     "render_forward_nft",
     "render_nft",
@@ -253,6 +255,32 @@ _FLOW_KEY: Final = "ip6 saddr . tcp sport . tcp dport"
 def _keeps_flows(vip: Vip) -> bool:
     """A TCP DSR VIP: a drain keeps its open flows (the SYN tells a new flow from an old one)."""
     return vip.mode.is_dsr and str(vip.protocol) == "tcp"
+
+
+def drain_flow_sets(config: Config, pools: Mapping[str, BackendPool]) -> list[tuple[str, str]]:
+    """(family table, set) of every ``<map>_new`` set whose flows matter now: a drain in effect.
+
+    A reload replaces the instance's tables, and these sets with them; the kernel plane
+    copies their elements into the new ones in the same transaction
+    (:func:`render_drain_flows`).
+    """
+    out = []
+    for vip in config.vips:
+        pool = pools.get(vip.name)
+        if vip.mode not in KERNEL_MODES or not _keeps_flows(vip) or pool is None or not pool.moved:
+            continue
+        family = "netdev" if vip.mode is VipMode.DSR_L2 else "ip6"
+        out.append(
+            (f"{family} {table_name(config.lb.instance)}", f"{vip_object_name(config, vip)}_new")
+        )
+    return out
+
+
+def render_drain_flows(table: str, name: str, elements: Sequence[str]) -> str:
+    """``add element`` of flows (``ADDR . SPORT . DPORT timeout Ts expires Es``) to a set."""
+    if not elements:
+        return ""
+    return "\n".join([f"add element {table} {name} {{", *(f"\t{e}," for e in elements), "}"]) + "\n"
 
 
 def _slot_set_block(name: str, comment: str, slots: Sequence[int]) -> list[str]:

@@ -14,6 +14,7 @@ with ``previous=`` the running state (apply rolls back on failure). With
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -61,10 +62,13 @@ from v6lb.model.modes import modes_where
 from v6lb.model.pools import pools_for
 from v6lb.render.ip6tables import tagged_rules
 from v6lb.render.nftables import (
+    DRAIN_FLOW_TIMEOUT,
     L2Ports,
     RenderError,
+    drain_flow_sets,
     icmp_error_counts,
     map_names,
+    render_drain_flows,
     render_map_update,
     table_name,
     vip_counter,
@@ -342,6 +346,9 @@ class KernelPlane(Plane):
 
         def commit() -> str:
             rendered = render_for(config, links, pools)  # after the daemon marked the dead
+            kept = _drain_flows(config, pools)  # the flows a drain in effect must keep
+            if kept:
+                rendered = dataclasses.replace(rendered, nft=rendered.nft + kept)
             apply(rendered, self.instance, previous=self.rendered)
             self.config, self.links, self._pools, self.rendered = config, links, pools, rendered
             self._gateways = _probe_gateways(config)
@@ -410,6 +417,45 @@ class _FlightWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def _drain_flows(config: Config, pools: Mapping[str, BackendPool]) -> str:
+    """``add element`` lines that carry each ``<map>_new`` set's flows over a reload.
+
+    Only while a drain is in effect (a moved slot): those are the flows opened since the
+    drain in a moved slot, which the new table sends elsewhere than the keep map; losing
+    them would send their next packets to the drained backend. A set that cannot be read
+    (it did not exist) carries nothing.
+    """
+    out = []
+    for table, name in drain_flow_sets(config, pools):
+        r = run_tool(["nft", "-j", "list", "set", *table.split(), name], netns=None)
+        if r.returncode != 0:
+            continue
+        elements = []
+        try:
+            items = json.loads(r.stdout or "{}").get("nftables", [])
+        except (ValueError, AttributeError):
+            items = []
+        for item in items:
+            s = item.get("set") if isinstance(item, dict) else None
+            if not isinstance(s, dict):
+                continue
+            default = int(s.get("timeout", DRAIN_FLOW_TIMEOUT))
+            for e in s.get("elem", []):
+                # {"elem": {"val": {"concat": [...]}, "expires": N}}, or the bare value
+                elem: dict[str, Any] = e["elem"] if isinstance(e, dict) and "elem" in e else {}
+                val = elem.get("val", e)
+                parts = val.get("concat") if isinstance(val, dict) else None
+                if not isinstance(parts, list) or len(parts) != 3:
+                    continue
+                timeout = int(elem.get("timeout", default))
+                expires = max(1, int(elem.get("expires", timeout)))
+                elements.append(
+                    f"{parts[0]} . {parts[1]} . {parts[2]} timeout {timeout}s expires {expires}s"
+                )
+        out.append(render_drain_flows(table, name, elements))
+    return "".join(out)
 
 
 def _probe_gateways(config: Config) -> set[str]:
