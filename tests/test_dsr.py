@@ -23,7 +23,7 @@ from scapy.layers.inet6 import (
 from scapy.packet import Raw
 
 import dsr_fixtures as fx
-from v6lb.core.dsr import DsrForwarder, DsrService, outer_header
+from v6lb.core.dsr import PIN_GRACE, PIN_RETIRED, DsrForwarder, DsrService, outer_header
 from v6lb.core.dsr_decap import PORT_LOCAL, DsrDecap
 from v6lb.core.flowhash import flow_key, flow_key3, jhash
 from v6lb.core.verdict import (
@@ -40,6 +40,7 @@ from v6lb.model.config import Config, parse_config
 from v6lb.model.pools import dsr_decap, dsr_forwarder
 from v6lb.wire import build
 from v6lb.wire.checksum import verify
+from v6lb.wire.constants import TCP_RST
 from v6lb.wire.ipv6 import PacketInfo, parse
 from v6lb.wire.reasons import Reason
 
@@ -627,10 +628,26 @@ def test_a_pinned_probe_flow_reaches_its_backend_up_or_down() -> None:
     assert (fwd.counters.forwarded, fwd.counters.extra["dsr.probe_packets"]) == (0, 8)
     other = build.tcp(fx.LB, fx.VIPM, 41000, 8081)  # not pinned, not a VIP port
     assert fwd.process(bytearray(other), PORT_OUTSIDE, 0.0)[0] == DROP
-    fwd.pin(("multi", 0), "multi", 0, A(fx.LB), 42000, 8080)  # the owner's next probe
+    fwd.pin(("multi", 0), "multi", 0, A(fx.LB), 42000, 8080, now=10.0)  # the next probe
     assert fwd.pins == 4
-    old = build.tcp(fx.LB, fx.VIPM, 41000, 8080)
-    assert fwd.process(bytearray(old), PORT_OUTSIDE, 0.0)[0] == DROP  # its last pin is gone
+    # the replaced flow's late packets (a RST for an answer after the close) still go
+    # to its backend, never into the flow cache, for PIN_GRACE seconds...
+    old = build.tcp(fx.LB, fx.VIPM, 41000, 8080, flags=TCP_RST)
+    action, _, out = fwd.process(bytearray(old), PORT_OUTSIDE, 0.0)
+    assert action == FORWARD and IPv6(bytes(out)).dst == fx.BEM[0]  # type: ignore[arg-type]
+    assert fwd.flows == 0 and fwd.counters.extra["dsr.probe_packets"] == 9
+    fwd.pin(("multi", 0), "multi", 0, A(fx.LB), 42001, 8080, now=10.0 + PIN_GRACE + 1)
+    assert fwd.process(bytearray(old), PORT_OUTSIDE, 0.0)[0] == DROP  # ...then gone
+    # ...and at most PIN_RETIRED of them per backend, the oldest going first
+    for k in range(PIN_RETIRED + 2):  # 41001 and 44000 replaced too often ago
+        fwd.pin(("multi", 1), "multi", 1, A(fx.LB), 44000 + k, 8080, now=20.0)
+    for k, alive in ((-2999, False), (0, False), (1, True), (PIN_RETIRED + 1, True)):
+        late = build.tcp(fx.LB, fx.VIPM, 44000 + k, 8080, flags=TCP_RST)
+        verdict = fwd.process(bytearray(late), PORT_OUTSIDE, 0.0)[0]
+        assert verdict == (FORWARD if alive else DROP), k
+    fwd.unpin(("multi", 1))  # the backend is gone: its replaced pins too
+    assert fwd.process(bytearray(late), PORT_OUTSIDE, 0.0)[0] == DROP
+    assert fwd.pins == 3 and fwd.flows == 0
     fwd.pin(("l2", 0), "l2", 0, A(fx.LB), 43000, 443)  # dsr-l2: the backend's MAC
     syn = build.tcp(fx.LB, fx.VIPL2, 43000, 443)
     assert fwd.process(bytearray(syn), PORT_OUTSIDE, 0.0) == (

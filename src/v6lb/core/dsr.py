@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from typing import Final
 
@@ -115,6 +115,17 @@ _WORD0_PACK: Final = struct.Struct("!IH").pack_into
 _WORD0_UNPACK: Final = struct.Struct("!I").unpack_from
 _FRAG: Final = struct.Struct("!BBHI")
 _FRAG_ID_MUL: Final = 0x9E3779B1  # odd, so the ids are a bijection of a counter
+
+PIN_GRACE: Final = 60.0
+"""Seconds a replaced pin still steers its flow: Linux's TIME_WAIT (``TCP_TIMEWAIT_LEN``).
+
+A probe's connection outlives its probe: closed with an answer unread or arriving
+late (a busy server greets after the close), the kernel sends a RST; a FIN may be
+retransmitted, then ACKed from TIME_WAIT. Those packets must still reach the probed
+backend, and never enter the flow cache as a client flow."""
+PIN_RETIRED: Final = 16
+"""At most this many replaced pins kept per probed backend (the oldest go first)."""
+_Pin = tuple["DsrService", int]  # a pinned flow's VIP and backend index
 
 _NO_MATCH: Final = int(Reason.NO_MATCH)
 _NO_BACKEND: Final = int(Reason.NO_BACKEND)
@@ -342,8 +353,10 @@ class DsrForwarder:
         self._lru: OrderedDict[FlowKey, Entry] = OrderedDict()
         self._info = PacketInfo()
         # health probes through the data path: flow -> (VIP, backend), and by owner
-        self._pins: dict[FlowKey, tuple[DsrService, int]] = {}
-        self._pin_of: dict[Hashable, FlowKey] = {}
+        self._pins: dict[FlowKey, _Pin] = {}
+        self._pin_of: dict[Hashable, tuple[FlowKey, _Pin]] = {}
+        # replaced pins still in their grace: owner -> (key, its pin, replaced at)
+        self._retired: dict[Hashable, deque[tuple[FlowKey, _Pin, float]]] = {}
 
         self._frag_seq = 0
         self._frag_salt = frag_id_salt & 0xFFFFFFFF
@@ -397,6 +410,7 @@ class DsrForwarder:
         sport: int,
         dport: int,
         proto: int = NH_TCP,
+        now: float = 0.0,
     ) -> None:
         """Steer the flow ``src:sport -> VIP name:dport`` to backend ``index``, up or not.
 
@@ -404,27 +418,40 @@ class DsrForwarder:
         through the data path"): its packets take the backend's encapsulation or
         MAC rewrite exactly as a client flow there, but its health, weight and drain
         are not looked at, and ``dport`` need not be a VIP port. ``owner`` (the
-        probed backend) holds one pin at a time: a new pin replaces its previous one,
-        so there are never more pins than probed backends. Pinned flows never enter
-        the LRU.
+        probed backend) holds one current pin: a new pin (at time ``now``) replaces its
+        previous one, which still steers the late packets of its flow for
+        :data:`PIN_GRACE` seconds (at most :data:`PIN_RETIRED` of them per owner).
+        Pinned flows never enter the LRU.
         """
         svc = self.service(name)
         if not 0 <= index < len(svc.pool):
             raise ValueError(f"{name} has no backend {index}")
-        self.unpin(owner)
         key = (proto, bytes(src) + svc.address + struct.pack("!HH", sport, dport))
+        pins = self._pins
+        old = self._pin_of.pop(owner, None)
+        retired = self._retired.setdefault(owner, deque())
+        if old is not None:
+            retired.append((*old, now))
+        while retired and (len(retired) > PIN_RETIRED or now - retired[0][2] > PIN_GRACE):
+            k, pinned, _ = retired.popleft()
+            if pins.get(k) is pinned:  # not pinned again since (a reused port)
+                del pins[k]
         self._lru.pop(key, None)
-        self._pins[key] = (svc, index)
-        self._pin_of[owner] = key
+        pin = pins[key] = (svc, index)
+        self._pin_of[owner] = (key, pin)
 
     def unpin(self, owner: Hashable) -> None:
-        key = self._pin_of.pop(owner, None)
-        if key is not None:
-            self._pins.pop(key, None)
+        """Forget every pin of ``owner``, its replaced ones too (the backend is gone)."""
+        pins = self._pins
+        current = self._pin_of.pop(owner, None)
+        for k, pinned, *_ in [*self._retired.pop(owner, ()), *([current] if current else [])]:
+            if pins.get(k) is pinned:
+                del pins[k]
 
     @property
     def pins(self) -> int:
-        return len(self._pins)
+        """The current pins: one per probed backend (replaced ones in their grace apart)."""
+        return len(self._pin_of)
 
     # --- the data path -----------------------------------------------------------
 

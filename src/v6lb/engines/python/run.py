@@ -309,7 +309,9 @@ class PythonPlane(Plane):
             if dsr is not None:  # after a reload, the current forwarder (same VIP names)
                 owner = (vip, index)
                 try:
-                    dsr.pin(owner, vip, index, address.packed, port, probe_port, proto)
+                    dsr.pin(
+                        owner, vip, index, address.packed, port, probe_port, proto, time.monotonic()
+                    )
                 except (KeyError, ValueError):
                     dsr.unpin(owner)
 
