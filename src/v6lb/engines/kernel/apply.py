@@ -184,7 +184,20 @@ def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[
     return out
 
 
-def conntrack_count(addresses: Sequence[IPv6Address], *, netns: str | None = None) -> int | None:
+@dataclass(frozen=True, slots=True)
+class CtFlow:
+    """A live conntrack entry of a nat VIP: its original destination and the backend."""
+
+    proto: str
+    vip: IPv6Address
+    vip_port: int
+    backend: IPv6Address | None
+    backend_port: int | None
+
+
+def conntrack_flows(
+    addresses: Sequence[IPv6Address], *, netns: str | None = None
+) -> list[CtFlow] | None:
     """Live conntrack entries whose original destination is one of ``addresses``.
 
     What the ``ct count`` of ``lb.conntrack_max`` counts: TIME_WAIT and CLOSE
@@ -193,16 +206,47 @@ def conntrack_count(addresses: Sequence[IPv6Address], *, netns: str | None = Non
     """
     if not addresses or shutil.which("conntrack") is None:
         return None
-    total = 0
+    out: list[CtFlow] = []
     for address in addresses:
         r = run_tool(["conntrack", "-L", "-f", "ipv6", "--orig-dst", str(address)], netns=netns)
         if r.returncode != 0:
             return None
         for line in r.stdout.splitlines():
             words = line.split()
-            if words and words[0] != "conntrack" and not {"TIME_WAIT", "CLOSE"} & set(words):
-                total += 1
-    return total
+            if not words or words[0] == "conntrack" or {"TIME_WAIT", "CLOSE"} & set(words):
+                continue
+            out.append(_ct_flow(words, address))
+    return out
+
+
+def _ct_flow(words: Sequence[str], address: IPv6Address) -> CtFlow:
+    """One ``conntrack -L`` line: the first ``dport=`` is the VIP's port, the second
+    ``src=``/``sport=`` (the reply tuple's) the backend's."""
+    seen: dict[str, list[str]] = {}
+    for w in words:
+        k, eq, v = w.partition("=")
+        if eq:
+            seen.setdefault(k, []).append(v)
+
+    def nth(key: str, i: int) -> str | None:
+        vals = seen.get(key, [])
+        return vals[i] if len(vals) > i else None
+
+    def port(v: str | None) -> int | None:
+        return int(v) if v is not None and v.isdigit() else None
+
+    backend = nth("src", 1)
+    try:
+        baddr = IPv6Address(backend) if backend is not None else None
+    except ValueError:
+        baddr = None
+    return CtFlow(words[0], address, port(nth("dport", 0)) or 0, baddr, port(nth("sport", 1)))
+
+
+def conntrack_count(addresses: Sequence[IPv6Address], *, netns: str | None = None) -> int | None:
+    """How many :func:`conntrack_flows` there are (None: unknown)."""
+    flows = conntrack_flows(addresses, netns=netns)
+    return None if flows is None else len(flows)
 
 
 def limits_status(

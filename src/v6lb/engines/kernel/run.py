@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from ipaddress import IPv6Address
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.announce import Announcer
 from v6lb.engines.kernel.apply import (
+    CtFlow,
     KernelError,
     Rendered,
     apply,
     apply_nft,
-    conntrack_count,
+    conntrack_flows,
     in_instance_block,
     leftovers,
     limits_status,
@@ -53,7 +55,7 @@ from v6lb.engines.plane import (
     VipCounter,
 )
 from v6lb.engines.probe import ProbeRoute
-from v6lb.model.config import Config, VipMode
+from v6lb.model.config import Config, Vip, VipMode
 from v6lb.model.modes import modes_where
 from v6lb.model.pools import pools_for
 from v6lb.render.ip6tables import tagged_rules
@@ -62,6 +64,7 @@ from v6lb.render.nftables import (
     RenderError,
     icmp_error_counts,
     map_names,
+    nat_traffic_counters,
     render_map_update,
     table_name,
     vip_counter,
@@ -266,7 +269,8 @@ class KernelPlane(Plane):
         kernel = kernel_objects(self.instance)
         counters = {name: (c["packets"], c["bytes"]) for name, c in kernel["nft_counters"].items()}
         nat_addresses = list(dict.fromkeys(v.address for v in config.vips if v.mode is VipMode.NAT))
-        limits = limits_status(config, counters, count=conntrack_count(nat_addresses))
+        flows = conntrack_flows(nat_addresses)
+        limits = limits_status(config, counters, count=None if flows is None else len(flows))
         out = PlaneStatus()
         for vip in config.vips:
             if vip.name not in self._pools:
@@ -275,6 +279,17 @@ class KernelPlane(Plane):
             packets, nbytes = counters.get(cname, (0, 0))
             out.counters[vip.name] = VipCounter(cname, packets, nbytes)
             out.maps[vip.name] = map_names(config, vip)
+            if vip.mode is VipMode.NAT:
+                out.new_flows[vip.name] = packets
+                names = nat_traffic_counters(config, vip)
+                out.traffic[vip.name] = {
+                    d: VipCounter(n, *counters.get(n, (0, 0)))
+                    for d, n in zip(("in", "out"), names, strict=True)
+                }
+                if flows is not None:
+                    _flows_of(vip, flows, out)
+            else:  # dsr-*: the balancing rule counts every packet to the VIP
+                out.traffic[vip.name] = {"in": VipCounter(cname, packets, nbytes)}
         icmp, npt_icmp = icmp_error_counts(config, {k: v[0] for k, v in counters.items()})
         out.icmp = {name: c for name, c in icmp.items() if name in self._pools}
         out.npt_icmp = npt_icmp
@@ -285,6 +300,23 @@ class KernelPlane(Plane):
             "conntrack_sync": self.syncer.status() if self.syncer is not None else None,
         }
         return out
+
+
+def _flows_of(vip: Vip, flows: list[CtFlow], out: PlaneStatus) -> None:
+    """A nat VIP's live conntrack entries, and each backend's (by address and port)."""
+    proto, ports = str(vip.protocol), set(vip.ports)
+    mine = [f for f in flows if f.vip == vip.address and f.proto == proto and f.vip_port in ports]
+    out.active_flows[vip.name] = len(mine)
+    per: dict[tuple[IPv6Address | None, int | None], int] = {}
+    for f in mine:
+        per[f.backend, f.backend_port] = per.get((f.backend, f.backend_port), 0) + 1
+    counts = []
+    for b in vip.backends:
+        if b.port is not None:
+            counts.append(per.get((b.address, b.port), 0))
+        else:  # the VIP's own port: every flow to the address
+            counts.append(sum(n for (a, p), n in per.items() if a == b.address and p in ports))
+    out.backend_active_flows[vip.name] = counts
 
 
 def kernel_objects(instance: str) -> dict[str, Any]:
