@@ -43,6 +43,11 @@ table comment and every rule's comment ``v6lb:<instance> ...``.
     and others do not, each VIP port gets its own map.
   * ``nat_post`` (nat, postrouting, srcnat): optional SNAT of the VIP's flows,
     ``snat ip6 to [ADDR]:LOW-HIGH`` (a pool: ``[FIRST]-[LAST]:LOW-HIGH persistent``).
+  * Every packet of a ``nat`` VIP is counted, one map lookup each way:
+    ``counter name ip6 daddr . meta l4proto . th dport map @nat_in`` in ``mangle_pre``
+    (after the DSR balancing rules, before DNAT) and ``... ip6 saddr ... th sport map
+    @nat_out`` in ``count_post`` (filter, postrouting, srcnat + 10: a reply has the VIP
+    as its source again); the maps name the VIP's counters ``<vip>_in``/``<vip>_out``.
 
 ``dsr-ip6ip6``/``dsr-srv6`` (same table, ``mangle_pre``)::
 
