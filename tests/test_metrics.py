@@ -294,3 +294,29 @@ def test_a_scrape_without_a_snapshot_is_a_500_and_the_server_goes_on() -> None:
         assert urllib.request.urlopen(url, timeout=10).status == 200
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "want"),
+    [
+        (
+            "tcp      6 431999 ESTABLISHED src=2001:db8:a::2 dst=2001:db8:f::80 sport=40000"
+            " dport=80 src=2001:db8:b::10 dst=2001:db8:a::2 sport=8080 dport=40000 [ASSURED]"
+            " mark=0 use=1",
+            ("80", "2001:db8:b::10", "8080"),
+        ),
+        (  # nf_conntrack_acct on, a reply not seen yet
+            "udp      17 29 src=2001:db8:a::2 dst=2001:db8:f::80 sport=5353 dport=53"
+            " packets=1 bytes=60 [UNREPLIED] src=2001:db8:b::10 dst=2001:db8:5::1 sport=53"
+            " dport=20000 packets=0 bytes=0 mark=0 use=1",
+            ("53", "2001:db8:b::10", "53"),
+        ),
+    ],
+)
+def test_a_conntrack_line_names_the_vip_port_and_the_backend(
+    line: str, want: tuple[str, str, str]
+) -> None:
+    from v6lb.engines.kernel.apply import _CT_TUPLES
+
+    m = _CT_TUPLES.search(line)
+    assert m is not None and m.groups() == want

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -184,20 +185,25 @@ def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class CtFlow:
-    """A live conntrack entry of a nat VIP: its original destination and the backend."""
+CtKey = tuple[str, IPv6Address, int, IPv6Address | None, int | None]
+"""A nat flow's (protocol, VIP address, VIP port, backend address, backend port)."""
 
-    proto: str
-    vip: IPv6Address
-    vip_port: int
-    backend: IPv6Address | None
-    backend_port: int | None
+# the original tuple's destination port, then the reply tuple's source and source port
+_CT_TUPLES: Final = re.compile(r" dport=(\d+) (?:\S+ )*?src=(\S+) dst=\S+ sport=(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class CtFlows:
+    """The live conntrack entries of the nat VIP addresses: how many, and by :data:`CtKey`
+    (TCP and UDP only: an ICMPv6 echo entry counts in ``total`` alone)."""
+
+    total: int
+    by_key: dict[CtKey, int]
 
 
 def conntrack_flows(
     addresses: Sequence[IPv6Address], *, netns: str | None = None
-) -> list[CtFlow] | None:
+) -> CtFlows | None:
     """Live conntrack entries whose original destination is one of ``addresses``.
 
     What the ``ct count`` of ``lb.conntrack_max`` counts: TIME_WAIT and CLOSE
@@ -206,47 +212,32 @@ def conntrack_flows(
     """
     if not addresses or shutil.which("conntrack") is None:
         return None
-    out: list[CtFlow] = []
+    total = 0
+    raw: dict[tuple[str, IPv6Address, str, str, str], int] = {}
     for address in addresses:
         r = run_tool(["conntrack", "-L", "-f", "ipv6", "--orig-dst", str(address)], netns=netns)
         if r.returncode != 0:
             return None
         for line in r.stdout.splitlines():
-            words = line.split()
-            if not words or words[0] == "conntrack" or {"TIME_WAIT", "CLOSE"} & set(words):
+            if not line or line.startswith("conntrack") or " TIME_WAIT " in line:
                 continue
-            out.append(_ct_flow(words, address))
-    return out
-
-
-def _ct_flow(words: Sequence[str], address: IPv6Address) -> CtFlow:
-    """One ``conntrack -L`` line: the first ``dport=`` is the VIP's port, the second
-    ``src=``/``sport=`` (the reply tuple's) the backend's."""
-    seen: dict[str, list[str]] = {}
-    for w in words:
-        k, eq, v = w.partition("=")
-        if eq:
-            seen.setdefault(k, []).append(v)
-
-    def nth(key: str, i: int) -> str | None:
-        vals = seen.get(key, [])
-        return vals[i] if len(vals) > i else None
-
-    def port(v: str | None) -> int | None:
-        return int(v) if v is not None and v.isdigit() else None
-
-    backend = nth("src", 1)
-    try:
-        baddr = IPv6Address(backend) if backend is not None else None
-    except ValueError:
-        baddr = None
-    return CtFlow(words[0], address, port(nth("dport", 0)) or 0, baddr, port(nth("sport", 1)))
-
-
-def conntrack_count(addresses: Sequence[IPv6Address], *, netns: str | None = None) -> int | None:
-    """How many :func:`conntrack_flows` there are (None: unknown)."""
-    flows = conntrack_flows(addresses, netns=netns)
-    return None if flows is None else len(flows)
+            if " CLOSE " in line:
+                continue
+            total += 1
+            m = _CT_TUPLES.search(line)
+            if m is not None:
+                vport, backend, bport = m.groups()
+                key = (line.split(None, 1)[0], address, vport, backend, bport)
+                raw[key] = raw.get(key, 0) + 1
+    by_key: dict[CtKey, int] = {}
+    for (proto, address, vport, backend, bport), n in raw.items():
+        try:
+            baddr: IPv6Address | None = IPv6Address(backend)
+        except ValueError:
+            baddr = None
+        key = (proto, address, int(vport), baddr, int(bport))
+        by_key[key] = by_key.get(key, 0) + n
+    return CtFlows(total, by_key)
 
 
 def limits_status(

@@ -22,7 +22,7 @@ from typing import Any, Final
 from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.announce import Announcer
 from v6lb.engines.kernel.apply import (
-    CtFlow,
+    CtFlows,
     KernelError,
     Rendered,
     apply,
@@ -270,7 +270,8 @@ class KernelPlane(Plane):
         counters = {name: (c["packets"], c["bytes"]) for name, c in kernel["nft_counters"].items()}
         nat_addresses = list(dict.fromkeys(v.address for v in config.vips if v.mode is VipMode.NAT))
         flows = conntrack_flows(nat_addresses)
-        limits = limits_status(config, counters, count=None if flows is None else len(flows))
+        limits = limits_status(config, counters, count=None if flows is None else flows.total)
+        index = _flow_index(flows) if flows is not None else None
         out = PlaneStatus()
         for vip in config.vips:
             if vip.name not in self._pools:
@@ -286,8 +287,8 @@ class KernelPlane(Plane):
                     d: VipCounter(n, *counters.get(n, (0, 0)))
                     for d, n in zip(("in", "out"), names, strict=True)
                 }
-                if flows is not None:
-                    _flows_of(vip, flows, out)
+                if index is not None:
+                    _flows_of(vip, index, out)
             else:  # dsr-*: the balancing rule counts every packet to the VIP
                 out.traffic[vip.name] = {"in": VipCounter(cname, packets, nbytes)}
         icmp, npt_icmp = icmp_error_counts(config, {k: v[0] for k, v in counters.items()})
@@ -302,20 +303,32 @@ class KernelPlane(Plane):
         return out
 
 
-def _flows_of(vip: Vip, flows: list[CtFlow], out: PlaneStatus) -> None:
+FlowIndex = dict[tuple[IPv6Address, str, int], dict[tuple[IPv6Address | None, int | None], int]]
+
+
+def _flow_index(flows: CtFlows) -> FlowIndex:
+    """The live flows counted by (VIP address, protocol, VIP port), then (backend, port)."""
+    index: FlowIndex = {}
+    for (proto, vip, vport, backend, bport), n in flows.by_key.items():
+        per = index.setdefault((vip, proto, vport), {})
+        per[backend, bport] = per.get((backend, bport), 0) + n
+    return index
+
+
+def _flows_of(vip: Vip, index: FlowIndex, out: PlaneStatus) -> None:
     """A nat VIP's live conntrack entries, and each backend's (by address and port)."""
-    proto, ports = str(vip.protocol), set(vip.ports)
-    mine = [f for f in flows if f.vip == vip.address and f.proto == proto and f.vip_port in ports]
-    out.active_flows[vip.name] = len(mine)
+    proto = str(vip.protocol)
     per: dict[tuple[IPv6Address | None, int | None], int] = {}
-    for f in mine:
-        per[f.backend, f.backend_port] = per.get((f.backend, f.backend_port), 0) + 1
+    for port in vip.ports:
+        for key, n in index.get((vip.address, proto, port), {}).items():
+            per[key] = per.get(key, 0) + n
+    out.active_flows[vip.name] = sum(per.values())
     counts = []
     for b in vip.backends:
         if b.port is not None:
             counts.append(per.get((b.address, b.port), 0))
         else:  # the VIP's own port: every flow to the address
-            counts.append(sum(n for (a, p), n in per.items() if a == b.address and p in ports))
+            counts.append(sum(n for (a, _), n in per.items() if a == b.address))
     out.backend_active_flows[vip.name] = counts
 
 
