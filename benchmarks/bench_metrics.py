@@ -1,8 +1,9 @@
 """Benchmark a ``/metrics`` scrape of 100 VIPs x 10 backends: `python benchmarks/bench_metrics.py`.
 
 No root: a real :class:`~v6lb.engines.daemon.Daemon` with a stand-in data plane whose
-``status()`` returns at once what the kernel plane would (a counter and ICMPv6 errors
-per VIP), so the figures are v6lb's own cost: the daemon composing the status
+``status()`` returns at once what the kernel plane would (a counter, packets and ICMPv6
+errors per VIP; a nat VIP's replies, new and active flows, and active flows per
+backend), so the figures are v6lb's own cost: the daemon composing the status
 (health, Maglev slots per backend), turning it into metric families, and the HTTP
 scrape through prometheus_client on [::1]. The kernel plane adds its ``nft -j list``
 read-back (about 0.4 s with a 65537-element map, docs/run.md) on the scraping thread,
@@ -56,6 +57,12 @@ class StandInPlane(Plane):
         for i, v in enumerate(self.config.vips):
             out.counters[v.name] = VipCounter(f"v{i}_{v.name}", 1000 + i, 80_000 + i)
             out.icmp[v.name] = IcmpErrors(forwarded=i, translated=0, unmatched=1)
+            out.traffic[v.name] = {"in": VipCounter(f"v{i}_{v.name}_in", 9000 + i, 720_000)}
+            if v.mode == "nat":  # the kernel plane's nat figures: replies, flows per backend
+                out.traffic[v.name]["out"] = VipCounter(f"v{i}_{v.name}_out", 8000, 9_000_000)
+                out.new_flows[v.name] = 1000 + i
+                out.active_flows[v.name] = 10 * len(v.backends)
+                out.backend_active_flows[v.name] = [10] * len(v.backends)
         out.details = {
             "forward": {"forward_denied": 1, "forward_unreachable": 2, "forward_allowed": 3},
             "conntrack": {"conntrack_max": 262144, "conntrack": 5, "conntrack_full": 0},

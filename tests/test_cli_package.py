@@ -145,6 +145,7 @@ KERNEL = {
                     "successes": 3,
                     "failures": 0,
                     "slots": 32769,
+                    "active_flows": 3,
                 },
                 {
                     "address": "fd00:10::2",
@@ -156,8 +157,15 @@ KERNEL = {
                     "successes": None,
                     "failures": None,
                     "slots": 0,
+                    "active_flows": 0,
                 },
             ],
+            "traffic": {
+                "in": {"name": "api_in", "packets": 40, "bytes": 3000},
+                "out": {"name": "api_out", "packets": 30, "bytes": 9000},
+            },
+            "new_flows": 10,
+            "active_flows": 3,
         }
     ],
     "npt": [{"inside": "fd01::/48", "outside": "2001:db8:1::/48"}],
@@ -308,8 +316,10 @@ KERNEL_TEXT = (
     "instance lb0 (pid 4242, kernel data plane, proxy engine builtin, netns -) file examples/nat.yaml\n"
     "up 12.5 s, reloads 1, map updates 3, last error: none\n"
     "VIP api nat [2001:db8:100::10]:80,443/tcp  counter api_pkts: 10 packets 900 bytes\n"
-    "  [fd00:10::1]:8080 weight 1  UP  32769 slots  probe tcp [fd00:10::1]:8080\n"
-    "  [fd00:10::2] weight 2 drain  DOWN  0 slots  probe none\n"
+    "  traffic: in 40 packets 3000 bytes, out 30 packets 9000 bytes; flows: 10 new, 3 active\n"
+    "  [fd00:10::1]:8080 weight 1  UP  32769 slots  probe tcp [fd00:10::1]:8080"
+    "  flows: 3 active\n"
+    "  [fd00:10::2] weight 2 drain  DOWN  0 slots  probe none  flows: 0 active\n"
     "NPT fd01::/48 <-> 2001:db8:1::/48\n"
     "forward filter: accepted 5, dropped 1\n"
     "conntrack: ? of 1000 nat flows, 2 new flows dropped at the bound\n"

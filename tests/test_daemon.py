@@ -108,6 +108,8 @@ class FakePlane(Plane):
     def status(self) -> PlaneStatus:
         return PlaneStatus(
             counters={"web": VipCounter("fake web", 7, 70)},
+            new_flows={"web": 7},
+            backend_active_flows={"web": [2, 0]},
             maps={"web": ["fake_map"]},
             details={"fake": {"tag": self.tag}},
         )

@@ -276,6 +276,10 @@ def test_python_dataplane_nat_npt_sigstop_counters_and_cleanup(tmp_path: Path) -
             assert nat["counters"]["forwarded"] >= 30 * 4 and nat["conntrack"] >= 1
             assert st["engine"]["npt"]["counters"]["forwarded"] == 10
             assert st["vips"][0]["counter"]["packets"] == nat["counters"]["forwarded"]
+            web = st["vips"][0]  # the flows per VIP and backend (docs/operations.md "Metrics")
+            assert web["new_flows"] == 30 and web["active_flows"] == nat["conntrack"]
+            assert {b["address"]: b["new_flows"] for b in web["backends"]} == seen
+            assert sum(b["active_flows"] for b in web["backends"]) == nat["conntrack"]
             assert any("lookup" in r for r in st["kernel"]["rules"])
             text = sh(V6LB, "status", "--control-socket", sock)
             assert "python data plane" in text and "VIP web nat" in text

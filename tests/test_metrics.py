@@ -61,10 +61,14 @@ KERNEL_STATUS = {
             "icmp_errors": {"forwarded": 0, "translated": 2, "unmatched": 1},
             "backends": [
                 {"address": "2001:db8:b::1", "port": 80, "health": "up", "slots": 5,
-                 "transitions": 0},
+                 "transitions": 0, "active_flows": 4},
                 {"address": "2001:db8:b::2", "port": None, "health": "down", "slots": 0,
-                 "transitions": 1},
+                 "transitions": 1, "active_flows": 0},
             ],
+            "traffic": {"in": {"name": "v0_web_in", "packets": 700, "bytes": 56000},
+                        "out": {"name": "v0_web_out", "packets": 650, "bytes": 900000}},
+            "new_flows": 60,
+            "active_flows": 4,
         },
         {
             "name": "dsr",
@@ -73,6 +77,7 @@ KERNEL_STATUS = {
             "mode": "dsr-srv6",
             "counter": {"name": "v1_dsr", "packets": 10, "bytes": 1000},
             "backends": [],
+            "traffic": {"in": {"name": "v1_dsr", "packets": 10, "bytes": 1000}},
         },
     ],
     "npt": [{"inside": "fd00:1::/48", "outside": "2001:db8:1::/48",
@@ -97,7 +102,10 @@ def test_one_status_gives_every_family_with_its_labels() -> None:
     s = _samples(_text(InstanceStatus.from_dict(KERNEL_STATUS)))
     web = {"vip": "web", "mode": "nat"}
     assert _value(s, "v6lb_vip_new_flows_total", **web) == 60
-    assert ("v6lb_vip_packets_total", frozenset({**web, "direction": "in"}.items())) not in s
+    assert _value(s, "v6lb_vip_active_flows", **web) == 4
+    assert _value(s, "v6lb_vip_packets_total", **web, direction="in") == 700
+    assert _value(s, "v6lb_vip_bytes_total", **web, direction="out") == 900000
+    assert ("v6lb_vip_new_flows_total", frozenset({"vip": "dsr", "mode": "dsr-srv6"})) not in s
     dsr = {"vip": "dsr", "mode": "dsr-srv6", "direction": "in"}
     assert _value(s, "v6lb_vip_packets_total", **dsr) == 10
     assert _value(s, "v6lb_vip_bytes_total", **dsr) == 1000
@@ -108,6 +116,8 @@ def test_one_status_gives_every_family_with_its_labels() -> None:
     assert _value(s, "v6lb_backend_up", **web, backend=b2) == 0
     assert _value(s, "v6lb_backend_health_transitions_total", **web, backend=b2) == 1
     assert _value(s, "v6lb_backend_maglev_slots", **web, backend=b1) == 5
+    assert _value(s, "v6lb_backend_active_flows", **web, backend=b1) == 4
+    assert ("v6lb_backend_new_flows_total", frozenset({**web, "backend": b1}.items())) not in s
     npt = {"inside": "fd00:1::/48", "outside": "2001:db8:1::/48"}
     assert _value(s, "v6lb_npt_icmp_errors_total", **npt, action="unmatched") == 5
     assert _value(s, "v6lb_drops_total", reason="forward_denied") == 7
@@ -165,16 +175,22 @@ def test_the_builtin_engines_latency_is_a_prometheus_histogram() -> None:
 
 
 def test_the_python_planes_forwarder_counters_are_not_a_vips() -> None:
+    web = {k: v for k, v in KERNEL_STATUS["vips"][0].items() if k != "traffic"}  # type: ignore[index]
+    web["backends"] = [{**web["backends"][0], "new_flows": 3}]
     d = {
         "instance": "lb0",
         "dataplane": "python",
-        "vips": [{**KERNEL_STATUS["vips"][0], "counter": {"name": "python nat forwarded",  # type: ignore[dict-item]
-                                                         "packets": 99, "bytes": 0}}],
+        "vips": [{**web, "counter": {"name": "python nat forwarded", "packets": 99, "bytes": 0},
+                  "new_flows": 3}],
         "engine": {"nat": {"counters": {"forwarded": 99, "replies": 98, "drop.no_route": 4}},
                    "dsr": {"counters": {"forwarded": 1, "replies": 0}, "flow_cache": 3}},
     }  # fmt: skip
     s = _samples(_text(InstanceStatus.from_dict(d)))
-    assert not [k for k in s if k[0] == "v6lb_vip_new_flows_total"]
+    assert not [k for k in s if k[0] == "v6lb_vip_packets_total"]
+    web_labels = {"vip": "web", "mode": "nat"}
+    assert _value(s, "v6lb_vip_new_flows_total", **web_labels) == 3
+    b1 = {**web_labels, "backend": "[2001:db8:b::1]:80"}
+    assert _value(s, "v6lb_backend_new_flows_total", **b1) == 3
     assert _value(s, "v6lb_forwarder_packets_total", forwarder="nat", verdict="replies") == 98
     assert _value(s, "v6lb_drops_total", reason="no_route") == 4
     assert _value(s, "v6lb_flow_cache_entries", forwarder="dsr") == 3
@@ -233,7 +249,10 @@ def test_the_daemon_serves_metrics_and_counts_health_transitions(
         down = {**web, "backend": f"[2001:db8:b::2]:{config.vips[0].backends[1].port}"}
         assert _value(s, "v6lb_backend_up", **down) == 0
         assert _value(s, "v6lb_backend_health_transitions_total", **down) == 1
-        assert _value(s, "v6lb_vip_new_flows_total", **web) == 7  # the fake plane's counter
+        assert _value(s, "v6lb_vip_new_flows_total", **web) == 7  # the fake plane's figures
+        assert _value(s, "v6lb_backend_active_flows", **down) == 0
+        up = {**web, "backend": f"[2001:db8:b::1]:{config.vips[0].backends[0].port}"}
+        assert _value(s, "v6lb_backend_active_flows", **up) == 2
         assert _value(s, "v6lb_map_updates_total") >= 1
         assert ("process_open_fds", frozenset()) in s
         # scrapes from several threads at once all get an answer
@@ -304,3 +323,29 @@ def test_a_scrape_without_a_snapshot_is_a_500_and_the_server_goes_on() -> None:
         assert urllib.request.urlopen(url, timeout=10).status == 200
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "want"),
+    [
+        (
+            "tcp      6 431999 ESTABLISHED src=2001:db8:a::2 dst=2001:db8:f::80 sport=40000"
+            " dport=80 src=2001:db8:b::10 dst=2001:db8:a::2 sport=8080 dport=40000 [ASSURED]"
+            " mark=0 use=1",
+            ("80", "2001:db8:b::10", "8080"),
+        ),
+        (  # nf_conntrack_acct on, a reply not seen yet
+            "udp      17 29 src=2001:db8:a::2 dst=2001:db8:f::80 sport=5353 dport=53"
+            " packets=1 bytes=60 [UNREPLIED] src=2001:db8:b::10 dst=2001:db8:5::1 sport=53"
+            " dport=20000 packets=0 bytes=0 mark=0 use=1",
+            ("53", "2001:db8:b::10", "53"),
+        ),
+    ],
+)
+def test_a_conntrack_line_names_the_vip_port_and_the_backend(
+    line: str, want: tuple[str, str, str]
+) -> None:
+    from v6lb.engines.kernel.apply import _CT_TUPLES
+
+    m = _CT_TUPLES.search(line)
+    assert m is not None and m.groups() == want

@@ -1,8 +1,13 @@
 """Prometheus itself scrapes `v6lb run` in a namespace; a taken metrics port refuses a start.
 
-One namespace: a proxy-l7 VIP of the builtin proxy, one http.server backend, the
-instance's ``lb.metrics`` and Debian's prometheus scraping it every second. After N
-curl requests through the VIP, a query over Prometheus's HTTP API returns N.
+* The builtin proxy: one namespace, a proxy-l7 VIP, one http.server backend, the
+  instance's ``lb.metrics`` and Debian's prometheus scraping it every second. After N
+  curl requests through the VIP, a query over Prometheus's HTTP API returns N.
+* The kernel plane: client — LB — backend namespaces, a nat VIP and a dsr-ip6ip6 VIP.
+  After N curl requests through the nat VIP, M datagrams to the DSR VIP and one
+  connection left open, Prometheus has exactly N + 1 new flows, one active flow (on
+  its backend), packets both ways of at least the TCP exchange's count, and M packets
+  to the DSR VIP.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+import yaml
+
+from netns_helpers import batch, client_behind, link, namespaces, nat_lab_file, nsx
 
 VIP = "2001:db8:78::80"
 LB = "2001:db8:78::2"
@@ -44,8 +52,8 @@ def _ns(name: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", name, *cmd]
 
 
-def _query(ns: str, promql: str) -> list[dict[str, object]]:
-    url = f"http://{PROM}/api/v1/query?query={urllib.parse.quote(promql)}"
+def _query(ns: str, promql: str, prom: str = PROM) -> list[dict[str, object]]:
+    url = f"http://{prom}/api/v1/query?query={urllib.parse.quote(promql)}"
     r = subprocess.run(
         _ns(ns, "curl", "-sg", "--max-time", "3", url), capture_output=True, text=True
     )
@@ -144,3 +152,136 @@ def test_prometheus_scrapes_the_request_count(tmp_path: Path) -> None:
                 p.kill()
                 p.wait(5)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+# --- the kernel plane ------------------------------------------------------------------
+
+K_LB = "2001:db8:a::1"
+K_CLIENT = "2001:db8:a::2"
+K_NAT = "2001:db8:f::80"
+K_DSR = "2001:db8:f::90"
+K_BACKEND = "2001:db8:b::10"
+K_METRICS = f"[{K_LB}]:9105"
+K_PROM = f"[{K_LB}]:9190"
+M = 9  # datagrams to the DSR VIP
+
+HOLD = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 80))
+print("open", flush=True)
+time.sleep(60)
+"""
+
+
+def _value(ns: str, promql: str) -> float | None:
+    result = _query(ns, promql, K_PROM)
+    return float(result[0]["value"][1]) if result else None  # type: ignore[index]
+
+
+@pytest.mark.root
+def test_prometheus_scrapes_the_kernel_plane(tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "needs root (CI runs as root)"
+    assert shutil.which("prometheus"), "Debian's prometheus is needed (make test installs it)"
+    assert shutil.which("conntrack"), "the active flows need conntrack (make test installs it)"
+    data = nat_lab_file("mtk", str(tmp_path / "k.sock"), metrics=K_METRICS)
+    data["vips"][0]["backends"] = [{"address": K_BACKEND}]
+    data["vips"].append(
+        {
+            "name": "dns",
+            "address": K_DSR,
+            "ports": [53],
+            "protocol": "udp",
+            "mode": "dsr-ip6ip6",
+            "health": {"type": "none"},
+            "backends": [{"address": K_BACKEND}],
+        }
+    )
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    (tmp_path / "prom.yml").write_text(
+        "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+        f"scrape_configs:\n  - job_name: v6lb\n    static_configs: [{{targets: ['{K_METRICS}']}}]\n"
+    )
+    procs: list[subprocess.Popen[str]] = []
+    with namespaces("client", "lb", "backend", tag="mk") as ns:
+        c, lbns, b = ns["client"], ns["lb"], ns["backend"]
+        try:
+            client_behind(c, lbns, "2001:db8:c::/64")
+            link(lbns, "l1", b, "b0")
+            batch(lbns, "address add 2001:db8:b::1/64 dev l1 nodad")
+            batch(
+                b, f"address add {K_BACKEND}/64 dev b0 nodad", "route add default via 2001:db8:b::1"
+            )
+            procs.append(subprocess.Popen(
+                _ns(b, sys.executable, "-m", "http.server", "--bind", K_BACKEND, "80"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+            ))  # fmt: skip
+            lb = subprocess.Popen(
+                [sys.executable, "-m", "v6lb.cli", "run", str(cfg), "--dataplane", "kernel",
+                 "--netns", lbns],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            procs.append(lb)
+            procs.append(subprocess.Popen(
+                _ns(lbns, "prometheus", f"--config.file={tmp_path / 'prom.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={K_PROM}"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+            ))  # fmt: skip
+
+            served = 0
+            deadline = time.monotonic() + 20
+            while served < N and time.monotonic() < deadline:
+                r = subprocess.run(
+                    _ns(c, "curl", "-sg", "-o", "/dev/null", "-w", "%{http_code}",
+                        "--max-time", "3", f"http://[{K_NAT}]/"),
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                if r.stdout == "200":
+                    served += 1
+                else:  # the ruleset is not in yet: no flow was made
+                    assert lb.poll() is None, lb.stderr.read() if lb.stderr else ""
+                    time.sleep(0.2)
+            assert served == N, f"{served} of {N} requests answered"
+            # M datagrams to the DSR VIP (the backend drops them: no decapsulation set up)
+            nsx(c, sys.executable, "-c",
+                "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                f"for i in range({M}): s.sendto(b'q', ('{K_DSR}', 53))")  # fmt: skip
+            hold = subprocess.Popen(
+                _ns(c, sys.executable, "-c", HOLD, K_NAT),
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            procs.append(hold)
+            assert hold.stdout is not None and hold.stdout.readline() == "open\n"
+
+            want = {
+                'v6lb_vip_new_flows_total{vip="web",mode="nat"}': N + 1,
+                'v6lb_vip_active_flows{vip="web"}': 1,
+                f'v6lb_backend_active_flows{{vip="web",backend="{K_BACKEND}"}}': 1,
+                'v6lb_vip_packets_total{vip="dns",mode="dsr-ip6ip6",direction="in"}': M,
+            }
+            # every curl: SYN, ACK, the request, FIN, the last ACK in; SYN-ACK, the response,
+            # FIN out; the held connection: SYN, ACK in, SYN-ACK out
+            at_least = {
+                'v6lb_vip_packets_total{vip="web",direction="in"}': 5 * N + 2,
+                'v6lb_vip_packets_total{vip="web",direction="out"}': 3 * N + 1,
+                'v6lb_vip_bytes_total{vip="web",direction="in"}': (5 * N + 2) * 60,
+            }
+            got: dict[str, float | None] = {}
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                got = {q: _value(lbns, q) for q in [*want, *at_least]}
+                if all(got[q] == v for q, v in want.items()) and all(
+                    (got[q] or 0) >= v for q, v in at_least.items()
+                ):
+                    break
+                time.sleep(0.5)
+            assert all(got[q] == v for q, v in want.items()), got
+            assert all((got[q] or 0) >= v for q, v in at_least.items()), got
+
+            lb.send_signal(signal.SIGTERM)
+            assert lb.wait(15) == 0
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(5)

@@ -518,6 +518,25 @@ def test_backend_down_drops_its_flows_and_retries_go_elsewhere() -> None:
     assert fwd.counters.snapshot()["backend-down"] == 2
 
 
+def test_new_and_live_flows_are_counted_per_vip_and_backend() -> None:
+    fwd = forwarder()
+    web, dns = fwd.services[0], fwd.services[1]
+    chosen: Counter[bytes] = Counter()
+    for sport in range(2000, 2030):
+        _, _, out = fwd.process(make("tcp", "2001:db8:c::1", VIP, sport, 443), OUT, 0.0)
+        assert isinstance(out, bytearray)
+        chosen[build.a16(fields(out)[1])] += 1
+    assert fwd.process(make("tcp", "2001:db8:c::1", VIP, 1, 8443), OUT, 0.0)[0] == DROP
+    want = [chosen[a] for a in web.pool.addresses]
+    assert (web.new_flows, web.active_flows) == (30, 30)
+    assert web.backend_new_flows == web.backend_active_flows == want
+    assert len([n for n in want if n]) > 1  # the flows were spread
+    assert (dns.new_flows, dns.active_flows) == (0, 0)
+    fwd.expire(1e6)  # every entry times out: the live counts fall, the new ones stay
+    assert (web.new_flows, web.active_flows) == (30, 0)
+    assert web.backend_new_flows == want and web.backend_active_flows == [0, 0, 0]
+
+
 def test_no_eligible_backend() -> None:
     pool = BackendPool([BackendSpec.of("fd00:b::1", 80, drain=True)], table_size=TABLE)
     fwd = NatForwarder([NatService(VIP, pool, ports=[80])], fx.LB)

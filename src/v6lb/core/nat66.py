@@ -114,6 +114,10 @@ class NatService:
         "snat_ports",
         "icmp_translated",
         "icmp_unmatched",
+        "new_flows",
+        "active_flows",
+        "backend_new_flows",
+        "backend_active_flows",
         "_snat_first",
         "_snat_count",
     )
@@ -161,6 +165,11 @@ class NatService:
         # the VIP's address that quote no tracked flow (counted on its first VIP).
         self.icmp_translated = 0
         self.icmp_unmatched = 0
+        # flows opened (conntrack entries made) and live entries, in all and per backend
+        self.new_flows = 0
+        self.active_flows = 0
+        self.backend_new_flows = [0] * len(pool)
+        self.backend_active_flows = [0] * len(pool)
 
     def snat_address(self, client: bytes, seed: int = 0) -> bytes:
         """The SNAT address of ``client``: always the same one for a client (paired pooling)."""
@@ -572,6 +581,10 @@ class NatForwarder:
         conn.snat = space_key
         conn.snat_port = xport
         ct.insert(conn, state, now)
+        svc.new_flows += 1
+        svc.active_flows += 1
+        svc.backend_new_flows[i] += 1
+        svc.backend_active_flows[i] += 1
         self._rewrite(buf, info, proto, conn, False, now)
         return self._forward(buf, PORT_INSIDE)
 
@@ -588,6 +601,10 @@ class NatForwarder:
             del self._spaces[space_key]  # idle spaces cost nothing
 
     def _released(self, conn: Conn) -> None:
+        svc: NatService | None = conn.service
+        if svc is not None:
+            svc.active_flows -= 1
+            svc.backend_active_flows[conn.backend] -= 1
         if conn.snat is not None:
             self._give_port(conn.snat, conn.snat_port)
 

@@ -1086,6 +1086,8 @@ class Daemon:
         vip = self.config.vip(name)
         hs, pool = self.health.sets[name], self.health.pools[name]
         backends = []
+        b_new = ps.backend_new_flows.get(name)
+        b_active = ps.backend_active_flows.get(name)
         for i, b in enumerate(vip.backends):
             monitor = hs.monitor(i)
             target = self.health.targets.get((name, i))
@@ -1104,6 +1106,10 @@ class Daemon:
                     failures=monitor.failures if monitor else None,
                     slots=pool.slots[i],
                     transitions=self.health.transitions.get((name, str(b.address), b.port), 0),
+                    new_flows=b_new[i] if b_new is not None and i < len(b_new) else None,
+                    active_flows=b_active[i]
+                    if b_active is not None and i < len(b_active)
+                    else None,
                 )
             )
         counter = ps.counters.get(name)
@@ -1121,6 +1127,11 @@ class Daemon:
             else Counter(""),
             icmp_errors=ps.icmp.get(name, IcmpErrors()),
             backends=backends,
+            traffic={d: Counter(c.name, c.packets, c.bytes) for d, c in traffic.items()}
+            if (traffic := ps.traffic.get(name))
+            else None,
+            new_flows=ps.new_flows.get(name),
+            active_flows=ps.active_flows.get(name),
         )
 
 

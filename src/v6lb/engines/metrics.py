@@ -35,7 +35,6 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from v6lb.model.config import MetricsListen
-from v6lb.model.modes import Kind, facts
 from v6lb.model.status import InstanceStatus, ProxyBackendStatus
 
 __all__ = ["MetricsServer", "StatusCollector", "metric_families"]
@@ -106,28 +105,33 @@ def metric_families(status: InstanceStatus) -> list[Metric]:
 
 
 def _l3(f: _Families, status: InstanceStatus) -> None:
-    # the python plane's per-VIP counter is its forwarder's total (all VIPs of a kind):
-    # exported per forwarder below, never as a VIP's
+    # only the figures a plane filled per VIP (``traffic``, ``new_flows``, ...): the python
+    # plane's ``counter`` is its forwarder's total (all VIPs of a kind), exported per
+    # forwarder below, never as a VIP's
     engine = status.extra.get("engine")
-    per_vip = not isinstance(engine, dict)
     vl = ["vip", "mode"]
     bl = ["vip", "mode", "backend"]
     for v in status.vips:
         lv = [v.name, v.mode]
-        if per_vip and v.counter.name:
-            if facts(v.mode).kind is Kind.NAT:
-                f.counter(
-                    "v6lb_vip_new_flows",
-                    "New flows to the VIP (nat: first packets of conntrack entries).",
-                    vl,
-                ).add_metric(lv, v.counter.packets)
-            else:
-                f.counter(
-                    "v6lb_vip_packets", "Packets to the VIP (client to LB).", [*vl, "direction"]
-                ).add_metric([*lv, "in"], v.counter.packets)
-                f.counter(
-                    "v6lb_vip_bytes", "Bytes to the VIP (client to LB).", [*vl, "direction"]
-                ).add_metric([*lv, "in"], v.counter.bytes)
+        for direction, c in (v.traffic or {}).items():
+            f.counter(
+                "v6lb_vip_packets",
+                "Packets of the VIP: in (clients to the VIP), out (replies to the clients).",
+                [*vl, "direction"],
+            ).add_metric([*lv, direction], c.packets)
+            f.counter(
+                "v6lb_vip_bytes", "Bytes of the VIP, by direction.", [*vl, "direction"]
+            ).add_metric([*lv, direction], c.bytes)
+        if v.new_flows is not None:
+            f.counter(
+                "v6lb_vip_new_flows",
+                "New flows to the VIP (nat: conntrack entries made for it).",
+                vl,
+            ).add_metric(lv, v.new_flows)
+        if v.active_flows is not None:
+            f.gauge(
+                "v6lb_vip_active_flows", "Live flows of the VIP (nat: conntrack entries).", vl
+            ).add_metric(lv, v.active_flows)
         if v.icmp_errors is not None:
             fam = f.counter(
                 "v6lb_vip_icmp_errors",
@@ -155,6 +159,14 @@ def _l3(f: _Families, status: InstanceStatus) -> None:
                 f.gauge(
                     "v6lb_backend_maglev_slots", "The backend's slots in the Maglev table.", bl
                 ).add_metric(lb, b.slots)
+            if b.new_flows is not None:
+                f.counter(
+                    "v6lb_backend_new_flows", "New flows sent to the backend.", bl
+                ).add_metric(lb, b.new_flows)
+            if b.active_flows is not None:
+                f.gauge(
+                    "v6lb_backend_active_flows", "Live flows to the backend (nat: conntrack).", bl
+                ).add_metric(lb, b.active_flows)
     for p in status.npt:
         if p.icmp_errors is None:
             continue

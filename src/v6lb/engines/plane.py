@@ -107,9 +107,18 @@ class PlaneStatus:
     ``counters``/``icmp``/``maps`` by VIP name (an L3 plane; the daemon composes the VIP entries
     with its health state), ``details``: the plane's own keys in answer order,
     ``sections``: top-level keys added after ``events`` (the proxy's ``proxy``).
+    The flow figures, by VIP name, where the plane has them (docs/operations.md, "Metrics"):
+    ``traffic`` (direction ``in``/``out`` -> packets and bytes), ``new_flows``,
+    ``active_flows``, and per backend (by its index in the VIP) ``backend_new_flows``,
+    ``backend_active_flows``.
     """
 
     counters: dict[str, VipCounter] = field(default_factory=dict)
+    traffic: dict[str, dict[str, VipCounter]] = field(default_factory=dict)
+    new_flows: dict[str, int] = field(default_factory=dict)
+    active_flows: dict[str, int] = field(default_factory=dict)
+    backend_new_flows: dict[str, list[int]] = field(default_factory=dict)
+    backend_active_flows: dict[str, list[int]] = field(default_factory=dict)
     icmp: dict[str, IcmpErrors] = field(default_factory=dict)  # by VIP name
     npt_icmp: list[IcmpErrors] = field(default_factory=list)  # by index in config.npt
     maps: dict[str, list[str]] = field(default_factory=dict)

@@ -212,6 +212,8 @@ class BackendStatus(_Record):
     """`v6lb ctl`'s override and what the file says (``weight``/``drain``/``enabled`` are
     the values in force); absent when the file's values stand."""
     transitions: int | None = None  # health changes since start; None: an older answer
+    new_flows: int | None = None  # flows the plane sent to it (None: not counted)
+    active_flows: int | None = None  # its live flows (nat: conntrack entries; None: unknown)
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
@@ -226,8 +228,15 @@ class BackendStatus(_Record):
         "enabled": _bool,
         "override": _opt_str,
         "transitions": _opt_int,
+        "new_flows": _opt_int,
+        "active_flows": _opt_int,
     }
-    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("override", "transitions")
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = (
+        "override",
+        "transitions",
+        "new_flows",
+        "active_flows",
+    )
 
 
 @dataclass(slots=True)
@@ -267,6 +276,11 @@ class VipStatus(_Record):
     counter: Counter = field(default_factory=Counter)
     icmp_errors: IcmpErrors | None = None  # None: an answer from before they were counted
     backends: list[BackendStatus] = field(default_factory=list)
+    traffic: dict[str, Counter] | None = None
+    """Packets and bytes by direction: ``in`` (clients to the VIP), ``out`` (replies to the
+    clients); only the directions the plane sees (None: none counted)."""
+    new_flows: int | None = None  # None: not counted
+    active_flows: int | None = None  # live flows (nat: conntrack entries); None: unknown
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "name": _str,
@@ -280,8 +294,16 @@ class VipStatus(_Record):
         "counter": Counter.from_dict,
         "icmp_errors": IcmpErrors.from_dict,
         "backends": _list(BackendStatus.from_dict),
+        "traffic": _by_name(Counter.from_dict),
+        "new_flows": _opt_int,
+        "active_flows": _opt_int,
     }
-    _OMIT_NONE: ClassVar[tuple[str, ...]] = ("icmp_errors",)
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = (
+        "icmp_errors",
+        "traffic",
+        "new_flows",
+        "active_flows",
+    )
 
 
 @dataclass(slots=True)

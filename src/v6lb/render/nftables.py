@@ -43,6 +43,11 @@ table comment and every rule's comment ``v6lb:<instance> ...``.
     and others do not, each VIP port gets its own map.
   * ``nat_post`` (nat, postrouting, srcnat): optional SNAT of the VIP's flows,
     ``snat ip6 to [ADDR]:LOW-HIGH`` (a pool: ``[FIRST]-[LAST]:LOW-HIGH persistent``).
+  * Every packet of a ``nat`` VIP is counted, one map lookup each way:
+    ``counter name ip6 daddr . meta l4proto . th dport map @nat_in`` in ``mangle_pre``
+    (after the DSR balancing rules, before DNAT) and ``... ip6 saddr ... th sport map
+    @nat_out`` in ``count_post`` (filter, postrouting, srcnat + 10: a reply has the VIP
+    as its source again); the maps name the VIP's counters ``<vip>_in``/``<vip>_out``.
 
 ``dsr-ip6ip6``/``dsr-srv6`` (same table, ``mangle_pre``)::
 
@@ -99,6 +104,7 @@ __all__ = [
     "map_names",
     "nat_maps",
     "drain_flow_sets",
+    "nat_traffic_counters",
     "render_backend_nft",
     "render_drain_flows",
     "render_map_update",
@@ -142,6 +148,39 @@ def vip_object_name(config: Config, vip: Vip) -> str:
 def vip_counter(config: Config, vip: Vip) -> str:
     """The named counter of a VIP's balancing rule (nat: new flows; dsr-*: packets)."""
     return vip_object_name(config, vip)
+
+
+def nat_traffic_counters(config: Config, vip: Vip) -> tuple[str, str]:
+    """A ``nat`` VIP's named counters of every packet: (client to VIP, replies to clients).
+
+    ``mangle_pre`` counts the packets to the VIP's (protocol, port)s before DNAT, a
+    ``count_post`` chain after srcnat the packets leaving as the VIP (the replies, once
+    nf_nat restored their source); one lookup in an ``ipv6_addr . inet_proto .
+    inet_service : counter`` map each (``nat_in``, ``nat_out``), whatever the VIP count.
+    """
+    name = vip_object_name(config, vip)
+    return f"{name}_in", f"{name}_out"
+
+
+def _nat_traffic_maps(config: Config) -> list[str]:
+    """The ``nat_in``/``nat_out`` maps: (address, protocol, port) -> the VIP's counter."""
+    tag = _tag(config)
+    lines: list[str] = []
+    for i, (name, what) in enumerate((("nat_in", "to"), ("nat_out", "from"))):
+        lines += [
+            f"\tmap {name} {{",
+            "\t\ttype ipv6_addr . inet_proto . inet_service : counter",
+            f'\t\tcomment "{tag}: nat VIP (address, protocol, port) -> its counter of packets'
+            f' {what} it"',
+            "\t\telements = {",
+        ]
+        for vip in _nat_vips(config):
+            counter = nat_traffic_counters(config, vip)[i]
+            lines += [
+                f'\t\t\t{vip.address} . {vip.protocol} . {p} : "{counter}",' for p in vip.ports
+            ]
+        lines += ["\t\t}", "\t}"]
+    return lines
 
 
 # --- the Maglev tables -----------------------------------------------------------
@@ -831,6 +870,9 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
         counter = vip_counter(config, vip)
         objects += _counter_block(counter, f"{tag} {vip.name}: {_counter_meaning(vip)}")
         if vip.mode is VipMode.NAT:
+            c_in, c_out = nat_traffic_counters(config, vip)
+            objects += _counter_block(c_in, f"{tag} {vip.name}: packets from clients")
+            objects += _counter_block(c_out, f"{tag} {vip.name}: packets to clients (replies)")
             objects += _icmp_counter_blocks(config, vip, firsts, "translated (conntrack related)")
             for m in nat_maps(config, vip):
                 kind = "ipv6_addr . inet_service" if m.with_port else "ipv6_addr"
@@ -877,6 +919,18 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             icmp += _icmp_error_rules(
                 config, vip, pool, f"meta mark set meta mark map @{name} accept", vip.name in ports
             )
+    count_post: list[str] = []
+    if _nat_vips(config):
+        # after the DSR balancing rules (they accept): only the rest pays for the lookup
+        objects += _nat_traffic_maps(config)
+        mangle.append(
+            "counter name ip6 daddr . meta l4proto . th dport map @nat_in"
+            f' comment "{tag}: packets to the nat VIPs"'
+        )
+        count_post.append(
+            "counter name ip6 saddr . meta l4proto . th sport map @nat_out"
+            f' comment "{tag}: packets from the nat VIPs (replies)"'
+        )
     # One jump, after the balancing rules: a flow's packets never look at the ICMP rules.
     icmp += _icmp_catch_all(config, [v for v in dsr if v.mode is not VipMode.DSR_L2])
     icmp += _nat_icmp_rules(config)
@@ -917,6 +971,8 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
         ("mangle_pre", "filter hook prerouting priority mangle", mangle),
         ("nat_pre", "nat hook prerouting priority dstnat", nat_pre),
         ("nat_post", "nat hook postrouting priority srcnat", nat_post),
+        # after srcnat: a reply leaves with the VIP as its source again
+        ("count_post", "filter hook postrouting priority srcnat + 10", count_post),
         ("forward", "filter hook forward priority filter", _forward_rules(config, None)),
     ):
         if rules:

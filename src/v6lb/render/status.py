@@ -44,14 +44,23 @@ def status_lines(st: InstanceStatus) -> list[str]:
             f"VIP {vip.name} {vip.mode} [{vip.address}]:{','.join(map(str, vip.ports))}"
             f"/{vip.protocol}  counter {c.name}: {c.packets} packets {c.bytes} bytes"
         )
+        # dsr: the one direction is the counter above
+        counted = {d: t for d, t in (vip.traffic or {}).items() if t.name != c.name}
+        traffic = [f"{d} {t.packets} packets {t.bytes} bytes" for d, t in counted.items()]
+        flows = _flows(vip.new_flows, vip.active_flows)
+        if traffic or flows:
+            shown = (f"traffic: {', '.join(traffic)}" if traffic else "", flows)
+            out.append("  " + "; ".join(x for x in shown if x))
         if vip.icmp_errors is not None:
             out.append(f"  ICMPv6 errors: {_icmp(vip.icmp_errors)}")
         for b in vip.backends:
             port = f":{b.port}" if b.port else ""
+            flows = _flows(b.new_flows, b.active_flows)
             out.append(
                 f"  [{b.address}]{port} weight {b.weight}{' drain' if b.drain else ''}"
                 f"{'' if b.enabled else ' DISABLED'}"
                 f"  {b.health.upper()}  {b.slots} slots  probe {b.probe}"
+                + (f"  {flows}" if flows else "")
                 + (f"  ctl: {b.override}" if b.override else "")
             )
     for pair in st.npt:
@@ -111,6 +120,12 @@ def status_lines(st: InstanceStatus) -> list[str]:
                 f" lost {s.get('lost')}"
             )
     return out
+
+
+def _flows(new: int | None, active: int | None) -> str:
+    """``flows: N new, M active`` with the figures the plane gave ('' for none)."""
+    parts = [f"{n} {what}" for n, what in ((new, "new"), (active, "active")) if n is not None]
+    return f"flows: {', '.join(parts)}" if parts else ""
 
 
 def _icmp(e: IcmpErrors) -> str:

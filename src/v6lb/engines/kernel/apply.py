@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -191,7 +192,25 @@ def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[
     return out
 
 
-def conntrack_count(addresses: Sequence[IPv6Address], *, netns: str | None = None) -> int | None:
+CtKey = tuple[str, IPv6Address, int, IPv6Address | None, int | None]
+"""A nat flow's (protocol, VIP address, VIP port, backend address, backend port)."""
+
+# the original tuple's destination port, then the reply tuple's source and source port
+_CT_TUPLES: Final = re.compile(r" dport=(\d+) (?:\S+ )*?src=(\S+) dst=\S+ sport=(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class CtFlows:
+    """The live conntrack entries of the nat VIP addresses: how many, and by :data:`CtKey`
+    (TCP and UDP only: an ICMPv6 echo entry counts in ``total`` alone)."""
+
+    total: int
+    by_key: dict[CtKey, int]
+
+
+def conntrack_flows(
+    addresses: Sequence[IPv6Address], *, netns: str | None = None
+) -> CtFlows | None:
     """Live conntrack entries whose original destination is one of ``addresses``.
 
     What the ``ct count`` of ``lb.conntrack_max`` counts: TIME_WAIT and CLOSE
@@ -201,15 +220,31 @@ def conntrack_count(addresses: Sequence[IPv6Address], *, netns: str | None = Non
     if not addresses or shutil.which("conntrack") is None:
         return None
     total = 0
+    raw: dict[tuple[str, IPv6Address, str, str, str], int] = {}
     for address in addresses:
         r = run_tool(["conntrack", "-L", "-f", "ipv6", "--orig-dst", str(address)], netns=netns)
         if r.returncode != 0:
             return None
         for line in r.stdout.splitlines():
-            words = line.split()
-            if words and words[0] != "conntrack" and not {"TIME_WAIT", "CLOSE"} & set(words):
-                total += 1
-    return total
+            if not line or line.startswith("conntrack") or " TIME_WAIT " in line:
+                continue
+            if " CLOSE " in line:
+                continue
+            total += 1
+            m = _CT_TUPLES.search(line)
+            if m is not None:
+                vport, backend, bport = m.groups()
+                key = (line.split(None, 1)[0], address, vport, backend, bport)
+                raw[key] = raw.get(key, 0) + 1
+    by_key: dict[CtKey, int] = {}
+    for (proto, address, vport, backend, bport), n in raw.items():
+        try:
+            baddr: IPv6Address | None = IPv6Address(backend)
+        except ValueError:
+            baddr = None
+        key = (proto, address, int(vport), baddr, int(bport))
+        by_key[key] = by_key.get(key, 0) + n
+    return CtFlows(total, by_key)
 
 
 def limits_status(

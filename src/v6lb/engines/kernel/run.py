@@ -18,17 +18,19 @@ import dataclasses
 import json
 import threading
 from collections.abc import Callable, Mapping
+from ipaddress import IPv6Address
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.announce import Announcer
 from v6lb.engines.kernel.apply import (
+    CtFlows,
     KernelError,
     Rendered,
     apply,
     apply_nft,
     apply_routes,
-    conntrack_count,
+    conntrack_flows,
     in_instance_block,
     leftovers,
     limits_status,
@@ -57,7 +59,7 @@ from v6lb.engines.plane import (
     VipCounter,
 )
 from v6lb.engines.probe import ProbeRoute
-from v6lb.model.config import Config, VipMode
+from v6lb.model.config import Config, Vip, VipMode
 from v6lb.model.modes import modes_where
 from v6lb.model.pools import pools_for
 from v6lb.render.ip6tables import tagged_rules
@@ -68,6 +70,7 @@ from v6lb.render.nftables import (
     drain_flow_sets,
     icmp_error_counts,
     map_names,
+    nat_traffic_counters,
     render_drain_flows,
     render_map_update,
     table_name,
@@ -369,7 +372,9 @@ class KernelPlane(Plane):
         kernel = kernel_objects(self.instance)
         counters = {name: (c["packets"], c["bytes"]) for name, c in kernel["nft_counters"].items()}
         nat_addresses = list(dict.fromkeys(v.address for v in config.vips if v.mode is VipMode.NAT))
-        limits = limits_status(config, counters, count=conntrack_count(nat_addresses))
+        flows = conntrack_flows(nat_addresses)
+        limits = limits_status(config, counters, count=None if flows is None else flows.total)
+        index = _flow_index(flows) if flows is not None else None
         out = PlaneStatus()
         for vip in config.vips:
             if vip.name not in self._pools:
@@ -378,6 +383,17 @@ class KernelPlane(Plane):
             packets, nbytes = counters.get(cname, (0, 0))
             out.counters[vip.name] = VipCounter(cname, packets, nbytes)
             out.maps[vip.name] = map_names(config, vip)
+            if vip.mode is VipMode.NAT:
+                out.new_flows[vip.name] = packets
+                names = nat_traffic_counters(config, vip)
+                out.traffic[vip.name] = {
+                    d: VipCounter(n, *counters.get(n, (0, 0)))
+                    for d, n in zip(("in", "out"), names, strict=True)
+                }
+                if index is not None:
+                    _flows_of(vip, index, out)
+            else:  # dsr-*: the balancing rule counts every packet to the VIP
+                out.traffic[vip.name] = {"in": VipCounter(cname, packets, nbytes)}
         icmp, npt_icmp = icmp_error_counts(config, {k: v[0] for k, v in counters.items()})
         out.icmp = {name: c for name, c in icmp.items() if name in self._pools}
         out.npt_icmp = npt_icmp
@@ -461,6 +477,33 @@ def _drain_flows(config: Config, pools: Mapping[str, BackendPool]) -> str:
 def _probe_gateways(config: Config) -> set[str]:
     """The made-up next hops of the dsr-l2 probes (render/routes.py), as ``ip`` shows them."""
     return {str(p.gateway) for p in l2_probe_targets(config)}
+FlowIndex = dict[tuple[IPv6Address, str, int], dict[tuple[IPv6Address | None, int | None], int]]
+
+
+def _flow_index(flows: CtFlows) -> FlowIndex:
+    """The live flows counted by (VIP address, protocol, VIP port), then (backend, port)."""
+    index: FlowIndex = {}
+    for (proto, vip, vport, backend, bport), n in flows.by_key.items():
+        per = index.setdefault((vip, proto, vport), {})
+        per[backend, bport] = per.get((backend, bport), 0) + n
+    return index
+
+
+def _flows_of(vip: Vip, index: FlowIndex, out: PlaneStatus) -> None:
+    """A nat VIP's live conntrack entries, and each backend's (by address and port)."""
+    proto = str(vip.protocol)
+    per: dict[tuple[IPv6Address | None, int | None], int] = {}
+    for port in vip.ports:
+        for key, n in index.get((vip.address, proto, port), {}).items():
+            per[key] = per.get(key, 0) + n
+    out.active_flows[vip.name] = sum(per.values())
+    counts = []
+    for b in vip.backends:
+        if b.port is not None:
+            counts.append(per.get((b.address, b.port), 0))
+        else:  # the VIP's own port: every flow to the address
+            counts.append(sum(n for (a, _), n in per.items() if a == b.address))
+    out.backend_active_flows[vip.name] = counts
 
 
 def kernel_objects(instance: str) -> dict[str, Any]:

@@ -729,6 +729,13 @@ class PythonPlane(Plane):
             kind = str(vip.mode.facts.forwarder)
             snap = self.forwarders[kind].counters.snapshot()
             out.counters[vip.name] = VipCounter(f"python {kind} forwarded", snap["forwarded"], 0)
+        if "nat" in self.forwarders:  # the core counts new and live flows per VIP and backend
+            for svc in self.forwarders["nat"].services:
+                if svc.name in pools:
+                    out.new_flows[svc.name] = svc.new_flows
+                    out.active_flows[svc.name] = svc.active_flows
+                    out.backend_new_flows[svc.name] = list(svc.backend_new_flows)
+                    out.backend_active_flows[svc.name] = list(svc.backend_active_flows)
         out.icmp, out.npt_icmp = _icmp_errors(self.forwarders)
         try:
             kernel = _kernel_objects(self.instance)
