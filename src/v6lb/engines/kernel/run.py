@@ -477,6 +477,8 @@ def _drain_flows(config: Config, pools: Mapping[str, BackendPool]) -> str:
 def _probe_gateways(config: Config) -> set[str]:
     """The made-up next hops of the dsr-l2 probes (render/routes.py), as ``ip`` shows them."""
     return {str(p.gateway) for p in l2_probe_targets(config)}
+
+
 FlowIndex = dict[tuple[IPv6Address, str, int], dict[tuple[IPv6Address | None, int | None], int]]
 
 
