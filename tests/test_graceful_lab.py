@@ -331,7 +331,7 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 config(tmp, role, interval=0.6)
                 lbs[role].send_signal(signal.SIGHUP)
             for role in LBS:
-                wait_for(f"{role} reloaded", lambda r=role: query(files[r][1])["reloads"] == 1, 10)
+                wait_for(f"{role} reloaded", lambda r=role: query(files[r][1])["reloads"] == 1, 30)
             marks["reload"] = time.time()
             moved.stdin.write("again\n")
             moved.stdin.flush()

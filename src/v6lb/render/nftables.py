@@ -340,7 +340,7 @@ def _drain_objects(
         f"{name}_keep",
         value_type,
         f"{tag} {vip.name}: Maglev slot -> backend, draining backends kept (open flows)",
-        pool.keep_table,
+        pool.keep_table if pool.moved else [],  # looked up in moved slots only
         values,
     )
     lines += _slot_set_block(
@@ -1218,7 +1218,7 @@ def render_map_update(
             lines.append("}")
         if _keeps_flows(vip):  # the open flows of a draining backend (docs/operations.md)
             lines.append(f"flush map {table} {name}_keep")
-            if pool.keep_table and pool.keep_table[0] >= 0:
+            if pool.moved and pool.keep_table[0] >= 0:  # empty while nothing is draining
                 lines.append(f"add element {table} {name}_keep {{")
                 lines += _elements(pool.keep_table, vals, "\t")
                 lines.append("}")

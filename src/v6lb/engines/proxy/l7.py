@@ -50,6 +50,7 @@ connection close: the response is incomplete, and the client must see that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import deque
 from ipaddress import IPv4Address, IPv6Address
@@ -77,6 +78,7 @@ __all__ = ["L7Client", "L7Upstream"]
 _Request = tuple[bytes, bool, bool, bool, float]
 
 # Phases of a client connection, each with its timeout (see L7Client.sweep).
+_LINGER = 1.0  # seconds an answered error waits for the client's leftovers before closing
 _HEAD = 0  # waiting for or reading a request head: header_timeout
 _BODY = 1  # reading a request body: timeouts.idle ("request_timeout")
 _BUSY = 2  # a request at the backend: timeouts.idle without a response byte (504)
@@ -616,7 +618,7 @@ class L7Client(asyncio.Protocol):
             t0 = req[4] if req is not None else self.t0
             if t0:
                 rt.latency.observe(self.loop.time() - t0)
-        self.close()
+        self.close(linger=_LINGER)
 
     # --- dispatch -------------------------------------------------------------------
 
@@ -898,7 +900,11 @@ class L7Client(asyncio.Protocol):
                 n += t.get_write_buffer_size()
         return n
 
-    def close(self, abort: bool = False) -> None:
+    def close(self, abort: bool = False, linger: float = 0.0) -> None:
+        """Close; with ``linger``, half-close after what is written and drop what the
+        client still sends for that long (a lingering close, RFC 9112 section 9.6): closing
+        with unread data would send a RST, which can destroy the answer before the client
+        reads it (a 408 to a client still sending its head)."""
         if self.closed:
             return
         self.closed = True
@@ -914,5 +920,10 @@ class L7Client(asyncio.Protocol):
         if t is not None and not t.is_closing():
             if abort:
                 t.abort()
+            elif linger and t.can_write_eof():
+                t.write_eof()  # data_received drops what comes now (closed)
+                with contextlib.suppress(RuntimeError, AttributeError):
+                    t.resume_reading()  # if backpressure had paused it: read and drop
+                self.loop.call_later(linger, t.close)
             else:
                 t.close()
