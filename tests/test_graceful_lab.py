@@ -2,7 +2,8 @@
 
 The lab is the anycast lab of tests/test_anycast_lab.py (client, router with bird and an
 L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with two
-VIPs: ``web`` (dsr-srv6, the example's) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 10``; each backend runs
+VIPs: ``web`` (dsr-srv6, the example's), ``tun`` (dsr-ip6ip6, to an address of each
+backend off the LAN) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 10``; each backend runs
 ``v6lb backend`` and the lab's HTTP server.
 
 The load is real curl: one loop per VIP in the client's namespace, a new connection per
@@ -46,6 +47,7 @@ from test_anycast_lab import (
     EXAMPLE,
     LBS,
     V6LB,
+    batch,
     lab,
     nexthops,
     nsx,
@@ -64,7 +66,11 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl"),
 ]
 
-VIPS = {"web": "2001:db8:f::80", "l2": "2001:db8:f::82"}
+VIPS = {"web": "2001:db8:f::80", "tun": "2001:db8:f::81", "l2": "2001:db8:f::82"}
+# dsr-ip6ip6 tunnels to the backend's address, decapsulated by an End.DT6 route: that
+# address must not be one of the backend's interface addresses (the local table would
+# take the packet first), so each backend gets one off the LAN, routed via it by the LBs
+TUN = {"be1": "fd00:61::10", "be2": "fd00:61::11"}
 MACS: dict[str, str] = {}  # backend -> its e0 MAC, filled by the lab
 HEALTH = {"type": "tcp", "interval": 0.5, "timeout": 0.4, "rise": 1, "fall": 3}
 LOOP = """
@@ -122,7 +128,9 @@ print(r.status, json.loads(r.read())["node"], flush=True)
 
 
 def config(tmp: Path, role: str, interval: float = 0.5) -> tuple[Path, str]:
-    """lb1's or lb2's copy of the example, with one VIP per DSR mode."""
+    """lb1's or lb2's copy of the example, with one VIP per DSR mode; "site", "site-tun":
+    the backends' files (every instance's address; the tun VIP in a file of its own, as
+    each backend address is set up by its own `v6lb backend` run and tag)."""
     data = yaml.safe_load(EXAMPLE.read_text())
     sock = str(tmp / f"{role}.sock")
     addresses = [LBS[role]] if role in LBS else list(LBS.values())
@@ -133,8 +141,23 @@ def config(tmp: Path, role: str, interval: float = 0.5) -> tuple[Path, str]:
     web = data["vips"][0]
     web["health"] = {**HEALTH, "interval": interval}
     l2 = [{"address": a, "mac": MACS[role]} for role, (a, _) in BACKENDS.items()]
+    tun = {
+        "name": "tun",
+        "address": VIPS["tun"],
+        "ports": [80],
+        "mode": "dsr-ip6ip6",
+        "health": web["health"],
+        "backends": [{"address": TUN[b]} for b in BACKENDS],
+    }
+    if role == "site-tun":
+        data["lb"]["instance"] = "sitet"
+        data["vips"] = [tun]
+        path = tmp / f"{role}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path, sock
     data["vips"] = [
         web,
+        tun,
         {
             "name": "l2",
             "address": VIPS["l2"],
@@ -179,18 +202,22 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 bfd=BfdSettings(False, 0.1, 3),
             )
             birds.append(start_bird("router", render_router("router", router), tmp, netns=rt))
+            site_tun = config(tmp, "site-tun")[0]
+            for role in LBS:
+                batch(ns[role], *(f"route add {TUN[b]} via {a}" for b, (a, _) in BACKENDS.items()))
             for role, (addr, _) in BACKENDS.items():
-                sh(
-                    V6LB,
-                    "backend",
-                    str(site),
-                    "--address",
-                    addr,
-                    "--dev",
-                    "e0",
-                    "--netns",
-                    ns[role],
-                )
+                for file, address in ((site, addr), (site_tun, TUN[role])):
+                    sh(
+                        V6LB,
+                        "backend",
+                        str(file),
+                        "--address",
+                        address,
+                        "--dev",
+                        "e0",
+                        "--netns",
+                        ns[role],
+                    )
                 ready = tmp / f"{role}.ready"
                 procs.append(
                     subprocess.Popen(
@@ -304,7 +331,7 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                         "ctl",
                         "drain",
                         vip,
-                        BACKENDS["be1"][0],
+                        TUN["be1"] if vip == "tun" else BACKENDS["be1"][0],
                         "--control-socket",
                         files[role][1],
                     )

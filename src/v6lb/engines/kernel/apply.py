@@ -419,15 +419,23 @@ def render_lb(
 
 
 def apply(
-    new: Rendered, instance: str, *, previous: Rendered | None = None, netns: str | None = None
+    new: Rendered,
+    instance: str,
+    *,
+    previous: Rendered | None = None,
+    netns: str | None = None,
+    keep_nft: bool = False,
 ) -> None:
     """Apply nft, then ip6tables, then routes; if one fails, put the earlier ones back.
 
     ``previous`` is what was applied before; None means nothing was, so a
-    failure removes everything of the instance.
+    failure removes everything of the instance. ``keep_nft``: the kernel's nft tables
+    already hold ``new.nft`` (a reload that changes nothing there): they are left as
+    they are, with their counters and dynamic sets.
     """
     require_root()
-    apply_nft(new.nft or render_remove(instance), netns=netns)
+    if not keep_nft:
+        apply_nft(new.nft or render_remove(instance), netns=netns)
     try:
         apply_ip6tables(new.ip6tables, instance, netns=netns)
         try:
@@ -441,7 +449,7 @@ def apply(
     except KernelError:
         if previous is None:
             remove(instance, netns=netns)
-        else:
+        elif not keep_nft:
             apply_nft(previous.nft or render_remove(instance), netns=netns)
         raise
 

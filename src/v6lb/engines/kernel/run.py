@@ -34,7 +34,6 @@ from v6lb.engines.kernel.apply import (
     in_instance_block,
     leftovers,
     limits_status,
-    nft_counters,
     nft_json,
     remove,
     render_lb,
@@ -49,6 +48,7 @@ from v6lb.engines.kernel.host import (
     check_lb_host,
     require_ipv6_forwarding,
 )
+from v6lb.engines.kernel.nfnl import read_counters
 from v6lb.engines.plane import (
     Plane,
     PlaneContext,
@@ -312,19 +312,26 @@ class KernelPlane(Plane):
         Flows have no end the kernel tables show (DSR keeps no state), so traffic
         still arriving is what is in flight: after a BGP withdraw it stops within the
         routers' convergence; without BGP it goes on until the drain timeout. The
-        counters are read on a thread of their own (each ``nft list`` costs about
-        0.4 s with a 65537-slot map loaded): the loop never waits for one.
+        counters are read over netlink (:mod:`.nfnl`: ``nft list`` would cost 0.4 s or
+        more with a 65537-slot map loaded), on a thread of their own.
         """
         if self._flight is None:
             self._flight = _FlightWatch(self._vip_packets)
         return self._flight.busy
 
     def _vip_packets(self) -> int:
-        counters = nft_counters(self.instance)
+        """The VIPs' packet counters, summed (over netlink: :mod:`.nfnl`, not ``nft``)."""
+        names: dict[str, list[str]] = {"ip6": [], "netdev": []}
+        for v in self.config.vips:
+            if v.name in self._pools:
+                family = "netdev" if v.mode is VipMode.DSR_L2 else "ip6"
+                names[family].append(vip_counter(self.config, v))
+        table = table_name(self.instance)
         return sum(
-            counters.get(vip_counter(self.config, v), (0, 0))[0]
-            for v in self.config.vips
-            if v.name in self._pools
+            packets
+            for family, wanted in names.items()
+            if wanted
+            for packets, _ in read_counters(family, table, wanted).values()
         )
 
     def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
@@ -349,10 +356,15 @@ class KernelPlane(Plane):
 
         def commit() -> str:
             rendered = render_for(config, links, pools)  # after the daemon marked the dead
-            kept = _drain_flows(config, pools)  # the flows a drain in effect must keep
-            if kept:
-                rendered = dataclasses.replace(rendered, nft=rendered.nft + kept)
-            apply(rendered, self.instance, previous=self.rendered)
+            # the tables as the kernel has them now (the running pools, map refills
+            # included): when the reload changes nothing there, they stay, with their
+            # counters and the flows a drain keeps
+            same = rendered.nft == render_for(self.config, self.links, self._pools).nft
+            if not same:
+                kept = _drain_flows(config, pools)  # the flows a drain in effect must keep
+                if kept:
+                    rendered = dataclasses.replace(rendered, nft=rendered.nft + kept)
+            apply(rendered, self.instance, previous=self.rendered, keep_nft=same)
             self.config, self.links, self._pools, self.rendered = config, links, pools, rendered
             self._gateways = _probe_gateways(config)
             return f": {len(pools)} VIP(s)"
