@@ -68,3 +68,27 @@ def test_weights_and_no_eligible_backend() -> None:
         BackendPool([])
     with pytest.raises(ValueError):
         p.set_weight(0, -1)
+
+
+def test_a_drain_keeps_a_table_for_the_open_flows() -> None:
+    """keep_table: the draining backends still in; moved: where it differs from the table."""
+    specs = [BackendSpec.of(f"2001:db8::{i}", 80) for i in range(1, 4)]
+    pool = BackendPool(specs, table_size=65537)
+    assert pool.moved == [] and pool.keep_table == pool.table  # nothing drains
+    before = list(pool.table)
+    pool.set_drain(0, True)
+    assert 0 not in pool.table
+    assert pool.keep_table == before  # the table the open flows were hashed on
+    moved = set(pool.moved)
+    assert moved == {i for i in range(65537) if pool.table[i] != before[i]}
+    assert {i for i in range(65537) if before[i] == 0} <= moved  # all of backend 0's slots
+    assert len(moved) < 65537 // 3 + 100  # Maglev moves very few others
+    pool.set_up(1, False)  # a dead backend keeps nothing: not in the keep table either
+    assert 1 not in pool.keep_table and 1 not in pool.table
+    pool.set_drain(2, True)  # every backend left is draining: all slots moved
+    assert pool.table[0] == -1 and len(pool.moved) == 65537
+    assert set(pool.keep_table) == {0, 2}
+    pool.set_up(1, True)
+    pool.set_drain(0, False)
+    pool.set_drain(2, False)
+    assert pool.moved == [] and pool.table == before

@@ -8,6 +8,7 @@ into real kernels.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from ipaddress import IPv6Address, IPv6Network
@@ -28,6 +29,7 @@ from v6lb.render.nftables import (
     render_nft,
     render_remove,
     unserved_counters,
+    vip_object_name,
     vip_prefixes,
 )
 from v6lb.render.routes import (
@@ -370,6 +372,46 @@ def test_map_update_refills_every_map_of_the_vip() -> None:
     pool.set_drain(0, True)
     pool.set_drain(1, True)
     assert "add element" not in render_map_update(c, "mixed", pool)
+
+
+def test_a_drain_renders_the_keep_map_the_moved_slots_and_carries_them_in_updates() -> None:
+    """TCP DSR: <map>_keep and <map>_moved are filled only while a backend drains."""
+    c = config(DSR_FILE, "dsr")
+    for vip, family in (("video-srv6", "ip6"), ("video-l2", "netdev")):
+        pool = pool_for(c.vip(vip), c.lb.flow_hash_seed)
+        name = vip_object_name(c, c.vip(vip))
+        table = f"{family} v6lb_g2"
+        text = render_nft(c, pools={vip: pool}, l2=L2, backend_macs=MACS)
+        assert f"goto {name}_pick" in text and f"set {name}_new {{" in text
+        assert not elements(text, f"{name}_keep")  # nothing drains: empty, no cost
+        update = render_map_update(c, vip, pool, backend_macs=MACS)
+        assert f"flush map {table} {name}_keep" in update
+        assert f"add element {table} {name}_keep" not in update
+        assert f"flush set {table} {name}_moved" in update
+        assert f"add element {table} {name}_moved" not in update
+        assert f"{name}_new" not in update  # the flows since the drain stay
+        pool.set_drain(0, True)
+        update = render_map_update(c, vip, pool, backend_macs=MACS)
+        keep = update.split(f"add element {table} {name}_keep {{\n", 1)[1].split("}", 1)[0]
+        assert keep.count(" : ") == pool.size
+        moved = update.split(f"add element {table} {name}_moved {{\n", 1)[1].split("}", 1)[0]
+        assert [int(x.strip(" \t,")) for x in moved.splitlines()] == pool.moved
+        text = render_nft(c, pools={vip: pool}, l2=L2, backend_macs=MACS)
+        assert len(elements(text, f"{name}_keep")) == pool.size
+    # a UDP DSR VIP has no SYN to tell a new flow: it keeps the plain rule, no drain sets
+    data = copy.deepcopy(DSR_FILE)
+    vips = data["vips"]
+    assert isinstance(vips, list)
+    next(v for v in vips if v["name"] == "video-srv6")["protocol"] = "udp"
+    cu = config(data, "dsr-udp")
+    name = vip_object_name(cu, cu.vip("video-srv6"))
+    text = render_nft(cu, l2=L2, backend_macs=MACS)
+    assert f"meta mark set meta mark map @{name} accept" in text
+    assert f"{name}_pick" not in text and f"{name}_new" not in text
+    update = render_map_update(
+        cu, "video-srv6", pool_for(cu.vip("video-srv6"), cu.lb.flow_hash_seed)
+    )
+    assert f"flush map ip6 v6lb_g2 {name}\n" in update and "_keep" not in update
 
 
 def test_dsr_l2_needs_the_host_facts() -> None:
