@@ -52,6 +52,25 @@ def _ns(name: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", name, *cmd]
 
 
+def curl_n(ns: str, url: str, n: int, lb: subprocess.Popen[str]) -> None:
+    """``n`` answered GETs of ``url`` from ``ns``; a failed one (the instance still
+    starting) is retried, while ``lb`` runs, for 20 s at most."""
+    served = 0
+    deadline = time.monotonic() + 20
+    while served < n and time.monotonic() < deadline:
+        r = subprocess.run(
+            _ns(ns, "curl", "-sg", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", url),
+            capture_output=True,
+            text=True,
+        )
+        if r.stdout == "200":
+            served += 1
+        else:
+            assert lb.poll() is None, lb.stderr.read() if lb.stderr else ""
+            time.sleep(0.2)
+    assert served == n, f"{served} of {n} requests answered"
+
+
 def _query(ns: str, promql: str, prom: str = PROM) -> list[dict[str, object]]:
     url = f"http://{prom}/api/v1/query?query={urllib.parse.quote(promql)}"
     r = subprocess.run(
@@ -97,19 +116,7 @@ def test_prometheus_scrapes_the_request_count(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
         ))  # fmt: skip
 
-        served = 0
-        deadline = time.monotonic() + 20
-        while served < N and time.monotonic() < deadline:
-            r = subprocess.run(
-                _ns(ns, "curl", "-sg", "-o", "/dev/null", "-w", "%{http_code}",
-                    "--max-time", "3", f"http://[{VIP}]:8080/"),
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if r.stdout == "200":
-                served += 1
-            else:
-                time.sleep(0.2)  # the proxy's listener is not up yet
-        assert served == N, f"{served} of {N} requests answered"
+        curl_n(ns, f"http://[{VIP}]:8080/", N, lb)  # retried: the listener comes up
 
         # a second instance on the same metrics port refuses to start, installing nothing
         other = tmp_path / "other.yaml"
@@ -228,20 +235,7 @@ def test_prometheus_scrapes_the_kernel_plane(tmp_path: Path) -> None:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
             ))  # fmt: skip
 
-            served = 0
-            deadline = time.monotonic() + 20
-            while served < N and time.monotonic() < deadline:
-                r = subprocess.run(
-                    _ns(c, "curl", "-sg", "-o", "/dev/null", "-w", "%{http_code}",
-                        "--max-time", "3", f"http://[{K_NAT}]/"),
-                    capture_output=True, text=True,
-                )  # fmt: skip
-                if r.stdout == "200":
-                    served += 1
-                else:  # the ruleset is not in yet: no flow was made
-                    assert lb.poll() is None, lb.stderr.read() if lb.stderr else ""
-                    time.sleep(0.2)
-            assert served == N, f"{served} of {N} requests answered"
+            curl_n(c, f"http://[{K_NAT}]/", N, lb)  # retried: no flow is made before the rules
             # M datagrams to the DSR VIP (the backend drops them: no decapsulation set up)
             nsx(c, sys.executable, "-c",
                 "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"

@@ -358,6 +358,15 @@ def _drain_objects(
     return lines
 
 
+def _balance_rule(tag: str, vip: Vip, pool: BackendPool, counter: str, name: str, send: str) -> str:
+    """A DSR VIP's rule: count, hash to the slot, then ``send`` (TCP: by ``{name}_pick``)."""
+    then = f"goto {name}_pick" if _keeps_flows(vip) else send
+    return (
+        f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
+        f' {then} comment "{tag} {vip.name}"'
+    )
+
+
 def _drain_chains(tag: str, vip: Vip, name: str, send: str, keep: str) -> list[str]:
     """``{name}_pick`` (the balancing rule goes there with the slot in meta mark) and ``_drain``.
 
@@ -906,16 +915,7 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             if not pool.any_eligible and not pool.moved:
                 mangle.append(_no_backend(config, vip, vip.ports))
                 continue
-            if _keeps_flows(vip):
-                mangle.append(
-                    f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
-                    f' goto {name}_pick comment "{tag} {vip.name}"'
-                )
-            else:
-                mangle.append(
-                    f'{_match(vip, vip.ports)} counter name "{counter}" {_jhash(vip, pool)}'
-                    f' {send} comment "{tag} {vip.name}"'
-                )
+            mangle.append(_balance_rule(tag, vip, pool, counter, name, send))
             icmp += _icmp_error_rules(
                 config, vip, pool, f"meta mark set meta mark map @{name} accept", vip.name in ports
             )
@@ -1066,16 +1066,7 @@ def _netdev_table(
         if not pool.any_eligible and not pool.moved:
             rules.append(_no_backend(config, vip, vip.ports))
             continue
-        if _keeps_flows(vip):
-            rules.append(
-                f'{_match(vip, vip.ports)} counter name "{name}" {_jhash(vip, pool)}'
-                f' goto {name}_pick comment "{tag} {vip.name}"'
-            )
-        else:
-            rules.append(
-                f'{_match(vip, vip.ports)} counter name "{name}" {_jhash(vip, pool)}'
-                f' {rewrite} comment "{tag} {vip.name}"'
-            )
+        rules.append(_balance_rule(tag, vip, pool, name, name, rewrite))
         icmp += _icmp_error_rules(config, vip, pool, rewrite, vip.name in ports)
     icmp += _icmp_catch_all(config, vips)
     rules.append(

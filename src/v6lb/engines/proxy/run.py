@@ -28,7 +28,7 @@ from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.host import host_links
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged
 from v6lb.errors import UsageError
-from v6lb.model.config import Config
+from v6lb.model.config import Config, Vip
 from v6lb.model.modes import Kind, modes_where
 from v6lb.model.pools import pools_for
 from v6lb.render.haproxy import (
@@ -47,6 +47,18 @@ __all__ = ["BuiltinProxyPlane", "HaproxyPlane", "ProxyPlane"]
 
 _JOIN: float = 10.0  # seconds teardown waits for the engine's thread
 _ON_LOOP: float = 5.0  # seconds the daemon waits for the builtin engine's loop to answer
+
+
+def _check_addresses(vips: list[Vip]) -> None:
+    """A reload's proxy VIPs must have their address on this host (RunError if not)."""
+    here = host_links().addresses
+    for vip in vips:
+        if vip.address not in here:
+            raise RunError(
+                f"vips.{vip.name}.address: {vip.address} is not assigned to any interface"
+                " of this host, so the proxy cannot receive its traffic",
+                f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
+            )
 
 
 class ProxyPlane(Plane):
@@ -205,15 +217,8 @@ class BuiltinProxyPlane(ProxyPlane):
     def stage(self, config: Config) -> Staged:
         """Check the new proxy VIPs; ``commit`` binds the new listeners (a failure leaves
         the running config as it was), then swaps the config in the running engine."""
-        here = host_links().addresses
         vips = [v for v in config.vips if v.mode.is_proxy]
-        for vip in vips:
-            if vip.address not in here:
-                raise RunError(
-                    f"vips.{vip.name}.address: {vip.address} is not assigned to any interface"
-                    " of this host, so the proxy cannot receive its traffic",
-                    f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
-                )
+        _check_addresses(vips)
         pools = pools_for(config, modes_where(kind=Kind.PROXY))
         if vips == [v for v in self.config.vips if v.mode.is_proxy]:
             # the same VIPs: only the ctl overrides (on the new pools) may differ
@@ -301,14 +306,7 @@ class HaproxyPlane(ProxyPlane):
         vips = [v for v in config.vips if v.mode.is_proxy]
         if vips == running:
             return Staged()
-        here = host_links().addresses
-        for vip in vips:
-            if vip.address not in here:
-                raise RunError(
-                    f"vips.{vip.name}.address: {vip.address} is not assigned to any interface"
-                    " of this host, so the proxy cannot receive its traffic",
-                    f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
-                )
+        _check_addresses(vips)
         hp = self._running()
         pools = pools_for(config, modes_where(kind=Kind.PROXY))
         ok, out = check_config(render_haproxy(config, stats_socket=hp.stats_socket))
