@@ -1,31 +1,35 @@
 """Drain, reload and a graceful stop under load, with a second instance taking over by BGP.
 
 The lab is the anycast lab of tests/test_anycast_lab.py (client, router with bird and an
-L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with two
+L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with three
 VIPs: ``web`` (dsr-srv6, the example's), ``tun`` (dsr-ip6ip6, to an address of each
-backend off the LAN) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 10``; each backend runs
-``v6lb backend`` and the lab's HTTP server.
+backend off the LAN) and ``l2`` (dsr-l2). Each LB runs ``v6lb run --drain-timeout 10``;
+each backend runs ``v6lb backend`` and the lab's HTTP server.
 
 The load is real curl: one loop per VIP in the client's namespace, a new connection per
-request, each result (time, HTTP code, curl's exit code) written to a file. Under it:
+request, each result (time, HTTP code, curl's exit code, backend, client port) written to
+a file. Under it:
 
-1. ``v6lb ctl drain`` of be1 on both instances;
-2. SIGHUP on both after a change to the file (the health interval): the maps stay;
+1. ``v6lb ctl drain`` of be1 on both instances: a keep-alive connection opened to be1
+   before stays on be1, no request opened after reaches be1;
+2. SIGHUP on both after a change to the file (the health interval): the nft tables stay,
+   and a connection opened after the drain in a slot that was be1's stays on be2;
 3. SIGTERM on lb1: it withdraws its BGP announcements first, the router moves every flow
    to lb2 (DSR: the same Maglev table, so the same backend), lb1 keeps forwarding what
    still reaches it until a quiet window, then removes its kernel state and exits.
 
-Every request of every loop must succeed (HTTP 200), counted by the client, with one
-exception the test names: the kernel plane keeps no per-flow state for dsr-*, so the
-drain moves be1's open connections (docs/operations.md, "Runtime control"), and a request
-in flight at that instant may be reset (measured: 0 or 1 in about 1400). Those resets
-are counted apart and must happen at the drain only; the reload and the stop lose none.
-The figures (requests per phase, how long lb1 took to stop) are printed for
+Every request of every loop must succeed (HTTP 200), counted by the client, but for the
+one loss the design allows, which the test counts apart and checks flow by flow
+(docs/operations.md, "Runtime control"): lb1's record of the flows opened since the drain
+in a slot the drain moved stays in lb1, so such a request in flight at the takeover is
+sent by lb2's keep map to be1, which resets it. In the runs recorded there were none.
+The figures (requests, the takeover, how long lb1 took to stop) are printed for
 docs/operations.md.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -54,9 +58,11 @@ from test_anycast_lab import (
     sh,
     wait_for,
 )
+from v6lb.core.flowhash import flow_hash, reciprocal_scale
 from v6lb.engines.bird import start_bird
-from v6lb.engines.control import query
 from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
+from v6lb.model.config import load_config
+from v6lb.model.pools import pool_for
 from v6lb.render.bird import render_router
 
 pytestmark = [
@@ -77,11 +83,13 @@ LOOP = """
 out=$1; url=$2
 while [ ! -e "$out.stop" ]; do
   t=$(date +%s.%N)
-  body=$(curl -sS -w '\\n%{http_code}' --max-time 3 "$url" 2>>"$out.err")
+  body=$(curl -sS -w '\\n%{http_code} %{local_port}' --max-time 3 "$url" 2>>"$out.err")
   rc=$?
   node=$(printf '%s' "$body" | grep -o '"node": "[a-z0-9]*"' | cut -d'"' -f4)
-  code=${body##*$'\\n'}
-  echo "$t ${code:-000} $rc ${node:--}" >> "$out"
+  last=${body##*$'\\n'}
+  code=${last% *}
+  port=${last#* }
+  echo "$t ${code:-000} $rc ${node:--} ${port:-0}" >> "$out"
 done
 """
 # One keep-alive connection held across the drain: it must stay on its backend.
@@ -172,13 +180,29 @@ def config(tmp: Path, role: str, interval: float = 0.5) -> tuple[Path, str]:
     return path, sock
 
 
-def results(path: Path) -> list[tuple[float, str, int, str]]:
-    """Each request of a loop: start time, HTTP code, curl's exit code, the backend."""
+def results(path: Path) -> list[tuple[float, str, int, str, int]]:
+    """Each request of a loop: start time, HTTP code, curl's exit code, backend, client port."""
     out = []
     for line in path.read_text().splitlines():
-        t, code, rc, node = line.split()
-        out.append((float(t), code, int(rc), node))
+        t, code, rc, node, port = line.split()
+        out.append((float(t), code, int(rc), node, int(port or 0)))
     return out
+
+
+@functools.cache
+def _moved(site: Path, vip: str) -> tuple[IPv6Address, int, int, frozenset[int]]:
+    config = load_config(site)
+    v = next(x for x in config.vips if x.name == vip)
+    pool = pool_for(v, config.lb.flow_hash_seed)
+    pool.set_drain(0, True)
+    return v.address, pool.seed, pool.size, frozenset(pool.moved)
+
+
+def moved_by_the_drain(site: Path, vip: str, sport: int) -> bool:
+    """Does the flow from CLIENT:sport hash to a slot that draining be1 gave another backend?"""
+    address, seed, size, moved = _moved(site, vip)
+    h = flow_hash(IPv6Address(CLIENT).packed, address.packed, sport, 80, seed)
+    return reciprocal_scale(h, size) in moved
 
 
 def test_drain_reload_and_graceful_stop_under_load() -> None:
@@ -358,7 +382,13 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 config(tmp, role, interval=0.6)
                 lbs[role].send_signal(signal.SIGHUP)
             for role in LBS:
-                wait_for(f"{role} reloaded", lambda r=role: query(files[r][1])["reloads"] == 1, 30)
+                # from its log: a status reads the maps back with `nft -j list`, which takes
+                # seconds with three VIPs' maps and keep maps on a busy machine
+                wait_for(
+                    f"{role} reloaded",
+                    lambda r=role: '"message": "reloaded ' in (tmp / f"{r}.log").read_text(),
+                    30,
+                )
             marks["reload"] = time.time()
             moved.stdin.write("again\n")
             moved.stdin.flush()
@@ -368,6 +398,7 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
 
             # 3. lb1 stops gracefully; lb2 takes every flow over by BGP
             t0 = time.monotonic()
+            marks["sigterm"] = time.time()
             lbs["lb1"].send_signal(signal.SIGTERM)
             wait_for(
                 "the router to drop lb1",
@@ -391,15 +422,31 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 got = results(tmp / f"load-{name}")
                 errors = (tmp / f"load-{name}.err").read_text()
                 failed = [r for r in got if r[1] != "200" or r[2] != 0]
-                # requests opened once the drain had returned on both instances
+                # The one loss the design allows (docs/operations.md, "Runtime control"):
+                # lb1's record of the flows opened since the drain in a moved slot stays
+                # in lb1, so such a flow in flight when ECMP moves it to lb2 goes by lb2's
+                # keep map to be1, which resets it. Only those, only at the takeover.
+                site = tmp / "site.yaml" if name != "tun" else tmp / "site-tun.yaml"
+                at_takeover = [
+                    r
+                    for r in failed
+                    if marks["sigterm"] - 3.5 <= r[0] <= marks["sigterm"]
+                    and r[2] == 56
+                    and r[0] > marks["drained"]
+                    and moved_by_the_drain(site, name, r[4])
+                ]
                 drained = [r for r in got if r[0] > marks["drained"]]
                 figures[name] = {
                     "requests": len(got),
                     "failed": len(failed),
+                    "reset_at_takeover": len(at_takeover),
                     "after_drain_to_be1": sum(1 for r in drained if r[3] == "be1"),
                     "after_stop": sum(1 for r in got if r[0] >= marks["stop"]),
                 }
-                assert not failed, (name, marks, failed[:5], errors[-500:])
+                assert failed == at_takeover, (name, marks, failed[:5], errors[-500:])
+                # (the classification itself: about half the flows are in moved slots)
+                share = sum(moved_by_the_drain(site, name, p) for p in range(40000, 41000))
+                assert 350 < share < 650, share
                 assert figures[name]["after_drain_to_be1"] == 0, figures
                 assert sum(1 for r in got if r[0] < marks["start"] and r[3] == "be1"), figures
                 assert figures[name]["after_stop"] > 0
