@@ -52,6 +52,15 @@ def _ns(name: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", name, *cmd]
 
 
+def prometheus(ns: str, tmp_path: Path, listen: str) -> subprocess.Popen[str]:
+    """Debian's prometheus in ``ns``, on ``tmp_path / "prom.yml"``, its data in tmp_path."""
+    return subprocess.Popen(
+        _ns(ns, "prometheus", f"--config.file={tmp_path / 'prom.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={listen}"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+
+
 def curl_n(ns: str, url: str, n: int, lb: subprocess.Popen[str]) -> None:
     """``n`` answered GETs of ``url`` from ``ns``; a failed one (the instance still
     starting) is retried, while ``lb`` runs, for 20 s at most."""
@@ -110,11 +119,7 @@ def test_prometheus_scrapes_the_request_count(tmp_path: Path) -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         procs.append(lb)
-        procs.append(subprocess.Popen(
-            _ns(ns, "prometheus", f"--config.file={tmp_path / 'prom.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={PROM}"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-        ))  # fmt: skip
+        procs.append(prometheus(ns, tmp_path, PROM))
 
         curl_n(ns, f"http://[{VIP}]:8080/", N, lb)  # retried: the listener comes up
 
@@ -229,11 +234,7 @@ def test_prometheus_scrapes_the_kernel_plane(tmp_path: Path) -> None:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             procs.append(lb)
-            procs.append(subprocess.Popen(
-                _ns(lbns, "prometheus", f"--config.file={tmp_path / 'prom.yml'}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={K_PROM}"),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-            ))  # fmt: skip
+            procs.append(prometheus(lbns, tmp_path, K_PROM))
 
             curl_n(c, f"http://[{K_NAT}]/", N, lb)  # retried: no flow is made before the rules
             # M datagrams to the DSR VIP (the backend drops them: no decapsulation set up)
