@@ -29,7 +29,7 @@ from v6lb.engines.kernel.apply import (
     require_tools,
 )
 from v6lb.engines.kernel.host import HostError, host_links, main_routes
-from v6lb.model.config import Config
+from v6lb.model.config import Config, VipMode
 from v6lb.render.nftables import RenderError, render_backend_nft, render_remove
 from v6lb.render.routes import backend_vips, render_backend_routes
 
@@ -47,6 +47,18 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
             "give the address a backend has in the file (--address), or add it to a dsr-* VIP",
         )
     links = host_links()
+    local = links.addresses.get(address)
+    for vip, _ in served:
+        if vip.mode is VipMode.DSR_IP6IP6 and local is not None and "ip6tnl0" not in links.macs:
+            raise HostError(
+                f"dsr-ip6ip6 VIP {vip.name} tunnels to {address}, which is assigned to {local}"
+                " on this host: the kernel delivers a packet to its own address before v6lb's"
+                " End.DT6 route sees it, and without an ip6tnl0 device it drops the tunnelled"
+                " ones",
+                "give this backend a decapsulation address of its own in the file (one on no"
+                " interface, routed to this host by the LBs), or load the ip6_tunnel module"
+                " (modprobe ip6_tunnel)",
+            )
     tunnel = any(vip.mode.tunnels for vip, _ in served)
     vips = [vip.address for vip, _ in served if vip.mode.tunnels]
     returns = main_routes() if tunnel else []

@@ -1,0 +1,67 @@
+"""`v6lb backend` refuses a dsr-ip6ip6 tunnel end point it could not decapsulate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+]
+
+V6LB = str(Path(sys.executable).parent / "v6lb")
+
+
+def test_an_ip6ip6_end_point_on_an_interface_needs_ip6tnl0(tmp_path: Path) -> None:
+    ns = f"v6lb-ba-{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "lb": {"instance": "ba", "addresses": ["2001:db8:ba::1"]},
+                "vips": [
+                    {
+                        "name": "tun",
+                        "address": "2001:db8:ba:f::81",
+                        "ports": [80],
+                        "mode": "dsr-ip6ip6",
+                        "health": {"type": "none"},
+                        "backends": [{"address": "2001:db8:ba::10"}],
+                    }
+                ],
+            }
+        )
+    )
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+
+        def nsx(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+
+        nsx("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
+        nsx("ip", "link", "set", "e0", "up")
+        nsx("ip", "-6", "address", "add", "2001:db8:ba::10/64", "dev", "e0", "nodad")
+        has_ip6tnl0 = nsx("ip", "link", "show", "ip6tnl0").returncode == 0
+        r = subprocess.run(
+            [V6LB, "backend", str(cfg), "--address", "2001:db8:ba::10", "--dev", "e0"]
+            + ["--netns", ns],
+            capture_output=True,
+            text=True,
+        )
+        if has_ip6tnl0:  # the kernel decapsulates packets to its own addresses itself
+            assert r.returncode == 0, r.stderr
+            return
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "tunnels to 2001:db8:ba::10, which is assigned to e0" in r.stderr, r.stderr
+        assert "decapsulation address of its own" in r.stderr, r.stderr
+        assert nsx("nft", "list", "ruleset").stdout.strip() == ""  # nothing was installed
+        assert "2001:db8:ba:f::81" not in nsx("ip", "-6", "address", "show", "dev", "lo").stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
