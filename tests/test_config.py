@@ -420,6 +420,20 @@ REJECTIONS = [
         "/healthz",
         id="health-path-relative",
     ),
+    pytest.param(
+        cfg(vip(health={"type": "http", "path": '/health"z'})),
+        "vips[0].health.path",
+        "not an HTTP request path",
+        "%22",
+        id="health-path-quote",
+    ),
+    pytest.param(
+        cfg(vip(health={"type": "http", "path": "/h z"})),
+        "vips[0].health.path",
+        "not an HTTP request path",
+        "%20",
+        id="health-path-space",
+    ),
     # npt
     pytest.param(
         cfg(npt=[npt("10.0.0.0/8", "2001:db8:1::/48")]),

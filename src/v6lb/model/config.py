@@ -920,7 +920,9 @@ _HEALTH_KEYS: Final = (
 _HTTP_ONLY: Final = ("path", "method", "host", "expect")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9._~:\[\]-]+")
 _STATUS_RE: Final = re.compile(r"\s*([1-5][0-9][0-9])\s*(?:-\s*([1-5][0-9][0-9])\s*)?")
-_PATH_RE: Final = re.compile(r"/[\x21-\x7e]*")
+# RFC 3986 path and query characters, less ' and $ (which HAProxy's config parser would
+# take as a quote or a variable): the rest is percent-encoded
+_PATH_RE: Final = re.compile(r"/(?:[A-Za-z0-9\-._~!&()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 _HEALTH_DEFAULTS: Final = HealthCheck()
 
 
@@ -961,7 +963,9 @@ def _parse_health(vip: Fields, protocol: Protocol) -> HealthCheck:
         if not _PATH_RE.fullmatch(path):
             raise f.at("path").error(
                 f"{quote(path)} is not an HTTP request path",
-                "start it with '/' and use no spaces, for example /healthz",
+                "start it with '/' and use only letters, digits, -._~!&()*+,;=:@/? and"
+                " percent-encoded bytes (a space is %20, a quote %22 or %27), for example"
+                " /healthz",
             )
     method, host = "GET", None
     expect: tuple[tuple[int, int], ...] = DEFAULT_EXPECT
