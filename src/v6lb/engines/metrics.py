@@ -20,7 +20,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -49,32 +49,30 @@ def _backend(address: str, port: int | None) -> str:
     return f"[{address}]:{port}" if port is not None else address
 
 
+_F = TypeVar("_F", CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
+
+
 class _Families:
     """The families of one snapshot, created on first use, in a stable order."""
 
     def __init__(self) -> None:
         self.by_name: dict[str, Metric] = {}
 
-    def counter(self, name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    def _family(self, kind: type[_F], name: str, doc: str, labels: list[str]) -> _F:
         fam = self.by_name.get(name)
         if fam is None:
-            fam = self.by_name[name] = CounterMetricFamily(name, doc, labels=labels)
-        assert isinstance(fam, CounterMetricFamily)
+            fam = self.by_name[name] = kind(name, doc, labels=labels)
+        assert isinstance(fam, kind)
         return fam
+
+    def counter(self, name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+        return self._family(CounterMetricFamily, name, doc, labels)
 
     def histogram(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
-        fam = self.by_name.get(name)
-        if fam is None:
-            fam = self.by_name[name] = HistogramMetricFamily(name, doc, labels=labels)
-        assert isinstance(fam, HistogramMetricFamily)
-        return fam
+        return self._family(HistogramMetricFamily, name, doc, labels)
 
     def gauge(self, name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-        fam = self.by_name.get(name)
-        if fam is None:
-            fam = self.by_name[name] = GaugeMetricFamily(name, doc, labels=labels)
-        assert isinstance(fam, GaugeMetricFamily)
-        return fam
+        return self._family(GaugeMetricFamily, name, doc, labels)
 
 
 def metric_families(status: InstanceStatus) -> list[Metric]:

@@ -317,9 +317,8 @@ def drain_flow_sets(config: Config, pools: Mapping[str, BackendPool]) -> list[tu
 
 def render_drain_flows(table: str, name: str, elements: Sequence[str]) -> str:
     """``add element`` of flows (``ADDR . SPORT . DPORT timeout Ts expires Es``) to a set."""
-    if not elements:
-        return ""
-    return "\n".join([f"add element {table} {name} {{", *(f"\t{e}," for e in elements), "}"]) + "\n"
+    lines = _add_elements(table, name, [f"\t{e}," for e in elements])
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def _slot_set_block(name: str, comment: str, slots: Sequence[int]) -> list[str]:
@@ -1204,21 +1203,21 @@ def render_map_update(
     for name, vals in maps:
         lines.append(f"flush map {table} {name}")
         if pool.any_eligible:
-            lines.append(f"add element {table} {name} {{")
-            lines += _elements(pool.table, vals, "\t")
-            lines.append("}")
+            lines += _add_elements(table, name, _elements(pool.table, vals, "\t"))
         if _keeps_flows(vip):  # the open flows of a draining backend (docs/operations.md)
             lines.append(f"flush map {table} {name}_keep")
             if pool.moved and pool.keep_table[0] >= 0:  # empty while nothing is draining
-                lines.append(f"add element {table} {name}_keep {{")
-                lines += _elements(pool.keep_table, vals, "\t")
-                lines.append("}")
+                lines += _add_elements(
+                    table, f"{name}_keep", _elements(pool.keep_table, vals, "\t")
+                )
             lines.append(f"flush set {table} {name}_moved")
-            if pool.moved:
-                lines.append(f"add element {table} {name}_moved {{")
-                lines += [f"\t{slot}," for slot in pool.moved]
-                lines.append("}")
+            lines += _add_elements(table, f"{name}_moved", [f"\t{slot}," for slot in pool.moved])
     return "\n".join(lines) + "\n"
+
+
+def _add_elements(table: str, name: str, elements: list[str]) -> list[str]:
+    """``add element`` of ``elements`` (lines, each ending in a comma) to a set or map."""
+    return [f"add element {table} {name} {{", *elements, "}"] if elements else []
 
 
 # --- a DSR backend -----------------------------------------------------------------

@@ -49,16 +49,24 @@ _JOIN: float = 10.0  # seconds teardown waits for the engine's thread
 _ON_LOOP: float = 5.0  # seconds the daemon waits for the builtin engine's loop to answer
 
 
-def _check_addresses(vips: list[Vip]) -> None:
-    """A reload's proxy VIPs must have their address on this host (RunError if not)."""
+def _address_problem(vips: list[Vip]) -> tuple[str, str] | None:
+    """(problem, fix) for the first proxy VIP whose address is not on this host, or None."""
     here = host_links().addresses
     for vip in vips:
         if vip.address not in here:
-            raise RunError(
+            return (
                 f"vips.{vip.name}.address: {vip.address} is not assigned to any interface"
                 " of this host, so the proxy cannot receive its traffic",
                 f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
             )
+    return None
+
+
+def _check_addresses(vips: list[Vip]) -> None:
+    """A reload's proxy VIPs must have their address on this host (RunError if not)."""
+    problem = _address_problem(vips)
+    if problem is not None:
+        raise RunError(*problem)
 
 
 class ProxyPlane(Plane):
@@ -81,14 +89,9 @@ class ProxyPlane(Plane):
     @classmethod
     def open(cls, config: Config, ctx: PlaneContext) -> ProxyPlane:
         """Every proxy VIP's address must be on this host (in the namespace, if any)."""
-        here = host_links().addresses
-        for vip in config.vips:
-            if vip.mode.is_proxy and vip.address not in here:
-                raise UsageError(
-                    f"{ctx.path}: vips.{vip.name}.address: {vip.address} is not assigned to any "
-                    "interface of this host, so the proxy cannot receive its traffic; fix: add it "
-                    f"(ip -6 address add {vip.address}/128 dev lo) or fix the address"
-                )
+        problem = _address_problem([v for v in config.vips if v.mode.is_proxy])
+        if problem is not None:  # at the start: a wrong file or host, exit 2
+            raise UsageError(f"{ctx.path}: {problem[0]}; fix: {problem[1]}")
         return cls(config, ctx)
 
     def engine(self) -> Mapping[str, Any]:
