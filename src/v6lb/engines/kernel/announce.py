@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 from collections.abc import Callable, Mapping
@@ -39,11 +38,11 @@ from typing import Any
 
 from v6lb.core.backends import BackendPool
 from v6lb.engines.bird import Bird, BirdError, require_bird, start_bird
-from v6lb.engines.kernel.apply import KernelError, run_tool
+from v6lb.engines.kernel.apply import KernelError, nft_tables
 from v6lb.model.bgp import BgpSettings
 from v6lb.model.config import Config, NatOptions
 from v6lb.render.bird import SpeakerRoute, render_speaker
-from v6lb.render.nftables import KERNEL_MODES, table_name
+from v6lb.render.nftables import KERNEL_MODES
 
 __all__ = [
     "SELF_CHECK_INTERVAL",
@@ -96,21 +95,11 @@ def snat_routes(config: Config, settings: BgpSettings) -> dict[IPv6Network, int 
 
 
 def installed_tables(instance: str) -> set[str] | None:
-    """The instance's nft tables that hold chains, in this namespace (``"ip6 v6lb_lb1"``).
-
-    None if nft fails. ``nft -t list chains`` costs a few ms; ``nft list tables``
-    costs about a second here with a 65537-element map loaded (it fills its whole
-    cache), which would stall the run loop and make health probes time out.
-    """
-    r = run_tool(["nft", "-t", "list", "chains"], netns=None)
-    if r.returncode != 0:
+    """The instance's nft tables in this namespace (``"ip6 v6lb_lb1"``); None if nft fails."""
+    try:
+        return set(nft_tables(instance))
+    except KernelError:
         return None
-    name = table_name(instance)
-    return {
-        f"{m.group(1)} {name}"
-        for m in re.finditer(r"^table (\S+) (\S+) \{", r.stdout, re.MULTILINE)
-        if m.group(2) == name
-    }
 
 
 class Announcer:
