@@ -2,8 +2,9 @@
 
 When the file has a ``bgp:`` section with an ``asn`` (``Config.bgp_speaker``),
 :class:`Announcer` renders the speaker config (:func:`v6lb.render.bird.render_speaker`)
-with one /128 per kernel VIP address (and each ``npt:`` pair's outside prefix) and starts BIRD (:func:`v6lb.engines.bird.start_bird`)
-as a child of `v6lb run`, in the same network namespace. Then:
+with one /128 per kernel VIP address and each ``npt:`` pair's outside prefix, and starts
+BIRD (:func:`v6lb.engines.bird.start_bird`) as a child of `v6lb run`, in the same network
+namespace. Then:
 
 * :meth:`Announcer.sync` announces each VIP address that has at least one eligible
   backend (``birdc enable``) and withdraws it when none is left (``birdc disable``);
