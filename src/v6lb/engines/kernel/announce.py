@@ -272,10 +272,13 @@ class Announcer:
             return
         self.self_problem = problem
         if problem is not None:
-            self.last_error = f"bgp: self-check failed: {problem}; withdrawing every VIP"
+            self.last_error = f"bgp: self-check failed: {problem}; withdrawing every prefix"
             self.log(self.last_error)
         else:
-            self.log("bgp: self-check passes again; announcing the VIPs with a healthy backend")
+            self.log(
+                "bgp: self-check passes again; announcing the VIPs with a healthy backend"
+                + (" and the npt outside prefixes" if self.npt else "")
+            )
         self.sync(pools)
 
     def sync(self, pools: Mapping[str, BackendPool], *, withdraw_only: bool = False) -> None:
