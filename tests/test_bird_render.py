@@ -272,3 +272,48 @@ def test_missing_bird_names_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BirdMissingError, match="apt-get install bird2"):
         require_bird()
+
+
+def test_npt_outside_prefix_announced_while_the_own_check_passes(tmp_path: Path) -> None:
+    """An npt pair's outside prefix has no backends: it follows the LB's own check alone."""
+    from v6lb.engines.kernel.announce import Announcer, npt_prefixes
+
+    data: dict[str, Any] = {
+        "lb": {"instance": "lb1", "addresses": ["2001:db8:1::2"]},
+        "vips": [
+            {
+                "name": "web",
+                "address": "2001:db8:f::80",
+                "ports": [80],
+                "mode": "dsr-srv6",
+                "backends": [{"address": "2001:db8:1::10", "sid": "fd00:51::100"}],
+            }
+        ],
+        "npt": [
+            {"inside": "fd00:70::/48", "outside": "2001:db8:70::/48"},
+            {"inside": "fd00:71::/48", "outside": "2001:db8:71::/48"},
+        ],
+        "bgp": {k: v for k, v in BGP.items() if k != "announcements"},
+    }
+    config = parse_config(data, "t.yaml")
+    settings = config.bgp_speaker
+    assert settings is not None
+    outside = [IPv6Network("2001:db8:70::/48"), IPv6Network("2001:db8:71::/48")]
+    assert npt_prefixes(config) == outside
+    a = Announcer(config, settings, "lb1", tmp_path, lambda _: None)
+    vip = IPv6Network("2001:db8:f::80/128")
+    assert list(a.announced) == [vip, *outside]
+    want = a._wanted({})  # no pool with an eligible backend: the VIP stays withdrawn
+    assert want == {vip: False, outside[0]: True, outside[1]: True}
+    text = a._render(want)
+    for prefix in outside:  # one static per prefix, enabled, with the speaker's MED
+        block = text.split(f"protocol static {static_name(prefix)} {{")[1].split("}\n")[0]
+        assert "disabled yes" not in block and f"route {prefix} blackhole;" in block, block
+        assert f"  if net = {prefix} then bgp_med = 10;\n" in text
+    assert "disabled yes" in text.split(f"protocol static {static_name(vip)} {{")[1]
+    a.self_problem = "nft table ip6 v6lb_lb1 is gone"
+    assert not any(a._wanted({}).values())  # the own check fails: nothing announced
+    a.self_problem, a.leaving = None, True
+    assert not any(a._wanted({}).values())  # a graceful stop withdrew everything
+    del data["bgp"]
+    assert Announcer.create(parse_config(data, "t.yaml"), "lb1", print) is None

@@ -2,12 +2,15 @@
 
 When the file has a ``bgp:`` section with an ``asn`` (``Config.bgp_speaker``),
 :class:`Announcer` renders the speaker config (:func:`v6lb.render.bird.render_speaker`)
-with one /128 per kernel VIP address and starts BIRD (:func:`v6lb.engines.bird.start_bird`)
-as a child of `v6lb run`, in the same network namespace. Then:
+with one /128 per kernel VIP address and each ``npt:`` pair's outside prefix, and starts
+BIRD (:func:`v6lb.engines.bird.start_bird`) as a child of `v6lb run`, in the same network
+namespace. Then:
 
 * :meth:`Announcer.sync` announces each VIP address that has at least one eligible
   backend (``birdc enable``) and withdraws it when none is left (``birdc disable``);
   the run loop calls it after every health change, so rise/fall damps flapping;
+  an ``npt:`` outside prefix has no backends: it is announced while the LB's own
+  check passes (below), as the SNAT prefixes of ``lb.conntrack_sync`` are;
 * :meth:`Announcer.reconfigure` (SIGHUP) rewrites the config and runs ``birdc configure``;
 * :meth:`Announcer.stop` (SIGTERM/SIGINT) withdraws every prefix, then ``birdc down``;
 * :meth:`Announcer.check` is the LB's own check, run from the loop at most once a
@@ -50,6 +53,7 @@ __all__ = [
     "AnnounceError",
     "Announcer",
     "installed_tables",
+    "npt_prefixes",
     "snat_routes",
     "vip_prefixes",
 ]
@@ -69,6 +73,18 @@ def vip_prefixes(config: Config) -> dict[IPv6Network, list[str]]:
         if vip.mode in KERNEL_MODES:
             out.setdefault(IPv6Network(f"{vip.address}/128"), []).append(vip.name)
     return out
+
+
+def npt_prefixes(config: Config) -> list[IPv6Network]:
+    """Each ``npt:`` pair's outside prefix: the kernel plane translates what reaches it.
+
+    Announced while the LB's own check passes (npt has no backends to be healthy), so the
+    routers send the outside prefix to every instance that translates it; NPTv6 keeps no
+    state, so any of them translates a flow alike. The replies come back from the inside
+    prefix, and their route to an instance is the site's to make (docs/anycast.md, "npt
+    behind anycast").
+    """
+    return list(dict.fromkeys(p.outside for p in config.npt))
 
 
 def snat_routes(config: Config, settings: BgpSettings) -> dict[IPv6Network, int | None]:
@@ -119,7 +135,10 @@ class Announcer:
         self.log = log
         self.prefixes = vip_prefixes(config)
         self.snat = snat_routes(config, settings)  # announced while the self-check passes
-        self.announced: dict[IPv6Network, bool] = dict.fromkeys([*self.prefixes, *self.snat], False)
+        self.npt = npt_prefixes(config)  # so are the npt outside prefixes
+        self.announced: dict[IPv6Network, bool] = dict.fromkeys(
+            [*self.prefixes, *self.snat, *self.npt], False
+        )
         self.bird: Bird | None = None
         self.last_error: str | None = None
         self.changes = 0
@@ -151,6 +170,8 @@ class Announcer:
     def _render(self, up: Mapping[IPv6Network, bool]) -> str:
         routes = [SpeakerRoute(p, up=up.get(p, False)) for p in self.prefixes]
         routes += [SpeakerRoute(p, med=m, up=up.get(p, False)) for p, m in self.snat.items()]
+        seen = {r.prefix for r in routes}
+        routes += [SpeakerRoute(p, up=up.get(p, False)) for p in self.npt if p not in seen]
         return render_speaker(self.instance, self.settings, routes)
 
     def _kill_stale(self) -> None:
@@ -190,7 +211,7 @@ class Announcer:
             p: healthy and any(n in pools and pools[n].any_eligible for n in names)
             for p, names in self.prefixes.items()
         }
-        for p in self.snat:
+        for p in [*self.snat, *self.npt]:
             want.setdefault(p, healthy)
         return want
 
@@ -240,10 +261,13 @@ class Announcer:
             return
         self.self_problem = problem
         if problem is not None:
-            self.last_error = f"bgp: self-check failed: {problem}; withdrawing every VIP"
+            self.last_error = f"bgp: self-check failed: {problem}; withdrawing every prefix"
             self.log(self.last_error)
         else:
-            self.log("bgp: self-check passes again; announcing the VIPs with a healthy backend")
+            self.log(
+                "bgp: self-check passes again; announcing the VIPs with a healthy backend"
+                + (" and the npt outside prefixes" if self.npt else "")
+            )
         self.sync(pools)
 
     def sync(self, pools: Mapping[str, BackendPool], *, withdraw_only: bool = False) -> None:
@@ -270,6 +294,8 @@ class Announcer:
             why = "a backend is up" if want else "no backend is up"
             if prefix in self.snat and prefix not in self.prefixes:
                 why = "SNAT address" if self.snat[prefix] is None else "peer's SNAT, standby"
+            elif prefix in self.npt and prefix not in self.prefixes:
+                why = "npt outside prefix"
             if not want and self.self_problem is not None:
                 why = "the self-check fails"
             self.log(f"bgp: {'announced' if want else 'withdrew'} {prefix} ({why})")
@@ -306,6 +332,7 @@ class Announcer:
             return
         self.settings, self.prefixes = settings, vip_prefixes(config)
         self.snat = snat_routes(config, settings)
+        self.npt = npt_prefixes(config)
         self.expected_tables = installed_tables(self.instance) or self.expected_tables
         self.self_problem = None  # the reload has just applied the data plane again
         up = self._wanted(pools)
