@@ -190,6 +190,8 @@ def _l3(f: _Families, status: InstanceStatus) -> None:
     if ct is not None:
         if ct.conntrack_full is not None:
             drops["conntrack_full"] = ct.conntrack_full
+        if ct.nat_unsynced is not None:
+            drops["nat_unsynced"] = ct.nat_unsynced
         if ct.conntrack is not None:
             f.gauge("v6lb_conntrack_entries", "Live nat flows.", []).add_metric([], ct.conntrack)
         if ct.conntrack_max is not None:

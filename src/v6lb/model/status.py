@@ -324,16 +324,22 @@ class NptStatus(_Record):
 
 @dataclass(slots=True)
 class ConntrackLimits(_Record):
-    """The ``conntrack`` block: live nat flows (None: unknown), the bound, drops at it."""
+    """The ``conntrack`` block: live nat flows (None: unknown), the bound, drops at it.
+
+    ``nat_unsynced`` (``lb.conntrack_sync`` only): first mid-stream packets of nat flows
+    not in conntrack yet, dropped to wait for the peer's entry.
+    """
 
     conntrack_max: int | None = None
     conntrack: int | None = None
     conntrack_full: int | None = None
+    nat_unsynced: int | None = None
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "conntrack_max": _opt_int,
         "conntrack": _opt_int,
         "conntrack_full": _opt_int,
+        "nat_unsynced": _opt_int,
     }
 
 

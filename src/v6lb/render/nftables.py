@@ -96,6 +96,7 @@ from v6lb.render.routes import (
 
 __all__ = [
     "CONNTRACK_FULL",
+    "NAT_UNSYNCED",
     "FORWARD_COUNTERS",
     "KERNEL_MODES",
     "L2Ports",
@@ -126,6 +127,8 @@ _ANY: Final = IPv6Network("::/0")
 VIP_PREFIX_LEN: Final = 64
 """The VIP prefix: the /64 around each VIP (the subnet a router sends to the LB)."""
 CONNTRACK_FULL: Final = "conntrack_full"
+NAT_UNSYNCED: Final = "nat_unsynced"
+UNSYNCED_HOLD: Final = 2  # seconds a flow's first mid-stream packet keeps the next ones passing
 FORWARD_COUNTERS: Final = ("forward_denied", "forward_unreachable", "forward_allowed")
 """The forward filter's named counters: dropped, answered with a Destination Unreachable, let through by ``lb.forward_allow``."""
 
@@ -818,6 +821,45 @@ def _conntrack_limit(config: Config) -> list[str]:
     ]
 
 
+def _unsynced_objects(config: Config) -> list[str]:
+    """With ``lb.conntrack_sync``: the counter and the set of :func:`_unsynced_guard`."""
+    if config.lb.conntrack_sync is None or not _nat_addresses(config):
+        return []
+    tag = _tag(config)
+    return _counter_block(
+        NAT_UNSYNCED, f"{tag}: first mid-stream packets of nat flows not in conntrack, dropped"
+    ) + [
+        f"\tset {NAT_UNSYNCED} {{",
+        "\t\ttype ipv6_addr . inet_service . ipv6_addr . inet_service",
+        "\t\tsize 65536",
+        "\t\tflags dynamic,timeout",
+        f"\t\ttimeout {UNSYNCED_HOLD}s",
+        f'\t\tcomment "{tag}: nat flows whose first mid-stream packet was dropped"',
+        "\t}",
+    ]
+
+
+def _unsynced_guard(config: Config) -> list[str]:
+    """With ``lb.conntrack_sync``: hold a nat flow met mid-stream until the peer's entry comes.
+
+    A TCP packet without SYN that reaches the nat hook belongs to a flow this kernel does
+    not track: another instance opened it, and ECMP moved it here before conntrackd
+    brought its entry (docs/anycast.md). Picked up now it would be SNATed to this
+    instance's address and reset by the backend. The flow's first such packet is dropped
+    and remembered for UNSYNCED_HOLD seconds; its retransmission finds the entry in
+    conntrack and never reaches this hook, or, if the entry never comes, is picked up as
+    before, so a flow whose state is lost is still reset, one retransmission later.
+    """
+    if config.lb.conntrack_sync is None or not _nat_addresses(config):
+        return []
+    key = "ip6 saddr . tcp sport . ip6 daddr . tcp dport"
+    return [
+        f"ip6 daddr @nat_vips tcp flags & syn == 0 {key} != @{NAT_UNSYNCED}"
+        f' add @{NAT_UNSYNCED} {{ {key} }} counter name "{NAT_UNSYNCED}" drop'
+        f' comment "{_tag(config)}: a nat flow met mid-stream, its entry not synced yet"'
+    ]
+
+
 # --- the ruleset -------------------------------------------------------------------
 
 
@@ -859,8 +901,9 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
         objects += _counter_block(
             CONNTRACK_FULL, f"{tag}: new nat flows dropped at lb.conntrack_max"
         )
+    objects += _unsynced_objects(config)
     mangle: list[str] = []
-    nat_pre = _guard_rules(config, nat=True) + _conntrack_limit(config)
+    nat_pre = _guard_rules(config, nat=True) + _unsynced_guard(config) + _conntrack_limit(config)
     nat_post: list[str] = []
     marks: dict[str, dict[int, int]] = {}
     for t in tunnel_targets(config):

@@ -77,6 +77,11 @@ def status_lines(st: InstanceStatus) -> list[str]:
         out.append(
             f"conntrack: {'?' if live is None else live} of {ct.conntrack_max} nat flows,"
             f" {ct.conntrack_full} new flows dropped at the bound"
+            + (
+                f", {ct.nat_unsynced} mid-stream packets held for the peer's sync"
+                if ct.nat_unsynced is not None
+                else ""
+            )
         )
     out += proxy_status_lines(proxy)
     served = {v.name for v in proxy.vips} if proxy is not None else set()

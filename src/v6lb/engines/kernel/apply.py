@@ -36,6 +36,7 @@ from v6lb.render.ip6tables import empty_tables, render_npt, splice, tagged_rules
 from v6lb.render.nftables import (
     CONNTRACK_FULL,
     FORWARD_COUNTERS,
+    NAT_UNSYNCED,
     L2Ports,
     render_nft,
     render_remove,
@@ -262,17 +263,19 @@ def limits_status(
     ``counters``: the instance's named nft counters (name -> packets, bytes);
     ``count``: the live nat flows (None when unknown). ``conntrack_full`` is
     the new flows dropped at ``lb.conntrack_max`` (the kernel's named counter,
-    or the core's ``conntrack-full`` drops).
+    or the core's ``conntrack-full`` drops); with ``lb.conntrack_sync``,
+    ``nat_unsynced`` the first mid-stream packets of untracked nat flows dropped
+    (docs/anycast.md).
     """
     forward = {name: counters.get(name, (0, 0))[0] for name in FORWARD_COUNTERS}
-    return {
-        "forward": forward,
-        "conntrack": {
-            "conntrack_max": config.lb.conntrack_max,
-            "conntrack": count,
-            "conntrack_full": counters.get(CONNTRACK_FULL, (0, 0))[0],
-        },
+    conntrack: dict[str, object] = {
+        "conntrack_max": config.lb.conntrack_max,
+        "conntrack": count,
+        "conntrack_full": counters.get(CONNTRACK_FULL, (0, 0))[0],
     }
+    if config.lb.conntrack_sync is not None:
+        conntrack["nat_unsynced"] = counters.get(NAT_UNSYNCED, (0, 0))[0]
+    return {"forward": forward, "conntrack": conntrack}
 
 
 # --- ip6tables ---------------------------------------------------------------------
