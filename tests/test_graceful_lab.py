@@ -258,6 +258,10 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                     f"route add default via {ROUTER}",
                 )
                 nsx(ns[role], "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
+                # a client port reused within this time reopens an entry the peer put here
+                # with its old backend (docs/anycast.md, "Port reuse"): the curl loops reuse
+                # theirs after about 30 s
+                nsx(ns[role], "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=5")
             nsx(rt, "nft", "-f", "-", stdin=NO_REDIRECTS)
             for role in BACKENDS:  # dsr-l2 rewrites to the backends' MACs
                 link = json.loads(nsx(ns[role], "ip", "-j", "link", "show", "e0"))
