@@ -506,6 +506,10 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                     "after_drain_to_be1": sum(1 for r in drained if r[3] == "be1"),
                     "after_stop": sum(1 for r in got if r[0] >= marks["stop"]),
                 }
+                if failed != at_takeover:  # how each failed request's port was used before
+                    for r in failed:
+                        before = [(round(r[0] - q[0], 2), q[3]) for q in got if q[4] == r[4]]
+                        print("failed", name, round(r[0] - marks["start"], 3), r, before)
                 assert failed == at_takeover, (name, marks, failed[:5], errors[-500:])
                 # (the classification itself: about half the flows are in moved slots)
                 if name != "nat":

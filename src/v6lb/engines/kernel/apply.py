@@ -371,6 +371,36 @@ def remove_routes(instance: str, *, netns: str | None = None) -> list[str]:
     return lines
 
 
+_RULE_ADD = re.compile(r"^rule add .* lookup (\d+) pref (\d+) ")
+
+
+def refresh_routes(batch: str, instance: str, *, netns: str | None = None) -> None:
+    """Load ``batch`` again over the instance's routes, without removing them first.
+
+    For a reload that renders the same routes: :func:`apply_routes` removes everything
+    and loads it again, and for that moment a VIP's packets find no tunnel route (a
+    client's SYN then got an ICMPv6 error in the graceful-stop lab). Every line of the
+    batch but ``rule add`` replaces in place (``route replace``, ``neigh replace``,
+    ``address replace``, ``sr tunsrc set``); a rule the kernel already has (same table
+    and preference) is left out, a missing one is added. So what someone deleted by
+    hand comes back, and nothing is ever missing.
+    """
+    have = {
+        (str(r.get("table")), str(r.get("priority")))
+        for r in nft_json(run_tool(["ip", "-6", "-j", "rule", "show"], netns=netns))
+        if str(r.get("protocol")) in ("118", hex(ROUTE_PROTO))
+        and in_instance_block(r.get("table"), instance)
+    }
+    lines = []
+    for line in batch.splitlines():
+        m = _RULE_ADD.match(line)
+        if m is None or (m.group(1), m.group(2)) not in have:
+            lines.append(line)
+    r = _batch("\n".join(lines) + "\n", netns)
+    if r.returncode != 0:
+        raise _classify("ip", r.stderr)
+
+
 def apply_routes(
     batch: str, instance: str, *, netns: str | None = None, previous: str | None = None
 ) -> None:
@@ -446,9 +476,15 @@ def apply(
     try:
         apply_ip6tables(new.ip6tables, instance, netns=netns)
         try:
-            apply_routes(
-                new.routes, instance, netns=netns, previous=previous.routes if previous else None
-            )
+            if previous is not None and previous.routes == new.routes and new.routes.strip():
+                refresh_routes(new.routes, instance, netns=netns)
+            else:
+                apply_routes(
+                    new.routes,
+                    instance,
+                    netns=netns,
+                    previous=previous.routes if previous else None,
+                )
         except KernelError:
             if previous is not None:
                 apply_ip6tables(previous.ip6tables, instance, netns=netns)
