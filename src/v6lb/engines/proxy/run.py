@@ -263,6 +263,16 @@ class BuiltinProxyPlane(ProxyPlane):
             return 0
         return server.admission.active  # a plain int: safe to read from this thread
 
+    def serving(self) -> Mapping[str, bool]:
+        """The engine's own view: a backend up (its health checks), not drained or disabled."""
+        try:
+            got: dict[str, bool] = self._on_loop(
+                lambda server: {n: rt.pool.any_eligible for n, rt in server.runtimes.items()}
+            )
+        except RunError:
+            return {}  # not running (any more): nothing to announce
+        return got
+
 
 class HaproxyPlane(ProxyPlane):
     """``--proxy haproxy``: Debian's haproxy (master-worker) on the rendered haproxy.cfg.
@@ -280,6 +290,7 @@ class HaproxyPlane(ProxyPlane):
         super().__init__(config, ctx)
         self._haproxy: Haproxy | None = None
         self._quiesced = False
+        self._serving: dict[str, bool] = {}  # the last serving() answer
         self.proxy_status.set_haproxy_config(config, self._ctl_pools)
 
     def engine(self) -> Mapping[str, Any]:
@@ -365,6 +376,31 @@ class HaproxyPlane(ProxyPlane):
         self._quiesced = True
         hp.soft_stop()
         return "haproxy: soft stop (listeners closed, open connections finish)"
+
+    def serving(self) -> Mapping[str, bool]:
+        """HAProxy's own view (``show stat``): a server ``UP`` (or unchecked) with a weight.
+
+        A drained server is ``DRAIN`` (weight 0), a disabled one ``MAINT``. When the
+        stats cannot be read the last answer stands (a slow socket withdraws nothing).
+        """
+        hp = self._haproxy
+        if hp is None or not hp.alive():
+            return {}
+        try:
+            rows = hp.stat_rows()
+        except (HaproxyError, OSError):
+            return self._serving
+        up: set[str] = set()
+        for r in rows:
+            word = (r.get("status") or "").split(" ", 1)[0].upper()
+            if r.get("svname") in ("FRONTEND", "BACKEND") or word not in ("UP", "NO"):
+                continue
+            if int(r.get("weight") or 0) > 0:
+                up.add(r.get("pxname", ""))
+        self._serving = {
+            v.name: backend_name(v.name) in up for v in self.config.vips if v.mode.is_proxy
+        }
+        return self._serving
 
     def in_flight(self) -> int:
         hp = self._haproxy
