@@ -5,8 +5,9 @@ ECMP sends every packet of its open connections to another instance, which has n
 socket for them and would reset them. With ``lb.peers`` every instance installs this
 table: a TCP packet to a proxy VIP and port that conntrack picked up mid-stream (``ct
 state new`` without SYN: no connection here opened it or answered it; this needs
-``nf_conntrack_tcp_loose=1``, the default) is duplicated to each peer (``dup to PEER
-device IF``) and dropped here. A peer that holds the socket (still draining) takes it
+``nf_conntrack_tcp_loose=1``, the default; or a FIN or RST that conntrack calls
+``invalid``, which is what a FIN or RST of a flow it does not know is) is duplicated to
+each peer (``dup to PEER device IF``) and dropped here. A peer that holds the socket (still draining) takes it
 as its own; the others drop it.
 
 The guard against forwarding a packet twice (no ping-pong between two instances when
@@ -74,6 +75,10 @@ def render_peers(config: Config) -> str:
         "\tchain prerouting {",
         f"\t\ttype filter hook prerouting priority {PRIORITY}; policy accept;",
         f"\t\tip6 daddr . tcp dport {{ {elements} }} ct state new tcp flags & syn == 0"
+        " jump second_chance",
+        # a FIN or RST picked up mid-stream makes no conntrack entry (it is invalid, not
+        # new): without this the peer's socket never saw the client's FIN and stayed open
+        f"\t\tip6 daddr . tcp dport {{ {elements} }} ct state invalid tcp flags & (fin | rst) != 0"
         " jump second_chance",
         "\t}",
         "\tchain second_chance {",
