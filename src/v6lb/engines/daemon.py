@@ -21,6 +21,12 @@
   plane's :meth:`~v6lb.engines.plane.Plane.apply_pool_change` and again on top of the
   file at every reload (the "reloaded" line names them); refused for any peer uid
   but the instance's own and root;
+* the BGP speaker of ``bgp:`` (:class:`~v6lb.engines.kernel.announce.Announcer`, one
+  BIRD): every VIP of every plane is announced while :meth:`Plane.serving
+  <v6lb.engines.plane.Plane.serving>` says it has a backend for new flows; it is
+  started once every plane is installed, synced after each pool change and at its
+  self-check (once a second), reconfigured after a reload, withdrawn first at a
+  graceful stop and stopped before any plane is removed;
 * the log: ``v6lb run [<instance>]: ...`` on stderr (``--log-format json``: one JSON
   object per line, :func:`log_record`), the last 50 lines in the status;
 * ``/metrics`` (``lb.metrics``, :mod:`v6lb.engines.metrics`): served on threads of its
@@ -57,6 +63,7 @@ from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet, HealthState
 from v6lb.engines.control import ControlError, ControlServer
 from v6lb.engines.ctl import CtlRefused, Override, OverrideKey, apply_override, check_request
+from v6lb.engines.kernel.announce import Announcer
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.kernel.host import enter_netns
 from v6lb.engines.metrics import MetricsServer
@@ -404,6 +411,7 @@ class Daemon:
         self._wake_w.setblocking(False)
         self._next_expire = 0.0
         self.metrics: MetricsServer | None = None
+        self.announcer: Announcer | None = None  # bgp: (open_announcer)
         self._status_lock = threading.Lock()  # one status at a time off the loop
         self._snapshots: list[_Snapshot] = []  # scrapes waiting for the loop (under _lock)
 
@@ -499,6 +507,25 @@ class Daemon:
                 " of this host or its --netns",
             ) from None
 
+    def open_announcer(self) -> None:
+        """The ``bgp:`` speaker (before :meth:`install`), if the file has one; bird not started."""
+        if self.announcer is None:
+            self.announcer = Announcer.create(self.config, self.instance, self.log)
+
+    def serving(self) -> dict[str, bool]:
+        """Every plane's :meth:`~v6lb.engines.plane.Plane.serving`, merged (BGP follows it)."""
+        out: dict[str, bool] = {}
+        for plane in self.planes:
+            try:
+                out.update(plane.serving())
+            except (KernelError, OSError, RuntimeError) as exc:
+                self.log(f"{plane.name}: serving failed: {exc}", level="error", plane=plane.name)
+        return out
+
+    def _announce(self, *, withdraw_only: bool = False) -> None:
+        if self.announcer is not None:
+            self.announcer.sync(self.serving(), withdraw_only=withdraw_only)
+
     def install(self) -> None:
         """Open the control socket, then install every plane; on failure nothing stays behind."""
         path = self.config.lb.control_socket
@@ -526,6 +553,8 @@ class Daemon:
             for plane in self.planes:
                 summaries.append(plane.install())
                 done.append(plane)
+            if self.announcer is not None:  # the VIPs are announced once every plane serves
+                self.announcer.start(self.serving())
         except BaseException:
             for plane in reversed(done):
                 self._teardown_plane(plane)
@@ -556,6 +585,8 @@ class Daemon:
             self.metrics = None
         removed: list[str] = []
         try:
+            if self.announcer is not None:
+                self.announcer.stop()  # withdraw first: routers stop sending before state goes
             for plane in reversed(self.planes):
                 removed += self._teardown_plane(plane)
         finally:
@@ -636,6 +667,10 @@ class Daemon:
             at = plane.tick(now)
             if at is not None and at < deadline:
                 deadline = at
+        if self.announcer is not None:  # the LB's own check (docs/anycast.md)
+            at = self.announcer.check(now, self.serving)
+            if at is not None and at < deadline:
+                deadline = at
         changed = set()
         for sk, _ in self.sel.select(max(0.0, deadline - time.monotonic())):
             data = sk.data
@@ -703,7 +738,11 @@ class Daemon:
             self._stop = True
             return
         now = time.monotonic()
-        done = [text for plane in self.planes if (text := self._step(plane, "withdraw"))]
+        done = []
+        if self.announcer is not None:
+            gone = self.announcer.withdraw_all()
+            done.append(f"bgp: withdrew {', '.join(map(str, gone)) or 'nothing was announced'}")
+        done += [text for plane in self.planes if (text := self._step(plane, "withdraw"))]
         settle = min(_SETTLE, self.drain_timeout / 2) if done else 0.0
         self.stopping = _Stopping(now, now + self.drain_timeout, now + settle)
         self.log(
@@ -772,12 +811,16 @@ class Daemon:
                 key = (name, str(vip.backends[i].address), vip.backends[i].port)
                 h.transitions[key] = h.transitions.get(key, 0) + 1
             states = ", ".join(f"{vip.backends[i].address} {hs.state(i)}" for i in moved)
+            if not pool.any_eligible:  # before a refill that may be slow: routers stop at once
+                self._announce(withdraw_only=True)
             try:
                 what = self._owner[name].apply_pool_change(name, pool)
             except KernelError as exc:
                 self.last_error = exc.message
                 self.log(self.last_error, level="error", vip=name)
+                self._announce()
                 continue
+            self._announce()
             self.map_updates += 1
             self.log(
                 f"{name}: {states}; {what}",
@@ -861,6 +904,8 @@ class Daemon:
         )
         for _, s in staged:
             s.then()
+        if self.announcer is not None:
+            self.announcer.reconfigure(config, self.serving())
         return True
 
     def _reapply(
@@ -933,14 +978,18 @@ class Daemon:
             pool = pools[vip.name]
             what = "no change"
             if apply_override(pool, index, b, new):
+                if not pool.any_eligible:
+                    self._announce(withdraw_only=True)
                 try:
                     what = self._owner[vip.name].apply_pool_change(vip.name, pool)
                 except KernelError as exc:
                     apply_override(pool, index, b, old)  # the pool as the plane still has it
                     self.last_error = f"ctl {action} {vip.name} {b.address}: {exc.message}"
                     self.log(self.last_error)
+                    self._announce()
                     return {"error": f"{self.last_error}; nothing changed", "exit": 1}
                 self.map_updates += 1
+                self._announce()
             self._sync_health(vip.name, index, self.health)
             if new.empty():
                 self.overrides_ctl.pop(key, None)
@@ -1026,11 +1075,14 @@ class Daemon:
         vips: list[VipStatus] = []
         details: Mapping[str, Any] = {}
         npt_icmp: list[IcmpErrors] = []
+        bgp = self.announcer.status() if self.announcer is not None else None
         if dataplane is not None:
             ps = dataplane.status()
-            details = ps.details
+            details = ps.details if bgp is None else _with_bgp(ps.details, bgp)
             npt_icmp = ps.npt_icmp
             vips = [self._vip_status(v.name, ps) for v in config.vips if v.name in h.pools]
+        elif bgp is not None:
+            details = {"bgp": bgp}
         sections: dict[str, Any] = {}
         proxy: str | None = None
         for plane in self.planes:
@@ -1053,7 +1105,7 @@ class Daemon:
                 last_error=self.last_error,
                 **typed,
                 extra=extra,
-                keys=(*_PROXY_ONLY_KEYS, *sections),
+                keys=(*_PROXY_ONLY_KEYS, *details, *sections),
             )
         return InstanceStatus(
             instance=self.instance,
@@ -1135,6 +1187,17 @@ class Daemon:
         )
 
 
+def _with_bgp(details: Mapping[str, Any], bgp: Mapping[str, Any]) -> dict[str, Any]:
+    """The data plane's keys with the speaker's ``bgp`` before ``conntrack_sync`` (or last)."""
+    out: dict[str, Any] = {}
+    for key, value in details.items():
+        if key == "conntrack_sync":
+            out["bgp"] = bgp
+        out[key] = value
+    out.setdefault("bgp", bgp)
+    return out
+
+
 # --- starting one -------------------------------------------------------------------
 
 
@@ -1193,6 +1256,7 @@ def prepare(options: RunOptions, *, log: Callable[[str], None] | None = None) ->
     ctx = daemon.context(trace=options.trace)
     daemon.attach([cls.open(config, ctx) for cls in classes])
     daemon.open_metrics()  # in the namespace, after every check, before anything is installed
+    daemon.open_announcer()
     return daemon
 
 

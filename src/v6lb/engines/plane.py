@@ -22,8 +22,9 @@ The life of a plane, as the daemon drives it::
     staged = plane.stage(config)  # SIGHUP: check and build, change nothing
     staged.commit()               # then apply (the daemon marks known-down backends first)
     plane.status()                # a PlaneStatus
+    plane.serving()               # VIP name -> has a backend for new flows (BGP follows it)
     # a graceful stop (SIGTERM with --drain-timeout S), every plane at each step:
-    plane.withdraw()              # BGP: stop announcing (routers send new flows elsewhere)
+    plane.withdraw()              # after the daemon withdrew the BGP announcements
     plane.quiesce()               # stop taking new connections; the open ones go on
     plane.in_flight()             # polled until every plane says 0, or S seconds passed
     plane.teardown()              # what it removed
@@ -32,6 +33,11 @@ Runtime control (`v6lb ctl`) changes a pool the daemon holds: a probed one of
 :meth:`~Plane.pools`, or one of :meth:`~Plane.control_pools` (the VIPs a plane
 checks itself, the proxy engines'); either way the owning plane applies it in
 :meth:`~Plane.apply_pool_change`.
+
+With a ``bgp:`` speaker the daemon announces the address of every VIP of every plane
+(:class:`~v6lb.engines.kernel.announce.Announcer`) while :meth:`~Plane.serving` says
+it has a backend for new flows, and withdraws it when not (or when the graceful stop
+begins); a plane has no BGP code of its own.
 
 A new plane is a subclass in its own package and one line in
 :mod:`v6lb.engines.planes`; the modes it serves are the mode table's
@@ -204,8 +210,20 @@ class Plane:
     def status(self) -> PlaneStatus:
         return PlaneStatus()
 
+    def serving(self) -> Mapping[str, bool]:
+        """Each VIP the plane forwards, by name: True while a backend takes new flows.
+
+        The daemon's BGP speaker announces a VIP's address while one of its VIPs is
+        serving (docs/anycast.md). The default reads :meth:`pools` and
+        :meth:`control_pools`; a plane that checks its backends itself (a proxy engine)
+        answers from its own health view. Called on the daemon's loop about once a
+        second and after every pool change: it must be cheap.
+        """
+        pools = {**self.control_pools(), **self.pools()}
+        return {name: pool.any_eligible for name, pool in pools.items()}
+
     def withdraw(self) -> str:
-        """Graceful stop, first step: stop announcing the VIPs (BGP); what was done, or ""."""
+        """Graceful stop, first step (after the daemon's BGP withdraw): what was done, or ""."""
         return ""
 
     def quiesce(self) -> str:

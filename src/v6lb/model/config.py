@@ -27,6 +27,7 @@ from v6lb.model.bgp import BgpSection, BgpSettings, parse_bgp
 from v6lb.model.config_read import read_yaml
 from v6lb.model.conntrack_sync import ConntrackSync, check_sync, parse_conntrack_sync
 from v6lb.model.modes import ModeFacts, facts
+from v6lb.model.peers import Peers, check_peers, parse_peers
 from v6lb.model.schema import (
     ConfigError,
     Fields,
@@ -320,6 +321,7 @@ class LbSettings:
     icmp_error_burst: int = 20
     forward_allow: tuple[ForwardAllow, ...] = ()
     conntrack_sync: ConntrackSync | None = None  # docs/anycast.md
+    peers: Peers | None = None  # the other instances, for the proxies' second chance
     metrics: MetricsListen | None = None  # None: no /metrics
 
 
@@ -405,6 +407,11 @@ def parse_config(data: object, file: str = "<config>") -> Config:
         raw_bgp,
         top.key("lb").key("conntrack_sync"),
     )
+    check_peers(
+        lb.peers,
+        sum(v.mode.is_proxy and v.protocol is Protocol.TCP for v in vips),
+        top.key("lb").key("peers"),
+    )
     raw_topology = _section(fields, "topology")
     bgp: BgpSection | None = None
     if raw_bgp is not None:
@@ -443,6 +450,7 @@ _LB_KEYS: Final = (
     "icmp_error_burst",
     "forward_allow",
     "conntrack_sync",
+    "peers",
     "metrics",
 )
 # The instance name goes into tags such as the interface prefix `v6lb-NAME`, which
@@ -592,6 +600,9 @@ def _parse_lb(value: object, where: Where) -> LbSettings:
             lb_interfaces=interfaces,
         )
         if f.has("conntrack_sync")
+        else None,
+        peers=parse_peers(f.get("peers"), f.at("peers"), lb_addresses=addresses)
+        if f.has("peers")
         else None,
         metrics=_parse_metrics(f.get("metrics"), f.at("metrics")) if f.has("metrics") else None,
     )

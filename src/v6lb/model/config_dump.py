@@ -108,6 +108,11 @@ def _lb(lb: LbSettings) -> Data:
         ]
     if lb.conntrack_sync is not None:
         out["conntrack_sync"] = _sync(lb.conntrack_sync)
+    if lb.peers is not None:
+        out["peers"] = {
+            "interface": lb.peers.interface,
+            "addresses": [str(a) for a in lb.peers.addresses],
+        }
     if lb.metrics is not None:
         out["metrics"] = str(lb.metrics)
     return out

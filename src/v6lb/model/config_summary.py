@@ -29,6 +29,12 @@ def summarize(config: Config) -> str:
             f" -> [{sync.peer}]:{sync.port} on {sync.interface};"
             f" peer SNAT announced as standby: {standby}"
         )
+    peers = config.lb.peers
+    if peers is not None:
+        lines.append(
+            f"  peers: {', '.join(map(str, peers.addresses))} on {peers.interface} (a proxy"
+            " VIP's TCP packet that no connection here owns is sent on to them)"
+        )
     if not config.vips:
         lines.append("no VIPs")
     for vip in config.vips:

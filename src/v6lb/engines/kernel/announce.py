@@ -1,16 +1,19 @@
 """BGP announcements for `v6lb run`: one BIRD speaker per instance, driven by health.
 
-When the file has a ``bgp:`` section with an ``asn`` (``Config.bgp_speaker``),
-:class:`Announcer` renders the speaker config (:func:`v6lb.render.bird.render_speaker`)
-with one /128 per kernel VIP address and each ``npt:`` pair's outside prefix, and starts
-BIRD (:func:`v6lb.engines.bird.start_bird`) as a child of `v6lb run`, in the same network
-namespace. Then:
+When the file has a ``bgp:`` section with an ``asn`` (``Config.bgp_speaker``), the
+daemon (:mod:`v6lb.engines.daemon`, one per instance, whatever its planes) owns an
+:class:`Announcer`: it renders the speaker config (:func:`v6lb.render.bird.render_speaker`)
+with one /128 per VIP address, of every plane (kernel, python, proxy), and each ``npt:``
+pair's outside prefix, and starts BIRD (:func:`v6lb.engines.bird.start_bird`) as a child
+of `v6lb run`, in the same network namespace. Then:
 
-* :meth:`Announcer.sync` announces each VIP address that has at least one eligible
-  backend (``birdc enable``) and withdraws it when none is left (``birdc disable``);
-  the run loop calls it after every health change, so rise/fall damps flapping;
-  an ``npt:`` outside prefix has no backends: it is announced while the LB's own
-  check passes (below), as the SNAT prefixes of ``lb.conntrack_sync`` are;
+* :meth:`Announcer.sync` announces each VIP address that has at least one VIP serving
+  (a backend that takes new flows, :meth:`v6lb.engines.plane.Plane.serving`;
+  ``birdc enable``) and withdraws it when none is left (``birdc disable``); the daemon
+  calls it after every health or ``ctl`` change (the proxies' own health view at the
+  self-check, once a second), so rise/fall damps flapping; an ``npt:`` outside prefix
+  has no backends: it is announced while the LB's own check passes (below), as the
+  SNAT prefixes of ``lb.conntrack_sync`` are;
 * :meth:`Announcer.reconfigure` (SIGHUP) rewrites the config and runs ``birdc configure``;
 * :meth:`Announcer.stop` (SIGTERM/SIGINT) withdraws every prefix, then ``birdc down``;
 * :meth:`Announcer.check` is the LB's own check, run from the loop at most once a
@@ -39,13 +42,11 @@ from ipaddress import IPv6Network
 from pathlib import Path
 from typing import Any
 
-from v6lb.core.backends import BackendPool
 from v6lb.engines.bird import Bird, BirdError, require_bird, start_bird
 from v6lb.engines.kernel.apply import KernelError, nft_tables
 from v6lb.model.bgp import BgpSettings
 from v6lb.model.config import Config, NatOptions
 from v6lb.render.bird import SpeakerRoute, render_speaker
-from v6lb.render.nftables import KERNEL_MODES
 
 __all__ = [
     "SELF_CHECK_INTERVAL",
@@ -67,11 +68,10 @@ class AnnounceError(KernelError):
 
 
 def vip_prefixes(config: Config) -> dict[IPv6Network, list[str]]:
-    """Each kernel VIP address as a /128, with the names of the VIPs that use it."""
+    """Each VIP address (every plane's: kernel, python, proxy) as a /128, with its VIPs' names."""
     out: dict[IPv6Network, list[str]] = {}
     for vip in config.vips:
-        if vip.mode in KERNEL_MODES:
-            out.setdefault(IPv6Network(f"{vip.address}/128"), []).append(vip.name)
+        out.setdefault(IPv6Network(f"{vip.address}/128"), []).append(vip.name)
     return out
 
 
@@ -186,10 +186,10 @@ class Announcer:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
-    def start(self, pools: Mapping[str, BackendPool]) -> None:
-        """Start bird; the VIPs with an eligible backend are announced from the start."""
+    def start(self, serving: Mapping[str, bool]) -> None:
+        """Start bird; the VIPs ``serving`` (by name) are announced from the start."""
         self.expected_tables = installed_tables(self.instance) or set()
-        up = self._wanted(pools)
+        up = self._wanted(serving)
         self._kill_stale()
         try:
             self.bird = start_bird(self.instance, self._render(up), self.workdir)
@@ -205,10 +205,10 @@ class Announcer:
     def _listed(self, state: bool) -> str:
         return ", ".join(str(p) for p, a in self.announced.items() if a is state) or "none"
 
-    def _wanted(self, pools: Mapping[str, BackendPool]) -> dict[IPv6Network, bool]:
+    def _wanted(self, serving: Mapping[str, bool]) -> dict[IPv6Network, bool]:
         healthy = self.self_problem is None and not self.leaving
         want = {
-            p: healthy and any(n in pools and pools[n].any_eligible for n in names)
+            p: healthy and any(serving.get(n, False) for n in names)
             for p, names in self.prefixes.items()
         }
         for p in [*self.snat, *self.npt]:
@@ -240,12 +240,24 @@ class Announcer:
             return f"nft table {', '.join(missing)} is gone: this instance no longer forwards"
         return None
 
-    def check(self, now: float, pools: Mapping[str, BackendPool]) -> None:
-        """The LB's own check (at most once per SELF_CHECK_INTERVAL); withdraw everything on failure."""
+    def check(self, now: float, serving: Callable[[], Mapping[str, bool]]) -> float | None:
+        """The LB's own check (at most once per SELF_CHECK_INTERVAL); withdraw everything on failure.
+
+        Then :meth:`sync` with ``serving()`` (the planes that check their backends
+        themselves change it without telling). When the next check is due, or None.
+        """
         bird = self.bird
-        if bird is None or now < self._next_check:
-            return
+        if bird is None:
+            return None
+        if now < self._next_check:
+            return self._next_check
         self._next_check = now + SELF_CHECK_INTERVAL
+        self._check(serving)
+        return self._next_check
+
+    def _check(self, serving: Callable[[], Mapping[str, bool]]) -> None:
+        bird = self.bird
+        assert bird is not None
         if not bird.alive():
             if not self._bird_gone_logged:
                 self._bird_gone_logged = True
@@ -258,6 +270,7 @@ class Announcer:
         self._watch_sessions(bird)
         problem = self._own_problem()
         if problem == self.self_problem:
+            self.sync(serving())
             return
         self.self_problem = problem
         if problem is not None:
@@ -268,10 +281,10 @@ class Announcer:
                 "bgp: self-check passes again; announcing the VIPs with a healthy backend"
                 + (" and the npt outside prefixes" if self.npt else "")
             )
-        self.sync(pools)
+        self.sync(serving())
 
-    def sync(self, pools: Mapping[str, BackendPool], *, withdraw_only: bool = False) -> None:
-        """Announce or withdraw each VIP address to match its backends' health.
+    def sync(self, serving: Mapping[str, bool], *, withdraw_only: bool = False) -> None:
+        """Announce or withdraw each VIP address to match ``serving`` (VIP name -> bool).
 
         ``withdraw_only``: the run loop calls it so before it refills a map that has lost
         its last backend (a 65537-slot map takes about a second to refill on a loaded
@@ -280,7 +293,7 @@ class Announcer:
         bird = self.bird
         if bird is None:
             return
-        for prefix, want in self._wanted(pools).items():
+        for prefix, want in self._wanted(serving).items():
             if self.announced.get(prefix) is want or (want and withdraw_only):
                 continue
             try:
@@ -324,7 +337,7 @@ class Announcer:
             done.append(prefix)
         return done
 
-    def reconfigure(self, config: Config, pools: Mapping[str, BackendPool]) -> None:
+    def reconfigure(self, config: Config, serving: Mapping[str, bool]) -> None:
         """SIGHUP: the VIPs or bgp: settings may have changed; ``birdc configure``."""
         settings = config.bgp_speaker  # load_config has checked the section
         if settings is None or self.bird is None:
@@ -335,7 +348,7 @@ class Announcer:
         self.npt = npt_prefixes(config)
         self.expected_tables = installed_tables(self.instance) or self.expected_tables
         self.self_problem = None  # the reload has just applied the data plane again
-        up = self._wanted(pools)
+        up = self._wanted(serving)
         try:
             self.bird.config.write_text(self._render(up))
             out = self.bird.birdc("configure")

@@ -8,8 +8,8 @@ its VIP's Maglev map(s) are refilled in one nft transaction
 (:func:`~v6lb.render.nftables.render_map_update`); conntrack keeps existing
 ``nat`` flows on their backend. A reload renders the new file and applies it
 with ``previous=`` the running state (apply rolls back on failure). With
-``bgp:`` the plane runs the BIRD speaker (:class:`~.announce.Announcer`), with
-``lb.conntrack_sync`` conntrackd (:class:`~.conntrackd.ConntrackSyncer`).
+``lb.conntrack_sync`` the plane runs conntrackd (:class:`~.conntrackd.ConntrackSyncer`);
+the BIRD speaker of ``bgp:`` (:class:`~.announce.Announcer`) is the daemon's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ipaddress import IPv6Address
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
-from v6lb.engines.kernel.announce import Announcer
 from v6lb.engines.kernel.apply import (
     CtFlows,
     KernelError,
@@ -156,8 +155,6 @@ class KernelPlane(Plane):
         self._pools = pools
         self.rendered = rendered
         self.instance = config.lb.instance
-        # bgp: the BIRD speaker that announces the healthy VIPs (docs/anycast.md)
-        self.announcer = Announcer.create(config, self.instance, ctx.log)
         self._flight: _FlightWatch | None = None  # a graceful stop's look at the VIP counters
         # lb.conntrack_sync: the conntrackd that replicates NAT flows (docs/anycast.md)
         self.syncer = ConntrackSyncer.create(config, self.instance, ctx.log)
@@ -223,13 +220,6 @@ class KernelPlane(Plane):
             except BaseException:
                 self.teardown()
                 raise
-        if self.announcer is not None:
-            try:
-                self.announcer.start(self._pools)
-            except BaseException:
-                self.announcer = None
-                self.teardown()
-                raise
         return (
             f"installed {len(self._pools)} VIP(s) and {len(self.config.npt)} npt pair(s)"
             f" from {self.ctx.path}"
@@ -238,8 +228,6 @@ class KernelPlane(Plane):
     def teardown(self) -> list[str]:
         if self._flight is not None:
             self._flight.stop()
-        if self.announcer is not None:
-            self.announcer.stop()  # withdraw first: routers stop sending before the maps go
         if self.syncer is not None:
             self.syncer.stop()
         return remove(self.instance)
@@ -247,8 +235,6 @@ class KernelPlane(Plane):
     # --- the loop ----------------------------------------------------------------
 
     def tick(self, now: float) -> float | None:
-        if self.announcer is not None:
-            self.announcer.check(now, self._pools)  # the LB's own check (docs/anycast.md)
         if self.syncer is not None:
             self.syncer.check(now)
         if not self._gateways:
@@ -293,18 +279,14 @@ class KernelPlane(Plane):
     # --- graceful stop -------------------------------------------------------------
 
     def withdraw(self) -> str:
-        """Withdraw every announced prefix (bird stays up until the teardown).
+        """The first step of a graceful stop (the daemon has withdrawn the BGP routes).
 
-        The first step of a graceful stop: the counters that :meth:`in_flight` reads
-        start being watched now, so the stop knows the traffic by the time it asks.
+        The counters that :meth:`in_flight` reads start being watched now, so the stop
+        knows the traffic by the time it asks.
         """
         if self._flight is None:
             self._flight = _FlightWatch(self._vip_packets)
-        if self.announcer is None:
-            return ""
-        done = self.announcer.withdraw_all()
-        listed = ", ".join(str(p) for p in done) or "nothing was announced"
-        return f"bgp: withdrew {listed}"
+        return ""
 
     def in_flight(self) -> int:
         """Packets that reached the VIPs in the last _QUIET_WINDOW s (1 until known).
@@ -335,18 +317,12 @@ class KernelPlane(Plane):
         )
 
     def apply_pool_change(self, vip: str, pool: BackendPool) -> str:
-        """Refill the VIP's map(s) in one transaction; BGP follows the pools."""
+        """Refill the VIP's map(s) in one transaction (the daemon's BGP speaker follows)."""
         try:
-            if self.announcer is not None and not pool.any_eligible:
-                self.announcer.sync(self._pools, withdraw_only=True)  # before the slow refill
-            try:
-                apply_nft(render_map_update(self.config, vip, pool))
-            except KernelError as exc:
-                raise RunError(f"map update of {vip} failed: {exc.message}", exc.fix) from None
-            return f"map refilled ({len(pool)} backends, one transaction)"
-        finally:
-            if self.announcer is not None:
-                self.announcer.sync(self._pools)
+            apply_nft(render_map_update(self.config, vip, pool))
+        except KernelError as exc:
+            raise RunError(f"map update of {vip} failed: {exc.message}", exc.fix) from None
+        return f"map refilled ({len(pool)} backends, one transaction)"
 
     # --- reload ------------------------------------------------------------------
 
@@ -370,8 +346,6 @@ class KernelPlane(Plane):
             return f": {len(pools)} VIP(s)"
 
         def then() -> None:
-            if self.announcer is not None:
-                self.announcer.reconfigure(config, pools)
             if self.syncer is not None:
                 self.syncer.reconfigure(config)
 
@@ -412,7 +386,6 @@ class KernelPlane(Plane):
         out.details = {
             "kernel": kernel,
             **limits,
-            "bgp": self.announcer.status() if self.announcer is not None else None,
             "conntrack_sync": self.syncer.status() if self.syncer is not None else None,
         }
         return out

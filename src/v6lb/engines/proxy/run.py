@@ -13,18 +13,28 @@ listeners whose address and port stay keep their sockets, the open connections k
 their backend. With HAProxy, a change to the proxy VIPs takes effect at the next
 start (logged). `v6lb ctl` changes reach the builtin engine at once
 (:meth:`BuiltinProxyPlane.apply_pool_change`).
+
+With ``lb.peers`` every proxy plane installs the second chance
+(:mod:`v6lb.render.peers`, docs/anycast.md): one nft table, applied before the engine
+serves, replaced in one transaction by a reload that changes it, removed at teardown
+(and replaced at the start after a crash); its counters are the status' ``peers``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import inspect
+import json
+import shutil
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 from v6lb.core.backends import BackendPool
+from v6lb.engines.kernel.apply import KernelError, apply_nft, require_root, require_tools, run_tool
 from v6lb.engines.kernel.host import host_links
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged
 from v6lb.errors import UsageError
@@ -38,6 +48,7 @@ from v6lb.render.haproxy import (
     scaled_weights,
     server_name,
 )
+from v6lb.render.peers import peers_table, remove_peers, render_peers
 
 from .haproxy_run import Haproxy, HaproxyError, check_config, run_haproxy
 from .server import ProxyServer, serve
@@ -60,6 +71,19 @@ def _address_problem(vips: list[Vip]) -> tuple[str, str] | None:
                 f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
             )
     return None
+
+
+_TCP_LOOSE = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
+
+
+def _check_peers_link(config: Config) -> None:
+    """``lb.peers.interface`` must be an interface of this host (RunError if not)."""
+    peers = config.lb.peers
+    if peers is not None and peers.interface not in host_links().macs:
+        raise RunError(
+            f"{config.source}: lb.peers.interface: this host has no interface {peers.interface!r}",
+            "give the link this instance shares with its peers (ip link shows them)",
+        )
 
 
 def _check_addresses(vips: list[Vip]) -> None:
@@ -85,6 +109,13 @@ class ProxyPlane(Plane):
         self._thread: threading.Thread | None = None
         # `v6lb ctl`'s view of the proxy VIPs: drain/enable/weight, applied by the engine
         self._ctl_pools = pools_for(config, modes_where(kind=Kind.PROXY))
+        self._peers = ""  # the second chance's table as installed (lb.peers), or ""
+
+    @classmethod
+    def preflight(cls, config: Config) -> None:
+        if config.lb.peers is not None:  # the second chance is an nft table
+            require_root()
+            require_tools("nft")
 
     @classmethod
     def open(cls, config: Config, ctx: PlaneContext) -> ProxyPlane:
@@ -92,14 +123,110 @@ class ProxyPlane(Plane):
         problem = _address_problem([v for v in config.vips if v.mode.is_proxy])
         if problem is not None:  # at the start: a wrong file or host, exit 2
             raise UsageError(f"{ctx.path}: {problem[0]}; fix: {problem[1]}")
+        try:
+            _check_peers_link(config)
+        except RunError as exc:
+            raise UsageError(f"{exc.message}; fix: {exc.fix}") from None
         return cls(config, ctx)
+
+    # --- the second chance (lb.peers) ----------------------------------------------
+
+    def _install_peers(self) -> None:
+        """Apply the table (replacing a crashed run's); without lb.peers remove a leftover."""
+        instance = self.config.lb.instance
+        text = render_peers(self.config)
+        if not text:
+            if shutil.which("nft") is None:
+                return
+            r = run_tool(["nft", "-t", "list", "table", *peers_table(instance).split()], netns=None)
+            if r.returncode == 0:
+                apply_nft(remove_peers(instance))
+                self.ctx.warn(f"removed nft table {peers_table(instance)} of an earlier run")
+            return
+        apply_nft(text)
+        self._peers = text
+        try:
+            loose = _TCP_LOOSE.read_text().strip()
+        except OSError:
+            loose = "1"
+        if loose != "1":
+            self._remove_peers()
+            raise RunError(
+                "lb.peers: net.netfilter.nf_conntrack_tcp_loose is 0, so conntrack marks a"
+                " connection picked up mid-stream invalid and the second chance never sees it",
+                "sysctl -w net.netfilter.nf_conntrack_tcp_loose=1 (the default), or remove"
+                " lb.peers",
+            )
+
+    def _remove_peers(self) -> list[str]:
+        if not self._peers:
+            return []
+        self._peers = ""
+        try:
+            apply_nft(remove_peers(self.config.lb.instance))
+        except KernelError as exc:
+            self.ctx.warn(f"removing the second chance failed: {exc.message}")
+            return []
+        return [f"nft table {peers_table(self.config.lb.instance)} (lb.peers)"]
+
+    def _with_peers(self, config: Config, staged: Staged) -> Staged:
+        """A reload that changes the second chance: its table first, then the engine's commit."""
+        new = render_peers(config)
+        if new == self._peers:
+            return staged
+        _check_peers_link(config)
+        engine_commit = staged.commit
+        instance = config.lb.instance
+
+        def commit() -> str:
+            old = self._peers
+            apply_nft(new or remove_peers(instance))
+            try:
+                text = engine_commit()
+            except BaseException:
+                apply_nft(old or remove_peers(instance))
+                raise
+            self._peers = new
+            return f"{text}; lb.peers: {'second chance ' + ('on' if new else 'off')}"
+
+        return dataclasses.replace(staged, commit=commit)
+
+    def _peers_status(self) -> dict[str, Any] | None:
+        peers = self.config.lb.peers
+        if peers is None or not self._peers:
+            return None
+        out: dict[str, Any] = {
+            "table": peers_table(self.config.lb.instance),
+            "interface": peers.interface,
+            "addresses": [str(a) for a in peers.addresses],
+        }
+        table = peers_table(self.config.lb.instance).split()
+        r = run_tool(["nft", "-j", "list", "counters", "table", *table], netns=None)
+        try:
+            items = json.loads(r.stdout or "{}").get("nftables", []) if r.returncode == 0 else []
+        except ValueError:
+            items = []
+        for item in items:
+            c = item.get("counter") if isinstance(item, dict) else None
+            if isinstance(c, dict):
+                out[str(c.get("name"))] = {"packets": c.get("packets"), "bytes": c.get("bytes")}
+        return out
 
     def engine(self) -> Mapping[str, Any]:
         """Run the engine until ``self._stop`` is set; call ``self._ready.set()`` once it serves."""
         raise NotImplementedError
 
     def install(self) -> str:
-        """Start the engine's thread; return once it serves (raise if it failed to start)."""
+        """The second chance, then the engine's thread; return once it serves (raise if it
+        failed to start, with nothing left behind)."""
+        self._install_peers()
+        try:
+            return self._start_engine()
+        except BaseException:
+            self._remove_peers()
+            raise
+
+    def _start_engine(self) -> str:
         self._thread = threading.Thread(target=self._main, name="v6lb-proxy", daemon=True)
         self._thread.start()
         while not self._ready.wait(0.05):
@@ -109,6 +236,12 @@ class ProxyPlane(Plane):
             self._thread.join(_JOIN)
             raise UsageError(f"proxy engine {self.name}: {self._error}") from None
         n = sum(1 for v in self.config.vips if v.mode.is_proxy)
+        peers = self.config.lb.peers
+        if peers is not None:
+            return (
+                f"proxy engine {self.name}: {n} VIP(s); second chance to"
+                f" {', '.join(map(str, peers.addresses))} on {peers.interface}"
+            )
         return f"proxy engine {self.name}: {n} VIP(s)"
 
     def _main(self) -> None:
@@ -131,9 +264,13 @@ class ProxyPlane(Plane):
         if self._thread is not None:
             self._thread.join(_JOIN)
             self._thread = None
-        return []
+        return self._remove_peers()
 
     def stage(self, config: Config) -> Staged:
+        """SIGHUP: the engine's staging, and the second chance's table if it changes."""
+        return self._with_peers(config, self._stage_engine(config))
+
+    def _stage_engine(self, config: Config) -> Staged:
         running = [v for v in self.config.vips if v.mode.is_proxy]
         if [v for v in config.vips if v.mode.is_proxy] == running:
             return Staged()
@@ -148,7 +285,11 @@ class ProxyPlane(Plane):
             section: Any = self.proxy_status.section()
         except Exception as exc:  # one broken section must not hide the rest
             section = {"error": f"{type(exc).__name__}: {exc}"}
-        return PlaneStatus(sections={"proxy": section})
+        sections: dict[str, Any] = {"proxy": section}
+        peers = self._peers_status()
+        if peers is not None:
+            sections["peers"] = peers
+        return PlaneStatus(sections=sections)
 
 
 class BuiltinProxyPlane(ProxyPlane):
@@ -217,7 +358,7 @@ class BuiltinProxyPlane(ProxyPlane):
         done = self._apply(vip, pool)
         return f"proxy engine: {', '.join(done) if done else 'no change'}"
 
-    def stage(self, config: Config) -> Staged:
+    def _stage_engine(self, config: Config) -> Staged:
         """Check the new proxy VIPs; ``commit`` binds the new listeners (a failure leaves
         the running config as it was), then swaps the config in the running engine."""
         vips = [v for v in config.vips if v.mode.is_proxy]
@@ -263,6 +404,16 @@ class BuiltinProxyPlane(ProxyPlane):
             return 0
         return server.admission.active  # a plain int: safe to read from this thread
 
+    def serving(self) -> Mapping[str, bool]:
+        """The engine's own view: a backend up (its health checks), not drained or disabled."""
+        try:
+            got: dict[str, bool] = self._on_loop(
+                lambda server: {n: rt.pool.any_eligible for n, rt in server.runtimes.items()}
+            )
+        except RunError:
+            return {}  # not running (any more): nothing to announce
+        return got
+
 
 class HaproxyPlane(ProxyPlane):
     """``--proxy haproxy``: Debian's haproxy (master-worker) on the rendered haproxy.cfg.
@@ -280,6 +431,7 @@ class HaproxyPlane(ProxyPlane):
         super().__init__(config, ctx)
         self._haproxy: Haproxy | None = None
         self._quiesced = False
+        self._serving: dict[str, bool] = {}  # the last serving() answer
         self.proxy_status.set_haproxy_config(config, self._ctl_pools)
 
     def engine(self) -> Mapping[str, Any]:
@@ -304,7 +456,7 @@ class HaproxyPlane(ProxyPlane):
             raise RunError("haproxy is not running", "restart `v6lb run --proxy haproxy`")
         return hp
 
-    def stage(self, config: Config) -> Staged:
+    def _stage_engine(self, config: Config) -> Staged:
         running = [v for v in self.config.vips if v.mode.is_proxy]
         vips = [v for v in config.vips if v.mode.is_proxy]
         if vips == running:
@@ -365,6 +517,31 @@ class HaproxyPlane(ProxyPlane):
         self._quiesced = True
         hp.soft_stop()
         return "haproxy: soft stop (listeners closed, open connections finish)"
+
+    def serving(self) -> Mapping[str, bool]:
+        """HAProxy's own view (``show stat``): a server ``UP`` (or unchecked) with a weight.
+
+        A drained server is ``DRAIN`` (weight 0), a disabled one ``MAINT``. When the
+        stats cannot be read the last answer stands (a slow socket withdraws nothing).
+        """
+        hp = self._haproxy
+        if hp is None or not hp.alive():
+            return {}
+        try:
+            rows = hp.stat_rows()
+        except (HaproxyError, OSError):
+            return self._serving
+        up: set[str] = set()
+        for r in rows:
+            word = (r.get("status") or "").split(" ", 1)[0].upper()
+            if r.get("svname") in ("FRONTEND", "BACKEND") or word not in ("UP", "NO"):
+                continue
+            if int(r.get("weight") or 0) > 0:
+                up.add(r.get("pxname", ""))
+        self._serving = {
+            v.name: backend_name(v.name) in up for v in self.config.vips if v.mode.is_proxy
+        }
+        return self._serving
 
     def in_flight(self) -> int:
         hp = self._haproxy
