@@ -4,9 +4,8 @@ The lab is the anycast lab of tests/test_anycast_lab.py (client, router with bir
 L4-hash ECMP route to each VIP via lb1 and lb2, two backends on the site LAN), with four
 VIPs: ``web`` (dsr-srv6, the example's), ``tun`` (dsr-ip6ip6, to an address of each
 backend off the LAN), ``l2`` (dsr-l2) and ``nat`` (nat, each instance SNATing to its own
-off-LAN address, the flows shared by ``lb.conntrack_sync`` over a link ``sync0`` as in
-tests/test_anycast_sync.py). Each LB runs ``v6lb run --drain-timeout 10``; each backend
-runs ``v6lb backend`` and the lab's HTTP server.
+address, each the other's ``lb.peers``). Each LB runs ``v6lb run --drain-timeout 10``;
+each backend runs ``v6lb backend`` and the lab's HTTP server.
 
 The load is real curl: one loop per VIP in the client's namespace, a new connection per
 request, each result (time, HTTP code, curl's exit code, backend, client port) written to
@@ -16,11 +15,11 @@ a file. Under it:
    before stays on be1, no request opened after reaches be1;
 2. SIGHUP on both after a change to the file (the health interval): the nft tables stay,
    and a connection opened after the drain in a slot that was be1's stays on be2;
-3. SIGTERM on lb1: it withdraws its BGP announcements first (the VIPs and its SNAT
-   address), the router moves every flow to lb2 (DSR: the same Maglev table, so the same
-   backend; nat: lb2 has lb1's flows from conntrackd, and now gets their replies too), lb1
-   keeps forwarding what still reaches it until a quiet window, then removes its kernel
-   state and exits.
+3. SIGTERM on lb1: it withdraws its BGP announcements first, the router moves every flow
+   to lb2 (DSR: the same Maglev table, so the same backend; nat: lb2's second chance sends
+   the packets of lb1's flows back to lb1, whose own SNAT address still brings their
+   replies), lb1 keeps forwarding what still reaches it until a quiet window, then removes
+   its kernel state and exits.
 
 Every request of every loop must succeed (HTTP 200), counted by the client, but for the
 one loss the design allows, which the test counts apart and checks flow by flow
@@ -49,7 +48,6 @@ from typing import Any
 import pytest
 import yaml
 
-import netns_helpers
 from test_anycast_lab import (
     BACKENDS,
     CLIENT,
@@ -64,7 +62,6 @@ from test_anycast_lab import (
     sh,
     wait_for,
 )
-from test_anycast_sync import NO_REDIRECTS, PEER, SNAT, SYNC, route_via
 from v6lb.core.flowhash import flow_hash, reciprocal_scale
 from v6lb.engines.bird import start_bird
 from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
@@ -77,9 +74,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
     pytest.mark.skipif(shutil.which("bird") is None, reason="needs bird2 (apt-get install bird2)"),
     pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl"),
-    pytest.mark.skipif(
-        shutil.which("conntrackd") is None, reason="needs conntrackd (apt-get install conntrackd)"
-    ),
 ]
 
 VIPS = {
@@ -125,6 +119,28 @@ print(r.status, json.loads(r.read())["node"], flush=True)
 """
 # One opened after the drain in a slot the drain moved (be1's before it), held across the
 # reload: the reload must carry the instance's set of such flows over.
+# One keep-alive nat connection held across lb1's stop: "new" (re)opens it and prints its
+# port (the test keeps the one that lb1 carries), "again" sends a request on it.
+HOLD_NAT = """
+import http.client, json, sys
+vip = sys.argv[1]
+c = None
+for cmd in sys.stdin:
+    if cmd.strip() == "new":
+        if c is not None:
+            c.close()
+        c = http.client.HTTPConnection(vip, 80, timeout=5)
+        c.request("GET", "/?keepalive=1")
+        node = json.loads(c.getresponse().read())["node"]
+        print(c.sock.getsockname()[1], node, flush=True)
+    elif cmd.strip() == "again":
+        c.request("GET", "/?keepalive=1")
+        r = c.getresponse()
+        print(r.status, json.loads(r.read())["node"], flush=True)
+    else:
+        c.close()
+        print("closed", flush=True)
+"""
 HOLD_MOVED = """
 import http.client, json, sys
 from ipaddress import IPv6Address
@@ -191,13 +207,11 @@ def config(tmp: Path, role: str, interval: float = 0.5) -> tuple[Path, str]:
         },
     ]
     if role in LBS:
-        # nat: each instance SNATs to its own off-LAN address, and conntrackd shares the
-        # flows with the other one (test_anycast_sync.py, docs/anycast.md)
-        data["lb"]["conntrack_sync"] = {
-            "interface": "sync0",
-            "address": SYNC[role],
-            "peer": SYNC[PEER[role]],
-            "peer_snat": [SNAT[PEER[role]]],
+        # nat: each instance SNATs to its own address, and the other instance is its peer
+        # (lb.peers): a flow of the stopping instance that ECMP moved goes back to it
+        data["lb"]["peers"] = {
+            "interface": "up0",
+            "addresses": [a for r, a in LBS.items() if r != role],
         }
         data["vips"].append(
             {
@@ -205,7 +219,7 @@ def config(tmp: Path, role: str, interval: float = 0.5) -> tuple[Path, str]:
                 "address": VIPS["nat"],
                 "ports": [80],
                 "mode": "nat",
-                "snat": SNAT[role],
+                "snat": LBS[role],
                 "health": web["health"],
                 "backends": [{"address": a} for a, _ in BACKENDS.values()],
             }
@@ -247,22 +261,8 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
     try:
         with lab() as (ns, procs, birds):
             rt = ns["router"]
-            # nat (test_anycast_sync.py): the sync link, the replies' way to the client, no
-            # redirects from the router (a backend would send lb1's replies to lb1 for ever)
-            # and no TCP window check on the instances' own entries (docs/anycast.md)
-            netns_helpers.link(ns["lb1"], "sync0", ns["lb2"], "sync0")
-            for role in LBS:
-                batch(
-                    ns[role],
-                    f"address add {SYNC[role]}/64 dev sync0 nodad",
-                    f"route add default via {ROUTER}",
-                )
-                nsx(ns[role], "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
-                # a client port reused within this time reopens an entry the peer put here
-                # with its old backend (docs/anycast.md, "Port reuse"): the curl loops reuse
-                # theirs after about 30 s
-                nsx(ns[role], "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=5")
-            nsx(rt, "nft", "-f", "-", stdin=NO_REDIRECTS)
+            for role in LBS:  # nat: the instance sends the replies to the client itself
+                batch(ns[role], f"route add default via {ROUTER}")
             for role in BACKENDS:  # dsr-l2 rewrites to the backends' MACs
                 link = json.loads(nsx(ns[role], "ip", "-j", "link", "show", "e0"))
                 MACS[role] = link[0]["address"]
@@ -349,12 +349,6 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
             try:
                 for vip in VIPS.values():
                     wait_for(f"ECMP to {vip}", lambda v=vip: routed(v) == set(LBS.values()), 20)
-                for role in LBS:
-                    wait_for(
-                        f"{role}'s SNAT address via {role}",
-                        lambda r=role: route_via(rt, SNAT[r]) == {LBS[r]},
-                        10,
-                    )
             except AssertionError:
                 for role in LBS:
                     print(role, (tmp / f"{role}.log").read_text())
@@ -453,23 +447,60 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
             assert moved.stdout.readline().split() == ["200", "be2"]
             time.sleep(1.5)
 
+            # a nat connection that lb1 carries, held across the stop
+            hold_nat = subprocess.Popen(
+                ["ip", "netns", "exec", ns["client"], sys.executable, "-c", HOLD_NAT]
+                + [VIPS["nat"]],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            procs.append(hold_nat)
+            assert hold_nat.stdin is not None and hold_nat.stdout is not None
+
+            def on_lb1() -> tuple[str, str] | None:
+                assert hold_nat.stdin is not None and hold_nat.stdout is not None
+                hold_nat.stdin.write("new\n")
+                hold_nat.stdin.flush()
+                port, node = hold_nat.stdout.readline().split()
+                ct = nsx(ns["lb1"], "conntrack", "-L", "-p", "tcp", "--orig-port-src", port)
+                return (port, node) if f"sport={port} " in ct else None
+
+            nat_port, nat_node = wait_for("a nat connection through lb1", on_lb1, 20, 0)
+
             # 3. lb1 stops gracefully; lb2 takes every flow over by BGP
             t0 = time.monotonic()
             marks["sigterm"] = time.time()
             lbs["lb1"].send_signal(signal.SIGTERM)
             wait_for(
                 "the router to drop lb1",
-                lambda: (
-                    all(routed(v) == {LBS["lb2"]} for v in VIPS.values())
-                    and route_via(rt, SNAT["lb1"]) == {LBS["lb2"]}
-                ),
+                lambda: all(routed(v) == {LBS["lb2"]} for v in VIPS.values()),
                 5,
                 0.01,
             )
             figures["withdrawn_s"] = round(time.monotonic() - t0, 3)
+            # the held nat connection goes on: lb2 sends its packets back to lb1, which
+            # waits for it (it is open) before it stops: past the settle second and the
+            # quiet half second that would end the drain of an instance with no open flow
+            time.sleep(2.0)
+            hold_nat.stdin.write("again\n")
+            hold_nat.stdin.flush()
+            assert hold_nat.stdout.readline().split() == ["200", nat_node], nat_port
+            assert lbs["lb1"].poll() is None  # still draining: the connection is open
+            hold_nat.stdin.write("close\n")
+            hold_nat.stdin.flush()
+            assert hold_nat.stdout.readline().strip() == "closed"
             assert lbs["lb1"].wait(timeout=25) == 0
             figures["lb1_stopped_s"] = round(time.monotonic() - t0, 3)
             marks["stop"] = time.time()
+            # the nat packets lb2 sent back to lb1 (lb.peers) while lb1 drained
+            # (over netlink: `nft list` fills its cache with every map, seconds here)
+            read = (
+                "from v6lb.engines.kernel.nfnl import read_counters;"
+                "print(read_counters('ip6', 'v6lb_lb2', ['second_chance'])['second_chance'][0])"
+            )
+            figures["second_chance_packets"] = int(nsx(ns["lb2"], sys.executable, "-c", read))
+            assert figures["second_chance_packets"] >= 2, figures  # the held request at least
             time.sleep(1.5)
             for name in VIPS:
                 (tmp / f"load-{name}.stop").touch()
@@ -486,7 +517,7 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 # lb1's record of the flows opened since the drain in a moved slot stays
                 # in lb1, so such a flow in flight when ECMP moves it to lb2 goes by lb2's
                 # keep map to be1, which resets it. Only those, only at the takeover.
-                # nat: conntrack keeps each flow's backend, and conntrackd gives lb2 lb1's
+                # nat: conntrack keeps each flow's backend, and lb2 sends lb1's back to it
                 site = tmp / "site.yaml" if name != "tun" else tmp / "site-tun.yaml"
                 at_takeover = [
                     r

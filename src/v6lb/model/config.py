@@ -409,7 +409,9 @@ def parse_config(data: object, file: str = "<config>") -> Config:
     )
     check_peers(
         lb.peers,
-        sum(v.mode.is_proxy and v.protocol is Protocol.TCP for v in vips),
+        sum(
+            (v.mode.is_proxy or v.mode is VipMode.NAT) and v.protocol is Protocol.TCP for v in vips
+        ),
         top.key("lb").key("peers"),
     )
     raw_topology = _section(fields, "topology")

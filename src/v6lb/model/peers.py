@@ -8,9 +8,10 @@ Parsed here, rendered by render/peers.py, installed by the proxy planes
         interface: up0                 # the link this instance shares with the others
         addresses: [2001:db8:1::3]     # the other instances' addresses on it
 
-A TCP packet to a proxy VIP that opens no connection and belongs to none of this
+A TCP packet to a proxy or nat VIP that opens no connection and belongs to none of this
 instance's (picked up mid-stream by conntrack) is sent on to every peer, which may
-still hold its socket (a stopping instance, after BGP moved its flows here).
+still hold its socket or its nat flow (a stopping instance, after BGP moved its flows
+here). The kernel plane installs it for the nat VIPs, in its own table.
 Pure: YAML-decoded data in, :class:`Peers` or :class:`ConfigError` out.
 """
 
@@ -73,13 +74,13 @@ def parse_peers(value: object, where: Where, *, lb_addresses: Sequence[IPv6Addre
     return Peers(ifname, addresses)
 
 
-def check_peers(peers: Peers | None, proxy_tcp_vips: int, where: Where) -> None:
-    """The check that needs the VIPs: the second chance is for proxy VIPs over TCP."""
-    if peers is not None and proxy_tcp_vips == 0:
+def check_peers(peers: Peers | None, tcp_vips: int, where: Where) -> None:
+    """The check that needs the VIPs: the second chance is for proxy and nat VIPs over TCP."""
+    if peers is not None and tcp_vips == 0:
         raise ConfigError(
             where.file,
             where.path,
-            "the file has no proxy-l4/proxy-l7 VIP over TCP, and lb.peers only hands such"
-            " connections to the other instances",
-            "remove lb.peers, or add a VIP with mode: proxy-l4 or proxy-l7",
+            "the file has no proxy-l4, proxy-l7 or nat VIP over TCP, and lb.peers only hands"
+            " such connections to the other instances",
+            "remove lb.peers, or add a VIP with mode: proxy-l4, proxy-l7 or nat",
         )

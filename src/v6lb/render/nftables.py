@@ -82,6 +82,7 @@ from v6lb.model.config import Config, NatOptions, Vip, VipMode
 from v6lb.model.modes import Kind, Plane, modes_where
 from v6lb.model.pools import pool_for
 from v6lb.model.status import IcmpErrors
+from v6lb.render.peers import second_chance_objects
 from v6lb.render.routes import (
     TAG_SPAN,
     BackendHost,
@@ -902,6 +903,9 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             CONNTRACK_FULL, f"{tag}: new nat flows dropped at lb.conntrack_max"
         )
     objects += _unsynced_objects(config)
+    # lb.peers: a nat flow of another instance, met mid-stream, goes back to it
+    # (the graceful stop's withdraw; docs/anycast.md)
+    objects += second_chance_objects(config, nat=True)
     mangle: list[str] = []
     nat_pre = _guard_rules(config, nat=True) + _unsynced_guard(config) + _conntrack_limit(config)
     nat_post: list[str] = []

@@ -44,20 +44,10 @@ from v6lb.model.config import Config
 from v6lb.model.conntrack_sync import ConntrackSync
 from v6lb.render.conntrackd import CTL_NAME, render_conntrackd
 
-__all__ = [
-    "CHECK_INTERVAL",
-    "TIME_WAIT_MAX",
-    "ConntrackSyncer",
-    "SyncError",
-    "parse_stats",
-    "tcp_be_liberal",
-    "tcp_time_wait",
-]
+__all__ = ["CHECK_INTERVAL", "ConntrackSyncer", "SyncError", "parse_stats", "tcp_be_liberal"]
 
 CHECK_INTERVAL: Final = 1.0
 BE_LIBERAL: Final = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
-TIME_WAIT: Final = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait"
-TIME_WAIT_MAX: Final = 10  # seconds; above it `run` warns (docs/anycast.md, "Port reuse")
 _SUN_PATH_MAX: Final = 107
 INSTALL_HINT: Final = "apt-get install conntrackd"
 
@@ -66,22 +56,13 @@ class SyncError(KernelError):
     """conntrackd cannot run: missing, its link is not there, or it does not start."""
 
 
-def _sysctl(path: str) -> int | None:
+def tcp_be_liberal() -> int | None:
+    """``net.netfilter.nf_conntrack_tcp_be_liberal`` in this namespace; None if unreadable."""
     try:
-        with open(path) as f:
+        with open(BE_LIBERAL) as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
-
-
-def tcp_be_liberal() -> int | None:
-    """``net.netfilter.nf_conntrack_tcp_be_liberal`` in this namespace; None if unreadable."""
-    return _sysctl(BE_LIBERAL)
-
-
-def tcp_time_wait() -> int | None:
-    """``net.netfilter.nf_conntrack_tcp_timeout_time_wait`` (s) here; None if unreadable."""
-    return _sysctl(TIME_WAIT)
 
 
 def parse_stats(text: str) -> dict[str, Any]:
@@ -240,16 +221,6 @@ class ConntrackSyncer:
                             " instance that owns its SNAT address sees only the replies;"
                             " set it to 1 (docs/anycast.md)"
                         )
-                    time_wait = tcp_time_wait()
-                    if time_wait is not None and time_wait > TIME_WAIT_MAX:
-                        self.log(
-                            "conntrack sync: net.netfilter.nf_conntrack_tcp_timeout_time_wait"
-                            f" is {time_wait} s here: an entry the peer's conntrackd put here"
-                            " lacks the kernel's own record of the close, so a client that"
-                            " reuses its port within that time reopens the old flow's NAT"
-                            " (its backend, drained or not, and the peer's SNAT address);"
-                            f" set it to {TIME_WAIT_MAX} or less (docs/anycast.md)"
-                        )
                     return
             time.sleep(0.05)
         self.stop()
@@ -337,7 +308,6 @@ class ConntrackSyncer:
             "port": s.port,
             "peer_snat": [str(a) for a in s.peer_snat],
             "tcp_be_liberal": tcp_be_liberal(),
-            "tcp_timeout_time_wait": tcp_time_wait(),
             "config": str(self.conf),
             "stats": stats,
             "restarts": self.restarts,

@@ -48,6 +48,7 @@ from v6lb.engines.kernel.host import (
     require_ipv6_forwarding,
 )
 from v6lb.engines.kernel.nfnl import read_counters
+from v6lb.engines.peers import check_peers_host
 from v6lb.engines.plane import (
     Plane,
     PlaneContext,
@@ -177,6 +178,8 @@ class KernelPlane(Plane):
                 ctx.netns,
                 "nat, npt and the tunnel DSR modes are routed, so every request would be lost",
             )
+        if any(v.mode is VipMode.NAT for v in config.vips):
+            check_peers_host(config)  # lb.peers: the nat VIPs' second chance (render/peers.py)
         pools = fresh_pools(config)
         return cls(config, ctx, links, pools, render_for(config, links, pools))
 
@@ -285,7 +288,7 @@ class KernelPlane(Plane):
         knows the traffic by the time it asks.
         """
         if self._flight is None:
-            self._flight = _FlightWatch(self._vip_packets)
+            self._flight = _FlightWatch(self._vip_packets, self._nat_open)
         return ""
 
     def in_flight(self) -> int:
@@ -298,8 +301,25 @@ class KernelPlane(Plane):
         more with a 65537-slot map loaded), on a thread of their own.
         """
         if self._flight is None:
-            self._flight = _FlightWatch(self._vip_packets)
+            self._flight = _FlightWatch(self._vip_packets, self._nat_open)
         return self._flight.busy
+
+    def _nat_open(self) -> int:
+        """With ``lb.peers``: the nat VIPs' open TCP flows (0 without it, or without nat).
+
+        The other instances send these flows' packets back here after the withdraw
+        (render/peers.py), and their replies come to this instance's SNAT address, so
+        they go on while the instance drains: the stop waits for them as a proxy waits
+        for its connections. Without ``lb.peers`` they cannot go on once the routers have
+        moved, and packets alone are counted.
+        """
+        if self.config.lb.peers is None:
+            return 0
+        nat = list(dict.fromkeys(v.address for v in self.config.vips if v.mode is VipMode.NAT))
+        flows = conntrack_flows(nat) if nat else None
+        if flows is None:
+            return 0
+        return sum(n for key, n in flows.by_key.items() if key[0] == "tcp")
 
     def _vip_packets(self) -> int:
         """The VIPs' packet counters, summed (over netlink: :mod:`.nfnl`, not ``nft``)."""
@@ -392,10 +412,15 @@ class KernelPlane(Plane):
 
 
 class _FlightWatch:
-    """Reads a packet total every _QUIET_WINDOW s on its own thread; ``busy``: the last delta."""
+    """Reads a packet total every _QUIET_WINDOW s on its own thread.
 
-    def __init__(self, read: Callable[[], int]) -> None:
+    ``busy``: the packets since the last read, plus what ``open_now`` counts (flows
+    still open that make no packets while idle).
+    """
+
+    def __init__(self, read: Callable[[], int], open_now: Callable[[], int] = lambda: 0) -> None:
         self.read = read
+        self.open_now = open_now
         self.busy = 1  # not known yet: in flight
         self.error: str | None = None  # the last read's failure
         self._stop = threading.Event()
@@ -407,11 +432,12 @@ class _FlightWatch:
         while not self._stop.is_set():
             try:
                 total: int | None = self.read()
+                still_open = self.open_now()
             except Exception as exc:  # nft failed: not evidence that nothing is in flight
                 self.error = f"{type(exc).__name__}: {exc}"
                 total = None
             if total is not None and last is not None:
-                self.busy = total - last
+                self.busy = total - last + still_open
             last = total if total is not None else last
             self._stop.wait(_QUIET_WINDOW)
 

@@ -30,12 +30,12 @@ import json
 import shutil
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 from v6lb.core.backends import BackendPool
 from v6lb.engines.kernel.apply import KernelError, apply_nft, require_root, require_tools, run_tool
 from v6lb.engines.kernel.host import host_links
+from v6lb.engines.peers import check_peers_host
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged
 from v6lb.errors import UsageError
 from v6lb.model.config import Config, Vip
@@ -71,19 +71,6 @@ def _address_problem(vips: list[Vip]) -> tuple[str, str] | None:
                 f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
             )
     return None
-
-
-_TCP_LOOSE = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
-
-
-def _check_peers_link(config: Config) -> None:
-    """``lb.peers.interface`` must be an interface of this host (RunError if not)."""
-    peers = config.lb.peers
-    if peers is not None and peers.interface not in host_links().macs:
-        raise RunError(
-            f"{config.source}: lb.peers.interface: this host has no interface {peers.interface!r}",
-            "give the link this instance shares with its peers (ip link shows them)",
-        )
 
 
 def _check_addresses(vips: list[Vip]) -> None:
@@ -124,7 +111,7 @@ class ProxyPlane(Plane):
         if problem is not None:  # at the start: a wrong file or host, exit 2
             raise UsageError(f"{ctx.path}: {problem[0]}; fix: {problem[1]}")
         try:
-            _check_peers_link(config)
+            check_peers_host(config)
         except RunError as exc:
             raise UsageError(f"{exc.message}; fix: {exc.fix}") from None
         return cls(config, ctx)
@@ -145,18 +132,6 @@ class ProxyPlane(Plane):
             return
         apply_nft(text)
         self._peers = text
-        try:
-            loose = _TCP_LOOSE.read_text().strip()
-        except OSError:
-            loose = "1"
-        if loose != "1":
-            self._remove_peers()
-            raise RunError(
-                "lb.peers: net.netfilter.nf_conntrack_tcp_loose is 0, so conntrack marks a"
-                " connection picked up mid-stream invalid and the second chance never sees it",
-                "sysctl -w net.netfilter.nf_conntrack_tcp_loose=1 (the default), or remove"
-                " lb.peers",
-            )
 
     def _remove_peers(self) -> list[str]:
         if not self._peers:
@@ -174,7 +149,7 @@ class ProxyPlane(Plane):
         new = render_peers(config)
         if new == self._peers:
             return staged
-        _check_peers_link(config)
+        check_peers_host(config)
         engine_commit = staged.commit
         instance = config.lb.instance
 
