@@ -229,6 +229,60 @@ def config(tmp: Path, role: str, interval: float = 0.5) -> tuple[Path, str]:
     return path, sock
 
 
+def router_conf() -> str:
+    """The lab router's BIRD config: a session with each LB, BFD off (as in this lab)."""
+    router = BgpSettings(
+        65000,
+        "192.0.2.1",
+        neighbours=tuple(Neighbour(role, IPv6Address(a), 65001, "br0") for role, a in LBS.items()),
+        bfd=BfdSettings(False, 0.1, 3),
+    )
+    return render_router("router", router)
+
+
+def start_httpd(
+    ns: str, role: str, addr: str, tmp: Path, procs: list[subprocess.Popen[str]]
+) -> Path:
+    """The lab's HTTP server as ``role`` on ``addr``:80; the file that appears once it serves."""
+    ready = tmp / f"{role}.ready"
+    procs.append(
+        subprocess.Popen(
+            ["ip", "netns", "exec", ns, str(Path(V6LB).parent / "python")]
+            + ["-m", "v6lb.lab.httpd", "--node", role, "--address", addr]
+            + ["--port", "80", "--ready", str(ready)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    )
+    return ready
+
+
+def start_graceful(
+    role: str, file: Path, ns: str, tmp: Path, procs: list[subprocess.Popen[str]], *extra: str
+) -> subprocess.Popen[str]:
+    """``v6lb run FILE --drain-timeout 10`` for ``role``, its JSON log in ``tmp/<role>.log``."""
+    p = subprocess.Popen(
+        [V6LB, "run", str(file), "--netns", ns, "--instance", role, *extra]
+        + ["--log-format", "json", "--drain-timeout", "10"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / f"{role}.log", "w"),  # noqa: SIM115
+        start_new_session=True,
+    )
+    procs.append(p)
+    return p
+
+
+def wait_reloaded(tmp: Path, timeout: float) -> None:
+    """Until every LB has logged its reload (a status would read the maps: seconds)."""
+    for role in LBS:
+        wait_for(
+            f"{role} reloaded",
+            lambda r=role: '"message": "reloaded ' in (tmp / f"{r}.log").read_text(),
+            timeout,
+        )
+
+
 def results(path: Path) -> list[tuple[float, str, int, str, int]]:
     """Each request of a loop: start time, HTTP code, curl's exit code, backend, client port."""
     out = []
@@ -268,15 +322,7 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 MACS[role] = link[0]["address"]
             files = {role: config(tmp, role) for role in LBS}
             site = config(tmp, "site")[0]  # the backends accept tunnels from every instance
-            router = BgpSettings(
-                65000,
-                "192.0.2.1",
-                neighbours=tuple(
-                    Neighbour(role, IPv6Address(a), 65001, "br0") for role, a in LBS.items()
-                ),
-                bfd=BfdSettings(False, 0.1, 3),
-            )
-            birds.append(start_bird("router", render_router("router", router), tmp, netns=rt))
+            birds.append(start_bird("router", router_conf(), tmp, netns=rt))
             site_tun = config(tmp, "site-tun")[0]
             for role in LBS:
                 batch(ns[role], *(f"route add {TUN[b]} via {a}" for b, (a, _) in BACKENDS.items()))
@@ -293,54 +339,9 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                         "--netns",
                         ns[role],
                     )
-                ready = tmp / f"{role}.ready"
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            "ip",
-                            "netns",
-                            "exec",
-                            ns[role],
-                            str(Path(V6LB).parent / "python"),
-                            "-m",
-                            "v6lb.lab.httpd",
-                            "--node",
-                            role,
-                            "--address",
-                            addr,
-                            "--port",
-                            "80",
-                            "--ready",
-                            str(ready),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                )
+                ready = start_httpd(ns[role], role, addr, tmp, procs)
                 wait_for(f"{role}'s httpd", ready.exists, 10)
-            lbs = {}
-            for role in LBS:
-                p = subprocess.Popen(
-                    [
-                        V6LB,
-                        "run",
-                        str(files[role][0]),
-                        "--netns",
-                        ns[role],
-                        "--instance",
-                        role,
-                        "--log-format",
-                        "json",
-                        "--drain-timeout",
-                        "10",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(tmp / f"{role}.log", "w"),  # noqa: SIM115
-                    start_new_session=True,
-                )
-                procs.append(p)
-                lbs[role] = p
+            lbs = {role: start_graceful(role, files[role][0], ns[role], tmp, procs) for role in LBS}
 
             def routed(vip: str) -> set[str]:
                 out = nsx(rt, "ip", "-6", "route", "show", f"{vip}/128")
@@ -432,14 +433,7 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
             for role in LBS:
                 config(tmp, role, interval=0.6)
                 lbs[role].send_signal(signal.SIGHUP)
-            for role in LBS:
-                # from its log: a status reads the maps back with `nft -j list`, which takes
-                # seconds with three VIPs' maps and keep maps on a busy machine
-                wait_for(
-                    f"{role} reloaded",
-                    lambda r=role: '"message": "reloaded ' in (tmp / f"{r}.log").read_text(),
-                    30,
-                )
+            wait_reloaded(tmp, 30)
             marks["reload"] = time.time()
             moved.stdin.write("again\n")
             moved.stdin.flush()

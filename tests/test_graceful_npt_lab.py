@@ -40,21 +40,19 @@ import shutil
 import signal
 import subprocess
 import time
-from ipaddress import IPv6Address, IPv6Network
+from ipaddress import IPv6Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from test_anycast_lab import BACKENDS, EXAMPLE, LBS, ROUTER, V6LB, batch, lab, nsx, wait_for
+from test_anycast_lab import BACKENDS, EXAMPLE, LBS, ROUTER, batch, lab, nsx, wait_for
 from test_anycast_sync import NO_REDIRECTS
-from test_graceful_lab import LOOP, results
+from test_graceful_lab import LOOP, results, router_conf, start_graceful, start_httpd, wait_reloaded
 from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.bird import start_bird
 from v6lb.engines.control import query
-from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
-from v6lb.render.bird import render_router
 
 pytestmark = [
     pytest.mark.root,
@@ -140,15 +138,7 @@ def test_npt_reload_and_graceful_stop_under_load() -> None:
         with lab() as (ns, procs, birds):
             rt = ns["router"]
             nsx(rt, "nft", "-f", "-", stdin=NO_REDIRECTS)
-            router = BgpSettings(
-                65000,
-                "192.0.2.1",
-                neighbours=tuple(
-                    Neighbour(role, IPv6Address(a), 65001, "br0") for role, a in LBS.items()
-                ),
-                bfd=BfdSettings(False, 0.1, 3),
-            )
-            conf = render_router("router", router) + RETURN_PATH
+            conf = router_conf() + RETURN_PATH
             birds.append(start_bird("router", conf, tmp, netns=rt))
             batch(rt, f"rule add from {INSIDE} lookup {RETURN_TABLE} pref 100")
             for role, addr in HOSTS.items():
@@ -159,29 +149,10 @@ def test_npt_reload_and_graceful_stop_under_load() -> None:
             for lb in LBS:  # the translated replies leave through the router
                 batch(ns[lb], f"route add default via {ROUTER}")
             for role, addr in HOSTS.items():
-                ready = tmp / f"{role}.ready"
-                procs.append(
-                    subprocess.Popen(
-                        ["ip", "netns", "exec", ns[role], str(Path(V6LB).parent / "python")]
-                        + ["-m", "v6lb.lab.httpd", "--node", role, "--address", addr]
-                        + ["--port", "80", "--ready", str(ready)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                )
+                ready = start_httpd(ns[role], role, addr, tmp, procs)
                 wait_for(f"{role}'s httpd", ready.exists, 10)
             files = {role: npt_config(tmp, role) for role in LBS}
-            lbs = {}
-            for role in LBS:
-                lbs[role] = subprocess.Popen(
-                    [V6LB, "run", str(files[role][0]), "--netns", ns[role], "--instance", role]
-                    + ["--log-format", "json", "--drain-timeout", "10"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(tmp / f"{role}.log", "w"),  # noqa: SIM115
-                    start_new_session=True,
-                )
-                procs.append(lbs[role])
+            lbs = {role: start_graceful(role, files[role][0], ns[role], tmp, procs) for role in LBS}
             both = set(LBS.values())
             try:
                 wait_for("ECMP to the outside prefix", lambda: routed(rt, OUTSIDE) == both, 20)
@@ -220,12 +191,7 @@ def test_npt_reload_and_graceful_stop_under_load() -> None:
             for role in LBS:
                 npt_config(tmp, role, extra=True)
                 lbs[role].send_signal(signal.SIGHUP)
-            for role in LBS:
-                wait_for(
-                    f"{role} reloaded",
-                    lambda r=role: '"message": "reloaded ' in (tmp / f"{r}.log").read_text(),
-                    20,
-                )
+            wait_reloaded(tmp, 20)
             marks["reload"] = time.time()
             for role in LBS:
                 assert table_handle(ns[role], role) != handles[role]  # replaced, not kept

@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import time
-from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,9 @@ import pytest
 import yaml
 
 from test_anycast_lab import BACKENDS, EXAMPLE, LBS, ROUTER, V6LB, batch, lab, nsx, wait_for
-from test_graceful_lab import LOOP, results
+from test_graceful_lab import LOOP, results, router_conf, start_graceful, start_httpd, wait_reloaded
 from v6lb.engines.bird import start_bird
 from v6lb.engines.control import query
-from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
-from v6lb.render.bird import render_router
 
 pytestmark = [
     pytest.mark.root,
@@ -97,27 +94,9 @@ def test_proxy_drain_reload_and_graceful_stop_under_load(engine: str) -> None:
     try:
         with lab() as (ns, procs, birds):
             rt = ns["router"]
-            router = BgpSettings(
-                65000,
-                "192.0.2.1",
-                neighbours=tuple(
-                    Neighbour(role, IPv6Address(a), 65001, "br0") for role, a in LBS.items()
-                ),
-                bfd=BfdSettings(False, 0.1, 3),
-            )
-            birds.append(start_bird("router", render_router("router", router), tmp, netns=rt))
+            birds.append(start_bird("router", router_conf(), tmp, netns=rt))
             for role, (addr, _) in BACKENDS.items():
-                ready = tmp / f"{role}.ready"
-                procs.append(
-                    subprocess.Popen(
-                        ["ip", "netns", "exec", ns[role], str(Path(V6LB).parent / "python")]
-                        + ["-m", "v6lb.lab.httpd", "--node", role, "--address", addr]
-                        + ["--port", "80", "--ready", str(ready)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                )
+                start_httpd(ns[role], role, addr, tmp, procs)
             files = {role: site_file(tmp, role) for role in LBS}
             lbs = {}
             for role in LBS:
@@ -127,14 +106,9 @@ def test_proxy_drain_reload_and_graceful_stop_under_load(engine: str) -> None:
                     f"route add default via {ROUTER}",
                     *(f"address add {a}/128 dev lo" for a, _ in VIPS.values()),
                 )
-                lbs[role] = subprocess.Popen(
-                    [V6LB, "run", str(files[role][0]), "--netns", ns[role], "--instance", role]
-                    + ["--proxy", engine, "--log-format", "json", "--drain-timeout", "10"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(tmp / f"{role}.log", "w"),  # noqa: SIM115
-                    start_new_session=True,
+                lbs[role] = start_graceful(
+                    role, files[role][0], ns[role], tmp, procs, "--proxy", engine
                 )
-                procs.append(lbs[role])
             for role in BACKENDS:
                 wait_for(f"{role}'s httpd", (tmp / f"{role}.ready").exists, 10)
             try:
@@ -183,12 +157,8 @@ def test_proxy_drain_reload_and_graceful_stop_under_load(engine: str) -> None:
             for role in LBS:
                 site_file(tmp, role, interval=0.6)
                 lbs[role].send_signal(signal.SIGHUP)
+            wait_reloaded(tmp, 20)
             for role in LBS:
-                wait_for(
-                    f"{role} reloaded",
-                    lambda r=role: '"message": "reloaded ' in (tmp / f"{r}.log").read_text(),
-                    20,
-                )
                 assert listeners(ns[role]) == before[role]
             time.sleep(1.0)
 
