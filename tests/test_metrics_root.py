@@ -253,6 +253,9 @@ def test_prometheus_scrapes_the_kernel_plane(tmp_path: Path) -> None:
                 'v6lb_vip_active_flows{vip="web"}': 1,
                 f'v6lb_backend_active_flows{{vip="web",backend="{K_BACKEND}"}}': 1,
                 'v6lb_vip_packets_total{vip="dns",mode="dsr-ip6ip6",direction="in"}': M,
+                # per backend: where the plane picks it (dsr: the mark; nat: after DNAT)
+                f'v6lb_backend_packets_total{{vip="dns",backend="{K_BACKEND}"}}': M,
+                f'v6lb_backend_bytes_total{{vip="dns",backend="{K_BACKEND}"}}': M * 49,
             }
             # every curl: SYN, ACK, the request, FIN, the last ACK in; SYN-ACK, the response,
             # FIN out; the held connection: SYN, ACK in, SYN-ACK out
@@ -260,6 +263,7 @@ def test_prometheus_scrapes_the_kernel_plane(tmp_path: Path) -> None:
                 'v6lb_vip_packets_total{vip="web",direction="in"}': 5 * N + 2,
                 'v6lb_vip_packets_total{vip="web",direction="out"}': 3 * N + 1,
                 'v6lb_vip_bytes_total{vip="web",direction="in"}': (5 * N + 2) * 60,
+                f'v6lb_backend_packets_total{{vip="web",backend="{K_BACKEND}"}}': 5 * N + 2,
             }
             got: dict[str, float | None] = {}
             deadline = time.monotonic() + 30

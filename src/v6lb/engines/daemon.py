@@ -1140,6 +1140,7 @@ class Daemon:
         backends = []
         b_new = ps.backend_new_flows.get(name)
         b_active = ps.backend_active_flows.get(name)
+        b_packets = ps.backend_packets.get(name) or []
         for i, b in enumerate(vip.backends):
             monitor = hs.monitor(i)
             target = self.health.targets.get((name, i))
@@ -1162,6 +1163,8 @@ class Daemon:
                     active_flows=b_active[i]
                     if b_active is not None and i < len(b_active)
                     else None,
+                    packets=b_packets[i][0] if i < len(b_packets) else None,
+                    bytes=b_packets[i][1] if i < len(b_packets) else None,
                 )
             )
         counter = ps.counters.get(name)

@@ -165,6 +165,13 @@ def _l3(f: _Families, status: InstanceStatus) -> None:
                 f.gauge(
                     "v6lb_backend_active_flows", "Live flows to the backend (nat: conntrack).", bl
                 ).add_metric(lb, b.active_flows)
+            if b.packets is not None and b.bytes is not None:
+                f.counter(
+                    "v6lb_backend_packets", "Packets the data plane sent to the backend.", bl
+                ).add_metric(lb, b.packets)
+                f.counter(
+                    "v6lb_backend_bytes", "Bytes of the packets sent to the backend.", bl
+                ).add_metric(lb, b.bytes)
     for p in status.npt:
         if p.icmp_errors is None:
             continue

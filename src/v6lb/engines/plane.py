@@ -125,6 +125,8 @@ class PlaneStatus:
     active_flows: dict[str, int] = field(default_factory=dict)
     backend_new_flows: dict[str, list[int]] = field(default_factory=dict)
     backend_active_flows: dict[str, list[int]] = field(default_factory=dict)
+    backend_packets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    """Per backend (by index): (packets, bytes) the plane sent to it, where it counts them."""
     icmp: dict[str, IcmpErrors] = field(default_factory=dict)  # by VIP name
     npt_icmp: list[IcmpErrors] = field(default_factory=list)  # by index in config.npt
     maps: dict[str, list[str]] = field(default_factory=dict)

@@ -214,6 +214,8 @@ class BackendStatus(_Record):
     transitions: int | None = None  # health changes since start; None: an older answer
     new_flows: int | None = None  # flows the plane sent to it (None: not counted)
     active_flows: int | None = None  # its live flows (nat: conntrack entries; None: unknown)
+    packets: int | None = None  # packets the plane sent to it (None: not counted)
+    bytes: int | None = None  # and their bytes
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "address": _str,
@@ -230,12 +232,16 @@ class BackendStatus(_Record):
         "transitions": _opt_int,
         "new_flows": _opt_int,
         "active_flows": _opt_int,
+        "packets": _opt_int,
+        "bytes": _opt_int,
     }
     _OMIT_NONE: ClassVar[tuple[str, ...]] = (
         "override",
         "transitions",
         "new_flows",
         "active_flows",
+        "packets",
+        "bytes",
     )
 
 

@@ -97,6 +97,7 @@ from v6lb.render.routes import (
 
 __all__ = [
     "CONNTRACK_FULL",
+    "backend_counter",
     "NAT_UNSYNCED",
     "FORWARD_COUNTERS",
     "KERNEL_MODES",
@@ -152,6 +153,40 @@ def vip_object_name(config: Config, vip: Vip) -> str:
 def vip_counter(config: Config, vip: Vip) -> str:
     """The named counter of a VIP's balancing rule (nat: new flows; dsr-*: packets)."""
     return vip_object_name(config, vip)
+
+
+def backend_counter(config: Config, vip: Vip, index: int) -> str:
+    """The named counter of the packets the kernel plane sends to backend ``index`` of ``vip``.
+
+    Counted where the backend is chosen, one lookup in a ``... : counter`` map per packet:
+    tunnel DSR VIPs by the backend's mark (``backend_in``), dsr-l2 VIPs by the rewritten
+    MAC (``<map>_bin``), nat VIPs after DNAT by (VIP, protocol, backend, port)
+    (``nat_backend_in``, in ``count_post``).
+    """
+    return f"{vip_object_name(config, vip)}_b{index}"
+
+
+def _backend_counter_blocks(config: Config, vip: Vip) -> list[str]:
+    tag = _tag(config)
+    out: list[str] = []
+    for j, b in enumerate(vip.backends):
+        out += _counter_block(
+            backend_counter(config, vip, j), f"{tag} {vip.name}: packets to backend {b.address}"
+        )
+    return out
+
+
+def _counter_map(name: str, kind: str, comment: str, elements: Mapping[str, str]) -> list[str]:
+    """A ``kind : counter`` map (``counter name KEY map @name``), one element per key."""
+    return [
+        f"\tmap {name} {{",
+        f"\t\ttype {kind} : counter",
+        f'\t\tcomment "{comment}"',
+        "\t\telements = {",
+        *(f'\t\t\t{key} : "{counter}",' for key, counter in elements.items()),
+        "\t\t}",
+        "\t}",
+    ]
 
 
 def nat_traffic_counters(config: Config, vip: Vip) -> tuple[str, str]:
@@ -917,6 +952,8 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
     ports = _first_of_proto(dsr)
     icmp: list[str] = []
     chains: list[str] = []  # the drain chains of the DSR VIPs
+    backend_in: dict[str, str] = {}  # a tunnel DSR backend's mark -> its packet counter
+    nat_backend_in: dict[str, str] = {}  # (VIP, protocol, backend, port) -> its counter
     for vip in config.vips:
         if vip.mode is VipMode.DSR_L2 or vip.mode not in KERNEL_MODES:
             continue
@@ -928,6 +965,11 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             c_in, c_out = nat_traffic_counters(config, vip)
             objects += _counter_block(c_in, f"{tag} {vip.name}: packets from clients")
             objects += _counter_block(c_out, f"{tag} {vip.name}: packets to clients (replies)")
+            objects += _backend_counter_blocks(config, vip)
+            for j, b in enumerate(vip.backends):
+                for port in vip.ports:
+                    key = f"{vip.address} . {vip.protocol} . {b.address} . {b.port or port}"
+                    nat_backend_in.setdefault(key, backend_counter(config, vip, j))
             objects += _icmp_counter_blocks(config, vip, firsts, "translated (conntrack related)")
             for m in nat_maps(config, vip):
                 kind = "ipv6_addr . inet_service" if m.with_port else "ipv6_addr"
@@ -952,11 +994,15 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
             objects += _icmp_counter_blocks(
                 config, vip, firsts, "sent to the quoted flow's backend"
             )
-            send = f"meta mark set meta mark map @{name} accept"
+            objects += _backend_counter_blocks(config, vip)
+            for j in range(len(vip.backends)):
+                backend_in[values[j]] = backend_counter(config, vip, j)
+            count = "counter name meta mark map @backend_in"
+            send = f"meta mark set meta mark map @{name} {count} accept"
             if _keeps_flows(vip):
                 objects += _drain_objects(tag, vip, name, "mark", pool, values)
                 chains += _drain_chains(
-                    tag, vip, name, send, f"meta mark set meta mark map @{name}_keep accept"
+                    tag, vip, name, send, f"meta mark set meta mark map @{name}_keep {count} accept"
                 )
             if not pool.any_eligible and not pool.moved:
                 mangle.append(_no_backend(config, vip, vip.ports))
@@ -976,6 +1022,21 @@ def _ip6_table(config: Config, pools: Mapping[str, BackendPool]) -> list[str]:
         count_post.append(
             "counter name ip6 saddr . meta l4proto . th sport map @nat_out"
             f' comment "{tag}: packets from the nat VIPs (replies)"'
+        )
+        objects += _counter_map(
+            "nat_backend_in",
+            "ipv6_addr . inet_proto . ipv6_addr . inet_service",
+            f"{tag}: nat (VIP, protocol, backend, port) -> the backend's packet counter",
+            nat_backend_in,
+        )
+        count_post.append(
+            "ct direction original ct status dnat counter name ct original ip6 daddr"
+            " . meta l4proto . ip6 daddr . th dport map @nat_backend_in"
+            f' comment "{tag}: packets to the nat VIPs\' backends"'
+        )
+    if backend_in:
+        objects += _counter_map(
+            "backend_in", "mark", f"{tag}: a backend's mark -> its packet counter", backend_in
         )
     # One jump, after the balancing rules: a flow's packets never look at the ICMP rules.
     icmp += _icmp_catch_all(config, [v for v in dsr if v.mode is not VipMode.DSR_L2])
@@ -1098,15 +1159,26 @@ def _netdev_table(
             name, "ether_addr", f"{tag} {vip.name}: Maglev slot -> backend MAC", pool.table, macs
         )
         objects += _icmp_counter_blocks(config, vip, firsts, "sent to the quoted flow's backend")
+        objects += _backend_counter_blocks(config, vip)
+        by_mac: dict[str, str] = {}
+        for j, mac in enumerate(macs):
+            by_mac.setdefault(mac, backend_counter(config, vip, j))
+        objects += _counter_map(
+            f"{name}_bin",
+            "ether_addr",
+            f"{tag} {vip.name}: backend MAC -> its packet counter",
+            by_mac,
+        )
+        count = f"counter name ether daddr map @{name}_bin"
         rewrite = (
             f"ether saddr set {l2.egress_mac.lower()} ether daddr set meta mark map @{name}"
-            f' fwd to "{l2.egress}"'
+            f' {count} fwd to "{l2.egress}"'
         )
         if _keeps_flows(vip):
             objects += _drain_objects(tag, vip, name, "ether_addr", pool, macs)
             keep = (
                 f"ether saddr set {l2.egress_mac.lower()} ether daddr set meta mark map"
-                f' @{name}_keep fwd to "{l2.egress}"'
+                f' @{name}_keep {count} fwd to "{l2.egress}"'
             )
             chains += _drain_chains(tag, vip, name, rewrite, keep)
         if not pool.any_eligible and not pool.moved:

@@ -56,6 +56,8 @@ def status_lines(st: InstanceStatus) -> list[str]:
         for b in vip.backends:
             port = f":{b.port}" if b.port else ""
             flows = _flows(b.new_flows, b.active_flows)
+            if b.packets is not None:
+                flows = "; ".join(x for x in (flows, f"{b.packets} packets sent") if x)
             out.append(
                 f"  [{b.address}]{port} weight {b.weight}{' drain' if b.drain else ''}"
                 f"{'' if b.enabled else ' DISABLED'}"

@@ -67,6 +67,7 @@ from v6lb.render.nftables import (
     DRAIN_FLOW_TIMEOUT,
     L2Ports,
     RenderError,
+    backend_counter,
     drain_flow_sets,
     icmp_error_counts,
     map_names,
@@ -387,6 +388,10 @@ class KernelPlane(Plane):
                 continue
             cname = vip_counter(config, vip)
             packets, nbytes = counters.get(cname, (0, 0))
+            out.backend_packets[vip.name] = [
+                counters.get(backend_counter(config, vip, j), (0, 0))
+                for j in range(len(vip.backends))
+            ]
             out.counters[vip.name] = VipCounter(cname, packets, nbytes)
             out.maps[vip.name] = map_names(config, vip)
             if vip.mode is VipMode.NAT:
