@@ -276,7 +276,7 @@ def test_missing_bird_names_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_npt_outside_prefix_announced_while_the_own_check_passes(tmp_path: Path) -> None:
     """An npt pair's outside prefix has no backends: it follows the LB's own check alone."""
-    from v6lb.engines.kernel.announce import Announcer, npt_prefixes
+    from v6lb.engines.announce import Announcer, npt_prefixes
 
     data: dict[str, Any] = {
         "lb": {"instance": "lb1", "addresses": ["2001:db8:1::2"]},

@@ -191,7 +191,7 @@ def test_snat_addresses_announced_own_and_standby() -> None:
     """With conntrack_sync the speaker announces its SNAT, and the peer's with MED + 1000."""
     from ipaddress import IPv6Network
 
-    from v6lb.engines.kernel.announce import STANDBY_MED_STEP, snat_routes
+    from v6lb.engines.announce import STANDBY_MED_STEP, snat_routes
     from v6lb.render.bird import SpeakerRoute, render_speaker
 
     data = copy.deepcopy(BASE)

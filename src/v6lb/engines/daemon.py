@@ -21,7 +21,7 @@
   plane's :meth:`~v6lb.engines.plane.Plane.apply_pool_change` and again on top of the
   file at every reload (the "reloaded" line names them); refused for any peer uid
   but the instance's own and root;
-* the BGP speaker of ``bgp:`` (:class:`~v6lb.engines.kernel.announce.Announcer`, one
+* the BGP speaker of ``bgp:`` (:class:`~v6lb.engines.announce.Announcer`, one
   BIRD): every VIP of every plane is announced while :meth:`Plane.serving
   <v6lb.engines.plane.Plane.serving>` says it has a backend for new flows; it is
   started once every plane is installed, synced after each pool change and at its
@@ -61,9 +61,9 @@ from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet, HealthState
+from v6lb.engines.announce import Announcer
 from v6lb.engines.control import ControlError, ControlServer
 from v6lb.engines.ctl import CtlRefused, Override, OverrideKey, apply_override, check_request
-from v6lb.engines.kernel.announce import Announcer
 from v6lb.engines.kernel.apply import KernelError
 from v6lb.engines.kernel.host import enter_netns
 from v6lb.engines.metrics import MetricsServer

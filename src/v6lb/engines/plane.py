@@ -35,7 +35,7 @@ checks itself, the proxy engines'); either way the owning plane applies it in
 :meth:`~Plane.apply_pool_change`.
 
 With a ``bgp:`` speaker the daemon announces the address of every VIP of every plane
-(:class:`~v6lb.engines.kernel.announce.Announcer`) while :meth:`~Plane.serving` says
+(:class:`~v6lb.engines.announce.Announcer`) while :meth:`~Plane.serving` says
 it has a backend for new flows, and withdraws it when not (or when the graceful stop
 begins); a plane has no BGP code of its own.
 

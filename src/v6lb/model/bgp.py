@@ -168,7 +168,7 @@ def _announcements(
 
     Routers would send a prefix that holds no VIP to the LB sites, which serve
     nothing in it (the LB drops it, or routes it back: a loop). The LB speaker
-    itself announces only its VIP addresses as /128s (engines/kernel/announce.py).
+    itself announces only its VIP addresses as /128s (engines/announce.py).
     """
     out: list[Announcement] = []
     items = as_list(value, where, example="[{prefix: ..., site: a, cost: 10}]")

@@ -18,7 +18,7 @@ The kernel's ip6t_NPT translates a /48's subnet 0xFFFF, which RFC 6296 §3.2
 forbids and the Python translator refuses; the rules cannot express that
 exception. Outside prefixes must be routed to the translator (or answered by
 ``proxy_ndp``): that is the network's job, not these rules' (with ``bgp:``, the kernel
-plane's speaker announces them: :func:`v6lb.engines.kernel.announce.npt_prefixes`).
+plane's speaker announces them: :func:`v6lb.engines.announce.npt_prefixes`).
 """
 
 from __future__ import annotations
