@@ -15,7 +15,7 @@ label set, hop limit 64, is sent through ``process`` in a tight loop.
 - new flow, full LRU: the same, with an LRU of 1024 entries already full, so
   every insert also evicts the least recent flow.
 
-- ICMPv6 errors for the VIP (issue: PMTU discovery): a Packet Too Big (mtu 1280)
+- ICMPv6 errors for the VIP (PMTU discovery, docs/pmtu.md): a Packet Too Big (mtu 1280)
   from a router, quoting 1232 bytes of the backend's reply VIP -> client (1280
   bytes on the wire, as routers send them), through ``dsr-ip6ip6``: for a flow in
   the LRU (parse, quote parse, reversed key, LRU hit, encapsulation), for N
@@ -28,6 +28,9 @@ is timed too: it is most of a new flow's cost.
 The loop itself (iterating and fetching the packet) is timed without the
 call and subtracted. Each figure is the median (and the minimum, as the
 VM is noisy) of 7 runs of N = 100,000 calls.
+
+Run: ``.venv/bin/python benchmarks/bench_dsr.py`` (the venv of ``make test``, which has
+v6lb installed; the system python has not).
 """
 
 from __future__ import annotations

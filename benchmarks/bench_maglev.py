@@ -1,4 +1,4 @@
-"""Benchmark the flow hash and Maglev: `python benchmarks/bench_maglev.py [--runs N]`.
+"""Benchmark the flow hash and Maglev: `.venv/bin/python benchmarks/bench_maglev.py [--runs N]`.
 
 Per-call figures are timeit's best of 5 repeats (the least disturbed run, as
 timeit recommends). Table builds are the median of ``--runs`` builds, after

@@ -1,4 +1,6 @@
-"""Benchmark a ``/metrics`` scrape of 100 VIPs x 10 backends: `python benchmarks/bench_metrics.py`.
+"""Benchmark a ``/metrics`` scrape of 100 VIPs x 10 backends.
+
+Run: ``.venv/bin/python benchmarks/bench_metrics.py``.
 
 No root: a real :class:`~v6lb.engines.daemon.Daemon` with a stand-in data plane whose
 ``status()`` returns at once what the kernel plane would (a counter, packets and ICMPv6

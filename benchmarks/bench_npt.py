@@ -9,6 +9,8 @@ restore and the loop itself are timed in an identical loop without the
 calls and subtracted. We report the median and the minimum of 7 repeats of 200,000 calls (the
 minimum is the run least disturbed by other load, as timeit advises). Also: the codec's parse alone, and the
 `v6lb npt map` address path.
+
+Run: ``.venv/bin/python benchmarks/bench_npt.py``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Pinning, the same for every case (``--pinning``):
   its own, as in a deployment, but CPU 1 caps every case near the direct rate, so a
   proxy that is fast enough (both L4 proxies here) measures the cap, not itself.
 
-    python benchmarks/bench_proxy.py [--rounds 5] [--seconds 5] [--pinning split|shared]
+    .venv/bin/python benchmarks/bench_proxy.py [--rounds 5] [--seconds 5] [--pinning split|shared]
         [--no-haproxy]
 
 Needs nginx and wrk (``apt-get install -y nginx-light wrk``); haproxy is optional.
