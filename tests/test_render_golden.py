@@ -18,7 +18,7 @@ import pytest
 
 from v6lb.model.config import Config, NptPair, parse_config
 from v6lb.model.pools import dsr_forwarder, nat_forwarder, pool_for
-from v6lb.render.ip6tables import is_tagged, render_npt, splice, tagged_rules
+from v6lb.render.ip6tables import is_tagged, render_config_npt, render_npt, splice, tagged_rules
 from v6lb.render.nftables import (
     L2Ports,
     map_names,
@@ -226,9 +226,26 @@ def test_golden_dsr_backend() -> None:
     check_golden("dsr-backend.nft", render_backend_nft(c, backend))
 
 
+NPT_NAT_FILE = {
+    "lb": {"instance": "g3", "interfaces": ["eth0", "eth1"]},
+    "vips": [  # a nat VIP whose backends lie in the npt inside prefix (eks-ipv6.yaml)
+        {
+            "name": "web",
+            "address": "2001:db8:0:10::82",
+            "ports": [80, 443],
+            "mode": "nat",
+            "backends": [{"address": "fd00:1:2:1::a"}, {"address": "fd00:1:2:2::a", "port": 8080}],
+        }
+    ],
+    "npt": NPT_FILE["npt"][:1],
+}
+
+
 def test_golden_npt() -> None:
+    """Prefixes only (no outside interface known); and on eth0 with a nat VIP's replies."""
     c = config(NPT_FILE, "npt")
     check_golden("npt.rules", render_npt(c.npt, c.lb.instance))
+    check_golden("npt-outside.rules", render_config_npt(config(NPT_NAT_FILE, "npt-nat")))
 
 
 FORWARD_FILE = {

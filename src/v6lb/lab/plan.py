@@ -349,6 +349,18 @@ def _node_vip(
     return vip
 
 
+def _proxy_port80_nodes(plan: LabPlan, served: set[str]) -> set[str]:
+    """The nodes where nginx listens on port 80 for a served proxy VIP's backend."""
+    return {
+        owner
+        for vip in plan.config.vips
+        if vip.name in served and vip.mode.is_proxy
+        for b in vip.backends
+        if 80 in ([b.port] if b.port else vip.ports)
+        if (owner := plan.topo.owner(b.address)) is not None
+    }
+
+
 def _plan_backends(plan: LabPlan) -> None:
     topo, config = plan.topo, plan.config
     served = {v.name for c in plan.lb_configs.values() for v in c.vips}
@@ -366,9 +378,12 @@ def _plan_backends(plan: LabPlan) -> None:
             if vip.mode.is_dsr:
                 dsr[key] = None
     if any(c.npt for c in plan.lb_configs.values()):
+        # nginx, on a proxy VIP's backend, listens on its own port 80 there: it answers the
+        # npt traffic too (lab/nginx.py), so no HTTP server of ours clashes with it.
+        proxied = _proxy_port80_nodes(plan, served)
         for pair in config.npt:  # an HTTP server on port 80 of every host inside an npt pair
             for n in topo.nodes:
-                if n.type not in (NodeType.HOST, NodeType.BACKEND):
+                if n.type not in (NodeType.HOST, NodeType.BACKEND) or n.name in proxied:
                     continue
                 for addr in topo.addresses(n.name):
                     if addr in pair.inside:

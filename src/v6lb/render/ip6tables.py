@@ -6,8 +6,12 @@ and keeps everybody else's (the engine's atomic apply and remove).
 
 nft 1.0.6 has no NPT statement, so NPT goes through the ``mangle`` table::
 
-    -A PREROUTING  -d OUTSIDE -j DNPT --src-pfx OUTSIDE --dst-pfx INSIDE
-    -A POSTROUTING -s INSIDE  -j SNPT --src-pfx INSIDE  --dst-pfx OUTSIDE
+    -A PREROUTING  -i OUT -d OUTSIDE           -j DNPT --src-pfx OUTSIDE --dst-pfx INSIDE
+    -A POSTROUTING -o OUT -s INSIDE ! -d INSIDE -j SNPT --src-pfx INSIDE  --dst-pfx OUTSIDE
+
+(``OUT``: the outside interface, ``lb.interfaces[0]``, when the file lists two or more),
+so the LB's own traffic to inside hosts (a proxy's connections, tunnels, probes) keeps
+its inside source;
 
 and, as iptables-extensions(8) requires for the translated flows, ``raw``
 NOTRACK rules for both directions (``-j CT --notrack``), so conntrack (and a
@@ -26,13 +30,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv6Address
 
-from v6lb.model.config import NptPair
+from v6lb.model.config import Config, NptPair, VipMode
 
 __all__ = [
     "comment_tag",
     "empty_tables",
     "is_tagged",
+    "nat_replies",
+    "npt_outside_interfaces",
+    "render_config_npt",
     "render_npt",
     "splice",
     "tagged_rules",
@@ -44,8 +52,49 @@ def comment_tag(instance: str) -> str:
     return f"v6lb:{instance}"
 
 
-def render_npt(pairs: Sequence[NptPair], instance: str) -> str:
+def npt_outside_interfaces(config: Config) -> tuple[str, ...]:
+    """The LB's outside interfaces, where NPT applies: ``lb.interfaces[0]`` of two or more.
+
+    ``lb.interfaces`` is ``[outside (ingress), inside (egress), ...]``; with none or one
+    (one-armed) the interfaces cannot tell the sides apart, and the rules use the
+    prefixes only.
+    """
+    ifs = config.lb.interfaces
+    return ifs[:1] if len(ifs) >= 2 else ()
+
+
+def nat_replies(config: Config) -> list[tuple[IPv6Address, str, int]]:
+    """(backend, protocol, port) of the ``nat`` VIPs whose backends lie in an npt inside prefix.
+
+    Their replies must stay tracked: conntrack gives them the VIP back as their source.
+    """
+    out: dict[tuple[IPv6Address, str, int], None] = {}
+    for vip in config.vips:
+        if vip.mode is not VipMode.NAT:
+            continue
+        for b in vip.backends:
+            if any(b.address in p.inside for p in config.npt):
+                for port in [b.port] if b.port else vip.ports:
+                    out[(b.address, str(vip.protocol), port)] = None
+    return list(out)
+
+
+def render_npt(
+    pairs: Sequence[NptPair],
+    instance: str,
+    *,
+    outside: Sequence[str] = (),
+    tracked: Sequence[tuple[IPv6Address, str, int]] = (),
+) -> str:
     """The instance's NPT rules as ``ip6tables-restore`` input (tables raw and mangle).
+
+    NPT applies at the border only: packets between inside addresses (the LB's own
+    connections to inside hosts, tunnels and probes among them) are never translated
+    (``! -d INSIDE``), and with ``outside`` interfaces, SNPT applies only to packets
+    leaving by one of them and DNPT only to packets arriving on one. ``tracked``:
+    replies of ``nat`` VIPs from backends inside a prefix (:func:`nat_replies`), which
+    the raw table lets conntrack see (``-j ACCEPT`` before the NOTRACK rules), so it gives
+    them the VIP back as their source.
 
     Alone, with ``--noflush``, it appends the rules; :func:`splice` merges it
     into a saved ruleset for a whole-table restore. Empty text without pairs.
@@ -53,17 +102,26 @@ def render_npt(pairs: Sequence[NptPair], instance: str) -> str:
     if not pairs:
         return ""
     c = f'-m comment --comment "{comment_tag(instance)}"'
-    raw: list[str] = []
+    ins = [f"-i {i} " for i in outside] or [""]
+    outs = [f"-o {i} " for i in outside] or [""]
+    raw = [
+        f"-A PREROUTING -s {a}/128 -p {proto} --sport {port} {c} -j ACCEPT"
+        for a, proto, port in tracked
+    ]
     mangle: list[str] = []
     for p in pairs:
         raw.append(f"-A PREROUTING -s {p.inside} {c} -j CT --notrack")
-        raw.append(f"-A PREROUTING -d {p.outside} {c} -j CT --notrack")
-        mangle.append(
-            f"-A PREROUTING -d {p.outside} {c} -j DNPT --src-pfx {p.outside} --dst-pfx {p.inside}"
-        )
-        mangle.append(
-            f"-A POSTROUTING -s {p.inside} {c} -j SNPT --src-pfx {p.inside} --dst-pfx {p.outside}"
-        )
+        raw += [f"-A PREROUTING {i}-d {p.outside} {c} -j CT --notrack" for i in ins]
+        mangle += [
+            f"-A PREROUTING {i}-d {p.outside} {c}"
+            f" -j DNPT --src-pfx {p.outside} --dst-pfx {p.inside}"
+            for i in ins
+        ]
+        mangle += [
+            f"-A POSTROUTING {o}-s {p.inside} ! -d {p.inside} {c}"
+            f" -j SNPT --src-pfx {p.inside} --dst-pfx {p.outside}"
+            for o in outs
+        ]
     lines = [f"# {comment_tag(instance)}: npt; load with: ip6tables-restore --noflush FILE"]
     for table, rules in (("raw", raw), ("mangle", mangle)):
         lines.append(f"*{table}")
@@ -72,6 +130,16 @@ def render_npt(pairs: Sequence[NptPair], instance: str) -> str:
         lines += rules
         lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def render_config_npt(config: Config) -> str:
+    """:func:`render_npt` for a whole file: its outside interface and its nat VIPs' replies."""
+    return render_npt(
+        config.npt,
+        config.lb.instance,
+        outside=npt_outside_interfaces(config),
+        tracked=nat_replies(config),
+    )
 
 
 # --- merging into ip6tables-save output ------------------------------------------

@@ -791,6 +791,19 @@ def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
             "ct state untracked ip6 saddr @npt_inside fib saddr . iif oif exists accept"
             f' comment "{tag}: npt, inside to outside (SNPT, NOTRACK), from the inside"'
         )
+    tag_mark = instance_tag(config.lb.instance)
+    dsr_mark = (
+        f"meta mark & {-TAG_SPAN & 0xFFFFFFFF:#010x} == {tag_mark:#010x} accept"
+        f' comment "{tag}: tunnel DSR, encapsulated (the backend\'s mark)"'
+    )
+    # Before the spoof rule: the LB's own packets, encapsulated (source: the tunnel source,
+    # often an npt inside address) or written by the Python data plane, keep the input
+    # interface of the packet they carry.
+    if tuns is None and tunnel_targets(config):
+        rules.append(dsr_mark)
+    if tuns:
+        names = ", ".join(f'"{t}"' for t in tuns)
+        rules.append(f'iifname {{ {names} }} accept comment "{tag}: out of the python data plane"')
     if config.npt:
         # NPT translates statelessly: a source inside must come from the inside.
         rules.append(
@@ -808,18 +821,9 @@ def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
                 "ct status dnat ct original ip6 daddr @nat_vips accept"
                 f' comment "{tag}: new flows of the nat VIPs"'
             )
-        if tunnel_targets(config):
-            tag_mark = instance_tag(config.lb.instance)
-            rules.append(
-                f"meta mark & {-TAG_SPAN & 0xFFFFFFFF:#010x} == {tag_mark:#010x} accept"
-                f' comment "{tag}: tunnel DSR, encapsulated (the backend\'s mark)"'
-            )
     elif tuns:
         names = ", ".join(f'"{t}"' for t in tuns)
-        rules += [
-            f'oifname {{ {names} }} accept comment "{tag}: into the python data plane"',
-            f'iifname {{ {names} }} accept comment "{tag}: out of the python data plane"',
-        ]
+        rules.append(f'oifname {{ {names} }} accept comment "{tag}: into the python data plane"')
         if config.npt:  # the npt inside table's throw route: the kernel routes these
             rules.append(
                 "ip6 saddr @npt_inside ip6 daddr @npt_inside accept"

@@ -32,7 +32,13 @@ from typing import ClassVar, Final
 from v6lb.core.backends import BackendPool
 from v6lb.errors import EXIT_RUNTIME, UsageError
 from v6lb.model.config import Config
-from v6lb.render.ip6tables import empty_tables, render_npt, splice, tagged_rules, tagged_tables
+from v6lb.render.ip6tables import (
+    empty_tables,
+    render_config_npt,
+    splice,
+    tagged_rules,
+    tagged_tables,
+)
 from v6lb.render.nftables import (
     CONNTRACK_FULL,
     FORWARD_COUNTERS,
@@ -450,7 +456,7 @@ def render_lb(
     """Render the LB's kernel state for ``config`` (pure; nothing is applied)."""
     return Rendered(
         nft=render_nft(config, pools=pools, l2=l2, backend_macs=backend_macs),
-        ip6tables=render_npt(config.npt, config.lb.instance),
+        ip6tables=render_config_npt(config),
         routes=render_lb_routes(config, dev=dev, l2_dev=l2.egress if l2 is not None else None),
     )
 
