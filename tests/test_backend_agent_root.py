@@ -65,3 +65,47 @@ def test_an_ip6ip6_end_point_on_an_interface_needs_ip6tnl0(tmp_path: Path) -> No
         assert "2001:db8:ba:f::81" not in nsx("ip", "-6", "address", "show", "dev", "lo").stdout
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_an_srv6_sid_on_an_interface_needs_seg6_enabled(tmp_path: Path) -> None:
+    """A SID assigned on the backend is delivered locally: Linux 6.18 drops the SRv6 packet
+    unless seg6_enabled is on for all and the interface (then it decapsulates it itself)."""
+    ns = f"v6lb-bs-{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "site.yaml"
+    vip = {
+        "name": "sr",
+        "address": "2001:db8:bb:f::82",
+        "ports": [80],
+        "mode": "dsr-srv6",
+        "health": {"type": "none"},
+        "backends": [{"address": "2001:db8:bb::10"}],  # the SID is the address
+    }
+    lb = {"instance": "bs", "addresses": ["2001:db8:bb::1"]}
+    cfg.write_text(yaml.safe_dump({"lb": lb, "vips": [vip]}))
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+
+        def nsx(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+
+        nsx("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
+        nsx("ip", "link", "set", "e0", "up")
+        nsx("ip", "-6", "address", "add", "2001:db8:bb::10/64", "dev", "e0", "nodad")
+        argv = [V6LB, "backend", str(cfg), "--address", "2001:db8:bb::10", "--dev", "e0"]
+        r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "dsr-srv6 VIP sr tunnels to 2001:db8:bb::10, which is assigned to e0" in r.stderr
+        assert "give this backend a `sid:` of its own" in r.stderr, r.stderr
+        fix = f"ip netns exec {ns} sysctl -w net.ipv6.conf.all.seg6_enabled=1"
+        assert f"{fix} net.ipv6.conf.e0.seg6_enabled=1" in r.stderr, r.stderr
+        assert nsx("nft", "list", "ruleset").stdout.strip() == ""  # nothing was installed
+        # only one of the two on: still dropped, still refused
+        nsx("sysctl", "-qw", "net.ipv6.conf.all.seg6_enabled=1")
+        r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
+        assert r.returncode == 2, r.stdout + r.stderr
+        nsx("sysctl", "-qw", "net.ipv6.conf.e0.seg6_enabled=1")  # the fix it printed
+        r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "2001:db8:bb:f::82" in nsx("ip", "-6", "address", "show", "dev", "lo").stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
