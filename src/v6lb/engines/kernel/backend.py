@@ -19,6 +19,7 @@ removed again, so a failed setup leaves nothing.
 from __future__ import annotations
 
 from ipaddress import IPv6Address
+from typing import ClassVar
 
 from v6lb.engines.kernel.apply import (
     KernelError,
@@ -28,12 +29,20 @@ from v6lb.engines.kernel.apply import (
     require_root,
     require_tools,
 )
+from v6lb.engines.kernel.decap_probe import how_to_check, probe_decapsulation
 from v6lb.engines.kernel.host import HostError, Links, host_links, main_routes
+from v6lb.errors import EXIT_RUNTIME
 from v6lb.model.config import Config, Vip, VipMode
 from v6lb.render.nftables import RenderError, render_backend_nft, render_remove
 from v6lb.render.routes import backend_vips, decap_address, render_backend_routes
 
-__all__ = ["remove_backend", "setup_backend"]
+__all__ = ["DecapProbeError", "remove_backend", "setup_backend"]
+
+
+class DecapProbeError(KernelError):
+    """Installed, but the host does not decapsulate what the LB will send it (exit 1)."""
+
+    exit_code: ClassVar[int] = EXIT_RUNTIME
 
 
 def _seg6_enabled(dev: str) -> bool:
@@ -149,6 +158,18 @@ def setup_backend(
             )
         else:
             done.append("no route found: no advmss return route (large POSTs may hang)")
+    probes = probe_decapsulation(served, dev or "lo")
+    failed = [p for p in probes if not p.delivered]
+    if failed:
+        raise DecapProbeError(
+            "; ".join(p.text() for p in failed)
+            + ": this host would drop those clients' packets. What is installed stays, so you"
+            f" can look (`v6lb backend {config.source} --address {address} --remove"
+            + (f" --netns {netns}" if netns else "")
+            + "` takes it away)",
+            how_to_check(failed[0].vip, failed[0].end, instance, netns),
+        )
+    done += [p.text() for p in probes]
     return done
 
 
