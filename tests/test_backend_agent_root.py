@@ -65,3 +65,93 @@ def test_an_ip6ip6_end_point_on_an_interface_needs_ip6tnl0(tmp_path: Path) -> No
         assert "2001:db8:ba:f::81" not in nsx("ip", "-6", "address", "show", "dev", "lo").stdout
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_an_srv6_sid_on_an_interface_needs_seg6_enabled(tmp_path: Path) -> None:
+    """A SID assigned on the backend is delivered locally: Linux 6.18 drops the SRv6 packet
+    unless seg6_enabled is on for all and the interface (then it decapsulates it itself)."""
+    ns = f"v6lb-bs-{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "site.yaml"
+    vip = {
+        "name": "sr",
+        "address": "2001:db8:bb:f::82",
+        "ports": [80],
+        "mode": "dsr-srv6",
+        "health": {"type": "none"},
+        "backends": [{"address": "2001:db8:bb::10"}],  # the SID is the address
+    }
+    lb = {"instance": "bs", "addresses": ["2001:db8:bb::1"]}
+    cfg.write_text(yaml.safe_dump({"lb": lb, "vips": [vip]}))
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+
+        def nsx(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+
+        nsx("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
+        nsx("ip", "link", "set", "e0", "up")
+        nsx("ip", "-6", "address", "add", "2001:db8:bb::10/64", "dev", "e0", "nodad")
+        argv = [V6LB, "backend", str(cfg), "--address", "2001:db8:bb::10", "--dev", "e0"]
+        r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "dsr-srv6 VIP sr tunnels to 2001:db8:bb::10, which is assigned to e0" in r.stderr
+        assert "give this backend a `sid:` of its own" in r.stderr, r.stderr
+        fix = f"ip netns exec {ns} sysctl -w net.ipv6.conf.all.seg6_enabled=1"
+        assert f"{fix} net.ipv6.conf.e0.seg6_enabled=1" in r.stderr, r.stderr
+        assert nsx("nft", "list", "ruleset").stdout.strip() == ""  # nothing was installed
+        # only one of the two on: still dropped, still refused
+        nsx("sysctl", "-qw", "net.ipv6.conf.all.seg6_enabled=1")
+        r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
+        assert r.returncode == 2, r.stdout + r.stderr
+        nsx("sysctl", "-qw", "net.ipv6.conf.e0.seg6_enabled=1")  # the fix it printed
+        r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "2001:db8:bb:f::82" in nsx("ip", "-6", "address", "show", "dev", "lo").stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_backend_checks_that_the_host_decapsulates(tmp_path: Path) -> None:
+    """`v6lb backend` receives an ip6ip6 probe for its end point on a TUN and sees it
+    delivered to the VIP; a firewall that drops tunnels makes it fail, saying how to look."""
+    ns = f"v6lb-bd-{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "site.yaml"
+    vip = {
+        "name": "tun",
+        "address": "2001:db8:bd:f::81",
+        "ports": [80],
+        "mode": "dsr-ip6ip6",
+        "backends": [{"address": "fd00:bd::10"}],  # on no interface: routed here by the LB
+    }
+    cfg.write_text(
+        yaml.safe_dump({"lb": {"instance": "bd", "addresses": ["fd00:bd::1"]}, "vips": [vip]})
+    )
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+
+        def nsx(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+
+        nsx("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
+        nsx("ip", "link", "set", "e0", "up")
+        nsx("ip", "-6", "address", "add", "fd00:bd::20/64", "dev", "e0", "nodad")
+        argv = [V6LB, "backend", str(cfg), "--address", "fd00:bd::10", "--dev", "e0", "--netns", ns]
+        r = subprocess.run(argv, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        want = "decapsulation checked: an ip6ip6 packet from fd00:bd::1 to fd00:bd::10 reached"
+        assert want in r.stdout, r.stdout
+        assert "v6lbdp" not in nsx("ip", "link", "show").stdout  # the probe's TUN is gone
+        subprocess.run([*argv, "--remove"], check=True, capture_output=True)
+        # a host firewall that drops every IPv6-in-IPv6 packet
+        nsx("nft", "add", "table", "ip6", "fw")
+        nsx(
+            "nft", "add", "chain", "ip6", "fw", "pre", "{ type filter hook prerouting priority 0; }"
+        )
+        nsx("nft", "add", "rule", "ip6", "fw", "pre", "ip6", "nexthdr", "ipv6", "drop")
+        r = subprocess.run(argv, capture_output=True, text=True)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "to fd00:bd::10 did NOT reach a socket on VIP 2001:db8:bd:f::81" in r.stderr
+        assert f"ip netns exec {ns} nstat -az Ip6InUnknownProtos" in r.stderr, r.stderr
+        assert f"--address fd00:bd::10 --remove --netns {ns}` takes it away" in r.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

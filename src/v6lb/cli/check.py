@@ -21,6 +21,7 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _cmd_check(args: argparse.Namespace) -> int:
     from v6lb.model.config import load_config
     from v6lb.model.config_summary import summarize
+    from v6lb.model.end_points import end_point_warnings
 
     config = load_config(args.file)  # a ConfigError is a usage error: exit 2
     topo, bgp = config.topology, config.bgp_speaker
@@ -49,6 +50,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             )
             + "\n"
         )
+    for line in end_point_warnings(config):
+        sys.stderr.write(f"warning: {line}\n")
     return 0
 
 

@@ -73,7 +73,11 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     if args.netns:
         enter_netns(args.netns)
     # a KernelError's exit code is v6lb.cli.exit_code's: 1 when the host refused the change
-    done = remove_backend(config) if args.remove else setup_backend(config, address, dev=args.dev)
+    done = (
+        remove_backend(config)
+        if args.remove
+        else setup_backend(config, address, dev=args.dev, netns=args.netns)
+    )
     verb = "removed" if args.remove else "installed"
     sys.stdout.write("".join(f"{verb}: {line}\n" for line in done) or f"{verb}: nothing\n")
     return 0

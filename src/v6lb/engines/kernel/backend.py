@@ -19,6 +19,7 @@ removed again, so a failed setup leaves nothing.
 from __future__ import annotations
 
 from ipaddress import IPv6Address
+from typing import ClassVar
 
 from v6lb.engines.kernel.apply import (
     KernelError,
@@ -28,16 +29,81 @@ from v6lb.engines.kernel.apply import (
     require_root,
     require_tools,
 )
-from v6lb.engines.kernel.host import HostError, host_links, main_routes
-from v6lb.model.config import Config, VipMode
+from v6lb.engines.kernel.decap_probe import how_to_check, probe_decapsulation
+from v6lb.engines.kernel.host import HostError, Links, host_links, main_routes
+from v6lb.errors import EXIT_RUNTIME
+from v6lb.model.config import Config, Vip, VipMode
 from v6lb.render.nftables import RenderError, render_backend_nft, render_remove
-from v6lb.render.routes import backend_vips, render_backend_routes
+from v6lb.render.routes import backend_vips, decap_address, render_backend_routes
 
-__all__ = ["remove_backend", "setup_backend"]
+__all__ = ["DecapProbeError", "remove_backend", "setup_backend"]
 
 
-def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = None) -> list[str]:
-    """Install the backend side for ``address`` in the current namespace; what was done."""
+class DecapProbeError(KernelError):
+    """Installed, but the host does not decapsulate what the LB will send it (exit 1)."""
+
+    exit_code: ClassVar[int] = EXIT_RUNTIME
+
+
+def _seg6_enabled(dev: str) -> bool:
+    """``net.ipv6.conf.DEV.seg6_enabled`` of the current namespace (False when unreadable)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{dev}/seg6_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def _check_end_points(
+    served: list[tuple[Vip, int]], links: Links, dev: str | None, netns: str | None
+) -> None:
+    """Refuse a tunnel end point (dsr-ip6ip6 address, dsr-srv6 SID) assigned on this host
+    that the kernel would drop: it delivers a packet to its own address (rule 0, table
+    ``local``) before v6lb's End.DT6 route sees it. Measured on Linux 6.18: an ip6ip6
+    packet is then dropped (``Ip6InUnknownProtos``) unless an ``ip6tnl0`` device takes it;
+    an SRv6 one is dropped unless ``seg6_enabled`` is on for ``all`` AND the interface it
+    arrives on (then the kernel decapsulates it itself, and the VIP answers)."""
+    for vip, j in served:
+        if not vip.mode.tunnels:
+            continue
+        end = decap_address(vip, j)
+        local = links.addresses.get(end)
+        if local is None:
+            continue
+        rule = (
+            f"{vip.mode} VIP {vip.name} tunnels to {end}, which is assigned to {local} on this"
+            " host: the kernel delivers a packet to its own address before v6lb's End.DT6"
+            " route sees it, and "
+        )
+        if vip.mode is VipMode.DSR_IP6IP6 and "ip6tnl0" not in links.macs:
+            raise HostError(
+                rule + "without an ip6tnl0 device it drops the tunnelled ones",
+                "give this backend a decapsulation address of its own in the file (one on no"
+                " interface, routed to this host by the LBs), or load the ip6_tunnel module"
+                " (modprobe ip6_tunnel)",
+            )
+        if vip.mode is VipMode.DSR_SRV6:
+            at = dev or local
+            if not (_seg6_enabled("all") and _seg6_enabled(at)):
+                sysctl = (
+                    f"sysctl -w net.ipv6.conf.all.seg6_enabled=1 net.ipv6.conf.{at}.seg6_enabled=1"
+                )
+                raise HostError(
+                    rule + f"with seg6_enabled off (all and {at} must both be 1) it drops the"
+                    " SRv6 ones",
+                    "give this backend a `sid:` of its own in the file (one on no interface,"
+                    " routed to this host by the LBs), or let the kernel decapsulate SRv6 itself: "
+                    + (f"ip netns exec {netns} {sysctl}" if netns else sysctl),
+                )
+
+
+def setup_backend(
+    config: Config, address: IPv6Address, *, dev: str | None = None, netns: str | None = None
+) -> list[str]:
+    """Install the backend side for ``address`` in the current namespace; what was done.
+
+    ``netns``: the namespace entered (for the fixes an error prints).
+    """
     require_root()
     require_tools("nft", "ip")
     served = backend_vips(config, address)
@@ -47,18 +113,6 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
             "give the address a backend has in the file (--address), or add it to a dsr-* VIP",
         )
     links = host_links()
-    local = links.addresses.get(address)
-    for vip, _ in served:
-        if vip.mode is VipMode.DSR_IP6IP6 and local is not None and "ip6tnl0" not in links.macs:
-            raise HostError(
-                f"dsr-ip6ip6 VIP {vip.name} tunnels to {address}, which is assigned to {local}"
-                " on this host: the kernel delivers a packet to its own address before v6lb's"
-                " End.DT6 route sees it, and without an ip6tnl0 device it drops the tunnelled"
-                " ones",
-                "give this backend a decapsulation address of its own in the file (one on no"
-                " interface, routed to this host by the LBs), or load the ip6_tunnel module"
-                " (modprobe ip6_tunnel)",
-            )
     tunnel = any(vip.mode.tunnels for vip, _ in served)
     vips = [vip.address for vip, _ in served if vip.mode.tunnels]
     returns = main_routes() if tunnel else []
@@ -79,6 +133,7 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
         raise HostError(
             f"this host has no interface {dev!r}", "give an existing interface with --dev"
         )
+    _check_end_points(served, links, dev, netns)
     try:
         nft = render_backend_nft(config, address)
         batch = render_backend_routes(config, address, decap_dev=dev or "lo", return_routes=returns)
@@ -103,6 +158,18 @@ def setup_backend(config: Config, address: IPv6Address, *, dev: str | None = Non
             )
         else:
             done.append("no route found: no advmss return route (large POSTs may hang)")
+    probes = probe_decapsulation(served, dev or "lo")
+    failed = [p for p in probes if not p.delivered]
+    if failed:
+        raise DecapProbeError(
+            "; ".join(p.text() for p in failed)
+            + ": this host would drop those clients' packets. What is installed stays, so you"
+            f" can look (`v6lb backend {config.source} --address {address} --remove"
+            + (f" --netns {netns}" if netns else "")
+            + "` takes it away)",
+            how_to_check(failed[0].vip, failed[0].end, instance, netns),
+        )
+    done += [p.text() for p in probes]
     return done
 
 
