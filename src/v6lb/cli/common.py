@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from v6lb.engines.planes import Role, names, served_modes, summary
+from v6lb.errors import UsageError
+from v6lb.model.failures import Where, resolve
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["add_plane_options", "planes_help", "wide_console"]
+__all__ = [
+    "add_plane_options",
+    "failure_arg",
+    "planes_help",
+    "terminal_console",
+    "wide_console",
+]
 
 
 def wide_console() -> Console:
@@ -18,6 +28,34 @@ def wide_console() -> Console:
     from rich.console import Console
 
     return Console(width=max(160, Console().width), emoji=False, highlight=False)
+
+
+def terminal_console() -> Console:
+    """A console as wide as the terminal (``COLUMNS``, else the terminal, else 80)."""
+    import shutil
+
+    from rich.console import Console
+
+    return Console(width=shutil.get_terminal_size((80, 24)).columns, emoji=False, highlight=False)
+
+
+def failure_arg(where: Where) -> Callable[[str], str]:
+    """An argparse ``type`` for ``--failure``: a failure name ``where`` runs, or an old alias
+    (with a deprecation note on stderr); anything else is a usage error naming the choices."""
+
+    def failure(value: str) -> str:
+        try:
+            f = resolve(value, where)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value != f.name:
+            sys.stderr.write(
+                f"v6lb: note: failure {value!r} is now called {f.name!r};"
+                " the old name still works but is deprecated\n"
+            )
+        return f.name
+
+    return failure
 
 
 def planes_help(role: Role) -> str:

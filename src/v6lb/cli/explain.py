@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from v6lb import MODES
-from v6lb.cli.common import wide_console
-from v6lb.cli.tables import print_comparison, print_explanation
+from v6lb.cli.common import failure_arg, terminal_console, wide_console
+from v6lb.cli.tables import print_comparison, print_explanation, print_short_comparison
 from v6lb.engines.sim.runs import (
     FAILURE_MODES,
     explain_run,
@@ -19,6 +19,7 @@ from v6lb.engines.sim.runs import (
     write_report,
 )
 from v6lb.errors import UsageError
+from v6lb.model.failures import SIM, aliases_note, names, one_line
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -60,6 +61,12 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--npt-only", action="store_true", help="print only the NPTv6 arithmetic walk-through"
     )
+    p.add_argument(
+        "--all-hops",
+        action="store_true",
+        help="the long form: every mode's hop table and answers, each failure walk-through"
+        " and the NPTv6 arithmetic (default: the answer in about 60 lines)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -72,10 +79,14 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "at the LB, what source did the backend see, does the reply cross the LB, what state "
         "does the LB keep, how does the client's address reach the application.",
     )
-    p.add_argument("--mode", help="one of: " + ", ".join(MODES) + " (default: all)")
+    p.add_argument("--mode", choices=MODES, help="the mode to explain (default: every mode)")
     _add_file(p)
     p.add_argument(
-        "--failure", choices=sorted(FAILURE_MODES), help="run a failure walk-through instead"
+        "--failure",
+        type=failure_arg(SIM),
+        metavar="FAILURE",
+        help=f"run a failure walk-through instead: {', '.join(names(SIM))} (under --mode, default"
+        f" {', '.join(f'{k}: {v}' for k, v in FAILURE_MODES.items())}){aliases_note(SIM)}",
     )
     p.add_argument("--json", action="store_true", help="print the same facts as JSON")
     p.add_argument(
@@ -92,7 +103,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     file = scenario_file(args)
     config, topo = load_scenario(file)
     if args.failure:
-        exps = [explain_run(config, topo, FAILURE_MODES[args.failure], args.failure)[0]]
+        mode = pick_modes(config, args.mode or FAILURE_MODES[args.failure])[0]
+        try:
+            exps = [explain_run(config, topo, mode, args.failure)[0]]
+        except ValueError as exc:  # the simulator refuses this mode for this failure
+            raise UsageError(
+                f"--failure {args.failure} cannot run under --mode {mode}: {exc}",
+                f"drop --mode (it defaults to {FAILURE_MODES[args.failure]}) or pick another",
+            ) from None
     else:
         exps = [explain_run(config, topo, m)[0] for m in pick_modes(config, args.mode)]
     if args.json:
@@ -144,6 +162,14 @@ def _print_failure(console: Console, e: Explanation) -> None:
     console.print()
 
 
+_QUESTION = (
+    "a client on the internet reaches a service in a private IPv6 cluster through a load"
+    " balancer with a public VIP. For each way the LB can work: did NAT66 happen at the LB,"
+    " what source did the backend see, does the reply cross the LB, what state does the LB"
+    " keep, and how does the client's address reach the application?"
+)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from v6lb.model.walkthrough import npt_walkthrough
 
@@ -153,38 +179,91 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     file = scenario_file(args)
     config, topo = load_scenario(file)
     out = Path(args.out)
-    console = wide_console()
+    long_form = bool(args.all_hops)
+    console = wide_console() if long_form else terminal_console()
     console.print(f"[bold]v6lb demo[/bold]: {file or 'built-in scenario eks-ipv6'}\n")
     exps: list[Explanation] = []
     fails: list[Explanation] = []
+    lines: list[tuple[str, str, str]] = []  # failure, mode, what happened
     pcap_files: list[Path] = []
 
-    for mode in pick_modes(config, None):
+    modes = pick_modes(config, None)
+    for mode in modes:
         e, res = explain_run(config, topo, mode)
         exps.append(e)
         pcap_files += save_pcaps(out / "pcaps" / mode, res)
-        print_explanation(console, e, max_rows=40)
-    print_comparison(console, exps)
-    console.print()
-    console.rule("[bold]Failure walk-throughs[/bold]")
+        if long_form:
+            print_explanation(console, e, max_rows=40)
+    if long_form:
+        print_comparison(console, exps)
+        console.print()
+        console.rule("[bold]Failure walk-throughs[/bold]")
     for failure, mode in FAILURE_MODES.items():
-        if mode not in pick_modes(config, None):
+        if mode not in modes:
             continue
         e, res = explain_run(config, topo, mode, failure)
         e.title = f"{failure}: {e.title}"
         fails.append(e)
         pcap_files += save_pcaps(out / "pcaps" / f"failure-{failure}", res)
+        lines.append((failure, mode, one_line(failure, res.facts)))
         summary = res.facts.get("summary")
-        print_explanation(console, e, max_rows=30)
-        if isinstance(summary, str):
-            console.print(f"[bold]What the client experienced:[/bold] {summary}\n")
-    if npt_pairs := config.npt:
+        if long_form:
+            print_explanation(console, e, max_rows=30)
+            if isinstance(summary, str):
+                console.print(f"[bold]What the client experienced:[/bold] {summary}\n")
+    if long_form and (npt_pairs := config.npt):
         console.rule("[bold]NPTv6 arithmetic[/bold]")
         p = npt_pairs[0]
         console.print(npt_walkthrough(str(p.inside), str(p.outside)), markup=False, highlight=False)
     report, facts = write_report(out, exps, fails)
-    console.print(f"wrote {report}, {facts} and {len(pcap_files)} pcaps under {out / 'pcaps'}")
+    if long_form:
+        console.print(f"wrote {report}, {facts} and {len(pcap_files)} pcaps under {out / 'pcaps'}")
+        return 0
+    with console.capture() as cap:  # rich pads tables to the width: strip that
+        _print_short(console, exps, lines, (report, facts, out / "pcaps", len(pcap_files)))
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
     return 0
+
+
+def _print_short(
+    console: Console,
+    exps: list[Explanation],
+    fails: list[tuple[str, str, str]],
+    wrote: tuple[Path, Path, Path, int],
+) -> None:
+    """The answer first: the question, the modes side by side, the failures, the files."""
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(Text("The question: ", style="bold") + Text(_QUESTION))
+    console.print()
+    print_short_comparison(console, exps)
+    console.print()
+    console.print(Text("Failure walk-throughs", style="bold"))
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(no_wrap=True)
+    t.add_column(no_wrap=True)
+    t.add_column()
+    for failure, mode, what in fails:
+        t.add_row(Text(failure), Text(mode), Text(what))
+    console.print(t)
+    console.print()
+    report, facts, pcaps, n = wrote
+    console.print(Text("Written", style="bold"))
+    w = Table(show_header=False, box=None, pad_edge=False)
+    w.add_column(no_wrap=True)
+    w.add_column()
+    w.add_row("report", Text(f"{report}: every hop of every mode and failure (open it)"))
+    w.add_row("pcaps", Text(f"{pcaps}/: {n} files, one per link per run (wireshark)"))
+    w.add_row("JSON", Text(f"{facts}: the same facts for scripts"))
+    console.print(w)
+    console.print()
+    console.print(
+        Text(
+            "More: v6lb demo --all-hops (every hop here); v6lb explain --mode MODE;"
+            " v6lb explain --failure FAILURE; v6lb demo --npt-only"
+        )
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

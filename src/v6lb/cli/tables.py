@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
     from v6lb.model.explain import Explanation
 
-__all__ = ["print_comparison", "print_explanation"]
+__all__ = ["print_comparison", "print_explanation", "print_short_comparison"]
 
 
 def print_explanation(
@@ -98,5 +98,59 @@ def print_comparison(console: Console, exps: Sequence[Explanation]) -> None:
             a.client_address_reaches_app,
         )
         # Text() cells: "[addr]:port" must not be read as rich markup.
+        t.add_row(*(Text(c) for c in cells))
+    console.print(t)
+
+
+def _short_state(lb_state: str) -> str:
+    """``conntrack: 3 entries: ...`` -> ``conntrack``; ``flow cache (LRU, x): ...`` -> ``flow cache``."""
+    head = lb_state.split(":", 1)[0].split(" (", 1)[0]
+    return "connections" if head == "proxy connections" else head
+
+
+def _short_nat(mode: str, nat66_at_lb: bool, nat_kind: str) -> str:
+    from v6lb.model.modes import MODES
+
+    if mode in MODES and MODES[mode].is_proxy:
+        return "no (proxy)"
+    if not nat66_at_lb:
+        return "no"
+    if "prefix" in nat_kind:
+        return "NPT"
+    return "DNAT+SNAT" if "source" in nat_kind else "DNAT"
+
+
+def _short_via(how: str) -> str:
+    """``the socket's peer address`` -> ``peer address``; ``PROXY v2 header`` -> ``PROXY v2``."""
+    how = how.removeprefix("the ").removeprefix("socket's ").split(" (", 1)[0]
+    return how.removesuffix(" header")
+
+
+def print_short_comparison(console: Console, exps: Sequence[Explanation]) -> None:
+    """The modes side by side in short cells that fit an 80-column terminal; the long
+    answers are in `v6lb explain` and the report."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        header_style="bold",
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    for col in ("mode", "NAT66 at LB", "backend saw", "via LB", "LB state", "client via"):
+        t.add_column(col, no_wrap=True)
+    for e in exps:
+        a = e.answers
+        cells = (
+            e.mode,
+            _short_nat(e.mode, a.nat66_at_lb, a.nat_kind),
+            a.backend_saw_source,
+            "yes" if a.reply_via_lb else "no",
+            _short_state(a.lb_state),
+            _short_via(a.client_address_reaches_app),
+        )
         t.add_row(*(Text(c) for c in cells))
     console.print(t)
