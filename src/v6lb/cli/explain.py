@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from v6lb import MODES
-from v6lb.cli.common import failure_arg, terminal_console, wide_console
-from v6lb.cli.tables import print_comparison, print_explanation, print_short_comparison
+from v6lb.cli.common import failure_arg, one_file, terminal_console, wide_console
+from v6lb.cli.tables import print_comparison, print_demo_short, print_explanation
 from v6lb.engines.sim.runs import (
     FAILURE_MODES,
     explain_run,
@@ -18,7 +18,7 @@ from v6lb.engines.sim.runs import (
     save_pcaps,
     write_report,
 )
-from v6lb.errors import UsageError
+from v6lb.errors import CommandLineError
 from v6lb.model.failures import SIM, aliases_note, names, one_line
 
 if TYPE_CHECKING:
@@ -37,13 +37,7 @@ def _add_file(p: argparse.ArgumentParser) -> None:
 
 def scenario_file(args: argparse.Namespace) -> str | None:
     """The file named by FILE or ``--topology`` (None: the built-in scenario)."""
-    if args.file is not None and args.topology is not None:
-        raise UsageError(
-            f"FILE ({args.file}) and --topology ({args.topology}) both name the scenario file;"
-            " give one of them"
-        )
-    file: str | None = args.file if args.file is not None else args.topology
-    return file
+    return one_file(args.file, args.topology, "--topology")
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -107,7 +101,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         try:
             exps = [explain_run(config, topo, mode, args.failure)[0]]
         except ValueError as exc:  # the simulator refuses this mode for this failure
-            raise UsageError(
+            raise CommandLineError(
                 f"--failure {args.failure} cannot run under --mode {mode}: {exc}",
                 f"drop --mode (it defaults to {FAILURE_MODES[args.failure]}) or pick another",
             ) from None
@@ -162,14 +156,6 @@ def _print_failure(console: Console, e: Explanation) -> None:
     console.print()
 
 
-_QUESTION = (
-    "a client on the internet reaches a service in a private IPv6 cluster through a load"
-    " balancer with a public VIP. For each way the LB can work: did NAT66 happen at the LB,"
-    " what source did the backend see, does the reply cross the LB, what state does the LB"
-    " keep, and how does the client's address reach the application?"
-)
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from v6lb.model.walkthrough import npt_walkthrough
 
@@ -220,50 +206,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"wrote {report}, {facts} and {len(pcap_files)} pcaps under {out / 'pcaps'}")
         return 0
     with console.capture() as cap:  # rich pads tables to the width: strip that
-        _print_short(console, exps, lines, (report, facts, out / "pcaps", len(pcap_files)))
+        print_demo_short(console, exps, lines, (report, facts, out / "pcaps", len(pcap_files)))
     sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
     return 0
-
-
-def _print_short(
-    console: Console,
-    exps: list[Explanation],
-    fails: list[tuple[str, str, str]],
-    wrote: tuple[Path, Path, Path, int],
-) -> None:
-    """The answer first: the question, the modes side by side, the failures, the files."""
-    from rich.table import Table
-    from rich.text import Text
-
-    console.print(Text("The question: ", style="bold") + Text(_QUESTION))
-    console.print()
-    print_short_comparison(console, exps)
-    console.print()
-    console.print(Text("Failure walk-throughs", style="bold"))
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(no_wrap=True)
-    t.add_column(no_wrap=True)
-    t.add_column()
-    for failure, mode, what in fails:
-        t.add_row(Text(failure), Text(mode), Text(what))
-    console.print(t)
-    console.print()
-    report, facts, pcaps, n = wrote
-    console.print(Text("Written", style="bold"))
-    w = Table(show_header=False, box=None, pad_edge=False)
-    w.add_column(no_wrap=True)
-    w.add_column()
-    w.add_row("report", Text(f"{report}: every hop of every mode and failure (open it)"))
-    w.add_row("pcaps", Text(f"{pcaps}/: {n} files, one per link per run (wireshark)"))
-    w.add_row("JSON", Text(f"{facts}: the same facts for scripts"))
-    console.print(w)
-    console.print()
-    console.print(
-        Text(
-            "More: v6lb demo --all-hops (every hop here); v6lb explain --mode MODE;"
-            " v6lb explain --failure FAILURE; v6lb demo --npt-only"
-        )
-    )
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

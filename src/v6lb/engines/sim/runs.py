@@ -62,7 +62,7 @@ def pick_modes(config: Config, wanted: str | None) -> list[str]:
     if wanted not in avail:
         if wanted == "anycast":  # not a VIP mode: a dsr-* VIP inside a prefix bgp: announces
             fix = (
-                "add a bgp: section that announces a prefix holding a dsr-* VIP"
+                "add a bgp: section that announces a prefix holding one of its VIPs"
                 " (see examples/anycast-sites.yaml and docs/anycast.md)"
             )
         elif wanted == "npt":
