@@ -74,3 +74,31 @@ def test_anycast_without_bgp_says_add_a_bgp_section(capsys: pytest.CaptureFixtur
 )
 def test_one_fix_per_error(err: Exception) -> None:
     assert str(err).count("fix:") == 1, str(err)
+
+
+def test_lab_exec_on_a_lab_that_is_not_up(capsys: pytest.CaptureFixture[str]) -> None:
+    name = f"gone{os.getpid() % 100000}"
+    assert main(["lab", "exec", "--name", name, "client", "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert f"lab {name!r} is not up" in err and "no node" not in err
+    assert "v6lb lab up FILE --name NAME" in err
+
+
+def test_a_failed_lab_trace_removes_its_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lab whose namespaces are gone: tcpdump cannot start, and the raw captures'
+    directory goes with the error."""
+    import tempfile
+
+    from v6lb.lab.trace import run_trace
+
+    root, tmp = tmp_path / "labs", tmp_path / "tmp"
+    tmp.mkdir()
+    (root / "ghost").mkdir(parents=True)
+    state = {"phase": "up", "file": str(ROOT / "examples/lab-modes.yaml")}
+    (root / "ghost" / "state.json").write_text(json.dumps(state))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with pytest.raises(LabError, match="tcpdump did not start"):
+        run_trace("ghost", "nat", tmp_path / "out", root=root)
+    assert list(tmp.iterdir()) == []

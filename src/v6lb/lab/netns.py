@@ -606,6 +606,13 @@ def lab_status(name: str, *, root: Path = LAB_ROOT) -> dict[str, Any]:
 def lab_exec(name: str, node: str, cmd: Sequence[str], *, root: Path = LAB_ROOT) -> int:
     """Run ``cmd`` in ``node``'s namespace with this terminal; its exit code."""
     state = _read_state(name, root)
+    if state is None and not any(ns.startswith(f"v6lb-{name}-") for ns in _netns_list()):
+        labs = list_labs(root)
+        raise LabError(
+            f"lab {name!r} is not up"
+            + (f" (labs up: {', '.join(labs)})" if labs else " (no lab is up)"),
+            "start it with `v6lb lab up FILE --name NAME`; `v6lb lab status` lists the labs",
+        )
     ns = (
         state["nodes"][node]["netns"]
         if state is not None and node in state.get("nodes", {})
