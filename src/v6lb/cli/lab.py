@@ -95,8 +95,8 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     df.add_argument(
         "--mode",
         required=True,
-        choices=modes_where(test=lambda m: bool(m.planes)),
-        help="the mode whose trace to compare",
+        choices=modes_where(test=lambda m: bool(m.engines)),
+        help="the mode whose trace to compare (the proxies' are refused, with why)",
     )
     df.add_argument("--from", dest="trace_dir", metavar="DIR", help="a `lab trace --out` dir")
     df.set_defaults(func=_cmd_lab)
