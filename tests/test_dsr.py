@@ -667,7 +667,7 @@ def test_each_vip_counts_its_own_packets() -> None:
     sent = {fx.VIP6: 3, fx.VIPL2: 5, fx.VIPM: 2}
     size = {}
     for vip, n in sent.items():
-        for i in range(n):  # one flow each: the first packet takes the general path
+        for _ in range(n):  # one flow: the first packet takes the general path, then fast
             pkt = build.tcp(fx.CLIENT, vip, 41000, 443, flow_label=7)
             size[vip] = len(pkt)
             assert fwd.process(bytearray(pkt), PORT_OUTSIDE, 0.0)[0] in (FORWARD, FORWARD_L2)
