@@ -91,7 +91,8 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "captured. Uses the trace in --from (default: the lab dir's trace of --mode, taken "
         "now if there is none). Exit 1 when they differ or a pcap is missing or empty.",
     )
-    df.add_argument("--name", help="lab name (default: the only lab up)")
+    df.add_argument("file", metavar="FILE", nargs="?", help="the file the lab was built from")
+    df.add_argument("--name", help="lab name (default: FILE's, or the only lab up)")
     df.add_argument(
         "--mode",
         required=True,
@@ -202,7 +203,10 @@ def _lab_diff(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         sys.stdout.write(line + "\n")
 
-    r = diff_trace(args.name, args.mode, Path(args.trace_dir) if args.trace_dir else None, say=say)
+    from v6lb.lab.plan import default_name
+
+    name = args.name if args.name or args.file is None else default_name(args.file)
+    r = diff_trace(name, args.mode, Path(args.trace_dir) if args.trace_dir else None, say=say)
     labels = ", ".join(f"{lbl} = {p}" for p, lbl in r.lab_ports.items())
     how = (
         f"the same client ports, {labels}" if r.same_ports else f"client ports normalised: {labels}"
