@@ -53,7 +53,7 @@ def test_failures_under_traffic() -> None:
     for f in rows.values():
         print(json.dumps({k: v for k, v in f.as_dict().items() if k != "per_flow"}))
 
-    kill = rows["kill-instance"]
+    kill = rows["lb-instance-dies"]
     # both primary instances carried flows before; afterwards only lb-a2 does
     assert set(kill.carriers_before) == {"lb-a1", "lb-a2"}, kill.carriers_before
     assert kill.flows_moved == kill.carriers_before["lb-a1"], kill
@@ -63,7 +63,7 @@ def test_failures_under_traffic() -> None:
     assert kill.route_s is not None and kill.route_s < LIMIT, kill
     assert kill.recovery_s is not None and kill.recovery_s < LIMIT, kill
 
-    uplink = rows["site-uplink"]
+    uplink = rows["site-uplink-down"]
     # only BFD notices upstream: the backup site takes over well within 1 s
     assert uplink.route_s is not None and uplink.route_s < LIMIT, uplink
     assert uplink.recovery_s is not None and uplink.recovery_s < LIMIT, uplink
@@ -73,7 +73,7 @@ def test_failures_under_traffic() -> None:
     # the backup site has its own backends: flows of the primary cannot survive there
     assert uplink.flows_survived == 0 and uplink.flows_reset == uplink.flows, uplink
 
-    site = rows["site-backends"]
+    site = rows["site-backends-die"]
     # health (fall 2 x 0.2 s) withdraws both primary instances, then the backup answers
     assert site.flows_backend_alive == 0, site
     assert site.route_s is not None and site.route_s < 3.0, site
@@ -136,7 +136,7 @@ def test_guards() -> None:
             time.sleep(0.05)
         assert not Path(f"/proc/{bird_pid}").exists(), "bird outlived its v6lb run"
         assert time.monotonic() - t0 < 10
-        repair(lab, "kill-instance")
+        repair(lab, "lb-instance-dies")
 
         # 2. the LB's own check: its nft table is gone, so it withdraws although healthy
         lab.nsx(a1, "nft", "delete", "table", "ip6", f"v6lb_{a1}")
@@ -214,16 +214,29 @@ def test_guards() -> None:
 
 
 def test_lab_trace_anycast_cli() -> None:
-    """`v6lb lab trace --mode anycast`: which instance carried each flow, before and after."""
+    """`v6lb lab trace --mode anycast`: which instance carried each flow, before and after;
+    the lab is named by --name (and gone afterwards)."""
     v6lb = str(Path(sys.executable).parent / "v6lb")
-    argv = [v6lb, "lab", "trace", "--mode", "anycast", "--file", str(EXAMPLE)]
-    r = subprocess.run(
-        [*argv, "--failure", "kill-instance", "--json"],
-        capture_output=True,
+    name = f"atr{os.getpid() % 100000}"
+    argv = [v6lb, "lab", "trace", "--mode", "anycast", str(EXAMPLE), "--name", name]
+    proc = subprocess.Popen(
+        [*argv, "--failure", "lb-instance-dies", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=240,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+
+    def netns() -> str:
+        return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+    seen, deadline = False, time.monotonic() + 60
+    while not seen and proc.poll() is None and time.monotonic() < deadline:
+        seen = f"v6lb-{name}-lb-a1" in netns()  # the lab carries the name given
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert seen and f"v6lb-{name}-" not in netns()  # and is gone afterwards
+    r = subprocess.CompletedProcess(argv, 0, stdout, stderr)
     t = json.loads(r.stdout)
     assert t["routes_before"] == {"upstream": ["r-a"], "r-a": ["lb-a1", "lb-a2"], "r-b": ["lb-b1"]}
     assert t["routes_after"] == {"upstream": ["r-a"], "r-a": ["lb-a2"], "r-b": ["lb-b1"]}

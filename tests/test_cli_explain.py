@@ -82,8 +82,10 @@ def test_failure_walkthrough_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_explain_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["explain", "--mode", "bogus"]) == 2
-    assert "unknown mode 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--mode", "bogus"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
     assert main(["explain", "--topology", str(tmp_path / "none.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
@@ -97,7 +99,7 @@ def test_demo_writes_report_pcaps_and_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "--all-hops", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     for mode in (
         "proxy-l4",

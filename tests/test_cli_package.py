@@ -75,7 +75,7 @@ def test_file_and_topology_together_is_a_usage_error(
     other = tmp_path / "other.yaml"
     assert main([command, str(SCENARIO), "--topology", str(other)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("v6lb: error: ")
+    assert err.startswith(f"usage: v6lb {command} ") and "\nv6lb: error: " in err
     assert "FILE" in err and "--topology" in err and str(other) in err
 
 

@@ -148,6 +148,11 @@ def dsr_counters(sock: str) -> dict[str, Any]:
 
 
 @pytest.mark.root
+def vip_packets(sock: str) -> dict[str, int]:
+    """Each VIP's own packet counter, as `v6lb status` shows it."""
+    return {v["name"]: int(v["counter"]["packets"]) for v in query(sock)["vips"]}
+
+
 def test_python_dataplane_dsr_tunnels_probes_and_reload(tmp_path: Path) -> None:
     sock = f"/tmp/v6lb-pd-{os.getpid()}.sock"
     instance = f"d{os.getpid() % 100000}"
@@ -219,6 +224,7 @@ def test_python_dataplane_dsr_tunnels_probes_and_reload(tmp_path: Path) -> None:
             for name, vip in (("tun", VIP6), ("sr", VIPSR)):
                 pool = pools[name]
                 before = dsr_counters(sock)
+                vips_before = vip_packets(sock)
                 flows = [(str(CLIENTS[rng.getrandbits(64)]), vip, 80) for _ in range(20)]
                 seen: dict[str, int] = {}
                 for src, sport, reply, error in connect(c, flows):
@@ -241,6 +247,9 @@ def test_python_dataplane_dsr_tunnels_probes_and_reload(tmp_path: Path) -> None:
                 # (client retransmissions under load can add a few, never 60).
                 assert 3 * 20 <= fwd < 6 * 20 and fwd <= rx <= fwd + 3, (name, fwd, rx)
                 assert after["flow_cache"] - before["flow_cache"] == 20
+                # each VIP its own counter: this one grew by every packet, the others not
+                grew = {k: v - vips_before[k] for k, v in vip_packets(sock).items()}
+                assert grew == {k: fwd if k == name else 0 for k in grew}, (name, grew)
                 print(f"python {name}: 20 of 20 on the predicted backend {seen}; LB saw {fwd}")
 
             # 2. the inner hop limit loses exactly 1 across the LB

@@ -657,3 +657,20 @@ def test_a_pinned_probe_flow_reaches_its_backend_up_or_down() -> None:
     )
     with pytest.raises(ValueError):
         fwd.pin(("l2", 1), "l2", 1, A(fx.LB), 43001, 443)
+
+
+def test_each_vip_counts_its_own_packets() -> None:
+    """Every DSR VIP has its own counter (packets and bytes forwarded), on the fast and the
+    general path alike: the python plane's status shows them per VIP."""
+    fwd = fresh()
+    svc = {s.name: s for s in fwd.services}
+    sent = {fx.VIP6: 3, fx.VIPL2: 5, fx.VIPM: 2}
+    size = {}
+    for vip, n in sent.items():
+        for _ in range(n):  # one flow: the first packet takes the general path, then fast
+            pkt = build.tcp(fx.CLIENT, vip, 41000, 443, flow_label=7)
+            size[vip] = len(pkt)
+            assert fwd.process(bytearray(pkt), PORT_OUTSIDE, 0.0)[0] in (FORWARD, FORWARD_L2)
+    counted = {s.address: (s.packets, s.bytes) for s in svc.values() if s.packets}
+    assert counted == {A(v): (n, n * size[v]) for v, n in sent.items()}
+    assert fwd.counters.forwarded == sum(sent.values())

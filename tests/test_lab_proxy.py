@@ -213,7 +213,13 @@ def test_proxy_lab(lab: tuple[str, Path], tmp_path: Path, engine: str) -> None:
     up = v6lb("lab", "up", str(path), "--name", name, "--proxy", engine)
     assert f"proxy {engine} on 2 VIP port(s)" in up.stderr
     st = json.loads(v6lb("lab", "status", "--name", name, "--json").stdout)
-    assert st["proxy"] == engine and st["lbs"]["lb"]["socket"] is None
+    # a proxy-only LB answers on its control socket too: lab status finds it
+    lb = st["lbs"]["lb"]
+    assert st["proxy"] == engine and lb["socket"] and "error" not in lb["status"], lb
+    assert lb["status"]["proxy_engine"] == engine
+    assert sorted(v["mode"] for v in lb["status"]["proxy_vips"]) == ["proxy-l4", "proxy-l7"]
+    text = v6lb("lab", "status", "--name", name).stdout
+    assert f"proxy-l4 [{L4_VIP}]" in text and "status unavailable" not in text, text
     procs = st["processes"]
     assert sorted(p["node"] for p in procs if p["kind"] == "nginx") == ["be1", "be2", "be3"]
     assert all(p["alive"] for p in procs), procs

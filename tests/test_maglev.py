@@ -373,5 +373,5 @@ def test_cli_maglev_bad_input(
 ) -> None:
     assert main(["maglev", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("v6lb: error: ")
+    assert err.startswith("usage: v6lb maglev ") and "\nv6lb: error: " in err
     assert message in err

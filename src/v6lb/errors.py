@@ -33,7 +33,8 @@ class V6lbError(Exception):
         self.fix = fix
 
     def __str__(self) -> str:
-        if self.fix and self.fix not in self.message:
+        # one "fix:" part: an error wrapping another's text keeps the inner, specific fix
+        if self.fix and self.fix not in self.message and "fix: " not in self.message:
             return f"{self.message}; fix: {self.fix}"
         return self.message
 
@@ -42,6 +43,10 @@ class UsageError(V6lbError):
     """The command line or the config is wrong (exit 2); nothing was changed."""
 
     exit_code: ClassVar[int] = EXIT_USAGE
+
+
+class CommandLineError(UsageError):
+    """The command line itself is wrong (exit 2): the CLI prints the command's usage too."""
 
 
 class RuntimeFailure(V6lbError):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from v6lb import __version__
 from v6lb.cli import check, control, ctl, explain, lab, maglev, npt, run
-from v6lb.errors import UsageError, V6lbError
+from v6lb.errors import CommandLineError, UsageError, V6lbError
 
 __all__ = ["UsageError", "build_parser", "exit_code", "main"]
 
@@ -35,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in _GROUPS:
         group.add_parsers(sub)
+    _remember_usage(parser)
     return parser
+
+
+def _remember_usage(parser: argparse.ArgumentParser) -> None:
+    """Every (sub-)command parser leaves its usage in the namespace (``_usage``): the
+    innermost one parsed wins, and :func:`main` prints it with a command-line error."""
+    parser.set_defaults(_usage=parser.format_usage)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                _remember_usage(p)
 
 
 def exit_code(exc: BaseException) -> int | None:
@@ -60,5 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code(exc)
         if code is None:
             raise
+        if isinstance(exc, CommandLineError):  # the command line is wrong: show how it goes
+            sys.stderr.write(args._usage())
         sys.stderr.write(f"v6lb: error: {exc}\n")
         return code

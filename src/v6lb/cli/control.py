@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from v6lb.errors import UsageError
+from v6lb.errors import CommandLineError
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,7 +68,9 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     try:
         address = IPv6Address(args.address)
     except AddressValueError as exc:
-        raise UsageError(f"--address {args.address!r} is not an IPv6 address: {exc}") from None
+        raise CommandLineError(
+            f"--address {args.address!r} is not an IPv6 address: {exc}"
+        ) from None
     config = load_config(args.file)
     if args.netns:
         enter_netns(args.netns)

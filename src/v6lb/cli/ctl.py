@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from v6lb.errors import UsageError
+from v6lb.errors import CommandLineError, UsageError
 
 
 def _add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,17 +33,19 @@ def _weight(args: argparse.Namespace) -> int | None:
 
     if args.action != "weight":
         if args.weight is not None:
-            raise UsageError(f"`v6lb ctl {args.action}` takes no N (only `v6lb ctl weight` does)")
+            raise CommandLineError(
+                f"`v6lb ctl {args.action}` takes no N (only `v6lb ctl weight` does)"
+            )
         return None
     if args.weight is None:
-        raise UsageError("`v6lb ctl weight VIP BACKEND N` needs N: a weight from 1 to 255")
+        raise CommandLineError("`v6lb ctl weight VIP BACKEND N` needs N: a weight from 1 to 255")
     try:
         n = int(args.weight)
     except ValueError:
-        raise UsageError(f"weight {args.weight!r} is not an integer: give 1 to 255") from None
+        raise CommandLineError(f"weight {args.weight!r} is not an integer: give 1 to 255") from None
     problem = weight_problem(n)
     if problem is not None:
-        raise UsageError(problem)
+        raise CommandLineError(problem)
     return n
 
 

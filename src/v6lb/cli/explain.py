@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from v6lb import MODES
-from v6lb.cli.common import wide_console
-from v6lb.cli.tables import print_comparison, print_explanation
+from v6lb.cli.common import failure_arg, one_file, terminal_console, wide_console
+from v6lb.cli.tables import print_comparison, print_demo_short, print_explanation
 from v6lb.engines.sim.runs import (
     FAILURE_MODES,
     explain_run,
@@ -18,7 +18,8 @@ from v6lb.engines.sim.runs import (
     save_pcaps,
     write_report,
 )
-from v6lb.errors import UsageError
+from v6lb.errors import CommandLineError
+from v6lb.model.failures import SIM, aliases_note, names, one_line
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -36,13 +37,7 @@ def _add_file(p: argparse.ArgumentParser) -> None:
 
 def scenario_file(args: argparse.Namespace) -> str | None:
     """The file named by FILE or ``--topology`` (None: the built-in scenario)."""
-    if args.file is not None and args.topology is not None:
-        raise UsageError(
-            f"FILE ({args.file}) and --topology ({args.topology}) both name the scenario file;"
-            " give one of them"
-        )
-    file: str | None = args.file if args.file is not None else args.topology
-    return file
+    return one_file(args.file, args.topology, "--topology")
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,6 +55,12 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--npt-only", action="store_true", help="print only the NPTv6 arithmetic walk-through"
     )
+    p.add_argument(
+        "--all-hops",
+        action="store_true",
+        help="the long form: every mode's hop table and answers, each failure walk-through"
+        " and the NPTv6 arithmetic (default: the answer in about 60 lines)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -72,10 +73,14 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "at the LB, what source did the backend see, does the reply cross the LB, what state "
         "does the LB keep, how does the client's address reach the application.",
     )
-    p.add_argument("--mode", help="one of: " + ", ".join(MODES) + " (default: all)")
+    p.add_argument("--mode", choices=MODES, help="the mode to explain (default: every mode)")
     _add_file(p)
     p.add_argument(
-        "--failure", choices=sorted(FAILURE_MODES), help="run a failure walk-through instead"
+        "--failure",
+        type=failure_arg(SIM),
+        metavar="FAILURE",
+        help=f"run a failure walk-through instead: {', '.join(names(SIM))} (under --mode, default"
+        f" {', '.join(f'{k}: {v}' for k, v in FAILURE_MODES.items())}){aliases_note(SIM)}",
     )
     p.add_argument("--json", action="store_true", help="print the same facts as JSON")
     p.add_argument(
@@ -92,7 +97,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     file = scenario_file(args)
     config, topo = load_scenario(file)
     if args.failure:
-        exps = [explain_run(config, topo, FAILURE_MODES[args.failure], args.failure)[0]]
+        mode = pick_modes(config, args.mode or FAILURE_MODES[args.failure])[0]
+        try:
+            exps = [explain_run(config, topo, mode, args.failure)[0]]
+        except ValueError as exc:  # the simulator refuses this mode for this failure
+            raise CommandLineError(
+                f"--failure {args.failure} cannot run under --mode {mode}: {exc}",
+                f"drop --mode (it defaults to {FAILURE_MODES[args.failure]}) or pick another",
+            ) from None
     else:
         exps = [explain_run(config, topo, m)[0] for m in pick_modes(config, args.mode)]
     if args.json:
@@ -153,37 +165,49 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     file = scenario_file(args)
     config, topo = load_scenario(file)
     out = Path(args.out)
-    console = wide_console()
+    long_form = bool(args.all_hops)
+    console = wide_console() if long_form else terminal_console()
     console.print(f"[bold]v6lb demo[/bold]: {file or 'built-in scenario eks-ipv6'}\n")
     exps: list[Explanation] = []
     fails: list[Explanation] = []
+    lines: list[tuple[str, str, str]] = []  # failure, mode, what happened
     pcap_files: list[Path] = []
 
-    for mode in pick_modes(config, None):
+    modes = pick_modes(config, None)
+    for mode in modes:
         e, res = explain_run(config, topo, mode)
         exps.append(e)
         pcap_files += save_pcaps(out / "pcaps" / mode, res)
-        print_explanation(console, e, max_rows=40)
-    print_comparison(console, exps)
-    console.print()
-    console.rule("[bold]Failure walk-throughs[/bold]")
+        if long_form:
+            print_explanation(console, e, max_rows=40)
+    if long_form:
+        print_comparison(console, exps)
+        console.print()
+        console.rule("[bold]Failure walk-throughs[/bold]")
     for failure, mode in FAILURE_MODES.items():
-        if mode not in pick_modes(config, None):
+        if mode not in modes:
             continue
         e, res = explain_run(config, topo, mode, failure)
         e.title = f"{failure}: {e.title}"
         fails.append(e)
         pcap_files += save_pcaps(out / "pcaps" / f"failure-{failure}", res)
+        lines.append((failure, mode, one_line(failure, res.facts)))
         summary = res.facts.get("summary")
-        print_explanation(console, e, max_rows=30)
-        if isinstance(summary, str):
-            console.print(f"[bold]What the client experienced:[/bold] {summary}\n")
-    if npt_pairs := config.npt:
+        if long_form:
+            print_explanation(console, e, max_rows=30)
+            if isinstance(summary, str):
+                console.print(f"[bold]What the client experienced:[/bold] {summary}\n")
+    if long_form and (npt_pairs := config.npt):
         console.rule("[bold]NPTv6 arithmetic[/bold]")
         p = npt_pairs[0]
         console.print(npt_walkthrough(str(p.inside), str(p.outside)), markup=False, highlight=False)
     report, facts = write_report(out, exps, fails)
-    console.print(f"wrote {report}, {facts} and {len(pcap_files)} pcaps under {out / 'pcaps'}")
+    if long_form:
+        console.print(f"wrote {report}, {facts} and {len(pcap_files)} pcaps under {out / 'pcaps'}")
+        return 0
+    with console.capture() as cap:  # rich pads tables to the width: strip that
+        print_demo_short(console, exps, lines, (report, facts, out / "pcaps", len(pcap_files)))
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
     return 0
 
 

@@ -7,9 +7,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from v6lb.cli.common import add_plane_options, wide_console
+from v6lb.cli.common import add_lab_failure, add_plane_options, one_file, wide_console
 from v6lb.cli.tables import print_explanation
-from v6lb.errors import UsageError
+from v6lb.errors import CommandLineError
 from v6lb.model.modes import modes_where
 
 
@@ -51,18 +51,16 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--mode, then prints the hop table and answers of `v6lb explain` built from the "
         "captures. See docs/lab.md.",
     )
-    tr.add_argument("--name", help="lab name (default: the only lab up)")
+    tr.add_argument("file", metavar="FILE", nargs="?", help="--mode anycast: the file to build")
+    tr.add_argument("--file", dest="file_opt", metavar="FILE", help="the same as FILE (an alias)")
+    tr.add_argument("--name", help="lab name (default: FILE's, the only lab up; anycast: fo<pid>)")
     tr.add_argument(
         "--mode",
         required=True,
-        help=f"{', '.join(modes_where(test=lambda m: bool(m.engines)))}, or anycast (with --file)",
+        choices=[*modes_where(test=lambda m: bool(m.engines)), "anycast"],
+        help="the mode whose VIP to trace; anycast builds FILE's two-site lab",
     )
-    tr.add_argument("--file", metavar="FILE", help="--mode anycast: the two-site file to build")
-    tr.add_argument(
-        "--failure",
-        default="none",
-        help="--mode anycast: none, kill-instance, site-backends or site-uplink (default none)",
-    )
+    add_lab_failure(tr, "none", "--mode anycast: none (default) or", default="none")
     tr.add_argument("--out", metavar="DIR", help="where the pcaps go (default: the lab dir)")
     tr.add_argument("--json", action="store_true", help="print the explanation as JSON")
     tr.add_argument("--all-hops", action="store_true", help="show every captured packet")
@@ -76,12 +74,8 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "100 ms), repairs it, and prints the table of docs/anycast.md. Removes the lab after.",
     )
     fo.add_argument("file", metavar="FILE", help="for example examples/anycast-sites.yaml")
-    fo.add_argument(
-        "--failure",
-        action="append",
-        choices=["kill-instance", "site-backends", "site-uplink", "all"],
-        help="repeat for several (default: all)",
-    )
+    add_lab_failure(fo, "all", "repeat for several; all (default) or", action="append")
+    fo.add_argument("--name", help="lab name, [a-z0-9]{1,12} (default: fo<pid>)")
     fo.add_argument("--rounds", type=int, default=1, help="runs of each failure (default 1)")
     fo.add_argument("--flows", type=int, default=30, help="long-lived connections (default 30)")
     fo.add_argument(
@@ -97,9 +91,13 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "captured. Uses the trace in --from (default: the lab dir's trace of --mode, taken "
         "now if there is none). Exit 1 when they differ or a pcap is missing or empty.",
     )
-    df.add_argument("--name", help="lab name (default: the only lab up)")
+    df.add_argument("file", metavar="FILE", nargs="?", help="the file the lab was built from")
+    df.add_argument("--name", help="lab name (default: FILE's, or the only lab up)")
     df.add_argument(
-        "--mode", required=True, help=", ".join(modes_where(test=lambda m: bool(m.planes)))
+        "--mode",
+        required=True,
+        choices=modes_where(test=lambda m: bool(m.engines)),
+        help="the mode whose trace to compare (the proxies' are refused, with why)",
     )
     df.add_argument("--from", dest="trace_dir", metavar="DIR", help="a `lab trace --out` dir")
     df.set_defaults(func=_cmd_lab)
@@ -110,7 +108,12 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     if args.lab_command == "trace" and args.mode == "anycast":
         from v6lb.lab.anycast_trace import lab_trace_anycast
 
-        return lab_trace_anycast(args.file, failure=args.failure, as_json=args.json)
+        return lab_trace_anycast(
+            one_file(args.file, args.file_opt, "--file"),
+            failure=args.failure,
+            as_json=args.json,
+            name=args.name,
+        )
     if args.lab_command == "failover":
         from v6lb.lab.failover import lab_failover
 
@@ -121,6 +124,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
             flows=args.flows,
             after_s=args.after,
             as_json=args.json,
+            name=args.name,
         )
     action: Callable[[argparse.Namespace], int] = _ACTIONS[args.lab_command]
     return action(args)
@@ -143,7 +147,7 @@ def _lab_down(args: argparse.Namespace) -> int:
     from v6lb.lab.netns import lab_down, resolve_name
 
     if args.file is None and args.name is None:
-        raise UsageError("say which lab: v6lb lab down FILE, or --name NAME")
+        raise CommandLineError("say which lab: v6lb lab down FILE, or --name NAME")
     name = resolve_name(args.name, args.file)
     done = lab_down(name)
     sys.stdout.write(f"lab {name}: " + ("removed" if done else "nothing to remove") + "\n")
@@ -179,7 +183,7 @@ def _lab_trace(args: argparse.Namespace) -> int:
     from v6lb.lab.netns import resolve_name
     from v6lb.lab.trace import explain_trace, run_trace
 
-    name = resolve_name(args.name, None)
+    name = resolve_name(args.name, one_file(args.file, args.file_opt, "--file"))
     trace = run_trace(name, args.mode, Path(args.out) if args.out else None)
     exp = explain_trace(trace)
     if args.json:
@@ -199,7 +203,10 @@ def _lab_diff(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         sys.stdout.write(line + "\n")
 
-    r = diff_trace(args.name, args.mode, Path(args.trace_dir) if args.trace_dir else None, say=say)
+    from v6lb.lab.plan import default_name
+
+    name = args.name if args.name or args.file is None else default_name(args.file)
+    r = diff_trace(name, args.mode, Path(args.trace_dir) if args.trace_dir else None, say=say)
     labels = ", ".join(f"{lbl} = {p}" for p, lbl in r.lab_ports.items())
     how = (
         f"the same client ports, {labels}" if r.same_ports else f"client ports normalised: {labels}"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from v6lb.core.maglev import DEFAULT_TABLE_SIZE
-from v6lb.errors import UsageError
+from v6lb.errors import CommandLineError
 
 
 def _add_maglev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,16 +48,18 @@ def _cmd_maglev(args: argparse.Namespace) -> int:
     try:
         check_table_size(size)
     except ValueError as exc:
-        raise UsageError(f"--table-size: {exc}") from None
+        raise CommandLineError(f"--table-size: {exc}") from None
     if n < 1:
-        raise UsageError(f"--backends {n}: need at least 1 backend")
+        raise CommandLineError(f"--backends {n}: need at least 1 backend")
     if n > size:
-        raise UsageError(
+        raise CommandLineError(
             f"--backends {n} is more than --table-size {size}: every backend needs a table entry"
         )
     remove: int = min(1, n - 1) if args.remove is None else args.remove
     if not 0 <= remove < n:
-        raise UsageError(f"--remove {remove}: choose 0..{n - 1} (at least one backend must stay)")
+        raise CommandLineError(
+            f"--remove {remove}: choose 0..{n - 1} (at least one backend must stay)"
+        )
     base = int(ipaddress.IPv6Address("2001:db8::"))
     names = [backend_id(str(ipaddress.IPv6Address(base + i + 1)), 80) for i in range(n)]
 

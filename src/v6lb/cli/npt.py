@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from v6lb.errors import UsageError
+from v6lb.errors import CommandLineError, UsageError
 
 if TYPE_CHECKING:
     from v6lb.core.nptv6 import NptMapping
@@ -55,7 +55,7 @@ def _mapping(args: argparse.Namespace) -> NptMapping:
     try:
         return NptMapping(args.inside, args.outside)
     except NptPrefixError as exc:
-        raise UsageError(f"invalid NPT prefix: {exc}") from None
+        raise CommandLineError(f"invalid NPT prefix: {exc}") from None
 
 
 def _cmd_npt_map(args: argparse.Namespace) -> int:

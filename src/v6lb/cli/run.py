@@ -7,7 +7,7 @@ import sys
 
 from v6lb.cli.common import add_plane_options
 from v6lb.engines.planes import Role, names
-from v6lb.errors import UsageError, V6lbError
+from v6lb.errors import CommandLineError, V6lbError
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.control_socket is not None:
         problem = control_socket_problem(args.control_socket, args.instance or "lb0")
         if problem is not None:
-            raise UsageError(f"--control-socket: {problem[0]}; fix: {problem[1]}")
+            raise CommandLineError(f"--control-socket: {problem[0]}; fix: {problem[1]}")
     # every engine: systemd's default soft limit of 1024 held 502 proxied connections
     before, after = raise_nofile()
     if after != before:

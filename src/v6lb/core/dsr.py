@@ -138,7 +138,9 @@ _UNMATCHED: Final = int(Reason.ICMP_ERROR_UNMATCHED)
 # template or None for dsr-l2, largest inner packet that fits, flow label for
 # unlabelled packets, link-layer target for dsr-l2, template length - 40,
 # offset of the inner hop limit in the output).
-Entry = tuple[BackendPool, int, int, bytearray | None, int, int, bytes | None, int, int]
+Entry = tuple[
+    BackendPool, int, int, bytearray | None, int, int, bytes | None, int, int, "DsrService"
+]
 FlowKey = tuple[int, bytes]
 
 
@@ -195,6 +197,8 @@ class DsrService:
         "nh_offset",
         "icmp_forwarded",
         "icmp_unmatched",
+        "packets",
+        "bytes",
         "_templates",
     )
 
@@ -247,6 +251,10 @@ class DsrService:
         # because they quote no flow of the address's VIPs (counted on its first VIP).
         self.icmp_forwarded = 0
         self.icmp_unmatched = 0
+        # the clients' packets (and their bytes) sent on to a backend: this VIP's own
+        # counter, as the kernel plane's per-VIP nft counter (the probes' not counted)
+        self.packets = 0
+        self.bytes = 0
         if self.routed:
             if tunnel_source is None or len(tunnel_source) != 16:
                 raise ValueError(f"{name}: mode {mode} needs a 16-byte tunnel source")
@@ -268,7 +276,7 @@ class DsrService:
         if tmpl is None:
             mac = self.macs[index]
             l2 = mac if mac is not None else self.pool.addresses[index]
-            return (self.pool, self.pool.generation, index, None, 0, 0, l2, 0, 0)
+            return (self.pool, self.pool.generation, index, None, 0, 0, l2, 0, 0, self)
         n = len(tmpl)
         return (
             self.pool,
@@ -280,6 +288,7 @@ class DsrService:
             None,
             n - IPV6_HDR_LEN,
             n + OFF_HLIM,
+            self,
         )
 
 
@@ -466,14 +475,18 @@ class DsrForwarder:
                 lru = self._lru
                 e = lru.get(key)
                 if e is not None:
-                    pool, gen, _, tmpl, limit, label, l2, ext, hoff = e
+                    pool, gen, _, tmpl, limit, label, l2, ext, hoff, svc = e
                     if pool.generation == gen:
                         if tmpl is None:
                             lru.move_to_end(key)
                             self.counters.forwarded += 1
+                            svc.packets += 1
+                            svc.bytes += n
                             return (FORWARD_L2, PORT_INSIDE, l2)
                         if hl > 1 and n <= limit:
                             lru.move_to_end(key)
+                            svc.packets += 1
+                            svc.bytes += n
                             out = tmpl + buf
                             if not w0 & 0xFFFFF:
                                 w0 |= label
@@ -625,7 +638,7 @@ class DsrForwarder:
             if e[1] != pool.generation:
                 if pool.keeps_existing(e[2]):
                     # Up (draining or not): the flow stays where it is.
-                    e = (pool, pool.generation, e[2], e[3], e[4], e[5], e[6], e[7], e[8])
+                    e = (pool, pool.generation, *e[2:])
                     lru[key] = e
                 else:
                     # Down: the flow is lost and picked again.
@@ -663,27 +676,29 @@ class DsrForwarder:
         if routed and buf[OFF_HLIM] <= 1:
             return self._error(buf, _HOP_LIMIT, ICMP6_TIME_EXCEEDED, TE_HOP_LIMIT, 0, port, now)
         if not routed:
-            self._count(probe)
+            self._count(probe, svc, len(buf))
             return (FORWARD_L2, PORT_INSIDE, e[6])
         n = len(buf)
         if n <= e[4]:
-            self._count(probe)
+            self._count(probe, svc, len(buf))
             return (FORWARD, PORT_INSIDE, _encap(buf, e))
         if n <= MIN_MTU:
             # RFC 2473 §7.1 (a): fits the IPv6 minimum MTU, so the tunnel
             # fragments the outer packet instead of asking for less than 1280.
-            self._count(probe)
+            self._count(probe, svc, len(buf))
             self.counters.bump("dsr.outer_fragmented")
             return (FORWARD_MANY, PORT_INSIDE, self._fragment(buf, e, svc))
         # RFC 2473 §7.1 (b): Packet Too Big with the tunnel MTU, never below 1280.
         mtu = max(e[4], MIN_MTU)
         return self._error(buf, _TOO_BIG, ICMP6_PACKET_TOO_BIG, 0, mtu, port, now)
 
-    def _count(self, probe: bool) -> None:
+    def _count(self, probe: bool, svc: DsrService, n: int) -> None:
         if probe:
             self.counters.bump("dsr.probe_packets")
         else:
             self.counters.forwarded += 1
+            svc.packets += 1
+            svc.bytes += n
 
     def _fragment(self, buf: bytearray, e: Entry, svc: DsrService) -> list[bytearray]:
         """RFC 8200 §4.5: the outer header (and SRH) repeated, a Fragment header, a slice."""

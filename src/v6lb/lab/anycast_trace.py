@@ -59,9 +59,11 @@ def run_anycast_trace(
     flows: int = 8,
     after_s: float = 2.0,
     log: Callable[[str], None] = lambda _m: None,
+    name: str | None = None,
 ) -> AnycastTrace:
-    """Build the lab of ``path``, trace ``flows`` flows through ``failure`` (None: no failure)."""
-    with build(path, log=log) as lab:
+    """Build the lab of ``path`` (named ``name``, default ``fo<pid>``), trace ``flows``
+    flows through ``failure`` (None: no failure)."""
+    with build(path, log=log, name=name) as lab:
         sites = {
             s.name: {"router": s.router, "cost": s.cost, "instances": list(s.lbs)}
             for s in lab.sites
@@ -143,19 +145,25 @@ def _counts(d: dict[str, int]) -> str:
 
 
 def lab_trace_anycast(
-    file: str | None, *, failure: str | None = None, as_json: bool = False
+    file: str | None,
+    *,
+    failure: str | None = None,
+    as_json: bool = False,
+    name: str | None = None,
 ) -> int:
-    """`v6lb lab trace --mode anycast --file FILE [--failure F] [--json]`."""
+    """`v6lb lab trace --mode anycast FILE [--failure F] [--name NAME] [--json]`."""
     import sys
 
     from v6lb.lab.failover import FAILURES
-    from v6lb.lab.plan import LabError
+    from v6lb.lab.plan import LabError, check_name
 
     if not file:
         raise LabError(
             "--mode anycast builds its own two-site lab from a file",
-            "give it: v6lb lab trace --mode anycast --file examples/anycast-sites.yaml",
+            "give it: v6lb lab trace --mode anycast examples/anycast-sites.yaml",
         )
+    if name is not None:
+        check_name(name)
     given = failure
     failure = None if given in (None, "none") else given
     if failure is not None and failure not in FAILURES:
@@ -164,6 +172,6 @@ def lab_trace_anycast(
     def log(msg: str) -> None:
         sys.stderr.write(f"v6lb lab trace: {msg}\n")
 
-    t = run_anycast_trace(file, failure, log=log)
+    t = run_anycast_trace(file, failure, log=log, name=name)
     sys.stdout.write(t.to_json() + "\n" if as_json else format_anycast_trace(t))
     return 0

@@ -31,14 +31,18 @@ and of those whose backend is still alive), what the clients saw (resets, timeou
 the worst stall), and which instance carried each flow before and after. The failures
 (:data:`FAILURES`):
 
-``kill-instance``  SIGKILL of one primary instance's process group (v6lb and its bird);
-``site-backends``  every backend server of the primary site killed: the site withdraws;
-``site-uplink``    the primary site router's uplink set down: only BFD notices upstream.
+``lb-instance-dies``   SIGKILL of one primary instance's process group (v6lb and its bird);
+``site-backends-die``  every backend server of the primary site killed: the site withdraws;
+``site-uplink-down``   the primary site router's uplink set down: only BFD notices upstream.
+
+These are the names of :mod:`v6lb.model.failures`, shared with `v6lb explain`; the
+CLI maps the older ``kill-instance``, ``site-backends`` and ``site-uplink`` to them.
 
 tests/test_anycast_failover.py and ``v6lb lab failover`` both use this module, so they
 measure the same way (docs/anycast.md has the table). The lab is named ``fo<pid>``
-(namespaces ``v6lb-fo<pid>-<node>``, files in ``/run/v6lb/lab/fo<pid>``); it is removed
-when :func:`build`'s context exits, or by ``v6lb lab down --name fo<pid>`` after a crash.
+unless ``--name`` names it (namespaces ``v6lb-NAME-<node>``, files in
+``/run/v6lb/lab/NAME``); it is removed when :func:`build`'s context exits, or by
+``v6lb lab down --name NAME`` after a crash.
 """
 
 from __future__ import annotations
@@ -62,7 +66,15 @@ from typing import Any, Final
 from v6lb.engines.bird import Bird, BirdError, set_l4_ecmp_hash, start_bird
 from v6lb.engines.control import ControlError, query
 from v6lb.lab.netns import build_network, lab_down, restore_routes
-from v6lb.lab.plan import LAB_ROOT, ROUTE_PROTO, LabError, LabPlan, derive_node_config, plan_lab
+from v6lb.lab.plan import (
+    LAB_ROOT,
+    ROUTE_PROTO,
+    LabError,
+    LabPlan,
+    check_name,
+    derive_node_config,
+    plan_lab,
+)
 from v6lb.model.bgp import BgpSection, BgpSettings, Neighbour
 from v6lb.model.config import (
     Config,
@@ -91,7 +103,7 @@ __all__ = [
     "run_failovers",
 ]
 
-FAILURES: Final = ("kill-instance", "site-backends", "site-uplink")
+FAILURES: Final = ("lb-instance-dies", "site-backends-die", "site-uplink-down")
 UPSTREAM_ASN: Final = 65000
 PORT: Final = 80
 GOOD_S: Final = 0.5  # a new connection that takes longer than this counts as slow
@@ -455,9 +467,10 @@ def _tunnel_source(vip: Vip, config: Config, own: IPv6Address) -> Vip:
     return vip
 
 
-def _plan(config: Config, topo: Topology, sites: list[Site]) -> LabPlan:
+def _plan(config: Config, topo: Topology, sites: list[Site], name: str | None) -> LabPlan:
     """The lab builder's plan of the network, with what this lab adds to it."""
-    plan = plan_lab(config, topo, f"fo{os.getpid()}", root=LAB_ROOT, static_anycast=False)
+    name = check_name(name) if name is not None else f"fo{os.getpid()}"
+    plan = plan_lab(config, topo, name, root=LAB_ROOT, static_anycast=False)
     for node in plan.namespaces:  # a cut link keeps its addresses when it comes back
         plan.sysctls[node] = [f"net.ipv6.conf.{x}.keep_addr_on_down=1" for x in ("all", "default")]
     # each LB routes its site's segment ids (SRv6) to the backend that owns them
@@ -476,9 +489,15 @@ def _plan(config: Config, topo: Topology, sites: list[Site]) -> LabPlan:
 
 @contextmanager
 def build(
-    path: str | Path, *, log: Callable[[str], None] = lambda _m: None, dataplane: str = "kernel"
+    path: str | Path,
+    *,
+    log: Callable[[str], None] = lambda _m: None,
+    dataplane: str = "kernel",
+    name: str | None = None,
 ) -> Iterator[Lab]:
     """Build the lab of ``path``; tear down everything (namespaces, processes) on exit.
+
+    ``name``: the lab's name (``v6lb-NAME-NODE`` namespaces), default ``fo<pid>``.
 
     ``dataplane``: every LB's ``v6lb run --dataplane`` (``kernel`` or ``python``). The
     python plane runs no BGP speaker, so the lab runs one in each of its LB namespaces
@@ -499,7 +518,7 @@ def build(
     vip = next((v.address for v in config.vips if v.mode.is_dsr or v.mode is VipMode.NAT), None)
     if vip is None:
         raise LabError("the file has no dsr-* or nat VIP", "add one to vips:")
-    plan = _plan(config, topo, sites)
+    plan = _plan(config, topo, sites, name)
     lab = Lab(plan, client, upstream, sites, vip, asn_site, log=log, dataplane=dataplane)
     build_network(plan)
     try:
@@ -610,7 +629,7 @@ def _failure_action(
     primary = lab.sites[0]
     if failure == "none":
         return "nothing", lambda: None, lambda: True, set()
-    if failure == "kill-instance":
+    if failure == "lb-instance-dies":
         lb = primary.lbs[0]
         rest = {str(lab.addr(x, primary.lan)) for x in primary.lbs[1:]}
 
@@ -619,7 +638,7 @@ def _failure_action(
             os.killpg(p.pid, signal.SIGKILL)
 
         return lb, kill, lambda: lab.nexthops(primary.router) == rest, set()
-    if failure == "site-backends":
+    if failure == "site-backends-die":
 
         def stop_backends() -> None:
             for be in primary.backends:
@@ -633,7 +652,7 @@ def _failure_action(
             lambda: lab.via_site() == lab.sites[1].name,
             dead,
         )
-    if failure == "site-uplink":
+    if failure == "site-uplink-down":
         uplink = lab.ifname(primary.router, primary.uplink)
 
         def cut() -> None:
@@ -756,17 +775,17 @@ def repair(lab: Lab, failure: str, timeout: float = 30) -> float:
     """Undo ``failure`` and wait for the steady state; the seconds that took."""
     primary = lab.sites[0]
     t0 = time.monotonic()
-    if failure == "kill-instance":
+    if failure == "lb-instance-dies":
         lb = primary.lbs[0]
         p = lab.lbs.get(lb)
         if p is not None:
             p.wait(timeout=10)
         lab.start_lb(lb)
-    elif failure == "site-backends":
+    elif failure == "site-backends-die":
         for be in primary.backends:
             lab.servers.pop(be, None)
             lab.start_server(be)
-    elif failure == "site-uplink":
+    elif failure == "site-uplink-down":
         uplink = lab.ifname(primary.router, primary.uplink)
         lab.nsx(primary.router, "ip", "link", "set", uplink, "up")
         restore_routes(lab.plan, primary.router)
@@ -803,13 +822,14 @@ def run_failovers(
     flows: int = 30,
     after_s: float = 3.0,
     log: Callable[[str], None] = lambda _m: None,
+    name: str | None = None,
 ) -> list[Figures]:
     """Build the lab once, run each failure ``rounds`` times (repairing in between)."""
     bad = [f for f in failures if f not in FAILURES]
     if bad:
         raise LabError(f"unknown failure {bad[0]!r}", f"use one of: {', '.join(FAILURES)}")
     rows = []
-    with build(path, log=log) as lab:
+    with build(path, log=log, name=name) as lab:
         for _ in range(rounds):
             for failure in failures:
                 fig = measure(lab, failure, flows=flows, after_s=after_s)
@@ -831,6 +851,7 @@ def lab_failover(
     flows: int = 30,
     after_s: float = 3.0,
     as_json: bool = False,
+    name: str | None = None,
 ) -> int:
     """`v6lb lab failover FILE [--failure F]... [--rounds N]`: print the table (or JSON).
 
@@ -840,12 +861,16 @@ def lab_failover(
     chosen = list(FAILURES) if "all" in wanted else list(dict.fromkeys(wanted))
     if rounds < 1 or flows < 1 or after_s <= 0:
         raise LabError("--rounds, --flows and --after must be positive", "for example --rounds 3")
+    if name is not None:
+        check_name(name)
 
     def log(msg: str) -> None:
         sys.stderr.write(f"v6lb lab failover: {msg}\n")
         sys.stderr.flush()
 
-    rows = run_failovers(file, chosen, rounds=rounds, flows=flows, after_s=after_s, log=log)
+    rows = run_failovers(
+        file, chosen, rounds=rounds, flows=flows, after_s=after_s, log=log, name=name
+    )
     if as_json:
         sys.stdout.write(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
     else:

@@ -115,7 +115,7 @@ def _write_state(plan: LabPlan, processes: list[dict[str, Any]], phase: str) -> 
         "lbs": {
             node: {
                 "instance": plan.lb_instances[node],
-                "socket": str(plan.socket(node)) if _has_l3(plan, node) else None,
+                "socket": str(plan.socket(node)),  # every `v6lb run` opens one
                 "proxy": plan.proxy_engine if _proxy_listeners(plan, node) else None,
                 "listeners": [f"[{a}]:{p}" for a, p in _proxy_listeners(plan, node)],
             }
@@ -136,12 +136,6 @@ def _write_state(plan: LabPlan, processes: list[dict[str, Any]], phase: str) -> 
     tmp = plan.labdir / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(plan.labdir / "state.json")
-
-
-def _has_l3(plan: LabPlan, node: str) -> bool:
-    """Does ``v6lb run`` on this LB node run the L3/L4 data plane (and its control socket)?"""
-    derived = plan.lb_configs[node]
-    return bool(derived.npt) or any(not v.mode.is_proxy for v in derived.vips)
 
 
 def _proxy_listeners(plan: LabPlan, node: str) -> list[tuple[IPv6Address, int]]:
@@ -388,15 +382,12 @@ def _start(plan: LabPlan, processes: list[dict[str, Any]], log: Any) -> None:
     for node, proc in runs:
         sock = str(plan.socket(node))
         want = set(_proxy_listeners(plan, node))
-        l3 = _has_l3(plan, node)
         ns = plan.namespaces[node]
 
-        def serving(sock: str = sock, want: set[Any] = want, l3: bool = l3, ns: str = ns) -> bool:
+        def serving(sock: str = sock, want: set[Any] = want, ns: str = ns) -> bool:
             if want and not want <= _listening(ns):
                 return False
-            if not l3:
-                return True
-            try:
+            try:  # every instance answers on its control socket, proxy-only ones too
                 query(sock, timeout=5)
             except (ControlError, OSError):
                 return False
@@ -568,7 +559,7 @@ def lab_status(name: str, *, root: Path = LAB_ROOT) -> dict[str, Any]:
     for p in state["processes"]:
         p["alive"] = _ours(p) and _alive(p["pid"])
     for node, lb in state.get("lbs", {}).items():
-        if lb.get("socket") is None:  # proxy VIPs only: `v6lb run --proxy` opens no socket
+        if lb.get("socket") is None:  # a lab's state from before proxy-only LBs had one
             ns = state["nodes"].get(node, {}).get("netns", "")
             up = {f"[{a}]:{p}" for a, p in _listening(ns)} if ns in present else set()
             seen = [f"{x} {'listening' if x in up else 'NOT listening'}" for x in lb["listeners"]]
@@ -582,9 +573,21 @@ def lab_status(name: str, *, root: Path = LAB_ROOT) -> dict[str, Any]:
         except (ControlError, OSError) as exc:
             lb["status"] = {"error": str(exc)}
             continue
+        proxy = st.get("proxy") or {}
         lb["status"] = {
             "instance": st.get("instance"),
             "dataplane": st.get("dataplane"),
+            "proxy_engine": proxy.get("engine"),
+            "proxy_vips": [
+                {
+                    "name": v.get("name"),
+                    "mode": v.get("mode"),
+                    "address": v.get("address"),
+                    "ports": v.get("ports", []),
+                    "connections": v.get("connections"),
+                }
+                for v in proxy.get("vips", [])
+            ],
             "uptime_s": st.get("uptime_s"),
             "last_error": st.get("last_error"),
             "vips": [
@@ -606,6 +609,13 @@ def lab_status(name: str, *, root: Path = LAB_ROOT) -> dict[str, Any]:
 def lab_exec(name: str, node: str, cmd: Sequence[str], *, root: Path = LAB_ROOT) -> int:
     """Run ``cmd`` in ``node``'s namespace with this terminal; its exit code."""
     state = _read_state(name, root)
+    if state is None and not any(ns.startswith(f"v6lb-{name}-") for ns in _netns_list()):
+        labs = list_labs(root)
+        raise LabError(
+            f"lab {name!r} is not up"
+            + (f" (labs up: {', '.join(labs)})" if labs else " (no lab is up)"),
+            "start it with `v6lb lab up FILE --name NAME`; `v6lb lab status` lists the labs",
+        )
     ns = (
         state["nodes"][node]["netns"]
         if state is not None and node in state.get("nodes", {})

@@ -77,7 +77,9 @@ class LabError(UsageError):
     """The lab cannot be built or found; ``fix`` says what to do (exit 2)."""
 
     def __str__(self) -> str:
-        return self.message + (f"\n  fix: {self.fix}" if self.fix else "")
+        if not self.fix or "fix: " in self.message:  # one fix: a wrapped error keeps its own
+            return self.message
+        return f"{self.message}\n  fix: {self.fix}"
 
 
 def check_name(name: str) -> str:

@@ -176,58 +176,58 @@ def run_trace(
     for old in out.glob(f"{prefix}*.pcap"):
         old.unlink()
     raw = Path(tempfile.mkdtemp(prefix="v6lb-trace-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    started: list[tuple[str, Path, Path]] = []  # link, pcap, stderr
-    listener = Listener(plan, client, caddr, plan.labdir) if npt is not None else None
-    outbound: dict[str, Any] | None = None
-    try:
-        for i in plan.ifaces:
-            proc, err = _start_capture(plan.switch_ns, i.port, raw / f"{i.port}.pcap")
-            procs.append(proc)
-            started.append((i.link, raw / f"{i.port}.pcap", err))
-        deadline = time.monotonic() + 10
-        for (_, _, err), proc in zip(started, procs, strict=True):
-            while b"listening on" not in err.read_bytes():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise LabError(f"tcpdump did not start: {err.read_text().strip()}")
-                time.sleep(0.05)
-        url = f"http://[{dest}]:{dport}/"
-        ns = plan.namespaces[client]
-        requests = []
-        for k, (method, query, body) in enumerate(_requests(large=mode not in PROXY_MODES)):
-            _forget_path_mtus(plan)
-            port, answer, text = curl(ns, url + query, body, ports[k] if k < len(ports) else 0)
-            if answer is None:
-                raise LabError(f"{method} {url}{query}: the answer is not JSON: {text!r}")
-            pad = answer.pop("pad", None)
-            requests.append(
-                {
-                    "method": method,
-                    "path": "/" + query,
-                    "client_port": port,
-                    "bytes": len(body or b""),
-                    "response_bytes": len(
-                        json.dumps(answer if pad is None else {**answer, "pad": pad})
-                    )
-                    + 1,
-                    "answer": answer,
-                }
-            )
-        if npt is not None:  # and the inside host's own connection out, to the client
-            outbound = outbound_request(plan, npt, caddr)
-        time.sleep(0.3)  # the last ACKs and FINs
-    finally:
-        _stop(procs)
-        if listener is not None:
-            listener.close()
-    initiators: list[list[Any]] = []
-    if mode in PROXY_MODES:  # the LB's own connection to the pod: found from nginx's log
-        pods = [n.name for n in plan.topo.nodes if n.name not in plan.lb_configs]
-        initiators = attach_backend_logs(plan.labdir, pods, requests)
-    if outbound is not None:
-        initiators = [[outbound["source"], outbound["source_port"]]]
-    links: dict[str, str] = {}
-    try:
+    try:  # a failed trace removes its raw captures too
+        procs: list[subprocess.Popen[bytes]] = []
+        started: list[tuple[str, Path, Path]] = []  # link, pcap, stderr
+        listener = Listener(plan, client, caddr, plan.labdir) if npt is not None else None
+        outbound: dict[str, Any] | None = None
+        try:
+            for i in plan.ifaces:
+                proc, err = _start_capture(plan.switch_ns, i.port, raw / f"{i.port}.pcap")
+                procs.append(proc)
+                started.append((i.link, raw / f"{i.port}.pcap", err))
+            deadline = time.monotonic() + 10
+            for (_, _, err), proc in zip(started, procs, strict=True):
+                while b"listening on" not in err.read_bytes():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise LabError(f"tcpdump did not start: {err.read_text().strip()}")
+                    time.sleep(0.05)
+            url = f"http://[{dest}]:{dport}/"
+            ns = plan.namespaces[client]
+            requests = []
+            for k, (method, query, body) in enumerate(_requests(large=mode not in PROXY_MODES)):
+                _forget_path_mtus(plan)
+                port, answer, text = curl(ns, url + query, body, ports[k] if k < len(ports) else 0)
+                if answer is None:
+                    raise LabError(f"{method} {url}{query}: the answer is not JSON: {text!r}")
+                pad = answer.pop("pad", None)
+                requests.append(
+                    {
+                        "method": method,
+                        "path": "/" + query,
+                        "client_port": port,
+                        "bytes": len(body or b""),
+                        "response_bytes": len(
+                            json.dumps(answer if pad is None else {**answer, "pad": pad})
+                        )
+                        + 1,
+                        "answer": answer,
+                    }
+                )
+            if npt is not None:  # and the inside host's own connection out, to the client
+                outbound = outbound_request(plan, npt, caddr)
+            time.sleep(0.3)  # the last ACKs and FINs
+        finally:
+            _stop(procs)
+            if listener is not None:
+                listener.close()
+        initiators: list[list[Any]] = []
+        if mode in PROXY_MODES:  # the LB's own connection to the pod: found from nginx's log
+            pods = [n.name for n in plan.topo.nodes if n.name not in plan.lb_configs]
+            initiators = attach_backend_logs(plan.labdir, pods, requests)
+        if outbound is not None:
+            initiators = [[outbound["source"], outbound["source_port"]]]
+        links: dict[str, str] = {}
         for lk in plan.topo.links:
             records: list[Record] = []
             for link, path, _ in started:

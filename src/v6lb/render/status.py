@@ -223,6 +223,12 @@ def lab_status_text(st: Mapping[str, Any]) -> str:
                     f"    VIP {v['name']} {v['mode']} {v['address']}: {v['packets']} packets;"
                     f" {health}{_lab_icmp(v.get('icmp_errors'))}"
                 )
+            for v in s.get("proxy_vips", []):
+                ports = ",".join(str(p) for p in v.get("ports", []))
+                out.append(
+                    f"    VIP {v['name']} {v['mode']} [{v['address']}]:{ports}"
+                    f" ({s.get('proxy_engine')}): {v.get('connections')} connections"
+                )
             for pair in s.get("npt", []):
                 out.append(
                     f"    NPT {pair['inside']} <-> {pair['outside']}"

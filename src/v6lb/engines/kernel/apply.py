@@ -78,6 +78,8 @@ class KernelError(UsageError, RuntimeError):
         super().__init__(message, fix)
 
     def __str__(self) -> str:
+        if "fix: " in self.message:  # one fix: a wrapped error keeps its own
+            return self.message
         return f"{self.message}\n  fix: {self.fix}"
 
 

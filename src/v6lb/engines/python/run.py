@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
+from v6lb.core.dsr import DsrForwarder
 from v6lb.core.verdict import (
     ACTION_NAMES,
     DROP,
@@ -723,10 +724,15 @@ class PythonPlane(Plane):
         ]
         out = PlaneStatus()
         pools = _pools(self.forwarders)
+        dsr = self.forwarders.get("dsr")
+        dsr_vips = {svc.name: svc for svc in dsr.services} if isinstance(dsr, DsrForwarder) else {}
         for vip in config.vips:
             if vip.name not in pools:
                 continue
             kind = str(vip.mode.facts.forwarder)
+            if (svc := dsr_vips.get(vip.name)) is not None:  # each DSR VIP counts its own
+                out.counters[vip.name] = VipCounter("python dsr forwarded", svc.packets, svc.bytes)
+                continue
             snap = self.forwarders[kind].counters.snapshot()
             out.counters[vip.name] = VipCounter(f"python {kind} forwarded", snap["forwarded"], 0)
         if "nat" in self.forwarders:  # the core counts new and live flows per VIP and backend

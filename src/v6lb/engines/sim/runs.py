@@ -17,6 +17,7 @@ from v6lb.engines.sim.scenario import ScenarioResult, modes_available, run_scena
 from v6lb.errors import UsageError
 from v6lb.model.config import Config, load_topology
 from v6lb.model.explain import Explanation, explain
+from v6lb.model.failures import FAILURES
 from v6lb.model.modes import NAMES
 from v6lb.model.topology import Topology
 from v6lb.render.report import render_report
@@ -31,12 +32,9 @@ __all__ = [
     "write_report",
 ]
 
-FAILURE_MODES: Final = {
-    "backend-dies": "nat",
-    "lb-instance-dies": "anycast",
-    "packet-too-big": "dsr-ip6ip6",
-}
-"""Each failure walk-through and the mode it runs under."""
+FAILURE_MODES: Final = {f.name: f.sim_mode for f in FAILURES if f.sim_mode is not None}
+"""Each failure walk-through the simulator runs and the mode it runs under by default
+(:data:`v6lb.model.failures.FAILURES`: one set of names with the lab)."""
 
 _EMPTY_PCAP: Final = 24  # a file header and no packet: the link carried nothing
 
@@ -62,9 +60,17 @@ def pick_modes(config: Config, wanted: str | None) -> list[str]:
     if wanted not in NAMES:
         raise UsageError(f"unknown mode {wanted!r}; choose one of: {', '.join(NAMES)}")
     if wanted not in avail:
+        if wanted == "anycast":  # not a VIP mode: a dsr-* VIP inside a prefix bgp: announces
+            fix = (
+                "add a bgp: section that announces a prefix holding one of its VIPs"
+                " (see examples/anycast-sites.yaml and docs/anycast.md)"
+            )
+        elif wanted == "npt":
+            fix = "add an npt: section (inside and outside prefix pairs)"
+        else:
+            fix = f"add a VIP with mode {wanted}"
         raise UsageError(
-            f"mode {wanted!r} is not configured in this file (it has: {', '.join(avail)}); "
-            f"add a VIP with mode {wanted} (or an npt: section, or a bgp: section for anycast)"
+            f"mode {wanted!r} is not configured in this file (it has: {', '.join(avail)})", fix
         )
     return [wanted]
 
