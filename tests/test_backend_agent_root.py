@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,33 @@ pytestmark = [
 V6LB = str(Path(sys.executable).parent / "v6lb")
 
 
+class Host:
+    """A namespace with a veth ``e0`` (up, ``address``/64): the backend host of a test."""
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+
+    def __call__(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns, *cmd], capture_output=True, text=True
+        )
+
+
+@contextmanager
+def backend_host(tag: str, address: str) -> Iterator[Host]:
+    ns = f"v6lb-{tag}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        host = Host(ns)
+        host("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
+        host("ip", "link", "set", "e0", "up")
+        host("ip", "-6", "address", "add", f"{address}/64", "dev", "e0", "nodad")
+        yield host
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 def test_an_ip6ip6_end_point_on_an_interface_needs_ip6tnl0(tmp_path: Path) -> None:
-    ns = f"v6lb-ba-{uuid.uuid4().hex[:8]}"
     cfg = tmp_path / "site.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -39,15 +66,8 @@ def test_an_ip6ip6_end_point_on_an_interface_needs_ip6tnl0(tmp_path: Path) -> No
             }
         )
     )
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-
-        def nsx(*cmd: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
-
-        nsx("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
-        nsx("ip", "link", "set", "e0", "up")
-        nsx("ip", "-6", "address", "add", "2001:db8:ba::10/64", "dev", "e0", "nodad")
+    with backend_host("ba", "2001:db8:ba::10") as nsx:
+        ns = nsx.ns
         has_ip6tnl0 = nsx("ip", "link", "show", "ip6tnl0").returncode == 0
         r = subprocess.run(
             [V6LB, "backend", str(cfg), "--address", "2001:db8:ba::10", "--dev", "e0"]
@@ -63,14 +83,11 @@ def test_an_ip6ip6_end_point_on_an_interface_needs_ip6tnl0(tmp_path: Path) -> No
         assert "decapsulation address of its own" in r.stderr, r.stderr
         assert nsx("nft", "list", "ruleset").stdout.strip() == ""  # nothing was installed
         assert "2001:db8:ba:f::81" not in nsx("ip", "-6", "address", "show", "dev", "lo").stdout
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_an_srv6_sid_on_an_interface_needs_seg6_enabled(tmp_path: Path) -> None:
     """A SID assigned on the backend is delivered locally: Linux 6.18 drops the SRv6 packet
     unless seg6_enabled is on for all and the interface (then it decapsulates it itself)."""
-    ns = f"v6lb-bs-{uuid.uuid4().hex[:8]}"
     cfg = tmp_path / "site.yaml"
     vip = {
         "name": "sr",
@@ -82,15 +99,8 @@ def test_an_srv6_sid_on_an_interface_needs_seg6_enabled(tmp_path: Path) -> None:
     }
     lb = {"instance": "bs", "addresses": ["2001:db8:bb::1"]}
     cfg.write_text(yaml.safe_dump({"lb": lb, "vips": [vip]}))
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-
-        def nsx(*cmd: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
-
-        nsx("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
-        nsx("ip", "link", "set", "e0", "up")
-        nsx("ip", "-6", "address", "add", "2001:db8:bb::10/64", "dev", "e0", "nodad")
+    with backend_host("bs", "2001:db8:bb::10") as nsx:
+        ns = nsx.ns
         argv = [V6LB, "backend", str(cfg), "--address", "2001:db8:bb::10", "--dev", "e0"]
         r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
         assert r.returncode == 2, r.stdout + r.stderr
@@ -107,14 +117,11 @@ def test_an_srv6_sid_on_an_interface_needs_seg6_enabled(tmp_path: Path) -> None:
         r = subprocess.run([*argv, "--netns", ns], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert "2001:db8:bb:f::82" in nsx("ip", "-6", "address", "show", "dev", "lo").stdout
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_backend_checks_that_the_host_decapsulates(tmp_path: Path) -> None:
     """`v6lb backend` receives an ip6ip6 probe for its end point on a TUN and sees it
     delivered to the VIP; a firewall that drops tunnels makes it fail, saying how to look."""
-    ns = f"v6lb-bd-{uuid.uuid4().hex[:8]}"
     cfg = tmp_path / "site.yaml"
     vip = {
         "name": "tun",
@@ -126,15 +133,8 @@ def test_backend_checks_that_the_host_decapsulates(tmp_path: Path) -> None:
     cfg.write_text(
         yaml.safe_dump({"lb": {"instance": "bd", "addresses": ["fd00:bd::1"]}, "vips": [vip]})
     )
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-
-        def nsx(*cmd: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
-
-        nsx("ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1")
-        nsx("ip", "link", "set", "e0", "up")
-        nsx("ip", "-6", "address", "add", "fd00:bd::20/64", "dev", "e0", "nodad")
+    with backend_host("bd", "fd00:bd::20") as nsx:
+        ns = nsx.ns
         argv = [V6LB, "backend", str(cfg), "--address", "fd00:bd::10", "--dev", "e0", "--netns", ns]
         r = subprocess.run(argv, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
@@ -153,5 +153,3 @@ def test_backend_checks_that_the_host_decapsulates(tmp_path: Path) -> None:
         assert "to fd00:bd::10 did NOT reach a socket on VIP 2001:db8:bd:f::81" in r.stderr
         assert f"ip netns exec {ns} nstat -az Ip6InUnknownProtos" in r.stderr, r.stderr
         assert f"--address fd00:bd::10 --remove --netns {ns}` takes it away" in r.stderr
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

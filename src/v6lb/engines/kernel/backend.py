@@ -29,7 +29,7 @@ from v6lb.engines.kernel.apply import (
     require_root,
     require_tools,
 )
-from v6lb.engines.kernel.decap_probe import how_to_check, probe_decapsulation
+from v6lb.engines.kernel.decap_probe import how_to_check, probe_decapsulation, seg6_enabled
 from v6lb.engines.kernel.host import HostError, Links, host_links, main_routes
 from v6lb.errors import EXIT_RUNTIME
 from v6lb.model.config import Config, Vip, VipMode
@@ -43,15 +43,6 @@ class DecapProbeError(KernelError):
     """Installed, but the host does not decapsulate what the LB will send it (exit 1)."""
 
     exit_code: ClassVar[int] = EXIT_RUNTIME
-
-
-def _seg6_enabled(dev: str) -> bool:
-    """``net.ipv6.conf.DEV.seg6_enabled`` of the current namespace (False when unreadable)."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{dev}/seg6_enabled") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
 
 
 def _check_end_points(
@@ -84,7 +75,7 @@ def _check_end_points(
             )
         if vip.mode is VipMode.DSR_SRV6:
             at = dev or local
-            if not (_seg6_enabled("all") and _seg6_enabled(at)):
+            if not (seg6_enabled("all") and seg6_enabled(at)):
                 sysctl = (
                     f"sysctl -w net.ipv6.conf.all.seg6_enabled=1 net.ipv6.conf.{at}.seg6_enabled=1"
                 )

@@ -30,7 +30,7 @@ from v6lb.render.routes import decap_address
 from v6lb.wire.build import ipv6, srh, udp
 from v6lb.wire.constants import NH_IPV6
 
-__all__ = ["DecapProbe", "how_to_check", "probe_decapsulation"]
+__all__ = ["DecapProbe", "how_to_check", "probe_decapsulation", "seg6_enabled"]
 
 PAYLOAD = b"v6lb decapsulation probe"
 WAIT_S = 1.0
@@ -58,7 +58,8 @@ def _probe_packet(vip: Vip, end: IPv6Address, source: IPv6Address, port: int) ->
     return bytes(ipv6(source.packed, end.packed, NH_IPV6, inner, ext=ext))
 
 
-def _seg6_enabled(dev: str) -> bool:
+def seg6_enabled(dev: str) -> bool:
+    """``net.ipv6.conf.DEV.seg6_enabled`` of the current namespace (False when unreadable)."""
     try:
         with open(f"/proc/sys/net/ipv6/conf/{dev}/seg6_enabled") as f:
             return f.read().strip() == "1"
@@ -85,7 +86,7 @@ def probe_decapsulation(served: list[tuple[Vip, int]], dev: str) -> list[DecapPr
     socks: list[socket.socket] = []
     try:
         subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
-        if _seg6_enabled(dev):
+        if seg6_enabled(dev):
             with open(f"/proc/sys/net/ipv6/conf/{name}/seg6_enabled", "w") as f:
                 f.write("1")
         out: list[DecapProbe] = []
