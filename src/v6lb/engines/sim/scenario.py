@@ -384,11 +384,21 @@ def _npt(sim: Sim, client: SimNode, body: bytes = b"hello", path: str = "") -> d
         raise ValueError("no LB node runs the npt: pairs")
     mapping = lbs[0].npt.mappings if lbs[0].npt is not None else []
     records: list[tuple[str, str]] = []
+    # A tunnel end point (a DSR backend's address or SID on its lo) is no host's address
+    # to publish: `v6lb backend` decapsulates what is sent to it (the lab does not assign it).
+    ends = {
+        b.sid if vip.mode is VipMode.DSR_SRV6 and b.sid is not None else b.address
+        for vip in sim.config.vips
+        if vip.mode.tunnels
+        for b in vip.backends
+    }
     for name in sim.servers:
         spec = sim.topology.node(name)
         if spec.role not in ("pod", "backend", "server"):
             continue
         for addr in sim.topology.addresses(name):
+            if addr in ends:
+                continue
             for m in mapping:
                 if addr in m.inside:
                     out = m.translate(addr)
