@@ -103,9 +103,13 @@ def test_eks_ipv6_lab_answers_curl_on_every_vip(lab: str) -> None:
             assert seen["proxy_protocol_addr"] == CLIENT and seen["local"][1] == 8080, seen
         elif vip != "web-l7":  # the rest see the client itself
             assert seen["peer"][0] == CLIENT, (vip, seen)
+        if vip == "web-nat":  # at the backend's own address and port
+            assert seen["local"][0] == seen["server"] and seen["local"][1] == 8081, seen
         if dsr:  # the backend answered as the VIP, from its lo
             assert seen["local"][0] == addr, (vip, seen)
-    # npt: a pod at its mapped address, reached statelessly, sees the client
-    outside = NptMapping("fd00:10::/48", "2001:db8:10::/48").translate("fd00:10:0:2::b")
-    code, seen = get(name, f"http://[{outside}]/")
-    assert code == "200" and seen["node"] == "pod-2b" and seen["peer"][0] == CLIENT, seen
+    # npt: pods at their mapped address, reached statelessly, see the client; pod-1a is a
+    # nat backend too (on 8081, so its port 80 is npt's)
+    mapping = NptMapping("fd00:10::/48", "2001:db8:10::/48")
+    for pod, inside in (("pod-2b", "fd00:10:0:2::b"), ("pod-1a", "fd00:10:0:1::a")):
+        code, seen = get(name, f"http://[{mapping.translate(inside)}]/")
+        assert code == "200" and seen["node"] == pod and seen["peer"][0] == CLIENT, seen

@@ -67,7 +67,8 @@ def test_nat_rewrites_destination_only_and_reply_returns_via_lb(
     syn = on(r, "internet", "handshake")[0].pkt
     assert (syn.src.addr, syn.dst.addr, syn.dst.port) == (CLIENT, vip, 80)
     inside = [h.pkt for h in on(r, "private") if h.sender == "lb-a1"]
-    assert inside and all(p.dst.addr == backend and p.dst.port == 80 for p in inside)
+    # ...to the backend's port (8081: port 80 of the pods is left to npt)
+    assert inside and all(p.dst.addr == backend and p.dst.port == 8081 for p in inside)
     assert all(p.src.addr == CLIENT and p.src.port == syn.src.port for p in inside)  # no SNAT
     back = [h.pkt for h in on(r, "private") if h.receiver == "lb-a1"]
     assert back and all((p.src.addr, p.dst.addr) == (backend, CLIENT) for p in back)
@@ -78,7 +79,7 @@ def test_nat_rewrites_destination_only_and_reply_returns_via_lb(
     assert f["reply_via_lb"] is True
     assert "stateful destination NAT" in str(f["translation"])
     assert str(f["lb_state"]).startswith("conntrack: 1 entry")
-    assert f"=> [{backend}]:80" in str(f["lb_state"])
+    assert f"=> [{backend}]:8081" in str(f["lb_state"])
 
 
 def test_npt_rewrites_the_backend_prefix_statelessly(results: dict[str, ScenarioResult]) -> None:
