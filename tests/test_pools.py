@@ -184,7 +184,7 @@ def _kernel_tables(config: Config) -> dict[str, list[int]]:
         assert block, name
         values = dict(re.findall(r"^\t\t\t(\d+) : (.+),$", block.group(1), re.M))
         if vip.mode is VipMode.NAT:
-            keys = [str(b.address) for b in vip.backends]
+            keys = [f"{b.address} . {b.port}" if b.port else str(b.address) for b in vip.backends]
         elif vip.mode.tunnels:
             mark_of = {i: k for (n, k), i in marks.items() if n == vip.name}
             keys = [mark_of[j] for j in range(len(vip.backends))]

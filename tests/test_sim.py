@@ -18,6 +18,8 @@ LB_A1_IN = "fd00:10::a1"
 LB_A1_OUT = "2001:db8:a::10"
 PODS_A = {"fd00:10:0:1::a", "fd00:10:0:2::a", "fd00:10:0:3::a"}
 PODS_B = {"fd00:10:0:1::b", "fd00:10:0:2::b", "fd00:10:0:3::b"}
+# The tunnel end points of pod-Na: on its lo (address ::a, SID ::6), routed to it by the LBs.
+TUNNEL_ENDS = {"fd00:10:0:e1::a", "fd00:10:0:e2::a", "fd00:10:0:e3::a"}
 NODES = {"fd00:10::11", "fd00:10::12", "fd00:10::13"}
 LBS = {"lb-a1", "lb-a2", "lb-b1"}
 
@@ -65,7 +67,8 @@ def test_nat_rewrites_destination_only_and_reply_returns_via_lb(
     syn = on(r, "internet", "handshake")[0].pkt
     assert (syn.src.addr, syn.dst.addr, syn.dst.port) == (CLIENT, vip, 80)
     inside = [h.pkt for h in on(r, "private") if h.sender == "lb-a1"]
-    assert inside and all(p.dst.addr == backend and p.dst.port == 80 for p in inside)
+    # ...to the backend's port (8081: port 80 of the pods is left to npt)
+    assert inside and all(p.dst.addr == backend and p.dst.port == 8081 for p in inside)
     assert all(p.src.addr == CLIENT and p.src.port == syn.src.port for p in inside)  # no SNAT
     back = [h.pkt for h in on(r, "private") if h.receiver == "lb-a1"]
     assert back and all((p.src.addr, p.dst.addr) == (backend, CLIENT) for p in back)
@@ -76,7 +79,7 @@ def test_nat_rewrites_destination_only_and_reply_returns_via_lb(
     assert f["reply_via_lb"] is True
     assert "stateful destination NAT" in str(f["translation"])
     assert str(f["lb_state"]).startswith("conntrack: 1 entry")
-    assert f"=> [{backend}]:80" in str(f["lb_state"])
+    assert f"=> [{backend}]:8081" in str(f["lb_state"])
 
 
 def test_npt_rewrites_the_backend_prefix_statelessly(results: dict[str, ScenarioResult]) -> None:
@@ -105,19 +108,20 @@ def test_dsr_tunnels_keep_the_inner_packet_and_bypass_the_lb_on_reply(
     r = results[mode]
     vip = {"dsr-ip6ip6": "2001:db8:a:100::84", "dsr-srv6": "2001:db8:a:100::85"}[mode]
     backend = r.facts["backend"]
-    assert backend in PODS_A
+    assert backend in TUNNEL_ENDS
+    end = backend[:-1] + "6" if mode == "dsr-srv6" else backend  # the SID, or the address
     tunnelled = [h.pkt for h in on(r, "private") if h.sender == "lb-a1"]
     assert tunnelled
     for p in tunnelled:
-        assert p.proto == proto and (p.src.addr, p.dst.addr) == (LB_A1_IN, backend)
+        assert p.proto == proto and (p.src.addr, p.dst.addr) == (LB_A1_IN, end)
         assert p.inner is not None
         assert (p.inner.src.addr, p.inner.dst.addr, p.inner.dst.port) == (CLIENT, vip, 80)
     if mode == "dsr-srv6":
-        assert tunnelled[0].segments == (backend,)
+        assert tunnelled[0].segments == (end,)
     replies = [h for h in r.hops if h.pkt.src.addr == vip and h.pkt.dst.addr == CLIENT]
     assert replies and not any(h.sender in LBS or h.receiver in LBS for h in replies)
     assert [h.link for h in replies if h.leg == "response"] == [
-        "pods-" + backend[10],
+        "pods-" + backend[11],  # fd00:10:0:eN::a is pod-Na's, on pods-N
         "private",
         "transit-a",
         "internet",

@@ -30,14 +30,12 @@ def test_backend_dies_moves_only_its_flows(eks: tuple[Config, Topology], mode: s
     r = run_scenario(*eks, mode, failure="backend-dies")
     f = r.facts
     dead = f["dead_backend"]
-    assert f["dead_node"] == {"fd00:10:0:1::a": "pod-1a", "fd00:10:0:2::a": "pod-2a"}[str(dead)]
+    # nat reaches the pods at their interface address, dsr-ip6ip6 tunnels to their lo's
+    pre = "fd00:10:0:" if mode == "nat" else "fd00:10:0:e"
+    assert f["dead_node"] == {f"{pre}{n}::a": f"pod-{n}a" for n in "123"}[str(dead)]
     flows = f["flows"]
     assert isinstance(flows, list)
-    assert {fl["backend_before"] for fl in flows} == {
-        "fd00:10:0:1::a",
-        "fd00:10:0:2::a",
-        "fd00:10:0:3::a",
-    }
+    assert {fl["backend_before"] for fl in flows} == {f"{pre}{n}::a" for n in "123"}
     for fl in flows:
         assert fl["completed"], fl
         if fl["on_dead_backend"]:
@@ -47,8 +45,12 @@ def test_backend_dies_moves_only_its_flows(eks: tuple[Config, Topology], mode: s
             # Established NAT flows to the other backends carry on, untouched.
             assert fl["backend_after"] == fl["backend_before"] and fl["same_connection"]
     assert f["established_flows_survived"] is True and f["dead_backend_flows_moved"] is True
-    assert f["maglev_moved_only_dead_backend_flows"] is True
-    assert f["maglev_moved"] == f["maglev_dead_backend_flows"]
+    # Maglev moves the dead backend's flows and, its disruption being minimal but not zero,
+    # at most a few others (the dsr-ip6ip6 table moves 2 of 4000 here).
+    others = f["maglev_moved_other_flows"]
+    assert f["maglev_moved"] == f["maglev_dead_backend_flows"] + others
+    assert others <= f["maglev_sample_flows"] // 200
+    assert (others == 0) is f["maglev_moved_only_dead_backend_flows"]
     assert 0 < f["maglev_moved"] < f["maglev_sample_flows"]
     drops = {(h.receiver, h.dropped) for h in r.hops if h.dropped}
     if mode == "nat":

@@ -1,0 +1,115 @@
+"""The built-in scenario, ``examples/eks-ipv6.yaml``, as a lab on the kernel data plane.
+
+``v6lb lab up`` builds it once (15 namespaces, three LB instances, the pods' nginx and
+HTTP servers, ``v6lb backend`` on the DSR backends) under a name unique to this run; the
+client then GETs every VIP with real curl through ``v6lb lab exec``, plus one pod at its
+NPT-mapped address, and each answer must be HTTP 200 from the right kind of backend, which
+saw the client's own address. The teardown always runs ``lab down`` and checks nothing is
+left. Addresses: 2001:db8::/32 and fd00::/8 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from v6lb.core.nptv6 import NptMapping
+from v6lb.lab.plan import LAB_ROOT
+
+pytestmark = [pytest.mark.root]
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "eks-ipv6.yaml"
+V6LB = [sys.executable, "-m", "v6lb.cli"]
+CLIENT = "2001:db8:ffff::100"
+PODS_A = {f"pod-{n}a" for n in "123"}
+PODS_B = {f"pod-{n}b" for n in "123"}
+NODES = {f"node{n}" for n in "123"}
+# VIP name -> (address, the nodes that may answer, whether the answer is from the VIP)
+VIPS = {
+    "web-l4": ("2001:db8:a:100::80", PODS_A, False),  # nginx, PROXY v2 on 8080
+    "web-l7": ("2001:db8:a:100::81", PODS_B, False),  # nginx on 80, forwarded headers
+    "web-nat": ("2001:db8:a:100::82", PODS_A, False),
+    "web-l2": ("2001:db8:a:100::83", NODES, True),
+    "web-ip6ip6": ("2001:db8:a:100::84", PODS_A, True),
+    "web-srv6": ("2001:db8:a:100::85", PODS_A, True),
+    "web-anycast": ("2001:db8:a:1a0::1", PODS_A, True),
+}
+
+
+def v6lb(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([*V6LB, *args], capture_output=True, text=True, timeout=timeout)
+    assert not check or r.returncode == 0, f"v6lb {' '.join(args)}: {r.stdout}{r.stderr}"
+    return r
+
+
+def _leftovers(name: str) -> list[str]:
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = [line for line in ns.splitlines() if line.startswith(f"v6lb-{name}-")]
+    if (LAB_ROOT / name).exists():
+        out.append(str(LAB_ROOT / name))
+    return out
+
+
+@pytest.fixture
+def lab() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    name = f"eks{os.getpid() % 100000}"
+    try:
+        yield name
+    finally:
+        v6lb("lab", "down", "--name", name, check=False)
+    assert _leftovers(name) == []
+
+
+def get(name: str, url: str) -> tuple[str, dict[str, Any]]:
+    """curl's HTTP status and the JSON body the lab's servers answer with."""
+    r = v6lb(
+        "lab", "exec", "--name", name, "client", "--",
+        "curl", "-6", "-s", "-m", "5", "-w", "\n%{http_code}", url,
+        check=False,
+    )  # fmt: skip
+    body, _, code = r.stdout.rpartition("\n")
+    try:
+        return code, json.loads(body)
+    except ValueError:
+        return code, {"raw": body, "stderr": r.stderr}
+
+
+def test_eks_ipv6_lab_answers_curl_on_every_vip(lab: str) -> None:
+    name = lab
+    v6lb("lab", "up", str(EXAMPLE), "--name", name)
+    got: dict[str, tuple[str, dict[str, Any]]] = {}
+    deadline = time.monotonic() + 15  # the LB instances load their rules just after `up`
+    for vip, (addr, _, _) in VIPS.items():
+        while True:
+            got[vip] = get(name, f"http://[{addr}]/")
+            if got[vip][0] == "200" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    for vip, (addr, nodes, dsr) in VIPS.items():
+        code, seen = got[vip]
+        assert code == "200", (vip, got[vip])
+        assert seen["node"] in nodes, (vip, seen)
+        if vip == "web-l4":  # nginx read the client from the PROXY v2 header
+            assert seen["proxy_protocol_addr"] == CLIENT and seen["local"][1] == 8080, seen
+        elif vip != "web-l7":  # the rest see the client itself
+            assert seen["peer"][0] == CLIENT, (vip, seen)
+        if vip == "web-nat":  # at the backend's own address and port
+            assert seen["local"][0] == seen["server"] and seen["local"][1] == 8081, seen
+        if dsr:  # the backend answered as the VIP, from its lo
+            assert seen["local"][0] == addr, (vip, seen)
+    # npt: pods at their mapped address, reached statelessly, see the client; pod-1a is a
+    # nat backend too (on 8081, so its port 80 is npt's)
+    mapping = NptMapping("fd00:10::/48", "2001:db8:10::/48")
+    for pod, inside in (("pod-2b", "fd00:10:0:2::b"), ("pod-1a", "fd00:10:0:1::a")):
+        code, seen = get(name, f"http://[{mapping.translate(inside)}]/")
+        assert code == "200" and seen["node"] == pod and seen["peer"][0] == CLIENT, seen
