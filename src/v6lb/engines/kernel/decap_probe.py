@@ -33,7 +33,8 @@ from v6lb.wire.constants import NH_IPV6
 __all__ = ["DecapProbe", "how_to_check", "probe_decapsulation", "seg6_enabled"]
 
 PAYLOAD = b"v6lb decapsulation probe"
-WAIT_S = 1.0
+WAIT_S = 2.0  # seconds in all for one end point's probe
+ATTEMPTS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +97,17 @@ def probe_decapsulation(served: list[tuple[Vip, int]], dev: str) -> list[DecapPr
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             socks.append(s)
             s.bind((str(vip.address), 0))
-            os.write(fd, _probe_packet(vip, end, source, s.getsockname()[1]))
+            packet = _probe_packet(vip, end, source, s.getsockname()[1])
             got = False
-            ready, _, _ = select.select([s], [], [], WAIT_S)
-            if ready:
-                data, _ = s.recvfrom(2048)
-                got = data == PAYLOAD
+            # sent again a few times: a device or route that has just been set up may drop
+            # the first one (seen once in a CI lab on a loaded 2-core machine)
+            for _ in range(ATTEMPTS):
+                os.write(fd, packet)
+                ready, _, _ = select.select([s], [], [], WAIT_S / ATTEMPTS)
+                if ready:
+                    data, _ = s.recvfrom(2048)
+                    got = data == PAYLOAD
+                    break
             out.append(DecapProbe(vip, end, source, got))
         return out
     finally:
