@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from ipaddress import IPv6Address
@@ -316,11 +317,19 @@ class KernelPlane(Plane):
         """
         if self.config.lb.peers is None:
             return 0
-        nat = list(dict.fromkeys(v.address for v in self.config.vips if v.mode is VipMode.NAT))
-        flows = conntrack_flows(nat) if nat else None
-        if flows is None:
+        nat = dict.fromkeys(v.address for v in self.config.vips if v.mode is VipMode.NAT)
+        if not nat or shutil.which("conntrack") is None:
             return 0
-        return sum(n for key, n in flows.by_key.items() if key[0] == "tcp")
+        open_now = 0
+        for address in nat:  # ESTABLISHED only: a closing entry ends by its own timeout
+            r = run_tool(
+                ["conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--state", "ESTABLISHED"]
+                + ["--orig-dst", str(address)],
+                netns=None,
+            )
+            if r.returncode == 0:
+                open_now += sum(1 for line in r.stdout.splitlines() if line.startswith("tcp"))
+        return open_now
 
     def _vip_packets(self) -> int:
         """The VIPs' packet counters, summed (over netlink: :mod:`.nfnl`, not ``nft``)."""
