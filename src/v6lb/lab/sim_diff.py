@@ -85,6 +85,7 @@ def diff_trace(
             seed=seed_for_client_port(port),
             body=(bytes(range(256)) * (size // 256 + 1))[:size],
             path=str(req.get("path", "")),
+            npt_target=(meta.get("npt") or {}).get("outside"),
         )
         first = next(h for h in res.hops if h.pkt.innermost.src.addr == client)
         sim_port = first.pkt.innermost.src.port or 0

@@ -16,6 +16,7 @@ from v6lb.engines.sim.apps import HttpServer
 from v6lb.engines.sim.node import SimNode
 from v6lb.model.config import Config, TunnelOptions
 from v6lb.model.topology import NodeType
+from v6lb.render.routes import advmss
 
 __all__ = ["NPT_PORT", "setup_backend"]
 
@@ -27,6 +28,7 @@ def setup_backend(node: SimNode, config: Config, lb_sources: list[bytes]) -> Htt
     mine = node.local
     ports: set[int] = set()
     tunnel_vips: set[bytes] = set()
+    tunnel_mss: list[int] = []
     sids: set[bytes] = set()
     for vip in config.vips:
         for b in vip.backends:
@@ -40,6 +42,7 @@ def setup_backend(node: SimNode, config: Config, lb_sources: list[bytes]) -> Htt
                 node.add_loopback(vip.address.packed)  # the VIP on lo (ip addr add VIP/128 dev lo)
             if isinstance(vip.options, TunnelOptions):
                 tunnel_vips.add(vip.address.packed)
+                tunnel_mss.append(advmss(vip))
                 sids.add((b.sid or b.address).packed)
                 lb_sources.append(vip.options.tunnel_source.packed)
     # A host inside an npt: inside prefix serves too: clients reach it at its mapped address.
@@ -52,5 +55,9 @@ def setup_backend(node: SimNode, config: Config, lb_sources: list[bytes]) -> Htt
         for sid in sids:
             node.add_loopback(sid)
         node.decap = DsrDecap(lb_sources, sorted(sids), tunnel_vips)
+        # `v6lb backend` routes replies from the tunnel VIPs with the smallest advmss of
+        # them all (render/routes.py), so the client never sends what the tunnel can't hold
+        for address in tunnel_vips:
+            node.stack.advmss[address] = min(tunnel_mss)
     ports.add(NPT_PORT)
     return HttpServer(node, sorted(ports))

@@ -259,8 +259,11 @@ class TcpConn:
     def _emit(self, seg: _Seg) -> None:
         opts = b""
         if seg.flags & SYN:
-            # RFC 9293 §3.7.1: the MSS option, from our side's link MTU.
-            opts = struct.pack("!BBH", 2, 4, self.stack.link_mtu(self.remote) - 60)
+            # RFC 9293 §3.7.1: the MSS option, from our side's link MTU, or the route's
+            # advmss for replies from a tunnel VIP (`v6lb backend`'s return routes).
+            mss = self.stack.link_mtu(self.remote) - 60
+            mss = min(mss, self.stack.advmss.get(self.local, mss))
+            opts = struct.pack("!BBH", 2, 4, mss)
         self._raw(seg.seq, seg.flags, seg.data, self._leg_for(seg.flags, seg.data), opts)
 
     def _arm(self) -> None:
@@ -428,6 +431,7 @@ class HostStack:
         self.closed: list[TcpConn] = []
         self.udp: dict[int, UdpHandler] = {}
         self.pmtu: dict[bytes, int] = {}
+        self.advmss: dict[bytes, int] = {}  # local address -> the MSS its routes advertise
         self._next_port = 49152 + (node.index * 101) % 4096
         self._isn = (node.index * 0x9E3779B1) & _M32
         self._info = PacketInfo()

@@ -329,12 +329,15 @@ def run_scenario(
     seed: int = 1,
     body: bytes = b"hello",
     path: str = "",
+    npt_target: str | None = None,
 ) -> ScenarioResult:
     """Run ``mode`` (one of :data:`MODES`) with an optional ``failure`` (:data:`FAILURES`).
 
     Without a failure, the client sends one request with ``body`` (a GET when it is
     empty) to ``path`` (default ``/req1``; ``/?bytes=N`` asks for an N-byte answer):
-    ``v6lb lab diff`` replays each request a lab trace made this way.
+    ``v6lb lab diff`` replays each request a lab trace made this way. ``npt_target``
+    (npt only) is the mapped address the client connects to, instead of the AAAA record
+    the seed picks: the one a lab trace used.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
@@ -351,7 +354,7 @@ def run_scenario(
     elif failure == "packet-too-big":
         facts = _packet_too_big(sim, client, mode)
     elif mode == "npt":
-        facts = _npt(sim, client, body, path)
+        facts = _npt(sim, client, body, path, npt_target)
     elif mode == "anycast":
         facts = _anycast(sim, client)
     else:
@@ -378,7 +381,9 @@ def seed_for_client_port(port: int) -> int:
     return ((port - 40000) * pow(7919, -1, 20000)) % 20000 or 20000
 
 
-def _npt(sim: Sim, client: SimNode, body: bytes = b"hello", path: str = "") -> dict[str, object]:
+def _npt(
+    sim: Sim, client: SimNode, body: bytes = b"hello", path: str = "", target: str | None = None
+) -> dict[str, object]:
     lbs = [n for n in sim.lbs() if n.npt is not None]
     if not lbs:
         raise ValueError("no LB node runs the npt: pairs")
@@ -411,6 +416,12 @@ def _npt(sim: Sim, client: SimNode, body: bytes = b"hello", path: str = "") -> d
         sim.net.labels[ipaddress.IPv6Address(public).packed] = f"{owner}'s NPT-mapped address"
     # Balancing is DNS's: the name has one AAAA per backend and the client picks one.
     chosen, inside = records[sim.seed % len(records)]
+    if target is not None:
+        found = [r for r in records if ipaddress.IPv6Address(r[0]) == ipaddress.IPv6Address(target)]
+        if not found:
+            mapped = ", ".join(r for r, _ in records)
+            raise ValueError(f"{target} is no backend's NPT-mapped address; those are: {mapped}")
+        chosen, inside = found[0]
     dst = ipaddress.IPv6Address(chosen).packed
     http = _http(sim, client, dst, NPT_PORT, [body], sport=_port(sim.seed), path=path)
     sim.run_until(lambda: http.done)
@@ -721,11 +732,24 @@ def _packet_too_big(sim: Sim, client: SimNode, mode: str) -> dict[str, object]:
         tunnels = ", ".join(modes_where(tunnels=True))
         raise ValueError(f"packet-too-big needs a tunnel mode: {tunnels} or anycast")
     dst = vip.address.packed
+    # `v6lb backend` gives replies from a tunnel VIP a route advmss that keeps the client's
+    # TCP segments inside the tunnel, so TCP to such a backend never meets the error. The
+    # walk-through shows a backend without it (a UDP client, or a host set up by hand).
+    advmss = sorted({m for n in sim.net.nodes.values() if (m := n.stack.advmss.get(dst))})
+    for n in sim.net.nodes.values():
+        n.stack.advmss.clear()
     body = bytes(range(256)) * 12  # 3072 bytes: several full-size segments
     http = _http(sim, client, dst, vip.ports[0], [body], sport=_port(sim.seed))
     sim.run_until(lambda: http.done)
     facts = _base_facts(sim, mode, vip, dst, client, http)
     facts.update(_inbound_ptb(sim, client, vip, http, body))
+    if advmss:
+        facts["backend_advmss"] = advmss[0]
+        facts["inbound_summary"] = (
+            f"{facts['inbound_summary']} (This backend ignores the advmss {advmss[0]} that"
+            " `v6lb backend` routes replies from the VIP with; with it, the client's TCP"
+            " segments fit the tunnel and no Packet Too Big arises.)"
+        )
     sim.run_until(lambda: False, limit=sim.clock.now + 0.2)  # the last ACKs land
     reply = _reply_path_ptb(sim, client, vip)
     facts["reply_path"] = reply
