@@ -1,11 +1,15 @@
-"""The built-in scenario, ``examples/eks-ipv6.yaml``, as a lab on the kernel data plane.
+"""The built-in scenario, ``examples/eks-ipv6.yaml``, as a lab: kernel plane + builtin proxy,
+and python plane + HAProxy.
 
-``v6lb lab up`` builds it once (15 namespaces, three LB instances, the pods' nginx and
-HTTP servers, ``v6lb backend`` on the DSR backends) under a name unique to this run; the
-client then GETs every VIP with real curl through ``v6lb lab exec``, plus one pod at its
-NPT-mapped address, and each answer must be HTTP 200 from the right kind of backend, which
-saw the client's own address. The teardown always runs ``lab down`` and checks nothing is
-left. Addresses: 2001:db8::/32 and fd00::/8 only.
+``v6lb lab up`` builds it (15 namespaces, three LB instances, the pods' nginx and HTTP
+servers, ``v6lb backend`` on the DSR backends) under a name unique to this run; the
+client then GETs every VIP with real curl through ``v6lb lab exec``, plus two pods at
+their NPT-mapped addresses, and each answer must be HTTP 200 from the right kind of
+backend, which saw the client's own address. Then ``v6lb lab trace`` runs for every mode
+but anycast (tests/test_eks_anycast_lab_root.py traces that one): its answers must be the
+simulator's (``v6lb explain``), and ``v6lb lab diff`` must find no difference for every
+L3/L4 mode. The teardown always runs ``lab down`` and checks nothing is left.
+Addresses: 2001:db8::/32 and fd00::/8 only.
 """
 
 from __future__ import annotations
@@ -84,9 +88,15 @@ def get(name: str, url: str) -> tuple[str, dict[str, Any]]:
         return code, {"raw": body, "stderr": r.stderr}
 
 
-def test_eks_ipv6_lab_answers_curl_on_every_vip(lab: str) -> None:
+PLANES = [("kernel", "builtin"), ("python", "haproxy")]
+TRACED = ["proxy-l4", "proxy-l7", "npt", "nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6"]
+L3L4 = TRACED[2:]
+
+
+@pytest.mark.parametrize(("dataplane", "proxy"), PLANES, ids=[p for p, _ in PLANES])
+def test_eks_ipv6_lab_every_vip_trace_and_diff(lab: str, dataplane: str, proxy: str) -> None:
     name = lab
-    v6lb("lab", "up", str(EXAMPLE), "--name", name)
+    v6lb("lab", "up", str(EXAMPLE), "--name", name, "--dataplane", dataplane, "--proxy", proxy)
     got: dict[str, tuple[str, dict[str, Any]]] = {}
     deadline = time.monotonic() + 15  # the LB instances load their rules just after `up`
     for vip, (addr, _, _) in VIPS.items():
@@ -113,3 +123,18 @@ def test_eks_ipv6_lab_answers_curl_on_every_vip(lab: str) -> None:
     for pod, inside in (("pod-2b", "fd00:10:0:2::b"), ("pod-1a", "fd00:10:0:1::a")):
         code, seen = get(name, f"http://[{mapping.translate(inside)}]/")
         assert code == "200" and seen["node"] == pod and seen["peer"][0] == CLIENT, seen
+    # every mode traced from real captures, with the simulator's answers
+    for mode in TRACED:
+        trace = json.loads(v6lb("lab", "trace", "--name", name, "--mode", mode, "--json").stdout)
+        sim = json.loads(v6lb("explain", str(EXAMPLE), "--mode", mode, "--json").stdout)
+        keys = ("nat66_at_lb", "backend_saw_source", "reply_via_lb")
+        got = {k: trace["answers"][k] for k in keys}
+        assert got == {k: sim["answers"][k] for k in keys}, (mode, got)
+        assert trace["facts"]["source"] == "lab capture", mode
+        if mode.startswith("proxy"):  # the proxy engine the lab runs, and the client's
+            assert trace["facts"]["proxy_engine"] == proxy  # address travelled to the app
+            assert trace["facts"]["app_saw_client"] == CLIENT, trace["facts"]
+    # the L3/L4 modes: the simulator predicts every captured (source, destination, ports)
+    for mode in L3L4:
+        r = v6lb("lab", "diff", "--name", name, "--mode", mode, check=False)
+        assert r.returncode == 0 and "no differences" in r.stdout, (mode, r.stdout, r.stderr)
