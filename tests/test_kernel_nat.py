@@ -589,6 +589,83 @@ DSR_FILE: dict[str, Any] = {
 }
 
 
+PEER_ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 7000))
+s.listen(8)
+print("ready", flush=True)
+s.settimeout(15)
+for _ in range(int(sys.argv[1])):
+    c, peer = s.accept()
+    c.sendall(peer[0].encode())
+    c.close()
+"""
+
+PEER_ASK = r"""
+import socket, sys
+src, dst = sys.argv[1], sys.argv[2]
+s = socket.create_connection((dst, 7000), timeout=5, source_address=(src, 0))
+print(s.recv(100).decode())
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("interfaces", [[], ["t1", "t0"]], ids=["one-armed", "outside-inside"])
+def test_npt_leaves_the_lbs_own_inside_traffic_alone(interfaces: list[str]) -> None:
+    """The LB's own connections to inside hosts (a proxy's, a probe's) keep their inside
+    source, with or without ``lb.interfaces``; a forwarded inside host's go out mapped."""
+    pair = ("fd00:77::/48", "2001:db8:77::/48")
+    config = parse_config(
+        {
+            "lb": {"instance": "t-nptown", "interfaces": interfaces},
+            "npt": [{"inside": pair[0], "outside": pair[1]}],
+        },
+        "npt.yaml",
+    )
+    mapping = NptMapping(*pair)
+    with namespaces("inside", "npt", "outside") as ns:
+        ins, t, out = ns["inside"], ns["npt"], ns["outside"]
+        link(ins, "i0", t, "t0")
+        link(t, "t1", out, "o0")
+        sysctl(t, "net.ipv6.conf.all.forwarding=1")
+        batch(ins, "address add fd00:77::2/64 dev i0 nodad", "route add default via fd00:77::1")
+        batch(
+            t,
+            "address add fd00:77::1/64 dev t0 nodad",
+            "address add 2001:db8:ee::1/64 dev t1 nodad",
+        )
+        batch(
+            out,
+            "address add 2001:db8:ee::2/64 dev o0 nodad",
+            f"route add {pair[1]} via 2001:db8:ee::1",
+        )
+        apply(render_lb(config), "t-nptown", netns=t)
+        echoes = {
+            n: subprocess.Popen(
+                ["ip", "netns", "exec", n, sys.executable, "-c", PEER_ECHO, "1"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for n in (ins, out)
+        }
+        try:
+            for e in echoes.values():
+                assert e.stdout is not None and e.stdout.readline().strip() == "ready"
+            # the LB itself, from its inside address, to an inside host: not translated
+            own = nsx(t, sys.executable, "-c", PEER_ASK, "fd00:77::1", "fd00:77::2").strip()
+            # an inside host through the LB to the outside: translated (RFC 6296)
+            fwd = nsx(ins, sys.executable, "-c", PEER_ASK, "fd00:77::2", "2001:db8:ee::2").strip()
+        finally:
+            for e in echoes.values():
+                if e.poll() is None:
+                    e.kill()
+                e.wait()
+    assert own == "fd00:77::1"
+    assert fwd == str(mapping.translate("fd00:77::2"))
+
+
 def kernel_state(ns: str) -> tuple[str, str, str, str, int]:
     return (
         "".join(sorted(nsx(ns, "nft", "list", "tables").splitlines(keepends=True))),
