@@ -133,8 +133,13 @@ print(json.dumps(answers), flush=True)
 """
 
 
+API = "2001:db8:f::81"  # a second nat VIP, same backends: each VIP counts its own packets
+
+
 def lab_file(instance: str, sock: str) -> dict[str, Any]:
-    return nat_lab_file(instance, sock, npt=[{"inside": INSIDE, "outside": OUTSIDE}])
+    data = nat_lab_file(instance, sock, npt=[{"inside": INSIDE, "outside": OUTSIDE}])
+    data["vips"].append({**data["vips"][0], "name": "api", "address": API})
+    return data
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -275,14 +280,30 @@ def test_python_dataplane_nat_npt_sigstop_counters_and_cleanup(tmp_path: Path) -
             nat = st["engine"]["nat"]
             assert nat["counters"]["forwarded"] >= 30 * 4 and nat["conntrack"] >= 1
             assert st["engine"]["npt"]["counters"]["forwarded"] == 10
-            assert st["vips"][0]["counter"]["packets"] == nat["counters"]["forwarded"]
             web = st["vips"][0]  # the flows per VIP and backend (docs/operations.md "Metrics")
+            api = st["vips"][1]
+            assert api["counter"]["packets"] == 0 and api["new_flows"] == 0
+            assert web["counter"]["packets"] == nat["counters"]["forwarded"]
+            t_in, t_out = web["traffic"]["in"], web["traffic"]["out"]
+            assert t_in["packets"] + t_out["packets"] == web["counter"]["packets"]
+            assert t_in["packets"] >= 30 * 3 and t_out["packets"] >= 30 * 2, web["traffic"]
+            assert t_in["bytes"] >= 30 * 3 * 60 and t_out["bytes"] > 30 * 60, web["traffic"]
             assert web["new_flows"] == 30 and web["active_flows"] == nat["conntrack"]
             assert {b["address"]: b["new_flows"] for b in web["backends"]} == seen
             assert sum(b["active_flows"] for b in web["backends"]) == nat["conntrack"]
             assert any("lookup" in r for r in st["kernel"]["rules"])
             text = sh(V6LB, "status", "--control-socket", sock)
             assert "python data plane" in text and "VIP web nat" in text
+            for _, _, reply, error in connect(
+                c, [(str(CLIENTS[9 + k]), API, 80) for k in range(5)]
+            ):
+                assert reply is not None, error
+            st2 = status(sock)
+            web2, api2 = st2["vips"][0], st2["vips"][1]
+            assert web2["counter"] == web["counter"], (web2, web)  # api's flows are api's
+            assert api2["new_flows"] == 5 and api2["counter"]["packets"] >= 5 * 5, api2
+            forwarded_now = st2["engine"]["nat"]["counters"]["forwarded"]
+            assert web2["counter"]["packets"] + api2["counter"]["packets"] == forwarded_now
 
             # 4. SIGSTOP: VIP traffic stops; SIGCONT: it flows again
             run.send_signal(signal.SIGSTOP)

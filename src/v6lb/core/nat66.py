@@ -118,6 +118,7 @@ class NatService:
         "active_flows",
         "backend_new_flows",
         "backend_active_flows",
+        "traffic",
         "_snat_first",
         "_snat_count",
     )
@@ -170,6 +171,9 @@ class NatService:
         self.active_flows = 0
         self.backend_new_flows = [0] * len(pool)
         self.backend_active_flows = [0] * len(pool)
+        # the VIP's flows' packets forwarded: [packets, bytes] clients to backends ("in",
+        # index 0, 1), then [packets, bytes] of the replies ("out", index 2, 3)
+        self.traffic = [0, 0, 0, 0]
 
     def snat_address(self, client: bytes, seed: int = 0) -> bytes:
         """The SNAT address of ``client``: always the same one for a client (paired pooling)."""
@@ -393,6 +397,10 @@ class NatForwarder:
                 self._lru[st].move_to_end(conn)
                 self._hits += 1
                 self._counters.forwarded += 1
+                t = conn.service.traffic
+                d = 0 if out == PORT_INSIDE else 2
+                t[d] += 1
+                t[d + 1] += n
                 return out
         return -1
 
@@ -473,6 +481,10 @@ class NatForwarder:
         ct.touch(conn, nxt, now)
         self._hits += 1
         self._rewrite(buf, info, proto, conn, inside, now)
+        t = conn.service.traffic
+        d = 2 if inside else 0
+        t[d] += 1
+        t[d + 1] += len(buf)
         return self._forward(buf, PORT_OUTSIDE if inside else PORT_INSIDE)
 
     def _rewrite(
@@ -586,6 +598,8 @@ class NatForwarder:
         svc.backend_new_flows[i] += 1
         svc.backend_active_flows[i] += 1
         self._rewrite(buf, info, proto, conn, False, now)
+        svc.traffic[0] += 1
+        svc.traffic[1] += len(buf)
         return self._forward(buf, PORT_INSIDE)
 
     def _take_port(self, space_key: tuple[bytes, bytes, int, int], ports: tuple[int, int]) -> int:
@@ -648,6 +662,10 @@ class NatForwarder:
         # Addresses only: the ports and the checksum are in the first fragment.
         buf[8:40] = (conn.rw_reply if inside else conn.rw_orig)[:32]
         self._counters.bump("fragment")
+        t = conn.service.traffic
+        d = 2 if inside else 0
+        t[d] += 1
+        t[d + 1] += len(buf)
         return self._forward(buf, PORT_OUTSIDE if inside else PORT_INSIDE)
 
     # --- ICMPv6 errors -----------------------------------------------------------------

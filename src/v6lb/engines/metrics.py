@@ -103,9 +103,8 @@ def metric_families(status: InstanceStatus) -> list[Metric]:
 
 
 def _l3(f: _Families, status: InstanceStatus) -> None:
-    # only the figures a plane filled per VIP (``traffic``, ``new_flows``, ...): the python
-    # plane's ``counter`` is its forwarder's total (all VIPs of a kind), exported per
-    # forwarder below, never as a VIP's
+    # only the figures a plane filled per VIP (``traffic``, ``new_flows``, ...); a VIP's
+    # ``counter`` (what `v6lb status` shows) is never exported as such
     engine = status.extra.get("engine")
     vl = ["vip", "mode"]
     bl = ["vip", "mode", "backend"]

@@ -726,12 +726,26 @@ class PythonPlane(Plane):
         pools = _pools(self.forwarders)
         dsr = self.forwarders.get("dsr")
         dsr_vips = {svc.name: svc for svc in dsr.services} if isinstance(dsr, DsrForwarder) else {}
+        nat_fwd = self.forwarders.get("nat")
+        nat_vips = {svc.name: svc for svc in nat_fwd.services} if nat_fwd is not None else {}
         for vip in config.vips:
             if vip.name not in pools:
                 continue
             kind = str(vip.mode.facts.forwarder)
             if (svc := dsr_vips.get(vip.name)) is not None:  # each DSR VIP counts its own
-                out.counters[vip.name] = VipCounter("python dsr forwarded", svc.packets, svc.bytes)
+                c = VipCounter("python dsr forwarded", svc.packets, svc.bytes)
+                out.counters[vip.name] = c
+                out.traffic[vip.name] = {"in": c}
+                continue
+            if (nsvc := nat_vips.get(vip.name)) is not None:  # each nat VIP counts its own
+                p_in, b_in, p_out, b_out = nsvc.traffic
+                out.counters[vip.name] = VipCounter(
+                    "python nat forwarded", p_in + p_out, b_in + b_out
+                )
+                out.traffic[vip.name] = {
+                    "in": VipCounter("python nat in", p_in, b_in),
+                    "out": VipCounter("python nat out", p_out, b_out),
+                }
                 continue
             snap = self.forwarders[kind].counters.snapshot()
             out.counters[vip.name] = VipCounter(f"python {kind} forwarded", snap["forwarded"], 0)
