@@ -222,20 +222,23 @@ class CtFlows:
 
 
 def conntrack_flows(
-    addresses: Sequence[IPv6Address], *, netns: str | None = None
+    addresses: Sequence[IPv6Address], *, netns: str | None = None, tcp_state: str | None = None
 ) -> CtFlows | None:
     """Live conntrack entries whose original destination is one of ``addresses``.
 
     What the ``ct count`` of ``lb.conntrack_max`` counts: TIME_WAIT and CLOSE
-    entries are left out, as nf_conncount does. None without the ``conntrack``
-    tool (apt-get install conntrack) or when it fails.
+    entries are left out, as nf_conncount does. ``tcp_state`` (``ESTABLISHED``...):
+    only TCP entries in that state. None without the ``conntrack`` tool (apt-get
+    install conntrack) or when it fails.
     """
     if not addresses or shutil.which("conntrack") is None:
         return None
     total = 0
     raw: dict[tuple[str, IPv6Address, str, str, str], int] = {}
+    only = ["-p", "tcp", "--state", tcp_state] if tcp_state else []
     for address in addresses:
-        r = run_tool(["conntrack", "-L", "-f", "ipv6", "--orig-dst", str(address)], netns=netns)
+        argv = ["conntrack", "-L", "-f", "ipv6", *only, "--orig-dst", str(address)]
+        r = run_tool(argv, netns=netns)
         if r.returncode != 0:
             return None
         for line in r.stdout.splitlines():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import threading
 from collections.abc import Callable, Mapping
 from ipaddress import IPv6Address
@@ -317,19 +316,10 @@ class KernelPlane(Plane):
         """
         if self.config.lb.peers is None:
             return 0
-        nat = dict.fromkeys(v.address for v in self.config.vips if v.mode is VipMode.NAT)
-        if not nat or shutil.which("conntrack") is None:
-            return 0
-        open_now = 0
-        for address in nat:  # ESTABLISHED only: a closing entry ends by its own timeout
-            r = run_tool(
-                ["conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--state", "ESTABLISHED"]
-                + ["--orig-dst", str(address)],
-                netns=None,
-            )
-            if r.returncode == 0:
-                open_now += sum(1 for line in r.stdout.splitlines() if line.startswith("tcp"))
-        return open_now
+        nat = list(dict.fromkeys(v.address for v in self.config.vips if v.mode is VipMode.NAT))
+        # ESTABLISHED only: a closing entry ends by its own timeout
+        flows = conntrack_flows(nat, tcp_state="ESTABLISHED")
+        return flows.total if flows is not None else 0
 
     def _vip_packets(self) -> int:
         """The VIPs' packet counters, summed (over netlink: :mod:`.nfnl`, not ``nft``)."""
