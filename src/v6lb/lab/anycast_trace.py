@@ -47,7 +47,7 @@ def _routes(lab: Lab) -> dict[str, list[str]]:
             for x in a.addresses:
                 owner[str(x)] = a.node
     out = {}
-    for r in [lab.upstream, *(s.router for s in lab.sites)]:
+    for r in dict.fromkeys([lab.upstream, *(s.router for s in lab.sites)]):
         out[r] = sorted(owner.get(h, h) for h in lab.nexthops(r))
     return out
 
@@ -63,7 +63,7 @@ def run_anycast_trace(
 ) -> AnycastTrace:
     """Build the lab of ``path`` (named ``name``, default ``fo<pid>``), trace ``flows``
     flows through ``failure`` (None: no failure)."""
-    with build(path, log=log, name=name) as lab:
+    with build(path, log=log, name=name, failures=[failure] if failure else []) as lab:
         sites = {
             s.name: {"router": s.router, "cost": s.cost, "instances": list(s.lbs)}
             for s in lab.sites
