@@ -1093,6 +1093,10 @@ def lab_failover(
 
     ``failures`` empty or holding ``all``: every failure of :data:`FAILURES`.
     """
+    if rounds < 1 or flows < 1 or after_s <= 0:
+        raise LabError("--rounds, --flows and --after must be positive", "for example --rounds 3")
+    if name is not None:
+        check_name(name)
     wanted = list(failures) or ["all"]
     chosen = list(dict.fromkeys(wanted))
     if "all" in wanted:  # every failure this layout can run (refusal() says why not)
@@ -1103,10 +1107,6 @@ def lab_failover(
                 f"v6lb lab failover: {file} cannot run {', '.join(skipped)} (name one with"
                 " --failure to see why); running the others\n"
             )
-    if rounds < 1 or flows < 1 or after_s <= 0:
-        raise LabError("--rounds, --flows and --after must be positive", "for example --rounds 3")
-    if name is not None:
-        check_name(name)
 
     def log(msg: str) -> None:
         sys.stderr.write(f"v6lb lab failover: {msg}\n")
