@@ -1,21 +1,31 @@
 """`v6lb lab failover`: a two-site anycast lab with real BGP, BFD and ECMP, and failures under traffic.
 
-:func:`build` reads a file like examples/anycast-sites.yaml (``vips``, ``lb``, ``bgp``
-and a ``topology``). Its network is the lab builder's (:func:`v6lb.lab.plan.plan_lab`,
-created by :func:`v6lb.lab.netns.build_network`): a namespace per node, every link a
+:func:`build` reads a file like examples/anycast-sites.yaml or examples/eks-ipv6.yaml
+(``vips``, ``lb``, ``bgp`` and a ``topology``). Its network is the lab builder's
+(:func:`v6lb.lab.plan.plan_lab`, created by :func:`v6lb.lab.netns.build_network`): a
+namespace per node, every link a
 bridge, the topology's addresses and static routes, and no static anycast route (BGP
 carries the VIP). Added to that plan: ``keep_addr_on_down`` everywhere (a cut link comes
 back whole) and, on each site's LBs, a route to each SRv6 segment id of the site's own
 backends. What this module starts in it is the scenario:
 
 * the router that shares a link with the client is the **upstream** (BIRD, AS 65000);
-  each router that shares a link with LB nodes is that **site's router** (BIRD, the AS
-  of the LBs' ``bgp.neighbours[0].asn``): it learns the VIP from its site's LBs, installs
-  one ECMP route over them (``merge paths``, ``fib_multipath_hash_policy=1``) and passes
-  it upstream with the site's ``bgp.announcements`` cost as MED;
+  each site's router is the one router on its LBs' outside links (links in an LB node's
+  ``inside:`` lead to its backends and do not count). A site router other than the
+  upstream runs BIRD in the AS of the LBs' ``bgp.neighbours[0].asn``: it learns the VIP
+  from its site's LBs, installs one ECMP route over them (``merge paths``,
+  ``fib_multipath_hash_policy=1``) and passes it upstream with the site's
+  ``bgp.announcements`` cost as MED. A site whose router is the upstream itself
+  (eks-ipv6.yaml's backup: lb-b1 on a transit link with isp) has its LBs peer with the
+  upstream directly, the site's cost as their MED; where both kinds meet, the upstream
+  ranks the sites by cost with ``local_pref`` (a direct LB's AS path is one AS shorter);
 * every LB node runs ``v6lb run`` with a derived copy of the file: its own address,
-  interface and instance name, its site router as neighbour, the VIP backends on its
-  own site LAN, and the site's cost as ``med``. bird is its child (``PR_SET_PDEATHSIG``);
+  interface and instance name, its site router as neighbour, the announced VIPs with
+  the backends on its own site LAN and those on no site LAN (shared by the sites, reached
+  by the topology's static routes: eks-ipv6.yaml's pods), and the site's cost as
+  ``med``. bird is its child (``PR_SET_PDEATHSIG``). A file whose ``bgp:`` has
+  announcements only gets the lab's speaker: AS :data:`LB_ASN`, site routers in
+  :data:`SITE_ASN`, hold 3 s, keepalive 1 s, BFD 100 ms x 3;
 * every backend node runs ``v6lb backend`` (SRv6/IPIP decapsulation) and
   :mod:`v6lb.lab.agents.greet_server`, which greets each connection with its address.
 
@@ -32,8 +42,14 @@ the worst stall), and which instance carried each flow before and after. The fai
 (:data:`FAILURES`):
 
 ``lb-instance-dies``   SIGKILL of one primary instance's process group (v6lb and its bird);
+``site-lbs-die``       SIGKILL of every primary instance's: the upstream moves to the backup;
 ``site-backends-die``  every backend server of the primary site killed: the site withdraws;
 ``site-uplink-down``   the primary site router's uplink set down: only BFD notices upstream.
+
+A failure that cannot move traffic to a working backup on the file's layout is refused
+before anything is built (:func:`refusal`): ``site-backends-die`` where the sites share
+their backends, ``site-uplink-down`` where the primary has no site uplink or the backup's
+backends answer clients through it.
 
 These are the names of :mod:`v6lb.model.failures`, shared with `v6lb explain`; the
 CLI maps the older ``kill-instance``, ``site-backends`` and ``site-uplink`` to them.
