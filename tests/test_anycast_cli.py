@@ -70,3 +70,36 @@ def test_help_names_the_old_failure_names(capsys: pytest.CaptureFixture[str]) ->
         main(["lab", "failover", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "old names, deprecated: kill-instance = lb-instance-dies" in out
+
+
+def test_the_layouts_and_the_failures_they_refuse() -> None:
+    """eks-ipv6.yaml's layout: igw over lb-a1/lb-a2, lb-b1 direct with isp, the pods shared;
+    the site failures that cannot reach a working backup there are refused, saying why."""
+    from pathlib import Path
+
+    from v6lb.lab.failover import FAILURES, _load, refusal, runnable
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    _config, topo, lay = _load(examples / "eks-ipv6.yaml")
+    primary, backup = lay.sites
+    assert (lay.client, lay.upstream, str(lay.vip.address)) == (
+        "client",
+        "isp",
+        "2001:db8:a:1a0::1",
+    )
+    assert (primary.router, primary.lan, primary.uplink, primary.lbs) == (
+        "igw", "public", "transit-a", ["lb-a1", "lb-a2"]
+    )  # fmt: skip
+    assert (backup.router, backup.lan, backup.uplink, backup.lbs) == (
+        "isp", "transit-b", None, ["lb-b1"]
+    )  # fmt: skip
+    assert primary.backends == backup.backends == ["pod-1a", "pod-2a", "pod-3a"]
+    assert runnable(examples / "eks-ipv6.yaml") == ["lb-instance-dies", "site-lbs-die"]
+    refused = {
+        f: refusal(topo, lay.sites, lay.client, lay.vip.address, f)
+        for f in ("site-backends-die", "site-uplink-down")
+    }
+    assert "share their backends (pod-1a, pod-2a, pod-3a)" in str(refused["site-backends-die"])
+    assert "through igw's uplink transit-a" in str(refused["site-uplink-down"])
+    assert all("site-lbs-die" in (e.fix or "") for e in refused.values() if e is not None)
+    assert runnable(examples / "anycast-sites.yaml") == list(FAILURES)

@@ -5,10 +5,10 @@ test and the command measure the same way: an upstream router (BIRD), a primary 
 router with ECMP over lb-a1 and lb-a2, a backup site router with lb-b1, every LB a
 `v6lb run` with BGP+BFD to its site router, and dsr-srv6 backends per site.
 
-* ``test_failures_under_traffic``: the shortened CI run of the three failures (20
+* ``test_failures_under_traffic``: the shortened CI run of the four failures (20
   long-lived connections, a new connection every 100 ms, 2 s after each failure):
-  SIGKILL of lb-a1's v6lb and bird, every primary backend stopped, the primary uplink
-  cut. Issue 8's targets are asserted (new connections succeed again within 1 s where
+  SIGKILL of lb-a1's v6lb and bird, of both primary instances, every primary backend
+  stopped, the primary uplink cut. Issue 8's targets are asserted (new connections succeed again within 1 s where
   BFD or a killed session decides; 100% of dsr flows whose backend is alive survive the
   loss of an instance) with the figures printed for docs/anycast.md.
 * ``test_guards``: SIGKILL of the v6lb process alone takes its bird along (PDEATHSIG),
@@ -72,6 +72,15 @@ def test_failures_under_traffic() -> None:
     assert new_after and all(p["backend"] == "2001:db8:2::10" for p in new_after), new_after
     # the backup site has its own backends: flows of the primary cannot survive there
     assert uplink.flows_survived == 0 and uplink.flows_reset == uplink.flows, uplink
+
+    lbs = rows["site-lbs-die"]
+    # both primary instances killed: their sessions drop at once, the backup site answers
+    assert set(lbs.carriers_before) == {"lb-a1", "lb-a2"}, lbs.carriers_before
+    assert lbs.route_s is not None and lbs.route_s < LIMIT, lbs
+    assert lbs.recovery_s is not None and lbs.recovery_s < LIMIT, lbs
+    new_after = [p for p in lbs.per_flow if p.get("t_s", -1) > LIMIT]
+    assert new_after and all(p["after"] == ["lb-b1"] for p in new_after), new_after
+    assert all(p["backend"] == "2001:db8:2::10" for p in new_after), new_after
 
     site = rows["site-backends-die"]
     # health (fall 2 x 0.2 s) withdraws both primary instances, then the backup answers

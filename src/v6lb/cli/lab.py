@@ -71,9 +71,12 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Builds the topology of FILE (upstream router, site routers with BIRD, "
         "LB instances running `v6lb run` with BGP+BFD, backends) in namespaces, runs each "
         "--failure under continuous traffic (long-lived connections plus a new one every "
-        "100 ms), repairs it, and prints the table of docs/anycast.md. Removes the lab after.",
+        "100 ms), repairs it, and prints the table of docs/anycast.md. Removes the lab after. "
+        "A failure FILE's layout cannot run is refused (all: skipped), saying why.",
     )
-    fo.add_argument("file", metavar="FILE", help="for example examples/anycast-sites.yaml")
+    fo.add_argument(
+        "file", metavar="FILE", help="examples/anycast-sites.yaml or examples/eks-ipv6.yaml"
+    )
     add_lab_failure(fo, "all", "repeat for several; all (default) or", action="append")
     fo.add_argument("--name", help="lab name, [a-z0-9]{1,12} (default: fo<pid>)")
     fo.add_argument("--rounds", type=int, default=1, help="runs of each failure (default 1)")

@@ -1,6 +1,8 @@
 """`v6lb lab trace --mode anycast`: which site and instance carried each flow, before and after a failure.
 
-It builds the two-site lab of the file (:func:`v6lb.lab.failover.build`), opens
+It builds the two-site lab of the file (:func:`v6lb.lab.failover.build`: the layout of
+examples/anycast-sites.yaml or of examples/eks-ipv6.yaml, whose backup instance peers with
+the upstream directly and whose sites share the pods as backends), opens
 long-lived TCP connections from the client to the VIP, reads the routers'
 routes to the VIP, and attributes every flow to the LB instance that received its
 packets (each LB namespace counts the client source ports it sees in a small nft
@@ -47,7 +49,7 @@ def _routes(lab: Lab) -> dict[str, list[str]]:
             for x in a.addresses:
                 owner[str(x)] = a.node
     out = {}
-    for r in [lab.upstream, *(s.router for s in lab.sites)]:
+    for r in dict.fromkeys([lab.upstream, *(s.router for s in lab.sites)]):
         out[r] = sorted(owner.get(h, h) for h in lab.nexthops(r))
     return out
 
@@ -63,9 +65,14 @@ def run_anycast_trace(
 ) -> AnycastTrace:
     """Build the lab of ``path`` (named ``name``, default ``fo<pid>``), trace ``flows``
     flows through ``failure`` (None: no failure)."""
-    with build(path, log=log, name=name) as lab:
+    with build(path, log=log, name=name, failures=[failure] if failure else []) as lab:
         sites = {
-            s.name: {"router": s.router, "cost": s.cost, "instances": list(s.lbs)}
+            s.name: {
+                "router": s.router,
+                "cost": s.cost,
+                "instances": list(s.lbs),
+                "direct": s.direct,  # the instances peer with the upstream (the router)
+            }
             for s in lab.sites
         }
         instance_site = {lb: s.name for s in lab.sites for lb in s.lbs}
@@ -89,10 +96,12 @@ def format_anycast_trace(t: AnycastTrace) -> str:
     f = t.figures
     out = [f"anycast trace of {t.file}: VIP {t.vip}"]
     for name, s in t.sites.items():
-        out.append(
-            f"  site {name}: router {s['router']}, MED {s['cost']} upstream,"
-            f" instances {', '.join(s['instances'])}"
+        router = (
+            f"instances peer with the upstream {s['router']} directly, MED {s['cost']}"
+            if s.get("direct")
+            else f"router {s['router']}, MED {s['cost']} upstream"
         )
+        out.append(f"  site {name}: {router}, instances {', '.join(s['instances'])}")
     out.append("routes to the VIP before" + (" the failure:" if t.failure else ":"))
     out += [f"  {r}: via {', '.join(h) or 'nothing'}" for r, h in t.routes_before.items()]
     if t.failure:

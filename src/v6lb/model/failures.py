@@ -40,6 +40,12 @@ FAILURES: Final = (
         ("kill-instance",),
     ),
     Failure(
+        "site-lbs-die",
+        "every LB instance of the primary site dies: the upstream moves to the backup site",
+        None,
+        True,
+    ),
+    Failure(
         "site-backends-die",
         "every backend of the primary site dies: the site withdraws the VIP",
         None,
