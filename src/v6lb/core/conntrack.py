@@ -254,6 +254,9 @@ def next_state(state: int, direction: int, event: int) -> int:
 EVENT_OF_PROTO: Final = {NH_UDP: Event.DGRAM, NH_ICMPV6: Event.ECHO}
 
 
+_NO_COUNT: list[int] = [0, 0]  # a Conn no service counts (conntrack tests)
+
+
 class Conn:
     """One tracked flow, found under two keys: the original and the reply tuple.
 
@@ -282,6 +285,8 @@ class Conn:
         "backend",
         "generation",
         "service",
+        "ctr_orig",
+        "ctr_reply",
         "snat",
         "snat_port",
         "alive",
@@ -307,6 +312,9 @@ class Conn:
         self.backend = -1
         self.generation = 0
         self.service: Any = None
+        # the service's [packets, bytes] of each direction, counted per packet forwarded
+        self.ctr_orig: list[int] = _NO_COUNT
+        self.ctr_reply: list[int] = _NO_COUNT
         self.snat: Any = None
         self.snat_port = 0
         self.alive = False

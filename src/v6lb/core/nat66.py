@@ -118,7 +118,8 @@ class NatService:
         "active_flows",
         "backend_new_flows",
         "backend_active_flows",
-        "traffic",
+        "traffic_in",
+        "traffic_out",
         "_snat_first",
         "_snat_count",
     )
@@ -171,9 +172,10 @@ class NatService:
         self.active_flows = 0
         self.backend_new_flows = [0] * len(pool)
         self.backend_active_flows = [0] * len(pool)
-        # the VIP's flows' packets forwarded: [packets, bytes] clients to backends ("in",
-        # index 0, 1), then [packets, bytes] of the replies ("out", index 2, 3)
-        self.traffic = [0, 0, 0, 0]
+        # the VIP's flows' packets forwarded, [packets, bytes]: clients to backends ("in")
+        # and the replies ("out"); each flow's Conn holds these two lists
+        self.traffic_in = [0, 0]
+        self.traffic_out = [0, 0]
 
     def snat_address(self, client: bytes, seed: int = 0) -> bytes:
         """The SNAT address of ``client``: always the same one for a client (paired pooling)."""
@@ -294,7 +296,6 @@ class NatForwarder:
         self._info = PacketInfo()
         self._qinfo = PacketInfo()
         self._error_conn: Conn | None = None  # the flow the last ICMPv6 error quoted
-        self._hits = 0
         tables = self.conntrack.tables
         self._orig_tcp = tables[ORIG][NH_TCP]
         self._orig_udp = tables[ORIG][NH_UDP]
@@ -308,8 +309,12 @@ class NatForwarder:
     @property
     def counters(self) -> Counters:
         c = self._counters
-        if self._hits:
-            c.extra["hit"] = self._hits
+        # conntrack hits: every packet of a flow forwarded, but its first and its later
+        # fragments (each VIP counts its flows' packets; the hot path counts nothing else)
+        hits = sum(s.traffic_in[0] + s.traffic_out[0] - s.new_flows for s in self.services)
+        hits -= c.extra.get("fragment", 0)
+        if hits > 0:
+            c.extra["hit"] = hits
         return c
 
     def flows(self) -> Iterator[Conn]:
@@ -374,6 +379,7 @@ class NatForwarder:
                 delta = conn.pdelta_reply if partial else conn.delta_reply
                 ev |= 8  # REPLY << 3
                 out = PORT_OUTSIDE
+                ctr = conn.ctr_reply
             else:
                 conn = (self._orig_tcp if nh == NH_TCP else self._orig_udp).get(key)
                 if conn is None:
@@ -381,6 +387,7 @@ class NatForwarder:
                 rw = conn.rw_orig
                 delta = conn.pdelta_orig if partial else conn.delta_orig
                 out = PORT_INSIDE
+                ctr = conn.ctr_orig
             st = conn.state
             if (
                 conn.expires > now
@@ -395,12 +402,9 @@ class NatForwarder:
                     _U16.pack_into(buf, coff, ck or (0xFFFF if nh == NH_UDP else 0))
                 conn.expires = now + self._timeouts[st]
                 self._lru[st].move_to_end(conn)
-                self._hits += 1
                 self._counters.forwarded += 1
-                t = conn.service.traffic
-                d = 0 if out == PORT_INSIDE else 2
-                t[d] += 1
-                t[d + 1] += n
+                ctr[0] += 1  # the VIP's packets and bytes, this direction
+                ctr[1] += n
                 return out
         return -1
 
@@ -479,12 +483,10 @@ class NatForwarder:
         if buf[7] < self._hl_min:
             return self._time_exceeded(buf, port, now)
         ct.touch(conn, nxt, now)
-        self._hits += 1
         self._rewrite(buf, info, proto, conn, inside, now)
-        t = conn.service.traffic
-        d = 2 if inside else 0
-        t[d] += 1
-        t[d + 1] += len(buf)
+        ctr = conn.ctr_reply if inside else conn.ctr_orig
+        ctr[0] += 1
+        ctr[1] += len(buf)
         return self._forward(buf, PORT_OUTSIDE if inside else PORT_INSIDE)
 
     def _rewrite(
@@ -590,6 +592,8 @@ class NatForwarder:
         conn.backend = i
         conn.generation = pool.generation
         conn.service = svc
+        conn.ctr_orig = svc.traffic_in
+        conn.ctr_reply = svc.traffic_out
         conn.snat = space_key
         conn.snat_port = xport
         ct.insert(conn, state, now)
@@ -598,8 +602,8 @@ class NatForwarder:
         svc.backend_new_flows[i] += 1
         svc.backend_active_flows[i] += 1
         self._rewrite(buf, info, proto, conn, False, now)
-        svc.traffic[0] += 1
-        svc.traffic[1] += len(buf)
+        svc.traffic_in[0] += 1
+        svc.traffic_in[1] += len(buf)
         return self._forward(buf, PORT_INSIDE)
 
     def _take_port(self, space_key: tuple[bytes, bytes, int, int], ports: tuple[int, int]) -> int:
@@ -662,10 +666,9 @@ class NatForwarder:
         # Addresses only: the ports and the checksum are in the first fragment.
         buf[8:40] = (conn.rw_reply if inside else conn.rw_orig)[:32]
         self._counters.bump("fragment")
-        t = conn.service.traffic
-        d = 2 if inside else 0
-        t[d] += 1
-        t[d + 1] += len(buf)
+        ctr = conn.ctr_reply if inside else conn.ctr_orig
+        ctr[0] += 1
+        ctr[1] += len(buf)
         return self._forward(buf, PORT_OUTSIDE if inside else PORT_INSIDE)
 
     # --- ICMPv6 errors -----------------------------------------------------------------

@@ -738,7 +738,7 @@ class PythonPlane(Plane):
                 out.traffic[vip.name] = {"in": c}
                 continue
             if (nsvc := nat_vips.get(vip.name)) is not None:  # each nat VIP counts its own
-                p_in, b_in, p_out, b_out = nsvc.traffic
+                (p_in, b_in), (p_out, b_out) = nsvc.traffic_in, nsvc.traffic_out
                 out.counters[vip.name] = VipCounter(
                     "python nat forwarded", p_in + p_out, b_in + b_out
                 )
