@@ -59,7 +59,7 @@ LEGACY = Source(
     "For all other values of the annotation, the legacy cloud provider will handle the service.",
 )
 IN_TREE_TYPE = Source(
-    "https://github.com/kubernetes/cloud-provider-aws/blob/master/docs/service_controller.md",
+    "https://cloud-provider-aws.sigs.k8s.io/service_controller/",
     "The only valid value is nlb. Leaving this field blank is equivalent to selecting ELB.",
 )
 IN_TREE_INTERNAL = Source(
