@@ -373,6 +373,20 @@ def test_ingress_class_and_defaults() -> None:
         "ipv4",
     )
     assert not lb.ipv6_client.reachable and len(lb.warnings) == 2
+    assert lb.ipv6_client.pod_sees_source.startswith("the node's own address")
+    assert lb.ipv6_client.v6lb_mode == "proxy-l7"
+
+
+def test_tcp_health_check_with_local_warns() -> None:
+    lb = nlb(
+        {
+            SVC + "aws-load-balancer-nlb-target-type": "ip",
+            SVC + "aws-load-balancer-healthcheck-protocol": "tcp",
+        },
+        externalTrafficPolicy="Local",
+    )
+    assert lb.health_check.protocol == "TCP"
+    assert [w.field for w in lb.warnings] == [SVC + "aws-load-balancer-healthcheck-protocol"]
 
 
 def test_backend_service_annotation_wins_over_the_ingress() -> None:

@@ -761,6 +761,14 @@ def _nlb_health(r: _Reader, ann: Mapping[str, str], etp: str) -> HealthCheck:
         "health check protocol",
         S.NLB_HEALTH,
     )
+    if etp == "Local" and proto == "TCP":
+        r.warn(
+            p + "protocol",
+            "tcp with externalTrafficPolicy Local: the health check must ask kube-proxy's "
+            "health check port over HTTP which nodes have a ready pod",
+            "use http (the default with Local)",
+            S.NLB_HEALTH,
+        )
     port = ann.get(p + "port") or ("healthCheckNodePort" if etp == "Local" else "traffic-port")
     if port not in ("traffic-port", "healthCheckNodePort") and not port.isdigit():
         r.error(
@@ -840,7 +848,15 @@ def _in_tree(svc: Mapping[str, Any], ann: Mapping[str, str], r: _Reader, kind: L
             v6lb_mode="proxy-l4",
             proxy_protocol="v2" if pp else "none",
             forwarded_headers=False,
-            notes=("not reachable over IPv6: a Classic Load Balancer in a VPC is IPv4-only", note),
+            notes=(
+                "not reachable over IPv6: a Classic Load Balancer in a VPC is IPv4-only",
+                note,
+                *(
+                    ("the CLB's PROXY header version: no source found; v6lb sends v2",)
+                    if pp
+                    else ()
+                ),
+            ),
             sources=(S.CLB_IPV4_ONLY, S.ETP_LOCAL),
         )
     else:

@@ -224,7 +224,8 @@ DEREGISTRATION_DEFAULT = Source(
 NLB_HEALTH = Source(
     f"{_LBC_SVC}#healthcheck-protocol",
     "tcp is the default health check protocol if the service spec.externalTrafficPolicy is "
-    "Cluster, http if Local; defaults: port traffic-port, path / for HTTP(S), healthy and "
+    "Cluster, http if Local; if the service spec.externalTrafficPolicy is Local, do not use "
+    "tcp for health check; defaults: port traffic-port, path / for HTTP(S), healthy and "
     "unhealthy threshold 3, timeout 10, interval 10, success codes 200-399",
 )
 NLB_HEALTH_PORT = Source(
