@@ -1,0 +1,1 @@
+"""Kubernetes manifests in: explanation and config out (pure, no API server)."""
