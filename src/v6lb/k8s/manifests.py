@@ -50,7 +50,9 @@ INGRESS_CLASS_ANNOTATION: Final = "kubernetes.io/ingress.class"
 KINDS: Final = ("Service", "EndpointSlice", "Ingress", "Pod", "Deployment")
 # Kinds kubectl prints next to these that say nothing v6lb needs: skipped silently.
 _QUIET: Final = frozenset({"Endpoints", "ReplicaSet", "Namespace", "IngressClass", "Event"})
-MAX_VALUES_PER_BYTE: Final = 32  # as config_read's BYTES_PER_VALUE: one value per 32 bytes
+# A value takes at least 2 bytes (`a: b`); aliases share values, never copy them: a bound on
+# memory that no real manifest reaches.
+BYTES_PER_VALUE: Final = 2
 
 
 class ManifestError(UsageError):
@@ -223,16 +225,28 @@ class Manifests:
     pods: tuple[Pod, ...] = ()
     deployments: tuple[Deployment, ...] = ()
     notes: tuple[Note, ...] = ()
+    _services: dict[tuple[str, str], Service] = field(init=False, repr=False, compare=False)
+    _slices: dict[tuple[str, str], list[EndpointSlice]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        by_service: dict[tuple[str, str], list[EndpointSlice]] = {}
+        for s in self.slices:
+            if s.service_name is not None:
+                by_service.setdefault((s.ref.namespace, s.service_name), []).append(s)
+        object.__setattr__(self, "_slices", by_service)
+        object.__setattr__(
+            self, "_services", {(s.ref.namespace, s.ref.name): s for s in self.services}
+        )
 
     def service(self, namespace: str, name: str) -> Service | None:
-        for s in self.services:
-            if s.ref.namespace == namespace and s.ref.name == name:
-                return s
-        return None
+        """The Service ``namespace/name``, if given."""
+        return self._services.get((namespace, name))
 
     def slices_of(self, service: Service) -> list[EndpointSlice]:
-        ns, name = service.ref.namespace, service.ref.name
-        return [s for s in self.slices if s.ref.namespace == ns and s.service_name == name]
+        """The EndpointSlices labelled with ``service``'s name, in its namespace."""
+        return list(self._slices.get((service.ref.namespace, service.ref.name), ()))
 
 
 def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -342,7 +356,7 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
     skipped: dict[str, int] = {}
     objects = 0
     for source, text in texts:
-        max_values = max(1024, len(text) // MAX_VALUES_PER_BYTE * 2)
+        max_values = 1024 + len(text) // BYTES_PER_VALUE
         for line, doc in load_documents(text, source, max_values=max_values):
             for where, obj in _objects(doc, source, line):
                 objects += 1
