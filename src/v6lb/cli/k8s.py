@@ -140,6 +140,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
             " it as a v6lb bug",
         ) from None
     text = to_yaml(derived, ["stdin" if f == "-" else f for f in args.files])
+    for n in derived.notes:
+        sys.stderr.write(f"note: {n}\n")
     for w in derived.warnings:
         sys.stderr.write(f"warning: {w}\n")
     if args.output:

@@ -355,14 +355,15 @@ def exposed(m: Manifests, notes: list[Note]) -> list[Exposed]:
             )
             continue
         for where, backend in ing.backends():
-            svc = m.service(ing.ref.namespace, backend.service)
-            if svc is None:
+            target = m.service(ing.ref.namespace, backend.service)
+            if target is None:
                 notes.append(
                     Note(ing.ref, f"{where}.service.name", f"Service {backend.service!r} is not"
                          " in the input: skipped", "give the Service's manifest too")
                 )  # fmt: skip
                 continue
-            out.append(Exposed(ing.ref, svc, _ingress_port(ing, where, backend, svc), where, ing))
+            port = _ingress_port(ing, where, backend, target)
+            out.append(Exposed(ing.ref, target, port, where, ing))
     return out
 
 
@@ -563,8 +564,17 @@ def derive_config(
             f" {', '.join(sorted({str(x.port) for x in backends}))}; {b.why}; {mode}: {why}"
         )
         out.append(
-            _Vip(name, e, IPv6Address(0), port.protocol.lower(), mode, options, backends,
-                 b.health, comment)  # fmt: skip
+            _Vip(
+                name,
+                e,
+                IPv6Address(0),
+                port.protocol.lower(),
+                mode,
+                options,
+                backends,
+                b.health,
+                comment,
+            )  # fmt: skip
         )
     if not out:
         why = "; ".join(str(w) for w in warnings[:3]) or "the input has no LoadBalancer"
@@ -658,6 +668,7 @@ def _common_len(addrs: Sequence[IPv6Address]) -> int:
 def _pod_subnets(by_node: dict[str, list[IPv6Address]]) -> dict[str, IPv6Network]:
     """A subnet per node holding its pods: the /80 EKS delegates, or the pods' common
     prefix when /80s would overlap; an error when even those do."""
+
     def subnet(addrs: list[IPv6Address], most: int) -> IPv6Network:
         length = min(_common_len(addrs), most, 120)  # at least 256 addresses: room for the node
         return IPv6Network((addrs[0], length), strict=False)

@@ -274,20 +274,25 @@ class _Reader:
             cur = cur.get(part)
         return cur
 
-    def mapping(self, path: str, value: object = ..., *, strings: bool = False) -> dict[str, object]:
+    def mapping(self, path: str, value: object = ...) -> dict[str, object]:
         v = self._walk(path) if value is ... else value
         if v is None:
             return {}
         if not isinstance(v, dict):
             raise self.ref.error(path, f"is {_kind(v)}, not a mapping", "write `key: value` pairs")
-        if strings:
-            for k, x in v.items():
-                if not isinstance(k, str) or not isinstance(x, str | int | float | bool):
-                    raise self.ref.error(
-                        f"{path}.{k}", f"is {_kind(x)}, not a string", f'quote it: "{k}": "..."'
-                    )
-            return {k: x if isinstance(x, str) else _text(x) for k, x in v.items()}
         return v
+
+    def strings(self, path: str) -> dict[str, str]:
+        """Labels, annotations, a selector: string keys to strings (a number or a boolean
+        is taken as its text)."""
+        out: dict[str, str] = {}
+        for k, x in self.mapping(path).items():
+            if not isinstance(k, str) or not isinstance(x, str | int | float | bool):
+                raise self.ref.error(
+                    f"{path}.{k}", f"is {_kind(x)}, not a string", f'quote it: "{k}": "..."'
+                )
+            out[k] = x if isinstance(x, str) else _text(x)
+        return out
 
     def seq(self, path: str, value: object = ...) -> list[object]:
         v = self._walk(path) if value is ... else value
@@ -347,15 +352,16 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
     A text may hold several documents (``---``), each one object or a ``List`` (its
     ``items``). Objects of other kinds are skipped with a note.
     """
-    services: dict[tuple[str, str], Service] = {}
-    slices: dict[tuple[str, str], EndpointSlice] = {}
-    ingresses: dict[tuple[str, str], Ingress] = {}
-    pods: dict[tuple[str, str], Pod] = {}
-    deployments: dict[tuple[str, str], Deployment] = {}
+    services: list[Service] = []
+    slices: list[EndpointSlice] = []
+    ingresses: list[Ingress] = []
+    pods: list[Pod] = []
+    deployments: list[Deployment] = []
+    seen: dict[tuple[str, str, str], ObjectRef] = {}
     notes: list[Note] = []
     skipped: dict[str, int] = {}
-    objects = 0
     for source, text in texts:
+        objects = 0
         max_values = 1024 + len(text) // BYTES_PER_VALUE
         for line, doc in load_documents(text, source, max_values=max_values):
             for where, obj in _objects(doc, source, line):
@@ -366,28 +372,27 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
                         skipped[_text(kind)] = skipped.get(_text(kind), 0) + 1
                     continue
                 ref = _ref(obj, str(kind), source, line, where)
-                r = _Reader(ref, obj)
-                table: dict[tuple[str, str], object]
-                if kind == "Service":
-                    table, value = services, _service(r)  # type: ignore[assignment]
-                elif kind == "EndpointSlice":
-                    table, value = slices, _slice(r)  # type: ignore[assignment]
-                elif kind == "Ingress":
-                    table, value = ingresses, _ingress(r)  # type: ignore[assignment]
-                elif kind == "Pod":
-                    table, value = pods, _pod(r)  # type: ignore[assignment]
-                else:
-                    table, value = deployments, _deployment(r)  # type: ignore[assignment]
-                key = (ref.namespace, ref.name)
-                if key in table:
-                    first = getattr(table[key], "ref")
+                key = (ref.kind, ref.namespace, ref.name)
+                if key in seen:
+                    first = seen[key]
                     raise ref.error(
                         "metadata.name",
                         f"the same {kind} is given twice (first at {first.source},"
                         f" line {first.line})",
                         "give each object once: drop one of the files or documents",
                     )
-                table[key] = value
+                seen[key] = ref
+                r = _Reader(ref, obj)
+                if kind == "Service":
+                    services.append(_service(r))
+                elif kind == "EndpointSlice":
+                    slices.append(_slice(r))
+                elif kind == "Ingress":
+                    ingresses.append(_ingress(r))
+                elif kind == "Pod":
+                    pods.append(_pod(r))
+                else:
+                    deployments.append(_deployment(r))
         if objects == 0:
             raise ManifestError(
                 f"{source}: holds no Kubernetes object",
@@ -396,15 +401,16 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
             )
     for kind, n in sorted(skipped.items()):
         notes.append(
-            Note("input", "", f"{n} object(s) of kind {kind} skipped: v6lb reads "
-                 + ", ".join(KINDS))  # fmt: skip
+            Note(
+                "input", "", f"{n} object(s) of kind {kind} skipped: v6lb reads " + ", ".join(KINDS)
+            )  # fmt: skip
         )
     return Manifests(
-        services=tuple(services.values()),
-        slices=tuple(slices.values()),
-        ingresses=tuple(ingresses.values()),
-        pods=tuple(pods.values()),
-        deployments=tuple(deployments.values()),
+        services=tuple(services),
+        slices=tuple(slices),
+        ingresses=tuple(ingresses),
+        pods=tuple(pods),
+        deployments=tuple(deployments),
         notes=tuple(notes),
     )
 
@@ -489,17 +495,24 @@ def _service(r: _Reader) -> Service:
         ports.append(
             ServicePort(
                 name=name,
-                protocol=_choice(r, f"{p}.protocol", r.text(f"{p}.protocol", f.get("protocol")),
-                                 _PROTOCOLS, "TCP"),  # fmt: skip
+                protocol=_choice(
+                    r,
+                    f"{p}.protocol",
+                    r.text(f"{p}.protocol", f.get("protocol")),
+                    _PROTOCOLS,
+                    "TCP",
+                ),  # fmt: skip
                 port=port,
-                target_port=port if target is None else r.port(f"{p}.targetPort", target,
-                                                               named=True),  # fmt: skip
+                target_port=port
+                if target is None
+                else r.port(f"{p}.targetPort", target, named=True),  # fmt: skip
                 node_port=None if node_port is None else int(r.port(f"{p}.nodePort", node_port)),
             )
         )
     families = tuple(
-        _choice(r, f"spec.ipFamilies[{i}]", r.text(f"spec.ipFamilies[{i}]", v), ("IPv6", "IPv4"),
-                "IPv6")  # fmt: skip
+        _choice(
+            r, f"spec.ipFamilies[{i}]", r.text(f"spec.ipFamilies[{i}]", v), ("IPv6", "IPv4"), "IPv6"
+        )  # fmt: skip
         for i, v in enumerate(r.seq("spec.ipFamilies"))
     )
     policy = r.text("spec.ipFamilyPolicy")
@@ -528,9 +541,9 @@ def _service(r: _Reader) -> Service:
         ref=r.ref,
         type=kind,
         ports=tuple(ports),
-        selector=r.mapping("spec.selector", strings=True),
-        annotations=r.mapping("metadata.annotations", strings=True),
-        labels=r.mapping("metadata.labels", strings=True),
+        selector=r.strings("spec.selector"),
+        annotations=r.strings("metadata.annotations"),
+        labels=r.strings("metadata.labels"),
         ip_families=families,
         ip_family_policy=policy,
         external_traffic_policy=etp,
@@ -560,8 +573,13 @@ def _slice(r: _Reader) -> EndpointSlice:
             EndpointPort(
                 name=r.text(f"{p}.name", f.get("name"), default="") or "",
                 port=None if port is None else int(r.port(f"{p}.port", port)),
-                protocol=_choice(r, f"{p}.protocol", r.text(f"{p}.protocol", f.get("protocol")),
-                                 _PROTOCOLS, "TCP"),  # fmt: skip
+                protocol=_choice(
+                    r,
+                    f"{p}.protocol",
+                    r.text(f"{p}.protocol", f.get("protocol")),
+                    _PROTOCOLS,
+                    "TCP",
+                ),  # fmt: skip
             )
         )
     endpoints: list[Endpoint] = []
@@ -597,7 +615,7 @@ def _slice(r: _Reader) -> EndpointSlice:
                 else None,
             )
         )
-    labels = r.mapping("metadata.labels", strings=True)
+    labels = r.strings("metadata.labels")
     return EndpointSlice(
         ref=r.ref,
         address_type=atype,
@@ -608,7 +626,7 @@ def _slice(r: _Reader) -> EndpointSlice:
 
 
 def _ingress(r: _Reader) -> Ingress:
-    annotations = r.mapping("metadata.annotations", strings=True)
+    annotations = r.strings("metadata.annotations")
     cls = r.text("spec.ingressClassName")
     legacy = annotations.get(INGRESS_CLASS_ANNOTATION)
     if cls is not None and legacy is not None and cls != legacy:
@@ -690,8 +708,13 @@ def _container_ports(r: _Reader, spec: str) -> tuple[ContainerPort, ...]:
                 ContainerPort(
                     name=r.text(f"{q}.name", g.get("name"), default="") or "",
                     port=int(r.port(f"{q}.containerPort", g.get("containerPort"))),
-                    protocol=_choice(r, f"{q}.protocol", r.text(f"{q}.protocol",
-                                     g.get("protocol")), _PROTOCOLS, "TCP"),  # fmt: skip
+                    protocol=_choice(
+                        r,
+                        f"{q}.protocol",
+                        r.text(f"{q}.protocol", g.get("protocol")),
+                        _PROTOCOLS,
+                        "TCP",
+                    ),  # fmt: skip
                 )
             )
     return tuple(out)
@@ -710,7 +733,7 @@ def _pod(r: _Reader) -> Pod:
         ips.append(ip)
     return Pod(
         ref=r.ref,
-        labels=r.mapping("metadata.labels", strings=True),
+        labels=r.strings("metadata.labels"),
         node_name=r.text("spec.nodeName"),
         pod_ips=tuple(ips),
         ports=_container_ports(r, "spec"),
@@ -720,8 +743,8 @@ def _pod(r: _Reader) -> Pod:
 def _deployment(r: _Reader) -> Deployment:
     return Deployment(
         ref=r.ref,
-        labels=r.mapping("metadata.labels", strings=True),
-        selector=r.mapping("spec.selector.matchLabels", strings=True),
-        template_labels=r.mapping("spec.template.metadata.labels", strings=True),
+        labels=r.strings("metadata.labels"),
+        selector=r.strings("spec.selector.matchLabels"),
+        template_labels=r.strings("spec.template.metadata.labels"),
         ports=_container_ports(r, "spec.template.spec"),
     )

@@ -58,7 +58,9 @@ class YamlError(UsageError):
 
 def _plain(value: str) -> object:
     """A plain (unquoted) scalar's value."""
-    if not value or value[0] not in "0123456789-+.~nNtTfFyYoO":
+    if not value:
+        return None
+    if value[0] not in "0123456789-+.~nNtTfFyYoO":
         return value
     if value in _NULL:
         return None
@@ -93,7 +95,7 @@ def load_documents(text: str, source: str, *, max_values: int) -> Iterator[tuple
     try:
         yield from _build(text, source, max_values)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        mark: Any = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
         raise YamlError(
@@ -105,7 +107,7 @@ def load_documents(text: str, source: str, *, max_values: int) -> Iterator[tuple
         raise YamlError(f"{source}: not YAML: {exc}", "save the file as UTF-8 YAML") from None
 
 
-def _events(text: str) -> Iterator[yaml.Event]:
+def _events(text: str) -> Iterator[Any]:
     if not _LIBYAML:
         yield from yaml.parse(text, Loader=yaml.SafeLoader)
         return
@@ -132,12 +134,14 @@ def _build(text: str, source: str, max_values: int) -> Iterator[tuple[int, Any]]
     first_line = 1
     root: Any = None
 
-    def fail(event: yaml.Event, problem: str, fix: str) -> YamlError:
+    def fail(event: Any, problem: str, fix: str) -> YamlError:
         m = event.start_mark
         return YamlError(f"{source}: line {m.line + 1}, column {m.column + 1}: {problem}", fix)
 
     for event in _events(text):
         kind = type(event)
+        if first_line == 0:  # a document's first line is its first value's, after any ---
+            first_line = event.start_mark.line + 1
         if kind is scalar_t:
             value: Any = _plain(event.value) if event.implicit[0] else event.value
             values += 1
@@ -169,7 +173,7 @@ def _build(text: str, source: str, max_values: int) -> Iterator[tuple[int, Any]]
             value = anchors[event.anchor]
             values += 1
         elif kind is doc_start:
-            first_line = event.start_mark.line + 1
+            first_line = 0
             anchors.clear()
             root = None
             continue
@@ -199,7 +203,7 @@ class _NoKey:
 _NOKEY: Final = _NoKey()
 
 
-def _add(stack: list[list[Any]], value: Any, event: yaml.Event, fail: Any) -> None:
+def _add(stack: list[list[Any]], value: Any, event: Any, fail: Any) -> None:
     top = stack[-1]
     container = top[0]
     if type(container) is list:
