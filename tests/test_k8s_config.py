@@ -50,7 +50,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str, stdin: str = "") -> tupl
 
 def test_kubectl_list_is_read_with_kubernetes_defaults() -> None:
     m = manifests(CLUSTER)
-    assert [s.ref.key for s in m.services] == ["web/echo-nlb", "web/echo-pp", "web/echoserver"]
+    assert [s.ref.key for s in m.services] == [
+        "web/echo-nlb",
+        "web/echo-direct",
+        "web/echo-pp",
+        "web/echoserver",
+    ]
     nlb = m.service("web", "echo-nlb")
     assert nlb is not None and nlb.type == "LoadBalancer" and nlb.ip_families == ("IPv6",)
     assert nlb.ports[0].target_port == "http" and nlb.ports[0].node_port == 31380
@@ -96,7 +101,7 @@ def test_echo_cluster_config_modes_ports_drain_and_health() -> None:
         ("2001:db8:10:2:c3d4::11", True),  # terminating but serving: drain
     ]
     # allocated in (namespace, name) order; each pod on its node's /80, at its own address
-    assert [str(v.address) for v in config.vips] == [f"2001:db8:a:100::{i}" for i in (1, 2, 3)]
+    assert [str(v.address) for v in config.vips] == [f"2001:db8:a:100::{i}" for i in (1, 2, 3, 4)]
     topo = config.topology
     assert topo is not None
     pods = topo.link("pods-1")
@@ -112,7 +117,7 @@ def test_cli_writes_a_file_check_accepts_and_reads_stdin(
     out = tmp_path / "v6lb.yaml"
     code, _, err = run(capsys, str(CLUSTER), str(VARIANTS), "-o", str(out))
     assert code == 0, err
-    assert "wrote" in err and "4 VIPs" in err
+    assert "wrote" in err and "5 VIPs" in err
     assert "warning: EndpointSlice shop/shop-v4" in err and "addressType: IPv4" in err
     assert "note: input: 1 object(s) of kind ConfigMap skipped" in err
     config = load_config(out)  # `v6lb check` accepts it

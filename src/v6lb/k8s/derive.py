@@ -754,6 +754,34 @@ def _health(h: HealthHint, vip: _Vip, notes: list[Note]) -> dict[str, object]:
 _PATH_OK: Final = re.compile(r"/(?:[A-Za-z0-9\-._~!&()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 
 
+def _tunnel_end_points(
+    out: list[_Vip],
+    by_node: dict[str, list[IPv6Address]],
+    subnets: Mapping[str, IPv6Network],
+    private: IPv6Network,
+) -> dict[IPv6Address, IPv6Address]:
+    """A tunnel end point per pod of a dsr-ip6ip6 VIP: ``fd00:ee:N::J`` (node N), on the
+    pod's lo, routed to it: the kernel decapsulates nothing sent to an interface address."""
+    dsr = {b.address for v in out if v.mode == VipMode.DSR_IP6IP6.value for b in v.backends}
+    teps: dict[IPv6Address, IPv6Address] = {}
+    for n, k in enumerate(sorted(by_node)):
+        net = IPv6Network(f"fd00:ee:{n + 1:x}::/64")
+        if any(net.overlaps(x) for x in [*subnets.values(), private]):
+            raise ManifestError(
+                f"the pods use {net}, which the derived topology keeps for DSR tunnel end points",
+                "use nat (leave out --prefer dsr)",
+            )
+        for j, a in enumerate(sorted(x for x in by_node[k] if x in dsr)):
+            teps[a] = net[j + 1]
+    return teps
+
+
+def _tep_nodes(
+    teps: Mapping[IPv6Address, IPv6Address], by_node: Mapping[str, list[IPv6Address]]
+) -> list[tuple[IPv6Address, str]]:
+    return [(teps[a], k) for k, addrs in by_node.items() for a in addrs if a in teps]
+
+
 def _config(out: list[_Vip], notes: list[Note]) -> dict[str, object]:
     by_node: dict[str, list[IPv6Address]] = {}
     pod_names: dict[IPv6Address, str | None] = {}
@@ -793,6 +821,11 @@ def _config(out: list[_Vip], notes: list[Note]) -> dict[str, object]:
     node_name = {k: _node_name(k or "node-0", used) for k in sorted(by_node)}
     node_addr = {k: private[0x100 + i] for i, k in enumerate(sorted(by_node))}
     extra = sorted(a for a in vip_addrs if a not in VIP_POOL)
+    teps = _tunnel_end_points(out, by_node, subnets, private)
+    tep_nets = {k: IPv6Network((a, 64), strict=False) for a, k in _tep_nodes(teps, by_node)}
+    tep_routes = [
+        {"prefix": str(net), "via": str(node_addr[k])} for k, net in sorted(tep_nets.items())
+    ]
     nodes: dict[str, object] = {
         "client": {"type": "host", "role": "client"},
         "igw": {
@@ -807,7 +840,8 @@ def _config(out: list[_Vip], notes: list[Note]) -> dict[str, object]:
             "role": "lb",
             "inside": ["private"],
             "routes": [{"prefix": "default", "via": str(IGW_PUBLIC)}]
-            + [{"prefix": str(subnets[k]), "via": str(node_addr[k])} for k in sorted(by_node)],
+            + [{"prefix": str(subnets[k]), "via": str(node_addr[k])} for k in sorted(by_node)]
+            + tep_routes,
         },
     }
     node_routes = [
@@ -824,7 +858,8 @@ def _config(out: list[_Vip], notes: list[Note]) -> dict[str, object]:
     pod_nodes: dict[str, object] = {}
     for i, k in enumerate(sorted(by_node)):
         nn = node_name[k]
-        nodes[nn] = {"type": "router", "role": "node", "routes": node_routes}
+        own = [{"prefix": f"{teps[a]}/128", "via": str(a)} for a in by_node[k] if a in teps]
+        nodes[nn] = {"type": "router", "role": "node", "routes": node_routes + own}
         private_ends[nn] = str(node_addr[k])
         net = subnets[k]
         addrs = sorted(by_node[k])
@@ -836,6 +871,8 @@ def _config(out: list[_Vip], notes: list[Note]) -> dict[str, object]:
         for a in addrs:
             pn = _node_name(pod_names[a] or f"pod-{a}", used)
             pod_nodes[pn] = {"type": "backend", "role": "pod", "on_node": nn}
+            if a in teps:  # its tunnel end point, on its lo: `v6lb backend` decapsulates
+                pod_nodes[pn]["loopback"] = [str(teps[a])]  # type: ignore[index]
             ends[pn] = str(a)
         links.append({"name": f"pods-{i + 1}", "subnet": str(net), "endpoints": ends})
     links.insert(2, {"name": "private", "subnet": str(private), "mtu": 1500,
@@ -860,7 +897,7 @@ def _config(out: list[_Vip], notes: list[Note]) -> dict[str, object]:
             d["health"] = _health(v.health, v, notes)
         bs: list[dict[str, object]] = []
         for b in v.backends:
-            e: dict[str, object] = {"address": str(b.address)}
+            e: dict[str, object] = {"address": str(teps[b.address] if dsr else b.address)}
             if not dsr:
                 e["port"] = b.port
             if b.drain:
