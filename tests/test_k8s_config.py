@@ -322,3 +322,46 @@ def test_yaml_reader_limits() -> None:
     assert shared["a"] is shared["b"]
     with pytest.raises(ManifestError, match="holds no Kubernetes object"):
         load_manifests([("empty", "---\n")])
+
+
+MIXED = """apiVersion: v1
+kind: Service
+metadata:
+  name: dns
+  namespace: app
+  annotations:
+    service.beta.kubernetes.io/aws-load-balancer-type: external
+    service.beta.kubernetes.io/aws-load-balancer-nlb-target-type: ip
+    service.beta.kubernetes.io/aws-load-balancer-proxy-protocol: "*"
+spec:
+  type: LoadBalancer
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: tcp, port: 53, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: app, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv6
+ports: [{name: dns, port: 5353, protocol: UDP}, {name: tcp, port: 5353, protocol: TCP}]
+endpoints: [{addresses: ["fd00:77::5"]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: i
+  namespace: app
+  annotations: {alb.ingress.kubernetes.io/listen-ports: '[{"HTTP": 8080}, {"HTTPS": 443}]'}
+spec:
+  ingressClassName: alb
+  defaultBackend: {service: {name: dns, port: {name: tcp}}}
+"""
+
+
+def test_udp_and_tcp_ports_of_one_service_and_alb_listen_ports() -> None:
+    d = derive_config(load_manifests([("t", MIXED)]))
+    config = parse_config(d.data, "t")
+    udp, tcp, alb = config.vips
+    # one address per Service; the endpoint without nodeName sits on the synthetic node-0
+    assert udp.address == tcp.address and (udp.protocol, tcp.protocol) == ("udp", "tcp")
+    assert udp.backends[0].port == 5353 and alb.ports == (8080,) and alb.mode == "proxy-l7"
+    assert config.topology is not None and config.topology.node("node-0").role == "node"
+    assert any("HTTPS listener(s) [443] not served" in str(n) for n in d.notes)

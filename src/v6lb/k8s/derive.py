@@ -34,6 +34,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ __all__ = [
     "LbBehaviour",
     "ResolvedBackend",
     "alb_behaviour",
+    "alb_http_ports",
     "choose_mode",
     "derive_config",
     "exposed",
@@ -551,8 +553,14 @@ def derive_config(
             name = _vip_name(
                 [svc.ref.namespace, svc.ref.name, port.name or str(port.port)], used_names
             )
-        vip_port = _vip_ports(e)
-        rewrites = any(x.port != vip_port for x in backends)
+        vip_ports = _vip_ports(e)
+        rewrites = len(vip_ports) > 1 or any(x.port != vip_ports[0] for x in backends)
+        if e.ingress is not None and alb_http_ports(e.ingress)[1]:
+            notes.append(
+                Note(e.ingress.ref, f'metadata.annotations["{ALB}listen-ports"]',
+                     f"HTTPS listener(s) {alb_http_ports(e.ingress)[1]} not served: v6lb's"
+                     f" proxy-l7 ends no TLS; HTTP on {vip_ports}")
+            )  # fmt: skip
         mode, options, why = choose_mode(
             b, protocol=port.protocol, prefer=prefer, rewrites_port=rewrites
         )
@@ -588,13 +596,37 @@ def derive_config(
     data = _config(out, notes)
     comments = {v.name: v.comment for v in out}
     nodes_ = len(data["topology"]["nodes"])  # type: ignore[index]
-    return Derived(data, comments, tuple(notes), tuple(warnings), nodes_)
+    return Derived(
+        data, comments, tuple(dict.fromkeys(notes)), tuple(dict.fromkeys(warnings)), nodes_
+    )
 
 
-def _vip_ports(e: Exposed) -> int:
+def _vip_ports(e: Exposed) -> list[int]:
+    """The Service's port, or the ALB's HTTP listeners (``listen-ports``, default HTTP 80)."""
     if e.ingress is None:
-        return e.port.port
-    return 80  # the ALB's HTTP listener (alb.ingress.kubernetes.io/listen-ports: HTTP 80)
+        return [e.port.port]
+    return alb_http_ports(e.ingress)[0]
+
+
+def alb_http_ports(ingress: Ingress) -> tuple[list[int], list[int]]:
+    """The ALB's listeners from ``alb.ingress.kubernetes.io/listen-ports`` (a JSON list such
+    as ``[{"HTTP": 80}, {"HTTPS": 443}]``; default HTTP 80): (HTTP ports, HTTPS ports).
+    With HTTPS only, HTTP 80 is served (v6lb's proxy-l7 ends no TLS)."""
+    raw = ingress.annotations.get(ALB + "listen-ports")
+    if raw is None:
+        return [80], []
+    try:
+        items = json.loads(raw)
+        pairs = [(k.upper(), int(v)) for item in items for k, v in item.items()]
+    except (ValueError, TypeError, AttributeError):
+        raise ingress.ref.error(
+            f'metadata.annotations["{ALB}listen-ports"]',
+            f"{raw[:60]!r} is not a JSON list of listeners",
+            'write it as \'[{"HTTP": 80}, {"HTTPS": 443}]\'',
+        ) from None
+    http = sorted({p for k, p in pairs if k == "HTTP" and 1 <= p <= 65535})
+    https = sorted({p for k, p in pairs if k == "HTTPS"})
+    return (http or [80]), https
 
 
 def _assign_addresses(out: list[_Vip], overrides: dict[str, IPv6Address]) -> None:
@@ -883,7 +915,7 @@ def _config(out: list[_Vip], notes: list[Note]) -> dict[str, object]:
         d: dict[str, object] = {
             "name": v.name,
             "address": str(v.address),
-            "ports": [_vip_ports(v.exposed)],
+            "ports": _vip_ports(v.exposed),
         }
         if v.protocol != "tcp":
             d["protocol"] = v.protocol
