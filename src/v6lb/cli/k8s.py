@@ -1,7 +1,7 @@
 """`v6lb k8s ...`: Kubernetes manifests (files or stdin) in; a v6lb config out.
 
 ``v6lb k8s config FILE... | -`` reads what ``kubectl get svc,ingress,endpointslices -A -o
-yaml`` prints and writes a v6lb config that serves the same Services (docs/kubernetes.md).
+yaml`` prints and writes a v6lb config that serves the same Services (README.md).
 This module reads the files and stdin and writes the output; :mod:`v6lb.k8s` is pure.
 """
 

@@ -37,7 +37,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network, ip_address
 from typing import Final
 
@@ -291,10 +291,12 @@ def health_from_annotations(a: Mapping[str, str], *, alb: bool) -> HealthHint | 
 
 
 def _number(text: str | None) -> float | None:
+    """Seconds from an annotation; None (v6lb's default) unless a finite positive number."""
     try:
-        return float(text) if text else None
+        value = float(text) if text else None
     except ValueError:
         return None
+    return value if value is not None and 0 < value < 1e6 else None
 
 
 def _int(text: str | None) -> int | None:
@@ -482,7 +484,6 @@ class _Vip:
     backends: list[ResolvedBackend]
     health: HealthHint | None
     comment: str
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _vip_name(parts: Sequence[str], used: set[str]) -> str:
@@ -567,8 +568,9 @@ def derive_config(
         if mode == VipMode.PROXY_L7.value and port.protocol != "TCP":
             raise e.source.error(e.where, "an ALB backend port is not TCP", "use a TCP port")
         target = f"{port.port}/{port.protocol}"
+        via = f"Service {svc.ref.name} " if e.ingress is not None else ""
         comment = (
-            f"{label} {e.where}: port {port.name + ' ' if port.name else ''}{target} ->"
+            f"{label} {e.where}: {via}port {port.name + ' ' if port.name else ''}{target} ->"
             f" {', '.join(sorted({str(x.port) for x in backends}))}; {b.why}; {mode}: {why}"
         )
         out.append(
@@ -747,8 +749,11 @@ def _health(h: HealthHint, vip: _Vip, notes: list[Note]) -> dict[str, object]:
     ref = vip.exposed.source
     if h.path is not None:
         out["path"] = h.path
-    if h.port is not None:
+    if h.port is not None and 1 <= h.port <= 65535:
         out["port"] = h.port
+    elif h.port is not None:
+        notes.append(Note(ref, "metadata.annotations", f"health-check port {h.port} is not a"
+                          " port: the traffic port is checked"))  # fmt: skip
     interval = h.interval
     if interval is not None:
         interval = min(max(interval, 0.1), 3600.0)
@@ -761,7 +766,8 @@ def _health(h: HealthHint, vip: _Vip, notes: list[Note]) -> dict[str, object]:
                               f" {interval / 2:g} s"))  # fmt: skip
             timeout = interval / 2
         elif interval is None and timeout >= 2.0:
-            out["interval"] = timeout * 2
+            out["interval"] = min(timeout * 2, 3600.0)
+            timeout = min(timeout, 1800.0)
         out["timeout"] = timeout
     if h.rise is not None:
         out["rise"] = min(max(h.rise, 1), 100)

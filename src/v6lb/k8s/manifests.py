@@ -367,6 +367,12 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
             for where, obj in _objects(doc, source, line):
                 objects += 1
                 kind = obj.get("kind")
+                if not isinstance(kind, str):
+                    raise ManifestError(
+                        f"{source}, line {line}: {where or 'the document'}: kind: {_kind(kind)}"
+                        " is not a kind",
+                        "write the object's kind, such as Service",
+                    )
                 if kind not in KINDS:
                     if kind not in _QUIET:
                         skipped[_text(kind)] = skipped.get(_text(kind), 0) + 1
