@@ -365,3 +365,48 @@ def test_udp_and_tcp_ports_of_one_service_and_alb_listen_ports() -> None:
     assert udp.backends[0].port == 5353 and alb.ports == (8080,) and alb.mode == "proxy-l7"
     assert config.topology is not None and config.topology.node("node-0").role == "node"
     assert any("HTTPS listener(s) [443] not served" in str(n) for n in d.notes)
+
+
+def test_mutated_manifests_give_a_message_never_a_traceback() -> None:
+    """Fields of the kubectl List set to values of the wrong type or range, 1-3 at a time:
+    each run ends in a config `v6lb check` accepts, or a V6lbError (exit 2)."""
+    import copy
+    import random
+
+    import yaml
+
+    from v6lb.errors import V6lbError
+
+    base = yaml.safe_load(CLUSTER.read_text())
+    values: list[object] = [None, 0, 70000, "", "x", [], {}, [1], {"a": 1}, True, 1.5]
+    values += ["fd00::1", "10.0.0.1", "http", "2001:db8:a:100::5"]
+
+    def paths(o: object, p: tuple[object, ...] = ()) -> Any:
+        if p:
+            yield p
+        items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+        for k, v in items:
+            yield from paths(v, (*p, k))
+
+    every = list(paths(base))
+    rng = random.Random(17)
+    outcomes = {"config": 0, "error": 0}
+    for _ in range(100):
+        doc = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            *parents, last = rng.choice(every)
+            cur: Any = doc
+            try:
+                for k in parents:
+                    cur = cur[k]
+                cur[last] = rng.choice(values)
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier mutation replaced a parent
+        try:
+            d = derive_config(load_manifests([("m", yaml.safe_dump(doc))]), prefer="dsr")
+        except V6lbError:
+            outcomes["error"] += 1
+            continue
+        parse_config(d.data, "derived")
+        outcomes["config"] += 1
+    assert outcomes["config"] > 10 and outcomes["error"] > 10, outcomes
