@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from v6lb import __version__
-from v6lb.cli import check, control, ctl, explain, lab, maglev, npt, run
+from v6lb.cli import check, control, ctl, explain, k8s, lab, maglev, npt, run
 from v6lb.errors import CommandLineError, UsageError, V6lbError
 
 __all__ = ["UsageError", "build_parser", "exit_code", "main"]
@@ -23,7 +23,7 @@ __all__ = ["UsageError", "build_parser", "exit_code", "main"]
 Handler = Callable[[argparse.Namespace], int]
 
 # the order of `v6lb --help`
-_GROUPS = (explain, npt, check, maglev, run, control, ctl, lab)
+_GROUPS = (explain, npt, check, maglev, run, control, ctl, lab, k8s)
 
 
 def build_parser() -> argparse.ArgumentParser:
