@@ -21,7 +21,7 @@ from v6lb.k8s.derive import (
     LbBehaviour,
     choose_mode,
     derive_config,
-    nlb_behaviour,
+    service_behaviour_from,
     resolve_backends,
 )
 from v6lb.k8s.manifests import ManifestError, load_manifests
@@ -122,9 +122,10 @@ def test_cli_writes_a_file_check_accepts_and_reads_stdin(
     assert "note: input: 1 object(s) of kind ConfigMap skipped" in err
     config = load_config(out)  # `v6lb check` accepts it
     shop = config.vip("shop-shop-web")
-    # status ip kept; instance targets + externalTrafficPolicy Local: the pod sees the
-    # client (nat); the named targetPort `web` resolved through the Deployment
-    assert shop.address == IPv6Address("2001:db8:a:200::80") and shop.mode == "nat"
+    # status ip kept; instance targets: the target group is IPv4, so the pod sees the
+    # NLB's address, not the IPv6 client's, even with externalTrafficPolicy Local
+    # (proxy-l4); the named targetPort `web` resolved through the Deployment
+    assert shop.address == IPv6Address("2001:db8:a:200::80") and shop.mode == "proxy-l4"
     assert [(str(b.address), b.port) for b in shop.backends] == [("2001:db8:10:3:e5f6::20", 8000)]
     assert "# Service shop/shop spec.ports[0]" in out.read_text()
     code, text, err = run(
@@ -145,10 +146,13 @@ def test_prefer_dsr_only_where_no_port_is_rewritten() -> None:
         "metadata:\n  name: web\n  namespace: app\n  annotations:\n"
         "    service.beta.kubernetes.io/aws-load-balancer-type: external\n"
         "    service.beta.kubernetes.io/aws-load-balancer-nlb-target-type: ip\n"
+        "    service.beta.kubernetes.io/aws-load-balancer-ip-address-type: dualstack\n"
         "    service.beta.kubernetes.io/aws-load-balancer-target-group-attributes:"
         " preserve_client_ip.enabled=true"
     )
-    text = svc("80").replace("metadata: {name: web, namespace: app}", preserve) + "---\n" + eps()
+    text = svc("80").replace("metadata: {name: web, namespace: app}", preserve)
+    text = text.replace("  type: LoadBalancer\n", "  type: LoadBalancer\n  ipFamilies: [IPv6]\n")
+    text += "---\n" + eps()
     config = parse_config(derive_config(load_manifests([("t", text)]), prefer="dsr").data)
     vip = config.vip("app-web-http")
     assert vip.mode == "dsr-ip6ip6" and [b.port for b in vip.backends] == [None]
@@ -170,15 +174,23 @@ def test_choose_mode_keeps_what_the_pod_saw(
     assert (got, opts) == (mode, options) and why
 
 
-def test_nlb_defaults_ip_tcp_off_udp_on_instance_on() -> None:
+def test_nlb_defaults_ip_tcp_off_udp_on_instance_translated() -> None:
+    """From v6lb.k8s.aws's rules: ip targets keep the client for UDP only by default; an
+    instance target group is IPv4, so an IPv6 client reaches the pod from the NLB's IPv4
+    address even with externalTrafficPolicy Local."""
     m = manifests(CLUSTER)
+    nlb_behaviour = service_behaviour_from(m)
     pp = m.service("web", "echo-pp")
+    assert pp is not None
     assert not nlb_behaviour(pp, pp.ports[0]).pod_sees_client  # ip targets, TCP: off
     udp = type(pp.ports[0])("dns", "UDP", 53, 53)
     assert nlb_behaviour(pp, udp).pod_sees_client  # ip targets, UDP: on
-    shop = manifests(VARIANTS).service("shop", "shop")
-    b = nlb_behaviour(shop, shop.ports[0])
-    assert b.target_type == "instance" and b.pod_sees_client  # externalTrafficPolicy: Local
+    v = manifests(VARIANTS)
+    shop = v.service("shop", "shop")
+    assert shop is not None
+    b = service_behaviour_from(v)(shop, shop.ports[0])
+    assert b.target_type == "instance" and not b.pod_sees_client, b
+    assert "IPv4" in b.why, b.why
 
 
 SVC = """apiVersion: v1

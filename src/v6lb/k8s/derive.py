@@ -18,8 +18,8 @@ of a v6lb file (``lb:``, ``vips:``, ``topology:``), in the shape of
   (Ingress): ``proxy-l7`` with Forwarded headers. NLB with PROXY v2: ``proxy-l4`` with
   v2. NLB where the pod sees the client's address: ``nat`` (or ``dsr-ip6ip6`` with
   ``prefer="dsr"`` when no port is rewritten). NLB where it sees the LB's: ``proxy-l4``.
-  What the LB does is an :class:`LbBehaviour`; :func:`nlb_behaviour` and
-  :func:`alb_behaviour` read it from the annotations, and a caller may pass its own.
+  What the LB does is an :class:`LbBehaviour`, which :func:`aws_behaviour` takes from
+  :mod:`v6lb.k8s.aws` (the annotations' sourced rules); a caller may pass its own.
 - **Topology**: client on ``internet``, the ``igw`` router, the LB on ``public``
   (``2001:db8:a::/64``) and on ``private`` with the nodes (the endpoints' ``nodeName``;
   ``node-0`` when absent), each node's pods on their own link whose subnet holds their
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network, ip_address
 from typing import Final
 
+from v6lb.k8s.aws import AwsLb, LbKind, aws_lb_for_ingress, aws_lb_for_service
 from v6lb.k8s.manifests import (
     EndpointSlice,
     Ingress,
@@ -63,13 +64,14 @@ __all__ = [
     "HealthHint",
     "LbBehaviour",
     "ResolvedBackend",
-    "alb_behaviour",
+    "aws_behaviour",
     "alb_http_ports",
     "choose_mode",
     "derive_config",
     "exposed",
     "health_from_annotations",
-    "nlb_behaviour",
+    "ingress_behaviour_from",
+    "service_behaviour_from",
     "resolve_backends",
 ]
 
@@ -83,7 +85,6 @@ LB_PUBLIC: Final = IPv6Address("2001:db8:a::10")
 # the private (node) subnet: the first of these that no pod, VIP or other link is in
 _PRIVATE_CANDIDATES: Final = tuple(IPv6Network(f"fd00:{n:x}::/64") for n in range(0x10, 0x30))
 ALB_CLASSES: Final = ("alb",)
-NLB_CLASS: Final = "service.k8s.aws/nlb"
 SVC: Final = "service.beta.kubernetes.io/aws-load-balancer-"
 ALB: Final = "alb.ingress.kubernetes.io/"
 _NAME_OK: Final = re.compile(r"[^A-Za-z0-9._-]")
@@ -161,89 +162,63 @@ IngressBehaviour = Callable[[Ingress, Service, ServicePort], LbBehaviour]
 # --- what the AWS LB does: read from the annotations --------------------------------
 
 
-def _flag(value: str | None) -> bool | None:
-    if value is None:
-        return None
-    return value.strip().lower() == "true"
+def aws_behaviour(lb: AwsLb | None, port: ServicePort, health: HealthHint | None) -> LbBehaviour:
+    """What the AWS load balancer ``lb`` (:mod:`v6lb.k8s.aws`) does for ``port``.
 
-
-def _attributes(text: str | None) -> dict[str, str]:
-    """``a=b,c=d`` (target-group-attributes) as a dict."""
-    out: dict[str, str] = {}
-    for part in (text or "").split(","):
-        if "=" in part:
-            k, _, v = part.partition("=")
-            out[k.strip()] = v.strip()
-    return out
-
-
-def nlb_behaviour(service: Service, port: ServicePort) -> LbBehaviour:
-    """What the NLB (or in-tree CLB) does for ``port``, from the Service's annotations.
-
-    The AWS Load Balancer Controller builds an NLB for ``aws-load-balancer-type:
-    external`` (targets: ``aws-load-balancer-nlb-target-type``, default instance),
-    ``nlb-ip`` (ip) or ``loadBalancerClass: service.k8s.aws/nlb``; the in-tree
-    controller an NLB for ``nlb`` (instance targets) and a Classic LB otherwise.
-    Client IP preservation (``preserve_client_ip.enabled`` in
-    ``aws-load-balancer-target-group-attributes``) defaults, per AWS, to on for
-    instance targets and for UDP, off for ip targets over TCP.
+    ``lb.ipv6_client`` decides what the pod sees, from the sourced rules of
+    :mod:`v6lb.k8s.aws`; a UDP port of an NLB with IPv6 ip targets keeps the client's
+    address whatever the TCP setting (AWS: client IP preservation cannot be turned off
+    for UDP). None (another controller's load balancer class): the pod is assumed to see
+    the client, and the comment says so.
     """
-    a = service.annotations
-    lb_type = (a.get(SVC + "type") or "").strip().lower()
-    target = (a.get(SVC + "nlb-target-type") or "").strip().lower()
-    if lb_type == "nlb-ip":
-        target = "ip"
-    nlb = lb_type in ("external", "nlb", "nlb-ip") or service.load_balancer_class == NLB_CLASS
-    kind = "nlb" if nlb else "clb"
-    if target not in ("ip", "instance"):
-        target = "instance"
-    pp = (a.get(SVC + "proxy-protocol") or "").strip()
-    proxy_v2 = pp == "*"
-    attrs = _attributes(a.get(SVC + "target-group-attributes"))
-    preserve = _flag(attrs.get("preserve_client_ip.enabled"))
-    reasons = [f"{kind.upper()}, {target} targets"]
-    if kind == "clb":
-        preserve = False
-        reasons.append("a Classic LB proxies: the pod sees the LB")
-    elif preserve is None:
-        preserve = target == "instance" or port.protocol == "UDP"
-        reasons.append(f"client IP preservation {'on' if preserve else 'off'} by default")
-    else:
-        reasons.append(f"preserve_client_ip.enabled={str(preserve).lower()}")
-    sees = preserve
-    if preserve and target == "instance" and service.external_traffic_policy != "Local":
-        sees = False
-        reasons.append("externalTrafficPolicy Cluster: kube-proxy SNATs to the node")
-    if proxy_v2:
-        reasons.append("PROXY v2 (proxy-protocol: *)")
-    return LbBehaviour(
-        kind=kind,
-        target_type=target,
-        proxy_protocol_v2=proxy_v2,
-        pod_sees_client=sees,
-        health=health_from_annotations(a, alb=False),
-        why="; ".join(reasons),
-    )
+    if lb is None:
+        return LbBehaviour(
+            kind="other",
+            target_type="ip",
+            proxy_protocol_v2=False,
+            pod_sees_client=True,
+            health=health,
+            why="not an AWS load balancer (another class or controller): the pod is taken"
+            " to see the client",
+        )
+    p = lb.ipv6_client
+    sees = p.v6lb_mode == VipMode.NAT.value
+    if (
+        port.protocol == "UDP"
+        and lb.kind is LbKind.NLB
+        and lb.target_type == "ip"
+        and lb.target_family == "ipv6"
+    ):
+        sees = True
+    pp = p.proxy_protocol == "v2"
+    kind = {LbKind.NLB: "nlb", LbKind.ALB: "alb", LbKind.CLASSIC: "clb"}[lb.kind]
+    why = f"{lb.kind.value.upper()}, {lb.target_type} targets: the pod sees {p.pod_sees_source}"
+    if pp:
+        why += "; PROXY v2"
+    return LbBehaviour(kind, lb.target_type, pp, sees, health, why)
 
 
-def alb_behaviour(ingress: Ingress, service: Service, port: ServicePort) -> LbBehaviour:
-    """What the ALB does: it ends HTTP and opens its own connection to the target (the
-    pod sees the ALB), adding X-Forwarded-For; health check HTTP ``/`` by default."""
-    target = (
-        ingress.annotations.get(ALB + "target-type")
-        or service.annotations.get(ALB + "target-type")
-        or "instance"
-    ).strip()
-    merged = {**ingress.annotations, **service.annotations}  # the Service's win, as for ALB
-    health = health_from_annotations(merged, alb=True) or HealthHint(type="http", path="/")
-    return LbBehaviour(
-        kind="alb",
-        target_type=target if target in ("ip", "instance") else "instance",
-        proxy_protocol_v2=False,
-        pod_sees_client=False,
-        health=health,
-        why=f"ALB, {target} targets: it ends HTTP and sends X-Forwarded-For",
-    )
+def service_behaviour_from(m: Manifests) -> ServiceBehaviour:
+    """The :data:`ServiceBehaviour` of ``m``'s Services, read by :mod:`v6lb.k8s.aws`."""
+
+    def behaviour(service: Service, port: ServicePort) -> LbBehaviour:
+        health = health_from_annotations(service.annotations, alb=False)
+        return aws_behaviour(aws_lb_for_service(m.raw(service.ref)), port, health)
+
+    return behaviour
+
+
+def ingress_behaviour_from(m: Manifests) -> IngressBehaviour:
+    """The :data:`IngressBehaviour` of ``m``'s ALB Ingresses, read by :mod:`v6lb.k8s.aws`
+    (health check HTTP ``/`` unless the annotations say otherwise, as the ALB's)."""
+
+    def behaviour(ingress: Ingress, service: Service, port: ServicePort) -> LbBehaviour:
+        merged = {**ingress.annotations, **service.annotations}  # the Service's win
+        health = health_from_annotations(merged, alb=True) or HealthHint(type="http", path="/")
+        lb = aws_lb_for_ingress(m.raw(ingress.ref), backend=m.raw(service.ref))
+        return aws_behaviour(lb, port, health)
+
+    return behaviour
 
 
 def health_from_annotations(a: Mapping[str, str], *, alb: bool) -> HealthHint | None:
@@ -504,12 +479,14 @@ def derive_config(
     *,
     vips: Mapping[str, IPv6Address] | None = None,
     prefer: str | None = None,
-    service_behaviour: ServiceBehaviour = nlb_behaviour,
-    ingress_behaviour: IngressBehaviour = alb_behaviour,
+    service_behaviour: ServiceBehaviour | None = None,
+    ingress_behaviour: IngressBehaviour | None = None,
 ) -> Derived:
     """The v6lb config for ``m`` (see the module doc). ``vips`` maps ``namespace/name``
     (a Service or an Ingress) or ``namespace/ingress/service`` to a VIP address."""
     overrides = dict(vips or {})
+    service_behaviour = service_behaviour or service_behaviour_from(m)
+    ingress_behaviour = ingress_behaviour or ingress_behaviour_from(m)
     notes: list[Note] = list(m.notes)
     warnings: list[Note] = []
     known = {(s.ref.namespace, s.ref.name) for s in m.services}

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Final
+from typing import Any, Final
 
 from v6lb.errors import UsageError
 from v6lb.k8s.yamldocs import load_documents
@@ -225,8 +225,14 @@ class Manifests:
     pods: tuple[Pod, ...] = ()
     deployments: tuple[Deployment, ...] = ()
     notes: tuple[Note, ...] = ()
+    # every object as read, of every kind (ConfigMaps too): for the AWS annotations and the
+    # pitfalls (v6lb.k8s.aws, v6lb.k8s.pitfalls), which read the objects themselves
+    objects: tuple[Mapping[str, Any], ...] = ()
     _services: dict[tuple[str, str], Service] = field(init=False, repr=False, compare=False)
     _slices: dict[tuple[str, str], list[EndpointSlice]] = field(
+        init=False, repr=False, compare=False
+    )
+    _raw: dict[tuple[str, str, str], Mapping[str, Any]] = field(
         init=False, repr=False, compare=False
     )
 
@@ -239,6 +245,21 @@ class Manifests:
         object.__setattr__(
             self, "_services", {(s.ref.namespace, s.ref.name): s for s in self.services}
         )
+        raw: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+        for obj in self.objects:
+            meta = obj.get("metadata")
+            if isinstance(meta, Mapping):
+                key = (
+                    str(obj.get("kind")),
+                    str(meta.get("namespace", "default")),
+                    str(meta.get("name")),
+                )
+                raw[key] = obj
+        object.__setattr__(self, "_raw", raw)
+
+    def raw(self, ref: ObjectRef) -> Mapping[str, Any]:
+        """The object ``ref`` names, as read (an empty mapping if it was not read)."""
+        return self._raw.get((ref.kind, ref.namespace, ref.name), {})
 
     def service(self, namespace: str, name: str) -> Service | None:
         """The Service ``namespace/name``, if given."""
@@ -358,6 +379,7 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
     pods: list[Pod] = []
     deployments: list[Deployment] = []
     seen: dict[tuple[str, str, str], ObjectRef] = {}
+    raws: list[Mapping[str, Any]] = []
     notes: list[Note] = []
     skipped: dict[str, int] = {}
     for source, text in texts:
@@ -366,6 +388,7 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
         for line, doc in load_documents(text, source, max_values=max_values):
             for where, obj in _objects(doc, source, line):
                 objects += 1
+                raws.append(obj)
                 kind = obj.get("kind")
                 if not isinstance(kind, str):
                     raise ManifestError(
@@ -418,6 +441,7 @@ def load_manifests(texts: Sequence[tuple[str, str]]) -> Manifests:
         pods=tuple(pods),
         deployments=tuple(deployments),
         notes=tuple(notes),
+        objects=tuple(raws),
     )
 
 
