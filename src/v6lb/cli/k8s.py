@@ -1,7 +1,9 @@
-"""`v6lb k8s ...`: Kubernetes manifests (files or stdin) in; a v6lb config out.
+"""`v6lb k8s ...`: Kubernetes manifests (files or stdin) in; an explanation or a config out.
 
 ``v6lb k8s config FILE... | -`` reads what ``kubectl get svc,ingress,endpointslices -A -o
-yaml`` prints and writes a v6lb config that serves the same Services (README.md).
+yaml`` prints and writes a v6lb config that serves the same Services; ``v6lb k8s explain``
+says what the AWS load balancer does with them, and shows it in the simulator
+(docs/kubernetes.md).
 This module reads the files and stdin and writes the output; :mod:`v6lb.k8s` is pure.
 """
 
@@ -58,7 +60,81 @@ def _add_config(ksub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_config)
 
 
-# `v6lb k8s explain` goes here: an _add_explain(ksub) next to _add_config(ksub).
+def _add_explain(ksub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = ksub.add_parser(
+        "explain",
+        help="what the AWS load balancer does with a client's IPv6 packet, per Service and"
+        " Ingress, shown hop by hop in the simulator",
+        description="Read Kubernetes manifests (files, or - for stdin, as `kubectl get "
+        "svc,ingress,endpointslices -A -o yaml` prints them). For every port of each "
+        "LoadBalancer Service and every backend of each ALB Ingress: the AWS load balancer "
+        "its annotations make (each setting with the annotation or default that decides "
+        "it, and its source), the five answers of `v6lb explain` as AWS documents them, "
+        "then the v6lb mode that keeps the same property run in the simulator on a topology "
+        "made from the manifests (client, internet gateway, the LB in a public subnet, the "
+        "nodes and the pods at their real addresses): its hop table and answers. Then the "
+        "pitfalls found, each naming the object, the field and the fix. Exit 0 (warnings "
+        "on stderr), or 2 naming the object and field.",
+    )
+    p.add_argument("files", metavar="FILE", nargs="+", help="manifest files, or - for stdin")
+    p.add_argument(
+        "--only",
+        metavar="NS/NAME",
+        action="append",
+        default=[],
+        help="explain only this Service or Ingress (repeat for more)",
+    )
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.add_argument(
+        "--all-hops",
+        action="store_true",
+        help="show every packet (default: the first packet of each leg in each direction)",
+    )
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from v6lb.cli.k8s_tables import print_k8s_explain
+    from v6lb.engines.sim.runs import explain_run
+    from v6lb.k8s.derive import derive_config
+    from v6lb.k8s.explain import plan_dict, plan_explain
+    from v6lb.model.config import parse_config
+
+    manifests = read_manifests(args.files)
+    derived = derive_config(manifests, allow_empty=True)
+    plan = plan_explain(manifests, derived, args.only)
+    if args.only and not plan.exposures:
+        known = {e.origin.split()[1] for e in plan_explain(manifests, derived).exposures}
+        raise UsageError(
+            f"--only {', '.join(args.only)}: no LoadBalancer Service or ALB Ingress of that name",
+            "name one of: " + (", ".join(sorted(known)) or "(none in the input)"),
+        )
+    if derived.topology_nodes > CHECK_TOPOLOGY_NODES:
+        raise UsageError(
+            f"the cluster makes a topology of {derived.topology_nodes} nodes; the simulator"
+            f" runs at most {CHECK_TOPOLOGY_NODES}",
+            "give the manifests of fewer Services (and their EndpointSlices)",
+        )
+    runs = []
+    for e in plan.exposures:
+        exp = None
+        if e.data is not None and e.mode is not None:
+            config = parse_config(e.data, f"{e.vip} (derived)")
+            assert config.topology is not None
+            exp = explain_run(config, config.topology, e.mode)[0]
+        runs.append((e, exp))
+    for n in derived.notes:
+        sys.stderr.write(f"note: {n}\n")
+    for w in derived.warnings:
+        sys.stderr.write(f"warning: {w}\n")
+    if args.json:
+        out = plan_dict(plan, [exp.to_dict() if exp else None for _, exp in runs])
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+    else:
+        print_k8s_explain(runs, plan.other_pitfalls, compact=not args.all_hops)
+    return 0
 
 
 def read_manifests(files: list[str]) -> Manifests:
@@ -164,8 +240,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "k8s",
-        help="Kubernetes manifests in: a v6lb config out",
+        help="Kubernetes manifests in: what the AWS load balancer does, and a v6lb config",
         description="Work on Kubernetes manifests (files or stdin; no API server).",
     )
     ksub = p.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
     _add_config(ksub)
+    _add_explain(ksub)

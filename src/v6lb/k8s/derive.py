@@ -37,7 +37,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv6Address, IPv6Network, ip_address
 from typing import Final
 
@@ -153,6 +153,7 @@ class Derived:
     notes: tuple[Note, ...] = ()
     warnings: tuple[Note, ...] = ()
     topology_nodes: int = 0
+    origins: Mapping[str, Exposed] = field(default_factory=dict)  # VIP name -> what it serves
 
 
 ServiceBehaviour = Callable[[Service, ServicePort], LbBehaviour]
@@ -481,9 +482,14 @@ def derive_config(
     prefer: str | None = None,
     service_behaviour: ServiceBehaviour | None = None,
     ingress_behaviour: IngressBehaviour | None = None,
+    allow_empty: bool = False,
 ) -> Derived:
     """The v6lb config for ``m`` (see the module doc). ``vips`` maps ``namespace/name``
-    (a Service or an Ingress) or ``namespace/ingress/service`` to a VIP address."""
+    (a Service or an Ingress) or ``namespace/ingress/service`` to a VIP address.
+
+    Nothing to serve (no exposed port with a ready IPv6 endpoint) is a
+    :class:`ManifestError`, or with ``allow_empty`` a :class:`Derived` with no data (its
+    warnings say why)."""
     overrides = dict(vips or {})
     service_behaviour = service_behaviour or service_behaviour_from(m)
     ingress_behaviour = ingress_behaviour or ingress_behaviour_from(m)
@@ -563,6 +569,8 @@ def derive_config(
                 comment,
             )  # fmt: skip
         )
+    if not out and allow_empty:
+        return Derived({}, {}, tuple(dict.fromkeys(notes)), tuple(dict.fromkeys(warnings)))
     if not out:
         why = "; ".join(str(w) for w in warnings[:3]) or "the input has no LoadBalancer"
         raise ManifestError(
@@ -576,7 +584,12 @@ def derive_config(
     comments = {v.name: v.comment for v in out}
     nodes_ = len(data["topology"]["nodes"])  # type: ignore[index]
     return Derived(
-        data, comments, tuple(dict.fromkeys(notes)), tuple(dict.fromkeys(warnings)), nodes_
+        data,
+        comments,
+        tuple(dict.fromkeys(notes)),
+        tuple(dict.fromkeys(warnings)),
+        nodes_,
+        {v.name: v.exposed for v in out},
     )
 
 

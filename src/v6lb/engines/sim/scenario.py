@@ -248,6 +248,9 @@ def _base_facts(
     hops = sim.net.hops
     caddr = _a(client.source_for(dst))
     seen = sim.requests_from(client.source_for(dst))
+    if not seen:  # the app never learnt the client (a proxy without PROXY or headers): the
+        # requests the one client of the scenario made, as the backends saw them
+        seen = sorted((r for s in sim.servers.values() for r in s.requests), key=lambda r: r.time)
     lb_name = _first_lb(sim, hops, caddr)
     lb = sim.net.nodes.get(lb_name) if lb_name else None
     state_mode = mode if mode != "anycast" or vip is None else str(vip.mode)
@@ -262,7 +265,14 @@ def _base_facts(
         "backend_saw_source": first.peer if first else None,
         "backend_saw_destination": first.local if first else None,
         "app_saw_client": first.app_client if first else None,
-        "client_address_via": first.learnt_via if first else None,
+        "client_address_via": (
+            None
+            if first is None
+            else first.learnt_via
+            if first.app_client == caddr
+            else f"it does not reach the application: it sees {first.app_client} (the LB), with"
+            " no PROXY header and no forwarding headers"
+        ),
         "proxy_v2": first.proxy_v2 if first else None,
         "x_forwarded_for": first.x_forwarded_for if first else None,
         "forwarded": first.forwarded if first else None,
