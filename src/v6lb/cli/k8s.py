@@ -103,7 +103,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from v6lb.model.config import parse_config
 
     manifests = read_manifests(args.files)
-    derived = derive_config(manifests, allow_empty=True)
+    derived = derive_config(manifests, allow_empty=True, with_pitfalls=False)
     plan = plan_explain(manifests, derived, args.only)
     if args.only and not plan.exposures:
         known = {e.origin.split()[1] for e in plan_explain(manifests, derived).exposures}

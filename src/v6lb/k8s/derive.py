@@ -42,6 +42,7 @@ from ipaddress import IPv6Address, IPv6Network, ip_address
 from typing import Final
 
 from v6lb.k8s.aws import AwsLb, LbKind, aws_lb_for_ingress, aws_lb_for_service
+from v6lb.k8s.pitfalls import pitfalls
 from v6lb.k8s.manifests import (
     EndpointSlice,
     Ingress,
@@ -483,13 +484,15 @@ def derive_config(
     service_behaviour: ServiceBehaviour | None = None,
     ingress_behaviour: IngressBehaviour | None = None,
     allow_empty: bool = False,
+    with_pitfalls: bool = True,
 ) -> Derived:
     """The v6lb config for ``m`` (see the module doc). ``vips`` maps ``namespace/name``
     (a Service or an Ingress) or ``namespace/ingress/service`` to a VIP address.
 
     Nothing to serve (no exposed port with a ready IPv6 endpoint) is a
     :class:`ManifestError`, or with ``allow_empty`` a :class:`Derived` with no data (its
-    warnings say why)."""
+    warnings say why). ``with_pitfalls``: the pitfalls of the objects
+    (:func:`v6lb.k8s.pitfalls.pitfalls`) are among the warnings."""
     overrides = dict(vips or {})
     service_behaviour = service_behaviour or service_behaviour_from(m)
     ingress_behaviour = ingress_behaviour or ingress_behaviour_from(m)
@@ -506,6 +509,8 @@ def derive_config(
                      f"Service {s.ref.namespace}/{s.service_name} is not in the input: skipped",
                      "give the Service's manifest too, or leave this EndpointSlice out")
             )  # fmt: skip
+    if with_pitfalls:
+        warnings += [Note(p.obj, p.field, p.reason, p.fix) for p in pitfalls(m.objects)]
     items = exposed(m, warnings)
     for svc in {e.service.ref: e.service for e in items}.values():
         _selector_warnings(m, svc, warnings)
