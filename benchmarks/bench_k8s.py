@@ -36,6 +36,7 @@ def generate(path: Path, services: int = SERVICES, per: int = PER_SERVICE) -> No
   kind: Service
   metadata:
     annotations:
+      service.beta.kubernetes.io/aws-load-balancer-ip-address-type: dualstack
       service.beta.kubernetes.io/aws-load-balancer-nlb-target-type: ip
       service.beta.kubernetes.io/aws-load-balancer-scheme: internet-facing
       service.beta.kubernetes.io/aws-load-balancer-type: external
