@@ -21,8 +21,8 @@ from v6lb.k8s.derive import (
     LbBehaviour,
     choose_mode,
     derive_config,
-    service_behaviour_from,
     resolve_backends,
+    service_behaviour_from,
 )
 from v6lb.k8s.manifests import ManifestError, load_manifests
 from v6lb.k8s.yamldocs import YamlError, load_documents

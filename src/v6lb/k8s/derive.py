@@ -42,7 +42,6 @@ from ipaddress import IPv6Address, IPv6Network, ip_address
 from typing import Final
 
 from v6lb.k8s.aws import AwsLb, LbKind, aws_lb_for_ingress, aws_lb_for_service
-from v6lb.k8s.pitfalls import pitfalls
 from v6lb.k8s.manifests import (
     EndpointSlice,
     Ingress,
@@ -55,6 +54,7 @@ from v6lb.k8s.manifests import (
     ServicePort,
     selector_matches,
 )
+from v6lb.k8s.pitfalls import pitfalls
 from v6lb.model.config import VipMode
 
 __all__ = [
