@@ -52,8 +52,9 @@ def test_every_exposed_port_aws_and_simulator_agree(capsys: pytest.CaptureFixtur
         else:  # the pod sees the load balancer's address, the simulated LB's here
             assert x["mode"].startswith("proxy") and seen == "fd00:10::a", x["vip"]
     alb = next(x for x in got.values() if x["aws"]["load_balancer"] == "alb")
-    assert alb["mode"] == "proxy-l7" and "X-Forwarded-For" in (
-        alb["aws"]["answers"]["client_address_reaches_app"]
+    assert (
+        alb["mode"] == "proxy-l7"
+        and "X-Forwarded-For" in (alb["aws"]["answers"]["client_address_reaches_app"])
     )
     # the one terminating-but-serving endpoint of the cluster is a pitfall, with its fix
     codes = [p["code"] for p in d["other_pitfalls"]]
