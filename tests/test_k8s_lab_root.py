@@ -13,10 +13,6 @@ nothing is left. Addresses: 2001:db8::/32 and fd00::/8 only.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +20,11 @@ from typing import Any
 
 import pytest
 
-from v6lb.lab.plan import LAB_ROOT
+from lab_cli import get, lab_named, v6lb
 
 pytestmark = [pytest.mark.root]
 
 DATA = Path(__file__).resolve().parent / "data" / "k8s" / "echo-cluster.yaml"
-V6LB = [sys.executable, "-m", "v6lb.cli"]
 CLIENT = "2001:db8:ffff::100"
 LB_PRIVATE = "fd00:10::a"
 # VIP name -> (URL, the pods that may answer, mode, how the pod sees the client)
@@ -61,44 +56,10 @@ VIPS = {
 }
 
 
-def v6lb(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([*V6LB, *args], capture_output=True, text=True, timeout=timeout)
-    assert not check or r.returncode == 0, f"v6lb {' '.join(args)}: {r.stdout}{r.stderr}"
-    return r
-
-
-def _leftovers(name: str) -> list[str]:
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    out = [line for line in ns.splitlines() if line.startswith(f"v6lb-{name}-")]
-    if (LAB_ROOT / name).exists():
-        out.append(str(LAB_ROOT / name))
-    return out
-
-
 @pytest.fixture
 def lab() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    name = f"k8s{os.getpid() % 100000}"
-    try:
+    with lab_named("k8s") as name:
         yield name
-    finally:
-        v6lb("lab", "down", "--name", name, check=False)
-    assert _leftovers(name) == []
-
-
-def get(name: str, url: str) -> tuple[str, dict[str, Any]]:
-    """curl's HTTP status and the JSON body the lab's servers answer with."""
-    r = v6lb(
-        "lab", "exec", "--name", name, "client", "--",
-        "curl", "-6", "-s", "-m", "5", "-w", "\n%{http_code}", url,
-        check=False,
-    )  # fmt: skip
-    body, _, code = r.stdout.rpartition("\n")
-    try:
-        return code, json.loads(body)
-    except ValueError:
-        return code, {"raw": body, "stderr": r.stderr}
 
 
 def test_k8s_config_runs_in_the_lab_and_curl_reaches_the_pods(lab: str, tmp_path: Path) -> None:

@@ -367,6 +367,24 @@ def _nlb_path(
     notes = list(extra)
     srcs: list[Source] = [S.NLB_FLOW_TABLE, S.NLB_INTERNALS]
     pp_text = "the PROXY v2 header the NLB puts before the data"
+
+    def path(nat66: bool, kind: str, seen: str, reaches: str, mode: str) -> Ipv6Path:
+        """The NLB's answers: the reply always crosses it; PROXY v2 as configured."""
+        return Ipv6Path(
+            reachable=reachable,
+            nat66_at_lb=nat66,
+            nat_kind=kind,
+            pod_sees_source=seen,
+            reply_via_lb=True,
+            lb_state=_NLB_STATE,
+            client_address_reaches_app=reaches,
+            v6lb_mode=mode,
+            proxy_protocol="v2" if pp else "none",
+            forwarded_headers=False,
+            notes=tuple(notes),
+            sources=tuple(srcs),
+        )
+
     if not reachable:
         notes.insert(0, "not reachable over IPv6: the load balancer has no IPv6 address")
     if target_type == "instance":
@@ -377,38 +395,24 @@ def _nlb_path(
         srcs += [S.PRESERVE_TABLE, S.NLB_INSTANCE_MODE, S.ETP_LOCAL, S.NLB_INSTANCE_CLUSTER]
         if pp:
             srcs.append(S.PROXY_V2_FAMILY)
-        return Ipv6Path(
-            reachable=reachable,
-            nat66_at_lb=False,
-            nat_kind="IPv6-to-IPv4 translation at the NLB, then NodePort DNAT on the node",
-            pod_sees_source=seen,
-            reply_via_lb=True,
-            lb_state=_NLB_STATE,
-            client_address_reaches_app=pp_text if pp else "it does not reach the application",
-            v6lb_mode="proxy-l4",
-            proxy_protocol="v2" if pp else "none",
-            forwarded_headers=False,
-            notes=tuple(notes),
-            sources=tuple(srcs),
+        return path(
+            False,
+            "IPv6-to-IPv4 translation at the NLB, then NodePort DNAT on the node",
+            seen,
+            pp_text if pp else "it does not reach the application",
+            "proxy-l4",
         )
     if family == "ipv4":
         srcs += [S.TRANSLATED]
         if pp:
             srcs.append(S.PROXY_V2_FAMILY)
         notes.append("the pods are IPv4: the NLB translates the IPv6 client's packet to IPv4")
-        return Ipv6Path(
-            reachable=reachable,
-            nat66_at_lb=False,
-            nat_kind="IPv6-to-IPv4 translation at the NLB (source and destination)",
-            pod_sees_source="a private IPv4 address of the NLB",
-            reply_via_lb=True,
-            lb_state=_NLB_STATE,
-            client_address_reaches_app=pp_text if pp else "it does not reach the application",
-            v6lb_mode="proxy-l4",
-            proxy_protocol="v2" if pp else "none",
-            forwarded_headers=False,
-            notes=tuple(notes),
-            sources=tuple(srcs),
+        return path(
+            False,
+            "IPv6-to-IPv4 translation at the NLB (source and destination)",
+            "a private IPv4 address of the NLB",
+            pp_text if pp else "it does not reach the application",
+            "proxy-l4",
         )
     if preserve:
         srcs += [S.PRESERVE_TABLE]
@@ -420,38 +424,24 @@ def _nlb_path(
                 "PROXY v2 with client IP preservation: the pod sees the client both in the "
                 "packets and in the header; v6lb models the header (proxy-l4 v2)"
             )
-        return Ipv6Path(
-            reachable=reachable,
-            nat66_at_lb=True,
-            nat_kind="stateful destination NAT (the NLB's address to the pod's)",
-            pod_sees_source="the client's IPv6 address (client IP preservation)",
-            reply_via_lb=True,
-            lb_state=_NLB_STATE,
-            client_address_reaches_app=how,
-            v6lb_mode="proxy-l4" if pp else "nat",
-            proxy_protocol="v2" if pp else "none",
-            forwarded_headers=False,
-            notes=tuple(notes),
-            sources=tuple(srcs),
+        return path(
+            True,
+            "stateful destination NAT (the NLB's address to the pod's)",
+            "the client's IPv6 address (client IP preservation)",
+            how,
+            "proxy-l4" if pp else "nat",
         )
     srcs += [S.PRESERVE_OFF_TABLE, S.NLB_IP_NO_CLIENT]
     notes.append(
         "the NLB rewrites both addresses and does not end the TCP connection; v6lb's "
         "proxy-l4 keeps the same property (the pod sees the load balancer's address)"
     )
-    return Ipv6Path(
-        reachable=reachable,
-        nat66_at_lb=True,
-        nat_kind="stateful destination+source NAT (to the pod, from the NLB's private address)",
-        pod_sees_source="a private IPv6 address of the NLB",
-        reply_via_lb=True,
-        lb_state=_NLB_STATE,
-        client_address_reaches_app=pp_text if pp else "it does not reach the application",
-        v6lb_mode="proxy-l4",
-        proxy_protocol="v2" if pp else "none",
-        forwarded_headers=False,
-        notes=tuple(notes),
-        sources=tuple(srcs),
+    return path(
+        True,
+        "stateful destination+source NAT (to the pod, from the NLB's private address)",
+        "a private IPv6 address of the NLB",
+        pp_text if pp else "it does not reach the application",
+        "proxy-l4",
     )
 
 
