@@ -68,8 +68,6 @@ def print_k8s_explain(
                 console.print(Text(f"  {q:<46} {v}"))
             for n in a["notes"]:
                 console.print(Text(f"  note: {n}"))
-            for w in a["warnings"]:
-                console.print(Text(f"warning: {w}", style="yellow"))
         if exp is None:
             console.print(
                 Text("Not run in the simulator: no ready IPv6 endpoint (see the warnings).")

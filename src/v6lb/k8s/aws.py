@@ -385,7 +385,9 @@ def _nlb_path(
             sources=tuple(srcs),
         )
 
-    if not reachable:
+    if not reachable and family == "ipv6" and target_type == "instance":
+        notes.insert(0, "not served over IPv6: an IPv6 target group takes ip targets only")
+    elif not reachable:
         notes.insert(0, "not reachable over IPv6: the load balancer has no IPv6 address")
     if target_type == "instance":
         # IPv6 target groups take IP targets only: the instance target group is IPv4 and
@@ -448,7 +450,9 @@ def _nlb_path(
 def _alb_path(reachable: bool, target_type: str, family: str, etp: str) -> Ipv6Path:
     notes: list[str] = []
     srcs: list[Source] = [S.ALB_SOURCE, S.ALB_XFF, S.ALB_STATE]
-    if not reachable:
+    if not reachable and family == "ipv6" and target_type == "instance":
+        notes.append("not served over IPv6: an IPv6 target group takes ip targets only")
+    elif not reachable:
         notes.append("not reachable over IPv6: the ALB's ip-address-type is ipv4")
     if target_type == "instance":
         seen, note = _kube_proxy_hop(etp, "a private IPv4 address of the ALB")

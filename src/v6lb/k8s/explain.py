@@ -46,7 +46,7 @@ def plan_explain(m: Manifests, derived: Derived, only: Sequence[str] = ()) -> Pl
     """An :class:`Exposure` per exposed port of ``m``; ``only``: the ``namespace/name`` of
     the Services or Ingresses to keep (every one when empty). ``derived``: the config of
     ``m`` (:func:`~v6lb.k8s.derive.derive_config`, ``allow_empty=True``)."""
-    found = [p for p in pitfalls(m.objects) if p.code != "aws"]  # AwsLb.warnings say those
+    found = pitfalls(m.objects)  # with AwsLb.warnings (code "aws") not said by another code
     named: set[str] = set()
     vips = derived.data.get("vips", [])
     assert isinstance(vips, list)
