@@ -34,7 +34,11 @@ class BpfError(OSError):
 
 
 class _ObjGet(ctypes.Structure):
-    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
 
 
 class _MapElem(ctypes.Structure):
@@ -149,7 +153,9 @@ class Map:
             raise ValueError(f"{self.path}: {count} keys and values of the map's sizes")
         done = 0
         while done < count:
-            k = ctypes.create_string_buffer(keys[done * self.key_size :], (count - done) * self.key_size)
+            k = ctypes.create_string_buffer(
+                keys[done * self.key_size :], (count - done) * self.key_size
+            )
             v = ctypes.create_string_buffer(
                 values[done * self.value_size :], (count - done) * self.value_size
             )

@@ -139,7 +139,15 @@ class XdpProgram:
         self.dir.mkdir()
         try:
             subprocess.run(
-                ["bpftool", "prog", "load", str(obj), str(self.dir / "prog"), "pinmaps", str(self.dir)],
+                [
+                    "bpftool",
+                    "prog",
+                    "load",
+                    str(obj),
+                    str(self.dir / "prog"),
+                    "pinmaps",
+                    str(self.dir),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,
