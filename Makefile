@@ -37,15 +37,17 @@ apt: $(APT_STAMP)
 # The XDP program (docs/dataplane-xdp.md): BPF C compiled by Debian's clang into build/,
 # which git ignores; never commit the object. Rebuilt only when a source changes.
 XDP_SRC := src/v6lb/engines/xdp
+# bench.c is the benchmark's build of the same code (benchmarks/bench_xdp.py).
 XDP_OBJ := build/xdp/v6lb_xdp.o
+XDP_BENCH_OBJ := build/xdp/v6lb_xdp_bench.o
 CLANG ?= clang
-$(XDP_OBJ): $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
+build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
 	@command -v $(CLANG) >/dev/null || { echo "$(CLANG) is missing: apt-get install clang llvm libbpf-dev bpftool (make apt as root does)"; exit 2; }
 	@mkdir -p $(dir $@)
 	$(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
-	  -c $(XDP_SRC)/v6lb_xdp.c -o $@
+	  -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,v6lb_xdp).c -o $@
 
-xdp: $(XDP_OBJ)
+xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ)
 
 demo: $(STAMP)
 	$(VENV)/bin/v6lb demo
@@ -65,7 +67,7 @@ pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ)
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
+bench: $(STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
 	$(PY) benchmarks/run_all.py
 
 # The systemd unit (docs/operations.md, "Service unit"): v6lb@NAME.service runs
