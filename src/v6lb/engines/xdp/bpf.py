@@ -17,7 +17,15 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["BpfError", "Map", "RunResult", "obj_get", "possible_cpus", "prog_test_run", "prog_test_run_live"]
+__all__ = [
+    "BpfError",
+    "Map",
+    "RunResult",
+    "obj_get",
+    "possible_cpus",
+    "prog_test_run",
+    "prog_test_run_live",
+]
 
 _NR_BPF: Final = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_LOOKUP_ELEM: Final = 1
