@@ -41,11 +41,18 @@ XDP_SRC := src/v6lb/engines/xdp
 XDP_OBJ := build/xdp/v6lb_xdp.o
 XDP_BENCH_OBJ := build/xdp/v6lb_xdp_bench.o
 CLANG ?= clang
+XDP_APT := clang llvm libbpf-dev bpftool
 build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
-	@command -v $(CLANG) >/dev/null || { echo "$(CLANG) is missing: apt-get install clang llvm libbpf-dev bpftool (make apt as root does)"; exit 2; }
-	@mkdir -p $(dir $@)
-	$(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
-	  -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,v6lb_xdp).c -o $@
+	@if ! command -v $(CLANG) >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing the BPF toolchain: $(XDP_APT)"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(XDP_APT) || \
+	     (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(XDP_APT))) >/dev/null; \
+	  else echo "not root and no $(CLANG): $@ not built (apt-get install $(XDP_APT))"; fi; \
+	fi
+	@if command -v $(CLANG) >/dev/null; then mkdir -p $(dir $@) && set -x && \
+	  $(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
+	    -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,v6lb_xdp).c -o $@; fi
 
 xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ)
 
