@@ -31,7 +31,7 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 
 import dsr_fixtures as fx
 from test_dsr import CONFIG, scapy
-from v6lb.core.dsr import MODE_IP6IP6, DsrForwarder
+from v6lb.core.dsr import MODE_IP6IP6, MODE_SRV6, DsrForwarder
 from v6lb.core.verdict import DROP, FORWARD, FORWARD_MANY, PORT_OUTSIDE, REPLY, Verdict
 from v6lb.engines.xdp.program import OBJECT, XdpProgram
 from v6lb.model.pools import dsr_forwarder
@@ -45,6 +45,7 @@ pytestmark = [
 ]
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+SERVED = (MODE_IP6IP6, MODE_SRV6)
 MAC_IN_DST = bytes.fromhex("02000000aa01")
 MAC_IN_SRC = bytes.fromhex("02000000bb02")
 ETH = MAC_IN_DST + MAC_IN_SRC + b"\x86\xdd"
@@ -57,7 +58,7 @@ assert len(VIP_MODES) == len({(str(v.address), str(v.mode)) for v in CONFIG.vips
 def prog() -> Iterator[XdpProgram]:
     assert OBJECT.is_file(), f"{OBJECT} is missing: `make xdp` builds it"
     with XdpProgram(f"test-{os.getpid()}") as p:
-        assert p.fill(CONFIG) == sum(1 for v in CONFIG.vips if str(v.mode) == MODE_IP6IP6)
+        assert p.fill(CONFIG) == sum(1 for v in CONFIG.vips if str(v.mode) in SERVED)
         yield p
     assert not p.dir.exists()
 
@@ -99,7 +100,7 @@ def expected(raw: bytes, verdict: Verdict, reason: int) -> tuple[int, str | None
     not an IPv6 header of 40 bytes and version 6, or not to a VIP address: the host's
     own traffic, passed (the core, on its TUN, drops it); an ICMPv6 error for a VIP:
     passed (the core sends it to the quoted flow's owner); a VIP of another mode:
-    passed; Time Exceeded, Packet Too Big and outer fragmentation: passed for the
+    passed (dsr-l2); Time Exceeded, Packet Too Big and outer fragmentation: passed for the
     stack (the core builds them). Every drop of the core is the program's drop, with
     the same reason.
     """
@@ -114,7 +115,7 @@ def expected(raw: bytes, verdict: Verdict, reason: int) -> tuple[int, str | None
         return XDP_DROP, Reason(arg).label
     if _icmp_error(raw):
         return XDP_PASS, "pass-icmp-error"
-    if VIP_MODES[raw[24:40]] != MODE_IP6IP6:
+    if VIP_MODES[raw[24:40]] not in SERVED:
         return XDP_PASS, "pass-mode"
     if action == FORWARD:
         return XDP_TX, None
@@ -168,13 +169,19 @@ def test_random_flows_pick_the_cores_backend(prog: XdpProgram, core: Core) -> No
             raw = build.ipv6(src, vipm, rng.choice([6, 17]), b"f" * 48, ext=[frag])
         elif kind == 3:
             raw = build.ipv6(src, vipm, rng.choice([50, 150, 253 - 1]), b"x" * 24)
-        else:
+        elif i % 2:
             port = rng.choice([80, 443])
             raw = build.tcp(src, vip6, rng.randrange(1024, 65536), port, flow_label=label)
+        else:  # dsr-srv6
+            vip = rng.choice([A(fx.VIPSR), A(fx.VIPEXP)])
+            payload = b"x" * rng.randrange(100)
+            raw = build.tcp(
+                src, vip, rng.randrange(1, 65536), 443, payload=payload, flow_label=label
+            )
         assert check(prog, core, bytes(raw)) == XDP_TX
         out = prog.run(ETH + bytes(raw)).data
         outer[out[14 + 24 : 14 + 40]] = outer.get(out[14 + 24 : 14 + 40], 0) + 1
-    assert set(outer) == {A(b) for b in fx.BEM} | {A(fx.BE6)}
+    assert set(outer) == {A(b) for b in fx.BEM} | {A(fx.BE6), A(fx.SID), A(fx.BEEXP)}
 
 
 def _bad_inputs() -> list[tuple[str, bytes]]:

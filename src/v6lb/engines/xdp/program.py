@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from v6lb.core.dsr import MODE_IP6IP6, DsrService
+from v6lb.core.dsr import MODE_IP6IP6, MODE_SRV6, DsrService
 from v6lb.engines.xdp.bpf import Map, RunResult, obj_get, prog_test_run
 from v6lb.model.config import Config
 from v6lb.model.pools import dsr_services
@@ -56,7 +56,8 @@ MAX_VIPS: Final = _define("V6LB_MAX_VIPS")
 MAX_BACKENDS: Final = _define("V6LB_MAX_BACKENDS")
 MAX_TABLE_ENTRIES: Final = _define("V6LB_TABLE_ENTRIES")
 _NONE: Final = 0xFFFFFFFF
-_MODE_IP6IP6: Final = 1
+_MODE_IDS: Final = {MODE_IP6IP6: 1, MODE_SRV6: 2}
+"""The modes the program serves, as maps.h numbers them."""
 _VIP_KEY = struct.Struct("=16sHBx")  # addr, port (network order, packed below), proto
 _VIP_INFO = struct.Struct("=6I")
 _U32 = struct.Struct("=I")
@@ -84,12 +85,12 @@ def map_entries(
     The VIP keys answer the core's three questions (v6lb.core.dsr): ``_match``
     (address, port, protocol: the first VIP wins), ``_default`` for a protocol
     (port 0) and the address's first VIP (port 0, protocol 0). A VIP of another DSR
-    mode keeps its keys but has no index: the program passes its packets on.
+    mode (dsr-l2) keeps its keys but has no index: the program passes its packets on.
     Raises ValueError, naming the limit, when the maps cannot hold it all.
     """
-    served = [s for s in services if s.mode == MODE_IP6IP6]
+    served = [s for s in services if s.mode in _MODE_IDS]
     if len(served) > MAX_VIPS:
-        raise ValueError(f"{len(served)} dsr-ip6ip6 VIPs: the XDP program holds {MAX_VIPS}")
+        raise ValueError(f"{len(served)} tunnel VIPs: the XDP program holds {MAX_VIPS}")
     n_backends = sum(len(s.pool) for s in served)
     if n_backends > MAX_BACKENDS:
         raise ValueError(f"{n_backends} backends: the XDP program holds {MAX_BACKENDS}")
@@ -115,7 +116,9 @@ def map_entries(
         pool = s.pool
         assert s.tunnel_source is not None
         base = len(backends)
-        info.append(_VIP_INFO.pack(_MODE_IP6IP6, pool.seed, len(maglev), pool.size, s.limit, 0))
+        info.append(
+            _VIP_INFO.pack(_MODE_IDS[s.mode], pool.seed, len(maglev), pool.size, s.limit, 0)
+        )
         maglev.extend(_NONE if b < 0 else base + b for b in pool.table)
         backends.extend(s.tunnel_source + t for t in s.targets)
     return vips, info, maglev, backends
@@ -182,7 +185,7 @@ class XdpProgram:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def fill(self, config: Config) -> int:
-        """Fill the maps from ``config``'s dsr-ip6ip6 VIPs; return how many it serves.
+        """Fill the maps from ``config``'s dsr-ip6ip6 and dsr-srv6 VIPs; return how many.
 
         The pools are :func:`v6lb.model.pools.dsr_services`' (``pool_for``: every
         backend up), so the program and a fresh ``DsrForwarder`` hold the same tables.

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
-/* v6lb XDP data plane: dsr-ip6ip6, decided as v6lb.core.dsr.DsrForwarder decides.
+/* v6lb XDP data plane: dsr-ip6ip6 and dsr-srv6, decided as v6lb.core.dsr.DsrForwarder decides.
  *
  * docs/dataplane-xdp.md describes the program, its maps and where it differs from the
  * core. In short: not IPv6 or not to a VIP address -> XDP_PASS; a packet for a VIP
  * address that the core drops -> XDP_DROP, counted by the core's reason; one the core
- * forwards through dsr-ip6ip6 -> encapsulated, XDP_TX; one the core answers itself
+ * forwards through dsr-ip6ip6 or dsr-srv6 -> encapsulated, XDP_TX; one the core answers itself
  * (Time Exceeded, Packet Too Big, outer fragmentation, ICMPv6 errors to the owner)
  * -> XDP_PASS, counted, for the kernel stack.
  */
@@ -62,7 +62,7 @@ static __always_inline int v6lb_steer(struct xdp_md *ctx, __u8 *ip6, __u32 vip, 
 	struct backend *be;
 	__u32 h, slot, *idx;
 
-	if (!v || v->mode != V6LB_MODE_IP6IP6)
+	if (!v || (v->mode != V6LB_MODE_IP6IP6 && v->mode != V6LB_MODE_SRV6))
 		return v6lb_pass(V6LB_CNT_PASS_MODE);
 	if (ip6[7] <= 1)
 		return v6lb_pass(V6LB_CNT_PASS_HOP_LIMIT);
@@ -76,7 +76,7 @@ static __always_inline int v6lb_steer(struct xdp_md *ctx, __u8 *ip6, __u32 vip, 
 		return v6lb_drop(V6LB_R_NO_BACKEND);
 	if (len > v->limit)
 		return v6lb_pass(V6LB_CNT_PASS_TOO_BIG);
-	return v6lb_encap_ip6ip6(ctx, be, h, len);
+	return v6lb_encap(ctx, be, h, len, v->mode == V6LB_MODE_SRV6);
 }
 
 static __always_inline int v6lb_xdp_main(struct xdp_md *ctx)
