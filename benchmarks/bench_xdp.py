@@ -12,6 +12,7 @@ per run of ``repeat`` = 1,000,000 runs, the median (and minimum) of 5 such calls
   encapsulation, XDP_TX. The program has no flow cache: every packet is hashed, so
   the figure is both the "cached" and the "new" flow;
 - the same, unlabelled (the outer label derived from the hash);
+- dsr-srv6, the same packet to a dsr-srv6 VIP: outer header and one-segment SRH;
 - a non-VIP packet (to an address no VIP has): one lookup, XDP_PASS.
 
 Beside them, the Python core's ``DsrForwarder.process`` for the same packet, by
@@ -43,6 +44,7 @@ N = 100_000
 LB = "2001:db8:1b::1"
 CLIENT = "2001:db8:c::10"
 VIP = "2001:db8:100::80"
+VIP_SR = "2001:db8:100::81"
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_OBJECT = ROOT / "build" / "xdp" / "v6lb_xdp_bench.o"
 ETH = bytes.fromhex("02000000aa0102000000bb0286dd")
@@ -57,7 +59,14 @@ CONFIG = {
             "ports": [443],
             "mode": "dsr-ip6ip6",
             "backends": [{"address": f"fd00:a::{i}"} for i in range(1, 5)],
-        }
+        },
+        {
+            "name": "srv6",
+            "address": VIP_SR,
+            "ports": [443],
+            "mode": "dsr-srv6",
+            "backends": [{"address": f"fd00:b::{i}"} for i in range(1, 5)],
+        },
     ],
 }
 
@@ -120,6 +129,7 @@ def main() -> dict[str, tuple[float, float]]:
         return {}
     pkt = build.tcp(CLIENT, VIP, 40000, 443, flags=0x18, payload=b"x" * 60, flow_label=0x12345)
     unlabelled = build.tcp(CLIENT, VIP, 40000, 443, flags=0x18, payload=b"x" * 60)
+    srv6 = build.tcp(CLIENT, VIP_SR, 40000, 443, flags=0x18, payload=b"x" * 60, flow_label=0x12345)
     other = build.tcp(CLIENT, "2001:db8:200::1", 40000, 443, flags=0x18, payload=b"x" * 60)
     print(f"load average before: {_load()}")
     res: dict[str, tuple[float, float]] = {}
@@ -127,9 +137,10 @@ def main() -> dict[str, tuple[float, float]]:
         prog.fill(parse_config(CONFIG))
         res["xdp dsr-ip6ip6, VIP packet (XDP_TX)"] = _xdp(prog, ETH + bytes(pkt), XDP_TX)
         res["xdp dsr-ip6ip6, unlabelled VIP packet"] = _xdp(prog, ETH + bytes(unlabelled), XDP_TX)
+        res["xdp dsr-srv6, VIP packet (XDP_TX)"] = _xdp(prog, ETH + bytes(srv6), XDP_TX)
         res["xdp non-VIP packet (XDP_PASS)"] = _xdp(prog, ETH + bytes(other), XDP_PASS)
         counters = prog.counters()
-    assert counters == {"tx": 2 * CALLS * REPEAT, "pass-not-vip": CALLS * REPEAT}, counters
+    assert counters == {"tx": 3 * CALLS * REPEAT, "pass-not-vip": CALLS * REPEAT}, counters
     res.update(_core(pkt))
     print(f"load average after: {_load()}")
     return res

@@ -1,4 +1,4 @@
-"""The XDP data plane's foundation: a BPF C program for dsr-ip6ip6 and its Python harness.
+"""The XDP data plane's foundation: a BPF C program for dsr-ip6ip6/dsr-srv6, its harness.
 
 ``v6lb_xdp.c`` (with ``parse.h``, ``hash.h``, ``encap.h``, ``maps.h``, ``counters.h``)
 is compiled by ``make xdp`` into ``build/xdp/v6lb_xdp.o``. :mod:`.bpf` wraps the bpf(2)
