@@ -69,7 +69,7 @@ typecheck: $(STAMP)
 # Two workers (the CI machine has 2 cores); --dist loadfile keeps each test file, and so
 # its module-scoped namespaces and fixtures, in one worker.
 PYTEST_WORKERS ?= 2
-pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ)
+pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck pytest

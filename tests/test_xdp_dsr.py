@@ -15,7 +15,8 @@ outcome must be the verdict and exactly one counter named.
   the same derived flow label, and every backend used;
 * bad input: non-IPv6 frames, ND, truncated headers, an extension-header loop, a
   chain too long, Hop-by-Hop not first, and 2,000 random mutations of the golden
-  inputs: each is passed or dropped and counted, as the core decides.
+  inputs: each is passed or dropped and counted, as the core decides;
+* the benchmark build (bench.c) undoes its encapsulation, so repeated runs all transmit.
 
 The program is pinned under /sys/fs/bpf/v6lb-test-<pid>/, removed whatever happens.
 """
@@ -260,3 +261,17 @@ def test_mutations_agree_with_the_core(prog: XdpProgram, core: Core) -> None:
                 )[-2:]
         seen.add(check(prog, core, bytes(raw)))
     assert seen == {XDP_DROP, XDP_PASS, XDP_TX}
+
+
+def test_the_benchmark_build_restores_the_frame_between_runs() -> None:
+    """bench.c (benchmarks/bench_xdp.py): every run of a repeat takes the XDP_TX path."""
+    bench = OBJECT.with_name("v6lb_xdp_bench.o")
+    assert bench.is_file(), f"{bench} is missing: `make xdp` builds it"
+    with XdpProgram(f"test-bench-{os.getpid()}", bench) as p:
+        p.fill(CONFIG)
+        for vip in (fx.VIP6, fx.VIPSR):
+            frame = ETH + bytes(build.tcp(A(fx.CLIENT), A(vip), 40000, 443, payload=b"x" * 60))
+            r = p.run(frame, repeat=1000)
+            assert (r.retval, r.data) == (XDP_TX, frame)
+        assert p.counters() == {"tx": 2000}
+    assert not p.dir.exists()
