@@ -7,10 +7,10 @@ APT_STAMP := .venv/.apt-installed
 # Debian packages the tests use: tshark reads the pcaps we write; chromium renders the
 # HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check;
 # systemd for `systemd-analyze verify` of contrib/systemd/v6lb@.service; prometheus scrapes
-# v6lb in the metrics test.
-APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack systemd prometheus
+# v6lb in the metrics test; clang, llvm, libbpf-dev and bpftool build and load the XDP program.
+APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack systemd prometheus clang llvm libbpf-dev bpftool
 
-.PHONY: demo test lint typecheck pytest bench clean deps apt install-unit
+.PHONY: demo test lint typecheck pytest bench clean deps apt install-unit xdp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,28 @@ $(APT_STAMP): $(STAMP)
 
 apt: $(APT_STAMP)
 
+# The XDP program (docs/dataplane-xdp.md): BPF C compiled by Debian's clang into build/,
+# which git ignores; never commit the object. Rebuilt only when a source changes.
+XDP_SRC := src/v6lb/engines/xdp
+# bench.c is the benchmark's build of the same code (benchmarks/bench_xdp.py).
+XDP_OBJ := build/xdp/v6lb_xdp.o
+XDP_BENCH_OBJ := build/xdp/v6lb_xdp_bench.o
+CLANG ?= clang
+XDP_APT := clang llvm libbpf-dev bpftool
+build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
+	@if ! command -v $(CLANG) >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing the BPF toolchain: $(XDP_APT)"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(XDP_APT) || \
+	     (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(XDP_APT))) >/dev/null; \
+	  else echo "not root and no $(CLANG): $@ not built (apt-get install $(XDP_APT))"; fi; \
+	fi
+	@if command -v $(CLANG) >/dev/null; then mkdir -p $(dir $@) && set -x && \
+	  $(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
+	    -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,v6lb_xdp).c -o $@; fi
+
+xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ)
+
 demo: $(STAMP)
 	$(VENV)/bin/v6lb demo
 
@@ -47,12 +69,12 @@ typecheck: $(STAMP)
 # Two workers (the CI machine has 2 cores); --dist loadfile keeps each test file, and so
 # its module-scoped namespaces and fixtures, in one worker.
 PYTEST_WORKERS ?= 2
-pytest: $(STAMP) $(APT_STAMP)
+pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
+bench: $(STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
 	$(PY) benchmarks/run_all.py
 
 # The systemd unit (docs/operations.md, "Service unit"): v6lb@NAME.service runs

@@ -1,0 +1,247 @@
+"""A small typed wrapper over the bpf(2) syscall, with ctypes: what the XDP harness needs.
+
+Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_MAP_UPDATE_ELEM``,
+``BPF_MAP_UPDATE_BATCH`` (a whole Maglev table in one call), ``BPF_MAP_LOOKUP_ELEM``
+(per-CPU values: one 8-byte slot per possible CPU) and ``BPF_PROG_TEST_RUN``. The
+program itself is loaded and its maps pinned by ``bpftool prog load`` (libbpf does
+the ELF relocation and BTF work; docs/dataplane-xdp.md says why). Linux x86-64 and
+arm64 only: the syscall number is the one thing that differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "BpfError",
+    "Map",
+    "RunResult",
+    "obj_get",
+    "possible_cpus",
+    "prog_test_run",
+    "prog_test_run_live",
+]
+
+_NR_BPF: Final = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_LOOKUP_ELEM: Final = 1
+BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_OBJ_GET: Final = 7
+BPF_PROG_TEST_RUN: Final = 10
+BPF_MAP_UPDATE_BATCH: Final = 26
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    """A bpf(2) command failed: the command and errno say which and why."""
+
+
+class _ObjGet(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class _MapElem(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _MapBatch(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _TestRun(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(0, f"bpf(2): no syscall number known for {platform.machine()}")
+    rc = int(_libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"bpf({what}): {os.strerror(err)}")
+    return rc
+
+
+def _addr(buf: ctypes.Array[ctypes.c_char]) -> int:
+    return ctypes.addressof(buf)
+
+
+def obj_get(path: str) -> int:
+    """A new file descriptor for the program or map pinned at ``path`` (close it)."""
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(BPF_OBJ_GET, _ObjGet(pathname=_addr(name)), f"OBJ_GET {path}")
+
+
+def possible_cpus() -> int:
+    """The kernel's possible CPUs: the number of values of a per-CPU map element."""
+    with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
+        text = f.read().strip()
+    return 1 + max(int(part.split("-")[-1]) for part in text.split(","))
+
+
+class Map:
+    """A pinned BPF map with fixed key and value sizes, opened by path."""
+
+    def __init__(self, path: str, key_size: int, value_size: int, per_cpu: bool = False) -> None:
+        self.path = path
+        self.key_size = key_size
+        self.value_size = value_size
+        self.per_cpu = per_cpu
+        self.fd = obj_get(path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Map:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, key: bytes, value: bytes | None = None) -> None:
+        if len(key) != self.key_size:
+            raise ValueError(f"{self.path}: a key is {self.key_size} bytes, not {len(key)}")
+        if value is not None and len(value) != self.value_size:
+            raise ValueError(f"{self.path}: a value is {self.value_size} bytes, not {len(value)}")
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self._check(key, value)
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value, len(value))
+        attr = _MapElem(map_fd=self.fd, key=_addr(k), value=_addr(v))
+        _bpf(BPF_MAP_UPDATE_ELEM, attr, f"MAP_UPDATE_ELEM {self.path}")
+
+    def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
+        """``count`` elements in one call: ``keys`` and ``values`` end to end."""
+        if len(keys) != count * self.key_size or len(values) != count * self.value_size:
+            raise ValueError(f"{self.path}: {count} keys and values of the map's sizes")
+        done = 0
+        while done < count:
+            k = ctypes.create_string_buffer(
+                keys[done * self.key_size :], (count - done) * self.key_size
+            )
+            v = ctypes.create_string_buffer(
+                values[done * self.value_size :], (count - done) * self.value_size
+            )
+            attr = _MapBatch(keys=_addr(k), values=_addr(v), count=count - done, map_fd=self.fd)
+            _bpf(BPF_MAP_UPDATE_BATCH, attr, f"MAP_UPDATE_BATCH {self.path}")
+            done += attr.count  # the kernel writes back how many it took
+            if attr.count == 0:
+                raise BpfError(0, f"bpf(MAP_UPDATE_BATCH {self.path}): no progress")
+
+    def lookup(self, key: bytes) -> bytes:
+        """The value (per-CPU maps: one ``value_size`` slot, 8-byte aligned, per CPU)."""
+        self._check(key)
+        size = self.value_size
+        if self.per_cpu:
+            size = ((size + 7) & ~7) * possible_cpus()
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(size)
+        attr = _MapElem(map_fd=self.fd, key=_addr(k), value=_addr(v))
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr, f"MAP_LOOKUP_ELEM {self.path}")
+        return v.raw
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What BPF_PROG_TEST_RUN returned: the verdict, the output frame, ns per run."""
+
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+BPF_F_TEST_XDP_LIVE_FRAMES: Final = 1 << 1
+_XDP_MD: Final = struct.Struct("=6I")  # data, data_end, data_meta, ingress, rx queue, egress
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, headroom: int = 256) -> RunResult:
+    """Run the program on ``data`` ``repeat`` times in the kernel (BPF_PROG_TEST_RUN).
+
+    ``duration_ns`` is the kernel's mean time per run. The output buffer has room
+    for ``headroom`` more bytes than the input (what ``bpf_xdp_adjust_head`` adds).
+    The runs share one buffer: a program that rewrites the frame sees its own output
+    from the second run on (:func:`prog_test_run_live` does not).
+    """
+    din = ctypes.create_string_buffer(data, len(data))
+    out_size = len(data) + headroom
+    dout = ctypes.create_string_buffer(out_size)
+    attr = _TestRun(
+        prog_fd=prog_fd,
+        data_size_in=len(data),
+        data_size_out=out_size,
+        data_in=_addr(din),
+        data_out=_addr(dout),
+        repeat=repeat,
+    )
+    _bpf(BPF_PROG_TEST_RUN, attr, "PROG_TEST_RUN")
+    return RunResult(attr.retval, dout.raw[: attr.data_size_out], attr.duration)
+
+
+def prog_test_run_live(prog_fd: int, data: bytes, repeat: int) -> int:
+    """Mean ns per run of ``repeat`` runs, each on a fresh copy of ``data``.
+
+    BPF_PROG_TEST_RUN with ``BPF_F_TEST_XDP_LIVE_FRAMES`` (Linux 5.18), as
+    xdp-trafficgen uses it: frames come from a page pool reset to ``data`` in
+    batches of 64, and XDP_TX is carried out as a redirect to the ingress device,
+    here the namespace's loopback, which refuses it (it has no XDP transmit): the
+    frame is then freed. No output is returned.
+    """
+    din = ctypes.create_string_buffer(data, len(data))
+    ctx = ctypes.create_string_buffer(_XDP_MD.pack(0, len(data), 0, 0, 0, 0), _XDP_MD.size)
+    attr = _TestRun(
+        prog_fd=prog_fd,
+        data_size_in=len(data),
+        data_in=_addr(din),
+        repeat=repeat,
+        ctx_size_in=_XDP_MD.size,
+        ctx_in=_addr(ctx),
+        flags=BPF_F_TEST_XDP_LIVE_FRAMES,
+    )
+    _bpf(BPF_PROG_TEST_RUN, attr, "PROG_TEST_RUN live frames")
+    return int(attr.duration)

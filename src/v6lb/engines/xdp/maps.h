@@ -1,0 +1,88 @@
+/* v6lb XDP: the maps, filled by v6lb/engines/xdp/maps.py from the core's pools. */
+#ifndef V6LB_MAPS_H
+#define V6LB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "counters.h"
+
+#define V6LB_MAX_VIPS 256
+#define V6LB_MAX_BACKENDS 4096
+#define V6LB_TABLE_ENTRIES (16 * 65537) /* every VIP's Maglev table, end to end */
+#define V6LB_NONE 0xFFFFFFFFu
+
+#define V6LB_MODE_IP6IP6 1
+#define V6LB_MODE_SRV6 2
+
+/* (address, port, protocol) -> VIP index. Port 0 entries are the core's defaults:
+ * proto 0 = the address's first DSR VIP (services[0]: any address known to v6lb);
+ * proto 6/17 = its first VIP of that protocol (_default: fragments). */
+struct vip_key {
+	__u8 addr[16];
+	__u16 port; /* network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct vip_val {
+	__u32 index; /* into v6lb_vip_info, or V6LB_NONE */
+};
+
+struct vip_info {
+	__u32 mode;       /* V6LB_MODE_* (0: a DSR mode this program does not serve) */
+	__u32 seed;       /* lb.flow_hash_seed */
+	__u32 table_off;  /* first slot of this VIP's table in v6lb_maglev */
+	__u32 table_size; /* the pool's Maglev table size M (prime) */
+	__u32 limit;      /* largest inner packet: mtu - overhead */
+	__u32 pad;
+};
+
+struct backend {
+	__u8 src[16]; /* the VIP's tunnel source */
+	__u8 dst[16]; /* outer destination: the backend (its SID for dsr-srv6) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4 * V6LB_MAX_VIPS);
+	__type(key, struct vip_key);
+	__type(value, struct vip_val);
+} v6lb_vips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, V6LB_MAX_VIPS);
+	__type(key, __u32);
+	__type(value, struct vip_info);
+} v6lb_vip_info SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, V6LB_TABLE_ENTRIES);
+	__type(key, __u32);
+	__type(value, __u32); /* global backend index, or V6LB_NONE (no eligible backend) */
+} v6lb_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, V6LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct backend);
+} v6lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, V6LB_CNT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} v6lb_counters SEC(".maps");
+
+static __always_inline void v6lb_count(__u32 slot)
+{
+	__u64 *c = bpf_map_lookup_elem(&v6lb_counters, &slot);
+
+	if (c)
+		*c += 1;
+}
+
+#endif

@@ -1,0 +1,218 @@
+"""Load the XDP object, pin it under ``/sys/fs/bpf/v6lb-<tag>/``, fill its maps from a config.
+
+Loading is ``bpftool prog load OBJ DIR/prog pinmaps DIR`` (libbpf relocates the maps
+and checks BTF; docs/dataplane-xdp.md). Everything afterwards goes through the bpf(2)
+wrapper of :mod:`v6lb.engines.xdp.bpf`. :class:`XdpProgram` is a context manager:
+leaving it closes every descriptor and removes the pinned directory, on error too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from v6lb.core.dsr import MODE_IP6IP6, MODE_SRV6, DsrService
+from v6lb.engines.xdp.bpf import Map, RunResult, obj_get, prog_test_run
+from v6lb.model.config import Config
+from v6lb.model.pools import dsr_services
+from v6lb.wire.reasons import Reason
+
+__all__ = [
+    "BPFFS",
+    "HERE",
+    "MAX_BACKENDS",
+    "MAX_TABLE_ENTRIES",
+    "MAX_VIPS",
+    "OBJECT",
+    "XdpProgram",
+    "counter_names",
+    "map_entries",
+]
+
+HERE: Final = Path(__file__).resolve().parent
+OBJECT: Final = Path(
+    os.environ.get("V6LB_XDP_OBJECT", HERE.parents[3] / "build" / "xdp" / "v6lb_xdp.o")
+)
+"""Where ``make xdp`` writes the compiled program (``V6LB_XDP_OBJECT`` overrides)."""
+BPFFS: Final = Path("/sys/fs/bpf")
+
+
+def _define(name: str) -> int:
+    text = (HERE / "maps.h").read_text(encoding="ascii")
+    m = re.search(rf"#define {name} \(?(\d+)(?: \* (\d+))?\)?", text)
+    if m is None:
+        raise RuntimeError(f"maps.h defines no {name}")
+    return int(m.group(1)) * int(m.group(2) or 1)
+
+
+MAX_VIPS: Final = _define("V6LB_MAX_VIPS")
+MAX_BACKENDS: Final = _define("V6LB_MAX_BACKENDS")
+MAX_TABLE_ENTRIES: Final = _define("V6LB_TABLE_ENTRIES")
+_NONE: Final = 0xFFFFFFFF
+_MODE_IDS: Final = {MODE_IP6IP6: 1, MODE_SRV6: 2}
+"""The modes the program serves, as maps.h numbers them."""
+_VIP_KEY = struct.Struct("=16sHBx")  # addr, port (network order, packed below), proto
+_VIP_INFO = struct.Struct("=6I")
+_U32 = struct.Struct("=I")
+
+
+def counter_names() -> dict[int, str]:
+    """Counter slot -> name: the Reason labels (0..63), then counters.h's own slots."""
+    names = {int(r): r.label for r in Reason if int(r) < 64}
+    text = (HERE / "counters.h").read_text(encoding="ascii")
+    for name, slot in re.findall(r"#define V6LB_CNT_(\w+) (\d+)", text):
+        if name != "SLOTS":
+            names[int(slot)] = name.lower().replace("_", "-")
+    return names
+
+
+def _vip_key(addr: bytes, port: int, proto: int) -> bytes:
+    return _VIP_KEY.pack(addr, int.from_bytes(port.to_bytes(2, "big"), "little"), proto)
+
+
+def map_entries(
+    services: Sequence[DsrService],
+) -> tuple[dict[bytes, int], list[bytes], array[int], list[bytes]]:
+    """The maps' contents for the core's DSR services: (vips, vip_info, maglev, backends).
+
+    The VIP keys answer the core's three questions (v6lb.core.dsr): ``_match``
+    (address, port, protocol: the first VIP wins), ``_default`` for a protocol
+    (port 0) and the address's first VIP (port 0, protocol 0). A VIP of another DSR
+    mode (dsr-l2) keeps its keys but has no index: the program passes its packets on.
+    Raises ValueError, naming the limit, when the maps cannot hold it all.
+    """
+    served = [s for s in services if s.mode in _MODE_IDS]
+    if len(served) > MAX_VIPS:
+        raise ValueError(f"{len(served)} tunnel VIPs: the XDP program holds {MAX_VIPS}")
+    n_backends = sum(len(s.pool) for s in served)
+    if n_backends > MAX_BACKENDS:
+        raise ValueError(f"{n_backends} backends: the XDP program holds {MAX_BACKENDS}")
+    n_slots = sum(s.pool.size for s in served)
+    if n_slots > MAX_TABLE_ENTRIES:
+        raise ValueError(
+            f"Maglev tables of {n_slots} slots in all: the XDP program holds {MAX_TABLE_ENTRIES}"
+        )
+    index = {id(s): i for i, s in enumerate(served)}
+    vips: dict[bytes, int] = {}
+    for s in services:
+        idx = index.get(id(s), _NONE)
+        vips.setdefault(_vip_key(s.address, 0, 0), idx)
+        vips.setdefault(_vip_key(s.address, 0, s.proto), idx)
+        for port in sorted(s.ports):
+            vips.setdefault(_vip_key(s.address, port, s.proto), idx)
+    if len(vips) > 4 * MAX_VIPS:
+        raise ValueError(f"{len(vips)} VIP keys: the XDP program holds {4 * MAX_VIPS}")
+    info: list[bytes] = []
+    maglev: array[int] = array("I")
+    backends: list[bytes] = []
+    for s in served:
+        pool = s.pool
+        assert s.tunnel_source is not None
+        base = len(backends)
+        info.append(
+            _VIP_INFO.pack(_MODE_IDS[s.mode], pool.seed, len(maglev), pool.size, s.limit, 0)
+        )
+        maglev.extend(_NONE if b < 0 else base + b for b in pool.table)
+        backends.extend(s.tunnel_source + t for t in s.targets)
+    return vips, info, maglev, backends
+
+
+class XdpProgram:
+    """The compiled program loaded and pinned under ``/sys/fs/bpf/v6lb-<tag>/``."""
+
+    def __init__(self, tag: str, obj: Path = OBJECT) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", tag):
+            raise ValueError(f"tag {tag!r}: letters, digits, '.', '_' or '-', at most 40")
+        if not obj.is_file():
+            raise FileNotFoundError(f"{obj}: no XDP object; build it with `make xdp`")
+        self.dir = BPFFS / f"v6lb-{tag}"
+        self.prog_fd = -1
+        self.maps: dict[str, Map] = {}
+        if not os.path.ismount(BPFFS):
+            subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir()
+        try:
+            subprocess.run(
+                [
+                    "bpftool",
+                    "prog",
+                    "load",
+                    str(obj),
+                    str(self.dir / "prog"),
+                    "pinmaps",
+                    str(self.dir),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            self.prog_fd = obj_get(str(self.dir / "prog"))
+            d = str(self.dir)
+            self.maps = {
+                "vips": Map(f"{d}/v6lb_vips", _VIP_KEY.size, 4),
+                "vip_info": Map(f"{d}/v6lb_vip_info", 4, _VIP_INFO.size),
+                "maglev": Map(f"{d}/v6lb_maglev", 4, 4),
+                "backends": Map(f"{d}/v6lb_backends", 4, 32),
+                "counters": Map(f"{d}/v6lb_counters", 4, 8, per_cpu=True),
+            }
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> XdpProgram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every descriptor and unpin everything under the tagged directory."""
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+            self.prog_fd = -1
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def fill(self, config: Config) -> int:
+        """Fill the maps from ``config``'s dsr-ip6ip6 and dsr-srv6 VIPs; return how many.
+
+        The pools are :func:`v6lb.model.pools.dsr_services`' (``pool_for``: every
+        backend up), so the program and a fresh ``DsrForwarder`` hold the same tables.
+        """
+        vips, info, maglev, backends = map_entries(dsr_services(config))
+        m = self.maps
+        for key, idx in vips.items():
+            m["vips"].update(key, _U32.pack(idx))
+        for i, v in enumerate(info):
+            m["vip_info"].update(_U32.pack(i), v)
+        for i, b in enumerate(backends):
+            m["backends"].update(_U32.pack(i), b)
+        if maglev:
+            keys = array("I", range(len(maglev)))
+            m["maglev"].update_batch(keys.tobytes(), maglev.tobytes(), len(maglev))
+        return len(info)
+
+    def run(self, frame: bytes, repeat: int = 1) -> RunResult:
+        """BPF_PROG_TEST_RUN on one Ethernet frame."""
+        return prog_test_run(self.prog_fd, frame, repeat)
+
+    def counters(self) -> dict[str, int]:
+        """The per-CPU counters summed over the CPUs, by name; zeros left out."""
+        out: dict[str, int] = {}
+        for slot, name in counter_names().items():
+            raw = self.maps["counters"].lookup(_U32.pack(slot))
+            total = sum(array("Q", raw))
+            if total:
+                out[name] = total
+        return out
