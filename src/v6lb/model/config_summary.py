@@ -135,8 +135,17 @@ def _options(vip: Vip) -> str:
             ]
         )
     assert isinstance(o, ProxyL7Options)
+    tls = []
+    if o.tls is not None:
+        t = o.tls
+        tls.append(
+            f"TLS {len(t.certificates)} certificate(s), TLS {t.min_version}+,"
+            f" ALPN {','.join(t.alpn)}, unknown SNI {t.unknown_sni}"
+            + (", client certificates required" if t.client_ca else "")
+        )
     return "; ".join(
         [
+            *tls,
             f"forwarded headers {'on' if o.forwarded_headers else 'off'}",
             _prefixes("forwarded headers trusted from", o.trusted_sources),
             f"max request {o.max_request_bytes} bytes, max header {o.max_header_bytes} bytes",
