@@ -251,7 +251,7 @@ def test_haproxy_renders_the_tls_bind(pki: dict[str, Any]) -> None:
         "TLSv1.3",
         "strict-sni",
         "ca-file",
-        str(d / "ca.pem"),
+        "/run/v6lb-haproxy/web.ca.pem",
         "verify",
         "required",
     ]

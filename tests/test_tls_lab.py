@@ -49,6 +49,16 @@ vips:
     tls:
       unknown_sni: refuse
       certificates: [{{cert: www.crt, key: www.key, names: [www.example.com]}}]
+  - name: mtls
+    address: "{vip}"
+    ports: [9443]
+    mode: proxy-l7
+    health: {{type: none}}
+    backends: [{{address: "{backend}", port: 8080}}]
+    tls:
+      client_ca: ca.pem
+      min_version: "1.3"
+      certificates: [{{cert: www.crt, key: www.key}}]
 """
 
 # Run in the namespace: the certificate an SNI gets (or the error), garbage, a silent client.
@@ -159,6 +169,29 @@ def test_tls_termination_in_a_namespace(engine: str, tmp_path: Path) -> None:
         assert headers["x-forwarded-proto"] == "https"
         assert headers["forwarded"].endswith(";proto=https")
         assert headers["forwarded"].startswith(f'for="[{CLIENT}]:')
+
+        # client certificates: required by mtls (TLS 1.3 only), verified against the CA
+        ca.issue_cert("client.example.com").private_key_and_cert_chain_pem.write_to_path(
+            str(tmp_path / "client.pem")
+        )
+        curl = [
+            "curl",
+            "-sS",
+            "--http1.1",
+            "--cacert",
+            str(tmp_path / "ca.pem"),
+            "--resolve",
+            f"www.example.com:9443:[{VIP}]",
+            "https://www.example.com:9443/",
+        ]
+        r = subprocess.run(_ns(ns, *curl, "--cert", str(tmp_path / "client.pem")),
+                           capture_output=True, text=True, timeout=10)  # fmt: skip
+        assert r.returncode == 0 and r.stdout.startswith("{"), r.stderr
+        r = subprocess.run(_ns(ns, *curl), capture_output=True, text=True, timeout=10)
+        assert r.returncode != 0 and not r.stdout.startswith("{"), (r.stdout, r.stderr)
+        r = subprocess.run(_ns(ns, *curl, "--tls-max", "1.2"),
+                           capture_output=True, text=True, timeout=10)  # fmt: skip
+        assert r.returncode == 35, (r.returncode, r.stderr)  # TLS 1.2 refused: a handshake error
 
         probe = [sys.executable, str(tmp_path / "probe.py"), VIP, str(tmp_path / "ca.pem")]
         r = subprocess.run(_ns(ns, *probe, "sni"), capture_output=True, text=True, timeout=30)

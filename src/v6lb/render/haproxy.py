@@ -188,7 +188,7 @@ def _tls_bind(vip: Vip, tls: TlsOptions, tls_dir: str) -> str:
     if tls.unknown_sni == "refuse":
         text += " strict-sni"
     if tls.client_ca is not None:
-        text += f" ca-file {tls.client_ca} verify required"
+        text += f" ca-file {tls_dir}/{vip.name}.ca.pem verify required"
     return text
 
 
@@ -196,8 +196,9 @@ def tls_files(vip: Vip, tls_dir: str) -> tuple[list[tuple[str, str, str]], str, 
     """A TLS VIP's files for HAProxy: ``([(pem, cert, key), ...], crtlist, its text)``.
 
     The engine writes each ``VIP-N.pem`` as the certificate chain then the key (HAProxy
-    wants both in one file) and ``VIP.crtlist``: one line per certificate, its PEM and
-    its SNI names; the first line is the default certificate.
+    wants both in one file), ``VIP.crtlist``: one line per certificate, its PEM and
+    its SNI names (the first line is the default certificate), and with ``client_ca``
+    a copy of it as ``VIP.ca.pem`` (a ``(pem, ca, "")`` entry).
     """
     opts = vip.options
     assert isinstance(opts, ProxyL7Options) and opts.tls is not None
@@ -207,6 +208,8 @@ def tls_files(vip: Vip, tls_dir: str) -> tuple[list[tuple[str, str, str]], str, 
         pem = f"{tls_dir}/{vip.name}-{i}.pem"
         pems.append((pem, c.cert, c.key))
         lines.append(" ".join([pem, *c.names]) + "\n")
+    if opts.tls.client_ca is not None:
+        pems.append((f"{tls_dir}/{vip.name}.ca.pem", opts.tls.client_ca, ""))
     return pems, f"{tls_dir}/{vip.name}.crtlist", "".join(lines)
 
 

@@ -402,7 +402,10 @@ def tls_texts(config: Config, tls_dir: str) -> dict[str, bytes]:
         pems, crtlist, text = tls_files(vip, tls_dir)
         try:
             for pem, cert, key in pems:
-                out[pem] = Path(cert).read_bytes().rstrip(b"\n") + b"\n" + Path(key).read_bytes()
+                data = Path(cert).read_bytes()
+                if key:
+                    data = data.rstrip(b"\n") + b"\n" + Path(key).read_bytes()
+                out[pem] = data
         except OSError as exc:
             raise HaproxyError(f"cannot read {exc.filename}: {exc.strerror}") from None
         out[crtlist] = text.encode()
