@@ -21,6 +21,7 @@ from test_proxy_fixtures import (
     read_response,
     run,
 )
+from v6lb.cli import main
 from v6lb.engines.proxy import ProxyServer
 from v6lb.engines.proxy.tls import check_tls, load_tls
 from v6lb.model.config import ConfigError, TlsCertificate, TlsOptions, parse_config
@@ -146,6 +147,29 @@ def test_certificate_files_checked_and_named(pki: dict[str, Any], tmp_path: Path
     cfg = _config({"certificates": [{"cert": str(d / "www.crt"), "key": str(d / "api.key")}]})
     with pytest.raises(ConfigError, match=r"vips\[0\]\.tls\.certificates\[0\]\.key"):
         check_tls(cfg)
+
+
+def test_v6lb_check_reads_the_certificates(
+    pki: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = pki["dir"]
+    for name in ("www.crt", "www.key", "api.key"):
+        (tmp_path / name).write_bytes((d / name).read_bytes())
+    text = (
+        "vips:\n  - {name: web, address: '2001:db8::10', ports: [443], mode: proxy-l7,\n"
+        "     backends: [{address: '2001:db8::20', port: 80}],\n"
+        "     tls: {certificates: [{cert: www.crt, key: KEY, names: [www.example.com]}]}}\n"
+    )
+    good = tmp_path / "good.yaml"
+    good.write_text(text.replace("KEY", "www.key"))
+    assert main(["check", str(good)]) == 0
+    assert "TLS 1 certificate(s), TLS 1.2+, ALPN http/1.1" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("KEY", "api.key"))
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"v6lb: error: {bad}: vips[0].tls.certificates[0].key: the key ")
+    assert f"{tmp_path}/api.key does not match the certificate {tmp_path}/www.crt" in err
 
 
 # --- the builtin engine on loopback -------------------------------------------------
