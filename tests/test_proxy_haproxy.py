@@ -88,7 +88,17 @@ TLS = {
                 "unknown_sni": "refuse",
                 "client_ca": "/etc/v6lb/clients.pem",
             },
-        }
+        },
+        {
+            "name": "stream",
+            "address": "2001:db8:0:10::444",
+            "ports": [443],
+            "mode": "proxy-l4",
+            "proxy_protocol": "v2",
+            "health": {"type": "none"},
+            "backends": [{"address": "2001:db8:0:20::2", "port": 9000}],
+            "tls": {"certificates": [{"cert": "/etc/v6lb/www.crt", "key": "/etc/v6lb/www.key"}]},
+        },
     ]
 }
 CASES = {"haproxy_l4.cfg": L4, "haproxy_l7.cfg": L7}

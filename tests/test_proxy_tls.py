@@ -14,8 +14,10 @@ import pytest
 import trustme
 
 from test_proxy_fixtures import (
+    Backend_,
     HttpBackend,
     header,
+    l4_vip,
     l7_vip,
     loop_kind,  # noqa: F401 (autouse: every test on asyncio and on uvloop)
     read_response,
@@ -247,6 +249,33 @@ def test_builtin_tls_sni_forwarding_and_bad_handshakes(pki: dict[str, Any]) -> N
             c = s.counters()
             assert c["tls"]["errors"] == {"tls_handshake_failed": 1, "tls_handshake_timeout": 1}
             assert c["strict"]["errors"] == {"tls_unknown_sni": 1, "tls_handshake_failed": 1}
+        await be.stop()
+
+    run(main())
+
+
+def test_builtin_proxy_l4_tls_relays_and_half_closes(pki: dict[str, Any]) -> None:
+    """proxy-l4 with tls: the plain stream to the backend; its EOF is our close_notify."""
+    d = pki["dir"]
+
+    async def main() -> None:
+        async def pong(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            got = await r.readexactly(4)
+            w.write(got.upper())
+            w.write_eof()  # the backend is done: the client must see the end
+            await r.read()
+
+        be = await Backend_(pong).start()
+        base = l4_vip([be.port], pp=False)
+        vip = dataclasses.replace(base, options=dataclasses.replace(base.options, tls=_tls(d)))
+        async with ProxyServer([vip]) as s:
+            r, w = await asyncio.open_connection(
+                "::1", s.addresses()[0][1], ssl=_client(pki), server_hostname="api.example.com"
+            )
+            assert w.get_extra_info("peercert")["subjectAltName"] == (("DNS", "api.example.com"),)
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.read(), 5) == b"PING"  # then EOF (close_notify)
+            w.close()
         await be.stop()
 
     run(main())

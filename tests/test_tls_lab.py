@@ -49,6 +49,14 @@ vips:
     tls:
       unknown_sni: refuse
       certificates: [{{cert: www.crt, key: www.key, names: [www.example.com]}}]
+  - name: stream
+    address: "{vip}"
+    ports: [7443]
+    mode: proxy-l4
+    health: {{type: none}}
+    backends: [{{address: "{backend}", port: 8080}}]
+    tls:
+      certificates: [{{cert: www.crt, key: www.key}}]
   - name: mtls
     address: "{vip}"
     ports: [9443]
@@ -169,6 +177,14 @@ def test_tls_termination_in_a_namespace(engine: str, tmp_path: Path) -> None:
         assert headers["x-forwarded-proto"] == "https"
         assert headers["forwarded"].endswith(";proto=https")
         assert headers["forwarded"].startswith(f'for="[{CLIENT}]:')
+
+        # proxy-l4 with TLS: the plain stream relayed (HTTP here, the backend sees the LB)
+        r = subprocess.run(
+            _ns(ns, "curl", "-sS", "--http1.1", "--cacert", str(tmp_path / "ca.pem"),
+                "--resolve", f"www.example.com:7443:[{VIP}]", "https://www.example.com:7443/"),
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        assert r.returncode == 0 and json.loads(r.stdout)["node"] == "b0", (r.stdout, r.stderr)
 
         # client certificates: required by mtls (TLS 1.3 only), verified against the CA
         ca.issue_cert("client.example.com").private_key_and_cert_chain_pem.write_to_path(

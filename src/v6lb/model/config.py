@@ -238,15 +238,6 @@ class TunnelOptions:
     mtu: int = _DEFAULT_MTU
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyL4Options:
-    proxy_protocol: ProxyProtocol = ProxyProtocol.NONE
-    trusted_proxy_sources: tuple[IPv6Network, ...] = ()
-    timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
-    dual_stack: IPv4Address | None = None
-    max_connections_per_source: int = 0  # open connections per client address; 0: no limit
-
-
 TLS_VERSIONS: Final = ("1.2", "1.3")
 TLS_ALPN: Final = ("http/1.1",)  # the protocols the proxy serves over TLS (no h2 yet)
 TLS_UNKNOWN_SNI: Final = ("default", "refuse")
@@ -272,6 +263,16 @@ class TlsOptions:
     alpn: tuple[str, ...] = TLS_ALPN
     client_ca: str | None = None
     unknown_sni: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyL4Options:
+    proxy_protocol: ProxyProtocol = ProxyProtocol.NONE
+    tls: TlsOptions | None = None  # TLS terminated, the plain stream relayed
+    trusted_proxy_sources: tuple[IPv6Network, ...] = ()
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
+    dual_stack: IPv4Address | None = None
+    max_connections_per_source: int = 0  # open connections per client address; 0: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -688,6 +689,7 @@ _VIP_KEYS: Final = (
 )
 _OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mode table's)
     "ProxyL4Options": (
+        "tls",
         "proxy_protocol",
         "trusted_proxy_sources",
         "timeouts",
@@ -1075,6 +1077,7 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         return _parse_tunnel(f, mode, lb)
     if options == ProxyL4Options.__name__:
         return ProxyL4Options(
+            tls=_parse_tls(f) if f.has("tls") else None,
             proxy_protocol=ProxyProtocol(
                 f.choice("proxy_protocol", [p.value for p in ProxyProtocol], "none")
             ),

@@ -213,6 +213,8 @@ def _options(v: Vip, lb: LbSettings) -> Data:
             out["mtu"] = o.mtu
     elif isinstance(o, ProxyL4Options):
         d4 = ProxyL4Options()
+        if o.tls is not None:
+            out["tls"] = _tls(o.tls)
         if o.proxy_protocol is not d4.proxy_protocol:
             out["proxy_protocol"] = str(o.proxy_protocol)
         if o.trusted_proxy_sources:

@@ -125,16 +125,6 @@ def _options(vip: Vip) -> str:
             f" (client packets up to {inner} bytes fit unfragmented)"
         )
     stack = f"also IPv4 on {o.dual_stack}" if o.dual_stack is not None else "IPv6 only"
-    if isinstance(o, ProxyL4Options):
-        return "; ".join(
-            [
-                f"PROXY protocol to backends {o.proxy_protocol}",
-                _prefixes("PROXY headers accepted from", o.trusted_proxy_sources),
-                _timeouts(o.timeouts),
-                stack,
-            ]
-        )
-    assert isinstance(o, ProxyL7Options)
     tls = []
     if o.tls is not None:
         t = o.tls
@@ -143,6 +133,17 @@ def _options(vip: Vip) -> str:
             f" ALPN {','.join(t.alpn)}, unknown SNI {t.unknown_sni}"
             + (", client certificates required" if t.client_ca else "")
         )
+    if isinstance(o, ProxyL4Options):
+        return "; ".join(
+            [
+                *tls,
+                f"PROXY protocol to backends {o.proxy_protocol}",
+                _prefixes("PROXY headers accepted from", o.trusted_proxy_sources),
+                _timeouts(o.timeouts),
+                stack,
+            ]
+        )
+    assert isinstance(o, ProxyL7Options)
     return "; ".join(
         [
             *tls,

@@ -201,7 +201,7 @@ def tls_files(vip: Vip, tls_dir: str) -> tuple[list[tuple[str, str, str]], str, 
     a copy of it as ``VIP.ca.pem`` (a ``(pem, ca, "")`` entry).
     """
     opts = vip.options
-    assert isinstance(opts, ProxyL7Options) and opts.tls is not None
+    assert isinstance(opts, ProxyL4Options | ProxyL7Options) and opts.tls is not None
     pems = []
     lines = []
     for i, c in enumerate(opts.tls.certificates):
@@ -218,7 +218,7 @@ def _frontends(vip: Vip, header_timeout: float, tls_dir: str) -> list[str]:
     assert isinstance(opts, ProxyL4Options | ProxyL7Options)
     l7 = vip.mode is VipMode.PROXY_L7
     t = opts.timeouts
-    tls = opts.tls if isinstance(opts, ProxyL7Options) else None
+    tls = opts.tls
     ssl = _tls_bind(vip, tls, tls_dir) if tls is not None else ""
     out: list[str] = []
     for port in vip.ports:

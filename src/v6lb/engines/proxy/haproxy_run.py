@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from v6lb.engines.control import recv_all
-from v6lb.model.config import Config, ProxyL7Options
+from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options
 from v6lb.render.haproxy import render_haproxy, tls_files
 
 from .status import ProxyStatus, parse_haproxy_stat
@@ -395,7 +395,7 @@ def tls_texts(config: Config, tls_dir: str) -> dict[str, bytes]:
     config's certificate and key files now (:func:`.tls.check_tls` checked them)."""
     out: dict[str, bytes] = {}
     for vip in config.vips:
-        if not vip.mode.is_proxy or not isinstance(vip.options, ProxyL7Options):
+        if not isinstance(vip.options, ProxyL4Options | ProxyL7Options):
             continue
         if vip.options.tls is None:
             continue

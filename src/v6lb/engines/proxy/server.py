@@ -26,7 +26,7 @@ from typing import Any
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet
 from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
-from v6lb.model.config import Config, ProxyL7Options, Vip
+from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options, Vip
 from v6lb.model.pools import health_monitor
 from v6lb.model.schema import Where
 
@@ -181,7 +181,7 @@ class ProxyServer:
     def load_tls(self, vip: Vip) -> TlsSetup | None:
         """The VIP's certificates read from their files now (ConfigError if one is bad)."""
         opts = vip.options
-        if not isinstance(opts, ProxyL7Options) or opts.tls is None:
+        if not isinstance(opts, ProxyL4Options | ProxyL7Options) or opts.tls is None:
             return None
         return load_tls(opts.tls, Where(self.source, f"vips.{vip.name}.tls"))
 
@@ -552,6 +552,14 @@ def _idle(vip: Vip) -> float:
     return float(t.idle) if t is not None else 60.0
 
 
+def _handshake_timeout(rt: VipRuntime) -> float:
+    """proxy-l7: the header timeout; proxy-l4: the connect timeout (the client's first
+    bytes are awaited as long)."""
+    if rt.is_l7:
+        return rt.header_timeout
+    return float(rt.l4.timeouts.connect)
+
+
 class _Listener:
     """One listening socket; ``rt`` (the VIP's runtime now) makes its new connections,
     so a reload that keeps the address and port keeps the socket and swaps ``rt``."""
@@ -564,9 +572,9 @@ class _Listener:
 
     def make(self) -> asyncio.Protocol:
         rt = self.rt
-        if rt.tls is not None:
-            return TlsLayer(rt.tls, L7Client(rt), rt.header_timeout, rt.error)
         p: asyncio.Protocol = L7Client(rt) if rt.is_l7 else L4Client(rt)
+        if rt.tls is not None:
+            return TlsLayer(rt.tls, p, _handshake_timeout(rt), rt.error)
         return p
 
 

@@ -1,4 +1,4 @@
-"""TLS termination for proxy-l7 VIPs (the builtin engine), with the standard ``ssl`` module.
+"""TLS termination for proxy VIPs (the builtin engine), with the standard ``ssl`` module.
 
 :func:`load_tls` reads a VIP's ``tls:`` files into a :class:`TlsSetup` (one
 ``SSLContext`` per certificate; the first is the default, the others are chosen by
@@ -6,8 +6,8 @@ SNI in the ``sni_callback``) and refuses a missing, unreadable or mismatched fil
 with a :class:`~v6lb.model.schema.ConfigError` naming the file and the field;
 `v6lb check` and `v6lb run` call :func:`check_tls`. :class:`TlsLayer` is the
 protocol of one accepted connection: it runs the handshake on memory BIOs (bounded
-by the header timeout), then hands the plaintext to the HTTP protocol, to which it
-is the transport. Failures are counted as the VIP's errors: ``tls_handshake_failed``
+by the header timeout, or proxy-l4's connect timeout), then hands the plaintext to
+the HTTP (or proxy-l4) protocol, to which it is the transport. Failures are counted as the VIP's errors: ``tls_handshake_failed``
 (garbage, no shared version or cipher, a refused SNI or client certificate),
 ``tls_handshake_timeout`` (no complete handshake in time) and ``tls_unknown_sni``
 (refused for its SNI, with ``unknown_sni: refuse``).
@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from v6lb.model.config import Config, TlsCertificate, TlsOptions, VipMode
+from v6lb.model.config import Config, TlsCertificate, TlsOptions
 from v6lb.model.schema import Where
 
 __all__ = ["TlsLayer", "TlsSetup", "check_tls", "load_tls"]
@@ -137,11 +137,11 @@ def load_tls(tls: TlsOptions, where: Where) -> TlsSetup:
 
 
 def check_tls(config: Config) -> dict[str, TlsSetup]:
-    """Every proxy-l7 VIP's ``tls:`` loaded (by VIP name); raises :class:`ConfigError`."""
+    """Every proxy VIP's ``tls:`` loaded (by VIP name); raises :class:`ConfigError`."""
     out: dict[str, TlsSetup] = {}
     for i, vip in enumerate(config.vips):
         tls = getattr(vip.options, "tls", None)
-        if vip.mode is VipMode.PROXY_L7 and tls is not None:
+        if vip.mode.is_proxy and tls is not None:
             out[vip.name] = load_tls(tls, Where(config.source, f"vips[{i}].tls"))
     return out
 
@@ -173,6 +173,7 @@ class TlsLayer(asyncio.Protocol):
         self.closing = False
         self.failed = False
         self.paused = False
+        self.eof_sent = False  # our close_notify is out (write_eof)
         self.timer: asyncio.TimerHandle | None = None
 
     # --- the TCP side ----------------------------------------------------------------
@@ -261,7 +262,7 @@ class TlsLayer(asyncio.Protocol):
     # --- the transport of ``app`` ----------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closing or not self.ready:
+        if self.closing or not self.ready or self.eof_sent:
             return
         try:
             self.obj.write(data)
@@ -277,7 +278,7 @@ class TlsLayer(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
-        if self.ready:
+        if self.ready and not self.eof_sent:
             try:
                 self.obj.unwrap()  # our close_notify
             except (ssl.SSLError, OSError):
@@ -293,10 +294,20 @@ class TlsLayer(asyncio.Protocol):
         return self.closing or bool(self.raw.is_closing())
 
     def can_write_eof(self) -> bool:
-        return False
+        return self.ready and not self.closing and not self.eof_sent
 
     def write_eof(self) -> None:
-        raise NotImplementedError("TLS: close with close_notify")
+        """Half-close: our close_notify, then a FIN; what the client sends is still read."""
+        if not self.can_write_eof():
+            return
+        self.eof_sent = True
+        try:
+            self.obj.unwrap()
+        except (ssl.SSLError, OSError):  # SSLWantReadError: the client's close_notify is due
+            pass
+        self._flush()
+        if self.raw.can_write_eof():
+            self.raw.write_eof()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
