@@ -255,7 +255,7 @@ class TlsCertificate:
 
 @dataclass(frozen=True, slots=True)
 class TlsOptions:
-    """``tls:`` of a proxy-l7 VIP: TLS terminated by the proxy. The first certificate is
+    """``tls:`` of a proxy VIP: TLS terminated by the proxy. The first certificate is
     the default one (no SNI, or an SNI no certificate names, with ``unknown_sni: default``)."""
 
     certificates: tuple[TlsCertificate, ...]

@@ -15,6 +15,10 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
   bracketed and the value quoted (RFC 7239 §6): ``for="[2001:db8::1]:4711"``.
   ``X-Forwarded-For`` comes from ``option forwardfor``. Incoming forwarding
   headers from clients outside ``trusted_sources`` are deleted first.
+- ``tls:`` (proxy-l7 and proxy-l4) → ``bind ... ssl crt-list DIR/VIP.crtlist alpn
+  http/1.1 ssl-min-ver TLSv1.2`` (+ ``strict-sni`` for ``unknown_sni: refuse``, +
+  ``ca-file DIR/VIP.ca.pem verify required`` for ``client_ca``); the engine writes the
+  files :func:`tls_files` names. Forwarding headers then say ``https``.
 - Schedulers: round-robin → ``balance roundrobin``, least-connections →
   ``balance leastconn``, maglev → ``balance source`` with ``hash-type
   consistent`` (client affinity, but not the core's Maglev table).
