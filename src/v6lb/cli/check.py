@@ -11,7 +11,7 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "check",
         help="validate a config file and show what it would set up",
         description="Validate every section of FILE (vips, npt, lb, topology, bgp) and print "
-        "a summary. Exit 0 if valid; exit 2 with FILE: FIELD: PROBLEM; fix: FIX otherwise. "
+        "a summary; the certificate and key files of TLS VIPs are read and matched. Exit 0 if valid; exit 2 with FILE: FIELD: PROBLEM; fix: FIX otherwise. "
         "Changes nothing.",
     )
     p.add_argument("file", metavar="FILE", help="the v6lb YAML config file")
@@ -19,11 +19,13 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from v6lb.engines.proxy.tls import check_tls
     from v6lb.model.config import load_config
     from v6lb.model.config_summary import summarize
     from v6lb.model.end_points import end_point_warnings
 
     config = load_config(args.file)  # a ConfigError is a usage error: exit 2
+    check_tls(config)  # the certificate and key files: readable, PEM, matching
     topo, bgp = config.topology, config.bgp_speaker
     sys.stdout.write(f"{args.file}: valid\n{summarize(config)}")
     if topo is not None:

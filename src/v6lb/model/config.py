@@ -29,6 +29,7 @@ from v6lb.model.conntrack_sync import ConntrackSync, check_sync, parse_conntrack
 from v6lb.model.modes import ModeFacts, facts
 from v6lb.model.peers import Peers, check_peers, parse_peers
 from v6lb.model.schema import (
+    MISSING,
     ConfigError,
     Fields,
     Where,
@@ -64,6 +65,8 @@ __all__ = [
     "Protocol",
     "ProxyL4Options",
     "ProxyL7Options",
+    "TlsCertificate",
+    "TlsOptions",
     "ProxyProtocol",
     "Scheduler",
     "Timeouts",
@@ -235,9 +238,37 @@ class TunnelOptions:
     mtu: int = _DEFAULT_MTU
 
 
+TLS_VERSIONS: Final = ("1.2", "1.3")
+TLS_ALPN: Final = ("http/1.1",)  # the protocols the proxy serves over TLS (no h2 yet)
+TLS_UNKNOWN_SNI: Final = ("default", "refuse")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCertificate:
+    """One certificate chain and its key (paths resolved against the config file's
+    directory), served to clients whose SNI is one of ``names``."""
+
+    cert: str
+    key: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """``tls:`` of a proxy VIP: TLS terminated by the proxy. The first certificate is
+    the default one (no SNI, or an SNI no certificate names, with ``unknown_sni: default``)."""
+
+    certificates: tuple[TlsCertificate, ...]
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = TLS_ALPN
+    client_ca: str | None = None
+    unknown_sni: str = "default"
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyL4Options:
     proxy_protocol: ProxyProtocol = ProxyProtocol.NONE
+    tls: TlsOptions | None = None  # TLS terminated, the plain stream relayed
     trusted_proxy_sources: tuple[IPv6Network, ...] = ()
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
     dual_stack: IPv4Address | None = None
@@ -246,6 +277,7 @@ class ProxyL4Options:
 
 @dataclass(frozen=True, slots=True)
 class ProxyL7Options:
+    tls: TlsOptions | None = None
     forwarded_headers: bool = True
     trusted_sources: tuple[IPv6Network, ...] = ()
     max_request_bytes: int = 10 * 1024 * 1024
@@ -657,6 +689,7 @@ _VIP_KEYS: Final = (
 )
 _OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mode table's)
     "ProxyL4Options": (
+        "tls",
         "proxy_protocol",
         "trusted_proxy_sources",
         "timeouts",
@@ -664,6 +697,7 @@ _OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mo
         "max_connections_per_source",
     ),
     "ProxyL7Options": (
+        "tls",
         "forwarded_headers",
         "trusted_sources",
         "max_request_bytes",
@@ -1043,6 +1077,7 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         return _parse_tunnel(f, mode, lb)
     if options == ProxyL4Options.__name__:
         return ProxyL4Options(
+            tls=_parse_tls(f) if f.has("tls") else None,
             proxy_protocol=ProxyProtocol(
                 f.choice("proxy_protocol", [p.value for p in ProxyProtocol], "none")
             ),
@@ -1053,6 +1088,7 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         )
     defaults = ProxyL7Options()
     return ProxyL7Options(
+        tls=_parse_tls(f) if f.has("tls") else None,
         forwarded_headers=f.boolean("forwarded_headers", True),
         trusted_sources=_parse_prefixes(f, "trusted_sources"),
         max_request_bytes=f.integer(
@@ -1064,6 +1100,89 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         timeouts=_parse_timeouts(f, defaults.timeouts),
         dual_stack=_parse_dual_stack(f),
         max_connections_per_source=_parse_per_source(f),
+    )
+
+
+_TLS_KEYS: Final = ("certificates", "min_version", "alpn", "client_ca", "unknown_sni")
+_LABEL: Final = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_SNI_RE: Final = re.compile(rf"(\*\.)?({_LABEL}\.)*{_LABEL}")
+
+
+def _file(value: object, where: Where) -> str:
+    """A file name; a relative one is resolved against the config file's directory."""
+    text = as_str(value, where, example="/etc/v6lb/web.pem")
+    if not text.strip() or "\0" in text:
+        raise where.error("is not a file name", "give the path of the file")
+    path = Path(text)
+    if not path.is_absolute():
+        path = Path(where.file).parent / path
+    return str(path)
+
+
+def _tls_version(t: Fields) -> str:
+    """``min_version``: "1.2" or "1.3" (YAML reads an unquoted 1.2 as a number)."""
+    raw = t.get("min_version")
+    if isinstance(raw, float) and not isinstance(raw, bool):
+        raw = f"{raw:g}"
+    if raw is MISSING:
+        return "1.2"
+    return as_choice(raw, t.at("min_version"), TLS_VERSIONS)
+
+
+def _parse_tls(f: Fields) -> TlsOptions:
+    """``tls:``: the certificates (the first is the default), versions, ALPN, client CA."""
+    t = Fields(f.get("tls"), f.at("tls"), "`tls:`")
+    t.reject_unknown(_TLS_KEYS)
+    w = t.at("certificates")
+    example = "`- {cert: web.crt, key: web.key, names: [www.example.com]}`"
+    items = as_list(t.required("certificates", example), w, example=example)
+    if not items:
+        raise w.error("`certificates` is an empty list", f"list at least one: {example}")
+    certs: list[TlsCertificate] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        c = Fields(item, w.index(i), "a certificate")
+        c.reject_unknown(("cert", "key", "names"))
+        cert = _file(c.required("cert", "web.crt"), c.at("cert"))
+        key = _file(c.required("key", "web.key"), c.at("key"))
+        names: list[str] = []
+        if c.has("names"):
+            wn = c.at("names")
+            for j, raw in enumerate(as_list(c.get("names"), wn, example="[www.example.com]")):
+                name = as_str(raw, wn.index(j), example="www.example.com").lower().rstrip(".")
+                if not _SNI_RE.fullmatch(name) or len(name) > 253:
+                    raise wn.index(j).error(
+                        f"{quote(str(raw))} is not a DNS name",
+                        "give a host name such as www.example.com, or *.example.com",
+                    )
+                if name in seen:
+                    raise wn.index(j).error(
+                        f"{name} is named by certificate {seen[name]} already",
+                        "name each SNI in one certificate",
+                    )
+                seen[name] = i
+                names.append(name)
+        certs.append(TlsCertificate(cert=cert, key=key, names=tuple(names)))
+    alpn: tuple[str, ...] = TLS_ALPN
+    if t.has("alpn"):
+        wa = t.at("alpn")
+        got: list[str] = []
+        for j, raw in enumerate(as_list(t.get("alpn"), wa, example="[http/1.1]")):
+            if raw == "h2":
+                raise wa.index(j).error(
+                    "HTTP/2 is not served: the proxy speaks HTTP/1.1 over TLS",
+                    "remove h2 (alpn: [http/1.1])",
+                )
+            got.append(as_choice(raw, wa.index(j), TLS_ALPN))
+        if not got:
+            raise wa.error("`alpn` is an empty list", "write alpn: [http/1.1] or remove it")
+        alpn = tuple(dict.fromkeys(got))
+    return TlsOptions(
+        certificates=tuple(certs),
+        min_version=_tls_version(t),
+        alpn=alpn,
+        client_ca=_file(t.get("client_ca"), t.at("client_ca")) if t.has("client_ca") else None,
+        unknown_sni=t.choice("unknown_sni", TLS_UNKNOWN_SNI, "default"),
     )
 
 

@@ -22,6 +22,7 @@ import yaml
 from v6lb.model.bgp import BfdSettings, BgpSection, BgpSettings, Neighbour
 from v6lb.model.config import (
     MAGLEV_TABLE_SIZE,
+    TLS_ALPN,
     Backend,
     Config,
     DsrL2Options,
@@ -34,6 +35,7 @@ from v6lb.model.config import (
     ProxyL7Options,
     Scheduler,
     Timeouts,
+    TlsOptions,
     TunnelOptions,
     Vip,
     default_control_socket,
@@ -211,6 +213,8 @@ def _options(v: Vip, lb: LbSettings) -> Data:
             out["mtu"] = o.mtu
     elif isinstance(o, ProxyL4Options):
         d4 = ProxyL4Options()
+        if o.tls is not None:
+            out["tls"] = _tls(o.tls)
         if o.proxy_protocol is not d4.proxy_protocol:
             out["proxy_protocol"] = str(o.proxy_protocol)
         if o.trusted_proxy_sources:
@@ -218,6 +222,8 @@ def _options(v: Vip, lb: LbSettings) -> Data:
         out.update(_proxy_common(o.timeouts, d4.timeouts, o))
     else:
         d7 = ProxyL7Options()
+        if o.tls is not None:
+            out["tls"] = _tls(o.tls)
         if o.forwarded_headers is not d7.forwarded_headers:
             out["forwarded_headers"] = o.forwarded_headers
         if o.trusted_sources:
@@ -227,6 +233,24 @@ def _options(v: Vip, lb: LbSettings) -> Data:
         if o.max_header_bytes != d7.max_header_bytes:
             out["max_header_bytes"] = o.max_header_bytes
         out.update(_proxy_common(o.timeouts, d7.timeouts, o))
+    return out
+
+
+def _tls(t: TlsOptions) -> Data:
+    out: Data = {
+        "certificates": [
+            {"cert": c.cert, "key": c.key, **({"names": list(c.names)} if c.names else {})}
+            for c in t.certificates
+        ]
+    }
+    if t.min_version != "1.2":
+        out["min_version"] = t.min_version
+    if t.alpn != TLS_ALPN:
+        out["alpn"] = list(t.alpn)
+    if t.client_ca is not None:
+        out["client_ca"] = t.client_ca
+    if t.unknown_sni != "default":
+        out["unknown_sni"] = t.unknown_sni
     return out
 
 

@@ -125,9 +125,18 @@ def _options(vip: Vip) -> str:
             f" (client packets up to {inner} bytes fit unfragmented)"
         )
     stack = f"also IPv4 on {o.dual_stack}" if o.dual_stack is not None else "IPv6 only"
+    tls = []
+    if o.tls is not None:
+        t = o.tls
+        tls.append(
+            f"TLS {len(t.certificates)} certificate(s), TLS {t.min_version}+,"
+            f" ALPN {','.join(t.alpn)}, unknown SNI {t.unknown_sni}"
+            + (", client certificates required" if t.client_ca else "")
+        )
     if isinstance(o, ProxyL4Options):
         return "; ".join(
             [
+                *tls,
                 f"PROXY protocol to backends {o.proxy_protocol}",
                 _prefixes("PROXY headers accepted from", o.trusted_proxy_sources),
                 _timeouts(o.timeouts),
@@ -137,6 +146,7 @@ def _options(vip: Vip) -> str:
     assert isinstance(o, ProxyL7Options)
     return "; ".join(
         [
+            *tls,
             f"forwarded headers {'on' if o.forwarded_headers else 'off'}",
             _prefixes("forwarded headers trusted from", o.trusted_sources),
             f"max request {o.max_request_bytes} bytes, max header {o.max_header_bytes} bytes",

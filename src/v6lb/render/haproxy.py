@@ -15,6 +15,10 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
   bracketed and the value quoted (RFC 7239 §6): ``for="[2001:db8::1]:4711"``.
   ``X-Forwarded-For`` comes from ``option forwardfor``. Incoming forwarding
   headers from clients outside ``trusted_sources`` are deleted first.
+- ``tls:`` (proxy-l7 and proxy-l4) → ``bind ... ssl crt-list DIR/VIP.crtlist alpn
+  http/1.1 ssl-min-ver TLSv1.2`` (+ ``strict-sni`` for ``unknown_sni: refuse``, +
+  ``ca-file DIR/VIP.ca.pem verify required`` for ``client_ca``); the engine writes the
+  files :func:`tls_files` names. Forwarding headers then say ``https``.
 - Schedulers: round-robin → ``balance roundrobin``, least-connections →
   ``balance leastconn``, maglev → ``balance source`` with ``hash-type
   consistent`` (client affinity, but not the core's Maglev table).
@@ -55,6 +59,7 @@ from v6lb.model.config import (
     ProxyL7Options,
     ProxyProtocol,
     Scheduler,
+    TlsOptions,
     Vip,
     VipMode,
 )
@@ -66,9 +71,11 @@ __all__ = [
     "render_haproxy",
     "scaled_weights",
     "server_name",
+    "tls_files",
 ]
 
 HAPROXY_WEIGHT_MAX = 256
+TLS_DIR = "/run/v6lb-haproxy"  # where the certificate lists are in a render without an engine
 FORWARDING_HEADERS = (
     "Forwarded",
     "X-Forwarded-For",
@@ -126,8 +133,12 @@ def render_haproxy(
     stats_socket: str | None = None,
     hard_stop_after: float = 30.0,
     pools: Mapping[str, BackendPool] | None = None,
+    tls_dir: str = TLS_DIR,
 ) -> str:
     """The whole haproxy.cfg for the proxy VIPs; other modes are left out.
+
+    ``tls_dir``: where the engine writes each TLS VIP's certificate list
+    (:func:`tls_files`: ``VIP.crtlist`` and a PEM of cert and key per certificate).
 
     ``pools`` (by VIP name): the backends' weight, drain and enabled state as the
     pools hold them (the file's values, `v6lb ctl`'s overrides applied).
@@ -163,7 +174,7 @@ def render_haproxy(
         "",
     ]
     for vip in vips:
-        out += _frontends(vip, header_timeout)
+        out += _frontends(vip, header_timeout, tls_dir)
         out += _backend(vip, None if pools is None else pools.get(vip.name))
         if getattr(vip.options, "max_connections_per_source", 0):
             out += [
@@ -174,17 +185,51 @@ def render_haproxy(
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def _frontends(vip: Vip, header_timeout: float) -> list[str]:
+def _tls_bind(vip: Vip, tls: TlsOptions, tls_dir: str) -> str:
+    """``ssl crt-list ... alpn ... ssl-min-ver ...`` for a bind line (TLS terminated)."""
+    text = f" ssl crt-list {tls_dir}/{vip.name}.crtlist alpn {','.join(tls.alpn)}"
+    text += f" ssl-min-ver TLSv{tls.min_version}"
+    if tls.unknown_sni == "refuse":
+        text += " strict-sni"
+    if tls.client_ca is not None:
+        text += f" ca-file {tls_dir}/{vip.name}.ca.pem verify required"
+    return text
+
+
+def tls_files(vip: Vip, tls_dir: str) -> tuple[list[tuple[str, str, str]], str, str]:
+    """A TLS VIP's files for HAProxy: ``([(pem, cert, key), ...], crtlist, its text)``.
+
+    The engine writes each ``VIP-N.pem`` as the certificate chain then the key (HAProxy
+    wants both in one file), ``VIP.crtlist``: one line per certificate, its PEM and
+    its SNI names (the first line is the default certificate), and with ``client_ca``
+    a copy of it as ``VIP.ca.pem`` (a ``(pem, ca, "")`` entry).
+    """
+    opts = vip.options
+    assert isinstance(opts, ProxyL4Options | ProxyL7Options) and opts.tls is not None
+    pems = []
+    lines = []
+    for i, c in enumerate(opts.tls.certificates):
+        pem = f"{tls_dir}/{vip.name}-{i}.pem"
+        pems.append((pem, c.cert, c.key))
+        lines.append(" ".join([pem, *c.names]) + "\n")
+    if opts.tls.client_ca is not None:
+        pems.append((f"{tls_dir}/{vip.name}.ca.pem", opts.tls.client_ca, ""))
+    return pems, f"{tls_dir}/{vip.name}.crtlist", "".join(lines)
+
+
+def _frontends(vip: Vip, header_timeout: float, tls_dir: str) -> list[str]:
     opts = vip.options
     assert isinstance(opts, ProxyL4Options | ProxyL7Options)
     l7 = vip.mode is VipMode.PROXY_L7
     t = opts.timeouts
+    tls = opts.tls
+    ssl = _tls_bind(vip, tls, tls_dir) if tls is not None else ""
     out: list[str] = []
     for port in vip.ports:
         out.append(f"frontend {frontend_name(vip.name, port)}")
-        out.append(f"    bind [{vip.address}]:{port} v6only")
+        out.append(f"    bind [{vip.address}]:{port} v6only{ssl}")
         if opts.dual_stack is not None:
-            out.append(f"    bind {opts.dual_stack}:{port}")
+            out.append(f"    bind {opts.dual_stack}:{port}{ssl}")
         out.append(f"    mode {'http' if l7 else 'tcp'}")
         out.append(f"    timeout client {_s(t.idle)}")
         if t.total is not None:
@@ -208,7 +253,7 @@ def _frontends(vip: Vip, header_timeout: float) -> list[str]:
             out.append(f"    timeout http-keep-alive {_s(t.idle)}")
             out.append("    option http-keep-alive")
             out.append("    option idle-close-on-response")
-            out += _forwarding(opts)
+            out += _forwarding(opts, "https" if tls is not None else "http")
         out.append(f"    default_backend {backend_name(vip.name)}")
         out.append("")
     return out
@@ -229,7 +274,7 @@ _REFUSE_CLIENT_PROXY = [
 ]
 
 
-def _forwarding(opts: ProxyL7Options) -> list[str]:
+def _forwarding(opts: ProxyL7Options, proto: str) -> list[str]:
     out: list[str] = []
     if not opts.forwarded_headers:
         return out
@@ -246,7 +291,7 @@ def _forwarding(opts: ProxyL7Options) -> list[str]:
         out.append("    acl v6lb_ipv4 src 0.0.0.0/0")
         nodes = [(" !v6lb_ipv4", nodes[0][1]), (" v6lb_ipv4", '\\"%[src]:%[src_port]\\"')]
     for family, node in nodes:
-        element = f"for={node};proto=http"
+        element = f"for={node};proto={proto}"
         if trusted:
             found = "{ req.fhdr(forwarded) -m found }"
             out.append(
@@ -260,7 +305,7 @@ def _forwarding(opts: ProxyL7Options) -> list[str]:
                 + (f" if{family}" if family else "")
             )
     out.append(
-        "    http-request set-header X-Forwarded-Proto http"
+        f"    http-request set-header X-Forwarded-Proto {proto}"
         " unless { req.hdr(x-forwarded-proto) -m found }"
     )
     out.append("    option forwardfor")

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from v6lb.engines.control import recv_all
-from v6lb.model.config import Config
-from v6lb.render.haproxy import render_haproxy
+from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options
+from v6lb.render.haproxy import render_haproxy, tls_files
 
 from .status import ProxyStatus, parse_haproxy_stat
 
@@ -207,6 +207,7 @@ class Haproxy:
         self.cfg = self.dir / "haproxy.cfg"
         self.stats_socket = str(self.dir / "stats.sock")
         self.master_socket = str(self.dir / "master.sock")
+        self.tls_dir = str(self.dir / "tls")  # the certificate lists (tls_texts)
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker = 0  # the current worker's pid
         self.reloads = 0
@@ -218,6 +219,16 @@ class Haproxy:
                 f"{self.master_socket} is too long for a Unix socket: set TMPDIR to a shorter"
                 " directory (such as /tmp)"
             )
+
+    def write_tls(self, files: dict[str, bytes]) -> None:
+        """Write the certificate lists (keys inside: mode 0600) before haproxy loads them."""
+        os.makedirs(self.tls_dir, mode=0o700, exist_ok=True)
+        for path, data in files.items():
+            tmp = f"{path}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
 
     # --- the process --------------------------------------------------------
 
@@ -379,6 +390,28 @@ class Haproxy:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def tls_texts(config: Config, tls_dir: str) -> dict[str, bytes]:
+    """The files of every TLS VIP's certificate list (path: content), read from the
+    config's certificate and key files now (:func:`.tls.check_tls` checked them)."""
+    out: dict[str, bytes] = {}
+    for vip in config.vips:
+        if not isinstance(vip.options, ProxyL4Options | ProxyL7Options):
+            continue
+        if vip.options.tls is None:
+            continue
+        pems, crtlist, text = tls_files(vip, tls_dir)
+        try:
+            for pem, cert, key in pems:
+                data = Path(cert).read_bytes()
+                if key:
+                    data = data.rstrip(b"\n") + b"\n" + Path(key).read_bytes()
+                out[pem] = data
+        except OSError as exc:
+            raise HaproxyError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        out[crtlist] = text.encode()
+    return out
+
+
 def _info(master_socket: str, pid: int) -> dict[str, str]:
     """``show info`` of worker ``pid``, through the master CLI."""
     text = cli(master_socket, f"@!{pid} show info")
@@ -400,7 +433,8 @@ def run_haproxy(
     """
     hp = Haproxy()
     try:
-        text = render_haproxy(config, stats_socket=hp.stats_socket, **render)
+        hp.write_tls(tls_texts(config, hp.tls_dir))
+        text = render_haproxy(config, stats_socket=hp.stats_socket, tls_dir=hp.tls_dir, **render)
         hp.start(text)
         if status is not None:
             status.attach_haproxy(hp.stats_socket, hp.pid, master_socket=hp.master_socket)

@@ -328,6 +328,7 @@ class L7Client(asyncio.Protocol):
         "last",
         "eof",
         "t0",
+        "proto",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -372,6 +373,7 @@ class L7Client(asyncio.Protocol):
         self.last: list[tuple[bytes, bytes]] = []  # the headers of the last request parsed
         self.eof = False  # the client half-closed: close once the queue is answered
         self.t0 = 0.0  # when the first byte of the request being read came (loop time)
+        self.proto = "http"  # "https" behind a TlsLayer (TLS terminated here)
 
     # --- client side ----------------------------------------------------------------
 
@@ -392,12 +394,14 @@ class L7Client(asyncio.Protocol):
         transport.set_write_buffer_limits(high=rt.write_high)
         self.client, self.client_port = client_of(transport.get_extra_info("peername"))
         self.listen_port = int(transport.get_extra_info("sockname")[1])
-        self.ours = client_forwarding(self.client, self.client_port)
+        if transport.get_extra_info("ssl_object") is not None:
+            self.proto = "https"
+        self.ours = client_forwarding(self.client, self.client_port, self.proto)
         self.trusted = bool(self.opts.trusted_sources) and is_trusted(
             self.client, self.opts.trusted_sources
         )
         if self.opts.forwarded_headers and not self.trusted:
-            self.block = forwarding_block(self.ours)
+            self.block = forwarding_block(self.ours, self.proto)
         self.phase = _HEAD
         self.stamp = self.loop.time()
 
@@ -574,6 +578,7 @@ class L7Client(asyncio.Protocol):
                 trusted=self.trusted,
                 add_forwarding=self.opts.forwarded_headers,
                 ours=self.ours,
+                proto=self.proto,
             )
         self.queue.append(
             (head + body if body else head, method == b"HEAD", keep, ver == "1.1", self.t0)
@@ -814,8 +819,9 @@ class L7Client(asyncio.Protocol):
         self.rt = new
         self.opts = opts = new.l7
         self.trusted = bool(opts.trusted_sources) and is_trusted(self.client, opts.trusted_sources)
-        ours = self.ours or client_forwarding(self.client, self.client_port)
-        self.block = forwarding_block(ours) if opts.forwarded_headers and not self.trusted else None
+        ours = self.ours or client_forwarding(self.client, self.client_port, self.proto)
+        fwd = opts.forwarded_headers and not self.trusted
+        self.block = forwarding_block(ours, self.proto) if fwd else None
         self.pick_gen = -1
 
     def quiesce(self) -> None:

@@ -50,9 +50,10 @@ from v6lb.render.haproxy import (
 )
 from v6lb.render.peers import peers_table, remove_peers, render_peers
 
-from .haproxy_run import Haproxy, HaproxyError, check_config, run_haproxy
+from .haproxy_run import Haproxy, HaproxyError, check_config, run_haproxy, tls_texts
 from .server import ProxyServer, serve
 from .status import ProxyStatus
+from .tls import TlsSetup, check_tls
 
 __all__ = ["BuiltinProxyPlane", "HaproxyPlane", "ProxyPlane"]
 
@@ -71,6 +72,14 @@ def _address_problem(vips: list[Vip]) -> tuple[str, str] | None:
                 f"add it (ip -6 address add {vip.address}/128 dev lo) or fix the address",
             )
     return None
+
+
+def _load_tls(config: Config) -> dict[str, TlsSetup]:
+    """A reload's certificates, read now (RunError naming the file if one is bad)."""
+    try:
+        return check_tls(config)
+    except UsageError as exc:
+        raise RunError(str(exc), "fix the file and reload again") from None
 
 
 def _check_addresses(vips: list[Vip]) -> None:
@@ -114,6 +123,7 @@ class ProxyPlane(Plane):
             check_peers_host(config)
         except RunError as exc:
             raise UsageError(f"{exc.message}; fix: {exc.fix}") from None
+        check_tls(config)  # a bad certificate or key file: exit 2, naming it
         return cls(config, ctx)
 
     # --- the second chance (lb.peers) ----------------------------------------------
@@ -338,14 +348,22 @@ class BuiltinProxyPlane(ProxyPlane):
         the running config as it was), then swaps the config in the running engine."""
         vips = [v for v in config.vips if v.mode.is_proxy]
         _check_addresses(vips)
+        setups = _load_tls(config)  # every TLS VIP's certificates, read again
         pools = pools_for(config, modes_where(kind=Kind.PROXY))
+
+        def reload_tls() -> str:
+            if not setups:
+                return ""
+            done: list[str] = self._on_loop(lambda s: s.reload_tls(setups))
+            return f"; certificates reloaded: {', '.join(done)}" if done else ""
+
         if vips == [v for v in self.config.vips if v.mode.is_proxy]:
             # the same VIPs: only the ctl overrides (on the new pools) may differ
             def same() -> str:
                 self._ctl_pools = pools
                 for name, pool in pools.items():
                     self._apply(name, pool)
-                return ""
+                return reload_tls()
 
             return Staged(commit=same, control_pools=pools)
 
@@ -365,7 +383,7 @@ class BuiltinProxyPlane(ProxyPlane):
             self.config = config
             self._ctl_pools = pools
             self.proxy_status.reconfigure(config)
-            return f"; proxy engine: {text}"
+            return f"; proxy engine: {text}{reload_tls()}"
 
         return Staged(commit=commit, control_pools=pools)
 
@@ -407,11 +425,13 @@ class HaproxyPlane(ProxyPlane):
         self._haproxy: Haproxy | None = None
         self._quiesced = False
         self._serving: dict[str, bool] = {}  # the last serving() answer
+        self._tls_files: dict[str, bytes] = {}  # the certificate lists haproxy loaded
         self.proxy_status.set_haproxy_config(config, self._ctl_pools)
 
     def engine(self) -> Mapping[str, Any]:
         def started(hp: Haproxy) -> None:
             self._haproxy = hp
+            self._tls_files = tls_texts(self.config, hp.tls_dir)
             self._ready.set()
 
         final = run_haproxy(
@@ -434,24 +454,38 @@ class HaproxyPlane(ProxyPlane):
     def _stage_engine(self, config: Config) -> Staged:
         running = [v for v in self.config.vips if v.mode.is_proxy]
         vips = [v for v in config.vips if v.mode.is_proxy]
-        if vips == running:
+        hp = self._haproxy
+        files: dict[str, bytes] = {}
+        if hp is not None and any(getattr(v.options, "tls", None) for v in vips):
+            _load_tls(config)
+            try:
+                files = tls_texts(config, hp.tls_dir)
+            except HaproxyError as exc:
+                raise RunError(str(exc), "fix the file and reload again") from None
+        if vips == running and files == self._tls_files:
             return Staged()
         _check_addresses(vips)
         hp = self._running()
         pools = pools_for(config, modes_where(kind=Kind.PROXY))
-        ok, out = check_config(render_haproxy(config, stats_socket=hp.stats_socket))
+        hp.write_tls(files)  # haproxy -c loads them; the running worker has its own copy
+        ok, out = check_config(
+            render_haproxy(config, stats_socket=hp.stats_socket, tls_dir=hp.tls_dir)
+        )
         if not ok:
             raise RunError(f"haproxy rejects the new config:\n{out.strip()}", "fix the file")
 
         def commit() -> str:
             # after the daemon applied `v6lb ctl`'s overrides onto the new pools
-            text = render_haproxy(config, stats_socket=hp.stats_socket, pools=pools)
+            text = render_haproxy(
+                config, stats_socket=hp.stats_socket, pools=pools, tls_dir=hp.tls_dir
+            )
             try:
                 worker = hp.reload(text)
             except (HaproxyError, OSError) as exc:
                 raise RunError(str(exc), "fix the file, or what haproxy names") from None
             self.config = config
             self._ctl_pools = pools
+            self._tls_files = files
             self.proxy_status.set_haproxy_config(config, pools)
             return f"; haproxy reloaded: {len(vips)} proxy VIP(s), worker pid {worker}"
 

@@ -128,6 +128,7 @@ class VipRuntime:
     sources: dict[str, int] = field(default_factory=dict)  # open connections per peer address
     source_of: dict[Any, str] = field(default_factory=dict)  # client protocol -> its key
     latency: Latency = field(default_factory=Latency)  # l7: request durations
+    tls: Any = None  # proxy-l7 with tls: its TlsSetup (certificates reloaded on SIGHUP)
     # A reload replaced (or removed) this VIP: its open connections still use it;
     # ``successor`` is the VIP's runtime now (None: the VIP was removed).
     retired: bool = False

@@ -26,14 +26,16 @@ from typing import Any
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet
 from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
-from v6lb.model.config import Config, Vip
+from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options, Vip
 from v6lb.model.pools import health_monitor
+from v6lb.model.schema import Where
 
 from .health import HealthChecker
 from .l4 import L4Client
 from .l7 import L7Client
 from .runtime import Admission, VipRuntime
 from .status import ProxyStatus
+from .tls import TlsLayer, TlsSetup, load_tls
 
 __all__ = ["ProxyServer", "install_uvloop", "serve"]
 
@@ -84,8 +86,10 @@ class ProxyServer:
         if isinstance(config, Config):
             vips = [v for v in config.vips if v.mode.is_proxy]
             seed = config.lb.flow_hash_seed if seed is None else seed
+            self.source = config.source
         else:
             vips = [v for v in config if v.mode.is_proxy]
+            self.source = "<vips>"
         self.vips = vips
         self.seed = seed or 0
         self.max_connections = max_connections
@@ -162,6 +166,7 @@ class ProxyServer:
             write_high=self.write_high,
             admission=self.admission,
         )
+        self._attach_tls(rt, self.load_tls(vip))
         for i in range(len(rt.pool)):
             rt.pool.set_up(i, hs.keeps_existing_flows(i))
         if prev is not None:
@@ -172,6 +177,29 @@ class ProxyServer:
                 if j is not None:
                     rt.backend_stats[i] = prev.backend_stats[j]
         return rt
+
+    def load_tls(self, vip: Vip) -> TlsSetup | None:
+        """The VIP's certificates read from their files now (ConfigError if one is bad)."""
+        opts = vip.options
+        if not isinstance(opts, ProxyL4Options | ProxyL7Options) or opts.tls is None:
+            return None
+        return load_tls(opts.tls, Where(self.source, f"vips.{vip.name}.tls"))
+
+    @staticmethod
+    def _attach_tls(rt: VipRuntime, setup: TlsSetup | None) -> None:
+        if setup is not None:
+            setup.on_unknown = lambda: rt.error("tls_unknown_sni")
+        rt.tls = setup
+
+    def reload_tls(self, setups: Mapping[str, TlsSetup | None]) -> list[str]:
+        """SIGHUP: the certificates read again, for new connections; open ones keep theirs."""
+        done = []
+        for name, setup in setups.items():
+            rt = self.runtimes.get(name)
+            if rt is not None and setup is not None:
+                self._attach_tls(rt, setup)
+                done.append(name)
+        return done
 
     @staticmethod
     def binds(vip: Vip) -> list[tuple[str, int, int]]:
@@ -524,6 +552,14 @@ def _idle(vip: Vip) -> float:
     return float(t.idle) if t is not None else 60.0
 
 
+def _handshake_timeout(rt: VipRuntime) -> float:
+    """proxy-l7: the header timeout; proxy-l4: the connect timeout (the client's first
+    bytes are awaited as long)."""
+    if rt.is_l7:
+        return rt.header_timeout
+    return float(rt.l4.timeouts.connect)
+
+
 class _Listener:
     """One listening socket; ``rt`` (the VIP's runtime now) makes its new connections,
     so a reload that keeps the address and port keeps the socket and swaps ``rt``."""
@@ -537,6 +573,8 @@ class _Listener:
     def make(self) -> asyncio.Protocol:
         rt = self.rt
         p: asyncio.Protocol = L7Client(rt) if rt.is_l7 else L4Client(rt)
+        if rt.tls is not None:
+            return TlsLayer(rt.tls, p, _handshake_timeout(rt), rt.error)
         return p
 
 

@@ -210,8 +210,12 @@ def parse_haproxy_stat(text: str) -> list[dict[str, str]]:
     return [dict(row) for row in csv.DictReader(io.StringIO(text)) if row.get("pxname")]
 
 
-# HAProxy's counters that count refusals and errors (docs: "9.1. CSV format").
-_HAPROXY_ERRORS = ("ereq", "dreq", "dcon", "dses", "econ", "eresp", "dresp", "wretr", "wredis")
+# HAProxy's counters that count refusals and errors (docs: "9.1. CSV format"), and the
+# ssl stats module's failed handshakes (TLS VIPs).
+_HAPROXY_ERRORS = (
+    "ereq", "dreq", "dcon", "dses", "econ", "eresp", "dresp", "wretr", "wredis",
+    "ssl_failed_handshake",
+)  # fmt: skip
 
 
 def _int(row: Mapping[str, str], key: str) -> int:
