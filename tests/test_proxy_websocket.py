@@ -191,7 +191,19 @@ def test_builtin_websocket_echo_refusal_and_idle_timeout() -> None:
             }
             key = (("kind", "upgraded"), ("mode", "proxy-l7"), ("vip", "web"))
             assert samples[("v6lb_proxy_interim_responses_total", key)] == 1
-            # not switched (400): relayed as a response; what followed is the next request
+            # backpressure: 8 MB sent to a client that does not read; the proxy holds little
+            r, w = await asyncio.open_connection("::1", port)
+            w.write(upgrade_request())
+            await r.readuntil(b"\r\n\r\n")
+            blob = os.urandom(65536)
+            w.write(frame(2, blob) * 128)
+            await asyncio.sleep(0.5)
+            (c,) = s.runtimes["web"].live
+            assert 0 < c.buffered() <= 4 * s.write_high  # both sides paused
+            for _ in range(128):
+                assert await asyncio.wait_for(read_frame(r), 10) == (2, blob)
+            w.close()
+            await _until(lambda: s.counters()["web"]["active"] == 0)
             r, w = await asyncio.open_connection("::1", port)
             w.write(upgrade_request("/refuse") + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (await read_response(r))[::2] == (400, b"no")
@@ -205,7 +217,7 @@ def test_builtin_websocket_echo_refusal_and_idle_timeout() -> None:
             assert (await read_response(r))[::2] == (200, b"plain")
             assert b"upgrade" not in be.heads[-1].lower()
             w.close()
-            assert s.counters()["web"]["interim"] == {"upgraded": 1}
+            assert s.counters()["web"]["interim"] == {"upgraded": 2}
             # a silent tunnel closes after the VIP's idle timeout (0.5 s), both sides
             r, w = await asyncio.open_connection("::1", s.addresses("quiet")[0][1])
             w.write(upgrade_request())
