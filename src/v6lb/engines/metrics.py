@@ -272,6 +272,15 @@ def _proxy(f: _Families, status: InstanceStatus) -> None:
             )
             for cls, n in v.responses.items():
                 fam.add_metric([*lv, cls], n)
+        if v.interim:
+            fam = f.counter(
+                "v6lb_proxy_interim_responses",
+                "proxy-l7 1xx responses by fate: relayed, consumed, dropped, continue_sent,"
+                " upgraded (a 101 that made the connection a byte relay: WebSocket).",
+                [*vl, "kind"],
+            )
+            for kind, n in v.interim.items():
+                fam.add_metric([*lv, kind], n)
         if v.latency is not None and v.latency.buckets:
             hist = f.histogram(
                 "v6lb_proxy_request_duration_seconds",

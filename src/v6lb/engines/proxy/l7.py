@@ -16,11 +16,21 @@ at the status line itself (one byte test per response in the usual case) and
 takes each ``1xx`` head off the stream (:meth:`L7Upstream._interim`). A ``100
 Continue`` is consumed (the proxy answers ``Expect`` itself, below); other 1xx
 (102, 103...) are relayed to an HTTP/1.1 client and dropped for an HTTP/1.0 one
-(§15.2: never a 1xx to HTTP/1.0); a ``101`` is refused with a 502 and the
-backend connection closed (the proxy removes ``Upgrade`` and does not support
-protocol switching). A connection goes back to the pool only after the final
-response is complete. Counted per VIP under ``interim``. A client's upgrade
-request is served as a plain one (:meth:`L7Client._no_upgrade`).
+(§15.2: never a 1xx to HTTP/1.0). A connection goes back to the pool only
+after the final response is complete. Counted per VIP under ``interim``.
+
+WebSocket (RFC 6455 over HTTP/1.1 ``Upgrade``, RFC 9110 §7.8). A ``GET`` with
+``Connection: upgrade`` and ``Upgrade: websocket`` and no body goes to the
+backend with those two headers, on a fresh backend connection that is never
+pooled. The bytes the client sends after it belong to the new protocol: they
+wait (reading paused beyond the write buffer limit) until the backend answers.
+A ``101`` makes the connection a byte relay both ways (:meth:`L7Client.tunnel`):
+backpressure, half-close, the VIP's ``timeouts.idle`` without a byte either
+way; counted under ``interim["upgraded"]``. Any other answer is relayed as a
+normal response and the waiting bytes are parsed as the next request. A ``101``
+to a request that did not ask for websocket is a 502
+(``backend_switching_protocols``); other upgrade requests (``h2c``...) are
+served as plain ones without ``Upgrade`` (:meth:`L7Client._no_upgrade`).
 
 ``Expect: 100-continue`` (RFC 9110 §10.1.1): the proxy answers ``HTTP/1.1 100
 Continue`` itself once the request is next in line and a body is announced;
@@ -74,8 +84,8 @@ from .runtime import VipRuntime, client_of, response_class
 __all__ = ["L7Client", "L7Upstream"]
 
 # A queued request: (bytes for the backend, is HEAD, client keeps alive, client speaks 1.1,
-# when its first byte came: loop time).
-_Request = tuple[bytes, bool, bool, bool, float]
+# when its first byte came: loop time, a websocket upgrade request).
+_Request = tuple[bytes, bool, bool, bool, float, bool]
 
 # Phases of a client connection, each with its timeout (see L7Client.sweep).
 _LINGER = 1.0  # seconds an answered error waits for the client's leftovers before closing
@@ -83,6 +93,7 @@ _HEAD = 0  # waiting for or reading a request head: header_timeout
 _BODY = 1  # reading a request body: timeouts.idle ("request_timeout")
 _BUSY = 2  # a request at the backend: timeouts.idle without a response byte (504)
 _IDLE = 3  # keep-alive between requests: timeouts.idle, then a quiet close
+_TUNNEL = 4  # a byte relay after a 101: timeouts.idle without a byte either way
 
 _REASONS = {
     400: "bad_request",
@@ -136,6 +147,9 @@ class L7Upstream(asyncio.Protocol):
         "hbuf",
         "v11",
         "status",
+        "ws",
+        "tunnel",
+        "eof",
     )
 
     def __init__(self, rt: VipRuntime, index: int) -> None:
@@ -154,6 +168,9 @@ class L7Upstream(asyncio.Protocol):
         self.hbuf = b""  # the start of a response head too short to tell 1xx from final
         self.v11 = True  # the client speaks HTTP/1.1: it may get 1xx responses
         self.status = 0  # the final response's status, once complete
+        self.ws = False  # sent a websocket upgrade request: never pooled, a 101 may come
+        self.tunnel = False  # after a 101: a byte relay
+        self.eof = False  # the backend half-closed (tunnel)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
@@ -165,6 +182,7 @@ class L7Upstream(asyncio.Protocol):
         self.keep = True
         self.at_start = True
         self.v11 = req[3]
+        self.ws = req[5]
         if req[1]:
             self.head_only = True
             self.parser = httptools.HttpResponseParser(_HeadResponse(self))
@@ -175,6 +193,12 @@ class L7Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         c = self.client
+        if self.tunnel:
+            self.sent += len(data)
+            if c is not None and not c.closed:
+                c.nout += len(data)
+                c.t.write(data)
+            return
         if c is None:  # unsolicited bytes on an idle pooled connection
             self.rt.error("backend_unsolicited", self.index)
             self.keep = False
@@ -234,8 +258,16 @@ class L7Upstream(asyncio.Protocol):
                 c.backend_failed(self, "backend_bad_response", 502)
                 return b""
             code = buf[9:12]
-            if code == b"101":  # we removed Upgrade; nothing can switch protocols here
-                c.backend_failed(self, "backend_switching_protocols", 502)
+            if code == b"101":
+                if not self.ws:  # we removed Upgrade: nothing can switch protocols here
+                    c.backend_failed(self, "backend_switching_protocols", 502)
+                    return b""
+                self.tunnel = True  # what follows the 101 is the new protocol's
+                self.at_start = False
+                self.keep = False
+                c.tunnel(self, buf[:end])
+                if buf[end:]:
+                    self.data_received(buf[end:])
                 return b""
             if code == b"100":
                 st.interim["consumed"] += 1  # the proxy answered Expect itself
@@ -259,12 +291,30 @@ class L7Upstream(asyncio.Protocol):
         if not self.parser.should_keep_alive():
             self.keep = False
 
+    def eof_received(self) -> bool | None:
+        c = self.client
+        if not self.tunnel or c is None:
+            return None  # closes: connection_lost tells the client
+        self.eof = True
+        if not c.closed and c.t.can_write_eof():
+            c.t.write_eof()
+        if c.eof:
+            c.close()
+            return None
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         idle = self.rt.idle[self.index]
         if self in idle:
             idle.remove(self)
         c = self.client
+        if self.tunnel:
+            if c is not None and not c.closed:
+                if exc is not None:
+                    self.rt.error("backend_reset", self.index)
+                c.close(abort=exc is not None)
+            return
         if c is not None and not self.done:
             c.backend_failed(self, "backend_reset", 502)
 
@@ -272,17 +322,27 @@ class L7Upstream(asyncio.Protocol):
         """The response is complete: back to the pool, or closed."""
         self.client = None
         self.rt.backend_stats[self.index].bytes_out += self.sent
-        if self.keep and not self.lost and not self.rt.retired and not self.t.is_closing():
+        if (
+            self.keep
+            and not self.ws
+            and not self.lost
+            and not self.rt.retired
+            and not self.t.is_closing()
+        ):
             self.reused = True
             self.rt.idle[self.index].append(self)
         else:
             self.t.close()
 
-    def pause_writing(self) -> None:  # request bodies are bounded; nothing to pause
-        pass
+    def pause_writing(self) -> None:  # request bodies are bounded; a tunnel is not
+        c = self.client
+        if self.tunnel and c is not None and not c.closed:
+            c.t.pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        c = self.client
+        if self.tunnel and c is not None and not c.closed:
+            c.t.resume_reading()
 
 
 class L7Client(asyncio.Protocol):
@@ -329,6 +389,8 @@ class L7Client(asyncio.Protocol):
         "eof",
         "t0",
         "proto",
+        "early",
+        "piped",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -374,6 +436,9 @@ class L7Client(asyncio.Protocol):
         self.eof = False  # the client half-closed: close once the queue is answered
         self.t0 = 0.0  # when the first byte of the request being read came (loop time)
         self.proto = "http"  # "https" behind a TlsLayer (TLS terminated here)
+        # After a websocket upgrade request: the bytes that follow it, until the answer.
+        self.early: bytearray | None = None
+        self.piped = False  # a 101 came: a byte relay to ``up`` (phase _TUNNEL)
 
     # --- client side ----------------------------------------------------------------
 
@@ -410,6 +475,18 @@ class L7Client(asyncio.Protocol):
             return
         n = len(data)
         self.nin += n
+        if self.piped:
+            up = self.up
+            if up is not None and up.t is not None:
+                up.t.write(data)
+            return
+        early = self.early
+        if early is not None:  # the new protocol's, if the backend switches (else HTTP)
+            early += data
+            if len(early) > self.rt.write_high and not self.paused:
+                self.paused = True
+                self.t.pause_reading()
+            return
         if self.phase == _IDLE:
             self.phase = _HEAD
             self.stamp = 0.0
@@ -463,6 +540,10 @@ class L7Client(asyncio.Protocol):
         request with a body (httptools stops before the body), is refused with 400
         (``upgrade_unsupported``). Returns the bytes still to parse."""
         queue = self.queue
+        if self.early is not None and queue and queue[-1][5] and not self.err:
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+            self.early += data[offset:]  # a websocket request: see data_received
+            return b""
         body = any(
             n.lower() in (b"content-length", b"transfer-encoding") and v.strip() != b"0"
             for n, v in self.last
@@ -565,6 +646,7 @@ class L7Client(asyncio.Protocol):
             self.body = []
         else:
             body = b""
+        upgrade = self._websocket(method, ver, body) if self.parser.should_upgrade() else None
         if self.block is not None:  # untrusted client, forwarding on: the usual case
             head = untrusted_head(method, self.url, self.headers, len(body), self.block)
         else:
@@ -580,8 +662,18 @@ class L7Client(asyncio.Protocol):
                 ours=self.ours,
                 proto=self.proto,
             )
+        if upgrade is not None:  # hop-by-hop, yet the backend must see them to switch
+            head = head[:-2] + b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n"
+            self.early = bytearray()
         self.queue.append(
-            (head + body if body else head, method == b"HEAD", keep, ver == "1.1", self.t0)
+            (
+                head + body if body else head,
+                method == b"HEAD",
+                keep,
+                ver == "1.1",
+                self.t0,
+                upgrade is not None,
+            )
         )
         self.head_raw = 0
         self.url = b""
@@ -589,6 +681,27 @@ class L7Client(asyncio.Protocol):
         self.headers = []
         self.hsize = 0
         self.blen = 0
+
+    def _websocket(self, method: bytes, ver: str, body: bytes) -> bytes | None:
+        """The ``Upgrade`` value of a websocket upgrade request (an HTTP/1.1 GET without a
+        body, ``Connection: upgrade``, ``Upgrade: websocket``); None for any other request."""
+        if method != b"GET" or ver != "1.1" or body:
+            return None
+        conn = False
+        value: bytes | None = None
+        for name, v in self.headers:
+            low = name.lower()
+            if low == b"connection":
+                conn = conn or any(t.strip().lower() == b"upgrade" for t in v.split(b","))
+            elif low == b"upgrade":
+                value = v if value is None else value + b", " + v
+            elif low in (b"content-length", b"transfer-encoding"):
+                return None
+        if not conn or value is None:
+            return None
+        if not any(t.strip().lower() == b"websocket" for t in value.split(b",")):
+            return None
+        return value
 
     def _add_host(self) -> None:
         """An HTTP/1.0 request without Host goes out as HTTP/1.1: name the VIP as Host."""
@@ -660,7 +773,7 @@ class L7Client(asyncio.Protocol):
         picker.active[i] += 1
         rt.stats.requests += 1
         idle = rt.idle[i]
-        while idle:
+        while idle and not req[5]:  # a websocket request takes a fresh connection
             up = idle.pop()
             if not up.lost and not up.t.is_closing():
                 self.up = up
@@ -715,6 +828,34 @@ class L7Client(asyncio.Protocol):
             self.nout += len(data)
             self.t.write(data)
 
+    def tunnel(self, up: L7Upstream, head: bytes) -> None:
+        """The backend switched protocols: relay its 101, then bytes both ways."""
+        rt = self.rt
+        st = rt.stats
+        st.interim["upgraded"] += 1
+        st.responses[0] += 1
+        rt.backend_stats[self.backend].responses[0] += 1
+        req = self.queue.popleft() if self.queue else None
+        if req is not None:
+            rt.latency.observe(self.loop.time() - req[4])
+        self.current = None
+        self.piped = True
+        self.phase = _TUNNEL
+        self.stamp = 0.0
+        if self.closed:
+            return
+        self.nout += len(head)
+        self.t.write(head)
+        early = self.early
+        self.early = None
+        if early:  # sent by the client before the 101: the new protocol's first bytes
+            up.t.write(bytes(early))
+        if self.paused:
+            self.paused = False
+            self.t.resume_reading()
+        if self.eof and up.t.can_write_eof():
+            up.t.write_eof()
+
     def response_done(self, up: L7Upstream) -> None:
         queue = self.queue
         req = queue.popleft() if queue else None
@@ -736,6 +877,10 @@ class L7Client(asyncio.Protocol):
         if not keep_client:
             self.close()
             return
+        early = self.early
+        if early is not None:  # a websocket request not switched: what followed is HTTP
+            self.early = None
+            self.parser = httptools.HttpRequestParser(self)
         if queue:
             if self.paused and len(queue) <= 8 and not self.err:
                 self.paused = False
@@ -745,7 +890,7 @@ class L7Client(asyncio.Protocol):
         if self.err:  # a rejected request waited for the responses before it
             self.respond_error(self.err)
             return
-        if self.eof:  # the client half-closed after its last request: all answered
+        if self.eof and not early:  # the client half-closed after its last request
             self.close()
             return
         if self.paused:
@@ -755,6 +900,9 @@ class L7Client(asyncio.Protocol):
             self._continue()
         self.phase = _HEAD if self.in_head else _IDLE
         self.stamp = 0.0
+        if early:
+            self.nin -= len(early)
+            self.data_received(bytes(early))
 
     def backend_failed(self, up: L7Upstream, reason: str, status: int) -> None:
         if self.up is not up:
@@ -804,6 +952,14 @@ class L7Client(asyncio.Protocol):
     def eof_received(self) -> bool:
         # The client finished sending; answer what is queued, then close.
         self.eof = True
+        up = self.up
+        if self.piped and up is not None and up.t is not None:  # half-close the tunnel
+            if up.t.can_write_eof():
+                up.t.write_eof()
+            if up.eof:
+                self.close()
+                return False
+            return True
         if not self.busy and not self.queue:
             self.close()
             return False
@@ -848,7 +1004,7 @@ class L7Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         up = self.up
-        if up is not None:
+        if up is not None and not self.piped:
             # Mid-response: that backend connection cannot be reused.
             self.up = None
             up.client = None
@@ -880,6 +1036,8 @@ class L7Client(asyncio.Protocol):
                 self.stamp = 0.0
                 return
             token = up.sent
+        elif phase == _TUNNEL:
+            token = self.nin + self.nout
         if self.stamp == 0.0 or token != self.seen:
             self.stamp = now
             self.seen = token
@@ -887,7 +1045,10 @@ class L7Client(asyncio.Protocol):
         limit = self.rt.header_timeout if phase == _HEAD else self.opts.timeouts.idle
         if now - self.stamp < limit:
             return
-        if phase == _BUSY and up is not None:
+        if phase == _TUNNEL:
+            self.rt.error("idle_timeout")
+            self.close()  # a silent tunnel: both ends closed gracefully
+        elif phase == _BUSY and up is not None:
             up.keep = False
             self.backend_failed(up, "response_timeout", 504)
         elif phase == _IDLE:
@@ -919,7 +1080,18 @@ class L7Client(asyncio.Protocol):
         rt.release(self)
         rt.stats.active -= 1
         rt.add_counts(-1, self.counts())
-        if self.backend >= 0:  # a backend connection was still being opened
+        up = self.up
+        if self.piped and up is not None:  # a tunnel: its backend connection ends too
+            self.up = None
+            up.client = None
+            if self.backend >= 0:
+                rt.backend_stats[self.backend].bytes_out += up.sent
+            if up.t is not None and not up.t.is_closing():
+                if abort:
+                    up.t.abort()
+                else:
+                    up.t.close()
+        if self.backend >= 0:  # a backend connection still being opened, or a tunnel's
             rt.picker.release(self.backend)
             self.backend = -1
         t = self.t
