@@ -321,6 +321,8 @@ def _backend(vip: Vip, pool: BackendPool | None) -> list[str]:
     out += [f"    {line}" for line in _BALANCE[vip.scheduler]]
     out.append(f"    timeout connect {_s(t.connect)}")
     out.append(f"    timeout server {_s(t.idle)}")
+    if l7:  # an upgraded (WebSocket) connection: idle in both directions, as the builtin
+        out.append(f"    timeout tunnel {_s(t.idle)}")
     hc = vip.health
     check = ""
     if hc.type is not HealthType.NONE:
