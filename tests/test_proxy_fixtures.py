@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from ipaddress import IPv6Address, IPv6Network
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -21,7 +26,9 @@ from v6lb.model.config import (
     Timeouts,
     Vip,
     VipMode,
+    parse_config,
 )
+from v6lb.render.haproxy import render_haproxy
 
 LO = IPv6Address("::1")
 T = TypeVar("T")
@@ -196,3 +203,34 @@ async def read_response(r: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
             n = int(line.split(b":")[1])
     body = await r.readexactly(n)
     return status, head, body
+
+
+@asynccontextmanager
+async def haproxy_l7(tmp_path: Path, backend_port: int) -> AsyncIterator[int]:
+    """A real HAProxy (``haproxy -db``) serving one proxy-l7 VIP on [::1], as v6lb renders
+    it, in front of the backend on [::1]:``backend_port``; yields the VIP's port."""
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = int(s.getsockname()[1])
+    config = parse_config(
+        {"vips": [{"name": "web", "address": "fd00:5::1", "ports": [port],
+                   "mode": "proxy-l7", "scheduler": "round-robin",
+                   "health": {"type": "none"},
+                   "backends": [{"address": "::1", "port": backend_port}]}]},
+        "haproxy-l7.yaml",
+    )  # fmt: skip
+    loopback = replace(config.vips[0], address=LO)  # a VIP file refuses ::1 itself
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(render_haproxy(replace(config, vips=(loopback,))))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stderr=subprocess.PIPE)
+    try:
+        for _ in range(50):  # until it listens
+            try:
+                socket.create_connection(("::1", port), timeout=0.1).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import subprocess
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
-from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
 
-from test_proxy_fixtures import Backend_, l7_vip
+from test_proxy_fixtures import Backend_, haproxy_l7, l7_vip
 from v6lb.engines.proxy import ProxyServer
-from v6lb.model.config import parse_config
-from v6lb.render.haproxy import render_haproxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,40 +96,12 @@ def test_builtin_answers_400_and_forwards_nothing() -> None:
     assert rec.got == {}, rec.got  # not one byte of any case reached the backend
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.tool
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 def test_haproxy_rejects_or_normalises_and_smuggles_nothing(tmp_path: Path) -> None:
-    port = _free_port()
-
     async def body(rec: Recorder) -> dict[str, bytes]:
-        config = parse_config(
-            {"vips": [{"name": "web", "address": "fd00:5::1", "ports": [port],
-                       "mode": "proxy-l7", "scheduler": "round-robin",
-                       "health": {"type": "none"},
-                       "backends": [{"address": "::1", "port": rec.backend.port}]}]},
-            "smuggling.yaml",
-        )  # fmt: skip
-        loopback = replace(config.vips[0], address=IPv6Address("::1"))
-        cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(render_haproxy(replace(config, vips=(loopback,))))
-        proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stderr=subprocess.PIPE)
-        try:
-            for _ in range(50):  # until it listens
-                try:
-                    socket.create_connection(("::1", port), timeout=0.1).close()
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
+        async with haproxy_l7(tmp_path, rec.backend.port) as port:
             return await _each_case(rec, "::1", port)
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
     answers, rec = _run(body)
     rejected = ["two different content-lengths", "transfer-encoding chunked, identity",

@@ -12,11 +12,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import socket
 import ssl
-import subprocess
-from dataclasses import replace
-from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ import trustme
 
 from test_proxy_fixtures import (
     Backend_,
+    haproxy_l7,
     header,
     l7_vip,
     loop_kind,  # noqa: F401 (autouse: every test on asyncio and on uvloop)
@@ -33,9 +30,8 @@ from test_proxy_fixtures import (
 )
 from v6lb.engines.metrics import metric_families
 from v6lb.engines.proxy import ProxyServer
-from v6lb.model.config import Timeouts, TlsCertificate, TlsOptions, parse_config
+from v6lb.model.config import Timeouts, TlsCertificate, TlsOptions
 from v6lb.model.status import InstanceStatus, ProxySection, ProxyVipStatus
-from v6lb.render.haproxy import render_haproxy
 
 pytestmark = pytest.mark.timeout(60)
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -260,43 +256,18 @@ def test_builtin_wss_through_a_tls_vip(tmp_path: Path) -> None:
     run(main())
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.tool
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 def test_haproxy_websocket_echo_agrees(tmp_path: Path) -> None:
     """The same session through HAProxy 2.6 (the test's client runs on either loop)."""
-    port = _free_port()
 
     async def main() -> None:
         be = await WsEcho().start()
-        config = parse_config(
-            {"vips": [{"name": "web", "address": "fd00:5::1", "ports": [port],
-                       "mode": "proxy-l7", "scheduler": "round-robin",
-                       "health": {"type": "none"},
-                       "backends": [{"address": "::1", "port": be.port}]}]},
-            "ws.yaml",
-        )  # fmt: skip
-        loopback = replace(config.vips[0], address=IPv6Address("::1"))
-        cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(render_haproxy(replace(config, vips=(loopback,))))
-        proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stderr=subprocess.PIPE)
         try:
-            for _ in range(50):  # until it listens
-                try:
-                    socket.create_connection(("::1", port), timeout=0.1).close()
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
-            await session(*await asyncio.open_connection("::1", port), be)
-            assert be.ended[-1] == "close"
+            async with haproxy_l7(tmp_path, be.port) as port:
+                await session(*await asyncio.open_connection("::1", port), be)
+                assert be.ended[-1] == "close"
         finally:
-            proc.terminate()
-            proc.wait(10)
             await be.stop()
 
     run(main())
