@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import trustme
 
+from netns_helpers import batch, namespaces
+
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 
 VIP = "2001:db8:7e::80"
@@ -136,132 +138,128 @@ def test_tls_termination_in_a_namespace(engine: str, tmp_path: Path) -> None:
         cert.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.crt"))
         cert.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
     tag = f"{os.getpid() % 10000}{engine[0]}"
-    ns = f"v6lb-tls-{tag}"
     sock = f"/run/v6lb/tls-{tag}.sock"
     cfg = tmp_path / "lb.yaml"  # relative certificate paths: from the file's directory
     cfg.write_text(CONFIG.format(tag=tag, sock=sock, vip=VIP, backend=BACKEND, idle=IDLE))
     (tmp_path / "probe.py").write_text(PROBE)
     procs: list[subprocess.Popen[str]] = []
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(_ns(ns, "ip", "link", "set", "lo", "up"), check=True)
-        for a in (VIP, BACKEND, CLIENT):
-            subprocess.run(
-                _ns(ns, "ip", "-6", "addr", "add", f"{a}/128", "dev", "lo", "nodad"), check=True
-            )
-        httpd = [sys.executable, "-m", "v6lb.lab.httpd", "--node", "b0", "--address", BACKEND]
-        procs.append(subprocess.Popen(_ns(ns, *httpd, "--port", "8080"), text=True))
-        lb = subprocess.Popen(
-            [sys.executable, "-m", "v6lb.cli", "run", str(cfg), "--netns", ns, "--proxy", engine],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        procs.append(lb)
-        seen: dict[str, Any] = {}
-        for sni in ("www.example.com", "api.example.com"):
-            for _ in range(50):  # the engine and the backend come up within a second or two
-                r = subprocess.run(
-                    _ns(ns, "curl", "-sS", "--http1.1", "--cacert", str(tmp_path / "ca.pem"),
-                        "--interface", CLIENT, "--resolve", f"{sni}:443:[{VIP}]",
-                        "-w", "\\n%{http_version} %{ssl_verify_result}", f"https://{sni}/"),
-                    capture_output=True, text=True, timeout=10,
-                )  # fmt: skip
-                if r.returncode == 0 and r.stdout.startswith("{"):
-                    break
-                assert lb.poll() is None, lb.communicate()[1]
-                time.sleep(0.2)
-            body, _, tail = r.stdout.rpartition("\n")
-            assert tail == "1.1 0", (r.stdout, r.stderr)  # HTTP/1.1, verified against the CA
-            seen[sni] = json.loads(body)
-        headers = {k.lower(): v for k, v in seen["api.example.com"]["headers"].items()}
-        assert headers["x-forwarded-for"] == CLIENT
-        assert headers["x-forwarded-proto"] == "https"
-        assert headers["forwarded"].endswith(";proto=https")
-        assert headers["forwarded"].startswith(f'for="[{CLIENT}]:')
+    with namespaces("lb", tag="tls") as names:
+        ns = names["lb"]
+        batch(ns, *(f"address add {a}/128 dev lo nodad" for a in (VIP, BACKEND, CLIENT)))
+        try:
+            httpd = [sys.executable, "-m", "v6lb.lab.httpd", "--node", "b0", "--address", BACKEND]
+            procs.append(subprocess.Popen(_ns(ns, *httpd, "--port", "8080"), text=True))
+            lb = subprocess.Popen(
+                [sys.executable, "-m", "v6lb.cli", "run", str(cfg), "--netns", ns, "--proxy", engine],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            procs.append(lb)
+            seen: dict[str, Any] = {}
+            for sni in ("www.example.com", "api.example.com"):
+                for _ in range(50):  # the engine and the backend come up within a second or two
+                    r = subprocess.run(
+                        _ns(ns, "curl", "-sS", "--http1.1", "--cacert", str(tmp_path / "ca.pem"),
+                            "--interface", CLIENT, "--resolve", f"{sni}:443:[{VIP}]",
+                            "-w", "\\n%{http_version} %{ssl_verify_result}", f"https://{sni}/"),
+                        capture_output=True, text=True, timeout=10,
+                    )  # fmt: skip
+                    if r.returncode == 0 and r.stdout.startswith("{"):
+                        break
+                    assert lb.poll() is None, lb.communicate()[1]
+                    time.sleep(0.2)
+                body, _, tail = r.stdout.rpartition("\n")
+                assert tail == "1.1 0", (r.stdout, r.stderr)  # HTTP/1.1, verified against the CA
+                seen[sni] = json.loads(body)
+            headers = {k.lower(): v for k, v in seen["api.example.com"]["headers"].items()}
+            assert headers["x-forwarded-for"] == CLIENT
+            assert headers["x-forwarded-proto"] == "https"
+            assert headers["forwarded"].endswith(";proto=https")
+            assert headers["forwarded"].startswith(f'for="[{CLIENT}]:')
 
-        # proxy-l4 with TLS: the plain stream relayed (HTTP here, the backend sees the LB)
-        r = subprocess.run(
-            _ns(ns, "curl", "-sS", "--http1.1", "--cacert", str(tmp_path / "ca.pem"),
-                "--resolve", f"www.example.com:7443:[{VIP}]", "https://www.example.com:7443/"),
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-        assert r.returncode == 0 and json.loads(r.stdout)["node"] == "b0", (r.stdout, r.stderr)
-
-        # client certificates: required by mtls (TLS 1.3 only), verified against the CA
-        ca.issue_cert("client.example.com").private_key_and_cert_chain_pem.write_to_path(
-            str(tmp_path / "client.pem")
-        )
-        curl = [
-            "curl",
-            "-sS",
-            "--http1.1",
-            "--cacert",
-            str(tmp_path / "ca.pem"),
-            "--resolve",
-            f"www.example.com:9443:[{VIP}]",
-            "https://www.example.com:9443/",
-        ]
-        r = subprocess.run(_ns(ns, *curl, "--cert", str(tmp_path / "client.pem")),
-                           capture_output=True, text=True, timeout=10)  # fmt: skip
-        assert r.returncode == 0 and r.stdout.startswith("{"), r.stderr
-        r = subprocess.run(_ns(ns, *curl), capture_output=True, text=True, timeout=10)
-        assert r.returncode != 0 and not r.stdout.startswith("{"), (r.stdout, r.stderr)
-        r = subprocess.run(_ns(ns, *curl, "--tls-max", "1.2"),
-                           capture_output=True, text=True, timeout=10)  # fmt: skip
-        assert r.returncode == 35, (r.returncode, r.stderr)  # TLS 1.2 refused: a handshake error
-
-        probe = [sys.executable, str(tmp_path / "probe.py"), VIP, str(tmp_path / "ca.pem")]
-        r = subprocess.run(_ns(ns, *probe, "sni"), capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        default, refused, named = json.loads(r.stdout)
-        assert default == "www.example.com"  # unknown SNI: the first certificate
-        assert refused.startswith("refused"), refused
-        assert named == "www.example.com"
-
-        r = subprocess.run(_ns(ns, *probe, "bad"), capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        bad = json.loads(r.stdout)
-        assert bad["garbage"][0] < 1.0 and bad["garbage"][1] in ("", "15")  # closed (an alert)
-        assert IDLE - 0.1 <= bad["silent"] <= IDLE + 1.5, bad
-        assert bad["other"] == "api.example.com"
-
-        errors = _vip_errors(_status(ns, sock), "web")
-        if engine == "builtin":
-            assert errors["tls_handshake_failed"] >= 1 and errors["tls_handshake_timeout"] >= 1
-            assert _vip_errors(_status(ns, sock), "strict")["tls_unknown_sni"] == 1
-        else:
-            # HAProxy 2.6 counts garbage as a failed handshake; a silent client is cut by
-            # `timeout client` (the VIP's idle timeout) and counted nowhere (docs/proxy.md)
-            assert errors["ssl_failed_handshake"] >= 1, errors
-            strict = _vip_errors(_status(ns, sock), "strict")
-            assert strict["ssl_failed_handshake"] == 1, strict
-
-        # SIGHUP: new certificates for www (reissued), the open configuration kept
-        cert = ca.issue_cert("www.example.com", "renewed.example.com")
-        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "www.crt"))
-        cert.private_key_pem.write_to_path(str(tmp_path / "www.key"))
-        lb.send_signal(signal.SIGHUP)
-        sans: Any = None
-        for _ in range(50):
+            # proxy-l4 with TLS: the plain stream relayed (HTTP here, the backend sees the LB)
             r = subprocess.run(
-                _ns(ns, sys.executable, "-c", textwrap.dedent(f"""
-                    import socket, ssl
-                    ctx = ssl.create_default_context(cafile={str(tmp_path / 'ca.pem')!r})
-                    s = ctx.wrap_socket(socket.create_connection(("{VIP}", 443), timeout=5),
-                                        server_hostname="www.example.com")
-                    print(len(s.getpeercert()["subjectAltName"]))
-                """)),
+                _ns(ns, "curl", "-sS", "--http1.1", "--cacert", str(tmp_path / "ca.pem"),
+                    "--resolve", f"www.example.com:7443:[{VIP}]", "https://www.example.com:7443/"),
                 capture_output=True, text=True, timeout=10,
             )  # fmt: skip
-            sans = r.stdout.strip()
-            if sans == "2":
-                break
-            time.sleep(0.2)
-        assert sans == "2", "the renewed certificate was not served after SIGHUP"
-        lb.send_signal(signal.SIGTERM)
-        assert lb.wait(20) == 0, lb.communicate()[1]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+            assert r.returncode == 0 and json.loads(r.stdout)["node"] == "b0", (r.stdout, r.stderr)
+
+            # client certificates: required by mtls (TLS 1.3 only), verified against the CA
+            ca.issue_cert("client.example.com").private_key_and_cert_chain_pem.write_to_path(
+                str(tmp_path / "client.pem")
+            )
+            curl = [
+                "curl",
+                "-sS",
+                "--http1.1",
+                "--cacert",
+                str(tmp_path / "ca.pem"),
+                "--resolve",
+                f"www.example.com:9443:[{VIP}]",
+                "https://www.example.com:9443/",
+            ]
+            r = subprocess.run(_ns(ns, *curl, "--cert", str(tmp_path / "client.pem")),
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+            assert r.returncode == 0 and r.stdout.startswith("{"), r.stderr
+            r = subprocess.run(_ns(ns, *curl), capture_output=True, text=True, timeout=10)
+            assert r.returncode != 0 and not r.stdout.startswith("{"), (r.stdout, r.stderr)
+            r = subprocess.run(_ns(ns, *curl, "--tls-max", "1.2"),
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+            # TLS 1.2 refused: a handshake error
+            assert r.returncode == 35, (r.returncode, r.stderr)
+
+            probe = [sys.executable, str(tmp_path / "probe.py"), VIP, str(tmp_path / "ca.pem")]
+            r = subprocess.run(_ns(ns, *probe, "sni"), capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            default, refused, named = json.loads(r.stdout)
+            assert default == "www.example.com"  # unknown SNI: the first certificate
+            assert refused.startswith("refused"), refused
+            assert named == "www.example.com"
+
+            r = subprocess.run(_ns(ns, *probe, "bad"), capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            bad = json.loads(r.stdout)
+            assert bad["garbage"][0] < 1.0 and bad["garbage"][1] in ("", "15")  # closed (an alert)
+            assert IDLE - 0.1 <= bad["silent"] <= IDLE + 1.5, bad
+            assert bad["other"] == "api.example.com"
+
+            errors = _vip_errors(_status(ns, sock), "web")
+            if engine == "builtin":
+                assert errors["tls_handshake_failed"] >= 1 and errors["tls_handshake_timeout"] >= 1
+                assert _vip_errors(_status(ns, sock), "strict")["tls_unknown_sni"] == 1
+            else:
+                # HAProxy 2.6 counts garbage as a failed handshake; a silent client is cut by
+                # `timeout client` (the VIP's idle timeout) and counted nowhere (docs/proxy.md)
+                assert errors["ssl_failed_handshake"] >= 1, errors
+                strict = _vip_errors(_status(ns, sock), "strict")
+                assert strict["ssl_failed_handshake"] == 1, strict
+
+            # SIGHUP: new certificates for www (reissued), the open configuration kept
+            cert = ca.issue_cert("www.example.com", "renewed.example.com")
+            cert.cert_chain_pems[0].write_to_path(str(tmp_path / "www.crt"))
+            cert.private_key_pem.write_to_path(str(tmp_path / "www.key"))
+            lb.send_signal(signal.SIGHUP)
+            sans: Any = None
+            for _ in range(50):
+                r = subprocess.run(
+                    _ns(ns, sys.executable, "-c", textwrap.dedent(f"""
+                        import socket, ssl
+                        ctx = ssl.create_default_context(cafile={str(tmp_path / 'ca.pem')!r})
+                        s = ctx.wrap_socket(socket.create_connection(("{VIP}", 443), timeout=5),
+                                            server_hostname="www.example.com")
+                        print(len(s.getpeercert()["subjectAltName"]))
+                    """)),
+                    capture_output=True, text=True, timeout=10,
+                )  # fmt: skip
+                sans = r.stdout.strip()
+                if sans == "2":
+                    break
+                time.sleep(0.2)
+            assert sans == "2", "the renewed certificate was not served after SIGHUP"
+            lb.send_signal(signal.SIGTERM)
+            assert lb.wait(20) == 0, lb.communicate()[1]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(5)
