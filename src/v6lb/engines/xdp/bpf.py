@@ -22,7 +22,9 @@ __all__ = [
     "Map",
     "RunResult",
     "obj_get",
+    "obj_pin",
     "possible_cpus",
+    "prog_load_xdp",
     "prog_test_run",
     "prog_test_run_live",
 ]
@@ -30,6 +32,8 @@ __all__ = [
 _NR_BPF: Final = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_PROG_LOAD: Final = 5
+BPF_OBJ_PIN: Final = 6
 BPF_OBJ_GET: Final = 7
 BPF_PROG_TEST_RUN: Final = 10
 BPF_MAP_UPDATE_BATCH: Final = 26
@@ -113,6 +117,12 @@ def obj_get(path: str) -> int:
     """A new file descriptor for the program or map pinned at ``path`` (close it)."""
     name = ctypes.create_string_buffer(os.fsencode(path))
     return _bpf(BPF_OBJ_GET, _ObjGet(pathname=_addr(name)), f"OBJ_GET {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the program or map ``fd`` at ``path`` on a bpffs (unlink it to unpin)."""
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, _ObjGet(pathname=_addr(name), bpf_fd=fd), f"OBJ_PIN {path}")
 
 
 def possible_cpus() -> int:
@@ -223,17 +233,18 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, headroom: int = 25
     return RunResult(attr.retval, dout.raw[: attr.data_size_out], attr.duration)
 
 
-def prog_test_run_live(prog_fd: int, data: bytes, repeat: int) -> int:
+def prog_test_run_live(prog_fd: int, data: bytes, repeat: int, ifindex: int = 0) -> int:
     """Mean ns per run of ``repeat`` runs, each on a fresh copy of ``data``.
 
     BPF_PROG_TEST_RUN with ``BPF_F_TEST_XDP_LIVE_FRAMES`` (Linux 5.18), as
     xdp-trafficgen uses it: frames come from a page pool reset to ``data`` in
-    batches of 64, and XDP_TX is carried out as a redirect to the ingress device,
-    here the namespace's loopback, which refuses it (it has no XDP transmit): the
-    frame is then freed. No output is returned.
+    batches of 64, and XDP_TX is carried out as a redirect to the ingress device
+    ``ifindex`` (of the caller's network namespace). With 0, that is the namespace's
+    loopback, which refuses it (it has no XDP transmit): the frame is then freed.
+    A veth sends it to its peer: a packet generator. No output is returned.
     """
     din = ctypes.create_string_buffer(data, len(data))
-    ctx = ctypes.create_string_buffer(_XDP_MD.pack(0, len(data), 0, 0, 0, 0), _XDP_MD.size)
+    ctx = ctypes.create_string_buffer(_XDP_MD.pack(0, len(data), 0, ifindex, 0, 0), _XDP_MD.size)
     attr = _TestRun(
         prog_fd=prog_fd,
         data_size_in=len(data),
@@ -245,3 +256,41 @@ def prog_test_run_live(prog_fd: int, data: bytes, repeat: int) -> int:
     )
     _bpf(BPF_PROG_TEST_RUN, attr, "PROG_TEST_RUN live frames")
     return int(attr.duration)
+
+
+class _ProgLoad(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+    ]
+
+
+BPF_PROG_TYPE_XDP: Final = 6
+
+
+def prog_load_xdp(insns: bytes, name: str) -> int:
+    """A descriptor for an XDP program of raw instructions (8 bytes each); close it.
+
+    For programs of a few instructions that need no map or ELF (a benchmark's
+    reflector or sink); the v6lb program is loaded from its object by bpftool.
+    """
+    if not insns or len(insns) % 8:
+        raise ValueError("instructions: a non-empty multiple of 8 bytes")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = _ProgLoad(
+        prog_type=BPF_PROG_TYPE_XDP,
+        insn_cnt=len(insns) // 8,
+        insns=_addr(code),
+        license=_addr(lic),
+        prog_name=name.encode()[:15],
+    )
+    return _bpf(BPF_PROG_LOAD, attr, f"PROG_LOAD {name}")
