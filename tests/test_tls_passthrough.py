@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ from test_proxy_fixtures import (
 )
 from v6lb.cli import main
 from v6lb.core import proxyproto
+from v6lb.core.backends import BackendPool, BackendSpec
 from v6lb.engines.proxy import ProxyServer
-from v6lb.model.config import ConfigError, Timeouts, Vip, parse_config
+from v6lb.engines.proxy.policy import Picker
+from v6lb.model.config import ConfigError, Scheduler, Timeouts, Vip, parse_config
 from v6lb.model.config_dump import dump
 from v6lb.model.sni import SniRoute, route_for
 from v6lb.render.haproxy import render_haproxy
@@ -163,6 +166,48 @@ def test_the_docs_example_is_valid() -> None:
     assert route_for(opts.sni_routes, "www.example.com") == 1
     assert route_for(opts.sni_routes, "example.com") == 1
     assert route_for(opts.sni_routes, "a.b.example.com") == -1  # the default pool: backend 3
+
+
+def _picks(route: Picker, vip_picker: Picker, clients: list[IPv6Address]) -> set[int]:
+    """What ``route`` picks, each pick counted as the proxy does (then given back)."""
+    got = []
+    for c in clients[:20]:
+        got.append(route.pick(c))
+        vip_picker.acquire(got[-1])
+    for i in got:
+        vip_picker.release(i)
+    return set(got) | {route.pick(c) for c in clients}
+
+
+def test_route_pickers_choose_among_their_backends() -> None:
+    """A route's picker: only its backends, its own Maglev table, health and weights from
+    the VIP's pool, connection counts shared with the VIP's picker."""
+    pool = BackendPool([BackendSpec.of(f"2001:db8::{i + 1}", 443) for i in range(4)], seed=7)
+    clients = [IPv6Address(f"2001:db8:c::{i:x}") for i in range(1, 400)]
+    for kind in Scheduler:
+        vip_picker = Picker(kind, pool, IPv6Address("2001:db8::443"))
+        route = Picker(kind, pool, IPv6Address("2001:db8::443"), (1, 2), vip_picker.active)
+
+        assert _picks(route, vip_picker, clients) == {1, 2}, kind
+        pool.set_up(1, False)
+        assert _picks(route, vip_picker, clients) == {2}, kind
+        pool.set_up(2, False)
+        assert route.pick(clients[0]) == -1
+        pool.set_up(1, True)
+        pool.set_up(2, True)
+        if kind is Scheduler.LEAST_CONNECTIONS:
+            vip_picker.acquire(1)  # a connection taken through another route or the VIP
+            assert route.pick(clients[0]) == 2
+            vip_picker.release(1)
+    # Maglev over the route: the same client, the same backend, on every instance
+    a = Picker(Scheduler.MAGLEV, pool, IPv6Address("2001:db8::443"), (0, 3))
+    b = Picker(Scheduler.MAGLEV, pool_for_copy(pool), IPv6Address("2001:db8::443"), (0, 3))
+    assert [a.pick(c) for c in clients] == [b.pick(c) for c in clients]
+    assert {a.pick(c) for c in clients} == {0, 3}
+
+
+def pool_for_copy(pool: BackendPool) -> BackendPool:
+    return BackendPool(pool.specs, table_size=pool.size, seed=pool.seed)
 
 
 # --- backends holding their own certificates ------------------------------------------
@@ -374,7 +419,7 @@ async def _all_routes(port: int, ctx: ssl.SSLContext) -> list[tuple[str, str]]:
 def test_builtin_routes_by_sni_and_counts_bad_hellos(
     pki: trustme.CA, backends: dict[str, TlsBackend]
 ) -> None:
-    connect = 0.5
+    connect = 1.0
 
     async def go() -> None:
         async with ProxyServer(_vips(backends, connect)) as s:
@@ -388,7 +433,9 @@ def test_builtin_routes_by_sni_and_counts_bad_hellos(
             for name, (seconds, got) in bad.items():
                 assert got == b"", name  # closed, nothing relayed
                 slow = name in ("silent", "cut")  # a whole ClientHello is awaited
-                assert connect <= seconds < connect * 1.25 + 0.3 if slow else seconds < 0.3, name
+                # slow: at timeouts.connect (the sweep may be a quarter late; slack for a
+                # loaded machine); fast: closed well before any timeout could
+                assert connect <= seconds < connect * 1.25 + 1 if slow else seconds < 0.8, name
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 await _ask(s.addresses("strict")[0][1], ctx, "other.example.net")
             assert await _ask(s.addresses("strict")[0][1], ctx, "a.example.com") == (
@@ -424,7 +471,7 @@ def test_haproxy_routes_by_sni_and_refuses_bad_hellos(
     pki: trustme.CA, backends: dict[str, TlsBackend], tmp_path: Path
 ) -> None:
     """The same clients through HAProxy 2.6 running the rendered config."""
-    connect = 0.5
+    connect = 1.0
     vips = _vips(backends, connect)
     ports = []
     for _ in vips:
@@ -457,9 +504,10 @@ def test_haproxy_routes_by_sni_and_refuses_bad_hellos(
         assert backends["a"].authority == [None]
         bad = await _bad(ports[0])
         for name in ("garbage", "cut_eof", "too_big"):  # rejected at once
-            assert bad[name][0] < 0.3 and bad[name][1] == b"", name
+            assert bad[name][0] < 0.8 and bad[name][1] == b"", name
         for name in ("silent", "cut"):  # rejected at the inspect delay
-            assert connect <= bad[name][0] < connect + 0.4 and bad[name][1] == b"", name
+            # HAProxy's delay runs from its accept, a few ms before the client's clock starts
+            assert connect - 0.05 <= bad[name][0] < connect + 1 and bad[name][1] == b"", name
         # relayed: a first record with a ClientHello is accepted; the backend's TLS
         # answers an alert (decode_error; handshake_failure for the name with a space,
         # which HAProxy's wildcard pattern took)
