@@ -101,7 +101,40 @@ TLS = {
         },
     ]
 }
-CASES = {"haproxy_l4.cfg": L4, "haproxy_l7.cfg": L7}
+SNI = {  # TLS passthrough by SNI (docs/proxy.md): a default pool, and a refusing VIP
+    "vips": [
+        {
+            "name": "pass",
+            "address": "2001:db8:0:10::445",
+            "ports": [443],
+            "mode": "proxy-l4",
+            "proxy_protocol": "v2",
+            "timeouts": {"connect": 4},
+            "health": {"type": "tcp", "interval": 2},
+            "backends": [
+                {"address": "2001:db8:0:20::a", "port": 8443},
+                {"address": "2001:db8:0:20::b", "port": 8443, "weight": 3},
+                {"address": "2001:db8:0:20::c", "port": 8443, "drain": True},
+            ],
+            "sni_routes": [
+                {"names": ["shop.example.com"], "backends": ["2001:db8:0:20::a"]},
+                {"names": ["*.example.com", "example.org"], "backends": ["2001:db8:0:20::b"]},
+            ],
+        },
+        {
+            "name": "strict",
+            "address": "2001:db8:0:10::446",
+            "ports": [443],
+            "mode": "proxy-l4",
+            "scheduler": "maglev",
+            "health": {"type": "none"},
+            "backends": [{"address": "2001:db8:0:20::d", "port": 8443}],
+            "sni_routes": [{"names": ["*.example.net"], "backends": ["2001:db8:0:20::d"]}],
+            "unknown_sni": "refuse",
+        },
+    ]
+}
+CASES = {"haproxy_l4.cfg": L4, "haproxy_l7.cfg": L7, "haproxy_sni.cfg": SNI}
 GOLDEN_ONLY = {"haproxy_tls.cfg": TLS}  # haproxy -c needs the certificate files: the lab test
 
 

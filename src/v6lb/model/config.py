@@ -16,7 +16,7 @@ that this module reads back into an equal one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
@@ -44,6 +44,7 @@ from v6lb.model.schema import (
     require_unicast,
     unicast_list,
 )
+from v6lb.model.sni import SniRoute, parse_sni_routes
 from v6lb.model.topology import Topology, parse_topology, require_topology
 from v6lb.wire.constants import NH_TCP, NH_UDP
 
@@ -269,6 +270,9 @@ class TlsOptions:
 class ProxyL4Options:
     proxy_protocol: ProxyProtocol = ProxyProtocol.NONE
     tls: TlsOptions | None = None  # TLS terminated, the plain stream relayed
+    # TLS passthrough: the backends by the ClientHello's SNI (model/sni.py)
+    sni_routes: tuple[SniRoute, ...] = ()
+    unknown_sni: str = "default"  # with sni_routes: "default" (the pool) or "refuse"
     trusted_proxy_sources: tuple[IPv6Network, ...] = ()
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
     dual_stack: IPv4Address | None = None
@@ -690,6 +694,8 @@ _VIP_KEYS: Final = (
 _OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mode table's)
     "ProxyL4Options": (
         "tls",
+        "sni_routes",
+        "unknown_sni",
         "proxy_protocol",
         "trusted_proxy_sources",
         "timeouts",
@@ -777,9 +783,36 @@ def _parse_vip(value: object, where: Where, lb: LbSettings) -> Vip:
         scheduler=scheduler,
         backends=backends,
         health=_parse_health(f, protocol),
-        options=_parse_options(f, mode, lb),
+        options=_parse_passthrough(f, _parse_options(f, mode, lb), protocol, backends),
         table_size=table_size,
     )
+
+
+def _parse_passthrough(
+    f: Fields, options: ModeOptions, protocol: Protocol, backends: tuple[Backend, ...]
+) -> ModeOptions:
+    """proxy-l4's ``sni_routes:``/``unknown_sni:`` (TLS passthrough, model/sni.py)."""
+    if not isinstance(options, ProxyL4Options):
+        return options
+    if not f.has("sni_routes"):
+        if f.has("unknown_sni"):
+            raise f.at("unknown_sni").error(
+                "`unknown_sni` applies to a VIP with `sni_routes` (TLS passthrough)",
+                "remove it, or add sni_routes (for TLS terminated here: tls.unknown_sni)",
+            )
+        return options
+    if options.tls is not None:
+        raise f.at("sni_routes").error(
+            "a VIP either terminates TLS (`tls:`) or passes it through by SNI (`sni_routes:`)",
+            "remove one of them",
+        )
+    if protocol is not Protocol.TCP:
+        raise f.at("sni_routes").error(
+            "TLS passthrough reads a TLS ClientHello, which comes over TCP only",
+            "use protocol: tcp, or remove sni_routes",
+        )
+    routes, unknown = parse_sni_routes(f, [(b.address, b.port) for b in backends])
+    return replace(options, sni_routes=routes, unknown_sni=unknown)
 
 
 def _check_backends_not_lb(

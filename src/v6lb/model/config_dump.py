@@ -41,6 +41,7 @@ from v6lb.model.config import (
     default_control_socket,
 )
 from v6lb.model.conntrack_sync import DEFAULT_SYNC_PORT, ConntrackSync
+from v6lb.model.sni import backend_ref
 from v6lb.model.topology import NPT, Link, Node, NodeType, Route, Topology, default_route
 
 __all__ = ["dump", "to_data"]
@@ -217,6 +218,14 @@ def _options(v: Vip, lb: LbSettings) -> Data:
             out["tls"] = _tls(o.tls)
         if o.proxy_protocol is not d4.proxy_protocol:
             out["proxy_protocol"] = str(o.proxy_protocol)
+        if o.sni_routes:
+            pairs = [(b.address, b.port) for b in v.backends]
+            out["sni_routes"] = [
+                {"names": list(r.names), "backends": [backend_ref(pairs, i) for i in r.backends]}
+                for r in o.sni_routes
+            ]
+            if o.unknown_sni != d4.unknown_sni:
+                out["unknown_sni"] = o.unknown_sni
         if o.trusted_proxy_sources:
             out["trusted_proxy_sources"] = [str(n) for n in o.trusted_proxy_sources]
         out.update(_proxy_common(o.timeouts, d4.timeouts, o))

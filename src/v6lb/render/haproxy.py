@@ -43,6 +43,12 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
   frontends, ``tcp-request connection track-sc0 src`` and ``tcp-request
   connection reject if { sc_conn_cur(0) gt N }``: the N+1st open connection
   from one address is refused at accept, as the builtin engine does.
+- ``sni_routes`` (proxy-l4 TLS passthrough) → ``tcp-request inspect-delay`` of
+  ``timeouts.connect``, ``tcp-request content reject unless { req.ssl_hello_type 1 }``
+  and a whole first record, ``use_backend v6lb_<vip>_sniN if { req.ssl_sni ... }``
+  (exact names, then ``*.`` as a one-label regex), ``default_backend v6lb_<vip>_default``
+  (the default pool) or, with ``unknown_sni: refuse``, a reject unless an SNI matched.
+  The route backends' servers ``track`` the health of ``v6lb_<vip>``'s.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from v6lb.model.config import (
     Vip,
     VipMode,
 )
+from v6lb.model.sni import default_pool
 
 __all__ = [
     "FORWARDING_HEADERS",
@@ -70,7 +77,9 @@ __all__ = [
     "frontend_name",
     "render_haproxy",
     "scaled_weights",
+    "server_backends",
     "server_name",
+    "sni_backends",
     "tls_files",
 ]
 
@@ -175,7 +184,10 @@ def render_haproxy(
     ]
     for vip in vips:
         out += _frontends(vip, header_timeout, tls_dir)
-        out += _backend(vip, None if pools is None else pools.get(vip.name))
+        pool = None if pools is None else pools.get(vip.name)
+        out += _backend(vip, pool)
+        for name, members in sni_backends(vip):
+            out += _backend(vip, pool, name, members)
         if getattr(vip.options, "max_connections_per_source", 0):
             out += [
                 f"backend v6lb_{vip.name}_sources",
@@ -247,15 +259,77 @@ def _frontends(vip: Vip, header_timeout: float, tls_dir: str) -> list[str]:
                 nets = " ".join(str(n) for n in opts.trusted_proxy_sources)
                 out.append(f"    acl v6lb_trusted src {nets}")
                 out.append("    tcp-request connection expect-proxy layer4 if v6lb_trusted")
-            out += _REFUSE_CLIENT_PROXY
+            if opts.sni_routes:
+                out.append(f"    tcp-request inspect-delay {_s(t.connect)}")
+                out += _REFUSE_CLIENT_PROXY[1:]
+                out += _sni_rules(vip, opts)
+            else:
+                out += _REFUSE_CLIENT_PROXY
         else:
             out.append(f"    timeout http-request {_s(min(header_timeout, t.idle))}")
             out.append(f"    timeout http-keep-alive {_s(t.idle)}")
             out.append("    option http-keep-alive")
             out.append("    option idle-close-on-response")
             out += _forwarding(opts, "https" if tls is not None else "http")
-        out.append(f"    default_backend {backend_name(vip.name)}")
+        default = backend_name(vip.name)
+        if isinstance(opts, ProxyL4Options) and opts.sni_routes and opts.unknown_sni == "default":
+            default += "_default"
+        out.append(f"    default_backend {default}")
         out.append("")
+    return out
+
+
+def sni_backends(vip: Vip) -> list[tuple[str, tuple[int, ...]]]:
+    """TLS passthrough: HAProxy's backend per SNI route (``v6lb_VIP_sniN``) and for the
+    default pool (``v6lb_VIP_default``), with their server indexes. Their servers track
+    the health of ``v6lb_VIP``'s, which holds every server (checks, runtime state)."""
+    opts = vip.options
+    if not isinstance(opts, ProxyL4Options) or not opts.sni_routes:
+        return []
+    out = [(f"{backend_name(vip.name)}_sni{k}", r.backends) for k, r in enumerate(opts.sni_routes)]
+    if opts.unknown_sni == "default":
+        out.append(
+            (f"{backend_name(vip.name)}_default", default_pool(opts.sni_routes, len(vip.backends)))
+        )
+    return out
+
+
+def server_backends(vip: Vip, index: int) -> list[str]:
+    """Every HAProxy backend that holds server ``index`` of ``vip`` (runtime changes)."""
+    return [backend_name(vip.name)] + [n for n, m in sni_backends(vip) if index in m]
+
+
+def _sni_pattern(name: str) -> str:
+    """An SNI name as a HAProxy match: exact (``-i``), or ``*.`` as one label (a regex;
+    ``[.]`` for a dot: the config parser would eat a backslash)."""
+    if name.startswith("*."):
+        rest = name[2:].replace(".", "[.]")
+        return f"-m reg -i ^[^.]+[.]{rest}$"
+    return f"-i {name}"
+
+
+def _sni_rules(vip: Vip, opts: ProxyL4Options) -> list[str]:
+    """TLS passthrough: a whole first record holding a ClientHello, or rejected (at once
+    for other bytes, at the inspect delay for too few); then the route by its SNI, exact
+    names before wildcards (model/sni.py's rule)."""
+    out = [
+        "    tcp-request content reject unless { req.ssl_hello_type 1 }",
+        "    tcp-request content reject unless { req.payload_lv(3,2) -m found }",
+    ]
+    exact: list[tuple[str, str]] = []
+    wild: list[tuple[str, str]] = []
+    for k, r in enumerate(opts.sni_routes):
+        for name in r.names:
+            (wild if name.startswith("*.") else exact).append(
+                (name, f"{backend_name(vip.name)}_sni{k}")
+            )
+    if opts.unknown_sni == "refuse":
+        for name, _ in exact + wild:
+            out.append(f"    acl v6lb_sni_known req.ssl_sni {_sni_pattern(name)}")
+        out.append("    tcp-request content reject unless v6lb_sni_known")
+    out.append("    tcp-request content accept")
+    for name, back in exact + wild:
+        out.append(f"    use_backend {back} if {{ req.ssl_sni {_sni_pattern(name)} }}")
     return out
 
 
@@ -312,12 +386,20 @@ def _forwarding(opts: ProxyL7Options, proto: str) -> list[str]:
     return out
 
 
-def _backend(vip: Vip, pool: BackendPool | None) -> list[str]:
+def _backend(
+    vip: Vip,
+    pool: BackendPool | None,
+    name: str | None = None,
+    members: tuple[int, ...] | None = None,
+) -> list[str]:
+    """The VIP's backend (every server, checked), or with ``name`` and ``members`` a TLS
+    passthrough route's: those servers, each tracking its twin's health in the first."""
     opts = vip.options
     assert isinstance(opts, ProxyL4Options | ProxyL7Options)
     l7 = vip.mode is VipMode.PROXY_L7
     t = opts.timeouts
-    out = [f"backend {backend_name(vip.name)}", f"    mode {'http' if l7 else 'tcp'}"]
+    tracked = name is not None
+    out = [f"backend {name or backend_name(vip.name)}", f"    mode {'http' if l7 else 'tcp'}"]
     out += [f"    {line}" for line in _BALANCE[vip.scheduler]]
     out.append(f"    timeout connect {_s(t.connect)}")
     out.append(f"    timeout server {_s(t.idle)}")
@@ -325,7 +407,7 @@ def _backend(vip: Vip, pool: BackendPool | None) -> list[str]:
         out.append(f"    timeout tunnel {_s(t.idle)}")
     hc = vip.health
     check = ""
-    if hc.type is not HealthType.NONE:
+    if hc.type is not HealthType.NONE and not tracked:
         out.append(f"    timeout check {_s(hc.timeout)}")
         if hc.type is HealthType.HTTP:
             out.append("    option httpchk")
@@ -350,6 +432,8 @@ def _backend(vip: Vip, pool: BackendPool | None) -> list[str]:
         enabled = [True] * n
         weights = scaled_weights([b.weight for b in vip.backends])
     for i, (b, w) in enumerate(zip(vip.backends, weights, strict=True)):
+        if members is not None and i not in members:
+            continue
         line = f"    server {server_name(i)} {_addr(b.address, b.port)}"
         line += f" weight {0 if drain[i] else w}"
         if not enabled[i]:
@@ -361,6 +445,8 @@ def _backend(vip: Vip, pool: BackendPool | None) -> list[str]:
         line += check
         if check and hc.port is None and b.port is None:
             line += f" port {vip.ports[0]}"  # a port-less server needs a check port
+        if tracked and hc.type is not HealthType.NONE:
+            line += f" track {backend_name(vip.name)}/{server_name(i)}"
         if drain[i]:
             line += "  # drain: no new connections, open ones finish"
         out.append(line)

@@ -30,6 +30,17 @@ bytes that may still become one (``\r\n\r``, ``PROX``) wait for more, up to
 data that merely starts with ``P``, is relayed. A peer that sends nothing for
 :data:`FIRST_BYTES_WAIT` seconds (a protocol where the server speaks first) gets
 its backend connection then, and its first bytes are checked when they come.
+
+TLS passthrough (``sni_routes``, model/sni.py): after that check, the first bytes
+must be a TLS ClientHello (:func:`v6lb.wire.tlshello.parse_client_hello`, read from
+``pending``, never terminated); its SNI chooses the route, whose picker chooses the
+backend, and the buffered bytes are then relayed as they came. No backend connection
+is opened before that (no :data:`FIRST_BYTES_WAIT`). Refused and counted:
+``tls_hello_not_tls`` / ``_malformed`` / ``_too_big`` / ``_bad_sni`` (the parser's
+reasons), ``tls_hello_truncated`` (EOF first), ``tls_hello_timeout`` (no whole
+ClientHello within ``timeouts.connect`` of the accept), ``tls_unknown_sni`` (an SNI
+no route lists, with ``unknown_sni: refuse``). With ``proxy_protocol: v2`` the SNI
+goes to the backend as a ``PP2_TYPE_AUTHORITY`` TLV.
 """
 
 from __future__ import annotations
@@ -40,8 +51,10 @@ from typing import Any, cast
 
 from v6lb.core import proxyproto
 from v6lb.model.config import ProxyProtocol
+from v6lb.model.sni import route_for
+from v6lb.wire.tlshello import HelloError, parse_client_hello
 
-from .policy import client_proxy_header, is_trusted, unmap
+from .policy import Picker, client_proxy_header, is_trusted, unmap
 from .runtime import VipRuntime, client_of
 
 __all__ = ["FIRST_BYTES_WAIT", "L4Client", "L4Upstream"]
@@ -52,6 +65,7 @@ FIRST_BYTES_WAIT = 0.05
 _WAIT_PP = 0  # a trusted peer: waiting for its PROXY v2 header
 _CHECK = 1  # an untrusted peer: the first bytes must not be a PROXY header (v1 or v2)
 _RELAY = 2  # relaying (client bytes go to ``pending`` until the backend is connected)
+_HELLO = 3  # TLS passthrough (sni_routes): reading the ClientHello to choose the route
 
 
 class L4Upstream(asyncio.Protocol):
@@ -124,6 +138,8 @@ class L4Client(asyncio.Protocol):
         "flushed",
         "wait",
         "check_at",
+        "route",
+        "sni",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -152,6 +168,8 @@ class L4Client(asyncio.Protocol):
         self.flushed = 0  # of those, written to the backend
         self.wait: asyncio.TimerHandle | None = None  # FIRST_BYTES_WAIT, then connect anyway
         self.check_at = 0.0  # when bytes that may be a PROXY header began to wait for more
+        self.route: Picker | None = None  # TLS passthrough: the picker of the SNI's route
+        self.sni: str | None = None
 
     # --- client side ----------------------------------------------------------------
 
@@ -178,7 +196,8 @@ class L4Client(asyncio.Protocol):
             self.state = _WAIT_PP
         else:  # connect once the first bytes are known not to be a PROXY header
             self.state = _CHECK
-            self.wait = self.loop.call_later(FIRST_BYTES_WAIT, self._no_first_bytes)
+            if not rt.routes:  # TLS passthrough waits for the ClientHello (the sweep's timeout)
+                self.wait = self.loop.call_later(FIRST_BYTES_WAIT, self._no_first_bytes)
 
     def _no_first_bytes(self) -> None:
         """Nothing came from the peer (the server may speak first): connect now."""
@@ -219,6 +238,8 @@ class L4Client(asyncio.Protocol):
             self._check()
         elif self.state == _CHECK:
             self._check()
+        elif self.state == _HELLO:
+            self._hello()
         if self.closed:
             return
         if len(self.pending) > self.rt.write_high and not self.paused and self.t is not None:
@@ -229,6 +250,9 @@ class L4Client(asyncio.Protocol):
         self.eof = True
         if self.state == _WAIT_PP:  # the stream ended inside (or before) the PROXY header
             self._fail("proxy_v2_malformed")
+            return False
+        if self.state == _HELLO or (self.state == _CHECK and self.rt.routes):
+            self._fail("tls_hello_truncated")  # TLS passthrough: no whole ClientHello
             return False
         if self.state == _CHECK:  # the stream ended before a signature could be told
             self._relay()
@@ -258,7 +282,7 @@ class L4Client(asyncio.Protocol):
     def _check(self) -> None:
         """State _CHECK: refuse a PROXY header, wait for bytes that may become one, or relay."""
         if not self.pending:  # right after a trusted peer's header: await the next bytes
-            if self.wait is None and self.backend < 0:
+            if self.wait is None and self.backend < 0 and not self.rt.routes:
                 self.wait = self.loop.call_later(FIRST_BYTES_WAIT, self._no_first_bytes)
             return
         found = client_proxy_header(self.pending)
@@ -269,6 +293,29 @@ class L4Client(asyncio.Protocol):
         if found:  # refused before any backend connection (unless the peer was late)
             self._fail("proxy_v2_untrusted" if found == 2 else "proxy_v1_untrusted")
             return
+        if self.rt.routes:
+            self.state = _HELLO
+            self._hello()
+            return
+        self._relay()
+
+    def _hello(self) -> None:
+        """State _HELLO: choose the route by the ClientHello's SNI, then relay it all."""
+        try:
+            hello = parse_client_hello(self.pending)
+        except HelloError as exc:  # not_tls, malformed, too_big, bad_sni
+            self._fail(f"tls_hello_{exc.reason}")
+            return
+        if hello is None:  # more records are due (the sweep enforces timeouts.connect)
+            return
+        rt = self.rt
+        i = route_for(rt.l4.sni_routes, hello.sni)
+        route = rt.routes[i] if i >= 0 else rt.sni_default
+        if route is None:  # unknown_sni: refuse
+            self._fail("tls_unknown_sni")
+            return
+        self.route = route
+        self.sni = hello.sni
         self._relay()
 
     # --- upstream -------------------------------------------------------------------
@@ -286,7 +333,7 @@ class L4Client(asyncio.Protocol):
 
     def _connect(self) -> None:
         rt = self.rt
-        i = rt.picker.pick(self.client)
+        i = (self.route if self.route is not None else rt.picker).pick(self.client)
         if i < 0:
             self._fail("no_healthy_backend")
             return
@@ -324,8 +371,12 @@ class L4Client(asyncio.Protocol):
         assert up.t is not None
         up.t.set_write_buffer_limits(high=self.rt.write_high)
         if self.rt.l4.proxy_protocol is ProxyProtocol.V2:
+            # TLS passthrough: the SNI as PP2_TYPE_AUTHORITY (PROXY protocol §2.2.2)
+            tlvs = () if self.sni is None else ((proxyproto.Tlv.AUTHORITY, self.sni.encode()),)
             up.t.write(
-                proxyproto.encode_proxy(self.client, self.local, self.client_port, self.local_port)
+                proxyproto.encode_proxy(
+                    self.client, self.local, self.client_port, self.local_port, tlvs=tlvs
+                )
             )
         self._flush()
 
@@ -362,6 +413,9 @@ class L4Client(asyncio.Protocol):
         t = self.rt.l4.timeouts
         if self.state == _WAIT_PP and now - self.born >= t.connect:
             self._fail("proxy_v2_timeout")
+            return
+        if self.state in (_CHECK, _HELLO) and self.rt.routes and now - self.born >= t.connect:
+            self._fail("tls_hello_timeout")  # TLS passthrough: no whole ClientHello in time
             return
         if self.state == _CHECK and self.check_at and now - self.check_at >= t.connect:
             self._fail("proxy_prefix_timeout")  # bytes that could still be a PROXY header

@@ -25,6 +25,8 @@ from typing import Final
 
 from v6lb.core import forwarded
 from v6lb.core.backends import BackendPool
+from v6lb.core.flowhash import flow_hash
+from v6lb.core.maglev import build_table
 from v6lb.core.proxyproto import SIGNATURE
 from v6lb.model.config import Scheduler
 
@@ -67,25 +69,57 @@ def is_trusted(addr: Addr, prefixes: Sequence[IPv4Network | IPv6Network]) -> boo
 
 
 class Picker:
-    """Chooses a backend index for a new connection; -1 when none is eligible."""
+    """Chooses a backend index for a new connection; -1 when none is eligible.
 
-    __slots__ = ("kind", "pool", "active", "_current", "vip_key", "_gen", "_weights")
+    ``members``: a subset of the pool's backends to choose from (a TLS passthrough
+    route, model/sni.py), with its own Maglev table over them (the pool's table is
+    the whole VIP's); ``active``: the VIP picker's counts, shared so that
+    least-connections sees every connection of a backend whatever route took it.
+    """
 
-    def __init__(self, kind: Scheduler, pool: BackendPool, vip: IPv6Address) -> None:
+    __slots__ = (
+        "kind", "pool", "active", "_current", "vip_key", "_gen", "_weights", "members", "_table",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        kind: Scheduler,
+        pool: BackendPool,
+        vip: IPv6Address,
+        members: Sequence[int] | None = None,
+        active: list[int] | None = None,
+    ) -> None:
         self.kind = kind
         self.pool = pool
-        self.active = [0] * len(pool)  # open connections (l4) or requests in flight (l7)
+        self.active = [0] * len(pool) if active is None else active
         self._current = [0] * len(pool)  # smooth weighted round robin state
         self.vip_key = vip.packed
         self._gen = -1
         self._weights: list[int] = []
+        self.members = None if members is None else frozenset(members)
+        self._table: list[int] = []
 
     def pick(self, client: Addr) -> int:
-        if self.kind is Scheduler.MAGLEV:
+        members = self.members
+        if self.kind is Scheduler.MAGLEV and members is None:
             return self.pool.pick_flow(hash_key(client), self.vip_key, 0, 0)
         if self._gen != self.pool.generation:  # health, drain or weight changed
-            self._weights = self.pool.eligible_weights()
+            weights = self.pool.eligible_weights()
+            if members is not None:
+                weights = [w if i in members else 0 for i, w in enumerate(weights)]
+                if self.kind is Scheduler.MAGLEV:
+                    pool = self.pool
+                    self._table = (
+                        build_table(pool.ids, weights, pool.size).tolist() if any(weights) else []
+                    )
+            self._weights = weights
             self._gen = self.pool.generation
+        if self.kind is Scheduler.MAGLEV:
+            table = self._table
+            if not table:
+                return -1
+            h = flow_hash(hash_key(client), self.vip_key, 0, 0, self.pool.seed)
+            return table[(h * len(table)) >> 32]
         weights = self._weights
         if self.kind is Scheduler.ROUND_ROBIN:
             return self._round_robin(weights)

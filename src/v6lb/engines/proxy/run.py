@@ -46,6 +46,7 @@ from v6lb.render.haproxy import (
     frontend_name,
     render_haproxy,
     scaled_weights,
+    server_backends,
     server_name,
 )
 from v6lb.render.peers import peers_table, remove_peers, render_peers
@@ -501,19 +502,23 @@ class HaproxyPlane(ProxyPlane):
         hp = self._running()
         weights = scaled_weights([pool.weight(i) for i in range(len(pool))])
         done = []
+        found = [v for v in self.config.vips if v.name == vip]
         try:
             for i, weight in enumerate(weights):
-                server = f"{backend_name(vip)}/{server_name(i)}"
                 if not pool.is_enabled(i):
                     state = "maint"
                 elif pool.is_draining(i):
                     state = "drain"
                 else:
                     state = "ready"
-                hp.command(f"set server {server} weight {weight}")
-                hp.command(f"set server {server} state {state}")
-                if state == "maint":
-                    hp.command(f"shutdown sessions server {server}")
+                # TLS passthrough: the server is in its SNI routes' backends too
+                names = server_backends(found[0], i) if found else [backend_name(vip)]
+                for back in names:
+                    server = f"{back}/{server_name(i)}"
+                    hp.command(f"set server {server} weight {weight}")
+                    hp.command(f"set server {server} state {state}")
+                    if state == "maint":
+                        hp.command(f"shutdown sessions server {server}")
                 done.append(f"{server_name(i)} {state} weight {weight}")
         except (HaproxyError, OSError) as exc:
             raise RunError(f"haproxy runtime API: {exc}", "see haproxy's log") from None

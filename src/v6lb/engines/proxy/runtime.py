@@ -12,6 +12,7 @@ from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet
 from v6lb.model.config import ProxyL4Options, ProxyL7Options, Vip, VipMode
 from v6lb.model.pools import pool_for
+from v6lb.model.sni import default_pool
 
 from .policy import Picker
 
@@ -129,6 +130,10 @@ class VipRuntime:
     source_of: dict[Any, str] = field(default_factory=dict)  # client protocol -> its key
     latency: Latency = field(default_factory=Latency)  # l7: request durations
     tls: Any = None  # proxy-l7 with tls: its TlsSetup (certificates reloaded on SIGHUP)
+    # proxy-l4 TLS passthrough (sni_routes): a picker per route, and the default pool's
+    # (None: an unknown SNI is refused); pickers share ``picker.active``
+    routes: list[Picker] = field(default_factory=list)
+    sni_default: Picker | None = None
     # A reload replaced (or removed) this VIP: its open connections still use it;
     # ``successor`` is the VIP's runtime now (None: the VIP was removed).
     retired: bool = False
@@ -148,10 +153,22 @@ class VipRuntime:
     ) -> VipRuntime:
         pool = pool_for(vip, seed)
         n = len(pool)
+        picker = Picker(vip.scheduler, pool, vip.address)
+        routes: list[Picker] = []
+        sni_default: Picker | None = None
+        opts = vip.options
+        if isinstance(opts, ProxyL4Options) and opts.sni_routes:
+            for r in opts.sni_routes:
+                routes.append(Picker(vip.scheduler, pool, vip.address, r.backends, picker.active))
+            if opts.unknown_sni == "default":
+                rest = default_pool(opts.sni_routes, n)
+                sni_default = Picker(vip.scheduler, pool, vip.address, rest, picker.active)
         return cls(
             vip=vip,
             pool=pool,
-            picker=Picker(vip.scheduler, pool, vip.address),
+            picker=picker,
+            routes=routes,
+            sni_default=sni_default,
             health=health,
             max_connections=max_connections,
             header_timeout=header_timeout,

@@ -34,7 +34,13 @@ from typing import Any, Protocol
 from v6lb.core.backends import BackendPool
 from v6lb.engines.control import recv_all
 from v6lb.model.config import Config, Vip, VipMode
-from v6lb.render.haproxy import backend_name, frontend_name, server_name
+from v6lb.render.haproxy import (
+    backend_name,
+    frontend_name,
+    server_backends,
+    server_name,
+    sni_backends,
+)
 
 __all__ = ["BuiltinEngine", "ProxyStatus", "haproxy_stat", "parse_haproxy_stat"]
 
@@ -269,7 +275,8 @@ def _haproxy_vips(
         ):
             d[key] = sum(_int(f, col) for f in fronts)
         back = by_key.get((backend_name(vip.name), "BACKEND"), {})
-        errors = {k: sum(_int(r, k) for r in [*fronts, back]) for k in _HAPROXY_ERRORS}
+        backs = [back] + [by_key.get((n, "BACKEND"), {}) for n, _ in sni_backends(vip)]
+        errors = {k: sum(_int(r, k) for r in [*fronts, *backs]) for k in _HAPROXY_ERRORS}
         d["errors"] = {k: n for k, n in errors.items() if n}
         if http:
             d["responses"] = _responses(fronts)
@@ -287,13 +294,15 @@ def _haproxy_vips(
             row = by_key.get((backend_name(vip.name), server_name(i)))
             if row is None:
                 continue
+            # TLS passthrough: the same server in its SNI routes' backends carries the traffic
+            twins = [by_key.get((n, server_name(i)), {}) for n in server_backends(vip, i)]
             b["health"] = _health(row.get("status", ""))
             b["haproxy_status"] = row.get("status", "")
             b["haproxy_weight"] = _int(row, "weight")
-            b["active"] = _int(row, "scur")
-            b["connections"] = _int(row, "stot")
-            b["bytes_in"] = _int(row, "bin")
-            b["bytes_out"] = _int(row, "bout")
+            b["active"] = sum(_int(r, "scur") for r in twins)
+            b["connections"] = sum(_int(r, "stot") for r in twins)
+            b["bytes_in"] = sum(_int(r, "bin") for r in twins)
+            b["bytes_out"] = sum(_int(r, "bout") for r in twins)
             b["failures"] = _int(row, "chkfail")
             errs = {k: _int(row, k) for k in ("econ", "eresp", "wretr", "wredis")}
             b["errors"] = {k: n for k, n in errs.items() if n}
