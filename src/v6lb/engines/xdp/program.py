@@ -141,8 +141,8 @@ class XdpProgram:
     """The compiled program loaded and pinned under ``/sys/fs/bpf/v6lb-<tag>/``."""
 
     def __init__(self, tag: str, obj: Path = OBJECT) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", tag):
-            raise ValueError(f"tag {tag!r}: letters, digits, '.', '_' or '-', at most 40")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", tag):  # bpffs refuses a '.' in a name
+            raise ValueError(f"tag {tag!r}: letters, digits, '_' or '-', at most 100")
         if not obj.is_file():
             raise FileNotFoundError(f"{obj}: no XDP object; build it with `make xdp`")
         self.dir = BPFFS / f"v6lb-{tag}"
@@ -197,13 +197,16 @@ class XdpProgram:
             self.prog_fd = -1
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def fill(self, config: Config) -> int:
+    def fill(self, config: Config, services: Sequence[DsrService] | None = None) -> int:
         """Fill the maps from ``config``'s dsr-ip6ip6 and dsr-srv6 VIPs; return how many.
 
         The pools are :func:`v6lb.model.pools.dsr_services`' (``pool_for``: every
-        backend up), so the program and a fresh ``DsrForwarder`` hold the same tables.
+        backend up), so the program and a fresh ``DsrForwarder`` hold the same tables;
+        or ``services``' (the xdp plane's, with the backends it knows are down).
         """
-        vips, info, maglev, backends = map_entries(dsr_services(config))
+        if services is None:
+            services = dsr_services(config)
+        vips, info, maglev, backends = map_entries(services)
         m = self.maps
         for key, idx in vips.items():
             m["vips"].update(key, _U32.pack(idx))
