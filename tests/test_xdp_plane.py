@@ -104,7 +104,10 @@ def _network(ns: dict[str, str]) -> None:
         "address add fd00:62::fe/64 dev r2 nodad",
         f"route add 2001:db8:100::/64 via {LB}",
     )
-    for be, (addr, gw) in ((be1, (BACKENDS[0], "fd00:61::fe")), (be2, (BACKENDS[1], "fd00:62::fe"))):
+    for be, (addr, gw) in (
+        (be1, (BACKENDS[0], "fd00:61::fe")),
+        (be2, (BACKENDS[1], "fd00:62::fe")),
+    ):
         batch(be, f"address add {addr}/64 dev b0 nodad", f"route add default via {gw}")
     sh("ip", "-n", rtr, "link", "set", "dev", "r0", "xdpdrv", "obj", str(PASS_OBJECT), "sec", "xdp")
 
