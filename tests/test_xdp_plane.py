@@ -120,6 +120,18 @@ def _status(sock: str) -> dict[str, object]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+def _attached(sock: str) -> str:
+    """Wait until the instance answers with its program attached; the attach mode."""
+
+    def mode() -> str:
+        if not os.path.exists(sock):
+            return ""
+        xdp = _status(sock).get("xdp")
+        return str(xdp["mode"]) if isinstance(xdp, dict) else ""
+
+    return str(wait_for("the program attached", mode, 20, (AssertionError, ValueError)))
+
+
 def _listen(ns: str) -> socket.socket:
     """The backend's health-check port (the probes connect to it)."""
     with _in_netns(ns):
@@ -190,7 +202,7 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
             text=True,
         )
         try:
-            wait_for("the control socket", lambda: os.path.exists(sock), 20, ())
+            assert _attached(sock) == "native"
             shown = nsx(ns["lb"], "ip", "link", "show", "x0")
             assert " xdp " in shown and "prog/xdp" in shown, shown  # native
             (pinned,) = pin_dirs(tag)
@@ -236,6 +248,14 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
             counters = st["xdp"]["counters"]  # type: ignore[index]
             assert counters["tx"] >= 2 * len(ports), counters
             assert st["engine"]["xdp"]["counters"]["forwarded"] == counters["tx"]  # type: ignore[index]
+
+            # SIGHUP: a new generation, the link switched to it, be1 still known down.
+            run.send_signal(signal.SIGHUP)
+            wait_for("the reload", lambda: _status(sock)["reloads"] == 1, 10, (AssertionError,))
+            assert [p.name for p in pin_dirs(tag)] == [f"v6lb-{tag}_1"]
+            assert _status(sock)["xdp"]["counters"]["tx"] >= counters["tx"]  # type: ignore[index]
+            got = _send_and_collect(ns["rtr"], catchers, ports, b"xdp-reload")
+            assert {p: b for p, (b, _) in got.items()} == after
         finally:
             run.send_signal(signal.SIGTERM)
             out, _ = run.communicate(timeout=30)
@@ -246,3 +266,38 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
         assert "removed xdp program on x0 (native)" in out, out
         assert " xdp" not in nsx(ns["lb"], "ip", "link", "show", "x0")
         assert not pin_dirs(tag) and not list(Path("/sys/fs/bpf").glob(f"v6lb-{tag}*"))
+
+        # A device without native XDP (a bridge, with a port for its carrier): generic
+        # mode, with a warning.
+        batch(
+            ns["lb"],
+            "link add d0 type bridge forward_delay 0",
+            "link add d1 type veth peer name d2",
+            "link set d1 master d0",
+            "link set d1 up",
+            "link set d2 up",
+            "link set d0 up",
+        )
+        wait_for(
+            "the bridge's carrier",
+            lambda: "NO-CARRIER" not in nsx(ns["lb"], "ip", "link", "show", "d0"),
+            5,
+            (),
+        )
+        batch(ns["lb"], *(f"route add {b}/128 dev d0" for b in BACKENDS))  # the tunnels: d0
+        doc["lb"]["interfaces"] = ["d0"]  # type: ignore[index]
+        cfg.write_text(yaml.safe_dump(doc))
+        run = subprocess.Popen(
+            [*V6LB, "run", str(cfg), "--dataplane", "xdp", "--netns", ns["lb"]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert _attached(sock) == "generic"
+            assert "xdpgeneric" in nsx(ns["lb"], "ip", "link", "show", "d0")
+        finally:
+            run.send_signal(signal.SIGTERM)
+            out, _ = run.communicate(timeout=30)
+        assert "d0: no native XDP" in out and "attached in generic (skb) mode" in out, out
+        assert "xdp" not in nsx(ns["lb"], "ip", "link", "show", "d0") and not pin_dirs(tag)
