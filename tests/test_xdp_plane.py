@@ -9,8 +9,12 @@ peer with an XDP program only (docs/dataplane-xdp.md, "veth").
 * UDP flows from the router to the VIP arrive at the backend the core picks, IPv6-in-IPv6
   from the VIP's tunnel source, the inner packet as sent (hop limit one less);
 * the health probe of ``be1`` fails (its listener is closed): the table is swapped and
-  the same flows arrive at ``be2``; the status counts the transmitted packets;
-* SIGTERM: no XDP program on the interface, nothing pinned under /sys/fs/bpf.
+  the same flows arrive at ``be2``; the status counts the transmitted packets, and the
+  metrics export them;
+* SIGHUP: a new generation of program and maps, the link switched to it, the same flows
+  arrive at ``be2`` (be1 is still known down);
+* SIGTERM: no XDP program on the interface, nothing pinned under /sys/fs/bpf;
+* an interface without native XDP (a bridge): attached in generic mode, with a warning.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import pytest
 import yaml
 
 from netns_helpers import batch, link, namespaces, nsx, sh, wait_for
+from v6lb.engines.metrics import metric_families
 from v6lb.engines.xdp.run import PASS_OBJECT, pin_dirs, pin_tag
 from v6lb.model.config import parse_config
 from v6lb.model.pools import pool_for
+from v6lb.model.status import InstanceStatus
 
 pytestmark = [pytest.mark.root]
 
@@ -248,6 +254,15 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
             counters = st["xdp"]["counters"]  # type: ignore[index]
             assert counters["tx"] >= 2 * len(ports), counters
             assert st["engine"]["xdp"]["counters"]["forwarded"] == counters["tx"]  # type: ignore[index]
+            metrics = {  # what a scrape of this status exports
+                (m.name, tuple(sorted(m.labels.items()))): m.value
+                for fam in metric_families(InstanceStatus.from_dict(st))
+                for m in fam.samples
+            }
+            xdp_tx = (("forwarder", "xdp"), ("verdict", "forwarded"))
+            assert metrics[("v6lb_forwarder_packets_total", xdp_tx)] == counters["tx"]
+            passed = (("forwarder", "xdp"), ("reason", "not-vip"))
+            assert metrics[("v6lb_passed_packets_total", passed)] == counters["pass-not-vip"]
 
             # SIGHUP: a new generation, the link switched to it, be1 still known down.
             run.send_signal(signal.SIGHUP)
