@@ -278,11 +278,19 @@ class XdpPlane(Plane):
             old = self.program
             assert old is not None
             self.gen += 1
-            new = self._load(services)  # with the pools as the daemon marked them
+            try:
+                new = self._load(services)  # with the pools as the daemon marked them
+            except BaseException:
+                self.gen -= 1
+                raise
             try:
                 link_update(self.link_fd, new.prog_fd)
                 obj_pin(self.link_fd, str(new.dir / "link"))
             except BaseException:
+                try:  # back to the running program if the switch was made
+                    link_update(self.link_fd, old.prog_fd)
+                except BpfError:
+                    pass
                 self.gen -= 1
                 new.close()
                 raise
