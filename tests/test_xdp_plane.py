@@ -23,6 +23,7 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,8 +176,21 @@ def _send_and_collect(
     return got
 
 
+@contextmanager
+def _no_leftover_pins(tag: str) -> Iterator[None]:
+    """Whatever happens, nothing of ``tag`` stays pinned (a run killed mid-install)."""
+    try:
+        yield
+    finally:
+        for d in pin_dirs(tag):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
-    with namespaces("lb", "rtr", "be1", "be2", tag="xdp") as ns:
+    with (
+        namespaces("lb", "rtr", "be1", "be2", tag="xdp") as ns,
+        _no_leftover_pins(pin_tag("xp", ns["lb"])),
+    ):
         _network(ns)
         tag = pin_tag("xp", ns["lb"])
 
@@ -251,6 +265,11 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
             assert {p: b for p, (b, _) in got.items()} == after
             st = _status(sock)
             assert st["dataplane"] == "xdp" and st["map_updates"] >= 1, st
+            assert st["forward"] == {  # the stack routed nothing of the VIP's on
+                "forward_denied": 0,
+                "forward_unreachable": 0,
+                "forward_allowed": 0,
+            }, st
             counters = st["xdp"]["counters"]  # type: ignore[index]
             assert counters["tx"] >= 2 * len(ports), counters
             assert st["engine"]["xdp"]["counters"]["forwarded"] == counters["tx"]  # type: ignore[index]
@@ -281,6 +300,7 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
         assert "removed xdp program on x0 (native)" in out, out
         assert " xdp" not in nsx(ns["lb"], "ip", "link", "show", "x0")
         assert not pin_dirs(tag) and not list(Path("/sys/fs/bpf").glob(f"v6lb-{tag}*"))
+        assert "v6lb" not in nsx(ns["lb"], "nft", "list", "tables")  # the forward filter
 
         # A device without native XDP (a bridge, with a port for its carrier): generic
         # mode, with a warning.

@@ -29,8 +29,17 @@ from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.core.dsr import DsrService
-from v6lb.engines.kernel.apply import require_root, require_tools, run_tool
-from v6lb.engines.kernel.host import check_lb_host
+from v6lb.engines.kernel.apply import (
+    KernelError,
+    apply_nft,
+    limits_status,
+    nft_counters,
+    remove,
+    require_root,
+    require_tools,
+    run_tool,
+)
+from v6lb.engines.kernel.host import check_lb_host, require_ipv6_forwarding
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged
 from v6lb.engines.xdp.bpf import (
     BPF_F_INNER_MAP,
@@ -53,6 +62,7 @@ from v6lb.engines.xdp.program import (
 )
 from v6lb.model.config import Config
 from v6lb.model.pools import dsr_services
+from v6lb.render.nftables import render_forward_nft
 
 __all__ = ["PASS_OBJECT", "XdpPlane", "attach_pass", "pin_dirs", "pin_tag"]
 
@@ -133,6 +143,7 @@ class XdpPlane(Plane):
         self.link_fd = -1
         self.mode = ""  # native or generic, once attached
         self.carried: dict[str, int] = {}  # counters of the generations a reload replaced
+        self._filter = False  # the forward filter (nft table v6lb_<instance>) may be there
         self._flight: tuple[float, int, int] | None = None
 
     # --- checks -------------------------------------------------------------------
@@ -140,7 +151,7 @@ class XdpPlane(Plane):
     @classmethod
     def preflight(cls, config: Config) -> None:
         require_root()
-        require_tools("bpftool", "ip")
+        require_tools("bpftool", "ip", "nft")
         if not OBJECT.is_file():
             raise RunError(
                 f"the XDP program {OBJECT} is not built",
@@ -157,6 +168,10 @@ class XdpPlane(Plane):
                 "name it first in lb.interfaces (the link the VIPs' packets arrive on)",
             )
         ifname = config.lb.interfaces[0]
+        require_ipv6_forwarding(
+            ctx.netns,
+            "what the program passes to the stack (hop limit 1: Time Exceeded) is routed",
+        )
         _check_kernel()
         plane = cls(config, ctx, ifname)
         _check_maps(config, plane.services)
@@ -174,7 +189,7 @@ class XdpPlane(Plane):
     # --- install / remove ---------------------------------------------------------
 
     def install(self) -> str:
-        """Load, pin, fill, attach; on failure nothing stays behind."""
+        """Forward filter, load, pin, fill, attach; on failure nothing stays behind."""
         for old in pin_dirs(self.tag):
             self.ctx.warn(
                 f"found {old} of an earlier run of instance {self.config.lb.instance} (it was"
@@ -182,6 +197,10 @@ class XdpPlane(Plane):
             )
             shutil.rmtree(old, ignore_errors=True)  # its pinned link goes: detached
         try:
+            for item in remove(self.config.lb.instance):
+                self.ctx.warn(f"removed leftover {item}")
+            self._filter = True
+            apply_nft(render_forward_nft(self.config, (), plane=self.name))
             self.program = self._load(self.services)
             self.link_fd, self.mode = self._attach(self.program)
             obj_pin(self.link_fd, str(self.program.dir / "link"))
@@ -245,6 +264,9 @@ class XdpPlane(Plane):
             self.program.close()
             self.program = None
             removed.append(f"pinned {where}")
+        if self._filter:
+            removed += remove(self.config.lb.instance)
+            self._filter = False
         return removed
 
     # --- changes ------------------------------------------------------------------
@@ -286,6 +308,7 @@ class XdpPlane(Plane):
             try:
                 link_update(self.link_fd, new.prog_fd)
                 obj_pin(self.link_fd, str(new.dir / "link"))
+                apply_nft(render_forward_nft(config, (), plane=self.name))
             except BaseException:
                 try:  # back to the running program if the switch was made
                     link_update(self.link_fd, old.prog_fd)
@@ -321,6 +344,10 @@ class XdpPlane(Plane):
             if k == "tx":
                 continue
             engine[f"pass.{k.removeprefix('pass-')}" if k in names else f"drop.{k}"] = n
+        try:
+            counted = nft_counters(self.config.lb.instance)
+        except KernelError:  # a status request must never stop the data plane
+            counted = None
         out = PlaneStatus()
         out.details = {
             "xdp": {
@@ -332,6 +359,8 @@ class XdpPlane(Plane):
             },
             "engine": {"xdp": {"counters": engine}},
         }
+        if counted is not None:  # the forward filter's counters (docs/nat.md)
+            out.details["forward"] = limits_status(self.config, counted, count=None)["forward"]
         return out
 
     def in_flight(self) -> int:
