@@ -170,7 +170,7 @@ class XdpPlane(Plane):
         ifname = config.lb.interfaces[0]
         require_ipv6_forwarding(
             ctx.netns,
-            "what the program passes to the stack (hop limit 1: Time Exceeded) is routed",
+            "the stack would not answer a VIP packet at hop limit 1 with Time Exceeded",
         )
         _check_kernel()
         plane = cls(config, ctx, ifname)
