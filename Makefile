@@ -37,9 +37,11 @@ apt: $(APT_STAMP)
 # The XDP program (docs/dataplane-xdp.md): BPF C compiled by Debian's clang into build/,
 # which git ignores; never commit the object. Rebuilt only when a source changes.
 XDP_SRC := src/v6lb/engines/xdp
-# bench.c is the benchmark's build of the same code (benchmarks/bench_xdp.py).
+# bench.c is the benchmark's build of the same code (benchmarks/bench_xdp.py); pass.c
+# the XDP_PASS program for a veth peer (build/xdp/v6lb_xdp_<name>.o from <name>.c).
 XDP_OBJ := build/xdp/v6lb_xdp.o
 XDP_BENCH_OBJ := build/xdp/v6lb_xdp_bench.o
+XDP_PASS_OBJ := build/xdp/v6lb_xdp_pass.o
 CLANG ?= clang
 XDP_APT := clang llvm libbpf-dev bpftool
 build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
@@ -52,9 +54,9 @@ build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
 	fi
 	@if command -v $(CLANG) >/dev/null; then mkdir -p $(dir $@) && set -x && \
 	  $(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
-	    -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,v6lb_xdp).c -o $@; fi
+	    -c $(XDP_SRC)/$(patsubst v6lb_xdp_%,%,$*).c -o $@; fi
 
-xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ)
+xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ) $(XDP_PASS_OBJ)
 
 demo: $(STAMP)
 	$(VENV)/bin/v6lb demo
@@ -69,7 +71,7 @@ typecheck: $(STAMP)
 # Two workers (the CI machine has 2 cores); --dist loadfile keeps each test file, and so
 # its module-scoped namespaces and fixtures, in one worker.
 PYTEST_WORKERS ?= 2
-pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
+pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ) $(XDP_PASS_OBJ)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -345,7 +345,7 @@ def test_a_new_plane_registers_with_one_line(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(planes, "_PLANES", dict(planes._PLANES))
     planes.register("newplane", Role.DATAPLANE, __name__, "NewPlane")  # the one line
     assert planes.plane_class("newplane") is NewPlane
-    assert planes.names(Role.DATAPLANE) == ("kernel", "python", "newplane")
+    assert planes.names(Role.DATAPLANE) == ("kernel", "python", "xdp", "newplane")
     assert planes.names(Role.PROXY) == ("builtin", "haproxy")
     planes.register("other", Role.DATAPLANE, __name__, "NewPlane")  # its name is "newplane"
     with pytest.raises(TypeError):
@@ -354,10 +354,11 @@ def test_a_new_plane_registers_with_one_line(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_the_registry_and_the_mode_table_agree() -> None:
     assert planes.names(Role.DATAPLANE)[:2] == ("kernel", "python")
-    for name in ("kernel", "python", "builtin", "haproxy"):
+    for name in ("kernel", "python", "xdp", "builtin", "haproxy"):
         cls = planes.plane_class(name)
         assert cls.name == name and cls.role is planes._PLANES[name].role
     assert set(planes.served_modes("kernel")) >= {"npt", "nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6"}
+    assert planes.served_modes("xdp") == ("dsr-ip6ip6", "dsr-srv6")
     assert planes.served_modes("builtin") == ("proxy-l4", "proxy-l7")
 
 

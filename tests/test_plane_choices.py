@@ -1,8 +1,9 @@
 """The mode table may name a plane that is not registered; users are offered registered ones only.
 
-model/modes.py lists ``xdp`` for npt and dsr-* (the design: docs/architecture.md), and no
-package serves it yet. Every user-facing choice, help text and refusal that names planes
-reads engines/planes.py, so adding the plane is its package plus one ``register(...)`` line.
+model/modes.py lists ``xdp`` for dsr-ip6ip6 and dsr-srv6, and engines/planes.py registers
+it. Every user-facing choice, help text and refusal that names planes reads the registry,
+so a plane is offered with its package plus one ``register(...)`` line, and nowhere
+without that line (checked here by taking xdp's line out).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from v6lb.cli import build_parser, main
 from v6lb.engines import planes
 from v6lb.engines.daemon import RunOptions, prepare
 from v6lb.engines.plane import RunError
-from v6lb.engines.planes import PlaneEntry, Role, names, served_modes, serving
+from v6lb.engines.planes import Role, names, served_modes, serving
 from v6lb.model.modes import MODES, NAMES, Plane, facts
 
 NAMED = {str(p) for m in MODES.values() for p in m.planes}  # every plane the table names
-UNREGISTERED = sorted(NAMED - set(names(Role.DATAPLANE)))
 
 
 def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -56,18 +56,21 @@ def _nat_file(path: Path) -> str:
     return str(path)
 
 
-def test_the_table_names_xdp_for_npt_and_dsr_but_not_nat() -> None:
-    assert Plane.XDP in facts("npt").planes
-    assert all(Plane.XDP in facts(m).planes for m in NAMES if facts(m).is_dsr)
+def test_the_table_names_xdp_for_the_tunnel_dsr_modes_only() -> None:
+    assert [m for m in NAMES if Plane.XDP in facts(m).planes] == ["dsr-ip6ip6", "dsr-srv6"]
     assert Plane.XDP not in facts("nat").planes
 
 
-@pytest.mark.parametrize("plane", UNREGISTERED)
-def test_a_plane_the_table_names_but_nobody_registered_is_offered_nowhere(plane: str) -> None:
-    word = re.compile(rf"\b{re.escape(plane)}\b")
+def test_a_plane_the_table_names_but_nobody_registered_is_offered_nowhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert "xdp" in NAMED and "xdp" in names(Role.DATAPLANE)
+    word = re.compile(r"\bxdp\b")
+    assert [t for t in _user_texts() if word.search(t)]  # registered: offered
+    monkeypatch.delitem(planes._PLANES, "xdp")
     assert [t for t in _user_texts() if word.search(t)] == []
     for mode in NAMES:
-        assert plane not in serving(mode)
+        assert "xdp" not in serving(mode)
 
 
 def test_every_plane_the_table_names_is_registered_or_absent_from_every_choice() -> None:
@@ -83,11 +86,13 @@ def test_every_plane_the_table_names_is_registered_or_absent_from_every_choice()
     assert all(p in registered or p not in offered for p in NAMED)
 
 
-@pytest.mark.skipif("xdp" in names(Role.DATAPLANE), reason="the xdp plane is registered")
 @pytest.mark.parametrize("argv", [["run", "F"], ["lab", "up", "F"]])
-def test_dataplane_xdp_is_an_invalid_choice_today(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
+def test_dataplane_xdp_is_a_choice_only_while_registered(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    args = build_parser().parse_args([*argv, "--dataplane", "xdp"])
+    assert args.dataplane == "xdp"
+    monkeypatch.delitem(planes._PLANES, "xdp")
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--dataplane", "xdp"])
     assert exit_.value.code == 2
@@ -95,17 +100,14 @@ def test_dataplane_xdp_is_an_invalid_choice_today(
 
 
 def test_the_refusals_name_only_registered_planes_that_serve_the_mode() -> None:
-    assert "xdp" in facts("npt").planes  # the table names it ...
-    assert serving("npt") == ("kernel", "python")  # ... the refusal offers what is registered
+    assert serving("dsr-srv6") == ("kernel", "python", "xdp")
+    assert serving("npt") == ("kernel", "python")
+    assert serving("nat") == ("kernel", "python")
     assert serving("proxy-l4", Role.PROXY) == ("builtin", "haproxy")
 
 
-def test_a_plane_that_does_not_serve_the_mode_is_refused_naming_the_planes_that_do(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What `--dataplane xdp` with a nat VIP will answer once xdp is registered."""
-    monkeypatch.setitem(planes._PLANES, "xdp", PlaneEntry(Role.DATAPLANE, "nowhere", "Xdp"))
-    assert "nat" not in served_modes("xdp") and "npt" in served_modes("xdp")
+def test_nat_on_xdp_is_refused_naming_the_planes_that_serve_it(tmp_path: Path) -> None:
+    assert "nat" not in served_modes("xdp")
     with pytest.raises(RunError) as refused:
         prepare(RunOptions(_nat_file(tmp_path / "nat.yaml"), dataplane="xdp"))
     assert "vips.web: mode nat is not served by --dataplane xdp" in str(refused.value)

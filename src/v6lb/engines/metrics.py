@@ -211,7 +211,8 @@ def _l3(f: _Families, status: InstanceStatus) -> None:
 
 
 def _python_engine(f: _Families, engine: dict[str, Any], drops: dict[str, int]) -> None:
-    """The python plane's forwarders: their packets, drops by reason, the DSR flow cache."""
+    """The python plane's forwarders (the xdp plane's program): their packets, drops by
+    reason, the DSR flow cache; passes to the stack by reason (xdp)."""
     for kind, info in engine.items():
         if not isinstance(info, dict):
             continue
@@ -228,6 +229,12 @@ def _python_engine(f: _Families, engine: dict[str, Any], drops: dict[str, int]) 
             for key, n in counters.items():
                 if key.startswith("drop.") and isinstance(n, int):
                     drops[key[5:]] = drops.get(key[5:], 0) + n
+                elif key.startswith("pass.") and isinstance(n, int):  # the xdp plane
+                    f.counter(
+                        "v6lb_passed_packets",
+                        "Packets the data plane left to the kernel stack, by reason.",
+                        ["forwarder", "reason"],
+                    ).add_metric([kind, key[5:]], n)
         if isinstance(info.get("flow_cache"), int):
             f.gauge(
                 "v6lb_flow_cache_entries", "Flows in the DSR flow cache.", ["forwarder"]

@@ -4,7 +4,7 @@ A `v6lb run` process is one :class:`~v6lb.engines.daemon.Daemon`. It owns the
 control socket, the signals, the reload policy, health driving, the log and the
 status; everything that moves packets is a :class:`Plane`:
 
-- an L3/L4 data plane (``--dataplane kernel|python``): :attr:`Plane.role` is
+- an L3/L4 data plane (``--dataplane kernel|python|xdp``): :attr:`Plane.role` is
   :attr:`Role.DATAPLANE`. Its :meth:`~Plane.pools` are the VIPs whose backends the
   daemon probes; a health change reaches the plane as :meth:`~Plane.apply_pool_change`;
 - a proxy engine (``--proxy builtin|haproxy``): :attr:`Role.PROXY`. It checks its

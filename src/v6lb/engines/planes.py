@@ -6,8 +6,8 @@ others. ``--dataplane`` takes the names of role ``dataplane``, ``--proxy`` those
 of role ``proxy``. The modes a plane serves are the mode table's
 (:func:`served_modes`), never declared here.
 
-The mode table may name a plane that is not registered (``xdp``, whose
-package does not exist yet): only this registry decides what a user is offered.
+The mode table may name a plane that is not registered: only this registry
+decides what a user is offered.
 Every user-facing choice, help text and refusal that names planes reads
 :func:`names` or :func:`serving`, so a plane the table names becomes usable with
 its package and its one :func:`register` line.
@@ -64,6 +64,7 @@ register(
     "kernel", Role.DATAPLANE, "v6lb.engines.kernel.run", "KernelPlane", "nftables/ip6tables/seg6"
 )
 register("python", Role.DATAPLANE, "v6lb.engines.python.run", "PythonPlane", "the v6lb core on TUN")
+register("xdp", Role.DATAPLANE, "v6lb.engines.xdp.run", "XdpPlane", "a BPF program in XDP")
 register("builtin", Role.PROXY, "v6lb.engines.proxy.run", "BuiltinProxyPlane", "asyncio")
 register("haproxy", Role.PROXY, "v6lb.engines.proxy.run", "HaproxyPlane", "an haproxy process")
 

@@ -216,6 +216,8 @@ def lab_up(
     try:
         _build(plan)
         log.write(f"lab {name}: {len(plan.namespaces)} namespaces, {len(plan.bridges)} links\n")
+        if plan.dataplane == "xdp":
+            _xdp_peers(plan, log)
         _start(plan, processes, log)
         _write_state(plan, processes, "up")
     except BaseException:
@@ -224,6 +226,32 @@ def lab_up(
         raise
     state: dict[str, Any] = json.loads((plan.labdir / "state.json").read_text())
     return state
+
+
+def _xdp_peers(plan: LabPlan, log: Any) -> None:
+    """What native XDP on the lab's veths needs (docs/dataplane-xdp.md, "veth").
+
+    The XDP_PASS program on the bridge port of each LB's XDP interface
+    (``lb.interfaces[0]``): a native XDP_TX on a veth reaches the peer only while the
+    peer has an XDP program; the port goes with the switch namespace. And TX checksum
+    offload off on the other nodes (:mod:`v6lb.lab.offload`).
+    """
+    from v6lb.engines.xdp.run import attach_pass
+    from v6lb.lab.offload import tx_checksum_off
+
+    for node, ns in plan.namespaces.items():  # full checksums from every sender
+        if node not in plan.lb_configs:
+            tx_checksum_off(ns, [i.name for i in plan.ifaces if i.node == node])
+    for node, derived in plan.lb_configs.items():
+        if not derived.lb.interfaces:
+            continue
+        first = derived.lb.interfaces[0]
+        for i in plan.ifaces:
+            if i.node == node and i.name == first:
+                attach_pass(i.port, plan.switch_ns)
+                log.write(
+                    f"lab {plan.name}: {node}: XDP_PASS program on {i.port}, {first}'s peer\n"
+                )
 
 
 def _refuse_existing(plan: LabPlan) -> None:
@@ -507,12 +535,31 @@ def lab_down(name: str, *, root: Path = LAB_ROOT, log: Any = sys.stderr) -> list
     for ns in mine:
         _sh("ip", "netns", "del", ns, check=False)
         done.append(f"deleted namespace {ns}")
+    done += _unpin(mine)
     labdir = root / name
     if labdir.exists():
         shutil.rmtree(labdir, ignore_errors=True)  # traces may add subfolders
         done.append(f"removed {labdir}")
     for line in done:
         log.write(f"lab {name}: {line}\n")
+    return done
+
+
+def _unpin(namespaces: Sequence[str]) -> list[str]:
+    """Remove what an xdp plane of the lab left pinned (its `v6lb run` was killed).
+
+    Its directories carry the namespace in their tag (``v6lb-<instance>_<netns>_<gen>``,
+    :func:`v6lb.engines.xdp.run.pin_tag`); their link goes with them.
+    """
+    from v6lb.engines.xdp.program import BPFFS
+
+    done: list[str] = []
+    if not namespaces or not BPFFS.is_dir():
+        return done
+    for d in sorted(BPFFS.glob("v6lb-*")):
+        if d.is_dir() and any(f"_{ns}_" in d.name for ns in namespaces):
+            shutil.rmtree(d, ignore_errors=True)
+            done.append(f"unpinned {d}")
     return done
 
 

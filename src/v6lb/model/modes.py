@@ -16,12 +16,12 @@ kernel data plane, ``modes_where(tunnels=True)`` the tunnel modes, and so on.
 :func:`facts` takes a name or a :class:`~v6lb.model.config.VipMode` (a
 ``StrEnum`` of the VIP mode names, which reads its properties from this table).
 
-``planes`` lists the data planes that serve a mode by design: ``kernel`` and
-``python`` serve ``npt``, ``nat`` and ``dsr-*``; ``xdp`` serves ``npt`` and
-``dsr-*``, not ``nat``. The column may name a plane that is not registered
-(engines/planes.py): ``xdp`` is named here and has no package yet.
-Everything user-facing offers only the REGISTERED planes: the ``--dataplane``
-choices of ``v6lb run`` and ``v6lb lab up``, their help texts, and the refusals
+``planes`` lists the data planes that serve a mode: ``kernel`` and ``python``
+serve ``npt``, ``nat`` and ``dsr-*``; ``xdp`` serves ``dsr-ip6ip6`` and
+``dsr-srv6`` (its program forwards neither ``dsr-l2`` nor ``npt``), never ``nat``,
+which needs connection state. The column may name a plane that is not registered
+(engines/planes.py). Everything user-facing offers only the REGISTERED planes: the
+``--dataplane`` choices of ``v6lb run`` and ``v6lb lab up``, their help texts, and the refusals
 that name planes (``mode nat is not served by --dataplane P``: "use a data plane
 that serves it: kernel, python") read the registry, filtered by this column
 (``planes.serving(mode)``). So a plane this column already names is added with
@@ -76,7 +76,7 @@ class Plane(StrEnum):
 
     KERNEL = "kernel"
     PYTHON = "python"
-    XDP = "xdp"  # named by the design, not registered: no user-facing choice offers it
+    XDP = "xdp"  # the BPF program (engines/xdp)
 
 
 class ProxyEngine(StrEnum):
@@ -133,8 +133,9 @@ class ModeFacts:
         return self.kind is Kind.DSR
 
 
-_L3: Final = (Plane.KERNEL, Plane.PYTHON, Plane.XDP)  # npt and dsr-*
+_L3: Final = (Plane.KERNEL, Plane.PYTHON, Plane.XDP)  # the modes every L3 plane serves
 _STATEFUL: Final = (Plane.KERNEL, Plane.PYTHON)  # nat: the planes that keep connection state
+_NO_XDP: Final = (Plane.KERNEL, Plane.PYTHON)  # modes the XDP program does not forward
 _PROXIES: Final = (ProxyEngine.BUILTIN, ProxyEngine.HAPROXY)
 
 _TABLE: Final = (
@@ -160,7 +161,7 @@ _TABLE: Final = (
         "NPTv6 prefix translation (RFC 6296)",
         vip=False,
         routed=True,
-        planes=_L3,
+        planes=_NO_XDP,
         forwarder=Forwarder.NPT,
     ),
     ModeFacts(
@@ -176,7 +177,7 @@ _TABLE: Final = (
         "dsr-l2",
         Kind.DSR,
         "Direct server return, L2 (MAC rewrite)",
-        planes=_L3,
+        planes=_NO_XDP,
         options="DsrL2Options",
         forwarder=Forwarder.DSR,
     ),

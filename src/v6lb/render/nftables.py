@@ -1231,20 +1231,23 @@ def render_nft(
     return "\n".join(lines) + "\n"
 
 
-def render_forward_nft(config: Config, tuns: Sequence[str]) -> str:
-    """The Python data plane's nftables state: the forward filter only, one transaction.
+def render_forward_nft(config: Config, tuns: Sequence[str], plane: str = "python") -> str:
+    """The Python (or xdp) data plane's nftables state: the forward filter only, one
+    transaction.
 
     What the kernel steers into the ``tuns`` (and what they emit) is the core's
-    to judge; everything else routed through the host is v6lb's forward policy.
+    to judge; everything else routed through the host is v6lb's forward policy. The xdp
+    plane has no TUN: what its program passes to the stack and the stack would route on
+    is judged here (docs/dataplane-xdp.md), without the TUN queues' ICMPv6 error guard.
     """
     tag = _tag(config)
     lines = [
-        f"# {tag}: python data plane forward filter from {config.source}; load with: nft -f FILE"
+        f"# {tag}: {plane} data plane forward filter from {config.source}; load with: nft -f FILE"
     ]
     lines += _reset(config.lb.instance)
     lines += [f"table ip6 {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
     lines += _forward_objects(config, kernel=False)
-    limit = _icmp_error_limit(config)
+    limit = _icmp_error_limit(config) if plane == "python" else []
     if limit:
         lines += _set_block(
             "icmp_limited",

@@ -90,6 +90,16 @@ def status_lines(st: InstanceStatus) -> list[str]:
     for line in st.skipped:
         if line.split(" ", 1)[0] not in served:  # skipped by the kernel, run by the proxy
             out.append(f"skipped: {line}")
+    xdp = st.extra.get("xdp")
+    if isinstance(xdp, dict):  # the xdp plane: its attachment, its per-CPU counters summed
+        out.append(
+            f"xdp: program on {xdp.get('interface')} ({xdp.get('mode')}),"
+            f" generation {xdp.get('generation')}, pinned {xdp.get('pinned')}"
+        )
+        counts = xdp.get("counters") or {}
+        out.append(
+            "  counters: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet")
+        )
     k = st.kernel
     if k is not None:
         out.append("kernel objects:")

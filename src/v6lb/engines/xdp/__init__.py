@@ -1,8 +1,8 @@
-"""The XDP data plane's foundation: a BPF C program for dsr-ip6ip6/dsr-srv6, its harness.
+"""The XDP data plane: a BPF C program for dsr-ip6ip6/dsr-srv6, its harness, its plane.
 
 ``v6lb_xdp.c`` (with ``parse.h``, ``hash.h``, ``encap.h``, ``maps.h``, ``counters.h``)
-is compiled by ``make xdp`` into ``build/xdp/v6lb_xdp.o``. :mod:`.bpf` wraps the bpf(2)
-syscall; :mod:`.program` loads the object with bpftool, pins it under a tagged bpffs
-directory and fills its maps from a config. ``v6lb run`` does not offer this plane
-today (docs/dataplane-xdp.md).
+is compiled by ``make xdp`` into ``build/xdp/v6lb_xdp.o`` (and ``pass.c``, the XDP_PASS
+program for a veth's peer). :mod:`.bpf` wraps the bpf(2) syscall; :mod:`.program` loads
+the object with bpftool, pins it under a tagged bpffs directory and fills its maps from a
+config; :mod:`.run` is ``v6lb run --dataplane xdp`` (docs/dataplane-xdp.md).
 """

@@ -1,8 +1,10 @@
 """A small typed wrapper over the bpf(2) syscall, with ctypes: what the XDP harness needs.
 
-Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_MAP_UPDATE_ELEM``,
+Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_OBJ_PIN``,
+``BPF_MAP_CREATE`` (a Maglev table for the map-in-map swap), ``BPF_MAP_UPDATE_ELEM``,
 ``BPF_MAP_UPDATE_BATCH`` (a whole Maglev table in one call), ``BPF_MAP_LOOKUP_ELEM``
-(per-CPU values: one 8-byte slot per possible CPU) and ``BPF_PROG_TEST_RUN``. The
+(per-CPU values: one 8-byte slot per possible CPU), ``BPF_PROG_TEST_RUN`` and the XDP
+link (``BPF_LINK_CREATE``, ``BPF_LINK_UPDATE``, ``BPF_LINK_DETACH``). The
 program itself is loaded and its maps pinned by ``bpftool prog load`` (libbpf does
 the ELF relocation and BTF work; docs/dataplane-xdp.md says why). Linux x86-64 and
 arm64 only: the syscall number is the one thing that differs.
@@ -18,18 +20,25 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "XDP_FLAGS_DRV_MODE",
+    "XDP_FLAGS_SKB_MODE",
     "BpfError",
     "Map",
     "RunResult",
+    "link_detach",
+    "link_update",
+    "map_create",
     "obj_get",
     "obj_pin",
     "possible_cpus",
     "prog_load_xdp",
     "prog_test_run",
     "prog_test_run_live",
+    "xdp_link_create",
 ]
 
 _NR_BPF: Final = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_CREATE: Final = 0
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
 BPF_PROG_LOAD: Final = 5
@@ -37,6 +46,14 @@ BPF_OBJ_PIN: Final = 6
 BPF_OBJ_GET: Final = 7
 BPF_PROG_TEST_RUN: Final = 10
 BPF_MAP_UPDATE_BATCH: Final = 26
+BPF_LINK_CREATE: Final = 28
+BPF_LINK_UPDATE: Final = 29
+BPF_LINK_DETACH: Final = 34
+BPF_MAP_TYPE_ARRAY: Final = 2
+BPF_F_INNER_MAP: Final = 1 << 12
+BPF_XDP: Final = 37  # attach type
+XDP_FLAGS_SKB_MODE: Final = 1 << 1  # generic XDP: after the skb is built
+XDP_FLAGS_DRV_MODE: Final = 1 << 2  # native XDP: in the driver
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -51,6 +68,37 @@ class _ObjGet(ctypes.Structure):
         ("pathname", ctypes.c_uint64),
         ("bpf_fd", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+    ]
+
+
+class _MapCreate(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+class _LinkCreate(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class _LinkUpdate(ctypes.Structure):
+    _fields_ = [
+        ("link_fd", ctypes.c_uint32),
+        ("new_prog_fd", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("old_prog_fd", ctypes.c_uint32),
     ]
 
 
@@ -120,9 +168,44 @@ def obj_get(path: str) -> int:
 
 
 def obj_pin(fd: int, path: str) -> None:
-    """Pin the program or map ``fd`` at ``path`` on a bpffs (unlink it to unpin)."""
+    """Pin the program, map or link ``fd`` at ``path`` (in a bpffs; unlink it to unpin)."""
     name = ctypes.create_string_buffer(os.fsencode(path))
     _bpf(BPF_OBJ_PIN, _ObjGet(pathname=_addr(name), bpf_fd=fd), f"OBJ_PIN {path}")
+
+
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0, name: str = ""
+) -> int:
+    """A new map; its file descriptor (the map lives while a descriptor or a map holds it)."""
+    attr = _MapCreate(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_flags=flags,
+        map_name=name.encode("ascii")[:15],
+    )
+    return _bpf(BPF_MAP_CREATE, attr, f"MAP_CREATE {name or map_type}")
+
+
+def xdp_link_create(prog_fd: int, ifindex: int, flags: int) -> int:
+    """Attach an XDP program to interface ``ifindex`` as a BPF link; the link's descriptor.
+
+    ``flags``: :data:`XDP_FLAGS_DRV_MODE` (native) or :data:`XDP_FLAGS_SKB_MODE`
+    (generic). The program stays attached while the link is open or pinned.
+    """
+    attr = _LinkCreate(prog_fd=prog_fd, target_ifindex=ifindex, attach_type=BPF_XDP, flags=flags)
+    return _bpf(BPF_LINK_CREATE, attr, f"LINK_CREATE xdp ifindex {ifindex}")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Replace the link's program by ``prog_fd`` in one step (no packet goes without one)."""
+    _bpf(BPF_LINK_UPDATE, _LinkUpdate(link_fd=link_fd, new_prog_fd=prog_fd), "LINK_UPDATE")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach the link's program now, whoever else holds the link."""
+    _bpf(BPF_LINK_DETACH, _LinkUpdate(link_fd=link_fd), "LINK_DETACH")
 
 
 def possible_cpus() -> int:
@@ -141,6 +224,14 @@ class Map:
         self.value_size = value_size
         self.per_cpu = per_cpu
         self.fd = obj_get(path)
+
+    @classmethod
+    def create_array(cls, name: str, value_size: int, entries: int, flags: int = 0) -> Map:
+        """A new unpinned ARRAY map of ``entries`` values (u32 keys); ``path`` is its name."""
+        m = cls.__new__(cls)
+        m.path, m.key_size, m.value_size, m.per_cpu = name, 4, value_size, False
+        m.fd = map_create(BPF_MAP_TYPE_ARRAY, 4, value_size, entries, flags, name)
+        return m
 
     def close(self) -> None:
         if self.fd >= 0:

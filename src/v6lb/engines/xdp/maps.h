@@ -8,7 +8,7 @@
 
 #define V6LB_MAX_VIPS 256
 #define V6LB_MAX_BACKENDS 4096
-#define V6LB_TABLE_ENTRIES (16 * 65537) /* every VIP's Maglev table, end to end */
+#define V6LB_TABLE_ENTRIES (16 * 65537) /* the Maglev tables' slots, all VIPs together */
 #define V6LB_NONE 0xFFFFFFFFu
 
 #define V6LB_MODE_IP6IP6 1
@@ -31,7 +31,7 @@ struct vip_val {
 struct vip_info {
 	__u32 mode;       /* V6LB_MODE_* (0: a DSR mode this program does not serve) */
 	__u32 seed;       /* lb.flow_hash_seed */
-	__u32 table_off;  /* first slot of this VIP's table in v6lb_maglev */
+	__u32 table_off;  /* the loader's: where the table starts in map_entries' list */
 	__u32 table_size; /* the pool's Maglev table size M (prime) */
 	__u32 limit;      /* largest inner packet: mtu - overhead */
 	__u32 pad;
@@ -56,11 +56,24 @@ struct {
 	__type(value, struct vip_info);
 } v6lb_vip_info SEC(".maps");
 
-struct {
+/* VIP index -> that VIP's Maglev table, an array of table_size slots (map in map).
+ * A health or `ctl` change builds a whole new table and swaps it in with one update
+ * of this array (an atomic pointer exchange in the kernel): a packet sees the old
+ * table or the new one, never a mix (docs/dataplane-xdp.md, "Atomic table updates").
+ * BPF_F_INNER_MAP: the tables may differ in size. */
+struct v6lb_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, V6LB_TABLE_ENTRIES);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u32); /* global backend index, or V6LB_NONE (no eligible backend) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, V6LB_MAX_VIPS);
+	__type(key, __u32);
+	__array(values, struct v6lb_table);
 } v6lb_maglev SEC(".maps");
 
 struct {

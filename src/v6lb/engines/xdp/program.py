@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from v6lb.core.backends import BackendPool
 from v6lb.core.dsr import MODE_IP6IP6, MODE_SRV6, DsrService
-from v6lb.engines.xdp.bpf import Map, RunResult, obj_get, prog_test_run
+from v6lb.engines.xdp.bpf import BPF_F_INNER_MAP, Map, RunResult, obj_get, prog_test_run
 from v6lb.model.config import Config
 from v6lb.model.pools import dsr_services
 from v6lb.wire.reasons import Reason
@@ -34,6 +35,8 @@ __all__ = [
     "XdpProgram",
     "counter_names",
     "map_entries",
+    "served",
+    "table_values",
 ]
 
 HERE: Final = Path(__file__).resolve().parent
@@ -77,6 +80,16 @@ def _vip_key(addr: bytes, port: int, proto: int) -> bytes:
     return _VIP_KEY.pack(addr, int.from_bytes(port.to_bytes(2, "big"), "little"), proto)
 
 
+def served(services: Sequence[DsrService]) -> list[DsrService]:
+    """The services the program forwards (its modes), in VIP index order."""
+    return [s for s in services if s.mode in _MODE_IDS]
+
+
+def table_values(pool: BackendPool, base: int) -> array[int]:
+    """A pool's Maglev table as the program holds it: global backend indexes from ``base``."""
+    return array("I", (_NONE if b < 0 else base + b for b in pool.table))
+
+
 def map_entries(
     services: Sequence[DsrService],
 ) -> tuple[dict[bytes, int], list[bytes], array[int], list[bytes]]:
@@ -88,18 +101,18 @@ def map_entries(
     mode (dsr-l2) keeps its keys but has no index: the program passes its packets on.
     Raises ValueError, naming the limit, when the maps cannot hold it all.
     """
-    served = [s for s in services if s.mode in _MODE_IDS]
-    if len(served) > MAX_VIPS:
-        raise ValueError(f"{len(served)} tunnel VIPs: the XDP program holds {MAX_VIPS}")
-    n_backends = sum(len(s.pool) for s in served)
+    mine = served(services)
+    if len(mine) > MAX_VIPS:
+        raise ValueError(f"{len(mine)} tunnel VIPs: the XDP program holds {MAX_VIPS}")
+    n_backends = sum(len(s.pool) for s in mine)
     if n_backends > MAX_BACKENDS:
         raise ValueError(f"{n_backends} backends: the XDP program holds {MAX_BACKENDS}")
-    n_slots = sum(s.pool.size for s in served)
+    n_slots = sum(s.pool.size for s in mine)
     if n_slots > MAX_TABLE_ENTRIES:
         raise ValueError(
             f"Maglev tables of {n_slots} slots in all: the XDP program holds {MAX_TABLE_ENTRIES}"
         )
-    index = {id(s): i for i, s in enumerate(served)}
+    index = {id(s): i for i, s in enumerate(mine)}
     vips: dict[bytes, int] = {}
     for s in services:
         idx = index.get(id(s), _NONE)
@@ -112,14 +125,14 @@ def map_entries(
     info: list[bytes] = []
     maglev: array[int] = array("I")
     backends: list[bytes] = []
-    for s in served:
+    for s in mine:
         pool = s.pool
         assert s.tunnel_source is not None
         base = len(backends)
         info.append(
             _VIP_INFO.pack(_MODE_IDS[s.mode], pool.seed, len(maglev), pool.size, s.limit, 0)
         )
-        maglev.extend(_NONE if b < 0 else base + b for b in pool.table)
+        maglev.extend(table_values(pool, base))
         backends.extend(s.tunnel_source + t for t in s.targets)
     return vips, info, maglev, backends
 
@@ -128,8 +141,8 @@ class XdpProgram:
     """The compiled program loaded and pinned under ``/sys/fs/bpf/v6lb-<tag>/``."""
 
     def __init__(self, tag: str, obj: Path = OBJECT) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", tag):
-            raise ValueError(f"tag {tag!r}: letters, digits, '.', '_' or '-', at most 40")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", tag):  # bpffs refuses a '.' in a name
+            raise ValueError(f"tag {tag!r}: letters, digits, '_' or '-', at most 100")
         if not obj.is_file():
             raise FileNotFoundError(f"{obj}: no XDP object; build it with `make xdp`")
         self.dir = BPFFS / f"v6lb-{tag}"
@@ -184,13 +197,16 @@ class XdpProgram:
             self.prog_fd = -1
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def fill(self, config: Config) -> int:
+    def fill(self, config: Config, services: Sequence[DsrService] | None = None) -> int:
         """Fill the maps from ``config``'s dsr-ip6ip6 and dsr-srv6 VIPs; return how many.
 
         The pools are :func:`v6lb.model.pools.dsr_services`' (``pool_for``: every
-        backend up), so the program and a fresh ``DsrForwarder`` hold the same tables.
+        backend up), so the program and a fresh ``DsrForwarder`` hold the same tables;
+        or ``services``' (the xdp plane's, with the backends it knows are down).
         """
-        vips, info, maglev, backends = map_entries(dsr_services(config))
+        if services is None:
+            services = dsr_services(config)
+        vips, info, maglev, backends = map_entries(services)
         m = self.maps
         for key, idx in vips.items():
             m["vips"].update(key, _U32.pack(idx))
@@ -198,10 +214,27 @@ class XdpProgram:
             m["vip_info"].update(_U32.pack(i), v)
         for i, b in enumerate(backends):
             m["backends"].update(_U32.pack(i), b)
-        if maglev:
-            keys = array("I", range(len(maglev)))
-            m["maglev"].update_batch(keys.tobytes(), maglev.tobytes(), len(maglev))
+        for i, v in enumerate(info):
+            _, _, off, size, _, _ = _VIP_INFO.unpack(v)
+            self.set_table(i, maglev[off : off + size])
         return len(info)
+
+    def set_table(self, vip: int, table: array[int]) -> None:
+        """Put ``table`` in place as VIP ``vip``'s Maglev table, in one step.
+
+        A new array map is filled whole (one batch update), then stored in
+        ``v6lb_maglev[vip]``: for an array of maps the kernel exchanges the pointer
+        atomically, and frees the old table only after every program run that may
+        hold it has ended (RCU). So no packet sees a half-written table. The table's
+        size must stay the VIP's ``table_size`` (a reload loads a new program).
+        """
+        new = Map.create_array(f"v6lb_t{vip}", 4, len(table), BPF_F_INNER_MAP)
+        try:
+            keys = array("I", range(len(table)))
+            new.update_batch(keys.tobytes(), table.tobytes(), len(table))
+            self.maps["maglev"].update(_U32.pack(vip), _U32.pack(new.fd))
+        finally:
+            new.close()  # v6lb_maglev holds it now
 
     def run(self, frame: bytes, repeat: int = 1) -> RunResult:
         """BPF_PROG_TEST_RUN on one Ethernet frame."""

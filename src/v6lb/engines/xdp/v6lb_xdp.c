@@ -61,14 +61,18 @@ static __always_inline int v6lb_steer(struct xdp_md *ctx, __u8 *ip6, __u32 vip, 
 	struct vip_info *v = bpf_map_lookup_elem(&v6lb_vip_info, &vip);
 	struct backend *be;
 	__u32 h, slot, *idx;
+	void *table;
 
 	if (!v || (v->mode != V6LB_MODE_IP6IP6 && v->mode != V6LB_MODE_SRV6))
 		return v6lb_pass(V6LB_CNT_PASS_MODE);
 	if (ip6[7] <= 1)
 		return v6lb_pass(V6LB_CNT_PASS_HOP_LIMIT);
 	h = v6lb_jhash_words(key, nwords, v->seed);
-	slot = v->table_off + v6lb_reciprocal_scale(h, v->table_size);
-	idx = bpf_map_lookup_elem(&v6lb_maglev, &slot);
+	table = bpf_map_lookup_elem(&v6lb_maglev, &vip); /* the table in place now */
+	if (!table)
+		return v6lb_drop(V6LB_R_NO_BACKEND);
+	slot = v6lb_reciprocal_scale(h, v->table_size);
+	idx = bpf_map_lookup_elem(table, &slot);
 	if (!idx || *idx == V6LB_NONE)
 		return v6lb_drop(V6LB_R_NO_BACKEND);
 	be = bpf_map_lookup_elem(&v6lb_backends, idx);
