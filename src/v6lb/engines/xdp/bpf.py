@@ -2,7 +2,7 @@
 
 Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_MAP_UPDATE_ELEM``,
 ``BPF_MAP_UPDATE_BATCH`` (a whole Maglev table in one call), ``BPF_MAP_LOOKUP_ELEM``
-(per-CPU values: one 8-byte slot per possible CPU) and ``BPF_PROG_TEST_RUN``. The
+and ``BPF_MAP_LOOKUP_BATCH`` (per-CPU values: one 8-byte slot per possible CPU) and ``BPF_PROG_TEST_RUN``. The
 program itself is loaded and its maps pinned by ``bpftool prog load`` (libbpf does
 the ELF relocation and BTF work; docs/dataplane-xdp.md says why). Linux x86-64 and
 arm64 only: the syscall number is the one thing that differs.
@@ -11,6 +11,7 @@ arm64 only: the syscall number is the one thing that differs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -32,6 +33,7 @@ BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
 BPF_OBJ_GET: Final = 7
 BPF_PROG_TEST_RUN: Final = 10
+BPF_MAP_LOOKUP_BATCH: Final = 24
 BPF_MAP_UPDATE_BATCH: Final = 26
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -173,6 +175,33 @@ class Map:
             done += attr.count  # the kernel writes back how many it took
             if attr.count == 0:
                 raise BpfError(0, f"bpf(MAP_UPDATE_BATCH {self.path}): no progress")
+
+    def lookup_batch(self, count: int) -> tuple[bytes, bytes]:
+        """(keys, values) of the first ``count`` elements in one call (an array map's all).
+
+        Values as :meth:`lookup` returns them, end to end. The kernel says ENOENT when
+        the walk reaches the map's end: that is the end, not an error.
+        """
+        vsize = self.value_size
+        if self.per_cpu:
+            vsize = ((vsize + 7) & ~7) * possible_cpus()
+        keys = ctypes.create_string_buffer(count * self.key_size)
+        values = ctypes.create_string_buffer(count * vsize)
+        out = ctypes.create_string_buffer(max(self.key_size, 8))
+        attr = _MapBatch(
+            out_batch=_addr(out),
+            keys=_addr(keys),
+            values=_addr(values),
+            count=count,
+            map_fd=self.fd,
+        )
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"MAP_LOOKUP_BATCH {self.path}")
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        n = attr.count
+        return keys.raw[: n * self.key_size], values.raw[: n * vsize]
 
     def lookup(self, key: bytes) -> bytes:
         """The value (per-CPU maps: one ``value_size`` slot, 8-byte aligned, per CPU)."""
