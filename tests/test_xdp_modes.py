@@ -35,6 +35,7 @@ import npt_fixtures as nfx
 from test_dsr import scapy
 from test_nptv6 import SCAPY
 from v6lb.engines.xdp.program import OBJECT, XdpProgram
+from v6lb.model.config import parse_config
 from v6lb.wire import build
 from xdp_harness import (
     BEL2M,
@@ -45,6 +46,7 @@ from xdp_harness import (
     OUTSIDE40,
     VIPL2M,
     XCONFIG,
+    XCONFIG_DATA,
     XDP_DROP,
     XDP_PASS,
     XDP_REDIRECT,
@@ -63,6 +65,7 @@ OUTCOMES = (
     "tx",
     "tx-l2",
     "tx-npt",
+    "tx-too-big",
     "pass-not-ipv6",
     "pass-not-vip",
     "pass-hop-limit",
@@ -259,6 +262,13 @@ def _corpus() -> list[bytes]:
     ih, oh, rm = A(nfx.IN_HOST), A(nfx.OUT_HOST), A(nfx.REMOTE)
     for s_, d_ in ((ih, A("fd01:203:405:2::1")), (oh, rm), (rm, A("fd01:203:405:1::1"))):
         corpus.append(bytes(build.tcp(s_, d_, 1, 2)))
+    # too big, and no Packet Too Big allowed (RFC 4443 sec. 2.4 e): an ICMPv6 error, a
+    # multicast source
+    small = A(fx.VIPSMALL)
+    q = build.tcp(small, c, 443, 40000, payload=b"q" * 1300)
+    corpus.append(bytes(build.icmpv6_error(A(fx.ROUTER), small, 2, 0, q, 1400)))
+    corpus.append(bytes(build.tcp(A("ff02::1"), small, 1, 443, payload=b"m" * 1300)))
+    corpus.append(bytes(build.tcp(bytes(16), small, 1, 443, payload=b"m" * 1300)))
     # jumbo lengths: payload length 0 with a Jumbo Payload option (RFC 2675), 0xFFFF
     # with a shorter body, and frames far longer than every tunnel MTU
     jumbo = build.hbh(b"\xc2\x04" + (2000).to_bytes(4, "big"))
@@ -315,3 +325,21 @@ def test_bad_input_is_passed_dropped_or_sent_and_the_counters_add_up(
     for reason in ("icmp-error-quote-bad", "icmp-error-unmatched", "ext-chain-too-long"):
         assert drops.get(reason, 0) > 0, reason
     assert counted.get("icmp-forwarded", 0) > 0 and counted.get("tx-npt", 0) > 0
+
+
+def test_packet_too_big_is_rate_limited_per_cpu(prog: XdpProgram) -> None:
+    """lb.icmp_error_burst errors at once, then none until the bucket refills (per CPU).
+
+    Last in the module: it leaves this CPU's bucket nearly empty."""
+    big = ETH + bytes(build.tcp(A(fx.CLIENT), A(fx.VIP1400), 1, 443, payload=b"b" * 1400))
+    limited = parse_config({**XCONFIG_DATA, "lb": {**XCONFIG_DATA["lb"], "icmp_error_burst": 3}})
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # one CPU: one bucket
+    try:
+        prog.fill(limited)
+        verdicts = [prog.run(big).retval for _ in range(5)]
+    finally:
+        prog.fill(XCONFIG)
+        os.sched_setaffinity(0, cpus)
+    # rate 100/s: at most one more token in the few microseconds of the five runs
+    assert verdicts[:3] == [XDP_TX] * 3 and verdicts[-1] == XDP_DROP, verdicts

@@ -21,6 +21,7 @@
 #define V6LB_CNT_TX_NPT 76         /* npt: translated, sent back out (XDP_TX) */
 #define V6LB_CNT_ICMP_FORWARDED 77 /* of tx and tx-l2: an ICMPv6 error sent to its flow's owner */
 #define V6LB_CNT_PASS_NO_MAC 78    /* dsr-l2: the chosen backend has no MAC in the map */
+#define V6LB_CNT_TX_TOO_BIG 79     /* a Packet Too Big sent back to the client (ptb.h) */
 #define V6LB_CNT_SLOTS 80
 
 #endif

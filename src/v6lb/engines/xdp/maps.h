@@ -116,6 +116,15 @@ struct v6lb_conf {
 	__u32 l2_ifindex; /* dsr-l2 egress link (0: back out of the ingress link, XDP_TX) */
 	__u8 l2_mac[6];   /* its MAC: the rewritten frames' source */
 	__u16 pad;
+	__u8 icmp_src[16]; /* the source of the Packet Too Big the program sends (ptb.h) */
+	__u32 icmp_rate;   /* lb.icmp_error_rate: tokens per second, per CPU */
+	__u32 icmp_burst;  /* lb.icmp_error_burst */
+};
+
+/* per CPU: the Packet Too Big token bucket (RFC 4443 sec. 2.4 f) */
+struct icmp_bucket {
+	__u64 tokens; /* in 1e-9 tokens */
+	__u64 last;   /* bpf_ktime_get_ns of the last refill; 0: full */
 };
 
 struct {
@@ -138,5 +147,12 @@ struct {
 	__type(key, __u32);
 	__type(value, struct v6lb_conf);
 } v6lb_conf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_bucket);
+} v6lb_icmp_bucket SEC(".maps");
 
 #endif

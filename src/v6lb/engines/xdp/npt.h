@@ -14,8 +14,8 @@
  * translated: icmp-error-quote-bad); then the address: the prefix written, one 16-bit
  * word adjusted (checksum-neutral: no checksum changes anywhere):
  * - /48 or shorter: the subnet word (bits 48..63); 0xFFFF there has no mapping
- *   (RFC 6296 §3.2, §4.2): dropped, npt-no-mapping;
- * - longer: the first interface-identifier word that is not 0xFFFF (§3.5); none:
+ *   (RFC 6296 sec. 3.2, sec. 4.2): dropped, npt-no-mapping;
+ * - longer: the first interface-identifier word that is not 0xFFFF (sec. 3.5); none:
  *   dropped, npt-no-adjustable-word.
  * The core answers those two with an ICMPv6 error; the program drops them (counted).
  * The hop limit is decremented, the MACs swapped: XDP_TX, counted tx-npt.

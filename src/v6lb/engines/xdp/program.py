@@ -70,7 +70,8 @@ _VIP_INFO = struct.Struct("=6I")
 _U32 = struct.Struct("=I")
 _L2_MAC = struct.Struct("=6sBx")  # mac, known
 _NPT = struct.Struct("=8s8s8sHHB3x")  # inside, outside, mask (packet order), adj out/in, subnet
-_CONF = struct.Struct("=II6sxx")  # npt pairs in use, dsr-l2 egress ifindex and its MAC
+_CONF = struct.Struct("=II6sxx16sII")
+"""npt pairs in use, dsr-l2 egress ifindex and MAC, ICMPv6 error source, rate and burst."""
 
 
 def counter_names() -> dict[int, str]:
@@ -178,6 +179,16 @@ def npt_entries(mappings: Sequence[NptMapping]) -> list[bytes]:
     return out
 
 
+def _icmp_source(config: Config, services: Sequence[DsrService]) -> bytes:
+    """The Packet Too Big source: ``dsr_forwarder``'s ICMPv6 error source, by its rule."""
+    if config.lb.addresses:
+        return config.lb.addresses[0].packed
+    src = next((s.tunnel_source for s in services if s.tunnel_source), None)
+    if src is not None:
+        return src
+    return services[0].address if services else bytes(16)
+
+
 class XdpProgram:
     """The compiled program loaded and pinned under ``/sys/fs/bpf/v6lb-<tag>/``."""
 
@@ -191,6 +202,7 @@ class XdpProgram:
         self.maps: dict[str, Map] = {}
         self._npt_count = 0
         self._l2_egress = (0, bytes(6))
+        self._icmp = (bytes(16), 0, 0)
         if not os.path.ismount(BPFFS):
             subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
         if self.dir.exists():
@@ -270,6 +282,11 @@ class XdpProgram:
         for i, b in enumerate(npt):
             m["npt"].update(_U32.pack(i), b)
         self._npt_count = len(npt)
+        self._icmp = (
+            _icmp_source(config, services),
+            config.lb.icmp_error_rate,
+            config.lb.icmp_error_burst,
+        )
         self._write_conf()
         return len(info)
 
@@ -282,7 +299,8 @@ class XdpProgram:
 
     def _write_conf(self) -> None:
         ifindex, mac = self._l2_egress
-        self.maps["conf"].update(_U32.pack(0), _CONF.pack(self._npt_count, ifindex, mac))
+        conf = _CONF.pack(self._npt_count, ifindex, mac, *self._icmp)
+        self.maps["conf"].update(_U32.pack(0), conf)
 
     def run(self, frame: bytes, repeat: int = 1) -> RunResult:
         """BPF_PROG_TEST_RUN on one Ethernet frame."""

@@ -21,6 +21,7 @@
 #include "l2.h"
 #include "npt.h"
 #include "icmp.h"
+#include "ptb.h"
 
 #define V6LB_R_LENGTH_MISMATCH 3
 #define V6LB_R_NO_MATCH 20
@@ -85,8 +86,9 @@ static __always_inline int v6lb_steer(struct xdp_md *ctx, __u8 *ip6, __u32 vip, 
 	be = bpf_map_lookup_elem(&v6lb_backends, idx);
 	if (!be)
 		return v6lb_drop(V6LB_R_NO_BACKEND);
-	if (len > v->limit)
-		return v6lb_pass(V6LB_CNT_PASS_TOO_BIG);
+	if (len > v->limit) /* RFC 2473 sec. 7.1: (a) the stack, (b) Packet Too Big (ptb.h) */
+		return len <= V6LB_MIN_MTU ? v6lb_pass(V6LB_CNT_PASS_TOO_BIG)
+					   : v6lb_too_big(ctx, v->limit, len);
 	return v6lb_encap(ctx, be, h, len, v->mode == V6LB_MODE_SRV6);
 }
 
