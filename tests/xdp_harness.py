@@ -1,4 +1,4 @@
-"""The XDP program against the Python core: one config, the core's verdict, what the program must do.
+"""The XDP program against the Python core: one config, the core's verdict, the program's.
 
 Used by tests/test_xdp_dsr.py and tests/test_xdp_modes.py (root). :data:`XCONFIG` is the
 DSR golden config (tests/dsr_fixtures.py) plus a dsr-l2 VIP with four backends, the
@@ -134,8 +134,9 @@ def expected(core: Core, raw: bytes) -> tuple[int, dict[str, int], bytes | None]
     builds them; a DROP for hop limit is an error RFC 4443 forbids). Packet Too Big:
     built by the program, the core's bytes, sent back (tx-too-big). npt's no-mapping
     and no-adjustable-word: dropped, counted, without the core's ICMPv6 error. Every
-    other drop of the core is the program's drop, with the same reason. Sent frames: the core's bytes after the Ethernet header; tunnels and
-    npt swap the MACs, dsr-l2 writes the backend's MAC with the LB's as the source.
+    other drop of the core is the program's drop, with the same reason. Sent frames:
+    the core's bytes after the Ethernet header; tunnels, npt and Packet Too Big swap
+    the MACs, dsr-l2 writes the backend's MAC with the LB's as the source.
     """
     if len(raw) < 40 or raw[0] >> 4 != 6:
         return XDP_PASS, {"pass-not-ipv6": 1}, None

@@ -10,7 +10,7 @@
 
 #define V6LB_CNT_TX 64            /* encapsulated and sent back out (XDP_TX) */
 #define V6LB_CNT_PASS_NOT_IPV6 65 /* not an IPv6 frame, or shorter than its header */
-#define V6LB_CNT_PASS_NOT_VIP 66  /* IPv6, but not to a VIP address: the host's own */
+#define V6LB_CNT_PASS_NOT_VIP 66  /* IPv6, neither a VIP's nor npt's: the host's own */
 #define V6LB_CNT_PASS_ICMP_ERROR 67 /* unused since icmp.h steers ICMPv6 errors */
 #define V6LB_CNT_PASS_HOP_LIMIT 68  /* inner hop limit <= 1: the stack sends Time Exceeded */
 #define V6LB_CNT_PASS_TOO_BIG 69    /* longer than the tunnel MTU: left to the stack */

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
-/* v6lb XDP data plane: dsr-ip6ip6 and dsr-srv6, decided as v6lb.core.dsr.DsrForwarder decides.
+/* v6lb XDP data plane: the DSR modes and npt, decided as v6lb.core's forwarders decide.
  *
  * docs/dataplane-xdp.md describes the program, its maps and where it differs from the
- * core. In short: not IPv6 or not to a VIP address -> XDP_PASS; a packet for a VIP
- * address that the core drops -> XDP_DROP, counted by the core's reason; one the core
- * forwards through dsr-ip6ip6 or dsr-srv6 -> encapsulated, XDP_TX; one the core answers itself
- * (Time Exceeded, Packet Too Big, outer fragmentation, ICMPv6 errors to the owner)
- * -> XDP_PASS, counted, for the kernel stack.
+ * core. In short: not IPv6, or neither to a VIP address nor an npt prefix's -> XDP_PASS;
+ * a packet the core drops -> XDP_DROP, counted by the core's reason; one the core
+ * forwards -> encapsulated (dsr-ip6ip6, dsr-srv6), MACs rewritten (dsr-l2, l2.h) or
+ * translated (npt, npt.h), XDP_TX; an ICMPv6 error for a VIP -> to the quoted flow's
+ * owner (icmp.h); too big -> Packet Too Big built here (ptb.h); Time Exceeded and outer
+ * fragmentation -> XDP_PASS, counted, for the kernel stack.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
