@@ -5,8 +5,8 @@ Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_MAP_UPDATE_ELEM`
 and ``BPF_MAP_LOOKUP_BATCH`` (per-CPU values: one 8-byte slot per possible CPU) and
 ``BPF_PROG_TEST_RUN``. The program itself is loaded and its maps pinned by
 ``bpftool prog load`` (libbpf does the ELF relocation and BTF work; docs/dataplane-xdp.md
-says why). Linux x86-64 and
-arm64 only: the syscall number is the one thing that differs.
+says why). Linux x86-64 and arm64 only: the syscall number is the one thing that
+differs.
 """
 
 from __future__ import annotations
