@@ -42,9 +42,12 @@ static __always_inline int v6lb_ptb_token(const struct v6lb_conf *c)
 		return 0;
 	if (!b->last) {
 		b->tokens = full;
-	} else if (now > b->last) {
-		__u64 t = b->tokens + (now - b->last) * c->icmp_rate;
+	} else if (now > b->last && c->icmp_rate) {
+		__u64 dt = now - b->last, t = full;
 
+		/* refilled to the burst once dt * rate reaches it: no overflow */
+		if (dt < full / c->icmp_rate)
+			t = b->tokens + dt * c->icmp_rate;
 		b->tokens = t < full ? t : full;
 	}
 	b->last = now;
