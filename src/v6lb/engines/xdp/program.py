@@ -255,7 +255,7 @@ class XdpProgram:
             self.prog_fd = -1
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def fill(self, config: Config, macs: Mapping[str, bytes] | None = None) -> int:
+    def fill(self, config: Config, *, macs: Mapping[str, bytes] | None = None) -> int:
         """Fill the maps from ``config``'s DSR VIPs and npt pairs; return how many VIPs.
 
         The pools are :func:`v6lb.model.pools.dsr_services`' (``pool_for``: every
