@@ -1,24 +1,27 @@
 """The XDP program (src/v6lb/engines/xdp/) against the Python core, by BPF_PROG_TEST_RUN.
 
 Every frame goes through the compiled, verifier-accepted program in the kernel and
-through ``DsrForwarder.process`` built from the same config (tests/dsr_fixtures.py);
-:func:`expected` says what the program must do given the core's verdict, with the
-deliberate differences of docs/dataplane-xdp.md ("Differences from the core") spelled
-out one by one. A forwarded dsr-ip6ip6 packet must equal the core's output byte for
-byte from the IPv6 header on, and the Ethernet addresses must be swapped; every other
-outcome must be the verdict and exactly one counter named.
+through the core built from the same config (tests/xdp_harness.py: ``XCONFIG``, the
+DSR golden config with npt pairs and a dsr-l2 VIP added); ``expected`` says what the
+program must do given the core's verdict, with the deliberate differences of
+docs/dataplane-xdp.md ("Differences from the core") spelled out one by one. A sent
+frame must equal the core's output byte for byte from the IPv6 header on, with the
+Ethernet addresses of its mode; every other outcome must be the verdict and exactly
+the counters named.
 
-* golden: every DSR golden case of the core (all modes; what is not dsr-ip6ip6 must
-  be passed to the stack and counted);
+* golden: every DSR golden case of the core (all three modes, ICMPv6 errors steered to
+  the quoted flow's owner);
 * flows: 3,000 seeded random flows (TCP, UDP, fragments, unknown protocols,
   labelled or not) to the multi-backend VIPs: same bytes, so the same backend and
   the same derived flow label, and every backend used;
 * bad input: non-IPv6 frames, ND, truncated headers, an extension-header loop, a
   chain too long, Hop-by-Hop not first, and 2,000 random mutations of the golden
   inputs: each is passed or dropped and counted, as the core decides;
-* the benchmark build (bench.c) undoes its encapsulation, so repeated runs all transmit.
+* the benchmark build (bench.c) restores the frame, so repeated runs all transmit.
 
-The program is pinned under /sys/fs/bpf/v6lb-test-<pid>/, removed whatever happens.
+tests/test_xdp_modes.py has npt, dsr-l2 redirection, the property test and the
+bad-input corpus. The program is pinned under /sys/fs/bpf/v6lb-test-<pid>/, removed
+whatever happens.
 """
 
 from __future__ import annotations
@@ -31,35 +34,33 @@ import pytest
 from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 
 import dsr_fixtures as fx
-from test_dsr import CONFIG, scapy
-from v6lb.core.dsr import MODE_IP6IP6, MODE_SRV6, DsrForwarder
-from v6lb.core.verdict import DROP, FORWARD, FORWARD_MANY, PORT_OUTSIDE, REPLY, Verdict
+from test_dsr import scapy
 from v6lb.engines.xdp.program import OBJECT, XdpProgram
-from v6lb.model.pools import dsr_forwarder
 from v6lb.wire import build
-from v6lb.wire.ipv6 import PacketInfo, parse
-from v6lb.wire.reasons import Reason
+from xdp_harness import (
+    ETH,
+    MAC_IN_DST,
+    MAC_IN_SRC,
+    XCONFIG,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_TX,
+    A,
+    Core,
+    check,
+)
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2), bpffs)"),
 ]
 
-XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
-SERVED = (MODE_IP6IP6, MODE_SRV6)
-MAC_IN_DST = bytes.fromhex("02000000aa01")
-MAC_IN_SRC = bytes.fromhex("02000000bb02")
-ETH = MAC_IN_DST + MAC_IN_SRC + b"\x86\xdd"
-A = build.a16
-VIP_MODES = {A(str(v.address)): str(v.mode) for v in CONFIG.vips}
-assert len(VIP_MODES) == len({(str(v.address), str(v.mode)) for v in CONFIG.vips})
-
 
 @pytest.fixture(scope="module")
 def prog() -> Iterator[XdpProgram]:
     assert OBJECT.is_file(), f"{OBJECT} is missing: `make xdp` builds it"
     with XdpProgram(f"test-{os.getpid()}") as p:
-        assert p.fill(CONFIG) == sum(1 for v in CONFIG.vips if str(v.mode) in SERVED)
+        assert p.fill(XCONFIG) == sum(1 for v in XCONFIG.vips if v.mode.is_dsr)
         yield p
     assert not p.dir.exists()
 
@@ -67,83 +68,6 @@ def prog() -> Iterator[XdpProgram]:
 @pytest.fixture(scope="module")
 def core() -> Core:
     return Core()
-
-
-class Core:  # the fixture below builds one per module
-    """The core's forwarder; ``now`` advances a second per packet (no rate limiting)."""
-
-    def __init__(self) -> None:
-        self.fwd: DsrForwarder = dsr_forwarder(CONFIG)
-        self.now = 0.0
-
-    def process(self, raw: bytes) -> tuple[Verdict, int]:
-        """The verdict and, for a reply, the reason counted with it."""
-        self.fwd.clear_flows()
-        before = list(self.fwd.counters.drops)
-        self.now += 1.0
-        v = self.fwd.process(bytearray(raw), PORT_OUTSIDE, self.now)
-        after = self.fwd.counters.drops
-        reason = next((r for r, n in enumerate(before) if n != after[r]), -1)
-        return v, reason
-
-
-def _icmp_error(raw: bytes) -> bool:
-    info = PacketInfo()
-    return (
-        parse(raw, info) == 0 and info.frag_off < 0 and info.proto == 58 and raw[info.l4_off] < 128
-    )
-
-
-def expected(raw: bytes, verdict: Verdict, reason: int) -> tuple[int, str | None]:
-    """(XDP verdict, the one counter it bumps; None: XDP_TX with the core's bytes).
-
-    The deliberate differences (docs/dataplane-xdp.md), in the program's order:
-    not an IPv6 header of 40 bytes and version 6, or not to a VIP address: the host's
-    own traffic, passed (the core, on its TUN, drops it); an ICMPv6 error for a VIP:
-    passed (the core sends it to the quoted flow's owner); a VIP of another mode:
-    passed (dsr-l2); Time Exceeded, Packet Too Big and outer fragmentation: passed for the
-    stack (the core builds them). Every drop of the core is the program's drop, with
-    the same reason.
-    """
-    action, arg, _ = verdict
-    if len(raw) < 40 or raw[0] >> 4 != 6:
-        return XDP_PASS, "pass-not-ipv6"
-    if raw[24:40] not in VIP_MODES:
-        return XDP_PASS, "pass-not-vip"
-    if action == DROP and arg in (Reason.ICMP_ERROR_UNMATCHED, Reason.ICMP_ERROR_QUOTE_BAD):
-        return XDP_PASS, "pass-icmp-error"
-    if action == DROP:
-        return XDP_DROP, Reason(arg).label
-    if _icmp_error(raw):
-        return XDP_PASS, "pass-icmp-error"
-    if VIP_MODES[raw[24:40]] not in SERVED:
-        return XDP_PASS, "pass-mode"
-    if action == FORWARD:
-        return XDP_TX, None
-    if action == FORWARD_MANY:
-        return XDP_PASS, "pass-too-big"
-    assert action == REPLY
-    if reason == Reason.HOP_LIMIT_EXCEEDED:
-        return XDP_PASS, "pass-hop-limit"
-    assert reason == Reason.TOO_BIG, Reason(reason)
-    return XDP_PASS, "pass-too-big"
-
-
-def check(prog: XdpProgram, core: Core, raw: bytes) -> int:
-    """Run ``raw`` through both; assert the program did what :func:`expected` says."""
-    verdict, reason = core.process(raw)
-    want, counter = expected(raw, verdict, reason)
-    before = prog.counters()
-    r = prog.run(ETH + raw)
-    after = prog.counters()
-    delta = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
-    assert (r.retval, delta) == (want, {counter or "tx": 1}), raw.hex()
-    if want == XDP_TX:
-        assert r.data[:12] == MAC_IN_SRC + MAC_IN_DST and r.data[12:14] == b"\x86\xdd"
-        assert r.data[14:] == bytes(verdict[2]), raw.hex()  # type: ignore[arg-type]
-    elif want in (XDP_PASS, XDP_DROP):
-        assert r.data == ETH + raw, "passed or dropped frames are untouched"
-    return want
 
 
 @pytest.mark.parametrize(
@@ -268,7 +192,7 @@ def test_the_benchmark_build_restores_the_frame_between_runs() -> None:
     bench = OBJECT.with_name("v6lb_xdp_bench.o")
     assert bench.is_file(), f"{bench} is missing: `make xdp` builds it"
     with XdpProgram(f"test-bench-{os.getpid()}", bench) as p:
-        p.fill(CONFIG)
+        p.fill(XCONFIG)
         for vip in (fx.VIP6, fx.VIPSR):
             frame = ETH + bytes(build.tcp(A(fx.CLIENT), A(vip), 40000, 443, payload=b"x" * 60))
             r = p.run(frame, repeat=1000)

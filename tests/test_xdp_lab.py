@@ -63,16 +63,17 @@ def test_lab_xdp_diff_is_empty_for_both_tunnel_modes() -> None:
         lb = json.loads(_v6lb("status", "--json", "--control-socket", sock).stdout)
         assert lb["xdp"]["mode"] == "native" and lb["xdp"]["interface"] == "v6lb-edge"
         assert lb["xdp"]["counters"]["tx"] >= 12, lb["xdp"]  # both modes' handshakes at least
-        # Longer than the tunnel MTU: passed to the stack, which routes it no further
-        # (the forward filter), so it does not bounce between the router and the LB.
+        # Longer than the tunnel MTU: the program answers with a Packet Too Big itself
+        # (XDP_TX back to the sender), as the core does.
         send = (
             "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58);"
             f" s.sendto(bytes([128, 0, 0, 0, 0, 1, 0, 1]) + bytes(1432), ({VIP!r}, 0))"
         )
         r = _v6lb("lab", "exec", "--name", name, "rtr", "--", "python3", "-c", send)
         assert r.returncode == 0, r.stderr
-        after = wait_for_status(sock, lambda s: s["forward"]["forward_denied"] >= 1)
-        assert after["xdp"]["counters"]["pass-too-big"] == 1, after["xdp"]
+        after = wait_for_status(sock, lambda s: s["xdp"]["counters"].get("tx-too-big", 0) >= 1)
+        assert after["xdp"]["counters"]["tx-too-big"] == 1, after["xdp"]
+        assert after["forward"]["forward_denied"] == 0, after["forward"]
         (pinned,) = pin_dirs(tag)
         assert (pinned / "link").exists()
         # killed: it cannot remove what it pinned; lab down does

@@ -15,12 +15,15 @@ from typing import Any
 import pytest
 
 import dsr_fixtures as fx
-from v6lb.core.dsr import MODE_IP6IP6, MODE_SRV6
+from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.xdp.program import (
     MAX_BACKENDS,
+    MAX_NPT,
     MAX_TABLE_ENTRIES,
     counter_names,
+    l2_entries,
     map_entries,
+    npt_entries,
 )
 from v6lb.model.config import parse_config
 from v6lb.model.pools import dsr_services
@@ -37,7 +40,7 @@ def _key(addr: str, port: int, proto: int) -> bytes:
 def test_vip_keys_answer_the_cores_questions() -> None:
     services = dsr_services(parse_config(copy.deepcopy(fx.CONFIG), "dsr.yaml"))
     vips, info, maglev, backends = map_entries(services)
-    served = [s for s in services if s.mode in (MODE_IP6IP6, MODE_SRV6)]
+    served = services  # every DSR mode
     index = {s.name: i for i, s in enumerate(served)}
     # the multi-backend address: tcp/443 is "multi", udp/53 is "multi-udp"
     assert vips[_key(fx.VIPM, 443, 6)] == index["multi"]
@@ -46,8 +49,8 @@ def test_vip_keys_answer_the_cores_questions() -> None:
     assert vips[_key(fx.VIPM, 0, 17)] == index["multi-udp"]
     assert vips[_key(fx.VIPM, 0, 0)] == index["multi"]  # services[0]
     assert _key(fx.VIPM, 53, 6) not in vips and _key(fx.VIP6, 22, 6) not in vips
-    # dsr-l2 keeps its keys, with no index: the program passes its packets on
-    assert vips[_key(fx.VIPL2, 443, 6)] == NONE and vips[_key(fx.VIPL2, 0, 0)] == NONE
+    # dsr-l2 is served too: its backends' entries are the address, its MACs apart
+    assert vips[_key(fx.VIPL2, 443, 6)] == index["l2"] == vips[_key(fx.VIPL2, 0, 0)]
     # the tables end to end, each the pool's, with backend indexes offset
     off = 0
     base = 0
@@ -56,7 +59,10 @@ def test_vip_keys_answer_the_cores_questions() -> None:
         assert (table_off, size, seed, limit) == (off, s.pool.size, fx.SEED, s.limit)
         assert list(maglev[off : off + size]) == [base + b for b in s.pool.table]
         for i, t in enumerate(s.targets):
-            assert backends[base + i] == s.tunnel_source + t
+            assert backends[base + i] == (s.tunnel_source or bytes(16)) + t
+            mac = l2_entries(services)[base + i]
+            known = bytes.fromhex(fx.MAC.replace(":", "")) + b"\x01\x00"
+            assert mac == (known if s.macs[i] else bytes(8))
         off += size
         base += len(s.pool)
     assert len(maglev) == off and len(backends) == base
@@ -90,6 +96,27 @@ def test_a_config_larger_than_the_maps_is_refused(
     services = dsr_services(parse_config(_config(vips, backends, table), "big.yaml"))
     with pytest.raises(ValueError, match=f"the XDP program holds {limit}"):
         map_entries(services)
+
+
+def test_npt_entries_are_the_cores_pairs() -> None:
+    """/48: the subnet word, the core's adjustment and 0xFFFF minus it; /64: the IID."""
+    rfc = NptMapping("fd01:203:405::/48", "2001:db8:1::/48")  # RFC 6296 §3.6: 0xd54f
+    wide = NptMapping("fd00:1:2:3::/64", "2001:db8:5:6::/64")
+    short = NptMapping("fd00:30::/44", "2001:db8:3000::/40")  # zero-extended to /44
+    e48, e64, e44 = npt_entries([rfc, wide, short])
+    assert struct.unpack("=8s8s8sHHB3x", e48) == (
+        build.a16("fd01:203:405::")[:8],
+        build.a16("2001:db8:1::")[:8],
+        bytes.fromhex("ffffffffffff0000"),
+        0xD54F,
+        0xFFFF - 0xD54F,
+        1,
+    )
+    assert e64[16:24] == b"\xff" * 8 and e64[28] == 0
+    assert e44[16:24] == bytes.fromhex("fffffffffff00000")
+    assert e44[8:16] == build.a16("2001:db8:3000::")[:8]
+    with pytest.raises(ValueError, match=f"the XDP program holds {MAX_NPT}"):
+        npt_entries([rfc] * (MAX_NPT + 1))
 
 
 def test_counter_names() -> None:

@@ -203,7 +203,7 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
             text=True,
             timeout=60,
         )
-        assert r.returncode != 0 and "257 tunnel VIPs: the XDP program holds 256" in r.stderr
+        assert r.returncode != 0 and "257 DSR VIPs: the XDP program holds 256" in r.stderr
         assert " xdp" not in nsx(ns["lb"], "ip", "link", "show", "x0") and not pin_dirs(tag)
 
         cfg = tmp_path / "xp.yaml"

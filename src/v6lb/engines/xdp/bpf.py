@@ -3,7 +3,8 @@
 Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_OBJ_PIN``,
 ``BPF_MAP_CREATE`` (a Maglev table for the map-in-map swap), ``BPF_MAP_UPDATE_ELEM``,
 ``BPF_MAP_UPDATE_BATCH`` (a whole Maglev table in one call), ``BPF_MAP_LOOKUP_ELEM``
-(per-CPU values: one 8-byte slot per possible CPU), ``BPF_PROG_TEST_RUN`` and the XDP
+(per-CPU values: one 8-byte slot per possible CPU), ``BPF_MAP_LOOKUP_BATCH``,
+``BPF_PROG_TEST_RUN``, ``BPF_PROG_LOAD`` (a benchmark's few raw instructions) and the XDP
 link (``BPF_LINK_CREATE``, ``BPF_LINK_UPDATE``, ``BPF_LINK_DETACH``). The
 program itself is loaded and its maps pinned by ``bpftool prog load`` (libbpf does
 the ELF relocation and BTF work; docs/dataplane-xdp.md says why). Linux x86-64 and
@@ -13,6 +14,7 @@ arm64 only: the syscall number is the one thing that differs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -45,6 +47,7 @@ BPF_PROG_LOAD: Final = 5
 BPF_OBJ_PIN: Final = 6
 BPF_OBJ_GET: Final = 7
 BPF_PROG_TEST_RUN: Final = 10
+BPF_MAP_LOOKUP_BATCH: Final = 24
 BPF_MAP_UPDATE_BATCH: Final = 26
 BPF_LINK_CREATE: Final = 28
 BPF_LINK_UPDATE: Final = 29
@@ -274,6 +277,33 @@ class Map:
             done += attr.count  # the kernel writes back how many it took
             if attr.count == 0:
                 raise BpfError(0, f"bpf(MAP_UPDATE_BATCH {self.path}): no progress")
+
+    def lookup_batch(self, count: int) -> tuple[bytes, bytes]:
+        """(keys, values) of the first ``count`` elements in one call (an array map's all).
+
+        Values as :meth:`lookup` returns them, end to end. The kernel says ENOENT when
+        the walk reaches the map's end: that is the end, not an error.
+        """
+        vsize = self.value_size
+        if self.per_cpu:
+            vsize = ((vsize + 7) & ~7) * possible_cpus()
+        keys = ctypes.create_string_buffer(count * self.key_size)
+        values = ctypes.create_string_buffer(count * vsize)
+        out = ctypes.create_string_buffer(max(self.key_size, 8))
+        attr = _MapBatch(
+            out_batch=_addr(out),
+            keys=_addr(keys),
+            values=_addr(values),
+            count=count,
+            map_fd=self.fd,
+        )
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"MAP_LOOKUP_BATCH {self.path}")
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        n = attr.count
+        return keys.raw[: n * self.key_size], values.raw[: n * vsize]
 
     def lookup(self, key: bytes) -> bytes:
         """The value (per-CPU maps: one ``value_size`` slot, 8-byte aligned, per CPU)."""

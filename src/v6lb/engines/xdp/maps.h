@@ -98,4 +98,74 @@ static __always_inline void v6lb_count(__u32 slot)
 		*c += 1;
 }
 
+/* --- dsr-l2, npt (l2.h, npt.h) ----------------------------------------------------- */
+
+#define V6LB_MODE_L2 3
+#define V6LB_MAX_NPT 16
+
+/* backend index -> its MAC for dsr-l2 (known 0: no MAC learned, the frame is passed) */
+struct l2_mac {
+	__u8 mac[6];
+	__u8 known;
+	__u8 pad;
+};
+
+/* one inside/outside pair (RFC 6296), as v6lb.core.nptv6.NptMapping: the first 8 bytes
+ * of each prefix (zero-extended to the pair's length) and the mask of that length, all
+ * in packet byte order; the adjustment added outbound and inbound (one's complement). */
+struct npt_map {
+	__u64 in_pfx;
+	__u64 out_pfx;
+	__u64 mask;
+	__u16 adj_out;
+	__u16 adj_in;
+	__u8 subnet;  /* /48 or shorter: the subnet word (bits 48..63) is adjusted */
+	__u8 pad[3];
+};
+
+/* the program's settings (one entry) */
+struct v6lb_conf {
+	__u32 npt_count;  /* v6lb_npt entries in use */
+	__u32 l2_ifindex; /* dsr-l2 egress link (0: back out of the ingress link, XDP_TX) */
+	__u8 l2_mac[6];   /* its MAC: the rewritten frames' source */
+	__u16 pad;
+	__u8 icmp_src[16]; /* the source of the Packet Too Big the program sends (ptb.h) */
+	__u32 icmp_rate;   /* lb.icmp_error_rate: tokens per second, per CPU */
+	__u32 icmp_burst;  /* lb.icmp_error_burst */
+};
+
+/* per CPU: the Packet Too Big token bucket (RFC 4443 sec. 2.4 f) */
+struct icmp_bucket {
+	__u64 tokens; /* in 1e-9 tokens */
+	__u64 last;   /* bpf_ktime_get_ns of the last refill; 0: full */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, V6LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct l2_mac);
+} v6lb_l2_macs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, V6LB_MAX_NPT);
+	__type(key, __u32);
+	__type(value, struct npt_map);
+} v6lb_npt_pairs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct v6lb_conf);
+} v6lb_conf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_bucket);
+} v6lb_icmp_bucket SEC(".maps");
+
 #endif
