@@ -697,7 +697,7 @@ def test_defaults_per_mode() -> None:
     assert c.options == ProxyL7Options(
         forwarded_headers=True,
         trusted_sources=(),
-        max_request_bytes=10 * 1024 * 1024,
+        max_request_bytes=None,
         max_header_bytes=65536,
         timeouts=Timeouts(connect=5.0, idle=60.0),
     )

@@ -284,7 +284,7 @@ class ProxyL7Options:
     tls: TlsOptions | None = None
     forwarded_headers: bool = True
     trusted_sources: tuple[IPv6Network, ...] = ()
-    max_request_bytes: int = 10 * 1024 * 1024
+    max_request_bytes: int | None = None  # request body limit (413); None: no limit
     max_header_bytes: int = 64 * 1024
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=60.0))
     dual_stack: IPv4Address | None = None
@@ -1124,8 +1124,10 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         tls=_parse_tls(f) if f.has("tls") else None,
         forwarded_headers=f.boolean("forwarded_headers", True),
         trusted_sources=_parse_prefixes(f, "trusted_sources"),
-        max_request_bytes=f.integer(
-            "max_request_bytes", defaults.max_request_bytes, lo=0, hi=1 << 40, noun="byte count"
+        max_request_bytes=(
+            f.integer("max_request_bytes", 0, lo=0, hi=1 << 40, noun="byte count")
+            if f.has("max_request_bytes")
+            else None
         ),
         max_header_bytes=f.integer(
             "max_header_bytes", defaults.max_header_bytes, lo=1024, hi=1 << 20, noun="byte count"

@@ -237,7 +237,7 @@ def _options(v: Vip, lb: LbSettings) -> Data:
             out["forwarded_headers"] = o.forwarded_headers
         if o.trusted_sources:
             out["trusted_sources"] = [str(n) for n in o.trusted_sources]
-        if o.max_request_bytes != d7.max_request_bytes:
+        if o.max_request_bytes is not None:
             out["max_request_bytes"] = o.max_request_bytes
         if o.max_header_bytes != d7.max_header_bytes:
             out["max_header_bytes"] = o.max_header_bytes

@@ -149,7 +149,12 @@ def _options(vip: Vip) -> str:
             *tls,
             f"forwarded headers {'on' if o.forwarded_headers else 'off'}",
             _prefixes("forwarded headers trusted from", o.trusted_sources),
-            f"max request {o.max_request_bytes} bytes, max header {o.max_header_bytes} bytes",
+            (
+                f"max request {o.max_request_bytes} bytes"
+                if o.max_request_bytes is not None
+                else "no request size limit"
+            )
+            + f", max header {o.max_header_bytes} bytes",
             _timeouts(o.timeouts),
             stack,
         ]

@@ -1,14 +1,28 @@
 """``proxy-l7``: HTTP/1.1 with httptools, keep-alive both ways and pooled backend connections.
 
 A client connection (:class:`L7Client`) parses requests with
-``httptools.HttpRequestParser``; each request is buffered whole (bounded by
-``max_request_bytes``), its head rewritten by :func:`.policy.build_request_head`
+``httptools.HttpRequestParser``. At the end of each request head it builds an
+:class:`L7Request`: the head rewritten by :func:`.policy.build_request_head`
 (forwarding headers; the three forwarding lines are built once per connection)
-and sent on a pooled keep-alive connection to the picked backend
-(:class:`L7Upstream`). The response is relayed to the client byte for byte as it
+and the body's framing. The request goes to a pooled keep-alive connection to
+the picked backend (:class:`L7Upstream`) once the bytes that completed its head
+parsed without error, and its body follows as it arrives (streamed, never
+buffered whole). The response is relayed to the client byte for byte as it
 arrives, parsed with ``HttpResponseParser`` only to find its end; then the
 backend connection goes back to the pool if both sides keep it alive. Requests
 pipelined by a client are answered in order, one at a time.
+
+Streaming and backpressure. A ``Content-Length`` body is forwarded with the
+same length; a chunked one is re-chunked by the proxy (one chunk per read,
+extensions and trailers dropped), so the backend only sees framing the proxy
+wrote. Each direction is bounded by the write buffer high-water mark
+(``write_high``): the backend's buffer full pauses reading from the client,
+the client's full pauses reading from the backend, and the body of a request
+that is not at a backend yet (connecting, or pipelined behind another) waits
+in memory up to that mark, then reading pauses too. ``max_request_bytes`` is
+an optional limit (None: no limit), not a buffer size. A request whose body
+bytes went to a backend is retried on a fresh connection only while those
+bytes are few (:data:`REPLAY_BYTES`, kept for that purpose).
 
 Interim responses (RFC 9110 §15.2). httptools ends a message at any 1xx, so
 the parser never sees one: while a response has not begun, the upstream looks
@@ -35,8 +49,7 @@ served as plain ones without ``Upgrade`` (:meth:`L7Client._no_upgrade`).
 ``Expect: 100-continue`` (RFC 9110 §10.1.1): the proxy answers ``HTTP/1.1 100
 Continue`` itself once the request is next in line and a body is announced;
 413 at once when the ``Content-Length`` is over ``max_request_bytes``; 417 for
-any other expectation; ignored for HTTP/1.0. ``Expect`` is never forwarded: the
-backend gets the whole request at once.
+any other expectation; ignored for HTTP/1.0. ``Expect`` is never forwarded.
 
 The per-request path is plain callbacks: no future, no coroutine and no timer.
 A client connection is in one phase (reading a head, reading a body, waiting
@@ -52,9 +65,22 @@ head within ``header_timeout``), 413 (body over ``max_request_bytes``), 417
 refused, reset, sent garbage or a 101 before the final response began), 503
 (no healthy backend) and 504 (connect timeout, or no response byte for
 ``timeouts.idle``). An error found in a pipelined request is answered after
-the responses to the requests before it.
+the responses to the requests before it. An error found in a body that is
+already streaming (a bad chunk, a chunked body passing ``max_request_bytes``)
+aborts that backend connection and is answered if no response byte went out
+yet, else the client connection closes.
 A backend that fails *after* response bytes went out makes the client
 connection close: the response is incomplete, and the client must see that.
+
+What an upstream calls on its client (an :class:`L7Client`, or anything with the
+same methods): ``closed`` (attribute), :meth:`~L7Client.relay` (response bytes:
+1xx heads, the final response, tunnel bytes), :meth:`~L7Client.response_done`,
+:meth:`~L7Client.backend_failed`, :meth:`~L7Client.backend_full` (the backend's
+write buffer crossed its high or low mark: stop or resume feeding it request
+body bytes), :meth:`~L7Client.tunnel`, :meth:`~L7Client.backend_eof` and
+:meth:`~L7Client.close` (tunnels). The client drives the upstream with
+:meth:`L7Upstream.start` (head and buffered body of an :class:`L7Request`) and
+:meth:`L7Upstream.send` (more body bytes, already framed).
 """
 
 from __future__ import annotations
@@ -64,7 +90,7 @@ import contextlib
 import re
 from collections import deque
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 
@@ -81,19 +107,26 @@ from .policy import (
 )
 from .runtime import VipRuntime, client_of, response_class
 
-__all__ = ["L7Client", "L7Upstream"]
+__all__ = ["REPLAY_BYTES", "L7Client", "L7Request", "L7Upstream"]
 
-# A queued request: (bytes for the backend, is HEAD, client keeps alive, client speaks 1.1,
-# when its first byte came: loop time, a websocket upgrade request).
-_Request = tuple[bytes, bool, bool, bool, float, bool]
+# Body bytes of a request kept after they went to a backend, so that a pooled connection
+# the backend had closed can be retried on a fresh one; past this, no retry.
+REPLAY_BYTES: Final = 64 * 1024
+_NO_LIMIT: Final = 1 << 62  # max_request_bytes None
 
 # Phases of a client connection, each with its timeout (see L7Client.sweep).
 _LINGER = 1.0  # seconds an answered error waits for the client's leftovers before closing
 _HEAD = 0  # waiting for or reading a request head: header_timeout
-_BODY = 1  # reading a request body: timeouts.idle ("request_timeout")
-_BUSY = 2  # a request at the backend: timeouts.idle without a response byte (504)
+_BODY = 1  # reading a request body not at a backend yet: timeouts.idle ("request_timeout")
+_BUSY = 2  # a request at the backend: timeouts.idle without a byte (504, or request_timeout)
 _IDLE = 3  # keep-alive between requests: timeouts.idle, then a quiet close
 _TUNNEL = 4  # a byte relay after a 101: timeouts.idle without a byte either way
+
+# Why reading from a client is paused (L7Client.hold, a bit each).
+_H_PIPE = 1  # pipelined requests wait, or an error waits for the responses before it
+_H_UP = 2  # the backend's write buffer is over its high-water mark
+_H_BUF = 4  # the body of a request not at a backend yet is over the high-water mark
+_H_EARLY = 8  # bytes after a websocket request, waiting for its answer
 
 _REASONS = {
     400: "bad_request",
@@ -109,6 +142,59 @@ _INTERIM = re.compile(
     rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*\r\n"
 )
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class L7Request:
+    """One request on its way to a backend, from the end of its head on.
+
+    ``head`` is what the backend gets first (the proxy's framing in it:
+    ``Content-Length``, or chunked when ``chunked``); ``buf`` holds body bytes,
+    already framed, that no backend has taken yet (``buffered`` of them);
+    ``complete`` once the whole body was read. ``replay`` holds the body bytes
+    already sent, for a retry, until there are more than :data:`REPLAY_BYTES`
+    (then None: no retry).
+    """
+
+    __slots__ = (
+        "head",
+        "head_only",
+        "keep",
+        "v11",
+        "t0",
+        "ws",
+        "chunked",
+        "complete",
+        "buf",
+        "buffered",
+        "replay",
+        "replayed",
+    )
+
+    def __init__(
+        self,
+        head: bytes,
+        *,
+        head_only: bool = False,
+        keep: bool = True,
+        v11: bool = True,
+        t0: float = 0.0,
+        ws: bool = False,
+        chunked: bool = False,
+        complete: bool = False,
+    ) -> None:
+        self.head = head
+        self.head_only = head_only  # a HEAD request: the response ends with its head
+        self.keep = keep  # the client keeps the connection alive after it
+        self.v11 = v11  # the client speaks HTTP/1.1: it may get 1xx responses
+        self.t0 = t0  # when its first byte came (loop time)
+        self.ws = ws  # a websocket upgrade request
+        self.chunked = chunked
+        self.complete = complete
+        self.buf: list[bytes] = []
+        self.buffered = 0
+        self.replay: list[bytes] | None = []
+        self.replayed = 0
 
 
 class _HeadResponse:
@@ -175,29 +261,53 @@ class L7Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
 
-    def start(self, client: L7Client, req: _Request) -> None:
+    def start(self, client: L7Client, req: L7Request) -> None:
+        """Send ``req``'s head and the body bytes it holds; the response goes to ``client``."""
         self.client = client
         self.sent = 0
         self.done = False
         self.keep = True
         self.at_start = True
-        self.v11 = req[3]
-        self.ws = req[5]
-        if req[1]:
+        self.v11 = req.v11
+        self.ws = req.ws
+        if req.head_only:
             self.head_only = True
             self.parser = httptools.HttpResponseParser(_HeadResponse(self))
         bs = self.rt.backend_stats[self.index]
         bs.requests += 1
-        bs.bytes_in += len(req[0])
-        self.t.write(req[0])
+        data = req.head
+        if req.buf:
+            body = b"".join(req.buf)
+            req.buf = []
+            req.buffered = 0
+            self._replay(req, body)
+            data += body
+        bs.bytes_in += len(data)
+        self.t.write(data)
+
+    def send(self, req: L7Request, data: bytes) -> None:
+        """More of ``req``'s body (framed by the proxy) for the backend."""
+        self.rt.backend_stats[self.index].bytes_in += len(data)
+        if req.replay is not None:
+            self._replay(req, data)
+        self.t.write(data)
+
+    @staticmethod
+    def _replay(req: L7Request, data: bytes) -> None:
+        if req.replay is None:
+            return
+        req.replayed += len(data)
+        if req.replayed > REPLAY_BYTES:
+            req.replay = None  # too much to keep: this request is not retried
+        else:
+            req.replay.append(data)
 
     def data_received(self, data: bytes) -> None:
         c = self.client
         if self.tunnel:
             self.sent += len(data)
-            if c is not None and not c.closed:
-                c.nout += len(data)
-                c.t.write(data)
+            if c is not None:
+                c.relay(data)
             return
         if c is None:  # unsolicited bytes on an idle pooled connection
             self.rt.error("backend_unsolicited", self.index)
@@ -223,9 +333,7 @@ class L7Upstream(asyncio.Protocol):
             if not self.done:
                 c.backend_failed(self, "backend_bad_response", 502)
             return
-        if not c.closed:
-            c.nout += len(data)
-            c.t.write(data)
+        c.relay(data)
         if self.done:
             c.response_done(self)
 
@@ -275,8 +383,7 @@ class L7Upstream(asyncio.Protocol):
                 st.interim["relayed"] += 1
                 st.responses[0] += 1
                 self.rt.backend_stats[self.index].responses[0] += 1
-                c.nout += end
-                c.t.write(buf[:end])
+                c.relay(buf[:end])
             else:
                 st.interim["dropped"] += 1  # never a 1xx to an HTTP/1.0 client
             buf = buf[end:]
@@ -296,12 +403,7 @@ class L7Upstream(asyncio.Protocol):
         if not self.tunnel or c is None:
             return None  # closes: connection_lost tells the client
         self.eof = True
-        if not c.closed and c.t.can_write_eof():
-            c.t.write_eof()
-        if c.eof:
-            c.close()
-            return None
-        return True
+        return c.backend_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -330,25 +432,27 @@ class L7Upstream(asyncio.Protocol):
             and not self.t.is_closing()
         ):
             self.reused = True
+            self.t.resume_reading()  # if a slow client had paused it: a pooled one reads
             self.rt.idle[self.index].append(self)
         else:
             self.t.close()
 
-    def pause_writing(self) -> None:  # request bodies are bounded; a tunnel is not
+    def pause_writing(self) -> None:  # a request body or a tunnel: stop reading the client
         c = self.client
-        if self.tunnel and c is not None and not c.closed:
-            c.t.pause_reading()
+        if c is not None:
+            c.backend_full(True)
 
     def resume_writing(self) -> None:
         c = self.client
-        if self.tunnel and c is not None and not c.closed:
-            c.t.resume_reading()
+        if c is not None:
+            c.backend_full(False)
 
 
 class L7Client(asyncio.Protocol):
     __slots__ = (
         "rt",
         "opts",
+        "limit",
         "loop",
         "t",
         "parser",
@@ -366,10 +470,14 @@ class L7Client(asyncio.Protocol):
         "url",
         "headers",
         "hsize",
-        "body",
+        "clen",
+        "te",
+        "req",
+        "pieces",
         "blen",
         "err",
-        "paused",
+        "hold",
+        "wfull",
         "attempts",
         "current",
         "ours",
@@ -396,6 +504,8 @@ class L7Client(asyncio.Protocol):
     def __init__(self, rt: VipRuntime) -> None:
         self.rt = rt
         self.opts = rt.l7
+        limit = rt.l7.max_request_bytes
+        self.limit = _NO_LIMIT if limit is None else limit
         self.loop = asyncio.get_running_loop()
         self.t: Any = None
         self.parser = httptools.HttpRequestParser(self)
@@ -403,7 +513,9 @@ class L7Client(asyncio.Protocol):
         self.client_port = 0
         self.listen_port = 0
         self.trusted = False
-        self.queue: deque[_Request] = deque()
+        # Requests from the end of their head on, in order; the first is at a backend
+        # when ``busy`` (``current``).
+        self.queue: deque[L7Request] = deque()
         self.busy = False
         self.up: L7Upstream | None = None
         self.backend = -1
@@ -413,23 +525,27 @@ class L7Client(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.hsize = 0
-        self.body: list[bytes] = []
-        self.blen = 0
+        self.clen = 0  # the Content-Length of the head being read
+        self.te = False  # the head being read has Transfer-Encoding (chunked: llhttp checks)
+        self.req: L7Request | None = None  # the request whose body is being read
+        self.pieces: list[bytes] = []  # body bytes of ``req`` parsed from the current read
+        self.blen = 0  # body bytes of ``req`` so far
         self.err = 0
-        self.paused = False
+        self.hold = 0  # why reading is paused (_H_* bits); 0: reading
+        self.wfull = False  # our write buffer is over its high-water mark
         self.attempts = 0
-        self.current: _Request | None = None
+        self.current: L7Request | None = None
         self.ours: tuple[str, str] | None = None
         self.block: bytes | None = None
         self.phase = _HEAD
         self.stamp = 0.0  # when the sweep first saw this phase (0: not yet)
-        self.seen = -1  # response bytes at that moment (phase _BUSY)
+        self.seen = -1  # bytes moved at that moment (phases _BODY, _BUSY, _TUNNEL)
         self.nin = 0  # bytes from the client
         self.nout = 0  # bytes to the client
         self.pick_gen = -1  # Maglev: the pool generation ``pick`` was computed for
         self.pick = -1
         self.expect: bytes | None = None  # the Expect header of the head being read
-        self.cont = False  # a "100 Continue" is due once this request is next in line
+        self.cont = False  # a "100 Continue" is due once ``req`` is next in line
         self.why = ""  # the counted reason of ``err`` when not the status's usual one
         self.ver = ""  # the HTTP version of the connection's first request
         self.last: list[tuple[bytes, bytes]] = []  # the headers of the last request parsed
@@ -470,6 +586,17 @@ class L7Client(asyncio.Protocol):
         self.phase = _HEAD
         self.stamp = self.loop.time()
 
+    def _pause(self, bit: int) -> None:
+        if not self.hold and not self.closed:
+            self.t.pause_reading()
+        self.hold |= bit
+
+    def _resume(self, bit: int) -> None:
+        if self.hold & bit:
+            self.hold &= ~bit
+            if not self.hold and not self.closed:
+                self.t.resume_reading()
+
     def data_received(self, data: bytes) -> None:
         if self.closed or self.err:  # err: the answer waits for the responses before it
             return
@@ -483,14 +610,15 @@ class L7Client(asyncio.Protocol):
         early = self.early
         if early is not None:  # the new protocol's, if the backend switches (else HTTP)
             early += data
-            if len(early) > self.rt.write_high and not self.paused:
-                self.paused = True
-                self.t.pause_reading()
+            if len(early) > self.rt.write_high:
+                self._pause(_H_EARLY)
             return
         if self.phase == _IDLE:
             self.phase = _HEAD
             self.stamp = 0.0
         self.head_raw += n
+        # Nothing parsed from ``data`` reaches a backend before the whole of it parsed
+        # without error: a request is dispatched, and body bytes sent, only below.
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:  # Connection: upgrade, or CONNECT
@@ -508,17 +636,19 @@ class L7Client(asyncio.Protocol):
                 self.err = 400
                 self.why = "http_0_9"
         if self.err:
+            self.pieces.clear()
             self._reject(self.err)
             return
+        if self.pieces:
+            req = self.req
+            if req is not None:
+                self._body(req, self._framed(req))
         queue = self.queue
         if queue:
             if not self.busy:
                 self._next()
-            if len(queue) > 8 and not self.paused:  # a pipelining client waits
-                self.paused = True
-                self.t.pause_reading()
-        if self.cont and not self.busy and not queue:
-            self._continue()
+            if len(queue) > 8:  # a pipelining client waits
+                self._pause(_H_PIPE)
 
     def _upgrade_refused_or_ignored(self, data: bytes, e: httptools.HttpParserUpgrade) -> None:
         """Parse on after each upgrade request served as a plain one (see _no_upgrade)."""
@@ -540,7 +670,7 @@ class L7Client(asyncio.Protocol):
         request with a body (httptools stops before the body), is refused with 400
         (``upgrade_unsupported``). Returns the bytes still to parse."""
         queue = self.queue
-        if self.early is not None and queue and queue[-1][5] and not self.err:
+        if self.early is not None and queue and queue[-1].ws and not self.err:
             offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
             self.early += data[offset:]  # a websocket request: see data_received
             return b""
@@ -548,9 +678,10 @@ class L7Client(asyncio.Protocol):
             n.lower() in (b"content-length", b"transfer-encoding") and v.strip() != b"0"
             for n, v in self.last
         )
-        if self.err or not queue or body or queue[-1][0].startswith(b"CONNECT "):
-            if not self.err and queue:
-                queue.pop()
+        if self.err or not queue or body or queue[-1].head.startswith(b"CONNECT "):
+            if not self.err and queue and queue[-1] is not self.current:
+                queue.pop()  # parsed from this read: never dispatched
+            self.req = None
             self.err = self.err or 400
             self.why = self.why or "upgrade_unsupported"
             return b""
@@ -568,8 +699,15 @@ class L7Client(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         self.hsize += len(name) + len(value) + 4
-        if len(name) == 6 and name.lower() == b"expect":
-            self.expect = value if self.expect is None else self.expect + b"," + value
+        n = len(name)
+        if n == 6:
+            if name.lower() == b"expect":
+                self.expect = value if self.expect is None else self.expect + b"," + value
+        elif n == 14:
+            if name.lower() == b"content-length" and value.strip().isdigit():
+                self.clen = int(value)  # llhttp refuses a second, different one
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            self.te = True
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -581,49 +719,18 @@ class L7Client(asyncio.Protocol):
             self.stamp = 0.0
         if self.expect is not None:
             self._expectation()
+        if not self.err:
+            self._request()
+        self.url = b""
+        self.last = self.headers
+        self.headers = []
+        self.hsize = 0
+        self.clen = 0
+        self.te = False
 
-    def _expectation(self) -> None:
-        """RFC 9110 §10.1.1, answered by the proxy: 417, 413 before the body, or a 100 due."""
-        value = self.expect or b""
-        self.expect = None
-        if self.err or self.parser.get_http_version() != "1.1":
-            return  # an HTTP/1.0 request's expectation is ignored
-        for member in value.split(b","):
-            m = member.strip().lower()
-            if m and m != b"100-continue":
-                self.err = 417
-                return
-        length = 0
-        chunked = False
-        for name, v in self.headers:
-            low = name.lower()
-            if low == b"content-length" and v.strip().isdigit():
-                length = int(v)
-            elif low == b"transfer-encoding":
-                chunked = True
-        if length > self.opts.max_request_bytes:
-            self.err = 413  # before the client sends the body
-        elif length or chunked:
-            self.cont = True  # sent by data_received or response_done, in order
-
-    def _continue(self) -> None:
-        self.cont = False
-        if not self.closed:
-            self.nout += len(_CONTINUE)
-            self.t.write(_CONTINUE)
-            self.rt.stats.interim["continue_sent"] += 1
-
-    def on_body(self, body: bytes) -> None:
-        self.blen += len(body)
-        if self.blen > self.opts.max_request_bytes:
-            self.err = self.err or 413
-            return
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.err:
-            return
-        self.cont = False  # the body is here: a 100 is no longer needed
+    def _request(self) -> None:
+        """The head is complete: make its :class:`L7Request` (dispatched once this read
+        parsed without error, by data_received)."""
         parser = self.parser
         method = parser.get_method()
         keep = parser.should_keep_alive()
@@ -641,20 +748,20 @@ class L7Client(asyncio.Protocol):
                 self.why = "http_0_9" if ver == "0.9" else ""
                 return
             self._add_host()
-        if self.body:
-            body = b"".join(self.body)
-            self.body = []
-        else:
-            body = b""
-        upgrade = self._websocket(method, ver, body) if self.parser.should_upgrade() else None
+        chunked = self.te
+        length = -1 if chunked else self.clen
+        if length > self.limit:
+            self.err = 413
+            return
+        upgrade = self._websocket(method, ver, length) if parser.should_upgrade() else None
         if self.block is not None:  # untrusted client, forwarding on: the usual case
-            head = untrusted_head(method, self.url, self.headers, len(body), self.block)
+            head = untrusted_head(method, self.url, self.headers, length, self.block)
         else:
             head = build_request_head(
                 method,
                 self.url,
                 self.headers,
-                len(body),
+                length,
                 client=self.client,
                 client_port=self.client_port,
                 trusted=self.trusted,
@@ -665,27 +772,86 @@ class L7Client(asyncio.Protocol):
         if upgrade is not None:  # hop-by-hop, yet the backend must see them to switch
             head = head[:-2] + b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n"
             self.early = bytearray()
-        self.queue.append(
-            (
-                head + body if body else head,
-                method == b"HEAD",
-                keep,
-                ver == "1.1",
-                self.t0,
-                upgrade is not None,
-            )
+        req = L7Request(
+            head,
+            head_only=method == b"HEAD",
+            keep=keep,
+            v11=ver == "1.1",
+            t0=self.t0,
+            ws=upgrade is not None,
+            chunked=chunked,
         )
-        self.head_raw = 0
-        self.url = b""
-        self.last = self.headers
-        self.headers = []
-        self.hsize = 0
+        self.req = req
         self.blen = 0
+        self.queue.append(req)
 
-    def _websocket(self, method: bytes, ver: str, body: bytes) -> bytes | None:
+    def _expectation(self) -> None:
+        """RFC 9110 §10.1.1, answered by the proxy: 417, or a 100 due (413: _request)."""
+        value = self.expect or b""
+        self.expect = None
+        if self.err or self.parser.get_http_version() != "1.1":
+            return  # an HTTP/1.0 request's expectation is ignored
+        for member in value.split(b","):
+            m = member.strip().lower()
+            if m and m != b"100-continue":
+                self.err = 417
+                return
+        if (self.clen or self.te) and self.clen <= self.limit:
+            self.cont = True  # sent by _next once this request is next in line
+
+    def _continue(self) -> None:
+        self.cont = False
+        if not self.closed:
+            self.nout += len(_CONTINUE)
+            self.t.write(_CONTINUE)
+            self.rt.stats.interim["continue_sent"] += 1
+
+    def on_body(self, body: bytes) -> None:
+        if self.err:
+            return
+        self.blen += len(body)
+        if self.blen > self.limit:  # a chunked body (a Content-Length is checked at once)
+            self.err = 413
+            return
+        self.pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        if self.err or req is None:
+            return
+        self.req = None
+        self.cont = False  # the body is here: a 100 is no longer needed
+        if self.pieces:
+            self._body(req, self._framed(req))
+        if req.chunked:
+            self._body(req, _LAST_CHUNK)  # trailers are dropped
+        req.complete = True
+        self.head_raw = 0
+
+    def _framed(self, req: L7Request) -> bytes:
+        """The body bytes parsed from this read, as the backend gets them."""
+        pieces = self.pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        if req.chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return data
+
+    def _body(self, req: L7Request, data: bytes) -> None:
+        """Body bytes of ``req``: to its backend, or held until it has one."""
+        up = self.up
+        if up is not None and req is self.current:
+            up.send(req, data)
+            return
+        req.buf.append(data)
+        req.buffered += len(data)
+        if req.buffered > self.rt.write_high:
+            self._pause(_H_BUF)
+
+    def _websocket(self, method: bytes, ver: str, length: int) -> bytes | None:
         """The ``Upgrade`` value of a websocket upgrade request (an HTTP/1.1 GET without a
         body, ``Connection: upgrade``, ``Upgrade: websocket``); None for any other request."""
-        if method != b"GET" or ver != "1.1" or body:
+        if method != b"GET" or ver != "1.1" or length:
             return None
         conn = False
         value: bytes | None = None
@@ -717,13 +883,43 @@ class L7Client(asyncio.Protocol):
     def _reject(self, status: int) -> None:
         self.rt.error(self.why or _REASONS.get(status, f"http_{status}"))
         self.cont = False
+        req = self.req
+        self.req = None
+        if req is not None:
+            if req is self.current:  # its head and some body are at a backend already
+                self._abandon(status)
+                return
+            if self.queue and self.queue[-1] is req:
+                self.queue.pop()  # never dispatched: nothing of it left the proxy
         if self.busy or self.queue:  # pipelined: answer the requests before it first
-            if not self.paused:
-                self.paused = True
-                self.t.pause_reading()
+            self._pause(_H_PIPE)
             self._next()
             return
         self.respond_error(status)
+
+    def _abandon(self, status: int) -> None:
+        """The request at the backend turned out bad mid-body (a malformed chunk, over
+        ``max_request_bytes``): abort that backend connection (the backend never gets a
+        complete request), answer ``status`` if no response byte went out, else close."""
+        up = self.up
+        self.busy = False
+        self.current = None
+        self.queue.clear()
+        at_start = True
+        if up is not None:
+            self.up = None
+            up.client = None
+            up.keep = False
+            self.rt.backend_stats[self.backend].bytes_out += up.sent
+            at_start = up.at_start
+            if up.t is not None:
+                up.t.abort()
+            self.rt.picker.release(self.backend)
+            self.backend = -1
+        if at_start:  # (still connecting: close() releases the backend)
+            self.respond_error(status)
+        else:
+            self.close(abort=True)
 
     def respond_error(self, status: int) -> None:
         """Answer ``status`` by ourselves and close (after any response in progress)."""
@@ -733,7 +929,7 @@ class L7Client(asyncio.Protocol):
             rt = self.rt
             rt.stats.responses[response_class(status)] += 1
             req = self.current
-            t0 = req[4] if req is not None else self.t0
+            t0 = req.t0 if req is not None else self.t0
             if t0:
                 rt.latency.observe(self.loop.time() - t0)
         self.close(linger=_LINGER)
@@ -752,8 +948,10 @@ class L7Client(asyncio.Protocol):
         self.phase = _BUSY
         self.stamp = 0.0
         self._dispatch(req)
+        if self.cont and req is self.req and not self.closed:
+            self._continue()  # its body may come now (held until a backend takes it)
 
-    def _dispatch(self, req: _Request) -> None:
+    def _dispatch(self, req: L7Request) -> None:
         rt = self.rt
         picker = rt.picker
         if picker.kind is Scheduler.MAGLEV:  # one client, one backend: once per table
@@ -767,21 +965,30 @@ class L7Client(asyncio.Protocol):
         if i < 0:
             rt.error("no_healthy_backend")
             self.queue.clear()
+            self.req = None
             self.respond_error(503)
             return
         self.backend = i
         picker.active[i] += 1
         rt.stats.requests += 1
         idle = rt.idle[i]
-        while idle and not req[5]:  # a websocket request takes a fresh connection
+        while idle and not req.ws:  # a websocket request takes a fresh connection
             up = idle.pop()
             if not up.lost and not up.t.is_closing():
-                self.up = up
-                up.start(self, req)
+                self._attach(up, req)
                 return
         self._open(i, req)
 
-    def _open(self, i: int, req: _Request) -> None:
+    def _attach(self, up: L7Upstream, req: L7Request) -> None:
+        """``up`` takes ``req``: its head and what came of its body go out now."""
+        self.up = up
+        up.start(self, req)
+        if self.wfull:  # our write buffer is full: it reads once the client catches up
+            up.t.pause_reading()
+        if self.hold & _H_BUF:
+            self._resume(_H_BUF)
+
+    def _open(self, i: int, req: L7Request) -> None:
         """A new backend connection (none pooled): the only per-request future."""
         rt = self.rt
         rt.backend_stats[i].connections += 1
@@ -793,7 +1000,7 @@ class L7Client(asyncio.Protocol):
 
         def connected(task: asyncio.Task[Any]) -> None:
             timer.cancel()
-            if self.closed:
+            if self.closed or self.current is not req:
                 if not task.cancelled() and task.exception() is None:
                     task.result()[0].close()
                 return
@@ -807,9 +1014,8 @@ class L7Client(asyncio.Protocol):
             _, up = task.result()
             if up.t is not None:
                 up.t.set_write_buffer_limits(high=rt.write_high)
-            self.up = up
             self.stamp = 0.0  # the response timeout starts now
-            up.start(self, req)
+            self._attach(up, req)
 
         task.add_done_callback(connected)
 
@@ -819,14 +1025,32 @@ class L7Client(asyncio.Protocol):
         self.backend = -1
         self.busy = False
         self.queue.clear()
+        self.req = None
         self.respond_error(status)
 
-    # --- from the upstream ----------------------------------------------------------
+    # --- from the upstream (see the module's docstring) -----------------------------
 
     def relay(self, data: bytes) -> None:
+        """Response bytes for the client (1xx heads, the final response, tunnel bytes)."""
         if not self.closed:
             self.nout += len(data)
             self.t.write(data)
+
+    def backend_full(self, full: bool) -> None:
+        """The backend's write buffer crossed its high (``full``) or low mark."""
+        if full:
+            self._pause(_H_UP)
+        else:
+            self._resume(_H_UP)
+
+    def backend_eof(self) -> bool | None:
+        """A tunnel's backend half-closed: half-close the client; None closes the backend."""
+        if not self.closed and self.t.can_write_eof():
+            self.t.write_eof()
+        if self.eof:
+            self.close()
+            return None
+        return True
 
     def tunnel(self, up: L7Upstream, head: bytes) -> None:
         """The backend switched protocols: relay its 101, then bytes both ways."""
@@ -837,7 +1061,7 @@ class L7Client(asyncio.Protocol):
         rt.backend_stats[self.backend].responses[0] += 1
         req = self.queue.popleft() if self.queue else None
         if req is not None:
-            rt.latency.observe(self.loop.time() - req[4])
+            rt.latency.observe(self.loop.time() - req.t0)
         self.current = None
         self.piped = True
         self.phase = _TUNNEL
@@ -850,9 +1074,7 @@ class L7Client(asyncio.Protocol):
         self.early = None
         if early:  # sent by the client before the 101: the new protocol's first bytes
             up.t.write(bytes(early))
-        if self.paused:
-            self.paused = False
-            self.t.resume_reading()
+        self._resume(_H_EARLY | _H_PIPE)
         if self.eof and up.t.can_write_eof():
             up.t.write_eof()
 
@@ -865,12 +1087,21 @@ class L7Client(asyncio.Protocol):
         rt.stats.responses[k] += 1
         rt.backend_stats[self.backend].responses[k] += 1
         if req is not None:
-            rt.latency.observe(self.loop.time() - req[4])
+            rt.latency.observe(self.loop.time() - req.t0)
         self.backend = -1
         self.up = None
         self.busy = False
         self.current = None
-        keep_client = up.keep and req is not None and req[2]
+        self._resume(_H_UP)
+        keep_client = up.keep and req is not None and req.keep
+        if req is not None and not req.complete:
+            # Answered before its whole body came (a backend's early 413 or 401): that
+            # backend connection may still expect body bytes, and the client sends them.
+            up.keep = False
+            self.req = None
+            up.finish()
+            self.close(linger=_LINGER)
+            return
         if rt.admission.closing and not queue and not self.in_head:
             keep_client = False  # a graceful stop: no next request on this connection
         up.finish()
@@ -882,9 +1113,8 @@ class L7Client(asyncio.Protocol):
             self.early = None
             self.parser = httptools.HttpRequestParser(self)
         if queue:
-            if self.paused and len(queue) <= 8 and not self.err:
-                self.paused = False
-                self.t.resume_reading()
+            if len(queue) <= 8 and not self.err:
+                self._resume(_H_PIPE)
             self._next()
             return
         if self.err:  # a rejected request waited for the responses before it
@@ -893,11 +1123,7 @@ class L7Client(asyncio.Protocol):
         if self.eof and not early:  # the client half-closed after its last request
             self.close()
             return
-        if self.paused:
-            self.paused = False
-            self.t.resume_reading()
-        if self.cont:
-            self._continue()
+        self._resume(_H_PIPE | _H_EARLY)
         self.phase = _HEAD if self.in_head else _IDLE
         self.stamp = 0.0
         if early:
@@ -914,37 +1140,49 @@ class L7Client(asyncio.Protocol):
         self.rt.backend_stats[index].bytes_out += up.sent
         if up.t is not None:
             up.t.abort()
+        self._resume(_H_UP)
+        req = self.current
         if (
             reason == "backend_reset"
             and up.reused
             and up.sent == 0
             and self.attempts == 0
-            and self.current is not None
+            and req is not None
+            and req.replay is not None
         ):
-            # A pooled connection the backend had closed: try once on a fresh one.
+            # A pooled connection the backend had closed: try once on a fresh one, with
+            # the body bytes it took (at most REPLAY_BYTES of them) sent again.
             self.attempts = 1
             self.rt.picker.release(index)
             self.rt.stats.requests -= 1
             self.rt.idle[index].clear()
             self.stamp = 0.0
-            self._dispatch(self.current)
+            if req.replay:
+                req.buf[:0] = req.replay
+                req.buffered += req.replayed
+                req.replay = []
+                req.replayed = 0
+            self._dispatch(req)
             return
         self.rt.picker.release(index)
         self.rt.error(reason, index)
         self.backend = -1
         self.busy = False
         self.queue.clear()
+        self.req = None
         if up.at_start:  # no byte of the final response went out: answer it ourselves
             self.respond_error(status)
         else:
             self.close(abort=True)
 
     def pause_writing(self) -> None:
+        self.wfull = True
         up = self.up
         if up is not None and up.t is not None:
             up.t.pause_reading()
 
     def resume_writing(self) -> None:
+        self.wfull = False
         up = self.up
         if up is not None and up.t is not None:
             up.t.resume_reading()
@@ -960,6 +1198,10 @@ class L7Client(asyncio.Protocol):
                 self.close()
                 return False
             return True
+        if self.req is not None and not self.err:  # in the middle of a body: never whole
+            self.rt.error("client_gone")
+            self.close(abort=True)
+            return False
         if not self.busy and not self.queue:
             self.close()
             return False
@@ -974,6 +1216,7 @@ class L7Client(asyncio.Protocol):
             return  # the VIP was removed, or is proxy-l4 now: the old one serves it to its end
         self.rt = new
         self.opts = opts = new.l7
+        self.limit = _NO_LIMIT if opts.max_request_bytes is None else opts.max_request_bytes
         self.trusted = bool(opts.trusted_sources) and is_trusted(self.client, opts.trusted_sources)
         ours = self.ours or client_forwarding(self.client, self.client_port, self.proto)
         fwd = opts.forwarded_headers and not self.trusted
@@ -1005,7 +1248,7 @@ class L7Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         up = self.up
         if up is not None and not self.piped:
-            # Mid-response: that backend connection cannot be reused.
+            # Mid-response (or mid-body): that backend connection cannot be reused.
             self.up = None
             up.client = None
             up.keep = False
@@ -1035,9 +1278,11 @@ class L7Client(asyncio.Protocol):
             if up is None:  # connecting: the connect timer covers it
                 self.stamp = 0.0
                 return
-            token = up.sent
+            token = up.sent + self.nin  # a response byte, or a body byte still coming
         elif phase == _TUNNEL:
             token = self.nin + self.nout
+        elif phase == _BODY:
+            token = self.nin
         if self.stamp == 0.0 or token != self.seen:
             self.stamp = now
             self.seen = token
@@ -1050,7 +1295,12 @@ class L7Client(asyncio.Protocol):
             self.close()  # a silent tunnel: both ends closed gracefully
         elif phase == _BUSY and up is not None:
             up.keep = False
-            self.backend_failed(up, "response_timeout", 504)
+            req = self.current
+            if req is not None and not req.complete:  # the client stopped mid-body
+                self.rt.error("request_timeout")
+                self.close(abort=True)  # connection_lost aborts the backend's
+            else:
+                self.backend_failed(up, "response_timeout", 504)
         elif phase == _IDLE:
             self.close()  # a quiet keep-alive connection: no error
         elif phase == _HEAD:

@@ -170,7 +170,7 @@ HOP_BY_HOP: Final = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
-        b"content-length",  # re-sent from the buffered body's real length
+        b"content-length",  # re-sent by the proxy: the length, or chunked (body_len < 0)
     }
 )
 # Headers the proxy acts on itself and never forwards: it answers ``Expect`` (a
@@ -247,7 +247,9 @@ def untrusted_head(
         if name.lower() not in _DROP_FWD:
             out += (name, b": ", value, b"\r\n")
     out.append(block)
-    if body_len or method not in _NO_BODY_METHODS:
+    if body_len < 0:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif body_len or method not in _NO_BODY_METHODS:
         out.append(b"Content-Length: %d\r\n" % body_len)
     out.append(b"\r\n")
     return b"".join(out)
@@ -269,8 +271,9 @@ def build_request_head(
 ) -> bytes:
     """The request head sent to a backend over a pooled HTTP/1.1 keep-alive connection.
 
-    Hop-by-hop headers and ``Expect`` (the proxy answers it) are dropped (the
-    body is sent with its real ``Content-Length``, never chunked). With ``add_forwarding``, the forwarding
+    Hop-by-hop headers and ``Expect`` (the proxy answers it) are dropped; the body
+    is framed by the proxy: ``Content-Length: body_len``, or for ``body_len < 0``
+    ``Transfer-Encoding: chunked`` (the proxy re-chunks it). With ``add_forwarding``, the forwarding
     headers of an untrusted client are dropped and ours appended:
     ``X-Forwarded-For: 2001:db8::1``, ``X-Forwarded-Proto: http`` and
     ``Forwarded: for="[2001:db8::1]:4711";proto=http``. A trusted client's
@@ -314,7 +317,9 @@ def build_request_head(
             out.append(b"\r\nForwarded: ")
             out.append(forwarded.append(fwd, element).encode())
             out.append(b"\r\n")
-    if body_len or method not in _NO_BODY_METHODS:
+    if body_len < 0:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif body_len or method not in _NO_BODY_METHODS:
         out.append(b"Content-Length: %d\r\n" % body_len)
     out.append(b"\r\n")
     return b"".join(out)
