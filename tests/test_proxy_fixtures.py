@@ -94,7 +94,7 @@ def l7_vip(
     timeouts: Timeouts | None = None,
     health: HealthCheck | None = None,
     max_header_bytes: int = 8192,
-    max_request_bytes: int = 1 << 20,
+    max_request_bytes: int | None = 1 << 20,
 ) -> Vip:
     return Vip(
         name=name,

@@ -49,6 +49,7 @@ L7 = {
             "trusted_sources": ["2001:db8:100::/56"],
             "dual_stack": "192.0.2.80",
             "max_header_bytes": 32768,
+            "max_request_bytes": 1048576,
             "max_connections_per_source": 5,
             "timeouts": {"connect": 2, "idle": 30.5},
             "health": {"type": "http", "path": "/healthz", "interval": 5, "port": 8081},

@@ -38,6 +38,11 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
 - A lower global ``maxconn`` than HAProxy's default, which otherwise warns that
   it cannot raise the file-descriptor limit.
 - ``timeouts.total`` has no HAProxy equivalent; it is written as a comment.
+- Bodies stream (HAProxy never buffers one whole without ``option
+  http-buffer-request``). ``max_request_bytes: N`` → ``http-request deny
+  deny_status 413 if { req.hdr_val(content-length) gt N }``, checked on the head
+  (before a ``100 Continue``). HAProxy 2.6 cannot limit a chunked body: its
+  body sample fetches (``req.body_size``) see only what fits in one buffer.
 - ``max_connections_per_source: N`` → one stick table per VIP (a table-only
   ``backend v6lb_<vip>_sources``, ``store conn_cur``) shared by the VIP's
   frontends, ``tcp-request connection track-sc0 src`` and ``tcp-request
@@ -270,6 +275,11 @@ def _frontends(vip: Vip, header_timeout: float, tls_dir: str) -> list[str]:
             out.append(f"    timeout http-keep-alive {_s(t.idle)}")
             out.append("    option http-keep-alive")
             out.append("    option idle-close-on-response")
+            if opts.max_request_bytes is not None:  # a chunked body is not limited (2.6)
+                out.append(
+                    "    http-request deny deny_status 413"
+                    f" if {{ req.hdr_val(content-length) gt {opts.max_request_bytes} }}"
+                )
             out += _forwarding(opts, "https" if tls is not None else "http")
         default = backend_name(vip.name)
         if isinstance(opts, ProxyL4Options) and opts.sni_routes and opts.unknown_sni == "default":

@@ -697,6 +697,8 @@ class L7Client(asyncio.Protocol):
         self.hsize += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:  # a chunked body's trailer field: dropped
+            return
         self.headers.append((name, value))
         self.hsize += len(name) + len(value) + 4
         n = len(name)
@@ -1311,7 +1313,11 @@ class L7Client(asyncio.Protocol):
             self.close(abort=True)
 
     def buffered(self) -> int:
-        n = 0
+        """Bytes this connection holds in user space: request bodies waiting for a
+        backend, bytes after a websocket request, and both transports' write buffers."""
+        n = len(self.early) if self.early else 0
+        for req in self.queue:
+            n += req.buffered
         for t in (self.t, self.up.t if self.up is not None else None):
             if t is not None:
                 n += t.get_write_buffer_size()
