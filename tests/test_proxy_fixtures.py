@@ -206,9 +206,10 @@ async def read_response(r: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
 
 
 @asynccontextmanager
-async def haproxy_l7(tmp_path: Path, backend_port: int) -> AsyncIterator[int]:
+async def haproxy_l7(tmp_path: Path, backend_port: int, **options: Any) -> AsyncIterator[int]:
     """A real HAProxy (``haproxy -db``) serving one proxy-l7 VIP on [::1], as v6lb renders
-    it, in front of the backend on [::1]:``backend_port``; yields the VIP's port."""
+    it (with ``options``, e.g. ``max_request_bytes=1000``), in front of the backend on
+    [::1]:``backend_port``; yields the VIP's port."""
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", 0))
         port = int(s.getsockname()[1])
@@ -216,7 +217,7 @@ async def haproxy_l7(tmp_path: Path, backend_port: int) -> AsyncIterator[int]:
         {"vips": [{"name": "web", "address": "fd00:5::1", "ports": [port],
                    "mode": "proxy-l7", "scheduler": "round-robin",
                    "health": {"type": "none"},
-                   "backends": [{"address": "::1", "port": backend_port}]}]},
+                   "backends": [{"address": "::1", "port": backend_port}], **options}]},
         "haproxy-l7.yaml",
     )  # fmt: skip
     loopback = replace(config.vips[0], address=LO)  # a VIP file refuses ::1 itself

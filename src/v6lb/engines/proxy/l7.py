@@ -833,10 +833,12 @@ class L7Client(asyncio.Protocol):
     def _framed(self, req: L7Request) -> bytes:
         """The body bytes parsed from this read, as the backend gets them."""
         pieces = self.pieces
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if req.chunked:  # one chunk per read: a single copy of the bytes
+            n = sum(map(len, pieces))
+            data = b"".join((b"%x\r\n" % n, *pieces, b"\r\n"))
+        else:
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
-        if req.chunked:
-            return b"%x\r\n%b\r\n" % (len(data), data)
         return data
 
     def _body(self, req: L7Request, data: bytes) -> None:
