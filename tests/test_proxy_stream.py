@@ -26,6 +26,7 @@ from test_proxy_fixtures import (
     run,
 )
 from v6lb.engines.proxy import ProxyServer
+from v6lb.engines.proxy.l7 import REPLAY_BYTES
 
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
@@ -302,3 +303,43 @@ def test_max_request_bytes_on_both_engines(tmp_path: Path) -> None:
         b"HTTP/1.1 200 OK",
     ]
     assert bodies == [b"b" * 500, b"c" * 1200]
+
+
+def test_a_stale_pooled_connection_is_retried_only_with_a_small_body() -> None:
+    """The backend closes a pooled connection when the next request arrives, without an
+    answer: a request with a small body is sent again on a fresh connection, body and all;
+    one whose body streamed past REPLAY_BYTES cannot be, and gets 502."""
+    bodies: list[bytes] = []
+
+    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        served = 0
+        while True:
+            head = await r.readuntil(b"\r\n\r\n")
+            data = await r.readexactly(int((header(head, "Content-Length") or ["0"])[0]))
+            if served:  # a reused connection: gone without a word
+                w.transport.abort()
+                return
+            served += 1
+            bodies.append(data)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await w.drain()
+
+    async def main() -> None:
+        be = await Backend_(backend).start()
+
+        async def body(s: ProxyServer) -> None:
+            r, w = await asyncio.open_connection("::1", s.addresses("web")[0][1])
+            small, big = b"s" * 1000, b"b" * (REPLAY_BYTES + 1)
+            for data in (b"", small, b"", big):
+                w.write(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(data))
+                w.write(data)
+                status, _, _ = await read_response(r)
+                assert status == (502 if data is big else 200), (len(data), status)
+            assert bodies == [b"", small, b""]  # the small body came whole on a fresh one
+            assert s.counters()["web"]["errors"] == {"backend_reset": 1}
+            w.close()
+
+        await _with([l7_vip([be.port])], body)
+        await be.stop()
+
+    run(main())
