@@ -152,8 +152,8 @@ class L7Request:
     ``Content-Length``, or chunked when ``chunked``); ``buf`` holds body bytes,
     already framed, that no backend has taken yet (``buffered`` of them);
     ``complete`` once the whole body was read. ``replay`` holds the body bytes
-    already sent, for a retry, until there are more than :data:`REPLAY_BYTES`
-    (then None: no retry).
+    already sent (``replayed`` of them), for a retry, while they are at most
+    :data:`REPLAY_BYTES` (then None, and no retry).
     """
 
     __slots__ = (
@@ -174,7 +174,6 @@ class L7Request:
     def __init__(
         self,
         head: bytes,
-        *,
         head_only: bool = False,
         keep: bool = True,
         v11: bool = True,
@@ -191,9 +190,9 @@ class L7Request:
         self.ws = ws  # a websocket upgrade request
         self.chunked = chunked
         self.complete = complete
-        self.buf: list[bytes] = []
+        self.buf: list[bytes] | None = None
         self.buffered = 0
-        self.replay: list[bytes] | None = []
+        self.replay: list[bytes] | None = None
         self.replayed = 0
 
 
@@ -278,7 +277,7 @@ class L7Upstream(asyncio.Protocol):
         data = req.head
         if req.buf:
             body = b"".join(req.buf)
-            req.buf = []
+            req.buf = None
             req.buffered = 0
             self._replay(req, body)
             data += body
@@ -288,17 +287,17 @@ class L7Upstream(asyncio.Protocol):
     def send(self, req: L7Request, data: bytes) -> None:
         """More of ``req``'s body (framed by the proxy) for the backend."""
         self.rt.backend_stats[self.index].bytes_in += len(data)
-        if req.replay is not None:
+        if req.replayed <= REPLAY_BYTES:
             self._replay(req, data)
         self.t.write(data)
 
     @staticmethod
     def _replay(req: L7Request, data: bytes) -> None:
-        if req.replay is None:
-            return
-        req.replayed += len(data)
-        if req.replayed > REPLAY_BYTES:
+        n = req.replayed = req.replayed + len(data)
+        if n > REPLAY_BYTES:
             req.replay = None  # too much to keep: this request is not retried
+        elif req.replay is None:
+            req.replay = [data]
         else:
             req.replay.append(data)
 
@@ -432,7 +431,6 @@ class L7Upstream(asyncio.Protocol):
             and not self.t.is_closing()
         ):
             self.reused = True
-            self.t.resume_reading()  # if a slow client had paused it: a pooled one reads
             self.rt.idle[self.index].append(self)
         else:
             self.t.close()
@@ -774,14 +772,9 @@ class L7Client(asyncio.Protocol):
         if upgrade is not None:  # hop-by-hop, yet the backend must see them to switch
             head = head[:-2] + b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n"
             self.early = bytearray()
+        # head, head_only, keep, v11, t0, ws, chunked
         req = L7Request(
-            head,
-            head_only=method == b"HEAD",
-            keep=keep,
-            v11=ver == "1.1",
-            t0=self.t0,
-            ws=upgrade is not None,
-            chunked=chunked,
+            head, method == b"HEAD", keep, ver == "1.1", self.t0, upgrade is not None, chunked
         )
         self.req = req
         self.blen = 0
@@ -847,7 +840,10 @@ class L7Client(asyncio.Protocol):
         if up is not None and req is self.current:
             up.send(req, data)
             return
-        req.buf.append(data)
+        if req.buf is None:
+            req.buf = [data]
+        else:
+            req.buf.append(data)
         req.buffered += len(data)
         if req.buffered > self.rt.write_high:
             self._pause(_H_BUF)
@@ -1096,7 +1092,10 @@ class L7Client(asyncio.Protocol):
         self.up = None
         self.busy = False
         self.current = None
-        self._resume(_H_UP)
+        if self.hold:
+            self._resume(_H_UP)
+        if self.wfull:  # we had paused its reading (pause_writing): a pooled one reads
+            up.t.resume_reading()
         keep_client = up.keep and req is not None and req.keep
         if req is not None and not req.complete:
             # Answered before its whole body came (a backend's early 413 or 401): that
@@ -1117,7 +1116,7 @@ class L7Client(asyncio.Protocol):
             self.early = None
             self.parser = httptools.HttpRequestParser(self)
         if queue:
-            if len(queue) <= 8 and not self.err:
+            if self.hold and len(queue) <= 8 and not self.err:
                 self._resume(_H_PIPE)
             self._next()
             return
@@ -1127,7 +1126,8 @@ class L7Client(asyncio.Protocol):
         if self.eof and not early:  # the client half-closed after its last request
             self.close()
             return
-        self._resume(_H_PIPE | _H_EARLY)
+        if self.hold:
+            self._resume(_H_PIPE | _H_EARLY)
         self.phase = _HEAD if self.in_head else _IDLE
         self.stamp = 0.0
         if early:
@@ -1152,7 +1152,7 @@ class L7Client(asyncio.Protocol):
             and up.sent == 0
             and self.attempts == 0
             and req is not None
-            and req.replay is not None
+            and req.replayed <= REPLAY_BYTES
         ):
             # A pooled connection the backend had closed: try once on a fresh one, with
             # the body bytes it took (at most REPLAY_BYTES of them) sent again.
@@ -1162,9 +1162,9 @@ class L7Client(asyncio.Protocol):
             self.rt.idle[index].clear()
             self.stamp = 0.0
             if req.replay:
-                req.buf[:0] = req.replay
+                req.buf = req.replay + (req.buf or [])
                 req.buffered += req.replayed
-                req.replay = []
+                req.replay = None
                 req.replayed = 0
             self._dispatch(req)
             return
