@@ -72,13 +72,12 @@ yet, else the client connection closes.
 A backend that fails *after* response bytes went out makes the client
 connection close: the response is incomplete, and the client must see that.
 
-What an upstream calls on its client (an :class:`L7Client`, or anything with the
-same methods): ``closed`` (attribute), :meth:`~L7Client.relay` (response bytes:
-1xx heads, the final response, tunnel bytes), :meth:`~L7Client.response_done`,
-:meth:`~L7Client.backend_failed`, :meth:`~L7Client.backend_full` (the backend's
-write buffer crossed its high or low mark: stop or resume feeding it request
-body bytes), :meth:`~L7Client.tunnel`, :meth:`~L7Client.backend_eof` and
-:meth:`~L7Client.close` (tunnels). The client drives the upstream with
+What an upstream calls on its client is :class:`UpstreamClient` (an
+:class:`L7Client` is one): ``closed``, ``relay`` (response bytes: 1xx heads, the
+final response, tunnel bytes), ``response_done``, ``backend_failed``,
+``backend_full`` (the backend's write buffer crossed its high or low mark: stop or
+resume feeding it request body bytes), ``tunnel``, ``backend_eof`` and ``close``
+(tunnels). The client drives the upstream with
 :meth:`L7Upstream.start` (head and buffered body of an :class:`L7Request`) and
 :meth:`L7Upstream.send` (more body bytes, already framed).
 """
@@ -90,7 +89,7 @@ import contextlib
 import re
 from collections import deque
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 import httptools
 
@@ -107,7 +106,7 @@ from .policy import (
 )
 from .runtime import VipRuntime, client_of, response_class
 
-__all__ = ["REPLAY_BYTES", "L7Client", "L7Request", "L7Upstream"]
+__all__ = ["REPLAY_BYTES", "L7Client", "L7Request", "L7Upstream", "UpstreamClient"]
 
 # Body bytes of a request kept after they went to a backend, so that a pooled connection
 # the backend had closed can be retried on a fresh one; past this, no retry.
@@ -196,6 +195,34 @@ class L7Request:
         self.replayed = 0
 
 
+class UpstreamClient(Protocol):
+    """What an :class:`L7Upstream` calls on the client its response goes to
+    (:class:`L7Client`, or another frontend's stream)."""
+
+    closed: bool
+
+    def relay(self, data: bytes) -> None:
+        """Response bytes: 1xx heads, the final response, tunnel bytes."""
+
+    def response_done(self, up: L7Upstream) -> None:
+        """The final response is complete (``up.status``, ``up.keep``)."""
+
+    def backend_failed(self, up: L7Upstream, reason: str, status: int) -> None:
+        """``up`` failed (reset, bad response...); ``up.at_start``: no response byte went out."""
+
+    def backend_full(self, full: bool) -> None:
+        """The backend's write buffer crossed its high (``full``) or low mark."""
+
+    def tunnel(self, up: L7Upstream, head: bytes) -> None:
+        """A 101 to a websocket request: relay ``head``, then bytes both ways."""
+
+    def backend_eof(self) -> bool | None:
+        """A tunnel's backend half-closed; None closes the backend connection."""
+
+    def close(self, abort: bool = False, linger: float = 0.0) -> None:
+        """End the client side (a tunnel whose backend is gone)."""
+
+
 class _HeadResponse:
     """Parser callbacks for the response to a HEAD request: it ends with its head."""
 
@@ -242,7 +269,7 @@ class L7Upstream(asyncio.Protocol):
         self.index = index
         self.t: Any = None
         self.parser = httptools.HttpResponseParser(self)
-        self.client: L7Client | None = None
+        self.client: UpstreamClient | None = None
         self.head_only = False
         self.sent = 0  # bytes from the backend for the current request (1xx included)
         self.done = False
@@ -260,7 +287,7 @@ class L7Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
 
-    def start(self, client: L7Client, req: L7Request) -> None:
+    def start(self, client: UpstreamClient, req: L7Request) -> None:
         """Send ``req``'s head and the body bytes it holds; the response goes to ``client``."""
         self.client = client
         self.sent = 0
@@ -336,7 +363,7 @@ class L7Upstream(asyncio.Protocol):
         if self.done:
             c.response_done(self)
 
-    def _interim(self, c: L7Client, data: bytes) -> bytes:
+    def _interim(self, c: UpstreamClient, data: bytes) -> bytes:
         """Take the 1xx heads off the start of a response; return what follows them.
 
         Returns b"" while the bytes so far cannot tell (kept in ``hbuf``), after an
