@@ -38,8 +38,10 @@ apt: $(APT_STAMP)
 # which git ignores; never commit the object. Rebuilt only when a source changes.
 XDP_SRC := src/v6lb/engines/xdp
 # bench.c is the benchmark's build of the same code (benchmarks/bench_xdp.py).
+# sockmap_relay.c is proxy-l4's kernel relay (docs/proxy.md, "Kernel relay").
 XDP_OBJ := build/xdp/v6lb_xdp.o
 XDP_BENCH_OBJ := build/xdp/v6lb_xdp_bench.o
+RELAY_OBJ := build/xdp/sockmap_relay.o
 CLANG ?= clang
 XDP_APT := clang llvm libbpf-dev bpftool
 build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
@@ -52,9 +54,10 @@ build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
 	fi
 	@if command -v $(CLANG) >/dev/null; then mkdir -p $(dir $@) && set -x && \
 	  $(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
-	    -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,v6lb_xdp).c -o $@; fi
+	    -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,$(if $(findstring relay,$*),sockmap_relay,v6lb_xdp)).c \
+	    -o $@; fi
 
-xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ)
+xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ) $(RELAY_OBJ)
 
 demo: $(STAMP)
 	$(VENV)/bin/v6lb demo
@@ -69,12 +72,12 @@ typecheck: $(STAMP)
 # Two workers (the CI machine has 2 cores); --dist loadfile keeps each test file, and so
 # its module-scoped namespaces and fixtures, in one worker.
 PYTEST_WORKERS ?= 2
-pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
+pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ) $(RELAY_OBJ)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-bench: $(STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
+bench: $(STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ) $(RELAY_OBJ)
 	$(PY) benchmarks/run_all.py
 
 # The systemd unit (docs/operations.md, "Service unit"): v6lb@NAME.service runs

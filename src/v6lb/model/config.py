@@ -64,6 +64,7 @@ __all__ = [
     "NptPair",
     "Protocol",
     "ProxyL4Options",
+    "Relay",
     "ProxyL7Options",
     "TlsCertificate",
     "TlsOptions",
@@ -141,6 +142,14 @@ class HealthType(StrEnum):
 class ProxyProtocol(StrEnum):
     NONE = "none"
     V2 = "v2"
+
+
+class Relay(StrEnum):
+    """proxy-l4 with the builtin engine: who moves the bytes once a connection relays."""
+
+    AUTO = "auto"  # the kernel (a BPF sockmap) when it can, else user space (one log line)
+    KERNEL = "kernel"  # the same, but TLS is refused and the fallback is logged as a warning
+    USER = "user"  # the asyncio relay
 
 
 # --- the model -----------------------------------------------------------------
@@ -273,6 +282,7 @@ class ProxyL4Options:
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
     dual_stack: IPv4Address | None = None
     max_connections_per_source: int = 0  # open connections per client address; 0: no limit
+    relay: Relay = Relay.AUTO  # the builtin engine's byte relay (docs/proxy.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +705,7 @@ _OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mo
         "timeouts",
         "dual_stack",
         "max_connections_per_source",
+        "relay",
     ),
     "ProxyL7Options": (
         "tls",
@@ -1076,7 +1087,15 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
     if options == TunnelOptions.__name__:
         return _parse_tunnel(f, mode, lb)
     if options == ProxyL4Options.__name__:
+        relay = Relay(f.choice("relay", [r.value for r in Relay], "auto"))
+        if relay is Relay.KERNEL and f.has("tls"):
+            raise f.at("relay").error(
+                "relay: kernel cannot splice a TLS-terminated connection (the proxy decrypts"
+                " every byte)",
+                "use relay: auto (user space for this VIP) or remove tls",
+            )
         return ProxyL4Options(
+            relay=relay,
             tls=_parse_tls(f) if f.has("tls") else None,
             proxy_protocol=ProxyProtocol(
                 f.choice("proxy_protocol", [p.value for p in ProxyProtocol], "none")

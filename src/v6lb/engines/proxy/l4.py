@@ -41,6 +41,7 @@ from typing import Any, cast
 from v6lb.core import proxyproto
 from v6lb.model.config import ProxyProtocol
 
+from .kernel_relay import KernelLink
 from .policy import client_proxy_header, is_trusted, unmap
 from .runtime import VipRuntime, client_of
 
@@ -124,6 +125,8 @@ class L4Client(asyncio.Protocol):
         "flushed",
         "wait",
         "check_at",
+        "link",
+        "splice",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -152,6 +155,8 @@ class L4Client(asyncio.Protocol):
         self.flushed = 0  # of those, written to the backend
         self.wait: asyncio.TimerHandle | None = None  # FIRST_BYTES_WAIT, then connect anyway
         self.check_at = 0.0  # when bytes that may be a PROXY header began to wait for more
+        self.link: KernelLink | None = None  # the kernel relays this connection (kernel_relay)
+        self.splice = rt.relay is not None  # may still be handed to the kernel relay
 
     # --- client side ----------------------------------------------------------------
 
@@ -347,18 +352,71 @@ class L4Client(asyncio.Protocol):
                 self.close()
         elif not self.closed:
             self.upt = up.t  # from now on client bytes go straight through
+            if self.splice:  # not inside connection_made, where uvloop ignores pause_reading
+                self.loop.call_soon(self._splice)
+
+    def _splice(self) -> None:
+        """Hand the connection to the kernel relay once nothing waits in Python's buffers
+        (else the sweep tries again)."""
+        up = self.up
+        t = self.t
+        if self.closed or self.eof or up is None or up.t is None or up.eof or t is None:
+            self.splice = False
+            return
+        if self.paused or t.get_write_buffer_size() or up.t.get_write_buffer_size():
+            return
+        self.splice = False
+        self.link = self.rt.relay.splice(self)
+
+    def kernel_eof(self, d: int, tail: bytes) -> None:
+        """The kernel relay delivered direction ``d`` (0: from the client) up to its EOF;
+        ``tail``: bytes the kernel left in the source socket, relayed here."""
+        up = self.up
+        if up is None:
+            return
+        if d == 0:
+            self.eof = True
+            if up.t is not None and not up.t.is_closing():
+                if tail:
+                    self.nin += len(tail)
+                    up.t.write(tail)
+                if up.t.can_write_eof():
+                    up.t.write_eof()
+            if up.eof:
+                self.close()
+        else:
+            up.eof = True
+            t = self.t
+            if t is not None and not t.is_closing():
+                if tail:
+                    up.n += len(tail)
+                    t.write(tail)
+                if t.can_write_eof():
+                    t.write_eof()
+            if self.eof:
+                self.close()
 
     # --- counters, timeouts, closing ----------------------------------------------
 
     def counts(self) -> tuple[int, int, int, int]:
         """Bytes (from the client, to the client, to the backend, from the backend) so far."""
         out = self.up.n if self.up is not None else 0
-        return self.nin + self.nslow, out, self.nin + self.flushed, out
+        if self.link is None:
+            return self.nin + self.nslow, out, self.nin + self.flushed, out
+        k_in, k_out = self.link.counts()
+        out += k_out
+        return self.nin + self.nslow + k_in, out, self.nin + self.flushed + k_in, out
 
     def sweep(self, now: float) -> None:
         """Called by the VIP's periodic sweep: enforce the timeouts."""
         if self.closed:
             return
+        if self.link is not None:
+            self.link.sweep()
+            if self.closed:
+                return
+        elif self.splice and self.upt is not None:
+            self._splice()
         t = self.rt.l4.timeouts
         if self.state == _WAIT_PP and now - self.born >= t.connect:
             self._fail("proxy_v2_timeout")
@@ -375,7 +433,11 @@ class L4Client(asyncio.Protocol):
         if t.total and now - self.born >= t.total:
             self._fail("total_timeout")
             return
-        moved = self.nin + self.nslow + (self.up.n if self.up is not None else 0)
+        if self.link is None:
+            moved = self.nin + self.nslow + (self.up.n if self.up is not None else 0)
+        else:
+            n = self.counts()
+            moved = n[0] + n[1]
         if moved != self.seen:
             self.seen = moved
             self.last = now
@@ -398,6 +460,8 @@ class L4Client(asyncio.Protocol):
 
     def buffered(self) -> int:
         n = len(self.pending)
+        if self.link is not None:
+            n += self.link.queued()  # held by the kernel in front of a peer
         for t in (self.t, self.up.t if self.up is not None else None):
             if t is not None:
                 n += t.get_write_buffer_size()
@@ -413,6 +477,8 @@ class L4Client(asyncio.Protocol):
         rt.release(self)
         rt.stats.active -= 1
         rt.add_counts(self.backend, self.counts())
+        if self.link is not None:
+            self.link.forget()  # before the descriptors close
         if self.backend >= 0:
             rt.picker.release(self.backend)
             rt.backend_stats[self.backend].active -= 1

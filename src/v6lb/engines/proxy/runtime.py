@@ -129,6 +129,7 @@ class VipRuntime:
     source_of: dict[Any, str] = field(default_factory=dict)  # client protocol -> its key
     latency: Latency = field(default_factory=Latency)  # l7: request durations
     tls: Any = None  # proxy-l7 with tls: its TlsSetup (certificates reloaded on SIGHUP)
+    relay: Any = None  # proxy-l4: the server's KernelRelay when this VIP uses it
     # A reload replaced (or removed) this VIP: its open connections still use it;
     # ``successor`` is the VIP's runtime now (None: the VIP was removed).
     retired: bool = False

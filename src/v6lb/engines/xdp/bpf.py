@@ -1,6 +1,7 @@
 """A small typed wrapper over the bpf(2) syscall, with ctypes: what the XDP harness needs.
 
 Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_MAP_UPDATE_ELEM``,
+``BPF_MAP_DELETE_ELEM``,
 ``BPF_MAP_UPDATE_BATCH`` (a whole Maglev table in one call), ``BPF_MAP_LOOKUP_ELEM``
 (per-CPU values: one 8-byte slot per possible CPU) and ``BPF_PROG_TEST_RUN``. The
 program itself is loaded and its maps pinned by ``bpftool prog load`` (libbpf does
@@ -11,6 +12,7 @@ arm64 only: the syscall number is the one thing that differs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -30,6 +32,7 @@ __all__ = [
 _NR_BPF: Final = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_MAP_DELETE_ELEM: Final = 3
 BPF_OBJ_GET: Final = 7
 BPF_PROG_TEST_RUN: Final = 10
 BPF_MAP_UPDATE_BATCH: Final = 26
@@ -155,6 +158,18 @@ class Map:
         v = ctypes.create_string_buffer(value, len(value))
         attr = _MapElem(map_fd=self.fd, key=_addr(k), value=_addr(v))
         _bpf(BPF_MAP_UPDATE_ELEM, attr, f"MAP_UPDATE_ELEM {self.path}")
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; False if it was not there."""
+        self._check(key)
+        k = ctypes.create_string_buffer(key, len(key))
+        try:
+            _bpf(BPF_MAP_DELETE_ELEM, _MapElem(map_fd=self.fd, key=_addr(k)), "MAP_DELETE_ELEM")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
 
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         """``count`` elements in one call: ``keys`` and ``values`` end to end."""
