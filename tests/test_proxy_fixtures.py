@@ -64,7 +64,7 @@ def l4_vip(
     health: HealthCheck | None = None,
     weights: list[int] | None = None,
     backend_host: str = "::1",
-    relay: Relay = Relay.AUTO,
+    relay: Relay = Relay.USER,
 ) -> Vip:
     return Vip(
         name=name,

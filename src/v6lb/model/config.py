@@ -147,9 +147,8 @@ class ProxyProtocol(StrEnum):
 class Relay(StrEnum):
     """proxy-l4 with the builtin engine: who moves the bytes once a connection relays."""
 
-    AUTO = "auto"  # the kernel (a BPF sockmap) when it can, else user space (one log line)
-    KERNEL = "kernel"  # the same, but TLS is refused and the fallback is logged as a warning
-    USER = "user"  # the asyncio relay
+    USER = "user"  # the asyncio relay (the default: faster here, docs/proxy.md says why)
+    KERNEL = "kernel"  # a BPF sockmap splices the two sockets; user space where it cannot
 
 
 # --- the model -----------------------------------------------------------------
@@ -282,7 +281,7 @@ class ProxyL4Options:
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
     dual_stack: IPv4Address | None = None
     max_connections_per_source: int = 0  # open connections per client address; 0: no limit
-    relay: Relay = Relay.AUTO  # the builtin engine's byte relay (docs/proxy.md)
+    relay: Relay = Relay.USER  # the builtin engine's byte relay (docs/proxy.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1087,12 +1086,12 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
     if options == TunnelOptions.__name__:
         return _parse_tunnel(f, mode, lb)
     if options == ProxyL4Options.__name__:
-        relay = Relay(f.choice("relay", [r.value for r in Relay], "auto"))
+        relay = Relay(f.choice("relay", [r.value for r in Relay], "user"))
         if relay is Relay.KERNEL and f.has("tls"):
             raise f.at("relay").error(
                 "relay: kernel cannot splice a TLS-terminated connection (the proxy decrypts"
                 " every byte)",
-                "use relay: auto (user space for this VIP) or remove tls",
+                "remove relay (user space relays it) or remove tls",
             )
         return ProxyL4Options(
             relay=relay,

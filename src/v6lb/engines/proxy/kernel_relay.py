@@ -88,13 +88,18 @@ def _run(args: list[str]) -> None:
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode:
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
-        raise RelayUnavailable(f"{' '.join(args[:3])}: {lines[-1].strip()}")
+        # libbpf's reason (": Operation not permitted(1)."), else bpftool's "Error: ..." line
+        why = next((x for x in lines if "not permitted" in x.lower()), None)
+        why = "Operation not permitted" if why else None
+        why = why or next((x for x in lines if x.startswith("Error:")), lines[-1])
+        raise RelayUnavailable(f"{' '.join(args[:3])}: {why.strip()}")
 
 
 class KernelRelay:
     """The loaded program and its maps, shared by every proxy-l4 VIP of one server."""
 
-    def __init__(self, obj: Path = OBJECT) -> None:
+    def __init__(self, obj: Path | None = None) -> None:
+        obj = obj or OBJECT
         if not obj.is_file():
             raise RelayUnavailable(f"{obj} is missing (build it with `make xdp`)")
         if shutil.which("bpftool") is None:
@@ -130,13 +135,12 @@ class KernelRelay:
         self.fallbacks = 0  # directions that went back to user space (a slow reader)
 
     @classmethod
-    def open(cls, log: Any, *, warn: bool = False) -> KernelRelay | None:
+    def open(cls, log: Any) -> KernelRelay | None:
         """The relay, or None after one log line saying why the user-space relay is used."""
         try:
             return cls()
         except (RelayUnavailable, OSError) as exc:
-            what = "warning: relay: kernel asked for, but" if warn else "relay:"
-            log(f"proxy-l4 {what} the kernel relay is unavailable ({exc}); relaying in user space")
+            log(f"proxy-l4 relay: kernel: unavailable ({exc}); relaying in user space instead")
             return None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -195,7 +195,7 @@ class ProxyServer:
             return None
         if not self._relay_tried:
             self._relay_tried = True
-            self.kernel_relay = KernelRelay.open(self.log, warn=mode is Relay.KERNEL)
+            self.kernel_relay = KernelRelay.open(self.log)
             if self.kernel_relay is not None:
                 self.kernel_relay.start(asyncio.get_running_loop())
         return self.kernel_relay
