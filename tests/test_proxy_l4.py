@@ -73,8 +73,10 @@ async def _with(
         assert (kernel is not None) == (_RELAY[0] is Relay.KERNEL)
         got = await body(server)
         if kernel is not None and spliced:
-            assert kernel.handoffs > 0, kernel.status()
-        return got
+            st = server.relay_status()
+            assert st is not None and st["spliced"] > 0, st
+    assert kernel is None or not kernel.links  # every spliced connection was let go
+    return got
 
 
 async def _spliced(s: ProxyServer, n: int = 1) -> None:

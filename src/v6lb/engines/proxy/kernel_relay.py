@@ -129,6 +129,7 @@ class KernelRelay:
             shutil.rmtree(pin, ignore_errors=True)
         self.ep = select.epoll()
         self.watched: dict[int, tuple[KernelLink, bool]] = {}  # fd -> (link, client side)
+        self.links: set[KernelLink] = set()  # the spliced connections still open
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handoffs = 0  # connections spliced
         self.refused = 0  # hand-overs the kernel refused (the connection stayed in user space)
@@ -163,7 +164,7 @@ class KernelRelay:
             "spliced": self.handoffs,
             "refused": self.refused,
             "fallbacks": self.fallbacks,
-            "open": len(self.watched) // 2,
+            "open": len(self.links),
         }
 
     def splice(self, conn: L4Client) -> KernelLink | None:
@@ -185,6 +186,7 @@ class KernelRelay:
             conn.up.t.resume_reading()
             return None
         self.handoffs += 1
+        self.links.add(link)
         for fd, side in ((link.cfd, True), (link.bfd, False)):
             self.watched[fd] = (link, side)
             self.ep.register(fd, _WATCH)
@@ -274,6 +276,7 @@ class KernelLink:
             return
         self.last = self.counts()
         self.closed = True
+        self.relay.links.discard(self)
         for i, w in enumerate(self.waits):
             if w is not None:
                 w.cancel()

@@ -435,8 +435,14 @@ class ProxyServer:
             "accept_errors": self.accept_errors,
         }
 
+    def relay_status(self) -> dict[str, int] | None:
+        """The kernel relay's counters (spliced, refused, fallbacks, open), if it is loaded."""
+        relay = self.kernel_relay
+        return relay.status() if relay is not None else None
+
     def buffered(self) -> int:
-        """Bytes held in user space by all open connections (for backpressure checks)."""
+        """Bytes held by all open connections (for backpressure checks): in user space,
+        and in the kernel in front of a peer (kernel relay)."""
         return sum(rt.buffered() for rt in self.runtimes.values())
 
     def set_drain(self, vip: str, backend: int, drain: bool) -> None:
