@@ -19,6 +19,11 @@ wait for an inbound PROXY v2 header) are checked by the VIP's periodic sweep
 Half-close: EOF from one side becomes ``write_eof`` on the other; the
 connection closes when both directions have ended or either side is lost.
 
+``relay: kernel``: once relaying with both write buffers empty, the connection is
+handed to :mod:`.kernel_relay` (``link``): a BPF sockmap moves the bytes, the
+sweep reads its counters, and :meth:`L4Client.kernel_eof` passes on an EOF the
+kernel relay saw once its bytes were delivered.
+
 PROXY v2 in: only a peer inside ``trusted_proxy_sources`` may (and then must)
 start with a PROXY v2 header; the header's source becomes the client. Any other
 peer's first bytes (and a trusted peer's first bytes after its header) are
