@@ -480,3 +480,41 @@ def test_backend_reset_mid_stream_closes_the_client_and_counts() -> None:
         await be.stop()
 
     run(main())
+
+
+def test_client_reset_mid_stream_closes_the_backend_and_counts() -> None:
+    ended: list[bytes] = []
+
+    async def wait_end(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got = await r.readexactly(52 + 4)  # our PROXY v2 header and the client's "ping"
+        w.write(b"pong")
+        try:
+            got += await asyncio.wait_for(r.read(), 3)  # the proxy ends it: never a hang
+        except ConnectionError:
+            pass
+        ended.append(got[52:])
+
+    async def main() -> None:
+        be = await Backend_(wait_end).start()
+
+        async def body(s: ProxyServer) -> None:
+            r, w = await asyncio.open_connection("::1", s.addresses("tcp")[0][1])
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 3) == b"pong"
+            await _spliced(s)
+            sock = w.get_extra_info("socket")  # SO_LINGER 0: close sends a RST
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+            for _ in range(100):
+                if ended:
+                    break
+                await asyncio.sleep(0.02)
+            assert ended == [b"ping"]
+            c = s.counters()["tcp"]
+            assert c["errors"] == {"client_reset": 1} and c["active"] == 0
+            assert c["bytes_in"] == 4 and c["bytes_out"] == 4
+
+        await _with([l4_vip([be.port])], body)
+        await be.stop()
+
+    run(main())
