@@ -42,6 +42,8 @@ XDP_SRC := src/v6lb/engines/xdp
 XDP_OBJ := build/xdp/v6lb_xdp.o
 XDP_BENCH_OBJ := build/xdp/v6lb_xdp_bench.o
 RELAY_OBJ := build/xdp/sockmap_relay.o
+XDP_MAIN_ := v6lb_xdp
+XDP_MAIN_relay := sockmap_relay
 CLANG ?= clang
 XDP_APT := clang llvm libbpf-dev bpftool
 build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
@@ -54,7 +56,7 @@ build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
 	fi
 	@if command -v $(CLANG) >/dev/null; then mkdir -p $(dir $@) && set -x && \
 	  $(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
-	    -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,$(if $(findstring relay,$*),sockmap_relay,v6lb_xdp)).c \
+	    -c $(XDP_SRC)/$(if $(findstring bench,$*),bench,$(XDP_MAIN_$(findstring relay,$*))).c \
 	    -o $@; fi
 
 xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ) $(RELAY_OBJ)
