@@ -38,10 +38,12 @@ apt: $(APT_STAMP)
 # which git ignores; never commit the object. Rebuilt only when a source changes.
 XDP_SRC := src/v6lb/engines/xdp
 # bench.c is the benchmark's build of the same code (benchmarks/bench_xdp.py); pass.c
-# the XDP_PASS program for a veth peer (build/xdp/v6lb_xdp_<name>.o from <name>.c).
+# the XDP_PASS program for a veth peer; sockmap_relay.c proxy-l4's kernel relay
+# (docs/proxy.md, "Kernel relay"). build/xdp/v6lb_xdp_<name>.o comes from <name>.c.
 XDP_OBJ := build/xdp/v6lb_xdp.o
 XDP_BENCH_OBJ := build/xdp/v6lb_xdp_bench.o
 XDP_PASS_OBJ := build/xdp/v6lb_xdp_pass.o
+RELAY_OBJ := build/xdp/v6lb_xdp_sockmap_relay.o
 CLANG ?= clang
 XDP_APT := clang llvm libbpf-dev bpftool
 build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
@@ -56,7 +58,7 @@ build/xdp/%.o: $(wildcard $(XDP_SRC)/*.c $(XDP_SRC)/*.h) | $(APT_STAMP)
 	  $(CLANG) -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(uname -m)-linux-gnu \
 	    -c $(XDP_SRC)/$(patsubst v6lb_xdp_%,%,$*).c -o $@; fi
 
-xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ) $(XDP_PASS_OBJ)
+xdp: $(XDP_OBJ) $(XDP_BENCH_OBJ) $(XDP_PASS_OBJ) $(RELAY_OBJ)
 
 demo: $(STAMP)
 	$(VENV)/bin/v6lb demo
@@ -71,12 +73,12 @@ typecheck: $(STAMP)
 # Two workers (the CI machine has 2 cores); --dist loadfile keeps each test file, and so
 # its module-scoped namespaces and fixtures, in one worker.
 PYTEST_WORKERS ?= 2
-pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ) $(XDP_PASS_OBJ)
+pytest: $(STAMP) $(APT_STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ) $(XDP_PASS_OBJ) $(RELAY_OBJ)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-bench: $(STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ)
+bench: $(STAMP) $(XDP_OBJ) $(XDP_BENCH_OBJ) $(RELAY_OBJ)
 	$(PY) benchmarks/run_all.py
 
 # The systemd unit (docs/operations.md, "Service unit"): v6lb@NAME.service runs

@@ -1,5 +1,9 @@
 """Requests/s through the builtin proxy (L4 and L7) and HAProxy, against nginx direct, on [::1].
 
+proxy-l4 runs twice, side by side: with the user-space relay (``relay: user``) and the
+kernel relay (``relay: kernel``, the BPF sockmap of docs/proxy.md; root and ``make xdp``;
+a "(fell back to user)" label says when it could not load).
+
 Method: nginx (Debian, 1 worker) answers ``200 ok`` on [::1]; wrk (Debian) drives
 each case with 1 thread and 50 connections for ``--seconds``; the cases run
 interleaved, ``--rounds`` times, and the median and spread of each are printed with
@@ -9,7 +13,12 @@ PROXY v2 to the backend for L4 (nginx ``listen ... proxy_protocol``), forwarding
 headers for L7, Maglev scheduling, TCP health checks and timeouts for both.
 
 The proxy's own CPU time (user + system, from /proc) per request is printed too:
-it does not depend on what else runs on the machine as much as req/s does.
+it does not depend on what else runs on the machine as much as req/s does. It misses
+what the kernel relay moves out of the process (softirq and the kworkers that send
+redirected data), so every case also prints the whole machine's busy CPU time per
+request (/proc/stat, every CPU: nginx and wrk included, and whatever else runs), and
+the 1-minute load average when the case ran. Compare those between cases of one run
+on a quiet machine.
 
 Pinning, the same for every case (``--pinning``):
 
@@ -51,6 +60,7 @@ from v6lb.model.config import (
     ProxyL4Options,
     ProxyL7Options,
     ProxyProtocol,
+    Relay,
     Scheduler,
     Timeouts,
     Vip,
@@ -87,20 +97,36 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on [::1]:{port}")
 
 
-def vips(plain: int, pp: int, l4_port: int, l7_port: int) -> list[Vip]:
+def machine_busy() -> float:
+    """Seconds every CPU of the machine spent busy so far (/proc/stat: all but idle, iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TCK
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def vips(plain: int, pp: int, l4_port: int, l7_port: int, l4k_port: int = 0) -> list[Vip]:
+    """The benchmark's VIPs; ``l4k_port``: a second proxy-l4 VIP with the kernel relay."""
     hc = HealthCheck(type=HealthType.TCP, interval=2.0, timeout=1.0)
     t = Timeouts(connect=2.0, idle=60.0)
+    l4 = [("l4", l4_port, Relay.USER)] + ([("l4k", l4k_port, Relay.KERNEL)] if l4k_port else [])
     return [
-        Vip(
-            name="l4",
-            address=LO,
-            ports=(l4_port,),
-            protocol=Protocol.TCP,
-            mode=VipMode.PROXY_L4,
-            scheduler=Scheduler.MAGLEV,
-            backends=(Backend(LO, pp),),
-            health=hc,
-            options=ProxyL4Options(proxy_protocol=ProxyProtocol.V2, timeouts=t),
+        *(
+            Vip(
+                name=name,
+                address=LO,
+                ports=(port,),
+                protocol=Protocol.TCP,
+                mode=VipMode.PROXY_L4,
+                scheduler=Scheduler.MAGLEV,
+                backends=(Backend(LO, pp),),
+                health=hc,
+                options=ProxyL4Options(proxy_protocol=ProxyProtocol.V2, timeouts=t, relay=relay),
+            )
+            for name, port, relay in l4
         ),
         Vip(
             name="l7",
@@ -116,7 +142,7 @@ def vips(plain: int, pp: int, l4_port: int, l7_port: int) -> list[Vip]:
     ]
 
 
-def serve_builtin(plain: int, pp: int, l4_port: int, l7_port: int) -> None:
+def serve_builtin(plain: int, pp: int, l4_port: int, l7_port: int, l4k_port: int) -> None:
     """The child process: run the builtin proxy until SIGTERM."""
     import threading
 
@@ -128,9 +154,13 @@ def serve_builtin(plain: int, pp: int, l4_port: int, l7_port: int) -> None:
     import asyncio
 
     async def main() -> None:
-        async with ProxyServer(vips(plain, pp, l4_port, l7_port)):
+        async with ProxyServer(vips(plain, pp, l4_port, l7_port, l4k_port)) as server:
+            if server.kernel_relay is None:  # the reason was logged
+                Path(os.environ["V6LB_BENCH_DIR"], "no-kernel-relay").touch()
             while not stop.is_set():
                 await asyncio.sleep(0.2)
+            if server.kernel_relay is not None:
+                print(f"kernel relay: {server.kernel_relay.status()}", file=sys.stderr)
 
     asyncio.run(main())
 
@@ -195,7 +225,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--pinning", choices=sorted(PINNINGS), default="shared")
     ap.add_argument("--no-haproxy", action="store_true")
-    ap.add_argument("--serve", nargs=4, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=5, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve_builtin(*args.serve)
@@ -207,21 +237,24 @@ def main() -> None:
     proxy_cpu, nginx_cpu, wrk_cpu = PINNINGS[args.pinning]
     procs: list[subprocess.Popen[bytes]] = []
     d = tempfile.mkdtemp(prefix="v6lb-bench-")
-    plain, pp, l4, l7, h4, h7 = (free_port() for _ in range(6))
-    results: dict[str, list[tuple[float, float, float]]] = {}
+    plain, pp, l4, l7, h4, h7, l4k = (free_port() for _ in range(7))
+    # per case, per round: (req/s, p99 ms, proxy CPU µs/req, machine CPU µs/req, load1)
+    results: dict[str, list[tuple[float, float, float, float, float]]] = {}
     try:
         conf = Path(d) / "nginx.conf"
         conf.write_text(NGINX.format(d=d, plain=plain, pp=pp))
         procs.append(subprocess.Popen(["taskset", "-c", nginx_cpu, "nginx", "-c", str(conf)]))
         builtin = subprocess.Popen(
             ["taskset", "-c", proxy_cpu, sys.executable, __file__, "--serve"]
-            + [str(p) for p in (plain, pp, l4, l7)]
+            + [str(p) for p in (plain, pp, l4, l7, l4k)],
+            env={**os.environ, "V6LB_BENCH_DIR": d},
         )
         procs.append(builtin)
         # case: (port, pid of the proxy or None)
         cases: dict[str, tuple[int, int | None]] = {
             "nginx direct": (plain, None),
-            "builtin proxy-l4": (l4, builtin.pid),
+            "builtin proxy-l4 user relay": (l4, builtin.pid),
+            "builtin proxy-l4 kernel relay": (l4k, builtin.pid),
             "builtin proxy-l7": (l7, builtin.pid),
         }
         if use_haproxy:
@@ -239,15 +272,21 @@ def main() -> None:
             cases["haproxy mode http"] = (h7, hap.pid)
         for port, _ in cases.values():
             wait_port(port)
+        if (Path(d) / "no-kernel-relay").exists():
+            k = cases.pop("builtin proxy-l4 kernel relay")
+            cases["builtin proxy-l4 kernel relay (fell back to user)"] = k
         for port, _ in cases.values():  # warm up
             wrk(port, 1, args.connections, wrk_cpu)
         results = {k: [] for k in cases}
         for r in range(args.rounds):
             for name, (port, pid) in cases.items():
                 before = cpu_seconds(pid) if pid else 0.0
+                busy = machine_busy()
                 rps, p99 = wrk(port, args.seconds, args.connections, wrk_cpu)
+                n = rps * max(1, round(args.seconds))
                 used = cpu_seconds(pid) - before if pid else 0.0
-                results[name].append((rps, p99, 1e6 * used / (rps * round(args.seconds))))
+                busy = machine_busy() - busy
+                results[name].append((rps, p99, 1e6 * used / n, 1e6 * busy / n, load1()))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for p in procs:
@@ -261,9 +300,11 @@ def main() -> None:
     report(results, args)
 
 
-def report(results: dict[str, list[tuple[float, float, float]]], args: argparse.Namespace) -> None:
+def report(
+    results: dict[str, list[tuple[float, float, float, float, float]]], args: argparse.Namespace
+) -> None:
     proxy_cpu, nginx_cpu, wrk_cpu = PINNINGS[args.pinning]
-    direct = statistics.median(x for x, _, _ in results["nginx direct"])
+    direct = statistics.median(r[0] for r in results["nginx direct"])
     print(
         f"wrk -t1 -c{args.connections} -d{args.seconds:g}s on [::1], {args.rounds} interleaved"
         f" rounds; pinning {args.pinning}: proxy on CPU {proxy_cpu}, nginx on CPU {nginx_cpu},"
@@ -271,35 +312,46 @@ def report(results: dict[str, list[tuple[float, float, float]]], args: argparse.
     )
     print(
         "| case | req/s median | min–max | ratio to direct | p99 ms median"
-        " | proxy CPU µs/req median |"
+        " | proxy CPU µs/req median | machine CPU µs/req median | load1 min–max |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
-        rps = [x for x, _, _ in runs]
-        p99 = statistics.median(y for _, y, _ in runs)
+        rps = [r[0] for r in runs]
+        p99 = statistics.median(r[1] for r in runs)
         med = statistics.median(rps)
-        cpu = statistics.median(z for _, _, z in runs)
+        cpu = statistics.median(r[2] for r in runs)
+        busy = statistics.median(r[3] for r in runs)
+        loads = [r[4] for r in runs]
         cpu_text = "—" if name == "nginx direct" else f"{cpu:.1f}"
         print(
             f"| {name} | {med:,.0f} | {min(rps):,.0f}–{max(rps):,.0f} | {med / direct:.2f}×"
-            f" | {p99:.2f} | {cpu_text} |"
+            f" | {p99:.2f} | {cpu_text} | {busy:.1f} | {min(loads):.2f}–{max(loads):.2f} |"
         )
+    kernel = next((k for k in results if k.startswith("builtin proxy-l4 kernel")), None)
     pairs = {
-        "builtin proxy-l4 / haproxy mode tcp": ("builtin proxy-l4", "haproxy mode tcp", 1.0),
+        "builtin proxy-l4 user relay / haproxy mode tcp": (
+            "builtin proxy-l4 user relay",
+            "haproxy mode tcp",
+            1.0,
+        ),
         "builtin proxy-l7 / haproxy mode http": ("builtin proxy-l7", "haproxy mode http", 0.9),
     }
+    if kernel is not None:
+        pairs[f"{kernel} / haproxy mode tcp"] = (kernel, "haproxy mode tcp", 1.0)
     for label, (a, b, goal) in pairs.items():
         if b not in results:
             continue
-        ra = statistics.median(x for x, _, _ in results[a])
-        rb = statistics.median(x for x, _, _ in results[b])
+        ra = statistics.median(r[0] for r in results[a])
+        rb = statistics.median(r[0] for r in results[b])
         per = sorted(x[0] / y[0] for x, y in zip(results[a], results[b], strict=True))
-        ca = statistics.median(z for _, _, z in results[a])
-        cb = statistics.median(z for _, _, z in results[b])
+        ca = statistics.median(r[2] for r in results[a])
+        cb = statistics.median(r[2] for r in results[b])
+        ma = statistics.median(r[3] for r in results[a])
+        mb = statistics.median(r[3] for r in results[b])
         print(
             f"{label}: {ra / rb:.2f}× (of medians); per round {statistics.median(per):.2f}×"
-            f" ({per[0]:.2f}–{per[-1]:.2f}); proxy CPU per request {ca:.1f} vs {cb:.1f} µs,"
-            f" HAProxy/builtin {cb / ca:.2f}×; goal ≥ {goal:.1f}×"
+            f" ({per[0]:.2f}–{per[-1]:.2f}); proxy CPU per request {ca:.1f} vs {cb:.1f} µs;"
+            f" machine CPU per request {ma:.1f} vs {mb:.1f} µs; goal ≥ {goal:.1f}×"
         )
 
 

@@ -72,6 +72,27 @@ def reject(data: object) -> ConfigError:
 # --- rejections: (data, field path, part of the message, part of the fix) -----------
 
 REJECTIONS = [
+    # proxy-l4 relay (docs/proxy.md, "Kernel relay")
+    pytest.param(
+        cfg(vip("proxy-l4", relay="bpf")),
+        "vips[0].relay",
+        "'bpf' is not one of the choices",
+        "user, kernel",
+        id="relay-unknown",
+    ),
+    pytest.param(
+        cfg(
+            vip(
+                "proxy-l4",
+                relay="kernel",
+                tls={"certificates": [{"cert": "a.pem", "key": "a.key"}]},
+            )
+        ),
+        "vips[0].relay",
+        "cannot splice a TLS-terminated connection",
+        "remove relay",
+        id="relay-kernel-tls",
+    ),
     # addresses
     pytest.param(
         cfg(vip(address="192.0.2.1")),

@@ -22,6 +22,7 @@ from v6lb.model.config import (
     ProxyL4Options,
     ProxyL7Options,
     ProxyProtocol,
+    Relay,
     Scheduler,
     Timeouts,
     Vip,
@@ -63,6 +64,7 @@ def l4_vip(
     health: HealthCheck | None = None,
     weights: list[int] | None = None,
     backend_host: str = "::1",
+    relay: Relay = Relay.USER,
 ) -> Vip:
     return Vip(
         name=name,
@@ -80,6 +82,7 @@ def l4_vip(
             proxy_protocol=ProxyProtocol.V2 if pp else ProxyProtocol.NONE,
             trusted_proxy_sources=tuple(IPv6Network(t) for t in trusted),
             timeouts=timeouts or Timeouts(connect=2.0, idle=30.0),
+            relay=relay,
         ),
         table_size=251 if scheduler is Scheduler.MAGLEV else None,
     )

@@ -1,8 +1,13 @@
-"""The builtin ``proxy-l4`` on loopback: PROXY v2, half-close, backpressure, timeouts, drain."""
+"""The builtin ``proxy-l4`` on loopback: PROXY v2, half-close, backpressure, timeouts, drain.
+
+Every test runs with both relays (``relay: user`` and ``relay: kernel``, the BPF sockmap
+of docs/proxy.md, which needs root and ``make xdp``): the behaviour must be the same.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -14,10 +19,34 @@ import pytest
 from test_proxy_fixtures import Backend_, l4_vip, loop_kind, run  # noqa: F401 (autouse fixture)
 from v6lb.core import proxyproto
 from v6lb.engines.proxy import ProxyServer
-from v6lb.model.config import HealthCheck, HealthType, Timeouts
+from v6lb.engines.proxy.kernel_relay import OBJECT
+from v6lb.model.config import HealthCheck, HealthType, Relay, Timeouts
 
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
+_RELAY = [Relay.USER]
+
+
+@pytest.fixture(
+    params=[
+        Relay.USER,
+        pytest.param(
+            Relay.KERNEL,
+            marks=[
+                pytest.mark.root,
+                pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2), sockmap)"),
+            ],
+        ),
+    ],
+    ids=["user", "kernel"],
+    autouse=True,
+)
+def relay(request: pytest.FixtureRequest) -> Relay:
+    """The relay every ProxyServer of the test uses; the kernel one must really load."""
+    if request.param is Relay.KERNEL:
+        assert OBJECT.is_file(), f"{OBJECT} is missing: `make xdp` builds it"
+    _RELAY[0] = request.param
+    return Relay(request.param)
 
 
 class Recorder(Backend_):
@@ -34,9 +63,31 @@ class Recorder(Backend_):
         await w.drain()
 
 
-async def _with(vips: list[Any], body: Callable[[ProxyServer], Awaitable[T]], **kw: Any) -> T:
-    async with ProxyServer(vips, **kw) as server:
-        return await body(server)
+async def _with(
+    vips: list[Any], body: Callable[[ProxyServer], Awaitable[T]], spliced: bool = True, **kw: Any
+) -> T:
+    """Run ``body`` against a server; with the kernel relay, ``spliced``: it must have
+    spliced a connection (tests whose every connection ends before it relays say False)."""
+    async with ProxyServer(vips, relay=_RELAY[0], **kw) as server:
+        kernel = server.kernel_relay
+        assert (kernel is not None) == (_RELAY[0] is Relay.KERNEL)
+        got = await body(server)
+        if kernel is not None and spliced:
+            st = server.relay_status()
+            assert st is not None and st["spliced"] > 0, st
+    assert kernel is None or not kernel.links  # every spliced connection was let go
+    return got
+
+
+async def _spliced(s: ProxyServer, n: int = 1) -> None:
+    """With the kernel relay: wait until ``n`` connections were spliced (user: at once),
+    so that what the test sends next goes through the kernel."""
+    k = s.kernel_relay
+    for _ in range(300):
+        if k is None or k.handoffs >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not spliced: {k.status()}")
 
 
 def test_proxy_v2_bytes_are_exact_and_half_close_works() -> None:
@@ -48,6 +99,7 @@ def test_proxy_v2_bytes_are_exact_and_half_close_works() -> None:
             r, w = await asyncio.open_connection("::1", port)
             cport = w.get_extra_info("sockname")[1]
             w.write(b"hello")
+            await _spliced(s)
             w.write_eof()  # half-close: the answer must still come back
             answer = await asyncio.wait_for(r.read(), 5)
             assert answer == b"pong:57"  # 52 header bytes + 5
@@ -96,6 +148,7 @@ def test_backpressure_bounds_proxy_memory_with_a_slow_reader() -> None:
             sock.setblocking(False)
             loop = asyncio.get_running_loop()
             await loop.sock_connect(sock, ("::1", port))
+            await loop.sock_sendall(sock, b"go")  # the client speaks first: the relay starts
             peak = 0
             got = 0
             while got < total:
@@ -131,6 +184,7 @@ def test_idle_and_total_timeouts_close_and_count() -> None:
         async def body(s: ProxyServer) -> None:
             loop = asyncio.get_running_loop()
             r, w = await asyncio.open_connection("::1", s.addresses("idle")[0][1])
+            w.write(b"x")  # relaying (spliced by the kernel relay), then silence
             t0 = loop.time()
             assert await asyncio.wait_for(r.read(), 3) == b""
             assert 0.25 <= loop.time() - t0 < 1.5
@@ -196,7 +250,7 @@ def test_connect_timeout_and_connect_failure() -> None:
             assert c["hang"]["errors"] == {"connect_timeout": 1}
             assert c["refused"]["errors"] == {"connect_failed": 1}
 
-        await _with(vips, body)
+        await _with(vips, body, spliced=False)
         for f in fillers:
             f.close()
         full.close()
@@ -219,10 +273,12 @@ def test_inbound_proxy_v2_trusted_untrusted_and_malformed() -> None:
             ),
         ]
 
-        async def send(port: int, data: bytes) -> bytes:
+        async def send(port: int, data: bytes, s: ProxyServer | None = None) -> bytes:
             r, w = await asyncio.open_connection("::1", port)
             try:
                 w.write(data)
+                if s is not None:
+                    await _spliced(s)
                 w.write_eof()
                 return await asyncio.wait_for(r.read(), 3)
             except OSError:
@@ -231,7 +287,7 @@ def test_inbound_proxy_v2_trusted_untrusted_and_malformed() -> None:
         async def body(s: ProxyServer) -> None:
             trusting = s.addresses("trusting")[0][1]
             strict = s.addresses("strict")[0][1]
-            assert await send(trusting, header + b"data") == b"pong:56"
+            assert await send(trusting, header + b"data", s) == b"pong:56"
             got = be.received[-1]
             hdr, n = proxyproto.decode(got) or (None, 0)
             assert hdr is not None and hdr.src == IPv6Address("2001:db8::1")
@@ -325,7 +381,7 @@ def test_health_failover_and_all_down_closes_with_a_reason() -> None:
             assert await send(port) == b""
             assert s.counters()["tcp"]["errors"].get("no_healthy_backend") == 1
 
-        await _with([vip], body)
+        await _with([vip], body, spliced=False)
 
     run(main())
 
@@ -355,7 +411,7 @@ def test_maglev_sticks_a_client_to_one_backend_and_over_max_is_refused() -> None
             for _, ow in opened:
                 ow.close()
 
-        await _with([vip], body, max_connections=2)
+        await _with([vip], body, spliced=False, max_connections=2)
         for b in bs:
             await b.stop()
 
@@ -377,6 +433,7 @@ def test_dual_stack_ipv4_client_is_family_0x11() -> None:
             r, w = await asyncio.open_connection("127.0.0.1", v4[0][1])
             cport = w.get_extra_info("sockname")[1]
             w.write(b"v4")
+            await _spliced(s)
             w.write_eof()
             assert await asyncio.wait_for(r.read(), 3) == b"pong:30"  # 16 + 12 + 2
             got = be.received[0]
@@ -418,6 +475,44 @@ def test_backend_reset_mid_stream_closes_the_client_and_counts() -> None:
             c = s.counters()["tcp"]
             assert c["errors"] == {"backend_reset": 1} and c["active"] == 0
             assert c["bytes_in"] == 4 and c["bytes_out"] == 7
+
+        await _with([l4_vip([be.port])], body)
+        await be.stop()
+
+    run(main())
+
+
+def test_client_reset_mid_stream_closes_the_backend_and_counts() -> None:
+    ended: list[bytes] = []
+
+    async def wait_end(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got = await r.readexactly(52 + 4)  # our PROXY v2 header and the client's "ping"
+        w.write(b"pong")
+        try:
+            got += await asyncio.wait_for(r.read(), 3)  # the proxy ends it: never a hang
+        except ConnectionError:
+            pass
+        ended.append(got[52:])
+
+    async def main() -> None:
+        be = await Backend_(wait_end).start()
+
+        async def body(s: ProxyServer) -> None:
+            r, w = await asyncio.open_connection("::1", s.addresses("tcp")[0][1])
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 3) == b"pong"
+            await _spliced(s)
+            sock = w.get_extra_info("socket")  # SO_LINGER 0: close sends a RST
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+            for _ in range(100):
+                if ended:
+                    break
+                await asyncio.sleep(0.02)
+            assert ended == [b"ping"]
+            c = s.counters()["tcp"]
+            assert c["errors"] == {"client_reset": 1} and c["active"] == 0
+            assert c["bytes_in"] == 4 and c["bytes_out"] == 4
 
         await _with([l4_vip([be.port])], body)
         await be.stop()

@@ -65,6 +65,7 @@ __all__ = [
     "NptPair",
     "Protocol",
     "ProxyL4Options",
+    "Relay",
     "ProxyL7Options",
     "TlsCertificate",
     "TlsOptions",
@@ -142,6 +143,13 @@ class HealthType(StrEnum):
 class ProxyProtocol(StrEnum):
     NONE = "none"
     V2 = "v2"
+
+
+class Relay(StrEnum):
+    """proxy-l4 with the builtin engine: who moves the bytes once a connection relays."""
+
+    USER = "user"  # the asyncio relay (the default: faster here, docs/proxy.md says why)
+    KERNEL = "kernel"  # a BPF sockmap splices the two sockets; user space where it cannot
 
 
 # --- the model -----------------------------------------------------------------
@@ -277,6 +285,7 @@ class ProxyL4Options:
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=300.0))
     dual_stack: IPv4Address | None = None
     max_connections_per_source: int = 0  # open connections per client address; 0: no limit
+    relay: Relay = Relay.USER  # the builtin engine's byte relay (docs/proxy.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,6 +710,7 @@ _OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mo
         "timeouts",
         "dual_stack",
         "max_connections_per_source",
+        "relay",
     ),
     "ProxyL7Options": (
         "tls",
@@ -1109,7 +1119,15 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
     if options == TunnelOptions.__name__:
         return _parse_tunnel(f, mode, lb)
     if options == ProxyL4Options.__name__:
+        relay = Relay(f.choice("relay", [r.value for r in Relay], "user"))
+        if relay is Relay.KERNEL and f.has("tls"):
+            raise f.at("relay").error(
+                "relay: kernel cannot splice a TLS-terminated connection (the proxy decrypts"
+                " every byte)",
+                "remove relay (user space relays it) or remove tls",
+            )
         return ProxyL4Options(
+            relay=relay,
             tls=_parse_tls(f) if f.has("tls") else None,
             proxy_protocol=ProxyProtocol(
                 f.choice("proxy_protocol", [p.value for p in ProxyProtocol], "none")

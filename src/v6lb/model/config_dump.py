@@ -229,6 +229,8 @@ def _options(v: Vip, lb: LbSettings) -> Data:
         if o.trusted_proxy_sources:
             out["trusted_proxy_sources"] = [str(n) for n in o.trusted_proxy_sources]
         out.update(_proxy_common(o.timeouts, d4.timeouts, o))
+        if o.relay is not d4.relay:
+            out["relay"] = str(o.relay)
     else:
         d7 = ProxyL7Options()
         if o.tls is not None:

@@ -138,6 +138,7 @@ def _options(vip: Vip) -> str:
             [
                 *tls,
                 f"PROXY protocol to backends {o.proxy_protocol}",
+                f"relay {o.relay}",
                 _prefixes("PROXY headers accepted from", o.trusted_proxy_sources),
                 _timeouts(o.timeouts),
                 stack,

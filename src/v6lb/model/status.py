@@ -562,7 +562,7 @@ class ProxySection(_Record):
     state: str | None = None
     error: str | None = None
     vips: list[ProxyVipStatus] = field(default_factory=list)
-    # extra: fds, haproxy_pid, stats_socket
+    # extra: fds, kernel_relay (proxy-l4 relay: kernel), haproxy_pid, stats_socket
 
     _PARSE: ClassVar[Mapping[str, Parse]] = {
         "engine": _same,

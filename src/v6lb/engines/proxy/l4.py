@@ -19,6 +19,11 @@ wait for an inbound PROXY v2 header) are checked by the VIP's periodic sweep
 Half-close: EOF from one side becomes ``write_eof`` on the other; the
 connection closes when both directions have ended or either side is lost.
 
+``relay: kernel``: once relaying with both write buffers empty, the connection is
+handed to :mod:`.kernel_relay` (``link``): a BPF sockmap moves the bytes, the
+sweep reads its counters, and :meth:`L4Client.kernel_eof` passes on an EOF the
+kernel relay saw once its bytes were delivered.
+
 PROXY v2 in: only a peer inside ``trusted_proxy_sources`` may (and then must)
 start with a PROXY v2 header; the header's source becomes the client. Any other
 peer's first bytes (and a trusted peer's first bytes after its header) are
@@ -54,6 +59,7 @@ from v6lb.model.config import ProxyProtocol
 from v6lb.model.sni import route_for
 from v6lb.wire.tlshello import HelloError, parse_client_hello
 
+from .kernel_relay import KernelLink
 from .policy import Picker, client_proxy_header, is_trusted, unmap
 from .runtime import VipRuntime, client_of
 
@@ -140,6 +146,8 @@ class L4Client(asyncio.Protocol):
         "check_at",
         "route",
         "sni",
+        "link",
+        "splice",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -170,6 +178,8 @@ class L4Client(asyncio.Protocol):
         self.check_at = 0.0  # when bytes that may be a PROXY header began to wait for more
         self.route: Picker | None = None  # TLS passthrough: the picker of the SNI's route
         self.sni: str | None = None
+        self.link: KernelLink | None = None  # the kernel relays this connection (kernel_relay)
+        self.splice = rt.relay is not None  # may still be handed to the kernel relay
 
     # --- client side ----------------------------------------------------------------
 
@@ -398,18 +408,71 @@ class L4Client(asyncio.Protocol):
                 self.close()
         elif not self.closed:
             self.upt = up.t  # from now on client bytes go straight through
+            if self.splice:  # not inside connection_made, where uvloop ignores pause_reading
+                self.loop.call_soon(self._splice)
+
+    def _splice(self) -> None:
+        """Hand the connection to the kernel relay once nothing waits in Python's buffers
+        (else the sweep tries again)."""
+        up = self.up
+        t = self.t
+        if self.closed or self.eof or up is None or up.t is None or up.eof or t is None:
+            self.splice = False
+            return
+        if self.paused or t.get_write_buffer_size() or up.t.get_write_buffer_size():
+            return
+        self.splice = False
+        self.link = self.rt.relay.splice(self)
+
+    def kernel_eof(self, d: int, tail: bytes) -> None:
+        """The kernel relay delivered direction ``d`` (0: from the client) up to its EOF;
+        ``tail``: bytes the kernel left in the source socket, relayed here."""
+        up = self.up
+        if up is None:
+            return
+        if d == 0:
+            self.eof = True
+            if up.t is not None and not up.t.is_closing():
+                if tail:
+                    self.nin += len(tail)
+                    up.t.write(tail)
+                if up.t.can_write_eof():
+                    up.t.write_eof()
+            if up.eof:
+                self.close()
+        else:
+            up.eof = True
+            t = self.t
+            if t is not None and not t.is_closing():
+                if tail:
+                    up.n += len(tail)
+                    t.write(tail)
+                if t.can_write_eof():
+                    t.write_eof()
+            if self.eof:
+                self.close()
 
     # --- counters, timeouts, closing ----------------------------------------------
 
     def counts(self) -> tuple[int, int, int, int]:
         """Bytes (from the client, to the client, to the backend, from the backend) so far."""
         out = self.up.n if self.up is not None else 0
-        return self.nin + self.nslow, out, self.nin + self.flushed, out
+        if self.link is None:
+            return self.nin + self.nslow, out, self.nin + self.flushed, out
+        k_in, k_out = self.link.counts()
+        out += k_out
+        return self.nin + self.nslow + k_in, out, self.nin + self.flushed + k_in, out
 
     def sweep(self, now: float) -> None:
         """Called by the VIP's periodic sweep: enforce the timeouts."""
         if self.closed:
             return
+        if self.link is not None:
+            self.link.sweep()
+            if self.closed:
+                return
+        elif self.splice and self.upt is not None:
+            self._splice()
         t = self.rt.l4.timeouts
         if self.state == _WAIT_PP and now - self.born >= t.connect:
             self._fail("proxy_v2_timeout")
@@ -429,7 +492,11 @@ class L4Client(asyncio.Protocol):
         if t.total and now - self.born >= t.total:
             self._fail("total_timeout")
             return
-        moved = self.nin + self.nslow + (self.up.n if self.up is not None else 0)
+        if self.link is None:
+            moved = self.nin + self.nslow + (self.up.n if self.up is not None else 0)
+        else:
+            n = self.counts()
+            moved = n[0] + n[1]
         if moved != self.seen:
             self.seen = moved
             self.last = now
@@ -452,6 +519,8 @@ class L4Client(asyncio.Protocol):
 
     def buffered(self) -> int:
         n = len(self.pending)
+        if self.link is not None:
+            n += self.link.queued()  # held by the kernel in front of a peer
         for t in (self.t, self.up.t if self.up is not None else None):
             if t is not None:
                 n += t.get_write_buffer_size()
@@ -467,6 +536,8 @@ class L4Client(asyncio.Protocol):
         rt.release(self)
         rt.stats.active -= 1
         rt.add_counts(self.backend, self.counts())
+        if self.link is not None:
+            self.link.forget()  # before the descriptors close
         if self.backend >= 0:
             rt.picker.release(self.backend)
             rt.backend_stats[self.backend].active -= 1

@@ -134,6 +134,7 @@ class VipRuntime:
     # (None: an unknown SNI is refused); pickers share ``picker.active``
     routes: list[Picker] = field(default_factory=list)
     sni_default: Picker | None = None
+    relay: Any = None  # proxy-l4: the server's KernelRelay when this VIP uses it
     # A reload replaced (or removed) this VIP: its open connections still use it;
     # ``successor`` is the VIP's runtime now (None: the VIP was removed).
     retired: bool = False

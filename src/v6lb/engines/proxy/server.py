@@ -26,11 +26,12 @@ from typing import Any
 from v6lb.core.backends import BackendPool
 from v6lb.core.health import HealthSet
 from v6lb.engines.limits import FdBudget, connection_budget, nofile, open_fds
-from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options, Vip
+from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options, Relay, Vip
 from v6lb.model.pools import health_monitor
 from v6lb.model.schema import Where
 
 from .health import HealthChecker
+from .kernel_relay import KernelRelay
 from .l4 import L4Client
 from .l7 import L7Client
 from .runtime import Admission, VipRuntime
@@ -82,6 +83,7 @@ class ProxyServer:
         write_high: int = 256 * 1024,
         backlog: int = 1024,
         log: Callable[[str], None] | None = None,
+        relay: Relay | None = None,
     ) -> None:
         if isinstance(config, Config):
             vips = [v for v in config.vips if v.mode.is_proxy]
@@ -106,6 +108,9 @@ class ProxyServer:
         self.admission = Admission()
         self.budget: FdBudget | None = None
         self.accept_errors = 0  # accept() failures the event loop reported (asyncio only)
+        self.relay = relay  # overrides every proxy-l4 VIP's `relay` (tests, benchmarks)
+        self.kernel_relay: KernelRelay | None = None  # loaded by the first VIP that wants it
+        self._relay_tried = False
         self._accept_logged = -60.0
 
     def _plan_fds(self) -> int:
@@ -167,6 +172,7 @@ class ProxyServer:
             admission=self.admission,
         )
         self._attach_tls(rt, self.load_tls(vip))
+        rt.relay = self._kernel_relay(vip)
         for i in range(len(rt.pool)):
             rt.pool.set_up(i, hs.keeps_existing_flows(i))
         if prev is not None:
@@ -177,6 +183,22 @@ class ProxyServer:
                 if j is not None:
                     rt.backend_stats[i] = prev.backend_stats[j]
         return rt
+
+    def _kernel_relay(self, vip: Vip) -> KernelRelay | None:
+        """The kernel relay for a proxy-l4 VIP that may use it (loaded once; None: user
+        space, logged once when the kernel cannot)."""
+        opts = vip.options
+        if not isinstance(opts, ProxyL4Options) or opts.tls is not None:
+            return None
+        mode = self.relay or opts.relay
+        if mode is Relay.USER:
+            return None
+        if not self._relay_tried:
+            self._relay_tried = True
+            self.kernel_relay = KernelRelay.open(self.log)
+            if self.kernel_relay is not None:
+                self.kernel_relay.start(asyncio.get_running_loop())
+        return self.kernel_relay
 
     def load_tls(self, vip: Vip) -> TlsSetup | None:
         """The VIP's certificates read from their files now (ConfigError if one is bad)."""
@@ -413,8 +435,14 @@ class ProxyServer:
             "accept_errors": self.accept_errors,
         }
 
+    def relay_status(self) -> dict[str, int] | None:
+        """The kernel relay's counters (spliced, refused, fallbacks, open), if it is loaded."""
+        relay = self.kernel_relay
+        return relay.status() if relay is not None else None
+
     def buffered(self) -> int:
-        """Bytes held in user space by all open connections (for backpressure checks)."""
+        """Bytes held by all open connections (for backpressure checks): in user space,
+        and in the kernel in front of a peer (kernel relay)."""
         return sum(rt.buffered() for rt in self.runtimes.values())
 
     def set_drain(self, vip: str, backend: int, drain: bool) -> None:
@@ -538,6 +566,10 @@ class ProxyServer:
                     if up.t is not None:
                         up.t.close()
                 pooled.clear()
+        if self.kernel_relay is not None:
+            self.kernel_relay.close()
+            self.kernel_relay = None
+        self._relay_tried = False
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()

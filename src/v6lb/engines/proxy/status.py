@@ -54,6 +54,8 @@ class BuiltinEngine(Protocol):
 
     def fd_status(self) -> dict[str, Any]: ...
 
+    def relay_status(self) -> dict[str, int] | None: ...
+
 
 class ProxyStatus:
     """Thread-safe ``section()`` for the ``proxy`` key of a status answer."""
@@ -122,6 +124,9 @@ class ProxyStatus:
         if loop is not None and server is not None:
             out["vips"] = self._on_loop(loop, loop_thread, server)
             out["fds"] = server.fd_status()  # plain integers: safe to read from this thread
+            relay = server.relay_status()  # the same
+            if relay is not None:
+                out["kernel_relay"] = relay
         elif stats_socket is not None:
             out["haproxy_pid"] = pid
             out["stats_socket"] = stats_socket

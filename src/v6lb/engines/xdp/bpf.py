@@ -2,6 +2,7 @@
 
 Commands: ``BPF_OBJ_GET`` (open a pinned program or map), ``BPF_OBJ_PIN``,
 ``BPF_MAP_CREATE`` (a Maglev table for the map-in-map swap), ``BPF_MAP_UPDATE_ELEM``,
+``BPF_MAP_DELETE_ELEM``,
 ``BPF_MAP_UPDATE_BATCH`` (a whole Maglev table in one call), ``BPF_MAP_LOOKUP_ELEM``
 (per-CPU values: one 8-byte slot per possible CPU), ``BPF_MAP_LOOKUP_BATCH``,
 ``BPF_PROG_TEST_RUN``, ``BPF_PROG_LOAD`` (a benchmark's few raw instructions) and the XDP
@@ -43,6 +44,7 @@ _NR_BPF: Final = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_CREATE: Final = 0
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_MAP_DELETE_ELEM: Final = 3
 BPF_PROG_LOAD: Final = 5
 BPF_OBJ_PIN: Final = 6
 BPF_OBJ_GET: Final = 7
@@ -259,6 +261,18 @@ class Map:
         v = ctypes.create_string_buffer(value, len(value))
         attr = _MapElem(map_fd=self.fd, key=_addr(k), value=_addr(v))
         _bpf(BPF_MAP_UPDATE_ELEM, attr, f"MAP_UPDATE_ELEM {self.path}")
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; False if it was not there."""
+        self._check(key)
+        k = ctypes.create_string_buffer(key, len(key))
+        try:
+            _bpf(BPF_MAP_DELETE_ELEM, _MapElem(map_fd=self.fd, key=_addr(k)), "MAP_DELETE_ELEM")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
 
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         """``count`` elements in one call: ``keys`` and ``values`` end to end."""
