@@ -328,6 +328,12 @@ class XdpProgram:
         finally:
             new.close()  # v6lb_maglev holds it now
 
+    def set_l2_mac(self, index: int, mac: bytes) -> None:
+        """Backend ``index``'s dsr-l2 MAC (global index, as :func:`l2_entries`): one update."""
+        if len(mac) != 6:
+            raise ValueError("a 6-byte MAC")
+        self.maps["l2_macs"].update(_U32.pack(index), _L2_MAC.pack(bytes(mac), 1))
+
     def set_l2_egress(self, ifindex: int, mac: bytes) -> None:
         """Send dsr-l2 frames out of link ``ifindex`` (MAC ``mac``); 0: back where they came."""
         if len(mac) != 6 or not 0 <= ifindex < 1 << 32:
