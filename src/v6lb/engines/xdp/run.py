@@ -68,6 +68,7 @@ from v6lb.engines.xdp.program import (
 )
 from v6lb.model.config import Config, VipMode
 from v6lb.model.pools import dsr_services
+from v6lb.model.status import IcmpErrors
 from v6lb.render.nftables import render_forward_nft
 
 __all__ = ["PASS_OBJECT", "XdpPlane", "attach_pass", "pin_dirs", "pin_tag"]
@@ -157,6 +158,7 @@ class XdpPlane(Plane):
         self.link_fd = -1
         self.mode = ""  # native or generic, once attached
         self.carried: dict[str, int] = {}  # counters of the generations a reload replaced
+        self.carried_icmp: dict[str, tuple[int, int]] = {}  # theirs, by VIP name and "npt<i>"
         self._filter = False  # the forward filter (nft table v6lb_<instance>) may be there
         self._flight: tuple[float, int, int] | None = None
 
@@ -337,6 +339,9 @@ class XdpPlane(Plane):
                 raise
             for k, n in old.counters().items():
                 self.carried[k] = self.carried.get(k, 0) + n
+            for k, (a, b) in self._icmp(old).items():
+                was = self.carried_icmp.get(k, (0, 0))
+                self.carried_icmp[k] = (was[0] + a, was[1] + b)
             old.close()
             self.program, self.config, self.services = new, config, services
             self.macs = macs
@@ -382,6 +387,13 @@ class XdpPlane(Plane):
                 out[k] = out.get(k, 0) + n
         return out
 
+    def _icmp(self, program: XdpProgram) -> dict[str, tuple[int, int]]:
+        """ICMPv6 errors of ``program``: by VIP name and by ``npt<i>`` (the config's pairs)."""
+        vips, pairs = program.icmp_counts()
+        out = {name: vips[index] for name, (index, _) in self.layout.items()}
+        out.update((f"npt{i}", pairs[i]) for i in range(len(self.config.npt)))
+        return out
+
     def status(self) -> PlaneStatus:
         counts = self.counters()
         names = set(_pass_names())
@@ -395,6 +407,19 @@ class XdpPlane(Plane):
         except KernelError:  # a status request must never stop the data plane
             counted = None
         out = PlaneStatus()
+        icmp = dict(self.carried_icmp)
+        if self.program is not None:
+            for k, (a, b) in self._icmp(self.program).items():
+                was = icmp.get(k, (0, 0))
+                icmp[k] = (was[0] + a, was[1] + b)
+        out.icmp = {
+            name: IcmpErrors(forwarded=a, unmatched=b)
+            for name, (a, b) in icmp.items()
+            if name in self.layout
+        }
+        for i in range(len(self.config.npt)):
+            translated, unmatched = icmp.get(f"npt{i}", (0, 0))
+            out.npt_icmp.append(IcmpErrors(translated=translated, unmatched=unmatched))
         out.details = {
             "xdp": {
                 "interface": self.ifname,
