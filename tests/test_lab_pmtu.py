@@ -72,9 +72,9 @@ from v6lb.lab.plan import LAB_ROOT
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab-pmtu.yaml"
 EXAMPLES = {"xdp": EXAMPLE.with_name("lab-pmtu-xdp.yaml")}  # the others: EXAMPLE
 V6LB = [sys.executable, "-m", "v6lb.cli"]
-PLANES = ("kernel", "python", "xdp")
+PLANES = ("kernel", "python")  # `lab`; the xdp plane's lab is `xdp_lab`
 MODES = ("nat", "npt", "dsr-srv6", "dsr-ip6ip6", "dsr-l2")
-CASES = [(plane, mode) for plane in PLANES for mode in MODES if mode in served_modes(plane)]
+XDP_MODES = tuple(m for m in MODES if m in served_modes("xdp"))  # all but nat
 BYTES = 150_000
 FLOOD_BYTES = 1_000_000
 FLOOD_PTBS = 100_000
@@ -192,9 +192,18 @@ def _summary() -> Iterator[None]:
 
 @pytest.fixture(scope="module", params=PLANES)
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    yield from _open_lab(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def xdp_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The xdp plane's lab (examples/lab-pmtu-xdp.yaml): the same checks, its modes."""
+    yield from _open_lab("xdp", tmp_path_factory)
+
+
+def _open_lab(plane: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    plane: str = request.param
     example = EXAMPLES.get(plane, EXAMPLE)
     raw = yaml.safe_load(example.read_text())
     name = f"pm{plane[0]}{os.getpid() % 100000}"
@@ -378,14 +387,12 @@ def _expect(mode: str, node: str) -> tuple[str, tuple[tuple[str, str], ...], str
 
 
 @pytest.mark.root
-@pytest.mark.parametrize(
-    ("lab", "mode"),
-    CASES,
-    indirect=["lab"],
-    ids=[f"{p}-{m}" for p, m in CASES],
-    scope="module",  # one lab per plane (mode is direct: else function scope, a lab per test)
-)
+@pytest.mark.parametrize("mode", MODES)
 def test_pmtu_mode(lab: Lab, mode: str) -> None:
+    check_pmtu_mode(lab, mode)
+
+
+def check_pmtu_mode(lab: Lab, mode: str) -> None:
     nodes = ("srv",) if mode == "npt" else tuple(PODS)
     record: dict[str, Any] = {"completed": False}
     RESULTS[(lab.plane, mode)] = record
@@ -455,6 +462,10 @@ def _full_status(lab: Lab) -> dict[str, Any]:
 
 @pytest.mark.root
 def test_status_counts_the_ptbs(lab: Lab) -> None:
+    check_status_counts_the_ptbs(lab)
+
+
+def check_status_counts_the_ptbs(lab: Lab) -> None:
     tested = [m for m in MODES if RESULTS.get((lab.plane, m), {}).get("completed")]
     if not tested:
         pytest.skip("no mode ran in this session (-k?)")
@@ -601,6 +612,10 @@ def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 @pytest.mark.root
 def test_ptb_flood_during_a_download(lab: Lab) -> None:
+    check_ptb_flood_during_a_download(lab)
+
+
+def check_ptb_flood_during_a_download(lab: Lab) -> None:
     mode = "dsr-srv6"
     vip, vip_name = str(_VIPS[mode]["address"]), str(_VIPS[mode]["name"])
     fig: dict[str, Any] = {"vip": f"{vip_name} {vip}", "ptbs_asked": FLOOD_PTBS}
@@ -678,3 +693,22 @@ def test_ptb_flood_during_a_download(lab: Lab) -> None:
     assert 0 < fig["backends_ptbs_received_total"] <= forwarded, fig
     # random quoted clients hash to every backend (the quoted flow picks it)
     assert all(n > 0 for n in per_backend.values()), per_backend
+
+
+# --- the xdp data plane: the same checks on its lab, for the modes it serves ----------
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mode", XDP_MODES)
+def test_pmtu_mode_xdp(xdp_lab: Lab, mode: str) -> None:
+    check_pmtu_mode(xdp_lab, mode)
+
+
+@pytest.mark.root
+def test_status_counts_the_ptbs_xdp(xdp_lab: Lab) -> None:
+    check_status_counts_the_ptbs(xdp_lab)
+
+
+@pytest.mark.root
+def test_ptb_flood_during_a_download_xdp(xdp_lab: Lab) -> None:
+    check_ptb_flood_during_a_download(xdp_lab)
