@@ -33,8 +33,8 @@ plane does not serve. Per plane:
   forged PTBs to the VIP (quoting random clients of the VIP's port 80, checksum kept
   valid) from a raw socket. The download still completes, the backends see no checksum
   error, every backend gets some of the PTBs (the quoted flow picks it) and no more than
-  the LB counted as forwarded (kernel: none unmatched; xdp: its icmp-forwarded counter). The figures (PTBs sent,
-  forwarded by the LB, received by the backends, the LB's interface drops, download
+  the LB counted as forwarded (kernel: none unmatched; xdp: its icmp-forwarded
+  counter). The figures (PTBs sent, forwarded by the LB, received by the backends, the LB's interface drops, download
   times with and without the flood, CPU time) are printed; no timing or loss rate is
   asserted.
 

@@ -4,9 +4,9 @@
 ``--dataplane xdp``; ``v6lb lab diff --mode M`` for npt, dsr-l2, dsr-ip6ip6 and dsr-srv6
 traces three client flows each (every link captured) and finds no difference from the
 simulator's prediction. The LB ran the program natively on its link and transmitted the
-traced packets (its status counters: encapsulated, MAC-rewritten and translated). A packet longer than the tunnel MTU is passed to the
-stack and dropped by the forward filter, once: it does not bounce between router and
-LB. The LB's ``v6lb run`` is then killed (no teardown of its own): ``v6lb lab down``
+traced packets (its status counters: encapsulated, MAC-rewritten and translated). A
+packet longer than the tunnel MTU is answered by the program with a Packet Too Big;
+nothing reaches the forward filter. The LB's ``v6lb run`` is then killed (no teardown of its own): ``v6lb lab down``
 leaves nothing pinned under /sys/fs/bpf.
 """
 

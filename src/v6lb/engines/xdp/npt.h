@@ -183,7 +183,8 @@ __noinline int v6lb_npt(struct xdp_md *ctx, int rc, __u32 l4_off, __u32 proto,
 			v6lb_icmp_count(V6LB_ICMP_NPT + 2 * (idx & (V6LB_MAX_NPT - 1)) + 1);
 			return XDP_DROP;
 		}
-		v6lb_icmp_count(V6LB_ICMP_NPT + 2 * (idx & (V6LB_MAX_NPT - 1))); /* translated (the core's order) */
+		/* translated (counted here: the core's order) */
+		v6lb_icmp_count(V6LB_ICMP_NPT + 2 * (idx & (V6LB_MAX_NPT - 1)));
 	}
 	if (err) {
 		v6lb_count(err);
