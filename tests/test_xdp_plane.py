@@ -14,7 +14,10 @@ peer with an XDP program only (docs/dataplane-xdp.md, "veth").
 * SIGHUP: a new generation of program and maps, the link switched to it, the same flows
   arrive at ``be2`` (be1 is still known down);
 * SIGTERM: no XDP program on the interface, nothing pinned under /sys/fs/bpf;
-* an interface without native XDP (a bridge): attached in generic mode, with a warning.
+* an interface without native XDP (a bridge): attached in generic mode, with a warning;
+* dsr-l2 and npt (a second test, the router, the LB and a backend on one link): the
+  placement each needs is checked before anything is attached, a backend's MAC is
+  learned from the neighbour table and followed when it changes.
 """
 
 from __future__ import annotations

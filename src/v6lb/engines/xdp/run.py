@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.core.dsr import DsrService
+from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.kernel.apply import (
     KernelError,
     apply_nft,
@@ -63,6 +64,7 @@ from v6lb.engines.xdp.program import (
     OBJECT,
     XdpProgram,
     map_entries,
+    npt_entries,
     served,
     table_values,
 )
@@ -125,10 +127,11 @@ def _layout(services: list[DsrService]) -> dict[str, tuple[int, int]]:
 def _check_maps(config: Config, services: list[DsrService]) -> None:
     try:
         map_entries(services)
+        npt_entries([NptMapping(p.inside, p.outside) for p in config.npt])
     except ValueError as exc:
         raise RunError(
             f"{config.source}: {exc}",
-            "split the VIPs over more instances, or use --dataplane kernel",
+            "split the VIPs and npt pairs over more instances, or use --dataplane kernel",
         ) from None
 
 
