@@ -358,7 +358,7 @@ def test_the_registry_and_the_mode_table_agree() -> None:
         cls = planes.plane_class(name)
         assert cls.name == name and cls.role is planes._PLANES[name].role
     assert set(planes.served_modes("kernel")) >= {"npt", "nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6"}
-    assert planes.served_modes("xdp") == ("dsr-ip6ip6", "dsr-srv6")
+    assert planes.served_modes("xdp") == ("npt", "dsr-l2", "dsr-ip6ip6", "dsr-srv6")
     assert planes.served_modes("builtin") == ("proxy-l4", "proxy-l7")
 
 

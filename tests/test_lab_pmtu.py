@@ -1,4 +1,4 @@
-"""Path MTU discovery through every kernel mode, on both data planes (``examples/lab-pmtu.yaml``).
+"""Path MTU discovery through every mode of each L3 data plane (``examples/lab-pmtu*.yaml``).
 
 The lab: client --net-- isp --wan (MTU 1280)-- rtr --edge-- lb --pods-- be1, be2, be3
 (rtr is on ``pods`` too: DSR replies skip the LB), and the NPT server ``srv`` on
@@ -8,10 +8,14 @@ The lab: client --net-- isp --wan (MTU 1280)-- rtr --edge-- lb --pods-- be1, be2
 pass it on to the backend that sent the segment, and that backend must resend smaller
 segments. Nothing clamps the MSS: the backends learn the path MTU from the PTB only.
 
-One lab per data plane (``kernel``, ``python``), built once by a module fixture whose
-teardown always runs ``lab down`` and then checks that nothing is left. Per plane:
+One lab per data plane (``kernel``, ``python``, ``xdp``), built once by a module fixture
+whose teardown always runs ``lab down`` and then checks that nothing is left. The xdp
+plane's lab is ``examples/lab-pmtu-xdp.yaml``: the same addresses with the LB one-armed
+(rtr, the LB and the pods on ``pods``, ``srv`` behind rtr) and no nat VIP, which that
+plane does not serve. Per plane:
 
-* per mode (nat, npt, dsr-srv6, dsr-ip6ip6, dsr-l2): the PMTU cache of every backend is
+* per mode the plane serves (nat, npt, dsr-srv6, dsr-ip6ip6, dsr-l2; the mode table
+  says which): the PMTU cache of every backend is
   flushed (``ip -6 route flush cache table all``: ``v6lb backend`` adds its own advmss
   tables, and their exceptions are not in ``main``), tcpdump runs in each backend's
   namespace on its link, and the client downloads 150 KB with ``curl``. The download
@@ -23,14 +27,14 @@ teardown always runs ``lab down`` and then checks that nothing is left. Per plan
   segments that resend data first sent in 1500-byte ones, and nothing over 1280 bytes
   after the last PTB;
 * the LB's status: every process alive; for the kernel plane the nft ICMPv6 error
-  counters of the tested modes are > 0; per-VIP ``icmp_errors``, where the status has
-  them, count the PTBs too;
+  counters of the tested modes are > 0, for the xdp plane the program's icmp-forwarded
+  counter; per-VIP ``icmp_errors``, where the status has them, count the PTBs too;
 * a flood: while a 1 MB download runs through the dsr-srv6 VIP, rtr sends 100,000
   forged PTBs to the VIP (quoting random clients of the VIP's port 80, checksum kept
   valid) from a raw socket. The download still completes, the backends see no checksum
   error, every backend gets some of the PTBs (the quoted flow picks it) and no more than
-  the LB counted as forwarded (kernel: none unmatched). The figures (PTBs sent,
-  forwarded by the LB, received by the backends, the LB's interface drops, download
+  the LB counted as forwarded (kernel: none unmatched; xdp: its icmp-forwarded
+  counter). The figures (PTBs sent, forwarded by the LB, received by the backends, the LB's interface drops, download
   times with and without the flood, CPU time) are printed; no timing or loss rate is
   asserted.
 
@@ -62,12 +66,15 @@ import yaml
 from scapy.utils import RawPcapReader
 
 from v6lb.core.nptv6 import NptMapping
+from v6lb.engines.planes import served_modes
 from v6lb.lab.plan import LAB_ROOT
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab-pmtu.yaml"
+EXAMPLES = {"xdp": EXAMPLE.with_name("lab-pmtu-xdp.yaml")}  # the others: EXAMPLE
 V6LB = [sys.executable, "-m", "v6lb.cli"]
-PLANES = ("kernel", "python")
+PLANES = ("kernel", "python")  # `lab`; the xdp plane's lab is `xdp_lab`
 MODES = ("nat", "npt", "dsr-srv6", "dsr-ip6ip6", "dsr-l2")
+XDP_MODES = tuple(m for m in MODES if m in served_modes("xdp"))  # all but nat
 BYTES = 150_000
 FLOOD_BYTES = 1_000_000
 FLOOD_PTBS = 100_000
@@ -116,12 +123,24 @@ def _leftovers(name: str, ifnames: set[str]) -> list[str]:
 # --- the lab ------------------------------------------------------------------------
 
 
+def _rtr_on_lb_link(raw: dict[str, Any]) -> str:
+    """rtr's address on the LB's link (the forged PTBs' source)."""
+    return str(
+        next(
+            lk["endpoints"]["rtr"]
+            for lk in raw["topology"]["links"]
+            if {"lb", "rtr"} <= set(lk["endpoints"])
+        )
+    )
+
+
 @dataclass
 class Lab:
     name: str
     plane: str
     state: dict[str, Any]
     tmp: Path
+    rtr: str  # rtr's address on the LB's link
 
     def ns(self, node: str) -> str:
         return str(self.state["nodes"][node]["netns"])
@@ -173,18 +192,30 @@ def _summary() -> Iterator[None]:
 
 @pytest.fixture(scope="module", params=PLANES)
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    yield from _open_lab(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def xdp_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The xdp plane's lab (examples/lab-pmtu-xdp.yaml): the same checks, its modes."""
+    yield from _open_lab("xdp", tmp_path_factory)
+
+
+def _open_lab(plane: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    plane: str = request.param
+    example = EXAMPLES.get(plane, EXAMPLE)
+    raw = yaml.safe_load(example.read_text())
     name = f"pm{plane[0]}{os.getpid() % 100000}"
-    ifnames = {f"v6lb-{link}" for link in _LINKS}  # every link name here is short
+    ifnames = {f"v6lb-{lk['name']}" for lk in raw["topology"]["links"]}  # all short names
     before = _leftovers(name, ifnames)
     try:
         t0 = time.monotonic()
-        v6lb("lab", "up", str(EXAMPLE), "--name", name, "--dataplane", plane)
+        v6lb("lab", "up", str(example), "--name", name, "--dataplane", plane)
         print(f"\nlab {name} ({plane}) up in {time.monotonic() - t0:.1f} s")
         state = json.loads((LAB_ROOT / name / "state.json").read_text())
-        lab = Lab(name, plane, state, tmp_path_factory.mktemp(f"pmtu-{plane}"))
+        tmp = tmp_path_factory.mktemp(f"pmtu-{plane}")
+        lab = Lab(name, plane, state, tmp, _rtr_on_lb_link(raw))
         for node in SERVERS:  # one TCP segment per skb, so captures show wire-size segments
             lab.sh(node, "ip", "link", "set", "dev", lab.iface(node), "gso_max_segs", "1")
         yield lab
@@ -358,6 +389,10 @@ def _expect(mode: str, node: str) -> tuple[str, tuple[tuple[str, str], ...], str
 @pytest.mark.root
 @pytest.mark.parametrize("mode", MODES)
 def test_pmtu_mode(lab: Lab, mode: str) -> None:
+    check_pmtu_mode(lab, mode)
+
+
+def check_pmtu_mode(lab: Lab, mode: str) -> None:
     nodes = ("srv",) if mode == "npt" else tuple(PODS)
     record: dict[str, Any] = {"completed": False}
     RESULTS[(lab.plane, mode)] = record
@@ -427,6 +462,10 @@ def _full_status(lab: Lab) -> dict[str, Any]:
 
 @pytest.mark.root
 def test_status_counts_the_ptbs(lab: Lab) -> None:
+    check_status_counts_the_ptbs(lab)
+
+
+def check_status_counts_the_ptbs(lab: Lab) -> None:
     tested = [m for m in MODES if RESULTS.get((lab.plane, m), {}).get("completed")]
     if not tested:
         pytest.skip("no mode ran in this session (-k?)")
@@ -442,6 +481,13 @@ def test_status_counts_the_ptbs(lab: Lab) -> None:
         print(f"\n{lab.plane} nft ICMPv6 error counters: {counters}")
         for mode in tested:
             assert counters.get(_NFT_ICMP[mode], 0) > 0, (mode, counters)
+    if lab.plane == "xdp":  # the program's own: ICMPv6 errors sent to the flow's owner
+        counts = full["xdp"]["counters"]
+        print(f"\n{lab.plane} program counters: {counts}")
+        if any(m.startswith("dsr-") for m in tested):
+            assert counts.get("icmp-forwarded", 0) > 0, counts
+        if "npt" in tested:
+            assert counts.get("tx-npt", 0) > 0, counts
     # per-VIP icmp_errors: assert them where the status has them (being added to both
     # planes; an older status has no such key, and then there is nothing to check)
     for where, source in (("lab status", lb), ("v6lb status", full)):
@@ -537,6 +583,8 @@ def _counters(lab: Lab, vip_name: str) -> dict[str, Any]:
         "machine": _machine_cpu(),
         "lb_links": _link_drops(lab, "lb"),
     }
+    if lab.plane == "xdp":
+        got["xdp"] = _full_status(lab)["xdp"]["counters"]
     if lab.plane == "python":
         full = _full_status(lab)
         vip = next(v for v in full["vips"] if v["name"] == vip_name)
@@ -564,6 +612,10 @@ def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 @pytest.mark.root
 def test_ptb_flood_during_a_download(lab: Lab) -> None:
+    check_ptb_flood_during_a_download(lab)
+
+
+def check_ptb_flood_during_a_download(lab: Lab) -> None:
     mode = "dsr-srv6"
     vip, vip_name = str(_VIPS[mode]["address"]), str(_VIPS[mode]["name"])
     fig: dict[str, Any] = {"vip": f"{vip_name} {vip}", "ptbs_asked": FLOOD_PTBS}
@@ -575,7 +627,7 @@ def test_ptb_flood_during_a_download(lab: Lab) -> None:
     _flush_pmtu(lab)  # the download under the flood needs its own PTBs again
     before = _counters(lab, vip_name)
     argv = ["ip", "netns", "exec", lab.ns("rtr"), sys.executable, "-c", _SENDER]
-    argv += [_LINKS["edge"]["rtr"], vip, str(FLOOD_PTBS), str(FLOOD_SECONDS)]
+    argv += [lab.rtr, vip, str(FLOOD_PTBS), str(FLOOD_SECONDS)]
     sender = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert sender.stdout is not None
@@ -619,6 +671,8 @@ def test_ptb_flood_during_a_download(lab: Lab) -> None:
         if before.get("icmp_errors") is not None and after.get("icmp_errors") is not None:
             fig["lb_icmp_errors_delta"] = _delta(before["icmp_errors"], after["icmp_errors"])
         fig["lb_dsr_engine_delta"] = _delta(before["engine"], after["engine"])
+    if lab.plane == "xdp":
+        fig["lb_xdp_delta"] = _delta(before["xdp"], after["xdp"])
     print(f"\n{lab.plane} flood: " + json.dumps(fig))
 
     # the download completed whole (_curl), through the VIP, with the flood running when
@@ -630,6 +684,8 @@ def test_ptb_flood_during_a_download(lab: Lab) -> None:
     if lab.plane == "kernel":
         forwarded = fig["lb_nft_icmp_delta"].get(_NFT_ICMP[mode], 0)
         assert fig["lb_nft_icmp_delta"].get(f"{_NFT_ICMP[mode]}_unmatched", 0) == 0, fig
+    elif lab.plane == "xdp":
+        forwarded = fig["lb_xdp_delta"].get("icmp-forwarded", 0)
     else:
         forwarded = (fig.get("lb_icmp_errors_delta") or {}).get("forwarded", _NO_BOUND)
         # the python plane's nft guard drops errors over 1000/s before its TUN devices
@@ -637,3 +693,22 @@ def test_ptb_flood_during_a_download(lab: Lab) -> None:
     assert 0 < fig["backends_ptbs_received_total"] <= forwarded, fig
     # random quoted clients hash to every backend (the quoted flow picks it)
     assert all(n > 0 for n in per_backend.values()), per_backend
+
+
+# --- the xdp data plane: the same checks on its lab, for the modes it serves ----------
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mode", XDP_MODES)
+def test_pmtu_mode_xdp(xdp_lab: Lab, mode: str) -> None:
+    check_pmtu_mode(xdp_lab, mode)
+
+
+@pytest.mark.root
+def test_status_counts_the_ptbs_xdp(xdp_lab: Lab) -> None:
+    check_status_counts_the_ptbs(xdp_lab)
+
+
+@pytest.mark.root
+def test_ptb_flood_during_a_download_xdp(xdp_lab: Lab) -> None:
+    check_ptb_flood_during_a_download(xdp_lab)

@@ -50,8 +50,8 @@ def test_derived_sets_equal_what_the_code_declared_before() -> None:
     # nat + dsr-* = the VIP modes of the kernel and python planes (KERNEL_MODES, _MODES).
     for plane in (Plane.KERNEL, Plane.PYTHON):
         assert modes_where(plane=plane, vip=True) == ("nat", "dsr-l2", "dsr-ip6ip6", "dsr-srv6")
-    # The xdp plane serves the tunnel DSR modes its program forwards, never nat.
-    assert modes_where(plane=Plane.XDP) == ("dsr-ip6ip6", "dsr-srv6")
+    # The xdp plane serves npt and every DSR mode, never nat (it keeps no connection state).
+    assert modes_where(plane=Plane.XDP) == ("npt", "dsr-l2", "dsr-ip6ip6", "dsr-srv6")
     # lab diff and lab trace compare the L3 planes: nat, npt and dsr-*.
     assert set(modes_where(plane=Plane.PYTHON)) == {
         "nat",

@@ -1,6 +1,6 @@
 """The mode table may name a plane that is not registered; users are offered registered ones only.
 
-model/modes.py lists ``xdp`` for dsr-ip6ip6 and dsr-srv6, and engines/planes.py registers
+model/modes.py lists ``xdp`` for npt and the dsr-* modes, and engines/planes.py registers
 it. Every user-facing choice, help text and refusal that names planes reads the registry,
 so a plane is offered with its package plus one ``register(...)`` line, and nowhere
 without that line (checked here by taking xdp's line out).
@@ -56,8 +56,9 @@ def _nat_file(path: Path) -> str:
     return str(path)
 
 
-def test_the_table_names_xdp_for_the_tunnel_dsr_modes_only() -> None:
-    assert [m for m in NAMES if Plane.XDP in facts(m).planes] == ["dsr-ip6ip6", "dsr-srv6"]
+def test_the_table_names_xdp_for_npt_and_the_dsr_modes_only() -> None:
+    want = ["npt", "dsr-l2", "dsr-ip6ip6", "dsr-srv6"]
+    assert [m for m in NAMES if Plane.XDP in facts(m).planes] == want
     assert Plane.XDP not in facts("nat").planes
 
 
@@ -101,7 +102,7 @@ def test_dataplane_xdp_is_a_choice_only_while_registered(
 
 def test_the_refusals_name_only_registered_planes_that_serve_the_mode() -> None:
     assert serving("dsr-srv6") == ("kernel", "python", "xdp")
-    assert serving("npt") == ("kernel", "python")
+    assert serving("npt") == ("kernel", "python", "xdp")
     assert serving("nat") == ("kernel", "python")
     assert serving("proxy-l4", Role.PROXY) == ("builtin", "haproxy")
 

@@ -1,12 +1,12 @@
-"""The lab on the xdp data plane equals the simulator, link by link, for both tunnel modes.
+"""The lab on the xdp data plane equals the simulator, link by link, for its four modes.
 
-``examples/lab-xdp.yaml`` (a one-armed LB behind a router) goes up with ``--dataplane
-xdp``; ``v6lb lab diff --mode dsr-ip6ip6`` and ``--mode dsr-srv6`` trace three client
-flows each (every link captured) and find no difference from the simulator's
-prediction. The LB ran the program natively on its link and transmitted the traced
-packets (its status counters). A packet longer than the tunnel MTU is passed to the
-stack and dropped by the forward filter, once: it does not bounce between router and
-LB. The LB's ``v6lb run`` is then killed (no teardown of its own): ``v6lb lab down``
+``examples/lab-xdp.yaml`` (a one-armed LB behind a router) goes up once with
+``--dataplane xdp``; ``v6lb lab diff --mode M`` for npt, dsr-l2, dsr-ip6ip6 and dsr-srv6
+traces three client flows each (every link captured) and finds no difference from the
+simulator's prediction. The LB ran the program natively on its link and transmitted the
+traced packets (its status counters: encapsulated, MAC-rewritten and translated). A
+packet longer than the tunnel MTU is answered by the program with a Packet Too Big;
+nothing reaches the forward filter. The LB's ``v6lb run`` is then killed (no teardown of its own): ``v6lb lab down``
 leaves nothing pinned under /sys/fs/bpf.
 """
 
@@ -46,14 +46,14 @@ def wait_for_status(sock: str, ok: Callable[[dict[str, Any]], bool]) -> dict[str
         time.sleep(0.2)
 
 
-def test_lab_xdp_diff_is_empty_for_both_tunnel_modes() -> None:
+def test_lab_xdp_diff_is_empty_for_its_four_modes() -> None:
     name = f"xl{os.getpid() % 100000}"
     tag = pin_tag("lb", f"v6lb-{name}-lb")
     try:
         up = _v6lb("lab", "up", str(EXAMPLE), "--dataplane", "xdp", "--name", name, timeout=180)
         assert up.returncode == 0, up.stderr
         assert "XDP_PASS program on" in up.stderr
-        for mode in ("dsr-ip6ip6", "dsr-srv6"):
+        for mode in ("npt", "dsr-l2", "dsr-ip6ip6", "dsr-srv6"):
             r = _v6lb("lab", "diff", "--name", name, "--mode", mode)
             assert r.returncode == 0 and "no differences" in r.stdout, (mode, r.stdout, r.stderr)
             assert r.stdout.count("  same  ") >= 6, r.stdout  # the flows were captured
@@ -62,7 +62,9 @@ def test_lab_xdp_diff_is_empty_for_both_tunnel_modes() -> None:
         sock = st["lbs"]["lb"]["socket"]
         lb = json.loads(_v6lb("status", "--json", "--control-socket", sock).stdout)
         assert lb["xdp"]["mode"] == "native" and lb["xdp"]["interface"] == "v6lb-edge"
-        assert lb["xdp"]["counters"]["tx"] >= 12, lb["xdp"]  # both modes' handshakes at least
+        counters = lb["xdp"]["counters"]
+        assert counters["tx"] >= 12, lb["xdp"]  # the tunnel modes' handshakes at least
+        assert counters["tx-l2"] >= 6 and counters["tx-npt"] >= 12, lb["xdp"]  # both ways
         # Longer than the tunnel MTU: the program answers with a Packet Too Big itself
         # (XDP_TX back to the sender), as the core does.
         send = (

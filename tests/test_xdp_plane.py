@@ -14,7 +14,10 @@ peer with an XDP program only (docs/dataplane-xdp.md, "veth").
 * SIGHUP: a new generation of program and maps, the link switched to it, the same flows
   arrive at ``be2`` (be1 is still known down);
 * SIGTERM: no XDP program on the interface, nothing pinned under /sys/fs/bpf;
-* an interface without native XDP (a bridge): attached in generic mode, with a warning.
+* an interface without native XDP (a bridge): attached in generic mode, with a warning;
+* dsr-l2 and npt (a second test, the router, the LB and a backend on one link): the
+  placement each needs is checked before anything is attached, a backend's MAC is
+  learned from the neighbour table and followed when it changes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -39,6 +43,7 @@ import yaml
 from netns_helpers import batch, link, namespaces, nsx, sh, wait_for
 from v6lb.engines.metrics import metric_families
 from v6lb.engines.xdp.run import PASS_OBJECT, pin_dirs, pin_tag
+from v6lb.lab.offload import tx_checksum_off
 from v6lb.model.config import parse_config
 from v6lb.model.pools import pool_for
 from v6lb.model.status import InstanceStatus
@@ -336,3 +341,144 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
             out, _ = run.communicate(timeout=30)
         assert "d0: no native XDP" in out and "attached in generic (skb) mode" in out, out
         assert "xdp" not in nsx(ns["lb"], "ip", "link", "show", "d0") and not pin_dirs(tag)
+
+
+L2_VIP = "2001:db8:100::54"
+L2_BACKEND = "2001:db8:2::20"
+
+
+def _run_once(cfg: Path, netns: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*V6LB, "run", str(cfg), "--dataplane", "xdp", "--netns", netns],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_xdp_plane_dsr_l2_learns_and_follows_the_mac_and_checks_placement(
+    tmp_path: Path,
+) -> None:
+    """dsr-l2 and npt on the xdp plane: the placement each needs, and a MAC learned.
+
+    One link (a bridge in ``rtr``) holds the router, the LB and the backend. An npt
+    inside prefix on the link itself and a dsr-l2 backend behind a router are refused,
+    naming the field, before anything is attached. Then a dsr-l2 VIP whose backend has
+    no ``mac:``: the plane learns the MAC from the neighbour table, the router's
+    datagrams to the VIP reach the backend unchanged (hop limit kept); the backend's MAC
+    changes and the LB's neighbour entry with it: the plane rewrites the map (logged)
+    and the datagrams arrive again.
+    """
+    with (
+        namespaces("lb", "rtr", "be", tag="xl2") as ns,
+        _no_leftover_pins(pin_tag("xl", ns["lb"])),
+    ):
+        lb, rtr, be = ns["lb"], ns["rtr"], ns["be"]
+        link(lb, "x0", rtr, "p0")
+        link(be, "b0", rtr, "p1")
+        batch(
+            rtr,
+            "link add br0 type bridge forward_delay 0",
+            "link set p0 master br0",
+            "link set p1 master br0",
+            "link set br0 up",
+            "address add 2001:db8:2::1/64 dev br0 nodad",
+            f"route add 2001:db8:100::/64 via {LB}",
+        )
+        nsx(lb, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        batch(lb, f"address add {LB}/64 dev x0 nodad", "route add default via 2001:db8:2::1")
+        batch(
+            be,
+            f"address add {L2_BACKEND}/64 dev b0 nodad",
+            f"address add {L2_VIP}/128 dev lo",
+            "route add default via 2001:db8:2::1",
+        )
+        pass_prog = ["xdpdrv", "obj", str(PASS_OBJECT), "sec", "xdp"]
+        sh("ip", "-n", rtr, "link", "set", "dev", "p0", *pass_prog)  # XDP_TX reaches rtr
+        tx_checksum_off(rtr, ["br0"])  # full checksums through XDP on a veth (lab/offload.py)
+        cfg = tmp_path / "xl.yaml"
+        doc: dict[str, Any] = {
+            "lb": {
+                "instance": "xl",
+                "addresses": [LB],
+                "interfaces": ["x0"],
+                "control_socket": str(cfg.with_suffix(".sock")),
+            },
+            "vips": [
+                {
+                    "name": "web",
+                    "address": L2_VIP,
+                    "ports": [53],
+                    "protocol": "udp",
+                    "mode": "dsr-l2",
+                    "table_size": 7,
+                    "health": {"type": "none"},
+                    "backends": [{"address": L2_BACKEND}],
+                }
+            ],
+        }
+
+        # npt: the inside prefix on the LB's link (no router): refused.
+        nsx(lb, "ip", "-6", "route", "add", "fd00:21::/64", "dev", "x0")
+        cfg.write_text(
+            yaml.safe_dump(
+                {**doc, "npt": [{"inside": "fd00:21::/64", "outside": "2001:db8:21::/64"}]}
+            )
+        )
+        r = _run_once(cfg, lb)
+        assert r.returncode != 0 and "npt[0].inside: the xdp data plane sends" in r.stderr, r.stderr
+        assert "route fd00:21::/64 via a router on x0" in r.stderr, r.stderr
+        # dsr-l2: a backend behind a router: refused.
+        off = {**doc["vips"][0], "backends": [{"address": "fd00:99::1"}]}
+        cfg.write_text(yaml.safe_dump({**doc, "vips": [off]}))
+        r = _run_once(cfg, lb)
+        assert r.returncode != 0, r.stderr
+        assert "vips.web.backends[0]: the xdp data plane hands dsr-l2 frames" in r.stderr
+        assert " xdp" not in nsx(lb, "ip", "link", "show", "x0") and not pin_dirs(pin_tag("xl", lb))
+
+        cfg.write_text(yaml.safe_dump(doc))
+        sock = str(cfg.with_suffix(".sock"))
+        with _in_netns(be):
+            rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        rx.bind((L2_VIP, 53))
+        rx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+        rx.settimeout(0.3)
+        with _in_netns(rtr):
+            tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        tx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 9)
+
+        def arrives(tag: bytes) -> int:
+            """Send until one arrives (5 s); its hop limit."""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                tx.sendto(tag, (L2_VIP, 53))
+                try:
+                    data, anc, _, _ = rx.recvmsg(64, 64)
+                except TimeoutError:
+                    continue
+                if data == tag:
+                    return int.from_bytes(anc[0][2][:4], sys.byteorder)
+            raise AssertionError(f"{tag!r} never reached the backend: {_status(sock)['xdp']}")
+
+        run = subprocess.Popen(
+            [*V6LB, "run", str(cfg), "--dataplane", "xdp", "--netns", lb],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert _attached(sock) == "native"
+            assert arrives(b"first") == 9  # dsr-l2 does not route: the hop limit is kept
+            new = "02:00:00:00:00:99"
+            nsx(be, "ip", "link", "set", "dev", "b0", "address", new)
+            nsx(lb, "ip", "-6", "neigh", "replace", L2_BACKEND, "lladdr", new, "dev", "x0")
+            assert arrives(b"second") == 9
+            counters = _status(sock)["xdp"]["counters"]  # type: ignore[index]
+            assert counters["tx-l2"] >= 2, counters
+        finally:
+            run.send_signal(signal.SIGTERM)
+            out, _ = run.communicate(timeout=30)
+            rx.close()
+            tx.close()
+        assert run.returncode == 0, out
+        assert f"dsr-l2 backend {L2_BACKEND}: MAC " in out and f"-> {new}" in out, out

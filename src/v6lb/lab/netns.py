@@ -232,10 +232,12 @@ def _xdp_peers(plan: LabPlan, log: Any) -> None:
     """What native XDP on the lab's veths needs (docs/dataplane-xdp.md, "veth").
 
     The XDP_PASS program on the bridge port of each LB's XDP interface
-    (``lb.interfaces[0]``): a native XDP_TX on a veth reaches the peer only while the
-    peer has an XDP program; the port goes with the switch namespace. And TX checksum
-    offload off on the other nodes (:mod:`v6lb.lab.offload`).
+    (``lb.interfaces[0]``) and of its dsr-l2 egress link if that is another: a native
+    XDP_TX or redirect to a veth reaches the peer only while the peer has an XDP
+    program; the port goes with the switch namespace. And TX checksum offload off on the
+    other nodes (:mod:`v6lb.lab.offload`).
     """
+    from v6lb.engines.kernel.run import dsr_l2_links
     from v6lb.engines.xdp.run import attach_pass
     from v6lb.lab.offload import tx_checksum_off
 
@@ -245,12 +247,13 @@ def _xdp_peers(plan: LabPlan, log: Any) -> None:
     for node, derived in plan.lb_configs.items():
         if not derived.lb.interfaces:
             continue
-        first = derived.lb.interfaces[0]
+        l2 = dsr_l2_links(derived)
+        xdp = dict.fromkeys([derived.lb.interfaces[0], *(l2[1:] if l2 else ())])
         for i in plan.ifaces:
-            if i.node == node and i.name == first:
+            if i.node == node and i.name in xdp:
                 attach_pass(i.port, plan.switch_ns)
                 log.write(
-                    f"lab {plan.name}: {node}: XDP_PASS program on {i.port}, {first}'s peer\n"
+                    f"lab {plan.name}: {node}: XDP_PASS program on {i.port}, {i.name}'s peer\n"
                 )
 
 

@@ -17,9 +17,8 @@ kernel data plane, ``modes_where(tunnels=True)`` the tunnel modes, and so on.
 ``StrEnum`` of the VIP mode names, which reads its properties from this table).
 
 ``planes`` lists the data planes that serve a mode: ``kernel`` and ``python``
-serve ``npt``, ``nat`` and ``dsr-*``; ``xdp`` serves ``dsr-ip6ip6`` and
-``dsr-srv6`` (its program forwards neither ``dsr-l2`` nor ``npt``), never ``nat``,
-which needs connection state. The column may name a plane that is not registered
+serve ``npt``, ``nat`` and ``dsr-*``; ``xdp`` serves ``npt`` and ``dsr-*``, never
+``nat``, which needs connection state. The column may name a plane that is not registered
 (engines/planes.py). Everything user-facing offers only the REGISTERED planes: the
 ``--dataplane`` choices of ``v6lb run`` and ``v6lb lab up``, their help texts, and the refusals
 that name planes (``mode nat is not served by --dataplane P``: "use a data plane
@@ -135,7 +134,6 @@ class ModeFacts:
 
 _L3: Final = (Plane.KERNEL, Plane.PYTHON, Plane.XDP)  # the modes every L3 plane serves
 _STATEFUL: Final = (Plane.KERNEL, Plane.PYTHON)  # nat: the planes that keep connection state
-_NO_XDP: Final = (Plane.KERNEL, Plane.PYTHON)  # modes the XDP program does not forward
 _PROXIES: Final = (ProxyEngine.BUILTIN, ProxyEngine.HAPROXY)
 
 _TABLE: Final = (
@@ -161,7 +159,7 @@ _TABLE: Final = (
         "NPTv6 prefix translation (RFC 6296)",
         vip=False,
         routed=True,
-        planes=_NO_XDP,
+        planes=_L3,
         forwarder=Forwarder.NPT,
     ),
     ModeFacts(
@@ -177,7 +175,7 @@ _TABLE: Final = (
         "dsr-l2",
         Kind.DSR,
         "Direct server return, L2 (MAC rewrite)",
-        planes=_NO_XDP,
+        planes=_L3,
         options="DsrL2Options",
         forwarder=Forwarder.DSR,
     ),

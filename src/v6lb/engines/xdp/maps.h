@@ -168,4 +168,25 @@ struct {
 	__type(value, struct icmp_bucket);
 } v6lb_icmp_bucket SEC(".maps");
 
+/* ICMPv6 errors per VIP and per npt pair, as the core's IcmpErrors (v6lb status):
+ * slot 2 * vip: forwarded to the quoted flow's owner, 2 * vip + 1: unmatched (on the
+ * address's first VIP); V6LB_ICMP_NPT + 2 * pair: translated, + 1: unmatched. */
+#define V6LB_ICMP_NPT (2 * V6LB_MAX_VIPS)
+#define V6LB_ICMP_SLOTS (V6LB_ICMP_NPT + 2 * V6LB_MAX_NPT)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, V6LB_ICMP_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} v6lb_icmp_counts SEC(".maps");
+
+static __always_inline void v6lb_icmp_count(__u32 slot)
+{
+	__u64 *c = bpf_map_lookup_elem(&v6lb_icmp_counts, &slot);
+
+	if (c)
+		*c += 1;
+}
+
 #endif

@@ -164,6 +164,7 @@ __noinline int v6lb_npt(struct xdp_md *ctx, int rc, __u32 l4_off, __u32 proto,
 		len = V6LB_IP6_LEN + (((__u32)ip6[4] << 8) | ip6[5]);
 		if (len < l4_off + 8 + V6LB_IP6_LEN) {
 			v6lb_count(V6LB_R_ICMP_ERROR_QUOTE_BAD);
+			v6lb_icmp_count(V6LB_ICMP_NPT + 2 * (idx & (V6LB_MAX_NPT - 1)) + 1);
 			return XDP_DROP;
 		}
 		/* the quote's destination (outbound) or source (inbound) */
@@ -173,13 +174,17 @@ __noinline int v6lb_npt(struct xdp_md *ctx, int rc, __u32 l4_off, __u32 proto,
 		qfirst = v6lb_first8(qa);
 		if ((qfirst & mask) != (inbound ? m->out_pfx : m->in_pfx)) {
 			v6lb_count(V6LB_R_ICMP_ERROR_UNMATCHED);
+			v6lb_icmp_count(V6LB_ICMP_NPT + 2 * (idx & (V6LB_MAX_NPT - 1)) + 1);
 			return XDP_DROP;
 		}
 		qerr = v6lb_npt_word(qa, m->subnet, inbound ? m->adj_in : m->adj_out, &qoff, &qval);
 		if (qerr) {
 			v6lb_count(V6LB_R_ICMP_ERROR_QUOTE_BAD);
+			v6lb_icmp_count(V6LB_ICMP_NPT + 2 * (idx & (V6LB_MAX_NPT - 1)) + 1);
 			return XDP_DROP;
 		}
+		/* translated (counted here: the core's order) */
+		v6lb_icmp_count(V6LB_ICMP_NPT + 2 * (idx & (V6LB_MAX_NPT - 1)));
 	}
 	if (err) {
 		v6lb_count(err);

@@ -247,6 +247,7 @@ class XdpProgram:
                 "l2_macs": Map(f"{d}/v6lb_l2_macs", 4, _L2_MAC.size),
                 "npt": Map(f"{d}/v6lb_npt_pairs", 4, _NPT.size),
                 "conf": Map(f"{d}/v6lb_conf", 4, _CONF.size),
+                "icmp": Map(f"{d}/v6lb_icmp_counts", 4, 8, per_cpu=True),
             }
         except BaseException:
             self.close()
@@ -328,6 +329,12 @@ class XdpProgram:
         finally:
             new.close()  # v6lb_maglev holds it now
 
+    def set_l2_mac(self, index: int, mac: bytes) -> None:
+        """Backend ``index``'s dsr-l2 MAC (global index, as :func:`l2_entries`): one update."""
+        if len(mac) != 6:
+            raise ValueError("a 6-byte MAC")
+        self.maps["l2_macs"].update(_U32.pack(index), _L2_MAC.pack(bytes(mac), 1))
+
     def set_l2_egress(self, ifindex: int, mac: bytes) -> None:
         """Send dsr-l2 frames out of link ``ifindex`` (MAC ``mac``); 0: back where they came."""
         if len(mac) != 6 or not 0 <= ifindex < 1 << 32:
@@ -343,6 +350,19 @@ class XdpProgram:
     def run(self, frame: bytes, repeat: int = 1) -> RunResult:
         """BPF_PROG_TEST_RUN on one Ethernet frame."""
         return prog_test_run(self.prog_fd, frame, repeat)
+
+    def icmp_counts(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """ICMPv6 errors, summed over the CPUs: per VIP index (forwarded, unmatched) and per
+        npt pair (translated, unmatched), as maps.h's ``v6lb_icmp_counts`` holds them."""
+        slots = 2 * (MAX_VIPS + MAX_NPT)
+        keys, values = self.maps["icmp"].lookup_batch(slots)
+        per = array("Q", values)
+        ncpu = len(per) // max(1, len(keys) // 4)
+        total = [0] * slots
+        for i, slot in enumerate(array("I", keys)):
+            total[slot] = sum(per[i * ncpu : (i + 1) * ncpu])
+        pairs = [(total[k], total[k + 1]) for k in range(0, slots, 2)]
+        return pairs[:MAX_VIPS], pairs[MAX_VIPS:]
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over the CPUs, by name; zeros left out."""

@@ -2,8 +2,11 @@
 
 :class:`XdpPlane` checks everything before it attaches anything
 (:meth:`XdpPlane.open`): the compiled object (``make xdp``), the kernel's BPF
-features, the interface, the maps' limits and that every backend is routed back out
-of that interface (the program sends with ``XDP_TX``). :meth:`~XdpPlane.install`
+features, the interface, the maps' limits and the placement each mode needs: a tunnel
+backend and an npt pair's inside prefix routed back out of that interface (the program
+sends with ``XDP_TX``, to the router that delivered the packet), a dsr-l2 backend on the
+dsr-l2 egress link with a MAC (its ``mac:``, else learned from the neighbour table as
+the python plane learns it, and followed while it runs). :meth:`~XdpPlane.install`
 loads the program, pins it and its maps under ``/sys/fs/bpf/v6lb-<tag>_<gen>/``,
 fills the maps from the plane's pools and attaches it to ``lb.interfaces[0]`` as a
 BPF link (native mode; generic, with a warning, when the driver has none), pinned
@@ -29,18 +32,22 @@ from typing import Any, Final
 
 from v6lb.core.backends import BackendPool
 from v6lb.core.dsr import DsrService
+from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.kernel.apply import (
     KernelError,
     apply_nft,
     limits_status,
     nft_counters,
+    nft_json,
     remove,
     require_root,
     require_tools,
     run_tool,
 )
 from v6lb.engines.kernel.host import check_lb_host, require_ipv6_forwarding
+from v6lb.engines.kernel.run import PROBE_ROUTE_CHECK, dsr_l2_links
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged
+from v6lb.engines.python.run import l2_facts
 from v6lb.engines.xdp.bpf import (
     BPF_F_INNER_MAP,
     XDP_FLAGS_DRV_MODE,
@@ -57,11 +64,13 @@ from v6lb.engines.xdp.program import (
     OBJECT,
     XdpProgram,
     map_entries,
+    npt_entries,
     served,
     table_values,
 )
-from v6lb.model.config import Config
+from v6lb.model.config import Config, VipMode
 from v6lb.model.pools import dsr_services
+from v6lb.model.status import IcmpErrors
 from v6lb.render.nftables import render_forward_nft
 
 __all__ = ["PASS_OBJECT", "XdpPlane", "attach_pass", "pin_dirs", "pin_tag"]
@@ -118,10 +127,11 @@ def _layout(services: list[DsrService]) -> dict[str, tuple[int, int]]:
 def _check_maps(config: Config, services: list[DsrService]) -> None:
     try:
         map_entries(services)
+        npt_entries([NptMapping(p.inside, p.outside) for p in config.npt])
     except ValueError as exc:
         raise RunError(
             f"{config.source}: {exc}",
-            "split the VIPs over more instances, or use --dataplane kernel",
+            "split the VIPs and npt pairs over more instances, or use --dataplane kernel",
         ) from None
 
 
@@ -131,18 +141,27 @@ class XdpPlane(Plane):
     name = "xdp"
     role = Role.DATAPLANE
 
-    def __init__(self, config: Config, ctx: PlaneContext, ifname: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        ctx: PlaneContext,
+        ifname: str,
+        macs: Mapping[str, bytes] | None = None,
+    ) -> None:
         self.config = config
         self.ctx = ctx
         self.ifname = ifname
         self.tag = pin_tag(config.lb.instance, ctx.netns)
-        self.services = dsr_services(config)
+        self.macs = dict(macs or {})  # dsr-l2 backends' MACs learned (no `mac:` in the file)
+        self.services = dsr_services(config, self.macs)
+        self._next_neigh = 0.0
         self.layout = _layout(self.services)
         self.gen = 0
         self.program: XdpProgram | None = None
         self.link_fd = -1
         self.mode = ""  # native or generic, once attached
         self.carried: dict[str, int] = {}  # counters of the generations a reload replaced
+        self.carried_icmp: dict[str, tuple[int, int]] = {}  # theirs, by VIP name and "npt<i>"
         self._filter = False  # the forward filter (nft table v6lb_<instance>) may be there
         self._flight: tuple[float, int, int] | None = None
 
@@ -173,7 +192,7 @@ class XdpPlane(Plane):
             "the stack would not answer a VIP packet at hop limit 1 with Time Exceeded",
         )
         _check_kernel()
-        plane = cls(config, ctx, ifname)
+        plane = cls(config, ctx, ifname, _learned_macs(config, ifname))
         _check_maps(config, plane.services)
         _check_routes(config, plane.services, ifname)
         if _driver(ifname) == "veth":
@@ -201,7 +220,7 @@ class XdpPlane(Plane):
                 self.ctx.warn(f"removed leftover {item}")
             self._filter = True
             apply_nft(render_forward_nft(self.config, (), plane=self.name))
-            self.program = self._load(self.services)
+            self.program = self._load(self.config, self.services)
             self.link_fd, self.mode = self._attach(self.program)
             obj_pin(self.link_fd, str(self.program.dir / "link"))
         except BaseException:
@@ -212,7 +231,7 @@ class XdpPlane(Plane):
             f" pinned under {self.program.dir}"
         )
 
-    def _load(self, services: list[DsrService]) -> XdpProgram:
+    def _load(self, config: Config, services: list[DsrService]) -> XdpProgram:
         try:
             program = XdpProgram(f"{self.tag}_{self.gen}")
         except FileNotFoundError as exc:
@@ -224,7 +243,10 @@ class XdpPlane(Plane):
                 f"check that `bpftool prog load {OBJECT} /sys/fs/bpf/x` works here",
             ) from exc
         try:
-            program.fill(self.config, services)
+            program.fill(config, services)
+            egress = _l2_egress(config, self.ifname)
+            if egress is not None:
+                program.set_l2_egress(*egress)
         except BaseException:
             program.close()
             raise
@@ -292,7 +314,8 @@ class XdpPlane(Plane):
                 f"{config.source}: lb.interfaces[0] changed from {self.ifname}",
                 "restart `v6lb run` to attach to another interface",
             )
-        services = dsr_services(config)
+        macs = _learned_macs(config, self.ifname)
+        services = dsr_services(config, macs)
         _check_maps(config, services)
         _check_routes(config, services, self.ifname)
 
@@ -301,7 +324,7 @@ class XdpPlane(Plane):
             assert old is not None
             self.gen += 1
             try:
-                new = self._load(services)  # with the pools as the daemon marked them
+                new = self._load(config, services)  # the pools as the daemon marked them
             except BaseException:
                 self.gen -= 1
                 raise
@@ -319,12 +342,43 @@ class XdpPlane(Plane):
                 raise
             for k, n in old.counters().items():
                 self.carried[k] = self.carried.get(k, 0) + n
+            for k, (a, b) in self._icmp(old).items():
+                was = self.carried_icmp.get(k, (0, 0))
+                self.carried_icmp[k] = (was[0] + a, was[1] + b)
             old.close()
             self.program, self.config, self.services = new, config, services
+            self.macs = macs
             self.layout = _layout(services)
             return f": {len(self.layout)} VIP(s), program generation {self.gen}"
 
         return Staged({s.name: s.pool for s in served(services)}, commit)
+
+    def tick(self, now: float) -> float | None:
+        """Follow the learned dsr-l2 MACs: a changed neighbour entry rewrites its backends'."""
+        if not any(_learned(self.config)) or self.program is None:
+            return None
+        if now >= self._next_neigh:
+            self._next_neigh = now + PROBE_ROUTE_CHECK
+            self._refresh_macs()
+        return self._next_neigh
+
+    def _refresh_macs(self) -> None:
+        assert self.program is not None
+        wanted = {str(a) for a, _ in _learned(self.config)}
+        changed = {a: m for a, m in _neighbours(wanted).items() if self.macs.get(a) != m}
+        if not changed:
+            return  # an entry gone (or FAILED) keeps the MAC last learned
+        for addr, index in _learned(self.config, self.layout):
+            mac = changed.get(str(addr))
+            if mac is not None:
+                self.program.set_l2_mac(index, mac)
+        for addr, mac in sorted(changed.items()):
+            old = self.macs.get(addr)
+            self.macs[addr] = mac
+            self.ctx.log(
+                f"dsr-l2 backend {addr}: MAC {_mac_text(old) if old else 'unknown'}"
+                f" -> {_mac_text(mac)} (neighbour table)"
+            )
 
     # --- status -------------------------------------------------------------------
 
@@ -334,6 +388,13 @@ class XdpPlane(Plane):
         if self.program is not None:
             for k, n in self.program.counters().items():
                 out[k] = out.get(k, 0) + n
+        return out
+
+    def _icmp(self, program: XdpProgram) -> dict[str, tuple[int, int]]:
+        """ICMPv6 errors of ``program``: by VIP name and by ``npt<i>`` (the config's pairs)."""
+        vips, pairs = program.icmp_counts()
+        out = {name: vips[index] for name, (index, _) in self.layout.items()}
+        out.update((f"npt{i}", pairs[i]) for i in range(len(self.config.npt)))
         return out
 
     def status(self) -> PlaneStatus:
@@ -349,6 +410,19 @@ class XdpPlane(Plane):
         except KernelError:  # a status request must never stop the data plane
             counted = None
         out = PlaneStatus()
+        icmp = dict(self.carried_icmp)
+        if self.program is not None:
+            for k, (a, b) in self._icmp(self.program).items():
+                was = icmp.get(k, (0, 0))
+                icmp[k] = (was[0] + a, was[1] + b)
+        out.icmp = {
+            name: IcmpErrors(forwarded=a, unmatched=b)
+            for name, (a, b) in icmp.items()
+            if name in self.layout
+        }
+        for i in range(len(self.config.npt)):
+            translated, unmatched = icmp.get(f"npt{i}", (0, 0))
+            out.npt_icmp.append(IcmpErrors(translated=translated, unmatched=unmatched))
         out.details = {
             "xdp": {
                 "interface": self.ifname,
@@ -406,20 +480,118 @@ def _driver(ifname: str) -> str:
     return str(info.get("info_kind", ""))
 
 
+def _mac_text(mac: bytes) -> str:
+    return mac.hex(":")
+
+
+def _learned(
+    config: Config, layout: Mapping[str, tuple[int, int]] | None = None
+) -> list[tuple[Any, int]]:
+    """The dsr-l2 backends without ``mac:``: (address, global backend index in ``layout``)."""
+    out = []
+    for v in config.vips:
+        if v.mode is not VipMode.DSR_L2:
+            continue
+        base = layout[v.name][1] if layout is not None and v.name in layout else -1
+        for j, b in enumerate(v.backends):
+            if b.mac is None:
+                out.append((b.address, base + j if base >= 0 else -1))
+    return out
+
+
+def _neighbours(wanted: set[str]) -> dict[str, bytes]:
+    """The neighbour table's MACs of ``wanted`` addresses (entries not FAILED)."""
+    macs: dict[str, bytes] = {}
+    for entry in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=None)):
+        dst, lladdr = str(entry.get("dst", "")), str(entry.get("lladdr") or "")
+        state = entry.get("state")
+        if lladdr and dst in wanted and not (isinstance(state, list) and "FAILED" in state):
+            macs[dst] = bytes.fromhex(lladdr.replace(":", ""))
+    return macs
+
+
+def _learned_macs(config: Config, ifname: str) -> dict[str, bytes]:
+    """The dsr-l2 backends' MACs from the neighbour table (the python plane's way).
+
+    Also checks the dsr-l2 placement: every backend on the egress link (:func:`_route`).
+    """
+    l2 = dsr_l2_links(config)
+    if l2 is None:
+        return {}
+    egress = l2[1]
+    for v in config.vips:
+        if v.mode is not VipMode.DSR_L2:
+            continue
+        for k, b in enumerate(v.backends):
+            dev, via = _route(str(b.address))
+            if dev != egress or via:
+                raise RunError(
+                    f"{config.source}: vips.{v.name}.backends[{k}]: the xdp data plane hands"
+                    f" dsr-l2 frames to {b.address} on {egress} (the dsr-l2 egress link:"
+                    " lb.interfaces[1], or [0] when the LB is one-armed), but this host"
+                    f" routes {b.address} {f'via {via} ' if via else ''}on {dev or 'nothing'}",
+                    f"put the backend on {egress}'s link, or name its link second in lb.interfaces",
+                )
+    if not any(_learned(config)):
+        return {}
+    facts = l2_facts(config)
+    return dict(facts.macs) if facts is not None else {}
+
+
+def _l2_egress(config: Config, ifname: str) -> tuple[int, bytes] | None:
+    """dsr-l2's egress (ifindex, MAC) when it is not ``ifname`` (else XDP_TX: None)."""
+    l2 = dsr_l2_links(config)
+    if l2 is None or l2[1] == ifname:
+        return None
+    links = nft_json(run_tool(["ip", "-j", "link", "show", "dev", l2[1]], netns=None))
+    mac = str(links[0].get("address") or "") if links else ""
+    if not mac:
+        raise RunError(
+            f"{config.source}: lb.interfaces: {l2[1]} has no link-layer address here",
+            "name the dsr-l2 egress link (an Ethernet device) in lb.interfaces",
+        )
+    return socket.if_nametoindex(l2[1]), bytes.fromhex(mac.replace(":", ""))
+
+
+def _route(addr: str) -> tuple[str | None, str | None]:
+    """(device, gateway) of this host's route to ``addr`` (None, None: no route)."""
+    r = run_tool(["ip", "-6", "-j", "route", "get", addr], netns=None)
+    try:
+        route = json.loads(r.stdout or "[]")[0]
+        return route.get("dev"), route.get("gateway")
+    except (ValueError, IndexError, AttributeError):
+        return None, None
+
+
 def _check_routes(config: Config, services: list[DsrService], ifname: str) -> None:
-    """Every tunnel's outer destination is routed out of ``ifname`` (XDP_TX sends there)."""
+    """Tunnels and npt inside prefixes are routed out of ``ifname`` (XDP_TX sends there).
+
+    A tunnel's outer destination: out of ``ifname``. An npt pair's inside prefix: via a
+    router on ``ifname`` (the inside hosts' packets must come from a router too: the
+    program sends the translated packet back to the MAC it came from).
+    """
+    for i, pair in enumerate(config.npt):
+        inside = str(pair.inside.network_address)
+        dev, via = _route(inside)
+        if dev != ifname or not via:
+            raise RunError(
+                f"{config.source}: npt[{i}].inside: the xdp data plane sends a translated"
+                f" packet back out of {ifname} (XDP_TX, to the router that delivered it), so"
+                f" both prefixes must be behind a router there, but this host routes"
+                f" {pair.inside} {f'via {via} ' if via else ''}on {dev or 'nothing'}",
+                f"route {pair.inside} via a router on {ifname} (the one-armed placement,"
+                " docs/dataplane-xdp.md), or use --dataplane kernel",
+            )
     seen: set[bytes] = set()
     for s in served(services):
+        if s.mode == str(VipMode.DSR_L2):
+            continue  # the backends' MACs: _learned_macs
         for target in s.targets:
             if target in seen:
                 continue
             seen.add(target)
             addr = socket.inet_ntop(socket.AF_INET6, target)
-            r = run_tool(["ip", "-6", "-j", "route", "get", addr], netns=None)
-            try:
-                dev = json.loads(r.stdout or "[]")[0].get("dev")
-            except (ValueError, IndexError, AttributeError):
-                dev = None
+            dev, _ = _route(addr)
             if dev != ifname:
                 raise RunError(
                     f"{config.source}: vips.{s.name}: the xdp data plane sends the tunnel to"

@@ -104,15 +104,24 @@ static __always_inline int v6lb_icmp_error(struct xdp_md *ctx, __u8 *ip6, void *
 {
 	__u32 nwords = 0;
 	struct vip_val *svc = v6lb_icmp_quote(ip6, data_end, l4_off, len, key, &nwords);
+	__u32 vip;
 	int rc;
 
-	if (!svc)
-		return XDP_DROP; /* counted */
-	if (svc->index == V6LB_NONE)
+	if (!svc) { /* counted by reason; and on the address's first VIP, as the core */
+		svc = v6lb_vip(ip6 + 24, 0, 0);
+		if (svc && svc->index < V6LB_MAX_VIPS)
+			v6lb_icmp_count(2 * svc->index + 1);
+		return XDP_DROP;
+	}
+	vip = svc->index;
+	if (vip == V6LB_NONE)
 		return v6lb_pass(V6LB_CNT_PASS_MODE);
-	rc = v6lb_steer(ctx, ip6, svc->index, key, nwords, len);
-	if (rc == XDP_TX || rc == XDP_REDIRECT)
+	rc = v6lb_steer(ctx, ip6, vip, key, nwords, len);
+	if (rc == XDP_TX || rc == XDP_REDIRECT) {
 		v6lb_count(V6LB_CNT_ICMP_FORWARDED);
+		if (vip < V6LB_MAX_VIPS)
+			v6lb_icmp_count(2 * vip);
+	}
 	return rc;
 }
 
