@@ -8,18 +8,23 @@ Method (root; the object from ``make xdp``):
   back over the same veth to ``gen``.
 - The generator is BPF_PROG_TEST_RUN in live-frames mode (what xdp-trafficgen
   uses inside; Debian's xdp-trafficgen does not start on this kernel): a
-  two-instruction XDP program returning XDP_TX, run ``--count`` times in ``gen``
-  on one 78-byte UDP frame to the VIP (a 16-byte payload), with ``g0`` as its
-  ingress device: each run transmits the frame to ``l0``. One flow: neither
+  small XDP program returning XDP_TX, run ``--count`` times in ``gen`` on one
+  78-byte UDP frame to the VIP (a 16-byte payload), with ``g0`` as its ingress
+  device: each run transmits the frame to ``l0``. The program first writes back the
+  frame's Ethernet and IPv6 headers, which the page it reuses may carry changed
+  (``_generator``). One flow: neither
   plane keeps a per-flow cache, so every packet pays the hash and the Maglev
   lookup whatever the flow.
 - The sink: a two-instruction XDP program returning XDP_DROP on ``g0`` (a veth
   needs an XDP program, or GRO, to take XDP frames at all). What the LB sent
   back is ``g0``'s ``rx_xdp_drop`` count (``ethtool -S``), so the cost of
   receiving is the same XDP_DROP for both planes.
-- Planes: ``v6lb run FILE --dataplane xdp|kernel --netns LB``, the same file:
-  one dsr-ip6ip6 or dsr-srv6 VIP, 4 backends, health off. The kernel plane's
-  ``l0`` has GRO on (else a veth refuses XDP frames without a program).
+- Planes: ``v6lb run FILE --dataplane xdp|kernel --netns LB``, the same file per
+  mode: one UDP VIP (dsr-ip6ip6, dsr-srv6: 4 tunnel ends; dsr-l2: 4 backends on the
+  LB's link, MACs given), health off; or one npt pair (the frame goes to an
+  outside-mapped address, translated inbound, its inside prefix routed back through
+  ``gen``). The kernel plane's ``l0`` has GRO on (else a veth refuses XDP frames
+  without a program).
 - Per (mode, plane) and round: the generator runs ``--count`` frames pinned to
   CPU ``--cpu``; everything it starts (the veth NAPI of ``l0``, the LB's work,
   the sink) runs in softirq on the same CPU. We read, around the run, the
@@ -60,7 +65,10 @@ V6LB = str(Path(sys.executable).with_name("v6lb"))
 VIP = "2001:db8:f::80"
 CLIENT = "2001:db8:c::7"
 GEN_ADDR, LB_ADDR = "2001:db8:a::2", "2001:db8:a::1"
-MODES = ("dsr-ip6ip6", "dsr-srv6")
+MODES = ("dsr-ip6ip6", "dsr-srv6", "dsr-l2", "npt")
+INSIDE, OUTSIDE = "fd00:b::/64", "2001:db8:e::/64"
+NPT_TARGET = "2001:db8:e::10"  # an outside-mapped address: translated to fd00:b::... inbound
+L2_MAC = "02:00:00:00:0b:0{}"
 PLANES = ("xdp", "kernel")
 PORT = 5201
 _ns = _counter()
@@ -77,31 +85,29 @@ def _ret(verdict: int) -> bytes:
 
 
 def _generator(frame: bytes) -> bytes:
-    """XDP_TX, after writing back the frame's Ethernet header and hop limit.
+    """XDP_TX, after writing back the frame's Ethernet and IPv6 headers (54 bytes).
 
     Live-frames mode hands out page-pool pages initialised with the frame once, not
     on each use, and a veth passes its pages on without a copy: a plane that
     encapsulates writes its outer header over the headroom and the first 14 bytes
-    (the Ethernet header), and forwarding decrements the hop limit, in the very page
-    the generator sends again. So the program restores both before each transmit.
+    (the Ethernet header), forwarding decrements the hop limit, and npt rewrites the
+    destination, all in the very page the generator sends again. So the program
+    restores the headers before each transmit.
     """
-    eth = frame[:14]
-
-    def imm(b: bytes) -> int:
-        return int.from_bytes(b, "little", signed=True)
-
+    head = frame[:54]
+    stores = [
+        _insn(0x62, 2, off=i, imm=int.from_bytes(head[i : i + 4], "little", signed=True))
+        for i in range(0, 52, 4)  # *(u32 *)(r2 + i) = ...
+    ]
+    stores.append(_insn(0x6A, 2, off=52, imm=int.from_bytes(head[52:54], "little")))  # u16
     return b"".join(
         (
             _insn(0x61, 2, 1, 0),  # r2 = ctx->data
             _insn(0x61, 3, 1, 4),  # r3 = ctx->data_end
             _insn(0xBF, 4, 2),  # r4 = r2
-            _insn(0x07, 4, imm=22),  # r4 += 22 (Ethernet + the hop limit)
-            _insn(0x2D, 4, 3, off=5),  # if r4 > r3 goto out (XDP_TX as it is)
-            _insn(0x62, 2, off=0, imm=imm(eth[0:4])),  # *(u32 *)(r2 + 0) = ...
-            _insn(0x62, 2, off=4, imm=imm(eth[4:8])),
-            _insn(0x62, 2, off=8, imm=imm(eth[8:12])),
-            _insn(0x6A, 2, off=12, imm=imm(eth[12:14])),  # u16
-            _insn(0x72, 2, off=21, imm=frame[21]),  # u8: the hop limit
+            _insn(0x07, 4, imm=54),  # r4 += 54
+            _insn(0x2D, 4, 3, off=len(stores)),  # if r4 > r3 goto out (XDP_TX as it is)
+            *stores,
             _ret(XDP_TX),  # out
         )
     )
@@ -150,6 +156,7 @@ def namespaces() -> Iterator[dict[str, str]]:
             "nud", "permanent")  # fmt: skip
         nsx(lb, "ip", "-6", "route", "add", "2001:db8:b::/64", "via", GEN_ADDR, "dev", "l0")
         nsx(lb, "ip", "-6", "route", "add", "fd00:5::/64", "via", GEN_ADDR, "dev", "l0")
+        nsx(lb, "ip", "-6", "route", "add", INSIDE, "via", GEN_ADDR, "dev", "l0")
         yield names
     finally:
         for ns in made:
@@ -161,18 +168,27 @@ def mac(ns: str, dev: str) -> str:
 
 
 def config(mode: str, sock: str) -> dict[str, object]:
+    lb = {
+        "instance": f"xv{os.getpid() % 100000}",
+        "flow_hash_seed": 0x5EED,
+        "interfaces": ["l0"],
+        "addresses": [LB_ADDR],
+        "control_socket": sock,
+    }
+    if mode == "npt":
+        return {"lb": lb, "npt": [{"inside": INSIDE, "outside": OUTSIDE}]}
     backends: list[dict[str, str]] = [{"address": f"2001:db8:b::{i}"} for i in range(1, 5)]
+    extra: dict[str, object] = {"tunnel_source": LB_ADDR, "mtu": 1500}
     if mode == "dsr-srv6":
         for i, b in enumerate(backends, 1):
             b["sid"] = f"fd00:5::{i}"
+    elif mode == "dsr-l2":  # on the LB's link, MACs given: nothing to resolve
+        backends = [
+            {"address": f"2001:db8:a::{0x10 + i}", "mac": L2_MAC.format(i)} for i in range(1, 5)
+        ]
+        extra = {}
     return {
-        "lb": {
-            "instance": f"xv{os.getpid() % 100000}",
-            "flow_hash_seed": 0x5EED,
-            "interfaces": ["l0"],
-            "addresses": [LB_ADDR],
-            "control_socket": sock,
-        },
+        "lb": lb,
         "vips": [
             {
                 "name": "bench",
@@ -180,17 +196,16 @@ def config(mode: str, sock: str) -> dict[str, object]:
                 "ports": [PORT],
                 "protocol": "udp",
                 "mode": mode,
-                "tunnel_source": LB_ADDR,
-                "mtu": 1500,
                 "health": {"type": "none"},
                 "backends": backends,
+                **extra,
             }
         ],
     }
 
 
-def frame(gmac: str, lmac: str) -> bytes:
-    pkt = build.udp(CLIENT, VIP, 40000, PORT, payload=b"x" * 16)
+def frame(gmac: str, lmac: str, mode: str) -> bytes:
+    pkt = build.udp(CLIENT, NPT_TARGET if mode == "npt" else VIP, 40000, PORT, payload=b"x" * 16)
     return bytes.fromhex(lmac.replace(":", "") + gmac.replace(":", "")) + b"\x86\xdd" + pkt
 
 
@@ -317,13 +332,13 @@ def main() -> int:
     results: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in cases}
     with namespaces() as ns, tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
-        data = frame(mac(ns["gen"], "g0"), mac(ns["lb"], "l0"))
+        gmac, lmac = mac(ns["gen"], "g0"), mac(ns["lb"], "l0")
         xdp_attach(ns["gen"], "g0", _XDP_DROP)
         for r in range(a.rounds):
             order = cases[r % len(cases) :] + cases[: r % len(cases)]
             for mode, name in order:
                 with plane(ns, mode, name, tmp):
-                    m = measure(ns, data, a.count, a.cpu)
+                    m = measure(ns, frame(gmac, lmac, mode), a.count, a.cpu)
                 results[(mode, name)].append(m)
                 print(f"round {r + 1} {mode:10} {name:9} {m['pps'] / 1e3:8.0f} kpps "
                       f"{m['ns_per_pkt']:6.0f} ns/pkt (softirq {m['softirq_ns']:5.0f}) "
