@@ -150,6 +150,11 @@ def _options(vip: Vip) -> str:
             f"forwarded headers {'on' if o.forwarded_headers else 'off'}",
             _prefixes("forwarded headers trusted from", o.trusted_sources),
             f"max request {o.max_request_bytes} bytes, max header {o.max_header_bytes} bytes",
+            *(
+                [f"HTTP/2 up to {o.max_concurrent_streams} streams a connection"]
+                if o.tls is not None and "h2" in o.tls.alpn
+                else []
+            ),
             _timeouts(o.timeouts),
             stack,
         ]

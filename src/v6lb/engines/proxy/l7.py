@@ -129,7 +129,15 @@ class _HeadResponse:
 
 
 class L7Upstream(asyncio.Protocol):
-    """One keep-alive connection to a backend; pooled between requests."""
+    """One keep-alive connection to a backend; pooled between requests.
+
+    Its ``client`` (an :class:`L7Client`, or an HTTP/2 stream: :class:`.h2.H2Stream`)
+    has ``closed`` and these methods: ``relay(data)`` (response bytes, 1xx relayed
+    included), ``response_done(up)``, ``backend_failed(up, reason, status)``,
+    ``tunnel(up, head)`` (a 101) and ``backend_writable(up, writable)`` (this
+    connection's write buffer went over the high mark, or back under the low one).
+    A request tuple whose ``v11`` is false gets no 1xx and never a tunnel.
+    """
 
     __slots__ = (
         "rt",
@@ -223,9 +231,7 @@ class L7Upstream(asyncio.Protocol):
             if not self.done:
                 c.backend_failed(self, "backend_bad_response", 502)
             return
-        if not c.closed:
-            c.nout += len(data)
-            c.t.write(data)
+        c.relay(data)
         if self.done:
             c.response_done(self)
 
@@ -334,15 +340,15 @@ class L7Upstream(asyncio.Protocol):
         else:
             self.t.close()
 
-    def pause_writing(self) -> None:  # request bodies are bounded; a tunnel is not
+    def pause_writing(self) -> None:
         c = self.client
-        if self.tunnel and c is not None and not c.closed:
-            c.t.pause_reading()
+        if c is not None and not c.closed:
+            c.backend_writable(self, False)
 
     def resume_writing(self) -> None:
         c = self.client
-        if self.tunnel and c is not None and not c.closed:
-            c.t.resume_reading()
+        if c is not None and not c.closed:
+            c.backend_writable(self, True)
 
 
 class L7Client(asyncio.Protocol):
@@ -827,6 +833,14 @@ class L7Client(asyncio.Protocol):
         if not self.closed:
             self.nout += len(data)
             self.t.write(data)
+
+    def backend_writable(self, up: L7Upstream, writable: bool) -> None:
+        """A tunnel's backend side is full (or not): stop (resume) reading the client."""
+        if self.piped and not self.closed:
+            if writable:
+                self.t.resume_reading()
+            else:
+                self.t.pause_reading()
 
     def tunnel(self, up: L7Upstream, head: bytes) -> None:
         """The backend switched protocols: relay its 101, then bytes both ways."""

@@ -30,6 +30,7 @@ from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options, Vip
 from v6lb.model.pools import health_monitor
 from v6lb.model.schema import Where
 
+from .h2 import H2Client
 from .health import HealthChecker
 from .l4 import L4Client
 from .l7 import L7Client
@@ -574,7 +575,10 @@ class _Listener:
         rt = self.rt
         p: asyncio.Protocol = L7Client(rt) if rt.is_l7 else L4Client(rt)
         if rt.tls is not None:
-            return TlsLayer(rt.tls, p, _handshake_timeout(rt), rt.error)
+            layer = TlsLayer(rt.tls, p, _handshake_timeout(rt), rt.error)
+            if rt.is_l7:
+                layer.h2 = H2Client.take_over
+            return layer
         return p
 
 

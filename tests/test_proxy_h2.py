@@ -1,0 +1,384 @@
+"""HTTP/2 from clients (TLS, ALPN h2) on proxy-l7: the builtin engine on loopback driven by
+the ``h2`` library as a client (streams, forwarding headers, flow control, the stream
+limit, GOAWAY on a graceful stop), and the bad-input list (rapid reset, CONTINUATION
+flood, SETTINGS flood, HPACK bomb, WINDOW_UPDATE overflow, a stream after GOAWAY) sent
+as raw frames to the builtin engine and to HAProxy 2.6 rendered from the same VIP."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+import trustme
+from h2.errors import ErrorCodes
+from hpack import Encoder
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from test_proxy_fixtures import (
+    HttpBackend,
+    header,
+    l7_vip,
+    loop_kind,  # noqa: F401 (autouse: every test on asyncio and on uvloop)
+    run,
+)
+from v6lb.engines.proxy import ProxyServer
+from v6lb.engines.proxy.h2 import reset_limit
+from v6lb.engines.proxy.haproxy_run import tls_texts
+from v6lb.model.config import TlsCertificate, TlsOptions, parse_config
+from v6lb.render.haproxy import render_haproxy
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.tool]
+
+STREAMS = 8  # max_concurrent_streams of the VIPs under test
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    cert = ca.issue_cert("www.example.com")
+    cert.cert_chain_pems[0].write_to_path(str(d / "www.crt"))
+    cert.private_key_pem.write_to_path(str(d / "www.key"))
+    return {"ca": ca, "dir": d}
+
+
+class Backend(HttpBackend):
+    """HttpBackend that also reads a chunked request body (HTTP/2 bodies without a length)."""
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            head = await r.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            n = int((header(head, "content-length") or ["0"])[0])
+            if n:
+                self.bodies.append(await r.readexactly(n))
+            elif header(head, "transfer-encoding") == ["chunked"]:
+                body = b""
+                while size := int(await r.readuntil(b"\r\n"), 16):
+                    body += (await r.readexactly(size + 2))[:-2]
+                await r.readuntil(b"\r\n")
+                self.bodies.append(body)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            body = self.name.encode() + b"x" * self.body_size
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await w.drain()
+
+    def __init__(self, name: str, delay: float = 0.0, body_size: int = 0) -> None:
+        super().__init__(name, delay, body_size)
+        self.bodies: list[bytes] = []
+
+
+def _vip(pki: dict[str, Any], port: int, **kw: Any) -> Any:
+    base = l7_vip([port], **kw)
+    tls = TlsOptions(
+        certificates=(TlsCertificate(str(pki["dir"] / "www.crt"), str(pki["dir"] / "www.key")),),
+        alpn=("h2", "http/1.1"),
+    )
+    opts = dataclasses.replace(base.options, tls=tls, max_concurrent_streams=STREAMS)
+    return dataclasses.replace(base, options=opts)
+
+
+class Client:
+    """An HTTP/2 client connection over TLS: the h2 library, or raw frames."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, window: int) -> None:
+        self.r, self.w = r, w
+        cfg = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(cfg)
+        self.h2.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+        )
+        self.h2.initiate_connection()
+        self.flush()
+        self.remote: dict[int, int] = {}
+        self.bodies: dict[int, bytearray] = {}
+        self.terminated: tuple[int | None, int | None] | None = None
+
+    @classmethod
+    async def open(cls, port: int, pki: dict[str, Any], window: int = 65535) -> Client:
+        ctx = ssl.create_default_context()
+        pki["ca"].configure_trust(ctx)
+        ctx.set_alpn_protocols(["h2"])
+        r, w = await asyncio.open_connection(
+            "::1", port, ssl=ctx, server_hostname="www.example.com"
+        )
+        assert w.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        return cls(r, w, window)
+
+    def flush(self) -> None:
+        self.w.write(self.h2.data_to_send())
+
+    async def events(self, timeout: float = 5.0) -> list[Any]:
+        data = await asyncio.wait_for(self.r.read(65536), timeout)
+        if not data:
+            return [None]
+        out = self.h2.receive_data(data)
+        for ev in out:
+            if isinstance(ev, h2.events.RemoteSettingsChanged):
+                self.remote.update({k: v.new_value for k, v in ev.changed_settings.items()})
+        self.flush()
+        return out
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", length: bool = True
+    ) -> int:
+        sid = self.h2.get_next_available_stream_id()
+        hdrs = [(":method", method), (":scheme", "https"), (":authority", "www.example.com")]
+        hdrs += [(":path", path), ("x-forwarded-for", "192.0.2.66"), ("cookie", "a=1")]
+        hdrs += [("cookie", "b=2")]
+        if body and length:
+            hdrs.append(("content-length", str(len(body))))
+        self.h2.send_headers(sid, hdrs, end_stream=not body)
+        if body:
+            self.bodies[sid] = bytearray(body)
+        self.pump()
+        return sid
+
+    def pump(self) -> None:
+        """Send what the server's windows allow of the request bodies."""
+        for sid, rest in list(self.bodies.items()):
+            n = min(len(rest), self.h2.local_flow_control_window(sid), 16384)
+            while n > 0:
+                self.h2.send_data(sid, bytes(rest[:n]), end_stream=n == len(rest))
+                del rest[:n]
+                n = min(len(rest), self.h2.local_flow_control_window(sid), 16384)
+            if not rest:
+                del self.bodies[sid]
+        self.flush()
+
+    async def responses(self, sids: set[int]) -> dict[int, tuple[dict[bytes, bytes], bytes]]:
+        got: dict[int, tuple[dict[bytes, bytes], bytearray]] = {}
+        done: set[int] = set()
+        while not sids <= done:
+            for ev in await self.events():
+                assert ev is not None, "closed"
+                if isinstance(ev, h2.events.ResponseReceived):
+                    got[ev.stream_id] = (dict(ev.headers), bytearray())
+                elif isinstance(ev, h2.events.DataReceived):
+                    got[ev.stream_id][1].extend(ev.data)
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    done.add(ev.stream_id)
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    self.terminated = (ev.error_code, ev.last_stream_id)
+                elif isinstance(ev, h2.events.StreamReset):
+                    raise AssertionError(f"stream {ev.stream_id} reset: {ev.error_code}")
+            self.pump()
+        return {k: (h, bytes(b)) for k, (h, b) in got.items()}
+
+    def raw(self, *frames: Frame | bytes) -> None:
+        self.w.write(b"".join(f if isinstance(f, bytes) else f.serialize() for f in frames))
+
+    async def goaway(self, timeout: float = 5.0, to_eof: bool = False) -> tuple[int, list[Frame]]:
+        """Raw frames until the server's GOAWAY (``to_eof``: until the connection closes);
+        the GOAWAY's error code (-1: none) and the other frames."""
+        buf = bytearray()
+        seen: list[Frame] = []
+        code = -1
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    data = await self.r.read(65536)
+                except (ConnectionResetError, ssl.SSLError):
+                    data = b""
+                buf += data
+                while len(buf) >= 9:
+                    f, length = Frame.parse_frame_header(memoryview(buf[:9]))
+                    if len(buf) < 9 + length:
+                        break
+                    f.parse_body(memoryview(buf[9 : 9 + length]))
+                    del buf[: 9 + length]
+                    if isinstance(f, GoAwayFrame):
+                        code = f.error_code
+                        if not to_eof:
+                            return code, seen
+                        continue
+                    seen.append(f)
+                if not data:
+                    return code, seen
+
+    async def closed(self) -> bool:
+        try:
+            async with asyncio.timeout(5):
+                while await self.r.read(65536):
+                    pass
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        return True
+
+
+def _headers(sid: int, enc: Encoder, end: bool = True, **extra: str) -> HeadersFrame:
+    block = enc.encode(
+        [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/"),
+         *extra.items()]
+    )  # fmt: skip
+    flags = ["END_HEADERS"] + (["END_STREAM"] if end else [])
+    return HeadersFrame(sid, block, flags=flags)
+
+
+def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) -> None:
+    """Concurrent streams on pooled HTTP/1.1 connections, forwarding headers, a chunked
+    upload, the client's small window respected, SETTINGS, GOAWAY on a graceful stop."""
+
+    async def main() -> None:
+        be = await Backend("b0", body_size=200_000).start()
+        async with ProxyServer([_vip(pki, be.port)]) as s:
+            port = s.addresses()[0][1]
+            c = await Client.open(port, pki, window=16384)
+            sids = {await c.request("GET", f"/g{i}") for i in range(4)}
+            post = await c.request("POST", "/up", b"u" * 70_000)  # over one stream window
+            chunked = await c.request("PUT", "/chunked", b"c" * 1000, length=False)
+            got = await c.responses(sids | {post, chunked})
+            assert c.remote[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == STREAMS
+            for _sid, (hdrs, body) in got.items():
+                assert hdrs[b":status"] == b"200" and body == b"b0" + b"x" * 200_000
+                assert int(hdrs[b"content-length"]) == len(body)
+                assert not {b"connection", b"keep-alive", b"transfer-encoding"} & set(hdrs)
+            heads = {h.split(b" ")[1]: h for h in be.heads}
+            assert len(heads) == 6
+            g0 = heads[b"/g0"]
+            assert g0.startswith(b"GET /g0 HTTP/1.1\r\n")
+            assert header(g0, "host") == ["www.example.com"]
+            assert header(g0, "cookie") == ["a=1; b=2"]
+            assert header(g0, "x-forwarded-for") == ["::1"]  # the client's own is dropped
+            assert header(g0, "x-forwarded-proto") == ["https"]
+            assert header(g0, "forwarded")[0].endswith(";proto=https")
+            assert header(heads[b"/up"], "content-length") == ["70000"]
+            assert header(heads[b"/chunked"], "transfer-encoding") == ["chunked"]
+            assert sorted(be.bodies) == [b"c" * 1000, b"u" * 70_000]
+            # a graceful stop: GOAWAY (NO_ERROR) naming the last stream, then closed
+            c.w.close()
+            # a graceful stop: GOAWAY (NO_ERROR) naming the last stream, which is served
+            c = await Client.open(port, pki, window=1 << 20)
+            c.h2.increment_flow_control_window(1 << 20)
+            late = await c.request("GET", "/late")
+            await asyncio.sleep(0.05)
+            s.quiesce()
+            code, frames = await c.goaway(to_eof=True)
+            assert code == ErrorCodes.NO_ERROR
+            data = b"".join(f.data for f in frames if isinstance(f, DataFrame))
+            assert data == b"b0" + b"x" * 200_000
+            assert "END_STREAM" in frames[-1].flags and frames[-1].stream_id == late
+            c.w.close()
+            st = s.counters()["web"]
+            assert st["requests"] >= 7 and st["errors"] == {}, st
+            pooled = st["backends"][next(iter(st["backends"]))]
+            assert pooled["connections"] <= 6
+        await be.stop()
+
+    run(main())
+
+
+async def _attacks(port: int, pki: dict[str, Any]) -> dict[str, Any]:
+    """Each bad input on a fresh connection; what the server answered (GOAWAY codes)."""
+    out: dict[str, Any] = {}
+    # rapid reset (CVE-2023-44487): open and reset streams in a loop
+    c = await Client.open(port, pki)
+    enc = Encoder()
+    frames: list[Frame] = []
+    for i in range(reset_limit(STREAMS) + 50):
+        sid = 2 * i + 1
+        frames += [_headers(sid, enc), RstStreamFrame(sid, error_code=ErrorCodes.CANCEL)]
+    c.raw(*frames)
+    out["rapid_reset"] = (await c.goaway())[0]
+    # CONTINUATION flood: a header block that never ends
+    c = await Client.open(port, pki)
+    block = Encoder().encode([(":method", "GET"), (":scheme", "https"), (":path", "/")])
+    c.raw(HeadersFrame(1, block))
+    c.raw(*(ContinuationFrame(1, b"\x40\x01a\x01b") for _ in range(2000)))
+    out["continuation"] = (await c.goaway())[0]
+    # SETTINGS flood: each one asks for an ACK
+    c = await Client.open(port, pki)
+    c.raw(*(SettingsFrame(0, settings={4: 65535}) for _ in range(5000)))
+    out["settings"] = (await c.goaway())[0]
+    # a huge header list: 4 KiB once in the HPACK table, then referenced 400 times
+    c = await Client.open(port, pki)
+    enc = Encoder()
+    big = [("x-big", "v" * 4000)] * 400  # 1.6 MB decoded from a block of about 4.4 KB
+    block = enc.encode([(":method", "GET"), (":scheme", "https"), (":path", "/"), *big])
+    assert len(block) < 16384
+    c.raw(HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"]))
+    out["header_list"] = (await c.goaway())[0]
+    # WINDOW_UPDATE overflow of the connection window
+    c = await Client.open(port, pki)
+    c.raw(WindowUpdateFrame(0, window_increment=(1 << 31) - 1))
+    c.raw(WindowUpdateFrame(0, window_increment=(1 << 31) - 1))
+    out["window"] = (await c.goaway())[0]
+    # DATA on a stream both sides closed: ignored (its bytes still count against the
+    # connection window, then are acknowledged), the connection goes on
+    c = await Client.open(port, pki)
+    await c.responses({await c.request("GET", "/")})
+    c.raw(DataFrame(1, b"late" * 1000, flags=["END_STREAM"]))
+    got = await c.responses({await c.request("GET", "/next")})
+    out["closed_stream"] = [h[b":status"] for h, _ in got.values()]
+    return out
+
+
+def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
+    async def main() -> None:
+        be = await Backend("b0").start()
+        slow = await Backend("slow", delay=0.5).start()
+        vips = [_vip(pki, be.port), _vip(pki, slow.port, name="slow")]
+        async with ProxyServer(vips) as s:
+            port = s.addresses("web")[0][1]
+            got = await _attacks(port, pki)
+            assert got["rapid_reset"] == ErrorCodes.ENHANCE_YOUR_CALM
+            assert got["continuation"] == ErrorCodes.ENHANCE_YOUR_CALM
+            assert got["settings"] == ErrorCodes.ENHANCE_YOUR_CALM
+            assert got["header_list"] == ErrorCodes.ENHANCE_YOUR_CALM
+            assert got["window"] == ErrorCodes.FLOW_CONTROL_ERROR
+            assert got["closed_stream"] == [b"200"], got
+            # a new stream after a graceful GOAWAY: refused, never forwarded; the one
+            # before it is served
+            c = await Client.open(s.addresses("slow")[0][1], pki)
+            first = await c.request("GET", "/first")
+            await asyncio.sleep(0.1)
+            s.quiesce()
+            code, _ = await c.goaway()
+            assert code == ErrorCodes.NO_ERROR
+            c.h2.clear_outbound_data_buffer()
+            c.raw(_headers(3, c.h2.encoder))
+            seen: list[Any] = []
+            while None not in seen:
+                seen += await c.events()
+            kinds = {type(e): e for e in seen}
+            assert kinds[h2.events.StreamReset].error_code == ErrorCodes.REFUSED_STREAM
+            assert kinds[h2.events.StreamEnded].stream_id == first
+            errors = s.counters()["web"]["errors"]
+            slow_errors = s.counters()["slow"]["errors"]
+        assert [h.split(b" ")[1] for h in slow.heads] == [b"/first"]
+        assert slow_errors == {"h2_stream_after_goaway": 1}, slow_errors
+        for reason in (
+            "h2_rapid_reset",
+            "h2_continuation_flood",
+            "h2_settings_flood",
+            "h2_header_list_too_large",
+            "h2_flow_control_error",
+        ):
+            assert errors.get(reason) == 1, errors
+        await be.stop()
+        await slow.stop()
+
+    run(main())
