@@ -36,6 +36,7 @@ from hyperframe.frame import (
 )
 
 from test_proxy_fixtures import (
+    LO,
     HttpBackend,
     header,
     l7_vip,
@@ -115,6 +116,7 @@ class Client:
         self.remote: dict[int, int] = {}
         self.bodies: dict[int, bytearray] = {}
         self.terminated: tuple[int | None, int | None] | None = None
+        self.frames: list[Frame] = []  # what goaway() read so far
 
     @classmethod
     async def open(cls, port: int, pki: dict[str, Any], window: int = 65535) -> Client:
@@ -141,9 +143,7 @@ class Client:
         self.flush()
         return out
 
-    async def request(
-        self, method: str, path: str, body: bytes = b"", length: bool = True
-    ) -> int:
+    async def request(self, method: str, path: str, body: bytes = b"", length: bool = True) -> int:
         sid = self.h2.get_next_available_stream_id()
         hdrs = [(":method", method), (":scheme", "https"), (":authority", "www.example.com")]
         hdrs += [(":path", path), ("x-forwarded-for", "192.0.2.66"), ("cookie", "a=1")]
@@ -195,7 +195,7 @@ class Client:
         """Raw frames until the server's GOAWAY (``to_eof``: until the connection closes);
         the GOAWAY's error code (-1: none) and the other frames."""
         buf = bytearray()
-        seen: list[Frame] = []
+        seen = self.frames = []
         code = -1
         async with asyncio.timeout(timeout):
             while True:
@@ -291,7 +291,18 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
     run(main())
 
 
-async def _attacks(port: int, pki: dict[str, Any]) -> dict[str, Any]:
+async def _code(c: Client) -> int | str:
+    """The GOAWAY's code, or the server going on without one (within a second): "none",
+    and the codes of the RST_STREAM frames it sent if any."""
+    c.frames = []
+    try:
+        return (await c.goaway(1.0))[0]
+    except TimeoutError:
+        codes = sorted({f.error_code for f in c.frames if isinstance(f, RstStreamFrame)})
+        return f"none, RST_STREAM {codes}" if codes else "none"
+
+
+async def _attacks(port: int, pki: dict[str, Any], be: Backend) -> dict[str, Any]:
     """Each bad input on a fresh connection; what the server answered (GOAWAY codes)."""
     out: dict[str, Any] = {}
     # rapid reset (CVE-2023-44487): open and reset streams in a loop
@@ -301,18 +312,26 @@ async def _attacks(port: int, pki: dict[str, Any]) -> dict[str, Any]:
     for i in range(reset_limit(STREAMS) + 50):
         sid = 2 * i + 1
         frames += [_headers(sid, enc), RstStreamFrame(sid, error_code=ErrorCodes.CANCEL)]
+    n = len(be.heads)
     c.raw(*frames)
-    out["rapid_reset"] = (await c.goaway())[0]
+    out["rapid_reset"] = await _code(c)
+    out["rapid_reset_forwarded"] = len(be.heads) - n
+    # more streams at once than max_concurrent_streams (once our SETTINGS are acknowledged)
+    c = await Client.open(port, pki)
+    await c.events()
+    enc = c.h2.encoder
+    c.raw(*(_headers(2 * i + 1, enc, end=False) for i in range(STREAMS + 1)))
+    out["streams"] = await _code(c)
     # CONTINUATION flood: a header block that never ends
     c = await Client.open(port, pki)
     block = Encoder().encode([(":method", "GET"), (":scheme", "https"), (":path", "/")])
     c.raw(HeadersFrame(1, block))
-    c.raw(*(ContinuationFrame(1, b"\x40\x01a\x01b") for _ in range(2000)))
-    out["continuation"] = (await c.goaway())[0]
+    c.raw(*(ContinuationFrame(1, b"\x40\x01a\x01b" * 20) for _ in range(2000)))  # 200 KB
+    out["continuation"] = await _code(c)
     # SETTINGS flood: each one asks for an ACK
     c = await Client.open(port, pki)
     c.raw(*(SettingsFrame(0, settings={4: 65535}) for _ in range(5000)))
-    out["settings"] = (await c.goaway())[0]
+    out["settings"] = await _code(c)
     # a huge header list: 4 KiB once in the HPACK table, then referenced 400 times
     c = await Client.open(port, pki)
     enc = Encoder()
@@ -320,12 +339,12 @@ async def _attacks(port: int, pki: dict[str, Any]) -> dict[str, Any]:
     block = enc.encode([(":method", "GET"), (":scheme", "https"), (":path", "/"), *big])
     assert len(block) < 16384
     c.raw(HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"]))
-    out["header_list"] = (await c.goaway())[0]
+    out["header_list"] = await _code(c)
     # WINDOW_UPDATE overflow of the connection window
     c = await Client.open(port, pki)
     c.raw(WindowUpdateFrame(0, window_increment=(1 << 31) - 1))
     c.raw(WindowUpdateFrame(0, window_increment=(1 << 31) - 1))
-    out["window"] = (await c.goaway())[0]
+    out["window"] = await _code(c)
     # DATA on a stream both sides closed: ignored (its bytes still count against the
     # connection window, then are acknowledged), the connection goes on
     c = await Client.open(port, pki)
@@ -343,9 +362,12 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
         vips = [_vip(pki, be.port), _vip(pki, slow.port, name="slow")]
         async with ProxyServer(vips) as s:
             port = s.addresses("web")[0][1]
-            got = await _attacks(port, pki)
+            got = await _attacks(port, pki, be)
+            print("builtin", got)
             assert got["rapid_reset"] == ErrorCodes.ENHANCE_YOUR_CALM
+            assert got["rapid_reset_forwarded"] <= reset_limit(STREAMS)
             assert got["continuation"] == ErrorCodes.ENHANCE_YOUR_CALM
+            assert got["streams"] == ErrorCodes.PROTOCOL_ERROR
             assert got["settings"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["header_list"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["window"] == ErrorCodes.FLOW_CONTROL_ERROR
@@ -358,14 +380,12 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             s.quiesce()
             code, _ = await c.goaway()
             assert code == ErrorCodes.NO_ERROR
-            c.h2.clear_outbound_data_buffer()
             c.raw(_headers(3, c.h2.encoder))
-            seen: list[Any] = []
-            while None not in seen:
-                seen += await c.events()
-            kinds = {type(e): e for e in seen}
-            assert kinds[h2.events.StreamReset].error_code == ErrorCodes.REFUSED_STREAM
-            assert kinds[h2.events.StreamEnded].stream_id == first
+            _, frames = await c.goaway(to_eof=True)
+            rst = [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)]
+            assert rst == [(3, ErrorCodes.REFUSED_STREAM)]
+            ends = [f.stream_id for f in frames if "END_STREAM" in f.flags]
+            assert ends == [first]
             errors = s.counters()["web"]["errors"]
             slow_errors = s.counters()["slow"]["errors"]
         assert [h.split(b" ")[1] for h in slow.heads] == [b"/first"]
@@ -376,9 +396,79 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             "h2_settings_flood",
             "h2_header_list_too_large",
             "h2_flow_control_error",
+            "h2_too_many_streams",
         ):
             assert errors.get(reason) == 1, errors
         await be.stop()
         await slow.stop()
+
+    run(main())
+
+
+@asynccontextmanager
+async def _haproxy(tmp_path: Path, pki: dict[str, Any], backend_port: int) -> AsyncIterator[int]:
+    """HAProxy 2.6 serving the same proxy-l7 TLS VIP (h2, max_concurrent_streams) on [::1]."""
+    with socket.socket(socket.AF_INET6) as sk:
+        sk.bind(("::1", 0))
+        port = int(sk.getsockname()[1])
+    d = pki["dir"]
+    config = parse_config(
+        {"vips": [{"name": "web", "address": "fd00:5::1", "ports": [port],
+                   "mode": "proxy-l7", "scheduler": "round-robin",
+                   "health": {"type": "none"}, "max_concurrent_streams": STREAMS,
+                   "tls": {"certificates": [{"cert": str(d / "www.crt"),
+                                             "key": str(d / "www.key")}]},
+                   "backends": [{"address": "::1", "port": backend_port}]}]},
+        str(tmp_path / "lb.yaml"),
+    )  # fmt: skip
+    config = dataclasses.replace(config, vips=(dataclasses.replace(config.vips[0], address=LO),))
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    for path, data in tls_texts(config, str(tls_dir)).items():
+        Path(path).write_bytes(data)
+    cfg = tmp_path / "haproxy.cfg"
+    text = render_haproxy(config, tls_dir=str(tls_dir))
+    assert f"tune.h2.max-concurrent-streams {STREAMS}" in text and "alpn h2,http/1.1" in text
+    cfg.write_text(text)
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stderr=subprocess.PIPE)
+    try:
+        for _ in range(50):
+            try:
+                socket.create_connection(("::1", port), timeout=0.1).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_haproxy_h2_same_limits_and_bad_input(pki: dict[str, Any], tmp_path: Path) -> None:
+
+    async def main() -> None:
+        be = await Backend("b0", body_size=200_000).start()
+        async with _haproxy(tmp_path, pki, be.port) as port:
+            c = await Client.open(port, pki, window=16384)
+            sids = {await c.request("GET", f"/g{i}") for i in range(4)}
+            got = await c.responses(sids)
+            assert c.remote[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == STREAMS
+            assert all(b == b"b0" + b"x" * 200_000 for _, b in got.values())
+            g0 = next(h for h in be.heads if h.startswith(b"GET /g0 "))
+            assert header(g0, "x-forwarded-for") == ["::1"]
+            assert header(g0, "forwarded")[0].endswith(";proto=https")
+            got = await _attacks(port, pki, be)
+        # HAProxy 2.6: no GOAWAY for rapid reset or a SETTINGS flood (it goes on, each
+        # bounded by its buffers), REFUSED_STREAM beyond the stream limit, INTERNAL_ERROR
+        # for a header block over its buffer, COMPRESSION_ERROR for the HPACK bomb
+        assert got["rapid_reset"] == "none" and got["settings"] == "none", got
+        assert got["rapid_reset_forwarded"] <= reset_limit(STREAMS) + 50
+        assert got["streams"] == f"none, RST_STREAM [{int(ErrorCodes.REFUSED_STREAM)}]", got
+        assert got["continuation"] == ErrorCodes.INTERNAL_ERROR
+        assert got["header_list"] == ErrorCodes.COMPRESSION_ERROR
+        assert got["window"] == ErrorCodes.FLOW_CONTROL_ERROR
+        assert got["closed_stream"] == [b"200"]
+        print("haproxy", got)
+        await be.stop()
 
     run(main())

@@ -204,7 +204,7 @@ class H2Stream:
             up = self.up
             if up is not None:
                 up.keep = False
-            self.backend_failed(up, "backend_bad_response", 502)  # type: ignore[arg-type]
+            self.backend_failed(up, "backend_bad_response", 502)
             return
         if self.resp is not None and not self.ended:
             self._send_head(False)
@@ -223,9 +223,7 @@ class H2Stream:
         for name, value in resp:
             if name == b"connection":
                 drop.update(t.strip().lower() for t in value.split(b","))
-        self.resp = [(b":status", b"%d" % self.status)] + [
-            (n, v) for n, v in resp if n not in drop
-        ]
+        self.resp = [(b":status", b"%d" % self.status)] + [(n, v) for n, v in resp if n not in drop]
         if self.head_only:
             self.on_message_complete()
 
@@ -601,7 +599,9 @@ class H2Client(asyncio.Protocol):
                 proto=self.proto,
             )
         if s.chunked:  # the head ends with our "Content-Length: 1\r\n\r\n"
-            head = head[: -len(b"Content-Length: 1\r\n\r\n")] + b"Transfer-Encoding: chunked\r\n\r\n"
+            head = (
+                head[: -len(b"Content-Length: 1\r\n\r\n")] + b"Transfer-Encoding: chunked\r\n\r\n"
+            )
         s.req = (head, s.head_only, True, False, s.t0, False)
         s.rt = self.rt
         self.dispatch(s)
@@ -621,7 +621,7 @@ class H2Client(asyncio.Protocol):
             if s.sent_head:
                 self.reset(s, ErrorCodes.CANCEL)
             else:
-                s.backend_failed(s.up, "request_too_large_body", 413)  # type: ignore[arg-type]
+                s.backend_failed(s.up, "request_too_large_body", 413)
             return
         s.unacked += n
         if data:
@@ -887,7 +887,7 @@ class H2Client(asyncio.Protocol):
         """Backend ``index`` was disabled: its streams end (502, or reset)."""
         for s in list(self.streams.values()):
             if s.backend == index and not s.done:
-                s.backend_failed(s.up, "backend_disabled", 502)  # type: ignore[arg-type]
+                s.backend_failed(s.up, "backend_disabled", 502)
 
     def sweep(self, now: float) -> None:
         """Timeouts: a stream without a response byte for ``timeouts.idle`` (504); a
@@ -914,6 +914,8 @@ class H2Client(asyncio.Protocol):
     def close(self, abort: bool = False, linger: float = 0.0) -> None:
         if self.closed:
             return
+        if not abort:
+            self._flush()  # what h2 has for the client still goes out (a stream's end)
         self.closed = True
         rt = self.rt
         rt.live.discard(self)
