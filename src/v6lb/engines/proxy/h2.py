@@ -700,8 +700,10 @@ class H2Client(asyncio.Protocol):
                 s.backend_failed(None, reason, status)
                 return
             _, up = task.result()
-            if up.t is not None:
-                up.t.set_write_buffer_limits(high=rt.write_high)
+            if up.lost or up.t is None or up.t.is_closing():  # reset as soon as opened
+                s.backend_failed(None, "connect_failed", 502)
+                return
+            up.t.set_write_buffer_limits(high=rt.write_high)
             s.start(up)
 
         task.add_done_callback(connected)
