@@ -95,7 +95,9 @@ def h2load(port: int, args: list[str], seconds: float) -> tuple[int, int, float]
     assert m is not None and done is not None, out
     if int(done.group(2)) != int(done.group(1)):
         codes = re.search(r"status codes: .*", out)
-        print(f"  h2load on port {port}: {done.group(0)}; {codes and codes.group(0)}", file=sys.stderr)
+        print(
+            f"  h2load on port {port}: {done.group(0)}; {codes and codes.group(0)}", file=sys.stderr
+        )
     took = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
     conns = int(args[args.index("-c") + 1]) if clients is None else int(clients.group(1))
     return int(done.group(2)), conns, took

@@ -386,6 +386,7 @@ class H2Client(asyncio.Protocol):
         self.stamp = 0.0
         self.idle_since = self.loop.time()
         self.paused = False  # the client's writes are paused (our write buffer is full)
+        self.flush_due = False  # a flush is scheduled (_later)
         self.pick_gen = -1
         self.pick = -1
         # the frame-header scan (continuation, settings and ping floods)
@@ -398,8 +399,14 @@ class H2Client(asyncio.Protocol):
         self.pings = _Rate()
         self.max_streams = rt.l7.max_concurrent_streams
         self.max_block = rt.l7.max_header_bytes + 16384
+        # Inbound headers are validated (no CR, LF or NUL reaches an HTTP/1.1 head);
+        # outbound ones come from httptools' parse of the backend's head, names lowercased.
         cfg = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=cfg)
         self.h2.local_settings = h2.settings.Settings(
@@ -477,7 +484,7 @@ class H2Client(asyncio.Protocol):
             elif kind is h2.events.ConnectionTerminated:
                 self.close()
                 return
-        self._flush()
+        self._later()
 
     def _scan(self, data: bytes) -> str | None:
         """Walk the frame headers: the floods h2 would buffer or answer before we see them."""
@@ -640,7 +647,7 @@ class H2Client(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.StreamClosedError):
                 self.h2.acknowledge_received_data(n, s.sid)
             if not s.closed:
-                self._flush()
+                self._later()
 
     def _ended(self, sid: int) -> None:
         s = self.streams.get(sid)
@@ -736,7 +743,7 @@ class H2Client(asyncio.Protocol):
             return
         if end:
             self._finished(s)
-        self._flush()
+        self._later()
 
     def pump(self, s: H2Stream) -> None:
         """Send what the client's windows allow of a stream's response body."""
@@ -772,7 +779,7 @@ class H2Client(asyncio.Protocol):
                 up.t.pause_reading()
             elif not self.paused:
                 up.t.resume_reading()
-        self._flush()
+        self._later()
 
     def _finished(self, s: H2Stream) -> None:
         s.closed = True
@@ -810,7 +817,19 @@ class H2Client(asyncio.Protocol):
                 self.h2.reset_stream(s.sid, code)
         s.abandon()
         self._finished(s)
-        self._flush()
+        self._later()
+
+    def _later(self) -> None:
+        """Flush once this loop iteration is over: the frames of every stream that
+        moved in it go out in one TLS write."""
+        if not self.flush_due:
+            self.flush_due = True
+            self.loop.call_soon(self._due)
+
+    def _due(self) -> None:
+        self.flush_due = False
+        if not self.closed:
+            self._flush()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
@@ -911,7 +930,7 @@ class H2Client(asyncio.Protocol):
             elif now - s.stamp >= idle:
                 up.keep = False
                 s.backend_failed(up, "response_timeout", 504)
-        self._flush()
+        self._later()
 
     def close(self, abort: bool = False, linger: float = 0.0) -> None:
         if self.closed:
