@@ -34,11 +34,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench_proxy import NGINX, cpu_seconds, free_port, vips, wait_port
-
 from v6lb.model.config import TlsCertificate, TlsOptions, Vip
 
 PROXY_CPU, NGINX_CPU, CLIENT_CPU = "0", "0", "1"

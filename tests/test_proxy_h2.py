@@ -252,6 +252,7 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
             chunked = await c.request("PUT", "/chunked", b"c" * 1000, length=False)
             got = await c.responses(sids | {post, chunked})
             assert c.remote[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == STREAMS
+            assert c.remote.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0  # RFC 8441
             for _sid, (hdrs, body) in got.items():
                 assert hdrs[b":status"] == b"200" and body == b"b0" + b"x" * 200_000
                 assert int(hdrs[b"content-length"]) == len(body)
@@ -454,6 +455,8 @@ def test_haproxy_h2_same_limits_and_bad_input(pki: dict[str, Any], tmp_path: Pat
             got = await c.responses(sids)
             assert c.remote[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == STREAMS
             assert all(b == b"b0" + b"x" * 200_000 for _, b in got.values())
+            # HAProxy 2.6 offers WebSocket over HTTP/2 (RFC 8441); the builtin does not
+            assert c.remote[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL] == 1
             g0 = next(h for h in be.heads if h.startswith(b"GET /g0 "))
             assert header(g0, "x-forwarded-for") == ["::1"]
             assert header(g0, "forwarded")[0].endswith(";proto=https")
