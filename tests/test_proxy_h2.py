@@ -252,7 +252,9 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
             chunked = await c.request("PUT", "/chunked", b"c" * 1000, length=False)
             got = await c.responses(sids | {post, chunked})
             assert c.remote[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == STREAMS
-            assert c.remote.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0  # RFC 8441
+            assert (
+                c.remote.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0
+            )  # RFC 8441
             for _sid, (hdrs, body) in got.items():
                 assert hdrs[b":status"] == b"200" and body == b"b0" + b"x" * 200_000
                 assert int(hdrs[b"content-length"]) == len(body)
