@@ -15,7 +15,7 @@ Request bodies stream: the head goes out at once (with the client's
 comes, and the data is acknowledged (WINDOW_UPDATE) once written to a backend
 connection whose write buffer is below the high mark, so what a client may send
 ahead is its window: 64 KiB per stream and :data:`CONN_WINDOW` per connection.
-Responses are sent within the client's windows; beyond ``write_high`` bytes held
+Responses are sent within the client's windows; beyond :data:`HOLD` bytes held
 for a stream, reading from its backend pauses. 1xx responses are not relayed.
 
 Limits and bad input (each counted under the VIP's errors, the connection then
@@ -85,6 +85,7 @@ __all__ = [
 
 CONN_WINDOW: Final = 1 << 20  # the connection's receive window: request data held at most
 STREAM_WINDOW: Final = 65535  # each stream's receive window (the protocol's default)
+HOLD: Final = 65536  # response bytes held for a stream before its backend's reading pauses
 MAX_CONTINUATIONS: Final = 32  # CONTINUATION frames in one header block
 CONTROL_PER_SECOND: Final = 100  # SETTINGS, or PING, frames a client may send per second
 _PREFACE: Final = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -270,6 +271,9 @@ class H2Stream:
             up.keep = False
         if not self.ended:
             self.on_message_complete()
+        if (self.paused or self.conn.paused) and up.t is not None:
+            self.paused = False
+            up.t.resume_reading()  # back to the pool reading (its next user may not pause)
         up.finish()
         self.conn.pump(self)
 
@@ -771,7 +775,7 @@ class H2Client(asyncio.Protocol):
         if not out and s.ended and s.sent_head:
             h.end_stream(s.sid)
             self._finished(s)
-        hold = len(out) > self.rt.write_high
+        hold = len(out) > HOLD
         up = s.up
         if hold != s.paused and up is not None and up.t is not None:
             s.paused = hold
