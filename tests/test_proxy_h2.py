@@ -348,6 +348,17 @@ async def _attacks(port: int, pki: dict[str, Any], be: Backend) -> dict[str, Any
     c.raw(WindowUpdateFrame(0, window_increment=(1 << 31) - 1))
     c.raw(WindowUpdateFrame(0, window_increment=(1 << 31) - 1))
     out["window"] = await _code(c)
+    # a CR LF in a field value (header injection into the HTTP/1.1 head): refused
+    c = await Client.open(port, pki)
+    n = len(be.heads)
+    c.raw(_headers(1, Encoder(), **{"x-a": "1\r\nx-injected: 1"}))
+    out["crlf"] = await _code(c)
+    out["crlf_forwarded"] = len(be.heads) - n
+    # WINDOW_UPDATE overflow of one stream's window
+    c = await Client.open(port, pki)
+    c.raw(_headers(1, Encoder(), end=False))
+    c.raw(WindowUpdateFrame(1, window_increment=(1 << 31) - 1))
+    out["stream_window"] = await _code(c)
     # DATA on a stream both sides closed: ignored (its bytes still count against the
     # connection window, then are acknowledged), the connection goes on
     c = await Client.open(port, pki)
@@ -366,7 +377,6 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
         async with ProxyServer(vips) as s:
             port = s.addresses("web")[0][1]
             got = await _attacks(port, pki, be)
-            print("builtin", got)
             assert got["rapid_reset"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["rapid_reset_forwarded"] <= reset_limit(STREAMS)
             assert got["continuation"] == ErrorCodes.ENHANCE_YOUR_CALM
@@ -374,6 +384,9 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             assert got["settings"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["header_list"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["window"] == ErrorCodes.FLOW_CONTROL_ERROR
+            assert got["crlf"] == ErrorCodes.PROTOCOL_ERROR and got["crlf_forwarded"] == 0
+            flow = int(ErrorCodes.FLOW_CONTROL_ERROR)
+            assert got["stream_window"] == f"none, RST_STREAM [{flow}]", got
             assert got["closed_stream"] == [b"200"], got
             # a new stream after a graceful GOAWAY: refused, never forwarded; the one
             # before it is served
@@ -400,6 +413,7 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             "h2_header_list_too_large",
             "h2_flow_control_error",
             "h2_too_many_streams",
+            "h2_protocol_error",
         ):
             assert errors.get(reason) == 1, errors
         await be.stop()
@@ -472,8 +486,9 @@ def test_haproxy_h2_same_limits_and_bad_input(pki: dict[str, Any], tmp_path: Pat
         assert got["continuation"] == ErrorCodes.INTERNAL_ERROR
         assert got["header_list"] == ErrorCodes.COMPRESSION_ERROR
         assert got["window"] == ErrorCodes.FLOW_CONTROL_ERROR
+        assert got["crlf"] == ErrorCodes.COMPRESSION_ERROR and got["crlf_forwarded"] == 0
+        assert got["stream_window"] == f"none, RST_STREAM [{int(ErrorCodes.FLOW_CONTROL_ERROR)}]"
         assert got["closed_stream"] == [b"200"]
-        print("haproxy", got)
         await be.stop()
 
     run(main())
