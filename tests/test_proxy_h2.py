@@ -380,7 +380,7 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             assert got["rapid_reset"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["rapid_reset_forwarded"] <= reset_limit(STREAMS)
             assert got["continuation"] == ErrorCodes.ENHANCE_YOUR_CALM
-            assert got["streams"] == ErrorCodes.PROTOCOL_ERROR
+            assert got["streams"] == f"none, RST_STREAM [{int(ErrorCodes.REFUSED_STREAM)}]"
             assert got["settings"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["header_list"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["window"] == ErrorCodes.FLOW_CONTROL_ERROR
@@ -412,7 +412,7 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             "h2_settings_flood",
             "h2_header_list_too_large",
             "h2_flow_control_error",
-            "h2_too_many_streams",
+            "h2_refused_stream",
             "h2_protocol_error",
         ):
             assert errors.get(reason) == 1, errors

@@ -21,8 +21,8 @@ for a stream, reading from its backend pauses. 1xx responses are not relayed.
 Limits and bad input (each counted under the VIP's errors, the connection then
 closed with a GOAWAY carrying the code shown):
 
-- ``max_concurrent_streams`` (SETTINGS); a HEADERS beyond it: ``h2_too_many_streams``
-  (PROTOCOL_ERROR).
+- ``max_concurrent_streams`` (SETTINGS); a stream beyond it is refused alone with
+  RST_STREAM REFUSED_STREAM, never forwarded: ``h2_refused_stream``.
 - Rapid reset (CVE-2023-44487): more than :func:`reset_limit` RST_STREAM frames from
   the client in one second: ``h2_rapid_reset`` (ENHANCE_YOUR_CALM).
 - CONTINUATION flood: a header block over ``max_header_bytes`` + 16 KiB, or over
@@ -112,6 +112,16 @@ _CODES: Final = {
 def reset_limit(max_streams: int) -> int:
     """RST_STREAM frames a client may send in one second before ENHANCE_YOUR_CALM."""
     return max(100, 2 * max_streams)
+
+
+class _Settings(h2.settings.Settings):
+    """Our SETTINGS as sent, but h2 never refuses a stream for the concurrent-stream
+    limit itself (it would end the connection before decoding the HEADERS):
+    :meth:`H2Client._request` refuses the extra stream alone, REFUSED_STREAM."""
+
+    @property  # type: ignore[misc]
+    def max_concurrent_streams(self) -> int:
+        return 2**32 + 1
 
 
 class _Rate:
@@ -413,7 +423,7 @@ class H2Client(asyncio.Protocol):
             normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=cfg)
-        self.h2.local_settings = h2.settings.Settings(
+        self.h2.local_settings = _Settings(
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
@@ -455,9 +465,6 @@ class H2Client(asyncio.Protocol):
             return
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.TooManyStreamsError:
-            self._fail("h2_too_many_streams", ErrorCodes.PROTOCOL_ERROR)
-            return
         except h2.exceptions.ProtocolError as exc:
             code = ErrorCodes(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR))
             self._fail(_CODES.get(code, "h2_protocol_error"), code)
@@ -547,6 +554,10 @@ class H2Client(asyncio.Protocol):
         s = H2Stream(self, sid, self.loop.time())
         if self.goaway:  # sent after our GOAWAY: refused, never forwarded
             self.rt.error("h2_stream_after_goaway")
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        if len(self.streams) >= self.max_streams:  # RFC 9113 §5.1.2: a stream error
+            self.rt.error("h2_refused_stream")
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         self.streams[sid] = s
