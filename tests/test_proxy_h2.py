@@ -492,3 +492,24 @@ def test_haproxy_h2_same_limits_and_bad_input(pki: dict[str, Any], tmp_path: Pat
         await be.stop()
 
     run(main())
+
+
+def test_max_concurrent_streams_config(tmp_path: Path) -> None:
+    """The knob: parsed, dumped back, rendered for HAProxy; a bad value names the field."""
+    from v6lb.model.config import ConfigError
+    from v6lb.model.config_dump import dump
+
+    raw = {"name": "web", "address": "2001:db8::10", "ports": [443], "mode": "proxy-l7",
+           "backends": [{"address": "2001:db8::20", "port": 80}],
+           "tls": {"certificates": [{"cert": "a.crt", "key": "a.key"}]}}  # fmt: skip
+    c = parse_config({"vips": [{**raw, "max_concurrent_streams": 32}]}, "/etc/v6lb/lb.yaml")
+    assert c.vips[0].options.max_concurrent_streams == 32
+    assert "max_concurrent_streams: 32" in dump(c)
+    assert "tune.h2.max-concurrent-streams 32" in render_haproxy(c, tls_dir="/run/x")
+    off = {**raw, "tls": {**raw["tls"], "alpn": ["http/1.1"]}}  # no h2: nothing rendered
+    text = render_haproxy(parse_config({"vips": [off]}, "/etc/v6lb/lb.yaml"), tls_dir="/x")
+    assert "tune.h2" not in text and "alpn http/1.1 " in text
+    for bad in (0, 10_001, "many"):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"vips": [{**raw, "max_concurrent_streams": bad}]}, "/etc/lb.yaml")
+        assert err.value.path.endswith("vips[0].max_concurrent_streams"), err.value
