@@ -374,9 +374,14 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
         be = await Backend("b0").start()
         slow = await Backend("slow", delay=0.5).start()
         vips = [_vip(pki, be.port), _vip(pki, slow.port, name="slow")]
-        async with ProxyServer(vips) as s:
+        async with ProxyServer(vips, header_timeout=1.0) as s:
             port = s.addresses("web")[0][1]
+            silent = await Client.open(port, pki)  # a preface, SETTINGS, then nothing
+            t0 = asyncio.get_running_loop().time()
             got = await _attacks(port, pki, be)
+            code, _ = await silent.goaway(3.0, to_eof=True)  # the header timeout: GOAWAY
+            assert code == ErrorCodes.NO_ERROR
+            assert 1.0 <= asyncio.get_running_loop().time() - t0 < 3.0
             assert got["rapid_reset"] == ErrorCodes.ENHANCE_YOUR_CALM
             assert got["rapid_reset_forwarded"] <= reset_limit(STREAMS)
             assert got["continuation"] == ErrorCodes.ENHANCE_YOUR_CALM
@@ -414,6 +419,7 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             "h2_flow_control_error",
             "h2_refused_stream",
             "h2_protocol_error",
+            "header_timeout",
         ):
             assert errors.get(reason) == 1, errors
         await be.stop()

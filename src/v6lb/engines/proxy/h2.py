@@ -926,22 +926,27 @@ class H2Client(asyncio.Protocol):
                 s.backend_failed(s.up, "backend_disabled", 502)
 
     def sweep(self, now: float) -> None:
-        """Timeouts: a stream without a response byte for ``timeouts.idle`` (504); a
-        connection without a stream for ``timeouts.idle`` (GOAWAY, then closed)."""
+        """Timeouts: a stream with neither a response byte nor a request byte for
+        ``timeouts.idle`` (504); a connection without a stream for ``timeouts.idle``, or
+        for the header timeout before its first request (GOAWAY, then closed)."""
         if self.closed:
             return
         idle = self.opts.timeouts.idle
         if not self.streams:
-            if now - self.idle_since >= idle:
+            limit = idle if self.h2.highest_inbound_stream_id else self.rt.header_timeout
+            if now - self.idle_since >= limit:
+                if not self.h2.highest_inbound_stream_id:
+                    self.rt.error("header_timeout")
                 self.quiesce()
             return
         for s in list(self.streams.values()):
             up = s.up
             if up is None or s.done:
                 continue
-            if s.stamp == 0.0 or up.sent != s.seen:
+            token = up.sent + s.blen  # progress either way (a long upload is not idle)
+            if s.stamp == 0.0 or token != s.seen:
                 s.stamp = now
-                s.seen = up.sent
+                s.seen = token
             elif now - s.stamp >= idle:
                 up.keep = False
                 s.backend_failed(up, "response_timeout", 504)
