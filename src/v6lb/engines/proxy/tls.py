@@ -10,7 +10,8 @@ by the header timeout, or proxy-l4's connect timeout), then hands the plaintext 
 the HTTP (or proxy-l4) protocol, to which it is the transport; when ALPN chose
 ``h2``, the HTTP/2 protocol (:class:`.h2.H2Client`) takes the HTTP/1.1 one's place.
 Failures are counted as the VIP's errors: ``tls_handshake_failed`` (garbage, no
-shared version or cipher, a refused SNI or client certificate), ``tls_handshake_timeout`` (no complete handshake in time) and ``tls_unknown_sni``
+shared version or cipher, a refused SNI or client certificate),
+``tls_handshake_timeout`` (no complete handshake in time) and ``tls_unknown_sni``
 (refused for its SNI, with ``unknown_sni: refuse``).
 """
 
