@@ -244,8 +244,19 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
 
     async def main() -> None:
         be = await Backend("b0", body_size=200_000).start()
-        async with ProxyServer([_vip(pki, be.port)]) as s:
-            port = s.addresses()[0][1]
+        with socket.socket(socket.AF_INET6) as sk:  # a port nothing listens on
+            sk.bind(("::1", 0))
+            dead = int(sk.getsockname()[1])
+        async with ProxyServer([_vip(pki, be.port), _vip(pki, dead, name="dead")]) as s:
+            # a backend that refuses: 502 on the stream, the connection goes on
+            c = await Client.open(s.addresses("dead")[0][1], pki)
+            sids = [await c.request("GET", "/a"), await c.request("POST", "/b", b"x" * 10)]
+            got = await c.responses(set(sids))
+            assert [got[i][0][b":status"] for i in sids] == [b"502", b"502"]
+            assert got[sids[0]][1] == b"502 Bad Gateway\n"
+            assert s.counters()["dead"]["errors"] == {"connect_failed": 2}
+            c.w.close()
+            port = s.addresses("web")[0][1]
             c = await Client.open(port, pki, window=16384)
             sids = {await c.request("GET", f"/g{i}") for i in range(4)}
             post = await c.request("POST", "/up", b"u" * 70_000)  # over one stream window
@@ -393,6 +404,14 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             flow = int(ErrorCodes.FLOW_CONTROL_ERROR)
             assert got["stream_window"] == f"none, RST_STREAM [{flow}]", got
             assert got["closed_stream"] == [b"200"], got
+            # a disabled backend (v6lb ctl): the stream it serves is answered 502
+            c = await Client.open(s.addresses("slow")[0][1], pki)
+            cut = await c.request("GET", "/cut")
+            await asyncio.sleep(0.1)
+            s.set_enabled("slow", 0, False)
+            assert (await c.responses({cut}))[cut][0][b":status"] == b"502"
+            s.set_enabled("slow", 0, True)
+            c.w.close()
             # a new stream after a graceful GOAWAY: refused, never forwarded; the one
             # before it is served
             c = await Client.open(s.addresses("slow")[0][1], pki)
@@ -409,8 +428,8 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             assert ends == [first]
             errors = s.counters()["web"]["errors"]
             slow_errors = s.counters()["slow"]["errors"]
-        assert [h.split(b" ")[1] for h in slow.heads] == [b"/first"]
-        assert slow_errors == {"h2_stream_after_goaway": 1}, slow_errors
+        assert [h.split(b" ")[1] for h in slow.heads] == [b"/cut", b"/first"]
+        assert slow_errors == {"h2_stream_after_goaway": 1, "backend_disabled": 1}, slow_errors
         for reason in (
             "h2_rapid_reset",
             "h2_continuation_flood",

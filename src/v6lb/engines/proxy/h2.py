@@ -708,7 +708,7 @@ class H2Client(asyncio.Protocol):
 
         def connected(task: asyncio.Task[Any]) -> None:
             timer.cancel()
-            if s.closed or self.closed:
+            if s.closed or s.done or self.closed:
                 if not task.cancelled() and task.exception() is None:
                     task.result()[0].close()
                 if s.backend >= 0 and not s.done:
@@ -811,6 +811,7 @@ class H2Client(asyncio.Protocol):
         rt.latency.observe(self.loop.time() - s.t0)
         body = error_response(status).split(b"\r\n\r\n", 1)[1]
         s.done = True
+        s.resp = None  # the backend's response, if any began, is not sent
         self.send_headers(
             s,
             [
@@ -920,10 +921,17 @@ class H2Client(asyncio.Protocol):
             self.close()
 
     def cut(self, index: int) -> None:
-        """Backend ``index`` was disabled: its streams end (502, or reset)."""
+        """Backend ``index`` (of this connection's runtime) was disabled."""
+        self.cut_address((self.rt.hosts[index], self.rt.ports[index]))
+
+    def cut_address(self, key: tuple[str, int | None]) -> None:
+        """The backend at ``key`` (host, port) was disabled: the streams it serves end
+        (502, or reset if their response began)."""
         for s in list(self.streams.values()):
-            if s.backend == index and not s.done:
+            b = s.backend
+            if b >= 0 and not s.done and (s.rt.hosts[b], s.rt.ports[b]) == key:
                 s.backend_failed(s.up, "backend_disabled", 502)
+        self._later()
 
     def sweep(self, now: float) -> None:
         """Timeouts: a stream with neither a response byte nor a request byte for

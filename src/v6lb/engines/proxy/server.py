@@ -445,6 +445,8 @@ class ProxyServer:
             i = c.backend
             if i >= 0 and (c.rt.hosts[i], c.rt.ports[i]) == key:
                 c.cut(i)
+            elif isinstance(c, H2Client):  # HTTP/2: a backend per stream
+                c.cut_address(key)
 
     def apply_pool(self, vip: str, pool: BackendPool) -> list[str]:
         """Drain, enabled and weight of every backend as ``pool`` has them; what changed."""
