@@ -46,7 +46,7 @@ from test_proxy_fixtures import (
 from v6lb.engines.proxy import ProxyServer
 from v6lb.engines.proxy.h2 import reset_limit
 from v6lb.engines.proxy.haproxy_run import tls_texts
-from v6lb.model.config import TlsCertificate, TlsOptions, parse_config
+from v6lb.model.config import Timeouts, TlsCertificate, TlsOptions, parse_config
 from v6lb.render.haproxy import render_haproxy
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.tool]
@@ -258,6 +258,9 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
             c.w.close()
             port = s.addresses("web")[0][1]
             c = await Client.open(port, pki, window=16384)
+            head = await c.request("HEAD", "/head")  # (the backend sends a body anyway)
+            hgot = await c.responses({head})
+            assert hgot[head][0][b"content-length"] == b"200002" and hgot[head][1] == b""
             sids = {await c.request("GET", f"/g{i}") for i in range(4)}
             post = await c.request("POST", "/up", b"u" * 70_000)  # over one stream window
             chunked = await c.request("PUT", "/chunked", b"c" * 1000, length=False)
@@ -271,7 +274,7 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
                 assert int(hdrs[b"content-length"]) == len(body)
                 assert not {b"connection", b"keep-alive", b"transfer-encoding"} & set(hdrs)
             heads = {h.split(b" ")[1]: h for h in be.heads}
-            assert len(heads) == 6
+            assert len(heads) == 7
             g0 = heads[b"/g0"]
             assert g0.startswith(b"GET /g0 HTTP/1.1\r\n")
             assert header(g0, "host") == ["www.example.com"]
@@ -299,7 +302,7 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
             st = s.counters()["web"]
             assert st["requests"] >= 7 and st["errors"] == {}, st
             pooled = st["backends"][next(iter(st["backends"]))]
-            assert pooled["connections"] <= 6
+            assert pooled["connections"] <= 7
         await be.stop()
 
     run(main())
@@ -383,8 +386,10 @@ async def _attacks(port: int, pki: dict[str, Any], be: Backend) -> dict[str, Any
 def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
     async def main() -> None:
         be = await Backend("b0").start()
-        slow = await Backend("slow", delay=0.5).start()
+        slow = await Backend("slow", delay=1.0).start()
+        idle = Timeouts(connect=2.0, idle=0.5)  # the slow backend answers after 1 s
         vips = [_vip(pki, be.port), _vip(pki, slow.port, name="slow")]
+        vips.append(_vip(pki, slow.port, name="late", timeouts=idle))
         async with ProxyServer(vips, header_timeout=1.0) as s:
             port = s.addresses("web")[0][1]
             silent = await Client.open(port, pki)  # a preface, SETTINGS, then nothing
@@ -404,6 +409,20 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             flow = int(ErrorCodes.FLOW_CONTROL_ERROR)
             assert got["stream_window"] == f"none, RST_STREAM [{flow}]", got
             assert got["closed_stream"] == [b"200"], got
+            # the client resets a stream at the backend: that backend connection ends, the
+            # next stream is served; a backend silent for timeouts.idle: 504
+            c = await Client.open(s.addresses("slow")[0][1], pki)
+            gone = await c.request("GET", "/reset")
+            await asyncio.sleep(0.1)
+            c.h2.reset_stream(gone, ErrorCodes.CANCEL)
+            c.flush()
+            again = await c.request("GET", "/again")
+            assert (await c.responses({again}))[again][1] == b"slow"
+            c.w.close()
+            c = await Client.open(s.addresses("late")[0][1], pki)
+            late = await c.request("GET", "/late")
+            assert (await c.responses({late}))[late][0][b":status"] == b"504"
+            c.w.close()
             # a disabled backend (v6lb ctl): the stream it serves is answered 502
             c = await Client.open(s.addresses("slow")[0][1], pki)
             cut = await c.request("GET", "/cut")
@@ -428,8 +447,14 @@ def test_builtin_h2_bad_input(pki: dict[str, Any]) -> None:
             assert ends == [first]
             errors = s.counters()["web"]["errors"]
             slow_errors = s.counters()["slow"]["errors"]
-        assert [h.split(b" ")[1] for h in slow.heads] == [b"/cut", b"/first"]
-        assert slow_errors == {"h2_stream_after_goaway": 1, "backend_disabled": 1}, slow_errors
+            late_errors = s.counters()["late"]["errors"]
+        assert [h.split(b" ")[1] for h in slow.heads] == [
+            b"/reset", b"/again", b"/late", b"/cut", b"/first"
+        ]  # fmt: skip
+        assert slow_errors == {
+            "client_reset": 1, "h2_stream_after_goaway": 1, "backend_disabled": 1
+        }, slow_errors  # fmt: skip
+        assert late_errors == {"response_timeout": 1}, late_errors
         for reason in (
             "h2_rapid_reset",
             "h2_continuation_flood",
