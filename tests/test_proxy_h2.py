@@ -247,7 +247,17 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
         with socket.socket(socket.AF_INET6) as sk:  # a port nothing listens on
             sk.bind(("::1", 0))
             dead = int(sk.getsockname()[1])
-        async with ProxyServer([_vip(pki, be.port), _vip(pki, dead, name="dead")]) as s:
+        big = await Backend("big", body_size=20_000_000).start()
+        vips = [_vip(pki, be.port), _vip(pki, dead, name="dead"), _vip(pki, big.port, name="big")]
+        async with ProxyServer(vips) as s:
+            # a client that asks for 20 MB and reads nothing: the proxy holds its window's
+            # worth, not the response (its backend's reading pauses)
+            c = await Client.open(s.addresses("big")[0][1], pki)
+            await c.request("GET", "/big")
+            await asyncio.sleep(0.5)
+            held = s.buffered()
+            assert 0 < held < 1 << 20, held
+            c.w.close()
             # a backend that refuses: 502 on the stream, the connection goes on
             c = await Client.open(s.addresses("dead")[0][1], pki)
             sids = [await c.request("GET", "/a"), await c.request("POST", "/b", b"x" * 10)]
@@ -304,6 +314,7 @@ def test_builtin_h2_streams_forwarding_flow_control_goaway(pki: dict[str, Any]) 
             pooled = st["backends"][next(iter(st["backends"]))]
             assert pooled["connections"] <= 7
         await be.stop()
+        await big.stop()
 
     run(main())
 
