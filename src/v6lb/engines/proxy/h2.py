@@ -47,7 +47,9 @@ id seen); the streams up to it are served, then the connection closes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
@@ -172,6 +174,9 @@ class H2Stream:
         "stamp",
         "seen",
         "nout",
+        "ws",
+        "tunneling",
+        "t",
     )
 
     def __init__(self, conn: H2Client, sid: int, t0: float) -> None:
@@ -202,6 +207,9 @@ class H2Stream:
         self.stamp = 0.0
         self.seen = -1
         self.nout = 0
+        self.ws = False  # an extended CONNECT for websocket (RFC 8441)
+        self.tunneling = False  # its backend switched: DATA both ways is the new protocol
+        self.t = self  # the upstream's tunnel path writes to ``c.t`` (see write below)
 
     # --- the upstream's client interface (see l7.L7Upstream) -------------------------
 
@@ -260,8 +268,66 @@ class H2Stream:
         self.sent_head = True
         self.conn.send_headers(self, resp, end)
 
-    def tunnel(self, up: L7Upstream, head: bytes) -> None:  # never asked for over h2
-        self.backend_failed(up, "backend_switching_protocols", 502)
+    def tunnel(self, up: L7Upstream, head: bytes) -> None:
+        """The backend switched to websocket (a 101): our 200, then DATA both ways."""
+        if not self.ws:  # never asked for: the upstream refuses a 101 first
+            self.backend_failed(up, "backend_switching_protocols", 502)
+            return
+        rt = self.rt
+        rt.stats.interim["upgraded"] += 1
+        rt.stats.responses[1] += 1
+        rt.backend_stats[self.backend].responses[1] += 1
+        rt.latency.observe(self.conn.loop.time() - self.t0)
+        self.tunneling = True
+        self.resp = None
+        fields = [(b":status", b"200")]
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            low = name.strip().lower()
+            if low in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
+                fields.append((low, value.strip()))
+        self.sent_head = True
+        self.conn.send_headers(self, fields, False)
+        data = self.pending
+        self.pending = []
+        for chunk in data:  # what the client sent before the 200
+            self.forward(chunk)
+        if self.unacked:
+            self.conn.ack(self)
+        if self.req_end and up.t is not None and up.t.can_write_eof():
+            up.t.write_eof()
+
+    # the upstream's tunnel path: ``c.t.write``, ``c.t.write_eof``, ``c.eof``, ``c.close``
+
+    @property
+    def eof(self) -> bool:
+        return self.req_end
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.out += data
+            self.conn.pump(self)
+
+    def can_write_eof(self) -> bool:
+        return not self.closed and not self.ended
+
+    def write_eof(self) -> None:
+        """The backend half-closed the tunnel: END_STREAM once ``out`` is sent."""
+        self.ended = True
+        self.conn.pump(self)
+
+    def close(self, abort: bool = False) -> None:
+        """The tunnel ends (its backend closed, or idle): the stream ends, or is reset."""
+        if self.closed:
+            return
+        if abort:
+            self.conn.reset(self, ErrorCodes.INTERNAL_ERROR)
+            return
+        self.ended = True
+        up = self.up
+        if up is not None and up.t is not None and not up.t.is_closing():
+            up.t.close()
+        self.conn.pump(self)
 
     def backend_writable(self, up: L7Upstream, writable: bool) -> None:
         if writable and self.unacked:
@@ -332,7 +398,7 @@ class H2Stream:
         self.up = up
         self.stamp = 0.0
         up.start(self, self.req)  # type: ignore[arg-type]
-        if self.pending:
+        if self.pending and not self.ws:
             data = self.pending
             self.pending = []
             for chunk in data:
@@ -429,6 +495,7 @@ class H2Client(asyncio.Protocol):
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: rt.l7.max_header_bytes,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441
             },
         )
         # the L7Client's place: its admission slot, its live entry
@@ -561,7 +628,7 @@ class H2Client(asyncio.Protocol):
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         self.streams[sid] = s
-        method = path = authority = b""
+        method = path = authority = protocol = b""
         headers: list[tuple[bytes, bytes]] = []
         cookies: list[bytes] = []
         length = -1
@@ -573,6 +640,8 @@ class H2Client(asyncio.Protocol):
                     path = value
                 elif name == b":authority":
                     authority = value
+                elif name == b":protocol":
+                    protocol = value
             elif name == b"cookie":
                 cookies.append(value)
             else:
@@ -585,10 +654,20 @@ class H2Client(asyncio.Protocol):
             headers.insert(0, (b"host", authority))
         end = ev.stream_ended is not None
         s.req_end = end
-        if method == b"CONNECT":  # no SETTINGS_ENABLE_CONNECT_PROTOCOL: no tunnels
+        if method == b"CONNECT" and end:  # a tunnel without a client side
             self.rt.error("h2_connect_unsupported")
             self.answer(s, 400)
             return
+        if method == b"CONNECT":
+            if protocol.lower() != b"websocket":  # only RFC 8441's websocket
+                self.rt.error("h2_connect_unsupported")
+                self.answer(s, 400)
+                return
+            s.ws = True
+            method = b"GET"  # RFC 8441 §5: the HTTP/1.1 upgrade request it stands for
+            end = True  # no body: what the client sends is the tunnel's
+            length = -1
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
         if length > self.opts.max_request_bytes:
             self.rt.error("request_too_large")
             self.answer(s, 413)
@@ -624,7 +703,15 @@ class H2Client(asyncio.Protocol):
             head = (
                 head[: -len(b"Content-Length: 1\r\n\r\n")] + b"Transfer-Encoding: chunked\r\n\r\n"
             )
-        s.req = (head, s.head_only, True, False, s.t0, False)
+        if s.ws:  # hop-by-hop, yet the backend must see them to switch
+            key = base64.b64encode(os.urandom(16))
+            head = (
+                head[:-2]
+                + b"Connection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: "
+                + key
+                + b"\r\n\r\n"
+            )
+        s.req = (head, s.head_only, True, False, s.t0, s.ws)
         s.rt = self.rt
         self.dispatch(s)
 
@@ -637,7 +724,11 @@ class H2Client(asyncio.Protocol):
             return
         data = ev.data or b""
         s.blen += len(data)
-        if s.blen > self.opts.max_request_bytes:
+        if s.ws and not s.tunneling:  # before the backend's 101: held, not acknowledged
+            s.pending.append(data)
+            s.unacked += n
+            return
+        if s.blen > self.opts.max_request_bytes and not s.tunneling:
             self.h2.acknowledge_received_data(n, ev.stream_id)
             self.rt.error("request_too_large")
             if s.sent_head:
@@ -671,6 +762,11 @@ class H2Client(asyncio.Protocol):
         s.req_end = True
         if s.chunked and not s.done:
             s.forward(b"")
+        elif s.tunneling and s.up is not None and s.up.t is not None:
+            if s.up.eof:  # both sides done
+                s.close()
+            elif s.up.t.can_write_eof():
+                s.up.t.write_eof()
 
     # --- to the backend -------------------------------------------------------------
 
@@ -694,7 +790,7 @@ class H2Client(asyncio.Protocol):
         picker.active[i] += 1
         rt.stats.requests += 1
         idle = rt.idle[i]
-        while idle:
+        while idle and not s.ws:  # a websocket request takes a fresh connection
             up = idle.pop()
             if not up.lost and not up.t.is_closing():
                 s.start(up)
@@ -797,6 +893,17 @@ class H2Client(asyncio.Protocol):
         self._later()
 
     def _finished(self, s: H2Stream) -> None:
+        if s.tunneling and s.backend >= 0:  # a tunnel's end: its backend connection too
+            up = s.up
+            s.up = None
+            s.rt.picker.release(s.backend)
+            if up is not None:
+                up.client = None
+                s.rt.backend_stats[s.backend].bytes_out += up.sent
+                if up.t is not None and not up.t.is_closing():
+                    up.t.close()
+            s.backend = -1
+            s.done = True
         s.closed = True
         self.streams.pop(s.sid, None)
         if not self.streams:
@@ -956,6 +1063,10 @@ class H2Client(asyncio.Protocol):
                 s.stamp = now
                 s.seen = token
             elif now - s.stamp >= idle:
+                if s.tunneling:  # a silent tunnel: both ends closed
+                    self.rt.error("idle_timeout")
+                    s.close()
+                    continue
                 up.keep = False
                 s.backend_failed(up, "response_timeout", 504)
         self._later()
