@@ -18,6 +18,13 @@ ahead is its window: 64 KiB per stream and :data:`CONN_WINDOW` per connection.
 Responses are sent within the client's windows; beyond :data:`HOLD` bytes held
 for a stream, reading from its backend pauses. 1xx responses are not relayed.
 
+WebSocket over HTTP/2 (RFC 8441): SETTINGS_ENABLE_CONNECT_PROTOCOL is announced; an
+extended CONNECT with ``:protocol websocket`` goes to the backend as the HTTP/1.1
+upgrade request it stands for (a fresh backend connection, a fresh
+``Sec-WebSocket-Key``); the backend's 101 becomes a 200 and the stream's DATA the
+websocket bytes both ways (:meth:`H2Stream.tunnel`; the upstream's tunnel path writes
+to the stream as to a transport). DATA before the 200 wait, unacknowledged.
+
 Limits and bad input (each counted under the VIP's errors, the connection then
 closed with a GOAWAY carrying the code shown):
 
@@ -351,6 +358,8 @@ class H2Stream:
             self.paused = False
             up.t.resume_reading()  # back to the pool reading (its next user may not pause)
         up.finish()
+        if self.unacked:  # what a websocket request held for a tunnel that did not come
+            self.conn.ack(self)
         self.conn.pump(self)
 
     def backend_failed(self, up: L7Upstream | None, reason: str, status: int) -> None:
