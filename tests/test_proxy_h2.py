@@ -2,7 +2,8 @@
 the ``h2`` library as a client (streams, forwarding headers, flow control, the stream
 limit, GOAWAY on a graceful stop), and the bad-input list (rapid reset, CONTINUATION
 flood, SETTINGS flood, HPACK bomb, WINDOW_UPDATE overflow, a stream after GOAWAY) sent
-as raw frames to the builtin engine and to HAProxy 2.6 rendered from the same VIP."""
+as raw frames to the builtin engine and to HAProxy 2.6 rendered from the same VIP;
+WebSocket over HTTP/2 (RFC 8441) through both."""
 
 from __future__ import annotations
 
