@@ -7,8 +7,9 @@ APT_STAMP := .venv/.apt-installed
 # Debian packages the tests use: tshark reads the pcaps we write; chromium renders the
 # HTML report headless; iproute2/nftables/iptables for the lab and the kernel-hash check;
 # systemd for `systemd-analyze verify` of contrib/systemd/v6lb@.service; prometheus scrapes
-# v6lb in the metrics test; clang, llvm, libbpf-dev and bpftool build and load the XDP program.
-APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk iperf3 conntrackd conntrack systemd prometheus clang llvm libbpf-dev bpftool ethtool
+# v6lb in the metrics test; clang, llvm, libbpf-dev and bpftool build and load the XDP program;
+# nghttp2-client gives h2load to benchmarks/bench_h2.py; ethtool reads veth XDP counters.
+APT_PACKAGES := tshark iproute2 nftables iptables chromium curl tcpdump bird2 haproxy nginx-light wrk nghttp2-client iperf3 conntrackd conntrack systemd prometheus clang llvm libbpf-dev bpftool ethtool
 
 .PHONY: demo test lint typecheck pytest bench clean deps apt install-unit xdp
 

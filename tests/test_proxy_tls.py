@@ -98,15 +98,15 @@ def test_tls_config_fields_and_errors() -> None:
         "1.3",
         "refuse",
         "/etc/v6lb/ca.pem",
-        ("http/1.1",),
+        ("h2", "http/1.1"),  # proxy-l7's default: HTTP/2 first
     )
     bad = [
         ({"certificates": []}, "vips[0].tls.certificates", "empty"),
         ({"certificates": [{"cert": "a"}]}, "vips[0].tls.certificates[0].key", "required"),
         (
-            {"certificates": [{"cert": "a", "key": "b"}], "alpn": ["h2", "http/1.1"]},
+            {"certificates": [{"cert": "a", "key": "b"}], "alpn": ["h3"]},
             "vips[0].tls.alpn[0]",
-            "HTTP/2 is not served",
+            "h2, http/1.1",
         ),
         ({"certificates": [{"cert": "a", "key": "b"}], "min_version": "1.1"}, "min_version", ""),
         (
@@ -119,6 +119,15 @@ def test_tls_config_fields_and_errors() -> None:
         with pytest.raises(ConfigError) as err:
             _config(tls_raw)
         assert path in err.value.path and words in str(err.value), str(err.value)
+    # proxy-l4 relays the plain stream: http/1.1 only, h2 refused and named
+    l4 = {"certificates": [{"cert": "a", "key": "b"}]}
+    raw = {"name": "t", "address": "2001:db8::11", "ports": [443], "mode": "proxy-l4"}
+    raw["backends"] = [{"address": "2001:db8::20", "port": 80}]
+    got = parse_config({"vips": [{**raw, "tls": l4}]}, "/etc/v6lb/lb.yaml")
+    assert got.vips[0].options.tls.alpn == ("http/1.1",)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"vips": [{**raw, "tls": {**l4, "alpn": ["h2"]}}]}, "/etc/v6lb/lb.yaml")
+    assert err.value.path.endswith("vips[0].tls.alpn[0]") and "proxy-l4" in str(err.value)
 
 
 def test_certificate_files_checked_and_named(pki: dict[str, Any], tmp_path: Path) -> None:
@@ -165,7 +174,7 @@ def test_v6lb_check_reads_the_certificates(
     good = tmp_path / "good.yaml"
     good.write_text(text.replace("KEY", "www.key"))
     assert main(["check", str(good)]) == 0
-    assert "TLS 1 certificate(s), TLS 1.2+, ALPN http/1.1" in capsys.readouterr().out
+    assert "TLS 1 certificate(s), TLS 1.2+, ALPN h2,http/1.1" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(text.replace("KEY", "api.key"))
     assert main(["check", str(bad)]) == 2

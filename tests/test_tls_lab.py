@@ -1,5 +1,6 @@
 """TLS termination in a namespace, for both engines: `v6lb run --proxy builtin|haproxy`,
-certificates made by trustme, curl over HTTPS with two SNI names, the lab httpd seeing
+certificates made by trustme, curl over HTTPS with two SNI names (HTTP/1.1) and HTTP/2
+(two requests on one connection), the lab httpd seeing
 X-Forwarded-For and X-Forwarded-Proto: https; an unknown SNI (default certificate, or
 refused), garbage instead of a ClientHello and a silent client: cut off and counted."""
 
@@ -170,11 +171,25 @@ def test_tls_termination_in_a_namespace(engine: str, tmp_path: Path) -> None:
                 body, _, tail = r.stdout.rpartition("\n")
                 assert tail == "1.1 0", (r.stdout, r.stderr)  # HTTP/1.1, verified against the CA
                 seen[sni] = json.loads(body)
-            headers = {k.lower(): v for k, v in seen["api.example.com"]["headers"].items()}
-            assert headers["x-forwarded-for"] == CLIENT
-            assert headers["x-forwarded-proto"] == "https"
-            assert headers["forwarded"].endswith(";proto=https")
-            assert headers["forwarded"].startswith(f'for="[{CLIENT}]:')
+            # HTTP/2 (ALPN h2, proxy-l7's default): two requests on one connection
+            r = subprocess.run(
+                _ns(ns, "curl", "-sS", "--http2", "--cacert", str(tmp_path / "ca.pem"),
+                    "--interface", CLIENT, "--resolve", f"www.example.com:443:[{VIP}]",
+                    "-w", "\n%{http_version} %{num_connects}\n",
+                    "https://www.example.com/h2a", "https://www.example.com/h2b?x=1"),
+                capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+            lines = [line for line in r.stdout.split("\n") if line]
+            assert r.returncode == 0 and lines[1:2] == ["2 1"], (r.stdout, r.stderr)
+            assert lines[3:4] == ["2 0"], r.stdout  # the second request: no new connection
+            seen["h2"] = json.loads(lines[2])
+            assert seen["h2"]["path"] == "/h2b?x=1", seen["h2"]
+            for got in (seen["api.example.com"], seen["h2"]):
+                headers = {k.lower(): v for k, v in got["headers"].items()}
+                assert headers["x-forwarded-for"] == CLIENT
+                assert headers["x-forwarded-proto"] == "https"
+                assert headers["forwarded"].endswith(";proto=https")
+                assert headers["forwarded"].startswith(f'for="[{CLIENT}]:')
 
             # proxy-l4 with TLS: the plain stream relayed (HTTP here, the backend sees the LB)
             r = subprocess.run(

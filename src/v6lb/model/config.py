@@ -67,6 +67,8 @@ __all__ = [
     "ProxyL4Options",
     "Relay",
     "ProxyL7Options",
+    "TLS_ALPN",
+    "TLS_ALPN_L4",
     "TlsCertificate",
     "TlsOptions",
     "ProxyProtocol",
@@ -248,7 +250,8 @@ class TunnelOptions:
 
 
 TLS_VERSIONS: Final = ("1.2", "1.3")
-TLS_ALPN: Final = ("http/1.1",)  # the protocols the proxy serves over TLS (no h2 yet)
+TLS_ALPN: Final = ("h2", "http/1.1")  # proxy-l7's default ALPN: HTTP/2 first
+TLS_ALPN_L4: Final = ("http/1.1",)  # proxy-l4's (the plain stream goes to HTTP/1.1 backends)
 TLS_UNKNOWN_SNI: Final = ("default", "refuse")
 
 
@@ -269,7 +272,7 @@ class TlsOptions:
 
     certificates: tuple[TlsCertificate, ...]
     min_version: str = "1.2"
-    alpn: tuple[str, ...] = TLS_ALPN
+    alpn: tuple[str, ...] = TLS_ALPN_L4  # a proxy-l7 VIP's config has TLS_ALPN by default
     client_ca: str | None = None
     unknown_sni: str = "default"
 
@@ -295,6 +298,7 @@ class ProxyL7Options:
     trusted_sources: tuple[IPv6Network, ...] = ()
     max_request_bytes: int | None = None  # request body limit (413); None: no limit
     max_header_bytes: int = 64 * 1024
+    max_concurrent_streams: int = 100  # HTTP/2: streams open at once on one connection
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(connect=5.0, idle=60.0))
     dual_stack: IPv4Address | None = None
     max_connections_per_source: int = 0  # open connections per client address; 0: no limit
@@ -718,6 +722,7 @@ _OPTION_KEYS: Final[dict[str, tuple[str, ...]]] = {  # per options class (the mo
         "trusted_sources",
         "max_request_bytes",
         "max_header_bytes",
+        "max_concurrent_streams",
         "timeouts",
         "dual_stack",
         "max_connections_per_source",
@@ -1128,7 +1133,7 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
             )
         return ProxyL4Options(
             relay=relay,
-            tls=_parse_tls(f) if f.has("tls") else None,
+            tls=_parse_tls(f, l7=False) if f.has("tls") else None,
             proxy_protocol=ProxyProtocol(
                 f.choice("proxy_protocol", [p.value for p in ProxyProtocol], "none")
             ),
@@ -1139,7 +1144,7 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         )
     defaults = ProxyL7Options()
     return ProxyL7Options(
-        tls=_parse_tls(f) if f.has("tls") else None,
+        tls=_parse_tls(f, l7=True) if f.has("tls") else None,
         forwarded_headers=f.boolean("forwarded_headers", True),
         trusted_sources=_parse_prefixes(f, "trusted_sources"),
         max_request_bytes=(
@@ -1149,6 +1154,13 @@ def _parse_options(f: Fields, mode: VipMode, lb: LbSettings) -> ModeOptions:
         ),
         max_header_bytes=f.integer(
             "max_header_bytes", defaults.max_header_bytes, lo=1024, hi=1 << 20, noun="byte count"
+        ),
+        max_concurrent_streams=f.integer(
+            "max_concurrent_streams",
+            defaults.max_concurrent_streams,
+            lo=1,
+            hi=10_000,
+            noun="stream count",
         ),
         timeouts=_parse_timeouts(f, defaults.timeouts),
         dual_stack=_parse_dual_stack(f),
@@ -1182,8 +1194,10 @@ def _tls_version(t: Fields) -> str:
     return as_choice(raw, t.at("min_version"), TLS_VERSIONS)
 
 
-def _parse_tls(f: Fields) -> TlsOptions:
-    """``tls:``: the certificates (the first is the default), versions, ALPN, client CA."""
+def _parse_tls(f: Fields, *, l7: bool) -> TlsOptions:
+    """``tls:``: the certificates (the first is the default), versions, ALPN, client CA.
+
+    ALPN: ``h2`` and ``http/1.1`` on proxy-l7 (both by default), ``http/1.1`` on proxy-l4."""
     t = Fields(f.get("tls"), f.at("tls"), "`tls:`")
     t.reject_unknown(_TLS_KEYS)
     w = t.at("certificates")
@@ -1216,15 +1230,15 @@ def _parse_tls(f: Fields) -> TlsOptions:
                 seen[name] = i
                 names.append(name)
         certs.append(TlsCertificate(cert=cert, key=key, names=tuple(names)))
-    alpn: tuple[str, ...] = TLS_ALPN
+    alpn: tuple[str, ...] = TLS_ALPN if l7 else TLS_ALPN_L4
     if t.has("alpn"):
         wa = t.at("alpn")
         got: list[str] = []
         for j, raw in enumerate(as_list(t.get("alpn"), wa, example="[http/1.1]")):
-            if raw == "h2":
+            if raw == "h2" and not l7:
                 raise wa.index(j).error(
-                    "HTTP/2 is not served: the proxy speaks HTTP/1.1 over TLS",
-                    "remove h2 (alpn: [http/1.1])",
+                    "proxy-l4 relays the plain stream to HTTP/1.1 backends: h2 is not served",
+                    "remove h2 (alpn: [http/1.1]), or use mode proxy-l7 for HTTP/2 clients",
                 )
             got.append(as_choice(raw, wa.index(j), TLS_ALPN))
         if not got:

@@ -23,6 +23,7 @@ from v6lb.model.bgp import BfdSettings, BgpSection, BgpSettings, Neighbour
 from v6lb.model.config import (
     MAGLEV_TABLE_SIZE,
     TLS_ALPN,
+    TLS_ALPN_L4,
     Backend,
     Config,
     DsrL2Options,
@@ -215,7 +216,7 @@ def _options(v: Vip, lb: LbSettings) -> Data:
     elif isinstance(o, ProxyL4Options):
         d4 = ProxyL4Options()
         if o.tls is not None:
-            out["tls"] = _tls(o.tls)
+            out["tls"] = _tls(o.tls, TLS_ALPN_L4)
         if o.proxy_protocol is not d4.proxy_protocol:
             out["proxy_protocol"] = str(o.proxy_protocol)
         if o.sni_routes:
@@ -234,7 +235,7 @@ def _options(v: Vip, lb: LbSettings) -> Data:
     else:
         d7 = ProxyL7Options()
         if o.tls is not None:
-            out["tls"] = _tls(o.tls)
+            out["tls"] = _tls(o.tls, TLS_ALPN)
         if o.forwarded_headers is not d7.forwarded_headers:
             out["forwarded_headers"] = o.forwarded_headers
         if o.trusted_sources:
@@ -243,11 +244,13 @@ def _options(v: Vip, lb: LbSettings) -> Data:
             out["max_request_bytes"] = o.max_request_bytes
         if o.max_header_bytes != d7.max_header_bytes:
             out["max_header_bytes"] = o.max_header_bytes
+        if o.max_concurrent_streams != d7.max_concurrent_streams:
+            out["max_concurrent_streams"] = o.max_concurrent_streams
         out.update(_proxy_common(o.timeouts, d7.timeouts, o))
     return out
 
 
-def _tls(t: TlsOptions) -> Data:
+def _tls(t: TlsOptions, alpn: tuple[str, ...]) -> Data:
     out: Data = {
         "certificates": [
             {"cert": c.cert, "key": c.key, **({"names": list(c.names)} if c.names else {})}
@@ -256,7 +259,7 @@ def _tls(t: TlsOptions) -> Data:
     }
     if t.min_version != "1.2":
         out["min_version"] = t.min_version
-    if t.alpn != TLS_ALPN:
+    if t.alpn != alpn:
         out["alpn"] = list(t.alpn)
     if t.client_ca is not None:
         out["client_ca"] = t.client_ca

@@ -156,6 +156,11 @@ def _options(vip: Vip) -> str:
                 else "no request size limit"
             )
             + f", max header {o.max_header_bytes} bytes",
+            *(
+                [f"HTTP/2 up to {o.max_concurrent_streams} streams a connection"]
+                if o.tls is not None and "h2" in o.tls.alpn
+                else []
+            ),
             _timeouts(o.timeouts),
             stack,
         ]

@@ -16,9 +16,12 @@ pin the output. Targets HAProxy 2.6 (Debian 12):
   ``X-Forwarded-For`` comes from ``option forwardfor``. Incoming forwarding
   headers from clients outside ``trusted_sources`` are deleted first.
 - ``tls:`` (proxy-l7 and proxy-l4) → ``bind ... ssl crt-list DIR/VIP.crtlist alpn
-  http/1.1 ssl-min-ver TLSv1.2`` (+ ``strict-sni`` for ``unknown_sni: refuse``, +
+  h2,http/1.1 ssl-min-ver TLSv1.2`` (+ ``strict-sni`` for ``unknown_sni: refuse``, +
   ``ca-file DIR/VIP.ca.pem verify required`` for ``client_ca``); the engine writes the
-  files :func:`tls_files` names. Forwarding headers then say ``https``.
+  files :func:`tls_files` names. Forwarding headers then say ``https``. With ``h2``
+  in ALPN HAProxy serves HTTP/2 itself; ``max_concurrent_streams`` →
+  ``tune.h2.max-concurrent-streams`` (global in HAProxy 2.6: the largest of the VIPs'),
+  and the header list is bounded by ``tune.bufsize`` (from ``max_header_bytes``).
 - Schedulers: round-robin → ``balance roundrobin``, least-connections →
   ``balance leastconn``, maglev → ``balance source`` with ``hash-type
   consistent`` (client affinity, but not the core's Maglev table).
@@ -174,6 +177,15 @@ def render_haproxy(
     if heads:
         # The request head must fit HAProxy's buffer; a larger head gets 431/400.
         out.append(f"    tune.bufsize {max(16384, max(heads) + 1024)}")
+    streams = [
+        v.options.max_concurrent_streams
+        for v in vips
+        if isinstance(v.options, ProxyL7Options)
+        and v.options.tls is not None
+        and "h2" in v.options.tls.alpn
+    ]
+    if streams:  # HAProxy 2.6 has one value for every frontend: the largest
+        out.append(f"    tune.h2.max-concurrent-streams {max(streams)}")
     if stats_socket:
         out.append(f"    stats socket {stats_socket} mode 600 level admin expose-fd listeners")
     out += [

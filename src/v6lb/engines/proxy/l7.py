@@ -241,7 +241,12 @@ class _HeadResponse:
 
 
 class L7Upstream(asyncio.Protocol):
-    """One keep-alive connection to a backend; pooled between requests."""
+    """One keep-alive connection to a backend; pooled between requests.
+
+    Its ``client`` (an :class:`L7Client`, or an HTTP/2 stream: :class:`.h2.H2Stream`)
+    is an :class:`UpstreamClient`. A request whose ``v11`` is false gets no 1xx and
+    never a tunnel.
+    """
 
     __slots__ = (
         "rt",

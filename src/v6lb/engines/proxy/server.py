@@ -30,6 +30,7 @@ from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options, Relay, Vip
 from v6lb.model.pools import health_monitor
 from v6lb.model.schema import Where
 
+from .h2 import H2Client
 from .health import HealthChecker
 from .kernel_relay import KernelRelay
 from .l4 import L4Client
@@ -472,6 +473,8 @@ class ProxyServer:
             i = c.backend
             if i >= 0 and (c.rt.hosts[i], c.rt.ports[i]) == key:
                 c.cut(i)
+            elif isinstance(c, H2Client):  # HTTP/2: a backend per stream
+                c.cut_address(key)
 
     def apply_pool(self, vip: str, pool: BackendPool) -> list[str]:
         """Drain, enabled and weight of every backend as ``pool`` has them; what changed."""
@@ -606,7 +609,10 @@ class _Listener:
         rt = self.rt
         p: asyncio.Protocol = L7Client(rt) if rt.is_l7 else L4Client(rt)
         if rt.tls is not None:
-            return TlsLayer(rt.tls, p, _handshake_timeout(rt), rt.error)
+            layer = TlsLayer(rt.tls, p, _handshake_timeout(rt), rt.error)
+            if rt.is_l7:
+                layer.h2 = H2Client.take_over
+            return layer
         return p
 
 

@@ -7,8 +7,10 @@ with a :class:`~v6lb.model.schema.ConfigError` naming the file and the field;
 `v6lb check` and `v6lb run` call :func:`check_tls`. :class:`TlsLayer` is the
 protocol of one accepted connection: it runs the handshake on memory BIOs (bounded
 by the header timeout, or proxy-l4's connect timeout), then hands the plaintext to
-the HTTP (or proxy-l4) protocol, to which it is the transport. Failures are counted as the VIP's errors: ``tls_handshake_failed``
-(garbage, no shared version or cipher, a refused SNI or client certificate),
+the HTTP (or proxy-l4) protocol, to which it is the transport; when ALPN chose
+``h2``, the HTTP/2 protocol (:class:`.h2.H2Client`) takes the HTTP/1.1 one's place.
+Failures are counted as the VIP's errors: ``tls_handshake_failed`` (garbage, no
+shared version or cipher, a refused SNI or client certificate),
 ``tls_handshake_timeout`` (no complete handshake in time) and ``tls_unknown_sni``
 (refused for its SNI, with ``unknown_sni: refuse``).
 """
@@ -175,6 +177,8 @@ class TlsLayer(asyncio.Protocol):
         self.paused = False
         self.eof_sent = False  # our close_notify is out (write_eof)
         self.timer: asyncio.TimerHandle | None = None
+        # proxy-l7: makes the HTTP/2 protocol from ``app`` when ALPN picked h2 (.h2)
+        self.h2: Callable[[asyncio.Protocol], asyncio.Protocol] | None = None
 
     # --- the TCP side ----------------------------------------------------------------
 
@@ -217,6 +221,8 @@ class TlsLayer(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self._flush()
+        if self.h2 is not None and self.obj.selected_alpn_protocol() == "h2":
+            self.app = self.h2(self.app)
 
     def _read(self) -> None:
         while not self.paused and not self.closing:
