@@ -14,7 +14,8 @@ builtin/HAProxy ratio and the 1-minute load average at the time of each run:
   connection a TLS handshake (TLS 1.3) and one request, repeated ``--batches`` times.
 
 Printed per case: requests/s, handshakes/s (connections / time), and the proxy's CPU
-time (user + system, from /proc) per request in µs. Pinning as bench_proxy's
+time (user + system, from /proc) per request in µs. Then the floor the ``h2`` library
+sets (:func:`library_floor`): its server side alone, in memory, per request. Pinning as bench_proxy's
 ``shared``: the proxy and nginx on CPU 0, h2load on CPU 1.
 
     .venv/bin/python benchmarks/bench_h2.py [--rounds 3] [--seconds 5] [--batches 5]
@@ -183,6 +184,55 @@ def main() -> None:
     report(results, args)
 
 
+def library_floor(n: int = 5000) -> float:
+    """µs per request that the ``h2`` library alone spends on the server side.
+
+    In memory, no socket, no TLS, no backend: a client ``H2Connection`` makes a GET
+    (HEADERS with END_STREAM, the 5 fields h2load sends) and the server connection,
+    configured as the builtin's (inbound validation on, outbound off), receives it,
+    sends a 200 with a 2-byte body and serializes its frames. Only the server's
+    calls are timed: the least any proxy built on this library spends per HTTP/2
+    request, before its own work (TLS, the backend, the rewriting).
+    """
+    import time
+
+    import h2.config
+    import h2.connection
+
+    def conn(client: bool) -> h2.connection.H2Connection:
+        return h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=client,
+                header_encoding=None,
+                validate_outbound_headers=client,
+                normalize_outbound_headers=client,
+            )
+        )
+
+    cc, sc = conn(True), conn(False)
+    cc.initiate_connection()
+    sc.initiate_connection()
+    sc.receive_data(cc.data_to_send())
+    cc.receive_data(sc.data_to_send())
+    sc.receive_data(cc.data_to_send())
+    req = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"),
+           (b":authority", b"www.example.com"), (b"user-agent", b"h2load")]  # fmt: skip
+    resp = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"content-length", b"2")]
+    spent = 0.0
+    for _ in range(n):
+        sid = cc.get_next_available_stream_id()
+        cc.send_headers(sid, req, end_stream=True)
+        frames = cc.data_to_send()
+        t0 = time.perf_counter()
+        sc.receive_data(frames)
+        sc.send_headers(sid, resp)
+        sc.send_data(sid, b"ok", end_stream=True)
+        out = sc.data_to_send()
+        spent += time.perf_counter() - t0
+        cc.receive_data(out)
+    return 1e6 * spent / n
+
+
 def report(
     results: dict[tuple[str, str], list[tuple[float, float, float, float]]],
     args: argparse.Namespace,
@@ -219,6 +269,11 @@ def report(
         h = statistics.median(x[0] for x in results[("haproxy", case)])
         verdict = "met" if b / h >= want else "not met"
         print(f"{case}: builtin/HAProxy {b / h:.2f}× (goal ≥ {want}×: {verdict})")
+    floors = sorted(library_floor() for _ in range(3))
+    print(
+        f"h2 library alone, server side, per request: {floors[1]:.1f} µs"
+        f" (min {floors[0]:.1f}; load {os.getloadavg()[0]:.2f})"
+    )
 
 
 if __name__ == "__main__":
