@@ -139,8 +139,8 @@ def setup(ns: dict[str, str], tmp: Path) -> None:
             "route add default via 2001:db8:b::1",
             # dsr: the backend answers from the VIP straight to the client
             "address add 2001:db8:d::2/64 dev r0 nodad",
-            "route add default via 2001:db8:d::1 table 100",
-            f"rule add from {VIP} lookup 100",
+            "route add default via 2001:db8:d::1 table 100 advmss 1400",  # the tunnel: 40 bytes
+            f"rule add from {VIP} lookup 100 pref 100",
         ],
     }
     for n, ls in lines.items():

@@ -1265,7 +1265,10 @@ def render_forward_nft(config: Config, tuns: Sequence[str]) -> str:
 
 
 def render_ring_steer(
-    config: Config, interfaces: Sequence[str], sides: Sequence[tuple[str, Sequence[str]]]
+    config: Config,
+    interfaces: Sequence[str],
+    sides: Sequence[tuple[str, Sequence[str]]],
+    mac: str,
 ) -> str:
     """The Python data plane's steering with AF_PACKET rings: ``table netdev``, one chain.
 
@@ -1275,7 +1278,9 @@ def render_ring_steer(
     TAP device, whose receive ring the engine reads; the kernel never routes
     them. ICMPv6 errors to the VIPs and npt outside prefixes over
     :data:`PYTHON_ICMP_ERROR_RATE` per second are dropped first, as the ``ip6``
-    table's ``icmp_limit`` chain does for the TUNs. Appended to
+    table's ``icmp_limit`` chain does for the TUNs. Each frame's destination becomes
+    ``mac`` (the engine's inject link) on the way, so the engine copies it on as
+    it is. Appended to
     :func:`render_forward_nft`'s text, whose reset deletes this table too.
     """
     tag = _tag(config)
@@ -1297,7 +1302,7 @@ def render_ring_steer(
             f' packets counter name "{ICMP_LIMITED}" drop'
         )
     for device, matches in sides:
-        rules += [f'{m} fwd to "{device}"' for m in matches]
+        rules += [f'{m} ether daddr set {mac} fwd to "{device}"' for m in matches]
     devs = ", ".join(f'"{d}"' for d in interfaces)
     lines += _chain("steer", f"filter hook ingress devices = {{ {devs} }} priority -500", rules)
     lines.append("}")

@@ -275,6 +275,7 @@ class PythonPlane(Plane):
         self._give = 1 if io == "tun" else 0
         self.tx: TxRing | None = None  # ring: the engine end of the inject veth pair
         self.links: list[str] = []  # ring: the devices this plane made (deleted on teardown)
+        self._inject_mac = ""  # ring: the kernel end's MAC, every frame's destination
         self.ctx = ctx or PlaneContext(path=config.source)
         self.trace = self.ctx.trace
         self.instance = config.lb.instance
@@ -434,7 +435,7 @@ class PythonPlane(Plane):
         names = steering.names() + self.links[:1]  # what the inject link's kernel end routes
         sides = [(s.name, s.matches) for s in steering.sides]
         return render_forward_nft(config, names) + render_ring_steer(
-            config, config.lb.interfaces, sides
+            config, config.lb.interfaces, sides, self._inject_mac
         )
 
     def _install_inject(self) -> None:
@@ -451,6 +452,7 @@ class PythonPlane(Plane):
             info = nft_json(run_tool(["ip", "-j", "link", "show", "dev", name], netns=None))
             macs.append(bytes.fromhex(str(info[0]["address"]).replace(":", "")))
         self.tx = TxRing(engine, macs[0], macs[1], vnet=True)
+        self._inject_mac = ":".join(f"{b:02x}" for b in macs[0])
 
     def _ring_port(self, side: Side, vnet: bool) -> _Port:
         """A TAP device for ``side``: nftables ``fwd``s its packets there, a ring reads them.
@@ -472,7 +474,15 @@ class PythonPlane(Plane):
                 "is another instance with this name running? is /dev/net/tun there?",
             ) from None
         try:
-            for args in (("addrgenmode", "none"), ("arp", "off"), ("txqueuelen", "1"), ("up",)):
+            # the inject link's MAC: a frame routed here by the ip rules (no neighbour,
+            # ARP off: to the device's own address) goes on with the right destination
+            for args in (
+                ("addrgenmode", "none"),
+                ("arp", "off"),
+                ("txqueuelen", "1"),
+                ("address", self._inject_mac),
+                ("up",),
+            ):
                 _ip("link", "set", "dev", side.name, *args)
             ring = RxRing(side.name, vnet=vnet)
         except OSError as exc:
@@ -762,17 +772,17 @@ class PythonPlane(Plane):
                 break
             num, pos = pkts(rmap, blk + 12)
             pos += blk
+            n_rx += num
             for _ in range(num):
                 nxt, snap, ln, mac, net = frame3(rmap, pos)
                 at = pos + net
                 n = snap + mac - net
                 vh = pos + mac - VNET_HDR_LEN
                 pos += nxt
-                n_rx += 1
                 if snap < ln:  # larger than a block: cannot happen with 128 KB blocks
                     port.errors += 1
                     continue
-                if 60 <= n <= room:
+                if 60 <= n <= room and net - mac == ETH_HLEN:
                     _, plen, nh, _, key = hdr.unpack_from(rmap, at)
                     if plen + 40 == n and (nh == 6 or nh == 17) and rmap[at] >> 4 == 6:
                         new = get(key)
@@ -786,8 +796,9 @@ class PythonPlane(Plane):
                                     port.errors += 1
                                     continue
                             d = s + data
-                            tmv[d : d + n] = rmv[at : at + n]
-                            tmv[s + vat : d - ETH_HLEN] = rmv[vh : vh + VNET_HDR_LEN]
+                            # one copy: virtio-net header, Ethernet header (to the inject
+                            # link's MAC already: the nft rule or the TAP's address), packet
+                            tmv[s + vat : d + n] = rmv[vh : at + n]
                             copy_all(tmap, s + vat + 2, n + ETH_HLEN)
                             put(tmap, d + addr_at, new)
                             pack_tx(tmap, s, 1, n + extra)
@@ -838,17 +849,17 @@ class PythonPlane(Plane):
                 break
             num, pos = pkts(rmap, blk + 12)
             pos += blk
+            n_rx += num
             for _ in range(num):
                 nxt, snap, ln, mac, net = frame3(rmap, pos)
                 at = pos + net
                 n = snap + mac - net
                 vh = pos + mac - VNET_HDR_LEN
                 pos += nxt
-                n_rx += 1
                 if snap < ln:
                     port.errors += 1
                     continue
-                if 48 <= n <= room:
+                if 48 <= n <= room and net - mac == ETH_HLEN:
                     s = slot * frame
                     if tmv[s]:
                         tx.slot, tx.pending = slot, pending
@@ -858,10 +869,9 @@ class PythonPlane(Plane):
                             port.errors += 1
                             continue
                     d = s + data
-                    tmv[d : d + n] = rmv[at : at + n]
+                    tmv[s + vat : d + n] = rmv[vh : at + n]  # as in _ring_npt: one copy
                     # NEEDS_CSUM: the checksum field holds the pseudo-header sum only
                     if fast(tmv[d : d + n], n, in_port, now, rmap[vh] & 1) >= 0:
-                        tmv[s + vat : d - ETH_HLEN] = rmv[vh : vh + VNET_HDR_LEN]
                         copy_all(tmap, s + vat + 2, n + ETH_HLEN)
                         pack_tx(tmap, s, 1, n + extra)
                         slot += 1
@@ -893,11 +903,11 @@ class PythonPlane(Plane):
                 break
             num, pos = BLOCK_PKTS.unpack_from(rmap, blk + 12)
             pos += blk
+            n_rx += num
             for _ in range(num):
                 nxt, snap, ln, mac, net = FRAME3.unpack_from(rmap, pos)
                 at, n, vh = pos + net, snap + mac - net, pos + mac - VNET_HDR_LEN
                 pos += nxt
-                n_rx += 1
                 if snap < ln:
                     port.errors += 1
                     continue
