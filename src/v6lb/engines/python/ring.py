@@ -46,6 +46,7 @@ BLOCK_PKTS: Final = struct.Struct("II")  # num_pkts, offset_to_first_pkt at 12
 FRAME3: Final = struct.Struct("I8xII4xHH")
 """tpacket3_hdr: tp_next_offset, tp_snaplen, tp_len, tp_mac, tp_net."""
 TX_HDR: Final = struct.Struct("II")  # tpacket2_hdr: tp_status, tp_len
+_Bytes = bytes | bytearray | memoryview
 
 
 def _vnet_on(sock: socket.socket, vnet: bool) -> None:
@@ -184,10 +185,10 @@ class TxRing:
             except OSError:
                 self.errors += 1
 
-    def send_big(self, hdr: bytes | bytearray | None, pkt: bytes | bytearray | memoryview) -> None:
+    def send_big(self, hdr: _Bytes | None, pkt: _Bytes) -> None:
         """One packet too big for a slot (or built elsewhere): flush, then ``sendmsg``."""
         self.flush()
-        parts: list[bytes | bytearray | memoryview] = [self.eth, pkt]
+        parts: list[_Bytes] = [self.eth, pkt]
         if self.vnet:
             parts.insert(0, hdr if hdr is not None else bytes(VNET_HDR_LEN))
         try:

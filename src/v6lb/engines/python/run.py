@@ -782,10 +782,18 @@ class PythonPlane(Plane):
                 if snap < ln:  # larger than a block: cannot happen with 128 KB blocks
                     port.errors += 1
                     continue
-                if 60 <= n <= room and net - mac == ETH_HLEN:
+                if n >= 60 and net - mac == ETH_HLEN:
                     _, plen, nh, _, key = hdr.unpack_from(rmap, at)
                     if plen + 40 == n and (nh == 6 or nh == 17) and rmap[at] >> 4 == 6:
                         new = get(key)
+                        if new is not None and n > room:  # a 64 KB TCP packet (offloads)
+                            big = bytearray(rmv[at : at + n])
+                            put(big, addr_at, new)
+                            tx.slot, tx.pending = slot, pending
+                            tx.send_big(rmv[vh : vh + VNET_HDR_LEN], big)
+                            slot, pending = tx.slot, tx.pending
+                            n_fwd += 1
+                            continue
                         if new is not None:
                             s = slot * frame
                             if tmv[s]:  # the kernel still has this slot
@@ -841,6 +849,7 @@ class PythonPlane(Plane):
         copy_all = _HDR_LEN.pack_into
         fast = port.fwd.fast
         in_port = port.side.port
+        buf, mv = self._buf, self._mv
         slot, pending = tx.slot, tx.pending
         n_rx = 0
         for _ in range(BLOCKS):
@@ -859,7 +868,14 @@ class PythonPlane(Plane):
                 if snap < ln:
                     port.errors += 1
                     continue
-                if 48 <= n <= room and net - mac == ETH_HLEN:
+                if room < n <= _BUF and net - mac == ETH_HLEN:  # 64 KB TCP (offloads)
+                    buf[:n] = rmv[at : at + n]
+                    if fast(buf, n, in_port, now, rmap[vh] & 1) >= 0:
+                        tx.slot, tx.pending = slot, pending
+                        tx.send_big(rmv[vh : vh + VNET_HDR_LEN], mv[:n])
+                        slot, pending = tx.slot, tx.pending
+                        continue
+                elif n >= 48 and net - mac == ETH_HLEN:
                     s = slot * frame
                     if tmv[s]:
                         tx.slot, tx.pending = slot, pending
