@@ -584,6 +584,12 @@ class PythonPlane(Plane):
         """
         l2 = l2_facts(config)
         check_lb_host(config)
+        if self.io == "ring" and not config.lb.interfaces:
+            raise RunError(
+                f"{config.source}: lb.interfaces is empty, and the rings steer on ingress of"
+                " those links",
+                "keep lb.interfaces, or restart `v6lb run` with V6LB_PYTHON_IO=tun",
+            )
         steering = plan(config)
         if [(s.kind, s.port) for s in steering.sides] != [
             (s.kind, s.port) for s in self.steering.sides
