@@ -69,7 +69,7 @@ class RxRing:
         *,
         vnet: bool = False,
         block_size: int = 1 << 17,
-        blocks: int = 32,
+        blocks: int = 64,
         tov_ms: int = 1,
     ) -> None:
         self.device = device
