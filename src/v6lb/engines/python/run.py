@@ -66,7 +66,7 @@ from v6lb.engines.plane import (
 )
 from v6lb.engines.probe import ProbeRoute
 from v6lb.engines.python.ring import BLOCK_PKTS, ETH_HLEN, FRAME3, TX_HDR, RxRing, TxRing
-from v6lb.engines.python.steer import Side, Steering, inject_names, plan
+from v6lb.engines.python.steer import Side, Steering, inject_macs, inject_names, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
 from v6lb.model.pools import dsr_forwarder, nat_forwarder, npt_forwarder
@@ -441,18 +441,18 @@ class PythonPlane(Plane):
     def _install_inject(self) -> None:
         """The veth pair the loop writes into (its TX ring) and the kernel routes from."""
         kernel, engine = inject_names(self.instance)
+        kmac, emac = inject_macs(self.instance)
         for name in (kernel, engine):
             run_tool(["ip", "link", "del", "dev", name], netns=None)  # a leftover of a SIGKILL
-        _ip("link", "add", engine, "type", "veth", "peer", "name", kernel)
+        _ip("link", "add", engine, "address", emac, "type", "veth", "peer", "name", kernel,
+            "address", kmac)  # fmt: skip
         self.links += [kernel, engine]
-        macs = []
         for name in (kernel, engine):
             _ip("link", "set", "dev", name, "addrgenmode", "none")
             _ip("link", "set", "dev", name, "up")
-            info = nft_json(run_tool(["ip", "-j", "link", "show", "dev", name], netns=None))
-            macs.append(bytes.fromhex(str(info[0]["address"]).replace(":", "")))
+        macs = [bytes.fromhex(m.replace(":", "")) for m in (kmac, emac)]
         self.tx = TxRing(engine, macs[0], macs[1], vnet=True)
-        self._inject_mac = ":".join(f"{b:02x}" for b in macs[0])
+        self._inject_mac = kmac
 
     def _ring_port(self, side: Side, vnet: bool) -> _Port:
         """A TAP device for ``side``: nftables ``fwd``s its packets there, a ring reads them.

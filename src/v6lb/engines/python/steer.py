@@ -26,6 +26,7 @@ routes it on from there.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,7 +34,7 @@ from v6lb.core.verdict import PORT_INSIDE, PORT_OUTSIDE
 from v6lb.model.config import Config, VipMode
 from v6lb.render.routes import ROUTE_PROTO, TAG_SPAN, instance_tag
 
-__all__ = ["RULE_PREF", "Side", "Steering", "inject_names", "plan", "tun_name"]
+__all__ = ["RULE_PREF", "Side", "Steering", "inject_macs", "inject_names", "plan", "tun_name"]
 
 RULE_PREF: Final = 7590
 """Before the kernel engine's fwmark rules (7600) and the main table (32766)."""
@@ -53,6 +54,13 @@ def tun_name(instance: str, kind: str, port: int) -> str:
 def inject_names(instance: str) -> tuple[str, str]:
     """``V6LB_PYTHON_IO=ring``: the veth pair the engine writes into (kernel end, engine end)."""
     return f"v6lb-{instance[:6]}-xk", f"v6lb-{instance[:6]}-xe"
+
+
+def inject_macs(instance: str) -> tuple[str, str]:
+    """The pair's MACs (kernel end, engine end): locally administered, from the instance
+    name, so the netdev chain that names the kernel end's reads the same after a restart."""
+    tail = ":".join(f"{b:02x}" for b in zlib.crc32(instance.encode()).to_bytes(4, "big"))
+    return f"02:76:{tail}", f"06:76:{tail}"
 
 
 @dataclass(slots=True)
