@@ -38,6 +38,7 @@ from v6lb.wire.checksum import ones_sum
 pytestmark = [pytest.mark.root]
 
 ETH = bytes.fromhex("02000000000102000000000286dd")
+MCAST = bytes.fromhex("333300000016")  # an MLD report's destination
 NEEDS = bytes([1, 0]) + struct.pack("=HHHH", 0, 0, 54, 6)  # UDP checksum, Ethernet first
 
 
@@ -90,10 +91,16 @@ class _RingRig:
         return next(x for x in self.runner.ports if x.side.port == p)
 
     def run(self, frames: list[tuple[int, bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """Each (port, virtio-net header, packet) through the ring loop: what left, in order."""
+        """Each (port, virtio-net header, packet) through the ring loop: what left, in order.
+
+        A packet that is not IPv6 UDP (an MLD report, say) comes as the kernel's own
+        frame would, to a multicast MAC; every frame that leaves must carry the
+        transmit ring's Ethernet header all the same.
+        """
         out: list[tuple[bytes, bytes]] = []
         for in_port, hdr, pkt in frames:
-            self.send[in_port].send(hdr + ETH + pkt)
+            eth = ETH if pkt[6] == 17 else MCAST + ETH[6:]
+            self.send[in_port].send(hdr + eth + pkt)
             port = self.port(in_port)
             assert port.ring is not None
             select.select([port.ring], [], [], 2.0)  # the block is handed over within 1 ms
@@ -102,6 +109,7 @@ class _RingRig:
             try:
                 while True:
                     frame = self.out.recv(70000)
+                    assert frame[10:24] == ETH, frame[10:24].hex()
                     out.append((frame[:10], frame[24:]))
             except BlockingIOError:
                 pass
@@ -199,6 +207,10 @@ def test_ring_loops_equal_the_core(tmp_path: Path, rig_ns: tuple[str, str]) -> N
                 pkts.append((PORT_OUTSIDE, _udp(c, VIP, sport, 53, 64, b"q" * size)))
             else:
                 pkts.append((PORT_INSIDE, _udp(rng.choice(BACKENDS), c, 53, sport, 64, b"a")))
+            if rng.random() < 0.1:  # not UDP: the fast path copies it into a slot, then declines
+                mld = _udp("::", "ff02::16", 0, 0, 1, b"m" * 20)
+                mld[6] = 58
+                pkts.append((rng.choice([PORT_OUTSIDE, PORT_INSIDE]), mld))
         reference = build_forwarders(rig.runner.config)["nat"]
         want = _want(reference, pkts)
         frames = []

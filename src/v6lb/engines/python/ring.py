@@ -120,9 +120,9 @@ class RxRing:
 class TxRing:
     """A TPACKET_V2 transmit ring on ``device``: frames to ``dst`` from ``src`` (MACs).
 
-    Every slot's Ethernet header is written once, here; a packet then costs the
-    copy of its bytes (and of its virtio-net header) and the slot's status and
-    length. :meth:`flush` makes the kernel send every pending slot with one
+    :attr:`eth` is the header of every frame (to ``dst`` from ``src``); the caller
+    writes it into the slot with the packet (and its virtio-net header), then the
+    slot's status and length. :meth:`flush` makes the kernel send every pending slot with one
     ``send``, without waiting: a slot is free again once the kernel has passed
     the packet on (its status goes back to 0). Packets that do not fit a slot
     (64 KB TCP with offloads) go through :meth:`send_big`, a plain ``sendmsg``
@@ -169,9 +169,6 @@ class TxRing:
             self.big.close()
             raise
         self.mv = memoryview(self.map)
-        eth_at = _TX_DATA + (VNET_HDR_LEN if vnet else 0)
-        for i in range(frames):
-            self.map[i * frame + eth_at : i * frame + eth_at + ETH_HLEN] = self.eth
         self.slot = 0
         self.pending = 0
         self.errors = 0

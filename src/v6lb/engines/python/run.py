@@ -976,6 +976,7 @@ class PythonPlane(Plane):
             return False
         d = s + tx.data
         tx.mv[d : d + n] = pkt
+        tx.mv[d - ETH_HLEN : d] = tx.eth  # the fast paths leave the frame's own header there
         tx.mv[d - ETH_HLEN - VNET_HDR_LEN : d - ETH_HLEN] = hdr if hdr is not None else self._no_hdr
         _HDR_LEN.pack_into(tx.map, d - ETH_HLEN - VNET_HDR_LEN + 2, n + ETH_HLEN)
         TX_HDR.pack_into(tx.map, s, 1, n + tx.extra)
