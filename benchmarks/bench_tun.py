@@ -25,7 +25,7 @@ Method (root; needs iperf3, installed from Debian: ``apt-get install iperf3``):
   medians (python / kernel), and the 1-minute load average when each run started
   (each line, and the median per row): figures taken at a load above 0.5 are not
   those of a quiet machine.
-Run: ``sudo .venv/bin/python benchmarks/bench_tun.py [--runs 5] [--seconds 3]``.
+Run: ``sudo .venv/bin/python benchmarks/bench_tun.py [--runs 5] [--seconds 3] [--io ring,tun]``.
 """
 
 from __future__ import annotations

@@ -442,8 +442,9 @@ class PythonPlane(Plane):
         """The veth pair the loop writes into (its TX ring) and the kernel routes from."""
         kernel, engine = inject_names(self.instance)
         kmac, emac = inject_macs(self.instance)
-        for name in (kernel, engine):
-            run_tool(["ip", "link", "del", "dev", name], netns=None)  # a leftover of a SIGKILL
+        # a leftover of a SIGKILL (its peer goes with it)
+        if run_tool(["ip", "link", "del", "dev", kernel], netns=None).returncode == 0:
+            self.ctx.warn(f"removed leftover link {kernel}")
         _ip("link", "add", engine, "address", emac, "type", "veth", "peer", "name", kernel,
             "address", kmac)  # fmt: skip
         self.links += [kernel, engine]
@@ -793,10 +794,9 @@ class PythonPlane(Plane):
                     if plen + 40 == n and (nh == 6 or nh == 17) and rmap[at] >> 4 == 6:
                         new = get(key)
                         if new is not None and n > room:  # a 64 KB TCP packet (offloads)
-                            big = bytearray(rmv[at : at + n])
-                            put(big, addr_at, new)
+                            put(rmap, at + addr_at, new)  # in the receive slot: no copy
                             tx.slot, tx.pending = slot, pending
-                            tx.send_big(rmv[vh : vh + VNET_HDR_LEN], big)
+                            tx.send_big(rmv[vh : vh + VNET_HDR_LEN], rmv[at : at + n])
                             slot, pending = tx.slot, tx.pending
                             n_fwd += 1
                             continue
@@ -855,7 +855,6 @@ class PythonPlane(Plane):
         copy_all = _HDR_LEN.pack_into
         fast = port.fwd.fast
         in_port = port.side.port
-        buf, mv = self._buf, self._mv
         slot, pending = tx.slot, tx.pending
         n_rx = 0
         for _ in range(BLOCKS):
@@ -874,11 +873,11 @@ class PythonPlane(Plane):
                 if snap < ln:
                     port.errors += 1
                     continue
-                if room < n <= _BUF and net - mac == ETH_HLEN:  # 64 KB TCP (offloads)
-                    buf[:n] = rmv[at : at + n]
-                    if fast(buf, n, in_port, now, rmap[vh] & 1) >= 0:
+                if n > room and net - mac == ETH_HLEN:  # 64 KB TCP (offloads): in the ring
+                    big = rmv[at : at + n]
+                    if fast(big, n, in_port, now, rmap[vh] & 1) >= 0:
                         tx.slot, tx.pending = slot, pending
-                        tx.send_big(rmv[vh : vh + VNET_HDR_LEN], mv[:n])
+                        tx.send_big(rmv[vh : vh + VNET_HDR_LEN], big)
                         slot, pending = tx.slot, tx.pending
                         continue
                 elif n >= 48 and net - mac == ETH_HLEN:
