@@ -156,10 +156,8 @@ class TxRing:
             self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
             self.sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)  # skip a bad frame, not stop
             self.sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
-            req = _REQ.pack(frame * frames, 1, frame, frames)
-            if frame * frames > mmap.PAGESIZE * 1024:
-                req = _REQ.pack(mmap.PAGESIZE * 16, frame * frames // (mmap.PAGESIZE * 16), frame,
-                                frames)  # fmt: skip
+            block = max(frame, 1 << 16)  # frames per block: a whole number of them
+            req = _REQ.pack(block, frame * frames // block, frame, frames)
             self.sock.setsockopt(SOL_PACKET, PACKET_TX_RING, req)
             self.map = mmap.mmap(self.sock.fileno(), frame * frames)
             self.sock.bind((device, ETH_P_IPV6))
