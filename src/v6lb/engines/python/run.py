@@ -950,9 +950,17 @@ class PythonPlane(Plane):
     def _ring_slow(
         self, port: _Port, view: memoryview, vh: memoryview, now: float
     ) -> bytearray | None:
-        """A packet of a receive ring (and its virtio-net header) through ``process``."""
+        """A packet of a receive ring (and its virtio-net header) through ``process``.
+
+        Bytes past the payload length (an Ethernet minimum frame's padding) are cut
+        off first, as the kernel's IPv6 input does; a payload length past the end is
+        the core's to judge (``length-mismatch``).
+        """
         if port.hdr is not None:
             port.hdr[:] = vh
+        n = len(view)
+        if n > 40 and (plen := (view[4] << 8) | view[5]) and plen + 40 < n:
+            view = view[: plen + 40]
         return self._general(port, self._own_checksum(port, bytearray(view)), now)
 
     def _tx_room(self) -> bool:
