@@ -26,7 +26,7 @@ plane (dsr-srv6 both times, one lab each):
 * the download completes (it cannot without PMTU discovery: nothing else shrinks the
   backend's 1500-byte segments);
 * r-a sent N >= 1 PTBs (its Icmp6OutPktTooBigs); lb-a2 received all N and no TCP, lb-a1
-  received the TCP and no PTB (an nft counter at prerouting in each LB namespace);
+  received the TCP and no PTB (an nft counter on ingress of each LB's LAN link);
 * lb-a2's data plane forwarded the N PTBs (kernel: its nft counter ``v0_web_icmp``;
   python: its DSR forwarder's ``forwarded``, all of which are ICMP since lb-a2 got no
   TCP), lb-a1's forwarded none (kernel: ``v0_web_icmp`` 0); both instances' ``v6lb
@@ -86,20 +86,22 @@ def _sites_file(tmp_path: Path) -> Path:
 
 
 def _meter(lab: Lab, lb: str) -> str:
-    """An nft table counting what reaches ``lb`` for the VIP from the site LAN."""
-    head = f'iifname "{lab.ifname(lb, lab.sites[0].lan)}" ip6 daddr {lab.vip}'
+    """An nft table counting what reaches ``lb`` for the VIP from the site LAN: on ingress
+    of that link, before the python data plane's rings steer it (netdev, priority -500)."""
+    head = f"ip6 daddr {lab.vip}"
+    dev = lab.ifname(lb, lab.sites[0].lan)
     return (
-        "table ip6 pmtutest {\n"
+        "table netdev pmtutest {\n"
         "  counter to_tcp {}\n  counter to_ptb {}\n"
-        "  chain pre { type filter hook prerouting priority -450;\n"
+        f'  chain pre {{ type filter hook ingress device "{dev}" priority -600;\n'
         f'    {head} meta l4proto tcp counter name "to_tcp"\n'
         f'    {head} icmpv6 type packet-too-big counter name "to_ptb"\n'
         "  }\n}\n"
     )
 
 
-def _counter(lab: Lab, node: str, table: str, name: str) -> int:
-    out = lab.nsx(node, "nft", "-j", "list", "counter", "ip6", table, name)
+def _counter(lab: Lab, node: str, table: str, name: str, family: str = "ip6") -> int:
+    out = lab.nsx(node, "nft", "-j", "list", "counter", family, table, name)
     (c,) = [x["counter"] for x in json.loads(out)["nftables"] if "counter" in x]
     return int(c["packets"])
 
@@ -199,7 +201,7 @@ def test_ptb_to_the_other_instance_reaches_the_flows_backend(
             )
             took = time.monotonic() - t0
             meters = {
-                lb: {c: _counter(lab, lb, "pmtutest", f"to_{c}") for c in ("tcp", "ptb")}
+                lb: {c: _counter(lab, lb, "pmtutest", f"to_{c}", "netdev") for c in ("tcp", "ptb")}
                 for lb in (a1, a2)
             }
             ptbs = _ptbs_sent(lab, ra) - sent_before

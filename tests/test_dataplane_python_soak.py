@@ -483,7 +483,12 @@ def test_python_dataplane_soak(tmp_path: Path) -> None:
             for kind, reasons in EXPECTED.items():
                 assert injected[kind] > 0, kind
                 assert any(drops.get(r, 0) > 0 for r in reasons), (kind, reasons, drops)
-            assert kernel["Ip6InHdrErrors"] > 0 and kernel["Ip6InTruncatedPkts"] > 0, kernel
+            assert kernel["Ip6InHdrErrors"] > 0, kernel
+            # A payload length past the end: the kernel's with TUN; with rings (this file
+            # names lb.interfaces) the netdev chain takes the packet before the kernel's
+            # checks, and the engine counts it.
+            assert st["io"]["mode"] == "ring" and kernel["Ip6InTruncatedPkts"] == 0, kernel
+            assert drops.get("length-mismatch", 0) >= injected["kernel_plen_past_end"], drops
             # Memory: the conntrack bound held, and RSS stayed flat after the warm-up.
             assert 0 < ct_max <= CONNTRACK_MAX and nat["conntrack_max"] == CONNTRACK_MAX
             assert rss_start and rss_end - rss_start <= RSS_BOUND_KB, (rss_start, rss_end)

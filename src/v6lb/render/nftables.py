@@ -98,6 +98,7 @@ from v6lb.render.routes import (
 __all__ = [
     "CONNTRACK_FULL",
     "backend_counter",
+    "render_ring_steer",
     "NAT_UNSYNCED",
     "FORWARD_COUNTERS",
     "KERNEL_MODES",
@@ -1262,6 +1263,51 @@ def render_forward_nft(config: Config, tuns: Sequence[str], plane: str = "python
         )
         lines += _chain("icmp_limit", "filter hook prerouting priority mangle", limit)
     lines += _chain("forward", "filter hook forward priority filter", _forward_rules(config, tuns))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_ring_steer(
+    config: Config,
+    interfaces: Sequence[str],
+    sides: Sequence[tuple[str, Sequence[str]]],
+    mac: str,
+) -> str:
+    """The Python data plane's steering with AF_PACKET rings: ``table netdev``, one chain.
+
+    On ingress of each of ``interfaces`` (before the kernel's IPv6 stack sees the
+    packet), the packets each side takes (``(device, [nft match, ...])``, the same
+    matches as the ``ip -6 rule`` lines of the TUN steering) are ``fwd``-ed to that side's
+    TAP device, whose receive ring the engine reads; the kernel never routes
+    them. ICMPv6 errors to the VIPs and npt outside prefixes over
+    :data:`PYTHON_ICMP_ERROR_RATE` per second are dropped first, as the ``ip6``
+    table's ``icmp_limit`` chain does for the TUNs. Each frame's destination becomes
+    ``mac`` (the engine's inject link) on the way, so the engine copies it on as
+    it is. Appended to
+    :func:`render_forward_nft`'s text, whose reset deletes this table too.
+    """
+    tag = _tag(config)
+    lines = [f"table netdev {table_name(config.lb.instance)} {{", f'\tcomment "{tag}"']
+    rules = [
+        "meta protocol != ip6 accept",
+        f'ip6 daddr {{ ff00::/8, fe80::/10 }} accept comment "{tag}: multicast and link-local'
+        " (neighbour discovery) stay the kernel's\"",
+        f'ip6 hoplimit < 2 accept comment "{tag}: the kernel answers Time Exceeded (as for a TUN)"',
+    ]
+    targets = _icmp_limit_targets(config)
+    if targets:
+        lines += _set_block("icmp_limited", "ipv6_addr", f"{tag}: VIP addresses and npt outside"
+                            " prefixes", targets)  # fmt: skip
+        lines += _counter_block(ICMP_LIMITED, f"{tag}: ICMPv6 errors over the rate, dropped")
+        rules.append(
+            f"ip6 daddr @icmp_limited icmpv6 type {ICMP_ERRORS}"
+            f" limit rate over {PYTHON_ICMP_ERROR_RATE}/second burst {PYTHON_ICMP_ERROR_BURST}"
+            f' packets counter name "{ICMP_LIMITED}" drop'
+        )
+    for device, matches in sides:
+        rules += [f'{m} ether daddr set {mac} fwd to "{device}"' for m in matches]
+    devs = ", ".join(f'"{d}"' for d in interfaces)
+    lines += _chain("steer", f"filter hook ingress devices = {{ {devs} }} priority -500", rules)
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -201,7 +201,9 @@ def nft_counters(instance: str, *, netns: str | None = None) -> dict[str, tuple[
     for item in json.loads(r.stdout or '{"nftables": []}')["nftables"]:
         c = item.get("counter")
         if c and c["table"] == name:
-            out[c["name"]] = (int(c["packets"]), int(c["bytes"]))
+            # the same name in the ip6 and netdev tables (the python plane's rings): summed
+            p, b = out.get(c["name"], (0, 0))
+            out[c["name"]] = (p + int(c["packets"]), b + int(c["bytes"]))
     return out
 
 

@@ -65,21 +65,28 @@ from v6lb.engines.plane import (
     VipCounter,
 )
 from v6lb.engines.probe import ProbeRoute
-from v6lb.engines.python.steer import Side, Steering, plan
+from v6lb.engines.python.ring import BLOCK_PKTS, ETH_HLEN, FRAME3, TX_HDR, RxRing, TxRing
+from v6lb.engines.python.steer import Side, Steering, inject_macs, inject_names, plan
 from v6lb.engines.python.tun import VNET_HDR_LEN, open_tun
 from v6lb.model.config import Config, VipMode
 from v6lb.model.pools import dsr_forwarder, nat_forwarder, npt_forwarder
 from v6lb.model.status import IcmpErrors
-from v6lb.render.nftables import render_forward_nft
+from v6lb.render.nftables import render_forward_nft, render_ring_steer
 from v6lb.render.routes import ROUTE_PROTO
 from v6lb.wire.checksum import fill_l4_checksum
 from v6lb.wire.constants import NH_TCP, NH_UDP
 from v6lb.wire.reasons import Reason
 
-__all__ = ["BATCH", "TRACE_RATE", "PythonPlane", "build_forwarders", "rps_mask"]
+__all__ = ["BATCH", "IO_MODES", "TRACE_RATE", "PythonPlane", "build_forwarders", "rps_mask"]
 
 BATCH: Final = 256
 """Packets read from one device before the loop looks at the others again."""
+BLOCKS: Final = 4
+"""Receive-ring blocks read from one device before the loop looks at the others again."""
+IO_MODES: Final = ("ring", "tun")
+"""``V6LB_PYTHON_IO``: AF_PACKET rings on the LB's links (the default), or TUN devices."""
+TX_BATCH: Final = 256
+"""Packets written to the transmit ring before the loop hands them to the kernel."""
 TRACE_RATE: Final = 20.0
 _DSR: Final = tuple(m for m in VipMode if m.is_dsr)
 _ETH_P_IPV6: Final = b"\x86\xdd"
@@ -95,6 +102,11 @@ _NPT_DST: Final = struct.Struct("!B3xHBB16xQ")
 _HL_SRC: Final = struct.Struct("!BQ")
 _Q: Final = struct.Struct("!Q")
 _CSUM_AT: Final = struct.Struct("=HH")  # virtio-net header: csum_start, csum_offset (host order)
+_HDR_LEN: Final = struct.Struct("=H")
+"""A transmit slot's virtio-net ``hdr_len``: the whole frame, so the kernel copies the
+packet out of the slot at once. Otherwise the skb keeps pointing into the slot, which
+the kernel hands back when the receiving stack orphans the skb (at once, on the
+inject veth), and the next packet written there overwrites one still on its way."""
 
 
 def build_forwarders(config: Config, macs: Mapping[str, bytes] | None = None) -> dict[str, Any]:
@@ -118,10 +130,23 @@ def build_forwarders(config: Config, macs: Mapping[str, bytes] | None = None) ->
 class _Port:
     """The loop's view of one TUN device (plain attributes: read in the hot loop)."""
 
-    __slots__ = ("side", "fd", "fwd", "outs", "rx", "errors", "cache", "hdr", "vecs", "wvecs")
+    __slots__ = (
+        "side", "fd", "fwd", "outs", "rx", "errors", "cache", "hdr", "vecs", "wvecs", "ring",
+        "ring_drops",
+    )  # fmt: skip
 
-    def __init__(self, side: Side, fd: int, fwd: Any, buf: bytearray, vnet: bool = False) -> None:
+    def __init__(
+        self,
+        side: Side,
+        fd: int,
+        fwd: Any,
+        buf: bytearray,
+        vnet: bool = False,
+        ring: RxRing | None = None,
+    ) -> None:
         self.side = side
+        self.ring = ring  # V6LB_PYTHON_IO=ring: the TAP device's receive ring (fd: its socket)
+        self.ring_drops = 0  # frames the kernel found no room for in the ring
         self.fd = fd
         self.fwd = fwd
         self.outs: tuple[int, int] = (fd, fd)
@@ -237,9 +262,20 @@ class PythonPlane(Plane):
     role = Role.DATAPLANE
 
     def __init__(
-        self, config: Config, ctx: PlaneContext | None = None, *, l2: L2Facts | None = None
+        self,
+        config: Config,
+        ctx: PlaneContext | None = None,
+        *,
+        l2: L2Facts | None = None,
+        io: str = "tun",
     ) -> None:
         self.config = config
+        self.io = io
+        # TUN: the kernel took a hop on the way in, the loops give it back (see _drain_npt)
+        self._give = 1 if io == "tun" else 0
+        self.tx: TxRing | None = None  # ring: the engine end of the inject veth pair
+        self.links: list[str] = []  # ring: the devices this plane made (deleted on teardown)
+        self._inject_mac = ""  # ring: the kernel end's MAC, every frame's destination
         self.ctx = ctx or PlaneContext(path=config.source)
         self.trace = self.ctx.trace
         self.instance = config.lb.instance
@@ -279,9 +315,21 @@ class PythonPlane(Plane):
         require_ipv6_forwarding(
             ctx.netns, "the kernel would not route packets into and out of the TUNs"
         )
-        if not os.path.exists("/dev/net/tun"):
+        io = os.environ.get("V6LB_PYTHON_IO") or ("ring" if config.lb.interfaces else "tun")
+        if io not in IO_MODES:
+            raise RunError(
+                f"V6LB_PYTHON_IO={io!r} is not one of {', '.join(IO_MODES)}",
+                "unset it (the default: ring with lb.interfaces, else tun) or name one of them",
+            )
+        if io == "ring" and not config.lb.interfaces:
+            raise RunError(
+                f"{config.source}: lb.interfaces is empty: V6LB_PYTHON_IO=ring steers the"
+                " packets on ingress of those links",
+                "list the links the traffic arrives on in lb.interfaces, or use V6LB_PYTHON_IO=tun",
+            )
+        if io == "tun" and not os.path.exists("/dev/net/tun"):
             raise RunError("/dev/net/tun is missing", "modprobe tun")
-        return cls(config, ctx, l2=l2)
+        return cls(config, ctx, l2=l2, io=io)
 
     def pools(self) -> Mapping[str, BackendPool]:
         """The forwarders' own pools: a health change goes straight into them."""
@@ -327,8 +375,14 @@ class PythonPlane(Plane):
             for item in remove(self.instance):
                 self.ctx.warn(f"removed leftover {item}")
             by_kind: dict[str, dict[int, _Port]] = {}
+            if self.io == "ring":
+                self._install_inject()
             for side in self.steering.sides:
                 vnet = side.kind in ("npt", "nat")  # offloads: 64 KB TCP packets
+                if self.io == "ring":
+                    port = self._ring_port(side, vnet)
+                    self.ports.append(port)
+                    continue
                 try:
                     fd = open_tun(side.name, offload=vnet)
                 except OSError as exc:
@@ -348,7 +402,8 @@ class PythonPlane(Plane):
                     port.outs = outs
             if self.l2_facts is not None:
                 self.l2 = L2Egress(self.l2_facts)
-            spread = _spread_rps([p.side.name for p in self.ports], self.ctx.netns)
+            rps = [p.side.name for p in self.ports] if self.io == "tun" else self.links[:1]
+            spread = _spread_rps(rps, self.ctx.netns)
             if spread:
                 log(spread)
             r = run_tool(["ip", "-6", "-batch", "-"], netns=None, stdin=self.steering.batch())
@@ -358,15 +413,91 @@ class PythonPlane(Plane):
                     "check that the kernel has policy routing (ip -6 rule) and TUN",
                 )
             # Not an open relay: what the host routes around the TUNs is v6lb's policy.
-            apply_nft(render_forward_nft(self.config, self.steering.names()))
+            apply_nft(self._nft(self.config, self.steering))
         except BaseException:
             for item in self.teardown():
                 log(f"removed {item}")
             raise
+        how = (
+            f"AF_PACKET rings, steered on ingress of {', '.join(self.config.lb.interfaces)}"
+            if self.io == "ring"
+            else "TUN"
+        )
         return (
-            f"python data plane: {', '.join(self.steering.names())} for"
+            f"python data plane ({how}): {', '.join(self.steering.names())} for"
             f" {', '.join(sorted(self.forwarders))}"
         )
+
+    def _nft(self, config: Config, steering: Steering) -> str:
+        """The forward filter, and with rings the netdev steering (one transaction)."""
+        if self.io == "tun":
+            return render_forward_nft(config, steering.names())
+        names = steering.names() + self.links[:1]  # what the inject link's kernel end routes
+        sides = [(s.name, s.matches) for s in steering.sides]
+        return render_forward_nft(config, names) + render_ring_steer(
+            config, config.lb.interfaces, sides, self._inject_mac
+        )
+
+    def _install_inject(self) -> None:
+        """The veth pair the loop writes into (its TX ring) and the kernel routes from."""
+        kernel, engine = inject_names(self.instance)
+        kmac, emac = inject_macs(self.instance)
+        # a leftover of a SIGKILL (its peer goes with it)
+        if run_tool(["ip", "link", "del", "dev", kernel], netns=None).returncode == 0:
+            self.ctx.warn(f"removed leftover link {kernel}")
+        _ip("link", "add", engine, "address", emac, "type", "veth", "peer", "name", kernel,
+            "address", kmac)  # fmt: skip
+        self.links += [kernel, engine]
+        for name in (kernel, engine):
+            _ip("link", "set", "dev", name, "addrgenmode", "none")
+            _ip("link", "set", "dev", name, "up")
+        macs = [bytes.fromhex(m.replace(":", "")) for m in (kmac, emac)]
+        self.tx = TxRing(engine, macs[0], macs[1], vnet=True)
+        self._inject_mac = kmac
+
+    def _ring_port(self, side: Side, vnet: bool) -> _Port:
+        """A TAP device for ``side``: nftables ``fwd``s its packets there, a ring reads them.
+
+        The ring is an ``ETH_P_ALL`` tap on the device: it gets a copy of each frame
+        the device is given to send. The engine never reads the TAP's own queue
+        (one packet long), so the TAP drops the frame then, and the kernel never
+        routes it. Like a TUN the device goes with the process. The ip rules still
+        route into it what the netdev chain does not see (the LB's own probes,
+        links not in ``lb.interfaces``): ARP off, it needs no neighbour. Without
+        offloads (dsr) the kernel completes checksums and segments before the
+        ring sees a packet.
+        """
+        try:
+            fd = open_tun(side.name, offload=vnet, tap=True)
+        except OSError as exc:
+            raise RunError(
+                f"cannot create TAP device {side.name}: {exc.strerror}",
+                "is another instance with this name running? is /dev/net/tun there?",
+            ) from None
+        try:
+            # the inject link's MAC: a frame routed here by the ip rules (no neighbour,
+            # ARP off: to the device's own address) goes on with the right destination
+            for args in (
+                ("addrgenmode", "none"),
+                ("arp", "off"),
+                ("txqueuelen", "1"),
+                ("address", self._inject_mac),
+                ("up",),
+            ):
+                _ip("link", "set", "dev", side.name, *args)
+            ring = RxRing(side.name, vnet=vnet)
+        except OSError as exc:
+            os.close(fd)
+            raise RunError(
+                f"cannot open a receive ring on {side.name}: {exc.strerror}",
+                "the kernel needs AF_PACKET with PACKET_MMAP (TPACKET_V3); or V6LB_PYTHON_IO=tun",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        port = _Port(side, ring.fileno(), self.forwarders[side.kind], self._buf, vnet, ring)
+        port.outs = (fd, fd)  # the TAP's fd: only kept open (closed on teardown)
+        return port
 
     def in_flight(self) -> int:
         """A graceful stop: packets read since the last look (at most every _QUIET_WINDOW s).
@@ -386,16 +517,26 @@ class PythonPlane(Plane):
 
     def teardown(self) -> list[str]:
         for port in self.ports:
+            if port.ring is not None:
+                port.ring.close()
             try:
-                os.close(port.fd)  # the TUN device goes with its fd
+                os.close(port.outs[0] if port.ring is not None else port.fd)  # the device goes too
             except OSError:
                 pass
-            self.ctx.log(f"removed TUN {port.side.name}")
+            self.ctx.log(f"removed {'TAP' if port.ring else 'TUN'} {port.side.name}")
         self.ports = []
+        if self.tx is not None:
+            self.tx.close()
+            self.tx = None
+        removed = remove(self.instance)  # the netdev chain first: nothing fwd-ed to a gone link
+        if self.links:  # the inject veth pair (its peer goes with it)
+            run_tool(["ip", "link", "del", "dev", self.links[0]], netns=None)
+            removed.append(f"link {self.links[0]}")
+        self.links = []
         if self.l2 is not None:
             self.l2.close()
             self.l2 = None
-        return remove(self.instance)
+        return removed
 
     # --- the loop ----------------------------------------------------------------
 
@@ -407,7 +548,9 @@ class PythonPlane(Plane):
         """What the daemon's loop calls when ``port`` is readable: the loop for its kind."""
 
         def ready() -> None:
-            if self.trace:
+            if port.ring is not None:
+                self._ring_ready(port, time.monotonic())
+            elif self.trace:
                 self._drain_traced(port, time.monotonic())
             elif port.side.kind == "nat":
                 self._drain_nat(port, time.monotonic())
@@ -442,6 +585,12 @@ class PythonPlane(Plane):
         """
         l2 = l2_facts(config)
         check_lb_host(config)
+        if self.io == "ring" and not config.lb.interfaces:
+            raise RunError(
+                f"{config.source}: lb.interfaces is empty, and the rings steer on ingress of"
+                " those links",
+                "keep lb.interfaces, or restart `v6lb run` with V6LB_PYTHON_IO=tun",
+            )
         steering = plan(config)
         if [(s.kind, s.port) for s in steering.sides] != [
             (s.kind, s.port) for s in self.steering.sides
@@ -456,12 +605,12 @@ class PythonPlane(Plane):
                 forwarders[kind] = self.forwarders[kind]  # unchanged: keep its state
 
         def commit() -> str:
-            apply_nft(render_forward_nft(config, steering.names()))
+            apply_nft(self._nft(config, steering))
             lines = _steering_diff(self.steering, steering)
             if lines:
                 r = run_tool(["ip", "-6", "-batch", "-"], netns=None, stdin=lines)
                 if r.returncode != 0:
-                    apply_nft(render_forward_nft(self.config, self.steering.names()))
+                    apply_nft(self._nft(self.config, self.steering))
                     raise RunError(f"updating the steering rules failed: {r.stderr.strip()}", "")
             kept = sorted(k for k in forwarders if forwarders[k] is self.forwarders.get(k))
             self.config, self.steering, self.forwarders = config, steering, forwarders
@@ -587,19 +736,277 @@ class PythonPlane(Plane):
             self._slow(port, n, now)
         port.rx += n_rx
 
-    @staticmethod
-    def _own_checksum(port: _Port, pkt: bytearray) -> bytearray:
+    # The ring loops (V6LB_PYTHON_IO=ring). A ready device's receive ring is read
+    # block by block, without a system call. On the fast paths each packet is
+    # copied once, from its receive slot into the next transmit slot, and
+    # rewritten there in place; the transmit slots go to the kernel with one
+    # ``send`` per TX_BATCH packets and one at the end. Nothing took a hop on the
+    # way in (the netdev chain stole the packet before the kernel routed it), so
+    # nothing is given back; the kernel takes the one hop when it routes the
+    # packet on from the inject link. The general path copies the packet out of
+    # the ring, as the TUN loops do.
+
+    def _ring_ready(self, port: _Port, now: float) -> None:
+        if self.trace or port.side.kind == "dsr":
+            self._ring_any(port, now)
+        elif port.side.kind == "nat":
+            self._ring_nat(port, now)
+        elif port.fwd.first8_determines:
+            self._ring_npt(port, now)
+        else:
+            self._ring_any(port, now)
+
+    def _ring_npt(self, port: _Port, now: float) -> None:
+        """npt on rings: the first-8-byte cache of :meth:`_drain_npt`, slot to slot."""
+        rx, tx = port.ring, self.tx
+        assert rx is not None and tx is not None
+        rmap, rmv, tmap, tmv = rx.map, rx.mv, tx.map, tx.mv
+        frame, nslots, data, room, extra = tx.frame, tx.frames, tx.data, tx.room, tx.extra
+        vat = data - ETH_HLEN - VNET_HDR_LEN
+        frame3, pack_tx, pkts = FRAME3.unpack_from, TX_HDR.pack_into, BLOCK_PKTS.unpack_from
+        copy_all = _HDR_LEN.pack_into
+        cache = port.cache
+        get = cache.get
+        inside = port.side.port == PORT_INSIDE
+        hdr = _NPT_SRC if inside else _NPT_DST
+        addr_at = 8 if inside else 24
+        put = _Q.pack_into
+        slot, pending = tx.slot, tx.pending
+        n_rx = n_fwd = 0
+        for _ in range(BLOCKS):
+            blk = rx.ready()
+            if blk < 0:
+                break
+            num, pos = pkts(rmap, blk + 12)
+            pos += blk
+            n_rx += num
+            for _ in range(num):
+                nxt, snap, ln, mac, net = frame3(rmap, pos)
+                at = pos + net
+                n = snap + mac - net
+                vh = pos + mac - VNET_HDR_LEN
+                pos += nxt
+                if snap < ln:  # larger than a block: cannot happen with 128 KB blocks
+                    port.errors += 1
+                    continue
+                if n >= 60 and net - mac == ETH_HLEN:
+                    _, plen, nh, _, key = hdr.unpack_from(rmap, at)
+                    if plen + 40 == n and (nh == 6 or nh == 17) and rmap[at] >> 4 == 6:
+                        new = get(key)
+                        if new is not None and n > room:  # a 64 KB TCP packet (offloads)
+                            put(rmap, at + addr_at, new)  # in the receive slot: no copy
+                            tx.slot, tx.pending = slot, pending
+                            tx.send_big(rmv[vh : vh + VNET_HDR_LEN], rmv[at : at + n])
+                            slot, pending = tx.slot, tx.pending
+                            n_fwd += 1
+                            continue
+                        if new is not None:
+                            s = slot * frame
+                            if tmv[s]:  # the kernel still has this slot
+                                tx.slot, tx.pending = slot, pending
+                                ok = self._tx_room()
+                                pending = tx.pending
+                                if not ok:
+                                    port.errors += 1
+                                    continue
+                            d = s + data
+                            # one copy: virtio-net header, Ethernet header (to the inject
+                            # link's MAC already: the nft rule or the TAP's address), packet
+                            tmv[s + vat : d + n] = rmv[vh : at + n]
+                            copy_all(tmap, s + vat + 2, n + ETH_HLEN)
+                            put(tmap, d + addr_at, new)
+                            pack_tx(tmap, s, 1, n + extra)
+                            slot += 1
+                            if slot == nslots:
+                                slot = 0
+                            pending += 1
+                            if pending >= TX_BATCH:
+                                tx.pending = pending
+                                tx.flush()
+                                pending = 0
+                            n_fwd += 1
+                            continue
+                        tx.slot, tx.pending = slot, pending
+                        pkt = self._ring_slow(port, rmv[at : at + n], rmv[vh : vh + 10], now)
+                        slot, pending = tx.slot, tx.pending
+                        if pkt is not None:  # forwarded by the core: remember the translation
+                            if len(cache) >= _NPT_CACHE_MAX:
+                                cache.clear()
+                            cache[key] = _Q.unpack_from(pkt, addr_at)[0]
+                        continue
+                tx.slot, tx.pending = slot, pending
+                self._ring_slow(port, rmv[at : at + n], rmv[vh : vh + 10], now)
+                slot, pending = tx.slot, tx.pending
+            rx.release(blk)
+        tx.slot, tx.pending = slot, pending
+        tx.flush()
+        port.rx += n_rx
+        if n_fwd:
+            port.fwd.counters.forwarded += n_fwd
+
+    def _ring_nat(self, port: _Port, now: float) -> None:
+        """nat on rings: the core's ``fast`` on the transmit slot, its general path on a copy."""
+        rx, tx = port.ring, self.tx
+        assert rx is not None and tx is not None
+        rmap, rmv, tmap, tmv = rx.map, rx.mv, tx.map, tx.mv
+        frame, nslots, data, room, extra = tx.frame, tx.frames, tx.data, tx.room, tx.extra
+        vat = data - ETH_HLEN - VNET_HDR_LEN
+        frame3, pack_tx, pkts = FRAME3.unpack_from, TX_HDR.pack_into, BLOCK_PKTS.unpack_from
+        copy_all = _HDR_LEN.pack_into
+        fast = port.fwd.fast
+        in_port = port.side.port
+        slot, pending = tx.slot, tx.pending
+        n_rx = 0
+        for _ in range(BLOCKS):
+            blk = rx.ready()
+            if blk < 0:
+                break
+            num, pos = pkts(rmap, blk + 12)
+            pos += blk
+            n_rx += num
+            for _ in range(num):
+                nxt, snap, ln, mac, net = frame3(rmap, pos)
+                at = pos + net
+                n = snap + mac - net
+                vh = pos + mac - VNET_HDR_LEN
+                pos += nxt
+                if snap < ln:
+                    port.errors += 1
+                    continue
+                if n > room and net - mac == ETH_HLEN:  # 64 KB TCP (offloads): in the ring
+                    big = rmv[at : at + n]
+                    if fast(big, n, in_port, now, rmap[vh] & 1) >= 0:
+                        tx.slot, tx.pending = slot, pending
+                        tx.send_big(rmv[vh : vh + VNET_HDR_LEN], big)
+                        slot, pending = tx.slot, tx.pending
+                        continue
+                elif n >= 48 and net - mac == ETH_HLEN:
+                    s = slot * frame
+                    if tmv[s]:
+                        tx.slot, tx.pending = slot, pending
+                        ok = self._tx_room()
+                        pending = tx.pending
+                        if not ok:
+                            port.errors += 1
+                            continue
+                    d = s + data
+                    tmv[s + vat : d + n] = rmv[vh : at + n]  # as in _ring_npt: one copy
+                    # NEEDS_CSUM: the checksum field holds the pseudo-header sum only
+                    if fast(tmv[d : d + n], n, in_port, now, rmap[vh] & 1) >= 0:
+                        copy_all(tmap, s + vat + 2, n + ETH_HLEN)
+                        pack_tx(tmap, s, 1, n + extra)
+                        slot += 1
+                        if slot == nslots:
+                            slot = 0
+                        pending += 1
+                        if pending >= TX_BATCH:
+                            tx.pending = pending
+                            tx.flush()
+                            pending = 0
+                        continue
+                tx.slot, tx.pending = slot, pending
+                self._ring_slow(port, rmv[at : at + n], rmv[vh : vh + 10], now)
+                slot, pending = tx.slot, tx.pending
+            rx.release(blk)
+        tx.slot, tx.pending = slot, pending
+        tx.flush()
+        port.rx += n_rx
+
+    def _ring_any(self, port: _Port, now: float) -> None:
+        """Any forwarder on rings (and tracing): ``process`` on a copy of each packet."""
+        rx, tx = port.ring, self.tx
+        assert rx is not None and tx is not None
+        rmap, rmv = rx.map, rx.mv
+        n_rx = 0
+        for _ in range(BLOCKS):
+            blk = rx.ready()
+            if blk < 0:
+                break
+            num, pos = BLOCK_PKTS.unpack_from(rmap, blk + 12)
+            pos += blk
+            n_rx += num
+            for _ in range(num):
+                nxt, snap, ln, mac, net = FRAME3.unpack_from(rmap, pos)
+                at, n, vh = pos + net, snap + mac - net, pos + mac - VNET_HDR_LEN
+                pos += nxt
+                if snap < ln:
+                    port.errors += 1
+                    continue
+                if self.trace:
+                    pkt = bytearray(rmv[at : at + n])
+                    if port.hdr is not None:
+                        port.hdr[:] = rmv[vh : vh + VNET_HDR_LEN]
+                    self._own_checksum(port, pkt)
+                    head = _describe(pkt)
+                    action, arg, out = port.fwd.process(pkt, port.side.port, now)
+                    self._trace_line(port, head, action, arg, out)
+                    self._send(port, pkt, action, arg, out)
+                else:
+                    self._ring_slow(port, rmv[at : at + n], rmv[vh : vh + VNET_HDR_LEN], now)
+            rx.release(blk)
+        tx.flush()
+        port.rx += n_rx
+
+    def _ring_slow(
+        self, port: _Port, view: memoryview, vh: memoryview, now: float
+    ) -> bytearray | None:
+        """A packet of a receive ring (and its virtio-net header) through ``process``.
+
+        Bytes past the payload length (an Ethernet minimum frame's padding) are cut
+        off first, as the kernel's IPv6 input does; a payload length past the end is
+        the core's to judge (``length-mismatch``).
+        """
+        if port.hdr is not None:
+            port.hdr[:] = vh
+        n = len(view)
+        if n > 40 and (plen := (view[4] << 8) | view[5]) and plen + 40 < n:
+            view = view[: plen + 40]
+        return self._general(port, self._own_checksum(port, bytearray(view)), now)
+
+    def _tx_room(self) -> bool:
+        """The next transmit slot is still the kernel's: hand it the pending ones, look again."""
+        tx = self.tx
+        assert tx is not None
+        tx.flush()
+        return not tx.map[tx.slot * tx.frame]
+
+    def _tx_put(self, hdr: bytearray | bytes | None, pkt: bytearray | bytes) -> bool:
+        """One packet into the next transmit slot (or, too big for one, a ``sendmsg``)."""
+        tx = self.tx
+        assert tx is not None
+        n = len(pkt)
+        if n > tx.room:
+            tx.send_big(hdr, pkt)
+            return True
+        s = tx.slot * tx.frame
+        if tx.map[s] and not self._tx_room():
+            return False
+        d = s + tx.data
+        tx.mv[d : d + n] = pkt
+        tx.mv[d - ETH_HLEN : d] = tx.eth  # the fast paths leave the frame's own header there
+        tx.mv[d - ETH_HLEN - VNET_HDR_LEN : d - ETH_HLEN] = hdr if hdr is not None else self._no_hdr
+        _HDR_LEN.pack_into(tx.map, d - ETH_HLEN - VNET_HDR_LEN + 2, n + ETH_HLEN)
+        TX_HDR.pack_into(tx.map, s, 1, n + tx.extra)
+        tx.slot = (tx.slot + 1) % tx.frames
+        tx.pending += 1
+        if tx.pending >= TX_BATCH:
+            tx.flush()
+        return True
+
+    def _own_checksum(self, port: _Port, pkt: bytearray) -> bytearray:
         """nat's general path needs a full transport checksum: complete a NEEDS_CSUM one.
 
         The virtio-net header then says so no more (flag and offsets cleared),
         and is written back in front of the packet as it is. A 64 KB TCP packet
         stays one: the kernel fills in the checksum of each segment when it
-        segments it.
+        segments it. From a ring, ``csum_start`` counts the Ethernet header too.
         """
         hdr = port.hdr
         if hdr is None or not hdr[0] & 1 or port.side.kind != "nat":
             return pkt
         start, off = _CSUM_AT.unpack_from(hdr, 6)
+        if port.ring is not None:
+            start -= ETH_HLEN
         nh = NH_TCP if off == 16 else NH_UDP if off == 6 else 0
         if nh and start + off + 2 <= len(pkt):
             fill_l4_checksum(pkt, start, nh)
@@ -639,7 +1046,18 @@ class PythonPlane(Plane):
 
     def _send(self, port: _Port, pkt: bytearray, action: int, arg: int, data: Any) -> None:
         try:
-            if port.hdr is not None:  # offloads: a virtio-net header first
+            if self.tx is not None and action != FORWARD_L2:  # rings: the kernel routes it
+                ok = True
+                if action == FORWARD and data is pkt:
+                    ok = self._tx_put(port.hdr, data)
+                elif action in (FORWARD, REPLY):
+                    ok = self._tx_put(None, data)
+                elif action == FORWARD_MANY:
+                    for frag in data:
+                        ok = self._tx_put(None, frag) and ok
+                if not ok:
+                    port.errors += 1
+            elif port.hdr is not None:  # offloads: a virtio-net header first
                 if action == FORWARD and data is pkt:
                     os.writev(port.outs[arg], [port.hdr, data])
                 elif action in (FORWARD, REPLY):
@@ -722,6 +1140,11 @@ class PythonPlane(Plane):
             }
             for p in self.ports
         ]
+        for p, dev in zip(self.ports, devices, strict=True):
+            if p.ring is not None:
+                p.ring_drops += p.ring.dropped()[1]  # the kernel resets its count on each read
+                dev["ring_drops"] = p.ring_drops
+
         out = PlaneStatus()
         pools = _pools(self.forwarders)
         dsr = self.forwarders.get("dsr")
@@ -769,6 +1192,9 @@ class PythonPlane(Plane):
             counters["conntrack_full"] = (full, 0)
         limits = limits_status(config, counters, count=len(nat.conntrack) if nat else None)
         out.details = {"engine": engine, "devices": devices, "kernel": kernel, **limits}
+        out.details["io"] = {"mode": self.io}
+        if self.tx is not None:  # the ring I/O's inject link
+            out.details["io"] |= {"inject": self.links[0], "send_errors": self.tx.errors}
         return out
 
 
