@@ -249,6 +249,13 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
 
             before = expected()
             assert set(before.values()) == {0, 1}  # both backends have flows
+            wait_for(  # the first probes: until they pass, the table has no backend
+                "both backends up",
+                lambda: [b["health"] for b in _status(sock)["vips"][0]["backends"]]  # type: ignore[index]
+                == ["up", "up"],
+                10,
+                (AssertionError,),
+            )
             got = _send_and_collect(ns["rtr"], catchers, ports, b"xdp-before")
             assert {p: b for p, (b, _) in got.items()} == before
             inner = got[ports[0]][1]
