@@ -251,8 +251,10 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
             assert set(before.values()) == {0, 1}  # both backends have flows
             wait_for(  # the first probes: until they pass, the table has no backend
                 "both backends up",
-                lambda: [b["health"] for b in _status(sock)["vips"][0]["backends"]]  # type: ignore[index]
-                == ["up", "up"],
+                lambda: (
+                    [b["health"] for b in _status(sock)["vips"][0]["backends"]]  # type: ignore[index]
+                    == ["up", "up"]
+                ),
                 10,
                 (AssertionError,),
             )
