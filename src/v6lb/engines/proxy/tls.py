@@ -225,9 +225,14 @@ class TlsLayer(asyncio.Protocol):
             self.app = self.h2(self.app)
 
     def _read(self) -> None:
+        # The hot path: one record in, its plaintext to ``app``, no exception (an
+        # SSLWantReadError costs more than the decryption of a small record): reading
+        # stops when no ciphertext is left in ``inc`` and none of the last record's
+        # plaintext is held in ``obj``; a partial record left raises SSLWantReadError.
+        inc, obj = self.inc, self.obj
         while not self.paused and not self.closing:
             try:
-                chunk = self.obj.read(_READ)
+                chunk = obj.read(_READ)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:  # close_notify
@@ -241,7 +246,10 @@ class TlsLayer(asyncio.Protocol):
             if not chunk:
                 break
             self.app.data_received(chunk)
-        self._flush()
+            if not inc.pending and not obj.pending():
+                break
+        if self.out.pending:  # what reading made (a KeyUpdate's answer, an alert)
+            self._flush()
 
     def _flush(self) -> None:
         data = self.out.read()
