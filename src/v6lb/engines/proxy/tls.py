@@ -226,9 +226,10 @@ class TlsLayer(asyncio.Protocol):
 
     def _read(self) -> None:
         # The hot path: one record in, its plaintext to ``app``, no exception (an
-        # SSLWantReadError costs more than the decryption of a small record): reading
-        # stops when no ciphertext is left in ``inc`` and none of the last record's
-        # plaintext is held in ``obj``; a partial record left raises SSLWantReadError.
+        # SSLWantReadError costs more than the decryption of a small record). A read
+        # returns one record's plaintext at most, so one shorter than asked for leaves
+        # none held in ``obj``: reading stops there when no ciphertext is left in
+        # ``inc`` either; a partial record left there ends in SSLWantReadError.
         inc, obj = self.inc, self.obj
         while not self.paused and not self.closing:
             try:
@@ -246,7 +247,7 @@ class TlsLayer(asyncio.Protocol):
             if not chunk:
                 break
             self.app.data_received(chunk)
-            if not inc.pending and not obj.pending():
+            if not inc.pending and len(chunk) < _READ:
                 break
         if self.out.pending:  # what reading made (a KeyUpdate's answer, an alert)
             self._flush()
@@ -283,7 +284,9 @@ class TlsLayer(asyncio.Protocol):
         except (ssl.SSLError, OSError):
             self.abort()
             return
-        self._flush()
+        out = self.out.read()  # _flush, inlined: once per response on the hot path
+        if out and not self.raw.is_closing():
+            self.raw.write(out)
 
     def writelines(self, items: Any) -> None:
         self.write(b"".join(items))
