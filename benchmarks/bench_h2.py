@@ -19,6 +19,10 @@ sets (:func:`library_floor`): its server side alone, in memory, per request. Pin
 ``shared``: the proxy and nginx on CPU 0, h2load on CPU 1.
 
     .venv/bin/python benchmarks/bench_h2.py [--rounds 3] [--seconds 5] [--batches 5]
+        [--cases "http/1.1 keep-alive,..."] [--baseline OTHER/src]
+
+``--baseline`` runs a second builtin, the one of another checkout's ``src`` (before a
+change, say), as engine ``baseline``, side by side with the two others.
 
 Needs nginx, h2load and haproxy (``apt-get install -y nginx-light nghttp2-client haproxy``).
 """
@@ -109,8 +113,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--cases", default=",".join(CASES), help="a comma-separated subset")
+    ap.add_argument("--baseline", metavar="SRC", help="another builtin's src directory")
     ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.cases = [c.strip() for c in args.cases.split(",")]
+    for case in args.cases:
+        if case not in CASES:
+            sys.exit(f"unknown case {case!r}: give some of {', '.join(CASES)}")
     if args.serve:
         serve_builtin(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]))
         return
@@ -136,11 +146,14 @@ def main() -> None:
         conf = d / "nginx.conf"
         conf.write_text(NGINX.format(d=d, plain=plain, pp=free_port()))
         procs.append(subprocess.Popen(["taskset", "-c", NGINX_CPU, "nginx", "-c", str(conf)]))
-        builtin = subprocess.Popen(
-            ["taskset", "-c", PROXY_CPU, sys.executable, __file__, "--serve"]
-            + [str(d), str(plain), str(port_b)]
-        )
+        serve = ["taskset", "-c", PROXY_CPU, sys.executable, __file__, "--serve", str(d)]
+        builtin = subprocess.Popen([*serve, str(plain), str(port_b)])
         procs.append(builtin)
+        if args.baseline:
+            port_o = free_port()
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline))
+            base = subprocess.Popen([*serve, str(plain), str(port_o)], env=env)
+            procs.append(base)
         hv = tls_vip(d, plain, port_h)
         (d / "tls").mkdir()
         config = Config(vips=(hv,), source="bench_h2")
@@ -154,11 +167,14 @@ def main() -> None:
         )
         procs.append(hap)
         engines = {"builtin": (port_b, builtin.pid), "haproxy": (port_h, hap.pid)}
+        if args.baseline:
+            engines["baseline"] = (port_o, base.pid)
         for port, _ in engines.values():
             wait_port(port)
             h2load(port, ["-c", "10", "-n", "1000"], 0)  # warm up
         for r in range(args.rounds):
-            for case, (h2args, timed) in CASES.items():
+            for case in args.cases:
+                h2args, timed = CASES[case]
                 for engine, (port, pid) in engines.items():
                     load = os.getloadavg()[0]
                     before = cpu_seconds(pid)
@@ -242,28 +258,31 @@ def report(
         f" {args.seconds:g} s, new-connection runs {args.batches} × 200 connections; proxy and"
         f" nginx on CPU {PROXY_CPU}, h2load on CPU {CLIENT_CPU}; cpus={os.cpu_count()}"
     )
+    if args.baseline:
+        print(f"baseline: the builtin of {args.baseline}")
     print(
         "| case | engine | req/s median | handshakes/s | proxy CPU µs/req"
-        " | builtin/HAProxy req/s | load avg (1 min) |"
+        " | ÷ HAProxy req/s | load avg (1 min) |"
     )
     print("|---|---|---|---|---|---|---|")
-    for case in CASES:
+    engines = ["builtin", "haproxy"] + (["baseline"] if args.baseline else [])
+    for case in args.cases:
         med = {}
-        for engine in ("builtin", "haproxy"):
+        for engine in engines:
             runs = results[(engine, case)]
             med[engine] = statistics.median(x[0] for x in runs)
-        for engine in ("builtin", "haproxy"):
+        for engine in engines:
             runs = results[(engine, case)]
             hs = statistics.median(x[1] for x in runs)
             cpu = statistics.median(x[2] for x in runs)
             loads = "–".join(f"{x[3]:.1f}" for x in (min(runs, key=lambda x: x[3]),
                                                      max(runs, key=lambda x: x[3])))  # fmt: skip
-            ratio = f"{med['builtin'] / med['haproxy']:.2f}×" if engine == "builtin" else ""
+            ratio = f"{med[engine] / med['haproxy']:.2f}×" if engine != "haproxy" else ""
             print(
                 f"| {case} | {engine} | {med[engine]:,.0f} | {hs:,.0f} | {cpu:.1f} | {ratio}"
                 f" | {loads} |"
             )
-    goal = {c: med for c in ("h2 keep-alive", "http/1.1 keep-alive") for med in [0.9]}
+    goal = {c: 0.9 for c in ("h2 keep-alive", "http/1.1 keep-alive") if c in args.cases}
     for case, want in goal.items():
         b = statistics.median(x[0] for x in results[("builtin", case)])
         h = statistics.median(x[0] for x in results[("haproxy", case)])

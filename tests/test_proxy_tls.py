@@ -4,6 +4,7 @@ on loopback (SNI, forwarding headers, bad handshakes counted), the HAProxy rende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ssl
 import time
@@ -284,6 +285,70 @@ def test_builtin_proxy_l4_tls_relays_and_half_closes(pki: dict[str, Any]) -> Non
             assert w.get_extra_info("peercert")["subjectAltName"] == (("DNS", "api.example.com"),)
             w.write(b"ping")
             assert await asyncio.wait_for(r.read(), 5) == b"PING"  # then EOF (close_notify)
+            w.close()
+        await be.stop()
+
+    run(main())
+
+
+def test_builtin_tls_records_coalesced_split_and_closed(pki: dict[str, Any]) -> None:
+    """The read path record by record: several records in one segment, one split across
+    two segments, full 16 KiB records, the last data and the close_notify in one segment
+    all reach the backend in order; the backend's EOF comes back as our close_notify."""
+    d = pki["dir"]
+
+    async def main() -> None:
+        async def upper(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while got := await r.read(65536):
+                w.write(got.upper())
+            w.write_eof()
+
+        be = await Backend_(upper).start()
+        base = l4_vip([be.port], pp=False)
+        vip = dataclasses.replace(base, options=dataclasses.replace(base.options, tls=_tls(d)))
+        async with ProxyServer([vip]) as s:
+            r, w = await asyncio.open_connection("::1", s.addresses()[0][1])
+            inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = _client(pki).wrap_bio(inc, out, server_hostname="www.example.com")
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    w.write(out.read())
+                    inc.write(await asyncio.wait_for(r.read(65536), 5))
+            obj.write(b"hi")
+            w.write(out.read())  # the client's Finished and a first record: echoed
+            first = b""
+            while first != b"HI":
+                inc.write(await asyncio.wait_for(r.read(65536), 5))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    first += obj.read(65536)
+            parts = [b"a" * 10, b"b" * 100, b"c" * 16384, bytes(range(97, 123)) * 700, b"d" * 7]
+            records = []
+            for part in parts:
+                obj.write(part)  # one record each (at most 16 KiB of plaintext a record)
+                records.append(out.read())
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.unwrap()  # our close_notify; the server's is to come
+            bye = out.read()
+            w.write(b"".join(records[:3]) + records[3][:100])
+            await w.drain()
+            await asyncio.sleep(0.05)  # two segments: the split record's halves apart
+            w.write(records[3][100:] + records[4] + bye)
+            got = bytearray()
+            while True:
+                data = await asyncio.wait_for(r.read(65536), 5)
+                inc.write(data)
+                try:
+                    while chunk := obj.read(65536):
+                        got += chunk
+                except ssl.SSLWantReadError:
+                    assert data, "the connection ended without a close_notify"
+                    continue
+                except ssl.SSLZeroReturnError:
+                    break
+            assert got == b"".join(parts).upper()
             w.close()
         await be.stop()
 

@@ -176,6 +176,7 @@ class TlsLayer(asyncio.Protocol):
         self.failed = False
         self.paused = False
         self.eof_sent = False  # our close_notify is out (write_eof)
+        self.eof_got = False  # the client's close_notify (or FIN) is in: app was told once
         self.timer: asyncio.TimerHandle | None = None
         # proxy-l7: makes the HTTP/2 protocol from ``app`` when ALPN picked h2 (.h2)
         self.h2: Callable[[asyncio.Protocol], asyncio.Protocol] | None = None
@@ -196,7 +197,7 @@ class TlsLayer(asyncio.Protocol):
             self.raw.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.eof_got:  # nothing may follow a close_notify
             return
         self.inc.write(data)
         if not self.ready:
@@ -225,23 +226,32 @@ class TlsLayer(asyncio.Protocol):
             self.app = self.h2(self.app)
 
     def _read(self) -> None:
-        while not self.paused and not self.closing:
+        # The hot path: one record in, its plaintext to ``app``, no exception (an
+        # SSLWantReadError costs more than the decryption of a small record). A read
+        # returns one record's plaintext at most, so one shorter than asked for leaves
+        # none held in ``obj``: reading stops there when no ciphertext is left in
+        # ``inc`` either; a partial record left there ends in SSLWantReadError.
+        inc, obj = self.inc, self.obj
+        while not self.paused and not self.closing and not self.eof_got:
             try:
-                chunk = self.obj.read(_READ)
+                chunk = obj.read(_READ)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # close_notify
-                if not self.app.eof_received():
-                    self.close()
-                break
+            except ssl.SSLZeroReturnError:  # close_notify, ours out already
+                chunk = b""
             except (ssl.SSLError, OSError):
                 self.count("tls_record_error")
                 self.abort()
                 break
-            if not chunk:
+            if not chunk:  # close_notify (``ssl`` reads it as b"" while ours is not out)
+                if not self.eof_received():
+                    self.close()
                 break
             self.app.data_received(chunk)
-        self._flush()
+            if not inc.pending and len(chunk) < _READ:
+                break
+        if self.out.pending:  # what reading made (a KeyUpdate's answer, an alert)
+            self._flush()
 
     def _flush(self) -> None:
         data = self.out.read()
@@ -251,6 +261,9 @@ class TlsLayer(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if not self.ready:
             return False
+        if self.eof_got:  # the FIN after a close_notify: app knows
+            return True
+        self.eof_got = True
         return self.app.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -275,7 +288,9 @@ class TlsLayer(asyncio.Protocol):
         except (ssl.SSLError, OSError):
             self.abort()
             return
-        self._flush()
+        out = self.out.read()  # _flush, inlined: once per response on the hot path
+        if out and not self.raw.is_closing():
+            self.raw.write(out)
 
     def writelines(self, items: Any) -> None:
         self.write(b"".join(items))
