@@ -1,8 +1,10 @@
 """TLS termination in a namespace, for both engines: `v6lb run --proxy builtin|haproxy`,
 certificates made by trustme, curl over HTTPS with two SNI names (HTTP/1.1) and HTTP/2
 (two requests on one connection), the lab httpd seeing
-X-Forwarded-For and X-Forwarded-Proto: https; an unknown SNI (default certificate, or
-refused), garbage instead of a ClientHello and a silent client: cut off and counted."""
+X-Forwarded-For and X-Forwarded-Proto: https; curl --http2 and --http1.1 to an nginx
+backend whose access log shows what it saw (the client in X-Forwarded-For and
+Forwarded, proto https); an unknown SNI (default certificate, or refused), garbage
+instead of a ClientHello and a silent client: cut off and counted."""
 
 from __future__ import annotations
 
@@ -60,6 +62,14 @@ vips:
     backends: [{{address: "{backend}", port: 8080}}]
     tls:
       certificates: [{{cert: www.crt, key: www.key}}]
+  - name: ngx
+    address: "{vip}"
+    ports: [4443]
+    mode: proxy-l7
+    health: {{type: none}}
+    backends: [{{address: "{backend}", port: 8081}}]
+    tls:
+      certificates: [{{cert: www.crt, key: www.key}}]
   - name: mtls
     address: "{vip}"
     ports: [9443]
@@ -70,6 +80,29 @@ vips:
       client_ca: ca.pem
       min_version: "1.3"
       certificates: [{{cert: www.crt, key: www.key}}]
+"""
+
+# The nginx backend: what each request brought, one line each (fields between "|").
+NGINX = """
+{user}worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+    log_format seen escape=none '$request_uri|$server_protocol|$http_x_forwarded_for|'
+                    '$http_x_forwarded_proto|$http_forwarded';
+    access_log {d}/nginx-access.log seen;
+    client_body_temp_path {d};
+    proxy_temp_path {d};
+    fastcgi_temp_path {d};
+    uwsgi_temp_path {d};
+    scgi_temp_path {d};
+    server {{
+        listen [{backend}]:8081;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
 """
 
 # Run in the namespace: the certificate an SNI gets (or the error), garbage, a silent client.
@@ -150,6 +183,12 @@ def test_tls_termination_in_a_namespace(engine: str, tmp_path: Path) -> None:
         try:
             httpd = [sys.executable, "-m", "v6lb.lab.httpd", "--node", "b0", "--address", BACKEND]
             procs.append(subprocess.Popen(_ns(ns, *httpd, "--port", "8080"), text=True))
+            user = "user root;\n"
+            (tmp_path / "nginx.conf").write_text(
+                NGINX.format(user=user, d=tmp_path, backend=BACKEND)
+            )
+            conf = str(tmp_path / "nginx.conf")
+            procs.append(subprocess.Popen(_ns(ns, "nginx", "-c", conf), text=True))
             lb = subprocess.Popen(
                 [sys.executable, "-m", "v6lb.cli", "run", str(cfg), "--netns", ns, "--proxy", engine],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -190,6 +229,23 @@ def test_tls_termination_in_a_namespace(engine: str, tmp_path: Path) -> None:
                 assert headers["x-forwarded-proto"] == "https"
                 assert headers["forwarded"].endswith(";proto=https")
                 assert headers["forwarded"].startswith(f'for="[{CLIENT}]:')
+
+            # nginx behind the VIP: HTTP/2 and HTTP/1.1 from curl, its log says what it saw
+            for version in ("--http2", "--http1.1"):
+                r = subprocess.run(
+                    _ns(ns, "curl", "-sS", version, "--cacert", str(tmp_path / "ca.pem"),
+                        "--interface", CLIENT, "--resolve", f"www.example.com:4443:[{VIP}]",
+                        f"https://www.example.com:4443/seen{version}"),
+                    capture_output=True, text=True, timeout=10,
+                )  # fmt: skip
+                assert r.returncode == 0 and r.stdout == "ok\n", (r.stdout, r.stderr)
+            log = [
+                line.split("|") for line in (tmp_path / "nginx-access.log").read_text().splitlines()
+            ]
+            assert [x[0] for x in log] == ["/seen--http2", "/seen--http1.1"], log
+            for _uri, proto, xff, xfp, fwd in log:
+                assert proto == "HTTP/1.1" and xff == CLIENT and xfp == "https", log
+                assert fwd.startswith(f'for="[{CLIENT}]:') and fwd.endswith(";proto=https"), log
 
             # proxy-l4 with TLS: the plain stream relayed (HTTP here, the backend sees the LB)
             r = subprocess.run(
