@@ -52,7 +52,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import count as _counter
 from pathlib import Path
 
 import yaml
@@ -60,6 +59,11 @@ import yaml
 from v6lb.engines.xdp.bpf import obj_pin, prog_load_xdp
 from v6lb.engines.xdp.program import OBJECT
 from v6lb.wire import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_tun import namespaces as _namespaces  # noqa: E402
+from bench_tun import nsx, sh  # noqa: E402
 
 V6LB = str(Path(sys.executable).with_name("v6lb"))
 VIP = "2001:db8:f::80"
@@ -71,7 +75,6 @@ NPT_TARGET = "2001:db8:e::10"  # an outside-mapped address: translated to fd00:b
 L2_MAC = "02:00:00:00:0b:0{}"
 PLANES = ("xdp", "kernel")
 PORT = 5201
-_ns = _counter()
 XDP_DROP, XDP_TX = 1, 3
 
 
@@ -117,17 +120,6 @@ _XDP_TX = _ret(XDP_TX)
 _XDP_DROP = _ret(XDP_DROP)
 
 
-def sh(*argv: str, stdin: str | None = None) -> str:
-    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr}")
-    return r.stdout
-
-
-def nsx(ns: str, *argv: str) -> str:
-    return sh("ip", "netns", "exec", ns, *argv)
-
-
 def load() -> str:
     with open("/proc/loadavg", encoding="ascii") as f:
         return f.read().split()[0]
@@ -136,13 +128,7 @@ def load() -> str:
 @contextmanager
 def namespaces() -> Iterator[dict[str, str]]:
     """``gen`` and ``lb``, joined by g0-l0, deleted on exit whatever happens."""
-    names = {r: f"v6lb-xv-{os.getpid()}-{next(_ns)}" for r in ("gen", "lb")}
-    made: list[str] = []
-    try:
-        for ns in names.values():
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            nsx(ns, "ip", "link", "set", "lo", "up")
+    with _namespaces("gen", "lb", tag="xv") as names:
         gen, lb = names["gen"], names["lb"]
         sh("ip", "link", "add", "g0", "netns", gen, "type", "veth", "peer", "name", "l0",
            "netns", lb)  # fmt: skip
@@ -158,9 +144,6 @@ def namespaces() -> Iterator[dict[str, str]]:
         nsx(lb, "ip", "-6", "route", "add", "fd00:5::/64", "via", GEN_ADDR, "dev", "l0")
         nsx(lb, "ip", "-6", "route", "add", INSIDE, "via", GEN_ADDR, "dev", "l0")
         yield names
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 def mac(ns: str, dev: str) -> str:

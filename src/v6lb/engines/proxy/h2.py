@@ -69,15 +69,12 @@ import httptools
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from v6lb.model.config import Scheduler
-
-from .l7 import L7Client, L7Request, L7Upstream
+from .l7 import L7Client, L7Request, L7Upstream, choose_backend
 from .policy import (
     build_request_head,
     client_forwarding,
     error_response,
     forwarding_block,
-    hash_key,
     is_trusted,
     untrusted_head,
 )
@@ -782,14 +779,7 @@ class H2Client(asyncio.Protocol):
     def dispatch(self, s: H2Stream) -> None:
         rt = s.rt
         picker = rt.picker
-        if picker.kind is Scheduler.MAGLEV:
-            gen = rt.pool.generation
-            if self.pick_gen != gen:
-                self.pick = rt.pool.pick_flow(hash_key(self.client), picker.vip_key, 0, 0)
-                self.pick_gen = gen
-            i = self.pick
-        else:
-            i = picker.pick(self.client)
+        i = choose_backend(self, rt)
         if i < 0:
             rt.error("no_healthy_backend")
             s.done = True

@@ -106,7 +106,14 @@ from .policy import (
 )
 from .runtime import VipRuntime, client_of, response_class
 
-__all__ = ["REPLAY_BYTES", "L7Client", "L7Request", "L7Upstream", "UpstreamClient"]
+__all__ = [
+    "REPLAY_BYTES",
+    "L7Client",
+    "L7Request",
+    "L7Upstream",
+    "UpstreamClient",
+    "choose_backend",
+]
 
 # Body bytes of a request kept after they went to a backend, so that a pooled connection
 # the backend had closed can be retried on a fresh one; past this, no retry.
@@ -238,6 +245,23 @@ class _HeadResponse:
 
     def on_message_complete(self) -> None:
         self.up.done = True
+
+
+def choose_backend(c: Any, rt: VipRuntime) -> int:
+    """The backend for the next request of client connection ``c`` (-1: none healthy).
+
+    ``c`` (an :class:`L7Client` or an HTTP/2 connection) has ``client``, ``pick`` and
+    ``pick_gen``: with Maglev one client gets one backend, looked up once per table
+    generation; other schedulers pick per request.
+    """
+    picker = rt.picker
+    if picker.kind is Scheduler.MAGLEV:
+        gen = rt.pool.generation
+        if c.pick_gen != gen:
+            c.pick = rt.pool.pick_flow(hash_key(c.client), picker.vip_key, 0, 0)
+            c.pick_gen = gen
+        return int(c.pick)
+    return picker.pick(c.client)
 
 
 class L7Upstream(asyncio.Protocol):
@@ -986,14 +1010,7 @@ class L7Client(asyncio.Protocol):
     def _dispatch(self, req: L7Request) -> None:
         rt = self.rt
         picker = rt.picker
-        if picker.kind is Scheduler.MAGLEV:  # one client, one backend: once per table
-            gen = rt.pool.generation
-            if self.pick_gen != gen:
-                self.pick = rt.pool.pick_flow(hash_key(self.client), picker.vip_key, 0, 0)
-                self.pick_gen = gen
-            i = self.pick
-        else:
-            i = picker.pick(self.client)
+        i = choose_backend(self, rt)
         if i < 0:
             rt.error("no_healthy_backend")
             self.queue.clear()
