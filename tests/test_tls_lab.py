@@ -329,8 +329,13 @@ def test_tls_termination_in_a_namespace(engine: str, tmp_path: Path) -> None:
             assert sans == "2", "the renewed certificate was not served after SIGHUP"
             lb.send_signal(signal.SIGTERM)
             assert lb.wait(20) == 0, lb.communicate()[1]
-        finally:
+        finally:  # SIGTERM first: nginx's master stops its worker, v6lb run its haproxy
             for p in procs:
                 if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
