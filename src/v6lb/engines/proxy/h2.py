@@ -69,7 +69,7 @@ import httptools
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from .l7 import L7Client, L7Request, L7Upstream, choose_backend
+from .l7 import L7Client, L7Request, L7Upstream, choose_backend, open_backend, pooled
 from .policy import (
     build_request_head,
     client_forwarding,
@@ -788,42 +788,29 @@ class H2Client(asyncio.Protocol):
         s.backend = i
         picker.active[i] += 1
         rt.stats.requests += 1
-        idle = rt.idle[i]
-        while idle and not s.ws:  # a websocket request takes a fresh connection
-            up = idle.pop()
-            if not up.lost and not up.t.is_closing():
-                s.start(up)
-                return
-        rt.backend_stats[i].connections += 1
-        coro = self.loop.create_connection(
-            lambda: L7Upstream(rt, i), rt.hosts[i], rt.backend_port(i, self.listen_port)
-        )
-        task = self.loop.create_task(coro)
-        timer = self.loop.call_later(self.opts.timeouts.connect, task.cancel)
+        up = None if s.ws else pooled(rt, i)  # a websocket request takes a fresh connection
+        if up is not None:
+            s.start(up)
+            return
 
-        def connected(task: asyncio.Task[Any]) -> None:
-            timer.cancel()
+        def connected(up: L7Upstream | None, reason: str, status: int) -> None:
             if s.closed or s.done or self.closed:
-                if not task.cancelled() and task.exception() is None:
-                    task.result()[0].close()
+                if up is not None:
+                    up.t.close()
                 if s.backend >= 0 and not s.done:
                     rt.picker.release(s.backend)
                     s.backend = -1
                 return
-            if task.cancelled() or task.exception() is not None:
-                reason, status = (
-                    ("connect_timeout", 504) if task.cancelled() else ("connect_failed", 502)
-                )
+            if up is None:
                 s.backend_failed(None, reason, status)
                 return
-            _, up = task.result()
             if up.lost or up.t is None or up.t.is_closing():  # reset as soon as opened
                 s.backend_failed(None, "connect_failed", 502)
                 return
             up.t.set_write_buffer_limits(high=rt.write_high)
             s.start(up)
 
-        task.add_done_callback(connected)
+        open_backend(rt, i, self.loop, self.listen_port, self.opts.timeouts.connect, connected)
 
     def _migrate(self) -> None:
         """A reload changed the VIP: new streams follow its new runtime (if still l7)."""

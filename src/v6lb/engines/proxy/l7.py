@@ -88,6 +88,7 @@ import asyncio
 import contextlib
 import re
 from collections import deque
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final, Protocol, cast
 
@@ -113,6 +114,8 @@ __all__ = [
     "L7Upstream",
     "UpstreamClient",
     "choose_backend",
+    "open_backend",
+    "pooled",
 ]
 
 # Body bytes of a request kept after they went to a backend, so that a pooled connection
@@ -262,6 +265,49 @@ def choose_backend(c: Any, rt: VipRuntime) -> int:
             c.pick_gen = gen
         return int(c.pick)
     return picker.pick(c.client)
+
+
+def pooled(rt: VipRuntime, i: int) -> L7Upstream | None:
+    """An idle keep-alive connection to backend ``i`` still open, taken from its pool."""
+    idle = rt.idle[i]
+    while idle:
+        up: L7Upstream = idle.pop()
+        if not up.lost and not up.t.is_closing():
+            return up
+    return None
+
+
+def open_backend(
+    rt: VipRuntime,
+    i: int,
+    loop: asyncio.AbstractEventLoop,
+    listen_port: int,
+    timeout: float,
+    done: Callable[[L7Upstream | None, str, int], None],
+) -> None:
+    """A new connection to backend ``i``, given up after ``timeout`` s.
+
+    ``done(up, "", 0)`` once connected, or ``done(None, reason, status)``: reason
+    ``connect_timeout`` (504) or ``connect_failed`` (502). Counted in the backend's
+    ``connections``.
+    """
+    rt.backend_stats[i].connections += 1
+    coro = loop.create_connection(
+        lambda: L7Upstream(rt, i), rt.hosts[i], rt.backend_port(i, listen_port)
+    )
+    task = loop.create_task(coro)
+    timer = loop.call_later(timeout, task.cancel)
+
+    def connected(task: asyncio.Task[Any]) -> None:
+        timer.cancel()
+        if task.cancelled():
+            done(None, "connect_timeout", 504)
+        elif task.exception() is not None:
+            done(None, "connect_failed", 502)
+        else:
+            done(task.result()[1], "", 0)
+
+    task.add_done_callback(connected)
 
 
 class L7Upstream(asyncio.Protocol):
@@ -1020,12 +1066,10 @@ class L7Client(asyncio.Protocol):
         self.backend = i
         picker.active[i] += 1
         rt.stats.requests += 1
-        idle = rt.idle[i]
-        while idle and not req.ws:  # a websocket request takes a fresh connection
-            up = idle.pop()
-            if not up.lost and not up.t.is_closing():
-                self._attach(up, req)
-                return
+        up = None if req.ws else pooled(rt, i)  # a websocket request takes a fresh connection
+        if up is not None:
+            self._attach(up, req)
+            return
         self._open(i, req)
 
     def _attach(self, up: L7Upstream, req: L7Request) -> None:
@@ -1040,33 +1084,21 @@ class L7Client(asyncio.Protocol):
     def _open(self, i: int, req: L7Request) -> None:
         """A new backend connection (none pooled): the only per-request future."""
         rt = self.rt
-        rt.backend_stats[i].connections += 1
-        coro = self.loop.create_connection(
-            lambda: L7Upstream(rt, i), rt.hosts[i], rt.backend_port(i, self.listen_port)
-        )
-        task = self.loop.create_task(coro)
-        timer = self.loop.call_later(self.opts.timeouts.connect, task.cancel)
 
-        def connected(task: asyncio.Task[Any]) -> None:
-            timer.cancel()
+        def connected(up: L7Upstream | None, reason: str, status: int) -> None:
             if self.closed or self.current is not req:
-                if not task.cancelled() and task.exception() is None:
-                    task.result()[0].close()
+                if up is not None:
+                    up.t.close()
                 return
-            if task.cancelled():
-                self._give_up(i, "connect_timeout", 504)
+            if up is None:
+                self._give_up(i, reason, status)
                 return
-            exc = task.exception()
-            if exc is not None:
-                self._give_up(i, "connect_failed", 502)
-                return
-            _, up = task.result()
             if up.t is not None:
                 up.t.set_write_buffer_limits(high=rt.write_high)
             self.stamp = 0.0  # the response timeout starts now
             self._attach(up, req)
 
-        task.add_done_callback(connected)
+        open_backend(rt, i, self.loop, self.listen_port, self.opts.timeouts.connect, connected)
 
     def _give_up(self, index: int, reason: str, status: int) -> None:
         self.rt.picker.release(index)
