@@ -20,7 +20,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,10 +29,10 @@ from dataclasses import replace
 from ipaddress import IPv6Address
 from pathlib import Path
 
+from bench_proxy import cpu_seconds, free_port, wait_port
 from v6lb.model.config import Config, parse_config
 
 MIB = 1 << 20
-_TCK = os.sysconf("SC_CLK_TCK")
 NGINX = """
 {user}worker_processes 1;
 daemon off;
@@ -58,34 +57,11 @@ http {{
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TCK
-
-
 def status_bytes(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("::1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on [::1]:{port}")
 
 
 def config(port: int, backend_port: int) -> Config:
