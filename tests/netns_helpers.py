@@ -6,6 +6,7 @@ afterwards, whatever happens in the test.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import subprocess
@@ -134,3 +135,21 @@ def nat_lab_file(
     if npt:
         data["npt"] = npt
     return data
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def in_netns(ns: str) -> Iterator[None]:
+    """This thread in namespace ``ns`` for the block (sockets made there stay there)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        assert libc.setns(target, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+        yield
+    finally:
+        assert libc.setns(home, CLONE_NEWNET) == 0
+        os.close(home)
+        os.close(target)

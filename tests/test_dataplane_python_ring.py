@@ -12,21 +12,17 @@ the counters must match.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 import random
 import select
 import socket
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from netns_helpers import link, namespaces, nsx
+from netns_helpers import in_netns, link, namespaces, nsx
 from test_dataplane_python_loop import BACKENDS, VIP, _config, _partial, _udp
 from v6lb.core.verdict import FORWARD, PORT_INSIDE, PORT_OUTSIDE, REPLY
 from v6lb.engines.plane import PlaneContext
@@ -40,21 +36,6 @@ pytestmark = [pytest.mark.root]
 ETH = bytes.fromhex("02000000000102000000000286dd")
 MCAST = bytes.fromhex("333300000016")  # an MLD report's destination
 NEEDS = bytes([1, 0]) + struct.pack("=HHHH", 0, 0, 54, 6)  # UDP checksum, Ethernet first
-
-
-@contextmanager
-def _inside(ns: str) -> Iterator[None]:
-    """This thread in namespace ``ns`` (sockets made here stay there), then back."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        assert libc.setns(fd, 0x40000000) == 0, os.strerror(ctypes.get_errno())
-        yield
-    finally:
-        assert libc.setns(home, 0x40000000) == 0
-        os.close(fd)
-        os.close(home)
 
 
 def _packet_socket(dev: str) -> socket.socket:
@@ -72,12 +53,12 @@ class _RingRig:
         self.fwd = self.runner.forwarders[kind]
         self.send: dict[int, socket.socket] = {}
         self.closing: list[Any] = []
-        with _inside(feed):
+        with in_netns(feed):
             for side in plan(config).sides:
                 if side.kind == kind:
                     self.send[side.port] = _packet_socket(f"fa{side.port}")
             self.out = _packet_socket("ob")
-        with _inside(eng):
+        with in_netns(eng):
             self.runner.tx = TxRing("oa", ETH[:6], ETH[6:12], vnet=True)
             for side in plan(config).sides:
                 if side.kind == kind:

@@ -22,7 +22,6 @@ peer with an XDP program only (docs/dataplane-xdp.md, "veth").
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import select
@@ -40,7 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
-from netns_helpers import batch, link, namespaces, nsx, sh, wait_for
+from netns_helpers import batch, in_netns, link, namespaces, nsx, sh, wait_for
 from v6lb.engines.metrics import metric_families
 from v6lb.engines.xdp.run import PASS_OBJECT, pin_dirs, pin_tag
 from v6lb.lab.offload import tx_checksum_off
@@ -55,21 +54,6 @@ VIP = "2001:db8:100::53"
 LB = "2001:db8:2::10"
 BACKENDS = ["fd00:61::1", "fd00:62::1"]
 SEED = 0x5EED
-
-
-@contextmanager
-def _in_netns(ns: str) -> Iterator[None]:
-    """This thread in namespace ``ns`` for the block (sockets made there stay there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        assert libc.setns(target, 0) == 0, os.strerror(ctypes.get_errno())
-        yield
-    finally:
-        assert libc.setns(home, 0) == 0
-        os.close(home)
-        os.close(target)
 
 
 def _config(path: Path, vips: int = 1) -> dict[str, object]:
@@ -146,7 +130,7 @@ def _attached(sock: str) -> str:
 
 def _listen(ns: str) -> socket.socket:
     """The backend's health-check port (the probes connect to it)."""
-    with _in_netns(ns):
+    with in_netns(ns):
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("::", 9))
@@ -158,13 +142,13 @@ def _send_and_collect(
     rtr: str, catchers: list[socket.socket], ports: range, tag: bytes
 ) -> dict[int, tuple[int, bytes]]:
     """One UDP datagram per source port from the router; source port -> (backend, packet)."""
-    with _in_netns(rtr):
+    with in_netns(rtr):
         tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     got: dict[int, tuple[int, bytes]] = {}
     try:
         for port in ports:
             tx.close()
-            with _in_netns(rtr):
+            with in_netns(rtr):
                 tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             tx.bind(("2001:db8:2::1", port))
             tx.sendto(tag + port.to_bytes(2, "big"), (VIP, 53))
@@ -218,7 +202,7 @@ def test_xdp_plane_forwards_swaps_tables_and_detaches(tmp_path: Path) -> None:
         spare = _listen(ns["be2"])
         catchers = []
         for be in ("be1", "be2"):
-            with _in_netns(ns[be]):
+            with in_netns(ns[be]):
                 catchers.append(socket.socket(socket.AF_INET6, socket.SOCK_RAW, 41))
         run = subprocess.Popen(
             [*V6LB, "run", str(cfg), "--dataplane", "xdp", "--netns", ns["lb"]],
@@ -447,12 +431,12 @@ def test_xdp_plane_dsr_l2_learns_and_follows_the_mac_and_checks_placement(
 
         cfg.write_text(yaml.safe_dump(doc))
         sock = str(cfg.with_suffix(".sock"))
-        with _in_netns(be):
+        with in_netns(be):
             rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         rx.bind((L2_VIP, 53))
         rx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
         rx.settimeout(0.3)
-        with _in_netns(rtr):
+        with in_netns(rtr):
             tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         tx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 9)
 
