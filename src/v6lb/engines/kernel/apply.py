@@ -336,6 +336,17 @@ def nft_json(r: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
     return data if isinstance(data, list) else []
 
 
+def neighbour_macs(wanted: set[str], *, netns: str | None = None) -> dict[str, bytes]:
+    """The neighbour table's MACs of the ``wanted`` IPv6 addresses (entries not FAILED)."""
+    macs: dict[str, bytes] = {}
+    for entry in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=netns)):
+        dst, lladdr = str(entry.get("dst", "")), str(entry.get("lladdr") or "")
+        state = entry.get("state")
+        if lladdr and dst in wanted and not (isinstance(state, list) and "FAILED" in state):
+            macs[dst] = bytes.fromhex(lladdr.replace(":", ""))
+    return macs
+
+
 def _route_cleanup(instance: str, netns: str | None) -> list[str]:
     """Batch lines that delete the instance's rules, tables, lo addresses and neighbours."""
     lines: list[str] = []

@@ -45,6 +45,7 @@ from v6lb.engines.kernel.apply import (
     apply_nft,
     in_instance_block,
     limits_status,
+    neighbour_macs,
     nft_counters,
     nft_json,
     remove,
@@ -229,12 +230,7 @@ def l2_facts(config: Config, wait: float = 2.0) -> L2Facts | None:
     deadline = time.monotonic() + wait
     poked = False
     while True:
-        for entry in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=None)):
-            dst, lladdr = str(entry.get("dst", "")), str(entry.get("lladdr") or "")
-            state = entry.get("state")
-            failed = isinstance(state, list) and "FAILED" in state
-            if lladdr and dst in wanted and not failed:
-                macs[dst] = bytes.fromhex(lladdr.replace(":", ""))
+        macs.update(neighbour_macs(wanted))
         missing = sorted(wanted - set(macs))
         if not missing:
             return L2Facts(egress, mac, macs)

@@ -37,6 +37,7 @@ from v6lb.engines.kernel.apply import (
     KernelError,
     apply_nft,
     limits_status,
+    neighbour_macs,
     nft_counters,
     nft_json,
     remove,
@@ -365,7 +366,7 @@ class XdpPlane(Plane):
     def _refresh_macs(self) -> None:
         assert self.program is not None
         wanted = {str(a) for a, _ in _learned(self.config)}
-        changed = {a: m for a, m in _neighbours(wanted).items() if self.macs.get(a) != m}
+        changed = {a: m for a, m in neighbour_macs(wanted).items() if self.macs.get(a) != m}
         if not changed:
             return  # an entry gone (or FAILED) keeps the MAC last learned
         for addr, index in _learned(self.config, self.layout):
@@ -497,17 +498,6 @@ def _learned(
             if b.mac is None:
                 out.append((b.address, base + j if base >= 0 else -1))
     return out
-
-
-def _neighbours(wanted: set[str]) -> dict[str, bytes]:
-    """The neighbour table's MACs of ``wanted`` addresses (entries not FAILED)."""
-    macs: dict[str, bytes] = {}
-    for entry in nft_json(run_tool(["ip", "-6", "-j", "neigh", "show"], netns=None)):
-        dst, lladdr = str(entry.get("dst", "")), str(entry.get("lladdr") or "")
-        state = entry.get("state")
-        if lladdr and dst in wanted and not (isinstance(state, list) and "FAILED" in state):
-            macs[dst] = bytes.fromhex(lladdr.replace(":", ""))
-    return macs
 
 
 def _learned_macs(config: Config, ifname: str) -> dict[str, bytes]:
