@@ -397,6 +397,11 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
             assert hold.stdin is not None and hold.stdout is not None
             assert hold.stdout.readline().strip() == "held"
             time.sleep(1.5)
+            for name in VIPS:  # every loop has reached be1 before the drain
+                out = tmp / f"load-{name}"
+                wait_for(
+                    f"a {name} request served by be1", lambda o=out: "be1" in o.read_text(), 20
+                )
             marks = {"start": time.time()}
 
             # 1. be1 drained on both instances, through the control socket

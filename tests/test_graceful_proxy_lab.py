@@ -137,7 +137,16 @@ def test_proxy_drain_reload_and_graceful_stop_under_load(engine: str) -> None:
                         )
                     )
                     procs.append(loops[-1])
-            time.sleep(1.5)
+            # every loop has reached be1 before the drain, so the drain has something to move
+            # (three slow requests can all hash to be2, one time in eight)
+            for name in VIPS:
+                for kind in ("quick", "slow"):
+                    out = tmp / f"load-{name}-{kind}"
+                    wait_for(
+                        f"a {name} {kind} request served by be1",
+                        lambda o=out: o.exists() and "be1" in o.read_text(),
+                        20,
+                    )
             marks = {"start": time.time()}
 
             # 1. be1 drained on both instances
