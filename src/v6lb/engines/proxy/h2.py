@@ -406,6 +406,7 @@ class H2Stream:
         self.up = up
         self.stamp = 0.0
         up.start(self, self.req)
+        up.b.flush()  # the head goes now: this stream writes its body to up.t directly
         if self.pending and not self.ws:
             data = self.pending
             self.pending = []

@@ -75,10 +75,11 @@ _HELLO = 3  # TLS passthrough (sni_routes): reading the ClientHello to choose th
 
 
 class L4Upstream(asyncio.Protocol):
-    __slots__ = ("c", "t", "ct", "eof", "n")
+    __slots__ = ("c", "t", "ct", "eof", "n", "b")
 
     def __init__(self, client: L4Client) -> None:
         self.c = client
+        self.b = client.batch  # relay writes go out after this loop iteration's reads
         self.t: asyncio.Transport | None = None
         self.ct: Any = client.t  # the client's transport: the hot path writes to it
         self.eof = False
@@ -91,11 +92,12 @@ class L4Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # Both transports are closed together, so a closed client never gets here.
         self.n += len(data)
-        self.ct.write(data)
+        self.b.write(self.ct, data)
 
     def eof_received(self) -> bool:
         self.eof = True
         c = self.c
+        self.b.flush()  # what came before the EOF goes first
         if c.t is not None and not c.t.is_closing() and c.t.can_write_eof():
             c.t.write_eof()
         if c.eof:
@@ -148,6 +150,7 @@ class L4Client(asyncio.Protocol):
         "sni",
         "link",
         "splice",
+        "batch",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -180,6 +183,7 @@ class L4Client(asyncio.Protocol):
         self.sni: str | None = None
         self.link: KernelLink | None = None  # the kernel relays this connection (kernel_relay)
         self.splice = rt.relay is not None  # may still be handed to the kernel relay
+        self.batch = rt.batch  # relay writes go out after this loop iteration's reads
 
     # --- client side ----------------------------------------------------------------
 
@@ -219,7 +223,7 @@ class L4Client(asyncio.Protocol):
         upt = self.upt
         if upt is not None:
             self.nin += len(data)
-            upt.write(data)
+            self.batch.write(upt, data)
             return
         if self.closed:
             return
@@ -269,6 +273,7 @@ class L4Client(asyncio.Protocol):
             return True
         up = self.up
         if self.state == _RELAY and up is not None and up.t is not None and not self.pending:
+            self.batch.flush()  # what came before the EOF goes first
             if up.t.can_write_eof():
                 up.t.write_eof()
             if up.eof:
@@ -419,6 +424,7 @@ class L4Client(asyncio.Protocol):
         if self.closed or self.eof or up is None or up.t is None or up.eof or t is None:
             self.splice = False
             return
+        self.batch.flush()  # into the transports' buffers, which must be empty
         if self.paused or t.get_write_buffer_size() or up.t.get_write_buffer_size():
             return
         self.splice = False
@@ -430,6 +436,7 @@ class L4Client(asyncio.Protocol):
         up = self.up
         if up is None:
             return
+        self.batch.flush()
         if d == 0:
             self.eof = True
             if up.t is not None and not up.t.is_closing():
@@ -529,6 +536,7 @@ class L4Client(asyncio.Protocol):
     def close(self, abort: bool = False) -> None:
         if self.closed:
             return
+        self.batch.flush()  # relay writes queued for these transports go first
         self.closed = True
         self.upt = None
         rt = self.rt

@@ -337,10 +337,12 @@ class L7Upstream(asyncio.Protocol):
         "ws",
         "tunnel",
         "eof",
+        "b",
     )
 
     def __init__(self, rt: VipRuntime, index: int) -> None:
         self.rt = rt
+        self.b = rt.batch  # writes go out after this loop iteration's reads (WriteBatch)
         self.index = index
         self.t: Any = None
         self.parser = httptools.HttpResponseParser(self)
@@ -384,14 +386,14 @@ class L7Upstream(asyncio.Protocol):
             self._replay(req, body)
             data += body
         bs.bytes_in += len(data)
-        self.t.write(data)
+        self.b.write(self.t, data)
 
     def send(self, req: L7Request, data: bytes) -> None:
         """More of ``req``'s body (framed by the proxy) for the backend."""
         self.rt.backend_stats[self.index].bytes_in += len(data)
         if req.replayed <= REPLAY_BYTES:
             self._replay(req, data)
-        self.t.write(data)
+        self.b.write(self.t, data)
 
     @staticmethod
     def _replay(req: L7Request, data: bytes) -> None:
@@ -535,6 +537,7 @@ class L7Upstream(asyncio.Protocol):
             self.reused = True
             self.rt.idle[self.index].append(self)
         else:
+            self.b.flush()  # a body's last bytes may be queued
             self.t.close()
 
     def pause_writing(self) -> None:  # a request body or a tunnel: stop reading the client
@@ -599,6 +602,7 @@ class L7Client(asyncio.Protocol):
         "proto",
         "early",
         "piped",
+        "batch",
     )
 
     def __init__(self, rt: VipRuntime) -> None:
@@ -655,6 +659,7 @@ class L7Client(asyncio.Protocol):
         # After a websocket upgrade request: the bytes that follow it, until the answer.
         self.early: bytearray | None = None
         self.piped = False  # a 101 came: a byte relay to ``up`` (phase _TUNNEL)
+        self.batch = rt.batch  # relay writes go out after this loop iteration's reads
 
     # --- client side ----------------------------------------------------------------
 
@@ -705,7 +710,7 @@ class L7Client(asyncio.Protocol):
         if self.piped:
             up = self.up
             if up is not None and up.t is not None:
-                up.t.write(data)
+                self.batch.write(up.t, data)
             return
         early = self.early
         if early is not None:  # the new protocol's, if the backend switches (else HTTP)
@@ -900,7 +905,7 @@ class L7Client(asyncio.Protocol):
         self.cont = False
         if not self.closed:
             self.nout += len(_CONTINUE)
-            self.t.write(_CONTINUE)
+            self.batch.write(self.t, _CONTINUE)
             self.rt.stats.interim["continue_sent"] += 1
 
     def on_body(self, body: bytes) -> None:
@@ -1027,7 +1032,7 @@ class L7Client(asyncio.Protocol):
         """Answer ``status`` by ourselves and close (after any response in progress)."""
         t = self.t
         if t is not None and not t.is_closing():
-            t.write(error_response(status))
+            self.batch.write(t, error_response(status))
             rt = self.rt
             rt.stats.responses[response_class(status)] += 1
             req = self.current
@@ -1056,7 +1061,11 @@ class L7Client(asyncio.Protocol):
     def _dispatch(self, req: L7Request) -> None:
         rt = self.rt
         picker = rt.picker
-        i = choose_backend(self, rt)
+        # the usual case inline: Maglev's pick for this client still current
+        if picker.kind is Scheduler.MAGLEV and self.pick_gen == rt.pool.generation:
+            i = self.pick
+        else:
+            i = choose_backend(self, rt)
         if i < 0:
             rt.error("no_healthy_backend")
             self.queue.clear()
@@ -1066,16 +1075,28 @@ class L7Client(asyncio.Protocol):
         self.backend = i
         picker.active[i] += 1
         rt.stats.requests += 1
-        up = None if req.ws else pooled(rt, i)  # a websocket request takes a fresh connection
-        if up is not None:
-            self._attach(up, req)
+        if req.ws:  # a websocket request takes a fresh connection
+            self._open(i, req)
             return
-        self._open(i, req)
+        idle = rt.idle[i]
+        up = idle.pop() if idle else None
+        if up is not None and (up.lost or up.t.is_closing()):
+            up = pooled(rt, i)
+        if up is None:
+            self._open(i, req)
+            return
+        self.up = up
+        up.start(self, req)
+        if self.wfull or self.hold & _H_BUF:
+            self._attached(up)
 
     def _attach(self, up: L7Upstream, req: L7Request) -> None:
         """``up`` takes ``req``: its head and what came of its body go out now."""
         self.up = up
         up.start(self, req)
+        self._attached(up)
+
+    def _attached(self, up: L7Upstream) -> None:
         if self.wfull:  # our write buffer is full: it reads once the client catches up
             up.t.pause_reading()
         if self.hold & _H_BUF:
@@ -1115,7 +1136,7 @@ class L7Client(asyncio.Protocol):
         """Response bytes for the client (1xx heads, the final response, tunnel bytes)."""
         if not self.closed:
             self.nout += len(data)
-            self.t.write(data)
+            self.batch.write(self.t, data)
 
     def backend_full(self, full: bool) -> None:
         """The backend's write buffer crossed its high (``full``) or low mark."""
@@ -1126,6 +1147,7 @@ class L7Client(asyncio.Protocol):
 
     def backend_eof(self) -> bool | None:
         """A tunnel's backend half-closed: half-close the client; None closes the backend."""
+        self.batch.flush()  # what came before the EOF goes first
         if not self.closed and self.t.can_write_eof():
             self.t.write_eof()
         if self.eof:
@@ -1149,6 +1171,7 @@ class L7Client(asyncio.Protocol):
         self.stamp = 0.0
         if self.closed:
             return
+        self.batch.flush()  # the response bytes before it (a tunnel writes directly)
         self.nout += len(head)
         self.t.write(head)
         early = self.early
@@ -1163,10 +1186,12 @@ class L7Client(asyncio.Protocol):
         queue = self.queue
         req = queue.popleft() if queue else None
         rt = self.rt
-        rt.picker.active[self.backend] -= 1
-        k = response_class(up.status)
+        i = self.backend
+        rt.picker.active[i] -= 1
+        status = up.status
+        k = status // 100 - 1 if 100 <= status < 600 else 5  # response_class(status)
         rt.stats.responses[k] += 1
-        rt.backend_stats[self.backend].responses[k] += 1
+        rt.backend_stats[i].responses[k] += 1
         if req is not None:
             rt.latency.observe(self.loop.time() - req.t0)
         self.backend = -1
@@ -1277,6 +1302,7 @@ class L7Client(asyncio.Protocol):
         self.eof = True
         up = self.up
         if self.piped and up is not None and up.t is not None:  # half-close the tunnel
+            self.batch.flush()  # what came before the EOF goes first
             if up.t.can_write_eof():
                 up.t.write_eof()
             if up.eof:
@@ -1413,6 +1439,7 @@ class L7Client(asyncio.Protocol):
         reads it (a 408 to a client still sending its head)."""
         if self.closed:
             return
+        self.batch.flush()  # queued writes (a response, an error answer) go first
         self.closed = True
         rt = self.rt
         rt.live.discard(self)

@@ -16,7 +16,15 @@ from v6lb.model.sni import default_pool
 
 from .policy import Picker
 
-__all__ = ["Admission", "LATENCY_BOUNDS", "Latency", "Stats", "VipRuntime", "response_class"]
+__all__ = [
+    "Admission",
+    "LATENCY_BOUNDS",
+    "Latency",
+    "Stats",
+    "VipRuntime",
+    "WriteBatch",
+    "response_class",
+]
 
 # The request-duration histogram's bucket bounds, in seconds (Prometheus' "le").
 LATENCY_BOUNDS: Final = (
@@ -53,6 +61,58 @@ class Latency:
             total += n
             out.append([bound, total])
         return {"buckets": out, "sum": round(self.sum, 6), "count": self.count}
+
+
+# Chunks at least this long are written at once (bulk transfers gain nothing from waiting).
+BATCH_BELOW: Final = 64 * 1024
+
+
+class WriteBatch:
+    """Relay writes held until every read of this event-loop iteration was handled.
+
+    A relayed chunk is not written when it is read: ``write(t, data)`` queues it and the
+    queue is written, in order, by one callback after the loop has dispatched every
+    ready socket (HAProxy also receives first and sends after). Each write wakes the
+    peer that reads it; writing as soon as a chunk came woke the peer in the middle of a
+    batch of reads, and on a CPU it shares the peer preempted the proxy: about one
+    involuntary context switch per request against HAProxy's half of one
+    (docs/benchmarks.md, "proxy write batching").
+
+    Order on a transport is kept by one rule: before any other operation on a transport
+    that may have queued writes (a write not through the batch, ``write_eof``,
+    ``close``), its owner calls :meth:`flush`, which writes the whole queue now. A
+    transport closing by then (aborted) drops its queued chunks, as ``abort`` drops
+    its buffer.
+    """
+
+    __slots__ = ("items", "soon")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Any, bytes]] = []
+        self.soon: Any = None  # the running loop's call_soon (bind)
+
+    def bind(self, call_soon: Any) -> None:
+        """Use this event loop's ``call_soon`` (the proxy server's, at start)."""
+        self.soon = call_soon
+
+    def write(self, t: Any, data: bytes) -> None:
+        items = self.items
+        if len(data) >= BATCH_BELOW:  # bulk: written now (the queue first), as backpressure
+            if items:  # must pause the reader before it reads on (uvloop reads on while a
+                self.flush()  # read fills its 256 KiB buffer)
+            t.write(data)
+            return
+        if not items:
+            self.soon(self.flush)
+        items.append((t, data))
+
+    def flush(self) -> None:
+        items = self.items
+        if items:
+            self.items = []
+            for t, data in items:
+                if not t.is_closing():
+                    t.write(data)
 
 
 class Admission:
@@ -135,6 +195,7 @@ class VipRuntime:
     routes: list[Picker] = field(default_factory=list)
     sni_default: Picker | None = None
     relay: Any = None  # proxy-l4: the server's KernelRelay when this VIP uses it
+    batch: WriteBatch = field(default_factory=WriteBatch)  # the server's, shared by every VIP
     # A reload replaced (or removed) this VIP: its open connections still use it;
     # ``successor`` is the VIP's runtime now (None: the VIP was removed).
     retired: bool = False

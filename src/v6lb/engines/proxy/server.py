@@ -35,7 +35,7 @@ from .health import HealthChecker
 from .kernel_relay import KernelRelay
 from .l4 import L4Client
 from .l7 import L7Client
-from .runtime import Admission, VipRuntime
+from .runtime import Admission, VipRuntime, WriteBatch
 from .status import ProxyStatus
 from .tls import TlsLayer, TlsSetup, load_tls
 
@@ -107,6 +107,7 @@ class ProxyServer:
         self.health: HealthChecker | None = None
         self.log = log or (lambda line: sys.stderr.write(f"v6lb: proxy: {line}\n"))
         self.admission = Admission()
+        self.batch = WriteBatch()  # relay writes, after each loop iteration's reads
         self.budget: FdBudget | None = None
         self.accept_errors = 0  # accept() failures the event loop reported (asyncio only)
         self.relay = relay  # overrides every proxy-l4 VIP's `relay` (tests, benchmarks)
@@ -174,6 +175,7 @@ class ProxyServer:
         )
         self._attach_tls(rt, self.load_tls(vip))
         rt.relay = self._kernel_relay(vip)
+        rt.batch = self.batch
         for i in range(len(rt.pool)):
             rt.pool.set_up(i, hs.keeps_existing_flows(i))
         if prev is not None:
@@ -258,6 +260,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.batch.bind(loop.call_soon)
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(self._loop_exception)
         backlog = self._plan_fds()
