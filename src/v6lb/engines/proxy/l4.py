@@ -61,7 +61,7 @@ from v6lb.wire.tlshello import HelloError, parse_client_hello
 
 from .kernel_relay import KernelLink
 from .policy import Picker, client_proxy_header, is_trusted, unmap
-from .runtime import VipRuntime, client_of
+from .runtime import BATCH_BELOW, VipRuntime, client_of
 
 __all__ = ["FIRST_BYTES_WAIT", "L4Client", "L4Upstream"]
 
@@ -92,7 +92,11 @@ class L4Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # Both transports are closed together, so a closed client never gets here.
         self.n += len(data)
-        self.b.write(self.ct, data)
+        items = self.b.items
+        if items and len(data) < BATCH_BELOW:  # WriteBatch.write inline: a flush is due
+            items.append((self.ct, data))
+        else:
+            self.b.write(self.ct, data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -223,7 +227,11 @@ class L4Client(asyncio.Protocol):
         upt = self.upt
         if upt is not None:
             self.nin += len(data)
-            self.batch.write(upt, data)
+            items = self.batch.items
+            if items and len(data) < BATCH_BELOW:  # WriteBatch.write inline: a flush is due
+                items.append((upt, data))
+            else:
+                self.batch.write(upt, data)
             return
         if self.closed:
             return
