@@ -31,7 +31,13 @@ Pinning, the same for every case (``--pinning``):
   proxy that is fast enough (both L4 proxies here) measures the cap, not itself.
 
     .venv/bin/python benchmarks/bench_proxy.py [--rounds 5] [--seconds 5] [--pinning split|shared]
-        [--no-haproxy]
+        [--no-haproxy] [--baseline OTHER/src]
+
+``--baseline`` runs a second builtin, the one of another checkout's ``src`` (before a
+change, say), as two more cases (``baseline proxy-l4 user relay``, ``baseline
+proxy-l7``) in the same rounds, on the proxy's CPU too (it is idle while the others
+run). The involuntary context switches of the proxy per request are printed as well
+(``/proc/PID/status``): on the shared CPU, how often nginx preempted the proxy.
 
 Needs nginx and wrk (``apt-get install -y nginx-light wrk``); haproxy is optional.
 """
@@ -104,6 +110,15 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / _TCK
 
 
+def preempted(pid: int) -> int:
+    """The process's involuntary context switches so far (its threads: one here)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("nonvoluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def load1() -> float:
     return os.getloadavg()[0]
 
@@ -155,7 +170,7 @@ def serve_builtin(plain: int, pp: int, l4_port: int, l7_port: int, l4k_port: int
 
     async def main() -> None:
         async with ProxyServer(vips(plain, pp, l4_port, l7_port, l4k_port)) as server:
-            if server.kernel_relay is None:  # the reason was logged
+            if l4k_port and server.kernel_relay is None:  # the reason was logged
                 Path(os.environ["V6LB_BENCH_DIR"], "no-kernel-relay").touch()
             while not stop.is_set():
                 await asyncio.sleep(0.2)
@@ -225,6 +240,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--pinning", choices=sorted(PINNINGS), default="shared")
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--baseline", metavar="SRC", help="another builtin's src directory")
     ap.add_argument("--serve", nargs=5, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -238,8 +254,9 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     d = tempfile.mkdtemp(prefix="v6lb-bench-")
     plain, pp, l4, l7, h4, h7, l4k = (free_port() for _ in range(7))
-    # per case, per round: (req/s, p99 ms, proxy CPU µs/req, machine CPU µs/req, load1)
-    results: dict[str, list[tuple[float, float, float, float, float]]] = {}
+    # per case, per round: (req/s, p99 ms, proxy CPU µs/req, machine CPU µs/req, load1,
+    # involuntary context switches of the proxy per request)
+    results: dict[str, list[tuple[float, ...]]] = {}
     try:
         conf = Path(d) / "nginx.conf"
         conf.write_text(NGINX.format(d=d, plain=plain, pp=pp))
@@ -257,6 +274,20 @@ def main() -> None:
             "builtin proxy-l4 kernel relay": (l4k, builtin.pid),
             "builtin proxy-l7": (l7, builtin.pid),
         }
+        if args.baseline:
+            b4, b7 = free_port(), free_port()
+            base = subprocess.Popen(
+                ["taskset", "-c", proxy_cpu, sys.executable, __file__, "--serve"]
+                + [str(p) for p in (plain, pp, b4, b7, 0)],
+                env={
+                    **os.environ,
+                    "V6LB_BENCH_DIR": d,
+                    "PYTHONPATH": os.path.abspath(args.baseline),
+                },
+            )
+            procs.append(base)
+            cases["baseline proxy-l4 user relay"] = (b4, base.pid)
+            cases["baseline proxy-l7"] = (b7, base.pid)
         if use_haproxy:
             from v6lb.render.haproxy import render_haproxy
 
@@ -281,12 +312,16 @@ def main() -> None:
         for r in range(args.rounds):
             for name, (port, pid) in cases.items():
                 before = cpu_seconds(pid) if pid else 0.0
+                switched = preempted(pid) if pid else 0
                 busy = machine_busy()
                 rps, p99 = wrk(port, args.seconds, args.connections, wrk_cpu)
                 n = rps * max(1, round(args.seconds))
                 used = cpu_seconds(pid) - before if pid else 0.0
+                switched = preempted(pid) - switched if pid else 0
                 busy = machine_busy() - busy
-                results[name].append((rps, p99, 1e6 * used / n, 1e6 * busy / n, load1()))
+                results[name].append(
+                    (rps, p99, 1e6 * used / n, 1e6 * busy / n, load1(), switched / n)
+                )
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for p in procs:
@@ -300,9 +335,7 @@ def main() -> None:
     report(results, args)
 
 
-def report(
-    results: dict[str, list[tuple[float, float, float, float, float]]], args: argparse.Namespace
-) -> None:
+def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace) -> None:
     proxy_cpu, nginx_cpu, wrk_cpu = PINNINGS[args.pinning]
     direct = statistics.median(r[0] for r in results["nginx direct"])
     print(
@@ -312,9 +345,10 @@ def report(
     )
     print(
         "| case | req/s median | min–max | ratio to direct | p99 ms median"
-        " | proxy CPU µs/req median | machine CPU µs/req median | load1 min–max |"
+        " | proxy CPU µs/req median | machine CPU µs/req median | preempted/req"
+        " | load1 min–max |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         rps = [r[0] for r in runs]
         p99 = statistics.median(r[1] for r in runs)
@@ -322,10 +356,13 @@ def report(
         cpu = statistics.median(r[2] for r in runs)
         busy = statistics.median(r[3] for r in runs)
         loads = [r[4] for r in runs]
+        pre = statistics.median(r[5] for r in runs)
         cpu_text = "—" if name == "nginx direct" else f"{cpu:.1f}"
+        pre_text = "—" if name == "nginx direct" else f"{pre:.2f}"
         print(
             f"| {name} | {med:,.0f} | {min(rps):,.0f}–{max(rps):,.0f} | {med / direct:.2f}×"
-            f" | {p99:.2f} | {cpu_text} | {busy:.1f} | {min(loads):.2f}–{max(loads):.2f} |"
+            f" | {p99:.2f} | {cpu_text} | {busy:.1f} | {pre_text}"
+            f" | {min(loads):.2f}–{max(loads):.2f} |"
         )
     kernel = next((k for k in results if k.startswith("builtin proxy-l4 kernel")), None)
     pairs = {
@@ -338,6 +375,13 @@ def report(
     }
     if kernel is not None:
         pairs[f"{kernel} / haproxy mode tcp"] = (kernel, "haproxy mode tcp", 1.0)
+    if "baseline proxy-l7" in results:
+        for mode, hap, goal in (("l4 user relay", "tcp", 1.0), ("l7", "http", 0.9)):
+            pairs[f"baseline proxy-{mode} / haproxy mode {hap}"] = (
+                f"baseline proxy-{mode}",
+                f"haproxy mode {hap}",
+                goal,
+            )
     for label, (a, b, goal) in pairs.items():
         if b not in results:
             continue
