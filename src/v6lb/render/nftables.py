@@ -1262,6 +1262,15 @@ def render_forward_nft(config: Config, tuns: Sequence[str], plane: str = "python
             f" {PYTHON_ICMP_ERROR_RATE}/s before the TUN devices",
         )
         lines += _chain("icmp_limit", "filter hook prerouting priority mangle", limit)
+    if tuns:
+        # What the engine writes out was judged and tracked by the core; the kernel's
+        # conntrack would track it a second time (docs/dataplane-python.md).
+        names = ", ".join(f'"{t}"' for t in tuns)
+        lines += _chain(
+            "engine_out",  # ("notrack" is a keyword: not a chain name)
+            "filter hook prerouting priority raw",
+            [f'iifname {{ {names} }} notrack comment "{tag}: tracked by the python data plane"'],
+        )
     lines += _chain("forward", "filter hook forward priority filter", _forward_rules(config, tuns))
     lines.append("}")
     return "\n".join(lines) + "\n"
