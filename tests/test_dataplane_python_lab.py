@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,22 @@ def test_lab_up_python_flag_reaches_v6lb_run() -> None:
         finally:
             os.kill(run["pid"], signal.SIGCONT)
         assert curl() == 0
+        # What the engine wrote out (to a pod, dst fd00:20::*) is notrack: the core
+        # tracked it, the kernel's conntrack holds no second entry for it.
+        ct = subprocess.run(
+            ["ip", "netns", "exec", f"v6lb-{name}-lb", "conntrack", "-L", "-f", "ipv6"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert ct.returncode == 0, ct.stderr
+        # (the LB's own health checks to the pods are tracked: their source is the LB's)
+        relayed = [
+            line
+            for line in ct.stdout.splitlines()
+            if re.search(r"src=2001:db8:\S+ dst=fd00:20::", line)
+        ]
+        assert not relayed, ct.stdout
     finally:
         subprocess.run([V6LB, "lab", "down", "--name", name], capture_output=True, timeout=120)
     assert not [ns for ns in _netns() if ns.startswith(f"v6lb-{name}-")]
