@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
-import re
 import subprocess
 import sys
 from pathlib import Path
