@@ -28,17 +28,17 @@ class Recorder:
         return self.closing
 
 
-def batch_and_soon() -> tuple[WriteBatch, list[Any]]:
+def rig() -> tuple[list[tuple[str, bytes]], Recorder, Recorder, WriteBatch, list[Any]]:
+    """A write log, two recording transports writing to it, a batch, its scheduled calls."""
+    log: list[tuple[str, bytes]] = []
     scheduled: list[Any] = []
     b = WriteBatch()
     b.bind(scheduled.append)
-    return b, scheduled
+    return log, Recorder(log, "a"), Recorder(log, "c"), b, scheduled
 
 
 def test_writes_wait_for_the_flush_and_keep_their_order() -> None:
-    log: list[tuple[str, bytes]] = []
-    a, c = Recorder(log, "a"), Recorder(log, "c")
-    b, scheduled = batch_and_soon()
+    log, a, c, b, scheduled = rig()
     b.write(a, b"1")
     b.write(c, b"x")
     b.write(a, b"2")
@@ -56,9 +56,7 @@ def test_writes_wait_for_the_flush_and_keep_their_order() -> None:
 
 
 def test_a_bulk_chunk_goes_at_once_after_the_queue() -> None:
-    log: list[tuple[str, bytes]] = []
-    a = Recorder(log, "a")
-    b, _ = batch_and_soon()
+    log, a, _, b, _ = rig()
     b.write(a, b"small")
     big = b"b" * BATCH_BELOW
     b.write(a, big)
@@ -67,9 +65,7 @@ def test_a_bulk_chunk_goes_at_once_after_the_queue() -> None:
 
 
 def test_a_closing_transport_drops_its_queued_chunks_only() -> None:
-    log: list[tuple[str, bytes]] = []
-    a, c = Recorder(log, "a"), Recorder(log, "c")
-    b, _ = batch_and_soon()
+    log, a, c, b, _ = rig()
     b.write(a, b"lost")
     b.write(c, b"kept")
     a.closing = True  # aborted meanwhile: abort drops its buffer too
