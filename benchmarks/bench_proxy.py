@@ -31,8 +31,12 @@ Pinning, the same for every case (``--pinning``):
   proxy that is fast enough (both L4 proxies here) measures the cap, not itself.
 
     .venv/bin/python benchmarks/bench_proxy.py [--rounds 5] [--seconds 5] [--pinning split|shared]
-        [--no-haproxy] [--baseline OTHER/src]
+        [--no-haproxy] [--baseline OTHER/src] [--bare]
 
+``--bare`` adds ``bare uvloop relay``: the least an asyncio relay on uvloop can do per
+request (:func:`serve_bare`: a PROXY v2 header, then each chunk queued and written after
+the loop's reads, as the builtin's ``WriteBatch`` does; no counters, timeouts, health,
+scheduling or checks), the floor under the builtin proxy-l4 in Python.
 ``--baseline`` runs a second builtin, the one of another checkout's ``src`` (before a
 change, say), as two more cases (``baseline proxy-l4 user relay``, ``baseline
 proxy-l7``) in the same rounds, on the proxy's CPU too (it is idle while the others
@@ -180,6 +184,67 @@ def serve_builtin(plain: int, pp: int, l4_port: int, l7_port: int, l4k_port: int
     asyncio.run(main())
 
 
+def serve_bare(pp: int, port: int) -> None:
+    """The child process of ``--bare``: a bare relay on uvloop until SIGTERM."""
+    import asyncio
+
+    import uvloop
+
+    from v6lb.core.proxyproto import encode_proxy
+
+    out: list[tuple[asyncio.Transport, bytes]] = []
+
+    def flush() -> None:
+        items = out[:]
+        out.clear()
+        for t, data in items:
+            if not t.is_closing():
+                t.write(data)
+
+    class Side(asyncio.Protocol):
+        def __init__(self, peer: Side | None = None) -> None:
+            self.peer, self.t, self.early = peer, None, b""
+
+        def connection_made(self, t: asyncio.BaseTransport) -> None:
+            self.t = t  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            peer = self.peer
+            if peer is not None and peer.t is not None:
+                if not out:
+                    loop.call_soon(flush)
+                out.append((peer.t, data))
+            else:  # before the backend connection is up
+                self.early += data
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            flush()
+            if self.peer is not None and self.peer.t is not None:
+                self.peer.t.close()
+
+    class Client(Side):
+        def connection_made(self, t: asyncio.BaseTransport) -> None:
+            super().connection_made(t)
+            loop.create_task(self.connect())
+
+        async def connect(self) -> None:
+            up = Side(self)
+            await loop.create_connection(lambda: up, "::1", pp)
+            self.peer = up
+            assert up.t is not None and self.t is not None
+            a, b = self.t.get_extra_info("peername"), self.t.get_extra_info("sockname")
+            up.t.write(encode_proxy(a[0], b[0], a[1], b[1]) + self.early)
+
+    async def main() -> None:
+        await loop.create_server(Client, "::1", port)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+
+    loop = uvloop.new_event_loop()
+    loop.run_until_complete(main())
+
+
 NGINX = """
 worker_processes 1;
 daemon off;
@@ -241,10 +306,15 @@ def main() -> None:
     ap.add_argument("--pinning", choices=sorted(PINNINGS), default="shared")
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--baseline", metavar="SRC", help="another builtin's src directory")
+    ap.add_argument("--bare", action="store_true", help="add the bare uvloop relay")
     ap.add_argument("--serve", nargs=5, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-bare", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve_builtin(*args.serve)
+        return
+    if args.serve_bare:
+        serve_bare(*args.serve_bare)
         return
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -288,6 +358,14 @@ def main() -> None:
             procs.append(base)
             cases["baseline proxy-l4 user relay"] = (b4, base.pid)
             cases["baseline proxy-l7"] = (b7, base.pid)
+        if args.bare:
+            bp = free_port()
+            bare = subprocess.Popen(
+                ["taskset", "-c", proxy_cpu, sys.executable, __file__, "--serve-bare"]
+                + [str(pp), str(bp)]
+            )
+            procs.append(bare)
+            cases["bare uvloop relay"] = (bp, bare.pid)
         if use_haproxy:
             from v6lb.render.haproxy import render_haproxy
 
@@ -375,6 +453,12 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
     }
     if kernel is not None:
         pairs[f"{kernel} / haproxy mode tcp"] = (kernel, "haproxy mode tcp", 1.0)
+    if "bare uvloop relay" in results:
+        pairs["bare uvloop relay / haproxy mode tcp"] = (
+            "bare uvloop relay",
+            "haproxy mode tcp",
+            1.0,
+        )
     if "baseline proxy-l7" in results:
         for mode, hap, goal in (("l4 user relay", "tcp", 1.0), ("l7", "http", 0.9)):
             pairs[f"baseline proxy-{mode} / haproxy mode {hap}"] = (
