@@ -290,6 +290,17 @@ class Captures:
             raise
 
     def stop(self) -> None:
+        # SIGINT ends tcpdump without reading what its socket still holds: a transfer of
+        # a few ms on a busy machine can end before tcpdump ran at all. Wait until every
+        # file (written per packet, -U) stops growing for 0.3 s, at most 3 s.
+        deadline = time.monotonic() + 3
+        sizes: list[int] = []
+        while time.monotonic() < deadline:
+            now = [f.stat().st_size if f.exists() else 0 for f in self.files.values()]
+            if now == sizes:
+                break
+            sizes = now
+            time.sleep(0.3)
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
