@@ -68,6 +68,7 @@ from scapy.utils import RawPcapReader
 from v6lb.core.nptv6 import NptMapping
 from v6lb.engines.planes import served_modes
 from v6lb.lab.plan import LAB_ROOT
+from v6lb.lab.trace import settle
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lab-pmtu.yaml"
 EXAMPLES = {"xdp": EXAMPLE.with_name("lab-pmtu-xdp.yaml")}  # the others: EXAMPLE
@@ -290,17 +291,7 @@ class Captures:
             raise
 
     def stop(self) -> None:
-        # SIGINT ends tcpdump without reading what its socket still holds: a transfer of
-        # a few ms on a busy machine can end before tcpdump ran at all. Wait until every
-        # file (written per packet, -U) stops growing for 0.3 s, at most 3 s.
-        deadline = time.monotonic() + 3
-        sizes: list[int] = []
-        while time.monotonic() < deadline:
-            now = [f.stat().st_size if f.exists() else 0 for f in self.files.values()]
-            if now == sizes:
-                break
-            sizes = now
-            time.sleep(0.3)
+        settle(list(self.files.values()))  # what tcpdump's socket still holds
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)

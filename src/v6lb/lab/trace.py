@@ -128,6 +128,20 @@ def _start_capture(sw: str, port: str, path: Path) -> tuple[subprocess.Popen[byt
     return proc, err
 
 
+def settle(files: list[Path], quiet: float = 0.3, limit: float = 3.0) -> None:
+    """Wait until every capture file (tcpdump -U writes each packet) stops growing for
+    ``quiet`` seconds, at most ``limit``: SIGINT ends tcpdump without reading what its
+    socket still holds, which on a busy machine can be the whole of a short exchange."""
+    deadline = time.monotonic() + limit
+    sizes: list[int] = []
+    while time.monotonic() < deadline:
+        now = [f.stat().st_size if f.exists() else 0 for f in files]
+        if now == sizes:
+            return
+        sizes = now
+        time.sleep(quiet)
+
+
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -217,6 +231,7 @@ def run_trace(
             if npt is not None:  # and the inside host's own connection out, to the client
                 outbound = outbound_request(plan, npt, caddr)
             time.sleep(0.3)  # the last ACKs and FINs
+            settle([pcap for _, pcap, _ in started])
         finally:
             _stop(procs)
             if listener is not None:
