@@ -41,7 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_proxy import NGINX, cpu_seconds, free_port, vips, wait_port
+from bench_proxy import NGINX, cpu_seconds, free_port, stop_all, vips, wait_port
 from v6lb.model.config import TlsCertificate, TlsOptions, Vip
 
 PROXY_CPU, NGINX_CPU, CLIENT_CPU = "0", "0", "1"
@@ -189,14 +189,7 @@ def main() -> None:
                     )
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(d, ignore_errors=True)
+        stop_all(procs, d)
     report(results, args)
 
 

@@ -59,8 +59,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from ipaddress import IPv6Address
 from pathlib import Path
+from typing import Any
 
 from v6lb.model.config import (
     Backend,
@@ -112,6 +114,19 @@ def machine_busy() -> float:
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / _TCK
+
+
+def stop_all(procs: Iterable[subprocess.Popen[Any]], tmpdir: str) -> None:
+    """SIGTERM every process, wait up to 5 s each (then SIGKILL), remove ``tmpdir``."""
+    procs = list(procs)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def preempted(pid: int) -> int:
@@ -402,14 +417,7 @@ def main() -> None:
                 )
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(d, ignore_errors=True)
+        stop_all(procs, d)
     report(results, args)
 
 

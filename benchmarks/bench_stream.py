@@ -29,7 +29,7 @@ from dataclasses import replace
 from ipaddress import IPv6Address
 from pathlib import Path
 
-from bench_proxy import cpu_seconds, free_port, wait_port
+from bench_proxy import cpu_seconds, free_port, stop_all, wait_port
 from v6lb.model.config import Config, parse_config
 
 MIB = 1 << 20
@@ -175,14 +175,7 @@ def main() -> None:
             name: status_bytes(pid, "VmHWM") - rss0[name] for name, (_, pid) in cases.items() if pid
         }
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(d, ignore_errors=True)
+        stop_all(procs, d)
     print(f"\n{args.size_mib} MiB per transfer, {args.rounds} rounds, medians (min–max)\n")
     print("| case | transfer | MiB/s | proxy CPU s per GiB | load (1 min) |")
     print("|---|---|---|---|---|")

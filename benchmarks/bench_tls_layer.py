@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bench_proxy import cpu_seconds, free_port, wait_port
+from bench_proxy import cpu_seconds, free_port, stop_all, wait_port
 
 KINDS = ("clear", "TlsLayer", "uvloop ssl")
 RESPONSE = b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\n\r\nok"
@@ -129,14 +129,7 @@ def main() -> None:
                 used = cpu_seconds(p.pid) - before
                 runs[kind].append((n / float(took.group(1)), 1e6 * used / max(1, n), load))
     finally:
-        for _, p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for _, p in procs.values():
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(d, ignore_errors=True)
+        stop_all((p for _, p in procs.values()), d)
     print(f"h2load --h1 -c 50, {args.seconds} s, {args.rounds} interleaved rounds, medians")
     print("| server | req/s | CPU µs/req | TLS's µs/req | load avg (1 min) |")
     print("|---|---|---|---|---|")
