@@ -116,6 +116,8 @@ def main() -> None:
     if args.serve:
         serve_builtin(*args.serve)
         return
+    if args.size_mib < 64 or args.size_mib % 64:  # the file is written in 64 MiB blocks
+        ap.error(f"--size-mib {args.size_mib}: give a multiple of 64 (64, 128, ... 1024)")
     for tool in ("nginx", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed: apt-get install -y nginx-light curl")
