@@ -72,7 +72,7 @@ Limits, measured on Linux 6.18 / nft 1.0.6 and kept here:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 from typing import Final
@@ -803,8 +803,9 @@ def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
     if tuns is None and tunnel_targets(config):
         rules.append(dsr_mark)
     if tuns:
-        names = ", ".join(f'"{t}"' for t in tuns)
-        rules.append(f'iifname {{ {names} }} accept comment "{tag}: out of the python data plane"')
+        rules.append(
+            f'iifname {_name_set(tuns)} accept comment "{tag}: out of the python data plane"'
+        )
     if config.npt:
         # NPT translates statelessly: a source inside must come from the inside.
         rules.append(
@@ -823,8 +824,9 @@ def _forward_rules(config: Config, tuns: Sequence[str] | None) -> list[str]:
                 f' comment "{tag}: new flows of the nat VIPs"'
             )
     elif tuns:
-        names = ", ".join(f'"{t}"' for t in tuns)
-        rules.append(f'oifname {{ {names} }} accept comment "{tag}: into the python data plane"')
+        rules.append(
+            f'oifname {_name_set(tuns)} accept comment "{tag}: into the python data plane"'
+        )
         if config.npt:  # the npt inside table's throw route: the kernel routes these
             rules.append(
                 "ip6 saddr @npt_inside ip6 daddr @npt_inside accept"
@@ -1097,6 +1099,11 @@ def _counter_meaning(vip: Vip) -> str:
     return "new flows" if vip.mode is VipMode.NAT else "packets sent to a backend"
 
 
+def _name_set(names: Iterable[str]) -> str:
+    """Device names as an anonymous nft set: ``{ "a", "b" }``."""
+    return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
+
+
 def _chain(name: str, hook: str, rules: Sequence[str]) -> list[str]:
     return [
         f"\tchain {name} {{",
@@ -1265,11 +1272,12 @@ def render_forward_nft(config: Config, tuns: Sequence[str], plane: str = "python
     if tuns:
         # What the engine writes out was judged and tracked by the core; the kernel's
         # conntrack would track it a second time (docs/dataplane-python.md).
-        names = ", ".join(f'"{t}"' for t in tuns)
         lines += _chain(
             "engine_out",  # ("notrack" is a keyword: not a chain name)
             "filter hook prerouting priority raw",
-            [f'iifname {{ {names} }} notrack comment "{tag}: tracked by the python data plane"'],
+            [
+                f'iifname {_name_set(tuns)} notrack comment "{tag}: tracked by the python data plane"'
+            ],
         )
     lines += _chain("forward", "filter hook forward priority filter", _forward_rules(config, tuns))
     lines.append("}")
@@ -1315,8 +1323,8 @@ def render_ring_steer(
         )
     for device, matches in sides:
         rules += [f'{m} ether daddr set {mac} fwd to "{device}"' for m in matches]
-    devs = ", ".join(f'"{d}"' for d in interfaces)
-    lines += _chain("steer", f"filter hook ingress devices = {{ {devs} }} priority -500", rules)
+    devs = _name_set(interfaces)
+    lines += _chain("steer", f"filter hook ingress devices = {devs} priority -500", rules)
     lines.append("}")
     return "\n".join(lines) + "\n"
 
