@@ -230,8 +230,7 @@ def run_trace(
                 )
             if npt is not None:  # and the inside host's own connection out, to the client
                 outbound = outbound_request(plan, npt, caddr)
-            time.sleep(0.3)  # the last ACKs and FINs
-            settle([pcap for _, pcap, _ in started])
+            settle([pcap for _, pcap, _ in started])  # the last ACKs and FINs
         finally:
             _stop(procs)
             if listener is not None:
