@@ -1188,8 +1188,7 @@ class L7Client(asyncio.Protocol):
         rt = self.rt
         i = self.backend
         rt.picker.active[i] -= 1
-        status = up.status
-        k = status // 100 - 1 if 100 <= status < 600 else 5  # response_class(status)
+        k = response_class(up.status)
         rt.stats.responses[k] += 1
         rt.backend_stats[i].responses[k] += 1
         if req is not None:
