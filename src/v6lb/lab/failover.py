@@ -941,11 +941,13 @@ def measure(
         except LabError as exc:
             lab.log(f"{failure}: {exc}")
         time.sleep(after_s)
-        after_all = lab.carriers_all()
         traffic.stdin.write("stop\n")
         traffic.stdin.flush()
         out = json.loads(traffic.stdout.readline())
         traffic.wait(timeout=15)
+        # read once the traffic has stopped: a connection opened while the instances' sets
+        # were being read would be missing from them, or found in some only
+        after_all = lab.carriers_all()
     finally:
         if traffic.poll() is None:
             traffic.kill()
