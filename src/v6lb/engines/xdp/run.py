@@ -47,8 +47,8 @@ from v6lb.engines.kernel.apply import (
 )
 from v6lb.engines.kernel.host import check_lb_host, require_ipv6_forwarding
 from v6lb.engines.kernel.run import PROBE_ROUTE_CHECK, dsr_l2_links
+from v6lb.engines.l2facts import l2_facts
 from v6lb.engines.plane import Plane, PlaneContext, PlaneStatus, Role, RunError, Staged
-from v6lb.engines.python.run import l2_facts
 from v6lb.engines.xdp.bpf import (
     BPF_F_INNER_MAP,
     XDP_FLAGS_DRV_MODE,
