@@ -33,10 +33,12 @@ Pinning, the same for every case (``--pinning``):
     .venv/bin/python benchmarks/bench_proxy.py [--rounds 5] [--seconds 5] [--pinning split|shared]
         [--no-haproxy] [--baseline OTHER/src] [--bare]
 
-``--bare`` adds ``bare uvloop relay``: the least an asyncio relay on uvloop can do per
-request (:func:`serve_bare`: a PROXY v2 header, then each chunk queued and written after
-the loop's reads, as the builtin's ``WriteBatch`` does; no counters, timeouts, health,
-scheduling or checks), the floor under the builtin proxy-l4 in Python.
+``--bare`` adds two floors under the builtin proxy-l4 in Python, each the least a relay
+of its kind can do per request (a PROXY v2 header, then each chunk queued and written
+after the loop's reads, as the builtin's ``WriteBatch`` does; no counters, timeouts,
+health, scheduling or checks): ``bare uvloop relay`` (:func:`serve_bare`, asyncio
+protocols on uvloop, as the builtin) and ``bare epoll relay`` (:func:`serve_bare_epoll`,
+no asyncio: ``select.epoll`` and ``recv_into`` one buffer).
 ``--baseline`` runs a second builtin, the one of another checkout's ``src`` (before a
 change, say), as two more cases (``baseline proxy-l4 user relay``, ``baseline
 proxy-l7``) in the same rounds, on the proxy's CPU too (it is idle while the others
@@ -260,6 +262,84 @@ def serve_bare(pp: int, port: int) -> None:
     loop.run_until_complete(main())
 
 
+def serve_bare_epoll(pp: int, port: int) -> None:
+    """The second child of ``--bare``: a bare relay on ``select.epoll``, no asyncio.
+
+    Each loop: every ready socket read into one buffer (``recv_into``), the chunks
+    copied out and sent after the reads. A send the kernel takes only in part is
+    finished blocking (with 50 connections of small answers, it never is).
+    """
+    import select
+
+    from v6lb.core.proxyproto import encode_proxy
+
+    ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("::1", port))
+    ls.listen(4096)
+    ls.setblocking(False)
+    ep = select.epoll()
+    ep.register(ls.fileno(), select.EPOLLIN)
+    peer: dict[int, tuple[socket.socket, socket.socket]] = {}  # fd -> (its socket, peer)
+    connecting: dict[int, tuple[socket.socket, socket.socket, bytes]] = {}
+    buf = bytearray(65536)
+    mv = memoryview(buf)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def drop(*socks: socket.socket) -> None:
+        for x in socks:
+            if peer.pop(x.fileno(), None) is not None:
+                ep.unregister(x.fileno())
+            x.close()
+
+    def accept() -> None:
+        while True:
+            try:
+                c, a = ls.accept()
+            except BlockingIOError:
+                return
+            up = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            for x in (c, up):  # as uvloop does for its TCP transports
+                x.setblocking(False)
+                x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            up.connect_ex(("::1", pp))
+            b = c.getsockname()
+            connecting[up.fileno()] = (c, up, encode_proxy(a[0], b[0], a[1], b[1]))
+            ep.register(up.fileno(), select.EPOLLOUT)
+
+    while True:
+        out: list[tuple[socket.socket, bytes]] = []
+        for fd, _ in ep.poll():
+            pair = peer.get(fd)
+            if pair is not None:
+                s, p = pair
+                try:
+                    n = s.recv_into(buf)
+                except OSError:
+                    n = 0
+                if n:
+                    out.append((p, mv[:n].tobytes()))
+                else:
+                    drop(s, p)
+            elif fd in connecting:  # the backend connection is up: the header, then relay
+                c, up, hdr = connecting.pop(fd)
+                up.sendall(hdr)
+                ep.modify(fd, select.EPOLLIN)
+                peer[fd], peer[c.fileno()] = (up, c), (c, up)
+                ep.register(c.fileno(), select.EPOLLIN)
+            else:
+                accept()
+        for p, data in out:
+            try:
+                sent = p.send(data)
+                if sent < len(data):
+                    p.setblocking(True)
+                    p.sendall(data[sent:])
+                    p.setblocking(False)
+            except OSError:
+                pass  # closed: its own read says so
+
+
 NGINX = """
 worker_processes 1;
 daemon off;
@@ -321,15 +401,19 @@ def main() -> None:
     ap.add_argument("--pinning", choices=sorted(PINNINGS), default="shared")
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--baseline", metavar="SRC", help="another builtin's src directory")
-    ap.add_argument("--bare", action="store_true", help="add the bare uvloop relay")
+    ap.add_argument("--bare", action="store_true", help="add the bare uvloop and epoll relays")
     ap.add_argument("--serve", nargs=5, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-bare", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-bare-epoll", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve_builtin(*args.serve)
         return
     if args.serve_bare:
         serve_bare(*args.serve_bare)
+        return
+    if args.serve_bare_epoll:
+        serve_bare_epoll(*args.serve_bare_epoll)
         return
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -374,13 +458,14 @@ def main() -> None:
             cases["baseline proxy-l4 user relay"] = (b4, base.pid)
             cases["baseline proxy-l7"] = (b7, base.pid)
         if args.bare:
-            bp = free_port()
-            bare = subprocess.Popen(
-                ["taskset", "-c", proxy_cpu, sys.executable, __file__, "--serve-bare"]
-                + [str(pp), str(bp)]
-            )
-            procs.append(bare)
-            cases["bare uvloop relay"] = (bp, bare.pid)
+            for label, flag in (("uvloop", "--serve-bare"), ("epoll", "--serve-bare-epoll")):
+                bp = free_port()
+                bare = subprocess.Popen(
+                    ["taskset", "-c", proxy_cpu, sys.executable, __file__, flag]
+                    + [str(pp), str(bp)]
+                )
+                procs.append(bare)
+                cases[f"bare {label} relay"] = (bp, bare.pid)
         if use_haproxy:
             from v6lb.render.haproxy import render_haproxy
 
@@ -461,12 +546,9 @@ def report(results: dict[str, list[tuple[float, ...]]], args: argparse.Namespace
     }
     if kernel is not None:
         pairs[f"{kernel} / haproxy mode tcp"] = (kernel, "haproxy mode tcp", 1.0)
-    if "bare uvloop relay" in results:
-        pairs["bare uvloop relay / haproxy mode tcp"] = (
-            "bare uvloop relay",
-            "haproxy mode tcp",
-            1.0,
-        )
+    for bare in ("bare uvloop relay", "bare epoll relay"):
+        if bare in results:
+            pairs[f"{bare} / haproxy mode tcp"] = (bare, "haproxy mode tcp", 1.0)
     if "baseline proxy-l7" in results:
         for mode, hap, goal in (("l4 user relay", "tcp", 1.0), ("l7", "http", 0.9)):
             pairs[f"baseline proxy-{mode} / haproxy mode {hap}"] = (
