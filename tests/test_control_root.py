@@ -144,8 +144,9 @@ def test_data_plane_survives_control_attacks(tmp_path: Path, dataplane: str) -> 
             st = query(sock, timeout=5.0)
             took = time.monotonic() - t
             # python: answered in the loop, in milliseconds; kernel: nft's read-back (0.4-1.5 s
-            # here) dominates, and the silent clients add no wait to it
-            assert took < (1.0 if python else max(1.0, 3 * alone)), (took, alone)
+            # here) dominates, and the silent clients add no wait to it (were they waited
+            # for, this would take the 5 s timeout); one sample each, so a margin for load
+            assert took < (1.0 if python else max(1.5, 3 * alone, alone + 1.5)), (took, alone)
             assert st["control"]["request_too_deep"] == 1
             if python:  # the silent ones and this one (the kernel's answer comes after 1 s)
                 assert st["control"]["open_clients"] == 21, st["control"]

@@ -343,12 +343,23 @@ def test_graceful_stop_lets_the_request_in_flight_finish(tmp_path: Path) -> None
         try:
             s = _connect(inside, WEB)
             _request(s, "/?delay=1")
-            time.sleep(0.2)
+            wait_for(  # the request is at its backend
+                "the request at its backend",
+                lambda: any(b["active"] for b in _proxy_vip(_status(sock), "web")["backends"]),
+                5,
+                (),
+            )
             t0 = time.monotonic()
             run.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with pytest.raises(ConnectionRefusedError):  # the soft stop closed the listener
-                _connect(inside, WEB)
+
+            def refused() -> bool:
+                try:
+                    _connect(inside, WEB).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            wait_for("the soft stop to close the listener", refused, 5, (), 0.05)
             status, headers, answer = _response(s)
             assert status == 200 and answer["path"] == "/?delay=1"
             answered = time.monotonic() - t0

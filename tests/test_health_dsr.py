@@ -254,7 +254,8 @@ def test_dsr_probes_through_the_data_path_find_a_backend_without_the_vip(
             for what in (f"tun: {DECAPS[0]} down", f"l2: {BACKENDS[0]} down"):
                 took = wait_for(what, lambda w=what: logged(w)) - t0
                 print(f"dsr health ({plane}): {what} after {took:.2f} s (bound {bound:.2f} s)")
-                assert took <= bound + 0.2, [x for _, x in lines]
+                # + 0.5 s: the `ip` process, the loop's turn and the log pipe, on a busy CI
+                assert took <= bound + 0.5, [x for _, x in lines]
             assert health(sock) == {"tun": ["down", "up"], "l2": ["down", "up"]}
             for vip in (VIP_T, VIP_L):
                 assert flows(c, vip, sources) == ["b2"] * len(sources), vip

@@ -47,13 +47,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
 import pytest
+from scapy.error import Scapy_Exception
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -186,11 +187,14 @@ def captured(
     sender: tuple[str, str],
     frames: list[bytes],
     until: list[bytes] | None = None,
+    expect: Callable[[list[list[Packet]]], bool] | None = None,
 ) -> list[list[Packet]]:
     """What arrives on each (namespace, device) of ``taps`` while ``frames`` are sent.
 
     ``until``: per tap, bytes of a last packet sent to reach it; the capture stops
-    once they are in its file (else 0.3 s after the last frame left).
+    once they are in its file. Else ``expect``, given what each tap has caught so far,
+    says when what must arrive has; the capture stops 0.3 s later (for what must not).
+    Else it stops 0.3 s after the last frame left.
     """
     procs: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
     try:
@@ -213,6 +217,13 @@ def captured(
             )
             assert proc.poll() is None, err.read_text()
         send(*sender, frames)
+        if expect is not None:  # tcpdump may not have run yet on a busy machine
+            wait_for(
+                "the packets expected",
+                lambda: expect([list(rdpcap(str(pcap))) for _, pcap, _ in procs]),
+                10,
+                (OSError, EOFError, Scapy_Exception),
+            )
         if until is None:
             time.sleep(0.3)  # the last packets leave the socket buffers
         else:
@@ -798,6 +809,7 @@ def test_nat_errors_are_translated_or_dropped(tmp_path: Path) -> None:
                 tmp_path,
                 (c, "c0"),
                 [bytes(Ether(src=c_mac, dst=lb_mac) / p) for p in (ok, bad)],
+                expect=lambda got: bool(icmp_errors_in(got[0])),
             )
             after = {k: v[0] for k, v in nft_counters("t-icmpn", netns=lb).items()}
         finally:
@@ -885,7 +897,13 @@ def test_npt_errors_are_translated_back_or_dropped(tmp_path: Path) -> None:
             bytes(Ether(src=mac_of(out, "o0"), dst=mac_of(t, "t1")) / p)
             for p in (ok, truncated, foreign)
         ]
-        (got,) = captured([(ins, "i0")], tmp_path, (out, "o0"), frames)
+        (got,) = captured(
+            [(ins, "i0")],
+            tmp_path,
+            (out, "o0"),
+            frames,
+            expect=lambda g: bool(icmp_errors_in(g[0])),
+        )
         counters = {k: v[0] for k, v in nft_counters("t-icmpp", netns=t).items()}
     errs = icmp_errors_in(got)
     assert len(errs) == 1, [p.summary() for p in errs]

@@ -62,12 +62,18 @@ def in_ns(ns: str, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
+DELAYED = threading.Event()  # a request with ?delay= has reached its backend
+
+
 class _Http(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        time.sleep(float(query.get("delay", ["0"])[0]))
+        delay = float(query.get("delay", ["0"])[0])
+        if delay:
+            DELAYED.set()
+        time.sleep(delay)
         status = int(query.get("status", ["200"])[0])
         body = f"{self.connection.getsockname()[0]}\n".encode()
         self.send_response(status)
@@ -317,9 +323,10 @@ def test_graceful_stop_finishes_in_flight_then_cuts_at_the_timeout(lab: Lab) -> 
         except Exception as exc:
             slow["answer"] = exc
 
+    DELAYED.clear()
     t = threading.Thread(target=slow_request)
     t.start()
-    time.sleep(0.3)  # the request is at the backend
+    assert DELAYED.wait(10), slow  # the request is at the backend
     assert lab.proc is not None
     lab.proc.send_signal(signal.SIGTERM)
     began = time.monotonic()

@@ -260,18 +260,28 @@ def test_1gib_each_way_and_a_slow_reader_in_bounded_memory(
     big = nginx.d / "www" / "files" / "big.bin"
     stored = nginx.d / "www" / "files" / f"up-{engine}.bin"
     base = f"http://[::1]:{proxy.port}/files"
+    paths = ("/files/big.bin", f"/files/up-{engine}.bin")
+
+    def logged() -> list[list[str]]:
+        return [x for x in nginx.log() if x[1] in paths]
+
+    before = len(logged())
     try:
         assert _download(f"{base}/big.bin") == digest
         err = asyncio.run(_upload(f"{base}/up-{engine}.bin", big))
         assert "< HTTP/1.1 100 Continue" in err, err[-2000:]
         assert _cksum(stored) == digest
         asyncio.run(_slow_reader(proxy.port, "/files/big.bin"))
-        time.sleep(0.3)  # nginx logs the request once the proxy closed its connection
+        # nginx logs the slow request once the proxy has closed its connection
+        deadline = time.monotonic() + 10
+        while len(logged()) < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
         growth = proxy.peak_growth()
     finally:
         proxy.stop()
         stored.unlink(missing_ok=True)
-    lines = [x for x in nginx.log() if x[1] in ("/files/big.bin", f"/files/up-{engine}.bin")]
+    lines = logged()
+    assert len(lines) == before + 3, lines[before:]
     download, upload, slow = lines[-3:]
     assert download[:3] == ["GET", "/files/big.bin", "200"] and int(download[4]) > GIB
     assert upload[:3] == ["PUT", f"/files/up-{engine}.bin", "201"]

@@ -252,12 +252,16 @@ def test_run_status_health_reload_and_stop(tmp_path: Path) -> None:
             before = json.loads(held.stdout.readline())
             assert all(r[4] is not None for r in before), before
             dead = BACKENDS[0]
+            updates = query(sock)["map_updates"]
             servers[0].kill()
             servers[0].wait(timeout=10)
             t0 = time.monotonic()
-            wait_for(
+            wait_for(  # down, and the map refilled without it (the refill comes second)
                 "the dead backend to be seen down",
-                lambda: query(sock)["vips"][0]["backends"][0]["health"] == "down",
+                lambda: (
+                    (st := query(sock))["vips"][0]["backends"][0]["health"] == "down"
+                    and st["map_updates"] > updates
+                ),
             )
             print(f"run: backend down after {time.monotonic() - t0:.2f} s (seen by status)")
             print("\n".join(status(sock)["events"]))
