@@ -291,7 +291,7 @@ class Captures:
             raise
 
     def stop(self) -> None:
-        settle(list(self.files.values()))  # what tcpdump's socket still holds
+        settle(list(self.files.values()), pids=[p.pid for p in self.procs])  # what it holds
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)

@@ -68,6 +68,37 @@ def v6lb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*V6LB, *args], capture_output=True, text=True, timeout=timeout)
 
 
+# --- settle: when a capture may be stopped -----------------------------------------------
+
+
+def test_settle_waits_for_each_capture_process_to_sleep(tmp_path: Path) -> None:
+    """A capture whose file stopped growing is done only once its process sleeps: one
+    kept from the CPU (runnable, as a tcpdump woken by a packet is) is waited for."""
+    from v6lb.lab.trace import _waiting, settle
+
+    pcap = tmp_path / "l.pcap"
+    pcap.write_bytes(b"\xd4\xc3\xb2\xa1")
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while not _waiting(idle.pid):
+            assert time.monotonic() < deadline, "the idle process never slept"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        settle([pcap], quiet=0.05, limit=5.0, pids=[idle.pid])
+        assert time.monotonic() - t0 < 2.5  # done: the file is still and the process asleep
+        t0 = time.monotonic()
+        settle([pcap], quiet=0.05, limit=0.6, pids=[idle.pid, busy.pid])
+        assert time.monotonic() - t0 >= 0.6  # waited the whole limit for the busy one
+        assert not _waiting(busy.pid) and _waiting(idle.pid)
+    finally:
+        for p in (idle, busy):
+            p.kill()
+            p.wait()
+    assert _waiting(busy.pid)  # gone (reaped): nothing to wait for
+
+
 # --- pure: matching and comparing ----------------------------------------------------
 
 MACS = {"02:00:00:00:00:01": "client", "02:00:00:00:00:02": "lb", "02:00:00:00:00:03": "be1"}

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -128,15 +129,35 @@ def _start_capture(sw: str, port: str, path: Path) -> tuple[subprocess.Popen[byt
     return proc, err
 
 
-def settle(files: list[Path], quiet: float = 0.3, limit: float = 3.0) -> None:
+def _waiting(pid: int) -> bool:
+    """Whether process ``pid`` sleeps (blocked in poll: nothing left to read), or is gone.
+
+    A tcpdump with a packet in its ring has been woken: runnable (R) until it has run,
+    however long a busy machine keeps it from the CPU.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("S", "Z", "X")
+
+
+def settle(
+    files: list[Path],
+    quiet: float = 0.3,
+    limit: float = 3.0,
+    pids: Sequence[int] = (),
+) -> None:
     """Wait until every capture file (tcpdump -U writes each packet) stops growing for
-    ``quiet`` seconds, at most ``limit``: SIGINT ends tcpdump without reading what its
-    socket still holds, which on a busy machine can be the whole of a short exchange."""
+    ``quiet`` seconds, and each capture process in ``pids`` sleeps, at most ``limit``:
+    SIGINT ends tcpdump without reading what its socket still holds, which on a busy
+    machine can be the whole of a short exchange. A tcpdump kept from the CPU leaves
+    its file unchanged too; it is not asleep."""
     deadline = time.monotonic() + limit
     sizes: list[int] = []
     while time.monotonic() < deadline:
         now = [f.stat().st_size if f.exists() else 0 for f in files]
-        if now == sizes:
+        if now == sizes and all(_waiting(p) for p in pids):
             return
         sizes = now
         time.sleep(quiet)
@@ -230,7 +251,7 @@ def run_trace(
                 )
             if npt is not None:  # and the inside host's own connection out, to the client
                 outbound = outbound_request(plan, npt, caddr)
-            settle([pcap for _, pcap, _ in started])  # the last ACKs and FINs
+            settle([pcap for _, pcap, _ in started], pids=[p.pid for p in procs])  # last ACKs
         finally:
             _stop(procs)
             if listener is not None:
