@@ -53,7 +53,8 @@ def test_site_lbs_die_moves_to_the_backup_site() -> None:
     # before: both primary instances carried the long-lived flows, the pods answered them
     assert set(f.carriers_before) == {"lb-a1", "lb-a2"}, f.carriers_before
     assert sum(f.carriers_before.values()) == f.flows == 16, f
-    assert {p["backend"] for p in f.per_flow} <= PODS, f.per_flow
+    # (the long-lived ones: a new connection opened in the move may fail, unanswered)
+    assert {p["backend"] for p in f.per_flow if "t_s" not in p} <= PODS, f.per_flow
     # the failure: the upstream moved to the backup site
     assert f.route_s is not None and f.route_s < 1.0, f
     assert f.recovery_s is not None and f.recovery_s < 1.0, f
