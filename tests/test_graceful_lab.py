@@ -462,8 +462,16 @@ def test_drain_reload_and_graceful_stop_under_load() -> None:
                 hold_nat.stdin.write("new\n")
                 hold_nat.stdin.flush()
                 port, node = hold_nat.stdout.readline().split()
-                ct = nsx(ns["lb1"], "conntrack", "-L", "-p", "tcp", "--orig-port-src", port)
-                return (port, node) if f"sport={port} " in ct else None
+
+                def held(role: str) -> bool:  # this flow, to the nat VIP, in role's conntrack
+                    ct = nsx(
+                        ns[role], "conntrack", "-L", "-p", "tcp", "--orig-port-src", port,
+                        "--orig-dst", VIPS["nat"],
+                    )  # fmt: skip
+                    return f"sport={port} " in ct
+
+                # lb1 carries it, and lb2 has never seen it: lb2 must pick it up mid-stream
+                return (port, node) if held("lb1") and not held("lb2") else None
 
             nat_port, nat_node = wait_for("a nat connection through lb1", on_lb1, 20, 0)
 

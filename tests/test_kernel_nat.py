@@ -356,14 +356,16 @@ def test_unsynced_nat_flow_is_held_once(nat_lab: NatLab) -> None:
         src = "2001:db8:c::99"
         sends = ["41000", "-1", "41000", "41001"]
         nsx(nat_lab.ns["client"], sys.executable, "-c", MIDSTREAM, src, WEB, *sends)
+        # the set first: its elements expire 2 s after the first packet, and reading the
+        # counters (the whole table, its maps included) can take that long on a busy CI
+        held = nsx(lb, "nft", "list", "set", "ip6", f"v6lb_{nat_lab.instance}", "nat_unsynced")
+        assert "41000 . 2001:db8:f::80 . 80" in held and "41001 . " in held, held
+        assert "timeout 2s" in held
         # (>=: a late packet of an earlier test's flow may meet the new table mid-stream too)
         counters = nft_counters(nat_lab.instance, netns=lb)
         assert counters["nat_unsynced"][0] >= 2, counters  # 41000's first, 41001's
         assert counters["v0_web"][0] >= 1, counters  # 41000's second: a new nat flow
         assert counters["v0_web_out"][0] >= 1, counters  # and the backend's answer
-        held = nsx(lb, "nft", "list", "set", "ip6", f"v6lb_{nat_lab.instance}", "nat_unsynced")
-        assert "41000 . 2001:db8:f::80 . 80" in held and "41001 . " in held, held
-        assert "timeout 2s" in held
     finally:
         apply_nft(render_nft(nat_lab.config), netns=lb)
 
