@@ -123,7 +123,9 @@ def _lanes(plan: LabPlan) -> dict[str, str]:
 def _start_capture(sw: str, port: str, path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     err = path.with_suffix(".err")
     argv = ["ip", "netns", "exec", sw, "tcpdump", "-i", port, "-Q", "in", "--immediate-mode"]
-    argv += ["-U", "-Z", "root", "-w", str(path), "ip6"]
+    # -B: a 16 MiB ring (libpcap's default is 2 MiB): a tcpdump kept from the CPU on a
+    # busy machine while the trace's POST streams past would drop what does not fit
+    argv += ["-U", "-B", "16384", "-Z", "root", "-w", str(path), "ip6"]
     with err.open("wb") as fh:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=fh)
     return proc, err
