@@ -40,6 +40,7 @@ from typing import Any
 
 from v6lb.engines.control import ControlError, query
 from v6lb.engines.planes import Role, names
+from v6lb.engines.procs import process_state
 from v6lb.lab import nginx
 from v6lb.lab.plan import (
     LAB_ROOT,
@@ -440,7 +441,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        return process_state(pid) != "Z"
     except OSError:
         return False
 

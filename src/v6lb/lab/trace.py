@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from v6lb.engines.procs import process_state
 from v6lb.lab.curl import curl
 from v6lb.lab.npt_trace import Listener, npt_facts, npt_target, outbound_request
 from v6lb.lab.plan import LAB_ROOT, LabError, LabPlan
@@ -138,10 +139,9 @@ def _waiting(pid: int) -> bool:
     however long a busy machine keeps it from the CPU.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return process_state(pid) in ("S", "Z", "X")
     except OSError:
         return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("S", "Z", "X")
 
 
 def settle(

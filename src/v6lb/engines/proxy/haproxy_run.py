@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from v6lb.engines.control import recv_all
+from v6lb.engines.procs import process_state
 from v6lb.model.config import Config, ProxyL4Options, ProxyL7Options
 from v6lb.render.haproxy import render_haproxy, tls_files
 
@@ -84,7 +85,7 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = process_state(pid)
     except FileNotFoundError:
         return False
     except (OSError, IndexError):
