@@ -69,11 +69,11 @@ from test_anycast_lab import (
     start_lb,
     wait_for,
 )
-from test_anycast_nat import RST_COUNTERS, Client, rst_counts
+from test_anycast_nat import RST_COUNTERS, SLOW_BFD, SLOW_BFD_FILE, Client, rst_counts
 from v6lb.engines.bird import start_bird
 from v6lb.engines.control import query
 from v6lb.lab.failover import GREET_SERVER
-from v6lb.model.bgp import BfdSettings, BgpSettings, Neighbour
+from v6lb.model.bgp import BgpSettings, Neighbour
 from v6lb.render.bird import render_router
 
 pytestmark = [
@@ -95,13 +95,6 @@ NO_REDIRECTS = """table ip6 noredirect {
     chain out { type filter hook output priority 0; icmpv6 type nd-redirect drop; }
 }
 """
-
-
-# BFD with a 1 s detection time: what this lab measures moves routes by BGP (a killed
-# instance's session closes, or a route is withdrawn), not by BFD; 100 ms x 3 flapped
-# a session on a loaded CI machine (docs/anycast.md), and a flap moves flows
-SLOW_BFD = BfdSettings(True, 0.1, 10)
-SLOW_BFD_FILE = {"interval": 0.1, "multiplier": 10}
 
 
 def sync_config(tmp: Path, role: str) -> tuple[Path, str]:

@@ -47,6 +47,7 @@ from typing import Any
 
 import pytest
 
+from netns_helpers import wait_for
 from v6lb.core.nptv6 import NptMapping
 from v6lb.lab.plan import LAB_ROOT
 from v6lb.model.capture import Frame, hops_from_frames
@@ -81,10 +82,7 @@ def test_settle_waits_for_each_capture_process_to_sleep(tmp_path: Path) -> None:
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        deadline = time.monotonic() + 10
-        while not _waiting(idle.pid):
-            assert time.monotonic() < deadline, "the idle process never slept"
-            time.sleep(0.02)
+        wait_for("the idle process asleep", lambda: _waiting(idle.pid), 10, (), 0.02)
         t0 = time.monotonic()
         settle([pcap], quiet=0.05, limit=5.0, pids=[idle.pid])
         assert time.monotonic() - t0 < 2.5  # done: the file is still and the process asleep

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from netns_helpers import wait_for
 from v6lb.model.config import parse_config
 from v6lb.render.haproxy import render_haproxy
 
@@ -273,9 +274,7 @@ def test_1gib_each_way_and_a_slow_reader_in_bounded_memory(
         assert _cksum(stored) == digest
         asyncio.run(_slow_reader(proxy.port, "/files/big.bin"))
         # nginx logs the slow request once the proxy has closed its connection
-        deadline = time.monotonic() + 10
-        while len(logged()) < before + 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for("nginx's three log lines", lambda: len(logged()) >= before + 3, 10, ())
         growth = proxy.peak_growth()
     finally:
         proxy.stop()
